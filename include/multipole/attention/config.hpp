@@ -1,0 +1,45 @@
+#pragma once
+// Parameters of the attention policies. Defaults follow docs/multipole-attention.md.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "multipole/attention/rope.hpp"
+
+namespace multipole {
+
+struct ClusterConfig {
+  int sinks = 10;          // first tokens, always exact
+  int window = 128;        // W: update interval; the local window holds W..2W-1 tokens
+  int block_size = 8192;   // tokens per k-means block; finished blocks are frozen
+  // Tokens per centroid of each level, finest first; each coarser level clusters the
+  // centroids of the level below. {16}: one level at 6.25%.
+  std::vector<int> tokens_per_centroid = {16, 128};
+  int prefill_iterations = 10;  // Lloyd iterations per block at prefill
+  int update_iterations = 3;    // Lloyd iterations of the open block per online update
+  uint64_t seed = 0;
+};
+
+struct AttentionConfig {
+  int num_q_heads = 32;
+  int num_kv_heads = 8;
+  int head_dim = 128;
+  float scale = 0.0f;  // 0: 1/sqrt(head_dim)
+  RopeConfig rope;     // rope.head_dim must equal head_dim
+
+  int budget = 128;         // tokens per KV head chosen beyond sinks + window
+  int coarse_budget = 0;    // tokens under the clusters expanded at each coarser level; 0: 16 x budget
+  bool multipole_far_field = true;   // false: "squeezed" (unselected clusters dropped)
+  bool score_real_positions = false; // score centroids at their members' mean position
+  double score_position = 2048;      // fixed query position for centroid scoring
+  ClusterConfig cluster;
+
+  int quest_page_size = 16;  // quest: tokens per page bound
+
+  int group_size() const { return num_q_heads / num_kv_heads; }
+  float softmax_scale() const;
+  // Throws multipole::Error naming the first invalid field.
+  void validate() const;
+};
+
+}  // namespace multipole

@@ -1,0 +1,54 @@
+#pragma once
+// CPU decode-attention building blocks shared by every policy: attend the G query heads of
+// one GQA group to a set of keys, keeping an unnormalised f32 softmax state, then merge
+// states and normalise. SIMD (AVX2/FMA/F16C); the K/V storage type is dispatched inside.
+//
+// A state for G query heads holds, per head g: running max m[g], sum l[g] = sum e^{x - m},
+// and o[g][d] = sum e^{x - m} v. Logits x are scale * q.k (+ bias for pseudo-tokens).
+#include <cstdint>
+
+#include "multipole/kv/paged_kv_cache.hpp"
+
+namespace multipole::kernels {
+
+struct SoftmaxState {
+  int groups = 0;      // G
+  int dim = 0;         // d
+  float* m = nullptr;  // [G]
+  float* l = nullptr;  // [G]
+  float* o = nullptr;  // [G, d]
+  void reset();        // m = -inf, l = 0, o = 0
+};
+
+// Keys/values at positions [begin, end) of KV head `head` of one sequence.
+//   q: [G, d] f32 (rotated to the query's position)
+void attend_range(const KVLayerView& kv, const int32_t* page_table, int head, int64_t begin, int64_t end,
+                  const float* q, float scale, SoftmaxState& state);
+
+// Keys/values at the listed positions (any order, no duplicates expected).
+//   positions: [count]
+void attend_positions(const KVLayerView& kv, const int32_t* page_table, int head, const int32_t* positions,
+                      int64_t count, const float* q, float scale, SoftmaxState& state);
+
+// Pseudo-tokens (far-field centroids): logit_{g,i} = scale * q_g . keys[id] + bias[id].
+//   q:      [G, d] f32 (rotated to the scoring position)
+//   keys:   [C, d] f32, values: [C, d] f32, bias: [C] (log cluster size)
+//   ids:    [count] indices into keys/values/bias; nullptr: ids 0..count-1
+void attend_pseudo(const float* keys, const float* values, const float* bias, const int32_t* ids, int64_t count,
+                   const float* q, float scale, SoftmaxState& state);
+
+// Scores for centroid scoring: out[g * count + j] = scale * q_g . keys[ids[j]].
+//   q: [G, d], keys: [C, d] f32, ids: [count] or nullptr (0..count-1), out: [G, count]
+void score_rows(const float* keys, const int32_t* ids, int64_t count, const float* q, int groups, int dim,
+                float scale, float* out);
+
+// into <- log-sum-exp merge of into and other (same G, d).
+void merge(SoftmaxState& into, const SoftmaxState& other);
+
+// out[g][:] = o[g][:] / l[g]. out: [G, d]. A state with l = 0 (nothing attended) gives zeros.
+void finalize(const SoftmaxState& state, float* out);
+
+// Vectorised e^x for n floats (in place), |rel err| < 2e-7 on [-87, 88]; e^-inf = 0.
+void exp_inplace(float* x, int64_t n);
+
+}  // namespace multipole::kernels

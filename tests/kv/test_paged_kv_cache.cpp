@@ -1,0 +1,76 @@
+#include <gtest/gtest.h>
+
+#include <random>
+#include <vector>
+
+#include "multipole/core/error.hpp"
+#include "multipole/kv/paged_kv_cache.hpp"
+
+using namespace multipole;
+
+TEST(PagedKVCache, SequencesOfDifferentLengthsRoundTrip) {
+  for (DType t : {DType::F32, DType::BF16, DType::F16}) {
+    KVCacheConfig c{.num_layers = 2, .num_kv_heads = 3, .head_dim = 16, .page_size = 5, .dtype = t, .max_tokens = 400};
+    PagedKVCache cache(c);
+    std::mt19937 rng(3);
+    std::normal_distribution<float> dist;
+    std::vector<SeqId> seqs;
+    std::vector<std::vector<float>> ks, vs;
+    for (int64_t len : {1, 97, 23}) {
+      SeqId s = cache.add_sequence();
+      seqs.push_back(s);
+      std::vector<float> k(len * 3 * 16), v(k.size());
+      for (auto& x : k) x = dist(rng);
+      for (auto& x : v) x = dist(rng);
+      // Grow in uneven pieces to cross page boundaries mid-write.
+      for (int64_t done = 0; done < len;) {
+        int64_t n = std::min<int64_t>(len - done, 1 + done % 7);
+        int64_t pos = cache.extend(s, n);
+        ASSERT_EQ(pos, done);
+        for (int layer = 0; layer < 2; ++layer)
+          cache.write(s, layer, pos, n, k.data() + pos * 48, v.data() + pos * 48);
+        done += n;
+      }
+      ks.push_back(k);
+      vs.push_back(v);
+    }
+    const float tol = t == DType::F32 ? 0 : 1e-2f;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      int64_t len = cache.length(seqs[i]);
+      std::vector<float> out(len * 16);
+      for (int h = 0; h < 3; ++h) {
+        cache.read_keys(seqs[i], 1, h, 0, len, out.data());
+        for (int64_t p = 0; p < len; ++p)
+          for (int j = 0; j < 16; ++j) ASSERT_NEAR(out[p * 16 + j], ks[i][(p * 3 + h) * 16 + j], tol * 4);
+        cache.read_values(seqs[i], 0, h, 0, len, out.data());
+        for (int64_t p = 0; p < len; ++p)
+          for (int j = 0; j < 16; ++j) ASSERT_NEAR(out[p * 16 + j], vs[i][(p * 3 + h) * 16 + j], tol * 4);
+      }
+    }
+  }
+}
+
+TEST(PagedKVCache, FreeReturnsPagesAndFullCacheThrows) {
+  KVCacheConfig c{.num_layers = 1, .num_kv_heads = 1, .head_dim = 8, .page_size = 4, .dtype = DType::F32, .max_tokens = 16};
+  PagedKVCache cache(c);
+  SeqId a = cache.add_sequence();
+  cache.extend(a, 10);
+  EXPECT_EQ(cache.free_pages(), 1);
+  SeqId b = cache.add_sequence();
+  EXPECT_THROW(cache.extend(b, 5), Error);
+  EXPECT_EQ(cache.length(b), 0);  // a failed extend changes nothing
+  cache.free_sequence(a);
+  EXPECT_EQ(cache.free_pages(), 4);
+  EXPECT_NO_THROW(cache.extend(b, 16));
+  EXPECT_THROW(cache.length(a), Error);
+  std::vector<float> out(8);
+  EXPECT_THROW(cache.read_keys(b, 0, 0, 16, 1, out.data()), Error);
+  EXPECT_THROW(cache.read_keys(b, 1, 0, 0, 1, out.data()), Error);
+}
+
+TEST(PagedKVCache, RejectsBadConfig) {
+  EXPECT_THROW(PagedKVCache(KVCacheConfig{.num_layers = 0}), Error);
+  EXPECT_THROW(PagedKVCache(KVCacheConfig{.head_dim = 12}), Error);
+  EXPECT_THROW(PagedKVCache(KVCacheConfig{.page_size = 0}), Error);
+  EXPECT_THROW(PagedKVCache(KVCacheConfig{.max_tokens = -1}), Error);
+}

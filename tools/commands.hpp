@@ -1,0 +1,10 @@
+#pragma once
+// Each `multipole` subcommand lives in its own file and registers itself here.
+#include <CLI/CLI.hpp>
+
+namespace multipole::cli {
+
+void add_attn_command(CLI::App& app);   // tools/attn_command.cpp
+void add_bench_command(CLI::App& app);  // tools/bench_command.cpp
+
+}  // namespace multipole::cli

@@ -1,0 +1,28 @@
+// The `multipole` command line: one binary, one subcommand per job.
+#include <cstdio>
+#include <exception>
+
+#include <CLI/CLI.hpp>
+
+#include "commands.hpp"
+#include "multipole/core/error.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"multipole: long chain-of-thought inference with Multipole Attention"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "multipole 0.1.0");
+  multipole::cli::add_attn_command(app);
+  multipole::cli::add_bench_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const multipole::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
