@@ -13,6 +13,9 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "multipole 0.1.0");
   multipole::cli::add_attn_command(app);
   multipole::cli::add_bench_command(app);
+#ifdef MULTIPOLE_HAVE_TOKENIZER
+  multipole::cli::add_tokenize_command(app);
+#endif
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
