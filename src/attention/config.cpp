@@ -1,5 +1,6 @@
 #include "multipole/attention/config.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "multipole/core/error.hpp"
@@ -7,6 +8,12 @@
 namespace multipole {
 
 float AttentionConfig::softmax_scale() const { return scale > 0 ? scale : 1.0f / std::sqrt(float(head_dim)); }
+
+int64_t AttentionConfig::middle_end(int64_t length) const {
+  const int64_t s = cluster.sinks, w = cluster.window;
+  if (length - s < w) return std::min<int64_t>(s, length);
+  return s + (length - s - w) / w * w;
+}
 
 void AttentionConfig::validate() const {
   MP_CHECK(head_dim > 0 && head_dim % 16 == 0 && head_dim <= 512,

@@ -37,6 +37,12 @@ struct AttentionConfig {
   int quest_page_size = 16;  // quest: tokens per page bound
 
   int group_size() const { return num_q_heads / num_kv_heads; }
+  // End of the middle region for a sequence of `length` tokens: positions [0, sinks) are
+  // sinks, [sinks, middle_end) are clustered (multipole) or eligible for selection (quest,
+  // oracle-topk), [middle_end, length) is the local window of W..2W-1 tokens (fewer when
+  // the sequence is short). Depends on length only, so every policy sees the same regions
+  // and the online update runs exactly when the window reaches 2W.
+  int64_t middle_end(int64_t length) const;
   float softmax_scale() const;
   // Throws multipole::Error naming the first invalid field.
   void validate() const;
