@@ -1,0 +1,318 @@
+#include "attention/decode_kernels.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "attention/simd_avx2.hpp"
+#include "multipole/core/error.hpp"
+
+namespace multipole::kernels {
+
+using simd::load8;
+
+namespace {
+
+// Tokens per block: logits of a block are computed for all G heads, then one online-softmax
+// update, then the PV pass. Large enough to amortise the per-block rescale, small enough
+// that the block's K and V rows (64 x 256 B each for d=128 bf16) stay in L1.
+constexpr int kBlock = 64;
+constexpr int kMaxGroups = 16;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Logits of NG heads for n keys; NT keys at a time so that NG*NT accumulator chains hide
+// the FMA latency when NG is small.
+//   rows: [n] pointers to keys of d elements; q: [NG, d]; out: [NG] rows of stride `ostride`
+//   bias: [n] added after scaling, or nullptr
+template <class T, int NG, int NT>
+void logits_tile(const T* const* rows, int n, const float* q, int d, float scale, const float* bias, float* out,
+                 int64_t ostride) {
+  int t = 0;
+  for (; t + NT <= n; t += NT) {
+    __m256 acc[NT][NG];
+#pragma GCC unroll 16
+    for (int j = 0; j < NT; ++j)
+#pragma GCC unroll 16
+      for (int g = 0; g < NG; ++g) acc[j][g] = _mm256_setzero_ps();
+    for (int c = 0; c < d; c += 8) {
+#pragma GCC unroll 16
+      for (int j = 0; j < NT; ++j) {
+        __m256 k = load8(rows[t + j] + c);
+#pragma GCC unroll 16
+        for (int g = 0; g < NG; ++g) acc[j][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + c), k, acc[j][g]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < NT; ++j) {
+      const float b = bias ? bias[t + j] : 0.0f;
+      if constexpr (NG == 8) {
+        alignas(32) float s[8];
+        _mm256_store_ps(s, simd::hsum8(acc[j]));
+#pragma GCC unroll 16
+        for (int g = 0; g < 8; ++g) out[g * ostride + t + j] = s[g] * scale + b;
+      } else {
+#pragma GCC unroll 16
+        for (int g = 0; g < NG; ++g) out[g * ostride + t + j] = simd::hsum(acc[j][g]) * scale + b;
+      }
+    }
+  }
+  if constexpr (NT > 1) {
+    if (t < n) logits_tile<T, NG, 1>(rows + t, n - t, q, d, scale, bias ? bias + t : nullptr, out + t, ostride);
+  }
+}
+
+template <class T>
+void logits(const T* const* rows, int n, const float* q, int groups, int d, float scale, const float* bias, float* out,
+            int64_t ostride) {
+  // Heads are processed in tiles of at most 8 so the accumulators stay in registers; the
+  // second tile re-reads the keys from L1.
+  int tile = groups <= 8 ? groups : (groups + 1) / 2;
+  for (int g0 = 0; g0 < groups; g0 += tile) {
+    int ng = std::min(tile, groups - g0);
+    const float* qt = q + int64_t(g0) * d;
+    float* ot = out + g0 * ostride;
+    switch (ng) {
+      case 1: logits_tile<T, 1, 4>(rows, n, qt, d, scale, bias, ot, ostride); break;
+      case 2: logits_tile<T, 2, 2>(rows, n, qt, d, scale, bias, ot, ostride); break;
+      case 3: logits_tile<T, 3, 2>(rows, n, qt, d, scale, bias, ot, ostride); break;
+      case 4: logits_tile<T, 4, 2>(rows, n, qt, d, scale, bias, ot, ostride); break;
+      case 5: logits_tile<T, 5, 1>(rows, n, qt, d, scale, bias, ot, ostride); break;
+      case 6: logits_tile<T, 6, 1>(rows, n, qt, d, scale, bias, ot, ostride); break;
+      case 7: logits_tile<T, 7, 1>(rows, n, qt, d, scale, bias, ot, ostride); break;
+      default: logits_tile<T, 8, 1>(rows, n, qt, d, scale, bias, ot, ostride); break;
+    }
+  }
+}
+
+// o[g] += sum_t p[g][t] v_t for NG heads; the accumulators of one 8-wide slice of d stay
+// in registers across the block's tokens.
+//   rows: [n] pointers to values of d elements; p: [NG] rows of stride kBlock; o: [NG, d]
+template <class T, int NG>
+void pv_tile(const T* const* rows, int n, const float* p, int d, float* o) {
+  for (int c = 0; c < d; c += 8) {
+    __m256 acc[NG];
+#pragma GCC unroll 16
+    for (int g = 0; g < NG; ++g) acc[g] = _mm256_loadu_ps(o + g * d + c);
+    for (int t = 0; t < n; ++t) {
+      __m256 v = load8(rows[t] + c);
+#pragma GCC unroll 16
+      for (int g = 0; g < NG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * kBlock + t), v, acc[g]);
+    }
+#pragma GCC unroll 16
+    for (int g = 0; g < NG; ++g) _mm256_storeu_ps(o + g * d + c, acc[g]);
+  }
+}
+
+template <class T>
+void pv(const T* const* rows, int n, const float* p, int groups, int d, float* o) {
+  int tile = groups <= 8 ? groups : (groups + 1) / 2;
+  for (int g0 = 0; g0 < groups; g0 += tile) {
+    int ng = std::min(tile, groups - g0);
+    const float* pt = p + g0 * kBlock;
+    float* ot = o + int64_t(g0) * d;
+    switch (ng) {
+      case 1: pv_tile<T, 1>(rows, n, pt, d, ot); break;
+      case 2: pv_tile<T, 2>(rows, n, pt, d, ot); break;
+      case 3: pv_tile<T, 3>(rows, n, pt, d, ot); break;
+      case 4: pv_tile<T, 4>(rows, n, pt, d, ot); break;
+      case 5: pv_tile<T, 5>(rows, n, pt, d, ot); break;
+      case 6: pv_tile<T, 6>(rows, n, pt, d, ot); break;
+      case 7: pv_tile<T, 7>(rows, n, pt, d, ot); break;
+      default: pv_tile<T, 8>(rows, n, pt, d, ot); break;
+    }
+  }
+}
+
+void scale_row(float* x, int d, float factor) {
+  __m256 f = _mm256_set1_ps(factor);
+  for (int c = 0; c < d; c += 8) _mm256_storeu_ps(x + c, _mm256_mul_ps(_mm256_loadu_ps(x + c), f));
+}
+
+// Online-softmax step for one block: logits x [G] rows of stride kBlock (n valid, padded
+// to a multiple of 8 with -inf) become probabilities relative to the new running max, and
+// l, o are rescaled to that max.
+void softmax_step(float* x, int n, SoftmaxState& s) {
+  const int n8 = (n + 7) & ~7;
+  for (int g = 0; g < s.groups; ++g) {
+    float* xg = x + g * kBlock;
+    for (int t = n; t < n8; ++t) xg[t] = kNegInf;
+    __m256 mx = _mm256_set1_ps(kNegInf);
+    for (int t = 0; t < n8; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(xg + t));
+    const float block_max = simd::hmax(mx);
+    const float m_new = std::max(s.m[g], block_max);
+    if (m_new == kNegInf) {  // nothing with weight yet (all logits -inf)
+      std::fill(xg, xg + n8, 0.0f);
+      continue;
+    }
+    if (m_new > s.m[g]) {
+      const float alpha = std::exp(s.m[g] - m_new);  // 0 when m was -inf
+      s.l[g] *= alpha;
+      scale_row(s.o + int64_t(g) * s.dim, s.dim, alpha);
+      s.m[g] = m_new;
+    }
+    const __m256 m = _mm256_set1_ps(m_new);
+    __m256 sum = _mm256_setzero_ps();
+    for (int t = 0; t < n8; t += 8) {
+      __m256 e = simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(xg + t), m));
+      _mm256_storeu_ps(xg + t, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    s.l[g] += simd::hsum(sum);
+  }
+}
+
+// One block of n <= kBlock keys/values (f32 q, K/V rows of type T).
+template <class T>
+void attend_block(const T* const* krows, const T* const* vrows, const float* bias, int n, const float* q, float scale,
+                  SoftmaxState& s) {
+  alignas(32) float x[kMaxGroups * kBlock];
+  logits(krows, n, q, s.groups, s.dim, scale, bias, x, kBlock);
+  softmax_step(x, n, s);
+  pv(vrows, n, x, s.groups, s.dim, s.o);
+}
+
+void check_state(const SoftmaxState& s, int head_dim, const char* what) {
+  MP_CHECK(s.groups >= 1 && s.groups <= kMaxGroups, "{}: state has {} query heads, expected 1 to {}", what, s.groups,
+           kMaxGroups);
+  MP_CHECK(s.dim == head_dim, "{}: state head_dim {} differs from the keys' head_dim {}", what, s.dim, head_dim);
+  MP_CHECK(s.dim > 0 && s.dim % 8 == 0, "{}: head_dim {} must be a positive multiple of 8", what, s.dim);
+  MP_CHECK(s.m && s.l && s.o, "{}: state buffers are not set", what);
+}
+
+void check_view(const KVLayerView& kv, int head, const char* what) {
+  MP_CHECK(head >= 0 && head < kv.num_kv_heads, "{}: kv head {} out of range [0, {})", what, head, kv.num_kv_heads);
+}
+
+// Positions come either from a range or a list; both are resolved to row pointers a block
+// at a time, so the kernels never see the page structure.
+template <class T, class PosAt>
+void attend_cache(const KVLayerView& kv, const int32_t* page_table, int head, int64_t count, PosAt pos_at,
+                  const float* q, float scale, SoftmaxState& s) {
+  const T* krows[kBlock];
+  const T* vrows[kBlock];
+  for (int64_t b = 0; b < count; b += kBlock) {
+    int n = int(std::min<int64_t>(kBlock, count - b));
+    for (int i = 0; i < n; ++i) {
+      int64_t p = pos_at(b + i);
+      krows[i] = reinterpret_cast<const T*>(kv.key(page_table, head, p));
+      vrows[i] = reinterpret_cast<const T*>(kv.value(page_table, head, p));
+    }
+    attend_block<T>(krows, vrows, nullptr, n, q, scale, s);
+  }
+}
+
+template <class PosAt>
+void dispatch_cache(const KVLayerView& kv, const int32_t* page_table, int head, int64_t count, PosAt pos_at,
+                    const float* q, float scale, SoftmaxState& s) {
+  switch (kv.dtype) {
+    case DType::F32: attend_cache<float>(kv, page_table, head, count, pos_at, q, scale, s); break;
+    case DType::F16: attend_cache<f16>(kv, page_table, head, count, pos_at, q, scale, s); break;
+    case DType::BF16: attend_cache<bf16>(kv, page_table, head, count, pos_at, q, scale, s); break;
+  }
+}
+
+}  // namespace
+
+void SoftmaxState::reset() {
+  std::fill(m, m + groups, kNegInf);
+  std::fill(l, l + groups, 0.0f);
+  std::fill(o, o + int64_t(groups) * dim, 0.0f);
+}
+
+void attend_range(const KVLayerView& kv, const int32_t* page_table, int head, int64_t begin, int64_t end,
+                  const float* q, float scale, SoftmaxState& state) {
+  if (end <= begin) return;
+  check_state(state, kv.head_dim, "attend_range");
+  check_view(kv, head, "attend_range");
+  MP_CHECK(begin >= 0, "attend_range: begin {} must be >= 0", begin);
+  dispatch_cache(kv, page_table, head, end - begin, [begin](int64_t i) { return begin + i; }, q, scale, state);
+}
+
+void attend_positions(const KVLayerView& kv, const int32_t* page_table, int head, const int32_t* positions,
+                      int64_t count, const float* q, float scale, SoftmaxState& state) {
+  if (count <= 0) return;
+  check_state(state, kv.head_dim, "attend_positions");
+  check_view(kv, head, "attend_positions");
+  dispatch_cache(kv, page_table, head, count, [positions](int64_t i) { return int64_t(positions[i]); }, q, scale,
+                 state);
+}
+
+void attend_pseudo(const float* keys, const float* values, const float* bias, const int32_t* ids, int64_t count,
+                   const float* q, float scale, SoftmaxState& state) {
+  if (count <= 0) return;
+  check_state(state, state.dim, "attend_pseudo");
+  const int d = state.dim;
+  const float* krows[kBlock];
+  const float* vrows[kBlock];
+  float b[kBlock];
+  for (int64_t j0 = 0; j0 < count; j0 += kBlock) {
+    int n = int(std::min<int64_t>(kBlock, count - j0));
+    for (int i = 0; i < n; ++i) {
+      int64_t id = ids ? ids[j0 + i] : j0 + i;
+      krows[i] = keys + id * d;
+      vrows[i] = values + id * d;
+      b[i] = bias[id];
+    }
+    attend_block<float>(krows, vrows, b, n, q, scale, state);
+  }
+}
+
+void score_rows(const float* keys, const int32_t* ids, int64_t count, const float* q, int groups, int dim, float scale,
+                float* out) {
+  if (count <= 0) return;
+  MP_CHECK(groups >= 1 && groups <= kMaxGroups, "score_rows: {} query heads, expected 1 to {}", groups, kMaxGroups);
+  MP_CHECK(dim > 0 && dim % 8 == 0, "score_rows: head_dim {} must be a positive multiple of 8", dim);
+  const float* rows[kBlock];
+  for (int64_t j0 = 0; j0 < count; j0 += kBlock) {
+    int n = int(std::min<int64_t>(kBlock, count - j0));
+    for (int i = 0; i < n; ++i) rows[i] = keys + (ids ? int64_t(ids[j0 + i]) : j0 + i) * dim;
+    logits<float>(rows, n, q, groups, dim, scale, nullptr, out + j0, count);
+  }
+}
+
+void merge(SoftmaxState& into, const SoftmaxState& other) {
+  MP_CHECK(into.groups == other.groups && into.dim == other.dim,
+           "merge: states differ in shape ([{}, {}] vs [{}, {}])", into.groups, into.dim, other.groups, other.dim);
+  const int d = into.dim;
+  for (int g = 0; g < into.groups; ++g) {
+    const float mo = other.m[g];
+    if (mo == kNegInf) continue;  // other is empty for this head
+    const float mi = into.m[g];
+    const float m = std::max(mi, mo);
+    const float a = mi == kNegInf ? 0.0f : std::exp(mi - m);
+    const float b = std::exp(mo - m);
+    into.l[g] = into.l[g] * a + other.l[g] * b;
+    into.m[g] = m;
+    float* oi = into.o + int64_t(g) * d;
+    const float* oo = other.o + int64_t(g) * d;
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+    for (int c = 0; c < d; c += 8)
+      _mm256_storeu_ps(oi + c, _mm256_fmadd_ps(_mm256_loadu_ps(oo + c), vb, _mm256_mul_ps(_mm256_loadu_ps(oi + c), va)));
+  }
+}
+
+void finalize(const SoftmaxState& state, float* out) {
+  const int d = state.dim;
+  for (int g = 0; g < state.groups; ++g) {
+    const float l = state.l[g];
+    const float inv = l > 0 ? 1.0f / l : 0.0f;
+    const __m256 f = _mm256_set1_ps(inv);
+    const float* o = state.o + int64_t(g) * d;
+    float* dst = out + int64_t(g) * d;
+    for (int c = 0; c < d; c += 8) _mm256_storeu_ps(dst + c, _mm256_mul_ps(_mm256_loadu_ps(o + c), f));
+  }
+}
+
+void exp_inplace(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, simd::exp8(_mm256_loadu_ps(x + i)));
+  if (i < n) {
+    alignas(32) float tail[8] = {};
+    std::memcpy(tail, x + i, size_t(n - i) * 4);
+    _mm256_store_ps(tail, simd::exp8(_mm256_load_ps(tail)));
+    std::memcpy(x + i, tail, size_t(n - i) * 4);
+  }
+}
+
+}  // namespace multipole::kernels

@@ -1,0 +1,349 @@
+// The CPU decode kernels against a naive float64 implementation of the same formulas.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention/decode_kernels.hpp"
+#include "multipole/core/error.hpp"
+
+using namespace multipole;
+using namespace multipole::kernels;
+
+namespace {
+
+bool small_scale() {
+  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
+  return s && std::string(s) == "small";
+}
+
+// Owns the buffers of a SoftmaxState.
+struct State {
+  std::vector<float> m, l, o;
+  SoftmaxState s;
+  State(int groups, int dim) : m(groups), l(groups), o(size_t(groups) * dim) {
+    s = SoftmaxState{groups, dim, m.data(), l.data(), o.data()};
+    s.reset();
+  }
+};
+
+// Naive f64 attention of G query heads over a list of (key, value, bias) rows.
+struct Reference {
+  std::vector<double> m, l, out;  // out: [G, d] normalised
+};
+
+Reference reference(const std::vector<const float*>& keys, const std::vector<const float*>& values,
+                    const std::vector<double>& bias, const float* q, int groups, int d, double scale) {
+  Reference r;
+  r.m.assign(groups, -std::numeric_limits<double>::infinity());
+  r.l.assign(groups, 0.0);
+  r.out.assign(size_t(groups) * d, 0.0);
+  const size_t n = keys.size();
+  for (int g = 0; g < groups; ++g) {
+    std::vector<double> x(n);
+    for (size_t t = 0; t < n; ++t) {
+      double dot = 0;
+      for (int c = 0; c < d; ++c) dot += double(q[g * d + c]) * keys[t][c];
+      x[t] = scale * dot + (bias.empty() ? 0.0 : bias[t]);
+      r.m[g] = std::max(r.m[g], x[t]);
+    }
+    for (size_t t = 0; t < n; ++t) {
+      double e = std::exp(x[t] - r.m[g]);
+      r.l[g] += e;
+      for (int c = 0; c < d; ++c) r.out[g * d + c] += e * values[t][c];
+    }
+    if (r.l[g] > 0)
+      for (int c = 0; c < d; ++c) r.out[g * d + c] /= r.l[g];
+  }
+  return r;
+}
+
+// Compares a state (m, l, finalized output) with the reference.
+void expect_matches(const State& st, const Reference& r, double tol, const std::string& what) {
+  const int groups = st.s.groups, d = st.s.dim;
+  std::vector<float> out(size_t(groups) * d);
+  finalize(st.s, out.data());
+  for (int g = 0; g < groups; ++g) {
+    if (std::isinf(r.m[g])) {
+      EXPECT_EQ(st.m[g], -std::numeric_limits<float>::infinity()) << what;
+      EXPECT_EQ(st.l[g], 0.0f) << what;
+    } else {
+      ASSERT_NEAR(st.m[g], r.m[g], 1e-5 * (1 + std::abs(r.m[g]))) << what << " head " << g;
+      ASSERT_NEAR(st.l[g], r.l[g], 2e-5 * r.l[g]) << what << " head " << g;
+    }
+    for (int c = 0; c < d; ++c)
+      ASSERT_NEAR(out[g * d + c], r.out[g * d + c], tol) << what << " head " << g << " channel " << c;
+  }
+}
+
+// A cache holding one sequence of `length` random tokens for 2 KV heads; a second sequence
+// grows interleaved with it so that the page table is not contiguous.
+struct Fixture {
+  PagedKVCache cache;
+  SeqId seq;
+  int d;
+  std::vector<std::vector<float>> keys, values;  // per head: [length, d] as stored (read back)
+
+  Fixture(DType dtype, int d_, int64_t length, int page_size, uint32_t seed)
+      : cache(KVCacheConfig{.num_layers = 2, .num_kv_heads = 2, .head_dim = d_, .page_size = page_size,
+                            .dtype = dtype, .max_tokens = 3 * length + 64 * page_size}),
+        d(d_) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> dist;
+    seq = cache.add_sequence();
+    SeqId other = cache.add_sequence();
+    for (int64_t done = 0; done < length;) {
+      int64_t n = std::min<int64_t>(length - done, 1 + (done * 7 + 3) % (2 * page_size + 1));
+      cache.extend(seq, n);
+      cache.extend(other, done % 3 == 0 ? page_size : 1);
+      std::vector<float> k(size_t(n) * 2 * d), v(k.size());
+      for (auto& x : k) x = dist(rng);
+      for (auto& x : v) x = dist(rng);
+      cache.write(seq, 1, done, n, k.data(), v.data());
+      done += n;
+    }
+    for (int h = 0; h < 2; ++h) {
+      keys.emplace_back(size_t(length) * d);
+      values.emplace_back(size_t(length) * d);
+      if (length > 0) {
+        cache.read_keys(seq, 1, h, 0, length, keys[h].data());
+        cache.read_values(seq, 1, h, 0, length, values[h].data());
+      }
+    }
+  }
+  KVLayerView view() const { return cache.layer_view(1); }
+  const int32_t* table() const { return cache.page_table(seq).data(); }
+  Reference ref(int h, const std::vector<int64_t>& pos, const float* q, int groups, double scale) const {
+    std::vector<const float*> k, v;
+    for (int64_t p : pos) {
+      k.push_back(keys[h].data() + p * d);
+      v.push_back(values[h].data() + p * d);
+    }
+    return reference(k, v, {}, q, groups, d, scale);
+  }
+};
+
+std::vector<float> random_q(int groups, int d, float magnitude, std::mt19937& rng) {
+  std::normal_distribution<float> dist(0.0f, magnitude);
+  std::vector<float> q(size_t(groups) * d);
+  for (auto& x : q) x = dist(rng);
+  return q;
+}
+
+std::vector<int64_t> iota_range(int64_t begin, int64_t end) {
+  std::vector<int64_t> p(std::max<int64_t>(0, end - begin));
+  std::iota(p.begin(), p.end(), begin);
+  return p;
+}
+
+const DType kTypes[] = {DType::F32, DType::F16, DType::BF16};
+
+}  // namespace
+
+TEST(DecodeKernels, AttendRangeMatchesNaive) {
+  const std::vector<int64_t> lengths = small_scale() ? std::vector<int64_t>{1, 97, 300} : std::vector<int64_t>{1, 97, 2049};
+  std::mt19937 rng(11);
+  for (DType t : kTypes)
+    for (int d : {64, 128, 48})
+      for (int64_t len : lengths) {
+        Fixture f(t, d, len, 16, uint32_t(len * 131 + d));
+        for (int groups : {1, 4, 5, 7, 8, 16}) {
+          // Magnitude 3 makes the softmax peaky so that the running max matters.
+          auto q = random_q(groups, d, groups % 2 ? 3.0f : 1.0f, rng);
+          const float scale = 1.0f / std::sqrt(float(d));
+          const int h = groups % 2;
+          // Whole sequence, then a range that starts and ends inside pages.
+          for (auto [b, e] : {std::pair<int64_t, int64_t>{0, len}, {std::min<int64_t>(len, 5), std::max<int64_t>(0, len - 3)}}) {
+            State st(groups, d);
+            attend_range(f.view(), f.table(), h, b, e, q.data(), scale, st.s);
+            auto r = f.ref(h, iota_range(b, e), q.data(), groups, scale);
+            expect_matches(st, r, 2e-5,
+                           "range " + std::to_string(b) + ".." + std::to_string(e) + " " + std::string(dtype_name(t)) +
+                               " d=" + std::to_string(d) + " G=" + std::to_string(groups));
+          }
+        }
+      }
+}
+
+TEST(DecodeKernels, EmptyRangeLeavesStateEmpty) {
+  Fixture f(DType::BF16, 64, 40, 16, 1);
+  std::mt19937 rng(2);
+  auto q = random_q(4, 64, 1.0f, rng);
+  State st(4, 64);
+  attend_range(f.view(), f.table(), 0, 17, 17, q.data(), 0.125f, st.s);
+  attend_positions(f.view(), f.table(), 0, nullptr, 0, q.data(), 0.125f, st.s);
+  std::vector<float> out(4 * 64, 1.0f);
+  finalize(st.s, out.data());
+  for (int g = 0; g < 4; ++g) {
+    EXPECT_EQ(st.m[g], -std::numeric_limits<float>::infinity());
+    EXPECT_EQ(st.l[g], 0.0f);
+  }
+  for (float x : out) EXPECT_EQ(x, 0.0f);
+}
+
+TEST(DecodeKernels, AttendPositionsMatchesNaive) {
+  std::mt19937 rng(5);
+  for (DType t : kTypes)
+    for (int d : {64, 128, 48}) {
+      const int64_t len = small_scale() ? 300 : 2049;
+      Fixture f(t, d, len, 7, uint32_t(d));
+      for (int groups : {1, 4, 5, 7, 8, 16})
+        for (int64_t count : {int64_t(1), int64_t(97), len}) {
+          std::vector<int64_t> pos = iota_range(0, len);
+          std::shuffle(pos.begin(), pos.end(), rng);
+          pos.resize(count);
+          std::vector<int32_t> pos32(pos.begin(), pos.end());
+          auto q = random_q(groups, d, 2.0f, rng);
+          State st(groups, d);
+          attend_positions(f.view(), f.table(), 1, pos32.data(), count, q.data(), 0.1f, st.s);
+          expect_matches(st, f.ref(1, pos, q.data(), groups, 0.1), 2e-5,
+                         "positions " + std::to_string(count) + " " + std::string(dtype_name(t)) + " d=" +
+                             std::to_string(d) + " G=" + std::to_string(groups));
+        }
+    }
+}
+
+TEST(DecodeKernels, MergeOfSplitRangesEqualsWholeRange) {
+  std::mt19937 rng(7);
+  for (DType t : kTypes)
+    for (int groups : {1, 5, 8, 16}) {
+      const int d = 128;
+      const int64_t len = small_scale() ? 300 : 2049;
+      Fixture f(t, d, len, 16, uint32_t(groups));
+      auto q = random_q(groups, d, 3.0f, rng);
+      const float scale = 0.09f;
+      State whole(groups, d);
+      attend_range(f.view(), f.table(), 0, 0, len, q.data(), scale, whole.s);
+      // Random cut points, including empty pieces; merged left to right and as a tree.
+      std::vector<int64_t> cuts = {0, len};
+      for (int i = 0; i < 6; ++i) cuts.push_back(std::uniform_int_distribution<int64_t>(0, len)(rng));
+      cuts.push_back(cuts[2]);  // an empty piece
+      std::sort(cuts.begin(), cuts.end());
+      State merged(groups, d);
+      State empty(groups, d);
+      merge(merged.s, empty.s);
+      for (size_t i = 0; i + 1 < cuts.size(); ++i) {
+        State part(groups, d);
+        attend_range(f.view(), f.table(), 0, cuts[i], cuts[i + 1], q.data(), scale, part.s);
+        merge(merged.s, part.s);
+      }
+      merge(merged.s, empty.s);
+      auto r = f.ref(0, iota_range(0, len), q.data(), groups, scale);
+      expect_matches(merged, r, 2e-5, "merged " + std::string(dtype_name(t)) + " G=" + std::to_string(groups));
+      expect_matches(whole, r, 2e-5, "whole " + std::string(dtype_name(t)) + " G=" + std::to_string(groups));
+    }
+}
+
+TEST(DecodeKernels, AttendPseudoAndScoreRowsMatchNaive) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> dist;
+  for (int d : {64, 128, 48})
+    for (int groups : {1, 4, 5, 7, 8, 16}) {
+      const int C = 300;
+      std::vector<float> keys(size_t(C) * d), values(keys.size()), bias(C);
+      for (auto& x : keys) x = dist(rng);
+      for (auto& x : values) x = dist(rng);
+      for (auto& x : bias) x = std::log(float(1 + rng() % 40));
+      auto q = random_q(groups, d, 2.0f, rng);
+      const float scale = 1.0f / std::sqrt(float(d));
+      std::vector<int32_t> ids(C);
+      std::iota(ids.begin(), ids.end(), 0);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      for (int64_t count : {1, 97, C}) {
+        for (bool use_ids : {true, false}) {
+          std::vector<const float*> k, v;
+          std::vector<double> b;
+          for (int64_t j = 0; j < count; ++j) {
+            int id = use_ids ? ids[j] : int(j);
+            k.push_back(keys.data() + int64_t(id) * d);
+            v.push_back(values.data() + int64_t(id) * d);
+            b.push_back(bias[id]);
+          }
+          const std::string what = "pseudo d=" + std::to_string(d) + " G=" + std::to_string(groups) + " count=" +
+                                   std::to_string(count) + (use_ids ? " ids" : " all");
+          State st(groups, d);
+          attend_pseudo(keys.data(), values.data(), bias.data(), use_ids ? ids.data() : nullptr, count, q.data(),
+                        scale, st.s);
+          expect_matches(st, reference(k, v, b, q.data(), groups, d, scale), 2e-5, what);
+
+          std::vector<float> out(size_t(groups) * count);
+          score_rows(keys.data(), use_ids ? ids.data() : nullptr, count, q.data(), groups, d, scale, out.data());
+          for (int g = 0; g < groups; ++g)
+            for (int64_t j = 0; j < count; ++j) {
+              double dot = 0;
+              for (int c = 0; c < d; ++c) dot += double(q[g * d + c]) * k[j][c];
+              ASSERT_NEAR(out[g * count + j], scale * dot, 1e-5 * (1 + std::abs(scale * dot))) << what;
+            }
+        }
+      }
+    }
+}
+
+TEST(DecodeKernels, PseudoTokensWithMinusInfinityBiasHaveNoWeight) {
+  const int d = 16, groups = 2;
+  std::vector<float> keys(3 * d, 0.5f), values(3 * d), bias = {-INFINITY, 0.0f, -INFINITY};
+  for (int i = 0; i < 3 * d; ++i) values[i] = float(i / d);
+  std::vector<float> q(groups * d, 0.25f);
+  State st(groups, d);
+  attend_pseudo(keys.data(), values.data(), bias.data(), nullptr, 3, q.data(), 1.0f, st.s);
+  std::vector<float> out(groups * d);
+  finalize(st.s, out.data());
+  for (float x : out) EXPECT_FLOAT_EQ(x, 1.0f);
+  // Only -inf logits: the state stays empty and finalizes to zeros.
+  State none(groups, d);
+  std::vector<int32_t> ids = {0, 2};
+  attend_pseudo(keys.data(), values.data(), bias.data(), ids.data(), 2, q.data(), 1.0f, none.s);
+  finalize(none.s, out.data());
+  for (float x : out) EXPECT_EQ(x, 0.0f);
+}
+
+TEST(DecodeKernels, ExpAccuracy) {
+  std::mt19937 rng(13);
+  std::vector<float> x;
+  for (int i = 0; i < 200000; ++i) x.push_back(std::uniform_real_distribution<float>(-87.0f, 88.0f)(rng));
+  for (int i = 0; i < 20000; ++i) x.push_back(std::uniform_real_distribution<float>(-1.0f, 1.0f)(rng));
+  for (float v : {0.0f, -0.0f, 1.0f, -1.0f, 0.34657359f, -0.34657359f, 88.0f, -87.0f, 1e-8f, -1e-8f}) x.push_back(v);
+  std::vector<float> y = x;
+  exp_inplace(y.data(), int64_t(y.size()));
+  double worst = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    double e = std::exp(double(x[i]));
+    worst = std::max(worst, std::abs(y[i] - e) / e);
+  }
+  EXPECT_LT(worst, 2e-7);
+  EXPECT_EQ(y[x.size() - 10], 1.0f);  // e^0
+
+  // Specials, with a length that is not a multiple of 8 (the tail path).
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> s = {-inf, -1000.0f, -200.0f, -104.5f, 89.0f, 1000.0f, inf, std::nanf(""), -100.0f, 88.7f, -87.5f};
+  exp_inplace(s.data(), int64_t(s.size()));
+  EXPECT_EQ(s[0], 0.0f);
+  EXPECT_EQ(s[1], 0.0f);
+  EXPECT_EQ(s[2], 0.0f);
+  EXPECT_EQ(s[3], 0.0f);
+  EXPECT_EQ(s[4], inf);
+  EXPECT_EQ(s[5], inf);
+  EXPECT_EQ(s[6], inf);
+  EXPECT_TRUE(std::isnan(s[7]));
+  EXPECT_NEAR(s[8], std::exp(-100.0), 1e-45);  // subnormal: absolute accuracy only
+  EXPECT_NEAR(s[9], std::exp(double(88.7f)), 2e-7 * std::exp(double(88.7f)));
+  EXPECT_NEAR(s[10], std::exp(-87.5), 2e-6 * std::exp(-87.5));  // just below FLT_MIN
+}
+
+TEST(DecodeKernels, RejectsMismatchedShapes) {
+  Fixture f(DType::F32, 64, 20, 16, 3);
+  std::vector<float> q(3 * 128);
+  State wrong_dim(3, 128);
+  EXPECT_THROW(attend_range(f.view(), f.table(), 0, 0, 20, q.data(), 1.0f, wrong_dim.s), Error);
+  State ok(3, 64);
+  EXPECT_THROW(attend_range(f.view(), f.table(), 2, 0, 20, q.data(), 1.0f, ok.s), Error);
+  State a(3, 64), b(4, 64);
+  EXPECT_THROW(merge(a.s, b.s), Error);
+  EXPECT_THROW(score_rows(q.data(), nullptr, 2, q.data(), 17, 64, 1.0f, q.data()), Error);
+}
