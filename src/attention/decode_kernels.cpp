@@ -185,10 +185,9 @@ void check_view(const KVLayerView& kv, int head, const char* what) {
 }
 
 // Positions come either from a range or a list; both are resolved to row pointers a block
-// at a time, so the kernels never see the page structure.
-template <class T, class PosAt>
-void attend_cache(const KVLayerView& kv, const int32_t* page_table, int head, int64_t count, PosAt pos_at,
-                  const float* q, float scale, SoftmaxState& s) {
+// at a time, so the kernels never see the page structure. fn(krows, vrows, n, first).
+template <class T, class PosAt, class Fn>
+void for_blocks(const KVLayerView& kv, const int32_t* page_table, int head, int64_t count, PosAt pos_at, Fn fn) {
   const T* krows[kBlock];
   const T* vrows[kBlock];
   for (int64_t b = 0; b < count; b += kBlock) {
@@ -198,18 +197,29 @@ void attend_cache(const KVLayerView& kv, const int32_t* page_table, int head, in
       krows[i] = reinterpret_cast<const T*>(kv.key(page_table, head, p));
       vrows[i] = reinterpret_cast<const T*>(kv.value(page_table, head, p));
     }
-    attend_block<T>(krows, vrows, nullptr, n, q, scale, s);
+    fn(krows, vrows, n, b);
+  }
+}
+
+// Calls body(T{}) with T the storage type of the view.
+template <class Body>
+void dispatch(DType dtype, Body body) {
+  switch (dtype) {
+    case DType::F32: body(float{}); break;
+    case DType::F16: body(f16{}); break;
+    case DType::BF16: body(bf16{}); break;
   }
 }
 
 template <class PosAt>
-void dispatch_cache(const KVLayerView& kv, const int32_t* page_table, int head, int64_t count, PosAt pos_at,
-                    const float* q, float scale, SoftmaxState& s) {
-  switch (kv.dtype) {
-    case DType::F32: attend_cache<float>(kv, page_table, head, count, pos_at, q, scale, s); break;
-    case DType::F16: attend_cache<f16>(kv, page_table, head, count, pos_at, q, scale, s); break;
-    case DType::BF16: attend_cache<bf16>(kv, page_table, head, count, pos_at, q, scale, s); break;
-  }
+void attend_cache(const KVLayerView& kv, const int32_t* page_table, int head, int64_t count, PosAt pos_at,
+                  const float* q, float scale, SoftmaxState& s) {
+  dispatch(kv.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    for_blocks<T>(kv, page_table, head, count, pos_at, [&](const T* const* k, const T* const* v, int n, int64_t) {
+      attend_block<T>(k, v, nullptr, n, q, scale, s);
+    });
+  });
 }
 
 }  // namespace
@@ -226,7 +236,7 @@ void attend_range(const KVLayerView& kv, const int32_t* page_table, int head, in
   check_state(state, kv.head_dim, "attend_range");
   check_view(kv, head, "attend_range");
   MP_CHECK(begin >= 0, "attend_range: begin {} must be >= 0", begin);
-  dispatch_cache(kv, page_table, head, end - begin, [begin](int64_t i) { return begin + i; }, q, scale, state);
+  attend_cache(kv, page_table, head, end - begin, [begin](int64_t i) { return begin + i; }, q, scale, state);
 }
 
 void attend_positions(const KVLayerView& kv, const int32_t* page_table, int head, const int32_t* positions,
@@ -234,7 +244,7 @@ void attend_positions(const KVLayerView& kv, const int32_t* page_table, int head
   if (count <= 0) return;
   check_state(state, kv.head_dim, "attend_positions");
   check_view(kv, head, "attend_positions");
-  dispatch_cache(kv, page_table, head, count, [positions](int64_t i) { return int64_t(positions[i]); }, q, scale,
+  attend_cache(kv, page_table, head, count, [positions](int64_t i) { return int64_t(positions[i]); }, q, scale,
                  state);
 }
 
@@ -269,6 +279,22 @@ void score_rows(const float* keys, const int32_t* ids, int64_t count, const floa
     for (int i = 0; i < n; ++i) rows[i] = keys + (ids ? int64_t(ids[j0 + i]) : j0 + i) * dim;
     logits<float>(rows, n, q, groups, dim, scale, nullptr, out + j0, count);
   }
+}
+
+void score_range(const KVLayerView& kv, const int32_t* page_table, int head, int64_t begin, int64_t end,
+                 const float* q, int groups, float scale, float* out) {
+  if (end <= begin) return;
+  check_view(kv, head, "score_range");
+  MP_CHECK(groups >= 1 && groups <= kMaxGroups, "score_range: {} query heads, expected 1 to {}", groups, kMaxGroups);
+  MP_CHECK(begin >= 0, "score_range: begin {} must be >= 0", begin);
+  const int64_t count = end - begin;
+  dispatch(kv.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    for_blocks<T>(kv, page_table, head, count, [begin](int64_t i) { return begin + i; },
+                  [&](const T* const* k, const T* const*, int n, int64_t first) {
+                    logits<T>(k, n, q, groups, kv.head_dim, scale, nullptr, out + first, count);
+                  });
+  });
 }
 
 void merge(SoftmaxState& into, const SoftmaxState& other) {

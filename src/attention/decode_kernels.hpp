@@ -6,6 +6,7 @@
 // A state for G query heads holds, per head g: running max m[g], sum l[g] = sum e^{x - m},
 // and o[g][d] = sum e^{x - m} v. Logits x are scale * q.k (+ bias for pseudo-tokens).
 #include <cstdint>
+#include <vector>
 
 #include "multipole/kv/paged_kv_cache.hpp"
 
@@ -41,6 +42,27 @@ void attend_pseudo(const float* keys, const float* values, const float* bias, co
 //   q: [G, d], keys: [C, d] f32, ids: [count] or nullptr (0..count-1), out: [G, count]
 void score_rows(const float* keys, const int32_t* ids, int64_t count, const float* q, int groups, int dim,
                 float scale, float* out);
+
+// Exact logits of cached keys: out[g * (end - begin) + i] = scale * q_g . k_{begin + i}.
+//   q: [G, d], out: [G, end - begin]
+void score_range(const KVLayerView& kv, const int32_t* page_table, int head, int64_t begin, int64_t end,
+                 const float* q, int groups, float scale, float* out);
+
+// A SoftmaxState that owns its buffers; resize() allocates only when the shape grows.
+class OwnedState {
+ public:
+  SoftmaxState& resize(int groups, int dim) {
+    size_t need = size_t(groups) * (size_t(dim) + 2);
+    if (buffer_.size() < need) buffer_.resize(need);
+    state_ = SoftmaxState{groups, dim, buffer_.data(), buffer_.data() + groups, buffer_.data() + 2 * groups};
+    return state_;
+  }
+  SoftmaxState& get() { return state_; }
+
+ private:
+  std::vector<float> buffer_;
+  SoftmaxState state_;
+};
 
 // into <- log-sum-exp merge of into and other (same G, d).
 void merge(SoftmaxState& into, const SoftmaxState& other);

@@ -347,3 +347,24 @@ TEST(DecodeKernels, RejectsMismatchedShapes) {
   EXPECT_THROW(merge(a.s, b.s), Error);
   EXPECT_THROW(score_rows(q.data(), nullptr, 2, q.data(), 17, 64, 1.0f, q.data()), Error);
 }
+
+TEST(DecodeKernels, ScoreRangeMatchesNaive) {
+  std::mt19937 rng(17);
+  for (DType t : kTypes)
+    for (int d : {64, 48}) {
+      const int64_t len = 300;
+      Fixture f(t, d, len, 16, uint32_t(d + 1));
+      for (int groups : {1, 5, 8, 16}) {
+        auto q = random_q(groups, d, 1.0f, rng);
+        const int64_t b = 7, e = 290, n = e - b;
+        std::vector<float> out(size_t(groups) * n);
+        score_range(f.view(), f.table(), 1, b, e, q.data(), groups, 0.2f, out.data());
+        for (int g = 0; g < groups; ++g)
+          for (int64_t i = 0; i < n; ++i) {
+            double dot = 0;
+            for (int c = 0; c < d; ++c) dot += double(q[g * d + c]) * f.keys[1][(b + i) * d + c];
+            ASSERT_NEAR(out[g * n + i], 0.2 * dot, 1e-5 * (1 + std::abs(0.2 * dot)));
+          }
+      }
+    }
+}

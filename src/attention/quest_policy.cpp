@@ -1,0 +1,207 @@
+// Quest (Tang et al. 2024) as a baseline: the middle region is cut into pages of
+// quest_page_size tokens starting at position `sinks`; each page keeps the per-channel
+// min and max of its (post-RoPE) keys. A page's bound for query head g is
+// sum_c max(q_c min_c, q_c max_c) >= q.k of every key in it; the group scores a page by the
+// max bound over its heads and attends the top floor(budget / page) pages exactly, with the
+// sinks and the local window.
+//
+// Selection rule (the tests re-implement it): candidates are the full pages of the middle
+// region plus its partial last page if any (fewer tokens, so the budget still holds); the
+// top min(candidates, floor(budget / page)) by score, ties to the lower page index.
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <unordered_map>
+
+#include "attention/cpu_decode_common.hpp"
+#include "attention/policies.hpp"
+#include "attention/simd_avx2.hpp"
+
+namespace multipole {
+
+namespace {
+
+class QuestPolicy final : public AttentionPolicy {
+ public:
+  explicit QuestPolicy(const AttentionConfig& config) : AttentionPolicy(config) {}
+  std::string_view name() const override { return "quest"; }
+
+  void forget(SeqId seq) override { seqs_.erase(seq); }
+
+  void update(const PagedKVCache& cache, int layer, std::span<const SeqId> seqs, ThreadPool& pool) override {
+    const auto& kc = cache.config();
+    MP_CHECK(kc.num_kv_heads == config_.num_kv_heads && kc.head_dim == config_.head_dim,
+             "quest: cache shape ({} KV heads, head_dim {}) differs from the config's ({}, {})", kc.num_kv_heads,
+             kc.head_dim, config_.num_kv_heads, config_.head_dim);
+    MP_CHECK(layer >= 0 && layer < kc.num_layers, "quest: layer {} out of range [0, {})", layer, kc.num_layers);
+    const int heads = config_.num_kv_heads, d = config_.head_dim, P = config_.quest_page_size;
+    // Bookkeeping and allocation first, serially; the parallel part only fills bounds.
+    jobs_.clear();
+    for (size_t b = 0; b < seqs.size(); ++b) {
+      auto& layers = seqs_[seqs[b]];
+      if (layers.empty()) layers.resize(size_t(kc.num_layers));
+      Summary& s = layers[size_t(layer)];
+      if (s.bounds.empty()) s.bounds.resize(size_t(heads));
+      const Region r = region(cache.length(seqs[b]));
+      MP_CHECK(r.full >= s.full_pages,
+               "quest: sequence {} shrank below its {} summarised pages; call forget() when a sequence is freed",
+               seqs[b], s.full_pages);
+      const int64_t slots = r.full + (r.tail > 0);
+      for (auto& v : s.bounds) cpu::grow(v, size_t(slots) * 2 * d);
+      jobs_.push_back({seqs[b], &s, s.full_pages, r});
+      s.full_pages = r.full;
+      s.tail_tokens = r.tail;
+    }
+    scratch_.ensure(pool.size());
+    pool.parallel_for(int64_t(jobs_.size()) * heads, [&](int64_t task, int thread) {
+      const Job& job = jobs_[size_t(task / heads)];
+      const int h = int(task % heads);
+      float* keys = cpu::grow(scratch_[thread].keys, size_t(P) * d);
+      float* bounds = job.summary->bounds[size_t(h)].data();
+      // New full pages, then the partial last page (recomputed: it is < one page).
+      auto summarise = [&](int64_t page, int64_t n) {
+        cache.read_keys(job.seq, layer, h, job.region.sinks + page * P, n, keys);
+        float* lo = bounds + page * 2 * d;
+        float* hi = lo + d;
+        std::copy(keys, keys + d, lo);
+        std::copy(keys, keys + d, hi);
+        for (int64_t t = 1; t < n; ++t)
+          for (int c = 0; c < d; ++c) {
+            lo[c] = std::min(lo[c], keys[t * d + c]);
+            hi[c] = std::max(hi[c], keys[t * d + c]);
+          }
+      };
+      for (int64_t page = job.first_new; page < job.region.full; ++page) summarise(page, P);
+      if (job.region.tail > 0) summarise(job.region.full, job.region.tail);
+    });
+  }
+
+  void decode(const PagedKVCache& cache, int layer, std::span<const SeqId> seqs, const float* q, float* out,
+              ThreadPool& pool) override {
+    cpu::check_decode_args(name(), config_, cache, layer, seqs, q, out);
+    const int heads = config_.num_kv_heads, G = config_.group_size(), d = config_.head_dim, P = config_.quest_page_size;
+    const KVLayerView kv = cache.layer_view(layer);
+    const float scale = config_.softmax_scale();
+    const int64_t max_pages = config_.budget / P;
+
+    summaries_.resize(seqs.size());
+    for (size_t b = 0; b < seqs.size(); ++b) {
+      const Region r = region(cache.length(seqs[b]));
+      summaries_[b] = nullptr;
+      if (r.full + r.tail == 0) continue;
+      auto it = seqs_.find(seqs[b]);
+      const Summary* s = it == seqs_.end() || it->second.empty() ? nullptr : &it->second[size_t(layer)];
+      MP_CHECK(s && s->full_pages == r.full && s->tail_tokens == r.tail,
+               "quest: sequence {} layer {} is not indexed up to its {} middle tokens; call update() before decode()",
+               seqs[b], layer, r.full * P + r.tail);
+      summaries_[b] = s;
+    }
+    scratch_.ensure(pool.size());
+    stats_parts_.assign(size_t(pool.size()), DecodeStats{});
+
+    pool.parallel_for(int64_t(seqs.size()) * heads, [&](int64_t task, int thread) {
+      const int64_t b = task / heads;
+      const int h = int(task % heads);
+      Scratch& sc = scratch_[thread];
+      DecodeStats& st = stats_parts_[size_t(thread)];
+      const int64_t len = cache.length(seqs[b]);
+      const Region r = region(len);
+      const int64_t candidates = r.full + (r.tail > 0);
+      const float* qg = q + (b * config_.num_q_heads + int64_t(h) * G) * d;
+
+      int32_t* chosen = cpu::grow(sc.pages, size_t(candidates));
+      int64_t picked = candidates;
+      std::iota(chosen, chosen + candidates, 0);
+      if (candidates > max_pages) {
+        float* score = cpu::grow(sc.scores, size_t(candidates));
+        score_pages(summaries_[b]->bounds[size_t(h)].data(), candidates, qg, G, d, score);
+        std::nth_element(chosen, chosen + max_pages, chosen + candidates, [score](int32_t a, int32_t c) {
+          return score[a] > score[c] || (score[a] == score[c] && a < c);
+        });
+        picked = max_pages;
+        std::sort(chosen, chosen + picked);
+        st.centroids_scored += candidates;
+        st.bytes_read += candidates * 2 * d * int64_t(sizeof(float));
+      }
+      int32_t* sel = cpu::grow(sc.selected, size_t(picked) * P);
+      int64_t n = 0;
+      for (int64_t i = 0; i < picked; ++i) {
+        const int64_t begin = r.sinks + int64_t(chosen[i]) * P, end = std::min(begin + P, r.middle_end);
+        for (int64_t p = begin; p < end; ++p) sel[n++] = int32_t(p);
+      }
+      kernels::SoftmaxState& state = sc.state.resize(G, d);
+      state.reset();
+      const int64_t exact = cpu::attend_sparse(kv, cache.page_table(seqs[b]).data(), h, r.sinks, r.middle_end, len,
+                                               {sel, size_t(n)}, qg, scale, state, sc.positions);
+      kernels::finalize(state, out + (b * config_.num_q_heads + int64_t(h) * G) * d);
+      st.exact_tokens += exact;
+      st.selected_tokens += n;
+      st.bytes_read += exact * 2 * kv.token_bytes;
+    });
+    stats_ = cpu::sum_stats(stats_parts_);
+  }
+
+ private:
+  struct Region {
+    int64_t sinks, middle_end, full, tail;  // full pages and tokens of the partial last page
+  };
+  Region region(int64_t length) const {
+    Region r;
+    r.sinks = std::min<int64_t>(config_.cluster.sinks, length);
+    r.middle_end = config_.middle_end(length);
+    const int64_t tokens = r.middle_end - r.sinks;
+    r.full = tokens / config_.quest_page_size;
+    r.tail = tokens % config_.quest_page_size;
+    return r;
+  }
+
+  // score[i] = max_g sum_c max(q_gc lo_ic, q_gc hi_ic) for pages i of bounds [pages][lo|hi][d].
+  static void score_pages(const float* bounds, int64_t pages, const float* q, int G, int d, float* score) {
+    for (int64_t i = 0; i < pages; ++i) {
+      const float* lo = bounds + i * 2 * d;
+      const float* hi = lo + d;
+      float best = -std::numeric_limits<float>::infinity();
+      for (int g = 0; g < G; ++g) {
+        const float* qg = q + int64_t(g) * d;
+        __m256 acc = _mm256_setzero_ps();
+        for (int c = 0; c < d; c += 8) {
+          __m256 qc = _mm256_loadu_ps(qg + c);
+          acc = _mm256_add_ps(acc, _mm256_max_ps(_mm256_mul_ps(qc, _mm256_loadu_ps(lo + c)),
+                                                 _mm256_mul_ps(qc, _mm256_loadu_ps(hi + c))));
+        }
+        best = std::max(best, simd::hsum(acc));
+      }
+      score[i] = best;
+    }
+  }
+
+  struct Summary {
+    int64_t full_pages = 0;
+    int64_t tail_tokens = 0;
+    std::vector<std::vector<float>> bounds;  // per KV head: [pages (+1 partial), 2, d]
+  };
+  struct Job {
+    SeqId seq;
+    Summary* summary;
+    int64_t first_new;
+    Region region;
+  };
+  struct Scratch {
+    std::vector<float> keys, scores;
+    std::vector<int32_t> pages, selected, positions;
+    kernels::OwnedState state;
+  };
+  std::unordered_map<SeqId, std::vector<Summary>> seqs_;  // per sequence, per layer
+  std::vector<Job> jobs_;
+  std::vector<const Summary*> summaries_;
+  std::vector<DecodeStats> stats_parts_;
+  cpu::PerThread<Scratch> scratch_;
+};
+
+}  // namespace
+
+std::unique_ptr<AttentionPolicy> make_quest_policy(const AttentionConfig& config) {
+  return std::make_unique<QuestPolicy>(config);
+}
+
+}  // namespace multipole
