@@ -21,15 +21,35 @@ constexpr int kBlock = 64;
 constexpr int kMaxGroups = 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// Software prefetch (into L2) of the next block's K/V rows, spread over the tokens of the
+// current block: the rows of one KV head are 4 KB runs scattered over the page pool, which
+// the hardware prefetchers do not follow across page boundaries.
+template <class T>
+struct Prefetch {
+  const T* const* k = nullptr;  // [n] rows of row_bytes
+  const T* const* v = nullptr;  // [n] rows, or nullptr
+  int n = 0;
+  int row_bytes = 0;
+  void token(int t) const {
+    if (t >= n) return;
+    for (int b = 0; b < row_bytes; b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(k[t]) + b, _MM_HINT_T1);
+      if (v) _mm_prefetch(reinterpret_cast<const char*>(v[t]) + b, _MM_HINT_T1);
+    }
+  }
+};
+
 // Logits of NG heads for n keys; NT keys at a time so that NG*NT accumulator chains hide
 // the FMA latency when NG is small.
 //   rows: [n] pointers to keys of d elements; q: [NG, d]; out: [NG] rows of stride `ostride`
 //   bias: [n] added after scaling, or nullptr
 template <class T, int NG, int NT>
 void logits_tile(const T* const* rows, int n, const float* q, int d, float scale, const float* bias, float* out,
-                 int64_t ostride) {
+                 int64_t ostride, const Prefetch<T>& pf) {
   int t = 0;
   for (; t + NT <= n; t += NT) {
+#pragma GCC unroll 16
+    for (int j = 0; j < NT; ++j) pf.token(t + j);
     __m256 acc[NT][NG];
 #pragma GCC unroll 16
     for (int j = 0; j < NT; ++j)
@@ -58,13 +78,23 @@ void logits_tile(const T* const* rows, int n, const float* q, int d, float scale
     }
   }
   if constexpr (NT > 1) {
-    if (t < n) logits_tile<T, NG, 1>(rows + t, n - t, q, d, scale, bias ? bias + t : nullptr, out + t, ostride);
+    if (t < n) {
+      Prefetch<T> rest = pf;
+      if (rest.n > t) {
+        rest.k += t;
+        rest.v = rest.v ? rest.v + t : nullptr;
+        rest.n -= t;
+      } else {
+        rest.n = 0;
+      }
+      logits_tile<T, NG, 1>(rows + t, n - t, q, d, scale, bias ? bias + t : nullptr, out + t, ostride, rest);
+    }
   }
 }
 
 template <class T>
 void logits(const T* const* rows, int n, const float* q, int groups, int d, float scale, const float* bias, float* out,
-            int64_t ostride) {
+            int64_t ostride, const Prefetch<T>& prefetch = {}) {
   // Heads are processed in tiles of at most 8 so the accumulators stay in registers; the
   // second tile re-reads the keys from L1.
   int tile = groups <= 8 ? groups : (groups + 1) / 2;
@@ -72,15 +102,16 @@ void logits(const T* const* rows, int n, const float* q, int groups, int d, floa
     int ng = std::min(tile, groups - g0);
     const float* qt = q + int64_t(g0) * d;
     float* ot = out + g0 * ostride;
+    const Prefetch<T> pf = g0 == 0 ? prefetch : Prefetch<T>{};  // once per block
     switch (ng) {
-      case 1: logits_tile<T, 1, 4>(rows, n, qt, d, scale, bias, ot, ostride); break;
-      case 2: logits_tile<T, 2, 2>(rows, n, qt, d, scale, bias, ot, ostride); break;
-      case 3: logits_tile<T, 3, 2>(rows, n, qt, d, scale, bias, ot, ostride); break;
-      case 4: logits_tile<T, 4, 2>(rows, n, qt, d, scale, bias, ot, ostride); break;
-      case 5: logits_tile<T, 5, 1>(rows, n, qt, d, scale, bias, ot, ostride); break;
-      case 6: logits_tile<T, 6, 1>(rows, n, qt, d, scale, bias, ot, ostride); break;
-      case 7: logits_tile<T, 7, 1>(rows, n, qt, d, scale, bias, ot, ostride); break;
-      default: logits_tile<T, 8, 1>(rows, n, qt, d, scale, bias, ot, ostride); break;
+      case 1: logits_tile<T, 1, 4>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
+      case 2: logits_tile<T, 2, 2>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
+      case 3: logits_tile<T, 3, 2>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
+      case 4: logits_tile<T, 4, 2>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
+      case 5: logits_tile<T, 5, 1>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
+      case 6: logits_tile<T, 6, 1>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
+      case 7: logits_tile<T, 7, 1>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
+      default: logits_tile<T, 8, 1>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
     }
   }
 }
@@ -165,9 +196,9 @@ void softmax_step(float* x, int n, SoftmaxState& s) {
 // One block of n <= kBlock keys/values (f32 q, K/V rows of type T).
 template <class T>
 void attend_block(const T* const* krows, const T* const* vrows, const float* bias, int n, const float* q, float scale,
-                  SoftmaxState& s) {
+                  SoftmaxState& s, const Prefetch<T>& prefetch = {}) {
   alignas(32) float x[kMaxGroups * kBlock];
-  logits(krows, n, q, s.groups, s.dim, scale, bias, x, kBlock);
+  logits(krows, n, q, s.groups, s.dim, scale, bias, x, kBlock, prefetch);
   softmax_step(x, n, s);
   pv(vrows, n, x, s.groups, s.dim, s.o);
 }
@@ -185,19 +216,29 @@ void check_view(const KVLayerView& kv, int head, const char* what) {
 }
 
 // Positions come either from a range or a list; both are resolved to row pointers a block
-// at a time, so the kernels never see the page structure. fn(krows, vrows, n, first).
+// at a time, so the kernels never see the page structure. The next block's rows are
+// resolved before the current block runs, so that it can prefetch them.
+// fn(krows, vrows, n, first, prefetch).
 template <class T, class PosAt, class Fn>
 void for_blocks(const KVLayerView& kv, const int32_t* page_table, int head, int64_t count, PosAt pos_at, Fn fn) {
-  const T* krows[kBlock];
-  const T* vrows[kBlock];
-  for (int64_t b = 0; b < count; b += kBlock) {
+  const T* krows[2][kBlock];
+  const T* vrows[2][kBlock];
+  auto resolve = [&](int64_t b, int buf) {
     int n = int(std::min<int64_t>(kBlock, count - b));
     for (int i = 0; i < n; ++i) {
       int64_t p = pos_at(b + i);
-      krows[i] = reinterpret_cast<const T*>(kv.key(page_table, head, p));
-      vrows[i] = reinterpret_cast<const T*>(kv.value(page_table, head, p));
+      krows[buf][i] = reinterpret_cast<const T*>(kv.key(page_table, head, p));
+      vrows[buf][i] = reinterpret_cast<const T*>(kv.value(page_table, head, p));
     }
-    fn(krows, vrows, n, b);
+    return n;
+  };
+  int n = resolve(0, 0), cur = 0;
+  for (int64_t b = 0; b < count; b += kBlock) {
+    const int next_n = b + kBlock < count ? resolve(b + kBlock, cur ^ 1) : 0;
+    const Prefetch<T> pf{krows[cur ^ 1], vrows[cur ^ 1], next_n, int(kv.token_bytes)};
+    fn(krows[cur], vrows[cur], n, b, pf);
+    n = next_n;
+    cur ^= 1;
   }
 }
 
@@ -216,9 +257,10 @@ void attend_cache(const KVLayerView& kv, const int32_t* page_table, int head, in
                   const float* q, float scale, SoftmaxState& s) {
   dispatch(kv.dtype, [&](auto tag) {
     using T = decltype(tag);
-    for_blocks<T>(kv, page_table, head, count, pos_at, [&](const T* const* k, const T* const* v, int n, int64_t) {
-      attend_block<T>(k, v, nullptr, n, q, scale, s);
-    });
+    for_blocks<T>(kv, page_table, head, count, pos_at,
+                  [&](const T* const* k, const T* const* v, int n, int64_t, const Prefetch<T>& pf) {
+                    attend_block<T>(k, v, nullptr, n, q, scale, s, pf);
+                  });
   });
 }
 
@@ -237,6 +279,48 @@ void attend_range(const KVLayerView& kv, const int32_t* page_table, int head, in
   check_view(kv, head, "attend_range");
   MP_CHECK(begin >= 0, "attend_range: begin {} must be >= 0", begin);
   attend_cache(kv, page_table, head, end - begin, [begin](int64_t i) { return begin + i; }, q, scale, state);
+}
+
+void attend_range_all_heads(const KVLayerView& kv, const int32_t* page_table, int64_t begin, int64_t end,
+                            const float* q, float scale, SoftmaxState* states) {
+  if (end <= begin) return;
+  const int H = kv.num_kv_heads;
+  for (int h = 0; h < H; ++h) check_state(states[h], kv.head_dim, "attend_range_all_heads");
+  MP_CHECK(begin >= 0, "attend_range_all_heads: begin {} must be >= 0", begin);
+  dispatch(kv.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    // Items (block, head), head inner; the next item's rows are resolved (and prefetched)
+    // while the current one runs.
+    const T* krows[2][kBlock];
+    const T* vrows[2][kBlock];
+    auto resolve = [&](int64_t b, int h, int buf) {
+      const int n = int(std::min<int64_t>(kBlock, end - b));
+      for (int i = 0; i < n; ++i) {
+        krows[buf][i] = reinterpret_cast<const T*>(kv.key(page_table, h, b + i));
+        vrows[buf][i] = reinterpret_cast<const T*>(kv.value(page_table, h, b + i));
+      }
+      return n;
+    };
+    int64_t b = begin;
+    int h = 0, cur = 0, n = resolve(b, h, cur);
+    for (;;) {
+      int64_t nb = b;
+      int nh = h + 1;
+      if (nh == H) {
+        nh = 0;
+        nb += kBlock;
+      }
+      const int next_n = nb < end ? resolve(nb, nh, cur ^ 1) : 0;
+      const SoftmaxState& s = states[h];
+      attend_block<T>(krows[cur], vrows[cur], nullptr, n, q + int64_t(h) * s.groups * s.dim, scale, states[h],
+                      Prefetch<T>{krows[cur ^ 1], vrows[cur ^ 1], next_n, int(kv.token_bytes)});
+      if (next_n == 0) break;
+      b = nb;
+      h = nh;
+      n = next_n;
+      cur ^= 1;
+    }
+  });
 }
 
 void attend_positions(const KVLayerView& kv, const int32_t* page_table, int head, const int32_t* positions,
@@ -291,8 +375,10 @@ void score_range(const KVLayerView& kv, const int32_t* page_table, int head, int
   dispatch(kv.dtype, [&](auto tag) {
     using T = decltype(tag);
     for_blocks<T>(kv, page_table, head, count, [begin](int64_t i) { return begin + i; },
-                  [&](const T* const* k, const T* const*, int n, int64_t first) {
-                    logits<T>(k, n, q, groups, kv.head_dim, scale, nullptr, out + first, count);
+                  [&](const T* const* k, const T* const*, int n, int64_t first, const Prefetch<T>& pf) {
+                    // Only the keys are read: prefetch those alone.
+                    logits<T>(k, n, q, groups, kv.head_dim, scale, nullptr, out + first, count,
+                              Prefetch<T>{pf.k, nullptr, pf.n, pf.row_bytes});
                   });
   });
 }

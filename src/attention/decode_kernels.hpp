@@ -26,6 +26,12 @@ struct SoftmaxState {
 void attend_range(const KVLayerView& kv, const int32_t* page_table, int head, int64_t begin, int64_t end,
                   const float* q, float scale, SoftmaxState& state);
 
+// Every KV head of positions [begin, end), heads inner: a page holds all heads' slices
+// contiguously, so this streams the cache in address order (the dense path).
+//   q: [H, G, d] (H = kv.num_kv_heads, G = states[h].groups), states: [H]
+void attend_range_all_heads(const KVLayerView& kv, const int32_t* page_table, int64_t begin, int64_t end,
+                            const float* q, float scale, SoftmaxState* states);
+
 // Keys/values at the listed positions (any order, no duplicates expected).
 //   positions: [count]
 void attend_positions(const KVLayerView& kv, const int32_t* page_table, int head, const int32_t* positions,

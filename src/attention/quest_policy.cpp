@@ -46,12 +46,14 @@ class QuestPolicy final : public AttentionPolicy {
       MP_CHECK(r.full >= s.full_pages,
                "quest: sequence {} shrank below its {} summarised pages; call forget() when a sequence is freed",
                seqs[b], s.full_pages);
+      if (r.full == s.full_pages && r.tail == s.tail_tokens) continue;  // the middle region did not move
       const int64_t slots = r.full + (r.tail > 0);
       for (auto& v : s.bounds) cpu::grow(v, size_t(slots) * 2 * d);
       jobs_.push_back({seqs[b], &s, s.full_pages, r});
       s.full_pages = r.full;
       s.tail_tokens = r.tail;
     }
+    if (jobs_.empty()) return;
     scratch_.ensure(pool.size());
     pool.parallel_for(int64_t(jobs_.size()) * heads, [&](int64_t task, int thread) {
       const Job& job = jobs_[size_t(task / heads)];

@@ -368,3 +368,22 @@ TEST(DecodeKernels, ScoreRangeMatchesNaive) {
       }
     }
 }
+
+TEST(DecodeKernels, AttendRangeAllHeadsMatchesNaive) {
+  std::mt19937 rng(19);
+  for (DType t : kTypes)
+    for (int groups : {1, 5, 8, 16}) {
+      const int d = groups == 5 ? 48 : 128;
+      const int64_t len = small_scale() ? 300 : 1100;
+      Fixture f(t, d, len, 16, uint32_t(groups * 3));
+      auto q = random_q(2 * groups, d, 2.0f, rng);  // [H=2, G, d]
+      State s0(groups, d), s1(groups, d);
+      SoftmaxState states[2] = {s0.s, s1.s};
+      const int64_t b = 3, e = len - 5;
+      attend_range_all_heads(f.view(), f.table(), b, e, q.data(), 0.1f, states);
+      for (int h = 0; h < 2; ++h)
+        expect_matches(h == 0 ? s0 : s1, f.ref(h, iota_range(b, e), q.data() + h * groups * d, groups, 0.1), 2e-5,
+                       "all heads " + std::string(dtype_name(t)) + " G=" + std::to_string(groups) + " head " +
+                           std::to_string(h));
+    }
+}
