@@ -76,4 +76,20 @@ inline int64_t attend_sparse(const KVLayerView& kv, const int32_t* page_table, i
   return n;
 }
 
+// attend_sparse for G query heads from an empty state, normalised into `out`, with the work
+// counted into `stats`.
+//   q, out: [G, d]; `state` and `positions` are the calling thread's scratch
+inline void attend_selected(const KVLayerView& kv, const int32_t* page_table, int head, int64_t sinks,
+                            int64_t middle_end, int64_t length, std::span<const int32_t> selected, const float* q,
+                            int groups, float scale, float* out, kernels::OwnedState& state,
+                            std::vector<int32_t>& positions, DecodeStats& stats) {
+  kernels::SoftmaxState& st = state.resize(groups, kv.head_dim);
+  st.reset();
+  const int64_t n = attend_sparse(kv, page_table, head, sinks, middle_end, length, selected, q, scale, st, positions);
+  kernels::finalize(st, out);
+  stats.exact_tokens += n;
+  stats.selected_tokens += int64_t(selected.size());
+  stats.bytes_read += n * 2 * kv.token_bytes;
+}
+
 }  // namespace multipole::cpu

@@ -63,18 +63,18 @@ void logits_tile(const T* const* rows, int n, const float* q, int d, float scale
         for (int g = 0; g < NG; ++g) acc[j][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + c), k, acc[j][g]);
       }
     }
+    // One transpose-add tree sums all NT*NG (<= 8) accumulators at once.
+    static_assert(NT * NG <= 8);
+    __m256 flat[8];
+#pragma GCC unroll 16
+    for (int i = 0; i < 8; ++i) flat[i] = i < NT * NG ? acc[i / NG][i % NG] : _mm256_setzero_ps();
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, _mm256_mul_ps(simd::hsum8(flat), _mm256_set1_ps(scale)));
 #pragma GCC unroll 16
     for (int j = 0; j < NT; ++j) {
       const float b = bias ? bias[t + j] : 0.0f;
-      if constexpr (NG == 8) {
-        alignas(32) float s[8];
-        _mm256_store_ps(s, simd::hsum8(acc[j]));
 #pragma GCC unroll 16
-        for (int g = 0; g < 8; ++g) out[g * ostride + t + j] = s[g] * scale + b;
-      } else {
-#pragma GCC unroll 16
-        for (int g = 0; g < NG; ++g) out[g * ostride + t + j] = simd::hsum(acc[j][g]) * scale + b;
-      }
+      for (int g = 0; g < NG; ++g) out[g * ostride + t + j] = sums[j * NG + g] + b;
     }
   }
   if constexpr (NT > 1) {
@@ -104,8 +104,8 @@ void logits(const T* const* rows, int n, const float* q, int groups, int d, floa
     float* ot = out + g0 * ostride;
     const Prefetch<T> pf = g0 == 0 ? prefetch : Prefetch<T>{};  // once per block
     switch (ng) {
-      case 1: logits_tile<T, 1, 4>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
-      case 2: logits_tile<T, 2, 2>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
+      case 1: logits_tile<T, 1, 8>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
+      case 2: logits_tile<T, 2, 4>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
       case 3: logits_tile<T, 3, 2>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
       case 4: logits_tile<T, 4, 2>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
       case 5: logits_tile<T, 5, 1>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
@@ -121,17 +121,45 @@ void logits(const T* const* rows, int n, const float* q, int groups, int d, floa
 //   rows: [n] pointers to values of d elements; p: [NG] rows of stride kBlock; o: [NG, d]
 template <class T, int NG>
 void pv_tile(const T* const* rows, int n, const float* p, int d, float* o) {
-  for (int c = 0; c < d; c += 8) {
-    __m256 acc[NG];
+  // Two slices per pass where registers allow (2 NG accumulators + 2 values + 1 broadcast
+  // <= 16): each broadcast probability then serves 16 channels.
+  constexpr int NS = NG <= 6 ? 2 : 1;
+  int c = 0;
+  for (; c + 8 * NS <= d; c += 8 * NS) {
+    __m256 acc[NS][NG];
 #pragma GCC unroll 16
-    for (int g = 0; g < NG; ++g) acc[g] = _mm256_loadu_ps(o + g * d + c);
+    for (int s = 0; s < NS; ++s)
+#pragma GCC unroll 16
+      for (int g = 0; g < NG; ++g) acc[s][g] = _mm256_loadu_ps(o + g * d + c + 8 * s);
     for (int t = 0; t < n; ++t) {
-      __m256 v = load8(rows[t] + c);
+      __m256 v[NS];
 #pragma GCC unroll 16
-      for (int g = 0; g < NG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * kBlock + t), v, acc[g]);
+      for (int s = 0; s < NS; ++s) v[s] = load8(rows[t] + c + 8 * s);
+#pragma GCC unroll 16
+      for (int g = 0; g < NG; ++g) {
+        const __m256 pg = _mm256_broadcast_ss(p + g * kBlock + t);
+#pragma GCC unroll 16
+        for (int s = 0; s < NS; ++s) acc[s][g] = _mm256_fmadd_ps(pg, v[s], acc[s][g]);
+      }
     }
 #pragma GCC unroll 16
-    for (int g = 0; g < NG; ++g) _mm256_storeu_ps(o + g * d + c, acc[g]);
+    for (int s = 0; s < NS; ++s)
+#pragma GCC unroll 16
+      for (int g = 0; g < NG; ++g) _mm256_storeu_ps(o + g * d + c + 8 * s, acc[s][g]);
+  }
+  if constexpr (NS > 1) {
+    if (c < d) {  // d % 16 == 8: the last slice alone
+      __m256 acc[NG];
+#pragma GCC unroll 16
+      for (int g = 0; g < NG; ++g) acc[g] = _mm256_loadu_ps(o + g * d + c);
+      for (int t = 0; t < n; ++t) {
+        const __m256 v = load8(rows[t] + c);
+#pragma GCC unroll 16
+        for (int g = 0; g < NG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * kBlock + t), v, acc[g]);
+      }
+#pragma GCC unroll 16
+      for (int g = 0; g < NG; ++g) _mm256_storeu_ps(o + g * d + c, acc[g]);
+    }
   }
 }
 

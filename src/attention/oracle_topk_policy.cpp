@@ -68,14 +68,8 @@ class OracleTopkPolicy final : public AttentionPolicy {
         std::sort(idx, idx + picked);
         st.bytes_read += M * kv.token_bytes;
       }
-      kernels::SoftmaxState& state = sc.state.resize(G, d);
-      state.reset();
-      const int64_t exact = cpu::attend_sparse(kv, table, h, sinks, middle_end, len, {idx, size_t(picked)}, qg, scale,
-                                               state, sc.positions);
-      kernels::finalize(state, out + (b * config_.num_q_heads + int64_t(h) * G) * d);
-      st.exact_tokens += exact;
-      st.selected_tokens += picked;
-      st.bytes_read += exact * 2 * kv.token_bytes;
+      cpu::attend_selected(kv, table, h, sinks, middle_end, len, {idx, size_t(picked)}, qg, G, scale,
+                           out + (b * config_.num_q_heads + int64_t(h) * G) * d, sc.state, sc.positions, st);
     });
     stats_ = cpu::sum_stats(stats_parts_);
   }

@@ -131,14 +131,8 @@ class QuestPolicy final : public AttentionPolicy {
         const int64_t begin = r.sinks + int64_t(chosen[i]) * P, end = std::min(begin + P, r.middle_end);
         for (int64_t p = begin; p < end; ++p) sel[n++] = int32_t(p);
       }
-      kernels::SoftmaxState& state = sc.state.resize(G, d);
-      state.reset();
-      const int64_t exact = cpu::attend_sparse(kv, cache.page_table(seqs[b]).data(), h, r.sinks, r.middle_end, len,
-                                               {sel, size_t(n)}, qg, scale, state, sc.positions);
-      kernels::finalize(state, out + (b * config_.num_q_heads + int64_t(h) * G) * d);
-      st.exact_tokens += exact;
-      st.selected_tokens += n;
-      st.bytes_read += exact * 2 * kv.token_bytes;
+      cpu::attend_selected(kv, cache.page_table(seqs[b]).data(), h, r.sinks, r.middle_end, len, {sel, size_t(n)}, qg,
+                           G, scale, out + (b * config_.num_q_heads + int64_t(h) * G) * d, sc.state, sc.positions, st);
     });
     stats_ = cpu::sum_stats(stats_parts_);
   }
