@@ -1,6 +1,7 @@
 #include "attention/decode_kernels.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -121,9 +122,10 @@ void logits(const T* const* rows, int n, const float* q, int groups, int d, floa
 //   rows: [n] pointers to values of d elements; p: [NG] rows of stride kBlock; o: [NG, d]
 template <class T, int NG>
 void pv_tile(const T* const* rows, int n, const float* p, int d, float* o) {
-  // Two slices per pass where registers allow (2 NG accumulators + 2 values + 1 broadcast
-  // <= 16): each broadcast probability then serves 16 channels.
-  constexpr int NS = NG <= 6 ? 2 : 1;
+  // Several slices per pass where registers allow (NS NG accumulators + values + a
+  // broadcast <= 16): a broadcast probability serves 8 NS channels, and small groups still
+  // have enough independent FMA chains to hide the latency.
+  constexpr int NS = NG == 1 ? 8 : NG == 2 ? 4 : NG <= 6 ? 2 : 1;
   int c = 0;
   for (; c + 8 * NS <= d; c += 8 * NS) {
     __m256 acc[NS][NG];
@@ -148,7 +150,7 @@ void pv_tile(const T* const* rows, int n, const float* p, int d, float* o) {
       for (int g = 0; g < NG; ++g) _mm256_storeu_ps(o + g * d + c + 8 * s, acc[s][g]);
   }
   if constexpr (NS > 1) {
-    if (c < d) {  // d % 16 == 8: the last slice alone
+    for (; c < d; c += 8) {  // channels left over when d is not a multiple of 8 NS
       __m256 acc[NG];
 #pragma GCC unroll 16
       for (int g = 0; g < NG; ++g) acc[g] = _mm256_loadu_ps(o + g * d + c);
@@ -243,27 +245,60 @@ void check_view(const KVLayerView& kv, int head, const char* what) {
   MP_CHECK(head >= 0 && head < kv.num_kv_heads, "{}: kv head {} out of range [0, {})", what, head, kv.num_kv_heads);
 }
 
+// Row pointers of one KV head's keys/values, without a division per token.
+template <class T>
+struct Rows {
+  const KVLayerView& kv;
+  const int32_t* table;
+  int head;
+
+  // Consecutive positions [p, p + n): one page-table lookup per page.
+  void range(int64_t p, int n, const T** k, const T** v) const {
+    int64_t page = p / kv.page_size;
+    int slot = int(p - page * kv.page_size);
+    for (int i = 0; i < n;) {
+      const int64_t base = int64_t(table[page]) * kv.page_bytes + head * kv.head_bytes;
+      for (; slot < kv.page_size && i < n; ++slot, ++i) {
+        k[i] = reinterpret_cast<const T*>(kv.keys + base + slot * kv.token_bytes);
+        v[i] = reinterpret_cast<const T*>(kv.values + base + slot * kv.token_bytes);
+      }
+      ++page;
+      slot = 0;
+    }
+  }
+  // Listed positions; a shift and a mask where the page size is a power of two.
+  void list(const int32_t* pos, int n, const T** k, const T** v) const {
+    const int ps = kv.page_size;
+    const bool pow2 = (ps & (ps - 1)) == 0;
+    const int shift = std::countr_zero(unsigned(ps));
+    for (int i = 0; i < n; ++i) {
+      const int32_t p = pos[i];
+      const int32_t page = pow2 ? p >> shift : p / ps, slot = pow2 ? p & (ps - 1) : p % ps;
+      const int64_t off = int64_t(table[page]) * kv.page_bytes + head * kv.head_bytes + slot * kv.token_bytes;
+      k[i] = reinterpret_cast<const T*>(kv.keys + off);
+      v[i] = reinterpret_cast<const T*>(kv.values + off);
+    }
+  }
+};
+
 // Positions come either from a range or a list; both are resolved to row pointers a block
 // at a time, so the kernels never see the page structure. The next block's rows are
 // resolved before the current block runs, so that it can prefetch them.
-// fn(krows, vrows, n, first, prefetch).
-template <class T, class PosAt, class Fn>
-void for_blocks(const KVLayerView& kv, const int32_t* page_table, int head, int64_t count, PosAt pos_at, Fn fn) {
+//   fill(first, n, krows, vrows) resolves items [first, first + n)
+//   fn(krows, vrows, n, first, prefetch)
+template <class T, class Fill, class Fn>
+void for_blocks(int64_t count, int row_bytes, Fill fill, Fn fn) {
   const T* krows[2][kBlock];
   const T* vrows[2][kBlock];
   auto resolve = [&](int64_t b, int buf) {
-    int n = int(std::min<int64_t>(kBlock, count - b));
-    for (int i = 0; i < n; ++i) {
-      int64_t p = pos_at(b + i);
-      krows[buf][i] = reinterpret_cast<const T*>(kv.key(page_table, head, p));
-      vrows[buf][i] = reinterpret_cast<const T*>(kv.value(page_table, head, p));
-    }
+    const int n = int(std::min<int64_t>(kBlock, count - b));
+    fill(b, n, krows[buf], vrows[buf]);
     return n;
   };
   int n = resolve(0, 0), cur = 0;
   for (int64_t b = 0; b < count; b += kBlock) {
     const int next_n = b + kBlock < count ? resolve(b + kBlock, cur ^ 1) : 0;
-    const Prefetch<T> pf{krows[cur ^ 1], vrows[cur ^ 1], next_n, int(kv.token_bytes)};
+    const Prefetch<T> pf{krows[cur ^ 1], vrows[cur ^ 1], next_n, row_bytes};
     fn(krows[cur], vrows[cur], n, b, pf);
     n = next_n;
     cur ^= 1;
@@ -280,15 +315,19 @@ void dispatch(DType dtype, Body body) {
   }
 }
 
-template <class PosAt>
-void attend_cache(const KVLayerView& kv, const int32_t* page_table, int head, int64_t count, PosAt pos_at,
-                  const float* q, float scale, SoftmaxState& s) {
+// Attends `count` cached positions; range: positions begin + i, else positions[i].
+void attend_cache(const KVLayerView& kv, const int32_t* page_table, int head, int64_t begin, const int32_t* positions,
+                  int64_t count, const float* q, float scale, SoftmaxState& s) {
   dispatch(kv.dtype, [&](auto tag) {
     using T = decltype(tag);
-    for_blocks<T>(kv, page_table, head, count, pos_at,
-                  [&](const T* const* k, const T* const* v, int n, int64_t, const Prefetch<T>& pf) {
-                    attend_block<T>(k, v, nullptr, n, q, scale, s, pf);
-                  });
+    const Rows<T> rows{kv, page_table, head};
+    auto fill = [&](int64_t i, int n, const T** k, const T** v) {
+      if (positions) rows.list(positions + i, n, k, v);
+      else rows.range(begin + i, n, k, v);
+    };
+    for_blocks<T>(count, int(kv.token_bytes), fill, [&](const T* const* k, const T* const* v, int n, int64_t, const Prefetch<T>& pf) {
+      attend_block<T>(k, v, nullptr, n, q, scale, s, pf);
+    });
   });
 }
 
@@ -306,7 +345,7 @@ void attend_range(const KVLayerView& kv, const int32_t* page_table, int head, in
   check_state(state, kv.head_dim, "attend_range");
   check_view(kv, head, "attend_range");
   MP_CHECK(begin >= 0, "attend_range: begin {} must be >= 0", begin);
-  attend_cache(kv, page_table, head, end - begin, [begin](int64_t i) { return begin + i; }, q, scale, state);
+  attend_cache(kv, page_table, head, begin, nullptr, end - begin, q, scale, state);
 }
 
 void attend_range_all_heads(const KVLayerView& kv, const int32_t* page_table, int64_t begin, int64_t end,
@@ -323,10 +362,7 @@ void attend_range_all_heads(const KVLayerView& kv, const int32_t* page_table, in
     const T* vrows[2][kBlock];
     auto resolve = [&](int64_t b, int h, int buf) {
       const int n = int(std::min<int64_t>(kBlock, end - b));
-      for (int i = 0; i < n; ++i) {
-        krows[buf][i] = reinterpret_cast<const T*>(kv.key(page_table, h, b + i));
-        vrows[buf][i] = reinterpret_cast<const T*>(kv.value(page_table, h, b + i));
-      }
+      Rows<T>{kv, page_table, h}.range(b, n, krows[buf], vrows[buf]);
       return n;
     };
     int64_t b = begin;
@@ -356,8 +392,7 @@ void attend_positions(const KVLayerView& kv, const int32_t* page_table, int head
   if (count <= 0) return;
   check_state(state, kv.head_dim, "attend_positions");
   check_view(kv, head, "attend_positions");
-  attend_cache(kv, page_table, head, count, [positions](int64_t i) { return int64_t(positions[i]); }, q, scale,
-                 state);
+  attend_cache(kv, page_table, head, 0, positions, count, q, scale, state);
 }
 
 void attend_pseudo(const float* keys, const float* values, const float* bias, const int32_t* ids, int64_t count,
@@ -402,8 +437,9 @@ void score_range(const KVLayerView& kv, const int32_t* page_table, int head, int
   const int64_t count = end - begin;
   dispatch(kv.dtype, [&](auto tag) {
     using T = decltype(tag);
-    for_blocks<T>(kv, page_table, head, count, [begin](int64_t i) { return begin + i; },
-                  [&](const T* const* k, const T* const*, int n, int64_t first, const Prefetch<T>& pf) {
+    const Rows<T> rows{kv, page_table, head};
+    auto fill = [&](int64_t i, int n, const T** k, const T** v) { rows.range(begin + i, n, k, v); };
+    for_blocks<T>(count, int(kv.token_bytes), fill, [&](const T* const* k, const T* const*, int n, int64_t first, const Prefetch<T>& pf) {
                     // Only the keys are read: prefetch those alone.
                     logits<T>(k, n, q, groups, kv.head_dim, scale, nullptr, out + first, count,
                               Prefetch<T>{pf.k, nullptr, pf.n, pf.row_bytes});
