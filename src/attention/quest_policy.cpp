@@ -15,7 +15,6 @@
 
 #include "attention/cpu_decode_common.hpp"
 #include "attention/policies.hpp"
-#include "attention/simd_avx2.hpp"
 
 namespace multipole {
 
@@ -115,8 +114,9 @@ class QuestPolicy final : public AttentionPolicy {
       int64_t picked = candidates;
       std::iota(chosen, chosen + candidates, 0);
       if (candidates > max_pages) {
-        float* score = cpu::grow(sc.scores, size_t(candidates));
-        score_pages(summaries_[b]->bounds[size_t(h)].data(), candidates, qg, G, d, score);
+        float* score = cpu::grow(sc.scores, size_t(candidates) * (G + 1));
+        score_pages(summaries_[b]->bounds[size_t(h)].data(), candidates, qg, G, d, cpu::grow(sc.qsplit, size_t(G) * 2 * d),
+                    score + candidates, score);
         std::nth_element(chosen, chosen + max_pages, chosen + candidates, [score](int32_t a, int32_t c) {
           return score[a] > score[c] || (score[a] == score[c] && a < c);
         });
@@ -152,23 +152,20 @@ class QuestPolicy final : public AttentionPolicy {
   }
 
   // score[i] = max_g sum_c max(q_gc lo_ic, q_gc hi_ic) for pages i of bounds [pages][lo|hi][d].
-  static void score_pages(const float* bounds, int64_t pages, const float* q, int G, int d, float* score) {
-    for (int64_t i = 0; i < pages; ++i) {
-      const float* lo = bounds + i * 2 * d;
-      const float* hi = lo + d;
-      float best = -std::numeric_limits<float>::infinity();
-      for (int g = 0; g < G; ++g) {
-        const float* qg = q + int64_t(g) * d;
-        __m256 acc = _mm256_setzero_ps();
-        for (int c = 0; c < d; c += 8) {
-          __m256 qc = _mm256_loadu_ps(qg + c);
-          acc = _mm256_add_ps(acc, _mm256_max_ps(_mm256_mul_ps(qc, _mm256_loadu_ps(lo + c)),
-                                                 _mm256_mul_ps(qc, _mm256_loadu_ps(hi + c))));
-        }
-        best = std::max(best, simd::hsum(acc));
+  // As lo <= hi, max(q lo, q hi) = min(q, 0) lo + max(q, 0) hi: a dot product of the page's
+  // [lo | hi] with [min(q, 0) | max(q, 0)], which the logit kernel computes.
+  //   q: [G, d]; qsplit: scratch [G, 2d]; all: scratch [G, pages]
+  static void score_pages(const float* bounds, int64_t pages, const float* q, int G, int d, float* qsplit, float* all,
+                          float* score) {
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < d; ++c) {
+        qsplit[g * 2 * d + c] = std::min(q[g * d + c], 0.0f);
+        qsplit[g * 2 * d + d + c] = std::max(q[g * d + c], 0.0f);
       }
-      score[i] = best;
-    }
+    kernels::score_rows(bounds, nullptr, pages, qsplit, G, 2 * d, 1.0f, all);
+    std::copy(all, all + pages, score);
+    for (int g = 1; g < G; ++g)
+      for (int64_t i = 0; i < pages; ++i) score[i] = std::max(score[i], all[g * pages + i]);
   }
 
   struct Summary {
@@ -183,7 +180,7 @@ class QuestPolicy final : public AttentionPolicy {
     Region region;
   };
   struct Scratch {
-    std::vector<float> keys, scores;
+    std::vector<float> keys, scores, qsplit;
     std::vector<int32_t> pages, selected, positions;
     kernels::OwnedState state;
   };
