@@ -18,10 +18,12 @@ bool is_float_type(QuantType t) {
   return t == QuantType::F32 || t == QuantType::F16 || t == QuantType::BF16;
 }
 
-float load_f16(const uint8_t* p) {
+// Inline F16C conversion: f16_to_f32 lives in another translation unit, and a call per
+// block costs more than the block's arithmetic.
+inline float load_f16(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, 2);
-  return f16_to_f32(bits);
+  return _cvtsh_ss(bits);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -168,6 +170,7 @@ struct XView {
   const int8_t* q = nullptr;   // quantised activations (quantised weight types)
   const float* d = nullptr;
   const int16_t* s = nullptr;
+  const float* ds = nullptr;   // d * sum of q per block of 32
   const float* f = nullptr;    // f32 activations (F32/F16/BF16 weights)
 };
 using DotFn = void (*)(const uint8_t* row, int64_t cols, const XView* xs, float* out);
@@ -208,26 +211,26 @@ inline __m256i q5_high_bits(const uint8_t* p) {
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
-// Per activation row: a vector of partial sums plus a scalar term for weight offsets.
+// Per activation row: vectors of partial sums plus a scalar term for weight offsets. Even
+// and odd blocks go to separate vectors so that consecutive FMAs do not wait on each other.
 template <int NV>
 struct Accum {
-  __m256 v[NV];
+  __m256 v[2][NV];
   float c[NV];
   Accum() {
     for (int i = 0; i < NV; ++i) {
-      v[i] = _mm256_setzero_ps();
+      v[0][i] = v[1][i] = _mm256_setzero_ps();
       c[i] = 0.f;
     }
   }
-  void add(int i, __m256i isum, float scale) {
-    v[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(scale), v[i]);
+  void add(int64_t block, int i, __m256i isum, float scale) {
+    __m256& a = v[block & 1][i];
+    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(scale), a);
   }
   void store(float* out) const {
-    for (int i = 0; i < NV; ++i) out[i] = hsum(v[i]) + c[i];
+    for (int i = 0; i < NV; ++i) out[i] = hsum(_mm256_add_ps(v[0][i], v[1][i])) + c[i];
   }
 };
-
-inline float block_sum(const XView& x, int64_t b) { return float(int(x.s[2 * b]) + int(x.s[2 * b + 1])); }
 
 // Q4_0 / Q5_0: sum d (q - off) dx qx = d dx (sum q qx - off sum qx).
 // Q4_1 / Q5_1: sum (d q + m) dx qx = d dx sum q qx + m dx sum qx.
@@ -246,11 +249,11 @@ void dot_q4q5(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
     const float m = has_min ? load_f16(row + 2) : 0.f;
     for (int i = 0; i < NV; ++i) {
       const float dx = xs[i].d[b];
-      acc.add(i, dot_u8_s8(w, load32(xs[i].q + 32 * b)), d * dx);
+      acc.add(b, i, dot_u8_s8(w, load32(xs[i].q + 32 * b)), d * dx);
       if constexpr (has_min)
-        acc.c[i] += m * dx * block_sum(xs[i], b);
+        acc.c[i] += m * xs[i].ds[b];
       else
-        acc.c[i] -= offset * d * dx * block_sum(xs[i], b);
+        acc.c[i] -= offset * d * xs[i].ds[b];
     }
   }
   acc.store(out);
@@ -262,7 +265,7 @@ void dot_q8_0(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
   for (int64_t b = 0; b < cols / 32; ++b, row += 34) {
     const float d = load_f16(row);
     const __m256i w = load32(row + 2);
-    for (int i = 0; i < NV; ++i) acc.add(i, dot_s8_s8(w, load32(xs[i].q + 32 * b)), d * xs[i].d[b]);
+    for (int i = 0; i < NV; ++i) acc.add(b, i, dot_s8_s8(w, load32(xs[i].q + 32 * b)), d * xs[i].d[b]);
   }
   acc.store(out);
 }
@@ -291,8 +294,8 @@ void dot_q45_k(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
         const int64_t b = 8 * sb + j;
         for (int i = 0; i < NV; ++i) {
           const float dx = xs[i].d[b];
-          acc.add(i, dot_u8_s8(w, load32(xs[i].q + 32 * b)), dj * dx);
-          acc.c[i] -= mj * dx * block_sum(xs[i], b);
+          acc.add(b, i, dot_u8_s8(w, load32(xs[i].q + 32 * b)), dj * dx);
+          acc.c[i] -= mj * xs[i].ds[b];
         }
       }
     }
@@ -322,7 +325,7 @@ void dot_q6_k(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
         for (int i = 0; i < NV; ++i) {
           const float dd = d * xs[i].d[b];
           const __m256i pairs = _mm256_maddubs_epi16(w, load32(xs[i].q + 32 * b));
-          acc.add(i, _mm256_madd_epi16(pairs, sv), dd);
+          acc.add(b, i, _mm256_madd_epi16(pairs, sv), dd);
           acc.c[i] -= 32.f * dd * float(s0 * xs[i].s[2 * b] + s1 * xs[i].s[2 * b + 1]);
         }
       }
@@ -476,6 +479,7 @@ void Q8Activations::quantize(const float* x, int64_t rows, int64_t cols) {
   q_.resize(size_t(rows * cols));
   d_.resize(size_t(rows * cols / 32));
   sums_.resize(size_t(rows * cols / 16));
+  dsum_.resize(size_t(rows * cols / 32));
   const __m256 sign = _mm256_set1_ps(-0.f), inf = _mm256_set1_ps(INFINITY);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t b = 0; b < rows * cols / 32; ++b) {
@@ -511,6 +515,7 @@ void Q8Activations::quantize(const float* x, int64_t rows, int64_t cols) {
       for (int k = 0; k < 16; ++k) s += qb[16 * h + k];
       sums_[size_t(2 * b + h)] = int16_t(s);
     }
+    dsum_[size_t(b)] = d * float(sums_[size_t(2 * b)] + sums_[size_t(2 * b + 1)]);
   }
 }
 
@@ -518,7 +523,7 @@ float dot_row(QuantType t, const void* row, const Q8Activations& x, int64_t xrow
   MP_CHECK(!is_float_type(t), "dot_row: {} rows take f32 activations (use dot_row_f32)", quant_traits(t).name);
   MP_CHECK(xrow >= 0 && xrow < x.rows(), "dot_row: activation row {} out of range [0, {})", xrow, x.rows());
   quant_row_bytes(t, x.cols());
-  const XView v{x.q(xrow), x.d(xrow), x.sums(xrow), nullptr};
+  const XView v{x.q(xrow), x.d(xrow), x.sums(xrow), x.dsum(xrow), nullptr};
   float out;
   dot_kernel(t, 1)(static_cast<const uint8_t*>(row), x.cols(), &v, &out);
   return out;
@@ -569,7 +574,7 @@ void gemm(const QuantMatrix& w, const float* x, int64_t n, float* y, ThreadPool*
       XView xs[kMaxVectors];
       for (int i = 0; i < nv; ++i) {
         if (quantised)
-          xs[i] = {xa.q(t + i), xa.d(t + i), xa.sums(t + i), nullptr};
+          xs[i] = {xa.q(t + i), xa.d(t + i), xa.sums(t + i), xa.dsum(t + i), nullptr};
         else
           xs[i].f = x + (t + i) * w.cols;
       }

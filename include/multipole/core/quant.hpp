@@ -56,7 +56,8 @@ void dequantize_row(QuantType t, const void* row, float* out, int64_t n);
 
 // Activation rows quantised to int8 for the integer dot products. Row r, value i:
 // x ~= d(r)[i / 32] * q(r)[i], q in [-127, 127], d = max |x| / 127 over the 32 values;
-// sums(r)[k] is the sum of q over values 16k..16k+15 (weight formats with an offset need it).
+// sums(r)[k] is the sum of q over values 16k..16k+15, and dsum(r)[g] = d[g] * (sum of q over
+// the 32 values of block g) (weight formats with an offset or a min need them).
 class Q8Activations {
  public:
   // x [rows, cols] row-major, cols a positive multiple of 32. Reuses its buffers.
@@ -66,12 +67,14 @@ class Q8Activations {
   const int8_t* q(int64_t row) const { return q_.data() + row * cols_; }
   const float* d(int64_t row) const { return d_.data() + row * (cols_ / 32); }
   const int16_t* sums(int64_t row) const { return sums_.data() + row * (cols_ / 16); }
+  const float* dsum(int64_t row) const { return dsum_.data() + row * (cols_ / 32); }
 
  private:
   int64_t rows_ = 0, cols_ = 0;
   std::vector<int8_t> q_;
   std::vector<float> d_;
   std::vector<int16_t> sums_;
+  std::vector<float> dsum_;
 };
 
 // View of a weight matrix W [rows, cols] stored row by row (a GGUF tensor with
