@@ -1,0 +1,339 @@
+// Multipole Attention decode on the CPU (docs/multipole-attention.md, section 3), with a
+// real hierarchy: the coarsest level is scored in full, each finer level only under the
+// clusters selected above it; every unselected cluster at every level joins the far field
+// as |cluster| copies of its centroid ("squeezed" drops them instead).
+#include "attention/multipole_policy.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "attention/cpu_decode_common.hpp"
+#include "attention/decode_kernels.hpp"
+#include "attention/policies.hpp"
+#include "attention/selection.hpp"
+#include "multipole/core/error.hpp"
+
+namespace multipole {
+
+namespace {
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+}
+
+// Per-thread buffers of decode; they only grow, so a warmed-up decode does not allocate.
+struct MultipolePolicy::Scratch {
+  kernels::OwnedState exact, far;
+  std::vector<float> qt;          // [G, d] queries rotated to the scoring position
+  std::vector<float> logits;      // [G, n] scale q.c + log n of the level's candidates, then their exp
+  std::vector<float> importance;  // [n]
+  std::vector<int32_t> cand, next;  // candidate cluster ids of this level / the next one
+  std::vector<int32_t> sizes;       // [n]
+  std::vector<int32_t> picked;      // [n] selected candidates (local indices)
+  std::vector<uint8_t> chosen;      // [n]
+  std::vector<int32_t> far_ids;     // unselected candidates (ids into the arrays attended)
+  std::vector<int32_t> selected_positions, positions_;  // exact middle positions; sinks + middle + window
+  std::vector<float> rkeys, rvalues, rbias;  // real-position mode: candidates rotated, values, log sizes
+  std::vector<float> fm, fl, zmax, zsum;     // [G] frontier normalisation
+  Rotation rotation;
+  SelectionScratch selection;
+
+  // Sizes everything for tasks with up to `candidates` clusters per level and `positions`
+  // exact keys, so that which thread runs which task never decides whether decode allocates.
+  void reserve(int G, int d, int64_t candidates, int64_t selected, int64_t positions, const Rope* real) {
+    exact.resize(G, d);
+    far.resize(G, d);
+    const size_t n = size_t(candidates);
+    cpu::grow(qt, size_t(G) * d);
+    cpu::grow(logits, size_t(G) * n);
+    cpu::grow(importance, n);
+    cpu::grow(cand, n);
+    cpu::grow(next, n);
+    cpu::grow(sizes, n);
+    cpu::grow(picked, n);
+    cpu::grow(chosen, n);
+    cpu::grow(far_ids, n);
+    cpu::grow(selected_positions, size_t(selected));
+    cpu::grow(positions_, size_t(positions));
+    cpu::grow(selection.items, n);
+    if (real) {
+      rotation.set(*real, 0.0);
+      cpu::grow(rkeys, n * d);
+      cpu::grow(rvalues, n * d);
+      cpu::grow(rbias, n);
+    }
+    for (auto* v : {&fm, &fl, &zmax, &zsum}) cpu::grow(*v, size_t(G));
+  }
+};
+
+MultipolePolicy::MultipolePolicy(const AttentionConfig& config) : AttentionPolicy(config), rope_(config.rope) {}
+MultipolePolicy::~MultipolePolicy() = default;
+
+// End of the clustered region [sinks, end); never below sinks, so that an empty region
+// keeps its place while the sequence is shorter than the sinks.
+int64_t MultipolePolicy::clustered_end(int64_t length) const {
+  return std::max<int64_t>(config_.middle_end(length), config_.cluster.sinks);
+}
+
+const ClusterIndex* MultipolePolicy::index(SeqId seq, int layer, int kv_head) const {
+  if (seq < 0 || size_t(seq) >= seqs_.size()) return nullptr;
+  const auto& layers = seqs_[size_t(seq)];
+  if (layer < 0 || size_t(layer) >= layers.size() || !layers[size_t(layer)].built) return nullptr;
+  const auto& heads = layers[size_t(layer)].heads;
+  if (kv_head < 0 || size_t(kv_head) >= heads.size()) return nullptr;
+  return &heads[size_t(kv_head)];
+}
+
+void MultipolePolicy::forget(SeqId seq) {
+  if (seq >= 0 && size_t(seq) < seqs_.size()) seqs_[size_t(seq)].clear();
+}
+
+void MultipolePolicy::update(const PagedKVCache& cache, int layer, std::span<const SeqId> seqs, ThreadPool& pool) {
+  const auto& kc = cache.config();
+  MP_CHECK(kc.num_kv_heads == config_.num_kv_heads && kc.head_dim == config_.head_dim,
+           "{}: cache has {} KV heads of dim {}, the attention config {} of dim {}", name(), kc.num_kv_heads,
+           kc.head_dim, config_.num_kv_heads, config_.head_dim);
+  MP_CHECK(layer >= 0 && layer < kc.num_layers, "{}: layer {} out of range [0, {})", name(), layer, kc.num_layers);
+  const int heads = config_.num_kv_heads;
+  tasks_.clear();
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    const SeqId seq = seqs[b];
+    const int64_t target = clustered_end(cache.length(seq));
+    if (size_t(seq) >= seqs_.size()) seqs_.resize(size_t(seq) + 1);
+    auto& layers = seqs_[size_t(seq)];
+    if (layers.size() < size_t(kc.num_layers)) layers.resize(size_t(kc.num_layers));
+    auto& st = layers[size_t(layer)];
+    if (st.built) {
+      const int64_t end = st.heads[0].end();
+      MP_CHECK(target >= end,
+               "{}: sequence {} is shorter ({} tokens) than its index of layer {} (clustered up to {}); call "
+               "forget() when a sequence is freed",
+               name(), seq, cache.length(seq), layer, end);
+      if (target == end) continue;
+    } else {
+      st.heads.resize(size_t(heads));
+    }
+    for (int h = 0; h < heads; ++h) tasks_.push_back({int32_t(b), h});
+  }
+  pool.parallel_for(int64_t(tasks_.size()), [&](int64_t i, int) {
+    const auto [b, h] = tasks_[size_t(i)];
+    const SeqId seq = seqs[size_t(b)];
+    auto& st = seqs_[size_t(seq)][size_t(layer)];
+    const int64_t target = clustered_end(cache.length(seq));
+    if (st.built)
+      st.heads[size_t(h)].append(cache, seq, layer, h, target, config_, rope_);
+    else
+      st.heads[size_t(h)].build(cache, seq, layer, h, target, config_, rope_);
+  });
+  for (SeqId seq : seqs) seqs_[size_t(seq)][size_t(layer)].built = true;
+}
+
+void MultipolePolicy::decode(const PagedKVCache& cache, int layer, std::span<const SeqId> seqs, const float* q,
+                             float* out, ThreadPool& pool) {
+  cpu::check_decode_args(name(), config_, cache, layer, seqs, q, out);
+  const int64_t B = int64_t(seqs.size()), heads = config_.num_kv_heads;
+  for (SeqId seq : seqs)
+    MP_CHECK(index(seq, layer, 0) != nullptr, "{}: sequence {} has no cluster index for layer {}; call update() first",
+             name(), seq, layer);
+  // The scoring rotation depends on the sequence only: position length-1 -> score_position.
+  if (rotations_.size() < size_t(B)) rotations_.resize(size_t(B));
+  if (!config_.score_real_positions)
+    for (int64_t b = 0; b < B; ++b)
+      rotations_[size_t(b)].set(rope_, config_.score_position - double(cache.length(seqs[b]) - 1));
+  int64_t candidates = 1, positions = 1;
+  for (SeqId seq : seqs)
+    for (int h = 0; h < config_.num_kv_heads; ++h) {
+      const ClusterIndex& idx = *index(seq, layer, h);
+      for (int l = 0; l < idx.num_levels(); ++l) candidates = std::max(candidates, idx.level(l).count());
+      const int64_t len = cache.length(seq);
+      positions = std::max(positions, std::min<int64_t>(config_.cluster.sinks, len) + config_.budget +
+                                          std::max<int64_t>(0, len - idx.end()));
+    }
+  while (scratch_.size() < size_t(pool.size())) scratch_.push_back(std::make_unique<Scratch>());
+  for (auto& s : scratch_)
+    s->reserve(config_.group_size(), config_.head_dim, candidates, config_.budget, positions,
+               config_.score_real_positions ? &rope_ : nullptr);
+  thread_stats_.assign(size_t(pool.size()), DecodeStats{});
+  // One small capture so that the std::function of parallel_for needs no allocation.
+  struct Context {
+    const PagedKVCache& cache;
+    KVLayerView kv;
+    std::span<const SeqId> seqs;
+    int layer;
+    const float* q;
+    float* out;
+  } ctx{cache, cache.layer_view(layer), seqs, layer, q, out};
+  pool.parallel_for(B * heads, [this, &ctx](int64_t task, int thread) {
+    const int nh = config_.num_kv_heads;
+    const int64_t b = task / nh;
+    const int h = int(task % nh);
+    const int64_t row = (b * config_.num_q_heads + int64_t(h) * config_.group_size()) * config_.head_dim;
+    decode_head(ctx.cache, ctx.kv, ctx.seqs[size_t(b)], ctx.layer, h, ctx.q + row, ctx.out + row,
+                rotations_[size_t(b)], *scratch_[size_t(thread)], thread_stats_[size_t(thread)]);
+  });
+  stats_ = cpu::sum_stats(thread_stats_);
+}
+
+// One (sequence, KV head): hierarchical selection, exact part, far field, merge.
+//   q, out: [G, d] rows of this KV head's query heads
+void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& kv, SeqId seq, int layer, int head,
+                                  const float* q, float* out, const Rotation& score_rotation, Scratch& s,
+                                  DecodeStats& stats) const {
+  const ClusterIndex& idx = *index(seq, layer, head);
+  const int G = config_.group_size(), d = config_.head_dim;
+  const float scale = config_.softmax_scale();
+  const bool real = config_.score_real_positions, far_field = config_.multipole_far_field;
+  const int64_t len = cache.length(seq);
+  MP_CHECK(len >= idx.end() || idx.end() == idx.begin(), "{}: sequence {} has {} tokens but its index covers up to {}",
+           name(), seq, len, idx.end());
+  const int32_t* page_table = cache.page_table(seq).data();
+  kernels::SoftmaxState& exact = s.exact.resize(G, d);
+  kernels::SoftmaxState& far = s.far.resize(G, d);
+  exact.reset();
+  far.reset();
+
+  // Queries for centroid scoring: rotated to score_position, or the real ones when each
+  // centroid is rotated to its members' mean position instead.
+  const float* qs = q;
+  if (!real) {
+    float* qt = cpu::grow(s.qt, size_t(G) * d);
+    std::copy(q, q + int64_t(G) * d, qt);
+    for (int g = 0; g < G; ++g) score_rotation.apply(qt + int64_t(g) * d);
+    qs = qt;
+  }
+  float* fm = cpu::grow(s.fm, size_t(G));
+  float* fl = cpu::grow(s.fl, size_t(G));
+  float* zmax = cpu::grow(s.zmax, size_t(G));
+  float* zsum = cpu::grow(s.zsum, size_t(G));
+  std::fill(fm, fm + G, kNegInf);
+  std::fill(fl, fl + G, 0.0f);
+
+  int64_t scored = 0, pseudo = 0, chosen_tokens = 0, nselected = 0;
+  const int L = idx.num_levels();
+  if (L > 0 && idx.end() > idx.begin()) {
+    // Candidates of the coarsest level: all its non-empty clusters.
+    const ClusterLevel& top = idx.level(L - 1);
+    int32_t* cand = cpu::grow(s.cand, size_t(top.count()));
+    int64_t n = 0;
+    for (int64_t c = 0; c < top.count(); ++c)
+      if (top.sizes[c] > 0) cand[n++] = int32_t(c);
+    for (int l = L - 1; l >= 0 && n > 0; --l) {
+      const ClusterLevel& lv = idx.level(l);
+      cand = s.cand.data();
+      const float *keys = lv.keys.data(), *values = lv.values.data(), *bias = lv.log_sizes.data();
+      const int32_t* ids = cand;
+      if (real) {
+        // Rotated copies: centroid i at its members' mean position, scored against the real q.
+        float* rk = cpu::grow(s.rkeys, size_t(n) * d);
+        float* rv = cpu::grow(s.rvalues, size_t(n) * d);
+        float* rb = cpu::grow(s.rbias, size_t(n));
+        for (int64_t i = 0; i < n; ++i) {
+          std::copy_n(lv.keys.data() + int64_t(cand[i]) * d, d, rk + i * d);
+          std::copy_n(lv.values.data() + int64_t(cand[i]) * d, d, rv + i * d);
+          rb[i] = lv.log_sizes[cand[i]];
+          s.rotation.set(rope_, lv.mean_position(cand[i]));
+          s.rotation.apply(rk + i * d);
+        }
+        keys = rk, values = rv, bias = rb, ids = nullptr;
+      }
+      auto id_at = [&](int64_t i) { return ids ? int64_t(ids[i]) : i; };
+      float* x = cpu::grow(s.logits, size_t(G) * n);
+      kernels::score_rows(keys, ids, n, qs, G, d, scale, x);
+      scored += n;
+
+      // p_{g,i} = e^{s q.c_i} / sum_{j in frontier} n_j e^{s q.c_j}; the frontier is the far
+      // field so far (fm, fl: its log-sum-exp) plus these candidates.
+      for (int g = 0; g < G; ++g) {
+        float* xg = x + int64_t(g) * n;
+        float mx = fm[g];
+        for (int64_t i = 0; i < n; ++i) mx = std::max(mx, xg[i] += bias[id_at(i)]);
+        for (int64_t i = 0; i < n; ++i) xg[i] -= mx;
+        kernels::exp_inplace(xg, n);  // n_i e^{s q.c_i - mx}
+        float z = fl[g] * (fm[g] == kNegInf ? 0.0f : std::exp(fm[g] - mx));
+        for (int64_t i = 0; i < n; ++i) z += xg[i];
+        zmax[g] = mx;
+        zsum[g] = z;
+      }
+      float* imp = cpu::grow(s.importance, size_t(n));
+      int32_t* sizes = cpu::grow(s.sizes, size_t(n));
+      for (int64_t i = 0; i < n; ++i) {
+        float acc = 0;
+        for (int g = 0; g < G; ++g) acc += x[int64_t(g) * n + i] / zsum[g];
+        sizes[i] = lv.sizes[cand[i]];
+        imp[i] = acc / float(sizes[i]);
+      }
+      const int64_t budget =
+          l == 0 ? config_.budget
+                 : std::max<int64_t>(config_.budget, config_.coarse_budget > 0 ? config_.coarse_budget
+                                                                               : int64_t(16) * config_.budget);
+      int32_t* picked = cpu::grow(s.picked, size_t(n));
+      const SelectionResult sel = select_clusters(imp, sizes, n, budget, picked, s.selection);
+      uint8_t* chosen = cpu::grow(s.chosen, size_t(n));
+      std::fill(chosen, chosen + n, uint8_t(0));
+      for (int64_t j = 0; j < sel.count; ++j) chosen[picked[j]] = 1;
+
+      // Unselected candidates join the far field (and the frontier normalisation).
+      int32_t* far_ids = cpu::grow(s.far_ids, size_t(n));
+      int64_t nfar = 0;
+      for (int64_t i = 0; i < n; ++i)
+        if (!chosen[i]) far_ids[nfar++] = int32_t(id_at(i));
+      for (int g = 0; g < G; ++g) {
+        const float* xg = x + int64_t(g) * n;
+        float sum = fl[g] * (fm[g] == kNegInf ? 0.0f : std::exp(fm[g] - zmax[g]));
+        for (int64_t i = 0; i < n; ++i)
+          if (!chosen[i]) sum += xg[i];
+        fm[g] = zmax[g];
+        fl[g] = sum;
+      }
+      if (far_field && nfar > 0) kernels::attend_pseudo(keys, values, bias, far_ids, nfar, qs, scale, far);
+      pseudo += nfar;
+
+      if (l > 0) {
+        // Children of the selected clusters, ascending (ties in importance go to the lower id).
+        const ClusterLevel& below = idx.level(l - 1);
+        int64_t total = 0;
+        for (int64_t j = 0; j < sel.count; ++j) total += int64_t(lv.members_of(cand[picked[j]]).size());
+        int32_t* next = cpu::grow(s.next, size_t(total));
+        int64_t m = 0;
+        for (int64_t j = 0; j < sel.count; ++j)
+          for (int32_t c : lv.members_of(cand[picked[j]]))
+            if (below.sizes[c] > 0) next[m++] = c;
+        std::sort(next, next + m);
+        std::swap(s.cand, s.next);
+        n = m;
+      } else {
+        int32_t* sel_pos = cpu::grow(s.selected_positions, size_t(sel.tokens));
+        int64_t m = 0;
+        for (int64_t j = 0; j < sel.count; ++j)
+          for (int32_t p : lv.members_of(cand[picked[j]])) sel_pos[m++] = p;
+        chosen_tokens = m;
+        nselected = m;
+      }
+    }
+  }
+
+  const int64_t sinks = std::min<int64_t>(config_.cluster.sinks, len);
+  const int64_t window = std::min(len, std::max(sinks, idx.end()));
+  const int64_t exact_tokens =
+      cpu::attend_sparse(kv, page_table, head, sinks, window, len, std::span<const int32_t>(s.selected_positions.data(), size_t(nselected)),
+                         q, scale, exact, s.positions_);
+  if (far_field) kernels::merge(exact, far);
+  kernels::finalize(exact, out);
+
+  stats.exact_tokens += exact_tokens;
+  stats.selected_tokens += chosen_tokens;
+  stats.centroids_scored += scored;
+  stats.pseudo_tokens += far_field ? pseudo : 0;
+  stats.bytes_read += exact_tokens * 2 * kv.token_bytes + scored * (int64_t(d) * 4 + 8) +
+                        (far_field ? pseudo * int64_t(d) * 8 : 0);
+}
+
+std::unique_ptr<AttentionPolicy> make_multipole_policy(const AttentionConfig& config) {
+  return std::make_unique<MultipolePolicy>(config);
+}
+
+const ClusterIndex* find_cluster_index(const AttentionPolicy& policy, SeqId seq, int layer, int kv_head) {
+  const auto* p = dynamic_cast<const MultipolePolicy*>(&policy);
+  return p ? p->index(seq, layer, kv_head) : nullptr;
+}
+
+}  // namespace multipole

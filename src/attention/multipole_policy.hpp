@@ -1,0 +1,64 @@
+#pragma once
+// The "multipole" policy (and "squeezed": the same with the far field off) on the CPU, plus
+// the fast RoPE rotations it and the cluster index need.
+#include <memory>
+#include <vector>
+
+#include "multipole/attention/cluster_index.hpp"
+#include "multipole/attention/policy.hpp"
+
+namespace multipole {
+
+// Rotation of head vectors by a fixed number of positions, with cos/sin computed once and
+// applied to many vectors (Rope::rotate_by recomputes them per call).
+class Rotation {
+ public:
+  // Prepares rotate_by(., delta) for `rope`.
+  void set(const Rope& rope, double delta);
+  // x: [head_dim] rotated in place.
+  void apply(float* x) const;
+
+ private:
+  int half_ = 0;
+  std::vector<float> cos_, sin_;  // [rotary_dim / 2]
+};
+
+// Rotates n head vectors at consecutive positions first, first+1, ... back to position 0:
+// x_t = rotate_by(x_t, -(first + t)). Angles advance by a recurrence in f64, re-anchored
+// every few tokens, so this costs a few flops per channel instead of a sin/cos pair.
+//   x: [n, head_dim]
+void unrotate_consecutive(const Rope& rope, float* x, int64_t n, int64_t first);
+
+class MultipolePolicy final : public AttentionPolicy {
+ public:
+  explicit MultipolePolicy(const AttentionConfig& config);
+  ~MultipolePolicy() override;
+
+  std::string_view name() const override { return config_.multipole_far_field ? "multipole" : "squeezed"; }
+  void update(const PagedKVCache& cache, int layer, std::span<const SeqId> seqs, ThreadPool& pool) override;
+  void decode(const PagedKVCache& cache, int layer, std::span<const SeqId> seqs, const float* q, float* out,
+              ThreadPool& pool) override;
+  void forget(SeqId seq) override;
+
+  // The index of (seq, layer, KV head), or nullptr when that sequence/layer has none yet.
+  const ClusterIndex* index(SeqId seq, int layer, int kv_head) const;
+
+ private:
+  struct LayerState {
+    bool built = false;
+    std::vector<ClusterIndex> heads;  // [num_kv_heads]
+  };
+  struct Scratch;
+  int64_t clustered_end(int64_t length) const;
+  void decode_head(const PagedKVCache& cache, const KVLayerView& kv, SeqId seq, int layer, int head, const float* q,
+                   float* out, const Rotation& score_rotation, Scratch& s, DecodeStats& stats) const;
+
+  Rope rope_;
+  std::vector<std::vector<LayerState>> seqs_;  // [seq id][layer]
+  std::vector<std::unique_ptr<Scratch>> scratch_;  // per pool thread
+  std::vector<DecodeStats> thread_stats_;          // per pool thread
+  std::vector<Rotation> rotations_;                 // per sequence of the batch
+  std::vector<std::pair<int32_t, int32_t>> tasks_;  // (batch index, KV head) pending an update
+};
+
+}  // namespace multipole

@@ -1,0 +1,429 @@
+// The "multipole" and "squeezed" policies against the naive float64 reference
+// (reference_multipole.hpp) and dense attention (reference_dense.hpp), plus the method's
+// invariants, determinism, work saved by the hierarchy and allocation-free decode.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "multipole/attention/cluster_index.hpp"
+#include "multipole/attention/policy.hpp"
+#include "multipole/core/error.hpp"
+#include "reference_multipole.hpp"
+
+using namespace multipole;
+namespace ref = multipole::reference;
+
+// Counts heap allocations while `counting` is set (not under ASan, which owns operator new).
+#if !defined(__SANITIZE_ADDRESS__)
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<int64_t> allocations{0};
+}  // namespace
+void* operator new(size_t n) {
+  if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, size_t) noexcept { std::free(p); }
+#define MULTIPOLE_COUNT_ALLOCATIONS 1
+#endif
+
+namespace {
+
+bool small_scale() {
+  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
+  return s && std::string(s) == "small";
+}
+
+AttentionConfig make_config(int G, int d, int kv_heads = 2) {
+  AttentionConfig c;
+  c.num_kv_heads = kv_heads;
+  c.num_q_heads = G * kv_heads;
+  c.head_dim = d;
+  c.rope.head_dim = d;
+  c.cluster.seed = 3;
+  return c;
+}
+
+double rel_err(const float* out, const std::vector<double>& r) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < r.size(); ++i) {
+    num += (out[i] - r[i]) * (out[i] - r[i]);
+    den += r[i] * r[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+struct Check {
+  int groups = 0, ambiguous = 0;
+  double max_err = 0;
+};
+
+// Runs update + decode of `policy` on layer `layer` and compares every (sequence, KV head)
+// with the reference over the policy's own index. Also checks the reported stats.
+Check check_policy(AttentionPolicy& policy, ref::SyntheticKV& data, const AttentionConfig& c, int layer,
+                   const std::vector<float>& q, ThreadPool& pool, const std::string& what, double tol = 2e-4) {
+  SCOPED_TRACE(what);
+  const int G = c.group_size(), d = c.head_dim, Hq = c.num_q_heads;
+  const Rope rope(c.rope);
+  policy.update(*data.cache, layer, data.seqs, pool);
+  std::vector<float> out(q.size(), NAN);
+  policy.decode(*data.cache, layer, data.seqs, q.data(), out.data(), pool);
+  const DecodeStats st = policy.last_stats();
+  Check r;
+  int64_t exact = 0, selected = 0, scored = 0, far = 0;
+  for (size_t b = 0; b < data.seqs.size(); ++b) {
+    ref::SeqKV kv(*data.cache, data.seqs[b], layer);
+    for (int h = 0; h < c.num_kv_heads; ++h) {
+      const ClusterIndex* idx = find_cluster_index(policy, data.seqs[b], layer, h);
+      EXPECT_NE(idx, nullptr);
+      if (!idx) return r;
+      const float* qg = q.data() + (b * Hq + h * G) * d;
+      const ref::MultipoleResult want = ref::multipole(kv, h, *idx, c, rope, qg, G);
+      ++r.groups;
+      exact += want.exact_tokens;
+      selected += want.selected_tokens;
+      scored += want.centroids_scored;
+      far += want.far_clusters;
+      EXPECT_LE(want.selected_tokens, c.budget);
+      if (want.ambiguous) {
+        ++r.ambiguous;
+        continue;
+      }
+      const double err = rel_err(out.data() + (b * Hq + h * G) * d, want.out);
+      r.max_err = std::max(r.max_err, err);
+      EXPECT_LT(err, tol) << "sequence " << b << " (length " << kv.length << ") head " << h;
+    }
+  }
+  if (r.ambiguous == 0) {
+    EXPECT_EQ(st.exact_tokens, exact);
+    EXPECT_EQ(st.selected_tokens, selected);
+    EXPECT_EQ(st.centroids_scored, scored);
+    EXPECT_EQ(st.pseudo_tokens, c.multipole_far_field ? far : 0);
+  }
+  EXPECT_GT(st.bytes_read, 0);
+  return r;
+}
+
+std::vector<double> dense_ref(const ref::SeqKV& kv, int h, const float* q, int G, double scale) {
+  return ref::attend(kv, h, ref::range(0, kv.length), q, G, scale);
+}
+
+TEST(MultipolePolicy, MatchesReferenceOnRandomAndClusteredInputs) {
+  struct Shape {
+    int G, d;
+  };
+  const std::vector<Shape> shapes = small_scale() ? std::vector<Shape>{{1, 64}, {5, 128}, {8, 64}}
+                                                  : std::vector<Shape>{{1, 64}, {4, 128}, {5, 64}, {7, 128}, {8, 64}};
+  const std::vector<int64_t> lengths = {1, 97, 2049, 2600};
+  ThreadPool pool(2);
+  int total = 0, ambiguous = 0;
+  for (const Shape& s : shapes)
+    for (auto kind : {ref::KeyKind::Random, ref::KeyKind::Clustered})
+      for (bool far : {true, false}) {
+        AttentionConfig c = make_config(s.G, s.d);
+        c.multipole_far_field = far;
+        // Small blocks/levels so that 2600 tokens span several blocks and a real hierarchy.
+        c.cluster.block_size = 1024;
+        c.cluster.window = 64;
+        c.cluster.tokens_per_centroid = {8, 64};
+        c.budget = 64;
+        c.coarse_budget = 512;
+        ref::SyntheticKV data(c, DType::BF16, 2, 8192, kind, 21 + s.G);
+        for (int64_t len : lengths) data.append(data.add(), len);
+        auto policy = make_attention_policy(far ? "multipole" : "squeezed", c);
+        EXPECT_EQ(policy->name(), far ? "multipole" : "squeezed");
+        const auto q = data.queries(c, kind == ref::KeyKind::Random ? 1.0f : 0.25f);
+        const Check r = check_policy(*policy, data, c, 1, q, pool,
+                                     "G " + std::to_string(s.G) + " d " + std::to_string(s.d) +
+                                         (kind == ref::KeyKind::Random ? " random" : " clustered") +
+                                         (far ? " multipole" : " squeezed"));
+        total += r.groups;
+        ambiguous += r.ambiguous;
+      }
+  std::printf("[ info ] %d of %d groups skipped as near ties\n", ambiguous, total);
+  EXPECT_LT(ambiguous, total / 10 + 1);
+}
+
+TEST(MultipolePolicy, DefaultConfigPastABlockBoundary) {
+  // Default clustering (block 8192, {16, 128}, window 128, budget 128) on sequences with
+  // two blocks, plus a short one; group size 4, head dim 128.
+  AttentionConfig c = make_config(4, 128);
+  const int64_t long_len = small_scale() ? 10 + 8192 + 4096 + 200 : 10 + 8192 + 7000 + 300;
+  ref::SyntheticKV data(c, DType::BF16, 1, long_len + 4096, ref::KeyKind::Clustered, 31, 128);
+  data.append(data.add(), long_len);
+  data.append(data.add(), 300);
+  ThreadPool pool(2);
+  for (bool far : {true, false}) {
+    c.multipole_far_field = far;
+    auto policy = make_attention_policy(far ? "multipole" : "squeezed", c);
+    const auto q = data.queries(c, 0.25f);
+    check_policy(*policy, data, c, 0, q, pool, far ? "multipole" : "squeezed");
+    EXPECT_EQ(find_cluster_index(*policy, data.seqs[0], 0, 0)->blocks().size(), 2u);
+  }
+}
+
+TEST(MultipolePolicy, BudgetCoveringAllTokensIsDense) {
+  ThreadPool pool(2);
+  for (int levels : {1, 2, 3}) {
+    AttentionConfig c = make_config(4, 64);
+    c.cluster.tokens_per_centroid = std::vector<int>{8, 64, 256};
+    c.cluster.tokens_per_centroid.resize(size_t(levels));
+    c.budget = 1 << 20;
+    ref::SyntheticKV data(c, DType::BF16, 1, 8192, ref::KeyKind::Random, 41);
+    for (int64_t len : {1, 11, 300, 2049}) data.append(data.add(), len);
+    auto policy = make_attention_policy("multipole", c);
+    const auto q = data.queries(c, 1.0f);
+    policy->update(*data.cache, 0, data.seqs, pool);
+    std::vector<float> out(q.size());
+    policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+    EXPECT_EQ(policy->last_stats().pseudo_tokens, 0);
+    for (size_t b = 0; b < data.seqs.size(); ++b) {
+      ref::SeqKV kv(*data.cache, data.seqs[b], 0);
+      for (int h = 0; h < c.num_kv_heads; ++h) {
+        const size_t row = (b * c.num_q_heads + h * c.group_size()) * c.head_dim;
+        EXPECT_LT(rel_err(out.data() + row, dense_ref(kv, h, q.data() + row, c.group_size(), c.softmax_scale())), 2e-5)
+            << "levels " << levels << " length " << kv.length;
+      }
+    }
+  }
+}
+
+TEST(MultipolePolicy, SingletonClustersInRealPositionModeAreDenseForAnyBudget) {
+  ThreadPool pool(2);
+  AttentionConfig c = make_config(5, 64);
+  c.cluster.tokens_per_centroid = {1};
+  c.cluster.window = 32;
+  c.cluster.prefill_iterations = 2;
+  c.score_real_positions = true;
+  ref::SyntheticKV data(c, DType::BF16, 1, 4096, ref::KeyKind::Clustered, 51);
+  for (int64_t len : {1, 97, 700}) data.append(data.add(), len);
+  for (int budget : {0, 7, 64, 100000}) {
+    c.budget = budget;
+    c.coarse_budget = 0;
+    auto policy = make_attention_policy("multipole", c);
+    const auto q = data.queries(c, 0.3f);
+    policy->update(*data.cache, 0, data.seqs, pool);
+    std::vector<float> out(q.size());
+    policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+    for (size_t b = 0; b < data.seqs.size(); ++b) {
+      ref::SeqKV kv(*data.cache, data.seqs[b], 0);
+      for (int h = 0; h < c.num_kv_heads; ++h) {
+        const ClusterIndex* idx = find_cluster_index(*policy, data.seqs[b], 0, h);
+        for (int64_t i = 0; i < idx->level(0).count(); ++i) ASSERT_EQ(idx->level(0).sizes[i], 1);
+        const size_t row = (b * c.num_q_heads + h * c.group_size()) * c.head_dim;
+        EXPECT_LT(rel_err(out.data() + row, dense_ref(kv, h, q.data() + row, c.group_size(), c.softmax_scale())), 5e-5)
+            << "budget " << budget << " length " << kv.length;
+      }
+    }
+  }
+}
+
+TEST(MultipoleVsSqueezed, FarFieldReducesErrorOnClusteredInputs) {
+  ThreadPool pool(2);
+  AttentionConfig c = make_config(4, 128, 4);
+  c.budget = 64;
+  ref::SyntheticKV data(c, DType::BF16, 1, 16384, ref::KeyKind::Clustered, 61, 96);
+  for (int i = 0; i < 3; ++i) data.append(data.add(), small_scale() ? 2000 : 4000);
+  const auto q = data.queries(c, 0.15f);
+  double err[2] = {0, 0};
+  for (bool far : {true, false}) {
+    c.multipole_far_field = far;
+    auto policy = make_attention_policy(far ? "multipole" : "squeezed", c);
+    policy->update(*data.cache, 0, data.seqs, pool);
+    std::vector<float> out(q.size());
+    policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+    for (size_t b = 0; b < data.seqs.size(); ++b) {
+      ref::SeqKV kv(*data.cache, data.seqs[b], 0);
+      for (int h = 0; h < c.num_kv_heads; ++h) {
+        const size_t row = (b * c.num_q_heads + h * c.group_size()) * c.head_dim;
+        err[far ? 0 : 1] +=
+            rel_err(out.data() + row, dense_ref(kv, h, q.data() + row, c.group_size(), c.softmax_scale()));
+      }
+    }
+  }
+  std::printf("[ info ] mean relative error vs dense: multipole %.4f, squeezed %.4f\n", err[0] / 12, err[1] / 12);
+  EXPECT_LT(err[0], 0.7 * err[1]);
+}
+
+TEST(MultipolePolicy, HierarchyScoresFarFewerCentroidsThanFineClusters) {
+  ThreadPool pool(2);
+  AttentionConfig c = make_config(4, 64, 1);
+  const int64_t len = small_scale() ? 12000 : 32000;
+  ref::SyntheticKV data(c, DType::BF16, 1, len + 1024, ref::KeyKind::Clustered, 71, 256);
+  data.append(data.add(), len);
+  auto policy = make_attention_policy("multipole", c);
+  const auto q = data.queries(c, 0.25f);
+  policy->update(*data.cache, 0, data.seqs, pool);
+  std::vector<float> out(q.size());
+  policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+  const ClusterIndex* idx = find_cluster_index(*policy, data.seqs[0], 0, 0);
+  const int64_t fine = idx->level(0).count(), coarse = idx->level(1).count();
+  const DecodeStats st = policy->last_stats();
+  std::printf("[ info ] %lld tokens: %lld fine, %lld coarse clusters; %lld scored, %lld pseudo-tokens\n",
+              (long long)len, (long long)fine, (long long)coarse, (long long)st.centroids_scored,
+              (long long)st.pseudo_tokens);
+  EXPECT_LT(st.centroids_scored, fine / 3);
+  EXPECT_GE(st.centroids_scored, coarse);
+  EXPECT_LE(st.selected_tokens, c.budget);
+  EXPECT_GT(st.selected_tokens, c.budget / 2);
+}
+
+TEST(MultipolePolicy, OnlineUpdatesThenDecodeMatchReference) {
+  // Generation: one token at a time, update + decode each step; compare with the
+  // reference every few steps (the index there is whatever the online updates made).
+  ThreadPool pool(2);
+  AttentionConfig c = make_config(4, 64);
+  c.cluster.window = 32;
+  c.cluster.block_size = 512;
+  c.cluster.tokens_per_centroid = {8, 32};
+  c.budget = 48;
+  ref::SyntheticKV data(c, DType::BF16, 1, 8192, ref::KeyKind::Clustered, 81);
+  data.append(data.add(), 400);
+  data.append(data.add(), 40);
+  auto policy = make_attention_policy("multipole", c);
+  const int steps = small_scale() ? 300 : 800;
+  std::vector<float> out;
+  for (int step = 0; step < steps; ++step) {
+    for (SeqId s : data.seqs) data.append(s, 1);
+    const auto q = data.queries(c, 0.25f);
+    if (step % 97 == 0 || step == steps - 1) {
+      check_policy(*policy, data, c, 0, q, pool, "step " + std::to_string(step));
+    } else {
+      policy->update(*data.cache, 0, data.seqs, pool);
+      out.resize(q.size());
+      policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+    }
+  }
+  EXPECT_GE(find_cluster_index(*policy, data.seqs[0], 0, 1)->blocks().size(), 2u);
+}
+
+TEST(MultipolePolicy, SameSeedSameOutputOtherSeedOtherClustering) {
+  ThreadPool pool(2);
+  AttentionConfig c = make_config(4, 64);
+  ref::SyntheticKV data(c, DType::BF16, 1, 8192, ref::KeyKind::Clustered, 91);
+  data.append(data.add(), 3000);
+  const auto q = data.queries(c, 0.25f);
+  auto run = [&](uint64_t seed, std::vector<int32_t>* labels) {
+    c.cluster.seed = seed;
+    auto policy = make_attention_policy("multipole", c);
+    policy->update(*data.cache, 0, data.seqs, pool);
+    std::vector<float> out(q.size());
+    policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+    auto l = find_cluster_index(*policy, data.seqs[0], 0, 1)->labels();
+    labels->assign(l.begin(), l.end());
+    return out;
+  };
+  std::vector<int32_t> la, lb, lc;
+  const auto a = run(5, &la), b = run(5, &lb), other = run(6, &lc);
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(la, lb);
+  EXPECT_NE(la, lc);
+}
+
+TEST(MultipolePolicy, DecodeDoesNotAllocateOnceWarm) {
+#ifndef MULTIPOLE_COUNT_ALLOCATIONS
+  GTEST_SKIP() << "allocation counting is off under ASan";
+#else
+  ThreadPool pool(2);
+  for (bool real : {false, true}) {
+    AttentionConfig c = make_config(8, 128);
+    c.score_real_positions = real;
+    ref::SyntheticKV data(c, DType::BF16, 1, 16384, ref::KeyKind::Clustered, 101);
+    data.append(data.add(), 5000);
+    data.append(data.add(), 700);
+    auto policy = make_attention_policy("multipole", c);
+    policy->update(*data.cache, 0, data.seqs, pool);
+    const auto q = data.queries(c, 0.25f);
+    std::vector<float> out(q.size());
+    policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+    for (int i = 0; i < 4; ++i) {
+      allocations = 0;
+      counting = true;
+      policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+      counting = false;
+      EXPECT_EQ(allocations.load(), 0) << (real ? "real positions" : "fixed position") << ", call " << i;
+    }
+  }
+#endif
+}
+
+TEST(MultipolePolicy, RejectsMisuse) {
+  ThreadPool pool(2);
+  AttentionConfig c = make_config(2, 64);
+  ref::SyntheticKV data(c, DType::BF16, 2, 4096, ref::KeyKind::Random, 111);
+  data.append(data.add(), 500);
+  auto policy = make_attention_policy("multipole", c);
+  const auto q = data.queries(c, 1.0f);
+  std::vector<float> out(q.size());
+  EXPECT_THROW(policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool), Error);  // no update yet
+  EXPECT_THROW(policy->update(*data.cache, 2, data.seqs, pool), Error);                        // bad layer
+  policy->update(*data.cache, 0, data.seqs, pool);
+  policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+  EXPECT_THROW(policy->decode(*data.cache, 1, data.seqs, q.data(), out.data(), pool), Error);  // layer 1 not indexed
+  // A freed and re-added sequence id without forget(): the cache is shorter than the index.
+  data.cache->free_sequence(data.seqs[0]);
+  const SeqId again = data.cache->add_sequence();
+  ASSERT_EQ(again, data.seqs[0]);
+  data.append(again, 300);
+  EXPECT_THROW(policy->update(*data.cache, 0, data.seqs, pool), Error);
+  policy->forget(again);
+  EXPECT_EQ(find_cluster_index(*policy, again, 0, 0), nullptr);
+  policy->update(*data.cache, 0, data.seqs, pool);
+  EXPECT_NE(find_cluster_index(*policy, again, 0, 0), nullptr);
+  // Wrong cache shape.
+  AttentionConfig other = make_config(2, 128);
+  auto p2 = make_attention_policy("squeezed", other);
+  EXPECT_THROW(p2->update(*data.cache, 0, data.seqs, pool), Error);
+}
+
+// Timing harness (not a test): decode step and online update cost at 32K and 128K tokens,
+// Qwen3-8B head shapes (32 q heads, 8 KV heads, d 128), bf16 KV, batch 1, budget 128.
+// Run with --gtest_also_run_disabled_tests --gtest_filter='*Timing*'.
+TEST(MultipolePolicy, DISABLED_Timing) {
+  ThreadPool pool(2);
+  for (int64_t len : {32768, 131072}) {
+    AttentionConfig c = make_config(4, 128, 8);
+    ref::SyntheticKV data(c, DType::BF16, 1, len + 4096, ref::KeyKind::Clustered, 7, 512);
+    data.append(data.add(), len);
+    auto dense = make_attention_policy("dense", c);
+    auto mp = make_attention_policy("multipole", c);
+    auto t0 = std::chrono::steady_clock::now();
+    mp->update(*data.cache, 0, data.seqs, pool);
+    const double prefill = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const auto q = data.queries(c, 0.25f);
+    std::vector<float> out(q.size());
+    auto time = [&](AttentionPolicy& p, int reps) {
+      p.decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+      auto s = std::chrono::steady_clock::now();
+      for (int i = 0; i < reps; ++i) p.decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - s).count() / reps;
+    };
+    const double td = time(*dense, 10), tm = time(*mp, 200);
+    // Online update: W new tokens, then one update (amortised over W decode steps).
+    double tu = 0;
+    const int updates = 8;
+    for (int i = 0; i < updates; ++i) {
+      data.append(data.seqs[0], c.cluster.window);
+      auto s = std::chrono::steady_clock::now();
+      mp->update(*data.cache, 0, data.seqs, pool);
+      tu += std::chrono::duration<double>(std::chrono::steady_clock::now() - s).count();
+    }
+    tu /= updates;
+    std::printf(
+        "[ info ] %6lld tokens: dense %.3f ms, multipole %.3f ms (%.1fx), update %.3f ms = %.1f%% of a step "
+        "amortised over W=%d; prefill clustering %.2f s\n",
+        (long long)len, td * 1e3, tm * 1e3, td / tm, tu * 1e3, 100.0 * tu / c.cluster.window / tm, c.cluster.window,
+        prefill);
+  }
+}
+
+}  // namespace
