@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include "multipole/core/error.hpp"
+#include "multipole/io/safetensors.hpp"  // write_file_atomic
 
 namespace multipole {
 
@@ -468,6 +469,148 @@ const GGUFTensor& GGUFFile::tensor(std::string_view name) const {
   const GGUFTensor* t = find_tensor(name);
   if (!t) fail("{}: no tensor named '{}' ({} tensors in the file)", path(), name, tensors_.size());
   return *t;
+}
+
+// ---------------------------------------------------------------------------------------
+// Writer
+
+namespace {
+
+template <class T>
+void put(std::vector<std::byte>& out, T v) {
+  const auto* p = reinterpret_cast<const std::byte*>(&v);
+  out.insert(out.end(), p, p + sizeof(T));
+}
+
+void put_string(std::vector<std::byte>& out, std::string_view s) {
+  put<uint64_t>(out, s.size());
+  const auto* p = reinterpret_cast<const std::byte*>(s.data());
+  out.insert(out.end(), p, p + s.size());
+}
+
+template <class T>
+std::vector<std::byte> scalar_value(GGUFType t, T v) {
+  std::vector<std::byte> out;
+  put<uint32_t>(out, uint32_t(t));
+  put<T>(out, v);
+  return out;
+}
+
+template <class T>
+std::vector<std::byte> array_value(GGUFType elem, std::span<const T> v) {
+  std::vector<std::byte> out;
+  put<uint32_t>(out, uint32_t(GGUFType::Array));
+  put<uint32_t>(out, uint32_t(elem));
+  put<uint64_t>(out, v.size());
+  for (const T& x : v) put<T>(out, x);
+  return out;
+}
+
+}  // namespace
+
+GGUFWriter::GGUFWriter(uint32_t alignment) : alignment_(alignment) {
+  if (alignment == 0 || (alignment & (alignment - 1)) != 0)
+    fail("GGUFWriter: alignment {} is not a power of two", alignment);
+  if (alignment != kDefaultAlignment) set_u32("general.alignment", alignment);
+}
+
+void GGUFWriter::set(std::string key, std::vector<std::byte> value) {
+  for (Entry& e : entries_)
+    if (e.key == key) {
+      e.value = std::move(value);
+      return;
+    }
+  entries_.push_back({std::move(key), std::move(value)});
+}
+
+void GGUFWriter::set_u8(std::string key, uint8_t v) { set(std::move(key), scalar_value(GGUFType::U8, v)); }
+void GGUFWriter::set_u32(std::string key, uint32_t v) { set(std::move(key), scalar_value(GGUFType::U32, v)); }
+void GGUFWriter::set_i32(std::string key, int32_t v) { set(std::move(key), scalar_value(GGUFType::I32, v)); }
+void GGUFWriter::set_u64(std::string key, uint64_t v) { set(std::move(key), scalar_value(GGUFType::U64, v)); }
+void GGUFWriter::set_i64(std::string key, int64_t v) { set(std::move(key), scalar_value(GGUFType::I64, v)); }
+void GGUFWriter::set_f32(std::string key, float v) { set(std::move(key), scalar_value(GGUFType::F32, v)); }
+void GGUFWriter::set_f64(std::string key, double v) { set(std::move(key), scalar_value(GGUFType::F64, v)); }
+void GGUFWriter::set_bool(std::string key, bool v) {
+  set(std::move(key), scalar_value(GGUFType::Bool, uint8_t(v ? 1 : 0)));
+}
+
+void GGUFWriter::set_string(std::string key, std::string_view v) {
+  std::vector<std::byte> out;
+  put<uint32_t>(out, uint32_t(GGUFType::String));
+  put_string(out, v);
+  set(std::move(key), std::move(out));
+}
+
+void GGUFWriter::set_string_array(std::string key, std::span<const std::string> v) {
+  std::vector<std::byte> out;
+  put<uint32_t>(out, uint32_t(GGUFType::Array));
+  put<uint32_t>(out, uint32_t(GGUFType::String));
+  put<uint64_t>(out, v.size());
+  for (const std::string& s : v) put_string(out, s);
+  set(std::move(key), std::move(out));
+}
+
+void GGUFWriter::set_i32_array(std::string key, std::span<const int32_t> v) {
+  set(std::move(key), array_value(GGUFType::I32, v));
+}
+
+void GGUFWriter::set_f32_array(std::string key, std::span<const float> v) {
+  set(std::move(key), array_value(GGUFType::F32, v));
+}
+
+void GGUFWriter::add_tensor(std::string name, GGMLType type, std::vector<uint64_t> dims,
+                            std::span<const std::byte> data) {
+  if (name.empty() || name.size() > kMaxTensorName)
+    fail("GGUFWriter: tensor name '{}' must have 1 to {} bytes", name, kMaxTensorName);
+  if (dims.size() > kMaxDims) fail("GGUFWriter: tensor '{}' has {} dimensions (at most {})", name, dims.size(), kMaxDims);
+  for (const TensorEntry& t : tensors_)
+    if (t.name == name) fail("GGUFWriter: tensor '{}' added twice", name);
+  uint64_t numel = 1;
+  for (uint64_t d : dims) numel *= d;
+  const auto traits = ggml_type_traits(type);
+  if (!traits) fail("GGUFWriter: tensor '{}' has unknown ggml type {}", name, uint32_t(type));
+  if (!dims.empty() && dims[0] % traits->block_size != 0)
+    fail("GGUFWriter: tensor '{}' dimension 0 = {} is not a whole number of {} blocks of {}", name, dims[0],
+         traits->name, traits->block_size);
+  const uint64_t want = ggml_nbytes(type, numel);
+  if (data.size() != want)
+    fail("GGUFWriter: tensor '{}' ({} {}) needs {} bytes, got {}", name, ggml_type_name(type), fmt::join(dims, "x"),
+         want, data.size());
+  tensors_.push_back({std::move(name), type, std::move(dims), {data.begin(), data.end()}});
+}
+
+std::vector<std::byte> GGUFWriter::bytes() const {
+  std::vector<std::byte> out;
+  put<uint32_t>(out, 0x46554747u);  // "GGUF"
+  put<uint32_t>(out, 3);
+  put<uint64_t>(out, tensors_.size());
+  put<uint64_t>(out, entries_.size());
+  for (const Entry& e : entries_) {
+    put_string(out, e.key);
+    out.insert(out.end(), e.value.begin(), e.value.end());
+  }
+  auto padded = [&](uint64_t n) { return (n + alignment_ - 1) / alignment_ * alignment_; };
+  uint64_t offset = 0;
+  for (const TensorEntry& t : tensors_) {
+    put_string(out, t.name);
+    put<uint32_t>(out, uint32_t(t.dims.size()));
+    for (uint64_t d : t.dims) put<uint64_t>(out, d);
+    put<uint32_t>(out, uint32_t(t.type));
+    put<uint64_t>(out, offset);
+    offset += padded(t.data.size());
+  }
+  out.resize(padded(out.size()));
+  for (const TensorEntry& t : tensors_) {
+    out.insert(out.end(), t.data.begin(), t.data.end());
+    out.resize(padded(out.size()));
+  }
+  return out;
+}
+
+void GGUFWriter::write(const std::string& path) const {
+  const std::vector<std::byte> data = bytes();
+  const std::span<const std::byte> pieces[] = {data};
+  write_file_atomic(path, pieces);
 }
 
 }  // namespace multipole

@@ -5,6 +5,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -509,4 +510,48 @@ TEST(GGUF, RandomCorruptionNeverCrashes) {
     }
   }
   EXPECT_GT(loaded, 0);  // flips in tensor data leave the file valid
+}
+
+TEST(GGUF, WriterRoundTrip) {
+  GGUFWriter w(64);
+  w.set_string("general.architecture", "qwen3");
+  w.set_u32("qwen3.block_count", 2);
+  w.set_i64("t.i64", -5);
+  w.set_f32("t.f32", 0.5f);
+  w.set_f64("t.f64", 2.25);
+  w.set_bool("t.bool", true);
+  w.set_u32("qwen3.block_count", 3);  // replaces
+  const std::vector<std::string> toks = {"a", "", "Ġb"};
+  w.set_string_array("tokenizer.ggml.tokens", toks);
+  const std::vector<int32_t> types = {1, 3, 1};
+  w.set_i32_array("tokenizer.ggml.token_type", types);
+  std::vector<std::byte> f32(4 * 10 * 4), q4k(144 * 2);
+  for (size_t k = 0; k < f32.size(); ++k) f32[k] = std::byte(k);
+  for (size_t k = 0; k < q4k.size(); ++k) q4k[k] = std::byte(255 - k % 256);
+  w.add_tensor("a", GGMLType::F32, {4, 10}, f32);
+  w.add_tensor("b", GGMLType::Q4_K, {512}, q4k);
+  EXPECT_THROW(w.add_tensor("c", GGMLType::Q4_K, {100}, q4k), Error);
+  EXPECT_THROW(w.add_tensor("a", GGMLType::F32, {4, 10}, f32), Error);
+  EXPECT_THROW(w.add_tensor("d", GGMLType::F32, {4, 11}, f32), Error);
+  EXPECT_THROW(w.add_tensor("e", GGMLType(4), {32}, q4k), Error);
+  const std::string path = (fs::temp_directory_path() / ("mp_gguf_writer_" + std::to_string(::getpid()))).string();
+  w.write(path);
+  GGUFFile f(path);
+  fs::remove(path);
+  EXPECT_EQ(f.alignment(), 64u);
+  EXPECT_EQ(f.get_string("general.architecture"), "qwen3");
+  EXPECT_EQ(f.get_uint("qwen3.block_count"), 3u);
+  EXPECT_EQ(f.get_int("t.i64"), -5);
+  EXPECT_EQ(f.get_float("t.f32"), 0.5);
+  EXPECT_EQ(f.get_float("t.f64"), 2.25);
+  EXPECT_TRUE(f.get_bool("t.bool"));
+  auto got = f.get_string_array("tokenizer.ggml.tokens");
+  EXPECT_EQ(std::vector<std::string>(got.begin(), got.end()), toks);
+  EXPECT_EQ(f.get_int_array("tokenizer.ggml.token_type"), (std::vector<int64_t>{1, 3, 1}));
+  ASSERT_EQ(f.tensors().size(), 2u);
+  EXPECT_EQ(f.tensor("a").dims, (std::vector<uint64_t>{4, 10}));
+  EXPECT_EQ(f.tensor("b").type, GGMLType::Q4_K);
+  EXPECT_EQ(f.tensor("b").offset % 64, 0u);
+  EXPECT_TRUE(std::equal(f32.begin(), f32.end(), f.tensor("a").data.begin()));
+  EXPECT_TRUE(std::equal(q4k.begin(), q4k.end(), f.tensor("b").data.begin()));
 }

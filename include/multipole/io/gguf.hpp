@@ -135,4 +135,48 @@ class GGUFFile {
   std::map<std::string, size_t, std::less<>> tensor_index_;
 };
 
+// Builds a GGUF v3 file in memory (tests write tiny checkpoints and tokenizers with it).
+// Metadata keeps insertion order (setting a key again replaces its value); tensors are laid
+// out in the order added, each at a multiple of the alignment.
+class GGUFWriter {
+ public:
+  explicit GGUFWriter(uint32_t alignment = 32);  // != 32 also writes general.alignment
+
+  void set_u8(std::string key, uint8_t v);
+  void set_u32(std::string key, uint32_t v);
+  void set_i32(std::string key, int32_t v);
+  void set_u64(std::string key, uint64_t v);
+  void set_i64(std::string key, int64_t v);
+  void set_f32(std::string key, float v);
+  void set_f64(std::string key, double v);
+  void set_bool(std::string key, bool v);
+  void set_string(std::string key, std::string_view v);
+  void set_string_array(std::string key, std::span<const std::string> v);
+  void set_i32_array(std::string key, std::span<const int32_t> v);
+  void set_f32_array(std::string key, std::span<const float> v);
+
+  // data: the tensor's bytes in `type`'s block layout, ggml_nbytes(type, numel) of them;
+  // dims in ggml order (dims[0] contiguous). Throws on a size mismatch or a repeated name.
+  void add_tensor(std::string name, GGMLType type, std::vector<uint64_t> dims, std::span<const std::byte> data);
+
+  std::vector<std::byte> bytes() const;
+  void write(const std::string& path) const;  // atomically (temporary file, then rename)
+
+ private:
+  struct Entry {
+    std::string key;
+    std::vector<std::byte> value;  // u32 type, then the value as stored in the file
+  };
+  struct TensorEntry {
+    std::string name;
+    GGMLType type;
+    std::vector<uint64_t> dims;
+    std::vector<std::byte> data;
+  };
+  void set(std::string key, std::vector<std::byte> value);
+  uint32_t alignment_;
+  std::vector<Entry> entries_;
+  std::vector<TensorEntry> tensors_;
+};
+
 }  // namespace multipole
