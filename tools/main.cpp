@@ -15,6 +15,9 @@ int main(int argc, char** argv) {
   multipole::cli::add_bench_command(app);
   multipole::cli::add_generate_command(app);
   multipole::cli::add_inspect_command(app);
+#ifdef MULTIPOLE_HAVE_CUDA
+  multipole::cli::add_bench_cuda_command(app);
+#endif
 #ifdef MULTIPOLE_HAVE_TOKENIZER
   multipole::cli::add_tokenize_command(app);
 #endif

@@ -1,0 +1,47 @@
+#pragma once
+// Decode-attention timing on the GPU: dense, multipole and squeezed side by side per
+// (batch, context), one layer-step each, timed with CUDA events after warm-up (median;
+// L2 flushed before every timed step, as triton's do_bench does for the PyTorch baseline),
+// optionally replayed from a CUDA graph. Synthetic data: random K/V on scattered pages,
+// a synthetic one-level cluster index (sizes 8..24, random centroids).
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "multipole/core/dtype.hpp"
+
+namespace multipole::cuda {
+
+struct CudaBenchOptions {
+  std::vector<int> batches = {1, 4, 16};
+  std::vector<int64_t> contexts = {32768, 131072};
+  int q_heads = 32, kv_heads = 8, head_dim = 128;
+  int page_size = 16;
+  int budget = 128;
+  int tokens_per_centroid = 16;
+  DType dtype = DType::BF16;      // K/V and value centroids
+  DType key_dtype = DType::BF16;  // key centroids: f32 or the KV dtype
+  int warmup = 10, iterations = 50;
+  bool graph = true;
+  bool stages = true;  // also time multipole's first stages (score; score + select)
+  uint64_t seed = 1;
+};
+
+struct CudaBenchRow {
+  int batch = 0;
+  int64_t context = 0;
+  std::string variant;       // dense, multipole, squeezed, mp-score, mp-score+select
+  double us = 0;             // median time per layer-step
+  double ratio_to_dense = 0; // dense time / this time
+  double gbps = 0;           // bytes below / time
+  int64_t bytes = 0;         // bytes the step must read (K/V rows, centroids, lists)
+  int launches = 0;
+  int ctas = 0;
+};
+
+// Calls on_row as each row is measured; returns all rows. Throws without a CUDA device.
+std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& options,
+                                                   const std::function<void(const CudaBenchRow&)>& on_row = {});
+
+}  // namespace multipole::cuda

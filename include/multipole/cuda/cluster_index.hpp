@@ -1,0 +1,76 @@
+#pragma once
+// Flat device cluster index for Multipole decode: for each (sequence, KV head) of a batch,
+// one level of clusters over the clustered region [sinks, clustered_end): key centroids (in
+// the pre-RoPE key space), value centroids, sizes, and cluster -> token lists (CSR). Built
+// on the host from HostClusterLevel entries (one per (b, h), b-major) and uploaded once;
+// decode reads it without host synchronisation.
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "multipole/core/dtype.hpp"
+#include "multipole/cuda/runtime.hpp"
+
+namespace multipole::cuda {
+
+// One (sequence, KV head): C clusters of dimension d.
+struct HostClusterLevel {
+  int64_t clustered_end = 0;            // the clusters cover positions [sinks, clustered_end)
+  std::vector<float> key_centroids;     // [C, d]
+  std::vector<float> value_centroids;   // [C, d]
+  std::vector<int32_t> sizes;           // [C], sizes[i] == member_offsets[i+1] - member_offsets[i]
+  std::vector<int32_t> member_offsets;  // [C + 1]
+  std::vector<int32_t> members;         // [member_offsets[C]] token positions
+  int num_clusters() const { return int(sizes.size()); }
+};
+
+// Plain view for kernels.
+struct DeviceClusterView {
+  const void* key_centroids = nullptr;    // [total_clusters, d], f32 or the KV dtype
+  const void* value_centroids = nullptr;  // [total_clusters, d], the KV dtype
+  const int32_t* sizes = nullptr;         // [total_clusters]
+  const int32_t* member_begin = nullptr;  // [total_clusters] into members
+  const int32_t* members = nullptr;       // [total_members] token positions
+  const int32_t* entry_begin = nullptr;   // [entries] first cluster of entry (b, h)
+  const int32_t* entry_count = nullptr;   // [entries] clusters of entry (b, h)
+  const int32_t* entry_end = nullptr;     // [entries] clustered_end of entry (b, h)
+  DType key_dtype = DType::F32;
+  DType value_dtype = DType::BF16;
+};
+
+class DeviceClusterIndex {
+ public:
+  // entries: [batch * num_kv_heads], entry b * num_kv_heads + h describes sequence b of the
+  // batch it will decode with, KV head h. key_dtype: f32 or value_dtype; value_dtype: the
+  // cache's (bf16/f16). Throws naming the entry and field on inconsistent input. When every
+  // entry's centroid vectors are empty, the centroids are left unset on the device for
+  // fill_random_centroids (benchmarks).
+  DeviceClusterIndex(int head_dim, int num_kv_heads, DType key_dtype, DType value_dtype,
+                     std::span<const HostClusterLevel> entries);
+
+  DeviceClusterView view() const;
+  int head_dim() const { return head_dim_; }
+  int num_kv_heads() const { return num_kv_heads_; }
+  int entries() const { return int(entry_begin_.size()); }
+  int max_clusters() const { return max_clusters_; }
+  int64_t total_clusters() const { return total_clusters_; }
+  int entry_clusters(int e) const { return entry_count_[e]; }
+  int64_t entry_clustered_end(int e) const { return entry_end_[e]; }
+  int64_t entry_first_cluster(int e) const { return entry_begin_[e]; }
+  DType key_dtype() const { return key_dtype_; }
+  DType value_dtype() const { return value_dtype_; }
+  // Benchmarks: centroids drawn uniformly from [-1, 1) on the device.
+  void fill_random_centroids(uint64_t seed);
+  // Bytes of centroids (keys + values) on the device.
+  int64_t centroid_bytes() const;
+
+ private:
+  int head_dim_ = 0, num_kv_heads_ = 0;
+  DType key_dtype_ = DType::F32, value_dtype_ = DType::BF16;
+  int max_clusters_ = 0;
+  int64_t total_clusters_ = 0;
+  std::vector<int32_t> entry_begin_, entry_count_, entry_end_;
+  DeviceBuffer keys_, values_, sizes_, member_begin_, members_, d_entry_begin_, d_entry_count_, d_entry_end_;
+};
+
+}  // namespace multipole::cuda

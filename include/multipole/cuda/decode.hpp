@@ -1,0 +1,75 @@
+#pragma once
+// Decode attention on the GPU for a batch of sequences of different lengths over the device
+// paged KV cache: dense (split-KV + merge, one launch per layer-step) and Multipole
+// (score -> select -> exact + far field, three launches per layer-step, no host sync;
+// squeezed when config.multipole_far_field is false). All launches of a step are
+// asynchronous on the given stream and capturable in a CUDA graph once planned.
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "multipole/attention/config.hpp"
+#include "multipole/cuda/cluster_index.hpp"
+#include "multipole/cuda/kv_cache.hpp"
+#include "multipole/cuda/runtime.hpp"
+
+namespace multipole::cuda {
+
+struct DecodePlanInfo {
+  int batch = 0;
+  int dense_chunk = 0, dense_ctas = 0, dense_max_splits = 0;  // virtual positions per split, CTAs
+  int mp_chunk = 0, mp_ctas = 0, score_ctas = 0, exact_cap = 0;
+  int heads_per_cta = 0;
+};
+
+class CudaDecoder {
+ public:
+  // Uses num_q_heads, num_kv_heads, head_dim (64 or 128), softmax_scale(), budget,
+  // cluster.sinks and multipole_far_field. Throws on unsupported shapes.
+  explicit CudaDecoder(const AttentionConfig& config);
+
+  // Plans the next step(s) for `seqs` from the lengths the cache mirror holds on the host:
+  // splits per sequence to fill the GPU, sequence ids and split tables uploaded. With an
+  // index, also the multipole plan (the index must describe exactly these sequences, in
+  // order). Host work plus small synchronous copies: call outside a captured region, again
+  // when the batch or its lengths change (a sequence that grew since is still covered).
+  void plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, const DeviceClusterIndex* index = nullptr);
+  const DecodePlanInfo& plan_info() const { return info_; }
+
+  // q:   [B, Hq, D] f32 device, rotated to each query's position
+  // out: [B, Hq, D] f32 device (16-byte aligned)
+  void dense(const DeviceKVCache& cache, int layer, const float* q, float* out, Stream stream) const;
+
+  // q:       [B, Hq, D] f32 device, rotated to each query's position (exact part)
+  // q_score: [B, Hq, D] f32 device, rotated to config.score_position (cluster scoring and
+  //          far field, against the pre-RoPE centroids)
+  // out:     [B, Hq, D] f32 device (16-byte aligned)
+  // stages < 3 stops after scoring (1) or selection (2): timing diagnostics only.
+  void multipole(const DeviceKVCache& cache, int layer, const DeviceClusterIndex& index, const float* q,
+                 const float* q_score, float* out, Stream stream, int stages = 3) const;
+
+  static constexpr int kDenseLaunches = 1;
+  static constexpr int kMultipoleLaunches = 3;
+
+  // Inspection of the last multipole step (synchronous; tests and diagnostics).
+  std::vector<int32_t> far_sizes() const;       // [total_clusters]: n if far field, 0 if selected/empty
+  std::vector<int32_t> exact_counts() const;    // [B * Hkv]
+  uint32_t error_flags() const;                  // bit 0: an exact set overflowed its capacity
+  void clear_error_flags();
+
+ private:
+  AttentionConfig config_;
+  int gc_ = 0, head_chunks_ = 0;
+  DecodePlanInfo info_;
+  // Dense plan.
+  DeviceBuffer seq_ids_, d_item_seq_, d_item_split_, d_seq_base_, d_seq_splits_;
+  // Multipole plan.
+  DeviceBuffer m_item_seq_, m_item_split_, m_seq_base_, m_seq_splits_;
+  DeviceBuffer s_item_seq_, s_item_chunk_, s_seq_base_, s_seq_chunks_;
+  // Workspaces.
+  DeviceBuffer part_o_, part_ml_, counters_, scores_, score_part_, far_size_, exact_rows_, exact_n_, errors_;
+  int64_t index_clusters_ = 0;
+  int smem_clusters_ = 0;
+};
+
+}  // namespace multipole::cuda

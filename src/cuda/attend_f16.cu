@@ -1,0 +1,9 @@
+// Attention kernels for f16 KV (one translation unit per storage type keeps builds parallel).
+#include "cuda/attend_launch.cuh"
+
+namespace multipole::cuda::detail {
+void launch_attend_f16(const AttendArgs& a, int head_dim, int gc, bool mp, int items, Stream stream) {
+  launch_attend_typed<__half>(a, head_dim, gc, mp, items, stream);
+}
+int attend_occupancy_f16(int head_dim, int gc, bool mp) { return attend_occupancy_typed<__half>(head_dim, gc, mp); }
+}  // namespace multipole::cuda::detail

@@ -1,0 +1,190 @@
+#include "multipole/cuda/bench.hpp"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <numeric>
+#include <random>
+
+#include "cuda/check.hpp"
+#include "cuda/launch.hpp"
+#include "multipole/core/error.hpp"
+#include "multipole/cuda/decode.hpp"
+
+namespace multipole::cuda {
+
+namespace {
+
+// Median time of `step` in microseconds: warm-up, then (graph replay or direct launches)
+// each timed step preceded by an L2 flush.
+template <class Step>
+double time_step(const Step& step, const CudaBenchOptions& o, cudaStream_t s, DeviceBuffer& flush) {
+  for (int i = 0; i < o.warmup; ++i) step(s);
+  MP_CUDA_CHECK(cudaStreamSynchronize(s));
+  cudaGraphExec_t exec = nullptr;
+  cudaGraph_t graph = nullptr;
+  if (o.graph) {
+    MP_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    step(s);
+    MP_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+    MP_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    MP_CUDA_CHECK(cudaGraphLaunch(exec, s));  // upload
+  }
+  std::vector<cudaEvent_t> ev(2 * size_t(o.iterations));
+  for (auto& e : ev) MP_CUDA_CHECK(cudaEventCreate(&e));
+  for (int i = 0; i < o.iterations; ++i) {
+    MP_CUDA_CHECK(cudaMemsetAsync(flush.data(), i & 0xff, flush.size(), s));
+    MP_CUDA_CHECK(cudaEventRecord(ev[2 * i], s));
+    if (exec)
+      MP_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    else
+      step(s);
+    MP_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1], s));
+  }
+  MP_CUDA_CHECK(cudaStreamSynchronize(s));
+  std::vector<float> ms(o.iterations);
+  for (int i = 0; i < o.iterations; ++i) MP_CUDA_CHECK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
+  for (auto& e : ev) cudaEventDestroy(e);
+  if (exec) cudaGraphExecDestroy(exec);
+  if (graph) cudaGraphDestroy(graph);
+  std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
+  return double(ms[ms.size() / 2]) * 1e3;
+}
+
+}  // namespace
+
+std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
+                                                   const std::function<void(const CudaBenchRow&)>& on_row) {
+  MP_CHECK(device_count() > 0, "bench: no CUDA device");
+  MP_CHECK(o.iterations > 0 && o.warmup >= 0, "bench: iterations {} must be > 0 and warmup {} >= 0", o.iterations,
+           o.warmup);
+  AttentionConfig ac;
+  ac.num_q_heads = o.q_heads;
+  ac.num_kv_heads = o.kv_heads;
+  ac.head_dim = o.head_dim;
+  ac.rope.head_dim = o.head_dim;
+  ac.budget = o.budget;
+  ac.cluster.tokens_per_centroid = {o.tokens_per_centroid};
+  ac.validate();
+  const int Hkv = o.kv_heads, D = o.head_dim, Hq = o.q_heads, G = ac.group_size();
+  cudaStream_t stream;
+  MP_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  DeviceBuffer flush(size_t(256) << 20);
+  std::vector<CudaBenchRow> rows;
+  std::mt19937_64 rng(o.seed);
+
+  for (int B : o.batches)
+    for (int64_t ctx : o.contexts) {
+      MP_CHECK(B > 0 && ctx > 0, "bench: batch {} and context {} must be > 0", B, ctx);
+      KVCacheConfig kc;
+      kc.num_layers = 1;
+      kc.num_kv_heads = Hkv;
+      kc.head_dim = D;
+      kc.page_size = o.page_size;
+      kc.dtype = o.dtype;
+      kc.max_tokens = int64_t(B) * (ctx + o.page_size);
+      DeviceKVCache dev(kc, B);
+      // Scattered pages, as a cache that has served many requests would hand out.
+      std::vector<int32_t> perm(size_t(dev.num_pages()));
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      const int64_t pages_per_seq = (ctx + o.page_size - 1) / o.page_size;
+      std::vector<SeqId> seqs;
+      for (int b = 0; b < B; ++b) {
+        seqs.push_back(b);
+        dev.set_sequence(b, std::span<const int32_t>(perm.data() + b * pages_per_seq, size_t(pages_per_seq)), ctx);
+      }
+      dev.flush_tables();
+      detail::launch_fill_random(dev.key_pool(0), dev.pool_bytes() / 2, o.dtype, rng(), nullptr);
+      detail::launch_fill_random(dev.value_pool(0), dev.pool_bytes() / 2, o.dtype, rng(), nullptr);
+
+      std::vector<HostClusterLevel> entries;
+      const int64_t end = ac.middle_end(ctx), s0 = std::min<int64_t>(ac.cluster.sinks, end);
+      const int lo = std::max(1, o.tokens_per_centroid / 2), span = o.tokens_per_centroid + 1;
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < Hkv; ++h) {
+          HostClusterLevel e;
+          e.clustered_end = end;
+          e.member_offsets.push_back(0);
+          for (int64_t p = s0; p < end;) {
+            const int n = int(std::min<int64_t>(lo + int64_t(rng() % span), end - p));
+            for (int k = 0; k < n; ++k) e.members.push_back(int32_t(p + k));
+            e.sizes.push_back(n);
+            e.member_offsets.push_back(int32_t(e.members.size()));
+            p += n;
+          }
+          entries.push_back(std::move(e));
+        }
+      DeviceClusterIndex index(D, Hkv, o.key_dtype, o.dtype, entries);
+      index.fill_random_centroids(rng());
+      entries.clear();
+
+      std::normal_distribution<float> nd(0.0f, 1.0f);
+      std::vector<float> hq(size_t(B) * Hq * D), hqs(hq.size());
+      for (auto& x : hq) x = nd(rng);
+      for (auto& x : hqs) x = nd(rng);
+      DeviceBuffer q(hq.size() * 4), qs(hq.size() * 4), out(hq.size() * 4);
+      q.upload(hq.data(), hq.size() * 4);
+      qs.upload(hqs.data(), hqs.size() * 4);
+
+      CudaDecoder dec(ac);
+      dec.plan(dev, seqs, &index);
+      AttentionConfig sqc = ac;
+      sqc.multipole_far_field = false;
+      CudaDecoder squeezed(sqc);
+      squeezed.plan(dev, seqs, &index);
+      const float *pq = q.as<float>(), *pqs = qs.as<float>();
+      float* po = out.as<float>();
+
+      // Bytes each variant must read.
+      dec.multipole(dev, 0, index, pq, pqs, po, stream);
+      MP_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const auto counts = dec.exact_counts();
+      const int64_t exact = std::accumulate(counts.begin(), counts.end(), int64_t(0));
+      const int64_t row = int64_t(D) * int64_t(dtype_size(o.dtype));
+      const int64_t C = index.total_clusters();
+      const int64_t kbytes = C * D * int64_t(dtype_size(o.key_dtype)), vbytes = C * row;
+      const int64_t lists = C * (4 + 4 + 4) + C * G * 4 * 2;  // sizes, far sizes, member starts, scores w+r
+      const int64_t dense_bytes = int64_t(B) * Hkv * ctx * row * 2;
+      const int64_t mp_bytes = kbytes + vbytes + lists + exact * (2 * row + 4);
+
+      const int dense_ctas = dec.plan_info().dense_ctas;
+      double dense_us = 0;
+      auto emit = [&](const std::string& name, double us, int64_t bytes, int launches, int ctas) {
+        if (name == "dense") dense_us = us;
+        CudaBenchRow r;
+        r.batch = B;
+        r.context = ctx;
+        r.variant = name;
+        r.us = us;
+        r.ratio_to_dense = dense_us > 0 ? dense_us / us : 0;
+        r.bytes = bytes;
+        r.gbps = double(bytes) / (us * 1e-6) / 1e9;
+        r.launches = launches;
+        r.ctas = ctas;
+        rows.push_back(r);
+        if (on_row) on_row(r);
+      };
+      emit("dense", time_step([&](cudaStream_t s) { dec.dense(dev, 0, pq, po, s); }, o, stream, flush), dense_bytes,
+           CudaDecoder::kDenseLaunches, dense_ctas);
+      emit("multipole",
+           time_step([&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s); }, o, stream, flush),
+           mp_bytes, CudaDecoder::kMultipoleLaunches, dec.plan_info().mp_ctas);
+      emit("squeezed",
+           time_step([&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, o, stream, flush),
+           mp_bytes - vbytes, CudaDecoder::kMultipoleLaunches, squeezed.plan_info().mp_ctas);
+      if (o.stages) {
+        emit("mp-score",
+             time_step([&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s, 1); }, o, stream, flush),
+             kbytes + C * (4 + G * 4), 1, dec.plan_info().score_ctas);
+        emit("mp-score+select",
+             time_step([&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s, 2); }, o, stream, flush),
+             kbytes + lists, 2, dec.plan_info().score_ctas + B * Hkv);
+      }
+      MP_CHECK(dec.error_flags() == 0, "bench: exact set overflow (flags {})", dec.error_flags());
+    }
+  cudaStreamDestroy(stream);
+  return rows;
+}
+
+}  // namespace multipole::cuda

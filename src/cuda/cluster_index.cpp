@@ -1,0 +1,127 @@
+#include "multipole/cuda/cluster_index.hpp"
+
+#include <algorithm>
+#include <limits>
+
+#include "cuda/launch.hpp"
+#include "multipole/core/error.hpp"
+
+namespace multipole::cuda {
+
+DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key_dtype, DType value_dtype,
+                                       std::span<const HostClusterLevel> entries)
+    : head_dim_(head_dim), num_kv_heads_(num_kv_heads), key_dtype_(key_dtype), value_dtype_(value_dtype) {
+  MP_CHECK(head_dim > 0 && head_dim % 8 == 0, "cluster index: head_dim {} must be a positive multiple of 8", head_dim);
+  MP_CHECK(num_kv_heads > 0, "cluster index: num_kv_heads {} must be > 0", num_kv_heads);
+  MP_CHECK(value_dtype == DType::BF16 || value_dtype == DType::F16, "cluster index: value dtype {} must be bf16 or f16",
+           dtype_name(value_dtype));
+  MP_CHECK(key_dtype == DType::F32 || key_dtype == value_dtype,
+           "cluster index: key centroid dtype {} must be f32 or the value dtype {}", dtype_name(key_dtype),
+           dtype_name(value_dtype));
+  MP_CHECK(!entries.empty() && entries.size() % size_t(num_kv_heads) == 0,
+           "cluster index: {} entries is not a positive multiple of {} KV heads", entries.size(), num_kv_heads);
+  const size_t d = size_t(head_dim);
+  int64_t clusters = 0, members = 0;
+  const bool on_device = std::all_of(entries.begin(), entries.end(), [](const HostClusterLevel& x) {
+    return x.key_centroids.empty() && x.value_centroids.empty();
+  });
+  for (size_t e = 0; e < entries.size(); ++e) {
+    const auto& x = entries[e];
+    const size_t C = x.sizes.size();
+    MP_CHECK(on_device || (x.key_centroids.size() == C * d && x.value_centroids.size() == C * d),
+             "cluster index: entry {} has {} sizes but {} key and {} value centroid floats (expected {} x {})", e, C,
+             x.key_centroids.size(), x.value_centroids.size(), C, d);
+    MP_CHECK(x.member_offsets.size() == C + 1 && x.member_offsets[0] == 0,
+             "cluster index: entry {} member_offsets has {} entries starting at {}, expected {} starting at 0", e,
+             x.member_offsets.size(), x.member_offsets.empty() ? -1 : x.member_offsets[0], C + 1);
+    MP_CHECK(x.clustered_end >= 0 && x.clustered_end <= std::numeric_limits<int32_t>::max(),
+             "cluster index: entry {} clustered_end {} out of range", e, x.clustered_end);
+    for (size_t i = 0; i < C; ++i)
+      MP_CHECK(x.sizes[i] >= 0 && x.member_offsets[i + 1] - x.member_offsets[i] == x.sizes[i],
+               "cluster index: entry {} cluster {} has size {} but {} members", e, i, x.sizes[i],
+               x.member_offsets[i + 1] - x.member_offsets[i]);
+    MP_CHECK(int64_t(x.members.size()) == x.member_offsets[C],
+             "cluster index: entry {} has {} members, offsets say {}", e, x.members.size(), x.member_offsets[C]);
+    for (size_t k = 0; k < x.members.size(); ++k)
+      MP_CHECK(x.members[k] >= 0 && x.members[k] < x.clustered_end,
+               "cluster index: entry {} member {} is position {}, outside [0, clustered_end={})", e, k, x.members[k],
+               x.clustered_end);
+    clusters += int64_t(C);
+    members += int64_t(x.members.size());
+    max_clusters_ = std::max(max_clusters_, int(C));
+  }
+  MP_CHECK(clusters < std::numeric_limits<int32_t>::max() && members < std::numeric_limits<int32_t>::max(),
+           "cluster index: {} clusters / {} members exceed the 2^31 limit", clusters, members);
+  total_clusters_ = clusters;
+
+  const size_t ksize = dtype_size(key_dtype), vsize = dtype_size(value_dtype);
+  std::vector<std::byte> keys, values;
+  if (!on_device) {
+    keys.resize(size_t(clusters) * d * ksize);
+    values.resize(size_t(clusters) * d * vsize);
+  }
+  std::vector<int32_t> sizes, begin, mem;
+  sizes.reserve(size_t(clusters));
+  begin.reserve(size_t(clusters));
+  mem.reserve(size_t(members));
+  int64_t c0 = 0;
+  for (const auto& x : entries) {
+    const size_t C = x.sizes.size();
+    entry_begin_.push_back(int32_t(c0));
+    entry_count_.push_back(int32_t(C));
+    entry_end_.push_back(int32_t(x.clustered_end));
+    if (C && !on_device) {
+      convert_from_f32(x.key_centroids.data(), key_dtype, keys.data() + size_t(c0) * d * ksize, C * d);
+      convert_from_f32(x.value_centroids.data(), value_dtype, values.data() + size_t(c0) * d * vsize, C * d);
+    }
+    for (size_t i = 0; i < C; ++i) {
+      sizes.push_back(x.sizes[i]);
+      begin.push_back(int32_t(mem.size()) + x.member_offsets[i]);
+    }
+    mem.insert(mem.end(), x.members.begin(), x.members.end());
+    c0 += int64_t(C);
+  }
+  auto put = [](DeviceBuffer& buf, const void* src, size_t bytes) {
+    buf.reserve(std::max<size_t>(bytes, 16));
+    buf.upload(src, bytes);
+  };
+  keys_.reserve(std::max<size_t>(size_t(clusters) * d * ksize, 16));
+  values_.reserve(std::max<size_t>(size_t(clusters) * d * vsize, 16));
+  if (!on_device) {
+    keys_.upload(keys.data(), keys.size());
+    values_.upload(values.data(), values.size());
+  }
+  put(sizes_, sizes.data(), sizes.size() * 4);
+  put(member_begin_, begin.data(), begin.size() * 4);
+  put(members_, mem.data(), mem.size() * 4);
+  put(d_entry_begin_, entry_begin_.data(), entry_begin_.size() * 4);
+  put(d_entry_count_, entry_count_.data(), entry_count_.size() * 4);
+  put(d_entry_end_, entry_end_.data(), entry_end_.size() * 4);
+}
+
+DeviceClusterView DeviceClusterIndex::view() const {
+  DeviceClusterView v;
+  v.key_centroids = keys_.data();
+  v.value_centroids = values_.data();
+  v.sizes = sizes_.as<const int32_t>();
+  v.member_begin = member_begin_.as<const int32_t>();
+  v.members = members_.as<const int32_t>();
+  v.entry_begin = d_entry_begin_.as<const int32_t>();
+  v.entry_count = d_entry_count_.as<const int32_t>();
+  v.entry_end = d_entry_end_.as<const int32_t>();
+  v.key_dtype = key_dtype_;
+  v.value_dtype = value_dtype_;
+  return v;
+}
+
+void DeviceClusterIndex::fill_random_centroids(uint64_t seed) {
+  detail::launch_fill_random(keys_.data(), total_clusters_ * head_dim_, key_dtype_, seed, nullptr);
+  detail::launch_fill_random(values_.data(), total_clusters_ * head_dim_, value_dtype_, seed + 1, nullptr);
+  synchronize();
+}
+
+int64_t DeviceClusterIndex::centroid_bytes() const {
+  return total_clusters_ * head_dim_ * int64_t(dtype_size(key_dtype_) + dtype_size(value_dtype_));
+}
+
+}  // namespace multipole::cuda

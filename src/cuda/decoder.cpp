@@ -1,0 +1,336 @@
+// Host side of CUDA decode: split planning (fill the SMs from batch x heads x length) and
+// the launch sequence of a step. No synchronisation inside dense() / multipole().
+#include "multipole/cuda/decode.hpp"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "cuda/check.hpp"
+#include "cuda/launch.hpp"
+#include "multipole/core/error.hpp"
+
+namespace multipole::cuda {
+
+using namespace detail;
+
+namespace {
+
+constexpr int kTile = 32;        // virtual positions per attention tile
+constexpr int kMinChunkTiles = 2;
+
+struct SplitPlan {
+  int chunk = 0;
+  std::vector<int32_t> item_seq, item_split, seq_base, seq_splits;
+};
+
+// Smallest chunk (whole tiles) whose CTAs fit in one wave of `slots`, given `columns` CTAs
+// per (sequence, split) along grid.y; at most kMaxSplits splits per sequence.
+SplitPlan plan_splits(std::span<const int64_t> vlen, int columns, int64_t slots) {
+  int64_t max_tiles = 1, total_tiles = 0;
+  for (int64_t n : vlen) {
+    const int64_t t = (n + kTile - 1) / kTile;
+    max_tiles = std::max(max_tiles, t);
+    total_tiles += t;
+  }
+  int64_t chunk_tiles = std::max<int64_t>(kMinChunkTiles, (total_tiles * columns + slots - 1) / std::max<int64_t>(slots, 1));
+  chunk_tiles = std::max(chunk_tiles, (max_tiles + kMaxSplits - 1) / kMaxSplits);
+  auto ctas = [&](int64_t ct) {
+    int64_t n = 0;
+    for (int64_t v : vlen) n += std::max<int64_t>(1, ((v + kTile - 1) / kTile + ct - 1) / ct);
+    return n * columns;
+  };
+  while (ctas(chunk_tiles) > slots && chunk_tiles < max_tiles) chunk_tiles += std::max<int64_t>(1, chunk_tiles / 16);
+  SplitPlan p;
+  p.chunk = int(chunk_tiles * kTile);
+  for (size_t b = 0; b < vlen.size(); ++b) {
+    const int splits = int(std::max<int64_t>(1, ((vlen[b] + kTile - 1) / kTile + chunk_tiles - 1) / chunk_tiles));
+    p.seq_base.push_back(int32_t(p.item_seq.size()));
+    p.seq_splits.push_back(splits);
+    for (int s = 0; s < splits; ++s) {
+      p.item_seq.push_back(int32_t(b));
+      p.item_split.push_back(s);
+    }
+  }
+  return p;
+}
+
+template <class T>
+void upload_vector(DeviceBuffer& buf, const std::vector<T>& v) {
+  buf.reserve(std::max<size_t>(v.size(), 1) * sizeof(T));
+  buf.upload(v.data(), v.size() * sizeof(T));
+}
+
+int sm_count() {
+  int dev = 0, n = 0;
+  MP_CUDA_CHECK(cudaGetDevice(&dev));
+  MP_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n;
+}
+
+}  // namespace
+
+namespace detail {
+int attend_ctas_per_sm(DType dtype, int head_dim, int gc, bool mp) {
+  return dtype == DType::BF16 ? attend_occupancy_bf16(head_dim, gc, mp) : attend_occupancy_f16(head_dim, gc, mp);
+}
+int heads_per_cta(int group) {
+  // The largest chunk of at most 8 heads, rounded up to an instantiated size.
+  const int chunks = (group + 7) / 8;
+  const int per = (group + chunks - 1) / chunks;
+  return per <= 1 ? 1 : per <= 2 ? 2 : per <= 4 ? 4 : 8;
+}
+}  // namespace detail
+
+CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
+  config_.validate();
+  MP_CHECK(config_.head_dim == 64 || config_.head_dim == 128, "cuda decode: head_dim {} must be 64 or 128",
+           config_.head_dim);
+  gc_ = heads_per_cta(config_.group_size());
+  head_chunks_ = (config_.group_size() + gc_ - 1) / gc_;
+  errors_.reserve(sizeof(uint32_t));
+  errors_.memset(0);
+}
+
+void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, const DeviceClusterIndex* index) {
+  const auto& kc = cache.config();
+  const int Hkv = config_.num_kv_heads, G = config_.group_size(), D = config_.head_dim;
+  MP_CHECK(kc.num_kv_heads == Hkv && kc.head_dim == D,
+           "cuda decode: cache has {} KV heads of dim {}, the attention config {} of dim {}", kc.num_kv_heads,
+           kc.head_dim, Hkv, D);
+  MP_CHECK(!seqs.empty(), "cuda decode: empty batch");
+  const int B = int(seqs.size());
+  std::vector<int32_t> ids(seqs.begin(), seqs.end());
+  std::vector<int64_t> lens(B);
+  for (int b = 0; b < B; ++b) lens[b] = cache.host_length(seqs[b]);
+  const int64_t sms = sm_count();
+
+  info_ = DecodePlanInfo{};
+  info_.batch = B;
+  info_.heads_per_cta = gc_;
+  upload_vector(seq_ids_, ids);
+
+  const SplitPlan dp = plan_splits(lens, Hkv * head_chunks_, sms * attend_ctas_per_sm(kc.dtype, D, gc_, false));
+  upload_vector(d_item_seq_, dp.item_seq);
+  upload_vector(d_item_split_, dp.item_split);
+  upload_vector(d_seq_base_, dp.seq_base);
+  upload_vector(d_seq_splits_, dp.seq_splits);
+  info_.dense_chunk = dp.chunk;
+  info_.dense_ctas = int(dp.item_seq.size()) * Hkv * head_chunks_;
+  info_.dense_max_splits = *std::max_element(dp.seq_splits.begin(), dp.seq_splits.end());
+  int64_t items = int64_t(dp.item_seq.size());
+
+  if (index) {
+    MP_CHECK(index->entries() == B * Hkv && index->head_dim() == D && index->num_kv_heads() == Hkv,
+             "cuda decode: cluster index has {} entries of {} heads, dim {}; the batch needs {} x {} of dim {}",
+             index->entries(), index->num_kv_heads(), index->head_dim(), B, Hkv, D);
+    MP_CHECK(index->value_dtype() == kc.dtype, "cuda decode: value centroids are {}, the cache is {}",
+             dtype_name(index->value_dtype()), dtype_name(kc.dtype));
+    int64_t cap = 1;
+    std::vector<int64_t> vlen(B), score_chunks(B);
+    for (int b = 0; b < B; ++b) {
+      int64_t cmax = 0;
+      for (int h = 0; h < Hkv; ++h) {
+        const int e = b * Hkv + h;
+        const int64_t end = index->entry_clustered_end(e);
+        MP_CHECK(end <= lens[b], "cuda decode: entry (batch {}, head {}) clusters up to {}, beyond the length {}", b, h,
+                 end, lens[b]);
+        cap = std::max<int64_t>(cap, std::min<int64_t>(config_.cluster.sinks, end) + config_.budget + (lens[b] - end));
+        cmax = std::max<int64_t>(cmax, index->entry_clusters(e));
+      }
+      vlen[b] = cmax;  // pseudo-tokens; exact slots added below
+      score_chunks[b] = (cmax + kScoreChunk - 1) / kScoreChunk;
+    }
+    cap = (cap + 7) / 8 * 8;
+    MP_CHECK(cap < (int64_t(1) << 30), "cuda decode: exact set capacity {} too large", cap);
+    info_.exact_cap = int(cap);
+    for (int b = 0; b < B; ++b) vlen[b] = cap + (config_.multipole_far_field ? vlen[b] : 0);
+    const SplitPlan mp = plan_splits(vlen, Hkv * head_chunks_, sms * attend_ctas_per_sm(kc.dtype, D, gc_, true));
+    upload_vector(m_item_seq_, mp.item_seq);
+    upload_vector(m_item_split_, mp.item_split);
+    upload_vector(m_seq_base_, mp.seq_base);
+    upload_vector(m_seq_splits_, mp.seq_splits);
+    info_.mp_chunk = mp.chunk;
+    info_.mp_ctas = int(mp.item_seq.size()) * Hkv * head_chunks_;
+    items = std::max<int64_t>(items, int64_t(mp.item_seq.size()));
+
+    std::vector<int32_t> s_seq, s_chunk, s_base, s_count;
+    for (int b = 0; b < B; ++b) {
+      s_base.push_back(int32_t(s_seq.size()));
+      s_count.push_back(int32_t(score_chunks[b]));
+      for (int c = 0; c < score_chunks[b]; ++c) {
+        s_seq.push_back(b);
+        s_chunk.push_back(c);
+      }
+    }
+    upload_vector(s_item_seq_, s_seq);
+    upload_vector(s_item_chunk_, s_chunk);
+    upload_vector(s_seq_base_, s_base);
+    upload_vector(s_seq_chunks_, s_count);
+    info_.score_ctas = int(s_seq.size()) * Hkv * head_chunks_;
+    index_clusters_ = index->total_clusters();
+    smem_clusters_ = std::max(1, index->max_clusters());
+    scores_.reserve(size_t(std::max<int64_t>(index_clusters_, 1)) * G * sizeof(float));
+    score_part_.reserve(std::max<size_t>(s_seq.size(), 1) * Hkv * G * 2 * sizeof(float));
+    far_size_.reserve(size_t(std::max<int64_t>(index_clusters_, 1)) * sizeof(int32_t));
+    exact_rows_.reserve(size_t(B) * Hkv * cap * sizeof(int32_t));
+    exact_n_.reserve(size_t(B) * Hkv * sizeof(int32_t));
+    exact_n_.memset(0);
+  }
+  part_o_.reserve(size_t(items) * Hkv * G * D * sizeof(float));
+  part_ml_.reserve(size_t(items) * Hkv * G * 2 * sizeof(float));
+  counters_.reserve(size_t(B) * Hkv * head_chunks_ * sizeof(int32_t));
+  counters_.memset(0);
+}
+
+namespace {
+AttendArgs base_args(const DeviceKVCache& cache, int layer, const AttentionConfig& c, int gc, int head_chunks) {
+  const DeviceKVLayer kv = cache.layer(layer);
+  AttendArgs a;
+  a.keys = kv.keys;
+  a.values = kv.values;
+  a.page_size = kv.page_size;
+  a.num_kv_heads = kv.num_kv_heads;
+  a.tables = kv.tables;
+  a.table_offset = kv.table_offset;
+  a.lengths = kv.lengths;
+  a.group = c.group_size();
+  a.head_chunks = head_chunks;
+  a.qscale = c.softmax_scale() * 1.4426950408889634f;
+  (void)gc;
+  return a;
+}
+void launch_attend(const AttendArgs& a, DType dtype, int head_dim, int gc, bool mp, int items, Stream stream) {
+  if (dtype == DType::BF16)
+    launch_attend_bf16(a, head_dim, gc, mp, items, stream);
+  else
+    launch_attend_f16(a, head_dim, gc, mp, items, stream);
+}
+}  // namespace
+
+void CudaDecoder::dense(const DeviceKVCache& cache, int layer, const float* q, float* out, Stream stream) const {
+  MP_CHECK(info_.batch > 0, "cuda decode: dense() before plan()");
+  MP_CHECK(q && out, "cuda decode: null q or out");
+  AttendArgs a = base_args(cache, layer, config_, gc_, head_chunks_);
+  a.seq_ids = seq_ids_.as<const int32_t>();
+  a.q = q;
+  a.out = out;
+  a.item_seq = d_item_seq_.as<const int32_t>();
+  a.item_split = d_item_split_.as<const int32_t>();
+  a.seq_item_base = d_seq_base_.as<const int32_t>();
+  a.seq_splits = d_seq_splits_.as<const int32_t>();
+  a.chunk = info_.dense_chunk;
+  a.part_o = part_o_.as<float>();
+  a.part_ml = part_ml_.as<float>();
+  a.counters = counters_.as<int32_t>();
+  launch_attend(a, cache.config().dtype, config_.head_dim, gc_, false, info_.dense_ctas / (config_.num_kv_heads * head_chunks_),
+                stream);
+}
+
+void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceClusterIndex& index, const float* q,
+                            const float* q_score, float* out, Stream stream, int stages) const {
+  MP_CHECK(info_.exact_cap > 0, "cuda decode: multipole() before plan() with a cluster index");
+  MP_CHECK(index.total_clusters() == index_clusters_ && index.max_clusters() <= smem_clusters_,
+           "cuda decode: the cluster index changed since plan()");
+  MP_CHECK(q && q_score && out, "cuda decode: null q, q_score or out");
+  const int Hkv = config_.num_kv_heads, E = info_.batch * Hkv;
+  const DeviceClusterView cv = index.view();
+  const DeviceKVLayer kv = cache.layer(layer);
+
+  if (info_.score_ctas > 0) {
+    ScoreArgs s;
+    s.q_score = q_score;
+    s.key_centroids = cv.key_centroids;
+    s.sizes = cv.sizes;
+    s.entry_begin = cv.entry_begin;
+    s.entry_count = cv.entry_count;
+    s.num_kv_heads = Hkv;
+    s.group = config_.group_size();
+    s.head_chunks = head_chunks_;
+    s.qscale = config_.softmax_scale() * 1.4426950408889634f;
+    s.item_seq = s_item_seq_.as<const int32_t>();
+    s.item_chunk = s_item_chunk_.as<const int32_t>();
+    s.scores = scores_.as<float>();
+    s.part = score_part_.as<float>();
+    launch_score(s, config_.head_dim, gc_, cv.key_dtype == DType::F32 ? DType::F32 : cache.config().dtype,
+                 info_.score_ctas / (Hkv * head_chunks_), stream);
+  }
+
+  if (stages < 2) return;
+  SelectArgs sa;
+  sa.scores = scores_.as<const float>();
+  sa.part = score_part_.as<const float>();
+  sa.seq_score_base = s_seq_base_.as<const int32_t>();
+  sa.seq_score_chunks = s_seq_chunks_.as<const int32_t>();
+  sa.sizes = cv.sizes;
+  sa.member_begin = cv.member_begin;
+  sa.members = cv.members;
+  sa.entry_begin = cv.entry_begin;
+  sa.entry_count = cv.entry_count;
+  sa.entry_end = cv.entry_end;
+  sa.seq_ids = seq_ids_.as<const int32_t>();
+  sa.tables = kv.tables;
+  sa.table_offset = kv.table_offset;
+  sa.lengths = kv.lengths;
+  sa.page_size = kv.page_size;
+  sa.num_kv_heads = Hkv;
+  sa.group = config_.group_size();
+  sa.sinks = config_.cluster.sinks;
+  sa.budget = config_.budget;
+  sa.exact_cap = info_.exact_cap;
+  sa.far_size = far_size_.as<int32_t>();
+  sa.exact_rows = exact_rows_.as<int32_t>();
+  sa.exact_n = exact_n_.as<int32_t>();
+  sa.error_flags = errors_.as<uint32_t>();
+  sa.smem_clusters = smem_clusters_;
+  launch_select(sa, E, stream);
+  if (stages < 3) return;
+
+  AttendArgs a = base_args(cache, layer, config_, gc_, head_chunks_);
+  a.seq_ids = seq_ids_.as<const int32_t>();
+  a.q = q;
+  a.out = out;
+  a.item_seq = m_item_seq_.as<const int32_t>();
+  a.item_split = m_item_split_.as<const int32_t>();
+  a.seq_item_base = m_seq_base_.as<const int32_t>();
+  a.seq_splits = m_seq_splits_.as<const int32_t>();
+  a.chunk = info_.mp_chunk;
+  a.part_o = part_o_.as<float>();
+  a.part_ml = part_ml_.as<float>();
+  a.counters = counters_.as<int32_t>();
+  a.exact_cap = info_.exact_cap;
+  a.exact_rows = exact_rows_.as<const int32_t>();
+  a.exact_n = exact_n_.as<const int32_t>();
+  a.scores = scores_.as<const float>();
+  a.far_size = far_size_.as<const int32_t>();
+  a.value_centroids = static_cast<const std::byte*>(cv.value_centroids);
+  a.entry_begin = cv.entry_begin;
+  a.entry_count = cv.entry_count;
+  a.far_field = config_.multipole_far_field ? 1 : 0;
+  launch_attend(a, cache.config().dtype, config_.head_dim, gc_, true, info_.mp_ctas / (Hkv * head_chunks_), stream);
+}
+
+std::vector<int32_t> CudaDecoder::far_sizes() const {
+  std::vector<int32_t> v(static_cast<size_t>(index_clusters_));
+  synchronize();
+  far_size_.download(v.data(), v.size() * sizeof(int32_t));
+  return v;
+}
+
+std::vector<int32_t> CudaDecoder::exact_counts() const {
+  std::vector<int32_t> v(size_t(info_.batch) * config_.num_kv_heads);
+  synchronize();
+  exact_n_.download(v.data(), v.size() * sizeof(int32_t));
+  return v;
+}
+
+uint32_t CudaDecoder::error_flags() const {
+  uint32_t f = 0;
+  synchronize();
+  errors_.download(&f, sizeof(f));
+  return f;
+}
+
+void CudaDecoder::clear_error_flags() { errors_.memset(0); }
+
+}  // namespace multipole::cuda

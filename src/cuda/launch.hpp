@@ -1,0 +1,117 @@
+#pragma once
+// Kernel arguments and launch functions of the CUDA attention backend. Plain data only, so
+// the host planner (decoder.cpp) needs no CUDA headers. Shapes use: B batch, Hq query heads,
+// Hkv KV heads, G = Hq / Hkv, GC query heads per CTA (a chunk of the group), D head dim,
+// E = B * Hkv entries, items = CTAs along grid.x (one (sequence, split) each).
+#include <cstdint>
+
+#include "multipole/core/dtype.hpp"
+#include "multipole/cuda/runtime.hpp"
+
+namespace multipole::cuda::detail {
+
+// Most splits of one sequence (bounds the merge scratch in shared memory).
+constexpr int kMaxSplits = 1024;
+// Centroids scored per CTA of the scoring kernel.
+constexpr int kScoreChunk = 128;
+// Threads of the selection kernel (one CTA per entry).
+constexpr int kSelectThreads = 512;
+
+struct AttendArgs {
+  // Cache (one layer): rows of D elements; row r of the pools = (page * Hkv + h) * P + slot.
+  const std::byte* keys = nullptr;      // [num_pages, Hkv, P, D]
+  const std::byte* values = nullptr;    // [num_pages, Hkv, P, D]
+  int page_size = 0, num_kv_heads = 0;
+  const int32_t* tables = nullptr;      // concatenated page tables
+  const int64_t* table_offset = nullptr;  // [max_sequences]
+  const int32_t* lengths = nullptr;     // [max_sequences]
+  const int32_t* seq_ids = nullptr;     // [B]
+  const float* q = nullptr;             // [B, Hq, D] f32, rotated to each query's position
+  float* out = nullptr;                 // [B, Hq, D] f32
+  int group = 0;                        // G
+  int head_chunks = 0;                  // ceil(G / GC)
+  float qscale = 0;                     // softmax scale * log2(e): logits are in the log2 domain
+  // Split plan.
+  const int32_t* item_seq = nullptr;    // [items] batch index b
+  const int32_t* item_split = nullptr;  // [items] split index within b
+  const int32_t* seq_item_base = nullptr;  // [B] first item of b
+  const int32_t* seq_splits = nullptr;  // [B] splits of b
+  int chunk = 0;                        // virtual positions per split, a multiple of the tile
+  float* part_o = nullptr;              // [items, Hkv, G, D] unnormalised partial outputs
+  float* part_ml = nullptr;             // [items, Hkv, G, 2] partial (max, sum), log2 domain
+  int32_t* counters = nullptr;          // [B, Hkv, head_chunks], zero between launches
+  // Multipole: virtual positions [0, exact_cap) are exact rows, [exact_cap, exact_cap + C)
+  // the entry's clusters as pseudo-tokens (when far_field).
+  int exact_cap = 0;
+  const int32_t* exact_rows = nullptr;  // [E, exact_cap] pool rows of the exact set
+  const int32_t* exact_n = nullptr;     // [E]
+  const float* scores = nullptr;        // [total_clusters, G] log2-domain logits of q_score
+  const int32_t* far_size = nullptr;    // [total_clusters] size if in the far field, else 0
+  const std::byte* value_centroids = nullptr;  // [total_clusters, D] KV dtype
+  const int32_t* entry_begin = nullptr;  // [E]
+  const int32_t* entry_count = nullptr;  // [E]
+  int far_field = 0;
+};
+
+struct ScoreArgs {
+  const float* q_score = nullptr;       // [B, Hq, D] f32, rotated to the scoring position
+  const void* key_centroids = nullptr;  // [total_clusters, D] f32 or KV dtype
+  const int32_t* sizes = nullptr;       // [total_clusters]
+  const int32_t* entry_begin = nullptr;  // [E]
+  const int32_t* entry_count = nullptr;  // [E]
+  int num_kv_heads = 0, group = 0, head_chunks = 0;
+  float qscale = 0;
+  const int32_t* item_seq = nullptr;    // [score_items] b
+  const int32_t* item_chunk = nullptr;  // [score_items] centroid chunk (kScoreChunk each)
+  float* scores = nullptr;              // [total_clusters, G]
+  float* part = nullptr;                // [score_items, Hkv, G, 2] (max, sum n e^(x - max))
+};
+
+struct SelectArgs {
+  const float* scores = nullptr;         // [total_clusters, G]
+  const float* part = nullptr;           // [score_items, Hkv, G, 2]
+  const int32_t* seq_score_base = nullptr;   // [B] first score item of b
+  const int32_t* seq_score_chunks = nullptr; // [B]
+  const int32_t* sizes = nullptr;        // [total_clusters]
+  const int32_t* member_begin = nullptr;  // [total_clusters]
+  const int32_t* members = nullptr;      // token positions
+  const int32_t* entry_begin = nullptr;  // [E]
+  const int32_t* entry_count = nullptr;  // [E]
+  const int32_t* entry_end = nullptr;    // [E] clustered_end
+  const int32_t* seq_ids = nullptr;      // [B]
+  const int32_t* tables = nullptr;
+  const int64_t* table_offset = nullptr;
+  const int32_t* lengths = nullptr;
+  int page_size = 0, num_kv_heads = 0, group = 0;
+  int sinks = 0, budget = 0, exact_cap = 0;
+  int32_t* far_size = nullptr;           // [total_clusters] out
+  int32_t* exact_rows = nullptr;         // [E, exact_cap] out
+  int32_t* exact_n = nullptr;            // [E] out
+  uint32_t* error_flags = nullptr;       // bit 0: exact set overflowed exact_cap
+  int smem_clusters = 0;                 // capacity of the shared-memory key arrays
+};
+
+// grid: (items, Hkv * head_chunks); mp selects the multipole variant.
+void launch_attend_bf16(const AttendArgs& a, int head_dim, int gc, bool mp, int items, Stream stream);
+void launch_attend_f16(const AttendArgs& a, int head_dim, int gc, bool mp, int items, Stream stream);
+void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int items, Stream stream);
+void launch_select(const SelectArgs& a, int entries, Stream stream);
+// Query heads per CTA for a group of G: 1, 2, 4 or 8 (the rest of the chunk is masked).
+int heads_per_cta(int group);
+// Resident CTAs per SM of the attention kernel (occupancy API), for split planning.
+int attend_ctas_per_sm(DType dtype, int head_dim, int gc, bool mp);
+
+}  // namespace multipole::cuda::detail
+
+namespace multipole::cuda {
+struct DeviceKVLayer;
+}
+namespace multipole::cuda::detail {
+// Writes keys/values [batch, Hkv, D] f32 at position lengths[seqs[b]] - 1 of each sequence.
+void launch_append(const DeviceKVLayer& layer, std::byte* key_pool, std::byte* value_pool, const int32_t* seqs,
+                   int batch, const float* keys, const float* values, Stream stream);
+// Fills n elements of `dtype` with a hash of (seed, index) mapped to [-1, 1) (benchmarks).
+void launch_fill_random(void* data, int64_t n, DType dtype, uint64_t seed, Stream stream);
+int attend_occupancy_bf16(int head_dim, int gc, bool mp);
+int attend_occupancy_f16(int head_dim, int gc, bool mp);
+}  // namespace multipole::cuda::detail

@@ -1,0 +1,654 @@
+// CUDA decode attention against naive float64 references computed on the host from the
+// same cache contents (and against the CPU decode kernels). Outputs are poisoned (NaN)
+// before every run. Every test skips when there is no CUDA device.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention/decode_kernels.hpp"
+#include "multipole/core/error.hpp"
+#include "multipole/cuda/decode.hpp"
+
+using namespace multipole;
+using namespace multipole::cuda;
+
+namespace {
+
+bool small_scale() {
+  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
+  return s && std::string(s) == "small";
+}
+
+#define REQUIRE_GPU() \
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device"
+
+float round_to(DType t, float x) {
+  return t == DType::BF16 ? bf16_to_f32(f32_to_bf16(x)) : t == DType::F16 ? f16_to_f32(f32_to_f16(x)) : x;
+}
+
+// A CPU cache with random contents for sequences of the given lengths; pages of different
+// sequences are interleaved so that page tables are not contiguous.
+struct Cache {
+  KVCacheConfig config;
+  PagedKVCache cpu;
+  std::vector<SeqId> seqs;
+  Cache(const KVCacheConfig& c, const std::vector<int64_t>& lengths, std::mt19937& rng) : config(c), cpu(c) {
+    for (size_t b = 0; b < lengths.size(); ++b) seqs.push_back(cpu.add_sequence());
+    // Grow in rounds of a few pages each.
+    std::vector<int64_t> done(lengths.size(), 0);
+    bool more = true;
+    while (more) {
+      more = false;
+      for (size_t b = 0; b < lengths.size(); ++b) {
+        const int64_t n = std::min<int64_t>(lengths[b] - done[b], int64_t(c.page_size) * (1 + rng() % 3));
+        if (n > 0) {
+          cpu.extend(seqs[b], n);
+          done[b] += n;
+          more = true;
+        }
+      }
+    }
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    for (int layer = 0; layer < c.num_layers; ++layer)
+      for (size_t b = 0; b < lengths.size(); ++b) {
+        const int64_t n = lengths[b];
+        std::vector<float> k(size_t(n) * c.num_kv_heads * c.head_dim), v(k.size());
+        for (auto& x : k) x = nd(rng);
+        for (auto& x : v) x = nd(rng);
+        if (n) cpu.write(seqs[b], layer, 0, n, k.data(), v.data());
+      }
+  }
+  std::vector<float> keys(int layer, size_t b, int h) const {
+    std::vector<float> out(size_t(cpu.length(seqs[b])) * config.head_dim);
+    cpu.read_keys(seqs[b], layer, h, 0, cpu.length(seqs[b]), out.data());
+    return out;
+  }
+  std::vector<float> values(int layer, size_t b, int h) const {
+    std::vector<float> out(size_t(cpu.length(seqs[b])) * config.head_dim);
+    cpu.read_values(seqs[b], layer, h, 0, cpu.length(seqs[b]), out.data());
+    return out;
+  }
+};
+
+struct DeviceFloats {
+  DeviceBuffer buf;
+  size_t n = 0;
+  explicit DeviceFloats(const std::vector<float>& v) : buf(std::max<size_t>(v.size(), 1) * 4), n(v.size()) {
+    buf.upload(v.data(), v.size() * 4);
+  }
+  explicit DeviceFloats(size_t count) : buf(std::max<size_t>(count, 1) * 4), n(count) {}
+  float* ptr() const { return buf.as<float>(); }
+  void poison() {  // all-ones bits: NaN; finished before work on any stream starts
+    buf.memset(0xff);
+    synchronize();
+  }
+  std::vector<float> get() const {
+    std::vector<float> v(n);
+    synchronize();
+    buf.download(v.data(), n * 4);
+    return v;
+  }
+};
+
+std::vector<float> random_vector(size_t n, std::mt19937& rng, float sigma = 1.0f) {
+  std::normal_distribution<float> nd(0.0f, sigma);
+  std::vector<float> v(n);
+  for (auto& x : v) x = nd(rng);
+  return v;
+}
+
+// One (key, value, logit bias) row set for a naive softmax.
+struct Rows {
+  std::vector<const float*> k, v;
+  std::vector<double> bias;
+  std::vector<const float*> qsel;  // which query each row's logit uses (q or q_score)
+};
+
+// out[d] = sum_t e^{x_t} v_t / sum_t e^{x_t}, x_t = scale * q_t . k_t + bias_t, in f64.
+std::vector<double> naive_softmax(const Rows& r, int d, double scale) {
+  const size_t n = r.k.size();
+  std::vector<double> x(n), out(d, 0.0);
+  double m = -std::numeric_limits<double>::infinity();
+  for (size_t t = 0; t < n; ++t) {
+    double dot = 0;
+    for (int c = 0; c < d; ++c) dot += double(r.qsel[t][c]) * r.k[t][c];
+    x[t] = scale * dot + r.bias[t];
+    m = std::max(m, x[t]);
+  }
+  double l = 0;
+  for (size_t t = 0; t < n; ++t) {
+    const double e = std::exp(x[t] - m);
+    l += e;
+    for (int c = 0; c < d; ++c) out[c] += e * r.v[t][c];
+  }
+  for (auto& o : out) o = l > 0 ? o / l : 0.0;
+  return out;
+}
+
+// ||a - ref|| / ||ref|| over one head; NaN anywhere fails.
+double rel_error(const float* a, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (!std::isfinite(a[i])) return std::numeric_limits<double>::infinity();
+    num += (a[i] - ref[i]) * (a[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+AttentionConfig make_config(int G, int Hkv, int D) {
+  AttentionConfig c;
+  c.num_kv_heads = Hkv;
+  c.num_q_heads = G * Hkv;
+  c.head_dim = D;
+  c.rope.head_dim = D;
+  c.cluster.tokens_per_centroid = {16};
+  return c;
+}
+
+struct DenseCase {
+  int G, Hkv, D, page;
+  DType dtype;
+  std::vector<int64_t> lengths;
+};
+
+void run_dense(const DenseCase& dc, uint32_t seed) {
+  SCOPED_TRACE(::testing::Message() << "G=" << dc.G << " Hkv=" << dc.Hkv << " D=" << dc.D << " page=" << dc.page
+                                    << " dtype=" << dtype_name(dc.dtype) << " B=" << dc.lengths.size());
+  std::mt19937 rng(seed);
+  KVCacheConfig kc;
+  kc.num_layers = 2;
+  kc.num_kv_heads = dc.Hkv;
+  kc.head_dim = dc.D;
+  kc.page_size = dc.page;
+  kc.dtype = dc.dtype;
+  kc.max_tokens = std::accumulate(dc.lengths.begin(), dc.lengths.end(), int64_t(0)) + 8 * dc.page * int64_t(dc.lengths.size()) + 64;
+  Cache cache(kc, dc.lengths, rng);
+  DeviceKVCache dev(kc, 64);
+  dev.upload(cache.cpu);
+  const AttentionConfig ac = make_config(dc.G, dc.Hkv, dc.D);
+  CudaDecoder dec(ac);
+  dec.plan(dev, cache.seqs);
+  const int B = int(dc.lengths.size()), Hq = ac.num_q_heads, D = dc.D;
+  const auto q = random_vector(size_t(B) * Hq * D, rng);
+  DeviceFloats dq(q), dout(size_t(B) * Hq * D);
+  const int layer = 1;
+  dout.poison();
+  dec.dense(dev, layer, dq.ptr(), dout.ptr(), nullptr);
+  const auto out = dout.get();
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < dc.Hkv; ++h) {
+      const auto k = cache.keys(layer, b, h), v = cache.values(layer, b, h);
+      for (int g = 0; g < dc.G; ++g) {
+        const int qh = h * dc.G + g;
+        const float* qp = q.data() + (size_t(b) * Hq + qh) * D;
+        Rows r;
+        for (int64_t t = 0; t < dc.lengths[b]; ++t) {
+          r.k.push_back(k.data() + t * D);
+          r.v.push_back(v.data() + t * D);
+          r.bias.push_back(0.0);
+          r.qsel.push_back(qp);
+        }
+        const auto ref = naive_softmax(r, D, ac.softmax_scale());
+        EXPECT_LT(rel_error(out.data() + (size_t(b) * Hq + qh) * D, ref), 2e-5)
+            << "b=" << b << " h=" << h << " g=" << g << " len=" << dc.lengths[b];
+      }
+    }
+}
+
+}  // namespace
+
+TEST(CudaDense, OddLengthsGroupSizesHeadDims) {
+  REQUIRE_GPU();
+  const std::vector<int64_t> lens = small_scale() ? std::vector<int64_t>{1, 97, 513} : std::vector<int64_t>{1, 97, 2049};
+  uint32_t seed = 1;
+  for (int D : {64, 128})
+    for (int G : {1, 4, 5, 7, 8})
+      for (int64_t n : lens) run_dense({G, 2, D, 16, DType::BF16, {n}}, seed++);
+}
+
+TEST(CudaDense, MixedBatchesDtypesPageSizes) {
+  REQUIRE_GPU();
+  uint32_t seed = 100;
+  run_dense({4, 8, 128, 16, DType::BF16, {1, 97, 2049, 300, 5000}}, seed++);
+  run_dense({4, 8, 128, 16, DType::F16, {33, 2049, 97}}, seed++);
+  run_dense({8, 2, 64, 5, DType::F16, {7, 1000, 64}}, seed++);
+  run_dense({16, 2, 128, 16, DType::BF16, {700, 97}}, seed++);  // two head chunks of 8
+  run_dense({12, 1, 64, 32, DType::BF16, {1500}}, seed++);      // chunks of 6 in 8-wide CTAs
+  run_dense({2, 4, 128, 1, DType::BF16, {129, 3}}, seed++);     // one token per page
+}
+
+TEST(CudaDense, LongSequenceManySplits) {
+  REQUIRE_GPU();
+  run_dense({4, 8, 128, 16, DType::BF16, {small_scale() ? 8192 : 40000}}, 7);
+}
+
+TEST(CudaDense, MatchesCpuDecodeKernels) {
+  REQUIRE_GPU();
+  std::mt19937 rng(11);
+  KVCacheConfig kc;
+  kc.num_layers = 1;
+  kc.num_kv_heads = 2;
+  kc.head_dim = 128;
+  kc.page_size = 16;
+  kc.max_tokens = 8192;
+  const std::vector<int64_t> lens = {1234, 77};
+  Cache cache(kc, lens, rng);
+  DeviceKVCache dev(kc, 8);
+  dev.upload(cache.cpu);
+  const AttentionConfig ac = make_config(4, 2, 128);
+  CudaDecoder dec(ac);
+  dec.plan(dev, cache.seqs);
+  const int Hq = 8, D = 128;
+  const auto q = random_vector(2 * Hq * D, rng);
+  DeviceFloats dq(q), dout(2 * Hq * D);
+  dout.poison();
+  dec.dense(dev, 0, dq.ptr(), dout.ptr(), nullptr);
+  const auto out = dout.get();
+  const KVLayerView view = cache.cpu.layer_view(0);
+  for (int b = 0; b < 2; ++b)
+    for (int h = 0; h < 2; ++h) {
+      std::vector<float> m(4), l(4), o(4 * D), cpu_out(4 * D);
+      kernels::SoftmaxState st{4, D, m.data(), l.data(), o.data()};
+      st.reset();
+      kernels::attend_range(view, cache.cpu.page_table(cache.seqs[b]).data(), h, 0, lens[b],
+                            q.data() + (size_t(b) * Hq + h * 4) * D, ac.softmax_scale(), st);
+      kernels::finalize(st, cpu_out.data());
+      for (int i = 0; i < 4 * D; ++i)
+        EXPECT_NEAR(out[(size_t(b) * Hq + h * 4) * D + i], cpu_out[i], 1e-4f + 1e-4f * std::fabs(cpu_out[i]));
+    }
+}
+
+TEST(CudaDense, DeviceAppendMatchesHostWrite) {
+  REQUIRE_GPU();
+  std::mt19937 rng(21);
+  KVCacheConfig kc;
+  kc.num_layers = 1;
+  kc.num_kv_heads = 2;
+  kc.head_dim = 64;
+  kc.page_size = 16;
+  kc.max_tokens = 4096;
+  const std::vector<int64_t> lens = {31, 32, 100};
+  Cache cache(kc, lens, rng);
+  DeviceKVCache dev(kc, 8);
+  dev.upload(cache.cpu);
+  // One more token per sequence: written on the host cache and appended on the device.
+  const int B = 3, Hkv = 2, D = 64;
+  const auto k = random_vector(size_t(B) * Hkv * D, rng), v = random_vector(size_t(B) * Hkv * D, rng);
+  for (int b = 0; b < B; ++b) {
+    const int64_t pos = cache.cpu.extend(cache.seqs[b], 1);
+    cache.cpu.write(cache.seqs[b], 0, pos, 1, k.data() + size_t(b) * Hkv * D, v.data() + size_t(b) * Hkv * D);
+  }
+  dev.sync_tables(cache.cpu);
+  std::vector<int32_t> ids(cache.seqs.begin(), cache.seqs.end());
+  DeviceBuffer dids(ids.size() * 4);
+  dids.upload(ids.data(), ids.size() * 4);
+  DeviceFloats dk(k), dv(v);
+  dev.append(0, dids.as<int32_t>(), B, dk.ptr(), dv.ptr(), nullptr);
+  synchronize();
+  std::vector<std::byte> host(size_t(dev.pool_bytes()));
+  for (int which = 0; which < 2; ++which) {
+    MP_CHECK(cudaMemcpy(host.data(), which ? dev.value_pool(0) : dev.key_pool(0), host.size(), cudaMemcpyDeviceToHost) == cudaSuccess, "copy");
+    const KVLayerView view = cache.cpu.layer_view(0);
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < Hkv; ++h) {
+        const int64_t pos = lens[b];
+        const auto* want = which ? view.value(cache.cpu.page_table(cache.seqs[b]).data(), h, pos)
+                                 : view.key(cache.cpu.page_table(cache.seqs[b]).data(), h, pos);
+        const std::byte* got = host.data() + (want - (which ? view.values : view.keys));
+        EXPECT_EQ(0, std::memcmp(want, got, size_t(view.token_bytes))) << "b=" << b << " h=" << h;
+      }
+  }
+}
+
+namespace {
+
+// A random cluster index over [sinks, end) of each (b, h): positions shuffled, cluster
+// sizes skewed (a few large, many small, some singletons); centroids are member means
+// (keys as cached, perturbed), value centroids the member means.
+struct IndexFixture {
+  std::vector<HostClusterLevel> entries;
+};
+
+IndexFixture make_index(const Cache& cache, const AttentionConfig& ac, int layer, std::mt19937& rng, bool huge_first) {
+  IndexFixture f;
+  const int D = ac.head_dim;
+  std::normal_distribution<float> noise(0.0f, 0.3f);
+  for (size_t b = 0; b < cache.seqs.size(); ++b) {
+    const int64_t len = cache.cpu.length(cache.seqs[b]);
+    const int64_t end = ac.middle_end(len);
+    const int64_t s0 = std::min<int64_t>(ac.cluster.sinks, end);
+    for (int h = 0; h < ac.num_kv_heads; ++h) {
+      const auto k = cache.keys(layer, b, h), v = cache.values(layer, b, h);
+      std::vector<int32_t> pos;
+      for (int64_t p = s0; p < end; ++p) pos.push_back(int32_t(p));
+      std::shuffle(pos.begin(), pos.end(), rng);
+      HostClusterLevel e;
+      e.clustered_end = end;
+      e.member_offsets.push_back(0);
+      size_t at = 0;
+      bool first = true;
+      while (at < pos.size()) {
+        int n;
+        const uint32_t r = rng() % 100;
+        if (first && huge_first)
+          n = ac.budget + 5;
+        else
+          n = r < 10 ? 40 + int(rng() % 60) : r < 30 ? 1 : 2 + int(rng() % 20);
+        first = false;
+        n = int(std::min<size_t>(size_t(n), pos.size() - at));
+        std::vector<float> kc(D, 0.0f), vc(D, 0.0f);
+        for (int j = 0; j < n; ++j) {
+          const int32_t p = pos[at + j];
+          e.members.push_back(p);
+          for (int c = 0; c < D; ++c) {
+            kc[c] += k[size_t(p) * D + c] / n;
+            vc[c] += v[size_t(p) * D + c] / n;
+          }
+        }
+        for (auto& x : kc) x += noise(rng);
+        e.key_centroids.insert(e.key_centroids.end(), kc.begin(), kc.end());
+        e.value_centroids.insert(e.value_centroids.end(), vc.begin(), vc.end());
+        e.sizes.push_back(n);
+        e.member_offsets.push_back(int32_t(e.members.size()));
+        at += size_t(n);
+      }
+      // An empty cluster must be neither selected nor in the far field.
+      if (rng() % 2) {
+        e.key_centroids.insert(e.key_centroids.end(), size_t(D), 5.0f);
+        e.value_centroids.insert(e.value_centroids.end(), size_t(D), 0.0f);
+        e.sizes.push_back(0);
+        e.member_offsets.push_back(int32_t(e.members.size()));
+      }
+      f.entries.push_back(std::move(e));
+    }
+  }
+  return f;
+}
+
+struct MpCase {
+  int G, Hkv, D;
+  DType dtype, key_dtype;
+  std::vector<int64_t> lengths;
+  int budget;
+  bool far_field = true;
+  bool huge_first = false;
+};
+
+// Reference greedy selection (f64 importance) for one entry; returns selected flags and
+// whether a near-tie (relative gap < 1e-4) makes the order ambiguous.
+std::vector<char> reference_select(const HostClusterLevel& e, DType key_dtype, const float* qs, int G, int D,
+                                   double scale, int budget, bool& ambiguous) {
+  const int C = e.num_clusters();
+  std::vector<double> x(size_t(C) * G);
+  std::vector<double> M(G, -1e300), Z(G, 0.0);
+  for (int i = 0; i < C; ++i)
+    for (int g = 0; g < G; ++g) {
+      double dot = 0;
+      for (int c = 0; c < D; ++c) dot += double(qs[g * D + c]) * round_to(key_dtype, e.key_centroids[size_t(i) * D + c]);
+      x[size_t(i) * G + g] = scale * dot;
+      if (e.sizes[i] > 0) M[g] = std::max(M[g], scale * dot);
+    }
+  for (int i = 0; i < C; ++i)
+    for (int g = 0; g < G; ++g)
+      if (e.sizes[i] > 0) Z[g] += e.sizes[i] * std::exp(x[size_t(i) * G + g] - M[g]);
+  std::vector<std::pair<double, int>> order;
+  for (int i = 0; i < C; ++i) {
+    if (e.sizes[i] <= 0) continue;
+    double imp = 0;
+    for (int g = 0; g < G; ++g) imp += std::exp(x[size_t(i) * G + g] - M[g]) / Z[g];
+    order.push_back({imp, i});
+  }
+  std::sort(order.begin(), order.end(), [](auto& a, auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; });
+  std::vector<char> sel(C, 0);
+  int R = budget;
+  size_t last = 0;
+  for (size_t k = 0; k < order.size() && R > 0; ++k) {
+    const int i = order[k].second;
+    if (e.sizes[i] <= R) {
+      sel[i] = 1;
+      R -= e.sizes[i];
+    }
+    last = k;
+  }
+  ambiguous = false;
+  for (size_t k = 0; k + 1 < order.size() && k <= last + 1; ++k)
+    if (order[k].first - order[k + 1].first < 1e-4 * order[k].first) ambiguous = true;
+  return sel;
+}
+
+void run_multipole(const MpCase& mc, uint32_t seed) {
+  SCOPED_TRACE(::testing::Message() << "G=" << mc.G << " Hkv=" << mc.Hkv << " D=" << mc.D << " dtype="
+                                    << dtype_name(mc.dtype) << " keys=" << dtype_name(mc.key_dtype) << " budget=" << mc.budget
+                                    << " far=" << mc.far_field << " B=" << mc.lengths.size());
+  std::mt19937 rng(seed);
+  KVCacheConfig kc;
+  kc.num_layers = 1;
+  kc.num_kv_heads = mc.Hkv;
+  kc.head_dim = mc.D;
+  kc.page_size = 16;
+  kc.dtype = mc.dtype;
+  kc.max_tokens = std::accumulate(mc.lengths.begin(), mc.lengths.end(), int64_t(0)) + 64 * int64_t(mc.lengths.size()) + 64;
+  Cache cache(kc, mc.lengths, rng);
+  DeviceKVCache dev(kc, 64);
+  dev.upload(cache.cpu);
+  AttentionConfig ac = make_config(mc.G, mc.Hkv, mc.D);
+  ac.budget = mc.budget;
+  ac.multipole_far_field = mc.far_field;
+  const IndexFixture fx = make_index(cache, ac, 0, rng, mc.huge_first);
+  DeviceClusterIndex index(mc.D, mc.Hkv, mc.key_dtype, mc.dtype, fx.entries);
+  CudaDecoder dec(ac);
+  dec.plan(dev, cache.seqs, &index);
+  const int B = int(mc.lengths.size()), Hq = ac.num_q_heads, D = mc.D, G = mc.G;
+  const auto q = random_vector(size_t(B) * Hq * D, rng);
+  const auto qs = random_vector(size_t(B) * Hq * D, rng, 1.5f);
+  DeviceFloats dq(q), dqs(qs), dout(size_t(B) * Hq * D);
+  dout.poison();
+  dec.clear_error_flags();
+  dec.multipole(dev, 0, index, dq.ptr(), dqs.ptr(), dout.ptr(), nullptr);
+  const auto out = dout.get();
+  const auto far = dec.far_sizes();
+  const auto counts = dec.exact_counts();
+  EXPECT_EQ(dec.error_flags(), 0u);
+  const double scale = ac.softmax_scale();
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < mc.Hkv; ++h) {
+      const int e = b * mc.Hkv + h;
+      const auto& ent = fx.entries[e];
+      const int64_t first = index.entry_first_cluster(e);
+      const int C = ent.num_clusters();
+      // Selection: the device's choice, checked against the f64 greedy.
+      std::vector<char> dsel(C);
+      int sel_tokens = 0;
+      for (int i = 0; i < C; ++i) {
+        dsel[i] = ent.sizes[i] > 0 && far[first + i] == 0;
+        if (ent.sizes[i] == 0) {
+          EXPECT_EQ(far[first + i], 0);
+        } else if (!dsel[i]) {
+          EXPECT_EQ(far[first + i], ent.sizes[i]);
+        }
+        sel_tokens += dsel[i] ? ent.sizes[i] : 0;
+      }
+      EXPECT_LE(sel_tokens, mc.budget);
+      bool ambiguous = false;
+      const auto rsel = reference_select(ent, mc.key_dtype, qs.data() + (size_t(b) * Hq + h * G) * D, G, D, scale,
+                                         mc.budget, ambiguous);
+      if (ambiguous) {
+        std::printf("note: b=%d h=%d importance near-tie, selection compared by budget only\n", b, h);
+      } else {
+        for (int i = 0; i < C; ++i) EXPECT_EQ(int(dsel[i]), int(rsel[i])) << "b=" << b << " h=" << h << " cluster " << i;
+      }
+      const int64_t len = mc.lengths[b], end = ent.clustered_end, s0 = std::min<int64_t>(ac.cluster.sinks, end);
+      EXPECT_EQ(counts[e], s0 + sel_tokens + (len - end)) << "b=" << b << " h=" << h;
+      // Output: exact rows with q, far field with q_score + log n, using the device's selection.
+      const auto k = cache.keys(0, b, h), v = cache.values(0, b, h);
+      std::vector<float> vc(ent.value_centroids.size()), kcent(ent.key_centroids.size());
+      for (size_t i = 0; i < vc.size(); ++i) vc[i] = round_to(mc.dtype, ent.value_centroids[i]);
+      for (size_t i = 0; i < kcent.size(); ++i) kcent[i] = round_to(mc.key_dtype, ent.key_centroids[i]);
+      for (int g = 0; g < G; ++g) {
+        const int qh = h * G + g;
+        const float* qp = q.data() + (size_t(b) * Hq + qh) * D;
+        const float* qsp = qs.data() + (size_t(b) * Hq + qh) * D;
+        Rows r;
+        auto exact = [&](int64_t p) {
+          r.k.push_back(k.data() + p * D);
+          r.v.push_back(v.data() + p * D);
+          r.bias.push_back(0.0);
+          r.qsel.push_back(qp);
+        };
+        for (int64_t p = 0; p < s0; ++p) exact(p);
+        for (int64_t p = end; p < len; ++p) exact(p);
+        for (int i = 0; i < C; ++i) {
+          if (dsel[i]) {
+            for (int j = ent.member_offsets[i]; j < ent.member_offsets[i + 1]; ++j) exact(ent.members[j]);
+          } else if (mc.far_field && ent.sizes[i] > 0) {
+            r.k.push_back(kcent.data() + size_t(i) * D);
+            r.v.push_back(vc.data() + size_t(i) * D);
+            r.bias.push_back(std::log(double(ent.sizes[i])));
+            r.qsel.push_back(qsp);
+          }
+        }
+        const auto ref = naive_softmax(r, D, scale);
+        EXPECT_LT(rel_error(out.data() + (size_t(b) * Hq + qh) * D, ref), 2e-5) << "b=" << b << " h=" << h << " g=" << g;
+      }
+    }
+}
+
+}  // namespace
+
+TEST(CudaMultipole, GroupSizesHeadDimsSkewedClusters) {
+  REQUIRE_GPU();
+  const int64_t n = small_scale() ? 1500 : 4097;
+  uint32_t seed = 300;
+  for (int D : {64, 128})
+    for (int G : {1, 4, 5, 7, 8}) run_multipole({G, 2, D, DType::BF16, DType::F32, {n}, 128}, seed++);
+}
+
+TEST(CudaMultipole, MixedBatchOddLengthsDtypes) {
+  REQUIRE_GPU();
+  uint32_t seed = 400;
+  run_multipole({4, 8, 128, DType::BF16, DType::BF16, {1, 97, 2049, 700, 5000}, 128}, seed++);
+  run_multipole({4, 2, 128, DType::F16, DType::F32, {2049, 300}, 128}, seed++);
+  run_multipole({8, 2, 64, DType::F16, DType::F16, {97, 3000}, 64}, seed++);
+  run_multipole({16, 1, 128, DType::BF16, DType::F32, {2500}, 128}, seed++);  // two head chunks
+}
+
+TEST(CudaMultipole, LargeBudgetRadixPathAndSkippedGiant) {
+  REQUIRE_GPU();
+  uint32_t seed = 500;
+  const int64_t n = small_scale() ? 6000 : 20000;
+  run_multipole({4, 2, 128, DType::BF16, DType::F32, {n}, int(n / 20)}, seed++);      // 5% budget: deep radix select
+  run_multipole({4, 2, 128, DType::BF16, DType::F32, {3000}, 128, true, true}, seed++);  // a cluster above the budget
+  run_multipole({4, 2, 128, DType::BF16, DType::F32, {3000}, 0}, seed++);              // nothing selected
+}
+
+TEST(CudaMultipole, SqueezedDropsTheFarField) {
+  REQUIRE_GPU();
+  run_multipole({4, 2, 128, DType::BF16, DType::F32, {2049, 777}, 128, false}, 600);
+}
+
+TEST(CudaMultipole, FullBudgetEqualsDense) {
+  REQUIRE_GPU();
+  std::mt19937 rng(700);
+  KVCacheConfig kc;
+  kc.num_layers = 1;
+  kc.num_kv_heads = 2;
+  kc.head_dim = 128;
+  kc.max_tokens = 8192;
+  const std::vector<int64_t> lens = {3001, 500};
+  Cache cache(kc, lens, rng);
+  DeviceKVCache dev(kc, 8);
+  dev.upload(cache.cpu);
+  AttentionConfig ac = make_config(4, 2, 128);
+  ac.budget = 4000;
+  const IndexFixture fx = make_index(cache, ac, 0, rng, false);
+  DeviceClusterIndex index(128, 2, DType::F32, DType::BF16, fx.entries);
+  CudaDecoder dec(ac);
+  dec.plan(dev, cache.seqs, &index);
+  const size_t n = 2 * 8 * 128;
+  const auto q = random_vector(n, rng), qs = random_vector(n, rng);
+  DeviceFloats dq(q), dqs(qs), a(n), b(n);
+  a.poison();
+  b.poison();
+  dec.multipole(dev, 0, index, dq.ptr(), dqs.ptr(), a.ptr(), nullptr);
+  dec.dense(dev, 0, dq.ptr(), b.ptr(), nullptr);
+  const auto x = a.get(), y = b.get();
+  for (size_t i = 0; i < n; ++i) EXPECT_NEAR(x[i], y[i], 1e-5f + 1e-5f * std::fabs(y[i])) << i;
+}
+
+TEST(CudaMultipole, GraphReplayMatchesDirectLaunches) {
+  REQUIRE_GPU();
+  std::mt19937 rng(800);
+  KVCacheConfig kc;
+  kc.num_layers = 1;
+  kc.num_kv_heads = 8;
+  kc.head_dim = 128;
+  kc.max_tokens = 40000;
+  const std::vector<int64_t> lens = {9000, 20000};
+  Cache cache(kc, lens, rng);
+  DeviceKVCache dev(kc, 8);
+  dev.upload(cache.cpu);
+  const AttentionConfig ac = make_config(4, 8, 128);
+  const IndexFixture fx = make_index(cache, ac, 0, rng, false);
+  DeviceClusterIndex index(128, 8, DType::BF16, DType::BF16, fx.entries);
+  CudaDecoder dec(ac);
+  dec.plan(dev, cache.seqs, &index);
+  const size_t n = 2 * 32 * 128;
+  const auto q = random_vector(n, rng), qs = random_vector(n, rng);
+  DeviceFloats dq(q), dqs(qs), direct_mp(n), direct_dense(n), graph_mp(n), graph_dense(n);
+  direct_mp.poison();
+  direct_dense.poison();
+  dec.multipole(dev, 0, index, dq.ptr(), dqs.ptr(), direct_mp.ptr(), nullptr);
+  dec.dense(dev, 0, dq.ptr(), direct_dense.ptr(), nullptr);
+  synchronize();
+  cudaStream_t s;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  cudaGraph_t graph;
+  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  dec.multipole(dev, 0, index, dq.ptr(), dqs.ptr(), graph_mp.ptr(), s);
+  dec.dense(dev, 0, dq.ptr(), graph_dense.ptr(), s);
+  ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess);
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int rep = 0; rep < 3; ++rep) {
+    graph_mp.poison();
+    graph_dense.poison();
+    ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    const auto a = direct_mp.get(), b = graph_mp.get(), c = direct_dense.get(), d = graph_dense.get();
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_EQ(a[i], b[i]) << "multipole, replay " << rep << ", element " << i;  // deterministic
+      ASSERT_EQ(c[i], d[i]) << "dense, replay " << rep << ", element " << i;
+    }
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+}
+
+TEST(CudaRuntime, RejectsBadInput) {
+  // Runs without a GPU too: checks happen before any device call where possible.
+  AttentionConfig ac = make_config(4, 2, 96);
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  EXPECT_THROW(CudaDecoder{ac}, Error);
+  HostClusterLevel bad;
+  bad.clustered_end = 10;
+  bad.sizes = {2};
+  bad.member_offsets = {0, 2};
+  bad.members = {1, 11};  // 11 is outside the clustered region
+  bad.key_centroids.assign(64, 0.0f);
+  bad.value_centroids.assign(64, 0.0f);
+  std::vector<HostClusterLevel> entries{bad};
+  EXPECT_THROW(DeviceClusterIndex(64, 1, DType::F32, DType::BF16, entries), Error);
+}
