@@ -34,8 +34,8 @@ struct Prefetch {
   void token(int t) const {
     if (t >= n) return;
     for (int b = 0; b < row_bytes; b += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(k[t]) + b, _MM_HINT_T1);
-      if (v) _mm_prefetch(reinterpret_cast<const char*>(v[t]) + b, _MM_HINT_T1);
+      simd::prefetch_l2(reinterpret_cast<const char*>(k[t]) + b);
+      if (v) simd::prefetch_l2(reinterpret_cast<const char*>(v[t]) + b);
     }
   }
 };

@@ -34,6 +34,10 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Prefetch into L2. Inline asm because GCC deletes loops whose only statements are
+// __builtin_prefetch / _mm_prefetch (they have no side effects to it).
+inline void prefetch_l2(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
+
 // Lane i of the result = horizontal sum of a[i], for 8 vectors (one transpose-add tree).
 inline __m256 hsum8(const __m256 a[8]) {
   __m256 h0 = _mm256_hadd_ps(a[0], a[1]), h1 = _mm256_hadd_ps(a[2], a[3]);
