@@ -78,6 +78,9 @@ struct Work {
   std::vector<float> centroids;        // [k, d]
   std::vector<float> points, weights;  // coarse level: child centroids and sizes
   std::vector<float> dist2;            // [n]
+  std::vector<float> distances, xnorms;  // online update: [new tokens, open centroids], [new tokens]
+  std::vector<uint8_t> valid;
+  std::vector<int32_t> moved_at, moved;
   std::vector<int32_t> labels, ids, items, picked, cursor, cur, prev, touched;
   std::vector<double> key_sums, value_sums;  // [k, d]
   std::vector<int32_t> counts, stamp;
@@ -377,6 +380,13 @@ void ClusterIndex::append_chunk(const PagedKVCache& cache, SeqId seq, int layer,
   int32_t* prev = sized(w.prev, size_t(k));       // ... under the previous labels
   double* ks = sized(w.key_sums, size_t(k) * d);  // sums over the new members
   double* vs = sized(w.value_sums, size_t(k) * d);
+  float* dist = sized(w.distances, size_t(count) * k);  // [count, k] ||c||^2 - 2 x.c
+  float* xnorm = sized(w.xnorms, size_t(count));
+  uint8_t* valid = sized(w.valid, size_t(count));       // lab[i] is the argmin of row i
+  int32_t* moved_at = sized(w.moved_at, size_t(k));     // iteration that last moved a centroid
+  int32_t* moved = sized(w.moved, size_t(k));
+  float* moved_cent = sized(w.points, size_t(k) * d);
+  float* moved_dist = sized(w.weights, size_t(count) * k);
   std::fill(cnt, cnt + k, 0);
   std::fill(stamp, stamp + k, 0);
   int64_t ncur = 0, nprev = 0;
@@ -399,6 +409,7 @@ void ClusterIndex::append_chunk(const PagedKVCache& cache, SeqId seq, int layer,
       cnt[c] = 1;
       cur[ncur++] = int32_t(c);
       dist2[best] = 0;
+      valid[best] = 0;
     }
     for (int64_t t = 0; t < ncur; ++t) stamp[cur[t]] = round;
   };
@@ -420,28 +431,71 @@ void ClusterIndex::append_chunk(const PagedKVCache& cache, SeqId seq, int layer,
     }
   };
 
-  kmeans::assign_nearest(keys, count, cent, k, d, lab, dist2, w.lloyd.assign);
+  // Distances of the new tokens to the open block's centroids, kept between iterations:
+  // only the columns of centroids that moved are recomputed, and a token whose nearest
+  // centroid did not move only compares it with the moved ones.
+  std::fill(moved_at, moved_at + k, -1);
+  for (int64_t i = 0; i < count; ++i) {
+    double x2 = 0;
+    for (int j = 0; j < d; ++j) x2 += double(keys[i * d + j]) * keys[i * d + j];
+    xnorm[i] = float(x2);
+  }
+  auto nearest = [&](int32_t it, int64_t nmoved) {
+    for (int64_t i = 0; i < count; ++i) {
+      const float* row = dist + i * k;
+      int32_t best = 0;
+      if (it > 0 && valid[i] && moved_at[lab[i]] != it) {
+        best = lab[i];
+        for (int64_t m = 0; m < nmoved; ++m) {
+          const int32_t c = moved[m];
+          if (row[c] < row[best] || (row[c] == row[best] && c < best)) best = c;
+        }
+      } else {
+        for (int32_t c = 1; c < k; ++c)
+          if (row[c] < row[best]) best = c;
+      }
+      lab[i] = best;
+      valid[i] = 1;
+      dist2[i] = std::max(0.0f, xnorm[i] + row[best]);
+    }
+  };
+  kmeans::partial_distances(keys, count, cent, k, d, dist, k, w.lloyd.assign);
+  nearest(0, 0);
   for (int64_t j = 0; j < k_add; ++j) {
     lab[seeds[j]] = int32_t(k_old + j);
     dist2[seeds[j]] = 0;
+    valid[seeds[j]] = 0;
   }
   for (int it = 1; it <= cc.update_iterations; ++it) {
     count_and_reseed(it);
     // Centroid = (old sum + new sum) / size for clusters with new members; one that lost
     // its new members goes back to its old mean (a new one keeps its last centroid).
+    int64_t nmoved = 0;
     for (int64_t t = 0; t < nprev; ++t)
-      if (stamp[prev[t]] != it && prev[t] < k_old)
+      if (stamp[prev[t]] != it && prev[t] < k_old) {
         std::memcpy(cent + int64_t(prev[t]) * d, lv0.keys.data() + int64_t(first + prev[t]) * d, size_t(d) * 4);
+        moved[nmoved++] = prev[t];
+      }
     sum_new(false);
     for (int64_t t = 0; t < ncur; ++t) {
       const int64_t c = cur[t];
       const double inv = 1.0 / double(old_size(c) + cnt[c]);
       const double* old = c < k_old ? open_key_sums_.data() + c * d : nullptr;
       for (int j = 0; j < d; ++j) cent[c * d + j] = float(((old ? old[j] : 0.0) + ks[c * d + j]) * inv);
+      moved[nmoved++] = int32_t(c);
     }
     std::copy(cur, cur + ncur, prev);
     nprev = ncur;
-    kmeans::assign_nearest(keys, count, cent, k, d, lab, dist2, w.lloyd.assign);
+    for (int64_t m = 0; m < nmoved; ++m) {
+      moved_at[moved[m]] = it;
+      std::memcpy(moved_cent + m * d, cent + int64_t(moved[m]) * d, size_t(d) * 4);
+    }
+    if (nmoved > 0) {
+      kmeans::partial_distances(keys, count, moved_cent, nmoved, d, moved_dist, nmoved, w.lloyd.assign);
+      for (int64_t i = 0; i < count; ++i)
+        for (int64_t m = 0; m < nmoved; ++m) dist[i * k + moved[m]] = moved_dist[i * nmoved + m];
+    }
+    nearest(it, nmoved);
   }
   count_and_reseed(cc.update_iterations + 1);
 

@@ -26,18 +26,14 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kRows = 4;   // points per tile
 constexpr int kCols = 16;  // centroids per tile (two 8-lane vectors)
 
-// Distances of kRows points to all padded centroids, keeping per lane the first minimum.
-// Accumulators: kRows x 2 vectors; per channel 2 loads + kRows broadcasts feed 2*kRows FMAs.
+// Partial squared distances ||c||^2 - 2 x.c of kRows points to all padded centroids, one
+// tile of kCols centroids at a time, handed to `tile(c0, dist)` with dist[r][0..1] the
+// two 8-lane vectors of row r. Accumulators: kRows x 2 vectors; per channel 2 loads +
+// kRows broadcasts feed 2*kRows FMAs.
 //   rows: [kRows] point pointers; ct: [d, kp] transposed centroids; norms: [kp]
-void nearest_tile(const float* const* rows, const float* ct, const float* norms, int64_t kp, int d, int32_t* best_idx,
-                  float* best_val) {
-  __m256 bv[kRows];
-  __m256i bi[kRows];
-  for (int r = 0; r < kRows; ++r) {
-    bv[r] = _mm256_set1_ps(kInf);
-    bi[r] = _mm256_setzero_si256();
-  }
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+template <class Tile>
+inline void distance_tiles(const float* const* rows, const float* ct, const float* norms, int64_t kp, int d,
+                           Tile&& tile) {
   const __m256 minus2 = _mm256_set1_ps(-2.0f);
   for (int64_t c0 = 0; c0 < kp; c0 += kCols) {
     __m256 acc[kRows][2];
@@ -52,21 +48,38 @@ void nearest_tile(const float* const* rows, const float* ct, const float* norms,
         acc[r][1] = _mm256_fmadd_ps(x, b, acc[r][1]);
       }
     }
-    // ||c||^2 - 2 x.c; strict < keeps the lower index per lane (columns visited in order).
     __m256 n0 = _mm256_loadu_ps(norms + c0), n1 = _mm256_loadu_ps(norms + c0 + 8);
+    for (int r = 0; r < kRows; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(minus2, acc[r][0], n0);
+      acc[r][1] = _mm256_fmadd_ps(minus2, acc[r][1], n1);
+    }
+    tile(c0, acc);
+  }
+}
+
+// Nearest of all padded centroids for kRows points, keeping per lane the first minimum.
+void nearest_tile(const float* const* rows, const float* ct, const float* norms, int64_t kp, int d, int32_t* best_idx,
+                  float* best_val) {
+  __m256 bv[kRows];
+  __m256i bi[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    bv[r] = _mm256_set1_ps(kInf);
+    bi[r] = _mm256_setzero_si256();
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  distance_tiles(rows, ct, norms, kp, d, [&](int64_t c0, const __m256 (&dist)[kRows][2]) {
+    // Strict < keeps the lower index per lane (columns are visited in order).
     __m256i i0 = _mm256_add_epi32(lane, _mm256_set1_epi32(int32_t(c0)));
     __m256i i1 = _mm256_add_epi32(i0, _mm256_set1_epi32(8));
     for (int r = 0; r < kRows; ++r) {
-      __m256 d0 = _mm256_fmadd_ps(minus2, acc[r][0], n0);
-      __m256 lt = _mm256_cmp_ps(d0, bv[r], _CMP_LT_OQ);
-      bv[r] = _mm256_blendv_ps(bv[r], d0, lt);
+      __m256 lt = _mm256_cmp_ps(dist[r][0], bv[r], _CMP_LT_OQ);
+      bv[r] = _mm256_blendv_ps(bv[r], dist[r][0], lt);
       bi[r] = _mm256_blendv_epi8(bi[r], i0, _mm256_castps_si256(lt));
-      __m256 d1 = _mm256_fmadd_ps(minus2, acc[r][1], n1);
-      lt = _mm256_cmp_ps(d1, bv[r], _CMP_LT_OQ);
-      bv[r] = _mm256_blendv_ps(bv[r], d1, lt);
+      lt = _mm256_cmp_ps(dist[r][1], bv[r], _CMP_LT_OQ);
+      bv[r] = _mm256_blendv_ps(bv[r], dist[r][1], lt);
       bi[r] = _mm256_blendv_epi8(bi[r], i1, _mm256_castps_si256(lt));
     }
-  }
+  });
   for (int r = 0; r < kRows; ++r) {
     alignas(32) float v[8];
     alignas(32) int32_t i[8];
@@ -132,11 +145,13 @@ void sample_distinct(Rng& rng, int32_t* items, int64_t n, int64_t k, int32_t* ou
   }
 }
 
-void assign_nearest(const float* points, int64_t n, const float* centroids, int64_t k, int d, int32_t* labels,
-                    float* dist2, AssignScratch& scratch) {
+namespace {
+
+// Centroids transposed to [d, kp] (kp = k rounded up to kCols, padding never nearest) and
+// their squared norms, in the scratch. Returns kp.
+int64_t prepare_centroids(const float* centroids, int64_t k, int d, AssignScratch& scratch) {
   MP_CHECK(k >= 1, "k-means: {} centroids, expected at least 1", k);
   MP_CHECK(d > 0 && d % 8 == 0, "k-means: dimension {} must be a positive multiple of 8", d);
-  if (n <= 0) return;
   const int64_t kp = (k + kCols - 1) / kCols * kCols;
   if (scratch.transposed.size() < size_t(kp) * d) scratch.transposed.resize(size_t(kp) * d);
   if (scratch.norms.size() < size_t(kp)) scratch.norms.resize(size_t(kp));
@@ -152,16 +167,43 @@ void assign_nearest(const float* points, int64_t n, const float* centroids, int6
       norms[c] = kInf;  // padding is never nearest
     }
   }
+  return kp;
+}
+
+}  // namespace
+
+void assign_nearest(const float* points, int64_t n, const float* centroids, int64_t k, int d, int32_t* labels,
+                    float* dist2, AssignScratch& scratch) {
+  const int64_t kp = prepare_centroids(centroids, k, d, scratch);
   for (int64_t i0 = 0; i0 < n; i0 += kRows) {
     const float* rows[kRows];
     for (int r = 0; r < kRows; ++r) rows[r] = points + std::min<int64_t>(i0 + r, n - 1) * d;
     int32_t idx[kRows];
     float val[kRows];
-    nearest_tile(rows, ct, norms, kp, d, idx, val);
+    nearest_tile(rows, scratch.transposed.data(), scratch.norms.data(), kp, d, idx, val);
     for (int r = 0; r < kRows && i0 + r < n; ++r) {
       labels[i0 + r] = idx[r];
       if (dist2) dist2[i0 + r] = std::max(0.0f, float(squared_norm(rows[r], d)) + val[r]);
     }
+  }
+}
+
+void partial_distances(const float* points, int64_t n, const float* centroids, int64_t k, int d, float* out,
+                       int64_t stride, AssignScratch& scratch) {
+  const int64_t kp = prepare_centroids(centroids, k, d, scratch);
+  for (int64_t i0 = 0; i0 < n; i0 += kRows) {
+    const float* rows[kRows];
+    for (int r = 0; r < kRows; ++r) rows[r] = points + std::min<int64_t>(i0 + r, n - 1) * d;
+    distance_tiles(rows, scratch.transposed.data(), scratch.norms.data(), kp, d,
+                   [&](int64_t c0, const __m256 (&dist)[kRows][2]) {
+                     const int64_t cols = std::min<int64_t>(kCols, k - c0);
+                     for (int r = 0; r < kRows && i0 + r < n; ++r) {
+                       alignas(32) float tmp[kCols];
+                       _mm256_store_ps(tmp, dist[r][0]);
+                       _mm256_store_ps(tmp + 8, dist[r][1]);
+                       std::memcpy(out + (i0 + r) * stride + c0, tmp, size_t(cols) * 4);
+                     }
+                   });
   }
 }
 

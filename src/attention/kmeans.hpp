@@ -42,6 +42,12 @@ struct AssignScratch {
 void assign_nearest(const float* points, int64_t n, const float* centroids, int64_t k, int d, int32_t* labels,
                     float* dist2, AssignScratch& scratch);
 
+// Partial squared distances ||c_j||^2 - 2 x_i.c_j (the squared distance minus ||x_i||^2,
+// enough to compare centroids for one point).
+//   points: [n, d], centroids: [k, d], out: rows of `stride` floats, out[i * stride + j]
+void partial_distances(const float* points, int64_t n, const float* centroids, int64_t k, int d, float* out,
+                       int64_t stride, AssignScratch& scratch);
+
 struct LloydScratch {
   AssignScratch assign;
   std::vector<double> sums;     // [k, d]

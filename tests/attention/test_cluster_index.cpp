@@ -262,12 +262,15 @@ TEST(ClusterIndex, OnlineUpdatesStayExactAndTouchOnlyTheOpenBlock) {
       ASSERT_NE(idx, nullptr);
       const FrozenSlice before(*idx);
       const int64_t end_before = idx->end();
+      const std::vector<int32_t> labels_before(idx->labels().begin(), idx->labels().end());
       policy->update(*data.cache, 0, std::span<const SeqId>(&seq, 1), pool);
       idx = find_cluster_index(*policy, seq, 0, 0);
       ASSERT_EQ(idx->end(), c.middle_end(len));
       if (idx->end() == end_before) continue;
       ++updates;
       ASSERT_EQ(idx->end() - end_before, c.cluster.window);
+      // Old tokens never move, in the open block either.
+      ASSERT_TRUE(std::equal(labels_before.begin(), labels_before.end(), idx->labels().begin()));
       const FrozenSlice after_prefix = [&] {
         // The slice that was frozen before, read from the updated index.
         FrozenSlice s(*idx);
@@ -300,6 +303,31 @@ TEST(ClusterIndex, OnlineUpdatesStayExactAndTouchOnlyTheOpenBlock) {
     EXPECT_GE(freezes, 2);
     expect_consistent(*find_cluster_index(*policy, seq, 0, 0), *data.cache, seq, 0, 0, c, "final");
   }
+}
+
+TEST(ClusterIndex, OneLateUpdateEqualsOneUpdatePerWindow) {
+  // Absorbing several windows at once runs the same per-window steps with the same seeds.
+  AttentionConfig c = small_config(32, {4, 16}, 128, 16);
+  ref::SyntheticKV data(c, DType::BF16, 1, 4096, ref::KeyKind::Clustered, 12);
+  const SeqId seq = data.add();
+  data.append(seq, 300);
+  const Rope rope(c.rope);
+  ClusterIndex each, late;
+  each.build(*data.cache, seq, 0, 1, c.middle_end(300), c, rope);
+  late.build(*data.cache, seq, 0, 1, c.middle_end(300), c, rope);
+  for (int i = 0; i < 20; ++i) {
+    data.append(seq, 16);
+    each.append(*data.cache, seq, 0, 1, c.middle_end(data.cache->length(seq)), c, rope);
+  }
+  late.append(*data.cache, seq, 0, 1, c.middle_end(data.cache->length(seq)), c, rope);
+  EXPECT_EQ(late.end(), each.end());
+  EXPECT_TRUE(std::equal(late.labels().begin(), late.labels().end(), each.labels().begin(), each.labels().end()));
+  for (int l = 0; l < 2; ++l) {
+    EXPECT_EQ(late.level(l).keys, each.level(l).keys);
+    EXPECT_EQ(late.level(l).parents, each.level(l).parents);
+    EXPECT_EQ(late.level(l).members, each.level(l).members);
+  }
+  expect_consistent(late, *data.cache, seq, 0, 1, c, "late");
 }
 
 TEST(ClusterIndex, DuplicateKeysLeaveEmptyClustersButStayConsistent) {

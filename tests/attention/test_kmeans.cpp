@@ -60,6 +60,25 @@ TEST(KMeans, AssignNearestMatchesNaiveArgmin) {
   }
 }
 
+TEST(KMeans, PartialDistancesMatchNaive) {
+  std::mt19937 rng(11);
+  const int d = 64;
+  for (int64_t k : {1, 7, 16, 33}) {
+    const int64_t n = 10, stride = k + 3;
+    auto pts = normal(size_t(n) * d, rng), cen = normal(size_t(k) * d, rng);
+    std::vector<float> out(size_t(n * stride), -12345.0f);
+    kmeans::AssignScratch scratch;
+    kmeans::partial_distances(pts.data(), n, cen.data(), k, d, out.data(), stride, scratch);
+    for (int64_t i = 0; i < n; ++i) {
+      double x2 = 0;
+      for (int j = 0; j < d; ++j) x2 += double(pts[i * d + j]) * pts[i * d + j];
+      for (int64_t c = 0; c < k; ++c)
+        EXPECT_NEAR(out[i * stride + c] + x2, dist2(&pts[i * d], &cen[c * d], d), 1e-3) << i << " " << c;
+      for (int64_t c = k; c < stride; ++c) EXPECT_EQ(out[i * stride + c], -12345.0f) << "wrote past k";
+    }
+  }
+}
+
 TEST(KMeans, LloydReducesInertiaAndEndsWithExactMeans) {
   std::mt19937 rng(2);
   const int d = 32;

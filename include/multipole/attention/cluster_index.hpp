@@ -28,6 +28,19 @@
 // open block already holds >= block_size tokens it is frozen first and those W tokens start
 // a new open block. Cluster ids are block-major at every level: the open block's clusters
 // are the tail of each level's arrays, so an update rewrites only that tail.
+//
+// Prefill (per block): Lloyd k-means on squared Euclidean distance, prefill_iterations
+// rounds, initial centroids = distinct random tokens, an empty cluster re-seeded with the
+// point farthest from its centroid; then each coarser level by weighted k-means of the
+// finer centroids. Seeds mix cluster.seed with (sequence, layer, head, block).
+// Online update (per W new tokens, seeds mixing in the chunk's first position): the open
+// block gains ceil(n'/t0) - ceil(n/t0) level-0 centroids seeded from random new tokens;
+// the new tokens are assigned to the nearest level-0 centroid of the open block, then
+// update_iterations Lloyd rounds move only the new tokens among the open block's clusters
+// (old members never move). At each coarser level new children get a parent: new coarse
+// clusters (at the level's rate) are seeded from random new children, the other new
+// children join the nearest coarse centroid of the open block; every coarse cluster whose
+// children changed is recomputed from them. Only the W new tokens are read from the cache.
 #include <array>
 #include <cstdint>
 #include <span>
