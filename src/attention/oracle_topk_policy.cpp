@@ -31,7 +31,7 @@ class OracleTopkPolicy final : public AttentionPolicy {
     scratch_.ensure(pool.size());
     stats_parts_.assign(size_t(pool.size()), DecodeStats{});
 
-    pool.parallel_for(int64_t(seqs.size()) * heads, [&](int64_t task, int thread) {
+    cpu::parallel_for(pool, int64_t(seqs.size()) * heads, [&](int64_t task, int thread) {
       const int64_t b = task / heads;
       const int h = int(task % heads);
       Scratch& sc = scratch_[thread];

@@ -1,6 +1,7 @@
 // dense, quest and oracle-topk against naive float64 references (reference_dense.hpp).
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -14,6 +15,21 @@
 
 using namespace multipole;
 namespace ref = multipole::reference;
+
+// Counts malloc calls while `g_counting` is set, by interposing glibc's malloc (operator new
+// is already replaced elsewhere in this binary, and ASan owns malloc).
+#if !defined(__SANITIZE_ADDRESS__) && defined(__GLIBC__)
+extern "C" void* __libc_malloc(size_t n);
+namespace {
+std::atomic<bool> g_counting{false};
+std::atomic<int64_t> g_mallocs{0};
+}  // namespace
+extern "C" void* malloc(size_t n) {
+  if (g_counting.load(std::memory_order_relaxed)) g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  return __libc_malloc(n);
+}
+#define MULTIPOLE_COUNT_MALLOC 1
+#endif
 
 namespace {
 
@@ -283,4 +299,36 @@ TEST(DenseQuestOracle, RejectsMisuse) {
   EXPECT_THROW(dense->decode(*batch.cache, 1, with_empty, q.data(), out.data(), pool), Error);
   EXPECT_THROW(dense->decode(*batch.cache, 2, batch.seqs, q.data(), out.data(), pool), Error);
   EXPECT_THROW(make_attention_policy("nope", c), Error);
+}
+
+TEST(DenseQuestOracle, WarmDecodeStepDoesNotAllocate) {
+#ifndef MULTIPOLE_COUNT_MALLOC
+  GTEST_SKIP() << "malloc counting needs glibc and no ASan";
+#else
+  ThreadPool pool(2);
+  AttentionConfig c = make_config(4, 64);
+  Batch batch(c, DType::BF16, {3000, 700}, 41);
+  auto q = batch.queries(c, 1.0f);
+  std::vector<float> out(q.size());
+  for (const char* name : {"dense", "quest", "oracle-topk"}) {
+    auto p = make_attention_policy(name, c);
+    for (int warm = 0; warm < 2; ++warm) {
+      p->update(*batch.cache, 1, batch.seqs, pool);
+      p->decode(*batch.cache, 1, batch.seqs, q.data(), out.data(), pool);
+    }
+    g_mallocs = 0;
+    g_counting = true;
+    p->update(*batch.cache, 1, batch.seqs, pool);  // nothing new to index
+    p->decode(*batch.cache, 1, batch.seqs, q.data(), out.data(), pool);
+    g_counting = false;
+    EXPECT_EQ(g_mallocs.load(), 0) << name;
+  }
+  // The counter works: an allocation is seen.
+  g_mallocs = 0;
+  g_counting = true;
+  auto* v = new std::vector<float>(100);
+  g_counting = false;
+  delete v;
+  EXPECT_GE(g_mallocs.load(), 1);
+#endif
 }
