@@ -211,24 +211,37 @@ inline __m256i q5_high_bits(const uint8_t* p) {
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
-// Per activation row: vectors of partial sums plus a scalar term for weight offsets. Even
-// and odd blocks go to separate vectors so that consecutive FMAs do not wait on each other.
+// Per activation row: vectors of partial sums plus scalar terms for weight offsets/mins.
+// Consecutive blocks go to different accumulators (`Chains` of them) so that an FMA never
+// waits for the previous block's: with one row the latency chain, not the arithmetic, would
+// bound the speed; with 3-4 rows the rows themselves are independent chains.
 template <int NV>
 struct Accum {
-  __m256 v[2][NV];
-  float c[NV];
+  static constexpr int Chains = NV == 1 ? 4 : NV == 2 ? 2 : 1;
+  __m256 v[Chains][NV];
+  float c[Chains][NV];
   Accum() {
-    for (int i = 0; i < NV; ++i) {
-      v[0][i] = v[1][i] = _mm256_setzero_ps();
-      c[i] = 0.f;
-    }
+    for (int k = 0; k < Chains; ++k)
+      for (int i = 0; i < NV; ++i) {
+        v[k][i] = _mm256_setzero_ps();
+        c[k][i] = 0.f;
+      }
   }
   void add(int64_t block, int i, __m256i isum, float scale) {
-    __m256& a = v[block & 1][i];
+    __m256& a = v[block % Chains][i];
     a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(scale), a);
   }
+  void add_scalar(int64_t block, int i, float x) { c[block % Chains][i] += x; }
   void store(float* out) const {
-    for (int i = 0; i < NV; ++i) out[i] = hsum(_mm256_add_ps(v[0][i], v[1][i])) + c[i];
+    for (int i = 0; i < NV; ++i) {
+      __m256 s = v[0][i];
+      float t = c[0][i];
+      for (int k = 1; k < Chains; ++k) {
+        s = _mm256_add_ps(s, v[k][i]);
+        t += c[k][i];
+      }
+      out[i] = hsum(s) + t;
+    }
   }
 };
 
@@ -251,9 +264,9 @@ void dot_q4q5(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
       const float dx = xs[i].d[b];
       acc.add(b, i, dot_u8_s8(w, load32(xs[i].q + 32 * b)), d * dx);
       if constexpr (has_min)
-        acc.c[i] += m * xs[i].ds[b];
+        acc.add_scalar(b, i, m * xs[i].ds[b]);
       else
-        acc.c[i] -= offset * d * xs[i].ds[b];
+        acc.add_scalar(b, i, -offset * d * xs[i].ds[b]);
     }
   }
   acc.store(out);
@@ -295,7 +308,7 @@ void dot_q45_k(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
         for (int i = 0; i < NV; ++i) {
           const float dx = xs[i].d[b];
           acc.add(b, i, dot_u8_s8(w, load32(xs[i].q + 32 * b)), dj * dx);
-          acc.c[i] -= mj * xs[i].ds[b];
+          acc.add_scalar(b, i, -mj * xs[i].ds[b]);
         }
       }
     }
@@ -326,7 +339,7 @@ void dot_q6_k(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
           const float dd = d * xs[i].d[b];
           const __m256i pairs = _mm256_maddubs_epi16(w, load32(xs[i].q + 32 * b));
           acc.add(b, i, _mm256_madd_epi16(pairs, sv), dd);
-          acc.c[i] -= 32.f * dd * float(s0 * xs[i].s[2 * b] + s1 * xs[i].s[2 * b + 1]);
+          acc.add_scalar(b, i, -32.f * dd * float(s0 * xs[i].s[2 * b] + s1 * xs[i].s[2 * b + 1]));
         }
       }
     }

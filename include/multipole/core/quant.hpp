@@ -98,7 +98,8 @@ float dot_row_f32(QuantType t, const void* row, const float* x, int64_t cols);
 void gemv(const QuantMatrix& w, const float* x, float* y, ThreadPool* pool = nullptr,
           Q8Activations* scratch = nullptr);
 // y [n, rows] = x [n, cols] W^T: n activation rows at once (prefill). Each weight block is
-// unpacked once for up to 4 activation rows; per row the result equals gemv's exactly.
+// unpacked once for up to 4 activation rows. Per row the result equals gemv's up to f32
+// rounding (the partial sums are grouped differently).
 void gemm(const QuantMatrix& w, const float* x, int64_t n, float* y, ThreadPool* pool = nullptr,
           Q8Activations* scratch = nullptr);
 
