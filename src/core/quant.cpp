@@ -90,25 +90,13 @@ void k_scale_min(int j, const uint8_t* s, int& scale, int& min) {
   }
 }
 
-void dequant_q4_k(const uint8_t* b, float* y) {
-  const float d = load_f16(b), dmin = load_f16(b + 2);
-  const uint8_t* scales = b + 4;
-  const uint8_t* qs = b + 16;
-  for (int j = 0; j < 8; ++j) {
-    int sc, mn;
-    k_scale_min(j, scales, sc, mn);
-    const float dj = d * float(sc), mj = dmin * float(mn);
-    const uint8_t* q = qs + 32 * (j / 2);
-    const int shift = 4 * (j & 1);
-    for (int l = 0; l < 32; ++l) y[32 * j + l] = dj * float((q[l] >> shift) & 15) - mj;
-  }
-}
-
-void dequant_q5_k(const uint8_t* b, float* y) {
+// Q4_K, and Q5_K with the fifth bit of value l of sub-block j in bit j of qh[l].
+template <bool Five>
+void dequant_q45_k(const uint8_t* b, float* y) {
   const float d = load_f16(b), dmin = load_f16(b + 2);
   const uint8_t* scales = b + 4;
   const uint8_t* qh = b + 16;
-  const uint8_t* qs = b + 48;
+  const uint8_t* qs = b + (Five ? 48 : 16);
   for (int j = 0; j < 8; ++j) {
     int sc, mn;
     k_scale_min(j, scales, sc, mn);
@@ -116,7 +104,7 @@ void dequant_q5_k(const uint8_t* b, float* y) {
     const uint8_t* q = qs + 32 * (j / 2);
     const int shift = 4 * (j & 1);
     for (int l = 0; l < 32; ++l) {
-      const int v = ((q[l] >> shift) & 15) | (((qh[l] >> j) & 1) << 4);
+      const int v = ((q[l] >> shift) & 15) | (Five ? ((qh[l] >> j) & 1) << 4 : 0);
       y[32 * j + l] = dj * float(v) - mj;
     }
   }
@@ -151,8 +139,8 @@ DequantFn dequant_fn(QuantType t) {
     case QuantType::Q5_0: return dequant_q5_0;
     case QuantType::Q5_1: return dequant_q5_1;
     case QuantType::Q8_0: return dequant_q8_0;
-    case QuantType::Q4_K: return dequant_q4_k;
-    case QuantType::Q5_K: return dequant_q5_k;
+    case QuantType::Q4_K: return dequant_q45_k<false>;
+    case QuantType::Q5_K: return dequant_q45_k<true>;
     case QuantType::Q6_K: return dequant_q6_k;
     default: return nullptr;
   }
