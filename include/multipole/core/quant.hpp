@@ -94,7 +94,8 @@ float dot_row(QuantType t, const void* row, const Q8Activations& x, int64_t xrow
 float dot_row_f32(QuantType t, const void* row, const float* x, int64_t cols);
 
 // y [rows] = W x, x [cols]. Quantised W: x is quantised to int8 first (into `scratch` when
-// given, so that a decode loop does not allocate). Rows are split over `pool` if given.
+// given, so that a decode loop does not allocate). Rows are split over `pool` if given
+// (not from inside a task of that same pool; matrices under 64 KiB stay on this thread).
 void gemv(const QuantMatrix& w, const float* x, float* y, ThreadPool* pool = nullptr,
           Q8Activations* scratch = nullptr);
 // y [n, rows] = x [n, cols] W^T: n activation rows at once (prefill). Each weight block is
