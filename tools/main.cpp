@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "multipole 0.1.0");
   multipole::cli::add_attn_command(app);
   multipole::cli::add_bench_command(app);
+  multipole::cli::add_trace_command(app);
   multipole::cli::add_generate_command(app);
   multipole::cli::add_inspect_command(app);
 #ifdef MULTIPOLE_HAVE_CUDA

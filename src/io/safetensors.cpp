@@ -192,6 +192,7 @@ void SafetensorsTensor::to_f32(float* out) const {
   MP_CHECK(core.has_value(), "{}: tensor '{}' has dtype {}; only F32, F16 and BF16 convert to f32", file, name,
            info(dtype).name);
   const size_t n = size_t(numel()), es = dtype_size(*core);
+  if (n == 0) return;  // `out` may be null then
   if (reinterpret_cast<uintptr_t>(bytes.data()) % es == 0) {
     convert_to_f32(bytes.data(), *core, out, n);
     return;
@@ -389,7 +390,7 @@ SafetensorsWriter::Entry& SafetensorsWriter::new_entry(std::string name, Safeten
 
 void SafetensorsWriter::add(std::string name, std::vector<int64_t> shape, const float* data, DType dtype) {
   auto& e = new_entry(std::move(name), to_safetensors_dtype(dtype), std::move(shape));
-  convert_from_f32(data, dtype, e.data.data(), e.data.size() / dtype_size(dtype));
+  if (!e.data.empty()) convert_from_f32(data, dtype, e.data.data(), e.data.size() / dtype_size(dtype));
 }
 
 void SafetensorsWriter::add_raw(std::string name, SafetensorsDType dtype, std::vector<int64_t> shape,
@@ -401,7 +402,7 @@ void SafetensorsWriter::add_raw(std::string name, SafetensorsDType dtype, std::v
     entries_.pop_back();
     fail("safetensors writer: tensor '{}' got {} bytes, its shape and dtype need {}", n, data.size(), need);
   }
-  std::memcpy(e.data.data(), data.data(), data.size());
+  if (!data.empty()) std::memcpy(e.data.data(), data.data(), data.size());
 }
 
 void SafetensorsWriter::set_metadata(std::string key, std::string value) {
