@@ -417,15 +417,24 @@ void attend_pseudo(const float* keys, const float* values, const float* bias, co
 
 void score_rows(const float* keys, const int32_t* ids, int64_t count, const float* q, int groups, int dim, float scale,
                 float* out) {
+  score_rows_typed(keys, DType::F32, ids, count, q, groups, dim, scale, out);
+}
+
+void score_rows_typed(const void* rows, DType type, const int32_t* ids, int64_t count, const float* q, int groups,
+                      int dim, float scale, float* out) {
   if (count <= 0) return;
   MP_CHECK(groups >= 1 && groups <= kMaxGroups, "score_rows: {} query heads, expected 1 to {}", groups, kMaxGroups);
   MP_CHECK(dim > 0 && dim % 8 == 0, "score_rows: head_dim {} must be a positive multiple of 8", dim);
-  const float* rows[kBlock];
-  for (int64_t j0 = 0; j0 < count; j0 += kBlock) {
-    int n = int(std::min<int64_t>(kBlock, count - j0));
-    for (int i = 0; i < n; ++i) rows[i] = keys + (ids ? int64_t(ids[j0 + i]) : j0 + i) * dim;
-    logits<float>(rows, n, q, groups, dim, scale, nullptr, out + j0, count);
-  }
+  dispatch(type, [&](auto tag) {
+    using T = decltype(tag);
+    const T* base = static_cast<const T*>(rows);
+    const T* r[kBlock];
+    for (int64_t j0 = 0; j0 < count; j0 += kBlock) {
+      const int n = int(std::min<int64_t>(kBlock, count - j0));
+      for (int i = 0; i < n; ++i) r[i] = base + (ids ? int64_t(ids[j0 + i]) : j0 + i) * dim;
+      logits<T>(r, n, q, groups, dim, scale, nullptr, out + j0, count);
+    }
+  });
 }
 
 void score_range(const KVLayerView& kv, const int32_t* page_table, int head, int64_t begin, int64_t end,

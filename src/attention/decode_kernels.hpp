@@ -49,6 +49,10 @@ void attend_pseudo(const float* keys, const float* values, const float* bias, co
 void score_rows(const float* keys, const int32_t* ids, int64_t count, const float* q, int groups, int dim,
                 float scale, float* out);
 
+// score_rows for rows stored as `type` (f32, f16, bf16). rows: [C, dim] of that type.
+void score_rows_typed(const void* rows, DType type, const int32_t* ids, int64_t count, const float* q, int groups,
+                      int dim, float scale, float* out);
+
 // Exact logits of cached keys: out[g * (end - begin) + i] = scale * q_g . k_{begin + i}.
 //   q: [G, d], out: [G, end - begin]
 void score_range(const KVLayerView& kv, const int32_t* page_table, int head, int64_t begin, int64_t end,

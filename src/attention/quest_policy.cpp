@@ -47,7 +47,7 @@ class QuestPolicy final : public AttentionPolicy {
                seqs[b], s.full_pages);
       if (r.full == s.full_pages && r.tail == s.tail_tokens) continue;  // the middle region did not move
       const int64_t slots = r.full + (r.tail > 0);
-      for (auto& v : s.bounds) cpu::grow(v, size_t(slots) * 2 * d);
+      for (auto& v : s.bounds) cpu::grow(v, size_t(slots) * 2 * d * dtype_size(kc.dtype));
       jobs_.push_back({seqs[b], &s, s.full_pages, r});
       s.full_pages = r.full;
       s.tail_tokens = r.tail;
@@ -57,12 +57,13 @@ class QuestPolicy final : public AttentionPolicy {
     cpu::parallel_for(pool, int64_t(jobs_.size()) * heads, [&](int64_t task, int thread) {
       const Job& job = jobs_[size_t(task / heads)];
       const int h = int(task % heads);
-      float* keys = cpu::grow(scratch_[thread].keys, size_t(P) * d);
-      float* bounds = job.summary->bounds[size_t(h)].data();
-      // New full pages, then the partial last page (recomputed: it is < one page).
+      float* keys = cpu::grow(scratch_[thread].keys, size_t(P + 2) * d);
+      std::byte* bounds = job.summary->bounds[size_t(h)].data();
+      // New full pages, then the partial last page (recomputed: it is < one page). Min and
+      // max of stored keys are values of the storage type, so they are stored in it exactly.
       auto summarise = [&](int64_t page, int64_t n) {
         cache.read_keys(job.seq, layer, h, job.region.sinks + page * P, n, keys);
-        float* lo = bounds + page * 2 * d;
+        float* lo = keys + int64_t(P) * d;
         float* hi = lo + d;
         std::copy(keys, keys + d, lo);
         std::copy(keys, keys + d, hi);
@@ -71,6 +72,7 @@ class QuestPolicy final : public AttentionPolicy {
             lo[c] = std::min(lo[c], keys[t * d + c]);
             hi[c] = std::max(hi[c], keys[t * d + c]);
           }
+        convert_from_f32(lo, kc.dtype, bounds + page * 2 * d * dtype_size(kc.dtype), size_t(2) * d);
       };
       for (int64_t page = job.first_new; page < job.region.full; ++page) summarise(page, P);
       if (job.region.tail > 0) summarise(job.region.full, job.region.tail);
@@ -115,15 +117,15 @@ class QuestPolicy final : public AttentionPolicy {
       std::iota(chosen, chosen + candidates, 0);
       if (candidates > max_pages) {
         float* score = cpu::grow(sc.scores, size_t(candidates) * (G + 1));
-        score_pages(summaries_[b]->bounds[size_t(h)].data(), candidates, qg, G, d, cpu::grow(sc.qsplit, size_t(G) * 2 * d),
-                    score + candidates, score);
+        score_pages(summaries_[b]->bounds[size_t(h)].data(), kv.dtype, candidates, qg, G, d,
+                    cpu::grow(sc.qsplit, size_t(G) * 2 * d), score + candidates, score);
         std::nth_element(chosen, chosen + max_pages, chosen + candidates, [score](int32_t a, int32_t c) {
           return score[a] > score[c] || (score[a] == score[c] && a < c);
         });
         picked = max_pages;
         std::sort(chosen, chosen + picked);
         st.centroids_scored += candidates;
-        st.bytes_read += candidates * 2 * d * int64_t(sizeof(float));
+        st.bytes_read += candidates * 2 * kv.token_bytes;
       }
       int32_t* sel = cpu::grow(sc.selected, size_t(picked) * P);
       int64_t n = 0;
@@ -151,18 +153,19 @@ class QuestPolicy final : public AttentionPolicy {
     return r;
   }
 
-  // score[i] = max_g sum_c max(q_gc lo_ic, q_gc hi_ic) for pages i of bounds [pages][lo|hi][d].
+  // score[i] = max_g sum_c max(q_gc lo_ic, q_gc hi_ic) for pages i of bounds [pages][lo|hi][d]
+  // (stored as `type`).
   // As lo <= hi, max(q lo, q hi) = min(q, 0) lo + max(q, 0) hi: a dot product of the page's
   // [lo | hi] with [min(q, 0) | max(q, 0)], which the logit kernel computes.
   //   q: [G, d]; qsplit: scratch [G, 2d]; all: scratch [G, pages]
-  static void score_pages(const float* bounds, int64_t pages, const float* q, int G, int d, float* qsplit, float* all,
+  static void score_pages(const std::byte* bounds, DType type, int64_t pages, const float* q, int G, int d, float* qsplit, float* all,
                           float* score) {
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < d; ++c) {
         qsplit[g * 2 * d + c] = std::min(q[g * d + c], 0.0f);
         qsplit[g * 2 * d + d + c] = std::max(q[g * d + c], 0.0f);
       }
-    kernels::score_rows(bounds, nullptr, pages, qsplit, G, 2 * d, 1.0f, all);
+    kernels::score_rows_typed(bounds, type, nullptr, pages, qsplit, G, 2 * d, 1.0f, all);
     std::copy(all, all + pages, score);
     for (int g = 1; g < G; ++g)
       for (int64_t i = 0; i < pages; ++i) score[i] = std::max(score[i], all[g * pages + i]);
@@ -171,7 +174,7 @@ class QuestPolicy final : public AttentionPolicy {
   struct Summary {
     int64_t full_pages = 0;
     int64_t tail_tokens = 0;
-    std::vector<std::vector<float>> bounds;  // per KV head: [pages (+1 partial), 2, d]
+    std::vector<std::vector<std::byte>> bounds;  // per KV head: [pages (+1 partial), lo|hi, d] in the KV dtype
   };
   struct Job {
     SeqId seq;

@@ -387,3 +387,26 @@ TEST(DecodeKernels, AttendRangeAllHeadsMatchesNaive) {
                            std::to_string(h));
     }
 }
+
+TEST(DecodeKernels, ScoreRowsTypedMatchesNaive) {
+  std::mt19937 rng(23);
+  std::normal_distribution<float> dist;
+  for (DType t : kTypes)
+    for (int groups : {1, 4, 7, 16}) {
+      const int d = 256, C = 150;  // d = 2 x 128: quest's [lo | hi] rows
+      std::vector<float> rows(size_t(C) * d), stored(rows.size());
+      for (auto& x : rows) x = dist(rng);
+      std::vector<uint8_t> raw(rows.size() * dtype_size(t));
+      convert_from_f32(rows.data(), t, raw.data(), rows.size());
+      convert_to_f32(raw.data(), t, stored.data(), rows.size());
+      auto q = random_q(groups, d, 1.0f, rng);
+      std::vector<float> out(size_t(groups) * C);
+      score_rows_typed(raw.data(), t, nullptr, C, q.data(), groups, d, 0.5f, out.data());
+      for (int g = 0; g < groups; ++g)
+        for (int j = 0; j < C; ++j) {
+          double dot = 0;
+          for (int c = 0; c < d; ++c) dot += double(q[g * d + c]) * stored[size_t(j) * d + c];
+          ASSERT_NEAR(out[g * C + j], 0.5 * dot, 1e-5 * (1 + std::abs(0.5 * dot))) << dtype_name(t) << " G=" << groups;
+        }
+    }
+}
