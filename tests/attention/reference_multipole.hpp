@@ -10,12 +10,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <memory>
 #include <numeric>
 #include <random>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "multipole/attention/cluster_index.hpp"
@@ -25,6 +27,32 @@
 #include "reference_dense.hpp"
 
 namespace multipole::reference {
+
+// MULTIPOLE_TEST_SCALE=small (the sanitizer CI run): tests shrink their sizes.
+inline bool small_scale() {
+  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
+  return s && std::string(s) == "small";
+}
+
+// Default attention config with G query heads per KV head and head dim d.
+inline AttentionConfig attention_config(int G, int d, int kv_heads) {
+  AttentionConfig c;
+  c.num_kv_heads = kv_heads;
+  c.num_q_heads = G * kv_heads;
+  c.head_dim = d;
+  c.rope.head_dim = d;
+  return c;
+}
+
+// ||out - want|| / ||want|| (absolute when want is 0).
+inline double relative_error(const float* out, const std::vector<double>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num += (out[i] - want[i]) * (out[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
 
 // x rotated by `delta` positions (pure rotation, rotate-half layout), in double.
 inline std::vector<double> rotated(const Rope& rope, const double* x, int d, double delta) {

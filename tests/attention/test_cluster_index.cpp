@@ -20,17 +20,10 @@ namespace ref = multipole::reference;
 
 namespace {
 
-bool small_scale() {
-  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
-  return s && std::string(s) == "small";
-}
+using multipole::reference::small_scale;
 
 AttentionConfig small_config(int d, std::vector<int> tpc, int block = 256, int window = 16) {
-  AttentionConfig c;
-  c.num_kv_heads = 2;
-  c.num_q_heads = 4;
-  c.head_dim = d;
-  c.rope.head_dim = d;
+  AttentionConfig c = ref::attention_config(2, d, 2);
   c.cluster.sinks = 5;
   c.cluster.window = window;
   c.cluster.block_size = block;
@@ -357,11 +350,7 @@ TEST(ClusterIndex, DuplicateKeysLeaveEmptyClustersButStayConsistent) {
 
 TEST(ClusterIndex, DefaultBlocksPastTheBoundary) {
   // Default config (block 8192, {16, 128}, window 128) on a region of 2 blocks + updates.
-  AttentionConfig c;
-  c.num_kv_heads = 1;
-  c.num_q_heads = 1;
-  c.head_dim = 64;
-  c.rope.head_dim = 64;
+  AttentionConfig c = ref::attention_config(1, 64, 1);
   const int64_t len = small_scale() ? 10 + 8192 + 4096 + 128 : 10 + 8192 + 6000 + 200;
   ref::SyntheticKV data(c, DType::BF16, 1, len + 1024, ref::KeyKind::Clustered, 10, 200);
   const SeqId seq = data.add();

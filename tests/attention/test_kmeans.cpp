@@ -11,15 +11,13 @@
 
 #include "attention/kmeans.hpp"
 #include "multipole/core/error.hpp"
+#include "reference_multipole.hpp"
 
 using namespace multipole;
 
 namespace {
 
-bool small_scale() {
-  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
-  return s && std::string(s) == "small";
-}
+using multipole::reference::small_scale;
 
 std::vector<float> normal(size_t n, std::mt19937& rng, float sd = 1.0f) {
   std::normal_distribution<float> nd(0.0f, sd);

@@ -40,28 +40,12 @@ void operator delete(void* p, size_t) noexcept { std::free(p); }
 
 namespace {
 
-bool small_scale() {
-  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
-  return s && std::string(s) == "small";
-}
+using multipole::reference::small_scale;
 
 AttentionConfig make_config(int G, int d, int kv_heads = 2) {
-  AttentionConfig c;
-  c.num_kv_heads = kv_heads;
-  c.num_q_heads = G * kv_heads;
-  c.head_dim = d;
-  c.rope.head_dim = d;
+  AttentionConfig c = ref::attention_config(G, d, kv_heads);
   c.cluster.seed = 3;
   return c;
-}
-
-double rel_err(const float* out, const std::vector<double>& r) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < r.size(); ++i) {
-    num += (out[i] - r[i]) * (out[i] - r[i]);
-    den += r[i] * r[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
 struct Check {
@@ -100,7 +84,7 @@ Check check_policy(AttentionPolicy& policy, ref::SyntheticKV& data, const Attent
         ++r.ambiguous;
         continue;
       }
-      const double err = rel_err(out.data() + (b * Hq + h * G) * d, want.out);
+      const double err = reference::relative_error(out.data() + (b * Hq + h * G) * d, want.out);
       r.max_err = std::max(r.max_err, err);
       EXPECT_LT(err, tol) << "sequence " << b << " (length " << kv.length << ") head " << h;
     }
@@ -115,8 +99,24 @@ Check check_policy(AttentionPolicy& policy, ref::SyntheticKV& data, const Attent
   return r;
 }
 
-std::vector<double> dense_ref(const ref::SeqKV& kv, int h, const float* q, int G, double scale) {
-  return ref::attend(kv, h, ref::range(0, kv.length), q, G, scale);
+// Runs update + decode of `policy` on layer 0 and returns, per (sequence, KV head), the
+// relative error against dense attention.
+std::vector<double> errors_vs_dense(AttentionPolicy& policy, ref::SyntheticKV& data, const AttentionConfig& c,
+                                    const std::vector<float>& q, ThreadPool& pool) {
+  policy.update(*data.cache, 0, data.seqs, pool);
+  std::vector<float> out(q.size());
+  policy.decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+  std::vector<double> err;
+  for (size_t b = 0; b < data.seqs.size(); ++b) {
+    ref::SeqKV kv(*data.cache, data.seqs[b], 0);
+    for (int h = 0; h < c.num_kv_heads; ++h) {
+      const size_t row = (b * c.num_q_heads + h * c.group_size()) * c.head_dim;
+      const auto dense = ref::attend(kv, h, ref::range(0, kv.length), q.data() + row, c.group_size(),
+                                     c.softmax_scale());
+      err.push_back(reference::relative_error(out.data() + row, dense));
+    }
+  }
+  return err;
 }
 
 TEST(MultipolePolicy, MatchesReferenceOnRandomAndClusteredInputs) {
@@ -184,18 +184,9 @@ TEST(MultipolePolicy, BudgetCoveringAllTokensIsDense) {
     for (int64_t len : {1, 11, 300, 2049}) data.append(data.add(), len);
     auto policy = make_attention_policy("multipole", c);
     const auto q = data.queries(c, 1.0f);
-    policy->update(*data.cache, 0, data.seqs, pool);
-    std::vector<float> out(q.size());
-    policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
+    const auto err = errors_vs_dense(*policy, data, c, q, pool);
     EXPECT_EQ(policy->last_stats().pseudo_tokens, 0);
-    for (size_t b = 0; b < data.seqs.size(); ++b) {
-      ref::SeqKV kv(*data.cache, data.seqs[b], 0);
-      for (int h = 0; h < c.num_kv_heads; ++h) {
-        const size_t row = (b * c.num_q_heads + h * c.group_size()) * c.head_dim;
-        EXPECT_LT(rel_err(out.data() + row, dense_ref(kv, h, q.data() + row, c.group_size(), c.softmax_scale())), 2e-5)
-            << "levels " << levels << " length " << kv.length;
-      }
-    }
+    for (size_t i = 0; i < err.size(); ++i) EXPECT_LT(err[i], 2e-5) << "levels " << levels << " group " << i;
   }
 }
 
@@ -213,19 +204,13 @@ TEST(MultipolePolicy, SingletonClustersInRealPositionModeAreDenseForAnyBudget) {
     c.coarse_budget = 0;
     auto policy = make_attention_policy("multipole", c);
     const auto q = data.queries(c, 0.3f);
-    policy->update(*data.cache, 0, data.seqs, pool);
-    std::vector<float> out(q.size());
-    policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
-    for (size_t b = 0; b < data.seqs.size(); ++b) {
-      ref::SeqKV kv(*data.cache, data.seqs[b], 0);
+    const auto err = errors_vs_dense(*policy, data, c, q, pool);
+    for (size_t i = 0; i < err.size(); ++i) EXPECT_LT(err[i], 5e-5) << "budget " << budget << " group " << i;
+    for (SeqId seq : data.seqs)
       for (int h = 0; h < c.num_kv_heads; ++h) {
-        const ClusterIndex* idx = find_cluster_index(*policy, data.seqs[b], 0, h);
+        const ClusterIndex* idx = find_cluster_index(*policy, seq, 0, h);
         for (int64_t i = 0; i < idx->level(0).count(); ++i) ASSERT_EQ(idx->level(0).sizes[i], 1);
-        const size_t row = (b * c.num_q_heads + h * c.group_size()) * c.head_dim;
-        EXPECT_LT(rel_err(out.data() + row, dense_ref(kv, h, q.data() + row, c.group_size(), c.softmax_scale())), 5e-5)
-            << "budget " << budget << " length " << kv.length;
       }
-    }
   }
 }
 
@@ -240,17 +225,7 @@ TEST(MultipoleVsSqueezed, FarFieldReducesErrorOnClusteredInputs) {
   for (bool far : {true, false}) {
     c.multipole_far_field = far;
     auto policy = make_attention_policy(far ? "multipole" : "squeezed", c);
-    policy->update(*data.cache, 0, data.seqs, pool);
-    std::vector<float> out(q.size());
-    policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
-    for (size_t b = 0; b < data.seqs.size(); ++b) {
-      ref::SeqKV kv(*data.cache, data.seqs[b], 0);
-      for (int h = 0; h < c.num_kv_heads; ++h) {
-        const size_t row = (b * c.num_q_heads + h * c.group_size()) * c.head_dim;
-        err[far ? 0 : 1] +=
-            rel_err(out.data() + row, dense_ref(kv, h, q.data() + row, c.group_size(), c.softmax_scale()));
-      }
-    }
+    for (double e : errors_vs_dense(*policy, data, c, q, pool)) err[far ? 0 : 1] += e;
   }
   std::printf("[ info ] mean relative error vs dense: multipole %.4f, squeezed %.4f\n", err[0] / 12, err[1] / 12);
   EXPECT_LT(err[0], 0.7 * err[1]);
