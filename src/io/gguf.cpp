@@ -420,23 +420,31 @@ std::span<const std::string_view> GGUFFile::get_string_array(std::string_view ke
   return v.strings;
 }
 
+namespace {
+
+// Calls fn(index, element) for each element of a numeric array value.
+template <class Fn>
+void for_each_element(const GGUFValue& v, Fn&& fn) {
+  const size_t w = scalar_size(v.elem_type);
+  GGUFValue e;
+  for (size_t j = 0; j < size_t(v.count); ++j) {
+    decode_scalar(v.elem_type, v.raw.data() + j * w, e);
+    fn(j, e);
+  }
+}
+
+}  // namespace
+
 std::vector<int64_t> GGUFFile::get_int_array(std::string_view key) const {
   const GGUFValue& v = expect(key, "an array of integers");
   if (v.type != GGUFType::Array || !(is_unsigned(v.elem_type) || is_signed(v.elem_type)))
     fail("{}: metadata key '{}' is {}, wanted an array of integers", path(), key, describe(v));
   std::vector<int64_t> out(size_t(v.count));
-  const size_t w = scalar_size(v.elem_type);
-  GGUFValue e;
-  for (size_t j = 0; j < out.size(); ++j) {
-    decode_scalar(v.elem_type, v.raw.data() + j * w, e);
-    if (is_signed(v.elem_type)) {
-      out[j] = e.i;
-    } else {
-      if (e.u > uint64_t(std::numeric_limits<int64_t>::max()))
-        fail("{}: metadata key '{}' element {} = {} does not fit a signed 64-bit integer", path(), key, j, e.u);
-      out[j] = int64_t(e.u);
-    }
-  }
+  for_each_element(v, [&](size_t j, const GGUFValue& e) {
+    if (is_unsigned(e.type) && e.u > uint64_t(std::numeric_limits<int64_t>::max()))
+      fail("{}: metadata key '{}' element {} = {} does not fit a signed 64-bit integer", path(), key, j, e.u);
+    out[j] = is_signed(e.type) ? e.i : int64_t(e.u);
+  });
   return out;
 }
 
@@ -445,12 +453,9 @@ std::vector<double> GGUFFile::get_float_array(std::string_view key) const {
   if (v.type != GGUFType::Array || !(is_float(v.elem_type) || is_unsigned(v.elem_type) || is_signed(v.elem_type)))
     fail("{}: metadata key '{}' is {}, wanted an array of numbers", path(), key, describe(v));
   std::vector<double> out(size_t(v.count));
-  const size_t w = scalar_size(v.elem_type);
-  GGUFValue e;
-  for (size_t j = 0; j < out.size(); ++j) {
-    decode_scalar(v.elem_type, v.raw.data() + j * w, e);
-    out[j] = is_float(v.elem_type) ? e.f : is_signed(v.elem_type) ? double(e.i) : double(e.u);
-  }
+  for_each_element(v, [&](size_t j, const GGUFValue& e) {
+    out[j] = is_float(e.type) ? e.f : is_signed(e.type) ? double(e.i) : double(e.u);
+  });
   return out;
 }
 
