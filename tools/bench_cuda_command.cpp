@@ -33,11 +33,13 @@ void add_bench_cuda_command(CLI::App& app) {
     std::printf("# %s, %d SMs, L2 %lld MB; %d q heads, %d kv heads, d %d, budget %d, %s keys, %s\n", info.name.c_str(),
                 info.sm_count, (long long)(info.l2_bytes >> 20), o->q_heads, o->kv_heads, o->head_dim, o->budget,
                 dtype_name(o->key_dtype).data(), o->graph ? "graph replay" : "direct launches");
-    std::printf("%-6s %-8s %-16s %10s %9s %9s %10s %9s %6s\n", "batch", "context", "variant", "us", "x dense", "GB/s",
-                "MB read", "launches", "CTAs");
+    std::printf("# us: L2 flushed by writes before each step (as do_bench); us_clean: flushed by reads\n");
+    std::printf("%-6s %-8s %-16s %10s %9s %9s %9s %10s %9s %6s\n", "batch", "context", "variant", "us", "us_clean",
+                "x dense", "GB/s", "MB read", "launches", "CTAs");
     cuda::run_cuda_attention_bench(*o, [](const cuda::CudaBenchRow& r) {
-      std::printf("%-6d %-8lld %-16s %10.1f %9.2f %9.0f %10.2f %9d %6d\n", r.batch, (long long)r.context,
-                  r.variant.c_str(), r.us, r.ratio_to_dense, r.gbps, double(r.bytes) / 1e6, r.launches, r.ctas);
+      std::printf("%-6d %-8lld %-16s %10.1f %9.1f %9.2f %9.0f %10.2f %9d %6d\n", r.batch, (long long)r.context,
+                  r.variant.c_str(), r.us, r.us_clean, r.ratio_to_dense, r.gbps, double(r.bytes) / 1e6, r.launches,
+                  r.ctas);
       std::fflush(stdout);
     });
   });

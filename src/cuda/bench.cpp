@@ -18,7 +18,7 @@ namespace {
 // Median time of `step` in microseconds: warm-up, then (graph replay or direct launches)
 // each timed step preceded by an L2 flush.
 template <class Step>
-double time_step(const Step& step, const CudaBenchOptions& o, cudaStream_t s, DeviceBuffer& flush) {
+double time_step(const Step& step, const CudaBenchOptions& o, cudaStream_t s, DeviceBuffer& flush, bool read_flush) {
   for (int i = 0; i < o.warmup; ++i) step(s);
   MP_CUDA_CHECK(cudaStreamSynchronize(s));
   cudaGraphExec_t exec = nullptr;
@@ -33,7 +33,10 @@ double time_step(const Step& step, const CudaBenchOptions& o, cudaStream_t s, De
   std::vector<cudaEvent_t> ev(2 * size_t(o.iterations));
   for (auto& e : ev) MP_CUDA_CHECK(cudaEventCreate(&e));
   for (int i = 0; i < o.iterations; ++i) {
-    MP_CUDA_CHECK(cudaMemsetAsync(flush.data(), i & 0xff, flush.size(), s));
+    if (read_flush)
+      detail::launch_read_flush(flush.data(), flush.size() - 4096, reinterpret_cast<uint32_t*>(static_cast<char*>(flush.data()) + flush.size() - 4096), s);
+    else
+      MP_CUDA_CHECK(cudaMemsetAsync(flush.data(), i & 0xff, flush.size() - 4096, s));
     MP_CUDA_CHECK(cudaEventRecord(ev[2 * i], s));
     if (exec)
       MP_CUDA_CHECK(cudaGraphLaunch(exec, s));
@@ -69,7 +72,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
   const int Hkv = o.kv_heads, D = o.head_dim, Hq = o.q_heads, G = ac.group_size();
   cudaStream_t stream;
   MP_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  DeviceBuffer flush(size_t(256) << 20);
+  DeviceBuffer flush((size_t(256) << 20) + 4096);  // last 4 KB: sink of the read flush
   std::vector<CudaBenchRow> rows;
   std::mt19937_64 rng(o.seed);
 
@@ -150,13 +153,16 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
 
       const int dense_ctas = dec.plan_info().dense_ctas;
       double dense_us = 0;
-      auto emit = [&](const std::string& name, double us, int64_t bytes, int launches, int ctas) {
+      auto emit = [&](const std::string& name, auto step, int64_t bytes, int launches, int ctas) {
+        const double us = time_step(step, o, stream, flush, false);
+        const double us_clean = time_step(step, o, stream, flush, true);
         if (name == "dense") dense_us = us;
         CudaBenchRow r;
         r.batch = B;
         r.context = ctx;
         r.variant = name;
         r.us = us;
+        r.us_clean = us_clean;
         r.ratio_to_dense = dense_us > 0 ? dense_us / us : 0;
         r.bytes = bytes;
         r.gbps = double(bytes) / (us * 1e-6) / 1e9;
@@ -165,21 +171,19 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         rows.push_back(r);
         if (on_row) on_row(r);
       };
-      emit("dense", time_step([&](cudaStream_t s) { dec.dense(dev, 0, pq, po, s); }, o, stream, flush), dense_bytes,
-           CudaDecoder::kDenseLaunches, dense_ctas);
-      emit("multipole",
-           time_step([&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s); }, o, stream, flush),
-           mp_bytes, CudaDecoder::kMultipoleLaunches, dec.plan_info().mp_ctas);
-      emit("squeezed",
-           time_step([&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, o, stream, flush),
-           mp_bytes - vbytes, CudaDecoder::kMultipoleLaunches, squeezed.plan_info().mp_ctas);
+      emit("dense", [&](cudaStream_t s) { dec.dense(dev, 0, pq, po, s); }, dense_bytes, CudaDecoder::kDenseLaunches,
+           dense_ctas);
+      emit("multipole", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes,
+           CudaDecoder::kMultipoleLaunches, dec.plan_info().mp_ctas);
+      emit("squeezed", [&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes - vbytes,
+           CudaDecoder::kMultipoleLaunches, squeezed.plan_info().mp_ctas);
       if (o.stages) {
-        emit("mp-score",
-             time_step([&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s, 1); }, o, stream, flush),
+        emit("mp-score", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s, 1); },
              kbytes + C * (4 + G * 4), 1, dec.plan_info().score_ctas);
-        emit("mp-score+select",
-             time_step([&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s, 2); }, o, stream, flush),
+        emit("mp-score+select", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s, 2); },
              kbytes + lists, 2, dec.plan_info().score_ctas + B * Hkv);
+        emit("mp-attend", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s, 4); },
+             vbytes + exact * (2 * row + 4) + C * (4 + G * 4), 1, dec.plan_info().mp_ctas);
       }
       MP_CHECK(dec.error_flags() == 0, "bench: exact set overflow (flags {})", dec.error_flags());
     }

@@ -168,6 +168,13 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     upload_vector(s_seq_base_, s_base);
     upload_vector(s_seq_chunks_, s_count);
     info_.score_ctas = int(s_seq.size()) * Hkv * head_chunks_;
+    int dev = 0, optin = 0;
+    MP_CUDA_CHECK(cudaGetDevice(&dev));
+    MP_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    MP_CHECK(select_smem_bytes(index->max_clusters()) + kSelectStaticSmem <= size_t(optin),
+             "cuda decode: {} clusters in one (sequence, head) exceed the selection kernel's shared-memory limit of "
+             "{} clusters",
+             index->max_clusters(), (size_t(optin) - kSelectStaticSmem) * 32 / (12 * 32 + 8));
     index_clusters_ = index->total_clusters();
     smem_clusters_ = std::max(1, index->max_clusters());
     scores_.reserve(size_t(std::max<int64_t>(index_clusters_, 1)) * G * sizeof(float));
@@ -190,6 +197,9 @@ AttendArgs base_args(const DeviceKVCache& cache, int layer, const AttentionConfi
   a.keys = kv.keys;
   a.values = kv.values;
   a.page_size = kv.page_size;
+  a.page_shift = -1;
+  for (int sft = 0; sft < 31; ++sft)
+    if ((1 << sft) == kv.page_size) a.page_shift = sft;
   a.num_kv_heads = kv.num_kv_heads;
   a.tables = kv.tables;
   a.table_offset = kv.table_offset;
@@ -237,7 +247,8 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   const DeviceClusterView cv = index.view();
   const DeviceKVLayer kv = cache.layer(layer);
 
-  if (info_.score_ctas > 0) {
+  // stages: 1 score, 2 score + select, 3 all, 4 attention only (diagnostics).
+  if (info_.score_ctas > 0 && stages != 4) {
     ScoreArgs s;
     s.q_score = q_score;
     s.key_centroids = cv.key_centroids;
@@ -258,6 +269,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
 
   if (stages < 2) return;
   SelectArgs sa;
+  if (stages != 4) {
   sa.scores = scores_.as<const float>();
   sa.part = score_part_.as<const float>();
   sa.seq_score_base = s_seq_base_.as<const int32_t>();
@@ -284,6 +296,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   sa.error_flags = errors_.as<uint32_t>();
   sa.smem_clusters = smem_clusters_;
   launch_select(sa, E, stream);
+  }
   if (stages < 3) return;
 
   AttendArgs a = base_args(cache, layer, config_, gc_, head_chunks_);

@@ -13,7 +13,7 @@ namespace multipole::cuda::detail {
 // Most splits of one sequence (bounds the merge scratch in shared memory).
 constexpr int kMaxSplits = 1024;
 // Centroids scored per CTA of the scoring kernel.
-constexpr int kScoreChunk = 128;
+constexpr int kScoreChunk = 64;
 // Threads of the selection kernel (one CTA per entry).
 constexpr int kSelectThreads = 512;
 
@@ -22,6 +22,7 @@ struct AttendArgs {
   const std::byte* keys = nullptr;      // [num_pages, Hkv, P, D]
   const std::byte* values = nullptr;    // [num_pages, Hkv, P, D]
   int page_size = 0, num_kv_heads = 0;
+  int page_shift = -1;                  // log2(page_size) when a power of two, else -1
   const int32_t* tables = nullptr;      // concatenated page tables
   const int64_t* table_offset = nullptr;  // [max_sequences]
   const int32_t* lengths = nullptr;     // [max_sequences]
@@ -96,6 +97,13 @@ void launch_attend_bf16(const AttendArgs& a, int head_dim, int gc, bool mp, int 
 void launch_attend_f16(const AttendArgs& a, int head_dim, int gc, bool mp, int items, Stream stream);
 void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int items, Stream stream);
 void launch_select(const SelectArgs& a, int entries, Stream stream);
+// Dynamic shared memory of the selection kernel for entries of up to `clusters` clusters
+// (key and size padded by one word per 32, list offset); it also holds 16 KB of static
+// histogram.
+constexpr size_t select_smem_bytes(int clusters) {
+  return (2 * (size_t(clusters) + size_t(clusters) / 32 + 1) + size_t(clusters)) * 4;
+}
+constexpr size_t kSelectStaticSmem = 17 * 1024;
 // Query heads per CTA for a group of G: 1, 2, 4 or 8 (the rest of the chunk is masked).
 int heads_per_cta(int group);
 // Resident CTAs per SM of the attention kernel (occupancy API), for split planning.
@@ -112,6 +120,9 @@ void launch_append(const DeviceKVLayer& layer, std::byte* key_pool, std::byte* v
                    int batch, const float* keys, const float* values, Stream stream);
 // Fills n elements of `dtype` with a hash of (seed, index) mapped to [-1, 1) (benchmarks).
 void launch_fill_random(void* data, int64_t n, DType dtype, uint64_t seed, Stream stream);
+// Reads `bytes` (a multiple of 16) of `data` and writes one word per CTA to `sink`: leaves
+// the L2 full of clean lines (benchmarks).
+void launch_read_flush(const void* data, size_t bytes, uint32_t* sink, Stream stream);
 int attend_occupancy_bf16(int head_dim, int gc, bool mp);
 int attend_occupancy_f16(int head_dim, int gc, bool mp);
 }  // namespace multipole::cuda::detail

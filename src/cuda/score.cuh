@@ -14,7 +14,7 @@ __global__ void __launch_bounds__(128) score_kernel(const ScoreArgs a) {
   constexpr int EPV = Storage<CT>::kPerVec;  // elements per 16-byte vector
   constexpr int DPL = (D == 128 && GC <= 4) ? 16 : 8;
   constexpr int L = D / DPL, NV = DPL / EPV, TPW = 32 / L, TPP = TPW * 4;
-  constexpr int kPasses = kScoreChunk / TPP, U = 4;
+  constexpr int kPasses = kScoreChunk / TPP, U = kPasses;  // all of the CTA's rows in flight at once
   static_assert(kPasses % U == 0, "passes in flight");
   __shared__ float s_red[4][GC][2];
 

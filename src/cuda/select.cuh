@@ -62,6 +62,10 @@ __device__ __forceinline__ unsigned long long block_max_u64(unsigned long long x
   return best;
 }
 
+// Shared-memory arrays are padded by one word per 32 so that both access patterns used
+// below (strided i = tid + k T, and contiguous per-thread ranges) are free of bank conflicts.
+__device__ __forceinline__ int pad(int i) { return i + (i >> 5); }
+
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ unsigned int hist[4096];
@@ -74,9 +78,19 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
   const int e = blockIdx.x, Hkv = a.num_kv_heads, G = a.group;
   const int b = e / Hkv, h = e % Hkv;
   const int cb = a.entry_begin[e], C = a.entry_count[e];
-  uint32_t* key = reinterpret_cast<uint32_t*>(smem);          // [C] f32 bits of I
-  int* size = reinterpret_cast<int*>(key + a.smem_clusters);  // [C] 0: not a candidate
-  uint8_t* sel = reinterpret_cast<uint8_t*>(size + a.smem_clusters);  // [C]
+  const int cpad = pad(a.smem_clusters) + 1;
+  uint32_t* key = reinterpret_cast<uint32_t*>(smem);  // [pad(C)] f32 bits of I
+  int* size = reinterpret_cast<int*>(key + cpad);     // [pad(C)] n > 0 candidate, -n selected, 0 empty
+  int* list_off = size + cpad;                        // [C] token offset of the k-th selected cluster
+
+  // Rows of the sinks and the window do not depend on the selection: look them up now so
+  // their loads overlap the selection (one per thread; more only for very long windows).
+  const int seq = a.seq_ids[b], len = a.lengths[seq], end = a.entry_end[e];
+  const int32_t* table = a.tables + a.table_offset[seq];
+  const int P = a.page_size, cap = a.exact_cap;
+  auto row_of = [&](int pos) { return (table[pos / P] * Hkv + h) * P + pos % P; };
+  const int nsink = min(a.sinks, end), nwin = max(len - end, 0);
+  const int early_row = tid < nsink ? row_of(tid) : (tid < nsink + nwin ? row_of(end + tid - nsink) : -1);
 
   // 1. Normalisers per head from the scoring CTAs' partials.
   const int sb = a.seq_score_base[b], nch = a.seq_score_chunks[b];
@@ -97,24 +111,51 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
   }
   __syncthreads();
 
-  // 2. Importance keys.
+  // 2. Importance keys, kBatch clusters per thread in flight at a time.
+  constexpr int kBatch = 8;
   int mine = 0;
-  for (int i = tid; i < C; i += kSelectThreads) {
-    const int n = max(a.sizes[cb + i], 0);
-    float imp = 0.0f;
-    if (n > 0)
-      for (int g = 0; g < G; ++g) imp += fast_exp2(a.scores[int64_t(cb + i) * G + g] - s_M[g]) * s_invZ[g];
-    key[i] = __float_as_uint(imp);  // I >= 0: the bits order like the values
-    size[i] = n;
-    sel[i] = 0;
-    mine += n;
+  for (int i0 = tid; i0 < C; i0 += kBatch * kSelectThreads) {
+    int n[kBatch];
+    float imp[kBatch];
+    if (G == 4) {
+      float4 v[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = i0 + k * kSelectThreads;
+        n[k] = i < C ? a.sizes[cb + i] : 0;
+        v[k] = i < C ? *reinterpret_cast<const float4*>(a.scores + int64_t(cb + i) * 4) : make_float4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k)
+        imp[k] = fast_exp2(v[k].x - s_M[0]) * s_invZ[0] + fast_exp2(v[k].y - s_M[1]) * s_invZ[1] +
+                 fast_exp2(v[k].z - s_M[2]) * s_invZ[2] + fast_exp2(v[k].w - s_M[3]) * s_invZ[3];
+    } else {
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = i0 + k * kSelectThreads;
+        n[k] = i < C ? a.sizes[cb + i] : 0;
+        imp[k] = 0.0f;
+        if (i < C)
+          for (int g = 0; g < G; ++g) imp[k] += fast_exp2(a.scores[int64_t(cb + i) * G + g] - s_M[g]) * s_invZ[g];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = i0 + k * kSelectThreads;
+      if (i < C) {
+        const int nk = max(n[k], 0);
+        key[pad(i)] = __float_as_uint(nk > 0 ? imp[k] : 0.0f);  // I >= 0: the bits order like the values
+        size[pad(i)] = nk;
+        mine += nk;
+      }
+    }
   }
   int total;
   block_exclusive_scan(mine, s_tmp, total);
   int R = a.budget;
 
   if (total <= R) {
-    for (int i = tid; i < C; i += kSelectThreads) sel[i] = size[i] > 0;
+    for (int i = tid; i < C; i += kSelectThreads) size[pad(i)] = -size[pad(i)];
     R -= total;
   } else {
     // 3. Weighted radix select: find the key `prefix` at which the budget runs out.
@@ -124,8 +165,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
       const int shift = shifts[pass], nb = 1 << widths[pass];
       for (int d = tid; d < nb; d += kSelectThreads) hist[d] = 0;
       __syncthreads();
-      for (int i = tid; i < C; i += kSelectThreads)
-        if (size[i] > 0 && (key[i] & mask) == prefix) atomicAdd(&hist[(key[i] >> shift) & (nb - 1)], unsigned(size[i]));
+      for (int i = tid; i < C; i += kSelectThreads) {
+        const uint32_t k = key[pad(i)];
+        const int n = size[pad(i)];
+        if (n > 0 && (k & mask) == prefix) atomicAdd(&hist[(k >> shift) & (nb - 1)], unsigned(n));
+      }
       __syncthreads();
       // Thread t owns digits [nb - (t+1) per, nb - t per), scanned from the top.
       const int per = nb / kSelectThreads;
@@ -157,20 +201,24 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
     const int lo = min(C, tid * per), hi = min(C, lo + per);
     int ties = 0;
     for (int i = lo; i < hi; ++i) {
-      if (size[i] > 0 && key[i] > prefix) sel[i] = 1;
-      if (size[i] > 0 && key[i] == prefix) ties += size[i];
+      const int n = size[pad(i)];
+      const uint32_t k = key[pad(i)];
+      if (n > 0 && k > prefix) size[pad(i)] = -n;
+      if (n > 0 && k == prefix) ties += n;
     }
     int dummy;
     int cum = block_exclusive_scan(ties, s_tmp, dummy);
     int used = 0;
-    for (int i = lo; i < hi; ++i)
-      if (size[i] > 0 && key[i] == prefix) {
-        cum += size[i];
+    for (int i = lo; i < hi; ++i) {
+      const int n = size[pad(i)];
+      if (n > 0 && key[pad(i)] == prefix) {
+        cum += n;
         if (cum <= R) {
-          sel[i] = 1;
-          used += size[i];
+          size[pad(i)] = -n;
+          used += n;
         }
       }
+    }
     int used_total;
     block_exclusive_scan(used, s_tmp, used_total);
     R -= used_total;
@@ -180,44 +228,68 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
   // 4. The rest of the greedy walk.
   while (R > 0) {
     unsigned long long best = 0;
-    for (int i = tid; i < C; i += kSelectThreads)
-      if (size[i] > 0 && size[i] <= R && !sel[i]) {
-        const unsigned long long k = (static_cast<unsigned long long>(key[i]) << 32) | (0xffffffffu - uint32_t(i));
+    for (int i = tid; i < C; i += kSelectThreads) {
+      const int n = size[pad(i)];
+      if (n > 0 && n <= R) {
+        const unsigned long long k = (static_cast<unsigned long long>(key[pad(i)]) << 32) | (0xffffffffu - uint32_t(i));
         best = k > best ? k : best;
       }
+    }
     best = block_max_u64(best, s_tmp64);
     if (best == 0) break;
     const int i = int(0xffffffffu - uint32_t(best & 0xffffffffu));
-    if (tid == 0) sel[i] = 1;
-    R -= size[i];
+    const int n = size[pad(i)];
+    __syncthreads();  // everyone has read size[i] before it is flipped
+    if (tid == 0) size[pad(i)] = -n;
+    R -= n;
     __syncthreads();
   }
-  __syncthreads();
 
   // 5. Outputs: far-field sizes and the exact rows.
-  for (int i = tid; i < C; i += kSelectThreads) a.far_size[cb + i] = sel[i] ? 0 : size[i];
-  const int seq = a.seq_ids[b], len = a.lengths[seq], end = a.entry_end[e];
-  const int32_t* table = a.tables + a.table_offset[seq];
-  const int P = a.page_size, cap = a.exact_cap;
+  for (int i = tid; i < C; i += kSelectThreads) a.far_size[cb + i] = max(size[pad(i)], 0);
   int32_t* rows = a.exact_rows + int64_t(e) * cap;
-  auto row_of = [&](int pos) { return (table[pos / P] * Hkv + h) * P + pos % P; };
-  const int nsink = min(a.sinks, end), nwin = max(len - end, 0);
+  // Compact the selected clusters (index order) with their token offsets, then expand their
+  // members with all threads (k-th cluster found by binary search over the offsets).
   const int per = (C + kSelectThreads - 1) / kSelectThreads;
   const int lo = min(C, tid * per), hi = min(C, lo + per);
-  int chosen = 0;
-  for (int i = lo; i < hi; ++i) chosen += sel[i] ? size[i] : 0;
-  int nsel;
-  int at = nsink + block_exclusive_scan(chosen, s_tmp, nsel);
-  for (int i = lo; i < hi; ++i)
-    if (sel[i]) {
-      const int mb = a.member_begin[cb + i];
-      for (int k = 0; k < size[i]; ++k, ++at)
-        if (at < cap) rows[at] = row_of(a.members[mb + k]);
+  int chosen = 0, nchosen = 0;
+  for (int i = lo; i < hi; ++i) {
+    const int n = size[pad(i)];
+    if (n < 0) {
+      chosen -= n;
+      ++nchosen;
     }
-  for (int t = tid; t < nsink; t += kSelectThreads)
-    if (t < cap) rows[t] = row_of(t);
-  for (int t = tid; t < nwin; t += kSelectThreads)
-    if (nsink + nsel + t < cap) rows[nsink + nsel + t] = row_of(end + t);
+  }
+  int nsel, nclusters;
+  int at = block_exclusive_scan(chosen, s_tmp, nsel);
+  int k = block_exclusive_scan(nchosen, s_tmp, nclusters);
+  int* list_mb = reinterpret_cast<int*>(key);  // member list start per selected cluster; keys are no longer needed
+  __syncthreads();  // all key reads done (the list overwrites them)
+  for (int i = lo; i < hi; ++i) {
+    const int n = size[pad(i)];
+    if (n < 0) {
+      list_mb[k] = a.member_begin[cb + i];
+      list_off[k] = at;
+      ++k;
+      at -= n;
+    }
+  }
+  __syncthreads();
+  for (int j = tid; j < nsel && nsink + j < cap; j += kSelectThreads) {
+    int lo_k = 0, hi_k = nclusters - 1;  // largest k with list_off[k] <= j
+    while (lo_k < hi_k) {
+      const int mid = (lo_k + hi_k + 1) >> 1;
+      if (list_off[mid] <= j)
+        lo_k = mid;
+      else
+        hi_k = mid - 1;
+    }
+    rows[nsink + j] = row_of(a.members[list_mb[lo_k] + (j - list_off[lo_k])]);
+  }
+  for (int t = tid; t < nsink + nwin; t += kSelectThreads) {
+    const int at_t = t < nsink ? t : nsel + t;  // window rows follow the selected ones
+    if (at_t < cap) rows[at_t] = t == tid ? early_row : (t < nsink ? row_of(t) : row_of(end + t - nsink));
+  }
   if (tid == 0) {
     const int count = nsink + nsel + nwin;
     if (count > cap) atomicOr(a.error_flags, 1u);

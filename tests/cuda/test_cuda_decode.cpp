@@ -422,9 +422,11 @@ std::vector<char> reference_select(const HostClusterLevel& e, DType key_dtype, c
     }
     last = k;
   }
+  // Swapping two near-equal neighbours can change the outcome only when one of them is taken.
   ambiguous = false;
-  for (size_t k = 0; k + 1 < order.size() && k <= last + 1; ++k)
-    if (order[k].first - order[k + 1].first < 1e-4 * order[k].first) ambiguous = true;
+  for (size_t k = 0; k + 1 < order.size() && k <= last; ++k)
+    if (order[k].first - order[k + 1].first < 1e-4 * order[k].first && (sel[order[k].second] || sel[order[k + 1].second]))
+      ambiguous = true;
   return sel;
 }
 

@@ -1,8 +1,10 @@
 #pragma once
 // Decode-attention timing on the GPU: dense, multipole and squeezed side by side per
-// (batch, context), one layer-step each, timed with CUDA events after warm-up (median;
-// L2 flushed before every timed step, as triton's do_bench does for the PyTorch baseline),
-// optionally replayed from a CUDA graph. Synthetic data: random K/V on scattered pages,
+// (batch, context), one layer-step each, timed with CUDA events after warm-up (median),
+// optionally replayed from a CUDA graph. The L2 is flushed before every timed step in two
+// ways: by writing 256 MB (as triton's do_bench, which times the PyTorch baseline, does;
+// the step then also pays for writing back the dirty lines it evicts) and by reading
+// 256 MB (clean L2, closer to a decode step that follows the previous layer's GEMMs). Synthetic data: random K/V on scattered pages,
 // a synthetic one-level cluster index (sizes 8..24, random centroids).
 #include <cstdint>
 #include <functional>
@@ -32,7 +34,8 @@ struct CudaBenchRow {
   int batch = 0;
   int64_t context = 0;
   std::string variant;       // dense, multipole, squeezed, mp-score, mp-score+select
-  double us = 0;             // median time per layer-step
+  double us = 0;             // median time per layer-step, L2 flushed by writes (do_bench-like)
+  double us_clean = 0;       // same, L2 flushed by reads
   double ratio_to_dense = 0; // dense time / this time
   double gbps = 0;           // bytes below / time
   int64_t bytes = 0;         // bytes the step must read (K/V rows, centroids, lists)

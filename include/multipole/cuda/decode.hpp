@@ -44,7 +44,8 @@ class CudaDecoder {
   // q_score: [B, Hq, D] f32 device, rotated to config.score_position (cluster scoring and
   //          far field, against the pre-RoPE centroids)
   // out:     [B, Hq, D] f32 device (16-byte aligned)
-  // stages < 3 stops after scoring (1) or selection (2): timing diagnostics only.
+  // Timing diagnostics only: stages 1 stops after scoring, 2 after selection, 4 runs the
+  // attention kernel alone (on the previous step's selection).
   void multipole(const DeviceKVCache& cache, int layer, const DeviceClusterIndex& index, const float* q,
                  const float* q_score, float* out, Stream stream, int stages = 3) const;
 
