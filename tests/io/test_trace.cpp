@@ -10,23 +10,13 @@
 #include "multipole/core/error.hpp"
 #include "multipole/io/safetensors.hpp"
 #include "multipole/io/trace.hpp"
+#include "io/temp_dir.hpp"
 
 using namespace multipole;
+using multipole::test_util::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path = fs::temp_directory_path() / (std::string("mp-trace-") + info->name() + "-" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 // Values i * 0.25 - 3 (exact in bf16 for small i) so round trips can be checked exactly.
 std::vector<float> ramp(size_t n, float offset = 0) {

@@ -17,24 +17,14 @@
 #include "multipole/attention/synthetic.hpp"
 #include "multipole/io/safetensors.hpp"
 #include "multipole/io/trace.hpp"
+#include "io/temp_dir.hpp"
 
 using namespace multipole;
+using multipole::test_util::TempDir;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path = fs::temp_directory_path() / (std::string("mp-cli-") + info->name() + "-" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 struct Result {
   int code = -1;        // exit code; -1 when killed by a signal
