@@ -365,7 +365,7 @@ void ClusterIndex::append_chunk(const PagedKVCache& cache, SeqId seq, int layer,
                                                      ceil_div(n0, cc.tokens_per_centroid[0]));
   const int64_t k = k_old + k_add;
   float* cent = sized(w.centroids, size_t(k) * d);
-  std::memcpy(cent, lv0.keys.data() + int64_t(first) * d, size_t(k_old) * d * 4);
+  if (k_old > 0) std::memcpy(cent, lv0.keys.data() + int64_t(first) * d, size_t(k_old) * d * 4);
   int32_t* items = sized(w.items, size_t(count));
   for (int64_t i = 0; i < count; ++i) items[i] = int32_t(i);
   int32_t* seeds = sized(w.picked, size_t(k_add));

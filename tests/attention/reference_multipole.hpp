@@ -267,8 +267,9 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
 // Keys for the tests: k0 (position-0 key) per token, stored after RoPE at its position.
 enum class KeyKind {
   Random,     // i.i.d. normal keys and values
-  Clustered,  // keys = one of `centers` + small noise, skewed cluster popularity; values
+  Clustered,  // keys = one of `centers` + small noise, Zipf-like popularity; values
               // follow the center, so a cluster's value centroid summarises it well
+  Skewed,     // as Clustered, but 85% of the tokens come from one center
 };
 
 struct SyntheticKV {
@@ -323,7 +324,8 @@ struct SyntheticKV {
               vt[j] = nd(rng);
             }
           } else {
-            const int cidx = pick(rng);
+            const int cidx = kind == KeyKind::Skewed ? (rng() % 100 < 85 ? 0 : 1 + int(rng() % (centers - 1)))
+                                                     : pick(rng);
             for (int j = 0; j < d; ++j) {
               kt[j] = key_centers[size_t(h)][size_t(cidx) * d + j] + 0.15f * nd(rng);
               vt[j] = value_centers[size_t(h)][size_t(cidx) * d + j] + 0.1f * nd(rng);

@@ -110,7 +110,7 @@ void expect_consistent(const ClusterIndex& idx, const PagedKVCache& cache, SeqId
 }
 
 TEST(ClusterIndex, PrefillStatisticsMatchMembership) {
-  for (auto kind : {ref::KeyKind::Random, ref::KeyKind::Clustered})
+  for (auto kind : {ref::KeyKind::Random, ref::KeyKind::Clustered, ref::KeyKind::Skewed})
     for (std::vector<int> tpc : {std::vector<int>{16}, std::vector<int>{4, 32}, std::vector<int>{2, 8, 32, 128}}) {
       const AttentionConfig c = small_config(64, tpc);
       ref::SyntheticKV data(c, DType::BF16, 2, 4096, kind, 5);

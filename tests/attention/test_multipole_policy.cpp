@@ -129,7 +129,7 @@ TEST(MultipolePolicy, MatchesReferenceOnRandomAndClusteredInputs) {
   ThreadPool pool(2);
   int total = 0, ambiguous = 0;
   for (const Shape& s : shapes)
-    for (auto kind : {ref::KeyKind::Random, ref::KeyKind::Clustered})
+    for (auto kind : {ref::KeyKind::Random, ref::KeyKind::Clustered, ref::KeyKind::Skewed})
       for (bool far : {true, false}) {
         AttentionConfig c = make_config(s.G, s.d);
         c.multipole_far_field = far;
@@ -146,7 +146,9 @@ TEST(MultipolePolicy, MatchesReferenceOnRandomAndClusteredInputs) {
         const auto q = data.queries(c, kind == ref::KeyKind::Random ? 1.0f : 0.25f);
         const Check r = check_policy(*policy, data, c, 1, q, pool,
                                      "G " + std::to_string(s.G) + " d " + std::to_string(s.d) +
-                                         (kind == ref::KeyKind::Random ? " random" : " clustered") +
+                                         (kind == ref::KeyKind::Random      ? " random"
+                                          : kind == ref::KeyKind::Skewed ? " skewed"
+                                                                         : " clustered") +
                                          (far ? " multipole" : " squeezed"));
         total += r.groups;
         ambiguous += r.ambiguous;
@@ -157,8 +159,9 @@ TEST(MultipolePolicy, MatchesReferenceOnRandomAndClusteredInputs) {
 
 TEST(MultipolePolicy, DefaultConfigPastABlockBoundary) {
   // Default clustering (block 8192, {16, 128}, window 128, budget 128) on sequences with
-  // two blocks, plus a short one; group size 4, head dim 128.
-  AttentionConfig c = make_config(4, 128);
+  // two blocks, plus a short one; group size 4, head dim 128, one KV head (k-means over
+  // 8192-token blocks is the slow part).
+  AttentionConfig c = make_config(4, 128, 1);
   const int64_t long_len = small_scale() ? 10 + 8192 + 4096 + 200 : 10 + 8192 + 7000 + 300;
   ref::SyntheticKV data(c, DType::BF16, 1, long_len + 4096, ref::KeyKind::Clustered, 31, 128);
   data.append(data.add(), long_len);
@@ -248,7 +251,8 @@ TEST(MultipolePolicy, HierarchyScoresFarFewerCentroidsThanFineClusters) {
   std::printf("[ info ] %lld tokens: %lld fine, %lld coarse clusters; %lld scored, %lld pseudo-tokens\n",
               (long long)len, (long long)fine, (long long)coarse, (long long)st.centroids_scored,
               (long long)st.pseudo_tokens);
-  EXPECT_LT(st.centroids_scored, fine / 3);
+  // The saving grows with the length: about fine/5 at 32K, fine/3 at 12K.
+  EXPECT_LT(st.centroids_scored, fine / (small_scale() ? 2 : 4));
   EXPECT_GE(st.centroids_scored, coarse);
   EXPECT_LE(st.selected_tokens, c.budget);
   EXPECT_GT(st.selected_tokens, c.budget / 2);
