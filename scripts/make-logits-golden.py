@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Writes tests/model/data/smollm2_golden.json: logits and a greedy continuation of the real
-SmolLM2-135M-Instruct Q4_1 GGUF (scripts/fetch-models.sh) computed by an independent
-implementation, llama.cpp itself through llama-cpp-python (pinned below), so that the C++
-test (tests/model/test_golden_smollm2.cpp) compares our dense forward with it.
+"""Writes tests/model/data/<model>_golden.json: logits and greedy continuations of the real
+GGUF checkpoints of scripts/fetch-models.sh (SmolLM2-135M-Instruct Q4_1, and the smaller
+Qwen2.5-Coder when present) computed by an independent implementation, llama.cpp itself
+through llama-cpp-python (pinned below), so that the C++ test
+(tests/model/test_golden_smollm2.cpp) compares our dense forward with it.
 
-Run once, then commit the JSON:   python3 scripts/make-logits-golden.py [MODEL.gguf]
+Run once, then commit the JSON files:   python3 scripts/make-logits-golden.py [NAME...]
+(NAME: smollm2-135m, qwen2.5-coder-0.5b; default: those whose file is in the cache).
 Without llama-cpp-python at the pinned version it makes a virtual environment for it
 (default /tmp/multipole-venv-logits, or $MULTIPOLE_TOOLS_VENV) and re-runs itself there.
 PyPI has only the source distribution: pip builds llama.cpp with CMake (about 30-40 minutes
@@ -28,8 +30,7 @@ import sys
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 NUMPY_VERSION = "2.4.6"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
-OUT = os.path.join(ROOT, "tests", "model", "data", "smollm2_golden.json")
+DATA = os.path.join(ROOT, "tests", "model", "data")
 
 PROMPTS = [
     "The capital of France is",
@@ -43,9 +44,21 @@ PROMPTS = [
     "Every morning the workers walked along the stone bridge, and every evening they returned, tired "
     "but cheerful, to their families. One winter, however, the river froze completely, and",
 ]
-GREEDY_TOKENS = 64
+QWEN_PROMPTS = [
+    PROMPTS[1],
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nWrite a Python function that checks whether a number is prime.<|im_end|>\n"
+    "<|im_start|>assistant\n",
+]
+# name -> (file in the model cache, output file, prompts, greedy tokens, fixed ids)
+MODELS = {
+    "smollm2-135m": ("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2_golden.json", PROMPTS, 64,
+                     [0, 1, 2, 100, 1000, 10000, 30000, 49151]),
+    # Fewer prompts and tokens: the test runs a 0.5B model in CI.
+    "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B-Instruct-AWQ.Q4_K_M.gguf", "qwen2.5-coder-0.5b_golden.json",
+                           QWEN_PROMPTS, 32, [0, 1, 100, 1000, 10000, 100000, 151643, 151645]),
+}
 TOP = 16
-FIXED_IDS = [0, 1, 2, 100, 1000, 10000, 30000, 49151]
 
 
 def ensure_env():
@@ -70,20 +83,17 @@ def ensure_env():
     os.execv(py, [py] + sys.argv)
 
 
-def main():
-    ensure_env()
+def make(name, cache):
+    import hashlib
     import numpy as np
     from llama_cpp import Llama
 
-    cache = os.environ.get("MULTIPOLE_MODEL_CACHE", os.path.join(ROOT, ".cache", "models"))
-    model = sys.argv[1] if len(sys.argv) > 1 else os.path.join(cache, DEFAULT_MODEL)
-    if not os.path.exists(model):
-        sys.exit(f"{model}: not found (run scripts/fetch-models.sh first)")
+    file, out_name, prompts, greedy_tokens, fixed_ids = MODELS[name]
+    model = os.path.join(cache, file)
     llm = Llama(model_path=model, n_ctx=1024, n_batch=1024, n_ubatch=1024, n_threads=2, logits_all=True,
                 flash_attn=False, verbose=False, seed=0)
-
     cases = []
-    for text in PROMPTS:
+    for text in prompts:
         ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         llm.reset()
         llm.eval(ids)
@@ -95,12 +105,12 @@ def main():
             top = np.argsort(-row, kind="stable")[:TOP]
             at.append({"position": int(p),
                        "top": [[int(i), float(row[i])] for i in top],
-                       "fixed": [[i, float(row[i])] for i in FIXED_IDS],
+                       "fixed": [[i, float(row[i])] for i in fixed_ids],
                        "logsumexp": float(np.log(np.sum(np.exp(row - row.max()))) + row.max())})
         # Greedy continuation, fed back one token at a time.
         greedy, margins = [], []
         row = scores[len(ids) - 1]
-        for _ in range(GREEDY_TOKENS):
+        for _ in range(greedy_tokens):
             order = np.argsort(-row, kind="stable")[:2]
             greedy.append(int(order[0]))
             margins.append(float(row[order[0]] - row[order[1]]))
@@ -108,19 +118,30 @@ def main():
             row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
         cases.append({"text": text, "ids": [int(i) for i in ids], "positions": at, "greedy": greedy,
                       "greedy_margins": margins})
-        print(f"prompt of {len(ids)} tokens: greedy {llm.detokenize(greedy).decode('utf-8', 'replace')!r}",
+        print(f"{name}: prompt of {len(ids)} tokens: greedy {llm.detokenize(greedy).decode('utf-8', 'replace')!r}",
               file=sys.stderr)
-
-    import hashlib
     sha = hashlib.sha256(open(model, "rb").read()).hexdigest()
-    out = {"model": os.path.basename(model), "model_sha256": sha,
+    out = {"model": file, "model_sha256": sha,
            "generator": f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (llama.cpp CPU, F16 KV cache, no flash attention)",
-           "command": "python3 scripts/make-logits-golden.py", "cases": cases}
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "w") as f:
+           "command": f"python3 scripts/make-logits-golden.py {name}", "cases": cases}
+    path = os.path.join(DATA, out_name)
+    os.makedirs(DATA, exist_ok=True)
+    with open(path, "w") as f:
         json.dump(out, f, indent=1)
         f.write("\n")
-    print(f"wrote {OUT}", file=sys.stderr)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def main():
+    ensure_env()
+    cache = os.environ.get("MULTIPOLE_MODEL_CACHE", os.path.join(ROOT, ".cache", "models"))
+    names = sys.argv[1:] or [n for n, m in MODELS.items() if os.path.exists(os.path.join(cache, m[0]))]
+    for name in names:
+        if name not in MODELS:
+            sys.exit(f"unknown model '{name}' (known: {', '.join(MODELS)})")
+        if not os.path.exists(os.path.join(cache, MODELS[name][0])):
+            sys.exit(f"{MODELS[name][0]}: not in {cache} (run scripts/fetch-models.sh {name})")
+        make(name, cache)
 
 
 if __name__ == "__main__":

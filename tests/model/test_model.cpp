@@ -107,6 +107,33 @@ TEST_P(FamilyTest, ForwardMatchesNaiveFloat64InBothFormats) {
   fs::remove_all(dir);
 }
 
+TEST(ModelForward, ShardedSafetensorsCheckpoint) {
+  // The single-file checkpoint re-cut into two shards + model.safetensors.index.json.
+  const tiny::Config c = tiny::family_config("qwen3");
+  const tiny::Weights w = tiny::random_weights(c, 17);
+  const std::string dir = tiny::temp_dir("shards");
+  tiny::write_safetensors(w, dir + "/one");
+  SafetensorsFile one(dir + "/one/model.safetensors");
+  SafetensorsWriter a, b;
+  std::string map;
+  size_t i = 0;
+  for (const SafetensorsTensor& t : one.tensors()) {
+    const bool first = i++ % 2 == 0;
+    (first ? a : b).add_raw(t.name, t.dtype, t.shape, t.bytes);
+    map += (map.empty() ? "" : ",") + std::string("\"") + t.name + "\": \"" +
+           (first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors") + "\"";
+  }
+  fs::create_directories(dir + "/two");
+  a.write(dir + "/two/model-00001-of-00002.safetensors");
+  b.write(dir + "/two/model-00002-of-00002.safetensors");
+  std::ofstream(dir + "/two/model.safetensors.index.json") << "{\"metadata\": {}, \"weight_map\": {" << map << "}}";
+  fs::copy_file(dir + "/one/config.json", dir + "/two/config.json");
+  auto m = Model::load(dir + "/two");
+  const auto tokens = random_tokens(9, c.vocab, 4);
+  EXPECT_LT(max_diff(run_model(*m, tokens, 5), tiny::reference_logits(w, tokens)), 2e-4);
+  fs::remove_all(dir);
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, FamilyTest, ::testing::Values("llama", "qwen2", "qwen3"));
 
 TEST(ModelForward, GGUFLlamaQKPermutationIsUndone) {
