@@ -55,8 +55,8 @@ void add_trace_command(CLI::App& app) {
   auto* synth = cmd->add_subcommand(
       "synth",
       "Write a synthetic trace: per KV head, pre-RoPE keys in clusters of Zipf-skewed sizes that\n"
-      "arrive in runs, most energy in the low-frequency RoPE channels, and queries aligned with a\n"
-      "few clusters of earlier tokens, so attention is peaked as in real models. Deterministic.");
+      "arrive in runs, most energy in the low-frequency RoPE channels, and queries aligned with the\n"
+      "keys of a few earlier tokens, so attention is peaked as in real models. Deterministic.");
   synth->add_option("out", args->out, "Output file (safetensors)")->required();
   synth->add_option("--tokens", p.tokens, "N: tokens (prompt + generated)")->capture_default_str()
       ->check(at_least(1));
@@ -76,11 +76,13 @@ void add_trace_command(CLI::App& app) {
       ->check(at_least(0.0));
   synth->add_option("--stickiness", p.stickiness, "Probability that a token stays in its predecessor's cluster")
       ->capture_default_str();
-  synth->add_option("--focus", p.focus, "Clusters each query aligns with")->capture_default_str()
+  synth->add_option("--focus", p.focus, "Earlier tokens each query aligns with")->capture_default_str()
       ->check(at_least(1));
-  synth->add_option("--sharpness", p.sharpness, "Scaled logit of an aligned cluster centre (0: random queries)")
-      ->capture_default_str()
-      ->check(at_least(0.0));
+  synth->add_option("--sharpness", p.sharpness,
+                    "Scaled logit of an aligned key before RoPE, minus ln(keys the query sees): each aligned key "
+                    "weighs about e^sharpness times the rest together")
+      ->capture_default_str();
+  synth->add_flag("--random-queries", p.random_queries, "Queries of plain noise (flat attention), as a control");
   synth->add_option("--rope-theta", p.rope_theta, "RoPE base written to the trace")->capture_default_str();
   synth->add_option("--seed", p.seed, "Random seed")->capture_default_str();
   synth->add_option("--dtype", args->dtype, "Storage type of q, k, v: f32, f16 or bf16")->capture_default_str();

@@ -62,8 +62,7 @@ void SyntheticTraceParams::validate() const {
   MP_CHECK(std::isfinite(skew) && skew >= 0, "synthetic trace: skew {} must be finite and >= 0", skew);
   MP_CHECK(stickiness >= 0 && stickiness < 1, "synthetic trace: stickiness {} must be in [0, 1)", stickiness);
   MP_CHECK(focus >= 1, "synthetic trace: focus {} must be >= 1", focus);
-  MP_CHECK(std::isfinite(sharpness) && sharpness >= 0, "synthetic trace: sharpness {} must be finite and >= 0",
-           sharpness);
+  MP_CHECK(std::isfinite(sharpness), "synthetic trace: sharpness {} must be finite", sharpness);
   MP_CHECK(std::isfinite(rope_theta) && rope_theta > 1, "synthetic trace: rope_theta {} must be finite and > 1",
            rope_theta);
 }
@@ -127,7 +126,7 @@ Trace make_synthetic_trace(const SyntheticTraceParams& p) {
         v[j] = vc[j] + 0.5f * float(rng.normal());
       }
     }
-    // Queries of this KV head's group: aligned with the clusters of `focus` earlier tokens.
+    // Queries of this KV head's group: aligned with the keys of `focus` earlier tokens.
     std::vector<double> dir(d);
     for (int64_t s = 0; s < t_count; ++s) {
       const int64_t pos = n - t_count + s;
@@ -135,7 +134,7 @@ Trace make_synthetic_trace(const SyntheticTraceParams& p) {
         float* q = &t.q[(s * hq + g) * d];
         std::fill(dir.begin(), dir.end(), 0.0);
         for (int f = 0; f < p.focus; ++f) {
-          const float* c = &centres[labels[rng.below(pos + 1)] * d];
+          const float* c = &t.k[(rng.below(pos + 1) * hkv + h) * d];
           double norm = 0;
           for (int j = 0; j < d; ++j) norm += double(c[j]) * c[j];
           norm = std::sqrt(std::max(norm, 1e-30));
@@ -144,17 +143,23 @@ Trace make_synthetic_trace(const SyntheticTraceParams& p) {
         double norm = 0;
         for (double x : dir) norm += x * x;
         norm = std::sqrt(std::max(norm, 1e-30));
-        // |q| = sharpness * sqrt(focus) puts each aligned centre's scaled logit near sharpness.
-        const double size = p.sharpness * std::sqrt(double(p.focus));
-        const double noise = p.sharpness > 0 ? 0.2 * size / std::sqrt(double(d)) : 1.0;
+        // |q| = L * sqrt(focus) puts each aligned key's scaled logit near L = sharpness +
+        // ln(keys visible): the background sum grows like the key count, so this keeps the
+        // peak's share of the softmax the same at every length.
+        const double size = (p.sharpness + std::log(double(pos + 1))) * std::sqrt(double(p.focus));
+        if (p.random_queries) {
+          for (int j = 0; j < d; ++j) q[j] = float(rng.normal());
+          continue;
+        }
+        const double noise = 0.2 * size / std::sqrt(double(d));
         for (int j = 0; j < d; ++j) q[j] = float(size * dir[j] / norm + noise * rng.normal());
       }
     }
   }
   t.metadata["synthetic"] = fmt::format(
       "tokens={} generated={} q_heads={} kv_heads={} head_dim={} clusters={} spread={} skew={} stickiness={} "
-      "focus={} sharpness={} seed={}",
-      n, t_count, hq, hkv, d, c_count, p.spread, p.skew, p.stickiness, p.focus, p.sharpness, p.seed);
+      "focus={} sharpness={} random_queries={} seed={}",
+      n, t_count, hq, hkv, d, c_count, p.spread, p.skew, p.stickiness, p.focus, p.sharpness, p.random_queries, p.seed);
   t.validate("synthetic trace");
   return t;
 }

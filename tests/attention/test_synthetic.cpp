@@ -74,7 +74,7 @@ TEST(SyntheticTrace, ShapesAndDeterminism) {
 TEST(SyntheticTrace, AttentionIsPeaked) {
   SyntheticTraceParams p{.tokens = 2048, .generated = 16, .num_q_heads = 4, .num_kv_heads = 2, .head_dim = 64};
   const double peaked = top_mass(make_synthetic_trace(p), 0.05);
-  p.sharpness = 0;
+  p.random_queries = true;
   const double flat = top_mass(make_synthetic_trace(p), 0.05);
   EXPECT_GT(peaked, 0.6);
   EXPECT_LT(flat, 0.3);
