@@ -1,6 +1,6 @@
 #pragma once
-// Split-KV decode attention for the G query heads of one GQA group (GC of them per CTA),
-// over a "virtual sequence" of one (sequence, KV head):
+// Split-KV decode attention for the G <= 16 query heads of one GQA group, over a "virtual
+// sequence" of one (sequence, KV head):
 //   dense:     virtual position v = cache position v, v in [0, length)
 //   multipole: v in [0, exact_cap) = the exact set (rows listed by the selection kernel:
 //              sinks, tokens of selected clusters, window), v in [exact_cap, exact_cap + C)
@@ -8,29 +8,86 @@
 //              value = value centroid); selected and empty clusters carry n = 0 (skipped).
 // Each CTA takes one split of the virtual range. Its 4 warps work independently: each
 // streams its own 8-token tiles (interleaved over the split) through a private cp.async
-// ring of shared-memory stages (16-byte copies, 3 tiles in flight) and keeps its own f32
-// online-softmax state, so the only CTA barriers are at the end, where the warps' states
-// are merged. Every K/V row is loaded once for the GC heads. The last CTA of a (sequence,
-// head, chunk) to finish merges the splits (counter in global memory), so a decode step
-// is one launch. Logits are in the log2 domain (q pre-scaled by scale * log2 e).
+// ring of shared-memory stages (16-byte copies, 4 tiles in flight) and keeps its own f32
+// online-softmax state; the CTA synchronises only at the end, to merge its warps. The
+// per-tile math runs on tensor cores with the group's heads as the M rows (ROWS = 8 or 16):
+// S = Q K^T by mma m16n8k16 (K fragments by ldmatrix), O += P V by mma m16n8k8 (V fragments
+// by ldmatrix.trans; S's accumulator layout is P's A-fragment layout). Q and P are split into
+// a 16-bit high part and a 16-bit remainder (two mma each), which keeps ~16 mantissa bits:
+// f32-class results from bf16/f16 tensor-core inputs, with f32 accumulators and softmax
+// state. The last CTA of a (sequence, head) to finish merges the splits (counter in global
+// memory), so a decode step is one launch. Logits are in the log2 domain (q pre-scaled by
+// scale * log2 e).
 #include "cuda/common.cuh"
 #include "cuda/launch.hpp"
 
 namespace multipole::cuda::detail {
 
-template <int D, int GC>
+template <class T> struct MmaType;
+template <> struct MmaType<__nv_bfloat16> {
+  // Packs (lo, hi) floats into two 16-bit values, rounding to nearest.
+  __device__ __forceinline__ static uint32_t pack(float a, float b) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+    return r;
+  }
+  __device__ __forceinline__ static float lo(uint32_t r) { return __uint_as_float(r << 16); }
+  __device__ __forceinline__ static float hi(uint32_t r) { return __uint_as_float(r & 0xffff0000u); }
+  __device__ __forceinline__ static void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static void mma1688(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+  }
+};
+template <> struct MmaType<__half> {
+  __device__ __forceinline__ static uint32_t pack(float a, float b) {
+    uint32_t r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+    return r;
+  }
+  __device__ __forceinline__ static float lo(uint32_t r) { return __half2float(__ushort_as_half(uint16_t(r & 0xffffu))); }
+  __device__ __forceinline__ static float hi(uint32_t r) { return __half2float(__ushort_as_half(uint16_t(r >> 16))); }
+  __device__ __forceinline__ static void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static void mma1688(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+  }
+};
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+template <int D, int ROWS>
 struct AttendShape {
-  static constexpr int kThreads = 128, kWarps = 4, kTile = 8, kStages = 4;  // kTile: tokens per warp tile
-  static constexpr int kDimsPerLane = (D == 128 && GC <= 4) ? 16 : 8;  // keeps q and o at <= 64 registers each
-  static constexpr int kLanes = D / kDimsPerLane;                       // lanes per token: 8 or 16
-  static constexpr int kVecs = kDimsPerLane / 8;                        // 16-byte vectors per lane per row
-  static constexpr int kTokPerPass = 32 / kLanes;
-  static constexpr int kPasses = kTile / kTokPerPass;
-  static constexpr int kRowBytes = D * 2;
+  static constexpr int kThreads = 128, kWarps = 4, kTile = 8, kStages = 5;  // kTile: tokens per warp tile
+  static constexpr int GC = ROWS;                             // heads per CTA (rows >= G are padding)
+  static constexpr int kRowStride = D * 2 + 16;               // padded: ldmatrix rows hit distinct banks
   static constexpr int kPieces = D / 8;                       // 16-byte pieces per row
   static constexpr int kRowsPerStep = 32 / kPieces;           // rows one warp-wide copy step covers
   static constexpr int kLoadSteps = kTile / kRowsPerStep;     // rows per lane per tile
-  static constexpr int kStageBytes = 2 * kTile * kRowBytes;   // K tile then V tile
+  static constexpr int kStageBytes = 2 * kTile * kRowStride;  // K tile then V tile
   static constexpr int kWarpRing = kStages * kStageBytes;
   static constexpr int kRingBytes = kWarps * kWarpRing;
   // Multipole staging after the rings, per warp: pseudo scores [stages][tile][GC] f32,
@@ -38,21 +95,26 @@ struct AttendShape {
   static constexpr int kWarpExtra = kStages * kTile * (GC + 2);  // in 4-byte words
   static constexpr int kExtraBytes = kWarps * kWarpExtra * 4;
   static constexpr int kSmem = kRingBytes + kExtraBytes;
-  static_assert(kPasses * kTokPerPass == kTile && kLoadSteps * kRowsPerStep == kTile, "tile shape");
+  static_assert(kLoadSteps * kRowsPerStep == kTile, "tile shape");
   static_assert(kMaxSplits * GC * 4 <= kSmem && kWarps * GC * (D + 2) * 4 <= kSmem, "merge scratch must fit");
 };
 
 // Row codes: >= 0 pool row of an exact token, -1 nothing (zeros), <= -2 pseudo-token of
 // cluster -2 - code (global cluster index).
-template <int D, int GC, class T, bool MP>
-__global__ void __launch_bounds__(128, 3) attend_kernel(const AttendArgs a) {
-  using S = AttendShape<D, GC>;
-  constexpr int L = S::kLanes, NV = S::kVecs, TILE = S::kTile, W = S::kWarps;
+template <int D, int ROWS, class T, bool MP>
+__global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
+  using S = AttendShape<D, ROWS>;
+  using M = MmaType<T>;
+  constexpr int TILE = S::kTile, W = S::kWarps, GC = S::GC, RS = S::kRowStride;
+  constexpr int KS = D / 16;  // k-steps of q.K^T
+  constexpr int NT = D / 8;   // n-tiles of P.V
+  constexpr bool TALL = ROWS > 8;  // rows 8..15 in use
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float s_m[GC], s_l[GC];
   __shared__ int s_last;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int grp = lane >> 2, tig = lane & 3;  // mma fragment coordinates
   unsigned char* ring = smem + warp * S::kWarpRing;
   float* s_pscore = reinterpret_cast<float*>(smem + S::kRingBytes) + warp * S::kWarpExtra;  // [stages][tile][GC]
   int* s_psize = reinterpret_cast<int*>(s_pscore + S::kStages * TILE * GC);                 // [stages][tile]
@@ -106,22 +168,39 @@ __global__ void __launch_bounds__(128, 3) attend_kernel(const AttendArgs a) {
     }
   };
 
+  // Dense with power-of-two pages of >= 8 tokens: a warp tile lies in one page, so one page
+  // id per tile and consecutive rows.
+  const bool one_page = !MP && pshift >= 3;
   const int piece = lane % S::kPieces, r0 = lane / S::kPieces;
   auto issue = [&](int buf, int t, const int (&raw)[S::kLoadSteps]) {
     unsigned char* kt = ring + buf * S::kStageBytes;
-    unsigned char* vt = kt + TILE * S::kRowBytes;
+    unsigned char* vt = kt + TILE * RS;
+    if (one_page) {
+      const int v0 = tile_v0(t);
+      const int base = raw[0] < 0 ? -1 : (raw[0] * Hkv + h) * P + (v0 & (P - 1));
+      const std::byte* kb = a.keys + (int64_t(base) * D + piece * 8) * 2;
+      const std::byte* vb = a.values + (int64_t(base) * D + piece * 8) * 2;
+#pragma unroll
+      for (int s = 0; s < S::kLoadSteps; ++s) {
+        const int r = r0 + s * S::kRowsPerStep;
+        const bool valid = base >= 0 && v0 + r < vend;
+        cp_async16(kt + r * RS + piece * 16, valid ? kb + r * D * 2 : a.keys, valid);
+        cp_async16(vt + r * RS + piece * 16, valid ? vb + r * D * 2 : a.values, valid);
+      }
+      return;
+    }
 #pragma unroll
     for (int s = 0; s < S::kLoadSteps; ++s) {
       const int r = r0 + s * S::kRowsPerStep, row = final_row(raw[s], tile_v0(t) + r);
       const bool exact = row >= 0, pseudo = row <= -2;
       const std::byte* ksrc = exact ? a.keys + (int64_t(row) * D + piece * 8) * 2 : a.keys;
-      cp_async16(kt + r * S::kRowBytes + piece * 16, ksrc, exact);
+      cp_async16(kt + r * RS + piece * 16, ksrc, exact);
       const std::byte* vsrc = a.values;
       if (exact) vsrc = a.values + (int64_t(row) * D + piece * 8) * 2;
       if constexpr (MP) {
         if (pseudo) vsrc = a.value_centroids + (int64_t(-2 - row) * D + piece * 8) * 2;
       }
-      cp_async16(vt + r * S::kRowBytes + piece * 16, vsrc, exact || pseudo);
+      cp_async16(vt + r * RS + piece * 16, vsrc, exact || pseudo);
       if constexpr (MP) {
         if (piece == 0) s_kind[buf * TILE + r] = exact ? 1 : (pseudo ? 2 : 0);
         if (pseudo) {
@@ -137,26 +216,40 @@ __global__ void __launch_bounds__(128, 3) attend_kernel(const AttendArgs a) {
     }
   };
   auto resolve_tile = [&](int t, int (&rows)[S::kLoadSteps]) {
+    if (one_page) {
+      rows[0] = t < ntiles ? __ldg(table + (tile_v0(t) >> pshift)) : -1;
+      return;
+    }
 #pragma unroll
     for (int s = 0; s < S::kLoadSteps; ++s) rows[s] = t < ntiles ? resolve(tile_v0(t) + r0 + s * S::kRowsPerStep) : -1;
   };
 
-  // Queries of this chunk's heads, pre-scaled; lane l holds dims (l + j L) * 8 + [0, 8).
-  const int l = lane % L, grp = lane / L;
-  float qr[GC][NV * 8], o[GC][NV * 8], m[GC], lsum[GC];
+  // Q as A fragments (rows = heads, pre-scaled), split into a high part and the remainder:
+  // qa[k][0] = (row grp, dims 16k + 2 tig + {0,1}), [1] = row grp + 8, [2] = dims + 8, [3] both.
+  uint32_t qhi[KS][4], qlo[KS][4];
+  {
+    auto qv = [&](int g, int d) -> float {
+      return g < gcount ? a.q[(int64_t(b) * Hkv * G + h * G + g0 + g) * D + d] * a.qscale : 0.0f;
+    };
 #pragma unroll
-  for (int g = 0; g < GC; ++g) {
-    m[g] = neg_inf();
-    lsum[g] = 0.0f;
+    for (int k = 0; k < KS; ++k)
 #pragma unroll
-    for (int j = 0; j < NV; ++j)
-#pragma unroll
-      for (int c = 0; c < 8; ++c) {
-        const int dim = (l + j * L) * 8 + c;
-        qr[g][j * 8 + c] = g < gcount ? a.q[(int64_t(b) * Hkv * G + h * G + g0 + g) * D + dim] * a.qscale : 0.0f;
-        o[g][j * 8 + c] = 0.0f;
+      for (int r = 0; r < 4; ++r) {
+        const int g = grp + (r & 1) * 8, d = 16 * k + 2 * tig + (r >> 1) * 8;
+        if (!TALL && (r & 1)) {
+          qhi[k][r] = qlo[k][r] = 0u;
+          continue;
+        }
+        const float x0 = qv(g, d), x1 = qv(g, d + 1);
+        qhi[k][r] = M::pack(x0, x1);
+        qlo[k][r] = M::pack(x0 - M::lo(qhi[k][r]), x1 - M::hi(qhi[k][r]));
       }
   }
+  // O as NT accumulator fragments: o[j] = (row grp: dims 8j + 2 tig + {0,1}; row grp + 8: same).
+  float o[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m[2] = {neg_inf(), neg_inf()}, lsum[2] = {0.0f, 0.0f};  // rows grp and grp + 8
 
   // Prologue: stages-1 tiles in flight, rows of the next one resolved.
   int rows[S::kLoadSteps];
@@ -180,115 +273,95 @@ __global__ void __launch_bounds__(128, 3) attend_kernel(const AttendArgs a) {
     const int buf = t % S::kStages;
     const int v0 = tile_v0(t);
     const unsigned char* kt = ring + buf * S::kStageBytes;
-    const unsigned char* vt = kt + TILE * S::kRowBytes;
+    const unsigned char* vt = kt + TILE * RS;
 
-    // Logits of the tile; every lane of a token's group ends with the full dot.
-    float x[S::kPasses][GC];
+    // S = Q K^T: s[0..1] = (row grp, tokens 2 tig + {0,1}), s[2..3] = row grp + 8.
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const bool any_exact = MP ? v0 < a.exact_cap : true;
+    if (any_exact) {
 #pragma unroll
-    for (int p = 0; p < S::kPasses; ++p) {
-      const int tok = p * S::kTokPerPass + grp;
-      float acc[GC];
-#pragma unroll
-      for (int g = 0; g < GC; ++g) acc[g] = 0.0f;
-      if (any_exact) {
-#pragma unroll
-        for (int j = 0; j < NV; ++j) {
-          const uint4 u = *reinterpret_cast<const uint4*>(kt + tok * S::kRowBytes + (l + j * L) * 16);
-          float kf[8];
-          Storage<T>::to_float(u, kf);
-#pragma unroll
-          for (int g = 0; g < GC; ++g)
-#pragma unroll
-            for (int c = 0; c < 8; ++c) acc[g] = fmaf(qr[g][j * 8 + c], kf[c], acc[g]);
-        }
-#pragma unroll
-        for (int off = L / 2; off > 0; off >>= 1)
-#pragma unroll
-          for (int g = 0; g < GC; ++g) acc[g] += __shfl_xor_sync(0xffffffffu, acc[g], off);
+      for (int kk = 0; kk < D / 32; ++kk) {
+        uint32_t kb[4];  // dims 32 kk + 8 m + ..., token rows 0..7
+        ldmatrix_x4(kb, kt + (lane & 7) * RS + (kk * 32 + (lane >> 3) * 8) * 2);
+        M::mma16816(s, qhi[2 * kk], kb[0], kb[1]);
+        M::mma16816(s, qlo[2 * kk], kb[0], kb[1]);
+        M::mma16816(s, qhi[2 * kk + 1], kb[2], kb[3]);
+        M::mma16816(s, qlo[2 * kk + 1], kb[2], kb[3]);
       }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int tok = 2 * tig + (i & 1), row = grp + (i >> 1) * 8;
       if constexpr (MP) {
         const int kind = s_kind[buf * TILE + tok];
-        const int n = kind == 2 ? s_psize[buf * TILE + tok] : 0;
-        const float bias = n > 0 ? __log2f(float(n)) : 0.0f;
-#pragma unroll
-        for (int g = 0; g < GC; ++g)
-          x[p][g] = kind == 1 ? acc[g] : (n > 0 ? s_pscore[(buf * TILE + tok) * GC + g] + bias : neg_inf());
+        if (kind == 2) {
+          const int n = s_psize[buf * TILE + tok];
+          s[i] = n > 0 && row < GC ? s_pscore[(buf * TILE + tok) * GC + row] + __log2f(float(n)) : neg_inf();
+        } else if (kind != 1) {
+          s[i] = neg_inf();
+        }
       } else {
-        const bool valid = v0 + tok < vend;
-#pragma unroll
-        for (int g = 0; g < GC; ++g) x[p][g] = valid ? acc[g] : neg_inf();
+        if (v0 + tok >= vend) s[i] = neg_inf();
       }
     }
 
-    // Online softmax of the warp: one max per head over the tile, shared by all lanes.
+    // Online softmax per row: the max over the tile's 8 tokens lives in the 4 lanes of a quad.
+    uint32_t phi[2], plo[2];
 #pragma unroll
-    for (int g = 0; g < GC; ++g) {
-      float mx = x[0][g];
+    for (int r = 0; r < 2; ++r) {
+      float mx = fmaxf(s[2 * r], s[2 * r + 1]);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      if (mx > m[r]) {
+        const float alpha = fast_exp2(m[r] - mx);  // 0 when m was -inf
 #pragma unroll
-      for (int p = 1; p < S::kPasses; ++p) mx = fmaxf(mx, x[p][g]);
-#pragma unroll
-      for (int off = L; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      if (mx > m[g]) {  // warp-uniform
-        const float alpha = fast_exp2(m[g] - mx);  // 0 when m was -inf
-#pragma unroll
-        for (int c = 0; c < NV * 8; ++c) o[g][c] *= alpha;
-        lsum[g] *= alpha;
-        m[g] = mx;
+        for (int j = 0; j < NT; ++j) {
+          o[j][2 * r] *= alpha;
+          o[j][2 * r + 1] *= alpha;
+        }
+        lsum[r] *= alpha;
+        m[r] = mx;
       }
+      const float p0 = m[r] == neg_inf() ? 0.0f : fast_exp2(s[2 * r] - m[r]);
+      const float p1 = m[r] == neg_inf() ? 0.0f : fast_exp2(s[2 * r + 1] - m[r]);
+      lsum[r] += p0 + p1;
+      phi[r] = M::pack(p0, p1);
+      plo[r] = M::pack(p0 - M::lo(phi[r]), p1 - M::hi(phi[r]));
     }
 
-    // o += P V.
+    // O += P V.
 #pragma unroll
-    for (int p = 0; p < S::kPasses; ++p) {
-      const int tok = p * S::kTokPerPass + grp;
-      float pr[GC];
+    for (int nn = 0; nn < D / 32; ++nn) {
+      uint32_t vb[4];  // n-tiles 4 nn + m: (tokens 2 tig + {0,1}, dim 8 (4 nn + m) + grp)
+      ldmatrix_x4_trans(vb, vt + (lane & 7) * RS + (nn * 32 + (lane >> 3) * 8) * 2);
 #pragma unroll
-      for (int g = 0; g < GC; ++g) {
-        pr[g] = m[g] == neg_inf() ? 0.0f : fast_exp2(x[p][g] - m[g]);
-        lsum[g] += pr[g];
-      }
-#pragma unroll
-      for (int j = 0; j < NV; ++j) {
-        const uint4 u = *reinterpret_cast<const uint4*>(vt + tok * S::kRowBytes + (l + j * L) * 16);
-        float vf[8];
-        Storage<T>::to_float(u, vf);
-#pragma unroll
-        for (int g = 0; g < GC; ++g)
-#pragma unroll
-          for (int c = 0; c < 8; ++c) o[g][j * 8 + c] = fmaf(pr[g], vf[c], o[g][j * 8 + c]);
+      for (int mm = 0; mm < 4; ++mm) {
+        M::mma1688(o[4 * nn + mm], phi[0], phi[1], vb[mm]);
+        M::mma1688(o[4 * nn + mm], plo[0], plo[1], vb[mm]);
       }
     }
   }
   cp_async_wait<0>();
 
-  // Sum the token groups of the warp (same max), then merge the warps.
+  // Row sums over the quad, then merge the warps.
 #pragma unroll
-  for (int off = L; off < 32; off <<= 1)
-#pragma unroll
-    for (int g = 0; g < GC; ++g) {
-      lsum[g] += __shfl_xor_sync(0xffffffffu, lsum[g], off);
-#pragma unroll
-      for (int c = 0; c < NV * 8; ++c) o[g][c] += __shfl_xor_sync(0xffffffffu, o[g][c], off);
-    }
+  for (int r = 0; r < 2; ++r) {
+    lsum[r] += __shfl_xor_sync(0xffffffffu, lsum[r], 1);
+    lsum[r] += __shfl_xor_sync(0xffffffffu, lsum[r], 2);
+  }
   __syncthreads();  // every warp is done with its ring: reuse it as scratch
   float* red_o = reinterpret_cast<float*>(smem);  // [W][GC][D]
   float* red_ml = red_o + W * GC * D;             // [W][GC][2]
-  if (grp == 0) {
 #pragma unroll
-    for (int g = 0; g < GC; ++g)
+  for (int r = 0; r < (TALL ? 2 : 1); ++r) {
+    const int row = grp + r * 8;
 #pragma unroll
-      for (int j = 0; j < NV; ++j) {
-        float4* dst = reinterpret_cast<float4*>(red_o + (warp * GC + g) * D + (l + j * L) * 8);
-        dst[0] = make_float4(o[g][j * 8 + 0], o[g][j * 8 + 1], o[g][j * 8 + 2], o[g][j * 8 + 3]);
-        dst[1] = make_float4(o[g][j * 8 + 4], o[g][j * 8 + 5], o[g][j * 8 + 6], o[g][j * 8 + 7]);
-      }
-    if (lane == 0)
-#pragma unroll
-      for (int g = 0; g < GC; ++g) {
-        red_ml[(warp * GC + g) * 2] = m[g];
-        red_ml[(warp * GC + g) * 2 + 1] = lsum[g];
-      }
+    for (int j = 0; j < NT; ++j)
+      *reinterpret_cast<float2*>(red_o + (warp * GC + row) * D + 8 * j + 2 * tig) = make_float2(o[j][2 * r], o[j][2 * r + 1]);
+    if (tig == 0) {
+      red_ml[(warp * GC + row) * 2] = m[r];
+      red_ml[(warp * GC + row) * 2 + 1] = lsum[r];
+    }
   }
   __syncthreads();
   if (tid < GC) {
@@ -391,7 +464,5 @@ __global__ void __launch_bounds__(128, 3) attend_kernel(const AttendArgs a) {
   if (tid == 0) *counter = 0;  // ready for the next launch (or graph replay)
 }
 
-template <int D, int GC, class T, bool MP>
-void launch_attend_one(const AttendArgs& a, int items, Stream stream);
 
 }  // namespace multipole::cuda::detail

@@ -2,8 +2,8 @@
 #include "cuda/attend_launch.cuh"
 
 namespace multipole::cuda::detail {
-void launch_attend_f16(const AttendArgs& a, int head_dim, int gc, bool mp, int items, Stream stream) {
-  launch_attend_typed<__half>(a, head_dim, gc, mp, items, stream);
+void launch_attend_f16(const AttendArgs& a, int head_dim, int rows, bool mp, int items, Stream stream) {
+  launch_attend_typed<__half>(a, head_dim, rows, mp, items, stream);
 }
-int attend_occupancy_f16(int head_dim, int gc, bool mp) { return attend_occupancy_typed<__half>(head_dim, gc, mp); }
+int attend_occupancy_f16(int head_dim, int rows, bool mp) { return attend_occupancy_typed<__half>(head_dim, rows, mp); }
 }  // namespace multipole::cuda::detail

@@ -1,6 +1,6 @@
 #pragma once
 // Instantiation and dispatch of the attention kernel for one KV storage type T: head dim
-// {64, 128} x heads per CTA {1, 2, 4, 8} x {dense, multipole}. Included by one .cu per T.
+// {64, 128} x tensor-core rows {8, 16} x {dense, multipole}. Included by one .cu per T.
 #include "cuda/attend.cuh"
 #include "cuda/check.hpp"
 
@@ -33,16 +33,14 @@ int occupancy_one() {
   return n;
 }
 
-// Calls f.template operator()<D, GC, MP>() for the runtime shape.
+// Calls f.template operator()<D, ROWS, MP>() for the runtime shape.
 template <class F>
-void dispatch_attend(int head_dim, int gc, bool mp, F&& f) {
+void dispatch_attend(int head_dim, int rows, bool mp, F&& f) {
   auto by_gc = [&]<int D, bool MP>() {
-    switch (gc) {
-      case 1: return f.template operator()<D, 1, MP>();
-      case 2: return f.template operator()<D, 2, MP>();
-      case 4: return f.template operator()<D, 4, MP>();
-      default: return f.template operator()<D, 8, MP>();
-    }
+    if (rows <= 8)
+      f.template operator()<D, 8, MP>();
+    else
+      f.template operator()<D, 16, MP>();
   };
   if (head_dim == 64)
     mp ? by_gc.template operator()<64, true>() : by_gc.template operator()<64, false>();

@@ -71,8 +71,8 @@ int sm_count() {
 }  // namespace
 
 namespace detail {
-int attend_ctas_per_sm(DType dtype, int head_dim, int gc, bool mp) {
-  return dtype == DType::BF16 ? attend_occupancy_bf16(head_dim, gc, mp) : attend_occupancy_f16(head_dim, gc, mp);
+int attend_ctas_per_sm(DType dtype, int head_dim, int rows, bool mp) {
+  return dtype == DType::BF16 ? attend_occupancy_bf16(head_dim, rows, mp) : attend_occupancy_f16(head_dim, rows, mp);
 }
 int heads_per_cta(int group) {
   // The largest chunk of at most 8 heads, rounded up to an instantiated size.
@@ -107,16 +107,17 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
 
   info_ = DecodePlanInfo{};
   info_.batch = B;
-  info_.heads_per_cta = gc_;
+  info_.heads_per_cta = attend_rows(G);
   upload_vector(seq_ids_, ids);
 
-  const SplitPlan dp = plan_splits(lens, Hkv * head_chunks_, sms * attend_ctas_per_sm(kc.dtype, D, gc_, false));
+  const int rows = attend_rows(G);
+  const SplitPlan dp = plan_splits(lens, Hkv, sms * attend_ctas_per_sm(kc.dtype, D, rows, false));
   upload_vector(d_item_seq_, dp.item_seq);
   upload_vector(d_item_split_, dp.item_split);
   upload_vector(d_seq_base_, dp.seq_base);
   upload_vector(d_seq_splits_, dp.seq_splits);
   info_.dense_chunk = dp.chunk;
-  info_.dense_ctas = int(dp.item_seq.size()) * Hkv * head_chunks_;
+  info_.dense_ctas = int(dp.item_seq.size()) * Hkv;
   info_.dense_max_splits = *std::max_element(dp.seq_splits.begin(), dp.seq_splits.end());
   int64_t items = int64_t(dp.item_seq.size());
 
@@ -145,13 +146,13 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     MP_CHECK(cap < (int64_t(1) << 30), "cuda decode: exact set capacity {} too large", cap);
     info_.exact_cap = int(cap);
     for (int b = 0; b < B; ++b) vlen[b] = cap + (config_.multipole_far_field ? vlen[b] : 0);
-    const SplitPlan mp = plan_splits(vlen, Hkv * head_chunks_, sms * attend_ctas_per_sm(kc.dtype, D, gc_, true));
+    const SplitPlan mp = plan_splits(vlen, Hkv, sms * attend_ctas_per_sm(kc.dtype, D, rows, true));
     upload_vector(m_item_seq_, mp.item_seq);
     upload_vector(m_item_split_, mp.item_split);
     upload_vector(m_seq_base_, mp.seq_base);
     upload_vector(m_seq_splits_, mp.seq_splits);
     info_.mp_chunk = mp.chunk;
-    info_.mp_ctas = int(mp.item_seq.size()) * Hkv * head_chunks_;
+    info_.mp_ctas = int(mp.item_seq.size()) * Hkv;
     items = std::max<int64_t>(items, int64_t(mp.item_seq.size()));
 
     std::vector<int32_t> s_seq, s_chunk, s_base, s_count;
@@ -186,12 +187,12 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
   }
   part_o_.reserve(size_t(items) * Hkv * G * D * sizeof(float));
   part_ml_.reserve(size_t(items) * Hkv * G * 2 * sizeof(float));
-  counters_.reserve(size_t(B) * Hkv * head_chunks_ * sizeof(int32_t));
+  counters_.reserve(size_t(B) * Hkv * sizeof(int32_t));
   counters_.memset(0);
 }
 
 namespace {
-AttendArgs base_args(const DeviceKVCache& cache, int layer, const AttentionConfig& c, int gc, int head_chunks) {
+AttendArgs base_args(const DeviceKVCache& cache, int layer, const AttentionConfig& c) {
   const DeviceKVLayer kv = cache.layer(layer);
   AttendArgs a;
   a.keys = kv.keys;
@@ -205,23 +206,22 @@ AttendArgs base_args(const DeviceKVCache& cache, int layer, const AttentionConfi
   a.table_offset = kv.table_offset;
   a.lengths = kv.lengths;
   a.group = c.group_size();
-  a.head_chunks = head_chunks;
+  a.head_chunks = 1;  // the tensor-core rows hold the whole group
   a.qscale = c.softmax_scale() * 1.4426950408889634f;
-  (void)gc;
   return a;
 }
-void launch_attend(const AttendArgs& a, DType dtype, int head_dim, int gc, bool mp, int items, Stream stream) {
+void launch_attend(const AttendArgs& a, DType dtype, int head_dim, int group, bool mp, int items, Stream stream) {
   if (dtype == DType::BF16)
-    launch_attend_bf16(a, head_dim, gc, mp, items, stream);
+    launch_attend_bf16(a, head_dim, attend_rows(group), mp, items, stream);
   else
-    launch_attend_f16(a, head_dim, gc, mp, items, stream);
+    launch_attend_f16(a, head_dim, attend_rows(group), mp, items, stream);
 }
 }  // namespace
 
 void CudaDecoder::dense(const DeviceKVCache& cache, int layer, const float* q, float* out, Stream stream) const {
   MP_CHECK(info_.batch > 0, "cuda decode: dense() before plan()");
   MP_CHECK(q && out, "cuda decode: null q or out");
-  AttendArgs a = base_args(cache, layer, config_, gc_, head_chunks_);
+  AttendArgs a = base_args(cache, layer, config_);
   a.seq_ids = seq_ids_.as<const int32_t>();
   a.q = q;
   a.out = out;
@@ -233,8 +233,8 @@ void CudaDecoder::dense(const DeviceKVCache& cache, int layer, const float* q, f
   a.part_o = part_o_.as<float>();
   a.part_ml = part_ml_.as<float>();
   a.counters = counters_.as<int32_t>();
-  launch_attend(a, cache.config().dtype, config_.head_dim, gc_, false, info_.dense_ctas / (config_.num_kv_heads * head_chunks_),
-                stream);
+  launch_attend(a, cache.config().dtype, config_.head_dim, config_.group_size(), false,
+                info_.dense_ctas / config_.num_kv_heads, stream);
 }
 
 void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceClusterIndex& index, const float* q,
@@ -299,7 +299,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   }
   if (stages < 3) return;
 
-  AttendArgs a = base_args(cache, layer, config_, gc_, head_chunks_);
+  AttendArgs a = base_args(cache, layer, config_);
   a.seq_ids = seq_ids_.as<const int32_t>();
   a.q = q;
   a.out = out;
@@ -320,7 +320,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   a.entry_begin = cv.entry_begin;
   a.entry_count = cv.entry_count;
   a.far_field = config_.multipole_far_field ? 1 : 0;
-  launch_attend(a, cache.config().dtype, config_.head_dim, gc_, true, info_.mp_ctas / (Hkv * head_chunks_), stream);
+  launch_attend(a, cache.config().dtype, config_.head_dim, config_.group_size(), true, info_.mp_ctas / Hkv, stream);
 }
 
 std::vector<int32_t> CudaDecoder::far_sizes() const {

@@ -11,7 +11,7 @@
 namespace multipole::cuda::detail {
 
 // Most splits of one sequence (bounds the merge scratch in shared memory).
-constexpr int kMaxSplits = 1024;
+constexpr int kMaxSplits = 512;
 // Centroids scored per CTA of the scoring kernel.
 constexpr int kScoreChunk = 64;
 // Threads of the selection kernel (one CTA per entry).
@@ -92,9 +92,10 @@ struct SelectArgs {
   int smem_clusters = 0;                 // capacity of the shared-memory key arrays
 };
 
-// grid: (items, Hkv * head_chunks); mp selects the multipole variant.
-void launch_attend_bf16(const AttendArgs& a, int head_dim, int gc, bool mp, int items, Stream stream);
-void launch_attend_f16(const AttendArgs& a, int head_dim, int gc, bool mp, int items, Stream stream);
+// grid: (items, Hkv * head_chunks); rows: 8 (G <= 8) or 16 (G <= 16) tensor-core rows;
+// mp selects the multipole variant.
+void launch_attend_bf16(const AttendArgs& a, int head_dim, int rows, bool mp, int items, Stream stream);
+void launch_attend_f16(const AttendArgs& a, int head_dim, int rows, bool mp, int items, Stream stream);
 void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int items, Stream stream);
 void launch_select(const SelectArgs& a, int entries, Stream stream);
 // Dynamic shared memory of the selection kernel for entries of up to `clusters` clusters
@@ -104,10 +105,13 @@ constexpr size_t select_smem_bytes(int clusters) {
   return (2 * (size_t(clusters) + size_t(clusters) / 32 + 1) + size_t(clusters)) * 4;
 }
 constexpr size_t kSelectStaticSmem = 17 * 1024;
-// Query heads per CTA for a group of G: 1, 2, 4 or 8 (the rest of the chunk is masked).
+// Query heads per CTA of the scoring kernel for a group of G: 1, 2, 4 or 8 (the rest of
+// the chunk is masked).
 int heads_per_cta(int group);
+// Tensor-core rows of the attention kernel for a group of G: 8 or 16.
+inline int attend_rows(int group) { return group <= 8 ? 8 : 16; }
 // Resident CTAs per SM of the attention kernel (occupancy API), for split planning.
-int attend_ctas_per_sm(DType dtype, int head_dim, int gc, bool mp);
+int attend_ctas_per_sm(DType dtype, int head_dim, int rows, bool mp);
 
 }  // namespace multipole::cuda::detail
 
@@ -123,6 +127,6 @@ void launch_fill_random(void* data, int64_t n, DType dtype, uint64_t seed, Strea
 // Reads `bytes` (a multiple of 16) of `data` and writes one word per CTA to `sink`: leaves
 // the L2 full of clean lines (benchmarks).
 void launch_read_flush(const void* data, size_t bytes, uint32_t* sink, Stream stream);
-int attend_occupancy_bf16(int head_dim, int gc, bool mp);
-int attend_occupancy_f16(int head_dim, int gc, bool mp);
+int attend_occupancy_bf16(int head_dim, int rows, bool mp);
+int attend_occupancy_f16(int head_dim, int rows, bool mp);
 }  // namespace multipole::cuda::detail

@@ -81,6 +81,28 @@ struct Cache {
   }
 };
 
+// A cache config with room for `lengths` (plus slack for page rounding and appends), a CPU
+// cache filled at random and its device mirror.
+KVCacheConfig cache_config(int layers, int heads, int dim, int page, DType dtype, const std::vector<int64_t>& lengths) {
+  KVCacheConfig kc;
+  kc.num_layers = layers;
+  kc.num_kv_heads = heads;
+  kc.head_dim = dim;
+  kc.page_size = page;
+  kc.dtype = dtype;
+  kc.max_tokens = std::accumulate(lengths.begin(), lengths.end(), int64_t(0)) + 8 * page * int64_t(lengths.size()) + 64;
+  return kc;
+}
+
+struct Mirror {
+  Cache cache;
+  DeviceKVCache dev;
+  Mirror(int layers, int heads, int dim, int page, DType dtype, const std::vector<int64_t>& lengths, std::mt19937& rng)
+      : cache(cache_config(layers, heads, dim, page, dtype, lengths), lengths, rng), dev(cache.config, 64) {
+    dev.upload(cache.cpu);
+  }
+};
+
 struct DeviceFloats {
   DeviceBuffer buf;
   size_t n = 0;
@@ -167,16 +189,9 @@ void run_dense(const DenseCase& dc, uint32_t seed) {
   SCOPED_TRACE(::testing::Message() << "G=" << dc.G << " Hkv=" << dc.Hkv << " D=" << dc.D << " page=" << dc.page
                                     << " dtype=" << dtype_name(dc.dtype) << " B=" << dc.lengths.size());
   std::mt19937 rng(seed);
-  KVCacheConfig kc;
-  kc.num_layers = 2;
-  kc.num_kv_heads = dc.Hkv;
-  kc.head_dim = dc.D;
-  kc.page_size = dc.page;
-  kc.dtype = dc.dtype;
-  kc.max_tokens = std::accumulate(dc.lengths.begin(), dc.lengths.end(), int64_t(0)) + 8 * dc.page * int64_t(dc.lengths.size()) + 64;
-  Cache cache(kc, dc.lengths, rng);
-  DeviceKVCache dev(kc, 64);
-  dev.upload(cache.cpu);
+  Mirror su(2, dc.Hkv, dc.D, dc.page, dc.dtype, dc.lengths, rng);
+  const Cache& cache = su.cache;
+  const DeviceKVCache& dev = su.dev;
   const AttentionConfig ac = make_config(dc.G, dc.Hkv, dc.D);
   CudaDecoder dec(ac);
   dec.plan(dev, cache.seqs);
@@ -237,16 +252,10 @@ TEST(CudaDense, LongSequenceManySplits) {
 TEST(CudaDense, MatchesCpuDecodeKernels) {
   REQUIRE_GPU();
   std::mt19937 rng(11);
-  KVCacheConfig kc;
-  kc.num_layers = 1;
-  kc.num_kv_heads = 2;
-  kc.head_dim = 128;
-  kc.page_size = 16;
-  kc.max_tokens = 8192;
   const std::vector<int64_t> lens = {1234, 77};
-  Cache cache(kc, lens, rng);
-  DeviceKVCache dev(kc, 8);
-  dev.upload(cache.cpu);
+  Mirror su(1, 2, 128, 16, DType::BF16, lens, rng);
+  const Cache& cache = su.cache;
+  const DeviceKVCache& dev = su.dev;
   const AttentionConfig ac = make_config(4, 2, 128);
   CudaDecoder dec(ac);
   dec.plan(dev, cache.seqs);
@@ -273,16 +282,10 @@ TEST(CudaDense, MatchesCpuDecodeKernels) {
 TEST(CudaDense, DeviceAppendMatchesHostWrite) {
   REQUIRE_GPU();
   std::mt19937 rng(21);
-  KVCacheConfig kc;
-  kc.num_layers = 1;
-  kc.num_kv_heads = 2;
-  kc.head_dim = 64;
-  kc.page_size = 16;
-  kc.max_tokens = 4096;
   const std::vector<int64_t> lens = {31, 32, 100};
-  Cache cache(kc, lens, rng);
-  DeviceKVCache dev(kc, 8);
-  dev.upload(cache.cpu);
+  Mirror su(1, 2, 64, 16, DType::BF16, lens, rng);
+  Cache& cache = su.cache;
+  DeviceKVCache& dev = su.dev;
   // One more token per sequence: written on the host cache and appended on the device.
   const int B = 3, Hkv = 2, D = 64;
   const auto k = random_vector(size_t(B) * Hkv * D, rng), v = random_vector(size_t(B) * Hkv * D, rng);
@@ -435,16 +438,9 @@ void run_multipole(const MpCase& mc, uint32_t seed) {
                                     << dtype_name(mc.dtype) << " keys=" << dtype_name(mc.key_dtype) << " budget=" << mc.budget
                                     << " far=" << mc.far_field << " B=" << mc.lengths.size());
   std::mt19937 rng(seed);
-  KVCacheConfig kc;
-  kc.num_layers = 1;
-  kc.num_kv_heads = mc.Hkv;
-  kc.head_dim = mc.D;
-  kc.page_size = 16;
-  kc.dtype = mc.dtype;
-  kc.max_tokens = std::accumulate(mc.lengths.begin(), mc.lengths.end(), int64_t(0)) + 64 * int64_t(mc.lengths.size()) + 64;
-  Cache cache(kc, mc.lengths, rng);
-  DeviceKVCache dev(kc, 64);
-  dev.upload(cache.cpu);
+  Mirror su(1, mc.Hkv, mc.D, 16, mc.dtype, mc.lengths, rng);
+  const Cache& cache = su.cache;
+  const DeviceKVCache& dev = su.dev;
   AttentionConfig ac = make_config(mc.G, mc.Hkv, mc.D);
   ac.budget = mc.budget;
   ac.multipole_far_field = mc.far_field;
@@ -563,15 +559,10 @@ TEST(CudaMultipole, SqueezedDropsTheFarField) {
 TEST(CudaMultipole, FullBudgetEqualsDense) {
   REQUIRE_GPU();
   std::mt19937 rng(700);
-  KVCacheConfig kc;
-  kc.num_layers = 1;
-  kc.num_kv_heads = 2;
-  kc.head_dim = 128;
-  kc.max_tokens = 8192;
   const std::vector<int64_t> lens = {3001, 500};
-  Cache cache(kc, lens, rng);
-  DeviceKVCache dev(kc, 8);
-  dev.upload(cache.cpu);
+  Mirror su(1, 2, 128, 16, DType::BF16, lens, rng);
+  const Cache& cache = su.cache;
+  const DeviceKVCache& dev = su.dev;
   AttentionConfig ac = make_config(4, 2, 128);
   ac.budget = 4000;
   const IndexFixture fx = make_index(cache, ac, 0, rng, false);
@@ -592,15 +583,10 @@ TEST(CudaMultipole, FullBudgetEqualsDense) {
 TEST(CudaMultipole, GraphReplayMatchesDirectLaunches) {
   REQUIRE_GPU();
   std::mt19937 rng(800);
-  KVCacheConfig kc;
-  kc.num_layers = 1;
-  kc.num_kv_heads = 8;
-  kc.head_dim = 128;
-  kc.max_tokens = 40000;
   const std::vector<int64_t> lens = {9000, 20000};
-  Cache cache(kc, lens, rng);
-  DeviceKVCache dev(kc, 8);
-  dev.upload(cache.cpu);
+  Mirror su(1, 8, 128, 16, DType::BF16, lens, rng);
+  const Cache& cache = su.cache;
+  const DeviceKVCache& dev = su.dev;
   const AttentionConfig ac = make_config(4, 8, 128);
   const IndexFixture fx = make_index(cache, ac, 0, rng, false);
   DeviceClusterIndex index(128, 8, DType::BF16, DType::BF16, fx.entries);
