@@ -79,8 +79,8 @@ void add_trace_command(CLI::App& app) {
   synth->add_option("--focus", p.focus, "Earlier tokens each query aligns with")->capture_default_str()
       ->check(at_least(1));
   synth->add_option("--sharpness", p.sharpness,
-                    "Scaled logit of an aligned key before RoPE, minus ln(keys the query sees): each aligned key "
-                    "weighs about e^sharpness times the rest together")
+                    "Scaled logit of an aligned key before RoPE, minus ln(keys the query sees); larger is more "
+                    "peaked, and the ln term keeps the peakedness similar at every length")
       ->capture_default_str();
   synth->add_flag("--random-queries", p.random_queries, "Queries of plain noise (flat attention), as a control");
   synth->add_option("--rope-theta", p.rope_theta, "RoPE base written to the trace")->capture_default_str();
