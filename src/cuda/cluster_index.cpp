@@ -4,9 +4,23 @@
 #include <limits>
 
 #include "cuda/launch.hpp"
+#include "multipole/attention/cluster_index.hpp"
 #include "multipole/core/error.hpp"
 
 namespace multipole::cuda {
+
+HostClusterLevel host_cluster_level(const ClusterIndex& index) {
+  HostClusterLevel h;
+  h.clustered_end = index.end();
+  if (index.num_levels() == 0) return h;
+  const ClusterLevel& l0 = index.level(0);
+  h.key_centroids = l0.keys;
+  h.value_centroids = l0.values;
+  h.sizes = l0.sizes;
+  h.member_offsets = l0.offsets.empty() ? std::vector<int32_t>{0} : l0.offsets;
+  h.members = l0.members;
+  return h;
+}
 
 DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key_dtype, DType value_dtype,
                                        std::span<const HostClusterLevel> entries)

@@ -11,6 +11,10 @@
 #include "multipole/core/dtype.hpp"
 #include "multipole/cuda/runtime.hpp"
 
+namespace multipole {
+class ClusterIndex;
+}
+
 namespace multipole::cuda {
 
 // One (sequence, KV head): C clusters of dimension d.
@@ -23,6 +27,11 @@ struct HostClusterLevel {
   std::vector<int32_t> members;         // [member_offsets[C]] token positions
   int num_clusters() const { return int(sizes.size()); }
 };
+
+// Level 0 of the CPU policies' index (multipole::ClusterIndex) of one (sequence, layer, KV
+// head): its key centroids (position-0 space), value centroids, sizes, members and end().
+// The device decode is single-level: with a hierarchy only level 0 is used.
+HostClusterLevel host_cluster_level(const ClusterIndex& index);
 
 // Plain view for kernels.
 struct DeviceClusterView {
