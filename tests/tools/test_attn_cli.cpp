@@ -247,6 +247,33 @@ TEST(AttnCli, DumpIndexMatchesTheTrace) {
   }
 }
 
+// Invariants of the method (docs/multipole-attention.md), through the whole command: a budget
+// covering every token gives dense for every policy; singleton clusters scored at their real
+// positions give dense for multipole at any budget, while dropping keys does not.
+TEST(AttnCli, InvariantsHoldEndToEnd) {
+  TempDir dir;
+  const std::string trace = dir.file("t.safetensors");
+  Result r = run_cli(dir, "trace synth " + trace + " --tokens 600 --generated 40 --head-dim 32 --clusters 8");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string common = " --sinks 4 --window 16 --block-size 64 --threads 2 --json";
+  r = run_cli(dir, "attn " + trace + common + " --budget 100000 --coarse-budget 100000 --tokens-per-centroid 4,16");
+  ASSERT_EQ(r.code, 0) << r.err;
+  json doc = json::parse(r.out);
+  EXPECT_EQ(doc["policies"].size(), 5u);
+  for (const auto& p : doc["policies"]) EXPECT_LT(p["rel_l2"].get<double>(), 1e-5) << p["name"];
+
+  r = run_cli(dir, "attn " + trace + common + " --budget 0 --tokens-per-centroid 1 --real-positions");
+  ASSERT_EQ(r.code, 0) << r.err;
+  doc = json::parse(r.out);
+  for (const auto& p : doc["policies"]) {
+    if (p["name"] == "multipole" || p["name"] == "dense") {
+      EXPECT_LT(p["rel_l2"].get<double>(), 1e-5) << p["name"];
+    } else {
+      EXPECT_GT(p["rel_l2"].get<double>(), 0.1) << p["name"];  // budget 0: middle keys are dropped
+    }
+  }
+}
+
 TEST(AttnCli, BadInputFailsCleanly) {
   TempDir dir;
   const std::string good = dir.file("good.safetensors");
