@@ -81,7 +81,7 @@ struct Work {
   std::vector<float> distances, xnorms;  // online update: [new tokens, open centroids], [new tokens]
   std::vector<uint8_t> valid;
   std::vector<int32_t> moved_at, moved;
-  std::vector<int32_t> labels, ids, items, picked, cursor, cur, prev, touched;
+  std::vector<int32_t> labels, ids, items, picked, cursor, cur, prev, touched;  // prev: labels in use
   std::vector<double> key_sums, value_sums;  // [k, d]
   std::vector<int32_t> counts, stamp;
   kmeans::LloydScratch lloyd;
@@ -92,6 +92,15 @@ template <class T>
 T* sized(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
   return v.data();
+}
+
+// Resizes an index array that grows with the sequence by `step` more elements whenever it
+// reallocates: the spare capacity stays within one block's worth (doubling would leave up
+// to the whole index unused), and a reallocation happens once per block.
+template <class T>
+void extend(std::vector<T>& v, size_t n, size_t step, T fill = T()) {
+  if (v.capacity() < n) v.reserve(n + step);
+  v.resize(n, fill);
 }
 
 void read_tokens(const PagedKVCache& cache, SeqId seq, int layer, int head, int64_t pos, int64_t n, const Rope& rope,
@@ -113,6 +122,9 @@ uint64_t stream_seed(const AttentionConfig& config, uint64_t kind, SeqId seq, in
 void ClusterIndex::reset(const AttentionConfig& config, int64_t begin) {
   dim_ = config.head_dim;
   begin_ = end_ = begin;
+  step_tokens_ = config.cluster.block_size;
+  for (size_t l = 0; l < config.cluster.tokens_per_centroid.size(); ++l)
+    step_[l] = (config.cluster.block_size + config.cluster.tokens_per_centroid[l] - 1) / config.cluster.tokens_per_centroid[l];
   levels_.assign(config.cluster.tokens_per_centroid.size(), ClusterLevel{});
   for (auto& lv : levels_) lv.offsets.assign(1, 0);
   blocks_.clear();
@@ -124,13 +136,14 @@ void ClusterIndex::reset(const AttentionConfig& config, int64_t begin) {
 void ClusterIndex::grow(int l, int64_t add) {
   auto& lv = levels_[size_t(l)];
   const size_t c = size_t(lv.count() + add);
-  lv.keys.resize(c * dim_, 0.0f);
-  lv.values.resize(c * dim_, 0.0f);
-  lv.sizes.resize(c, 0);
-  lv.log_sizes.resize(c, kNegInf);
-  lv.position_sums.resize(c, 0);
-  lv.parents.resize(c, -1);
-  lv.offsets.resize(c + 1, lv.offsets.back());
+  const size_t step = size_t(step_[size_t(l)]);
+  extend(lv.keys, c * dim_, step * dim_, 0.0f);
+  extend(lv.values, c * dim_, step * dim_, 0.0f);
+  extend(lv.sizes, c, step, 0);
+  extend(lv.log_sizes, c, step, kNegInf);
+  extend(lv.position_sums, c, step, int64_t(0));
+  extend(lv.parents, c, step, -1);
+  extend(lv.offsets, c + 1, step, lv.offsets.back());
 }
 
 void ClusterIndex::set_log_size(int l, int32_t cluster) {
@@ -156,7 +169,7 @@ void ClusterIndex::rebuild_members(int l, const ClusterBlock& block) {
     n = block.last[l - 1] - block.first[l - 1];
     label = levels_[size_t(l - 1)].parents.data() + base;
   }
-  lv.members.resize(size_t(base + n));
+  extend(lv.members, size_t(base + n), size_t(l == 0 ? step_tokens_ : step_[size_t(l - 1)]));
   int32_t* cursor = sized(tls_work.cursor, size_t(e - f) + 1);
   std::fill(cursor, cursor + (e - f) + 1, 0);
   for (int64_t i = 0; i < n; ++i) ++cursor[label[i] - f + 1];
@@ -221,7 +234,7 @@ void ClusterIndex::build_block(ClusterBlock& block, const AttentionConfig& confi
   grow(0, k);
   block.first[0] = first;
   block.last[0] = int32_t(first + k);
-  labels_.resize(size_t(block.end - begin_));
+  extend(labels_, size_t(block.end - begin_), size_t(step_tokens_));
   int32_t* labels = labels_.data() + (block.begin - begin_);
   double* ks = sized(w.key_sums, size_t(k) * d);
   double* vs = sized(w.value_sums, size_t(k) * d);
@@ -373,11 +386,10 @@ void ClusterIndex::append_chunk(const PagedKVCache& cache, SeqId seq, int layer,
   for (int64_t j = 0; j < k_add; ++j) std::memcpy(cent + (k_old + j) * d, keys + int64_t(seeds[j]) * d, size_t(d) * 4);
 
   int32_t* lab = sized(w.labels, size_t(count));
+  int32_t* used = sized(w.prev, size_t(count));   // labels the current centroids were computed from
   float* dist2 = sized(w.dist2, size_t(count));
   int32_t* cnt = sized(w.counts, size_t(k));      // new members per cluster (0 outside `cur`)
-  int32_t* stamp = sized(w.stamp, size_t(k));     // iteration at which a cluster was last in `cur`
   int32_t* cur = sized(w.cur, size_t(k));         // clusters with new members now
-  int32_t* prev = sized(w.prev, size_t(k));       // ... under the previous labels
   double* ks = sized(w.key_sums, size_t(k) * d);  // sums over the new members
   double* vs = sized(w.value_sums, size_t(k) * d);
   float* dist = sized(w.distances, size_t(count) * k);  // [count, k] ||c||^2 - 2 x.c
@@ -388,12 +400,13 @@ void ClusterIndex::append_chunk(const PagedKVCache& cache, SeqId seq, int layer,
   float* moved_cent = sized(w.points, size_t(k) * d);
   float* moved_dist = sized(w.weights, size_t(count) * k);
   std::fill(cnt, cnt + k, 0);
-  std::fill(stamp, stamp + k, 0);
-  int64_t ncur = 0, nprev = 0;
+  std::fill(moved_at, moved_at + k, -1);
+  std::fill(used, used + count, -1);  // the centroids include no new token yet
+  int64_t ncur = 0;
   auto old_size = [&](int64_t c) { return c < k_old ? int64_t(lv0.sizes[first + c]) : 0; };
   // Counts of the current labels; an empty new cluster takes the new token farthest from
   // its centroid (from a cluster that keeps a member), as at prefill.
-  auto count_and_reseed = [&](int32_t round) {
+  auto count_and_reseed = [&]() {
     for (int64_t t = 0; t < ncur; ++t) cnt[cur[t]] = 0;
     ncur = 0;
     for (int64_t i = 0; i < count; ++i)
@@ -411,15 +424,15 @@ void ClusterIndex::append_chunk(const PagedKVCache& cache, SeqId seq, int layer,
       dist2[best] = 0;
       valid[best] = 0;
     }
-    for (int64_t t = 0; t < ncur; ++t) stamp[cur[t]] = round;
   };
-  // Sums over the new members of each cluster in `cur` (values only for the final stats).
-  auto sum_new = [&](bool with_values) {
-    for (int64_t t = 0; t < ncur; ++t) {
-      std::fill(ks + int64_t(cur[t]) * d, ks + int64_t(cur[t] + 1) * d, 0.0);
-      if (with_values) std::fill(vs + int64_t(cur[t]) * d, vs + int64_t(cur[t] + 1) * d, 0.0);
+  // Sums over the new members of the listed clusters (values only for the final stats).
+  auto sum_new = [&](const int32_t* list, int64_t n, int32_t mark, bool with_values) {
+    for (int64_t t = 0; t < n; ++t) {
+      std::fill(ks + int64_t(list[t]) * d, ks + int64_t(list[t] + 1) * d, 0.0);
+      if (with_values) std::fill(vs + int64_t(list[t]) * d, vs + int64_t(list[t] + 1) * d, 0.0);
     }
     for (int64_t i = 0; i < count; ++i) {
+      if (mark >= 0 && moved_at[lab[i]] != mark) continue;
       const float* x = keys + i * d;
       double* sk = ks + int64_t(lab[i]) * d;
       for (int j = 0; j < d; ++j) sk[j] += x[j];
@@ -434,7 +447,6 @@ void ClusterIndex::append_chunk(const PagedKVCache& cache, SeqId seq, int layer,
   // Distances of the new tokens to the open block's centroids, kept between iterations:
   // only the columns of centroids that moved are recomputed, and a token whose nearest
   // centroid did not move only compares it with the moved ones.
-  std::fill(moved_at, moved_at + k, -1);
   for (int64_t i = 0; i < count; ++i) {
     double x2 = 0;
     for (int j = 0; j < d; ++j) x2 += double(keys[i * d + j]) * keys[i * d + j];
@@ -467,43 +479,48 @@ void ClusterIndex::append_chunk(const PagedKVCache& cache, SeqId seq, int layer,
     valid[seeds[j]] = 0;
   }
   for (int it = 1; it <= cc.update_iterations; ++it) {
-    count_and_reseed(it);
-    // Centroid = (old sum + new sum) / size for clusters with new members; one that lost
-    // its new members goes back to its old mean (a new one keeps its last centroid).
+    count_and_reseed();
+    // Clusters whose new members changed since their centroid was computed move to
+    // (old sum + new sum) / size; one left without new members goes back to its old mean
+    // (a new one keeps its last centroid). None changed: converged.
     int64_t nmoved = 0;
-    for (int64_t t = 0; t < nprev; ++t)
-      if (stamp[prev[t]] != it && prev[t] < k_old) {
-        std::memcpy(cent + int64_t(prev[t]) * d, lv0.keys.data() + int64_t(first + prev[t]) * d, size_t(d) * 4);
-        moved[nmoved++] = prev[t];
+    auto mark = [&](int32_t c) {
+      if (moved_at[c] != it) {
+        moved_at[c] = it;
+        moved[nmoved++] = c;
       }
-    sum_new(false);
-    for (int64_t t = 0; t < ncur; ++t) {
-      const int64_t c = cur[t];
-      const double inv = 1.0 / double(old_size(c) + cnt[c]);
-      const double* old = c < k_old ? open_key_sums_.data() + c * d : nullptr;
-      for (int j = 0; j < d; ++j) cent[c * d + j] = float(((old ? old[j] : 0.0) + ks[c * d + j]) * inv);
-      moved[nmoved++] = int32_t(c);
-    }
-    std::copy(cur, cur + ncur, prev);
-    nprev = ncur;
+    };
+    for (int64_t i = 0; i < count; ++i)
+      if (lab[i] != used[i]) {
+        mark(lab[i]);
+        if (used[i] >= 0) mark(used[i]);
+      }
+    if (nmoved == 0) break;
+    sum_new(moved, nmoved, it, false);
     for (int64_t m = 0; m < nmoved; ++m) {
-      moved_at[moved[m]] = it;
-      std::memcpy(moved_cent + m * d, cent + int64_t(moved[m]) * d, size_t(d) * 4);
+      const int64_t c = moved[m];
+      if (cnt[c] > 0) {
+        const double inv = 1.0 / double(old_size(c) + cnt[c]);
+        const double* old = c < k_old ? open_key_sums_.data() + c * d : nullptr;
+        for (int j = 0; j < d; ++j) cent[c * d + j] = float(((old ? old[j] : 0.0) + ks[c * d + j]) * inv);
+      } else if (c < k_old) {
+        std::memcpy(cent + c * d, lv0.keys.data() + (first + c) * d, size_t(d) * 4);
+      }
+      std::memcpy(moved_cent + m * d, cent + c * d, size_t(d) * 4);
     }
-    if (nmoved > 0) {
-      kmeans::partial_distances(keys, count, moved_cent, nmoved, d, moved_dist, nmoved, w.lloyd.assign);
-      for (int64_t i = 0; i < count; ++i)
-        for (int64_t m = 0; m < nmoved; ++m) dist[i * k + moved[m]] = moved_dist[i * nmoved + m];
-    }
+    std::copy(lab, lab + count, used);
+    kmeans::partial_distances(keys, count, moved_cent, nmoved, d, moved_dist, nmoved, w.lloyd.assign);
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t m = 0; m < nmoved; ++m) dist[i * k + moved[m]] = moved_dist[i * nmoved + m];
     nearest(it, nmoved);
   }
-  count_and_reseed(cc.update_iterations + 1);
+  count_and_reseed();
 
   // Final statistics of the clusters with new members: old sums + their new members.
-  sum_new(true);
+  sum_new(cur, ncur, -1, true);
   grow(0, k_add);
-  open_key_sums_.resize(size_t(k) * d, 0.0);
-  open_value_sums_.resize(size_t(k) * d, 0.0);
+  extend(open_key_sums_, size_t(k) * d, size_t(step_[0]) * d, 0.0);
+  extend(open_value_sums_, size_t(k) * d, size_t(step_[0]) * d, 0.0);
   std::vector<int32_t>& touched = w.touched;
   touched.clear();
   for (int64_t t = 0; t < ncur; ++t) {
@@ -522,7 +539,7 @@ void ClusterIndex::append_chunk(const PagedKVCache& cache, SeqId seq, int layer,
     }
     set_log_size(0, id);
   }
-  labels_.resize(size_t(a + count - begin_));
+  extend(labels_, size_t(a + count - begin_), size_t(step_tokens_));
   for (int64_t i = 0; i < count; ++i) {
     labels_[a - begin_ + i] = int32_t(first + lab[i]);
     lv0.position_sums[first + lab[i]] += a + i;

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 
+#include "attention/simd_avx2.hpp"
 #include "multipole/core/error.hpp"
 
 namespace multipole::kmeans {
@@ -157,14 +158,25 @@ int64_t prepare_centroids(const float* centroids, int64_t k, int d, AssignScratc
   if (scratch.norms.size() < size_t(kp)) scratch.norms.resize(size_t(kp));
   float* ct = scratch.transposed.data();
   float* norms = scratch.norms.data();
-  for (int64_t c = 0; c < kp; ++c) {
-    if (c < k) {
-      const float* row = centroids + c * d;
-      for (int j = 0; j < d; ++j) ct[int64_t(j) * kp + c] = row[j];
-      norms[c] = float(squared_norm(row, d));
-    } else {
-      for (int j = 0; j < d; ++j) ct[int64_t(j) * kp + c] = 0.0f;
-      norms[c] = kInf;  // padding is never nearest
+  // Eight centroids at a time: each channel j is one contiguous 8-float store.
+  for (int64_t c0 = 0; c0 < kp; c0 += 8) {
+    const float* rows[8];
+    for (int r = 0; r < 8; ++r) rows[r] = c0 + r < k ? centroids + (c0 + r) * d : nullptr;
+    for (int j = 0; j < d; ++j) {
+      float* dst = ct + int64_t(j) * kp + c0;
+      for (int r = 0; r < 8; ++r) dst[r] = rows[r] ? rows[r][j] : 0.0f;
+    }
+    for (int r = 0; r < 8; ++r) {
+      if (!rows[r]) {
+        norms[c0 + r] = kInf;  // padding is never nearest
+        continue;
+      }
+      __m256 acc = _mm256_setzero_ps();
+      for (int j = 0; j < d; j += 8) {
+        __m256 x = _mm256_loadu_ps(rows[r] + j);
+        acc = _mm256_fmadd_ps(x, x, acc);
+      }
+      norms[c0 + r] = simd::hsum(acc);
     }
   }
   return kp;

@@ -123,6 +123,8 @@ class ClusterIndex {
 
   int dim_ = 0;
   int64_t begin_ = 0, end_ = 0;
+  int64_t step_tokens_ = 0;                            // growth step of token arrays (a block)
+  std::array<int64_t, ClusterBlock::kMaxLevels> step_{};  // ... of each level's arrays (a block's clusters)
   std::vector<ClusterLevel> levels_;
   std::vector<ClusterBlock> blocks_;
   std::vector<int32_t> labels_;
