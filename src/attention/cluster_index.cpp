@@ -318,6 +318,20 @@ void ClusterIndex::build(const PagedKVCache& cache, SeqId seq, int layer, int he
     --full;
   }
   const int64_t nblocks = full + (rest > 0 ? 1 : 0);
+  // Room for every block's clusters (at most ceil(block / t) each) plus one block more.
+  for (int l = 0; l < num_levels(); ++l) {
+    auto& lv = levels_[size_t(l)];
+    const size_t c = size_t(n / cc.tokens_per_centroid[size_t(l)] + nblocks + step_[size_t(l)]);
+    lv.keys.reserve(c * dim_);
+    lv.values.reserve(c * dim_);
+    lv.sizes.reserve(c);
+    lv.log_sizes.reserve(c);
+    lv.position_sums.reserve(c);
+    lv.parents.reserve(c);
+    lv.offsets.reserve(c + 1);
+  }
+  labels_.reserve(size_t(n + step_tokens_));
+  levels_[0].members.reserve(size_t(n + step_tokens_));
   int64_t pos = begin_;
   for (int64_t b = 0; b < nblocks; ++b) {
     ClusterBlock block;
@@ -615,13 +629,12 @@ void ClusterIndex::link_new_children(int l, const ClusterBlock& before, ClusterB
 }
 
 int64_t ClusterIndex::memory_bytes() const {
-  int64_t bytes = int64_t(labels_.size()) * 4 + int64_t(open_key_sums_.size() + open_value_sums_.size()) * 8 +
-                  int64_t(blocks_.size() * sizeof(ClusterBlock));
+  auto bytes = [](const auto& v) { return int64_t(v.capacity() * sizeof(v[0])); };
+  int64_t total = bytes(labels_) + bytes(open_key_sums_) + bytes(open_value_sums_) + bytes(blocks_);
   for (const auto& lv : levels_)
-    bytes += int64_t(lv.keys.size() + lv.values.size() + lv.log_sizes.size()) * 4 +
-             int64_t(lv.sizes.size() + lv.parents.size() + lv.offsets.size() + lv.members.size()) * 4 +
-             int64_t(lv.position_sums.size()) * 8;
-  return bytes;
+    total += bytes(lv.keys) + bytes(lv.values) + bytes(lv.sizes) + bytes(lv.log_sizes) + bytes(lv.position_sums) +
+             bytes(lv.parents) + bytes(lv.offsets) + bytes(lv.members);
+  return total;
 }
 
 }  // namespace multipole

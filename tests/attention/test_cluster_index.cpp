@@ -364,6 +364,11 @@ TEST(ClusterIndex, DefaultBlocksPastTheBoundary) {
   data.append(seq, 256);
   idx.append(*data.cache, seq, 0, 0, c.middle_end(len + 256), c, rope);
   expect_consistent(idx, *data.cache, seq, 0, 0, c, "default config");
+  // About 1/16 of the keys and values in f32, 8 bytes of membership per token, the open
+  // block's f64 sums and one block of spare room: well under a third of an f32 KV copy.
+  const double kv_f32 = double(idx.end() - idx.begin()) * c.head_dim * 8;
+  EXPECT_LT(idx.memory_bytes(), 0.33 * kv_f32);
+  EXPECT_GT(idx.memory_bytes(), kv_f32 / 16);
 }
 
 TEST(ClusterIndex, RejectsMisuse) {

@@ -106,7 +106,7 @@ class ClusterIndex {
   void append(const PagedKVCache& cache, SeqId seq, int layer, int head, int64_t new_end,
               const AttentionConfig& config, const Rope& rope);
 
-  // Bytes held (centroids, membership, open-block sums).
+  // Bytes allocated (centroids, membership, open-block sums), spare capacity included.
   int64_t memory_bytes() const;
 
  private:
