@@ -31,7 +31,7 @@ struct MultipolePolicy::Scratch {
   std::vector<int32_t> picked;      // [n] selected candidates (local indices)
   std::vector<uint8_t> chosen;      // [n]
   std::vector<int32_t> far_ids;     // unselected candidates (ids into the arrays attended)
-  std::vector<int32_t> selected_positions, positions_;  // exact middle positions; sinks + middle + window
+  std::vector<int32_t> selected_positions, exact_positions;  // chosen middle positions; sinks + middle + window
   std::vector<float> rkeys, rvalues, rbias;  // real-position mode: candidates rotated, values, log sizes
   std::vector<float> fm, fl, zmax, zsum;     // [G] frontier normalisation
   Rotation rotation;
@@ -53,7 +53,7 @@ struct MultipolePolicy::Scratch {
     cpu::grow(chosen, n);
     cpu::grow(far_ids, n);
     cpu::grow(selected_positions, size_t(selected));
-    cpu::grow(positions_, size_t(positions));
+    cpu::grow(exact_positions, size_t(positions));
     cpu::grow(selection.items, n);
     if (real) {
       rotation.set(*real, 0.0);
@@ -94,6 +94,11 @@ void MultipolePolicy::update(const PagedKVCache& cache, int layer, std::span<con
            kc.head_dim, config_.num_kv_heads, config_.head_dim);
   MP_CHECK(layer >= 0 && layer < kc.num_layers, "{}: layer {} out of range [0, {})", name(), layer, kc.num_layers);
   const int heads = config_.num_kv_heads;
+  // Each sequence's index is updated by its own tasks: a sequence listed twice would race.
+  seen_.assign(seqs.begin(), seqs.end());
+  std::sort(seen_.begin(), seen_.end());
+  MP_CHECK(std::adjacent_find(seen_.begin(), seen_.end()) == seen_.end(), "{}: update() lists a sequence twice",
+           name());
   tasks_.clear();
   for (size_t b = 0; b < seqs.size(); ++b) {
     const SeqId seq = seqs[b];
@@ -315,7 +320,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
   const int64_t window = std::min(len, std::max(sinks, idx.end()));
   const int64_t exact_tokens =
       cpu::attend_sparse(kv, page_table, head, sinks, window, len, std::span<const int32_t>(s.selected_positions.data(), size_t(nselected)),
-                         q, scale, exact, s.positions_);
+                         q, scale, exact, s.exact_positions);
   if (far_field) kernels::merge(exact, far);
   kernels::finalize(exact, out);
 

@@ -29,6 +29,12 @@ class Rotation {
 //   x: [n, head_dim]
 void unrotate_consecutive(const Rope& rope, float* x, int64_t n, int64_t first);
 
+// Decode per (sequence, KV head): score the coarsest level's clusters, select under the
+// coarse budget (max(budget, coarse_budget or 16 x budget) tokens) by greedy-with-skip on
+// I_i = sum_g e^{s q~_g.c_i} / sum_{j in frontier} n_j e^{s q~_g.c_j}, send the unselected to
+// the far field and expand the selected into the next level's candidates; at level 0 select
+// under `budget` and attend the chosen clusters' tokens exactly with sinks and window. The
+// frontier is the far field so far plus the current candidates (all tokens, once each).
 class MultipolePolicy final : public AttentionPolicy {
  public:
   explicit MultipolePolicy(const AttentionConfig& config);
@@ -59,6 +65,7 @@ class MultipolePolicy final : public AttentionPolicy {
   std::vector<DecodeStats> thread_stats_;          // per pool thread
   std::vector<Rotation> rotations_;                 // per sequence of the batch
   std::vector<std::pair<int32_t, int32_t>> tasks_;  // (batch index, KV head) pending an update
+  std::vector<SeqId> seen_;                         // update(): the batch, sorted
 };
 
 }  // namespace multipole

@@ -347,6 +347,8 @@ TEST(MultipolePolicy, RejectsMisuse) {
   std::vector<float> out(q.size());
   EXPECT_THROW(policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool), Error);  // no update yet
   EXPECT_THROW(policy->update(*data.cache, 2, data.seqs, pool), Error);                        // bad layer
+  const std::vector<SeqId> twice = {data.seqs[0], data.seqs[0]};
+  EXPECT_THROW(policy->update(*data.cache, 0, twice, pool), Error);
   policy->update(*data.cache, 0, data.seqs, pool);
   policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
   EXPECT_THROW(policy->decode(*data.cache, 1, data.seqs, q.data(), out.data(), pool), Error);  // layer 1 not indexed
