@@ -6,6 +6,8 @@
 //              sinks, tokens of selected clusters, window), v in [exact_cap, exact_cap + C)
 //              = the clusters as pseudo-tokens (logit from the scoring pass + log2 n,
 //              value = value centroid); selected and empty clusters carry n = 0 (skipped).
+//              With a two-level index the far field is the selection's compact list
+//              [exact_cap, exact_cap + far_n): unselected coarse + unselected candidates.
 // Each CTA takes one split of the virtual range. Its 4 warps work independently: each
 // streams its own 8-token tiles (interleaved over the split) through a private cp.async
 // ring of shared-memory stages (16-byte copies, 4 tiles in flight) and keeps its own f32
@@ -135,7 +137,7 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
   if constexpr (MP) {
     ebegin = a.entry_begin[e];
     exact_n = min(a.exact_n[e], a.exact_cap);
-    vlen = a.exact_cap + (a.far_field ? a.entry_count[e] : 0);
+    vlen = a.exact_cap + (a.far_field ? (a.far_ids ? min(a.far_n[e], a.far_cap) : a.entry_count[e]) : 0);
   } else {
     vlen = a.lengths[seq];
   }
@@ -155,7 +157,8 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
     if (v >= vend) return -1;
     if constexpr (MP) {
       if (v < a.exact_cap) return v < exact_n ? __ldg(a.exact_rows + int64_t(e) * a.exact_cap + v) : -1;
-      return -2 - (ebegin + (v - a.exact_cap));
+      const int j = v - a.exact_cap;
+      return -2 - (ebegin + (a.far_ids ? __ldg(a.far_ids + int64_t(e) * a.far_cap + j) : j));
     } else {
       return __ldg(table + (pshift >= 0 ? v >> pshift : v / P));
     }

@@ -118,6 +118,23 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
           }
           entries.push_back(std::move(e));
         }
+      DeviceClusterIndex flat_index(D, Hkv, o.key_dtype, o.dtype, entries);
+      flat_index.fill_random_centroids(rng());
+      // Coarse level: consecutive fine clusters until ~coarse_tokens_per_centroid tokens.
+      if (o.coarse_tokens_per_centroid > 0)
+        for (auto& e : entries) {
+          e.coarse_child_offsets.push_back(0);
+          int under = 0;
+          for (int c = 0; c < e.num_clusters(); ++c) {
+            e.coarse_children.push_back(c);
+            under += e.sizes[size_t(c)];
+            if (under >= o.coarse_tokens_per_centroid || c + 1 == e.num_clusters()) {
+              e.coarse_sizes.push_back(under);
+              e.coarse_child_offsets.push_back(int32_t(e.coarse_children.size()));
+              under = 0;
+            }
+          }
+        }
       DeviceClusterIndex index(D, Hkv, o.key_dtype, o.dtype, entries);
       index.fill_random_centroids(rng());
       entries.clear();
@@ -130,8 +147,9 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       q.upload(hq.data(), hq.size() * 4);
       qs.upload(hqs.data(), hqs.size() * 4);
 
-      CudaDecoder dec(ac);
+      CudaDecoder dec(ac), flat(ac);
       dec.plan(dev, seqs, &index);
+      flat.plan(dev, seqs, &flat_index);
       AttentionConfig sqc = ac;
       sqc.multipole_far_field = false;
       CudaDecoder squeezed(sqc);
@@ -145,11 +163,26 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       const auto counts = dec.exact_counts();
       const int64_t exact = std::accumulate(counts.begin(), counts.end(), int64_t(0));
       const int64_t row = int64_t(D) * int64_t(dtype_size(o.dtype));
-      const int64_t C = index.total_clusters();
+      // Clusters read: one level, all; two levels, the coarse ones and the fine candidates
+      // (approximated by the far-field fine clusters plus budget / 8 selected ones).
+      int64_t C = flat_index.total_clusters();
+      if (index.hierarchical()) {
+        const auto far = dec.far_sizes();
+        int64_t coarse = 0, fine_far = 0;
+        for (int e = 0; e < B * Hkv; ++e) {
+          const int64_t c0 = index.entry_first_cluster(e), cc = index.entry_coarse(e);
+          coarse += cc;
+          for (int64_t i = c0 + cc; i < c0 + index.entry_clusters(e); ++i) fine_far += far[size_t(i)] > 0;
+        }
+        C = coarse + fine_far + int64_t(B) * Hkv * (o.budget / 8);
+      }
       const int64_t kbytes = C * D * int64_t(dtype_size(o.key_dtype)), vbytes = C * row;
       const int64_t lists = C * (4 + 4 + 4) + C * G * 4 * 2;  // sizes, far sizes, member starts, scores w+r
       const int64_t dense_bytes = int64_t(B) * Hkv * ctx * row * 2;
       const int64_t mp_bytes = kbytes + vbytes + lists + exact * (2 * row + 4);
+      const int64_t Cf = flat_index.total_clusters();
+      const int64_t flat_bytes = Cf * D * int64_t(dtype_size(o.key_dtype) + dtype_size(o.dtype)) +
+                                 Cf * (12 + G * 8) + exact * (2 * row + 4);
 
       const int dense_ctas = dec.plan_info().dense_ctas;
       double dense_us = 0;
@@ -177,6 +210,9 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
            CudaDecoder::kMultipoleLaunches, dec.plan_info().mp_ctas);
       emit("squeezed", [&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes - vbytes,
            CudaDecoder::kMultipoleLaunches, squeezed.plan_info().mp_ctas);
+      if (index.hierarchical())
+        emit("mp-1level", [&](cudaStream_t s) { flat.multipole(dev, 0, flat_index, pq, pqs, po, s); }, flat_bytes,
+             CudaDecoder::kMultipoleLaunches, flat.plan_info().mp_ctas);
       if (o.stages) {
         emit("mp-score", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s, 1); },
              kbytes + C * (4 + G * 4), 1, dec.plan_info().score_ctas);

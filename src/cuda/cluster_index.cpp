@@ -19,6 +19,15 @@ HostClusterLevel host_cluster_level(const ClusterIndex& index) {
   h.sizes = l0.sizes;
   h.member_offsets = l0.offsets.empty() ? std::vector<int32_t>{0} : l0.offsets;
   h.members = l0.members;
+  MP_CHECK(index.num_levels() <= 2, "cluster index: {} levels; the device decode takes at most 2", index.num_levels());
+  if (index.num_levels() == 2) {
+    const ClusterLevel& l1 = index.level(1);
+    h.coarse_key_centroids = l1.keys;
+    h.coarse_value_centroids = l1.values;
+    h.coarse_sizes = l1.sizes;
+    h.coarse_child_offsets = l1.offsets.empty() ? std::vector<int32_t>{0} : l1.offsets;
+    h.coarse_children = l1.members;
+  }
   return h;
 }
 
@@ -37,7 +46,8 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
   const size_t d = size_t(head_dim);
   int64_t clusters = 0, members = 0;
   const bool on_device = std::all_of(entries.begin(), entries.end(), [](const HostClusterLevel& x) {
-    return x.key_centroids.empty() && x.value_centroids.empty();
+    return x.key_centroids.empty() && x.value_centroids.empty() && x.coarse_key_centroids.empty() &&
+           x.coarse_value_centroids.empty();
   });
   for (size_t e = 0; e < entries.size(); ++e) {
     const auto& x = entries[e];
@@ -60,9 +70,40 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
       MP_CHECK(x.members[k] >= 0 && x.members[k] < x.clustered_end,
                "cluster index: entry {} member {} is position {}, outside [0, clustered_end={})", e, k, x.members[k],
                x.clustered_end);
-    clusters += int64_t(C);
-    members += int64_t(x.members.size());
-    max_clusters_ = std::max(max_clusters_, int(C));
+    const size_t Cc = x.coarse_sizes.size();
+    MP_CHECK(on_device || (x.coarse_key_centroids.size() == Cc * d && x.coarse_value_centroids.size() == Cc * d),
+             "cluster index: entry {} has {} coarse sizes but {} key and {} value centroid floats (expected {} x {})", e,
+             Cc, x.coarse_key_centroids.size(), x.coarse_value_centroids.size(), Cc, d);
+    if (Cc > 0) {
+      MP_CHECK(x.coarse_child_offsets.size() == Cc + 1 && x.coarse_child_offsets[0] == 0 &&
+                   x.coarse_child_offsets[Cc] == int32_t(x.coarse_children.size()) && x.coarse_children.size() == C,
+               "cluster index: entry {} coarse child offsets ({} entries) must run from 0 to the {} children, one "
+               "per fine cluster ({})",
+               e, x.coarse_child_offsets.size(), x.coarse_children.size(), C);
+      std::vector<uint8_t> seen(C, 0);
+      for (size_t i = 0; i < Cc; ++i) {
+        MP_CHECK(x.coarse_child_offsets[i + 1] >= x.coarse_child_offsets[i],
+                 "cluster index: entry {} coarse cluster {} has negative child count", e, i);
+        int64_t under = 0;
+        for (int32_t k = x.coarse_child_offsets[i]; k < x.coarse_child_offsets[i + 1]; ++k) {
+          const int32_t c = x.coarse_children[size_t(k)];
+          MP_CHECK(c >= 0 && size_t(c) < C && !seen[size_t(c)],
+                   "cluster index: entry {} coarse cluster {} child {} is not a fresh fine cluster id in [0, {})", e, i,
+                   c, C);
+          seen[size_t(c)] = 1;
+          under += x.sizes[size_t(c)];
+        }
+        MP_CHECK(under == x.coarse_sizes[i], "cluster index: entry {} coarse cluster {} has size {} but its children hold {}",
+                 e, i, x.coarse_sizes[i], under);
+      }
+    } else {
+      MP_CHECK(x.coarse_child_offsets.size() <= 1 && x.coarse_children.empty(),
+               "cluster index: entry {} has coarse children but no coarse clusters", e);
+    }
+    clusters += int64_t(C + Cc);
+    members += int64_t(x.members.size() + x.coarse_children.size());
+    max_clusters_ = std::max(max_clusters_, int(C + Cc));
+    max_coarse_ = std::max(max_coarse_, int(Cc));
   }
   MP_CHECK(clusters < std::numeric_limits<int32_t>::max() && members < std::numeric_limits<int32_t>::max(),
            "cluster index: {} clusters / {} members exceed the 2^31 limit", clusters, members);
@@ -80,10 +121,22 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
   mem.reserve(size_t(members));
   int64_t c0 = 0;
   for (const auto& x : entries) {
-    const size_t C = x.sizes.size();
+    const size_t Cc = x.coarse_sizes.size(), C = x.sizes.size();
     entry_begin_.push_back(int32_t(c0));
-    entry_count_.push_back(int32_t(C));
+    entry_count_.push_back(int32_t(Cc + C));
     entry_end_.push_back(int32_t(x.clustered_end));
+    entry_coarse_.push_back(int32_t(Cc));
+    if (Cc && !on_device) {
+      convert_from_f32(x.coarse_key_centroids.data(), key_dtype, keys.data() + size_t(c0) * d * ksize, Cc * d);
+      convert_from_f32(x.coarse_value_centroids.data(), value_dtype, values.data() + size_t(c0) * d * vsize, Cc * d);
+    }
+    for (size_t i = 0; i < Cc; ++i) {
+      sizes.push_back(x.coarse_sizes[i]);
+      begin.push_back(int32_t(mem.size()) + x.coarse_child_offsets[i]);
+    }
+    // Coarse child lists first, so that member_begin[coarse i + 1] ends coarse i's list.
+    mem.insert(mem.end(), x.coarse_children.begin(), x.coarse_children.end());
+    c0 += int64_t(Cc);
     if (C && !on_device) {
       convert_from_f32(x.key_centroids.data(), key_dtype, keys.data() + size_t(c0) * d * ksize, C * d);
       convert_from_f32(x.value_centroids.data(), value_dtype, values.data() + size_t(c0) * d * vsize, C * d);
@@ -111,6 +164,7 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
   put(d_entry_begin_, entry_begin_.data(), entry_begin_.size() * 4);
   put(d_entry_count_, entry_count_.data(), entry_count_.size() * 4);
   put(d_entry_end_, entry_end_.data(), entry_end_.size() * 4);
+  put(d_entry_coarse_, entry_coarse_.data(), entry_coarse_.size() * 4);
 }
 
 DeviceClusterView DeviceClusterIndex::view() const {
@@ -123,6 +177,7 @@ DeviceClusterView DeviceClusterIndex::view() const {
   v.entry_begin = d_entry_begin_.as<const int32_t>();
   v.entry_count = d_entry_count_.as<const int32_t>();
   v.entry_end = d_entry_end_.as<const int32_t>();
+  v.entry_coarse = d_entry_coarse_.as<const int32_t>();
   v.key_dtype = key_dtype_;
   v.value_dtype = value_dtype_;
   return v;

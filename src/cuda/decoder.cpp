@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "cuda/check.hpp"
 #include "cuda/launch.hpp"
@@ -128,20 +129,34 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     MP_CHECK(index->value_dtype() == kc.dtype, "cuda decode: value centroids are {}, the cache is {}",
              dtype_name(index->value_dtype()), dtype_name(kc.dtype));
     int64_t cap = 1;
+    const bool hier = index->hierarchical();
+    const int64_t coarse_budget = std::max<int64_t>(
+        config_.budget, config_.coarse_budget > 0 ? config_.coarse_budget : int64_t(16) * config_.budget);
     std::vector<int64_t> vlen(B), score_chunks(B);
     for (int b = 0; b < B; ++b) {
-      int64_t cmax = 0;
+      int64_t cmax = 0, smax = 0;
       for (int h = 0; h < Hkv; ++h) {
         const int e = b * Hkv + h;
         const int64_t end = index->entry_clustered_end(e);
         MP_CHECK(end <= lens[b], "cuda decode: entry (batch {}, head {}) clusters up to {}, beyond the length {}", b, h,
                  end, lens[b]);
         cap = std::max<int64_t>(cap, std::min<int64_t>(config_.cluster.sinks, end) + config_.budget + (lens[b] - end));
-        cmax = std::max<int64_t>(cmax, index->entry_clusters(e));
+        const int64_t Cc = index->entry_coarse(e), Cf = index->entry_clusters(e) - Cc;
+        // Two-level: the far list holds the coarse level plus the candidates, which the
+        // split plan estimates as twice the fine clusters under the coarse budget (the last
+        // split runs to the end of the list, so an underestimate only costs balance).
+        const int64_t clustered = std::max<int64_t>(1, end - std::min<int64_t>(config_.cluster.sinks, end));
+        const int64_t far = hier ? Cc + std::min<int64_t>(Cf, (2 * coarse_budget * Cf + clustered - 1) / clustered)
+                                 : index->entry_clusters(e);
+        cmax = std::max<int64_t>(cmax, far);
+        smax = std::max<int64_t>(smax, hier ? Cc : index->entry_clusters(e));
       }
       vlen[b] = cmax;  // pseudo-tokens; exact slots added below
-      score_chunks[b] = (cmax + kScoreChunk - 1) / kScoreChunk;
+      score_chunks[b] = (smax + kScoreChunk - 1) / kScoreChunk;
     }
+    info_.hierarchical = hier;
+    info_.far_cap = hier ? std::max(1, index->max_clusters()) : 0;
+    coarse_budget_ = int(std::min<int64_t>(coarse_budget, std::numeric_limits<int32_t>::max()));
     cap = (cap + 7) / 8 * 8;
     MP_CHECK(cap < (int64_t(1) << 30), "cuda decode: exact set capacity {} too large", cap);
     info_.exact_cap = int(cap);
@@ -172,7 +187,9 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     int dev = 0, optin = 0;
     MP_CUDA_CHECK(cudaGetDevice(&dev));
     MP_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    MP_CHECK(select_smem_bytes(index->max_clusters()) + kSelectStaticSmem <= size_t(optin),
+    const size_t select_smem = hier ? select_hier_smem_bytes(index->max_clusters(), G, D)
+                                    : select_smem_bytes(index->max_clusters());
+    MP_CHECK(select_smem + kSelectStaticSmem <= size_t(optin),
              "cuda decode: {} clusters in one (sequence, head) exceed the selection kernel's shared-memory limit of "
              "{} clusters",
              index->max_clusters(), (size_t(optin) - kSelectStaticSmem) * 32 / (12 * 32 + 8));
@@ -184,6 +201,11 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     exact_rows_.reserve(size_t(B) * Hkv * cap * sizeof(int32_t));
     exact_n_.reserve(size_t(B) * Hkv * sizeof(int32_t));
     exact_n_.memset(0);
+    if (hier) {
+      far_ids_.reserve(size_t(B) * Hkv * info_.far_cap * sizeof(int32_t));
+      far_n_.reserve(size_t(B) * Hkv * sizeof(int32_t));
+      far_n_.memset(0);
+    }
   }
   part_o_.reserve(size_t(items) * Hkv * G * D * sizeof(float));
   part_ml_.reserve(size_t(items) * Hkv * G * 2 * sizeof(float));
@@ -254,7 +276,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     s.key_centroids = cv.key_centroids;
     s.sizes = cv.sizes;
     s.entry_begin = cv.entry_begin;
-    s.entry_count = cv.entry_count;
+    s.entry_count = info_.hierarchical ? cv.entry_coarse : cv.entry_count;  // two-level: coarse only
     s.num_kv_heads = Hkv;
     s.group = config_.group_size();
     s.head_chunks = head_chunks_;
@@ -295,7 +317,22 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   sa.exact_n = exact_n_.as<int32_t>();
   sa.error_flags = errors_.as<uint32_t>();
   sa.smem_clusters = smem_clusters_;
-  launch_select(sa, E, stream);
+  if (info_.hierarchical) {
+    sa.entry_coarse = cv.entry_coarse;
+    sa.coarse_budget = coarse_budget_;
+    sa.q_score = q_score;
+    sa.key_centroids = cv.key_centroids;
+    sa.key_kind = cv.key_dtype == DType::F32 ? 0 : cv.key_dtype == DType::BF16 ? 1 : 2;
+    sa.head_dim = config_.head_dim;
+    sa.qscale = config_.softmax_scale() * 1.4426950408889634f;
+    sa.scores_out = scores_.as<float>();
+    sa.far_ids = far_ids_.as<int32_t>();
+    sa.far_n = far_n_.as<int32_t>();
+    sa.far_cap = info_.far_cap;
+    launch_select_hier(sa, E, stream);
+  } else {
+    launch_select(sa, E, stream);
+  }
   }
   if (stages < 3) return;
 
@@ -320,6 +357,11 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   a.entry_begin = cv.entry_begin;
   a.entry_count = cv.entry_count;
   a.far_field = config_.multipole_far_field ? 1 : 0;
+  if (info_.hierarchical) {
+    a.far_ids = far_ids_.as<const int32_t>();
+    a.far_n = far_n_.as<const int32_t>();
+    a.far_cap = info_.far_cap;
+  }
   launch_attend(a, cache.config().dtype, config_.head_dim, config_.group_size(), true, info_.mp_ctas / Hkv, stream);
 }
 

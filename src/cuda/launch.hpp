@@ -52,6 +52,12 @@ struct AttendArgs {
   const int32_t* entry_begin = nullptr;  // [E]
   const int32_t* entry_count = nullptr;  // [E]
   int far_field = 0;
+  // Two-level index: the far field is the compact list far_ids[e, 0 .. far_n[e]) of cluster
+  // ids local to the entry (virtual positions [exact_cap, exact_cap + far_n)); null: all of
+  // the entry's clusters, masked by far_size.
+  const int32_t* far_ids = nullptr;     // [E, far_cap]
+  const int32_t* far_n = nullptr;       // [E]
+  int far_cap = 0;
 };
 
 struct ScoreArgs {
@@ -90,6 +96,19 @@ struct SelectArgs {
   int32_t* exact_n = nullptr;            // [E] out
   uint32_t* error_flags = nullptr;       // bit 0: exact set overflowed exact_cap
   int smem_clusters = 0;                 // capacity of the shared-memory key arrays
+  // Two-level index (select_hier_kernel): coarse selection under coarse_budget, then the
+  // children of the selected coarse clusters are scored in the same CTA and selected under
+  // budget; the far field goes to the compact list far_ids / far_n.
+  const int32_t* entry_coarse = nullptr;  // [E] coarse clusters at the start of each entry
+  int coarse_budget = 0;
+  const float* q_score = nullptr;        // [B, Hq, D] f32, rotated to the scoring position
+  const void* key_centroids = nullptr;   // [total_clusters, D] f32, bf16 or f16 (key_kind 0, 1, 2)
+  int key_kind = 0, head_dim = 0;
+  float qscale = 0;
+  float* scores_out = nullptr;           // == scores: the fine candidates' logits are written here
+  int32_t* far_ids = nullptr;            // [E, far_cap] out
+  int32_t* far_n = nullptr;              // [E] out
+  int far_cap = 0;
 };
 
 // grid: (items, Hkv * head_chunks); rows: 8 (G <= 8) or 16 (G <= 16) tensor-core rows;
@@ -98,6 +117,7 @@ void launch_attend_bf16(const AttendArgs& a, int head_dim, int rows, bool mp, in
 void launch_attend_f16(const AttendArgs& a, int head_dim, int rows, bool mp, int items, Stream stream);
 void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int items, Stream stream);
 void launch_select(const SelectArgs& a, int entries, Stream stream);
+void launch_select_hier(const SelectArgs& a, int entries, Stream stream);
 // Dynamic shared memory of the selection kernel for entries of up to `clusters` clusters
 // (key and size padded by one word per 32, list offset); it also holds 16 KB of static
 // histogram.
@@ -105,6 +125,10 @@ constexpr size_t select_smem_bytes(int clusters) {
   return (2 * (size_t(clusters) + size_t(clusters) / 32 + 1) + size_t(clusters)) * 4;
 }
 constexpr size_t kSelectStaticSmem = 17 * 1024;
+// The two-level selection also keeps the candidate ids and the group's scoring queries.
+constexpr size_t select_hier_smem_bytes(int clusters, int group, int head_dim) {
+  return select_smem_bytes(clusters) + size_t(clusters) * 4 + size_t(group) * size_t(head_dim) * 4;
+}
 // Query heads per CTA of the scoring kernel for a group of G: 1, 2, 4 or 8 (the rest of
 // the chunk is masked).
 int heads_per_cta(int group);

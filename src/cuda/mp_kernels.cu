@@ -107,6 +107,17 @@ void launch_select(const SelectArgs& a, int entries, Stream stream) {
   MP_CUDA_CHECK(cudaGetLastError());
 }
 
+void launch_select_hier(const SelectArgs& a, int entries, Stream stream) {
+  const size_t smem = select_hier_smem_bytes(a.smem_clusters, a.group, a.head_dim);
+  static size_t configured = 0;
+  if (smem > configured) {
+    MP_CUDA_CHECK(cudaFuncSetAttribute(select_hier_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    configured = smem;
+  }
+  select_hier_kernel<<<entries, kSelectThreads, smem, stream>>>(a);
+  MP_CUDA_CHECK(cudaGetLastError());
+}
+
 void launch_append(const DeviceKVLayer& layer, std::byte* key_pool, std::byte* value_pool, const int32_t* seqs,
                    int batch, const float* keys, const float* values, Stream stream) {
   const dim3 grid(batch, layer.num_kv_heads);

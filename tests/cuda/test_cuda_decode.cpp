@@ -629,40 +629,48 @@ TEST(CudaMultipole, GraphReplayMatchesDirectLaunches) {
   cudaStreamDestroy(s);
 }
 
-// The CPU "multipole" policy (one level, k-means index) against the CUDA path fed with that
-// policy's own index through host_cluster_level(): same selection rule, same far field.
-// Differences: value centroids are rounded to bf16 on the device, so the far field differs
-// by ~2^-9 of its weight.
-TEST(CudaMultipole, MatchesCpuMultipolePolicy) {
-  REQUIRE_GPU();
-  std::mt19937 rng(900);
+// The CPU "multipole" policy (k-means index, one or two levels) against the CUDA path fed
+// with that policy's own index through host_cluster_level(): same selection rule (coarse
+// level under the coarse budget, then the children of the selected coarse clusters), same
+// far field. Differences: value centroids are rounded to bf16 on the device, so the far
+// field differs by ~2^-9 of its weight.
+void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_centroid, int budget,
+                             int coarse_budget, uint32_t seed) {
+  SCOPED_TRACE(::testing::Message() << "G=" << G << " Hkv=" << Hkv << " D=" << D << " levels="
+                                    << tokens_per_centroid.size() << " coarse_budget=" << coarse_budget);
+  std::mt19937 rng(seed);
   const std::vector<int64_t> lens = {small_scale() ? 1500 : 5000, 777, 97};
-  Mirror su(1, 2, 128, 16, DType::BF16, lens, rng);
-  AttentionConfig ac = make_config(4, 2, 128);
+  Mirror su(1, Hkv, D, 16, DType::BF16, lens, rng);
+  AttentionConfig ac = make_config(G, Hkv, D);
   ac.cluster.block_size = 2048;
+  ac.cluster.tokens_per_centroid = std::move(tokens_per_centroid);
+  ac.budget = budget;
+  ac.coarse_budget = coarse_budget;
   ThreadPool pool(2);
   auto policy = make_attention_policy("multipole", ac);
   policy->update(su.cache.cpu, 0, su.cache.seqs, pool);
-  const int B = int(lens.size()), Hq = 8, D = 128, G = 4;
+  const int B = int(lens.size()), Hq = G * Hkv;
   const auto q = random_vector(size_t(B) * Hq * D, rng);
   std::vector<float> cpu_out(q.size());
   policy->decode(su.cache.cpu, 0, su.cache.seqs, q.data(), cpu_out.data(), pool);
 
   std::vector<HostClusterLevel> entries;
   for (int b = 0; b < B; ++b)
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < Hkv; ++h) {
       const ClusterIndex* idx = find_cluster_index(*policy, su.cache.seqs[b], 0, h);
       ASSERT_NE(idx, nullptr);
       entries.push_back(host_cluster_level(*idx));
+      ASSERT_EQ(entries.back().num_coarse() > 0, idx->num_levels() == 2 && idx->level(1).count() > 0);
     }
   // Scoring queries: each query moved from its position (length - 1) to score_position.
   const Rope rope(ac.rope);
   std::vector<float> qs = q;
   for (int b = 0; b < B; ++b)
     for (int qh = 0; qh < Hq; ++qh) rope.rotate_by(qs.data() + (size_t(b) * Hq + qh) * D, ac.score_position - double(lens[b] - 1));
-  DeviceClusterIndex index(D, 2, DType::F32, DType::BF16, entries);
+  DeviceClusterIndex index(D, Hkv, DType::F32, DType::BF16, entries);
   CudaDecoder dec(ac);
   dec.plan(su.dev, su.cache.seqs, &index);
+  EXPECT_EQ(dec.plan_info().hierarchical, index.hierarchical());
   DeviceFloats dq(q), dqs(qs), dout(q.size());
   dout.poison();
   dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout.ptr(), nullptr);
@@ -672,7 +680,36 @@ TEST(CudaMultipole, MatchesCpuMultipolePolicy) {
       std::vector<double> ref(cpu_out.begin() + (size_t(b) * Hq + qh) * D, cpu_out.begin() + (size_t(b) * Hq + qh + 1) * D);
       EXPECT_LT(rel_error(out.data() + (size_t(b) * Hq + qh) * D, ref), 5e-3) << "b=" << b << " q head " << qh;
     }
-  (void)G;
+  EXPECT_EQ(dec.error_flags(), 0u);
+  if (!index.hierarchical()) return;
+  // Two levels: the far field holds every unselected coarse cluster, and fine clusters only
+  // under selected coarse ones; selected and far tokens never overlap.
+  const auto far = dec.far_sizes();
+  for (int e = 0; e < B * Hkv; ++e) {
+    const auto& x = entries[size_t(e)];
+    const int64_t c0 = index.entry_first_cluster(e);
+    for (int i = 0; i < x.num_coarse(); ++i) {
+      const bool coarse_far = far[size_t(c0 + i)] > 0;
+      EXPECT_TRUE(!coarse_far || far[size_t(c0 + i)] == x.coarse_sizes[size_t(i)]);
+      for (int k = x.coarse_child_offsets[size_t(i)]; k < x.coarse_child_offsets[size_t(i) + 1]; ++k)
+        if (coarse_far) {
+          EXPECT_EQ(far[size_t(c0 + x.num_coarse() + x.coarse_children[size_t(k)])], 0) << "entry " << e << " coarse " << i;
+        }
+    }
+  }
+}
+
+TEST(CudaMultipole, MatchesCpuMultipolePolicy) {
+  REQUIRE_GPU();
+  compare_with_cpu_policy(4, 2, 128, {16}, 128, 0, 900);
+}
+
+TEST(CudaMultipole, TwoLevelsMatchCpuMultipolePolicy) {
+  REQUIRE_GPU();
+  compare_with_cpu_policy(4, 2, 128, {16, 128}, 128, 0, 901);     // default coarse budget (16 x budget)
+  compare_with_cpu_policy(4, 2, 128, {16, 128}, 64, 512, 902);    // few coarse clusters expanded
+  compare_with_cpu_policy(5, 1, 64, {8, 64}, 48, 256, 903);        // odd group, d 64
+  compare_with_cpu_policy(8, 2, 128, {16, 128}, 100000, 0, 904);  // everything selected: exact
 }
 
 TEST(CudaRuntime, RejectsBadInput) {
@@ -689,4 +726,26 @@ TEST(CudaRuntime, RejectsBadInput) {
   bad.value_centroids.assign(64, 0.0f);
   std::vector<HostClusterLevel> entries{bad};
   EXPECT_THROW(DeviceClusterIndex(64, 1, DType::F32, DType::BF16, entries), Error);
+  // A coarse cluster whose size is not its children's total.
+  HostClusterLevel two;
+  two.clustered_end = 10;
+  two.sizes = {2, 3};
+  two.member_offsets = {0, 2, 5};
+  two.members = {1, 2, 3, 4, 5};
+  two.key_centroids.assign(128, 0.0f);
+  two.value_centroids.assign(128, 0.0f);
+  two.coarse_sizes = {4};
+  two.coarse_child_offsets = {0, 2};
+  two.coarse_children = {0, 1};
+  two.coarse_key_centroids.assign(64, 0.0f);
+  two.coarse_value_centroids.assign(64, 0.0f);
+  entries = {two};
+  EXPECT_THROW(DeviceClusterIndex(64, 1, DType::F32, DType::BF16, entries), Error);
+  two.coarse_sizes = {5};
+  two.coarse_children = {0, 0};  // a child listed twice
+  entries = {two};
+  EXPECT_THROW(DeviceClusterIndex(64, 1, DType::F32, DType::BF16, entries), Error);
+  two.coarse_children = {0, 1};
+  entries = {two};
+  EXPECT_NO_THROW(DeviceClusterIndex(64, 1, DType::F32, DType::BF16, entries));
 }

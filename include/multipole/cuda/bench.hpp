@@ -5,7 +5,9 @@
 // ways: by writing 256 MB (as triton's do_bench, which times the PyTorch baseline, does;
 // the step then also pays for writing back the dirty lines it evicts) and by reading
 // 256 MB (clean L2, closer to a decode step that follows the previous layer's GEMMs). Synthetic data: random K/V on scattered pages,
-// a synthetic one-level cluster index (sizes 8..24, random centroids).
+// a synthetic cluster index (sizes 8..24, random centroids) with a coarse level grouping
+// consecutive fine clusters into ~coarse_tokens_per_centroid tokens ("multipole",
+// "squeezed" and the stages); "mp-1level" times the same fine level without it.
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -22,6 +24,7 @@ struct CudaBenchOptions {
   int page_size = 16;
   int budget = 128;
   int tokens_per_centroid = 16;
+  int coarse_tokens_per_centroid = 128;  // 0: one level only
   DType dtype = DType::BF16;      // K/V and value centroids
   DType key_dtype = DType::BF16;  // key centroids: f32 or the KV dtype
   int warmup = 10, iterations = 50;
@@ -33,7 +36,7 @@ struct CudaBenchOptions {
 struct CudaBenchRow {
   int batch = 0;
   int64_t context = 0;
-  std::string variant;       // dense, multipole, squeezed, mp-score, mp-score+select
+  std::string variant;       // dense, multipole, squeezed, mp-1level, mp-score, mp-score+select, mp-attend
   double us = 0;             // median time per layer-step, L2 flushed by writes (do_bench-like)
   double us_clean = 0;       // same, L2 flushed by reads
   double ratio_to_dense = 0; // dense time / this time

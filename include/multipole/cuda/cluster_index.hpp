@@ -17,7 +17,10 @@ class ClusterIndex;
 
 namespace multipole::cuda {
 
-// One (sequence, KV head): C clusters of dimension d.
+// One (sequence, KV head): C (fine) clusters of dimension d, optionally under Cc coarse
+// clusters whose members are fine cluster ids (decode then scores the coarse level first
+// and only the children of the selected coarse clusters; the coarse_* vectors are empty
+// for a one-level index).
 struct HostClusterLevel {
   int64_t clustered_end = 0;            // the clusters cover positions [sinks, clustered_end)
   std::vector<float> key_centroids;     // [C, d]
@@ -25,15 +28,22 @@ struct HostClusterLevel {
   std::vector<int32_t> sizes;           // [C], sizes[i] == member_offsets[i+1] - member_offsets[i]
   std::vector<int32_t> member_offsets;  // [C + 1]
   std::vector<int32_t> members;         // [member_offsets[C]] token positions
+  std::vector<float> coarse_key_centroids;     // [Cc, d]
+  std::vector<float> coarse_value_centroids;   // [Cc, d]
+  std::vector<int32_t> coarse_sizes;           // [Cc] tokens under each coarse cluster
+  std::vector<int32_t> coarse_child_offsets;   // [Cc + 1], or empty for one level
+  std::vector<int32_t> coarse_children;        // [C] fine cluster ids (each fine cluster once)
   int num_clusters() const { return int(sizes.size()); }
+  int num_coarse() const { return int(coarse_sizes.size()); }
 };
 
-// Level 0 of the CPU policies' index (multipole::ClusterIndex) of one (sequence, layer, KV
-// head): its key centroids (position-0 space), value centroids, sizes, members and end().
-// The device decode is single-level: with a hierarchy only level 0 is used.
+// The CPU policies' index (multipole::ClusterIndex) of one (sequence, layer, KV head): level
+// 0 (key centroids in position-0 space, value centroids, sizes, members, end()) and, when
+// the index has two levels, level 1 as the coarse level. More than two levels are rejected.
 HostClusterLevel host_cluster_level(const ClusterIndex& index);
 
-// Plain view for kernels.
+// Plain view for kernels. Entry (b, h) holds its Cc coarse clusters first, then its fine
+// clusters; a coarse cluster's member list holds fine cluster ids local to the fine range.
 struct DeviceClusterView {
   const void* key_centroids = nullptr;    // [total_clusters, d], f32 or the KV dtype
   const void* value_centroids = nullptr;  // [total_clusters, d], the KV dtype
@@ -43,6 +53,7 @@ struct DeviceClusterView {
   const int32_t* entry_begin = nullptr;   // [entries] first cluster of entry (b, h)
   const int32_t* entry_count = nullptr;   // [entries] clusters of entry (b, h)
   const int32_t* entry_end = nullptr;     // [entries] clustered_end of entry (b, h)
+  const int32_t* entry_coarse = nullptr;  // [entries] coarse clusters Cc at the entry's start
   DType key_dtype = DType::F32;
   DType value_dtype = DType::BF16;
 };
@@ -61,7 +72,10 @@ class DeviceClusterIndex {
   int head_dim() const { return head_dim_; }
   int num_kv_heads() const { return num_kv_heads_; }
   int entries() const { return int(entry_begin_.size()); }
-  int max_clusters() const { return max_clusters_; }
+  int max_clusters() const { return max_clusters_; }     // most clusters (coarse + fine) of an entry
+  int max_coarse() const { return max_coarse_; }
+  bool hierarchical() const { return max_coarse_ > 0; }
+  int entry_coarse(int e) const { return entry_coarse_[e]; }
   int64_t total_clusters() const { return total_clusters_; }
   int entry_clusters(int e) const { return entry_count_[e]; }
   int64_t entry_clustered_end(int e) const { return entry_end_[e]; }
@@ -76,10 +90,11 @@ class DeviceClusterIndex {
  private:
   int head_dim_ = 0, num_kv_heads_ = 0;
   DType key_dtype_ = DType::F32, value_dtype_ = DType::BF16;
-  int max_clusters_ = 0;
+  int max_clusters_ = 0, max_coarse_ = 0;
   int64_t total_clusters_ = 0;
-  std::vector<int32_t> entry_begin_, entry_count_, entry_end_;
-  DeviceBuffer keys_, values_, sizes_, member_begin_, members_, d_entry_begin_, d_entry_count_, d_entry_end_;
+  std::vector<int32_t> entry_begin_, entry_count_, entry_end_, entry_coarse_;
+  DeviceBuffer keys_, values_, sizes_, member_begin_, members_, d_entry_begin_, d_entry_count_, d_entry_end_,
+      d_entry_coarse_;
 };
 
 }  // namespace multipole::cuda

@@ -2,7 +2,9 @@
 // Decode attention on the GPU for a batch of sequences of different lengths over the device
 // paged KV cache: dense (split-KV + merge, one launch per layer-step) and Multipole
 // (score -> select -> exact + far field, three launches per layer-step, no host sync;
-// squeezed when config.multipole_far_field is false). All launches of a step are
+// squeezed when config.multipole_far_field is false). With a two-level index the scoring
+// launch scores the coarse level only; the selection launch selects coarse clusters under
+// the coarse budget, scores their children and selects among them (still three launches). All launches of a step are
 // asynchronous on the given stream and capturable in a CUDA graph once planned.
 #include <cstdint>
 #include <span>
@@ -20,6 +22,8 @@ struct DecodePlanInfo {
   int dense_chunk = 0, dense_ctas = 0, dense_max_splits = 0;  // virtual positions per split, CTAs
   int mp_chunk = 0, mp_ctas = 0, score_ctas = 0, exact_cap = 0;
   int heads_per_cta = 0;
+  bool hierarchical = false;  // two-level index: coarse scoring, fine scoring in the selection
+  int far_cap = 0;            // far-list capacity per entry (two-level)
 };
 
 class CudaDecoder {
@@ -69,8 +73,10 @@ class CudaDecoder {
   DeviceBuffer s_item_seq_, s_item_chunk_, s_seq_base_, s_seq_chunks_;
   // Workspaces.
   DeviceBuffer part_o_, part_ml_, counters_, scores_, score_part_, far_size_, exact_rows_, exact_n_, errors_;
+  DeviceBuffer far_ids_, far_n_;
   int64_t index_clusters_ = 0;
   int smem_clusters_ = 0;
+  int coarse_budget_ = 0;
 };
 
 }  // namespace multipole::cuda
