@@ -355,8 +355,10 @@ __device__ __forceinline__ float load_key(const void* p, int kind, int64_t i) {
 __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const SelectArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   MP_SELECT_SHARED;
-  __shared__ float s_M[16], s_Z[16], s_far[16], s_invZ[16];
+  __shared__ float s_M[16], s_Z[16], s_far[16], s_invZ[16], s_Mf[16];
   __shared__ int s_nfar;
+  // Per-warp head reductions reuse the histogram (idle outside greedy_select).
+  auto s_red = reinterpret_cast<float(*)[16]>(hist);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int e = blockIdx.x, Hkv = a.num_kv_heads, G = a.group, D = a.head_dim;
@@ -424,65 +426,128 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     }
   }
   __syncthreads();
-  // 2. Candidates: children of the selected coarse clusters (all fine clusters without a
-  // coarse level), flagged in `size`, compacted in id order into `cand`.
+  // 2. Candidates: non-empty children of the selected coarse clusters (all non-empty fine
+  // clusters without a coarse level), flagged in `size`, compacted in id order into `cand`.
+  // One warp per selected coarse cluster, lanes over its children (few round trips).
   for (int i = tid; i < Cf; i += kSelectThreads) a.far_size[fb + i] = 0;
   const bool flat = Cc == 0;
-  for (int i = tid; i < Cc; i += kSelectThreads) list_off[i] = size[pad(i)];  // coarse marks, kept aside
+  int nsc;
+  {
+    const int per = (Cc + kSelectThreads - 1) / kSelectThreads;
+    const int lo = min(Cc, tid * per), hi = min(Cc, lo + per);
+    int ms = 0;
+    for (int i = lo; i < hi; ++i) ms += size[pad(i)] < 0;
+    int at = block_exclusive_scan(ms, s_tmp, nsc);
+    for (int i = lo; i < hi; ++i)
+      if (size[pad(i)] < 0) list_off[at++] = i;  // selected coarse clusters
+  }
   __syncthreads();
-  for (int f = tid; f < Cf; f += kSelectThreads) size[pad(f)] = flat ? 1 : 0;
+  for (int f = tid; f < Cf; f += kSelectThreads) size[pad(f)] = flat && a.sizes[fb + f] > 0 ? 1 : 0;
   __syncthreads();
-  for (int i = tid; i < Cc; i += kSelectThreads)
-    if (list_off[i] < 0)
-      for (int k = a.member_begin[cb + i]; k < a.member_begin[cb + i + 1]; ++k) size[pad(a.members[k])] = 1;
+  for (int j = warp; j < nsc; j += kSelectWarps) {
+    const int i = list_off[j];
+    const int beg = a.member_begin[cb + i], fin = a.member_begin[cb + i + 1];
+    for (int k = beg + lane; k < fin; k += 32) {
+      const int c = a.members[k];
+      if (a.sizes[fb + c] > 0) size[pad(c)] = 1;
+    }
+  }
   __syncthreads();
   int nc;
   {
     const int per = (Cf + kSelectThreads - 1) / kSelectThreads;
     const int lo = min(Cf, tid * per), hi = min(Cf, lo + per);
     int mc = 0;
-    for (int f = lo; f < hi; ++f) mc += size[pad(f)] != 0 && a.sizes[fb + f] > 0;
+    for (int f = lo; f < hi; ++f) mc += size[pad(f)] != 0;
     int at = block_exclusive_scan(mc, s_tmp, nc);
     for (int f = lo; f < hi; ++f)
-      if (size[pad(f)] != 0 && a.sizes[fb + f] > 0) cand[at++] = f;
+      if (size[pad(f)] != 0) cand[at++] = f;
   }
   __syncthreads();
-  // Score the candidates: one warp per candidate, lanes over the dimensions.
-  for (int k = warp; k < nc; k += kSelectWarps) {
-    const int64_t c = fb + cand[k];
-    float acc[16];
+  // Score the candidates: one warp per candidate, lanes over the dimensions (D <= 128), the
+  // rows of U candidates in flight per warp.
+  constexpr int U = 4;
+  for (int k0 = warp; k0 < nc; k0 += U * kSelectWarps) {
+    float kv[U][4];
 #pragma unroll
-    for (int g = 0; g < 16; ++g) acc[g] = 0.0f;
-    for (int d = lane; d < D; d += 32) {
-      const float kv = load_key(a.key_centroids, a.key_kind, c * D + d);
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * kSelectWarps;
+      const int64_t c = k < nc ? fb + cand[k] : 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int d = lane + 32 * j;
+        kv[u][j] = k < nc && d < D ? load_key(a.key_centroids, a.key_kind, c * D + d) : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * kSelectWarps;
+      if (k >= nc) break;  // uniform across the warp
+      const int64_t c = fb + cand[k];
 #pragma unroll
       for (int g = 0; g < 16; ++g)
-        if (g < G) acc[g] = fmaf(s_q[g * D + d], kv, acc[g]);
+        if (g < G) {
+          float acc = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (lane + 32 * j < D) acc = fmaf(s_q[g * D + lane + 32 * j], kv[u][j], acc);
+          const float x = warp_sum(acc);
+          if (lane == g) a.scores_out[c * G + g] = x;
+        }
+    }
+  }
+  __syncthreads();  // the block's global writes are visible to the block after the barrier
+  // Frontier normaliser per head: unselected coarse + all candidates. Candidates strided
+  // over the threads (all loads of a pass in flight), per-head block reductions.
+  {
+    float lm[16];
+#pragma unroll
+    for (int g = 0; g < 16; ++g) lm[g] = neg_inf();
+    for (int k = tid; k < nc; k += kSelectThreads) {
+      const float* x = a.scores + int64_t(fb + cand[k]) * G;
+#pragma unroll
+      for (int g = 0; g < 16; ++g)
+        if (g < G) lm[g] = fmaxf(lm[g], x[g]);
     }
 #pragma unroll
     for (int g = 0; g < 16; ++g)
       if (g < G) {
-        const float x = warp_sum(acc[g]);
-        if (lane == g) a.scores_out[c * G + g] = x;
+        const float r = warp_max(lm[g]);
+        if (lane == 0) s_red[warp][g] = r;
       }
-  }
-  __syncthreads();  // the block's global writes are visible to the block after the barrier
-  // Frontier normaliser per head: unselected coarse + all candidates (warp g, head g).
-  for (int g = warp; g < G; g += kSelectWarps) {
-    float mx = s_far[g] > 0.0f ? s_M[g] : neg_inf();
-    for (int k = lane; k < nc; k += 32) mx = fmaxf(mx, a.scores[int64_t(fb + cand[k]) * G + g]);
-    mx = warp_max(mx);
-    float z = 0.0f;
-    for (int k = lane; k < nc; k += 32)
-      z += float(a.sizes[fb + cand[k]]) * fast_exp2(a.scores[int64_t(fb + cand[k]) * G + g] - mx);
-    z = warp_sum(z);
-    if (lane == 0) {
-      if (s_far[g] > 0.0f) z += s_far[g] * fast_exp2(s_M[g] - mx);
-      s_M[g] = mx;
-      s_invZ[g] = z > 0.0f ? 1.0f / z : 0.0f;
+    __syncthreads();
+    if (tid < G) {
+      float mx = s_far[tid] > 0.0f ? s_M[tid] : neg_inf();
+      for (int w = 0; w < kSelectWarps; ++w) mx = fmaxf(mx, s_red[w][tid]);
+      s_Mf[tid] = mx;
     }
+    __syncthreads();
+    float lz[16];
+#pragma unroll
+    for (int g = 0; g < 16; ++g) lz[g] = 0.0f;
+    for (int k = tid; k < nc; k += kSelectThreads) {
+      const int64_t c = fb + cand[k];
+      const float n = float(a.sizes[c]);
+#pragma unroll
+      for (int g = 0; g < 16; ++g)
+        if (g < G) lz[g] += n * fast_exp2(a.scores[c * G + g] - s_Mf[g]);
+    }
+#pragma unroll
+    for (int g = 0; g < 16; ++g)
+      if (g < G) {
+        const float r = warp_sum(lz[g]);
+        if (lane == 0) s_red[warp][g] = r;
+      }
+    __syncthreads();
+    if (tid < G) {
+      float z = 0.0f;
+      for (int w = 0; w < kSelectWarps; ++w) z += s_red[w][tid];
+      if (s_far[tid] > 0.0f) z += s_far[tid] * fast_exp2(s_M[tid] - s_Mf[tid]);
+      s_M[tid] = s_Mf[tid];
+      s_invZ[tid] = z > 0.0f ? 1.0f / z : 0.0f;
+    }
+    __syncthreads();
   }
-  __syncthreads();
   // 3. Fine selection among the candidates (index k, ascending fine id).
   mine = 0;
   for (int k = tid; k < nc; k += kSelectThreads) {
