@@ -41,6 +41,7 @@ struct BenchArgs {
   uint64_t seed = 1;
   bool json = false;
   std::string device = "cpu";
+  int copy_mib = 512;  // memcpy buffer size (each of source and destination)
   double rope_theta = 1e6;  // Qwen3
 };
 
@@ -106,8 +107,8 @@ class SyntheticKV {
 };
 
 // Read+write bytes per second of a plain parallel memcpy of large buffers.
-double copy_bandwidth(ThreadPool& pool) {
-  const size_t bytes = size_t(512) << 20;
+double copy_bandwidth(ThreadPool& pool, int mib) {
+  const size_t bytes = size_t(mib) << 20;
   AlignedBuffer a(bytes), b(bytes);
   std::memset(a.data(), 1, bytes);
   std::memset(b.data(), 2, bytes);
@@ -123,6 +124,17 @@ double copy_bandwidth(ThreadPool& pool) {
   }
   std::sort(times.begin(), times.end());
   return 2.0 * double(bytes) / times[times.size() / 2];
+}
+
+// The 1-minute load average (-1 where /proc/loadavg is missing): benchmarks on a shared
+// machine are only comparable with it.
+double load_average() {
+  double load = -1;
+  if (FILE* f = std::fopen("/proc/loadavg", "r")) {
+    if (std::fscanf(f, "%lf", &load) != 1) load = -1;
+    std::fclose(f);
+  }
+  return load;
 }
 
 double median(std::vector<double> v) {
@@ -186,15 +198,15 @@ void run_attention_bench(const BenchArgs& args) {
 
   ThreadPool pool(args.threads);
   std::fprintf(stderr, "measuring plain copy bandwidth (%d threads)...\n", pool.size());
-  const double copy_bw = copy_bandwidth(pool);
+  const double copy_bw = copy_bandwidth(pool, args.copy_mib);
   if (args.json) {
-    json j = {{"bench", "memcpy"}, {"threads", pool.size()}, {"gb_per_s", copy_bw / 1e9}};
+    json j = {{"bench", "memcpy"}, {"threads", pool.size()}, {"gb_per_s", copy_bw / 1e9}, {"load_average", load_average()}};
     std::printf("%s\n", j.dump().c_str());
   } else {
     fmt::print("attention decode, {} q heads / {} KV heads, head dim {}, kv {}, budget {}, tokens per centroid {}, "
-               "{} threads\nplain copy (read + write): {:.2f} GB/s\n",
+               "{} threads\nplain copy (read + write): {:.2f} GB/s; load average {:.2f}\n",
                args.q_heads, args.kv_heads, args.head_dim, args.kv_dtype, args.budget,
-               fmt::join(args.tokens_per_centroid, ","), pool.size(), copy_bw / 1e9);
+               fmt::join(args.tokens_per_centroid, ","), pool.size(), copy_bw / 1e9, load_average());
     fmt::print("{:>8} {:>5} {:<12} {:>10} {:>8} {:>9} {:>7} {:>6} {:>10} {:>10} {:>8}\n", "context", "batch", "policy",
                "us/step", "x dense", "MB/step", "GB/s", "%copy", "index ms", "upd us/tok", "upd %");
   }
@@ -310,7 +322,7 @@ void run_attention_bench(const BenchArgs& args) {
           json j = {{"bench", "attention"}, {"context", context}, {"batch", batch}, {"policy", r.policy},
                     {"q_heads", Hq}, {"kv_heads", Hkv}, {"head_dim", d}, {"kv_dtype", args.kv_dtype},
                     {"budget", args.budget}, {"tokens_per_centroid", args.tokens_per_centroid},
-                    {"threads", pool.size()}, {"device", args.device}};
+                    {"threads", pool.size()}, {"device", args.device}, {"load_average", load_average()}};
           if (!r.skipped.empty()) {
             j["skipped"] = r.skipped;
           } else {
@@ -380,6 +392,9 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--rope-theta", args->rope_theta, "RoPE theta of the synthetic keys")->capture_default_str();
   cmd->add_flag("--json", args->json, "One JSON object per line instead of a table");
   cmd->add_option("--device", args->device, "Device (only cpu for now)")->capture_default_str();
+  cmd->add_option("--copy-mib", args->copy_mib, "MiB of each memcpy buffer for the plain-copy bandwidth")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 16));
   cmd->callback([args] { run_attention_bench(*args); });
 }
 
