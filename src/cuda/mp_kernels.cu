@@ -96,26 +96,28 @@ void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int
   }
 }
 
-void launch_select(const SelectArgs& a, int entries, Stream stream) {
-  const size_t smem = select_smem_bytes(a.smem_clusters);
-  static size_t configured = 0;
+namespace {
+// One CTA per entry; raises the kernel's dynamic shared-memory limit when needed.
+void launch_select_kernel(void (*kernel)(SelectArgs), size_t smem, size_t& configured, const SelectArgs& a,
+                          int entries, Stream stream) {
   if (smem > configured) {
-    MP_CUDA_CHECK(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    MP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     configured = smem;
   }
-  select_kernel<<<entries, kSelectThreads, smem, stream>>>(a);
+  kernel<<<entries, kSelectThreads, smem, stream>>>(a);
   MP_CUDA_CHECK(cudaGetLastError());
+}
+}  // namespace
+
+void launch_select(const SelectArgs& a, int entries, Stream stream) {
+  static size_t configured = 0;
+  launch_select_kernel(select_kernel, select_smem_bytes(a.smem_clusters), configured, a, entries, stream);
 }
 
 void launch_select_hier(const SelectArgs& a, int entries, Stream stream) {
-  const size_t smem = select_hier_smem_bytes(a.smem_clusters, a.group, a.head_dim);
   static size_t configured = 0;
-  if (smem > configured) {
-    MP_CUDA_CHECK(cudaFuncSetAttribute(select_hier_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    configured = smem;
-  }
-  select_hier_kernel<<<entries, kSelectThreads, smem, stream>>>(a);
-  MP_CUDA_CHECK(cudaGetLastError());
+  launch_select_kernel(select_hier_kernel, select_hier_smem_bytes(a.smem_clusters, a.group, a.head_dim), configured, a,
+                       entries, stream);
 }
 
 void launch_append(const DeviceKVLayer& layer, std::byte* key_pool, std::byte* value_pool, const int32_t* seqs,

@@ -197,14 +197,35 @@ __device__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, 
   return R;
 }
 
+// Sinks and window of entry e. Their rows do not depend on the selection: each thread
+// looks its one up at construction so the loads overlap the selection (more only for very
+// long windows).
+struct EntryRows {
+  const int32_t* table;
+  int P, Hkv, h, nsink, nwin, end, early_row;
+  __device__ EntryRows(const SelectArgs& a, int e) {
+    const int b = e / a.num_kv_heads, seq = a.seq_ids[b], len = a.lengths[seq], tid = threadIdx.x;
+    table = a.tables + a.table_offset[seq];
+    P = a.page_size;
+    Hkv = a.num_kv_heads;
+    h = e % Hkv;
+    end = a.entry_end[e];
+    nsink = min(a.sinks, end);
+    nwin = max(len - end, 0);
+    early_row = tid < nsink ? row_of(tid) : (tid < nsink + nwin ? row_of(end + tid - nsink) : -1);
+  }
+  __device__ int row_of(int pos) const { return (table[pos / P] * Hkv + h) * P + pos % P; }
+};
+
 // Exact rows of entry e: sinks, members of the selected clusters (size[pad(i)] < 0, i < C,
 // in i order; cluster_of(i) is its global id), window. scratch: [C] ints (overwritten),
-// list_off: [C]. early_row: this thread's sink/window row looked up before the selection.
-template <class ClusterOf, class RowOf>
+// list_off: [C]. r: the entry's sinks and window (this thread's row looked up early).
+template <class ClusterOf>
 __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, int C, int* scratch, int* list_off,
-                                 ClusterOf cluster_of, RowOf row_of, int nsink, int nwin, int end, int early_row,
-                                 int* s_tmp) {
+                                 ClusterOf cluster_of, const EntryRows& r, int* s_tmp) {
   const int tid = threadIdx.x, cap = a.exact_cap;
+  const int nsink = r.nsink, nwin = r.nwin, end = r.end;
+  auto row_of = [&](int pos) { return r.row_of(pos); };
   int32_t* rows = a.exact_rows + int64_t(e) * cap;
   // Compact the selected clusters (index order) with their token offsets, then expand their
   // members with all threads (k-th cluster found by binary search over the offsets).
@@ -246,7 +267,7 @@ __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, in
   }
   for (int t = tid; t < nsink + nwin; t += kSelectThreads) {
     const int at_t = t < nsink ? t : nsel + t;  // window rows follow the selected ones
-    if (at_t < cap) rows[at_t] = t == tid ? early_row : (t < nsink ? row_of(t) : row_of(end + t - nsink));
+    if (at_t < cap) rows[at_t] = t == tid ? r.early_row : (t < nsink ? row_of(t) : row_of(end + t - nsink));
   }
   if (tid == 0) {
     const int count = nsink + nsel + nwin;
@@ -276,14 +297,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
   int* size = reinterpret_cast<int*>(key + cpad);     // [pad(C)] n > 0 candidate, -n selected, 0 empty
   int* list_off = size + cpad;                        // [C] token offset of the k-th selected cluster
 
-  // Rows of the sinks and the window do not depend on the selection: look them up now so
-  // their loads overlap the selection (one per thread; more only for very long windows).
-  const int seq = a.seq_ids[b], len = a.lengths[seq], end = a.entry_end[e];
-  const int32_t* table = a.tables + a.table_offset[seq];
-  const int P = a.page_size;
-  auto row_of = [&](int pos) { return (table[pos / P] * Hkv + h) * P + pos % P; };
-  const int nsink = min(a.sinks, end), nwin = max(len - end, 0);
-  const int early_row = tid < nsink ? row_of(tid) : (tid < nsink + nwin ? row_of(end + tid - nsink) : -1);
+  const EntryRows rows(a, e);
 
   combine_partials(a, b, h, s_M, s_invZ);
   if (tid < G) s_invZ[tid] = s_invZ[tid] > 0.0f ? 1.0f / s_invZ[tid] : 0.0f;
@@ -334,8 +348,25 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
 
   // Outputs: far-field sizes and the exact rows.
   for (int i = tid; i < C; i += kSelectThreads) a.far_size[cb + i] = max(size[pad(i)], 0);
-  write_exact_rows(a, e, size, C, reinterpret_cast<int*>(key), list_off, [&](int i) { return cb + i; }, row_of, nsink,
-                   nwin, end, early_row, s_tmp);
+  write_exact_rows(a, e, size, C, reinterpret_cast<int*>(key), list_off, [&](int i) { return cb + i; }, rows, s_tmp);
+}
+
+// Block-wide max (kMax) or sum of v[g] for the heads g < G; the result for head g is
+// returned to thread g (others get the identity). s_red: [kSelectWarps][16].
+template <bool kMax>
+__device__ float reduce_heads(const float (&v)[16], int G, float (*s_red)[16]) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+#pragma unroll
+  for (int g = 0; g < 16; ++g)
+    if (g < G) {
+      const float r = kMax ? warp_max(v[g]) : warp_sum(v[g]);
+      if (lane == 0) s_red[warp][g] = r;
+    }
+  __syncthreads();
+  float r = kMax ? neg_inf() : 0.0f;
+  if (tid < G)
+    for (int w = 0; w < kSelectWarps; ++w) r = kMax ? fmaxf(r, s_red[w][tid]) : r + s_red[w][tid];
+  return r;
 }
 
 __device__ __forceinline__ float load_key(const void* p, int kind, int64_t i) {
@@ -371,12 +402,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   int* cand = list_off + a.smem_clusters;             // [Cf] fine ids of the candidates
   float* s_q = reinterpret_cast<float*>(cand + a.smem_clusters);  // [G, D] scaled scoring queries
 
-  const int seq = a.seq_ids[b], len = a.lengths[seq], end = a.entry_end[e];
-  const int32_t* table = a.tables + a.table_offset[seq];
-  const int P = a.page_size;
-  auto row_of = [&](int pos) { return (table[pos / P] * Hkv + h) * P + pos % P; };
-  const int nsink = min(a.sinks, end), nwin = max(len - end, 0);
-  const int early_row = tid < nsink ? row_of(tid) : (tid < nsink + nwin ? row_of(end + tid - nsink) : -1);
+  const EntryRows rows(a, e);
   for (int i = tid; i < G * D; i += kSelectThreads)
     s_q[i] = a.q_score[(int64_t(b) * Hkv * G + int64_t(h) * G) * D + i] * a.qscale;
   int32_t* far_ids = a.far_ids + int64_t(e) * a.far_cap;
@@ -509,18 +535,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
       for (int g = 0; g < 16; ++g)
         if (g < G) lm[g] = fmaxf(lm[g], x[g]);
     }
-#pragma unroll
-    for (int g = 0; g < 16; ++g)
-      if (g < G) {
-        const float r = warp_max(lm[g]);
-        if (lane == 0) s_red[warp][g] = r;
-      }
-    __syncthreads();
-    if (tid < G) {
-      float mx = s_far[tid] > 0.0f ? s_M[tid] : neg_inf();
-      for (int w = 0; w < kSelectWarps; ++w) mx = fmaxf(mx, s_red[w][tid]);
-      s_Mf[tid] = mx;
-    }
+    const float mx = reduce_heads<true>(lm, G, s_red);
+    if (tid < G) s_Mf[tid] = fmaxf(mx, s_far[tid] > 0.0f ? s_M[tid] : neg_inf());
     __syncthreads();
     float lz[16];
 #pragma unroll
@@ -532,16 +548,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
       for (int g = 0; g < 16; ++g)
         if (g < G) lz[g] += n * fast_exp2(a.scores[c * G + g] - s_Mf[g]);
     }
-#pragma unroll
-    for (int g = 0; g < 16; ++g)
-      if (g < G) {
-        const float r = warp_sum(lz[g]);
-        if (lane == 0) s_red[warp][g] = r;
-      }
-    __syncthreads();
+    float z = reduce_heads<false>(lz, G, s_red);
     if (tid < G) {
-      float z = 0.0f;
-      for (int w = 0; w < kSelectWarps; ++w) z += s_red[w][tid];
       if (s_far[tid] > 0.0f) z += s_far[tid] * fast_exp2(s_M[tid] - s_Mf[tid]);
       s_M[tid] = s_Mf[tid];
       s_invZ[tid] = z > 0.0f ? 1.0f / z : 0.0f;
@@ -577,8 +585,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     }
     if (tid == 0) a.far_n[e] = s_nfar + nfar;
   }
-  write_exact_rows(a, e, size, nc, reinterpret_cast<int*>(key), list_off, [&](int k) { return fb + cand[k]; }, row_of,
-                   nsink, nwin, end, early_row, s_tmp);
+  write_exact_rows(a, e, size, nc, reinterpret_cast<int*>(key), list_off, [&](int k) { return fb + cand[k]; }, rows,
+                   s_tmp);
 }
 
 }  // namespace multipole::cuda::detail
