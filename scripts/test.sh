@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
 # Builds and runs every test: a Release build, then an AddressSanitizer +
-# UndefinedBehaviorSanitizer build of the same suite. Exits non-zero if any test fails.
+# UndefinedBehaviorSanitizer build of the same suite. Fetches the real models the golden
+# tests need first (scripts/fetch-models.sh, sha256-checked). Exits non-zero if any test
+# fails, or if any test other than the CUDA ones (which need a GPU) was skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 jobs=$(nproc)
+logs=$(mktemp -d)
+
+echo "== real models for the golden tests"
+scripts/fetch-models.sh smollm2-135m qwen2.5-coder-0.5b
+
+# Runs ctest on a build folder; fails on a failed test or a skip that is not a CUDA test.
+run_suite() {
+  local dir=$1 log=$logs/$(basename "$1").log
+  shift
+  env "$@" ctest --test-dir "$dir" --output-on-failure -j "$jobs" 2>&1 | tee "$log"
+  local skipped
+  skipped=$(grep -E '^\s+[0-9]+ - .*\(Skipped\)$' "$log" | grep -v -E ' - Cuda' || true)
+  if [[ -n $skipped ]]; then
+    echo "error: tests were skipped that must run here:"
+    echo "$skipped"
+    return 1
+  fi
+}
 
 echo "== release build and tests"
 scripts/build.sh build
-ctest --test-dir build --output-on-failure -j "$jobs"
+run_suite build MULTIPOLE_TEST_SCALE=full
 
 echo "== sanitizer build (address, undefined) and tests"
 scripts/build.sh build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMULTIPOLE_SANITIZE=address,undefined \
   -DMULTIPOLE_CUDA=OFF -DMULTIPOLE_BENCH=OFF
-ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 MULTIPOLE_TEST_SCALE=small \
-  ctest --test-dir build-asan --output-on-failure -j "$jobs"
+run_suite build-asan ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 MULTIPOLE_TEST_SCALE=small
