@@ -88,9 +88,11 @@ struct Work {
 };
 thread_local Work tls_work;
 
+// Scratch of at least n elements; grows geometrically, as the open block's buffers grow a
+// little at every update.
 template <class T>
 T* sized(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
+  if (v.size() < n) v.resize(std::max(n, v.size() * 3 / 2));
   return v.data();
 }
 
@@ -110,6 +112,30 @@ void read_tokens(const PagedKVCache& cache, SeqId seq, int layer, int head, int6
   cache.read_keys(seq, layer, head, pos, n, k);
   unrotate_consecutive(rope, k, n, pos);
   cache.read_values(seq, layer, head, pos, n, sized(w.values, size_t(n) * d));
+}
+
+// Level-0 clusters the open block can reach: 1.5 blocks (the prefill's last block) + W.
+int64_t max_open_clusters(const ClusterConfig& cc) {
+  return ceil_div(cc.block_size * 3 / 2 + cc.window, cc.tokens_per_centroid[0]) + 1;
+}
+
+// Sizes the online update's buffers for k open clusters and `count` new tokens. They are
+// sized once for the largest open block (growing them with the block would cost fresh
+// pages at every update); build() calls this too, so the pages are touched at prefill.
+size_t size_online_work(Work& w, int64_t k, int64_t count, int d) {
+  const size_t kc = size_t(k), n = size_t(count);
+  sized(w.centroids, kc * d);
+  sized(w.points, kc * d);
+  sized(w.key_sums, kc * d);
+  sized(w.value_sums, kc * d);
+  sized(w.distances, n * kc);
+  sized(w.weights, n * kc);
+  for (auto* v : {&w.counts, &w.cur, &w.moved_at, &w.moved}) sized(*v, kc);
+  for (auto* v : {&w.labels, &w.prev, &w.items}) sized(*v, n);
+  sized(w.dist2, n);
+  sized(w.xnorms, n);
+  sized(w.valid, n);
+  return kc;
 }
 
 uint64_t stream_seed(const AttentionConfig& config, uint64_t kind, SeqId seq, int layer, int head, int64_t where) {
@@ -263,6 +289,9 @@ void ClusterIndex::build_block(ClusterBlock& block, const AttentionConfig& confi
     set_log_size(0, int32_t(first + c));
   }
   if (keep_sums) {
+    // Room for the block's growth until it freezes, so online updates do not reallocate.
+    open_key_sums_.reserve(size_t(k + step_[0]) * d);
+    open_value_sums_.reserve(size_t(k + step_[0]) * d);
     open_key_sums_.assign(ks, ks + k * d);
     open_value_sums_.assign(vs, vs + k * d);
   }
@@ -344,6 +373,7 @@ void ClusterIndex::build(const PagedKVCache& cache, SeqId seq, int layer, int he
     pos = block.end;
   }
   end_ = end;
+  size_online_work(tls_work, max_open_clusters(cc), cc.window, dim_);
 }
 
 void ClusterIndex::append(const PagedKVCache& cache, SeqId seq, int layer, int head, int64_t new_end,
@@ -391,7 +421,8 @@ void ClusterIndex::append_chunk(const PagedKVCache& cache, SeqId seq, int layer,
   const int64_t k_add = std::min<int64_t>(count, ceil_div(n1, cc.tokens_per_centroid[0]) -
                                                      ceil_div(n0, cc.tokens_per_centroid[0]));
   const int64_t k = k_old + k_add;
-  float* cent = sized(w.centroids, size_t(k) * d);
+  const size_t kcap = size_online_work(w, std::max<int64_t>(k, max_open_clusters(cc)), count, d);
+  float* cent = w.centroids.data();
   if (k_old > 0) std::memcpy(cent, lv0.keys.data() + int64_t(first) * d, size_t(k_old) * d * 4);
   int32_t* items = sized(w.items, size_t(count));
   for (int64_t i = 0; i < count; ++i) items[i] = int32_t(i);
@@ -402,17 +433,17 @@ void ClusterIndex::append_chunk(const PagedKVCache& cache, SeqId seq, int layer,
   int32_t* lab = sized(w.labels, size_t(count));
   int32_t* used = sized(w.prev, size_t(count));   // labels the current centroids were computed from
   float* dist2 = sized(w.dist2, size_t(count));
-  int32_t* cnt = sized(w.counts, size_t(k));      // new members per cluster (0 outside `cur`)
-  int32_t* cur = sized(w.cur, size_t(k));         // clusters with new members now
-  double* ks = sized(w.key_sums, size_t(k) * d);  // sums over the new members
-  double* vs = sized(w.value_sums, size_t(k) * d);
-  float* dist = sized(w.distances, size_t(count) * k);  // [count, k] ||c||^2 - 2 x.c
+  int32_t* cnt = sized(w.counts, kcap);      // new members per cluster (0 outside `cur`)
+  int32_t* cur = sized(w.cur, kcap);         // clusters with new members now
+  double* ks = sized(w.key_sums, kcap * d);  // sums over the new members
+  double* vs = sized(w.value_sums, kcap * d);
+  float* dist = sized(w.distances, size_t(count) * kcap);  // [count, k] ||c||^2 - 2 x.c
   float* xnorm = sized(w.xnorms, size_t(count));
   uint8_t* valid = sized(w.valid, size_t(count));       // lab[i] is the argmin of row i
-  int32_t* moved_at = sized(w.moved_at, size_t(k));     // iteration that last moved a centroid
-  int32_t* moved = sized(w.moved, size_t(k));
-  float* moved_cent = sized(w.points, size_t(k) * d);
-  float* moved_dist = sized(w.weights, size_t(count) * k);
+  int32_t* moved_at = sized(w.moved_at, kcap);     // iteration that last moved a centroid
+  int32_t* moved = sized(w.moved, kcap);
+  float* moved_cent = sized(w.points, kcap * d);
+  float* moved_dist = sized(w.weights, size_t(count) * kcap);
   std::fill(cnt, cnt + k, 0);
   std::fill(moved_at, moved_at + k, -1);
   std::fill(used, used + count, -1);  // the centroids include no new token yet
