@@ -7,7 +7,8 @@
 // f16), with different rounding and summation orders. Over 30 layers that moves logits by
 // tenths: measured against a float64 forward of the dequantised weights (gguf-py), both
 // ours and llama.cpp's are 0.25-0.8 off on the top ids, and 0.69 apart at worst on the
-// recorded ids (0.07 in probability). We require
+// recorded ids (0.07 in probability; 0.10 in a -O0 build, whose float rounding differs: no
+// FMA contraction). We require
 //   |ours - llama.cpp| <= kLogitTol on the recorded top-16 and fixed ids of every position,
 //   |p_ours - p_llama.cpp| <= kProbTol on the top-16 (probabilities of the full softmax),
 //   the same argmax wherever llama.cpp's top-two margin exceeds kTieMargin,
@@ -39,7 +40,7 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 constexpr double kLogitTol = 1.0;
-constexpr double kProbTol = 0.1;
+constexpr double kProbTol = 0.15;
 constexpr double kTieMargin = 0.5;
 
 std::string model_path(const std::string& file) {
