@@ -26,6 +26,7 @@ float f16_to_f32(uint16_t bits) { return _cvtsh_ss(bits); }
 uint16_t f32_to_f16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
 
 void convert_to_f32(const void* src, DType type, float* dst, size_t n) {
+  if (n == 0) return;  // empty vectors may hand us null pointers; memcpy must not see them
   size_t i = 0;
   if (type == DType::F32) {
     std::memcpy(dst, src, n * 4);
@@ -47,6 +48,7 @@ void convert_to_f32(const void* src, DType type, float* dst, size_t n) {
 }
 
 void convert_from_f32(const float* src, DType type, void* dst, size_t n) {
+  if (n == 0) return;
   if (type == DType::F32) {
     std::memcpy(dst, src, n * 4);
     return;
