@@ -41,7 +41,8 @@ struct Prefetch {
 };
 
 // Logits of NG heads for n keys; NT keys at a time so that NG*NT accumulator chains hide
-// the FMA latency when NG is small.
+// the FMA latency (2 FMAs per cycle at 4 cycles latency need 8 chains) when NG is small,
+// within the 16 ymm registers (q stays a memory operand).
 //   rows: [n] pointers to keys of d elements; q: [NG, d]; out: [NG] rows of stride `ostride`
 //   bias: [n] added after scaling, or nullptr
 template <class T, int NG, int NT>
@@ -64,13 +65,16 @@ void logits_tile(const T* const* rows, int n, const float* q, int d, float scale
         for (int g = 0; g < NG; ++g) acc[j][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + c), k, acc[j][g]);
       }
     }
-    // One transpose-add tree sums all NT*NG (<= 8) accumulators at once.
-    static_assert(NT * NG <= 8);
-    __m256 flat[8];
+    // Transpose-add trees sum the NT*NG accumulators 8 at a time.
+    constexpr int NA = NT * NG, NR = (NA + 7) / 8;
+    alignas(32) float sums[NR * 8];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      __m256 flat[8];
 #pragma GCC unroll 16
-    for (int i = 0; i < 8; ++i) flat[i] = i < NT * NG ? acc[i / NG][i % NG] : _mm256_setzero_ps();
-    alignas(32) float sums[8];
-    _mm256_store_ps(sums, _mm256_mul_ps(simd::hsum8(flat), _mm256_set1_ps(scale)));
+      for (int i = 0; i < 8; ++i) flat[i] = r * 8 + i < NA ? acc[(r * 8 + i) / NG][(r * 8 + i) % NG] : _mm256_setzero_ps();
+      _mm256_store_ps(sums + r * 8, _mm256_mul_ps(simd::hsum8(flat), _mm256_set1_ps(scale)));
+    }
 #pragma GCC unroll 16
     for (int j = 0; j < NT; ++j) {
       const float b = bias ? bias[t + j] : 0.0f;
@@ -107,8 +111,8 @@ void logits(const T* const* rows, int n, const float* q, int groups, int d, floa
     switch (ng) {
       case 1: logits_tile<T, 1, 8>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
       case 2: logits_tile<T, 2, 4>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
-      case 3: logits_tile<T, 3, 2>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
-      case 4: logits_tile<T, 4, 2>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
+      case 3: logits_tile<T, 3, 3>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
+      case 4: logits_tile<T, 4, 3>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
       case 5: logits_tile<T, 5, 1>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
       case 6: logits_tile<T, 6, 1>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
       case 7: logits_tile<T, 7, 1>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
