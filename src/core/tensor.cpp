@@ -1,5 +1,7 @@
 #include "multipole/core/tensor.hpp"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <new>
 #include <utility>
@@ -10,9 +12,17 @@ namespace multipole {
 
 AlignedBuffer::AlignedBuffer(size_t bytes) : size_(bytes) {
   if (bytes == 0) return;
-  size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
-  data_ = static_cast<std::byte*>(std::aligned_alloc(kAlignment, rounded));
+  // Large buffers (KV cache pools, weights) are 2 MiB aligned and asked to be backed by
+  // transparent huge pages: streaming a paged KV cache touches a new 4 KiB page every few
+  // hundred bytes per head, and the TLB misses cost ~25% of dense decode bandwidth.
+  const size_t huge = size_t(2) << 20;
+  const size_t align = bytes >= 2 * huge ? huge : kAlignment;
+  size_t rounded = (bytes + align - 1) / align * align;
+  data_ = static_cast<std::byte*>(std::aligned_alloc(align, rounded));
   if (!data_) fail("out of memory: could not allocate {} bytes", bytes);
+#ifdef MADV_HUGEPAGE
+  if (align == huge) madvise(data_, rounded, MADV_HUGEPAGE);  // advice only: failure is harmless
+#endif
 }
 
 AlignedBuffer::~AlignedBuffer() { std::free(data_); }
