@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "attention/simd_avx2.hpp"
 #include "multipole/core/error.hpp"
@@ -20,6 +21,7 @@ namespace {
 // that the block's K and V rows (64 x 256 B each for d=128 bf16) stay in L1.
 constexpr int kBlock = 64;
 constexpr int kMaxGroups = 16;
+constexpr int kMaxPermDim = 1024;  // widest row scored through the bf16 lane-order path (quest's [lo|hi])
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Software prefetch (into L2) of the next block's K/V rows, spread over the tokens of the
@@ -45,7 +47,9 @@ struct Prefetch {
 // within the 16 ymm registers (q stays a memory operand).
 //   rows: [n] pointers to keys of d elements; q: [NG, d]; out: [NG] rows of stride `ostride`
 //   bias: [n] added after scaling, or nullptr
-template <class T, int NG, int NT>
+// PERM (bf16 only, d % 16 == 0): keys are unpacked 16 channels at a time in lane order
+// (simd::unpack16) and q must have been permuted to match (simd::permute16).
+template <class T, int NG, int NT, bool PERM>
 void logits_tile(const T* const* rows, int n, const float* q, int d, float scale, const float* bias, float* out,
                  int64_t ostride, const Prefetch<T>& pf) {
   int t = 0;
@@ -57,12 +61,27 @@ void logits_tile(const T* const* rows, int n, const float* q, int d, float scale
     for (int j = 0; j < NT; ++j)
 #pragma GCC unroll 16
       for (int g = 0; g < NG; ++g) acc[j][g] = _mm256_setzero_ps();
-    for (int c = 0; c < d; c += 8) {
+    if constexpr (PERM) {
+      for (int c = 0; c < d; c += 16) {
 #pragma GCC unroll 16
-      for (int j = 0; j < NT; ++j) {
-        __m256 k = load8(rows[t + j] + c);
+        for (int j = 0; j < NT; ++j) {
+          __m256 klo, khi;
+          simd::unpack16(rows[t + j] + c, klo, khi);
 #pragma GCC unroll 16
-        for (int g = 0; g < NG; ++g) acc[j][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + c), k, acc[j][g]);
+          for (int g = 0; g < NG; ++g) {
+            acc[j][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + c), klo, acc[j][g]);
+            acc[j][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + c + 8), khi, acc[j][g]);
+          }
+        }
+      }
+    } else {
+      for (int c = 0; c < d; c += 8) {
+#pragma GCC unroll 16
+        for (int j = 0; j < NT; ++j) {
+          __m256 k = load8(rows[t + j] + c);
+#pragma GCC unroll 16
+          for (int g = 0; g < NG; ++g) acc[j][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + c), k, acc[j][g]);
+        }
       }
     }
     // Transpose-add trees sum the NT*NG accumulators 8 at a time.
@@ -92,8 +111,24 @@ void logits_tile(const T* const* rows, int n, const float* q, int d, float scale
       } else {
         rest.n = 0;
       }
-      logits_tile<T, NG, 1>(rows + t, n - t, q, d, scale, bias ? bias + t : nullptr, out + t, ostride, rest);
+      logits_tile<T, NG, 1, PERM>(rows + t, n - t, q, d, scale, bias ? bias + t : nullptr, out + t, ostride, rest);
     }
+  }
+}
+
+// One tile of ng <= 8 heads.
+template <class T, bool PERM>
+void logits_tiles(const T* const* rows, int n, const float* q, int ng, int d, float scale, const float* bias,
+                  float* out, int64_t ostride, const Prefetch<T>& pf) {
+  switch (ng) {
+    case 1: logits_tile<T, 1, 8, PERM>(rows, n, q, d, scale, bias, out, ostride, pf); break;
+    case 2: logits_tile<T, 2, 4, PERM>(rows, n, q, d, scale, bias, out, ostride, pf); break;
+    case 3: logits_tile<T, 3, 3, PERM>(rows, n, q, d, scale, bias, out, ostride, pf); break;
+    case 4: logits_tile<T, 4, 3, PERM>(rows, n, q, d, scale, bias, out, ostride, pf); break;
+    case 5: logits_tile<T, 5, 1, PERM>(rows, n, q, d, scale, bias, out, ostride, pf); break;
+    case 6: logits_tile<T, 6, 1, PERM>(rows, n, q, d, scale, bias, out, ostride, pf); break;
+    case 7: logits_tile<T, 7, 1, PERM>(rows, n, q, d, scale, bias, out, ostride, pf); break;
+    default: logits_tile<T, 8, 1, PERM>(rows, n, q, d, scale, bias, out, ostride, pf); break;
   }
 }
 
@@ -103,27 +138,23 @@ void logits(const T* const* rows, int n, const float* q, int groups, int d, floa
   // Heads are processed in tiles of at most 8 so the accumulators stay in registers; the
   // second tile re-reads the keys from L1.
   int tile = groups <= 8 ? groups : (groups + 1) / 2;
-  for (int g0 = 0; g0 < groups; g0 += tile) {
-    int ng = std::min(tile, groups - g0);
-    const float* qt = q + int64_t(g0) * d;
-    float* ot = out + g0 * ostride;
-    const Prefetch<T> pf = g0 == 0 ? prefetch : Prefetch<T>{};  // once per block
-    switch (ng) {
-      case 1: logits_tile<T, 1, 8>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
-      case 2: logits_tile<T, 2, 4>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
-      case 3: logits_tile<T, 3, 3>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
-      case 4: logits_tile<T, 4, 3>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
-      case 5: logits_tile<T, 5, 1>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
-      case 6: logits_tile<T, 6, 1>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
-      case 7: logits_tile<T, 7, 1>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
-      default: logits_tile<T, 8, 1>(rows, n, qt, d, scale, bias, ot, ostride, pf); break;
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (d % 16 == 0 && d <= kMaxPermDim) {
+      alignas(32) float qperm[8 * kMaxPermDim];
+      for (int g0 = 0; g0 < groups; g0 += tile) {
+        const int ng = std::min(tile, groups - g0);
+        for (int i = 0; i < ng * d; i += 16) simd::permute16(q + int64_t(g0) * d + i, qperm + i);
+        logits_tiles<T, true>(rows, n, qperm, ng, d, scale, bias, out + g0 * ostride, ostride,
+                              g0 == 0 ? prefetch : Prefetch<T>{});
+      }
+      return;
     }
   }
+  for (int g0 = 0; g0 < groups; g0 += tile)
+    logits_tiles<T, false>(rows, n, q + int64_t(g0) * d, std::min(tile, groups - g0), d, scale, bias,
+                           out + g0 * ostride, ostride, g0 == 0 ? prefetch : Prefetch<T>{});
 }
 
-// o[g] += sum_t p[g][t] v_t for NG heads; the accumulators of one 8-wide slice of d stay
-// in registers across the block's tokens.
-//   rows: [n] pointers to values of d elements; p: [NG] rows of stride kBlock; o: [NG, d]
 template <class T, int NG>
 void pv_tile(const T* const* rows, int n, const float* p, int d, float* o) {
   // Several slices per pass where registers allow (NS NG accumulators + values + a
@@ -131,6 +162,32 @@ void pv_tile(const T* const* rows, int n, const float* p, int d, float* o) {
   // have enough independent FMA chains to hide the latency.
   constexpr int NS = NG == 1 ? 8 : NG == 2 ? 4 : NG <= 6 ? 2 : 1;
   int c = 0;
+  if constexpr (std::is_same_v<T, bf16> && NS % 2 == 0) {
+    // bf16: 16 channels per load, unpacked in lane order; the accumulators are kept in
+    // that order and converted from/to the state's order once per pass.
+    for (; c + 8 * NS <= d; c += 8 * NS) {
+      __m256 acc[NS][NG];
+#pragma GCC unroll 16
+      for (int s = 0; s < NS; s += 2)
+#pragma GCC unroll 16
+        for (int g = 0; g < NG; ++g) simd::permute16(o + g * d + c + 8 * s, acc[s][g], acc[s + 1][g]);
+      for (int t = 0; t < n; ++t) {
+        __m256 v[NS];
+#pragma GCC unroll 16
+        for (int s = 0; s < NS; s += 2) simd::unpack16(rows[t] + c + 8 * s, v[s], v[s + 1]);
+#pragma GCC unroll 16
+        for (int g = 0; g < NG; ++g) {
+          const __m256 pg = _mm256_broadcast_ss(p + g * kBlock + t);
+#pragma GCC unroll 16
+          for (int s = 0; s < NS; ++s) acc[s][g] = _mm256_fmadd_ps(pg, v[s], acc[s][g]);
+        }
+      }
+#pragma GCC unroll 16
+      for (int s = 0; s < NS; s += 2)
+#pragma GCC unroll 16
+        for (int g = 0; g < NG; ++g) simd::unpermute16(acc[s][g], acc[s + 1][g], o + g * d + c + 8 * s);
+    }
+  }
   for (; c + 8 * NS <= d; c += 8 * NS) {
     __m256 acc[NS][NG];
 #pragma GCC unroll 16

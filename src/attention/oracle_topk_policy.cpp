@@ -28,7 +28,19 @@ class OracleTopkPolicy final : public AttentionPolicy {
     const KVLayerView kv = cache.layer_view(layer);
     const float scale = config_.softmax_scale();
     const int64_t budget = config_.budget;
+    // Every thread's scratch is sized here, serially, for the largest sequence: which thread
+    // runs which task varies, and the parallel part must not allocate.
+    int64_t max_len = 0;
+    for (SeqId s : seqs) max_len = std::max(max_len, cache.length(s));
     scratch_.ensure(pool.size());
+    for (int i = 0; i < pool.size(); ++i) {
+      Scratch& sc = scratch_[i];
+      cpu::grow(sc.index, size_t(max_len));
+      cpu::grow(sc.logits, size_t(G) * max_len);
+      cpu::grow(sc.importance, size_t(max_len));
+      cpu::grow(sc.positions, size_t(max_len));
+      sc.state.resize(G, d);
+    }
     stats_parts_.assign(size_t(pool.size()), DecodeStats{});
 
     cpu::parallel_for(pool, int64_t(seqs.size()) * heads, [&](int64_t task, int thread) {

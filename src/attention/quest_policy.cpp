@@ -99,7 +99,21 @@ class QuestPolicy final : public AttentionPolicy {
                seqs[b], layer, r.full * P + r.tail);
       summaries_[b] = s;
     }
+    // Every thread's scratch is sized here, serially, for the largest sequence: which thread
+    // runs which task varies, and the parallel part must not allocate.
+    int64_t max_len = 0;
+    for (SeqId s : seqs) max_len = std::max(max_len, cache.length(s));
+    const int64_t max_pages_seq = region(max_len).full + 1;
     scratch_.ensure(pool.size());
+    for (int i = 0; i < pool.size(); ++i) {
+      Scratch& sc = scratch_[i];
+      cpu::grow(sc.pages, size_t(max_pages_seq));
+      cpu::grow(sc.scores, size_t(max_pages_seq) * (G + 1));
+      cpu::grow(sc.qsplit, size_t(G) * 2 * d);
+      cpu::grow(sc.selected, size_t(max_len));
+      cpu::grow(sc.positions, size_t(max_len));
+      sc.state.resize(G, d);
+    }
     stats_parts_.assign(size_t(pool.size()), DecodeStats{});
 
     cpu::parallel_for(pool, int64_t(seqs.size()) * heads, [&](int64_t task, int thread) {

@@ -20,6 +20,31 @@ template <> inline __m256 load8<bf16>(const bf16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+// 16 bf16 as two f32 vectors in lane order: lo = elements 0-3 and 8-11, hi = 4-7 and
+// 12-15 (one load and two unpacks instead of two widening loads and two shifts).
+inline void unpack16(const bf16* p, __m256& lo, __m256& hi) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i zero = _mm256_setzero_si256();
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+}
+// 16 f32 in natural order -> the lane order of unpack16, and back.
+inline void permute16(const float* x, __m256& lo, __m256& hi) {
+  const __m256 a = _mm256_loadu_ps(x), b = _mm256_loadu_ps(x + 8);
+  lo = _mm256_permute2f128_ps(a, b, 0x20);
+  hi = _mm256_permute2f128_ps(a, b, 0x31);
+}
+inline void permute16(const float* x, float* out) {
+  __m256 lo, hi;
+  permute16(x, lo, hi);
+  _mm256_storeu_ps(out, lo);
+  _mm256_storeu_ps(out + 8, hi);
+}
+inline void unpermute16(__m256 lo, __m256 hi, float* x) {
+  _mm256_storeu_ps(x, _mm256_permute2f128_ps(lo, hi, 0x20));
+  _mm256_storeu_ps(x + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
