@@ -49,6 +49,7 @@ TEST(BenchCli, JsonRowsPerContextBatchAndPolicy) {
   ASSERT_EQ(rows.size(), 1u + 2 * 2 * 3);
   EXPECT_EQ(rows[0]["bench"], "memcpy");
   EXPECT_GT(rows[0]["gb_per_s"].get<double>(), 0);
+  EXPECT_GT(rows[0]["read_gb_per_s"].get<double>(), 0);
   for (size_t i = 1; i < rows.size(); ++i) {
     const json& j = rows[i];
     SCOPED_TRACE(j.dump());
