@@ -461,19 +461,21 @@ void attend_pseudo(const float* keys, const float* values, const float* bias, co
   if (count <= 0) return;
   check_state(state, state.dim, "attend_pseudo");
   const int d = state.dim;
-  const float* krows[kBlock];
-  const float* vrows[kBlock];
-  float b[kBlock];
-  for (int64_t j0 = 0; j0 < count; j0 += kBlock) {
-    int n = int(std::min<int64_t>(kBlock, count - j0));
+  // Biases are gathered with the rows, one block ahead: alternate halves by block parity.
+  float b[2][kBlock];
+  auto fill = [&](int64_t j0, int n, const float** k, const float** v) {
+    float* bb = b[(j0 / kBlock) % 2];
     for (int i = 0; i < n; ++i) {
-      int64_t id = ids ? ids[j0 + i] : j0 + i;
-      krows[i] = keys + id * d;
-      vrows[i] = values + id * d;
-      b[i] = bias[id];
+      const int64_t id = ids ? ids[j0 + i] : j0 + i;
+      k[i] = keys + id * d;
+      v[i] = values + id * d;
+      bb[i] = bias[id];
     }
-    attend_block<float>(krows, vrows, b, n, q, scale, state);
-  }
+  };
+  for_blocks<float>(count, d * 4, fill,
+                    [&](const float* const* k, const float* const* v, int n, int64_t j0, const Prefetch<float>& pf) {
+                      attend_block<float>(k, v, b[(j0 / kBlock) % 2], n, q, scale, state, pf);
+                    });
 }
 
 void score_rows(const float* keys, const int32_t* ids, int64_t count, const float* q, int groups, int dim, float scale,
@@ -489,12 +491,13 @@ void score_rows_typed(const void* rows, DType type, const int32_t* ids, int64_t 
   dispatch(type, [&](auto tag) {
     using T = decltype(tag);
     const T* base = static_cast<const T*>(rows);
-    const T* r[kBlock];
-    for (int64_t j0 = 0; j0 < count; j0 += kBlock) {
-      const int n = int(std::min<int64_t>(kBlock, count - j0));
-      for (int i = 0; i < n; ++i) r[i] = base + (ids ? int64_t(ids[j0 + i]) : j0 + i) * dim;
-      logits<T>(r, n, q, groups, dim, scale, nullptr, out + j0, count);
-    }
+    const int row_bytes = dim * int(sizeof(T));
+    auto fill = [&](int64_t j0, int n, const T** k, const T** v) {
+      for (int i = 0; i < n; ++i) k[i] = v[i] = base + (ids ? int64_t(ids[j0 + i]) : j0 + i) * dim;
+    };
+    for_blocks<T>(count, row_bytes, fill, [&](const T* const* k, const T* const*, int n, int64_t j0, const Prefetch<T>& pf) {
+      logits<T>(k, n, q, groups, dim, scale, nullptr, out + j0, count, Prefetch<T>{pf.k, nullptr, pf.n, pf.row_bytes});
+    });
   });
 }
 
