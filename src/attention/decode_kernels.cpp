@@ -155,75 +155,55 @@ void logits(const T* const* rows, int n, const float* q, int groups, int d, floa
                            out + g0 * ostride, ostride, g0 == 0 ? prefetch : Prefetch<T>{});
 }
 
+// One pass of PV over channels [c, c + 8 NS): the NS x NG accumulators stay in registers
+// across the block's tokens. PERM (bf16, NS even): values are read 16 channels per load in
+// lane order (simd::unpack16) and the accumulators are converted from/to the state's order
+// once per pass.
+template <class T, int NG, int NS, bool PERM>
+void pv_pass(const T* const* rows, int n, const float* p, int d, float* o, int c) {
+  __m256 acc[NS][NG];
+#pragma GCC unroll 16
+  for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 16
+    for (int s = 0; s < NS; s += PERM ? 2 : 1) {
+      if constexpr (PERM) simd::permute16(o + g * d + c + 8 * s, acc[s][g], acc[s + 1][g]);
+      else acc[s][g] = _mm256_loadu_ps(o + g * d + c + 8 * s);
+    }
+  for (int t = 0; t < n; ++t) {
+    __m256 v[NS];
+#pragma GCC unroll 16
+    for (int s = 0; s < NS; s += PERM ? 2 : 1) {
+      if constexpr (PERM) simd::unpack16(rows[t] + c + 8 * s, v[s], v[s + 1]);
+      else v[s] = load8(rows[t] + c + 8 * s);
+    }
+#pragma GCC unroll 16
+    for (int g = 0; g < NG; ++g) {
+      const __m256 pg = _mm256_broadcast_ss(p + g * kBlock + t);
+#pragma GCC unroll 16
+      for (int s = 0; s < NS; ++s) acc[s][g] = _mm256_fmadd_ps(pg, v[s], acc[s][g]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 16
+    for (int s = 0; s < NS; s += PERM ? 2 : 1) {
+      if constexpr (PERM) simd::unpermute16(acc[s][g], acc[s + 1][g], o + g * d + c + 8 * s);
+      else _mm256_storeu_ps(o + g * d + c + 8 * s, acc[s][g]);
+    }
+}
+
+// o[g] += sum_t p[g][t] v_t for NG heads.
+//   rows: [n] pointers to values of d elements; p: [NG] rows of stride kBlock; o: [NG, d]
 template <class T, int NG>
 void pv_tile(const T* const* rows, int n, const float* p, int d, float* o) {
   // Several slices per pass where registers allow (NS NG accumulators + values + a
   // broadcast <= 16): a broadcast probability serves 8 NS channels, and small groups still
   // have enough independent FMA chains to hide the latency.
   constexpr int NS = NG == 1 ? 8 : NG == 2 ? 4 : NG <= 6 ? 2 : 1;
+  constexpr bool PERM = std::is_same_v<T, bf16> && NS % 2 == 0;
   int c = 0;
-  if constexpr (std::is_same_v<T, bf16> && NS % 2 == 0) {
-    // bf16: 16 channels per load, unpacked in lane order; the accumulators are kept in
-    // that order and converted from/to the state's order once per pass.
-    for (; c + 8 * NS <= d; c += 8 * NS) {
-      __m256 acc[NS][NG];
-#pragma GCC unroll 16
-      for (int s = 0; s < NS; s += 2)
-#pragma GCC unroll 16
-        for (int g = 0; g < NG; ++g) simd::permute16(o + g * d + c + 8 * s, acc[s][g], acc[s + 1][g]);
-      for (int t = 0; t < n; ++t) {
-        __m256 v[NS];
-#pragma GCC unroll 16
-        for (int s = 0; s < NS; s += 2) simd::unpack16(rows[t] + c + 8 * s, v[s], v[s + 1]);
-#pragma GCC unroll 16
-        for (int g = 0; g < NG; ++g) {
-          const __m256 pg = _mm256_broadcast_ss(p + g * kBlock + t);
-#pragma GCC unroll 16
-          for (int s = 0; s < NS; ++s) acc[s][g] = _mm256_fmadd_ps(pg, v[s], acc[s][g]);
-        }
-      }
-#pragma GCC unroll 16
-      for (int s = 0; s < NS; s += 2)
-#pragma GCC unroll 16
-        for (int g = 0; g < NG; ++g) simd::unpermute16(acc[s][g], acc[s + 1][g], o + g * d + c + 8 * s);
-    }
-  }
-  for (; c + 8 * NS <= d; c += 8 * NS) {
-    __m256 acc[NS][NG];
-#pragma GCC unroll 16
-    for (int s = 0; s < NS; ++s)
-#pragma GCC unroll 16
-      for (int g = 0; g < NG; ++g) acc[s][g] = _mm256_loadu_ps(o + g * d + c + 8 * s);
-    for (int t = 0; t < n; ++t) {
-      __m256 v[NS];
-#pragma GCC unroll 16
-      for (int s = 0; s < NS; ++s) v[s] = load8(rows[t] + c + 8 * s);
-#pragma GCC unroll 16
-      for (int g = 0; g < NG; ++g) {
-        const __m256 pg = _mm256_broadcast_ss(p + g * kBlock + t);
-#pragma GCC unroll 16
-        for (int s = 0; s < NS; ++s) acc[s][g] = _mm256_fmadd_ps(pg, v[s], acc[s][g]);
-      }
-    }
-#pragma GCC unroll 16
-    for (int s = 0; s < NS; ++s)
-#pragma GCC unroll 16
-      for (int g = 0; g < NG; ++g) _mm256_storeu_ps(o + g * d + c + 8 * s, acc[s][g]);
-  }
-  if constexpr (NS > 1) {
-    for (; c < d; c += 8) {  // channels left over when d is not a multiple of 8 NS
-      __m256 acc[NG];
-#pragma GCC unroll 16
-      for (int g = 0; g < NG; ++g) acc[g] = _mm256_loadu_ps(o + g * d + c);
-      for (int t = 0; t < n; ++t) {
-        const __m256 v = load8(rows[t] + c);
-#pragma GCC unroll 16
-        for (int g = 0; g < NG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * kBlock + t), v, acc[g]);
-      }
-#pragma GCC unroll 16
-      for (int g = 0; g < NG; ++g) _mm256_storeu_ps(o + g * d + c, acc[g]);
-    }
-  }
+  for (; c + 8 * NS <= d; c += 8 * NS) pv_pass<T, NG, NS, PERM>(rows, n, p, d, o, c);
+  for (; c < d; c += 8) pv_pass<T, NG, 1, false>(rows, n, p, d, o, c);  // when d is not a multiple of 8 NS
 }
 
 template <class T>
