@@ -55,6 +55,14 @@ T* grow(std::vector<T>& v, size_t n) {
   return v.data();
 }
 
+// Length of the longest sequence of a batch: per-thread scratch is sized for it before the
+// parallel part, since which thread runs which task varies.
+inline int64_t longest_sequence(const PagedKVCache& cache, std::span<const SeqId> seqs) {
+  int64_t longest = 0;
+  for (SeqId s : seqs) longest = std::max(longest, cache.length(s));
+  return longest;
+}
+
 // Sums the per-thread stats of one decode call.
 inline DecodeStats sum_stats(std::span<const DecodeStats> parts) {
   DecodeStats s;

@@ -30,8 +30,7 @@ class OracleTopkPolicy final : public AttentionPolicy {
     const int64_t budget = config_.budget;
     // Every thread's scratch is sized here, serially, for the largest sequence: which thread
     // runs which task varies, and the parallel part must not allocate.
-    int64_t max_len = 0;
-    for (SeqId s : seqs) max_len = std::max(max_len, cache.length(s));
+    const int64_t max_len = cpu::longest_sequence(cache, seqs);
     scratch_.ensure(pool.size());
     for (int i = 0; i < pool.size(); ++i) {
       Scratch& sc = scratch_[i];
