@@ -25,14 +25,12 @@
 #include "multipole/attention/rope.hpp"
 #include "multipole/kv/paged_kv_cache.hpp"
 #include "reference_dense.hpp"
+#include "test_scale.hpp"
 
 namespace multipole::reference {
 
 // MULTIPOLE_TEST_SCALE=small (the sanitizer CI run): tests shrink their sizes.
-inline bool small_scale() {
-  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
-  return s && std::string(s) == "small";
-}
+using multipole::test::small_scale;
 
 // Default attention config with G query heads per KV head and head dim d.
 inline AttentionConfig attention_config(int G, int d, int kv_heads) {

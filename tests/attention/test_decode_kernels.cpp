@@ -12,16 +12,14 @@
 
 #include "attention/decode_kernels.hpp"
 #include "multipole/core/error.hpp"
+#include "test_scale.hpp"
 
 using namespace multipole;
 using namespace multipole::kernels;
 
 namespace {
 
-bool small_scale() {
-  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
-  return s && std::string(s) == "small";
-}
+using multipole::test::small_scale;
 
 // Owns the buffers of a SoftmaxState.
 struct State {

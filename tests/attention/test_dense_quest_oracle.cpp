@@ -12,6 +12,7 @@
 #include "multipole/attention/policy.hpp"
 #include "multipole/core/error.hpp"
 #include "reference_dense.hpp"
+#include "test_scale.hpp"
 
 using namespace multipole;
 namespace ref = multipole::reference;
@@ -33,10 +34,7 @@ extern "C" void* malloc(size_t n) {
 
 namespace {
 
-bool small_scale() {
-  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
-  return s && std::string(s) == "small";
-}
+using multipole::test::small_scale;
 
 std::vector<int64_t> batch_lengths() {
   return small_scale() ? std::vector<int64_t>{1, 97, 2049} : std::vector<int64_t>{1, 97, 2049, 8203};

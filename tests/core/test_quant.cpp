@@ -20,6 +20,7 @@
 
 #if __has_include("multipole/io/gguf.hpp")
 #include "multipole/io/gguf.hpp"
+#include "test_scale.hpp"
 #define MULTIPOLE_TEST_HAVE_GGUF 1
 #endif
 
@@ -49,10 +50,7 @@ QuantType type_of(const json& entry) {
   return *t;
 }
 
-bool small_scale() {
-  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
-  return s != nullptr && std::string(s) == "small";
-}
+using multipole::test::small_scale;
 
 const QuantType kQuantTypes[] = {QuantType::Q4_0, QuantType::Q4_1, QuantType::Q5_0, QuantType::Q5_1,
                                  QuantType::Q8_0, QuantType::Q4_K, QuantType::Q5_K, QuantType::Q6_K};

@@ -23,16 +23,14 @@
 #include "multipole/core/error.hpp"
 #include "multipole/core/thread_pool.hpp"
 #include "multipole/cuda/decode.hpp"
+#include "test_scale.hpp"
 
 using namespace multipole;
 using namespace multipole::cuda;
 
 namespace {
 
-bool small_scale() {
-  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
-  return s && std::string(s) == "small";
-}
+using multipole::test::small_scale;
 
 #define REQUIRE_GPU() \
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device"

@@ -17,16 +17,14 @@
 
 #include "multipole/core/error.hpp"
 #include "multipole/io/gguf.hpp"
+#include "test_scale.hpp"
 
 using namespace multipole;
 namespace fs = std::filesystem;
 
 namespace {
 
-bool small_scale() {
-  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
-  return s && std::string(s) == "small";
-}
+using multipole::test::small_scale;
 
 // Little-endian byte builder for hand-made GGUF files.
 struct Bytes {

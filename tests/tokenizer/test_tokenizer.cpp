@@ -21,6 +21,7 @@
 #include "multipole/core/error.hpp"
 #include "multipole/io/gguf.hpp"
 #include "multipole/tokenizer/tokenizer.hpp"
+#include "test_scale.hpp"
 
 using namespace multipole;
 
@@ -29,10 +30,7 @@ namespace {
 const std::string kShared = std::string(MULTIPOLE_SHARED_DIR) + "/assets";
 const std::string kQwen3Json = kShared + "/qwen3-tokenizer/tokenizer.json";
 
-bool small_scale() {
-  const char* s = std::getenv("MULTIPOLE_TEST_SCALE");
-  return s && std::string(s) == "small";
-}
+using multipole::test::small_scale;
 
 std::string read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
