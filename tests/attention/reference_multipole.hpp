@@ -26,6 +26,7 @@
 #include "multipole/kv/paged_kv_cache.hpp"
 #include "reference_dense.hpp"
 #include "test_scale.hpp"
+#include "attention/attention_test_config.hpp"
 
 namespace multipole::reference {
 
@@ -33,14 +34,7 @@ namespace multipole::reference {
 using multipole::test::small_scale;
 
 // Default attention config with G query heads per KV head and head dim d.
-inline AttentionConfig attention_config(int G, int d, int kv_heads) {
-  AttentionConfig c;
-  c.num_kv_heads = kv_heads;
-  c.num_q_heads = G * kv_heads;
-  c.head_dim = d;
-  c.rope.head_dim = d;
-  return c;
-}
+using multipole::test::attention_config;
 
 // ||out - want|| / ||want|| (absolute when want is 0).
 inline double relative_error(const float* out, const std::vector<double>& want) {

@@ -13,6 +13,7 @@
 #include "multipole/core/error.hpp"
 #include "reference_dense.hpp"
 #include "test_scale.hpp"
+#include "attention/attention_test_config.hpp"
 
 using namespace multipole;
 namespace ref = multipole::reference;
@@ -34,20 +35,13 @@ extern "C" void* malloc(size_t n) {
 
 namespace {
 
+using multipole::test::attention_config;
 using multipole::test::small_scale;
 
 std::vector<int64_t> batch_lengths() {
   return small_scale() ? std::vector<int64_t>{1, 97, 2049} : std::vector<int64_t>{1, 97, 2049, 8203};
 }
 
-AttentionConfig make_config(int G, int d, int kv_heads = 2) {
-  AttentionConfig c;
-  c.num_kv_heads = kv_heads;
-  c.num_q_heads = G * kv_heads;
-  c.head_dim = d;
-  c.rope.head_dim = d;
-  return c;
-}
 
 // A batch of sequences written to layer 1 of a 2-layer cache in interleaved pieces (so
 // page tables are fragmented), with random keys and values.
@@ -174,7 +168,7 @@ std::string describe(const Case& k) {
 TEST(DenseQuestOracle, DenseMatchesReference) {
   ThreadPool pool(2);
   for (const Case& k : cases()) {
-    AttentionConfig c = make_config(k.G, k.d);
+    AttentionConfig c = attention_config(k.G, k.d);
     Batch batch(c, k.dtype, batch_lengths(), uint32_t(k.G * 1000 + k.d));
     auto policy = make_attention_policy("dense", c);
     EXPECT_EQ(check_policy(*policy, batch, c, Rule::Dense, batch.queries(c, 2.0f), pool, "dense " + describe(k)), 0);
@@ -187,7 +181,7 @@ TEST(DenseQuestOracle, DenseMatchesReference) {
 TEST(DenseQuestOracle, DenseSplitAcrossThreadsMatchesReference) {
   // One long sequence and one KV head: the work is split into chunks whose states merge.
   ThreadPool pool(4);
-  AttentionConfig c = make_config(4, 128, 1);
+  AttentionConfig c = attention_config(4, 128, 1);
   Batch batch(c, DType::BF16, {small_scale() ? 4500 : 9000}, 5);
   auto policy = make_attention_policy("dense", c);
   check_policy(*policy, batch, c, Rule::Dense, batch.queries(c, 3.0f), pool, "dense split");
@@ -197,7 +191,7 @@ TEST(DenseQuestOracle, QuestAndOracleMatchTheirSelectionRules) {
   ThreadPool pool(2);
   int skipped = 0, groups = 0;
   for (const Case& k : cases()) {
-    AttentionConfig c = make_config(k.G, k.d);
+    AttentionConfig c = attention_config(k.G, k.d);
     Batch batch(c, k.dtype, batch_lengths(), uint32_t(k.G * 7 + k.d));
     auto q = batch.queries(c, 2.0f);
     auto quest = make_attention_policy("quest", c);
@@ -214,7 +208,7 @@ TEST(DenseQuestOracle, QuestPartialLastPageAndOddBudget) {
   // Pages of 24 tokens do not divide the 128-token steps of the middle region, so its last
   // page is partial; budget 100 takes 4 pages (96 tokens).
   ThreadPool pool(2);
-  AttentionConfig c = make_config(5, 64);
+  AttentionConfig c = attention_config(5, 64);
   c.quest_page_size = 24;
   c.budget = 100;
   Batch batch(c, DType::BF16, {2049, 1300, 530}, 9);
@@ -226,7 +220,7 @@ TEST(DenseQuestOracle, QuestPartialLastPageAndOddBudget) {
 TEST(DenseQuestOracle, BudgetCoveringEverythingIsDense) {
   ThreadPool pool(2);
   for (const Case& k : {Case{DType::BF16, 4, 128}, Case{DType::F32, 7, 64}}) {
-    AttentionConfig c = make_config(k.G, k.d);
+    AttentionConfig c = attention_config(k.G, k.d);
     c.budget = 1 << 20;
     Batch batch(c, k.dtype, batch_lengths(), 21);
     auto q = batch.queries(c, 2.0f);
@@ -251,7 +245,7 @@ TEST(DenseQuestOracle, QuestIncrementalUpdateMatchesFreshIndex) {
   // Generation: append one token, update, decode; the incrementally kept page bounds must
   // select what a policy indexing everything from scratch selects.
   ThreadPool pool(2);
-  AttentionConfig c = make_config(4, 64);
+  AttentionConfig c = attention_config(4, 64);
   c.budget = 64;
   Batch batch(c, DType::BF16, {700, 300}, 33);
   auto live = make_attention_policy("quest", c);
@@ -275,7 +269,7 @@ TEST(DenseQuestOracle, QuestIncrementalUpdateMatchesFreshIndex) {
 
 TEST(DenseQuestOracle, RejectsMisuse) {
   ThreadPool pool(2);
-  AttentionConfig c = make_config(4, 64);
+  AttentionConfig c = attention_config(4, 64);
   Batch batch(c, DType::BF16, {2049}, 1);
   auto q = batch.queries(c, 1.0f);
   std::vector<float> out(q.size());
@@ -289,7 +283,7 @@ TEST(DenseQuestOracle, RejectsMisuse) {
   EXPECT_NO_THROW(quest->decode(*batch.cache, 1, batch.seqs, q.data(), out.data(), pool));
 
   auto dense = make_attention_policy("dense", c);
-  AttentionConfig other = make_config(4, 128);
+  AttentionConfig other = attention_config(4, 128);
   auto wrong = make_attention_policy("dense", other);
   EXPECT_THROW(wrong->decode(*batch.cache, 1, batch.seqs, q.data(), out.data(), pool), Error);
   SeqId empty = batch.cache->add_sequence();
@@ -304,7 +298,7 @@ TEST(DenseQuestOracle, WarmDecodeStepDoesNotAllocate) {
   GTEST_SKIP() << "malloc counting needs glibc and no ASan";
 #else
   ThreadPool pool(2);
-  AttentionConfig c = make_config(4, 64);
+  AttentionConfig c = attention_config(4, 64);
   Batch batch(c, DType::BF16, {3000, 700}, 41);
   auto q = batch.queries(c, 1.0f);
   std::vector<float> out(q.size());
