@@ -2,7 +2,8 @@
 # Installs the Debian 12 packages the build and the tests need. Safe to re-run.
 set -euo pipefail
 packages=(g++ cmake ninja-build ccache pkg-config libfmt-dev libcli11-dev nlohmann-json3-dev
-          libgtest-dev libgmock-dev libbenchmark-dev libpcre2-dev libutf8proc-dev python3-venv)
+          libgtest-dev libgmock-dev libbenchmark-dev libpcre2-dev libutf8proc-dev python3-venv
+          gnuplot-nox)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
