@@ -1,0 +1,37 @@
+#pragma once
+// A one-line progress display on stderr: units done of the total, elapsed time and an ETA
+// from the rate so far, and what is running now. On a terminal the line is redrawn in place
+// (at most 4 times a second); otherwise a full line is printed at most every 10 seconds.
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace multipole::eval {
+
+class Progress {
+ public:
+  // enabled = false: silent. Units are whatever the caller counts (decoded tokens, cases).
+  Progress(std::string label, int64_t total, bool enabled);
+  ~Progress();
+  void add_total(int64_t units) { total_ += units; }
+  // Marks `units` more as done and shows `what` as the current work.
+  void advance(int64_t units, std::string_view what = {});
+  void skip(int64_t units) { skipped_ += units, done_ += units; }  // resumed work: not in the rate
+  void finish();  // final line (and newline on a terminal)
+
+  // "label 12/40 (30%) | 1m05s elapsed, ETA 2m31s | what"; testable.
+  std::string line() const;
+  static std::string format_duration(double seconds);  // "45s", "3m07s", "2h05m"
+
+ private:
+  void draw(bool force);
+  std::string label_;
+  int64_t total_ = 0, done_ = 0, skipped_ = 0;
+  bool enabled_, tty_;
+  bool finished_ = false;
+  std::string what_;
+  std::chrono::steady_clock::time_point start_, last_draw_;
+};
+
+}  // namespace multipole::eval

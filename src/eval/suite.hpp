@@ -1,0 +1,76 @@
+#pragma once
+// What every suite gets from the runner (eval/runner.cpp): the model with its tokenizer and
+// chat template, the variants to compare with dense, the results log and the progress line.
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "multipole/attention/config.hpp"
+#include "multipole/core/thread_pool.hpp"
+#include "multipole/engine/engine.hpp"
+#include "multipole/eval/progress.hpp"
+#include "multipole/eval/results_log.hpp"
+#include "multipole/eval/runner.hpp"
+#include "multipole/eval/tasks.hpp"
+#include "multipole/model/model.hpp"
+#include "multipole/tokenizer/chat_template.hpp"
+#include "multipole/tokenizer/tokenizer.hpp"
+
+namespace multipole::eval {
+
+struct SuiteContext {
+  const EvalOptions& opt;
+  Model& model;
+  const Tokenizer& tok;
+  const ChatTemplate& chat;
+  ThreadPool& pool;
+  ResultsLog& log;
+  int64_t context = 0;            // positions per sequence
+  std::vector<Variant> variants;  // the candidates; dense is the reference
+  std::vector<int32_t> stop_ids;  // end-of-turn and end-of-text tokens
+
+  // The model's attention shape with the variant's knobs (dense when v is null).
+  AttentionConfig attention_config(const Variant* v) const;
+  EngineOptions engine_options(const Variant* v) const;
+  // A user turn in the model's chat template, ready to generate the assistant's answer.
+  std::vector<int32_t> chat_prompt(const std::string& user) const;
+  // A record of this suite/case/variant with the model named (dense when v is null).
+  Record record(const std::string& suite, const std::string& case_id, const Variant* v) const;
+  int max_tokens(int suite_default) const { return opt.max_tokens > 0 ? opt.max_tokens : suite_default; }
+};
+
+// One engine per variant, and one for dense, built on first use (each holds a KV cache of
+// the context's size).
+class Engines {
+ public:
+  explicit Engines(const SuiteContext& sc) : sc_(sc) {}
+  Engine& get(const Variant* v);  // null: dense
+
+ private:
+  const SuiteContext& sc_;
+  std::map<std::string, std::unique_ptr<Engine>> engines_;
+};
+
+struct Generation {
+  std::vector<int32_t> tokens;
+  std::string text;
+  std::string finish;  // eos, length, context
+  double seconds = 0;
+};
+// Greedy decoding of up to max_tokens (fewer when the context is full) from `prompt`.
+Generation generate_greedy(const SuiteContext& sc, Engine& engine, std::span<const int32_t> prompt, int max_tokens);
+
+// The problems of --datasets (generated arithmetic, AIME 2025), interleaved, at most --limit.
+std::vector<Problem> load_problems(const SuiteContext& sc);
+// A folder or file under the shared assets (../shared next to the source tree or the
+// working folder, or $MULTIPOLE_SHARED_DIR); "" when not found.
+std::string find_shared(const std::string& relative);
+
+void run_fidelity(SuiteContext& sc, Progress& progress);
+void run_agreement(SuiteContext& sc, Progress& progress);
+void run_passkey(SuiteContext& sc, Progress& progress);
+void run_reasoning(SuiteContext& sc, Progress& progress);
+
+}  // namespace multipole::eval

@@ -1,0 +1,164 @@
+// The results log (append, resume, torn lines), the progress line, and the report rendered
+// from hand-made records: tables hold the aggregates computed here by hand, plots exist.
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+
+#include "eval/eval_test_util.hpp"
+#include "multipole/core/error.hpp"
+#include "multipole/eval/progress.hpp"
+#include "multipole/eval/report.hpp"
+#include "multipole/eval/results_log.hpp"
+
+namespace multipole::eval {
+namespace {
+
+namespace fs = std::filesystem;
+
+Record rec(const std::string& suite, const std::string& id, const std::string& policy, int budget,
+           const std::string& cluster) {
+  Record r;
+  r.suite = suite, r.case_id = id, r.policy = policy, r.budget = budget, r.cluster = cluster;
+  r.str["model"] = "m.gguf";
+  return r;
+}
+
+TEST(EvalResultsLog, AppendsResumesAndRefusesToClobber) {
+  const std::string dir = tiny::temp_dir("eval-log");
+  const std::string path = dir + "/results.jsonl";
+  {
+    ResultsLog log(path, false, false);
+    Record a = rec("passkey", "c1", "dense", 0, "");
+    a.num["found"] = 1;
+    a.num["nan"] = std::nan("");
+    a.series["s"] = {1.5, 2.5};
+    log.append(a);
+    log.append(rec("passkey", "c1", "multipole", 128, "16/128"));
+    EXPECT_TRUE(log.done("passkey|c1|multipole|128|16/128"));
+  }
+  EXPECT_THROW(ResultsLog(path, false, false), Error);  // would clobber a run
+  try {
+    ResultsLog log(path, false, false);
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--resume"), std::string::npos) << e.what();
+  }
+  // A run killed mid-line leaves a torn last line: resume drops it and keeps the rest.
+  std::ofstream(path, std::ios::app) << R"({"suite": "passkey", "case": "c2", "pol)";
+  {
+    ResultsLog log(path, true, false);
+    EXPECT_EQ(log.resumed(), 2);
+    EXPECT_TRUE(log.done("passkey|c1|dense|0|"));
+    EXPECT_FALSE(log.done("passkey|c2|dense|0|"));
+    const Record* a = log.find("passkey|c1|dense|0|");
+    ASSERT_NE(a, nullptr);
+    EXPECT_EQ(a->get("found"), 1);
+    EXPECT_TRUE(std::isnan(a->get("nan")));
+    EXPECT_EQ(a->series.at("s"), (std::vector<double>{1.5, 2.5}));
+    log.append(rec("passkey", "c2", "dense", 0, ""));
+  }
+  EXPECT_EQ(ResultsLog::read(path).size(), 3u);
+  // A malformed line in the middle is an error naming the line.
+  std::ofstream(path, std::ios::app) << "not json\n" << record_to_json(rec("passkey", "c3", "dense", 0, "")) << "\n";
+  try {
+    ResultsLog::read(path);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("line 4"), std::string::npos) << e.what();
+  }
+  ResultsLog fresh(path, false, true);  // --overwrite starts empty
+  EXPECT_EQ(ResultsLog::read(path).size(), 0u);
+}
+
+TEST(EvalProgress, LineShowsCountsAndEta) {
+  EXPECT_EQ(Progress::format_duration(45), "45s");
+  EXPECT_EQ(Progress::format_duration(187), "3m07s");
+  EXPECT_EQ(Progress::format_duration(7500), "2h05m");
+  Progress p("fidelity", 10, false);
+  p.advance(3, "doc:a");
+  const std::string line = p.line();
+  EXPECT_NE(line.find("fidelity 3/10 (30%)"), std::string::npos) << line;
+  EXPECT_NE(line.find("ETA"), std::string::npos) << line;
+  EXPECT_NE(line.find("doc:a"), std::string::npos) << line;
+  p.advance(7);
+  EXPECT_NE(p.line().find("done"), std::string::npos) << p.line();
+}
+
+// The Wilson interval written out here (not the library's) for the expected table cell.
+std::string wilson_cell(int k, int n) {
+  const double z = 1.96, p = double(k) / n, d = 1 + z * z / n;
+  const double c = (p + z * z / (2 * n)) / d, h = z * std::sqrt(p * (1 - p) / n + z * z / (4.0 * n * n)) / d;
+  return fmt::format("{}/{} = {:.1f}% [{:.1f}, {:.1f}]", k, n, 100.0 * p, 100 * (c - h), 100 * (c + h));
+}
+
+TEST(EvalReport, RendersTablesAndPlotsFromRecords) {
+  const std::string dir = tiny::temp_dir("eval-report");
+  std::vector<Record> rs;
+  // fidelity: two texts; the table's means are position-weighted: (100 * 0.1 + 300 * 0.3) / 400 = 0.25.
+  for (auto [id, n, kl, top] : {std::tuple{"doc:a", 100.0, 0.1, 0.9}, std::tuple{"doc:b", 300.0, 0.3, 0.5}}) {
+    Record r = rec("fidelity", id, "multipole", 128, "16/128");
+    r.num = {{"positions", n}, {"kl_mean", kl}, {"kl_max", 2 * kl}, {"top1", top}, {"err_mean", 0.01},
+             {"err_max", 0.02}, {"bin_tokens", 64}, {"text_tokens", n + 64}};
+    r.series["bin_count"] = {0, n / 2, n / 2};
+    r.series["bin_kl"] = {0, kl * n / 2, kl * n / 2};
+    r.series["bin_top1"] = {0, top * n / 2, top * n / 2};
+    r.series["bin_err"] = {0, 0.01 * n / 2, 0.01 * n / 2};
+    r.series["layer_err"] = {0.005 * n, 0.015 * n};
+    rs.push_back(r);
+  }
+  // passkey: dense finds 2 of 2, quest 1 of 2.
+  for (int i = 0; i < 2; ++i) {
+    Record d = rec("passkey", "p" + std::to_string(i), "dense", 0, "");
+    d.num = {{"length", 1024}, {"depth", 0.5 * i}, {"found", 1}};
+    Record q = rec("passkey", "p" + std::to_string(i), "quest", 64, "");
+    q.num = {{"length", 1024}, {"depth", 0.5 * i}, {"found", double(i)}};
+    rs.push_back(d), rs.push_back(q);
+  }
+  // reasoning: 3 of 4 arithmetic problems right under dense.
+  for (int i = 0; i < 4; ++i) {
+    Record r = rec("reasoning", "arith-" + std::to_string(i), "dense", 0, "");
+    r.num = {{"correct", double(i != 2)}, {"has_answer", 1}, {"tokens", 100}};
+    r.str["dataset"] = "arith";
+    rs.push_back(r);
+  }
+  // agreement: one case, identical for 40 tokens then different.
+  Record ag = rec("agreement", "arith-0", "squeezed", 128, "16/128");
+  ag.num = {{"identical", 0}, {"divergence", 40}, {"tokens", 50}, {"answer_match", 1}, {"correct", 0}};
+  rs.push_back(ag);
+
+  const ReportResult rr = render_report(dir, rs);
+  ASSERT_TRUE(fs::exists(rr.markdown_path));
+  const std::string md = eval_test::slurp(rr.markdown_path);
+  for (const char* section : {"## fidelity", "## agreement", "## passkey", "## reasoning"})
+    EXPECT_NE(md.find(section), std::string::npos) << section;
+  EXPECT_NE(md.find("| multipole | 128 | 16/128 | 2 | 400 | 0.25000 | 0.6000 | 60.0% |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| quest | 64 | - | " + wilson_cell(1, 2) + " |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| dense | - | - | " + wilson_cell(2, 2) + " |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| dense | - | - | arith | " + wilson_cell(3, 4) + " | 100.0% | 100.0 |"), std::string::npos)
+      << md;
+  EXPECT_NE(md.find("| squeezed | 128 | 16/128 | 1 | " + wilson_cell(0, 1) + " | 40.0 | 50.0 |"), std::string::npos)
+      << md;
+  EXPECT_NE(md.find("| doc:b | 364 | 0.3000 / 50.0% |"), std::string::npos) << md;
+  // Curves: the position bins hold the per-bin means (0.1 * 50 + 0.3 * 150) / 200 = 0.25 at 64 and 128.
+  const std::string dat = eval_test::slurp(dir + "/plots/fidelity_kl_position.dat");
+  EXPECT_NE(dat.find("64 0.25\n128 0.25\n"), std::string::npos) << dat;
+  EXPECT_TRUE(fs::exists(dir + "/plots/passkey_accuracy_length.gp"));
+  EXPECT_TRUE(fs::exists(dir + "/plots/reasoning_accuracy.gp"));
+  if (rr.gnuplot) {
+    EXPECT_GE(rr.plots.size(), 4u);
+    for (const std::string& svg : rr.plots) {
+      EXPECT_NE(eval_test::slurp(svg).find("<svg"), std::string::npos) << svg;
+      EXPECT_NE(md.find("plots/" + fs::path(svg).filename().string()), std::string::npos) << svg;
+    }
+  } else {
+    EXPECT_NE(md.find("gnuplot is not installed"), std::string::npos) << md;
+  }
+  const auto summary = nlohmann::json::parse(rr.summary_json);
+  EXPECT_NEAR(summary["fidelity"][0]["kl_mean"].get<double>(), 0.25, 1e-12);
+  EXPECT_EQ(summary["passkey"][1]["found"].get<int>(), 1);
+}
+
+}  // namespace
+}  // namespace multipole::eval
