@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -120,7 +121,12 @@ PasskeyCase make_passkey_case(const std::function<int64_t(std::string_view)>& co
   c.id = fmt::format("passkey-L{}-D{:.2f}-{}", target_tokens, depth, seed);
   c.target_tokens = target_tokens;
   c.depth = depth;
-  SplitMix64 rng = SplitMix64::from({seed, 0x706173736b6579ULL /* "passkey" */});
+  // The key depends on the whole case, so that the cells of a length x depth grid run with
+  // the same seeds do not all ask for the same numbers; the filler depends on the seed only.
+  uint64_t depth_bits = 0;
+  static_assert(sizeof(depth_bits) == sizeof(depth));
+  std::memcpy(&depth_bits, &depth, sizeof(depth));
+  SplitMix64 rng = SplitMix64::from({seed, uint64_t(target_tokens), depth_bits, 0x706173736b6579ULL /* "passkey" */});
   const int64_t digits = rng.uniform(5, 7);
   c.passkey = std::to_string(rng.uniform(1, 9));
   for (int64_t i = 1; i < digits; ++i) c.passkey += char('0' + rng.uniform(0, 9));

@@ -11,6 +11,7 @@
 
 #include "multipole/core/error.hpp"
 #include "multipole/eval/tasks.hpp"
+#include "multipole/tokenizer/tokenizer.hpp"
 
 namespace {
 
@@ -115,6 +116,41 @@ TEST(Passkey, FillerVariesAndCasesAreDeterministic) {
   for (size_t at = start, next; (next = a.prompt.find(". ", at)) != std::string::npos; at = next + 2)
     sentences.insert(a.prompt.substr(at, next - at));
   EXPECT_GE(sentences.size(), 100u);
+}
+
+// A real BPE tokenizer (Qwen3's): token counts are not additive over sentences, yet the
+// search still lands just under the target with few calls.
+TEST(Passkey, QwenTokenizerLengths) {
+  const std::string path = std::string(MULTIPOLE_SHARED_DIR) + "/assets/qwen3-tokenizer/tokenizer.json";
+  const auto tokenizer = multipole::Tokenizer::load(path);
+  for (int64_t target : {512, 4096, 32768}) {
+    int calls = 0;
+    auto count = [&](std::string_view text) {
+      ++calls;
+      return int64_t(tokenizer.encode(text).size());
+    };
+    const PasskeyCase c = make_passkey_case(count, target, 0.3, 5);
+    const int64_t length = int64_t(tokenizer.encode(c.prompt).size());
+    EXPECT_LE(length, target);
+    EXPECT_GE(length, target - std::max<int64_t>(target / 50, 12)) << "target " << target;
+    EXPECT_LE(calls, 2 * int(std::log2(double(target))) + 8) << "target " << target;
+    EXPECT_NEAR(measured_depth(c), 0.3, 0.01);
+  }
+}
+
+// The prompt is the specification: pinned so that a change to the generator is noticed.
+// (Read by hand: seven sentences before the needle and seven after it, at depth 0.5.)
+TEST(Passkey, PinnedPrompt) {
+  const PasskeyCase c = make_passkey_case(count_words, 120, 0.5, 11);
+  EXPECT_EQ(c.passkey, "85837");
+  EXPECT_EQ(c.prompt,
+            "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it; you will be asked "
+            "for it at the end.\n\nHere we go. Nothing happens for a while. The field is old. A blue stone waits by "
+            "the meadow. The sky is cold. A still lake waits by the shore. The forest is calm. The pass key is 85837. "
+            "Remember it. 85837 is the pass key. A calm bird hums by the valley. Everyone agrees that the cloud is "
+            "blue today. A wide road waits by the shore. Here we go. The sky is soft. The day goes on. The grass "
+            "near the shore sleeps.\n\nWhat is the pass key?");
+  EXPECT_EQ(count_words(c.prompt), 116);  // counted by hand: 26 + 34 + 12 + 39 + 5
 }
 
 TEST(Passkey, RejectsImpossibleRequests) {
