@@ -12,6 +12,11 @@ logs=$(mktemp -d)
 echo "== real models for the golden tests"
 scripts/fetch-models.sh smollm2-135m qwen2.5-coder-0.5b
 
+echo "== test virtual environment (jinja2, the reference renderer of the chat-template tests)"
+[[ -x .venv-test/bin/python ]] || python3 -m venv .venv-test
+.venv-test/bin/python -m pip install --quiet --disable-pip-version-check jinja2==3.1.6 MarkupSafe==3.0.3
+export MULTIPOLE_TEST_PYTHON=$PWD/.venv-test/bin/python
+
 # Runs ctest on a build folder; fails on a failed test or a skip that is not a CUDA test.
 run_suite() {
   local dir=$1 exclude=$2 log=$logs/$(basename "$1").log
