@@ -17,6 +17,7 @@
 #include "multipole/engine/engine.hpp"
 #include "multipole/io/gguf.hpp"
 #include "multipole/model/model.hpp"
+#include "multipole/model/trace_capture.hpp"
 #ifdef MULTIPOLE_HAVE_TOKENIZER
 #include <filesystem>
 
@@ -56,6 +57,8 @@ struct GenerateArgs {
   std::vector<std::string> stops;
   bool ignore_eos = false;
   bool json = false;
+  std::string dump_trace;
+  std::string trace_layers;
 };
 
 std::string read_file(const std::string& path) {
@@ -129,6 +132,13 @@ void run_generate(const GenerateArgs& a) {
   const int threads = a.threads > 0 ? a.threads : int(std::max(1u, std::thread::hardware_concurrency()));
   ThreadPool pool(threads);
   Engine engine(*model, eo, pool);
+  std::optional<TraceCapture> capture;
+  if (!a.dump_trace.empty()) {
+    capture.emplace(*model, parse_trace_layers(a.trace_layers, mc.num_layers));
+    model->set_observer(&*capture);
+  } else {
+    MP_CHECK(a.trace_layers.empty(), "generate: --layers needs --dump-trace");
+  }
 
   GenerationConfig gc;
   gc.max_tokens = a.max_tokens;
@@ -196,6 +206,7 @@ void run_generate(const GenerateArgs& a) {
   }
   const GenerationResult r = engine.generate(prompt, gc, hooks_ptr, on_text);
   const GenerationStats& s = r.stats;
+  const std::vector<std::string> traces = capture ? capture->write(a.dump_trace) : std::vector<std::string>{};
   if (a.json) {
     json j;
     j["model"] = model->path();
@@ -215,6 +226,7 @@ void run_generate(const GenerateArgs& a) {
     j["prefill_tokens_per_second"] = s.prefill_tokens_per_second();
     j["decode_tokens_per_second"] = s.decode_tokens_per_second();
     j["attention_share"] = s.attention_share();
+    if (capture) j["traces"] = traces;
     j["policy"] = {{"exact_tokens", s.policy.exact_tokens},
                    {"selected_tokens", s.policy.selected_tokens},
                    {"centroids_scored", s.policy.centroids_scored},
@@ -232,6 +244,7 @@ void run_generate(const GenerateArgs& a) {
                mc.architecture.c_str(), a.attention.c_str(), threads, (long long)s.prompt_tokens,
                (long long)s.generated_tokens, std::string(finish_reason_name(r.finish)).c_str(),
                s.prefill_tokens_per_second(), s.decode_tokens_per_second(), 100.0 * s.attention_share());
+  for (const std::string& t : traces) std::fprintf(stderr, "wrote trace %s\n", t.c_str());
   if (r.finish == FinishReason::ContextLimit)
     std::fprintf(stderr, "note: stopped at the context limit of %lld tokens\n", (long long)engine.context_length());
 }
@@ -269,6 +282,14 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--stop", args->stops, "Stop string (repeatable)");
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Do not stop at end-of-sequence tokens");
   cmd->add_flag("--json", args->json, "Print one JSON object (text, tokens, speeds) instead of streaming");
+  cmd->add_option("--dump-trace", args->dump_trace,
+                  "Write the pre-RoPE q, k, v of the --layers as attention traces for `multipole attn`, one file per "
+                  "layer: FILE.L<layer>.safetensors (a trailing .safetensors of FILE is dropped); k, v for every "
+                  "position, q for the generated tokens fed back (all but the last); RoPE incl. rope_scaling in "
+                  "the metadata");
+  cmd->add_option("--layers", args->trace_layers,
+                  "Layers for --dump-trace: comma-separated, negative from the end (-1 the last), or all "
+                  "(default: the first and the last)");
   cmd->callback([args] { run_generate(*args); });
 }
 

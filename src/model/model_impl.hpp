@@ -41,6 +41,7 @@ struct Model::Impl {
   std::vector<LayerWeights> layers;
   Rope rope;
   int prefill_chunk = 256;
+  ForwardObserver* observer = nullptr;
   ForwardScratch scratch;
 
   // Rows r of the batch are tokens[r] at position pos[r] of sequence row_seq[r]. Decode:

@@ -151,11 +151,19 @@ void Model::Impl::forward(const ModelConfig& c, PagedKVCache& cache, std::span<c
           unpermute_head(xh, tmp, int(hd));
         }
         if (!norm.empty()) rms_norm(xh, norm.data(), xh, hd, eps);
-        rotate_head(xh, cr, sr, half);
+        if (!observer) rotate_head(xh, cr, sr, half);
       };
       for (int g = 0; g < nh; ++g) head(qr + g * hd, L.q_norm);
       for (int g = 0; g < nkv; ++g) head(kr + g * hd, L.k_norm);
     });
+    if (observer) {
+      // The observer sees q and k before RoPE, so the rotation runs as a second pass.
+      observer->on_qkv({l, decode, row_seq, std::span<const int64_t>(s.pos.data(), size_t(n)), q, k, v});
+      for_rows(pool, n, [&](int64_t r) {
+        for (int g = 0; g < nh; ++g) rotate_head(q + r * qw + g * hd, cs + r * half, sn + r * half, half);
+        for (int g = 0; g < nkv; ++g) rotate_head(k + r * kw + g * hd, cs + r * half, sn + r * half, half);
+      });
+    }
 
     // K (rotated) and V into the cache, then attention.
     const auto t_att = Clock::now();

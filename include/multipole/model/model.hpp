@@ -46,6 +46,30 @@ struct TensorInfo {
   int64_t bytes = 0;
 };
 
+// The q, k, v of one layer for the rows of one forward, before RoPE: after the projections,
+// the q/k/v bias (Qwen2) and the per-head q/k RMSNorm (Qwen3), in the Hugging Face
+// rotate-half channel order (GGUF Llama rows already un-permuted).
+struct QKVRows {
+  int layer = 0;
+  bool decode = false;              // a decode step (one row per sequence) or a prefill chunk
+  std::span<const SeqId> seqs;      // decode: [rows], row r's sequence; prefill: [1], every row's
+  std::span<const int64_t> positions;  // [rows] cache position of each row
+  const float* q = nullptr;         // [rows, num_heads, head_dim]
+  const float* k = nullptr;         // [rows, num_kv_heads, head_dim]
+  const float* v = nullptr;         // [rows, num_kv_heads, head_dim]
+
+  int64_t rows() const { return int64_t(positions.size()); }
+  SeqId seq(int64_t row) const { return seqs.size() == 1 ? seqs[0] : seqs[size_t(row)]; }
+};
+
+// Sees every layer's pre-RoPE q, k, v during forwards (e.g. to dump attention traces). Called
+// on the forward's thread; the pointers are valid only during the call.
+class ForwardObserver {
+ public:
+  virtual ~ForwardObserver() = default;
+  virtual void on_qkv(const QKVRows& rows) = 0;
+};
+
 struct ModelLoadOptions {
   // Reading the config alone is enough for `inspect`: weights are then not bound.
   bool bind_weights = true;
@@ -103,6 +127,9 @@ class Model {
 
   // Tokens per prefill chunk (bounds the scratch memory of long prompts).
   void set_prefill_chunk(int tokens);
+
+  // Observer of the pre-RoPE q, k, v (not owned; nullptr: none, the forward pays nothing).
+  void set_observer(ForwardObserver* observer);
 
   struct Impl;
 
