@@ -200,7 +200,23 @@ void clone_prefix(PagedKVCache& cache, SeqId src, SeqId dst, int64_t n) {
 }
 
 void run_attention_bench(const BenchArgs& args) {
-  MP_CHECK(args.device == "cpu", "bench attention: device '{}' is not supported yet (only cpu)", args.device);
+  MP_CHECK(args.device == "cpu" || args.device == "cuda", "bench attention: --device '{}' must be cpu or cuda",
+           args.device);
+  if (args.device == "cuda") {
+    CudaBenchRequest r;
+    r.contexts = args.contexts;
+    r.batches = args.batches;
+    r.q_heads = args.q_heads;
+    r.kv_heads = args.kv_heads;
+    r.head_dim = args.head_dim;
+    r.kv_dtype = args.kv_dtype;
+    r.budget = args.budget;
+    r.tokens_per_centroid = args.tokens_per_centroid;
+    r.steps = args.steps;
+    r.seed = args.seed;
+    r.json = args.json;
+    return run_attention_bench_cuda(r);
+  }
   MP_CHECK(!args.contexts.empty() && !args.batches.empty(), "bench attention: --context and --batch need values");
   for (int64_t c : args.contexts) MP_CHECK(c > 0, "bench attention: context {} must be > 0", c);
   for (int b : args.batches) MP_CHECK(b > 0, "bench attention: batch {} must be > 0", b);
@@ -424,7 +440,12 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--seed", args->seed, "Seed of the synthetic data and the clustering")->capture_default_str();
   cmd->add_option("--rope-theta", args->rope_theta, "RoPE theta of the synthetic keys")->capture_default_str();
   cmd->add_flag("--json", args->json, "One JSON object per line instead of a table");
-  cmd->add_option("--device", args->device, "Device (only cpu for now)")->capture_default_str();
+  cmd->add_option("--device", args->device,
+                  "cpu, or cuda (GPU build): dense, multipole (two levels), squeezed, the multipole stages, GPU\n"
+                  "prefill k-means of the batch and multipole on that index, per batch and context, on random K/V;\n"
+                  "--steps timed steps (L2 flushed before each); --policies, --threads, --simd, --copy-mib and\n"
+                  "--rope-theta apply to cpu only")
+      ->capture_default_str();
   cmd->add_option("--copy-mib", args->copy_mib, "MiB of each memcpy buffer for the plain-copy bandwidth")
       ->capture_default_str()
       ->check(CLI::Range(1, 1 << 16));

@@ -10,6 +10,7 @@
 #include "cuda/launch.hpp"
 #include "multipole/core/error.hpp"
 #include "multipole/cuda/decode.hpp"
+#include "multipole/cuda/kmeans.hpp"
 
 namespace multipole::cuda {
 
@@ -222,6 +223,54 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
              vbytes + exact * (2 * row + 4) + C * (4 + G * 4), 1, dec.plan_info().mp_ctas);
       }
       MP_CHECK(dec.error_flags() == 0, "bench: exact set overflow (flags {})", dec.error_flags());
+      if (o.kmeans) {
+        // Prefill clustering of the whole batch (B x Hkv entries), blocks and levels as the
+        // CPU index; wall time of build() + the GPU work it enqueues.
+        AttentionConfig kc2 = ac;
+        kc2.cluster.tokens_per_centroid = {o.tokens_per_centroid};
+        if (o.coarse_tokens_per_centroid > 0) kc2.cluster.tokens_per_centroid.push_back(o.coarse_tokens_per_centroid);
+        kc2.cluster.block_size = o.block_size;
+        kc2.cluster.prefill_iterations = o.prefill_iterations;
+        const Rope rope(kc2.rope);
+        const std::vector<int64_t> ends(size_t(B), kc2.middle_end(ctx));
+        DeviceKMeans km;
+        std::vector<double> ms;
+        for (int run = 0; run <= std::max(1, o.kmeans_runs); ++run) {  // run 0: warm-up (allocations)
+          cudaEvent_t e0, e1;
+          MP_CUDA_CHECK(cudaEventCreate(&e0));
+          MP_CUDA_CHECK(cudaEventCreate(&e1));
+          MP_CUDA_CHECK(cudaStreamSynchronize(stream));
+          MP_CUDA_CHECK(cudaEventRecord(e0, stream));
+          km.build(dev, 0, seqs, ends, kc2, rope, o.key_dtype, stream);
+          MP_CUDA_CHECK(cudaEventRecord(e1, stream));
+          MP_CUDA_CHECK(cudaEventSynchronize(e1));
+          float t = 0;
+          MP_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+          if (run > 0) ms.push_back(t);
+          cudaEventDestroy(e0);
+          cudaEventDestroy(e1);
+        }
+        std::sort(ms.begin(), ms.end());
+        CudaBenchRow r;
+        r.batch = B;
+        r.context = ctx;
+        r.variant = "kmeans-prefill";
+        r.us = ms[ms.size() / 2] * 1e3;
+        r.us_clean = r.us;
+        r.bytes = int64_t(B) * Hkv * (end - s0) * row * 2;  // keys and values read once from the cache
+        r.gbps = double(r.bytes) / (r.us * 1e-6) / 1e9;
+        r.launches = km.launches();
+        r.ratio_to_dense = dense_us > 0 ? dense_us / r.us : 0;
+        rows.push_back(r);
+        if (on_row) on_row(r);
+        CudaDecoder kdec(ac);
+        kdec.plan(dev, seqs, &km.index());
+        emit("mp-kmeans-index",
+             [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s); }, mp_bytes,
+             CudaDecoder::kMultipoleLaunches, kdec.plan_info().mp_ctas);
+        MP_CHECK(kdec.error_flags() == 0, "bench: exact set overflow on the k-means index (flags {})",
+                 kdec.error_flags());
+      }
     }
   cudaStreamDestroy(stream);
   return rows;

@@ -123,6 +123,7 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
   for (const auto& x : entries) {
     const size_t Cc = x.coarse_sizes.size(), C = x.sizes.size();
     entry_begin_.push_back(int32_t(c0));
+    member_base_.push_back(int64_t(mem.size()));
     entry_count_.push_back(int32_t(Cc + C));
     entry_end_.push_back(int32_t(x.clustered_end));
     entry_coarse_.push_back(int32_t(Cc));
@@ -165,6 +166,63 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
   put(d_entry_count_, entry_count_.data(), entry_count_.size() * 4);
   put(d_entry_end_, entry_end_.data(), entry_end_.size() * 4);
   put(d_entry_coarse_, entry_coarse_.data(), entry_coarse_.size() * 4);
+}
+
+DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key_dtype, DType value_dtype,
+                                       std::span<const DeviceEntryShape> shapes)
+    : head_dim_(head_dim), num_kv_heads_(num_kv_heads), key_dtype_(key_dtype), value_dtype_(value_dtype) {
+  MP_CHECK(head_dim > 0 && head_dim % 8 == 0, "cluster index: head_dim {} must be a positive multiple of 8", head_dim);
+  MP_CHECK(num_kv_heads > 0 && !shapes.empty() && shapes.size() % size_t(num_kv_heads) == 0,
+           "cluster index: {} entries is not a positive multiple of {} KV heads", shapes.size(), num_kv_heads);
+  MP_CHECK(value_dtype == DType::BF16 || value_dtype == DType::F16, "cluster index: value dtype {} must be bf16 or f16",
+           dtype_name(value_dtype));
+  MP_CHECK(key_dtype == DType::F32 || key_dtype == value_dtype,
+           "cluster index: key centroid dtype {} must be f32 or the value dtype {}", dtype_name(key_dtype),
+           dtype_name(value_dtype));
+  int64_t clusters = 0, members = 0;
+  for (size_t e = 0; e < shapes.size(); ++e) {
+    const auto& x = shapes[e];
+    MP_CHECK(x.fine >= 0 && x.coarse >= 0 && x.tokens >= 0 && x.clustered_end >= x.tokens &&
+                 x.clustered_end <= std::numeric_limits<int32_t>::max() && (x.coarse == 0 || x.fine > 0),
+             "cluster index: entry {} shape (fine {}, coarse {}, tokens {}, clustered_end {}) is inconsistent", e,
+             x.fine, x.coarse, x.tokens, x.clustered_end);
+    entry_begin_.push_back(int32_t(clusters));
+    entry_count_.push_back(x.fine + x.coarse);
+    entry_end_.push_back(int32_t(x.clustered_end));
+    entry_coarse_.push_back(x.coarse);
+    member_base_.push_back(members);
+    clusters += x.fine + x.coarse;
+    members += x.tokens + (x.coarse > 0 ? x.fine : 0);
+    max_clusters_ = std::max(max_clusters_, x.fine + x.coarse);
+    max_coarse_ = std::max(max_coarse_, x.coarse);
+  }
+  MP_CHECK(clusters < std::numeric_limits<int32_t>::max() && members < std::numeric_limits<int32_t>::max(),
+           "cluster index: {} clusters / {} members exceed the 2^31 limit", clusters, members);
+  total_clusters_ = clusters;
+  const size_t d = size_t(head_dim);
+  keys_.reserve(std::max<size_t>(size_t(clusters) * d * dtype_size(key_dtype), 16));
+  values_.reserve(std::max<size_t>(size_t(clusters) * d * dtype_size(value_dtype), 16));
+  sizes_.reserve(std::max<size_t>(size_t(clusters) * 4, 16));
+  member_begin_.reserve(std::max<size_t>(size_t(clusters) * 4, 16));
+  members_.reserve(std::max<size_t>(size_t(members) * 4, 16));
+  auto put = [](DeviceBuffer& buf, const std::vector<int32_t>& v) {
+    buf.reserve(std::max<size_t>(v.size() * 4, 16));
+    buf.upload(v.data(), v.size() * 4);
+  };
+  put(d_entry_begin_, entry_begin_);
+  put(d_entry_count_, entry_count_);
+  put(d_entry_end_, entry_end_);
+  put(d_entry_coarse_, entry_coarse_);
+}
+
+DeviceClusterTarget DeviceClusterIndex::target() {
+  DeviceClusterTarget t;
+  t.key_centroids = keys_.data();
+  t.value_centroids = values_.data();
+  t.sizes = sizes_.as<int32_t>();
+  t.member_begin = member_begin_.as<int32_t>();
+  t.members = members_.as<int32_t>();
+  return t;
 }
 
 DeviceClusterView DeviceClusterIndex::view() const {

@@ -30,13 +30,21 @@ struct CudaBenchOptions {
   int warmup = 10, iterations = 50;
   bool graph = true;
   bool stages = true;  // also time multipole's first stages (score; score + select)
+  // Prefill clustering on the GPU (DeviceKMeans) of the batch's [sinks, middle_end) x KV
+  // heads, timed ("kmeans-prefill", ms in `us` / 1000), then multipole decode on that index
+  // ("mp-kmeans-index"). Random keys: the work per Lloyd iteration does not depend on them.
+  bool kmeans = true;
+  int block_size = 8192;
+  int prefill_iterations = 10;
+  int kmeans_runs = 3;  // timed builds (median)
   uint64_t seed = 1;
 };
 
 struct CudaBenchRow {
   int batch = 0;
   int64_t context = 0;
-  std::string variant;       // dense, multipole, squeezed, mp-1level, mp-score, mp-score+select, mp-attend
+  std::string variant;       // dense, multipole, squeezed, mp-1level, mp-score, mp-score+select, mp-attend,
+                             // kmeans-prefill (one build for the whole batch), mp-kmeans-index
   double us = 0;             // median time per layer-step, L2 flushed by writes (do_bench-like)
   double us_clean = 0;       // same, L2 flushed by reads
   double ratio_to_dense = 0; // dense time / this time

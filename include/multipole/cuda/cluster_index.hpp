@@ -58,6 +58,24 @@ struct DeviceClusterView {
   DType value_dtype = DType::BF16;
 };
 
+// Shape of entry (b, h) of an index whose cluster data a device producer writes
+// (DeviceKMeans): `fine` clusters over `tokens` clustered positions ending at clustered_end,
+// under `coarse` clusters (0: one level).
+struct DeviceEntryShape {
+  int64_t clustered_end = 0;
+  int64_t tokens = 0;
+  int fine = 0, coarse = 0;
+};
+
+// Writable arrays of an index for device producers; layout as DeviceClusterView.
+struct DeviceClusterTarget {
+  void* key_centroids = nullptr;
+  void* value_centroids = nullptr;
+  int32_t* sizes = nullptr;
+  int32_t* member_begin = nullptr;
+  int32_t* members = nullptr;  // entry e's lists start at member_base(e): coarse child lists, then fine
+};
+
 class DeviceClusterIndex {
  public:
   // entries: [batch * num_kv_heads], entry b * num_kv_heads + h describes sequence b of the
@@ -68,7 +86,14 @@ class DeviceClusterIndex {
   DeviceClusterIndex(int head_dim, int num_kv_heads, DType key_dtype, DType value_dtype,
                      std::span<const HostClusterLevel> entries);
 
+  // Allocates an index of the given shapes whose cluster data (centroids, sizes, lists) is
+  // left for a device producer to write through target(); the entry tables are set here.
+  DeviceClusterIndex(int head_dim, int num_kv_heads, DType key_dtype, DType value_dtype,
+                     std::span<const DeviceEntryShape> shapes);
+
   DeviceClusterView view() const;
+  DeviceClusterTarget target();
+  int64_t member_base(int e) const { return member_base_[size_t(e)]; }
   int head_dim() const { return head_dim_; }
   int num_kv_heads() const { return num_kv_heads_; }
   int entries() const { return int(entry_begin_.size()); }
@@ -93,6 +118,7 @@ class DeviceClusterIndex {
   int max_clusters_ = 0, max_coarse_ = 0;
   int64_t total_clusters_ = 0;
   std::vector<int32_t> entry_begin_, entry_count_, entry_end_, entry_coarse_;
+  std::vector<int64_t> member_base_;
   DeviceBuffer keys_, values_, sizes_, member_begin_, members_, d_entry_begin_, d_entry_count_, d_entry_end_,
       d_entry_coarse_;
 };

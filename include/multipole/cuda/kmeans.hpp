@@ -1,0 +1,86 @@
+#pragma once
+// Prefill clustering on the GPU: the blocked two-level k-means of ClusterIndex::build (same
+// block rule, same seeds, same initial centroids, same empty-cluster re-seeding, same
+// iteration count) over the device KV cache, written straight into a DeviceClusterIndex.
+//
+// Per block and level: initial centroids = distinct random points drawn by the CPU's Rng on
+// the device; each Lloyd iteration = distances by bf16 tensor-core mma fused with the argmin
+// (no [n, k] matrix in memory), counts + re-seeding + a stable counting sort into member
+// lists (one CTA per block), then centroids as f64 sums over the members in ascending order
+// (deterministic: no atomics on values). After the last iteration the key centroids, value
+// centroids and sizes are those of the final membership. Level 1 clusters the non-empty
+// level-0 centroids weighted by their sizes; its statistics are the size-weighted means of
+// its children. Differences from the CPU: assignments use bf16 distances (labels can differ
+// where two centroids are within bf16 rounding), and when duplicates leave fewer non-empty
+// fine clusters than coarse ones the surplus coarse clusters stay empty (size 0) instead of
+// not existing.
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "multipole/attention/config.hpp"
+#include "multipole/attention/rope.hpp"
+#include "multipole/cuda/cluster_index.hpp"
+#include "multipole/cuda/kv_cache.hpp"
+#include "multipole/cuda/runtime.hpp"
+
+namespace multipole::cuda {
+
+// Per-block result of one level (for tests and benchmarks).
+struct KMeansBlockStats {
+  int entry = 0, block = 0, level = 0;
+  double first_inertia = 0, inertia = 0;  // sum of w ||x - c||^2 at the first / last assignment
+};
+
+class DeviceKMeans {
+ public:
+  // Clusters [sinks, ends[b]) of KV head h of sequence seqs[b], for every b and h, of `layer`
+  // of the device cache (keys rotated to their positions: clustered after rotating back to
+  // position 0 with `rope`, as the CPU index does). ends[b] is what ClusterIndex::build takes
+  // (config.middle_end(length)). Waits for `stream` first (the work buffers are reused), then
+  // uploads small block descriptors and enqueues every kernel on `stream` without waiting.
+  // The index (entries b * Hkv + h) holds key centroids in key_dtype (f32 or the cache's
+  // dtype), value centroids in the cache's dtype.
+  void build(const DeviceKVCache& cache, int layer, std::span<const SeqId> seqs, std::span<const int64_t> ends,
+             const AttentionConfig& config, const Rope& rope, DType key_dtype, Stream stream);
+
+  // Valid after build(); the index is complete once the stream reaches this point.
+  const DeviceClusterIndex& index() const { return *index_; }
+  int entries() const { return int(entry_seq_.size()); }
+  int levels() const { return levels_; }
+
+  // Synchronous downloads (tests): the f32 statistics of entry e as the CPU adapter
+  // host_cluster_level() would give them, and per-block inertias.
+  HostClusterLevel download(int entry) const;
+  std::vector<KMeansBlockStats> block_stats() const;
+  // Launches enqueued by the last build().
+  int launches() const { return launches_; }
+  // Device bytes held for the work buffers (the index not included).
+  int64_t scratch_bytes() const;
+
+ private:
+  struct Level {
+    int64_t points = 0, clusters = 0;
+    int max_n = 0, max_k = 0;
+    DeviceBuffer blocks;  // [nblocks] block descriptors
+    DeviceBuffer tiles;   // [tiles] (block, first point) of the assignment CTAs
+    int num_tiles = 0;
+    DeviceBuffer xb, xnorm, labels, dist2, members;  // per point
+    DeviceBuffer k_active;  // [nblocks] clusters initialised (k, or fewer points of weight > 0)
+    DeviceBuffer cent, centb, cnorm, counts, offsets, values, sizes;  // per cluster
+    DeviceBuffer inertia;  // [nblocks, 2] first, last
+  };
+
+  int levels_ = 0, head_dim_ = 0, num_kv_heads_ = 0, num_blocks_ = 0, launches_ = 0;
+  std::vector<int32_t> entry_seq_;
+  std::vector<int32_t> block_entry_, block_index_;
+  Level lv_[2];
+  DeviceBuffer points_;          // [tokens, d] f32 clustering keys of level 0
+  DeviceBuffer items_;           // [tokens] sampling scratch
+  DeviceBuffer rng_;             // [nblocks, 4] u64 Rng state (level 0 init -> level 1 init)
+  DeviceBuffer entry_desc_, inv_freq_;
+  std::unique_ptr<DeviceClusterIndex> index_;
+};
+
+}  // namespace multipole::cuda

@@ -1,0 +1,306 @@
+// Host driver of the GPU prefill k-means (include/multipole/cuda/kmeans.hpp): block layout
+// as ClusterIndex::build, descriptors, the launch sequence, downloads for tests.
+#include "multipole/cuda/kmeans.hpp"
+
+#include <algorithm>
+#include <memory>
+#include <utility>
+
+#include "attention/kmeans.hpp"
+#include "cuda/kmeans_launch.hpp"
+#include "multipole/core/error.hpp"
+
+namespace multipole::cuda {
+
+using namespace detail;
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <class T>
+void upload_vec(DeviceBuffer& buf, const std::vector<T>& v) {
+  buf.reserve(std::max<size_t>(v.size() * sizeof(T), 16));
+  if (!v.empty()) buf.upload(v.data(), v.size() * sizeof(T));
+}
+
+
+}  // namespace
+
+void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const SeqId> seqs,
+                         std::span<const int64_t> ends, const AttentionConfig& config, const Rope& rope,
+                         DType key_dtype, Stream stream) {
+  const auto& kc = cache.config();
+  const auto& cc = config.cluster;
+  const int d = kc.head_dim, Hkv = kc.num_kv_heads;
+  MP_CHECK(d == 64 || d == 128, "device k-means: head_dim {} must be 64 or 128", d);
+  MP_CHECK(config.head_dim == d && config.num_kv_heads == Hkv,
+           "device k-means: config (head_dim {}, kv heads {}) differs from the cache's ({}, {})", config.head_dim,
+           config.num_kv_heads, d, Hkv);
+  MP_CHECK(cc.tokens_per_centroid.size() == 1 || cc.tokens_per_centroid.size() == 2,
+           "device k-means: {} levels (tokens_per_centroid); the device index takes 1 or 2",
+           cc.tokens_per_centroid.size());
+  MP_CHECK(cc.prefill_iterations >= 1, "device k-means: prefill_iterations {} must be >= 1", cc.prefill_iterations);
+  MP_CHECK(seqs.size() == ends.size() && !seqs.empty(), "device k-means: {} sequences but {} ends", seqs.size(),
+           ends.size());
+  MP_CHECK(layer >= 0 && layer < kc.num_layers, "device k-means: layer {} outside [0, {})", layer, kc.num_layers);
+  MP_CHECK(int64_t(cc.block_size) * 3 / 2 < (1 << 16), "device k-means: block_size {} too large (limit 43690)",
+           cc.block_size);
+  // The work buffers and descriptors are reused: the previous build's kernels must be done.
+  stream_synchronize(stream);
+  levels_ = int(cc.tokens_per_centroid.size());
+  head_dim_ = d;
+  num_kv_heads_ = Hkv;
+  launches_ = 0;
+  const int64_t sinks = cc.sinks, bs = cc.block_size;
+
+  // Blocks of every entry, as ClusterIndex::build splits them.
+  std::vector<KmEntry> entries;
+  std::vector<KmBlock> b0, b1;
+  std::vector<DeviceEntryShape> shapes;
+  entry_seq_.clear();
+  block_entry_.clear();
+  block_index_.clear();
+  int64_t points = 0, clusters0 = 0, clusters1 = 0, dev_clusters = 0, dev_members = 0;
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    MP_CHECK(ends[b] >= 0 && (ends[b] <= cache.host_length(seqs[b]) || ends[b] <= sinks),
+             "device k-means: end {} outside sequence {} of length {}", ends[b], seqs[b], cache.host_length(seqs[b]));
+    for (int h = 0; h < Hkv; ++h) {
+      const int e = int(b) * Hkv + h;
+      const int64_t n = std::max<int64_t>(0, ends[b] - sinks);
+      entry_seq_.push_back(int32_t(seqs[b]));
+      entries.push_back({int32_t(seqs[b]), h, int32_t(points), int32_t(n)});
+      int64_t full = n / bs, rest = n % bs;
+      if (full > 0 && rest > 0 && rest < bs / 2) {
+        rest += bs;
+        --full;
+      }
+      const int64_t nblocks = full + (rest > 0 ? 1 : 0);
+      // Entry totals first (the index layout needs the coarse count before the fine ids).
+      int64_t fine = 0, coarse = 0;
+      std::vector<std::pair<int64_t, int64_t>> spans;  // (begin, length)
+      for (int64_t k = 0, pos = sinks; k < nblocks; ++k) {
+        const int64_t len = k < full ? bs : rest;
+        spans.push_back({pos, len});
+        pos += len;
+        const int64_t k0 = ceil_div(len, cc.tokens_per_centroid[0]);
+        fine += k0;
+        if (levels_ == 2) coarse += std::min(ceil_div(len, cc.tokens_per_centroid[1]), k0);
+      }
+      DeviceEntryShape sh;
+      sh.clustered_end = n > 0 ? ends[b] : sinks;  // as the CPU index: end() == begin() == sinks
+      sh.tokens = n;
+      sh.fine = int(fine);
+      sh.coarse = int(coarse);
+      shapes.push_back(sh);
+      const int64_t entry_cluster = dev_clusters, entry_member = dev_members;
+      int64_t fine_local = 0, coarse_local = 0;
+      for (int64_t k = 0; k < nblocks; ++k) {
+        const auto [pos, len] = spans[size_t(k)];
+        KmBlock blk{};
+        blk.point_begin = int32_t(points + (pos - sinks));
+        blk.n = int32_t(len);
+        blk.cluster_begin = int32_t(clusters0);
+        blk.k = int32_t(ceil_div(len, cc.tokens_per_centroid[0]));
+        blk.seq = int32_t(seqs[b]);
+        blk.head = h;
+        blk.token_begin = int32_t(pos);
+        blk.dev_cluster = int32_t(entry_cluster + coarse + fine_local);
+        blk.dev_member = int32_t(entry_member + (coarse > 0 ? fine : 0) + (pos - sinks));
+        blk.fine_local = int32_t(fine_local);
+        blk.seed = kmeans::mix_seed(cc.seed, {0, uint64_t(uint32_t(seqs[b])), uint64_t(layer), uint64_t(h),
+                                              uint64_t(k)});
+        b0.push_back(blk);
+        if (levels_ == 2) {
+          KmBlock c{};
+          c.point_begin = blk.cluster_begin;
+          c.n = blk.k;
+          c.cluster_begin = int32_t(clusters1);
+          c.k = int32_t(std::min<int64_t>(ceil_div(len, cc.tokens_per_centroid[1]), blk.k));
+          c.seq = blk.seq;
+          c.head = h;
+          c.token_begin = blk.token_begin;
+          c.dev_cluster = int32_t(entry_cluster + coarse_local);
+          c.dev_member = int32_t(entry_member + fine_local);
+          c.fine_local = int32_t(fine_local);
+          b1.push_back(c);
+          clusters1 += c.k;
+          coarse_local += c.k;
+        }
+        block_entry_.push_back(e);
+        block_index_.push_back(int32_t(k));
+        clusters0 += blk.k;
+        fine_local += blk.k;
+      }
+      points += n;
+      dev_clusters += fine + coarse;
+      dev_members += n + (coarse > 0 ? fine : 0);
+    }
+  }
+  MP_CHECK(points < (int64_t(1) << 31), "device k-means: {} clustered tokens exceed the 2^31 limit", points);
+  num_blocks_ = int(b0.size());
+  index_ = std::make_unique<DeviceClusterIndex>(d, Hkv, key_dtype, kc.dtype, shapes);
+
+  // Work buffers (kept between builds; grown as needed).
+  const size_t P = size_t(points), C0 = size_t(clusters0), C1 = size_t(clusters1), D = size_t(d);
+  points_.reserve(std::max<size_t>(P * D * 4, 16));
+  items_.reserve(std::max<size_t>(std::max(P, C0) * 4, 16));
+  rng_.reserve(std::max<size_t>(size_t(num_blocks_) * 32, 16));
+  upload_vec(entry_desc_, entries);
+  std::vector<double> f(rope.inv_freq().begin(), rope.inv_freq().end());
+  upload_vec(inv_freq_, f);
+  for (int l = 0; l < levels_; ++l) {
+    Level& L = lv_[l];
+    const auto& blocks = l == 0 ? b0 : b1;
+    L.points = l == 0 ? int64_t(P) : int64_t(C0);
+    L.clusters = l == 0 ? int64_t(C0) : int64_t(C1);
+    L.max_n = L.max_k = 0;
+    std::vector<KmTile> tiles;
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      L.max_n = std::max(L.max_n, blocks[i].n);
+      L.max_k = std::max(L.max_k, blocks[i].k);
+      for (int s = 0; s < blocks[i].n; s += kKmTilePoints) tiles.push_back({int32_t(i), s});
+    }
+    L.num_tiles = int(tiles.size());
+    upload_vec(L.blocks, blocks);
+    upload_vec(L.tiles, tiles);
+    const size_t np = std::max<size_t>(size_t(L.points), 1), nc = std::max<size_t>(size_t(L.clusters), 1);
+    L.xb.reserve(np * D * 2);
+    L.xnorm.reserve(np * 4);
+    L.labels.reserve(np * 4);
+    L.dist2.reserve(np * 4);
+    L.members.reserve(np * 4);
+    L.k_active.reserve(std::max<size_t>(blocks.size() * 4, 16));  // k_active per block
+    L.cent.reserve(nc * D * 4);
+    L.centb.reserve(nc * D * 2);
+    L.cnorm.reserve(nc * 4);
+    L.counts.reserve(nc * 4);
+    L.offsets.reserve(nc * 4);
+    L.values.reserve(nc * D * 4);
+    L.sizes.reserve(nc * 4);
+    L.inertia.reserve(std::max<size_t>(blocks.size() * 16, 16));
+  }
+  if (num_blocks_ == 0) return;
+
+  KvRead kv{};
+  const DeviceKVLayer lay = cache.layer(layer);
+  kv.keys = lay.keys;
+  kv.values = lay.values;
+  kv.tables = lay.tables;
+  kv.table_offset = lay.table_offset;
+  kv.page_size = lay.page_size;
+  kv.num_kv_heads = lay.num_kv_heads;
+  kv.f16 = lay.dtype == DType::F16;
+
+  int max_count = 0;
+  for (const auto& e : entries) max_count = std::max(max_count, e.count);
+  km_gather(d, kv, entry_desc_.as<KmEntry>(), int(entries.size()), max_count, inv_freq_.as<double>(), int(f.size()),
+            int(sinks), points_.as<float>(), lv_[0].xb.data(), lv_[0].xnorm.as<float>(), stream);
+  ++launches_;
+  const int iters = cc.prefill_iterations;
+  for (int l = 0; l < levels_; ++l) {
+    Level& L = lv_[l];
+    const int nb = num_blocks_;  // one level-1 block per level-0 block
+    const float* pts = l == 0 ? points_.as<float>() : lv_[0].cent.as<float>();
+    const int32_t* w = l == 0 ? nullptr : lv_[0].sizes.as<int32_t>();
+    const KmBlock* blocks = L.blocks.as<KmBlock>();
+    int32_t* kact = L.k_active.as<int32_t>();
+    if (l == 1) {  // level-1 points: bf16 copies and norms of the level-0 centroids
+      km_prep(d, nb, L.max_n, blocks, kact, true, pts, L.xb.data(), L.xnorm.as<float>(), stream);
+      ++launches_;
+    }
+    km_init(nb, L.max_k, blocks, l, d, pts, w, items_.as<int32_t>(), rng_.as<uint64_t>(), L.cent.as<float>(), kact,
+            stream);
+    ++launches_;
+    for (int it = 0; it < iters; ++it) {
+      km_prep(d, nb, L.max_k, blocks, kact, false, L.cent.as<float>(), L.centb.data(), L.cnorm.as<float>(), stream);
+      km_assign(d, L.num_tiles, blocks, L.tiles.as<KmTile>(), L.xb.data(), L.xnorm.as<float>(), L.centb.data(),
+                L.cnorm.as<float>(), L.labels.as<int32_t>(), L.dist2.as<float>(), stream);
+      km_count(nb, L.max_n, L.max_k, blocks, kact, w, L.labels.as<int32_t>(), L.dist2.as<float>(),
+               L.counts.as<int32_t>(), L.offsets.as<int32_t>(), L.members.as<int32_t>(), L.inertia.as<double>(),
+               it == 0, stream);
+      km_update(d, nb, L.max_k, blocks, kv, pts, w, l == 0 ? nullptr : lv_[0].values.as<float>(),
+                L.counts.as<int32_t>(), L.offsets.as<int32_t>(), L.members.as<int32_t>(), L.cent.as<float>(),
+                L.values.as<float>(), L.sizes.as<int32_t>(), it + 1 == iters, stream);
+      launches_ += 4;
+    }
+  }
+  const int key_kind = key_dtype == DType::F32 ? 0 : key_dtype == DType::BF16 ? 1 : 2;
+  const DeviceClusterTarget target = index_->target();
+  for (int l = 0; l < levels_; ++l) {
+    Level& L = lv_[l];
+    km_emit(d, num_blocks_, L.max_k, L.blocks.as<KmBlock>(), l, L.cent.as<float>(), L.values.as<float>(),
+            L.sizes.as<int32_t>(), L.offsets.as<int32_t>(), L.members.as<int32_t>(), target, key_kind,
+            kc.dtype == DType::F16, stream);
+    ++launches_;
+  }
+}
+
+HostClusterLevel DeviceKMeans::download(int entry) const {
+  MP_CHECK(entry >= 0 && entry < entries(), "device k-means: entry {} outside [0, {})", entry, entries());
+  synchronize();
+  const int d = head_dim_;
+  HostClusterLevel h;
+  h.clustered_end = index_->entry_clustered_end(entry);
+  h.member_offsets = {0};
+  for (int l = 0; l < levels_; ++l) {
+    const Level& L = lv_[l];
+    const size_t nb = l == 0 ? size_t(num_blocks_) : size_t(num_blocks_);
+    std::vector<KmBlock> blocks(nb);
+    if (nb) L.blocks.download(blocks.data(), nb * sizeof(KmBlock));
+    std::vector<float> cent(size_t(L.clusters) * d), values(cent.size());
+    std::vector<int32_t> sizes(size_t(L.clusters)), offsets(sizes.size()), members(size_t(L.points));
+    if (L.clusters) {
+      L.cent.download(cent.data(), cent.size() * 4);
+      L.values.download(values.data(), values.size() * 4);
+      L.sizes.download(sizes.data(), sizes.size() * 4);
+      L.offsets.download(offsets.data(), offsets.size() * 4);
+    }
+    if (L.points) L.members.download(members.data(), members.size() * 4);
+    auto& keys = l == 0 ? h.key_centroids : h.coarse_key_centroids;
+    auto& vals = l == 0 ? h.value_centroids : h.coarse_value_centroids;
+    auto& sz = l == 0 ? h.sizes : h.coarse_sizes;
+    auto& offs = l == 0 ? h.member_offsets : h.coarse_child_offsets;
+    auto& mem = l == 0 ? h.members : h.coarse_children;
+    if (l == 1) offs = {0};
+    for (size_t i = 0; i < nb; ++i) {
+      if (block_entry_[i] != entry) continue;
+      const KmBlock& b = blocks[i];
+      for (int c = 0; c < b.k; ++c) {
+        const size_t g = size_t(b.cluster_begin) + size_t(c);
+        keys.insert(keys.end(), cent.begin() + g * d, cent.begin() + (g + 1) * d);
+        vals.insert(vals.end(), values.begin() + g * d, values.begin() + (g + 1) * d);
+        sz.push_back(sizes[g]);
+        const int m0 = offsets[g], m1 = c + 1 < b.k ? offsets[g + 1] : b.n;
+        for (int m = m0; m < m1; ++m)
+          mem.push_back(l == 0 ? b.token_begin + members[size_t(b.point_begin + m)]
+                               : b.fine_local + members[size_t(b.point_begin + m)]);
+        offs.push_back(int32_t(mem.size()));
+      }
+    }
+  }
+  return h;
+}
+
+std::vector<KMeansBlockStats> DeviceKMeans::block_stats() const {
+  synchronize();
+  std::vector<KMeansBlockStats> out;
+  for (int l = 0; l < levels_; ++l) {
+    std::vector<double> in(size_t(num_blocks_) * 2);
+    if (num_blocks_) lv_[l].inertia.download(in.data(), in.size() * 8);
+    for (int i = 0; i < num_blocks_; ++i)
+      out.push_back({block_entry_[size_t(i)], block_index_[size_t(i)], l, in[2 * size_t(i)], in[2 * size_t(i) + 1]});
+  }
+  return out;
+}
+
+int64_t DeviceKMeans::scratch_bytes() const {
+  int64_t b = int64_t(points_.size() + items_.size() + rng_.size());
+  for (const auto& L : lv_)
+    for (const DeviceBuffer* x : {&L.xb, &L.xnorm, &L.labels, &L.dist2, &L.members, &L.cent, &L.centb, &L.cnorm,
+                                  &L.counts, &L.offsets, &L.values, &L.sizes})
+      b += int64_t(x->size());
+  return b;
+}
+
+}  // namespace multipole::cuda

@@ -1,0 +1,62 @@
+#pragma once
+// Plain-data descriptors and launch functions of the GPU k-means (src/cuda/kmeans.cu); the
+// host driver (src/cuda/kmeans.cpp) needs no CUDA headers.
+#include <cstdint>
+
+#include "multipole/cuda/cluster_index.hpp"
+#include "multipole/cuda/runtime.hpp"
+
+namespace multipole::cuda::detail {
+
+constexpr int kKmTilePoints = 128;  // points per assignment CTA (4 warps x 32)
+
+// One block of one level. Level 0: points are tokens; level 1: points are the level-0
+// clusters of the same token block.
+struct KmBlock {
+  int32_t point_begin, n;      // the level's point arrays
+  int32_t cluster_begin, k;    // the level's cluster arrays (k allocated)
+  int32_t seq, head;           // cache coordinates (level 0)
+  int32_t token_begin;         // level 0: position of point 0
+  int32_t dev_cluster;         // first cluster of the block in the index
+  int32_t dev_member;          // the block's member lists in the index start here
+  int32_t fine_local;          // level 1: entry-local fine id of the block's first child
+  uint64_t seed;               // level 0: Rng seed
+};
+
+struct KmEntry {
+  int32_t seq, head, point_begin, count;  // tokens [sinks, sinks + count) -> points from point_begin
+};
+
+struct KmTile {
+  int32_t block, start;  // assignment CTA: points [start, start + kKmTilePoints) of a block
+};
+
+// The cache as the kernels read it (one layer).
+struct KvRead {
+  const std::byte* keys;
+  const std::byte* values;
+  const int32_t* tables;
+  const int64_t* table_offset;
+  int page_size, num_kv_heads, f16;
+};
+
+// d: 64 or 128. Shapes: P points, K clusters of a level; xb/centb bf16 [., d].
+void km_gather(int d, const KvRead& kv, const KmEntry* entries, int num_entries, int max_count,
+               const double* inv_freq, int half, int sinks, float* points, void* xb, float* xnorm, Stream s);
+void km_init(int blocks, int max_k, const KmBlock* b, int level, int d, const float* points, const int32_t* weights,
+             int32_t* items, uint64_t* rng, float* cent, int32_t* k_active, Stream s);
+void km_prep(int d, int blocks, int max_rows, const KmBlock* b, const int32_t* k_active, bool by_points,
+             const float* src, void* dst, float* norm, Stream s);
+void km_assign(int d, int tiles, const KmBlock* b, const KmTile* t, const void* xb, const float* xnorm,
+               const void* centb, const float* cnorm, int32_t* labels, float* dist2, Stream s);
+void km_count(int blocks, int max_n, int max_k, const KmBlock* b, const int32_t* k_active, const int32_t* weights,
+              int32_t* labels, float* dist2, int32_t* counts, int32_t* offsets, int32_t* members, double* inertia,
+              bool first_iteration, Stream s);
+void km_update(int d, int blocks, int max_k, const KmBlock* b, const KvRead& kv, const float* points,
+               const int32_t* weights, const float* point_values, const int32_t* counts, const int32_t* offsets,
+               const int32_t* members, float* cent, float* values, int32_t* sizes, bool final_pass, Stream s);
+void km_emit(int d, int blocks, int max_k, const KmBlock* b, int level, const float* cent, const float* values,
+             const int32_t* sizes, const int32_t* offsets, const int32_t* members, const DeviceClusterTarget& out,
+             int key_kind, bool value_f16, Stream s);
+
+}  // namespace multipole::cuda::detail

@@ -1,0 +1,414 @@
+// GPU prefill k-means (DeviceKMeans) against the CPU cluster index built from the same cache
+// with the same seeds: exact invariants of the device result (sizes, key and value centroids
+// equal to the statistics of the membership, every token listed once, level-1 consistency),
+// labels that are the argmin over the centroids they were assigned with (up to the bf16
+// rounding of the distance GEMM), inertia within 3% of the CPU's, determinism, and the index
+// feeding the multipole decode exactly as the same data uploaded from the host. Skips without
+// a GPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <memory>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "attention/multipole_policy.hpp"
+#include "multipole/attention/cluster_index.hpp"
+#include "multipole/attention/rope.hpp"
+#include "multipole/cuda/decode.hpp"
+#include "multipole/cuda/kmeans.hpp"
+#include "test_scale.hpp"
+
+using namespace multipole;
+using namespace multipole::cuda;
+
+namespace {
+
+#define REQUIRE_GPU() \
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device"
+
+struct Case {
+  int Hkv = 2, D = 128;
+  std::vector<int> tpc = {16, 128};
+  int block = 1024;
+  std::vector<int64_t> lengths;
+  double zero_share = 0.0;  // share of tokens whose key is exactly 0 (duplicates: empty clusters)
+  uint32_t seed = 1;
+};
+
+// Keys drawn around a few centres with skewed (Zipf-like) popularity in the position-0
+// space, then rotated to their positions as a model's cache holds them; values N(0, 1).
+struct KmSetup {
+  AttentionConfig ac;
+  KVCacheConfig kc;
+  PagedKVCache cpu;
+  std::vector<SeqId> seqs;
+  std::vector<int64_t> ends;
+  DeviceKVCache dev;
+
+  static KVCacheConfig cache_config(const Case& c) {
+    KVCacheConfig kc;
+    kc.num_layers = 1;
+    kc.num_kv_heads = c.Hkv;
+    kc.head_dim = c.D;
+    kc.page_size = 16;
+    kc.dtype = DType::BF16;
+    kc.max_tokens = std::accumulate(c.lengths.begin(), c.lengths.end(), int64_t(0)) + 64 * int64_t(c.lengths.size());
+    return kc;
+  }
+  explicit KmSetup(const Case& c) : kc(cache_config(c)), cpu(kc), dev(kc, 16) {
+    ac.num_kv_heads = c.Hkv;
+    ac.num_q_heads = 4 * c.Hkv;
+    ac.head_dim = c.D;
+    ac.rope.head_dim = c.D;
+    ac.cluster.tokens_per_centroid = c.tpc;
+    ac.cluster.block_size = c.block;
+    ac.cluster.seed = 1234 + c.seed;
+    std::mt19937 rng(c.seed);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    const Rope rope(ac.rope);
+    for (int64_t n : c.lengths) {
+      const SeqId s = cpu.add_sequence();
+      seqs.push_back(s);
+      cpu.extend(s, n);
+      ends.push_back(ac.middle_end(n));
+      const int centres = 24;
+      std::vector<float> centre(size_t(centres) * c.D);
+      for (auto& x : centre) x = 2.0f * nd(rng);
+      std::vector<double> cdf(centres);
+      double acc = 0;
+      for (int j = 0; j < centres; ++j) cdf[size_t(j)] = acc += 1.0 / std::pow(j + 1.0, 1.3);
+      std::uniform_real_distribution<double> u(0.0, acc);
+      std::uniform_real_distribution<double> u01(0.0, 1.0);
+      std::vector<float> k(size_t(n) * c.Hkv * c.D), v(k.size());
+      for (int64_t t = 0; t < n; ++t)
+        for (int h = 0; h < c.Hkv; ++h) {
+          float* kr = k.data() + (size_t(t) * c.Hkv + h) * c.D;
+          if (u01(rng) < c.zero_share) {
+            std::fill(kr, kr + c.D, 0.0f);
+          } else {
+            const int j = int(std::lower_bound(cdf.begin(), cdf.end(), u(rng)) - cdf.begin());
+            for (int i = 0; i < c.D; ++i) kr[i] = centre[size_t(std::min(j, centres - 1)) * c.D + i] + 0.4f * nd(rng);
+            rope.rotate_by(kr, double(t));
+          }
+          float* vr = v.data() + (size_t(t) * c.Hkv + h) * c.D;
+          for (int i = 0; i < c.D; ++i) vr[i] = nd(rng);
+        }
+      if (n) cpu.write(s, 0, 0, n, k.data(), v.data());
+    }
+    dev.upload(cpu);
+  }
+};
+
+// Clustering keys (cached keys rotated back to position 0) and values of [0, end).
+void host_rows(const KmSetup& s, size_t b, int h, std::vector<float>& k0, std::vector<float>& v) {
+  const int64_t n = s.cpu.length(s.seqs[b]);
+  const int D = s.kc.head_dim;
+  k0.assign(size_t(n) * D, 0.0f);
+  v.assign(size_t(n) * D, 0.0f);
+  if (n == 0) return;
+  s.cpu.read_keys(s.seqs[b], 0, h, 0, n, k0.data());
+  unrotate_consecutive(Rope(s.ac.rope), k0.data(), n, 0);
+  s.cpu.read_values(s.seqs[b], 0, h, 0, n, v.data());
+}
+
+double dist2(const float* x, const float* c, int D) {
+  double s = 0;
+  for (int j = 0; j < D; ++j) s += (double(x[j]) - c[j]) * (double(x[j]) - c[j]);
+  return s;
+}
+
+double inertia_of(const HostClusterLevel& x, const std::vector<float>& k0, int D) {
+  double s = 0;
+  for (int c = 0; c < x.num_clusters(); ++c)
+    for (int m = x.member_offsets[size_t(c)]; m < x.member_offsets[size_t(c) + 1]; ++m)
+      s += dist2(k0.data() + size_t(x.members[size_t(m)]) * D, x.key_centroids.data() + size_t(c) * D, D);
+  return s;
+}
+
+void expect_close(double got, double want, double tol, const char* what, int e, int c) {
+  EXPECT_LE(std::abs(got - want), tol * (1.0 + std::abs(want))) << what << " entry " << e << " cluster " << c;
+}
+
+// Exact invariants of one entry of the device result.
+void check_invariants(const HostClusterLevel& x, const std::vector<float>& k0, const std::vector<float>& v, int D,
+                      int64_t sinks, int e) {
+  const int C = x.num_clusters();
+  std::vector<int> seen(size_t(std::max<int64_t>(x.clustered_end, 0)), 0);
+  for (int c = 0; c < C; ++c) {
+    const int m0 = x.member_offsets[size_t(c)], m1 = x.member_offsets[size_t(c) + 1];
+    ASSERT_EQ(x.sizes[size_t(c)], m1 - m0) << "entry " << e << " cluster " << c;
+    std::vector<double> ks(size_t(D), 0.0), vs(size_t(D), 0.0);
+    for (int m = m0; m < m1; ++m) {
+      const int p = x.members[size_t(m)];
+      ASSERT_TRUE(p >= sinks && p < x.clustered_end) << "entry " << e << " member " << p;
+      if (m > m0) EXPECT_LT(x.members[size_t(m) - 1], p) << "members not ascending, entry " << e;
+      ++seen[size_t(p)];
+      for (int j = 0; j < D; ++j) {
+        ks[size_t(j)] += k0[size_t(p) * D + j];
+        vs[size_t(j)] += v[size_t(p) * D + j];
+      }
+    }
+    const double inv = m1 > m0 ? 1.0 / (m1 - m0) : 0.0;
+    for (int j = 0; j < D; ++j) {
+      expect_close(x.key_centroids[size_t(c) * D + j], ks[size_t(j)] * inv, 2e-5, "key centroid", e, c);
+      expect_close(x.value_centroids[size_t(c) * D + j], vs[size_t(j)] * inv, 2e-5, "value centroid", e, c);
+    }
+  }
+  for (int64_t p = sinks; p < x.clustered_end; ++p) ASSERT_EQ(seen[size_t(p)], 1) << "entry " << e << " token " << p;
+  // Level 1: every fine cluster under exactly one coarse cluster; sizes and centroids are the
+  // size-weighted statistics of the children.
+  if (x.num_coarse() == 0) return;
+  std::vector<int> parent(size_t(C), 0);
+  for (int i = 0; i < x.num_coarse(); ++i) {
+    int64_t size = 0;
+    std::vector<double> ks(size_t(D), 0.0), vs(size_t(D), 0.0);
+    for (int m = x.coarse_child_offsets[size_t(i)]; m < x.coarse_child_offsets[size_t(i) + 1]; ++m) {
+      const int c = x.coarse_children[size_t(m)];
+      ASSERT_TRUE(c >= 0 && c < C);
+      ++parent[size_t(c)];
+      size += x.sizes[size_t(c)];
+      for (int j = 0; j < D; ++j) {
+        ks[size_t(j)] += double(x.sizes[size_t(c)]) * x.key_centroids[size_t(c) * D + j];
+        vs[size_t(j)] += double(x.sizes[size_t(c)]) * x.value_centroids[size_t(c) * D + j];
+      }
+    }
+    ASSERT_EQ(x.coarse_sizes[size_t(i)], size) << "entry " << e << " coarse " << i;
+    const double inv = size > 0 ? 1.0 / double(size) : 0.0;
+    for (int j = 0; j < D; ++j) {
+      expect_close(x.coarse_key_centroids[size_t(i) * D + j], ks[size_t(j)] * inv, 2e-5, "coarse key", e, i);
+      expect_close(x.coarse_value_centroids[size_t(i) * D + j], vs[size_t(j)] * inv, 2e-5, "coarse value", e, i);
+    }
+  }
+  for (int c = 0; c < C; ++c) EXPECT_EQ(parent[size_t(c)], 1) << "entry " << e << " fine cluster " << c;
+}
+
+struct HostBlock {
+  int64_t begin, end;
+  int cfirst, clast;  // fine clusters of the block (entry-local)
+};
+// The block rule of ClusterIndex::build.
+std::vector<HostBlock> host_blocks(int64_t sinks, int64_t end, int64_t bs, int t0) {
+  std::vector<HostBlock> out;
+  const int64_t n = std::max<int64_t>(0, end - sinks);
+  int64_t full = n / bs, rest = n % bs;
+  if (full > 0 && rest > 0 && rest < bs / 2) {
+    rest += bs;
+    --full;
+  }
+  int64_t pos = sinks;
+  int c = 0;
+  for (int64_t k = 0; k < full + (rest > 0 ? 1 : 0); ++k) {
+    const int64_t len = k < full ? bs : rest;
+    const int kc = int((len + t0 - 1) / t0);
+    out.push_back({pos, pos + len, c, c + kc});
+    pos += len;
+    c += kc;
+  }
+  return out;
+}
+
+// Each token's cluster minimises the distance to the centroids `prev` it was assigned with
+// (those after one iteration fewer), up to the bf16 rounding of x and c in the distance
+// GEMM: the computed x.c is off by at most ~2^-8 sum |x_j c_j|; allowed: 2^-6 (S_label +
+// S_best) + 1e-5 (|x|^2 + 1). A token alone in its cluster may have been re-seeded there
+// and is exempt (counted). Blocks where `prev` has an empty cluster are skipped (an empty
+// cluster's centroid is reported as 0, not the one it kept).
+void check_argmin(const HostClusterLevel& x, const HostClusterLevel& prev, const std::vector<float>& k0, int D,
+                  const std::vector<HostBlock>& blocks, int e, int64_t& checked, int64_t& exempt, int64_t& skipped) {
+  std::vector<int> label(k0.size() / size_t(D), -1);
+  for (int c = 0; c < x.num_clusters(); ++c)
+    for (int m = x.member_offsets[size_t(c)]; m < x.member_offsets[size_t(c) + 1]; ++m) label[size_t(x.members[size_t(m)])] = c;
+  for (const auto& blk : blocks) {
+    bool empty = false;
+    for (int c = blk.cfirst; c < blk.clast; ++c) empty |= prev.sizes[size_t(c)] == 0;
+    if (empty) {
+      ++skipped;
+      continue;
+    }
+    for (int64_t p = blk.begin; p < blk.end; ++p) {
+      const float* xp = k0.data() + size_t(p) * D;
+      const int l = label[size_t(p)];
+      ASSERT_TRUE(l >= blk.cfirst && l < blk.clast) << "entry " << e << " token " << p << " in another block's cluster";
+      int best = blk.cfirst;
+      double bd = 1e300, x2 = 0;
+      for (int j = 0; j < D; ++j) x2 += double(xp[j]) * xp[j];
+      for (int c = blk.cfirst; c < blk.clast; ++c) {
+        const double dc = dist2(xp, prev.key_centroids.data() + size_t(c) * D, D);
+        if (dc < bd) {
+          bd = dc;
+          best = c;
+        }
+      }
+      auto S = [&](int c) {
+        double s = 0;
+        for (int j = 0; j < D; ++j) s += std::abs(double(xp[j]) * prev.key_centroids[size_t(c) * D + j]);
+        return s;
+      };
+      const double dl = dist2(xp, prev.key_centroids.data() + size_t(l) * D, D);
+      const double tol = std::ldexp(S(l) + S(best), -6) + 1e-5 * (x2 + 1.0);
+      if (dl - bd > tol) {
+        if (x.sizes[size_t(l)] == 1) {
+          ++exempt;
+        } else {
+          ADD_FAILURE() << "entry " << e << " token " << p << ": cluster " << l << " at " << dl << ", nearest " << best
+                        << " at " << bd << " (tolerance " << tol << ")";
+          return;
+        }
+      }
+      ++checked;
+    }
+  }
+}
+
+DeviceKMeans run_gpu(const KmSetup& s, DType key_dtype = DType::F32) {
+  DeviceKMeans km;
+  km.build(s.dev, 0, s.seqs, s.ends, s.ac, Rope(s.ac.rope), key_dtype, nullptr);
+  synchronize();
+  return km;
+}
+
+void run_case(const Case& c, bool check_labels) {
+  SCOPED_TRACE(::testing::Message() << "D=" << c.D << " Hkv=" << c.Hkv << " levels=" << c.tpc.size() << " block="
+                                    << c.block << " zero_share=" << c.zero_share << " seed=" << c.seed);
+  KmSetup s(c);
+  const int D = c.D;
+  DeviceKMeans km = run_gpu(s);
+  // CPU reference: the policies' index from the same cache, seeds and config.
+  const Rope rope(s.ac.rope);
+  double gpu_total = 0, cpu_total = 0;
+  int64_t checked = 0, exempt = 0, skipped = 0;
+  std::unique_ptr<DeviceKMeans> prev;
+  if (check_labels) {
+    AttentionConfig fewer = s.ac;
+    fewer.cluster.prefill_iterations -= 1;
+    prev = std::make_unique<DeviceKMeans>();
+    prev->build(s.dev, 0, s.seqs, s.ends, fewer, rope, DType::F32, nullptr);
+    synchronize();
+  }
+  for (size_t b = 0; b < s.seqs.size(); ++b)
+    for (int h = 0; h < c.Hkv; ++h) {
+      const int e = int(b) * c.Hkv + h;
+      ClusterIndex cpu;
+      cpu.build(s.cpu, s.seqs[b], 0, h, s.ends[b], s.ac, rope);
+      const HostClusterLevel want = host_cluster_level(cpu);
+      const HostClusterLevel got = km.download(e);
+      ASSERT_EQ(got.clustered_end, want.clustered_end) << "entry " << e;
+      ASSERT_EQ(got.num_clusters(), want.num_clusters()) << "entry " << e;
+      if (c.zero_share == 0) ASSERT_EQ(got.num_coarse(), want.num_coarse()) << "entry " << e;
+      std::vector<float> k0, v;
+      host_rows(s, b, h, k0, v);
+      check_invariants(got, k0, v, D, s.ac.cluster.sinks, e);
+      if (::testing::Test::HasFatalFailure()) return;
+      const double gi = inertia_of(got, k0, D), ci = inertia_of(want, k0, D);
+      gpu_total += gi;
+      cpu_total += ci;
+      EXPECT_LE(gi, 1.03 * ci + 1e-6) << "entry " << e << ": GPU inertia " << gi << " vs CPU " << ci;
+      if (prev) {
+        const HostClusterLevel p = prev->download(e);
+        check_argmin(got, p, k0, D, host_blocks(s.ac.cluster.sinks, s.ends[b], c.block, c.tpc[0]), e, checked, exempt,
+                     skipped);
+      }
+    }
+  std::printf("[ kmeans ] D=%d levels=%zu block=%d zero_share=%.2f: inertia GPU/CPU = %.5f (%.6g / %.6g); "
+              "argmin checked %lld tokens, %lld re-seeded exempt, %lld blocks skipped\n",
+              D, c.tpc.size(), c.block, c.zero_share, cpu_total > 0 ? gpu_total / cpu_total : 1.0, gpu_total, cpu_total,
+              (long long)checked, (long long)exempt, (long long)skipped);
+  if (check_labels) {
+    EXPECT_GT(checked, 0);
+    EXPECT_LE(exempt * 100, checked + 100);  // re-seeding is rare on these data
+  }
+  // Determinism: the same build again gives the same bits.
+  DeviceKMeans again = run_gpu(s);
+  for (int e = 0; e < km.entries(); ++e) {
+    const HostClusterLevel x = km.download(e), y = again.download(e);
+    EXPECT_EQ(x.members, y.members) << "entry " << e;
+    EXPECT_EQ(x.key_centroids, y.key_centroids) << "entry " << e;
+    EXPECT_EQ(x.value_centroids, y.value_centroids) << "entry " << e;
+    EXPECT_EQ(x.coarse_children, y.coarse_children) << "entry " << e;
+  }
+}
+
+TEST(CudaKMeans, TwoLevelsMatchCpuIndexD128) {
+  REQUIRE_GPU();
+  Case c;
+  c.lengths = {multipole::test::small_scale() ? 3001 : 5003, 1701, 97, 5};  // odd; 1.5-block merge; tiny
+  run_case(c, true);
+}
+
+TEST(CudaKMeans, TwoLevelsMatchCpuIndexD64OddRates) {
+  REQUIRE_GPU();
+  Case c;
+  c.D = 64;
+  c.Hkv = 3;
+  c.tpc = {8, 64};
+  c.block = 512;
+  c.lengths = {2777, 1300};
+  c.seed = 7;
+  run_case(c, true);
+}
+
+TEST(CudaKMeans, OneLevelFullBlocks) {
+  REQUIRE_GPU();
+  Case c;
+  c.Hkv = 1;
+  c.tpc = {16};
+  c.block = 8192;
+  c.lengths = {multipole::test::small_scale() ? 9000 : 20000};
+  c.seed = 11;
+  run_case(c, true);
+}
+
+// 60% of the keys are exactly zero: clusters empty out, re-seeding runs until only
+// duplicates are left; the invariants must still hold and the index must be accepted.
+TEST(CudaKMeans, DuplicateKeysLeaveEmptyClusters) {
+  REQUIRE_GPU();
+  Case c;
+  c.zero_share = 0.6;
+  c.lengths = {3000, 1111};
+  c.seed = 5;
+  run_case(c, false);
+}
+
+// The index written by the GPU decodes exactly like the same statistics uploaded from the
+// host (bf16 key centroids both ways).
+TEST(CudaKMeans, IndexFeedsMultipoleDecode) {
+  REQUIRE_GPU();
+  Case c;
+  c.lengths = {4100, 2000};
+  c.seed = 3;
+  KmSetup s(c);
+  DeviceKMeans km = run_gpu(s, DType::BF16);
+  std::vector<HostClusterLevel> host;
+  for (int e = 0; e < km.entries(); ++e) host.push_back(km.download(e));
+  DeviceClusterIndex uploaded(c.D, c.Hkv, DType::BF16, DType::BF16, host);
+  const int B = int(s.seqs.size()), Hq = s.ac.num_q_heads;
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> q(size_t(B) * Hq * c.D);
+  for (auto& x : q) x = nd(rng);
+  DeviceBuffer dq(q.size() * 4), dout(q.size() * 4);
+  dq.upload(q.data(), q.size() * 4);
+  std::vector<float> outs[2];
+  for (int k = 0; k < 2; ++k) {
+    const DeviceClusterIndex& idx = k == 0 ? km.index() : uploaded;
+    CudaDecoder dec(s.ac);
+    dec.plan(s.dev, s.seqs, &idx);
+    dout.memset(0xff);
+    synchronize();
+    dec.multipole(s.dev, 0, idx, dq.as<float>(), dq.as<float>(), dout.as<float>(), nullptr);
+    synchronize();
+    outs[k].resize(q.size());
+    dout.download(outs[k].data(), q.size() * 4);
+    EXPECT_EQ(dec.error_flags(), 0u);
+  }
+  for (size_t i = 0; i < q.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(outs[0][i])) << i;
+    ASSERT_EQ(outs[0][i], outs[1][i]) << i;
+  }
+}
+
+}  // namespace
