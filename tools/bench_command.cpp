@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.hpp"
+#include "attention/decode_kernels.hpp"
 #include "multipole/attention/policy.hpp"
 #include "multipole/attention/rope.hpp"
 #include "multipole/core/error.hpp"
@@ -45,6 +46,7 @@ struct BenchArgs {
   std::string device = "cpu";
   int copy_mib = 512;  // memcpy buffer size (each of source and destination)
   double rope_theta = 1e6;  // Qwen3
+  std::string simd = "auto";  // CPU kernels' instruction set: auto, avx2, avx512
 };
 
 // Synthetic keys: per KV head a mixture of Gaussians in pre-RoPE space (cluster centres of
@@ -242,19 +244,26 @@ void run_attention_bench(const BenchArgs& args) {
   // Dense first: every ratio is against it.
   std::stable_partition(chosen.begin(), chosen.end(), [](const std::string& n) { return n == "dense"; });
 
+  if (args.simd != "auto") {
+    MP_CHECK(args.simd == "avx2" || args.simd == "avx512", "bench attention: --simd '{}' is not one of auto, avx2, avx512",
+             args.simd);
+    kernels::set_simd_level(args.simd == "avx512" ? kernels::SimdLevel::Avx512 : kernels::SimdLevel::Avx2);
+  }
+  const std::string_view simd = kernels::simd_level_name(kernels::simd_level());
+
   ThreadPool pool(args.threads);
   std::fprintf(stderr, "measuring plain copy and read bandwidth (%d threads)...\n", pool.size());
   const Bandwidth bw = plain_bandwidth(pool, args.copy_mib);
   const double copy_bw = bw.copy;
   if (args.json) {
-    json j = {{"bench", "memcpy"},       {"threads", pool.size()},     {"gb_per_s", copy_bw / 1e9},
+    json j = {{"bench", "memcpy"},       {"threads", pool.size()},     {"gb_per_s", copy_bw / 1e9}, {"simd", simd},
               {"read_gb_per_s", bw.read / 1e9}, {"load_average", load_average()}};
     std::printf("%s\n", j.dump().c_str());
   } else {
     fmt::print("attention decode, {} q heads / {} KV heads, head dim {}, kv {}, budget {}, tokens per centroid {}, "
-               "{} threads\nplain copy (read + write): {:.2f} GB/s; plain read: {:.2f} GB/s; load average {:.2f}\n",
+               "{} threads, {} kernels\nplain copy (read + write): {:.2f} GB/s; plain read: {:.2f} GB/s; load average {:.2f}\n",
                args.q_heads, args.kv_heads, args.head_dim, args.kv_dtype, args.budget,
-               fmt::join(args.tokens_per_centroid, ","), pool.size(), copy_bw / 1e9, bw.read / 1e9, load_average());
+               fmt::join(args.tokens_per_centroid, ","), pool.size(), simd, copy_bw / 1e9, bw.read / 1e9, load_average());
     fmt::print("{:>8} {:>5} {:<12} {:>10} {:>8} {:>9} {:>7} {:>6} {:>6} {:>10} {:>10} {:>8}\n", "context", "batch",
                "policy", "us/step", "x dense", "MB/step", "GB/s", "%copy", "%read", "index ms", "upd us/tok", "upd %");
   }
@@ -370,7 +379,8 @@ void run_attention_bench(const BenchArgs& args) {
           json j = {{"bench", "attention"}, {"context", context}, {"batch", batch}, {"policy", r.policy},
                     {"q_heads", Hq}, {"kv_heads", Hkv}, {"head_dim", d}, {"kv_dtype", args.kv_dtype},
                     {"budget", args.budget}, {"tokens_per_centroid", args.tokens_per_centroid},
-                    {"threads", pool.size()}, {"device", args.device}, {"load_average", load_average()}};
+                    {"threads", pool.size()}, {"device", args.device}, {"simd", simd},
+                    {"load_average", load_average()}};
           if (!r.skipped.empty()) {
             j["skipped"] = r.skipped;
           } else {
@@ -445,6 +455,9 @@ void add_bench_command(CLI::App& app) {
                   "prefill k-means of the batch and multipole on that index, per batch and context, on random K/V;\n"
                   "--steps timed steps (L2 flushed before each); --policies, --threads, --simd, --copy-mib and\n"
                   "--rope-theta apply to cpu only")
+      ->capture_default_str();
+  cmd->add_option("--simd", args->simd,
+                  "CPU kernels' instruction set: auto (the best this CPU has), avx2 or avx512 (also MULTIPOLE_SIMD)")
       ->capture_default_str();
   cmd->add_option("--copy-mib", args->copy_mib, "MiB of each memcpy buffer for the plain-copy bandwidth")
       ->capture_default_str()

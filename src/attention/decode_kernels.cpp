@@ -1,12 +1,16 @@
 #include "attention/decode_kernels.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <limits>
 #include <type_traits>
 
+#include "attention/decode_block.hpp"
 #include "attention/simd_avx2.hpp"
 #include "multipole/core/error.hpp"
 
@@ -16,31 +20,13 @@ using simd::load8;
 
 namespace {
 
-// Tokens per block: logits of a block are computed for all G heads, then one online-softmax
-// update, then the PV pass. Large enough to amortise the per-block rescale, small enough
-// that the block's K and V rows (64 x 256 B each for d=128 bf16) stay in L1.
-constexpr int kBlock = 64;
-constexpr int kMaxGroups = 16;
+using detail::kBlock;
+using detail::kMaxGroups;
+using detail::Prefetch;
+using detail::softmax_step;
+
 constexpr int kMaxPermDim = 1024;  // widest row scored through the bf16 lane-order path (quest's [lo|hi])
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Software prefetch (into L2) of the next block's K/V rows, spread over the tokens of the
-// current block: the rows of one KV head are 4 KB runs scattered over the page pool, which
-// the hardware prefetchers do not follow across page boundaries.
-template <class T>
-struct Prefetch {
-  const T* const* k = nullptr;  // [n] rows of row_bytes
-  const T* const* v = nullptr;  // [n] rows, or nullptr
-  int n = 0;
-  int row_bytes = 0;
-  void token(int t) const {
-    if (t >= n) return;
-    for (int b = 0; b < row_bytes; b += 64) {
-      simd::prefetch_l2(reinterpret_cast<const char*>(k[t]) + b);
-      if (v) simd::prefetch_l2(reinterpret_cast<const char*>(v[t]) + b);
-    }
-  }
-};
 
 // Logits of NG heads for n keys; NT keys at a time so that NG*NT accumulator chains hide
 // the FMA latency (2 FMAs per cycle at 4 cycles latency need 8 chains) when NG is small,
@@ -102,17 +88,9 @@ void logits_tile(const T* const* rows, int n, const float* q, int d, float scale
     }
   }
   if constexpr (NT > 1) {
-    if (t < n) {
-      Prefetch<T> rest = pf;
-      if (rest.n > t) {
-        rest.k += t;
-        rest.v = rest.v ? rest.v + t : nullptr;
-        rest.n -= t;
-      } else {
-        rest.n = 0;
-      }
-      logits_tile<T, NG, 1, PERM>(rows + t, n - t, q, d, scale, bias ? bias + t : nullptr, out + t, ostride, rest);
-    }
+    if (t < n)
+      logits_tile<T, NG, 1, PERM>(rows + t, n - t, q, d, scale, bias ? bias + t : nullptr, out + t, ostride,
+                                  pf.from(t));
   }
 }
 
@@ -135,6 +113,7 @@ void logits_tiles(const T* const* rows, int n, const float* q, int ng, int d, fl
 template <class T>
 void logits(const T* const* rows, int n, const float* q, int groups, int d, float scale, const float* bias, float* out,
             int64_t ostride, const Prefetch<T>& prefetch = {}) {
+  if (detail::use_avx512(d)) return detail::logits_avx512<T>(rows, n, q, groups, d, scale, bias, out, ostride, prefetch);
   // Heads are processed in tiles of at most 8 so the accumulators stay in registers; the
   // second tile re-reads the keys from L1.
   int tile = groups <= 8 ? groups : (groups + 1) / 2;
@@ -208,6 +187,7 @@ void pv_tile(const T* const* rows, int n, const float* p, int d, float* o) {
 
 template <class T>
 void pv(const T* const* rows, int n, const float* p, int groups, int d, float* o) {
+  if (detail::use_avx512(d)) return detail::pv_avx512<T>(rows, n, p, groups, d, o);
   int tile = groups <= 8 ? groups : (groups + 1) / 2;
   for (int g0 = 0; g0 < groups; g0 += tile) {
     int ng = std::min(tile, groups - g0);
@@ -229,39 +209,6 @@ void pv(const T* const* rows, int n, const float* p, int groups, int d, float* o
 void scale_row(float* x, int d, float factor) {
   __m256 f = _mm256_set1_ps(factor);
   for (int c = 0; c < d; c += 8) _mm256_storeu_ps(x + c, _mm256_mul_ps(_mm256_loadu_ps(x + c), f));
-}
-
-// Online-softmax step for one block: logits x [G] rows of stride kBlock (n valid, padded
-// to a multiple of 8 with -inf) become probabilities relative to the new running max, and
-// l, o are rescaled to that max.
-void softmax_step(float* x, int n, SoftmaxState& s) {
-  const int n8 = (n + 7) & ~7;
-  for (int g = 0; g < s.groups; ++g) {
-    float* xg = x + g * kBlock;
-    for (int t = n; t < n8; ++t) xg[t] = kNegInf;
-    __m256 mx = _mm256_set1_ps(kNegInf);
-    for (int t = 0; t < n8; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(xg + t));
-    const float block_max = simd::hmax(mx);
-    const float m_new = std::max(s.m[g], block_max);
-    if (m_new == kNegInf) {  // nothing with weight yet (all logits -inf)
-      std::fill(xg, xg + n8, 0.0f);
-      continue;
-    }
-    if (m_new > s.m[g]) {
-      const float alpha = std::exp(s.m[g] - m_new);  // 0 when m was -inf
-      s.l[g] *= alpha;
-      scale_row(s.o + int64_t(g) * s.dim, s.dim, alpha);
-      s.m[g] = m_new;
-    }
-    const __m256 m = _mm256_set1_ps(m_new);
-    __m256 sum = _mm256_setzero_ps();
-    for (int t = 0; t < n8; t += 8) {
-      __m256 e = simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(xg + t), m));
-      _mm256_storeu_ps(xg + t, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-    s.l[g] += simd::hsum(sum);
-  }
 }
 
 // One block of n <= kBlock keys/values (f32 q, K/V rows of type T).
@@ -373,6 +320,79 @@ void attend_cache(const KVLayerView& kv, const int32_t* page_table, int head, in
 }
 
 }  // namespace
+
+namespace detail {
+
+void softmax_step(float* x, int n, SoftmaxState& s) {
+  const int n8 = (n + 7) & ~7;
+  for (int g = 0; g < s.groups; ++g) {
+    float* xg = x + g * kBlock;
+    for (int t = n; t < n8; ++t) xg[t] = kNegInf;
+    __m256 mx = _mm256_set1_ps(kNegInf);
+    for (int t = 0; t < n8; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(xg + t));
+    const float block_max = simd::hmax(mx);
+    const float m_new = std::max(s.m[g], block_max);
+    if (m_new == kNegInf) {  // nothing with weight yet (all logits -inf)
+      std::fill(xg, xg + n8, 0.0f);
+      continue;
+    }
+    if (m_new > s.m[g]) {
+      const float alpha = std::exp(s.m[g] - m_new);  // 0 when m was -inf
+      s.l[g] *= alpha;
+      scale_row(s.o + int64_t(g) * s.dim, s.dim, alpha);
+      s.m[g] = m_new;
+    }
+    const __m256 m = _mm256_set1_ps(m_new);
+    __m256 sum = _mm256_setzero_ps();
+    for (int t = 0; t < n8; t += 8) {
+      __m256 e = simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(xg + t), m));
+      _mm256_storeu_ps(xg + t, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    s.l[g] += simd::hsum(sum);
+  }
+}
+
+namespace {
+// -1: not chosen yet (MULTIPOLE_SIMD or the best the CPU has), else a SimdLevel.
+std::atomic<int> selected_level{-1};
+}  // namespace
+
+bool use_avx512(int d) { return d % 16 == 0 && simd_level() == SimdLevel::Avx512; }
+
+}  // namespace detail
+
+SimdLevel best_simd_level() {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return avx512 ? SimdLevel::Avx512 : SimdLevel::Avx2;
+}
+
+SimdLevel simd_level() {
+  int level = detail::selected_level.load(std::memory_order_relaxed);
+  if (level < 0) {
+    SimdLevel chosen = best_simd_level();
+    if (const char* env = std::getenv("MULTIPOLE_SIMD")) {
+      const std::string_view want(env);
+      MP_CHECK(want == "avx2" || want == "avx512" || want == "auto",
+               "MULTIPOLE_SIMD: '{}' is not one of avx2, avx512, auto", want);
+      if (want == "avx2") chosen = SimdLevel::Avx2;
+      MP_CHECK(want != "avx512" || chosen == SimdLevel::Avx512,
+               "MULTIPOLE_SIMD: avx512 asked for, but this CPU lacks AVX-512 (F, BW, DQ, VL)");
+    }
+    level = int(chosen);
+    detail::selected_level.store(level, std::memory_order_relaxed);
+  }
+  return SimdLevel(level);
+}
+
+void set_simd_level(SimdLevel level) {
+  MP_CHECK(level == SimdLevel::Avx2 || best_simd_level() == SimdLevel::Avx512,
+           "simd level avx512 asked for, but this CPU lacks AVX-512 (F, BW, DQ, VL)");
+  detail::selected_level.store(int(level), std::memory_order_relaxed);
+}
+
+std::string_view simd_level_name(SimdLevel level) { return level == SimdLevel::Avx512 ? "avx512" : "avx2"; }
 
 void SoftmaxState::reset() {
   std::fill(m, m + groups, kNegInf);

@@ -1,16 +1,28 @@
 #pragma once
 // CPU decode-attention building blocks shared by every policy: attend the G query heads of
 // one GQA group to a set of keys, keeping an unnormalised f32 softmax state, then merge
-// states and normalise. SIMD (AVX2/FMA/F16C); the K/V storage type is dispatched inside.
+// states and normalise. SIMD (AVX2/FMA/F16C, AVX-512 variants of the block kernels where
+// the CPU has them); the K/V storage type is dispatched inside.
 //
 // A state for G query heads holds, per head g: running max m[g], sum l[g] = sum e^{x - m},
 // and o[g][d] = sum e^{x - m} v. Logits x are scale * q.k (+ bias for pseudo-tokens).
 #include <cstdint>
+#include <string_view>
 #include <vector>
 
 #include "multipole/kv/paged_kv_cache.hpp"
 
 namespace multipole::kernels {
+
+// Instruction set of the block kernels. AVX2 + FMA + F16C is the baseline; AVX-512
+// (F, BW, DQ, VL) variants run where the CPU has them (head dims that are multiples of 16).
+// The default is the best the CPU has, or MULTIPOLE_SIMD=avx2|avx512|auto; tests and
+// benchmarks switch at run time to compare both.
+enum class SimdLevel { Avx2 = 0, Avx512 = 1 };
+SimdLevel best_simd_level();
+SimdLevel simd_level();
+void set_simd_level(SimdLevel level);  // throws when the CPU lacks it
+std::string_view simd_level_name(SimdLevel level);
 
 struct SoftmaxState {
   int groups = 0;      // G

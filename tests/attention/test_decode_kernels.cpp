@@ -142,13 +142,37 @@ std::vector<int64_t> iota_range(int64_t begin, int64_t end) {
 
 const DType kTypes[] = {DType::F32, DType::F16, DType::BF16};
 
+// Every test runs once per instruction set this CPU has (AVX2, and AVX-512 where present).
+class DecodeKernels : public ::testing::TestWithParam<SimdLevel> {
+ protected:
+  void SetUp() override {
+    saved_ = simd_level();
+    set_simd_level(GetParam());
+  }
+  void TearDown() override { set_simd_level(saved_); }
+
+ private:
+  SimdLevel saved_ = SimdLevel::Avx2;
+};
+
+std::vector<SimdLevel> supported_levels() {
+  std::vector<SimdLevel> levels = {SimdLevel::Avx2};
+  if (best_simd_level() == SimdLevel::Avx512) levels.push_back(SimdLevel::Avx512);
+  return levels;
+}
+
 }  // namespace
 
-TEST(DecodeKernels, AttendRangeMatchesNaive) {
+INSTANTIATE_TEST_SUITE_P(Simd, DecodeKernels, ::testing::ValuesIn(supported_levels()),
+                         [](const ::testing::TestParamInfo<SimdLevel>& info) {
+                           return std::string(simd_level_name(info.param));
+                         });
+
+TEST_P(DecodeKernels, AttendRangeMatchesNaive) {
   const std::vector<int64_t> lengths = small_scale() ? std::vector<int64_t>{1, 97, 300} : std::vector<int64_t>{1, 97, 2049};
   std::mt19937 rng(11);
   for (DType t : kTypes)
-    for (int d : {64, 128, 48})
+    for (int d : {64, 128, 48, 40})  // 48: AVX-512 without the bf16 even/odd split; 40: AVX2 only
       for (int64_t len : lengths) {
         Fixture f(t, d, len, 16, uint32_t(len * 131 + d));
         for (int groups : {1, 4, 5, 7, 8, 16}) {
@@ -169,7 +193,7 @@ TEST(DecodeKernels, AttendRangeMatchesNaive) {
       }
 }
 
-TEST(DecodeKernels, EmptyRangeLeavesStateEmpty) {
+TEST_P(DecodeKernels, EmptyRangeLeavesStateEmpty) {
   Fixture f(DType::BF16, 64, 40, 16, 1);
   std::mt19937 rng(2);
   auto q = random_q(4, 64, 1.0f, rng);
@@ -185,7 +209,7 @@ TEST(DecodeKernels, EmptyRangeLeavesStateEmpty) {
   for (float x : out) EXPECT_EQ(x, 0.0f);
 }
 
-TEST(DecodeKernels, AttendPositionsMatchesNaive) {
+TEST_P(DecodeKernels, AttendPositionsMatchesNaive) {
   std::mt19937 rng(5);
   for (DType t : kTypes)
     for (int d : {64, 128, 48}) {
@@ -207,7 +231,7 @@ TEST(DecodeKernels, AttendPositionsMatchesNaive) {
     }
 }
 
-TEST(DecodeKernels, MergeOfSplitRangesEqualsWholeRange) {
+TEST_P(DecodeKernels, MergeOfSplitRangesEqualsWholeRange) {
   std::mt19937 rng(7);
   for (DType t : kTypes)
     for (int groups : {1, 5, 8, 16}) {
@@ -238,7 +262,7 @@ TEST(DecodeKernels, MergeOfSplitRangesEqualsWholeRange) {
     }
 }
 
-TEST(DecodeKernels, AttendPseudoAndScoreRowsMatchNaive) {
+TEST_P(DecodeKernels, AttendPseudoAndScoreRowsMatchNaive) {
   std::mt19937 rng(9);
   std::normal_distribution<float> dist;
   for (int d : {64, 128, 48})
@@ -283,7 +307,7 @@ TEST(DecodeKernels, AttendPseudoAndScoreRowsMatchNaive) {
     }
 }
 
-TEST(DecodeKernels, PseudoTokensWithMinusInfinityBiasHaveNoWeight) {
+TEST_P(DecodeKernels, PseudoTokensWithMinusInfinityBiasHaveNoWeight) {
   const int d = 16, groups = 2;
   std::vector<float> keys(3 * d, 0.5f), values(3 * d), bias = {-INFINITY, 0.0f, -INFINITY};
   for (int i = 0; i < 3 * d; ++i) values[i] = float(i / d);
@@ -301,7 +325,7 @@ TEST(DecodeKernels, PseudoTokensWithMinusInfinityBiasHaveNoWeight) {
   for (float x : out) EXPECT_EQ(x, 0.0f);
 }
 
-TEST(DecodeKernels, ExpAccuracy) {
+TEST_P(DecodeKernels, ExpAccuracy) {
   std::mt19937 rng(13);
   std::vector<float> x;
   for (int i = 0; i < 200000; ++i) x.push_back(std::uniform_real_distribution<float>(-87.0f, 88.0f)(rng));
@@ -334,7 +358,7 @@ TEST(DecodeKernels, ExpAccuracy) {
   EXPECT_NEAR(s[10], std::exp(-87.5), 2e-6 * std::exp(-87.5));  // just below FLT_MIN
 }
 
-TEST(DecodeKernels, RejectsMismatchedShapes) {
+TEST_P(DecodeKernels, RejectsMismatchedShapes) {
   Fixture f(DType::F32, 64, 20, 16, 3);
   std::vector<float> q(3 * 128);
   State wrong_dim(3, 128);
@@ -346,7 +370,7 @@ TEST(DecodeKernels, RejectsMismatchedShapes) {
   EXPECT_THROW(score_rows(q.data(), nullptr, 2, q.data(), 17, 64, 1.0f, q.data()), Error);
 }
 
-TEST(DecodeKernels, ScoreRangeMatchesNaive) {
+TEST_P(DecodeKernels, ScoreRangeMatchesNaive) {
   std::mt19937 rng(17);
   for (DType t : kTypes)
     for (int d : {64, 48}) {
@@ -367,7 +391,7 @@ TEST(DecodeKernels, ScoreRangeMatchesNaive) {
     }
 }
 
-TEST(DecodeKernels, AttendRangeAllHeadsMatchesNaive) {
+TEST_P(DecodeKernels, AttendRangeAllHeadsMatchesNaive) {
   std::mt19937 rng(19);
   for (DType t : kTypes)
     for (int groups : {1, 5, 8, 16}) {
@@ -386,7 +410,7 @@ TEST(DecodeKernels, AttendRangeAllHeadsMatchesNaive) {
     }
 }
 
-TEST(DecodeKernels, ScoreRowsTypedMatchesNaive) {
+TEST_P(DecodeKernels, ScoreRowsTypedMatchesNaive) {
   std::mt19937 rng(23);
   std::normal_distribution<float> dist;
   for (DType t : kTypes)
