@@ -1,0 +1,178 @@
+// `multipole chat` run as the built binary on the real SmolLM2-135M GGUF with a piped
+// conversation, greedy: the JSON lines are well formed, the second turn continues the first
+// turn's sequence (only the new suffix of the rendered conversation is fed) and produces what
+// a fresh `multipole generate` on the whole conversation produces; /reset and /exit work.
+#include <gtest/gtest.h>
+
+#ifdef MULTIPOLE_HAVE_TOKENIZER
+
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "io/temp_dir.hpp"
+#include "multipole/io/gguf.hpp"
+#include "multipole/tokenizer/chat_template.hpp"
+#include "multipole/tokenizer/tokenizer.hpp"
+
+using namespace multipole;
+using multipole::test_util::TempDir;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+struct Result {
+  int code = -1;
+  std::string out, err;
+};
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+Result run_cli(const TempDir& dir, const std::string& args, const std::string& input) {
+  const std::string in = dir.file("stdin.txt"), out = dir.file("stdout.txt"), err = dir.file("stderr.txt");
+  std::ofstream(in, std::ios::binary) << input;
+  const std::string cmd = std::string(MULTIPOLE_CLI_PATH) + " " + args + " <" + in + " >" + out + " 2>" + err;
+  const int status = std::system(cmd.c_str());
+  Result r;
+  if (WIFEXITED(status) && WEXITSTATUS(status) < 128) r.code = WEXITSTATUS(status);
+  r.out = slurp(out);
+  r.err = slurp(err);
+  return r;
+}
+
+std::string smollm2_path() {
+  const char* cache = std::getenv("MULTIPOLE_MODEL_CACHE");
+  const fs::path dir = cache ? fs::path(cache) : fs::path(MULTIPOLE_SOURCE_DIR) / ".cache" / "models";
+  return (dir / "SmolLM2-135M-Instruct.Q4_1.gguf").string();
+}
+
+// One JSON object per line.
+std::vector<json> json_lines(const std::string& out) {
+  std::vector<json> lines;
+  std::istringstream in(out);
+  std::string line;
+  while (std::getline(in, line)) {
+    json j = json::parse(line, nullptr, false);
+    EXPECT_FALSE(j.is_discarded()) << "not a JSON line: " << line;
+    if (!j.is_discarded()) lines.push_back(j);
+  }
+  return lines;
+}
+
+// The tokens the sequence holds after a turn: its prompt and replies, but not the last token
+// sampled, unless that was the end of turn (which is sampled but never fed either).
+int64_t fed_after(const json& t) {
+  return t["reused_tokens"].get<int64_t>() + t["prompt_tokens"].get<int64_t>() + int64_t(t["tokens"].size()) -
+         (t["finish_reason"] == "eos" ? 0 : 1);
+}
+
+class ChatCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_ = smollm2_path();
+    if (!fs::exists(model_)) GTEST_SKIP() << model_ << " absent (run scripts/fetch-models.sh smollm2-135m)";
+  }
+  std::string model_;
+};
+
+TEST_F(ChatCli, SecondTurnContinuesTheSequence) {
+  TempDir dir;
+  const std::string q1 = "What is the capital of France?", q2 = "And of Italy?";
+  const std::string opts = " -n 6 -t 0 --threads 2 --ctx 512";
+  const Result r = run_cli(dir, "chat --model " + model_ + opts + " --json", q1 + "\n" + q2 + "\n");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::vector<json> turns = json_lines(r.out);
+  ASSERT_EQ(turns.size(), 2u) << r.out;
+  for (const json& t : turns) {
+    for (const char* key : {"turn", "text", "thinking", "answer", "thinking_tokens", "answer_tokens", "tokens",
+                            "finish_reason", "reused_tokens", "reprefilled", "sequence_tokens", "prompt_tokens",
+                            "generated_tokens", "prefill_tokens_per_second", "decode_tokens_per_second"})
+      EXPECT_TRUE(t.contains(key)) << key << " missing in " << t.dump();
+    EXPECT_GE(t["tokens"].size(), 1u);
+    EXPECT_LE(t["tokens"].size(), 6u);
+    // SmolLM2 does not think: the reply is all answer.
+    EXPECT_EQ(t["thinking"], "");
+    EXPECT_EQ(t["answer"], t["text"]);
+    EXPECT_EQ(t["thinking_tokens"], 0);
+    EXPECT_EQ(t["answer_tokens"], t["tokens"].size());
+    EXPECT_EQ(t["sequence_tokens"].get<int64_t>(), fed_after(t)) << t.dump();
+  }
+  EXPECT_EQ(turns[0]["turn"], 1);
+  EXPECT_EQ(turns[1]["turn"], 2);
+  EXPECT_EQ(turns[0]["reused_tokens"], 0);
+
+  // What each turn's prompt must be: the conversation rendered with the GGUF's template.
+  GGUFFile gguf(model_);
+  const Tokenizer tok = Tokenizer::from_gguf(gguf);
+  const ChatTemplate tmpl = ChatTemplate::detect(gguf.get_string("tokenizer.chat_template"), "llama");
+  std::vector<ChatMessage> conv = {{"user", q1}};
+  const auto encode = [&](const std::vector<ChatMessage>& m) {
+    return tok.encode(tmpl.render(m, true), {.add_special = false, .parse_special = true});
+  };
+  EXPECT_EQ(turns[0]["prompt_tokens"].get<size_t>(), encode(conv).size());
+  conv.push_back({"assistant", turns[0]["text"].get<std::string>()});
+  conv.push_back({"user", q2});
+  const std::vector<int32_t> second = encode(conv);
+
+  // The second turn fed only what the sequence lacked.
+  EXPECT_EQ(turns[1]["reprefilled"], false);
+  EXPECT_EQ(turns[1]["reused_tokens"].get<int64_t>(), turns[0]["sequence_tokens"].get<int64_t>());
+  EXPECT_GT(turns[1]["reused_tokens"].get<int64_t>(), turns[0]["prompt_tokens"].get<int64_t>());
+  EXPECT_EQ(turns[1]["reused_tokens"].get<size_t>() + turns[1]["prompt_tokens"].get<size_t>(), second.size());
+
+  // Continuing the sequence gives the reply a fresh run on the whole conversation gives.
+  std::string ids;
+  for (int32_t id : second) ids += (ids.empty() ? "" : ",") + std::to_string(id);
+  const Result g = run_cli(dir, "generate --model " + model_ + opts + " --json --prompt-ids " + ids, "");
+  ASSERT_EQ(g.code, 0) << g.err;
+  const json fresh = json::parse(g.out);
+  EXPECT_EQ(fresh["tokens"], turns[1]["tokens"]) << "fresh: " << fresh["tokens"] << " chat: " << turns[1]["tokens"];
+}
+
+TEST_F(ChatCli, ResetStartsOverAndExitEnds) {
+  TempDir dir;
+  const Result r = run_cli(dir, "chat --model " + model_ + " -n 4 -t 0 --threads 2 --ctx 512 --json",
+                           "Hello!\n/reset\n\nHello!\n/exit\nnot read\n");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::vector<json> turns = json_lines(r.out);
+  ASSERT_EQ(turns.size(), 2u) << r.out;  // the empty line is no turn, nothing after /exit
+  EXPECT_EQ(turns[1]["turn"], 1);
+  EXPECT_EQ(turns[1]["reused_tokens"], 0);
+  EXPECT_EQ(turns[1]["prompt_tokens"], turns[0]["prompt_tokens"]);
+  EXPECT_EQ(turns[1]["tokens"], turns[0]["tokens"]);  // greedy on the same prompt
+}
+
+TEST_F(ChatCli, StreamsRepliesAndPrintsTurnStats) {
+  TempDir dir;
+  const Result r = run_cli(dir, "chat --model " + model_ + " -n 4 -t 0 --threads 2 --ctx 512", "Hi\nBye\n");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("[turn 1] prompt"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("[turn 2] prompt"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("reused"), std::string::npos) << r.err;
+  EXPECT_GE(std::count(r.out.begin(), r.out.end(), '\n'), 2) << r.out;  // each reply ends its line
+}
+
+TEST(ChatCliErrors, MissingModelFailsCleanly) {
+  TempDir dir;
+  const Result r = run_cli(dir, "chat --model /nonexistent/model.gguf", "hi\n");
+  EXPECT_GT(r.code, 0);
+  EXPECT_NE(r.err.find("/nonexistent/model.gguf"), std::string::npos) << r.err;
+}
+
+}  // namespace
+
+#endif  // MULTIPOLE_HAVE_TOKENIZER
