@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <optional>
 #include <string>
 
@@ -83,6 +84,31 @@ TEST(AnswersEqual, NumbersAreComparedExactly) {
   for (const auto& [a, b] : different) {
     EXPECT_FALSE(answers_equal(a, b)) << a << " vs " << b;
     EXPECT_FALSE(answers_equal(b, a)) << b << " vs " << a;
+  }
+}
+
+// Random soup of the pieces the parsers look for: no crash, no throw, no empty answer, and
+// equality is symmetric.
+TEST(AnswerScoring, SurvivesRandomText) {
+  const char* pieces[] = {"\\boxed{", "\\boxed", "{", "}", "$", "1", "23", ",", ".", "/", "\\frac", "answer is",
+                          "Answer:", "</think>", "<think>", " ", "-", "=", "\\text{", "\\", "0", "\\fbox{", "x"};
+  uint64_t state = 12345;
+  auto next = [&] {  // a small LCG: any sequence will do
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return state >> 33;
+  };
+  for (int i = 0; i < 20000; ++i) {
+    std::string a, b;
+    for (uint64_t n = next() % 12; n > 0; --n) a += pieces[next() % std::size(pieces)];
+    for (uint64_t n = next() % 6; n > 0; --n) b += pieces[next() % std::size(pieces)];
+    SCOPED_TRACE(a + " | " + b);
+    std::optional<std::string> answer;
+    ASSERT_NO_THROW(answer = extract_answer(a));
+    if (answer) EXPECT_FALSE(answer->empty());
+    bool ab = false, ba = false;
+    ASSERT_NO_THROW(ab = answers_equal(a, b));
+    ASSERT_NO_THROW(ba = answers_equal(b, a));
+    EXPECT_EQ(ab, ba);
   }
 }
 
