@@ -104,7 +104,9 @@ TEST(AnswerScoring, SurvivesRandomText) {
     SCOPED_TRACE(a + " | " + b);
     std::optional<std::string> answer;
     ASSERT_NO_THROW(answer = extract_answer(a));
-    if (answer) EXPECT_FALSE(answer->empty());
+    if (answer) {
+      EXPECT_FALSE(answer->empty());
+    }
     bool ab = false, ba = false;
     ASSERT_NO_THROW(ab = answers_equal(a, b));
     ASSERT_NO_THROW(ba = answers_equal(b, a));
