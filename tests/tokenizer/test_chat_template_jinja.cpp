@@ -103,6 +103,8 @@ struct TemplateCase {
   ChatStyle style;
 };
 
+void PrintTo(const TemplateCase& c, std::ostream* os) { *os << c.name; }
+
 class JinjaTemplate : public ::testing::TestWithParam<TemplateCase> {};
 
 TEST_P(JinjaTemplate, RenderEqualsPythonJinja2) {

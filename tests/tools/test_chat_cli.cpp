@@ -54,6 +54,12 @@ Result run_cli(const TempDir& dir, const std::string& args, const std::string& i
   return r;
 }
 
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
 std::string smollm2_path() {
   const char* cache = std::getenv("MULTIPOLE_MODEL_CACHE");
   const fs::path dir = cache ? fs::path(cache) : fs::path(MULTIPOLE_SOURCE_DIR) / ".cache" / "models";
@@ -141,6 +147,51 @@ TEST_F(ChatCli, SecondTurnContinuesTheSequence) {
   ASSERT_EQ(g.code, 0) << g.err;
   const json fresh = json::parse(g.out);
   EXPECT_EQ(fresh["tokens"], turns[1]["tokens"]) << "fresh: " << fresh["tokens"] << " chat: " << turns[1]["tokens"];
+}
+
+// A stop string that ends on the second reply token leaves the first one fed but the reply
+// text empty, so the next rendering does not begin with what the sequence holds: the chat
+// must prefill the conversation again, and then reply as a fresh run does.
+TEST_F(ChatCli, PrefillsAgainWhenTheRenderingChanged) {
+  TempDir dir;
+  const std::string q1 = "Name a colour.", q2 = "Another one?";
+  const std::string opts = " -n 6 -t 0 --threads 2 --ctx 512";
+  // The greedy reply's first two tokens, to cut the reply right after them.
+  const Result probe = run_cli(dir, "chat --model " + model_ + opts + " --json", q1 + "\n");
+  ASSERT_EQ(probe.code, 0) << probe.err;
+  const std::vector<json> first = json_lines(probe.out);
+  ASSERT_EQ(first.size(), 1u);
+  const std::vector<int32_t> reply = first[0]["tokens"].get<std::vector<int32_t>>();
+  ASSERT_GE(reply.size(), 3u) << first[0].dump();
+  GGUFFile gguf(model_);
+  const Tokenizer tok = Tokenizer::from_gguf(gguf);
+  const std::string stop = tok.decode(std::vector<int32_t>{reply[0], reply[1]});
+  ASSERT_FALSE(tok.decode(std::vector<int32_t>{reply[0]}).empty());
+
+  const Result r = run_cli(dir, "chat --model " + model_ + opts + " --json --stop " + quote(stop), q1 + "\n" + q2 + "\n");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::vector<json> turns = json_lines(r.out);
+  ASSERT_EQ(turns.size(), 2u) << r.out;
+  EXPECT_EQ(turns[0]["finish_reason"], "stop") << turns[0].dump();
+  EXPECT_EQ(turns[0]["text"], "");
+  EXPECT_EQ(turns[0]["sequence_tokens"], turns[0]["prompt_tokens"].get<int64_t>() + 1);  // the first reply token
+  EXPECT_EQ(turns[1]["reprefilled"], true);
+  EXPECT_EQ(turns[1]["reused_tokens"], 0);
+  const ChatTemplate tmpl = ChatTemplate::detect(gguf.get_string("tokenizer.chat_template"), "llama");
+  const std::vector<ChatMessage> conv = {{"user", q1}, {"assistant", ""}, {"user", q2}};
+  const std::vector<int32_t> ids = tok.encode(tmpl.render(conv, true), {.add_special = false, .parse_special = true});
+  EXPECT_EQ(turns[1]["prompt_tokens"].get<size_t>(), ids.size());
+  EXPECT_EQ(turns[1]["sequence_tokens"].get<int64_t>(), fed_after(turns[1]));
+
+  std::string list;
+  for (int32_t id : ids) list += (list.empty() ? "" : ",") + std::to_string(id);
+  // The fresh run has no stop string (not with --prompt-ids): it may go on further.
+  const Result g = run_cli(dir, "generate --model " + model_ + opts + " --json --prompt-ids " + list, "");
+  ASSERT_EQ(g.code, 0) << g.err;
+  const std::vector<int32_t> fresh = json::parse(g.out)["tokens"].get<std::vector<int32_t>>();
+  const std::vector<int32_t> chat = turns[1]["tokens"].get<std::vector<int32_t>>();
+  ASSERT_LE(chat.size(), fresh.size());
+  EXPECT_EQ(std::vector<int32_t>(fresh.begin(), fresh.begin() + chat.size()), chat);
 }
 
 TEST_F(ChatCli, ResetStartsOverAndExitEnds) {
