@@ -31,6 +31,7 @@ struct CudaBenchRequest {
 void run_attention_bench_cuda(const CudaBenchRequest& request);
 #ifdef MULTIPOLE_HAVE_TOKENIZER
 void add_tokenize_command(CLI::App& app);  // tools/tokenize_command.cpp
+void add_eval_command(CLI::App& app);      // tools/eval_command.cpp
 void add_chat_command(CLI::App& app);      // tools/chat_command.cpp
 #endif
 

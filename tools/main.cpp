@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
 #endif
 #ifdef MULTIPOLE_HAVE_TOKENIZER
   multipole::cli::add_tokenize_command(app);
+  multipole::cli::add_eval_command(app);
   multipole::cli::add_chat_command(app);
 #endif
   try {
