@@ -40,3 +40,6 @@ scripts/build.sh build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMULTIPOLE_SANITI
   -DMULTIPOLE_CUDA=OFF -DMULTIPOLE_BENCH=OFF
 # The no-allocation checks interpose malloc, which the sanitizers own: they run in Release only.
 run_suite build-asan 'DoesNotAllocate' ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 MULTIPOLE_TEST_SCALE=small
+
+echo "== fuzzing the file parsers (safetensors, GGUF, tokenizer.json; libFuzzer with clang)"
+scripts/fuzz.sh
