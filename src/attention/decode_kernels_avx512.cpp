@@ -16,6 +16,9 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c")
+// GCC 12 reports the intrinsics' internal _mm512_undefined_* operands as maybe-uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace multipole::kernels::detail {
 namespace {
@@ -28,8 +31,7 @@ __m512 load16(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return _mm512_loadu_ps(p);
   } else if constexpr (std::is_same_v<T, f16>) {
-    // The masked form: GCC 12 warns that the plain one's internal undefined vector is used.
-    return _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   } else {
     const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -261,4 +263,5 @@ MULTIPOLE_AVX512_KERNELS(bf16)
 
 }  // namespace multipole::kernels::detail
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options

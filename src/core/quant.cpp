@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "multipole/core/dtype.hpp"
 #include "multipole/core/error.hpp"
@@ -215,6 +216,9 @@ struct Accum {
         c[k][i] = 0.f;
       }
   }
+  // `block` picks the chain (block % Chains). Callers unroll their block loops so that it is
+  // a compile-time constant: with a run-time index the accumulators live on the stack and
+  // every block waits on a store-to-load round trip.
   void add(int64_t block, int i, __m256i isum, float scale) {
     __m256& a = v[block % Chains][i];
     a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(scale), a);
@@ -233,6 +237,16 @@ struct Accum {
   }
 };
 
+// Calls body(b, chain) for blocks b in [0, n), Chains blocks per iteration with chain a
+// compile-time constant (the tail goes to chain 0).
+template <int Chains, class Body>
+inline void for_blocks(int64_t n, Body&& body) {
+  int64_t b = 0;
+  for (; b + Chains <= n; b += Chains)
+    [&]<int... K>(std::integer_sequence<int, K...>) { (body(b + K, K), ...); }(std::make_integer_sequence<int, Chains>{});
+  for (; b < n; ++b) body(b, 0);
+}
+
 // Q4_0 / Q5_0: sum d (q - off) dx qx = d dx (sum q qx - off sum qx).
 // Q4_1 / Q5_1: sum (d q + m) dx qx = d dx sum q qx + m dx sum qx.
 template <int NV, QuantType T>
@@ -243,31 +257,33 @@ void dot_q4q5(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
   constexpr int qs_at = bytes - 16;
   constexpr float offset = five ? 16.f : 8.f;
   Accum<NV> acc;
-  for (int64_t b = 0; b < cols / 32; ++b, row += bytes) {
-    const float d = load_f16(row);
-    __m256i w = nibbles32(row + qs_at);
-    if constexpr (five) w = _mm256_or_si256(w, q5_high_bits(row + (has_min ? 4 : 2)));
-    const float m = has_min ? load_f16(row + 2) : 0.f;
+  for_blocks<Accum<NV>::Chains>(cols / 32, [&](int64_t b, int chain) {
+    const uint8_t* blk = row + b * bytes;
+    const float d = load_f16(blk);
+    __m256i w = nibbles32(blk + qs_at);
+    if constexpr (five) w = _mm256_or_si256(w, q5_high_bits(blk + (has_min ? 4 : 2)));
+    const float m = has_min ? load_f16(blk + 2) : 0.f;
     for (int i = 0; i < NV; ++i) {
       const float dx = xs[i].d[b];
-      acc.add(b, i, dot_u8_s8(w, load32(xs[i].q + 32 * b)), d * dx);
+      acc.add(chain, i, dot_u8_s8(w, load32(xs[i].q + 32 * b)), d * dx);
       if constexpr (has_min)
-        acc.add_scalar(b, i, m * xs[i].ds[b]);
+        acc.add_scalar(chain, i, m * xs[i].ds[b]);
       else
-        acc.add_scalar(b, i, -offset * d * xs[i].ds[b]);
+        acc.add_scalar(chain, i, -offset * d * xs[i].ds[b]);
     }
-  }
+  });
   acc.store(out);
 }
 
 template <int NV>
 void dot_q8_0(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
   Accum<NV> acc;
-  for (int64_t b = 0; b < cols / 32; ++b, row += 34) {
-    const float d = load_f16(row);
-    const __m256i w = load32(row + 2);
-    for (int i = 0; i < NV; ++i) acc.add(b, i, dot_s8_s8(w, load32(xs[i].q + 32 * b)), d * xs[i].d[b]);
-  }
+  for_blocks<Accum<NV>::Chains>(cols / 32, [&](int64_t b, int chain) {
+    const uint8_t* blk = row + b * 34;
+    const float d = load_f16(blk);
+    const __m256i w = load32(blk + 2);
+    for (int i = 0; i < NV; ++i) acc.add(chain, i, dot_s8_s8(w, load32(xs[i].q + 32 * b)), d * xs[i].d[b]);
+  });
   acc.store(out);
 }
 
@@ -282,8 +298,10 @@ void dot_q45_k(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
   for (int64_t sb = 0; sb < cols / 256; ++sb, row += bytes) {
     const float d = load_f16(row), dmin = load_f16(row + 2);
     const __m256i qh = Five ? load32(row + 16) : _mm256_setzero_si256();
+#pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       const __m256i raw = load32(row + qs_at + 32 * c);
+#pragma GCC unroll 2
       for (int half = 0; half < 2; ++half) {
         const int j = 2 * c + half;
         __m256i w = _mm256_and_si256(half ? _mm256_srli_epi16(raw, 4) : raw, low4);
@@ -295,8 +313,8 @@ void dot_q45_k(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
         const int64_t b = 8 * sb + j;
         for (int i = 0; i < NV; ++i) {
           const float dx = xs[i].d[b];
-          acc.add(b, i, dot_u8_s8(w, load32(xs[i].q + 32 * b)), dj * dx);
-          acc.add_scalar(b, i, -mj * xs[i].ds[b]);
+          acc.add(j, i, dot_u8_s8(w, load32(xs[i].q + 32 * b)), dj * dx);  // j: b % Chains, constant
+          acc.add_scalar(j, i, -mj * xs[i].ds[b]);
         }
       }
     }
@@ -313,8 +331,10 @@ void dot_q6_k(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
   for (int64_t sb = 0; sb < cols / 256; ++sb, row += 210) {
     const int8_t* scales = reinterpret_cast<const int8_t*>(row + 192);
     const float d = load_f16(row + 208);
+#pragma GCC unroll 2
     for (int n = 0; n < 2; ++n) {
       const __m256i qh = load32(row + 128 + 32 * n);
+#pragma GCC unroll 4
       for (int k = 0; k < 4; ++k) {
         const __m256i raw = load32(row + 64 * n + 32 * (k & 1));
         const __m256i lo = _mm256_and_si256(k >= 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
@@ -326,8 +346,8 @@ void dot_q6_k(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
         for (int i = 0; i < NV; ++i) {
           const float dd = d * xs[i].d[b];
           const __m256i pairs = _mm256_maddubs_epi16(w, load32(xs[i].q + 32 * b));
-          acc.add(b, i, _mm256_madd_epi16(pairs, sv), dd);
-          acc.add_scalar(b, i, -32.f * dd * float(s0 * xs[i].s[2 * b] + s1 * xs[i].s[2 * b + 1]));
+          acc.add(4 * n + k, i, _mm256_madd_epi16(pairs, sv), dd);  // b % Chains, constant
+          acc.add_scalar(4 * n + k, i, -32.f * dd * float(s0 * xs[i].s[2 * b] + s1 * xs[i].s[2 * b + 1]));
         }
       }
     }
