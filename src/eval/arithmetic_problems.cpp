@@ -39,13 +39,13 @@ constexpr std::array<std::string_view, 8> kShops = {"bakery", "toy store",  "cor
 struct Level {
   int cast;                // people holding the item
   int64_t initial_lo, initial_hi;
-  int64_t amount_lo, amount_hi;  // amounts bought, lost, given
+  int64_t amount_lo, amount_hi;  // amounts bought, lost, given (>= 2: items are plural)
   int64_t factor_hi;       // largest multiplier / divisor (0: none at this level)
   int64_t pack_hi;         // most items per pack
   int64_t cap;             // no count ever exceeds this
 };
 constexpr std::array<Level, 3> kLevels = {{
-    {2, 5, 30, 1, 10, 0, 0, 100},
+    {2, 5, 30, 2, 10, 0, 0, 100},
     {3, 10, 80, 2, 30, 3, 12, 1000},
     {4, 20, 300, 5, 120, 5, 24, 100000},
 }};
@@ -120,13 +120,13 @@ class Generator {
       const size_t other = size_t(rng_.uniform(1, int64_t(cast_.size()) - 1));
       if (auto sentence = try_op(kind.op, other); !sentence.empty()) return sentence;
     }
-    // Not reached in practice (a buy or a loss of one is always possible); kept exact anyway.
-    if (count_[0] < level_.cap) {
-      count_[0] += 1;
-      return fmt::format("{} buys {} {} at the {}.", cast_[0], 1, item_, pick(rng_, kShops));
+    // Not reached in practice (some buy or loss is always possible); kept exact anyway.
+    if (count_[0] + 2 <= level_.cap) {
+      count_[0] += 2;
+      return fmt::format("{} buys {} {} at the {}.", cast_[0], 2, item_, pick(rng_, kShops));
     }
-    count_[0] -= 1;
-    return fmt::format("{} loses {} {}.", cast_[0], 1, item_);
+    count_[0] -= 2;
+    return fmt::format("{} loses {} {}.", cast_[0], 2, item_);
   }
 
   // An amount in [lo, hi], or 0 when the range is empty.

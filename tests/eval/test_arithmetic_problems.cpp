@@ -211,6 +211,7 @@ bool every_step_changes_the_answer(const Problem& p) {
 constexpr int64_t kCap[4] = {0, 100, 1000, 100000};
 
 TEST(ArithmeticProblems, AnswersMatchAnIndependentReadingOfTheText) {
+  static const std::regex kOneOf(R"((^|[^0-9])1 [a-z])");
   int checked = 0;
   for (int difficulty = 1; difficulty <= 3; ++difficulty) {
     for (int steps : {1, 2, 3, 5, 8, 16}) {
@@ -232,6 +233,8 @@ TEST(ArithmeticProblems, AnswersMatchAnIndependentReadingOfTheText) {
             EXPECT_EQ(p.id, "arith-s" + std::to_string(steps) + "-d" + std::to_string(difficulty) + "-" +
                                 std::to_string(index));
             EXPECT_NE(p.question.find("\\boxed{}"), std::string::npos);
+            // Items are named in the plural, so no amount is one ("1 apples").
+            EXPECT_FALSE(std::regex_search(p.question, kOneOf));
             ++checked;
           }
         }
