@@ -114,8 +114,19 @@ void run_chat(const ChatArgs& a) {
       }
       return true;
     };
-    const GenerationResult r =
-        engine.generate(seq, std::span<const int32_t>(ids).subspan(reused), gc, &hooks, on_text);
+    GenerationResult r;
+    try {
+      r = engine.generate(seq, std::span<const int32_t>(ids).subspan(reused), gc, &hooks, on_text);
+    } catch (const Error& e) {
+      // At a terminal the conversation goes on without this turn, on a fresh sequence (the
+      // next turn prefills it again); a script gets the error and a failed exit.
+      if (!interactive) throw;
+      std::fprintf(stderr, "error: %s\n", e.what());
+      messages.pop_back();
+      --turn;
+      restart(false);
+      continue;
+    }
     // The sequence holds the prompt and the generated tokens but the last one sampled (never fed).
     fed = ids;
     fed.insert(fed.end(), r.tokens.begin(), r.tokens.end());
@@ -165,7 +176,7 @@ void run_chat(const ChatArgs& a) {
 
 void add_chat_command(CLI::App& app) {
   auto args = std::make_shared<ChatArgs>();
-  CLI::App* cmd = app.add_subcommand("chat", "Chat with a model: user lines on stdin, replies on stdout");
+  CLI::App* cmd = app.add_subcommand("chat", "Chat with a model: user lines on stdin, replies on stdout; /reset starts over, /exit ends");
   cmd->add_option("--model,-m", args->model, "GGUF file or folder with config.json + *.safetensors")->required();
   cmd->add_option("--system", args->system, "System message");
   cmd->add_flag("--no-think", args->no_think, "Switch thinking off (enable_thinking=false: Qwen3, DeepSeek-R1-Distill)");

@@ -217,6 +217,17 @@ TEST_F(ChatCli, StreamsRepliesAndPrintsTurnStats) {
   EXPECT_GE(std::count(r.out.begin(), r.out.end(), '\n'), 2) << r.out;  // each reply ends its line
 }
 
+TEST_F(ChatCli, TurnPastTheContextLimitFailsCleanly) {
+  TempDir dir;
+  std::string long_line;
+  for (int i = 0; i < 40; ++i) long_line += "many words ";
+  const Result r =
+      run_cli(dir, "chat --model " + model_ + " -n 4 -t 0 --threads 2 --ctx 64 --json", "Hi\n" + long_line + "\n");
+  EXPECT_GT(r.code, 0);
+  EXPECT_EQ(json_lines(r.out).size(), 1u) << r.out;  // the first turn fit
+  EXPECT_NE(r.err.find("context limit of 64"), std::string::npos) << r.err;
+}
+
 TEST(ChatCliErrors, MissingModelFailsCleanly) {
   TempDir dir;
   const Result r = run_cli(dir, "chat --model /nonexistent/model.gguf", "hi\n");
