@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "multipole/core/error.hpp"
+#include "multipole/io/json_limits.hpp"
 
 namespace multipole {
 
@@ -70,6 +71,7 @@ uint64_t json_uint(const json& v, const std::string& where, std::string_view wha
 }
 
 json parse_json(std::string_view text, const std::string& where) {
+  check_json_depth(text, where);
   try {
     return json::parse(text.begin(), text.end());
   } catch (const json::exception& e) {

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "multipole/core/error.hpp"
+#include "multipole/io/json_limits.hpp"
 
 namespace multipole {
 
@@ -151,6 +152,7 @@ void write_trace(const std::string& path, const Trace& trace, DType dtype) {
 
 void apply_rope_scaling(std::string_view json_text, RopeConfig& rope, std::string_view what) {
   json j;
+  check_json_depth(json_text, what);
   try {
     j = json::parse(json_text.begin(), json_text.end());
   } catch (const json::exception& e) {

@@ -10,6 +10,7 @@
 #include "model/family.hpp"
 #include "multipole/core/error.hpp"
 #include "multipole/io/gguf.hpp"
+#include "multipole/io/json_limits.hpp"
 #include "multipole/io/trace.hpp"
 
 namespace multipole {
@@ -204,6 +205,7 @@ ModelConfig model_config_from_gguf(const GGUFFile& file) {
 ModelConfig model_config_from_hf_json(std::string_view json_text, std::string_view source) {
   using nlohmann::json;
   json j;
+  check_json_depth(json_text, source);
   try {
     j = json::parse(json_text);
   } catch (const json::exception& e) {

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "multipole/core/error.hpp"
+#include "multipole/io/json_limits.hpp"
 #include "tokenizer/tokenizer_impl.hpp"
 
 namespace multipole {
@@ -219,6 +220,7 @@ std::string read_file(const std::string& path) {
 // Parses and builds; from_json_file adds tokenizer_config.json's BOS/EOS before sharing it.
 std::shared_ptr<Tokenizer::Impl> impl_from_json(std::string_view text, const std::string& src) {
   json doc;
+  check_json_depth(text, src);
   try {
     doc = json::parse(text);
   } catch (const json::exception& e) {
@@ -258,7 +260,9 @@ Tokenizer Tokenizer::from_json_file(const std::string& path) {
   std::error_code ec;
   if (!std::filesystem::exists(cfg_path, ec)) return Tokenizer(impl);
   try {
-    const json cfg = json::parse(read_file(cfg_path));
+    const std::string cfg_text = read_file(cfg_path);
+    check_json_depth(cfg_text, cfg_path);
+    const json cfg = json::parse(cfg_text);
     for (auto [key, dst] : {std::pair{"bos_token", &impl->bos}, std::pair{"eos_token", &impl->eos}}) {
       if (auto content = config_token(cfg, key)) {
         auto id = impl->find_token(*content);
