@@ -80,6 +80,29 @@ TEST_F(EvalCli, FidelityOnTinyModelWritesEveryPolicyAndTheReport) {
   EXPECT_NE(r.out.find("| oracle-topk | 16 | - | 1 |"), std::string::npos) << r.out;
 }
 
+// Without --texts: the documents of --docs and the model's own dense greedy chain of thought.
+TEST_F(EvalCli, FidelityDefaultSourcesAreDocumentsAndAChainOfThought) {
+  const std::string dir = scratch("fid-default");
+  fs::create_directories(dir + "/docs");
+  fs::rename(write_text(dir, 40), dir + "/docs/notes.md");
+  std::ofstream(dir + "/docs/skip.txt") << "not markdown";
+  CliRun r = run_eval_cli("--model " + *model_ + " --suite fidelity --docs " + dir + "/docs --cot-texts 1 -n 60 " +
+                              "--policies quest --budgets 8 --prefix 16 --out " + dir + "/out" + kSmall,
+                          dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto rs = read_jsonl(dir + "/out/results.jsonl");
+  ASSERT_EQ(rs.size(), 2u);
+  EXPECT_EQ(rs[0]["case"], "doc:notes");
+  EXPECT_EQ(rs[1]["case"].get<std::string>().rfind("cot:arith-", 0), 0u) << rs[1].dump();
+  // The chain of thought is the chat prompt plus up to 60 generated tokens.
+  EXPECT_GT(rs[1]["num"]["text_tokens"].get<double>(), 60);
+  r = run_eval_cli("--model " + *model_ + " --suite fidelity --docs " + dir + "/docs --cot-texts 1 -n 60 --limit 1 " +
+                       "--policies quest --budgets 8 --prefix 16 --out " + dir + "/lim" + kSmall,
+                   dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(read_jsonl(dir + "/lim/results.jsonl").size(), 1u);
+}
+
 // The invariant: with a budget covering every token, multipole attends to everything exactly,
 // so it must reproduce dense (KL ~ 0, same top-1 everywhere); a small budget must not.
 TEST_F(EvalCli, MultipoleWithFullBudgetReproducesDense) {
