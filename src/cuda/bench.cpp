@@ -251,6 +251,10 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
           cudaEventDestroy(e1);
         }
         std::sort(ms.begin(), ms.end());
+        km.set_profile(true);  // one more build, with an event after each launch: time per stage
+        km.build(dev, 0, seqs, ends, kc2, rope, o.key_dtype, stream);
+        const auto stages = km.stage_ms();
+        km.set_profile(false);
         CudaBenchRow r;
         r.batch = B;
         r.context = ctx;
@@ -263,6 +267,15 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         r.ratio_to_dense = dense_us > 0 ? dense_us / r.us : 0;
         rows.push_back(r);
         if (on_row) on_row(r);
+        for (const auto& [name, t] : stages) {
+          CudaBenchRow sr;
+          sr.batch = B;
+          sr.context = ctx;
+          sr.variant = "km:" + name;
+          sr.us = sr.us_clean = t * 1e3;
+          rows.push_back(sr);
+          if (on_row) on_row(sr);
+        }
         CudaDecoder kdec(ac);
         kdec.plan(dev, seqs, &km.index());
         emit("mp-kmeans-index",

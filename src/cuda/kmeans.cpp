@@ -2,11 +2,15 @@
 // as ClusterIndex::build, descriptors, the launch sequence, downloads for tests.
 #include "multipole/cuda/kmeans.hpp"
 
+#include <cuda_runtime.h>
+
 #include <algorithm>
+#include <map>
 #include <memory>
 #include <utility>
 
 #include "attention/kmeans.hpp"
+#include "cuda/check.hpp"
 #include "cuda/kmeans_launch.hpp"
 #include "multipole/core/error.hpp"
 
@@ -26,6 +30,33 @@ void upload_vec(DeviceBuffer& buf, const std::vector<T>& v) {
 
 
 }  // namespace
+
+DeviceKMeans::~DeviceKMeans() {
+  for (auto& m : marks_) cudaEventDestroy(static_cast<cudaEvent_t>(m.second));
+}
+
+void DeviceKMeans::mark(const char* stage, Stream stream) {
+  if (!profile_) return;
+  cudaEvent_t e;
+  MP_CUDA_CHECK(cudaEventCreate(&e));
+  MP_CUDA_CHECK(cudaEventRecord(e, stream));
+  marks_.push_back({stage, e});
+}
+
+std::vector<std::pair<std::string, double>> DeviceKMeans::stage_ms() const {
+  synchronize();
+  std::vector<std::pair<std::string, double>> out;
+  std::map<std::string, size_t> at;
+  for (size_t i = 1; i < marks_.size(); ++i) {
+    float ms = 0;
+    MP_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(marks_[i - 1].second),
+                                       static_cast<cudaEvent_t>(marks_[i].second)));
+    auto [it, fresh] = at.try_emplace(marks_[i].first, out.size());
+    if (fresh) out.push_back({marks_[i].first, 0.0});
+    out[it->second].second += ms;
+  }
+  return out;
+}
 
 void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const SeqId> seqs,
                          std::span<const int64_t> ends, const AttentionConfig& config, const Rope& rope,
@@ -52,6 +83,9 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
   head_dim_ = d;
   num_kv_heads_ = Hkv;
   launches_ = 0;
+  for (auto& m : marks_) cudaEventDestroy(static_cast<cudaEvent_t>(m.second));
+  marks_.clear();
+  mark("start", stream);
   const int64_t sinks = cc.sinks, bs = cc.block_size;
 
   // Blocks of every entry, as ClusterIndex::build splits them.
@@ -139,7 +173,19 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
   }
   MP_CHECK(points < (int64_t(1) << 31), "device k-means: {} clustered tokens exceed the 2^31 limit", points);
   num_blocks_ = int(b0.size());
-  index_ = std::make_unique<DeviceClusterIndex>(d, Hkv, key_dtype, kc.dtype, shapes);
+  // A rebuild of the same shapes (e.g. the next layer) rewrites the index in place.
+  auto same = [&]() {
+    if (!index_ || index_->head_dim() != d || index_->num_kv_heads() != Hkv || index_->key_dtype() != key_dtype ||
+        index_->value_dtype() != kc.dtype || shapes.size() != shapes_.size())
+      return false;
+    for (size_t e = 0; e < shapes.size(); ++e)
+      if (shapes[e].clustered_end != shapes_[e].clustered_end || shapes[e].tokens != shapes_[e].tokens ||
+          shapes[e].fine != shapes_[e].fine || shapes[e].coarse != shapes_[e].coarse)
+        return false;
+    return true;
+  };
+  if (!same()) index_ = std::make_unique<DeviceClusterIndex>(d, Hkv, key_dtype, kc.dtype, shapes);
+  shapes_ = shapes;
 
   // Work buffers (kept between builds; grown as needed).
   const size_t P = size_t(points), C0 = size_t(clusters0), C1 = size_t(clusters1), D = size_t(d);
@@ -179,8 +225,12 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
     L.values.reserve(nc * D * 4);
     L.sizes.reserve(nc * 4);
     L.inertia.reserve(std::max<size_t>(blocks.size() * 16, 16));
+    L.mean.reserve(std::max<size_t>(blocks.size() * D * 4, 16));
+    L.big.reserve(nc * 8);
+    L.big_n.reserve(16);
   }
   if (num_blocks_ == 0) return;
+  if (sms_ == 0) sms_ = device_info().sm_count;
 
   KvRead kv{};
   const DeviceKVLayer lay = cache.layer(layer);
@@ -195,8 +245,9 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
   int max_count = 0;
   for (const auto& e : entries) max_count = std::max(max_count, e.count);
   km_gather(d, kv, entry_desc_.as<KmEntry>(), int(entries.size()), max_count, inv_freq_.as<double>(), int(f.size()),
-            int(sinks), points_.as<float>(), lv_[0].xb.data(), lv_[0].xnorm.as<float>(), stream);
+            int(sinks), points_.as<float>(), stream);
   ++launches_;
+  mark("host setup + gather", stream);
   const int iters = cc.prefill_iterations;
   for (int l = 0; l < levels_; ++l) {
     Level& L = lv_[l];
@@ -205,24 +256,32 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
     const int32_t* w = l == 0 ? nullptr : lv_[0].sizes.as<int32_t>();
     const KmBlock* blocks = L.blocks.as<KmBlock>();
     int32_t* kact = L.k_active.as<int32_t>();
-    if (l == 1) {  // level-1 points: bf16 copies and norms of the level-0 centroids
-      km_prep(d, nb, L.max_n, blocks, kact, true, pts, L.xb.data(), L.xnorm.as<float>(), stream);
-      ++launches_;
-    }
+    // Centred f16 copies of the points and their norms (level 1: of the level-0 centroids).
+    km_mean(d, nb, blocks, pts, L.mean.as<float>(), stream);
+    km_prep(d, nb, L.max_n, blocks, kact, true, pts, L.mean.as<float>(), L.xb.data(), L.xnorm.as<float>(), stream);
+    launches_ += 2;
+    mark(l == 0 ? "L0 mean+prep" : "L1 mean+prep", stream);
     km_init(nb, L.max_k, blocks, l, d, pts, w, items_.as<int32_t>(), rng_.as<uint64_t>(), L.cent.as<float>(), kact,
             stream);
     ++launches_;
+    mark(l == 0 ? "L0 init" : "L1 init", stream);
     for (int it = 0; it < iters; ++it) {
-      km_prep(d, nb, L.max_k, blocks, kact, false, L.cent.as<float>(), L.centb.data(), L.cnorm.as<float>(), stream);
+      km_prep(d, nb, L.max_k, blocks, kact, false, L.cent.as<float>(), L.mean.as<float>(), L.centb.data(),
+              L.cnorm.as<float>(), stream);
+      mark(l == 0 ? "L0 prep" : "L1 prep", stream);
       km_assign(d, L.num_tiles, blocks, L.tiles.as<KmTile>(), L.xb.data(), L.xnorm.as<float>(), L.centb.data(),
                 L.cnorm.as<float>(), L.labels.as<int32_t>(), L.dist2.as<float>(), stream);
+      mark(l == 0 ? "L0 assign" : "L1 assign", stream);
       km_count(nb, L.max_n, L.max_k, blocks, kact, w, L.labels.as<int32_t>(), L.dist2.as<float>(),
                L.counts.as<int32_t>(), L.offsets.as<int32_t>(), L.members.as<int32_t>(), L.inertia.as<double>(),
                it == 0, stream);
+      mark(l == 0 ? "L0 count+lists" : "L1 count+lists", stream);
       km_update(d, nb, L.max_k, blocks, kv, pts, w, l == 0 ? nullptr : lv_[0].values.as<float>(),
                 L.counts.as<int32_t>(), L.offsets.as<int32_t>(), L.members.as<int32_t>(), L.cent.as<float>(),
-                L.values.as<float>(), L.sizes.as<int32_t>(), it + 1 == iters, stream);
-      launches_ += 4;
+                L.values.as<float>(), L.sizes.as<int32_t>(), it + 1 == iters, L.big.data(), L.big_n.as<int32_t>(),
+                sms_, stream);
+      launches_ += 6;
+      mark(l == 0 ? "L0 update" : "L1 update", stream);
     }
   }
   const int key_kind = key_dtype == DType::F32 ? 0 : key_dtype == DType::BF16 ? 1 : 2;
@@ -233,6 +292,7 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
             L.sizes.as<int32_t>(), L.offsets.as<int32_t>(), L.members.as<int32_t>(), target, key_kind,
             kc.dtype == DType::F16, stream);
     ++launches_;
+    mark("emit", stream);
   }
 }
 

@@ -1,5 +1,5 @@
 // Prefill k-means on the GPU (include/multipole/cuda/kmeans.hpp): gather + unrotation of the
-// clustering keys, per-block initialisation by the CPU's Rng, Lloyd iterations (bf16 mma
+// clustering keys, per-block initialisation by the CPU's Rng, Lloyd iterations (f16 mma on centred data
 // distances fused with the argmin; counts, re-seeding and member lists in one CTA per block;
 // f64 centroid sums over the members), and the write-out into a DeviceClusterIndex.
 #include <cuda_bf16.h>
@@ -82,10 +82,12 @@ struct DevRng {
 
 // ---- tensor-core helpers --------------------------------------------------------------------
 
-__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
+// f16 operands (11-bit significands, on data centred per block) keep the distance error ~8x
+// below bf16's at the same rate; f32 accumulation.
+__device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                        uint32_t b0, uint32_t b1) {
   asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
@@ -103,12 +105,12 @@ __device__ __forceinline__ void cp16(void* smem, const void* gmem, bool valid) {
 // ---- kernels --------------------------------------------------------------------------------
 
 // Clustering keys: the cached key of each token rotated back to position 0 (as the CPU's
-// unrotate_consecutive: pairs (i, i + half), angle -pos * inv_freq[i] in f64), in f32, bf16
-// and its squared norm. grid (ceil(max count / 8), entries), 8 warps, one token per warp.
+// unrotate_consecutive: pairs (i, i + half), angle -pos * inv_freq[i]; the angle is reduced
+// modulo 2 pi in f64, then sin/cos in f32), in f32. grid (ceil(max count / 8), entries),
+// 8 warps, one token per warp.
 template <int D>
 __global__ void __launch_bounds__(256) gather_kernel(KvRead kv, const KmEntry* entries, const double* inv_freq,
-                                                     int half, int sinks, float* points, __nv_bfloat16* xb,
-                                                     float* xnorm) {
+                                                     int half, int sinks, float* points) {
   constexpr int V = D / 32;
   __shared__ float row[8][D];
   const KmEntry e = entries[blockIdx.y];
@@ -121,32 +123,46 @@ __global__ void __launch_bounds__(256) gather_kernel(KvRead kv, const KmEntry* e
 #pragma unroll
   for (int i = 0; i < V; ++i) row[warp][lane * V + i] = x[i];
   __syncwarp();
-  double sq = 0;
-  float out[V];
+  const int64_t p = e.point_begin + t;
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     const int j = lane * V + i;
     float o = row[warp][j];
     if (j < 2 * half) {
       const int f = j < half ? j : j - half;
-      double s, c;
-      sincos(-double(pos) * inv_freq[f], &s, &c);
-      const float cf = float(c), sf = float(s);
+      const double ang = double(pos) * inv_freq[f];
+      const double red = ang - 6.283185307179586 * rint(ang * 0.15915494309189535);
+      float sf, cf;
+      sincosf(float(red), &sf, &cf);
+      sf = -sf;  // angle -pos * f
       const float a = row[warp][f], b = row[warp][f + half];
       o = j < half ? a * cf - b * sf : b * cf + a * sf;
     }
-    out[i] = o;
-    sq += double(o) * o;
+    points[p * D + j] = o;
   }
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, m);
-  const int64_t p = e.point_begin + t;
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    points[p * D + lane * V + i] = out[i];
-    xb[p * D + lane * V + i] = __float2bfloat16_rn(out[i]);
+}
+
+// Per-block origin of the f16 copies: the mean of up to 1024 evenly spaced points of the
+// block (any origin gives the same distances; a central one the smallest rounding). One CTA
+// per block, 256 threads = 256 / D point groups x D channels, f64 sums in a fixed order.
+template <int D>
+__global__ void __launch_bounds__(256) mean_kernel(const KmBlock* blocks, const float* points, float* mean) {
+  constexpr int G = 256 / D;
+  __shared__ double part[G][D];
+  const KmBlock blk = blocks[blockIdx.x];
+  const int g = threadIdx.x / D, j = threadIdx.x % D;
+  const int S = min(blk.n, 1024);
+  double s = 0;
+  for (int q = g; q < S; q += G) {
+    const int i = int(int64_t(q) * blk.n / S);
+    s += points[(int64_t(blk.point_begin) + i) * D + j];
   }
-  if (lane == 0) xnorm[p] = float(sq);
+  part[g][j] = s;
+  __syncthreads();
+  if (g == 0) {
+    for (int k = 1; k < G; ++k) s += part[k][j];
+    mean[int64_t(blockIdx.x) * D + j] = S > 0 ? float(s / S) : 0.0f;
+  }
 }
 
 // Initial centroids: k distinct random points of the block (level 1: among the points of
@@ -196,38 +212,38 @@ __global__ void init_kernel(const KmBlock* blocks, int level, int d, const float
   }
 }
 
-// f32 rows -> bf16 rows and squared norms; rows at or past k_active of their block get an
-// infinite norm (never nearest). grid (ceil(max rows / 8), blocks), one row per warp.
-// by_points: the rows are the block's points (level-1 inputs) rather than its clusters.
+// f32 rows minus the block's mean -> f16 rows and their squared norms; rows at or past
+// k_active of their block get an infinite norm (never nearest). grid (ceil(max rows / 8),
+// blocks), one row per warp. by_points: the rows are the block's points, not its clusters.
 template <int D>
 __global__ void __launch_bounds__(256) prep_kernel(const KmBlock* blocks, const int32_t* k_active, bool by_points,
-                                                   const float* src, __nv_bfloat16* dst, float* norm) {
+                                                   const float* src, const float* mean, __half* dst, float* norm) {
   constexpr int V = D / 32;
   const KmBlock blk = blocks[blockIdx.y];
   const int r = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   const int rows = by_points ? blk.n : blk.k;
   if (r >= rows) return;
   const int64_t g = (by_points ? blk.point_begin : blk.cluster_begin) + int64_t(r);
-  double sq = 0;
+  float sq = 0;
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const float x = src[g * D + lane * V + i];
-    dst[g * D + lane * V + i] = __float2bfloat16_rn(x);
-    sq += double(x) * x;
+    const float x = src[g * D + lane * V + i] - mean[int64_t(blockIdx.y) * D + lane * V + i];
+    dst[g * D + lane * V + i] = __float2half_rn(x);
+    sq = fmaf(x, x, sq);
   }
 #pragma unroll
   for (int m = 16; m > 0; m >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, m);
-  if (lane == 0) norm[g] = (!by_points && r >= k_active[blockIdx.y]) ? __int_as_float(0x7f800000) : float(sq);
+  if (lane == 0) norm[g] = (!by_points && r >= k_active[blockIdx.y]) ? __int_as_float(0x7f800000) : sq;
 }
 
-// Nearest centroid of every point: ||c||^2 - 2 x.c by bf16 mma (f32 accumulation), argmin
-// with the lowest index on ties; dist2 = max(0, ||x||^2 + min). One CTA per 128 points of a
+// Nearest centroid of every point: ||c||^2 - 2 x.c on the centred f16 copies by mma (f32
+// accumulation), argmin with the lowest index on ties; dist2 = max(0, ||x||^2 + min). One CTA per 128 points of a
 // block, 4 warps of 32 points (two m16 tiles, A fragments in registers); centroids stream
 // through shared memory 64 at a time (double-buffered cp.async).
 template <int D>
 __global__ void __launch_bounds__(128) assign_kernel(const KmBlock* blocks, const KmTile* tiles,
-                                                     const __nv_bfloat16* xb, const float* xnorm,
-                                                     const __nv_bfloat16* centb, const float* cnorm, int32_t* labels,
+                                                     const __half* xb, const float* xnorm,
+                                                     const __half* centb, const float* cnorm, int32_t* labels,
                                                      float* dist2) {
   constexpr int RS = D * 2 + 16;  // padded row (bytes): ldmatrix without bank conflicts
   constexpr int KS = D / 16;      // k steps
@@ -261,7 +277,7 @@ __global__ void __launch_bounds__(128) assign_kernel(const KmBlock* blocks, cons
     for (int x = threadIdx.x; x < kTileCents * kPieces; x += 128) {
       const int r = x / kPieces, pc = x % kPieces;
       const bool ok = c0 + r < blk.k;
-      const __nv_bfloat16* src = centb + (int64_t(blk.cluster_begin) + (ok ? c0 + r : 0)) * D + pc * 8;
+      const __half* src = centb + (int64_t(blk.cluster_begin) + (ok ? c0 + r : 0)) * D + pc * 8;
       cp16(&tile[buf][r * RS + pc * 16], src, ok);
     }
     if (threadIdx.x < kTileCents) {
@@ -301,8 +317,8 @@ __global__ void __launch_bounds__(128) assign_kernel(const KmBlock* blocks, cons
         ldsm_x4(b, t + (nt * 8 + (lane & 7)) * RS + (kk * 32 + (lane >> 3) * 8) * 2);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
-          mma_bf16(acc[mt], a[mt][2 * kk][0], a[mt][2 * kk][1], a[mt][2 * kk][2], a[mt][2 * kk][3], b[0], b[1]);
-          mma_bf16(acc[mt], a[mt][2 * kk + 1][0], a[mt][2 * kk + 1][1], a[mt][2 * kk + 1][2],
+          mma_f16(acc[mt], a[mt][2 * kk][0], a[mt][2 * kk][1], a[mt][2 * kk][2], a[mt][2 * kk][3], b[0], b[1]);
+          mma_f16(acc[mt], a[mt][2 * kk + 1][0], a[mt][2 * kk + 1][1], a[mt][2 * kk + 1][2],
                    a[mt][2 * kk + 1][3], b[2], b[3]);
         }
       }
@@ -380,7 +396,7 @@ __global__ void __launch_bounds__(kCountThreads) count_kernel(const KmBlock* blo
   const int n = blk.n, ka = k_active[blockIdx.x];
   int32_t* lab = sm;           // [n] label, -1: weight 0
   int32_t* cnt = sm + n;       // [k]
-  int32_t* cur = cnt + blk.k;  // [k]
+  int32_t* cur = cnt + blk.k;  // [k] list starts, then [warps][k] per-warp counts/cursors
   int32_t* glab = labels + blk.point_begin;
   float* gd = dist2 + blk.point_begin;
   for (int c = threadIdx.x; c < blk.k; c += blockDim.x) cnt[c] = 0;
@@ -473,31 +489,111 @@ __global__ void __launch_bounds__(kCountThreads) count_kernel(const KmBlock* blo
       counts[blk.cluster_begin + c] = cnt[c];
       run += cnt[c] + (c == 0 ? invalid_total : 0);
     }
+  }
+  __syncthreads();
+  // Stable scatter by all warps: warp w takes the w-th contiguous chunk of points; its
+  // per-cluster counts give each warp its own starting slots (ascending order kept).
+  const int nw = int(blockDim.x >> 5), chunk = (n + nw - 1) / nw;
+  const int a0 = min(n, warp * chunk), a1 = min(n, a0 + chunk);
+  int32_t* wrow = cur + blk.k * (1 + warp);  // [k] this warp's counts, then its cursors
+  for (int c = lane; c < blk.k; c += 32) wrow[c] = 0;
+  __syncwarp();
+  for (int i0 = a0; i0 < a1; i0 += 32) {
+    const int i = i0 + lane;
+    const int l = i < a1 ? max(lab[i], 0) : -1;
+    const unsigned mask = __match_any_sync(0xffffffffu, l);
+    if (i < a1 && lane == __ffs(mask) - 1) wrow[l] += __popc(mask);
     __syncwarp();
-    // Stable scatter, 32 points at a time in ascending order.
-    for (int i0 = 0; i0 < n; i0 += 32) {
-      const int i = i0 + lane;
-      const int l = i < n ? max(lab[i], 0) : -1;
-      const unsigned mask = __match_any_sync(0xffffffffu, l);
-      if (i < n) members[blk.point_begin + cur[l] + __popc(mask & ((1u << lane) - 1))] = i;
-      __syncwarp();
-      if (i < n && lane == __ffs(mask) - 1) cur[l] += __popc(mask);
-      __syncwarp();
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < blk.k; c += blockDim.x) {
+    int run = cur[c];
+    for (int w = 0; w < nw; ++w) {
+      int32_t* x = cur + blk.k * (1 + w) + c;
+      const int t = *x;
+      *x = run;
+      run += t;
+    }
+  }
+  __syncthreads();
+  for (int i0 = a0; i0 < a1; i0 += 32) {
+    const int i = i0 + lane;
+    const int l = i < a1 ? max(lab[i], 0) : -1;
+    const unsigned mask = __match_any_sync(0xffffffffu, l);
+    if (i < a1) members[blk.point_begin + wrow[l] + __popc(mask & ((1u << lane) - 1))] = i;
+    __syncwarp();
+    if (i < a1 && lane == __ffs(mask) - 1) wrow[l] += __popc(mask);
+    __syncwarp();
+  }
+}
+
+constexpr int kBigCluster = 128;  // longer member lists go to big_update_kernel (8 warps each)
+
+// f64 sums of weight x point (and with final_pass weight x value: level 0 the members' cached
+// values, level 1 the children's value centroids) over members [m0, m1) of a block's lists,
+// in ascending order; ids, weights and value rows of 32 members are fetched one per lane,
+// then 4 rows are in flight at a time. One warp.
+template <int D>
+__device__ __forceinline__ void sum_members(const KmBlock& blk, const KvRead& kv, const float* points,
+                                            const int32_t* weights, const float* point_values,
+                                            const int32_t* members, int m0, int m1, bool final_pass,
+                                            double (&sk)[D / 32], double (&sv)[D / 32], int64_t& wsum) {
+  constexpr int V = D / 32;
+  const int lane = threadIdx.x & 31;
+  const bool cache_values = final_pass && !point_values;
+  for (int base = m0; base < m1; base += 32) {
+    const int cnt = min(32, m1 - base);
+    const int my_i = lane < cnt ? members[blk.point_begin + base + lane] : 0;
+    const int my_w = lane < cnt ? (weights ? weights[int64_t(blk.point_begin) + my_i] : 1) : 0;
+    const int64_t my_v = cache_values && lane < cnt ? cache_row(kv, blk.seq, blk.head, blk.token_begin + my_i) : 0;
+    for (int t0 = 0; t0 < cnt; t0 += 4) {
+      float x[4][V], v[4][V];
+      int w[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int t = min(t0 + u, cnt - 1);
+        const int i = __shfl_sync(0xffffffffu, my_i, t);
+        w[u] = __shfl_sync(0xffffffffu, my_w, t);
+        if (t0 + u >= cnt) w[u] = 0;
+        const int64_t vr = __shfl_sync(0xffffffffu, my_v, t);
+        const int64_t p = int64_t(blk.point_begin) + i;
+#pragma unroll
+        for (int j = 0; j < V; ++j) x[u][j] = points[p * D + lane * V + j];
+        if (final_pass) {
+          if (point_values) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) v[u][j] = point_values[p * D + lane * V + j];
+          } else {
+            load16<V>(kv.values, vr * D + lane * V, kv.f16 != 0, v[u]);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (w[u] <= 0) continue;
+        wsum += w[u];
+#pragma unroll
+        for (int j = 0; j < V; ++j) sk[j] += double(w[u]) * x[u][j];
+        if (final_pass) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) sv[j] += double(w[u]) * v[u][j];
+        }
+      }
     }
   }
 }
 
-// New centroids: f64 sums of weight x point over each cluster's members (ascending), divided
-// by the total weight; a cluster without members keeps its centroid. With `final`, also the
-// value centroids (level 0: mean of the members' cached values; level 1: size-weighted mean
-// of the children's value centroids) and sizes, and empty clusters get zeros (as the CPU).
-// grid (ceil(max k / 8), blocks), one cluster per warp.
+// New centroids: the weighted mean of each cluster's members (f64 sums); a cluster without
+// members keeps its centroid. With `final`, also the value centroids and sizes, and empty
+// clusters get zeros (as the CPU). grid (ceil(max k / 8), blocks), one cluster per warp;
+// clusters of more than kBigCluster members are listed in big / big_n for big_update_kernel
+// (load balance: k-means on some data leaves a few very large clusters).
 template <int D>
 __global__ void __launch_bounds__(256) update_kernel(const KmBlock* blocks, KvRead kv, const float* points,
                                                      const int32_t* weights, const float* point_values,
                                                      const int32_t* counts, const int32_t* offsets,
                                                      const int32_t* members, float* cent, float* values,
-                                                     int32_t* sizes, int final_pass) {
+                                                     int32_t* sizes, int final_pass, int2* big, int32_t* big_n) {
   constexpr int V = D / 32;
   const KmBlock blk = blocks[blockIdx.y];
   const int c = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
@@ -505,33 +601,15 @@ __global__ void __launch_bounds__(256) update_kernel(const KmBlock* blocks, KvRe
   const int64_t g = int64_t(blk.cluster_begin) + c;
   if (!final_pass && counts[g] == 0) return;
   const int m0 = offsets[g], m1 = c + 1 < blk.k ? offsets[g + 1] : blk.n;
+  if (m1 - m0 > kBigCluster) {
+    if (lane == 0) big[atomicAdd(big_n, 1)] = make_int2(int(blockIdx.y), c);
+    return;
+  }
   double sk[V], sv[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) sk[i] = sv[i] = 0.0;
   int64_t wsum = 0;
-  for (int m = m0; m < m1; ++m) {
-    const int i = members[blk.point_begin + m];
-    const int64_t p = int64_t(blk.point_begin) + i;
-    const int w = weights ? weights[p] : 1;
-    if (w <= 0) continue;
-    wsum += w;
-    float x[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) x[j] = points[p * D + lane * V + j];
-#pragma unroll
-    for (int j = 0; j < V; ++j) sk[j] += double(w) * x[j];
-    if (final_pass) {
-      float v[V];
-      if (point_values) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) v[j] = point_values[p * D + lane * V + j];
-      } else {
-        load16<V>(kv.values, cache_row(kv, blk.seq, blk.head, blk.token_begin + i) * D + lane * V, kv.f16 != 0, v);
-      }
-#pragma unroll
-      for (int j = 0; j < V; ++j) sv[j] += double(w) * v[j];
-    }
-  }
+  sum_members<D>(blk, kv, points, weights, point_values, members, m0, m1, final_pass != 0, sk, sv, wsum);
   const double inv = wsum > 0 ? 1.0 / double(wsum) : 0.0;
 #pragma unroll
   for (int j = 0; j < V; ++j) cent[g * D + lane * V + j] = float(sk[j] * inv);
@@ -539,6 +617,59 @@ __global__ void __launch_bounds__(256) update_kernel(const KmBlock* blocks, KvRe
 #pragma unroll
     for (int j = 0; j < V; ++j) values[g * D + lane * V + j] = float(sv[j] * inv);
     if (lane == 0) sizes[g] = int32_t(wsum);
+  }
+}
+
+// The listed large clusters, one CTA each (grid-stride): warp w sums the w-th eighth of the
+// member list, the eight partial sums are added in warp order (a fixed order: the result
+// does not depend on which CTA takes the cluster).
+template <int D>
+__global__ void __launch_bounds__(256) big_update_kernel(const KmBlock* blocks, KvRead kv, const float* points,
+                                                         const int32_t* weights, const float* point_values,
+                                                         const int32_t* offsets, const int32_t* members, float* cent,
+                                                         float* values, int32_t* sizes, int final_pass,
+                                                         const int2* big, const int32_t* big_n) {
+  constexpr int V = D / 32;
+  __shared__ double pk[8][D], pv[8][D];
+  __shared__ int64_t pw[8];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int total = *big_n;
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const int2 bc = big[t];
+    const KmBlock blk = blocks[bc.x];
+    const int c = bc.y;
+    const int64_t g = int64_t(blk.cluster_begin) + c;
+    const int m0 = offsets[g], m1 = c + 1 < blk.k ? offsets[g + 1] : blk.n, len = m1 - m0;
+    double sk[V], sv[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) sk[i] = sv[i] = 0.0;
+    int64_t wsum = 0;
+    sum_members<D>(blk, kv, points, weights, point_values, members, m0 + len * warp / 8, m0 + len * (warp + 1) / 8,
+                   final_pass != 0, sk, sv, wsum);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      pk[warp][lane * V + j] = sk[j];
+      pv[warp][lane * V + j] = sv[j];
+    }
+    if (lane == 0) pw[warp] = wsum;
+    __syncthreads();
+    if (threadIdx.x < D) {
+      const int j = threadIdx.x;
+      double k = 0, v = 0;
+      int64_t w = 0;
+      for (int q = 0; q < 8; ++q) {
+        k += pk[q][j];
+        v += pv[q][j];
+        w += pw[q];
+      }
+      const double inv = w > 0 ? 1.0 / double(w) : 0.0;
+      cent[g * D + j] = float(k * inv);
+      if (final_pass) {
+        values[g * D + j] = float(v * inv);
+        if (j == 0) sizes[g] = int32_t(w);
+      }
+    }
+    __syncthreads();
   }
 }
 
@@ -582,10 +713,16 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 void km_gather(int d, const KvRead& kv, const KmEntry* entries, int num_entries, int max_count,
-               const double* inv_freq, int half, int sinks, float* points, void* xb, float* xnorm, Stream s) {
+               const double* inv_freq, int half, int sinks, float* points, Stream s) {
   const dim3 grid(unsigned(cdiv(max_count, 8)), unsigned(num_entries));
   auto* kern = d == 64 ? gather_kernel<64> : gather_kernel<128>;
-  kern<<<grid, 256, 0, s>>>(kv, entries, inv_freq, half, sinks, points, static_cast<__nv_bfloat16*>(xb), xnorm);
+  kern<<<grid, 256, 0, s>>>(kv, entries, inv_freq, half, sinks, points);
+  MP_CUDA_CHECK(cudaGetLastError());
+}
+
+void km_mean(int d, int blocks, const KmBlock* b, const float* points, float* mean, Stream s) {
+  auto* kern = d == 64 ? mean_kernel<64> : mean_kernel<128>;
+  kern<<<blocks, 256, 0, s>>>(b, points, mean);
   MP_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -596,25 +733,25 @@ void km_init(int blocks, int max_k, const KmBlock* b, int level, int d, const fl
 }
 
 void km_prep(int d, int blocks, int max_rows, const KmBlock* b, const int32_t* k_active, bool by_points,
-             const float* src, void* dst, float* norm, Stream s) {
+             const float* src, const float* mean, void* dst, float* norm, Stream s) {
   const dim3 grid(unsigned(cdiv(max_rows, 8)), unsigned(blocks));
   auto* kern = d == 64 ? prep_kernel<64> : prep_kernel<128>;
-  kern<<<grid, 256, 0, s>>>(b, k_active, by_points, src, static_cast<__nv_bfloat16*>(dst), norm);
+  kern<<<grid, 256, 0, s>>>(b, k_active, by_points, src, mean, static_cast<__half*>(dst), norm);
   MP_CUDA_CHECK(cudaGetLastError());
 }
 
 void km_assign(int d, int tiles, const KmBlock* b, const KmTile* t, const void* xb, const float* xnorm,
                const void* centb, const float* cnorm, int32_t* labels, float* dist2, Stream s) {
   auto* kern = d == 64 ? assign_kernel<64> : assign_kernel<128>;
-  kern<<<tiles, 128, 0, s>>>(b, t, static_cast<const __nv_bfloat16*>(xb), xnorm,
-                             static_cast<const __nv_bfloat16*>(centb), cnorm, labels, dist2);
+  kern<<<tiles, 128, 0, s>>>(b, t, static_cast<const __half*>(xb), xnorm, static_cast<const __half*>(centb), cnorm,
+                             labels, dist2);
   MP_CUDA_CHECK(cudaGetLastError());
 }
 
 void km_count(int blocks, int max_n, int max_k, const KmBlock* b, const int32_t* k_active, const int32_t* weights,
               int32_t* labels, float* dist2, int32_t* counts, int32_t* offsets, int32_t* members, double* inertia,
               bool first_iteration, Stream s) {
-  const size_t smem = (size_t(max_n) + 2 * size_t(max_k)) * 4;
+  const size_t smem = (size_t(max_n) + (2 + kCountThreads / 32) * size_t(max_k)) * 4;
   MP_CUDA_CHECK(cudaFuncSetAttribute(count_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   count_kernel<<<blocks, kCountThreads, smem, s>>>(b, k_active, weights, labels, dist2, counts, offsets, members,
                                                    inertia, first_iteration ? 1 : 0);
@@ -623,11 +760,17 @@ void km_count(int blocks, int max_n, int max_k, const KmBlock* b, const int32_t*
 
 void km_update(int d, int blocks, int max_k, const KmBlock* b, const KvRead& kv, const float* points,
                const int32_t* weights, const float* point_values, const int32_t* counts, const int32_t* offsets,
-               const int32_t* members, float* cent, float* values, int32_t* sizes, bool final_pass, Stream s) {
+               const int32_t* members, float* cent, float* values, int32_t* sizes, bool final_pass, void* big,
+               int32_t* big_n, int sms, Stream s) {
+  MP_CUDA_CHECK(cudaMemsetAsync(big_n, 0, 4, s));
   const dim3 grid(unsigned(cdiv(max_k, 8)), unsigned(blocks));
   auto* kern = d == 64 ? update_kernel<64> : update_kernel<128>;
   kern<<<grid, 256, 0, s>>>(b, kv, points, weights, point_values, counts, offsets, members, cent, values, sizes,
-                            final_pass ? 1 : 0);
+                            final_pass ? 1 : 0, static_cast<int2*>(big), big_n);
+  MP_CUDA_CHECK(cudaGetLastError());
+  auto* big_kern = d == 64 ? big_update_kernel<64> : big_update_kernel<128>;
+  big_kern<<<2 * sms, 256, 0, s>>>(b, kv, points, weights, point_values, offsets, members, cent, values, sizes,
+                                   final_pass ? 1 : 0, static_cast<const int2*>(big), big_n);
   MP_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -40,13 +40,15 @@ struct KvRead {
   int page_size, num_kv_heads, f16;
 };
 
-// d: 64 or 128. Shapes: P points, K clusters of a level; xb/centb bf16 [., d].
+// d: 64 or 128. Shapes: P points, K clusters of a level; xb/centb f16 [., d], centred on
+// the block's mean [blocks, d].
 void km_gather(int d, const KvRead& kv, const KmEntry* entries, int num_entries, int max_count,
-               const double* inv_freq, int half, int sinks, float* points, void* xb, float* xnorm, Stream s);
+               const double* inv_freq, int half, int sinks, float* points, Stream s);
+void km_mean(int d, int blocks, const KmBlock* b, const float* points, float* mean, Stream s);
 void km_init(int blocks, int max_k, const KmBlock* b, int level, int d, const float* points, const int32_t* weights,
              int32_t* items, uint64_t* rng, float* cent, int32_t* k_active, Stream s);
 void km_prep(int d, int blocks, int max_rows, const KmBlock* b, const int32_t* k_active, bool by_points,
-             const float* src, void* dst, float* norm, Stream s);
+             const float* src, const float* mean, void* dst, float* norm, Stream s);
 void km_assign(int d, int tiles, const KmBlock* b, const KmTile* t, const void* xb, const float* xnorm,
                const void* centb, const float* cnorm, int32_t* labels, float* dist2, Stream s);
 void km_count(int blocks, int max_n, int max_k, const KmBlock* b, const int32_t* k_active, const int32_t* weights,
@@ -54,7 +56,8 @@ void km_count(int blocks, int max_n, int max_k, const KmBlock* b, const int32_t*
               bool first_iteration, Stream s);
 void km_update(int d, int blocks, int max_k, const KmBlock* b, const KvRead& kv, const float* points,
                const int32_t* weights, const float* point_values, const int32_t* counts, const int32_t* offsets,
-               const int32_t* members, float* cent, float* values, int32_t* sizes, bool final_pass, Stream s);
+               const int32_t* members, float* cent, float* values, int32_t* sizes, bool final_pass, void* big,
+               int32_t* big_n, int sms, Stream s);  // big: [K] int2 scratch, big_n: one int (3 launches)
 void km_emit(int d, int blocks, int max_k, const KmBlock* b, int level, const float* cent, const float* values,
              const int32_t* sizes, const int32_t* offsets, const int32_t* members, const DeviceClusterTarget& out,
              int key_kind, bool value_f16, Stream s);

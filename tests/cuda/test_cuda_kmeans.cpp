@@ -1,8 +1,9 @@
 // GPU prefill k-means (DeviceKMeans) against the CPU cluster index built from the same cache
 // with the same seeds: exact invariants of the device result (sizes, key and value centroids
 // equal to the statistics of the membership, every token listed once, level-1 consistency),
-// labels that are the argmin over the centroids they were assigned with (up to the bf16
-// rounding of the distance GEMM), inertia within 3% of the CPU's, determinism, and the index
+// labels that are the argmin over the centroids they were assigned with (up to the f16
+// rounding of the distance GEMM), inertia within 2% of the CPU's over all entries and 5% per
+// entry, determinism, and the index
 // feeding the multipole decode exactly as the same data uploaded from the host. Skips without
 // a GPU.
 #include <gtest/gtest.h>
@@ -212,11 +213,12 @@ std::vector<HostBlock> host_blocks(int64_t sinks, int64_t end, int64_t bs, int t
 }
 
 // Each token's cluster minimises the distance to the centroids `prev` it was assigned with
-// (those after one iteration fewer), up to the bf16 rounding of x and c in the distance
-// GEMM: the computed x.c is off by at most ~2^-8 sum |x_j c_j|; allowed: 2^-6 (S_label +
-// S_best) + 1e-5 (|x|^2 + 1). A token alone in its cluster may have been re-seeded there
-// and is exempt (counted). Blocks where `prev` has an empty cluster are skipped (an empty
-// cluster's centroid is reported as 0, not the one it kept).
+// (those after one iteration fewer), up to the rounding of the distance GEMM: f16 copies of
+// x - m and c - m (m: the block's mean), so the computed x.c is off by at most ~2^-10
+// sum |x'_j c'_j| (S'); allowed: 2^-8 (S'_label + S'_best) + 1e-5 (|x'|^2 + 1). A token
+// alone in its cluster may have been re-seeded there and is exempt (counted). Blocks where
+// `prev` has an empty cluster are skipped (an empty cluster's centroid is reported as 0,
+// not the one it kept).
 void check_argmin(const HostClusterLevel& x, const HostClusterLevel& prev, const std::vector<float>& k0, int D,
                   const std::vector<HostBlock>& blocks, int e, int64_t& checked, int64_t& exempt, int64_t& skipped) {
   std::vector<int> label(k0.size() / size_t(D), -1);
@@ -229,13 +231,17 @@ void check_argmin(const HostClusterLevel& x, const HostClusterLevel& prev, const
       ++skipped;
       continue;
     }
+    std::vector<double> mean(size_t(D), 0.0);
+    for (int64_t p = blk.begin; p < blk.end; ++p)
+      for (int j = 0; j < D; ++j) mean[size_t(j)] += k0[size_t(p) * D + j];
+    for (auto& m : mean) m /= double(blk.end - blk.begin);
     for (int64_t p = blk.begin; p < blk.end; ++p) {
       const float* xp = k0.data() + size_t(p) * D;
       const int l = label[size_t(p)];
       ASSERT_TRUE(l >= blk.cfirst && l < blk.clast) << "entry " << e << " token " << p << " in another block's cluster";
       int best = blk.cfirst;
       double bd = 1e300, x2 = 0;
-      for (int j = 0; j < D; ++j) x2 += double(xp[j]) * xp[j];
+      for (int j = 0; j < D; ++j) x2 += (xp[j] - mean[size_t(j)]) * (xp[j] - mean[size_t(j)]);
       for (int c = blk.cfirst; c < blk.clast; ++c) {
         const double dc = dist2(xp, prev.key_centroids.data() + size_t(c) * D, D);
         if (dc < bd) {
@@ -245,11 +251,12 @@ void check_argmin(const HostClusterLevel& x, const HostClusterLevel& prev, const
       }
       auto S = [&](int c) {
         double s = 0;
-        for (int j = 0; j < D; ++j) s += std::abs(double(xp[j]) * prev.key_centroids[size_t(c) * D + j]);
+        for (int j = 0; j < D; ++j)
+          s += std::abs((xp[j] - mean[size_t(j)]) * (prev.key_centroids[size_t(c) * D + j] - mean[size_t(j)]));
         return s;
       };
       const double dl = dist2(xp, prev.key_centroids.data() + size_t(l) * D, D);
-      const double tol = std::ldexp(S(l) + S(best), -6) + 1e-5 * (x2 + 1.0);
+      const double tol = std::ldexp(S(l) + S(best), -8) + 1e-5 * (x2 + 1.0);
       if (dl - bd > tol) {
         if (x.sizes[size_t(l)] == 1) {
           ++exempt;
@@ -279,7 +286,7 @@ void run_case(const Case& c, bool check_labels) {
   DeviceKMeans km = run_gpu(s);
   // CPU reference: the policies' index from the same cache, seeds and config.
   const Rope rope(s.ac.rope);
-  double gpu_total = 0, cpu_total = 0;
+  double gpu_total = 0, cpu_total = 0, worst = 0;
   int64_t checked = 0, exempt = 0, skipped = 0;
   std::unique_ptr<DeviceKMeans> prev;
   if (check_labels) {
@@ -306,7 +313,8 @@ void run_case(const Case& c, bool check_labels) {
       const double gi = inertia_of(got, k0, D), ci = inertia_of(want, k0, D);
       gpu_total += gi;
       cpu_total += ci;
-      EXPECT_LE(gi, 1.03 * ci + 1e-6) << "entry " << e << ": GPU inertia " << gi << " vs CPU " << ci;
+      EXPECT_LE(gi, 1.05 * ci + 1e-6) << "entry " << e << ": GPU inertia " << gi << " vs CPU " << ci;
+      worst = std::max(worst, ci > 0 ? gi / ci : 1.0);
       if (prev) {
         const HostClusterLevel p = prev->download(e);
         check_argmin(got, p, k0, D, host_blocks(s.ac.cluster.sinks, s.ends[b], c.block, c.tpc[0]), e, checked, exempt,
@@ -314,9 +322,10 @@ void run_case(const Case& c, bool check_labels) {
       }
     }
   std::printf("[ kmeans ] D=%d levels=%zu block=%d zero_share=%.2f: inertia GPU/CPU = %.5f (%.6g / %.6g); "
-              "argmin checked %lld tokens, %lld re-seeded exempt, %lld blocks skipped\n",
+              "worst entry %.4f; argmin checked %lld tokens, %lld re-seeded exempt, %lld blocks skipped\n",
               D, c.tpc.size(), c.block, c.zero_share, cpu_total > 0 ? gpu_total / cpu_total : 1.0, gpu_total, cpu_total,
-              (long long)checked, (long long)exempt, (long long)skipped);
+              worst, (long long)checked, (long long)exempt, (long long)skipped);
+  EXPECT_LE(gpu_total, 1.02 * cpu_total + 1e-6) << "inertia over all entries";
   if (check_labels) {
     EXPECT_GT(checked, 0);
     EXPECT_LE(exempt * 100, checked + 100);  // re-seeding is rare on these data

@@ -4,19 +4,22 @@
 // iteration count) over the device KV cache, written straight into a DeviceClusterIndex.
 //
 // Per block and level: initial centroids = distinct random points drawn by the CPU's Rng on
-// the device; each Lloyd iteration = distances by bf16 tensor-core mma fused with the argmin
+// the device; each Lloyd iteration = distances by f16 tensor-core mma (points and centroids
+// centred on the block's mean) fused with the argmin
 // (no [n, k] matrix in memory), counts + re-seeding + a stable counting sort into member
 // lists (one CTA per block), then centroids as f64 sums over the members in ascending order
 // (deterministic: no atomics on values). After the last iteration the key centroids, value
 // centroids and sizes are those of the final membership. Level 1 clusters the non-empty
 // level-0 centroids weighted by their sizes; its statistics are the size-weighted means of
-// its children. Differences from the CPU: assignments use bf16 distances (labels can differ
-// where two centroids are within bf16 rounding), and when duplicates leave fewer non-empty
+// its children. Differences from the CPU: assignments use f16 distances (labels can differ
+// where two centroids are within f16 rounding), and when duplicates leave fewer non-empty
 // fine clusters than coarse ones the surplus coarse clusters stay empty (size 0) instead of
 // not existing.
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "multipole/attention/config.hpp"
@@ -35,6 +38,10 @@ struct KMeansBlockStats {
 
 class DeviceKMeans {
  public:
+  DeviceKMeans() = default;
+  ~DeviceKMeans();
+  DeviceKMeans(DeviceKMeans&&) = default;
+  DeviceKMeans& operator=(DeviceKMeans&&) = default;
   // Clusters [sinks, ends[b]) of KV head h of sequence seqs[b], for every b and h, of `layer`
   // of the device cache (keys rotated to their positions: clustered after rotating back to
   // position 0 with `rope`, as the CPU index does). ends[b] is what ClusterIndex::build takes
@@ -45,7 +52,8 @@ class DeviceKMeans {
   void build(const DeviceKVCache& cache, int layer, std::span<const SeqId> seqs, std::span<const int64_t> ends,
              const AttentionConfig& config, const Rope& rope, DType key_dtype, Stream stream);
 
-  // Valid after build(); the index is complete once the stream reaches this point.
+  // Valid after build(); the index is complete once the stream reaches this point. A build of
+  // the same shapes and dtypes rewrites the same index object.
   const DeviceClusterIndex& index() const { return *index_; }
   int entries() const { return int(entry_seq_.size()); }
   int levels() const { return levels_; }
@@ -56,6 +64,11 @@ class DeviceKMeans {
   std::vector<KMeansBlockStats> block_stats() const;
   // Launches enqueued by the last build().
   int launches() const { return launches_; }
+  // Diagnostics: with profiling on, build() records a CUDA event after every launch (this
+  // serialises nothing but adds event records); stage_ms() waits for the GPU and returns the
+  // time per stage kind ("gather", "L0 assign", ...), summed over iterations.
+  void set_profile(bool on) { profile_ = on; }
+  std::vector<std::pair<std::string, double>> stage_ms() const;
   // Device bytes held for the work buffers (the index not included).
   int64_t scratch_bytes() const;
 
@@ -70,8 +83,14 @@ class DeviceKMeans {
     DeviceBuffer k_active;  // [nblocks] clusters initialised (k, or fewer points of weight > 0)
     DeviceBuffer cent, centb, cnorm, counts, offsets, values, sizes;  // per cluster
     DeviceBuffer inertia;  // [nblocks, 2] first, last
+    DeviceBuffer mean;     // [nblocks, d] origin of the centred f16 copies
+    DeviceBuffer big, big_n;  // clusters with long member lists (update load balance)
   };
 
+  void mark(const char* stage, Stream stream);
+  bool profile_ = false;
+  std::vector<std::pair<std::string, void*>> marks_;  // (stage ended, cudaEvent_t)
+  int sms_ = 0;
   int levels_ = 0, head_dim_ = 0, num_kv_heads_ = 0, num_blocks_ = 0, launches_ = 0;
   std::vector<int32_t> entry_seq_;
   std::vector<int32_t> block_entry_, block_index_;
@@ -81,6 +100,7 @@ class DeviceKMeans {
   DeviceBuffer rng_;             // [nblocks, 4] u64 Rng state (level 0 init -> level 1 init)
   DeviceBuffer entry_desc_, inv_freq_;
   std::unique_ptr<DeviceClusterIndex> index_;
+  std::vector<DeviceEntryShape> shapes_;
 };
 
 }  // namespace multipole::cuda
