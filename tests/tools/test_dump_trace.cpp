@@ -127,6 +127,105 @@ double row_error(const float* a, const double* b, size_t n) {
   return err / scale;
 }
 
+// The last layer's trace against the model's own KV cache (f32) after the same prefill and
+// decode steps as the CLI ran: the trace's keys rotated with the trace's RoPE to their
+// positions, values as they are; then `multipole attn` on the trace: dense error 0 by
+// definition, a budget covering every token gives dense, and its dense output is attention
+// over the cache.
+void check_against_cache(const TempDir& dir, const std::string& model, const std::string& trace_path,
+                         const std::vector<int32_t>& fed, int64_t P, RopeConfig::Scaling scaling) {
+  const Trace tl = read_trace(trace_path);
+  const int64_t N = int64_t(fed.size()), T = N - P;
+  ASSERT_EQ(tl.tokens, N);
+  ASSERT_EQ(tl.generated, T);
+  EXPECT_EQ(tl.rope.scaling, scaling);
+  std::unique_ptr<Model> m = Model::load(model);
+  const ModelConfig& mc = m->config();
+  ASSERT_EQ(tl.num_q_heads, mc.num_heads);
+  ASSERT_EQ(tl.num_kv_heads, mc.num_kv_heads);
+  ASSERT_EQ(tl.head_dim, mc.head_dim);
+  EXPECT_EQ(tl.metadata.at("layer"), std::to_string(mc.num_layers - 1));
+  const int hq = mc.num_heads, hkv = mc.num_kv_heads, d = mc.head_dim, last_layer = mc.num_layers - 1;
+  ThreadPool pool(2);
+  EngineOptions eo;
+  eo.kv_dtype = DType::F32;
+  eo.context_length = N + 8;
+  Engine engine(*m, eo, pool);
+  const SeqId seq = engine.add_sequence();
+  engine.prefill(seq, std::span<const int32_t>(fed).first(size_t(P)));
+  for (int64_t p = P; p < N; ++p) engine.decode(seq, fed[size_t(p)]);
+  const Rope rope(tl.rope);
+  std::vector<float> cached_k(size_t(N) * d), cached_v(size_t(N) * d), kr(static_cast<size_t>(d));
+  double k_err = 0, v_err = 0, unrotated_err = 0;
+  std::vector<std::vector<float>> keys(static_cast<size_t>(hkv)), values(static_cast<size_t>(hkv));  // [head][N * d]
+  for (int h = 0; h < hkv; ++h) {
+    engine.cache().read_keys(seq, last_layer, h, 0, N, cached_k.data());
+    engine.cache().read_values(seq, last_layer, h, 0, N, cached_v.data());
+    keys[size_t(h)] = cached_k;
+    values[size_t(h)] = cached_v;
+    for (int64_t p = 0; p < N; ++p) {
+      const float* k = &tl.k[(size_t(p) * hkv + size_t(h)) * d];
+      const float* v = &tl.v[(size_t(p) * hkv + size_t(h)) * d];
+      std::copy(k, k + d, kr.begin());
+      rope.apply(kr.data(), double(p));
+      for (int i = 0; i < d; ++i) {
+        const float ck = cached_k[size_t(p) * d + i];
+        k_err = std::max(k_err, double(std::fabs(kr[size_t(i)] - ck)) / std::max(1.0f, std::fabs(ck)));
+        unrotated_err = std::max(unrotated_err, double(std::fabs(k[i] - ck)));
+        v_err = std::max(v_err, double(std::fabs(v[i] - cached_v[size_t(p) * d + i])));
+      }
+    }
+  }
+  EXPECT_LT(k_err, 1e-4) << "rotated trace keys differ from the KV cache";
+  EXPECT_LT(v_err, 1e-4) << "trace values differ from the KV cache";
+  EXPECT_GT(unrotated_err, 1e-2) << "the trace's keys look rotated already (they must be pre-RoPE)";
+
+  const std::string out = dir.file("o.safetensors");
+  const Result a = run_cli(dir, "attn " + trace_path +
+                                    " --policies dense,multipole --budget 100000 --kv-dtype f32 --threads 2 --json --out " +
+                                    out);
+  ASSERT_EQ(a.code, 0) << a.err;
+  const json aj = json::parse(a.out);
+  EXPECT_EQ(aj.at("tokens"), N);
+  EXPECT_EQ(aj.at("generated"), T);
+  EXPECT_EQ(aj.at("prompt_tokens"), P);
+  for (const json& p : aj.at("policies")) EXPECT_LT(p.at("rel_l2").get<double>(), 1e-5) << p.dump();
+  const SafetensorsFile of(out);
+  const std::vector<float> o = of.tensor("o_dense").to_f32();
+  ASSERT_EQ(o.size(), size_t(T) * hq * d);
+  const int G = hq / hkv;
+  double o_err = 0;
+  std::vector<float> qr(static_cast<size_t>(d));
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t pos = P + t;
+    for (int qh = 0; qh < hq; ++qh) {
+      const std::vector<float>& K = keys[size_t(qh / G)];
+      const std::vector<float>& V = values[size_t(qh / G)];
+      const float* q = &tl.q[(size_t(t) * hq + size_t(qh)) * d];
+      std::copy(q, q + d, qr.begin());
+      rope.apply(qr.data(), double(pos));
+      std::vector<double> s(size_t(pos) + 1);
+      double mx = -1e300;
+      for (int64_t p = 0; p <= pos; ++p) {
+        double dot = 0;
+        for (int i = 0; i < d; ++i) dot += double(qr[size_t(i)]) * K[size_t(p) * d + i];
+        s[size_t(p)] = dot / std::sqrt(double(d));
+        mx = std::max(mx, s[size_t(p)]);
+      }
+      double z = 0;
+      std::vector<double> ref(size_t(d), 0.0);
+      for (int64_t p = 0; p <= pos; ++p) {
+        const double e = std::exp(s[size_t(p)] - mx);
+        z += e;
+        for (int i = 0; i < d; ++i) ref[size_t(i)] += e * V[size_t(p) * d + i];
+      }
+      for (double& x : ref) x /= z;
+      o_err = std::max(o_err, row_error(&o[(size_t(t) * hq + size_t(qh)) * d], ref.data(), ref.size()));
+    }
+  }
+  EXPECT_LT(o_err, 1e-4) << "attn's dense output differs from attention over the model's cache";
+}
+
 void check_case(const Case& cs) {
   SCOPED_TRACE(cs.family + (cs.gguf ? " gguf" : " safetensors") + (cs.llama3_scaling ? " llama3 rope" : ""));
   TempDir dir;
@@ -173,92 +272,8 @@ void check_case(const Case& cs) {
   }
   EXPECT_LT(worst, 1e-4) << "layer 0 q/k/v differ from the weights' float64 values";
 
-  // The last layer against the model's own KV cache (f32): rotate the trace's keys with the
-  // trace's RoPE to their positions; values as they are.
-  const Trace tl = read_trace(paths[1]);
-  ASSERT_EQ(tl.tokens, N);
-  ASSERT_EQ(tl.generated, T);
-  EXPECT_EQ(tl.rope.scaling, cs.llama3_scaling ? RopeConfig::Scaling::Llama3 : RopeConfig::Scaling::None);
-  std::unique_ptr<Model> m = Model::load(model);
-  ThreadPool pool(2);
-  EngineOptions eo;
-  eo.kv_dtype = DType::F32;
-  eo.context_length = 64;
-  Engine engine(*m, eo, pool);
-  const SeqId seq = engine.add_sequence();
-  engine.prefill(seq, fed);
-  const Rope rope(tl.rope);
-  std::vector<float> cached_k(size_t(N) * d), cached_v(size_t(N) * d), kr(static_cast<size_t>(d));
-  double k_err = 0, v_err = 0, unrotated_err = 0;
-  std::vector<std::vector<float>> keys(static_cast<size_t>(hkv)), values(static_cast<size_t>(hkv));  // [head][N * d]
-  for (int h = 0; h < hkv; ++h) {
-    engine.cache().read_keys(seq, c.layers - 1, h, 0, N, cached_k.data());
-    engine.cache().read_values(seq, c.layers - 1, h, 0, N, cached_v.data());
-    keys[size_t(h)] = cached_k;
-    values[size_t(h)] = cached_v;
-    for (int64_t p = 0; p < N; ++p) {
-      const float* k = &tl.k[(size_t(p) * hkv + size_t(h)) * d];
-      const float* v = &tl.v[(size_t(p) * hkv + size_t(h)) * d];
-      std::copy(k, k + d, kr.begin());
-      rope.apply(kr.data(), double(p));
-      for (int i = 0; i < d; ++i) {
-        const float ck = cached_k[size_t(p) * d + i];
-        k_err = std::max(k_err, double(std::fabs(kr[size_t(i)] - ck)) / std::max(1.0f, std::fabs(ck)));
-        unrotated_err = std::max(unrotated_err, double(std::fabs(k[i] - ck)));
-        v_err = std::max(v_err, double(std::fabs(v[i] - cached_v[size_t(p) * d + i])));
-      }
-    }
-  }
-  EXPECT_LT(k_err, 1e-4) << "rotated trace keys differ from the KV cache";
-  EXPECT_LT(v_err, 1e-4) << "trace values differ from the KV cache";
-  EXPECT_GT(unrotated_err, 1e-2) << "the trace's keys look rotated already (they must be pre-RoPE)";
-
-  // `multipole attn` on the last layer's trace: dense error 0 by definition, a budget
-  // covering every token gives dense, and its dense output is attention over the cache.
-  const std::string out = dir.file("o.safetensors");
-  const Result a = run_cli(dir, "attn " + paths[1] +
-                                    " --policies dense,multipole --budget 4096 --kv-dtype f32 --threads 2 --json --out " +
-                                    out);
-  ASSERT_EQ(a.code, 0) << a.err;
-  const json aj = json::parse(a.out);
-  EXPECT_EQ(aj.at("tokens"), N);
-  EXPECT_EQ(aj.at("generated"), T);
-  EXPECT_EQ(aj.at("prompt_tokens"), P);
-  for (const json& p : aj.at("policies")) EXPECT_LT(p.at("rel_l2").get<double>(), 1e-5) << p.dump();
-  const SafetensorsFile of(out);
-  const std::vector<float> o = of.tensor("o_dense").to_f32();
-  ASSERT_EQ(o.size(), size_t(T) * hq * d);
-  const int G = hq / hkv;
-  double o_err = 0;
-  std::vector<float> qr(static_cast<size_t>(d));
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t pos = P + t;
-    for (int qh = 0; qh < hq; ++qh) {
-      const std::vector<float>& K = keys[size_t(qh / G)];
-      const std::vector<float>& V = values[size_t(qh / G)];
-      const float* q = &tl.q[(size_t(t) * hq + size_t(qh)) * d];
-      std::copy(q, q + d, qr.begin());
-      rope.apply(qr.data(), double(pos));
-      std::vector<double> s(size_t(pos) + 1);
-      double mx = -1e300;
-      for (int64_t p = 0; p <= pos; ++p) {
-        double dot = 0;
-        for (int i = 0; i < d; ++i) dot += double(qr[size_t(i)]) * K[size_t(p) * d + i];
-        s[size_t(p)] = dot / std::sqrt(double(d));
-        mx = std::max(mx, s[size_t(p)]);
-      }
-      double z = 0;
-      std::vector<double> ref(size_t(d), 0.0);
-      for (int64_t p = 0; p <= pos; ++p) {
-        const double e = std::exp(s[size_t(p)] - mx);
-        z += e;
-        for (int i = 0; i < d; ++i) ref[size_t(i)] += e * V[size_t(p) * d + i];
-      }
-      for (double& x : ref) x /= z;
-      o_err = std::max(o_err, row_error(&o[(size_t(t) * hq + size_t(qh)) * d], ref.data(), ref.size()));
-    }
-  }
-  EXPECT_LT(o_err, 1e-4) << "attn's dense output differs from attention over the model's cache";
+  check_against_cache(dir, model, paths[1], fed, P,
+                      cs.llama3_scaling ? RopeConfig::Scaling::Llama3 : RopeConfig::Scaling::None);
 }
 
 }  // namespace
@@ -267,6 +282,30 @@ TEST(DumpTrace, Qwen3SafetensorsQKNorm) { check_case({"qwen3", false, false}); }
 TEST(DumpTrace, Qwen2SafetensorsBias) { check_case({"qwen2", false, false}); }
 TEST(DumpTrace, LlamaGGUFPermutedQK) { check_case({"llama", true, false}); }
 TEST(DumpTrace, LlamaSafetensorsLlama3RopeScaling) { check_case({"llama", false, true}); }
+
+// The real SmolLM2-135M (Q4_1 GGUF, Llama with permuted Q/K rows, 30 layers) as fetched by
+// scripts/fetch-models.sh: the last layer's trace against the cache, and attn on it.
+TEST(DumpTrace, RealSmolLM2) {
+  const char* cache = std::getenv("MULTIPOLE_MODEL_CACHE");
+  const std::string model = (cache ? std::string(cache) : std::string(MULTIPOLE_SOURCE_DIR) + "/.cache/models") +
+                            "/SmolLM2-135M-Instruct.Q4_1.gguf";
+  if (!std::filesystem::exists(model)) GTEST_SKIP() << model << " absent (run scripts/fetch-models.sh)";
+  TempDir dir;
+  const std::vector<int32_t> prompt = {1, 504, 3458, 314, 253, 1183, 28, 1597, 314, 260, 7405, 30, 378};
+  const Result g = run_cli(dir, "generate --model " + model +
+                                    " --prompt-ids 1,504,3458,314,253,1183,28,1597,314,260,7405,30,378 -n 12 -t 0"
+                                    " --ignore-eos --kv-dtype f32 --threads 2 --json --dump-trace " +
+                                    dir.file("smol") + " --layers -1");
+  ASSERT_EQ(g.code, 0) << g.err;
+  const json j = json::parse(g.out);
+  const auto generated = j.at("tokens").get<std::vector<int32_t>>();
+  ASSERT_EQ(generated.size(), 12u);
+  ASSERT_EQ(j.at("traces"), json::array({dir.file("smol.L29.safetensors")}));
+  std::vector<int32_t> fed = prompt;
+  fed.insert(fed.end(), generated.begin(), generated.end() - 1);
+  check_against_cache(dir, model, dir.file("smol.L29.safetensors"), fed, int64_t(prompt.size()),
+                      RopeConfig::Scaling::None);
+}
 
 TEST(DumpTrace, LayerListsAndPaths) {
   EXPECT_EQ(parse_trace_layers("", 30), (std::vector<int>{0, 29}));
