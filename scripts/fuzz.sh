@@ -32,7 +32,8 @@ for t in "${targets[@]}"; do
       -print_final_stats=1 "${dict[@]}" -artifact_prefix="$dir/artifacts/$t-" "$corpus" "$dir/seeds/$t" >"$log" 2>&1; then
     status=1
     echo "error: the $t fuzzer found a failure:"
-    grep -E -A30 '^==[0-9]+==ERROR|runtime error|deadly signal|uncaught exception|Test unit written' "$log" | head -60
+    grep -E -A30 '^==[0-9]+==ERROR|runtime error|deadly signal|uncaught exception|Test unit written' "$log" | head -60 || true
+    echo "(full log: $log; reproduce with $dir/fuzz/${t}_fuzzer $dir/artifacts/$t-<file>)"
   else
     grep -E '^stat::(number_of_executed_units|new_units_added)|^#[0-9]+.*DONE' "$log" || true
   fi
