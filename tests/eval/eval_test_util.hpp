@@ -85,10 +85,10 @@ inline std::string slurp(const std::string& path) {
   return s.str();
 }
 
-// Runs `multipole eval ARGS`, capturing stdout and stderr separately.
-inline CliRun run_eval_cli(const std::string& args, const std::string& scratch) {
+// Runs `multipole eval ARGS` (after `env`, e.g. "PATH=/x "), capturing stdout and stderr.
+inline CliRun run_eval_cli(const std::string& args, const std::string& scratch, const std::string& env = "") {
   const std::string out = scratch + "/cli.out", err = scratch + "/cli.err";
-  const std::string cmd = std::string(MULTIPOLE_CLI_PATH) + " eval " + args + " >" + out + " 2>" + err;
+  const std::string cmd = env + std::string(MULTIPOLE_CLI_PATH) + " eval " + args + " >" + out + " 2>" + err;
   const int status = std::system(cmd.c_str());
   CliRun r;
   r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;

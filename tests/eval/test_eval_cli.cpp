@@ -78,6 +78,14 @@ TEST_F(EvalCli, FidelityOnTinyModelWritesEveryPolicyAndTheReport) {
   r = run_eval_cli("--report-only --out " + dir + "/out", dir);
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("| oracle-topk | 16 | - | 1 |"), std::string::npos) << r.out;
+  // Without gnuplot the tables stay and the report says how to draw the plots.
+  fs::remove_all(dir + "/out/plots");
+  r = run_eval_cli("--report-only --out " + dir + "/out", dir, "PATH=" + dir + "/no-such-bin ");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("gnuplot is not installed"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| oracle-topk | 16 | - | 1 |"), std::string::npos) << r.out;
+  EXPECT_TRUE(fs::exists(dir + "/out/plots/fidelity_kl_position.gp"));
+  EXPECT_FALSE(fs::exists(dir + "/out/plots/fidelity_kl_position.svg"));
 }
 
 // Without --texts: the documents of --docs and the model's own dense greedy chain of thought.
