@@ -190,7 +190,6 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
   // Work buffers (kept between builds; grown as needed).
   const size_t P = size_t(points), C0 = size_t(clusters0), C1 = size_t(clusters1), D = size_t(d);
   points_.reserve(std::max<size_t>(P * D * 4, 16));
-  items_.reserve(std::max<size_t>(std::max(P, C0) * 4, 16));
   rng_.reserve(std::max<size_t>(size_t(num_blocks_) * 32, 16));
   upload_vec(entry_desc_, entries);
   std::vector<double> f(rope.inv_freq().begin(), rope.inv_freq().end());
@@ -261,8 +260,7 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
     km_prep(d, nb, L.max_n, blocks, kact, true, pts, L.mean.as<float>(), L.xb.data(), L.xnorm.as<float>(), stream);
     launches_ += 2;
     mark(l == 0 ? "L0 mean+prep" : "L1 mean+prep", stream);
-    km_init(nb, L.max_k, blocks, l, d, pts, w, items_.as<int32_t>(), rng_.as<uint64_t>(), L.cent.as<float>(), kact,
-            stream);
+    km_init(nb, L.max_n, L.max_k, blocks, l, d, pts, w, rng_.as<uint64_t>(), L.cent.as<float>(), kact, stream);
     ++launches_;
     mark(l == 0 ? "L0 init" : "L1 init", stream);
     for (int it = 0; it < iters; ++it) {
@@ -355,7 +353,7 @@ std::vector<KMeansBlockStats> DeviceKMeans::block_stats() const {
 }
 
 int64_t DeviceKMeans::scratch_bytes() const {
-  int64_t b = int64_t(points_.size() + items_.size() + rng_.size());
+  int64_t b = int64_t(points_.size() + rng_.size());
   for (const auto& L : lv_)
     for (const DeviceBuffer* x : {&L.xb, &L.xnorm, &L.labels, &L.dist2, &L.members, &L.cent, &L.centb, &L.cnorm,
                                   &L.counts, &L.offsets, &L.values, &L.sizes})

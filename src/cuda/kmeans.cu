@@ -49,6 +49,25 @@ __device__ __forceinline__ void load16(const std::byte* base, int64_t elem, bool
   }
 }
 
+// V consecutive floats (V = 2 or 4: one 8- or 16-byte access).
+template <int V>
+__device__ __forceinline__ void load_f32(const float* p, float (&out)[V]) {
+  if constexpr (V == 4) {
+    const float4 u = *reinterpret_cast<const float4*>(p);
+    out[0] = u.x, out[1] = u.y, out[2] = u.z, out[3] = u.w;
+  } else {
+    const float2 u = *reinterpret_cast<const float2*>(p);
+    out[0] = u.x, out[1] = u.y;
+  }
+}
+template <int V>
+__device__ __forceinline__ void store_f32(float* p, const float (&in)[V]) {
+  if constexpr (V == 4)
+    *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
+  else
+    *reinterpret_cast<float2*>(p) = make_float2(in[0], in[1]);
+}
+
 // ---- the CPU's random numbers (src/attention/kmeans.cpp), bit for bit ----------------------
 
 __device__ __forceinline__ uint64_t splitmix64(uint64_t& x) {
@@ -138,16 +157,17 @@ __global__ void __launch_bounds__(256) gather_kernel(KvRead kv, const KmEntry* e
       const float a = row[warp][f], b = row[warp][f + half];
       o = j < half ? a * cf - b * sf : b * cf + a * sf;
     }
-    points[p * D + j] = o;
+    x[i] = o;
   }
+  store_f32<V>(points + p * D + lane * V, x);
 }
 
 // Per-block origin of the f16 copies: the mean of up to 1024 evenly spaced points of the
 // block (any origin gives the same distances; a central one the smallest rounding). One CTA
-// per block, 256 threads = 256 / D point groups x D channels, f64 sums in a fixed order.
+// per block, 1024 threads = 1024 / D point groups x D channels, f64 sums in a fixed order.
 template <int D>
-__global__ void __launch_bounds__(256) mean_kernel(const KmBlock* blocks, const float* points, float* mean) {
-  constexpr int G = 256 / D;
+__global__ void __launch_bounds__(1024) mean_kernel(const KmBlock* blocks, const float* points, float* mean) {
+  constexpr int G = 1024 / D;
   __shared__ double part[G][D];
   const KmBlock blk = blocks[blockIdx.x];
   const int g = threadIdx.x / D, j = threadIdx.x % D;
@@ -169,11 +189,11 @@ __global__ void __launch_bounds__(256) mean_kernel(const KmBlock* blocks, const 
 // positive weight, in ascending order), drawn as kmeans::init_random does. Level 0 seeds
 // the Rng and leaves its state for level 1. One CTA per block.
 __global__ void init_kernel(const KmBlock* blocks, int level, int d, const float* points, const int32_t* weights,
-                            int32_t* items, uint64_t* rng_state, float* cent, int32_t* k_active) {
-  extern __shared__ int32_t picked[];
+                            int max_k, uint64_t* rng_state, float* cent, int32_t* k_active) {
+  extern __shared__ int32_t picked[];  // [max_k] picks, then [n] the items being shuffled
   __shared__ int kk_s;
   const KmBlock blk = blocks[blockIdx.x];
-  int32_t* it = items + blk.point_begin;
+  int32_t* it = picked + max_k;
   if (level == 0)
     for (int i = threadIdx.x; i < blk.n; i += blockDim.x) it[i] = i;
   __syncthreads();
@@ -188,7 +208,7 @@ __global__ void init_kernel(const KmBlock* blocks, int level, int d, const float
     uint64_t* st = rng_state + 4 * int64_t(blockIdx.x);
     if (level == 0) {
       uint64_t seed = blk.seed;
-      for (auto& s : rng.s) s = splitmix64(seed);
+      for (auto& x : rng.s) x = splitmix64(seed);
     } else {
       for (int i = 0; i < 4; ++i) rng.s[i] = st[i];
     }
@@ -224,12 +244,25 @@ __global__ void __launch_bounds__(256) prep_kernel(const KmBlock* blocks, const 
   const int rows = by_points ? blk.n : blk.k;
   if (r >= rows) return;
   const int64_t g = (by_points ? blk.point_begin : blk.cluster_begin) + int64_t(r);
+  float x[V], m[V];
+  load_f32<V>(src + g * D + lane * V, x);
+  load_f32<V>(mean + int64_t(blockIdx.y) * D + lane * V, m);
   float sq = 0;
+  __half h[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const float x = src[g * D + lane * V + i] - mean[int64_t(blockIdx.y) * D + lane * V + i];
-    dst[g * D + lane * V + i] = __float2half_rn(x);
-    sq = fmaf(x, x, sq);
+    x[i] -= m[i];
+    h[i] = __float2half_rn(x[i]);
+    sq = fmaf(x[i], x[i], sq);
+  }
+  if constexpr (V == 4) {
+    uint2 u;
+    memcpy(&u, h, 8);
+    *reinterpret_cast<uint2*>(dst + g * D + lane * V) = u;
+  } else {
+    uint32_t u;
+    memcpy(&u, h, 4);
+    *reinterpret_cast<uint32_t*>(dst + g * D + lane * V) = u;
   }
 #pragma unroll
   for (int m = 16; m > 0; m >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, m);
@@ -557,12 +590,10 @@ __device__ __forceinline__ void sum_members(const KmBlock& blk, const KvRead& kv
         if (t0 + u >= cnt) w[u] = 0;
         const int64_t vr = __shfl_sync(0xffffffffu, my_v, t);
         const int64_t p = int64_t(blk.point_begin) + i;
-#pragma unroll
-        for (int j = 0; j < V; ++j) x[u][j] = points[p * D + lane * V + j];
+        load_f32<V>(points + p * D + lane * V, x[u]);
         if (final_pass) {
           if (point_values) {
-#pragma unroll
-            for (int j = 0; j < V; ++j) v[u][j] = point_values[p * D + lane * V + j];
+            load_f32<V>(point_values + p * D + lane * V, v[u]);
           } else {
             load16<V>(kv.values, vr * D + lane * V, kv.f16 != 0, v[u]);
           }
@@ -587,9 +618,10 @@ __device__ __forceinline__ void sum_members(const KmBlock& blk, const KvRead& kv
 // members keeps its centroid. With `final`, also the value centroids and sizes, and empty
 // clusters get zeros (as the CPU). grid (ceil(max k / 8), blocks), one cluster per warp;
 // clusters of more than kBigCluster members are listed in big / big_n for big_update_kernel
-// (load balance: k-means on some data leaves a few very large clusters).
+// (load balance: k-means on some data leaves a few very large clusters). The row gathers are
+// latency-bound: 4 CTAs (32 warps) per SM at least.
 template <int D>
-__global__ void __launch_bounds__(256) update_kernel(const KmBlock* blocks, KvRead kv, const float* points,
+__global__ void __launch_bounds__(256, 4) update_kernel(const KmBlock* blocks, KvRead kv, const float* points,
                                                      const int32_t* weights, const float* point_values,
                                                      const int32_t* counts, const int32_t* offsets,
                                                      const int32_t* members, float* cent, float* values,
@@ -611,11 +643,15 @@ __global__ void __launch_bounds__(256) update_kernel(const KmBlock* blocks, KvRe
   int64_t wsum = 0;
   sum_members<D>(blk, kv, points, weights, point_values, members, m0, m1, final_pass != 0, sk, sv, wsum);
   const double inv = wsum > 0 ? 1.0 / double(wsum) : 0.0;
+  float ck[V], cv[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) cent[g * D + lane * V + j] = float(sk[j] * inv);
+  for (int j = 0; j < V; ++j) {
+    ck[j] = float(sk[j] * inv);
+    cv[j] = float(sv[j] * inv);
+  }
+  store_f32<V>(cent + g * D + lane * V, ck);
   if (final_pass) {
-#pragma unroll
-    for (int j = 0; j < V; ++j) values[g * D + lane * V + j] = float(sv[j] * inv);
+    store_f32<V>(values + g * D + lane * V, cv);
     if (lane == 0) sizes[g] = int32_t(wsum);
   }
 }
@@ -624,7 +660,7 @@ __global__ void __launch_bounds__(256) update_kernel(const KmBlock* blocks, KvRe
 // member list, the eight partial sums are added in warp order (a fixed order: the result
 // does not depend on which CTA takes the cluster).
 template <int D>
-__global__ void __launch_bounds__(256) big_update_kernel(const KmBlock* blocks, KvRead kv, const float* points,
+__global__ void __launch_bounds__(256, 4) big_update_kernel(const KmBlock* blocks, KvRead kv, const float* points,
                                                          const int32_t* weights, const float* point_values,
                                                          const int32_t* offsets, const int32_t* members, float* cent,
                                                          float* values, int32_t* sizes, int final_pass,
@@ -722,13 +758,15 @@ void km_gather(int d, const KvRead& kv, const KmEntry* entries, int num_entries,
 
 void km_mean(int d, int blocks, const KmBlock* b, const float* points, float* mean, Stream s) {
   auto* kern = d == 64 ? mean_kernel<64> : mean_kernel<128>;
-  kern<<<blocks, 256, 0, s>>>(b, points, mean);
+  kern<<<blocks, 1024, 0, s>>>(b, points, mean);
   MP_CUDA_CHECK(cudaGetLastError());
 }
 
-void km_init(int blocks, int max_k, const KmBlock* b, int level, int d, const float* points, const int32_t* weights,
-             int32_t* items, uint64_t* rng, float* cent, int32_t* k_active, Stream s) {
-  init_kernel<<<blocks, 256, size_t(max_k) * 4, s>>>(b, level, d, points, weights, items, rng, cent, k_active);
+void km_init(int blocks, int max_n, int max_k, const KmBlock* b, int level, int d, const float* points,
+             const int32_t* weights, uint64_t* rng, float* cent, int32_t* k_active, Stream s) {
+  const size_t smem = (size_t(max_n) + size_t(max_k)) * 4;
+  MP_CUDA_CHECK(cudaFuncSetAttribute(init_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  init_kernel<<<blocks, 256, smem, s>>>(b, level, d, points, weights, max_k, rng, cent, k_active);
   MP_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -769,7 +807,8 @@ void km_update(int d, int blocks, int max_k, const KmBlock* b, const KvRead& kv,
                             final_pass ? 1 : 0, static_cast<int2*>(big), big_n);
   MP_CUDA_CHECK(cudaGetLastError());
   auto* big_kern = d == 64 ? big_update_kernel<64> : big_update_kernel<128>;
-  big_kern<<<2 * sms, 256, 0, s>>>(b, kv, points, weights, point_values, offsets, members, cent, values, sizes,
+  // Enough CTAs to fill every SM (the row gathers are latency-bound); grid-stride beyond.
+  big_kern<<<8 * sms, 256, 0, s>>>(b, kv, points, weights, point_values, offsets, members, cent, values, sizes,
                                    final_pass ? 1 : 0, static_cast<const int2*>(big), big_n);
   MP_CUDA_CHECK(cudaGetLastError());
 }

@@ -45,8 +45,8 @@ struct KvRead {
 void km_gather(int d, const KvRead& kv, const KmEntry* entries, int num_entries, int max_count,
                const double* inv_freq, int half, int sinks, float* points, Stream s);
 void km_mean(int d, int blocks, const KmBlock* b, const float* points, float* mean, Stream s);
-void km_init(int blocks, int max_k, const KmBlock* b, int level, int d, const float* points, const int32_t* weights,
-             int32_t* items, uint64_t* rng, float* cent, int32_t* k_active, Stream s);
+void km_init(int blocks, int max_n, int max_k, const KmBlock* b, int level, int d, const float* points,
+             const int32_t* weights, uint64_t* rng, float* cent, int32_t* k_active, Stream s);
 void km_prep(int d, int blocks, int max_rows, const KmBlock* b, const int32_t* k_active, bool by_points,
              const float* src, const float* mean, void* dst, float* norm, Stream s);
 void km_assign(int d, int tiles, const KmBlock* b, const KmTile* t, const void* xb, const float* xnorm,

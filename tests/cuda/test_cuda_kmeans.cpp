@@ -214,7 +214,7 @@ std::vector<HostBlock> host_blocks(int64_t sinks, int64_t end, int64_t bs, int t
 
 // Each token's cluster minimises the distance to the centroids `prev` it was assigned with
 // (those after one iteration fewer), up to the rounding of the distance GEMM: f16 copies of
-// x - m and c - m (m: the block's mean), so the computed x.c is off by at most ~2^-10
+// x - m and c - m (m: a mean of the block), so the computed x.c is off by at most ~2^-10
 // sum |x'_j c'_j| (S'); allowed: 2^-8 (S'_label + S'_best) + 1e-5 (|x'|^2 + 1). A token
 // alone in its cluster may have been re-seeded there and is exempt (counted). Blocks where
 // `prev` has an empty cluster are skipped (an empty cluster's centroid is reported as 0,

@@ -7,9 +7,9 @@
 // the device; each Lloyd iteration = distances by f16 tensor-core mma (points and centroids
 // centred on the block's mean) fused with the argmin
 // (no [n, k] matrix in memory), counts + re-seeding + a stable counting sort into member
-// lists (one CTA per block), then centroids as f64 sums over the members in ascending order
+// lists (one CTA per block), then centroids as f64 sums of the f32 keys over the members
 // (deterministic: no atomics on values). After the last iteration the key centroids, value
-// centroids and sizes are those of the final membership. Level 1 clusters the non-empty
+// centroids and sizes are exactly those of the final membership. Level 1 clusters the non-empty
 // level-0 centroids weighted by their sizes; its statistics are the size-weighted means of
 // its children. Differences from the CPU: assignments use f16 distances (labels can differ
 // where two centroids are within f16 rounding), and when duplicates leave fewer non-empty
@@ -96,7 +96,6 @@ class DeviceKMeans {
   std::vector<int32_t> block_entry_, block_index_;
   Level lv_[2];
   DeviceBuffer points_;          // [tokens, d] f32 clustering keys of level 0
-  DeviceBuffer items_;           // [tokens] sampling scratch
   DeviceBuffer rng_;             // [nblocks, 4] u64 Rng state (level 0 init -> level 1 init)
   DeviceBuffer entry_desc_, inv_freq_;
   std::unique_ptr<DeviceClusterIndex> index_;
