@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include "eval/eval_test_util.hpp"
+#include "test_scale.hpp"
 
 namespace {
 
@@ -240,19 +241,22 @@ TEST(EvalCliReal, EverySuiteOnSmolLM2) {
                          "need to see, on their own model, what each policy and budget does to its outputs, side by "
                          "side with dense attention, before they trust it; and we need the same evidence to tune "
                          "the method and to prove it beats the other sparse policies.";
-  CliRun f = run_eval_cli("--suite fidelity --texts " + text + " --prefix 24 --policies multipole,oracle-topk --out " +
-                              dir + "/f --json" + common,
+  // The sanitizer suite (MULTIPOLE_TEST_SCALE=small) runs one policy and fewer tokens.
+  const bool small = multipole::test::small_scale();
+  CliRun f = run_eval_cli("--suite fidelity --texts " + text + " --prefix 24 --policies " +
+                              (small ? "multipole" : "multipole,oracle-topk") + " --out " + dir + "/f --json" + common,
                           dir);
   ASSERT_EQ(f.code, 0) << f.err;
   const json fs_ = json::parse(f.out)["fidelity"];
-  ASSERT_EQ(fs_.size(), 2u);
+  ASSERT_EQ(fs_.size(), small ? 1u : 2u);
   for (const json& v : fs_) {
     EXPECT_GT(v["positions"].get<int>(), 30);
     // A real model agrees with itself most of the time even at a small budget on a short text.
     EXPECT_GT(v["top1"].get<double>(), 0.5) << v.dump();
     EXPECT_LT(v["kl_mean"].get<double>(), 1.0) << v.dump();
   }
-  CliRun a = run_eval_cli("--suite agreement --datasets arith --limit 1 -n 8 --policies quest --out " + dir +
+  CliRun a = run_eval_cli("--suite agreement --datasets arith --limit 1 -n " + std::string(small ? "4" : "8") +
+                              " --policies quest --out " + dir +
                               "/a --json" + common,
                           dir);
   ASSERT_EQ(a.code, 0) << a.err;
@@ -266,7 +270,8 @@ TEST(EvalCliReal, EverySuiteOnSmolLM2) {
   // The real tokenizer measures the filler: the prompt is about the asked length.
   EXPECT_GT(prs[0]["num"]["prompt_tokens"].get<double>(), 200);
   EXPECT_LT(prs[0]["num"]["prompt_tokens"].get<double>(), 400);
-  CliRun r = run_eval_cli("--suite reasoning --datasets arith --limit 1 -n 12 --policies squeezed --out " + dir +
+  CliRun r = run_eval_cli("--suite reasoning --datasets arith --limit 1 -n " + std::string(small ? "4" : "12") +
+                              " --policies squeezed --out " + dir +
                               "/r --json" + common,
                           dir);
   ASSERT_EQ(r.code, 0) << r.err;
