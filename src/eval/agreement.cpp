@@ -23,11 +23,11 @@ int64_t first_divergence(const std::vector<int32_t>& a, const std::vector<int32_
 }  // namespace
 
 void run_agreement(SuiteContext& sc, Progress& progress) {
-  const std::vector<Problem> problems = load_problems(sc);
+  const std::vector<DatasetProblem> problems = load_problems(sc);
   const int max_tokens = sc.max_tokens(256);
   Engines engines(sc);
   progress.add_total(int64_t(problems.size() * (sc.variants.size() + 1)));
-  for (const Problem& p : problems) {
+  for (const auto& [p, dataset] : problems) {
     // The dense reference: from the log when a resumed run has it.
     const Record dense_key = sc.record("agreement", p.id, nullptr);
     std::vector<int32_t> dense_tokens;
@@ -56,6 +56,7 @@ void run_agreement(SuiteContext& sc, Progress& progress) {
       r.num["seconds"] = g.seconds;
       r.str["answer"] = ans.value_or("");
       r.str["expected"] = p.answer;
+      r.str["dataset"] = dataset;
       r.str["finish"] = g.finish;
       r.str["text"] = g.text;
       r.series["tokens"] = as_series(g.tokens);
@@ -84,6 +85,7 @@ void run_agreement(SuiteContext& sc, Progress& progress) {
       r.str["answer"] = ans.value_or("");
       r.str["dense_answer"] = dense_answer.value_or("");
       r.str["expected"] = p.answer;
+      r.str["dataset"] = dataset;
       r.str["finish"] = g.finish;
       sc.log.append(r);
       progress.advance(1);

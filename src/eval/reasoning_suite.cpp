@@ -6,11 +6,11 @@
 namespace multipole::eval {
 
 void run_reasoning(SuiteContext& sc, Progress& progress) {
-  const std::vector<Problem> problems = load_problems(sc);
+  const std::vector<DatasetProblem> problems = load_problems(sc);
   const int max_tokens = sc.max_tokens(1024);
   Engines engines(sc);
   progress.add_total(int64_t(problems.size() * (sc.variants.size() + 1)));
-  for (const Problem& p : problems) {
+  for (const auto& [p, dataset] : problems) {
     std::vector<const Variant*> runs = {nullptr};
     for (const Variant& v : sc.variants) runs.push_back(&v);
     std::erase_if(runs, [&](const Variant* v) {
@@ -31,7 +31,7 @@ void run_reasoning(SuiteContext& sc, Progress& progress) {
       r.num["has_answer"] = ans.has_value();
       r.num["correct"] = ans && answers_equal(*ans, p.answer);
       r.num["seconds"] = g.seconds;
-      r.str["dataset"] = p.id.rfind("aime", 0) == 0 ? "aime" : "arith";
+      r.str["dataset"] = dataset;
       r.str["answer"] = ans.value_or("");
       r.str["expected"] = p.answer;
       r.str["finish"] = g.finish;

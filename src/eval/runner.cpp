@@ -156,7 +156,7 @@ std::string find_shared(const std::string& relative) {
   return {};
 }
 
-std::vector<Problem> load_problems(const SuiteContext& sc) {
+std::vector<DatasetProblem> load_problems(const SuiteContext& sc) {
   const EvalOptions& o = sc.opt;
   std::vector<Problem> arith, aime;
   for (const std::string& d : o.datasets) {
@@ -177,10 +177,10 @@ std::vector<Problem> load_problems(const SuiteContext& sc) {
     }
   }
   // Interleaved, so that a small --limit still samples both.
-  std::vector<Problem> out;
+  std::vector<DatasetProblem> out;
   for (size_t i = 0; i < std::max(arith.size(), aime.size()); ++i) {
-    if (i < arith.size()) out.push_back(arith[i]);
-    if (i < aime.size()) out.push_back(aime[i]);
+    if (i < arith.size()) out.push_back({arith[i], "arith"});
+    if (i < aime.size()) out.push_back({aime[i], "aime"});
   }
   if (o.limit > 0 && int64_t(out.size()) > o.limit) out.resize(size_t(o.limit));
   MP_CHECK(!out.empty(), "eval: no problems to run (--datasets, --problems, --aime)");

@@ -63,7 +63,11 @@ struct Generation {
 Generation generate_greedy(const SuiteContext& sc, Engine& engine, std::span<const int32_t> prompt, int max_tokens);
 
 // The problems of --datasets (generated arithmetic, AIME 2025), interleaved, at most --limit.
-std::vector<Problem> load_problems(const SuiteContext& sc);
+struct DatasetProblem {
+  Problem problem;
+  std::string dataset;  // "arith", "aime"
+};
+std::vector<DatasetProblem> load_problems(const SuiteContext& sc);
 // A folder or file under the shared assets (../shared next to the source tree or the
 // working folder, or $MULTIPOLE_SHARED_DIR); "" when not found.
 std::string find_shared(const std::string& relative);
