@@ -83,8 +83,12 @@ void run_fidelity(SuiteContext& sc, Progress& progress) {
     }
   }
   for (const std::string& f : files) {
-    const std::string kind = o.texts.empty() ? "doc:" : "file:";
-    texts.push_back({kind + fs::path(f).stem().string(), {}});
+    const std::string id = (o.texts.empty() ? "doc:" : "file:") + fs::path(f).stem().string();
+    // The case id is the file's stem: two files of one stem would share results.
+    for (size_t i = 0; i < texts.size(); ++i)
+      MP_CHECK(texts[i].id != id, "eval: --texts {} and {} have the same name '{}' (the case id): rename one", files[i],
+               f, id);
+    texts.push_back({id, {}});
   }
   const int cot = o.cot_texts >= 0 ? o.cot_texts : (o.texts.empty() ? 1 : 0);
   const ArithmeticSpec spec{.steps = o.steps, .difficulty = o.difficulty, .distractors = o.distractors, .seed = o.seed};

@@ -224,6 +224,13 @@ TEST_F(EvalCli, NamesWhatIsWrong) {
   r = run_eval_cli("--model " + *model_ + " --suite passkey --lengths 4096 --out " + dir + "/o --overwrite", dir);
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("--lengths: 4096"), std::string::npos) << r.err;
+  fs::create_directories(dir + "/a"), fs::create_directories(dir + "/b");
+  std::ofstream(dir + "/a/x.md") << "one", std::ofstream(dir + "/b/x.md") << "two";
+  r = run_eval_cli("--model " + *model_ + " --suite fidelity --texts " + dir + "/a/x.md " + dir + "/b/x.md --out " +
+                       dir + "/o --overwrite",
+                   dir);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("the same name 'file:x'"), std::string::npos) << r.err;
   r = run_eval_cli("--suite passkey --out " + dir + "/o", dir);
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("--model is required"), std::string::npos) << r.err;
