@@ -97,7 +97,9 @@ struct ResultsLog::File {
 
 ResultsLog::ResultsLog(std::string path, bool resume, bool overwrite) : path_(std::move(path)) {
   namespace fs = std::filesystem;
-  const bool exists = fs::exists(path_);
+  // An empty file (a run that failed before its first case) holds nothing to protect.
+  std::error_code ec;
+  const bool exists = fs::exists(path_) && fs::file_size(path_, ec) > 0;
   if (resume && exists) {
     records_ = read(path_);
     for (const Record& r : records_) keys_.insert(r.key());

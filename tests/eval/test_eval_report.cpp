@@ -68,8 +68,12 @@ TEST(EvalResultsLog, AppendsResumesAndRefusesToClobber) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("line 4"), std::string::npos) << e.what();
   }
-  ResultsLog fresh(path, false, true);  // --overwrite starts empty
-  EXPECT_EQ(ResultsLog::read(path).size(), 0u);
+  {
+    ResultsLog fresh(path, false, true);  // --overwrite starts empty
+    EXPECT_EQ(ResultsLog::read(path).size(), 0u);
+  }
+  ResultsLog again(path, false, false);  // an empty file holds nothing to protect
+  EXPECT_EQ(again.resumed(), 0);
 }
 
 TEST(EvalProgress, LineShowsCountsAndEta) {
