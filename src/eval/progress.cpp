@@ -21,7 +21,7 @@ Progress::~Progress() {
 }
 
 std::string Progress::format_duration(double s) {
-  if (!std::isfinite(s) || s < 0) return "?";
+  if (!std::isfinite(s) || s < 0 || s > 1e9) return "?";
   const int64_t t = int64_t(std::llround(s));
   if (t < 60) return fmt::format("{}s", t);
   if (t < 3600) return fmt::format("{}m{:02}s", t / 60, t % 60);
