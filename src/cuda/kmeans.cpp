@@ -173,6 +173,25 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
   }
   MP_CHECK(points < (int64_t(1) << 31), "device k-means: {} clustered tokens exceed the 2^31 limit", points);
   num_blocks_ = int(b0.size());
+  {
+    // The per-block kernels keep a block's labels and per-warp cluster counts in shared
+    // memory (count: n + 34 k words; init: n + k words).
+    int64_t max_n = 0, max_k = 0;
+    for (const auto& b : b0) {
+      max_n = std::max<int64_t>(max_n, b.n);
+      max_k = std::max<int64_t>(max_k, b.k);
+    }
+    if (sms_ == 0) {  // device queries are slow: once per object
+      const DeviceInfo info = device_info();
+      sms_ = info.sm_count;
+      smem_optin_ = info.smem_per_block_optin;
+    }
+    const int64_t need = (max_n + 34 * max_k) * 4, have = smem_optin_;
+    MP_CHECK(num_blocks_ == 0 || need <= have,
+             "device k-means: blocks of up to {} tokens with {} clusters need {} bytes of shared memory, the device "
+             "has {} per block (lower block_size or raise tokens_per_centroid[0])",
+             max_n, max_k, need, have);
+  }
   // A rebuild of the same shapes (e.g. the next layer) rewrites the index in place.
   auto same = [&]() {
     if (!index_ || index_->head_dim() != d || index_->num_kv_heads() != Hkv || index_->key_dtype() != key_dtype ||
@@ -229,7 +248,6 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
     L.big_n.reserve(16);
   }
   if (num_blocks_ == 0) return;
-  if (sms_ == 0) sms_ = device_info().sm_count;
 
   KvRead kv{};
   const DeviceKVLayer lay = cache.layer(layer);

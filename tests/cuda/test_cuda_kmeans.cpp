@@ -38,6 +38,7 @@ struct Case {
   std::vector<int64_t> lengths;
   double zero_share = 0.0;  // share of tokens whose key is exactly 0 (duplicates: empty clusters)
   uint32_t seed = 1;
+  DType dtype = DType::BF16;  // KV cache
 };
 
 // Keys drawn around a few centres with skewed (Zipf-like) popularity in the position-0
@@ -56,7 +57,7 @@ struct KmSetup {
     kc.num_kv_heads = c.Hkv;
     kc.head_dim = c.D;
     kc.page_size = 16;
-    kc.dtype = DType::BF16;
+    kc.dtype = c.dtype;
     kc.max_tokens = std::accumulate(c.lengths.begin(), c.lengths.end(), int64_t(0)) + 64 * int64_t(c.lengths.size());
     return kc;
   }
@@ -280,7 +281,8 @@ DeviceKMeans run_gpu(const KmSetup& s, DType key_dtype = DType::F32) {
 
 void run_case(const Case& c, bool check_labels) {
   SCOPED_TRACE(::testing::Message() << "D=" << c.D << " Hkv=" << c.Hkv << " levels=" << c.tpc.size() << " block="
-                                    << c.block << " zero_share=" << c.zero_share << " seed=" << c.seed);
+                                    << c.block << " zero_share=" << c.zero_share << " seed=" << c.seed
+                                    << " kv=" << dtype_name(c.dtype));
   KmSetup s(c);
   const int D = c.D;
   DeviceKMeans km = run_gpu(s);
@@ -321,9 +323,9 @@ void run_case(const Case& c, bool check_labels) {
                      skipped);
       }
     }
-  std::printf("[ kmeans ] D=%d levels=%zu block=%d zero_share=%.2f: inertia GPU/CPU = %.5f (%.6g / %.6g); "
+  std::printf("[ kmeans ] D=%d kv=%s levels=%zu block=%d zero_share=%.2f: inertia GPU/CPU = %.5f (%.6g / %.6g); "
               "worst entry %.4f; argmin checked %lld tokens, %lld re-seeded exempt, %lld blocks skipped\n",
-              D, c.tpc.size(), c.block, c.zero_share, cpu_total > 0 ? gpu_total / cpu_total : 1.0, gpu_total, cpu_total,
+              D, dtype_name(c.dtype).data(), c.tpc.size(), c.block, c.zero_share, cpu_total > 0 ? gpu_total / cpu_total : 1.0, gpu_total, cpu_total,
               worst, (long long)checked, (long long)exempt, (long long)skipped);
   EXPECT_LE(gpu_total, 1.02 * cpu_total + 1e-6) << "inertia over all entries";
   if (check_labels) {
@@ -357,6 +359,16 @@ TEST(CudaKMeans, TwoLevelsMatchCpuIndexD64OddRates) {
   c.block = 512;
   c.lengths = {2777, 1300};
   c.seed = 7;
+  run_case(c, true);
+}
+
+TEST(CudaKMeans, F16CacheD64) {
+  REQUIRE_GPU();
+  Case c;
+  c.D = 64;
+  c.dtype = DType::F16;
+  c.lengths = {2500, 1025};
+  c.seed = 13;
   run_case(c, true);
 }
 

@@ -91,6 +91,7 @@ class DeviceKMeans {
   bool profile_ = false;
   std::vector<std::pair<std::string, void*>> marks_;  // (stage ended, cudaEvent_t)
   int sms_ = 0;
+  int64_t smem_optin_ = 0;
   int levels_ = 0, head_dim_ = 0, num_kv_heads_ = 0, num_blocks_ = 0, launches_ = 0;
   std::vector<int32_t> entry_seq_;
   std::vector<int32_t> block_entry_, block_index_;
