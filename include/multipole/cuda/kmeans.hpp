@@ -14,7 +14,9 @@
 // its children. Differences from the CPU: assignments use f16 distances (labels can differ
 // where two centroids are within f16 rounding), and when duplicates leave fewer non-empty
 // fine clusters than coarse ones the surplus coarse clusters stay empty (size 0) instead of
-// not existing.
+// not existing. Limit (not checked): the distances use f16 copies of the keys centred on
+// their block, so a key component more than 65504 from the block's mean would overflow to
+// inf and corrupt that block's labels (real post-norm keys are orders of magnitude smaller).
 #include <cstdint>
 #include <memory>
 #include <span>
