@@ -24,7 +24,6 @@ matrix products, as ours quantise to int8 blocks of 32).
 """
 import json
 import os
-import subprocess
 import sys
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -62,25 +61,14 @@ TOP = 16
 
 
 def ensure_env():
-    try:
-        import llama_cpp  # noqa: F401
-        if llama_cpp.__version__ == LLAMA_CPP_PYTHON_VERSION:
-            return
-    except ImportError:
-        pass
-    venv = os.environ.get("MULTIPOLE_TOOLS_VENV", "/tmp/multipole-venv-logits")
-    py = os.path.join(venv, "bin", "python")
-    if os.path.abspath(sys.executable) == os.path.abspath(py):
-        sys.exit(f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} is not importable in {venv}")
-    if not os.path.exists(py):
-        subprocess.check_call([sys.executable, "-m", "venv", venv])
-    env = dict(os.environ)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import llama_cpp_env
     # Plain AVX2 build, no network features: only the library is needed.
-    env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF "
-                   "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF")
-    subprocess.check_call([py, "-m", "pip", "install", "--quiet", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
-                           f"numpy=={NUMPY_VERSION}"], env=env)
-    os.execv(py, [py] + sys.argv)
+    llama_cpp_env.ensure(LLAMA_CPP_PYTHON_VERSION, [f"numpy=={NUMPY_VERSION}"],
+                         os.environ.get("MULTIPOLE_TOOLS_VENV", "/tmp/multipole-venv-logits"),
+                         "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF "
+                         "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF "
+                         "-DLLAMA_BUILD_SERVER=OFF")
 
 
 def make(name, cache):
