@@ -76,7 +76,8 @@ TEST(BenchCli, TableAndErrors) {
   EXPECT_NE(r.out.find("x dense"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("plain copy"), std::string::npos) << r.out;
   for (auto [args, message] : std::vector<std::pair<std::string, std::string>>{
-           {"--device cuda", "only cpu"},
+           {"--device tpu", "--device 'tpu' must be cpu or cuda"},
+           {"--simd sse", "--simd 'sse' is not one of auto, avx2, avx512"},
            {"--policies nope", "unknown policy 'nope'"},
            {"--context 0", "context 0 must be > 0"},
            {"--kv-dtype f8", "unknown dtype"},
