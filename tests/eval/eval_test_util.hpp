@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli_run.hpp"
 #include "model/tiny_model.hpp"
 
 namespace eval_test {
@@ -73,28 +74,12 @@ inline std::string smollm2_path() {
   return fs::exists(p) ? p.string() : std::string();
 }
 
-struct CliRun {
-  int code = -1;
-  std::string out, err;
-};
-
-inline std::string slurp(const std::string& path) {
-  std::ifstream f(path);
-  std::ostringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
+using CliRun = multipole::test::CliResult;
+using multipole::test::slurp;
 
 // Runs `multipole eval ARGS` (after `env`, e.g. "PATH=/x "), capturing stdout and stderr.
 inline CliRun run_eval_cli(const std::string& args, const std::string& scratch, const std::string& env = "") {
-  const std::string out = scratch + "/cli.out", err = scratch + "/cli.err";
-  const std::string cmd = env + std::string(MULTIPOLE_CLI_PATH) + " eval " + args + " >" + out + " 2>" + err;
-  const int status = std::system(cmd.c_str());
-  CliRun r;
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(out);
-  r.err = slurp(err);
-  return r;
+  return multipole::test::run_cli(scratch, "eval " + args, "", env);
 }
 
 inline std::vector<nlohmann::json> read_jsonl(const std::string& path) {

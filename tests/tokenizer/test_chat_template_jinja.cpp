@@ -17,6 +17,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli_run.hpp"
+
 #include "multipole/core/error.hpp"
 #include "multipole/io/gguf.hpp"
 #include "multipole/tokenizer/chat_template.hpp"
@@ -30,19 +32,8 @@ namespace {
 const std::string kTemplates = std::string(MULTIPOLE_SHARED_DIR) + "/assets/chat-templates";
 constexpr const char* kR1Bos = "<\xEF\xBD\x9C" "begin\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>";
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  EXPECT_TRUE(f.good()) << path;
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
+using multipole::test::slurp;
+std::string quote(const std::string& s) { return multipole::test::shell_quote(s); }
 
 using Conversation = std::vector<ChatMessage>;
 

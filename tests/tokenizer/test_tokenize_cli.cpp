@@ -14,6 +14,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli_run.hpp"
+
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
@@ -27,18 +29,8 @@ struct CliRun {
   std::string out, err;
 };
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
+using multipole::test::slurp;
+std::string quote(const std::string& s) { return multipole::test::shell_quote(s); }
 
 // Runs the CLI with `input` on stdin.
 CliRun run_cli(const std::vector<std::string>& args, const std::string& input) {

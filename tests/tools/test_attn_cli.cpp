@@ -17,6 +17,7 @@
 #include "multipole/attention/synthetic.hpp"
 #include "multipole/io/safetensors.hpp"
 #include "multipole/io/trace.hpp"
+#include "cli_run.hpp"
 #include "io/temp_dir.hpp"
 
 using namespace multipole;
@@ -26,29 +27,10 @@ using json = nlohmann::json;
 
 namespace {
 
-struct Result {
-  int code = -1;        // exit code; -1 when killed by a signal
-  std::string out, err;
-};
+using Result = multipole::test::CliResult;
+using multipole::test::slurp;
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-Result run_cli(const TempDir& dir, const std::string& args) {
-  const std::string out = dir.file("stdout.txt"), err = dir.file("stderr.txt");
-  const std::string cmd = std::string(MULTIPOLE_CLI_PATH) + " " + args + " >" + out + " 2>" + err;
-  const int status = std::system(cmd.c_str());
-  Result r;
-  // The shell reports a child killed by signal n as exit code 128 + n.
-  if (WIFEXITED(status) && WEXITSTATUS(status) < 128) r.code = WEXITSTATUS(status);
-  r.out = slurp(out);
-  r.err = slurp(err);
-  return r;
-}
+Result run_cli(const TempDir& dir, const std::string& args) { return multipole::test::run_cli(dir.path.string(), args); }
 
 // A failure must be an orderly exit with a message, never a signal or a sanitizer report.
 void expect_clean_failure(const Result& r, const std::string& expect, const std::string& what) {

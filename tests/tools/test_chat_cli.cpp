@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli_run.hpp"
 #include "io/temp_dir.hpp"
 #include "multipole/io/gguf.hpp"
 #include "multipole/tokenizer/chat_template.hpp"
@@ -30,35 +31,14 @@ using json = nlohmann::json;
 
 namespace {
 
-struct Result {
-  int code = -1;
-  std::string out, err;
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
+using Result = multipole::test::CliResult;
+using multipole::test::slurp;
 
 Result run_cli(const TempDir& dir, const std::string& args, const std::string& input) {
-  const std::string in = dir.file("stdin.txt"), out = dir.file("stdout.txt"), err = dir.file("stderr.txt");
-  std::ofstream(in, std::ios::binary) << input;
-  const std::string cmd = std::string(MULTIPOLE_CLI_PATH) + " " + args + " <" + in + " >" + out + " 2>" + err;
-  const int status = std::system(cmd.c_str());
-  Result r;
-  if (WIFEXITED(status) && WEXITSTATUS(status) < 128) r.code = WEXITSTATUS(status);
-  r.out = slurp(out);
-  r.err = slurp(err);
-  return r;
+  return multipole::test::run_cli(dir.path.string(), args, input);
 }
 
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
+std::string quote(const std::string& s) { return multipole::test::shell_quote(s); }
 
 std::string smollm2_path() {
   const char* cache = std::getenv("MULTIPOLE_MODEL_CACHE");
