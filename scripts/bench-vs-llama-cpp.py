@@ -11,7 +11,7 @@ and 8K (7936-token prompt, 128 generated: decode near the 8K context limit of Sm
 Prompts are the project's own docs, tokenized by llama.cpp and given to both as token ids.
 Both run greedy with EOS ignored and an F16 KV cache. llama.cpp is timed around its eval
 calls (prefill: the prompt's eval and the first argmax; decode: one eval + argmax per token,
-whose Python share, a 49K-float copy and argmax, is ~1% of a step); multipole by its --json
+whose Python share, an argmax over 49K logits, is ~1% of a step); multipole by its --json
 summary (prefill includes the first sample; decode includes sampling).
 llama.cpp runs with flash attention off and on; the table shows both.
 
@@ -66,16 +66,21 @@ def run_llama_cpp(model, ids, generate, threads, flash_attn):
     import numpy as np
     llm = llama_cpp.Llama(model_path=model, n_ctx=8192, n_batch=512, n_ubatch=512, n_threads=threads,
                           n_threads_batch=threads, flash_attn=flash_attn, verbose=False, seed=0)
+    n_vocab = llm.n_vocab()
+
+    def argmax_last():  # the logits of the last evaluated token, straight from llama.cpp
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
+
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)
-    row = llm.scores[llm.n_tokens - 1]
-    next_id = int(np.argmax(row))  # the first token comes from the prompt's logits, as in multipole
+    next_id = argmax_last()  # the first token comes from the prompt's logits, as in multipole
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(generate - 1):
         llm.eval([next_id])
-        next_id = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        next_id = argmax_last()
     decode_s = time.perf_counter() - t0
     result = {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": (generate - 1) / decode_s,
               "prompt_tokens": len(ids), "decode_steps": generate - 1}

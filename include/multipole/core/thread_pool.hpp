@@ -1,6 +1,7 @@
 #pragma once
 // A fixed pool of worker threads for data-parallel loops. The calling thread takes part,
-// so a pool of n threads starts n-1 workers. parallel_for does not allocate.
+// so a pool of n threads starts n-1 workers. parallel_for does not allocate. Idle threads
+// spin briefly before they sleep, so back-to-back loops (a decode step) skip the futex.
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -37,9 +38,9 @@ class ThreadPool {
   const std::function<void(int64_t, int)>* job_ = nullptr;
   int64_t tasks_ = 0;
   std::atomic<int64_t> next_{0};
-  int busy_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
+  std::atomic<int> busy_{0};             // workers still in the current loop
+  std::atomic<uint64_t> generation_{0};  // bumped once per parallel_for
+  std::atomic<bool> stop_{false};
   std::exception_ptr error_;
   std::mutex error_mutex_;
 };
