@@ -16,6 +16,7 @@
 
 #include "cli_run.hpp"
 #include "model/tiny_model.hpp"
+#include "real_models.hpp"
 
 namespace eval_test {
 
@@ -68,10 +69,8 @@ inline std::string write_tiny_chat_model(const std::string& name, int context = 
 
 // The real default model fetched by scripts/fetch-models.sh, or "" when absent.
 inline std::string smollm2_path() {
-  const char* cache = std::getenv("MULTIPOLE_MODEL_CACHE");
-  const fs::path dir = cache ? fs::path(cache) : fs::path(MULTIPOLE_SOURCE_DIR) / ".cache" / "models";
-  const fs::path p = dir / "SmolLM2-135M-Instruct.Q4_1.gguf";
-  return fs::exists(p) ? p.string() : std::string();
+  const std::string p = multipole::test::smollm2_file();
+  return fs::exists(p) ? p : std::string();
 }
 
 using CliRun = multipole::test::CliResult;

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "io/temp_dir.hpp"
+#include "test_errors.hpp"
 #include "multipole/core/error.hpp"
 #include "multipole/io/json_limits.hpp"
 #include "multipole/io/safetensors.hpp"
@@ -19,16 +20,8 @@ using multipole::test_util::TempDir;
 
 namespace {
 
-std::string nested(int depth) { return std::string(size_t(depth), '[') + std::string(size_t(depth), ']'); }
-
-std::string error_of(auto&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "no error";
-}
+using multipole::test::error_of;
+std::string nested(int depth) { return multipole::test::nested_json(depth); }
 
 // A safetensors file whose header is `header` followed by `data_bytes` zero bytes.
 std::string write_safetensors(const TempDir& dir, const std::string& name, const std::string& header,

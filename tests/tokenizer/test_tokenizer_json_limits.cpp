@@ -8,6 +8,7 @@
 #include <string>
 
 #include "io/temp_dir.hpp"
+#include "test_errors.hpp"
 #include "multipole/core/error.hpp"
 #include "multipole/tokenizer/tokenizer.hpp"
 
@@ -16,16 +17,8 @@ using multipole::test_util::TempDir;
 
 namespace {
 
-std::string nested(int depth) { return std::string(size_t(depth), '[') + std::string(size_t(depth), ']'); }
-
-std::string error_of(auto&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "no error";
-}
+using multipole::test::error_of;
+std::string nested(int depth) { return multipole::test::nested_json(depth); }
 
 // A loadable byte-level tokenizer.json with `merge` as its only merge and `type` as the
 // model type (both JSON text).

@@ -20,6 +20,7 @@
 
 #include "cli_run.hpp"
 #include "io/temp_dir.hpp"
+#include "real_models.hpp"
 #include "multipole/io/gguf.hpp"
 #include "multipole/tokenizer/chat_template.hpp"
 #include "multipole/tokenizer/tokenizer.hpp"
@@ -40,11 +41,7 @@ Result run_cli(const TempDir& dir, const std::string& args, const std::string& i
 
 std::string quote(const std::string& s) { return multipole::test::shell_quote(s); }
 
-std::string smollm2_path() {
-  const char* cache = std::getenv("MULTIPOLE_MODEL_CACHE");
-  const fs::path dir = cache ? fs::path(cache) : fs::path(MULTIPOLE_SOURCE_DIR) / ".cache" / "models";
-  return (dir / "SmolLM2-135M-Instruct.Q4_1.gguf").string();
-}
+std::string smollm2_path() { return multipole::test::smollm2_file(); }
 
 // One JSON object per line.
 std::vector<json> json_lines(const std::string& out) {
