@@ -247,9 +247,9 @@ void run_attention_bench(const BenchArgs& args) {
   if (args.simd != "auto") {
     MP_CHECK(args.simd == "avx2" || args.simd == "avx512", "bench attention: --simd '{}' is not one of auto, avx2, avx512",
              args.simd);
-    kernels::set_simd_level(args.simd == "avx512" ? kernels::SimdLevel::Avx512 : kernels::SimdLevel::Avx2);
+    set_simd_level(args.simd == "avx512" ? SimdLevel::Avx512 : SimdLevel::Avx2);
   }
-  const std::string_view simd = kernels::simd_level_name(kernels::simd_level());
+  const std::string_view simd = simd_level_name(simd_level());
 
   ThreadPool pool(args.threads);
   std::fprintf(stderr, "measuring plain copy and read bandwidth (%d threads)...\n", pool.size());

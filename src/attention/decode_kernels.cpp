@@ -1,10 +1,8 @@
 #include "attention/decode_kernels.hpp"
 
 #include <algorithm>
-#include <atomic>
 #include <bit>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <string_view>
 #include <limits>
@@ -353,46 +351,9 @@ void softmax_step(float* x, int n, SoftmaxState& s) {
   }
 }
 
-namespace {
-// -1: not chosen yet (MULTIPOLE_SIMD or the best the CPU has), else a SimdLevel.
-std::atomic<int> selected_level{-1};
-}  // namespace
-
 bool use_avx512(int d) { return d % 16 == 0 && simd_level() == SimdLevel::Avx512; }
 
 }  // namespace detail
-
-SimdLevel best_simd_level() {
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return avx512 ? SimdLevel::Avx512 : SimdLevel::Avx2;
-}
-
-SimdLevel simd_level() {
-  int level = detail::selected_level.load(std::memory_order_relaxed);
-  if (level < 0) {
-    SimdLevel chosen = best_simd_level();
-    if (const char* env = std::getenv("MULTIPOLE_SIMD")) {
-      const std::string_view want(env);
-      MP_CHECK(want == "avx2" || want == "avx512" || want == "auto",
-               "MULTIPOLE_SIMD: '{}' is not one of avx2, avx512, auto", want);
-      if (want == "avx2") chosen = SimdLevel::Avx2;
-      MP_CHECK(want != "avx512" || chosen == SimdLevel::Avx512,
-               "MULTIPOLE_SIMD: avx512 asked for, but this CPU lacks AVX-512 (F, BW, DQ, VL)");
-    }
-    level = int(chosen);
-    detail::selected_level.store(level, std::memory_order_relaxed);
-  }
-  return SimdLevel(level);
-}
-
-void set_simd_level(SimdLevel level) {
-  MP_CHECK(level == SimdLevel::Avx2 || best_simd_level() == SimdLevel::Avx512,
-           "simd level avx512 asked for, but this CPU lacks AVX-512 (F, BW, DQ, VL)");
-  detail::selected_level.store(int(level), std::memory_order_relaxed);
-}
-
-std::string_view simd_level_name(SimdLevel level) { return level == SimdLevel::Avx512 ? "avx512" : "avx2"; }
 
 void SoftmaxState::reset() {
   std::fill(m, m + groups, kNegInf);

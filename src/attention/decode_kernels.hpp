@@ -10,19 +10,10 @@
 #include <string_view>
 #include <vector>
 
+#include "multipole/core/simd.hpp"
 #include "multipole/kv/paged_kv_cache.hpp"
 
 namespace multipole::kernels {
-
-// Instruction set of the block kernels. AVX2 + FMA + F16C is the baseline; AVX-512
-// (F, BW, DQ, VL) variants run where the CPU has them (head dims that are multiples of 16).
-// The default is the best the CPU has, or MULTIPOLE_SIMD=avx2|avx512|auto; tests and
-// benchmarks switch at run time to compare both.
-enum class SimdLevel { Avx2 = 0, Avx512 = 1 };
-SimdLevel best_simd_level();
-SimdLevel simd_level();
-void set_simd_level(SimdLevel level);  // throws when the CPU lacks it
-std::string_view simd_level_name(SimdLevel level);
 
 struct SoftmaxState {
   int groups = 0;      // G

@@ -12,6 +12,7 @@
 
 #include "attention/decode_kernels.hpp"
 #include "multipole/core/error.hpp"
+#include "simd_levels.hpp"
 #include "test_scale.hpp"
 
 using namespace multipole;
@@ -143,30 +144,11 @@ std::vector<int64_t> iota_range(int64_t begin, int64_t end) {
 const DType kTypes[] = {DType::F32, DType::F16, DType::BF16};
 
 // Every test runs once per instruction set this CPU has (AVX2, and AVX-512 where present).
-class DecodeKernels : public ::testing::TestWithParam<SimdLevel> {
- protected:
-  void SetUp() override {
-    saved_ = simd_level();
-    set_simd_level(GetParam());
-  }
-  void TearDown() override { set_simd_level(saved_); }
-
- private:
-  SimdLevel saved_ = SimdLevel::Avx2;
-};
-
-std::vector<SimdLevel> supported_levels() {
-  std::vector<SimdLevel> levels = {SimdLevel::Avx2};
-  if (best_simd_level() == SimdLevel::Avx512) levels.push_back(SimdLevel::Avx512);
-  return levels;
-}
+class DecodeKernels : public multipole::test::SimdLevelTest {};
 
 }  // namespace
 
-INSTANTIATE_TEST_SUITE_P(Simd, DecodeKernels, ::testing::ValuesIn(supported_levels()),
-                         [](const ::testing::TestParamInfo<SimdLevel>& info) {
-                           return std::string(simd_level_name(info.param));
-                         });
+MULTIPOLE_INSTANTIATE_SIMD_LEVELS(DecodeKernels);
 
 TEST_P(DecodeKernels, AttendRangeMatchesNaive) {
   const std::vector<int64_t> lengths = small_scale() ? std::vector<int64_t>{1, 97, 300} : std::vector<int64_t>{1, 97, 2049};
