@@ -9,7 +9,9 @@
 
 #include "multipole/core/dtype.hpp"
 #include "multipole/core/error.hpp"
+#include "multipole/core/simd.hpp"
 #include "multipole/core/thread_pool.hpp"
+#include "core/quant_gemv.hpp"
 
 namespace multipole {
 
@@ -430,18 +432,6 @@ void check_matrix(const QuantMatrix& w, std::string_view what) {
   MP_CHECK(w.data != nullptr || w.rows == 0, "{}: weight data is null for {} rows", what, w.rows);
 }
 
-// Splits rows into tasks of whole tiles; small matrices stay on the calling thread, where
-// waking the pool would cost more than the work.
-void for_row_tiles(ThreadPool* pool, int64_t rows, int64_t bytes, int64_t tile,
-                   const std::function<void(int64_t, int64_t)>& fn) {
-  const int64_t tiles = (rows + tile - 1) / tile;
-  if (pool == nullptr || pool->size() == 1 || bytes < (64 << 10) || tiles == 1) {
-    fn(0, rows);
-    return;
-  }
-  pool->parallel_for(tiles, [&](int64_t t, int) { fn(t * tile, std::min(rows, (t + 1) * tile)); });
-}
-
 }  // namespace
 
 // -----------------------------------------------------------------------------------------
@@ -578,34 +568,72 @@ void gemv(const QuantMatrix& w, const float* x, float* y, ThreadPool* pool, Q8Ac
 
 void gemm(const QuantMatrix& w, const float* x, int64_t n, float* y, ThreadPool* pool,
           Q8Activations* scratch) {
-  check_matrix(w, "gemm");
+  const GemmOutput one{w, y};
+  gemm_group({&one, 1}, x, n, pool, scratch);
+}
+
+void gemm_group(std::span<const GemmOutput> outs, const float* x, int64_t n, ThreadPool* pool,
+                Q8Activations* scratch) {
   MP_CHECK(n >= 0, "gemm: n = {} activation rows is negative", n);
-  if (n == 0 || w.rows == 0) return;
-  const bool quantised = !is_float_type(w.type);
-  Q8Activations local;
-  Q8Activations& xa = scratch ? *scratch : local;
-  if (quantised) xa.quantize(x, n, w.cols);
-  const int64_t row_bytes = quant_row_bytes(w.type, w.cols);
-  const uint8_t* base = static_cast<const uint8_t*>(w.data);
+  MP_CHECK(outs.size() <= kMaxGroupMatrices, "gemm_group: {} matrices, at most {}", outs.size(), kMaxGroupMatrices);
+  if (n == 0 || outs.empty()) return;
+  const int64_t cols = outs[0].w.cols;
+  bool quantised = false;
+  // Tiles of all matrices in one index space: matrix i owns tiles [first[i], first[i + 1]).
   // A tile of rows is reused for every group of activation rows while it sits in L1/L2.
   const int64_t tile = n == 1 ? 32 : 16;
-  for_row_tiles(pool, w.rows, w.rows * row_bytes, tile, [&](int64_t r0, int64_t r1) {
+  int64_t first[kMaxGroupMatrices + 1] = {0}, bytes = 0;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const QuantMatrix& w = outs[i].w;
+    check_matrix(w, "gemm");
+    MP_CHECK(w.cols == cols, "gemm_group: matrix {} has {} columns, matrix 0 has {}", i, w.cols, cols);
+    quantised |= !is_float_type(w.type);
+    first[i + 1] = first[i] + (w.rows + tile - 1) / tile;
+    bytes += w.rows * quant_row_bytes(w.type, cols);
+  }
+  Q8Activations local;
+  Q8Activations& xa = scratch ? *scratch : local;
+  if (quantised) xa.quantize(x, n, cols);
+  const bool vnni = n == 1 && use_avx512_vnni();
+
+  auto rows_of = [&](const GemmOutput& o, int64_t r0, int64_t r1) {
+    const QuantMatrix& w = o.w;
+    const int64_t row_bytes = quant_row_bytes(w.type, cols);
+    const uint8_t* base = static_cast<const uint8_t*>(w.data);
+    if (vnni && detail::gemv_avx512_vnni_handles(w.type)) {
+      detail::gemv_avx512_vnni(w.type, base, row_bytes, cols, xa.q(0), xa.d(0), xa.dsum(0), r0, r1, o.y);
+      return;
+    }
     for (int64_t t = 0; t < n; t += kMaxVectors) {
       const int nv = int(std::min<int64_t>(kMaxVectors, n - t));
       XView xs[kMaxVectors];
       for (int i = 0; i < nv; ++i) {
-        if (quantised)
-          xs[i] = {xa.q(t + i), xa.d(t + i), xa.sums(t + i), xa.dsum(t + i), nullptr};
+        if (is_float_type(w.type))
+          xs[i].f = x + (t + i) * cols;
         else
-          xs[i].f = x + (t + i) * w.cols;
+          xs[i] = {xa.q(t + i), xa.d(t + i), xa.sums(t + i), xa.dsum(t + i), nullptr};
       }
       const DotFn fn = dot_kernel(w.type, nv);
       float out[kMaxVectors];
+      if (t == 0) detail::prefetch_rows(base, row_bytes, r0, r0 + detail::kPrefetchRows, r1);
       for (int64_t r = r0; r < r1; ++r) {
-        fn(base + r * row_bytes, w.cols, xs, out);
-        for (int i = 0; i < nv; ++i) y[(t + i) * w.rows + r] = out[i];
+        if (t == 0) detail::prefetch_rows(base, row_bytes, r + detail::kPrefetchRows, r + detail::kPrefetchRows + 1, r1);
+        fn(base + r * row_bytes, cols, xs, out);
+        for (int i = 0; i < nv; ++i) o.y[(t + i) * w.rows + r] = out[i];
       }
     }
+  };
+  const int64_t tiles = first[outs.size()];
+  // Small products stay on the calling thread, where waking the pool would cost more.
+  if (pool == nullptr || pool->size() == 1 || bytes < (64 << 10) || tiles == 1) {
+    for (const GemmOutput& o : outs) rows_of(o, 0, o.w.rows);
+    return;
+  }
+  pool->parallel_for(tiles, [&](int64_t t, int) {
+    size_t i = 0;
+    while (t >= first[i + 1]) ++i;
+    const int64_t r0 = (t - first[i]) * tile;
+    rows_of(outs[i], r0, std::min(outs[i].w.rows, r0 + tile));
   });
 }
 

@@ -131,9 +131,8 @@ void Model::Impl::forward(const ModelConfig& c, PagedKVCache& cache, std::span<c
     const LayerWeights& L = layers[size_t(l)];
     // Attention block.
     for_rows(pool, n, [&](int64_t r) { rms_norm(x + r * H, L.attn_norm.data(), h + r * H, H, eps); });
-    gemm(L.wq.matrix(), h, n, q, &pool, &s.act);
-    gemm(L.wk.matrix(), h, n, k, &pool, &s.act);
-    gemm(L.wv.matrix(), h, n, v, &pool, &s.act);
+    const GemmOutput qkv[] = {{L.wq.matrix(), q}, {L.wk.matrix(), k}, {L.wv.matrix(), v}};
+    gemm_group(qkv, h, n, &pool, &s.act);
     for_rows(pool, n, [&](int64_t r) {
       float* qr = q + r * qw;
       float* kr = k + r * kw;
@@ -202,8 +201,8 @@ void Model::Impl::forward(const ModelConfig& c, PagedKVCache& cache, std::span<c
 
     // MLP block: x += down(silu(gate(h)) * up(h)).
     for_rows(pool, n, [&](int64_t r) { rms_norm(x + r * H, L.ffn_norm.data(), h + r * H, H, eps); });
-    gemm(L.gate.matrix(), h, n, gate, &pool, &s.act);
-    gemm(L.up.matrix(), h, n, up, &pool, &s.act);
+    const GemmOutput gate_up[] = {{L.gate.matrix(), gate}, {L.up.matrix(), up}};
+    gemm_group(gate_up, h, n, &pool, &s.act);
     for_rows(pool, n, [&](int64_t r) {
       float* gr = gate + r * I;
       const float* ur = up + r * I;

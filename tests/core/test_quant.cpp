@@ -17,10 +17,11 @@
 #include "multipole/core/error.hpp"
 #include "multipole/core/quant.hpp"
 #include "multipole/core/thread_pool.hpp"
+#include "simd_levels.hpp"
+#include "test_scale.hpp"
 
 #if __has_include("multipole/io/gguf.hpp")
 #include "multipole/io/gguf.hpp"
-#include "test_scale.hpp"
 #define MULTIPOLE_TEST_HAVE_GGUF 1
 #endif
 
@@ -226,9 +227,16 @@ TEST(Quant, DotOnGoldenBlocksMatchesF64) {
   }
 }
 
+// Runs a test under one SIMD level (the GEMV has AVX-512 VNNI kernels for some types).
+class QuantSimd : public multipole::test::SimdLevelTest {};
+
+MULTIPOLE_INSTANTIATE_SIMD_LEVELS(QuantSimd);
+
 // Random matrices of every type: GEMV (1 and 2 threads) and GEMM (n = 1..7) against the
-// f64 reference on dequantised rows (dequantize_row is checked against gguf above).
-TEST(Quant, GemvAndGemmMatchReference) {
+// f64 reference on dequantised rows (dequantize_row is checked against gguf above). 320
+// columns are one group of 8 blocks plus a tail of 2, and 301 or 37 rows leave a tail of 1
+// after the 4-row passes of the VNNI kernels.
+TEST_P(QuantSimd, GemvAndGemmMatchReference) {
   const bool small = small_scale();
   ThreadPool pool(2);
   std::mt19937 rng(3);
@@ -262,6 +270,55 @@ TEST(Quant, GemvAndGemmMatchReference) {
       }
       ASSERT_NEAR(yn[size_t(r)], y1[size_t(r)], ref.tol_q) << tr.name << " gemm row 0 differs from gemv";
     }
+  }
+}
+
+// gemm_group equals one gemm per matrix (same kernels, bitwise), for a group of matrices of
+// different types and row counts sharing one input, on one and two threads.
+TEST_P(QuantSimd, GroupEqualsSeparateProducts) {
+  ThreadPool pool(2);
+  std::mt19937 rng(11);
+  const int64_t cols = 256;
+  const QuantType types[] = {QuantType::Q4_1, QuantType::Q8_0, QuantType::Q4_0, QuantType::F16};
+  const int64_t rows[] = {300, 97, 5, 33};
+  std::vector<std::vector<uint8_t>> raw;
+  for (int i = 0; i < 4; ++i) {
+    if (types[i] == QuantType::F16) {
+      const auto w = random_vector(rows[i] * cols, rng);
+      raw.emplace_back(size_t(rows[i] * cols * 2));
+      convert_from_f32(w.data(), DType::F16, raw.back().data(), w.size());
+    } else {
+      raw.push_back(random_blocks(types[i], rows[i] * cols / 32, rng));
+    }
+  }
+  for (int64_t n : {1, 3}) {
+    const auto x = random_vector(n * cols, rng, 2.f);
+    for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
+      std::vector<std::vector<float>> separate(4), grouped(4);
+      std::vector<GemmOutput> outs;
+      for (int i = 0; i < 4; ++i) {
+        const QuantMatrix m{types[i], raw[size_t(i)].data(), rows[i], cols};
+        separate[size_t(i)].resize(size_t(n * rows[i]));
+        grouped[size_t(i)].assign(size_t(n * rows[i]), NAN);
+        gemm(m, x.data(), n, separate[size_t(i)].data(), p);
+        outs.push_back({m, grouped[size_t(i)].data()});
+      }
+      Q8Activations scratch;
+      gemm_group(outs, x.data(), n, p, &scratch);
+      for (int i = 0; i < 4; ++i)
+        for (size_t k = 0; k < separate[size_t(i)].size(); ++k)
+          ASSERT_EQ(grouped[size_t(i)][k], separate[size_t(i)][k]) << "matrix " << i << " n " << n << " value " << k;
+    }
+  }
+  // Every matrix must take the same input width.
+  std::vector<float> x(512), y(600);
+  const GemmOutput bad[] = {{QuantMatrix{QuantType::Q4_1, raw[0].data(), 2, 256}, y.data()},
+                            {QuantMatrix{QuantType::Q4_1, raw[0].data(), 2, 128}, y.data() + 2}};
+  try {
+    gemm_group(bad, x.data(), 1, &pool);
+    FAIL() << "mismatched columns accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("matrix 1 has 128 columns"), std::string::npos) << e.what();
   }
 }
 

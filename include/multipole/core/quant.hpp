@@ -26,6 +26,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -103,5 +104,17 @@ void gemv(const QuantMatrix& w, const float* x, float* y, ThreadPool* pool = nul
 // rounding (the partial sums are grouped differently).
 void gemm(const QuantMatrix& w, const float* x, int64_t n, float* y, ThreadPool* pool = nullptr,
           Q8Activations* scratch = nullptr);
+
+// One matrix of a gemm_group and where its product goes: y [n, w.rows].
+struct GemmOutput {
+  QuantMatrix w;
+  float* y = nullptr;
+};
+inline constexpr size_t kMaxGroupMatrices = 8;
+// gemm of several matrices with the same input x [n, cols] (q/k/v, gate/up): x is quantised
+// once and all their rows go to the pool in one loop (one wake-up and one wait instead of
+// one per matrix). Every matrix has `cols` columns; at most kMaxGroupMatrices of them.
+void gemm_group(std::span<const GemmOutput> outs, const float* x, int64_t n, ThreadPool* pool = nullptr,
+                Q8Activations* scratch = nullptr);
 
 }  // namespace multipole
