@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 
@@ -53,6 +55,42 @@ double time_step(const Step& step, const CudaBenchOptions& o, cudaStream_t s, De
   if (graph) cudaGraphDestroy(graph);
   std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
   return double(ms[ms.size() / 2]) * 1e3;
+}
+
+// Diagnostics (MULTIPOLE_SELECT_PROFILE set): per-phase cycles of the two-level selection
+// kernel, thread 0 of each CTA, averaged over CTAs and `iterations` flushed steps; printed
+// to stderr.
+void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClusterIndex& index, const float* q,
+                    const float* qs, float* out, const CudaBenchOptions& o, cudaStream_t s, DeviceBuffer& flush, int B,
+                    int64_t ctx) {
+  DeviceBuffer prof(detail::kSelectProfSlots * sizeof(unsigned long long));
+  prof.memset(0);
+  dec.set_select_profile(prof.as<unsigned long long>());
+  for (int i = 0; i < o.iterations; ++i) {
+    MP_CUDA_CHECK(cudaMemsetAsync(flush.data(), i & 0xff, flush.size() - 4096, s));
+    dec.multipole(dev, 0, index, q, qs, out, s);
+  }
+  MP_CUDA_CHECK(cudaStreamSynchronize(s));
+  dec.set_select_profile(nullptr);
+  std::vector<unsigned long long> v(detail::kSelectProfSlots);
+  prof.download(v.data(), v.size() * sizeof(unsigned long long));
+  const double ctas = double(std::max<unsigned long long>(v[31], 1));
+  unsigned long long cyc = 0;
+  for (int k = 0; k < 20; ++k) cyc += v[size_t(k)];
+  const double ghz = v[30] > 0 ? double(cyc) / double(v[30]) : 1.0;  // cycles per ns over the whole kernel
+  static const char* names[20] = {"prologue", "coarse-imp", "coarse-radix", "coarse-ties", "coarse-walk",
+                                  "far-list", "", "mark", "compact", "score:wait", "frontier", "fine-imp",
+                                  "fine-radix", "fine-ties", "fine-walk", "fine-far", "exact", " score:loads",
+                                  " score:math", ""};
+  std::fprintf(stderr, "select-profile B=%d ctx=%lld CTAs/step=%.0f kernel(thread 0)=%.2f us clock=%.2f GHz\n", B,
+               static_cast<long long>(ctx), ctas / o.iterations, double(v[30]) / ctas * 1e-3, ghz);
+  for (int k = 0; k < 19; ++k)
+    if (names[k][0] != 0)
+      std::fprintf(stderr, "  %-13s %8.0f cycles %7.2f us\n", names[k], double(v[size_t(k)]) / ctas,
+                   double(v[size_t(k)]) / ctas / ghz * 1e-3);
+  std::fprintf(stderr,
+               "  per CTA: walk iterations coarse %.2f fine %.2f (>= 1000: warp walk), candidates %.1f, coarse %.1f\n",
+               double(v[20]) / ctas, double(v[21]) / ctas, double(v[22]) / ctas, double(v[24]) / ctas);
 }
 
 }  // namespace
@@ -209,6 +247,8 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
            dense_ctas);
       emit("multipole", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes,
            CudaDecoder::kMultipoleLaunches, dec.plan_info().mp_ctas);
+      if (index.hierarchical() && std::getenv("MULTIPOLE_SELECT_PROFILE"))
+        profile_select(dec, dev, index, pq, pqs, po, o, stream, flush, B, ctx);
       emit("squeezed", [&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes - vbytes,
            CudaDecoder::kMultipoleLaunches, squeezed.plan_info().mp_ctas);
       if (index.hierarchical())

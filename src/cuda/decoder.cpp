@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 
 #include "cuda/check.hpp"
@@ -16,6 +17,11 @@ namespace multipole::cuda {
 using namespace detail;
 
 namespace {
+
+int env_int(const char* name, int fallback) {
+  const char* e = std::getenv(name);
+  return e ? std::atoi(e) : fallback;
+}
 
 constexpr int kTile = 32;        // virtual positions per attention tile
 constexpr int kMinChunkTiles = 2;
@@ -91,6 +97,8 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   head_chunks_ = (config_.group_size() + gc_ - 1) / gc_;
   errors_.reserve(sizeof(uint32_t));
   errors_.memset(0);
+  select_warp_max_ = env_int("MULTIPOLE_SELECT_WARP_MAX", select_warp_max_);
+  select_warp_steps_ = env_int("MULTIPOLE_SELECT_WARP_STEPS", select_warp_steps_);
 }
 
 void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, const DeviceClusterIndex* index) {
@@ -317,6 +325,9 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   sa.exact_n = exact_n_.as<int32_t>();
   sa.error_flags = errors_.as<uint32_t>();
   sa.smem_clusters = smem_clusters_;
+  sa.prof = select_prof_;
+  sa.warp_select_max = select_warp_max_;
+  sa.warp_select_steps = select_warp_steps_;
   if (info_.hierarchical) {
     sa.entry_coarse = cv.entry_coarse;
     sa.coarse_budget = coarse_budget_;

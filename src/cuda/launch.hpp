@@ -109,7 +109,15 @@ struct SelectArgs {
   int32_t* far_ids = nullptr;            // [E, far_cap] out
   int32_t* far_n = nullptr;              // [E] out
   int far_cap = 0;
+  // Diagnostics (null in normal runs): thread 0 of each CTA adds the clock64 cycles of each
+  // phase to prof[phase] and counts to the slots named in select.cuh (kProf*).
+  unsigned long long* prof = nullptr;  // [kSelectProfSlots]
+  // Greedy selections over at most this many clusters (and <= 256) are walked by one warp
+  // without barriers; larger ones take the block-wide radix path.
+  int warp_select_max = 256;
+  int warp_select_steps = 64;  // picks of the warp walk before the radix path takes over
 };
+constexpr int kSelectProfSlots = 32;
 
 // grid: (items, Hkv * head_chunks); rows: 8 (G <= 8) or 16 (G <= 16) tensor-core rows;
 // mp selects the multipole variant.
@@ -125,9 +133,14 @@ constexpr size_t select_smem_bytes(int clusters) {
   return (2 * (size_t(clusters) + size_t(clusters) / 32 + 1) + size_t(clusters)) * 4;
 }
 constexpr size_t kSelectStaticSmem = 17 * 1024;
-// The two-level selection also keeps the candidate ids and the group's scoring queries.
+// Candidates of the two-level selection whose logits and sizes stay in shared memory.
+constexpr int kSelectCandCache = 512;
+// The two-level selection also keeps the candidate ids, the group's scoring queries and the
+// logits + sizes of the first min(clusters, kSelectCandCache) candidates.
 constexpr size_t select_hier_smem_bytes(int clusters, int group, int head_dim) {
-  return select_smem_bytes(clusters) + size_t(clusters) * 4 + size_t(group) * size_t(head_dim) * 4;
+  const size_t kc = size_t(clusters < kSelectCandCache ? clusters : kSelectCandCache);
+  return select_smem_bytes(clusters) + size_t(clusters) * 4 + size_t(group) * size_t(head_dim) * 4 +
+         kc * (size_t(group) + 1) * 4;
 }
 // Query heads per CTA of the scoring kernel for a group of G: 1, 2, 4 or 8 (the rest of
 // the chunk is masked).

@@ -115,9 +115,15 @@ void launch_select(const SelectArgs& a, int entries, Stream stream) {
 }
 
 void launch_select_hier(const SelectArgs& a, int entries, Stream stream) {
-  static size_t configured = 0;
-  launch_select_kernel(select_hier_kernel, select_hier_smem_bytes(a.smem_clusters, a.group, a.head_dim), configured, a,
-                       entries, stream);
+  static size_t configured[6] = {};
+  const size_t smem = select_hier_smem_bytes(a.smem_clusters, a.group, a.head_dim);
+  const int p = a.prof ? 3 : 0;
+  // [profiled][key type: f32, bf16, f16]
+  void (*const kernels[6])(SelectArgs) = {
+      select_hier_kernel<float, false>, select_hier_kernel<__nv_bfloat16, false>, select_hier_kernel<__half, false>,
+      select_hier_kernel<float, true>,  select_hier_kernel<__nv_bfloat16, true>,  select_hier_kernel<__half, true>};
+  const int k = p + (a.key_kind == 0 ? 0 : a.key_kind == 1 ? 1 : 2);
+  launch_select_kernel(kernels[k], smem, configured[k], a, entries, stream);
 }
 
 void launch_append(const DeviceKVLayer& layer, std::byte* key_pool, std::byte* value_pool, const int32_t* seqs,

@@ -18,8 +18,48 @@ namespace multipole::cuda::detail {
 
 constexpr int kSelectWarps = kSelectThreads / 32;
 
+// Per-phase cycle counts (diagnostics, SelectArgs::prof): thread 0 adds the clock64 cycles
+// since its previous mark. Slots: see kProf* below; 30: globaltimer ns, 31: CTAs.
+enum : int {
+  kProfPrologue = 0, kProfCoarseImp = 1, kProfCoarseRadix = 2, kProfCoarseTies = 3, kProfCoarseWalk = 4,
+  kProfFarList = 5, kProfMark = 7, kProfCompact = 8, kProfScore = 9, kProfFrontier = 10,
+  kProfFineImp = 11, kProfFineRadix = 12, kProfFineTies = 13, kProfFineWalk = 14, kProfFineFar = 15,
+  kProfExact = 16, kProfScoreLoads = 17, kProfScoreMath = 18, kProfWalkItersCoarse = 20, kProfWalkItersFine = 21,
+  kProfCandidates = 22, kProfCoarseClusters = 24, kProfNs = 30, kProfCtas = 31
+};
+struct PhaseClock {
+  unsigned long long* out;
+  long long t = 0;
+  unsigned long long t_ns = 0;
+  __device__ explicit PhaseClock(unsigned long long* p) : out(threadIdx.x == 0 ? p : nullptr) {
+    if (out) {
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_ns));
+      t = clock64();
+    }
+  }
+  __device__ void mark(int slot) {
+    if (out) {
+      const long long n = clock64();
+      atomicAdd(out + slot, static_cast<unsigned long long>(n - t));
+      t = n;
+    }
+  }
+  __device__ void add(int slot, int v) {
+    if (out) atomicAdd(out + slot, static_cast<unsigned long long>(v));
+  }
+  __device__ void finish() {
+    if (out) {
+      unsigned long long n;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(n));
+      atomicAdd(out + kProfNs, n - t_ns);
+      atomicAdd(out + kProfCtas, 1ull);
+    }
+  }
+};
+
 // Exclusive prefix sum over the CTA (thread order); `total` gets the sum. s_tmp: [warps + 1].
-__device__ __forceinline__ int block_exclusive_scan(int x, int* s_tmp, int& total) {
+// Not inlined: one copy of the code for its ~10 call sites (fewer instruction fetches).
+__device__ __noinline__ int block_exclusive_scan(int x, int* s_tmp, int& total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int incl = x;
 #pragma unroll
@@ -71,7 +111,9 @@ __device__ __forceinline__ int pad(int i) { return i + (i >> 5); }
 __device__ __forceinline__ void combine_partials(const SelectArgs& a, int b, int h, float* s_M, float* s_Z) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, Hkv = a.num_kv_heads, G = a.group;
   const int sb = a.seq_score_base[b], nch = a.seq_score_chunks[b];
-  for (int g = warp; g < G; g += kSelectWarps) {
+  // Head g on warp (warps - 1 - g): the first warps look up the sink and window rows
+  // (EntryRows) at the same time, so the two chains of dependent loads overlap.
+  if (const int g = kSelectWarps - 1 - warp; g < G) {
     float mx = neg_inf();
     for (int c = lane; c < nch; c += 32) mx = fmaxf(mx, a.part[((int64_t(sb + c) * Hkv + h) * G + g) * 2]);
     mx = warp_max(mx);
@@ -97,23 +139,112 @@ struct SelectShared {
   int* above;
 };
 
+// Greedy walk by one warp over C <= 32 * kPer clusters held in registers (cluster i in lane
+// i % 32, slot i / 32): each step takes the most important cluster with 0 < n <= R (ties:
+// lower index), which is the greedy order (a cluster skipped once never fits again, R only
+// shrinks). Selected clusters get size -n in shared memory. Stops before pick max_steps + 1
+// and sets `more` if one still fits then. No barriers; ~10-20 steps in practice.
+template <int kPer>
+__device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max_steps, bool& more) {
+  const int lane = threadIdx.x & 31;
+  uint32_t k1[kPer];  // key + 1 (f32 bits of I >= 0 stay below 0xffffffff): 0 means "none"
+  int n[kPer];
+#pragma unroll
+  for (int s = 0; s < kPer; ++s) {
+    const int i = lane + 32 * s;
+    n[s] = i < C ? size[pad(i)] : 0;
+    k1[s] = i < C ? key[pad(i)] + 1u : 0u;
+  }
+  more = false;
+  for (int steps = 0; R > 0; ++steps) {
+    // This lane's best eligible cluster (slots in ascending index: strict > keeps the lower
+    // index on ties), then the warp's largest key and, among its holders, the lowest index.
+    uint32_t bk = 0, bi = 0xffffffffu;
+#pragma unroll
+    for (int s = 0; s < kPer; ++s)
+      if (n[s] > 0 && n[s] <= R && k1[s] > bk) {
+        bk = k1[s];
+        bi = uint32_t(lane + 32 * s);
+      }
+    const uint32_t m = __reduce_max_sync(0xffffffffu, bk);
+    if (m == 0) break;
+    if (steps == max_steps) {
+      more = true;
+      break;
+    }
+    const int i = int(__reduce_min_sync(0xffffffffu, bk == m ? bi : 0xffffffffu)), slot = i >> 5, owner = i & 31;
+    int ni = 0;
+#pragma unroll
+    for (int s = 0; s < kPer; ++s)
+      if (s == slot) ni = n[s];
+    ni = __shfl_sync(0xffffffffu, ni, owner);
+    if (lane == owner) {
+#pragma unroll
+      for (int s = 0; s < kPer; ++s)
+        if (s == slot) n[s] = -n[s];
+      size[pad(i)] = -ni;
+    }
+    R -= ni;
+  }
+  return R;
+}
+
 // Greedy selection over key[pad(i)] (f32 bits of I >= 0) and size[pad(i)] (n > 0 candidate)
 // for i < C under budget R, `total` = sum of candidate sizes: selected clusters get size -n.
-// All threads call; returns the budget left.
-__device__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, const SelectShared& sh) {
+// All threads call; returns the budget left. C <= min(warp_max, 256): one warp walks the
+// greedy order (at most warp_steps picks; the radix path below finishes after that, which
+// is the greedy over the remaining clusters and budget); otherwise the radix path.
+// pc: optional phase clock, marks slot0 (radix), slot0 + 1 (ties), slot0 + 2 (walk) and
+// counts the walk's iterations in iters_slot.
+// Not inlined: the coarse and the fine selection share one copy of the code (instruction
+// fetches after an L2 flush are a large part of this kernel's time).
+__device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, const SelectShared& sh,
+                             int warp_max = 0, int warp_steps = 64, PhaseClock* pc = nullptr, int slot0 = 0,
+                             int iters_slot = 0) {
   const int tid = threadIdx.x;
   if (total <= R) {
     for (int i = tid; i < C; i += kSelectThreads) size[pad(i)] = -size[pad(i)];
     __syncthreads();
     return R - total;
   }
+  if (C <= warp_max && C <= 256) {
+    if (tid < 32) {
+      bool more;
+      const int r = warp_greedy<8>(key, size, C, R, warp_steps, more);
+      if (tid == 0) {
+        *sh.above = r;
+        *sh.digit = more ? 1 : 0;
+      }
+    }
+    __syncthreads();
+    R = *sh.above;
+    const bool more = *sh.digit != 0;
+    if (pc) {
+      pc->mark(slot0 + 2);
+      pc->add(iters_slot, 1000);  // marks the warp path in the profile
+    }
+    if (!more) return R;
+    int mine = 0;
+    for (int i = tid; i < C; i += kSelectThreads) mine += max(size[pad(i)], 0);
+    block_exclusive_scan(mine, sh.tmp, total);  // its barriers also order the reads of sh.above
+    if (total <= R) {
+      for (int i = tid; i < C; i += kSelectThreads)
+        if (size[pad(i)] > 0) size[pad(i)] = -size[pad(i)];
+      __syncthreads();
+      return R - total;
+    }
+  }
   // Weighted radix select: find the key `prefix` at which the budget runs out.
+  // Loops stay rolled here and below: the code runs once per CTA, and fetching unrolled
+  // copies of it after an L2 flush costs more than the loop overhead.
   uint32_t prefix = 0, mask = 0;
-  const int shifts[3] = {20, 10, 0}, widths[3] = {12, 10, 10};
+#pragma unroll 1
   for (int pass = 0; pass < 3; ++pass) {
-    const int shift = shifts[pass], nb = 1 << widths[pass];
+    const int shift = pass == 0 ? 20 : pass == 1 ? 10 : 0, nb = pass == 0 ? 4096 : 1024;
+#pragma unroll 1
     for (int d = tid; d < nb; d += kSelectThreads) sh.hist[d] = 0;
     __syncthreads();
+#pragma unroll 1
     for (int i = tid; i < C; i += kSelectThreads) {
       const uint32_t k = key[pad(i)];
       const int n = size[pad(i)];
@@ -124,11 +255,13 @@ __device__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, 
     const int per = nb / kSelectThreads;
     const int top = nb - 1 - tid * per;
     int local = 0;
+#pragma unroll 1
     for (int k = 0; k < per; ++k) local += int(sh.hist[top - k]);
     int dummy;
     const int above = block_exclusive_scan(local, sh.tmp, dummy);
     if (above <= R && R < above + local) {
       int cum = above;
+#pragma unroll 1
       for (int k = 0; k < per; ++k) {
         const int w = int(sh.hist[top - k]);
         if (cum + w > R) {
@@ -145,11 +278,13 @@ __device__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, 
     mask |= uint32_t(nb - 1) << shift;
     __syncthreads();
   }
+  if (pc) pc->mark(slot0);
   // Everything above the boundary key is in; ties at it go in index order while they fit.
   {
     const int per = (C + kSelectThreads - 1) / kSelectThreads;
     const int lo = min(C, tid * per), hi = min(C, lo + per);
     int ties = 0;
+#pragma unroll 1
     for (int i = lo; i < hi; ++i) {
       const int n = size[pad(i)];
       const uint32_t k = key[pad(i)];
@@ -159,6 +294,7 @@ __device__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, 
     int dummy;
     int cum = block_exclusive_scan(ties, sh.tmp, dummy);
     int used = 0;
+#pragma unroll 1
     for (int i = lo; i < hi; ++i) {
       const int n = size[pad(i)];
       if (n > 0 && key[pad(i)] == prefix) {
@@ -174,10 +310,14 @@ __device__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, 
     R -= used_total;
   }
   __syncthreads();
+  if (pc) pc->mark(slot0 + 1);
 
   // The rest of the greedy walk.
+  int iters = 0;
   while (R > 0) {
+    ++iters;
     unsigned long long best = 0;
+#pragma unroll 1
     for (int i = tid; i < C; i += kSelectThreads) {
       const int n = size[pad(i)];
       if (n > 0 && n <= R) {
@@ -193,6 +333,10 @@ __device__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, 
     if (tid == 0) size[pad(i)] = -n;
     R -= n;
     __syncthreads();
+  }
+  if (pc) {
+    pc->mark(slot0 + 2);
+    pc->add(iters_slot, iters);
   }
   return R;
 }
@@ -232,6 +376,7 @@ __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, in
   const int per = (C + kSelectThreads - 1) / kSelectThreads;
   const int lo = min(C, tid * per), hi = min(C, lo + per);
   int chosen = 0, nchosen = 0;
+#pragma unroll 1
   for (int i = lo; i < hi; ++i) {
     const int n = size[pad(i)];
     if (n < 0) {
@@ -244,6 +389,7 @@ __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, in
   int k = block_exclusive_scan(nchosen, s_tmp, nclusters);
   int* list_mb = scratch;
   __syncthreads();  // all reads of the scratch done (the list overwrites it)
+#pragma unroll 1
   for (int i = lo; i < hi; ++i) {
     const int n = size[pad(i)];
     if (n < 0) {
@@ -254,6 +400,7 @@ __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, in
     }
   }
   __syncthreads();
+#pragma unroll 1
   for (int j = tid; j < nsel && nsink + j < cap; j += kSelectThreads) {
     int lo_k = 0, hi_k = nclusters - 1;  // largest k with list_off[k] <= j
     while (lo_k < hi_k) {
@@ -265,6 +412,7 @@ __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, in
     }
     rows[nsink + j] = row_of(a.members[list_mb[lo_k] + (j - list_off[lo_k])]);
   }
+#pragma unroll 1
   for (int t = tid; t < nsink + nwin; t += kSelectThreads) {
     const int at_t = t < nsink ? t : nsel + t;  // window rows follow the selected ones
     if (at_t < cap) rows[at_t] = t == tid ? r.early_row : (t < nsink ? row_of(t) : row_of(end + t - nsink));
@@ -351,28 +499,25 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
   write_exact_rows(a, e, size, C, reinterpret_cast<int*>(key), list_off, [&](int i) { return cb + i; }, rows, s_tmp);
 }
 
-// Block-wide max (kMax) or sum of v[g] for the heads g < G; the result for head g is
-// returned to thread g (others get the identity). s_red: [kSelectWarps][16].
-template <bool kMax>
-__device__ float reduce_heads(const float (&v)[16], int G, float (*s_red)[16]) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-#pragma unroll
-  for (int g = 0; g < 16; ++g)
-    if (g < G) {
-      const float r = kMax ? warp_max(v[g]) : warp_sum(v[g]);
-      if (lane == 0) s_red[warp][g] = r;
-    }
-  __syncthreads();
-  float r = kMax ? neg_inf() : 0.0f;
-  if (tid < G)
-    for (int w = 0; w < kSelectWarps; ++w) r = kMax ? fmaxf(r, s_red[w][tid]) : r + s_red[w][tid];
-  return r;
-}
+// Key centroid element loads: raw bits first (all of a batch in flight), conversion at use.
+template <class KT> struct KeyBits;
+template <> struct KeyBits<float> {
+  using Raw = float;
+  __device__ static float cvt(Raw r) { return r; }
+};
+template <> struct KeyBits<__nv_bfloat16> {
+  using Raw = unsigned short;
+  __device__ static float cvt(Raw r) { return __uint_as_float(uint32_t(r) << 16); }
+};
+template <> struct KeyBits<__half> {
+  using Raw = unsigned short;
+  __device__ static float cvt(Raw r) { return __half2float(__ushort_as_half(r)); }
+};
 
-__device__ __forceinline__ float load_key(const void* p, int kind, int64_t i) {
-  if (kind == 0) return __ldg(static_cast<const float*>(p) + i);
-  if (kind == 1) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  return __half2float(static_cast<const __half*>(p)[i]);
+// Candidates whose logits and sizes the two-level selection keeps in shared memory (the
+// rest are read back from global memory).
+__host__ __device__ constexpr int select_cand_cache(int smem_clusters) {
+  return smem_clusters < kSelectCandCache ? smem_clusters : kSelectCandCache;
 }
 
 // Two-level selection, one CTA per entry (after the scoring kernel scored the coarse level):
@@ -383,13 +528,17 @@ __device__ __forceinline__ float load_key(const void* p, int kind, int64_t i) {
 //      coarse clusters + all candidates (as the CPU policy does);
 //   3. greedy selection of the candidates under budget; the rest joins the far field.
 // Writes far_size for all of the entry's clusters, the compact far list and the exact rows.
+// Code size matters: the kernel runs once per step, and after an L2 flush (or the weights
+// of a layer streaming through) its instructions come from DRAM, so the loops over heads
+// and most per-thread loops stay rolled.
+// kProf: the per-phase clock (SelectArgs::prof) is compiled in; the plain variant has none of
+// its code.
+template <class KT, bool kProf>
 __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const SelectArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   MP_SELECT_SHARED;
   __shared__ float s_M[16], s_Z[16], s_far[16], s_invZ[16], s_Mf[16];
-  __shared__ int s_nfar;
-  // Per-warp head reductions reuse the histogram (idle outside greedy_select).
-  auto s_red = reinterpret_cast<float(*)[16]>(hist);
+  __shared__ int s_nfar, s_nsel;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int e = blockIdx.x, Hkv = a.num_kv_heads, G = a.group, D = a.head_dim;
@@ -401,8 +550,16 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   int* list_off = size + cpad;                        // [n]
   int* cand = list_off + a.smem_clusters;             // [Cf] fine ids of the candidates
   float* s_q = reinterpret_cast<float*>(cand + a.smem_clusters);  // [G, D] scaled scoring queries
+  const int kc = select_cand_cache(a.smem_clusters);
+  float* s_x = s_q + G * D;                          // [kc, G] logits of the first kc candidates
+  int* s_cn = reinterpret_cast<int*>(s_x + kc * G);  // [kc] their sizes
 
+  PhaseClock pc(kProf ? a.prof : nullptr);
   const EntryRows rows(a, e);
+  // The sequence's page table into L2 (write_exact_rows looks up the selected tokens' rows).
+  if (const int pages = (rows.end + a.page_size - 1) / a.page_size; tid * 32 < pages)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(rows.table + tid * 32));
+#pragma unroll 1
   for (int i = tid; i < G * D; i += kSelectThreads)
     s_q[i] = a.q_score[(int64_t(b) * Hkv * G + int64_t(h) * G) * D + i] * a.qscale;
   int32_t* far_ids = a.far_ids + int64_t(e) * a.far_cap;
@@ -413,7 +570,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     s_invZ[tid] = s_Z[tid] > 0.0f ? 1.0f / s_Z[tid] : 0.0f;
     s_far[tid] = 0.0f;
   }
+  if (tid == 0) s_nsel = 0;
   __syncthreads();
+  pc.mark(kProfPrologue);
   int mine = 0;
   for (int i = tid; i < Cc; i += kSelectThreads) {
     const int n = max(a.sizes[cb + i], 0);
@@ -425,24 +584,32 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   }
   int total;
   block_exclusive_scan(mine, s_tmp, total);
+  pc.mark(kProfCoarseImp);
+  pc.add(kProfCoarseClusters, Cc);
   const int coarse_budget = max(a.budget, a.coarse_budget);
-  greedy_select(key, size, Cc, coarse_budget, total, sh);
+  greedy_select(key, size, Cc, coarse_budget, total, sh, a.warp_select_max, a.warp_select_steps,
+                kProf ? &pc : nullptr, kProfCoarseRadix, kProfWalkItersCoarse);
   // Unselected coarse clusters: far size, far list, frontier sums (relative to s_M).
   {
     const int per = (Cc + kSelectThreads - 1) / kSelectThreads;
     const int lo = min(Cc, tid * per), hi = min(Cc, lo + per);
     int nf = 0;
+#pragma unroll 1
     for (int i = lo; i < hi; ++i) nf += size[pad(i)] > 0;
     int nfar;
     int at = block_exclusive_scan(nf, s_tmp, nfar);
+#pragma unroll 1
     for (int i = lo; i < hi; ++i) {
       const int n = size[pad(i)];
       a.far_size[cb + i] = max(n, 0);
       if (n > 0) far_ids[at++] = i;
+      if (n < 0) list_off[atomicAdd(&s_nsel, 1)] = i;  // selected coarse clusters, any order
     }
     if (tid == 0) s_nfar = nfar;
+#pragma unroll 1
     for (int g = 0; g < G; ++g) {
       float z = 0.0f;
+#pragma unroll 1
       for (int i = lo; i < hi; ++i) {
         const int n = size[pad(i)];
         if (n > 0) z += float(n) * fast_exp2(a.scores[int64_t(cb + i) * G + g] - s_M[g]);
@@ -451,131 +618,178 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
       if (lane == 0 && z != 0.0f) atomicAdd(&s_far[g], z);
     }
   }
-  __syncthreads();
   // 2. Candidates: non-empty children of the selected coarse clusters (all non-empty fine
-  // clusters without a coarse level), flagged in `size`, compacted in id order into `cand`.
-  // One warp per selected coarse cluster, lanes over its children (few round trips).
-  for (int i = tid; i < Cf; i += kSelectThreads) a.far_size[fb + i] = 0;
+  // clusters without a coarse level), flagged in `key` (free after the coarse selection;
+  // `size` still holds the coarse selection), compacted in id order into `cand`.
   const bool flat = Cc == 0;
-  int nsc;
-  {
-    const int per = (Cc + kSelectThreads - 1) / kSelectThreads;
-    const int lo = min(Cc, tid * per), hi = min(Cc, lo + per);
-    int ms = 0;
-    for (int i = lo; i < hi; ++i) ms += size[pad(i)] < 0;
-    int at = block_exclusive_scan(ms, s_tmp, nsc);
-    for (int i = lo; i < hi; ++i)
-      if (size[pad(i)] < 0) list_off[at++] = i;  // selected coarse clusters
+#pragma unroll 1
+  for (int f = tid; f < Cf; f += kSelectThreads) {
+    a.far_size[fb + f] = 0;
+    key[pad(f)] = flat && a.sizes[fb + f] > 0 ? 1u : 0u;
   }
   __syncthreads();
-  for (int f = tid; f < Cf; f += kSelectThreads) size[pad(f)] = flat && a.sizes[fb + f] > 0 ? 1 : 0;
-  __syncthreads();
-  for (int j = warp; j < nsc; j += kSelectWarps) {
+  pc.mark(kProfFarList);
+  // One warp per selected coarse cluster, lanes over its children (few round trips).
+#pragma unroll 1
+  for (int j = warp; j < s_nsel; j += kSelectWarps) {
     const int i = list_off[j];
     const int beg = a.member_begin[cb + i], fin = a.member_begin[cb + i + 1];
+#pragma unroll 1
     for (int k = beg + lane; k < fin; k += 32) {
       const int c = a.members[k];
-      if (a.sizes[fb + c] > 0) size[pad(c)] = 1;
+      if (a.sizes[fb + c] > 0) {
+        key[pad(c)] = 1u;
+        // The candidate's key centroid into L2 now; it is scored after the compaction.
+        const char* row = reinterpret_cast<const char*>(static_cast<const KT*>(a.key_centroids) + int64_t(fb + c) * D);
+#pragma unroll 1
+        for (int off = 0; off < D * int(sizeof(KT)); off += 128)
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(row + off));
+      }
     }
   }
   __syncthreads();
+  pc.mark(kProfMark);
   int nc;
   {
     const int per = (Cf + kSelectThreads - 1) / kSelectThreads;
     const int lo = min(Cf, tid * per), hi = min(Cf, lo + per);
     int mc = 0;
-    for (int f = lo; f < hi; ++f) mc += size[pad(f)] != 0;
+#pragma unroll 1
+    for (int f = lo; f < hi; ++f) mc += key[pad(f)] != 0u;
     int at = block_exclusive_scan(mc, s_tmp, nc);
+#pragma unroll 1
     for (int f = lo; f < hi; ++f)
-      if (size[pad(f)] != 0) cand[at++] = f;
+      if (key[pad(f)] != 0u) cand[at++] = f;
   }
   __syncthreads();
-  // Score the candidates: one warp per candidate, lanes over the dimensions (D <= 128), the
-  // rows of U candidates in flight per warp.
+  pc.mark(kProfCompact);
+  pc.add(kProfCandidates, nc);
+  // Score the candidates: one warp per candidate, lanes over the dimensions (D <= 128). The
+  // raw loads of U candidates per warp are all issued before the first use (one round trip
+  // per U * warps candidates); heads in a rolled loop, the U warp sums interleaved. Logits
+  // and sizes also go to shared memory (first kc candidates).
   constexpr int U = 4;
+  using KB = KeyBits<KT>;
+  const KT* kcent = static_cast<const KT*>(a.key_centroids);
+#pragma unroll 1
   for (int k0 = warp; k0 < nc; k0 += U * kSelectWarps) {
-    float kv[U][4];
+    typename KB::Raw raw[U][4];
+    int nk[U], mbk[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = k0 + u * kSelectWarps;
       const int64_t c = k < nc ? fb + cand[k] : 0;
+      const auto* row = reinterpret_cast<const typename KB::Raw*>(kcent + c * D);
+      nk[u] = k < nc ? __ldg(a.sizes + c) : 0;
+      mbk[u] = k < nc ? a.member_begin[c] : 0;  // kept in L1 for write_exact_rows
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int d = lane + 32 * j;
-        kv[u][j] = k < nc && d < D ? load_key(a.key_centroids, a.key_kind, c * D + d) : 0.0f;
+        raw[u][j] = k < nc && d < D ? __ldg(row + d) : typename KB::Raw(0);
       }
     }
+    // The candidates' member lists into L2 (write_exact_rows reads those of the selected).
+    if (lane == 0)
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int k = k0 + u * kSelectWarps;
-      if (k >= nc) break;  // uniform across the warp
-      const int64_t c = fb + cand[k];
+      for (int u = 0; u < U; ++u)
+        if (k0 + u * kSelectWarps < nc) asm volatile("prefetch.global.L2 [%0];" ::"l"(a.members + mbk[u]));
+    float kv[U][4];
 #pragma unroll
-      for (int g = 0; g < 16; ++g)
-        if (g < G) {
-          float acc = 0.0f;
+    for (int u = 0; u < U; ++u)
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            if (lane + 32 * j < D) acc = fmaf(s_q[g * D + lane + 32 * j], kv[u][j], acc);
-          const float x = warp_sum(acc);
-          if (lane == g) a.scores_out[c * G + g] = x;
+      for (int j = 0; j < 4; ++j) kv[u][j] = KB::cvt(raw[u][j]);
+    pc.mark(kProfScoreLoads);
+#pragma unroll 1
+    for (int g = 0; g < G; ++g) {
+      float acc[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        acc[u] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (lane + 32 * j < D) acc[u] = fmaf(s_q[g * D + lane + 32 * j], kv[u][j], acc[u]);
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+        for (int u = 0; u < U; ++u) acc[u] += __shfl_xor_sync(0xffffffffu, acc[u], o);
+      if (lane == 0)
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int k = k0 + u * kSelectWarps;
+          if (k < nc) {
+            a.scores_out[(fb + cand[k]) * int64_t(G) + g] = acc[u];
+            if (k < kc) s_x[k * G + g] = acc[u];
+          }
         }
     }
+    if (lane == 0)
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k = k0 + u * kSelectWarps;
+        if (k < nc && k < kc) s_cn[k] = nk[u];
+      }
+    pc.mark(kProfScoreMath);
   }
   __syncthreads();  // the block's global writes are visible to the block after the barrier
-  // Frontier normaliser per head: unselected coarse + all candidates. Candidates strided
-  // over the threads (all loads of a pass in flight), per-head block reductions.
-  {
-    float lm[16];
-#pragma unroll
-    for (int g = 0; g < 16; ++g) lm[g] = neg_inf();
-    for (int k = tid; k < nc; k += kSelectThreads) {
-      const float* x = a.scores + int64_t(fb + cand[k]) * G;
-#pragma unroll
-      for (int g = 0; g < 16; ++g)
-        if (g < G) lm[g] = fmaxf(lm[g], x[g]);
+  pc.mark(kProfScore);
+  // Frontier normaliser per head: unselected coarse + all candidates. Warp g does head g
+  // (G <= 16 warps) without block barriers; the sum keeps the order of a block reduction
+  // (per thread t = 32 w + l over k = t, t + T, ..., then per warp w, then over w), so the
+  // normaliser is bit-identical to one.
+  if (warp < G) {
+    const int g = warp;
+    const auto x_of = [&](int k) { return k < kc ? s_x[k * G + g] : a.scores[int64_t(fb + cand[k]) * G + g]; };
+    float mx = neg_inf();
+#pragma unroll 1
+    for (int k = lane; k < nc; k += 32) mx = fmaxf(mx, x_of(k));
+    mx = warp_max(mx);
+    const float M = fmaxf(mx, s_far[g] > 0.0f ? s_M[g] : neg_inf());
+    float z = 0.0f;
+    const int wn = min(kSelectWarps, (nc + 31) / 32);  // thread slots t >= nc contribute 0
+#pragma unroll 1
+    for (int w = 0; w < wn; ++w) {
+      float v = 0.0f;
+#pragma unroll 1
+      for (int k = 32 * w + lane; k < nc; k += kSelectThreads)
+        v += float(k < kc ? s_cn[k] : a.sizes[fb + cand[k]]) * fast_exp2(x_of(k) - M);
+      z += warp_sum(v);
     }
-    const float mx = reduce_heads<true>(lm, G, s_red);
-    if (tid < G) s_Mf[tid] = fmaxf(mx, s_far[tid] > 0.0f ? s_M[tid] : neg_inf());
-    __syncthreads();
-    float lz[16];
-#pragma unroll
-    for (int g = 0; g < 16; ++g) lz[g] = 0.0f;
-    for (int k = tid; k < nc; k += kSelectThreads) {
-      const int64_t c = fb + cand[k];
-      const float n = float(a.sizes[c]);
-#pragma unroll
-      for (int g = 0; g < 16; ++g)
-        if (g < G) lz[g] += n * fast_exp2(a.scores[c * G + g] - s_Mf[g]);
+    if (lane == 0) {
+      if (s_far[g] > 0.0f) z += s_far[g] * fast_exp2(s_M[g] - M);
+      s_Mf[g] = M;
+      s_invZ[g] = z > 0.0f ? 1.0f / z : 0.0f;
     }
-    float z = reduce_heads<false>(lz, G, s_red);
-    if (tid < G) {
-      if (s_far[tid] > 0.0f) z += s_far[tid] * fast_exp2(s_M[tid] - s_Mf[tid]);
-      s_M[tid] = s_Mf[tid];
-      s_invZ[tid] = z > 0.0f ? 1.0f / z : 0.0f;
-    }
-    __syncthreads();
   }
+  __syncthreads();
+  if (tid < G) s_M[tid] = s_Mf[tid];
+  __syncthreads();
+  pc.mark(kProfFrontier);
   // 3. Fine selection among the candidates (index k, ascending fine id).
   mine = 0;
   for (int k = tid; k < nc; k += kSelectThreads) {
     const int64_t c = fb + cand[k];
-    const int n = a.sizes[c];
+    const int n = k < kc ? s_cn[k] : a.sizes[c];
+    const float* x = k < kc ? s_x + k * G : a.scores + c * G;
     float imp = 0.0f;
-    for (int g = 0; g < G; ++g) imp += fast_exp2(a.scores[c * G + g] - s_M[g]) * s_invZ[g];
+    for (int g = 0; g < G; ++g) imp += fast_exp2(x[g] - s_M[g]) * s_invZ[g];
     key[pad(k)] = __float_as_uint(imp);
     size[pad(k)] = n;
     mine += n;
   }
   block_exclusive_scan(mine, s_tmp, total);
-  greedy_select(key, size, nc, a.budget, total, sh);
+  pc.mark(kProfFineImp);
+  greedy_select(key, size, nc, a.budget, total, sh, a.warp_select_max, a.warp_select_steps, kProf ? &pc : nullptr,
+                kProfFineRadix, kProfWalkItersFine);
   {
     const int per = (nc + kSelectThreads - 1) / kSelectThreads;
     const int lo = min(nc, tid * per), hi = min(nc, lo + per);
     int nf = 0;
+#pragma unroll 1
     for (int k = lo; k < hi; ++k) nf += size[pad(k)] > 0;
     int nfar;
     int at = s_nfar + block_exclusive_scan(nf, s_tmp, nfar);
+#pragma unroll 1
     for (int k = lo; k < hi; ++k) {
       const int n = size[pad(k)];
       if (n > 0) {
@@ -585,8 +799,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     }
     if (tid == 0) a.far_n[e] = s_nfar + nfar;
   }
+  pc.mark(kProfFineFar);
   write_exact_rows(a, e, size, nc, reinterpret_cast<int*>(key), list_off, [&](int k) { return fb + cand[k]; }, rows,
                    s_tmp);
+  pc.mark(kProfExact);
+  pc.finish();
 }
 
 }  // namespace multipole::cuda::detail

@@ -695,6 +695,21 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
         }
     }
   }
+  // The selection's two algorithms (one warp walking the greedy order; block-wide radix
+  // select + walk) and the hand-over between them give the same step, bit for bit.
+  const auto counts = dec.exact_counts();
+  for (const auto& [warp_max, warp_steps] :
+       {std::pair{0, 64}, std::pair{256, 2}, std::pair{256, 1}, std::pair{256, 64}}) {
+    SCOPED_TRACE(::testing::Message() << "warp_max=" << warp_max << " warp_steps=" << warp_steps);
+    dec.set_select_options(warp_max, warp_steps);
+    DeviceFloats dout2(q.size());
+    dout2.poison();
+    dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout2.ptr(), nullptr);
+    const auto out2 = dout2.get();
+    EXPECT_EQ(dec.far_sizes(), far);
+    EXPECT_EQ(dec.exact_counts(), counts);
+    for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out2[i], out[i]) << "element " << i;
+  }
 }
 
 TEST(CudaMultipole, MatchesCpuMultipolePolicy) {

@@ -61,6 +61,17 @@ class CudaDecoder {
   std::vector<int32_t> exact_counts() const;    // [B * Hkv]
   uint32_t error_flags() const;                  // bit 0: an exact set overflowed its capacity
   void clear_error_flags();
+  // Diagnostics: a device buffer of 32 u64 (zeroed by the caller) that the two-level
+  // selection kernel adds its per-phase clock64 cycles and counts to; null turns it off.
+  void set_select_profile(unsigned long long* device_slots) { select_prof_ = device_slots; }
+  // Diagnostics and tests: greedy selections over at most min(warp_max, 256) clusters are
+  // walked by one warp, handing over to the block-wide radix path after `warp_steps` picks;
+  // warp_max 0: always the radix path. Both give the same selection. Defaults: 256 and 64,
+  // or the environment's MULTIPOLE_SELECT_WARP_MAX / MULTIPOLE_SELECT_WARP_STEPS.
+  void set_select_options(int warp_max, int warp_steps) {
+    select_warp_max_ = warp_max;
+    select_warp_steps_ = warp_steps;
+  }
 
  private:
   AttentionConfig config_;
@@ -77,6 +88,8 @@ class CudaDecoder {
   int64_t index_clusters_ = 0;
   int smem_clusters_ = 0;
   int coarse_budget_ = 0;
+  unsigned long long* select_prof_ = nullptr;
+  int select_warp_max_ = 256, select_warp_steps_ = 64;
 };
 
 }  // namespace multipole::cuda
