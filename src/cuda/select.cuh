@@ -346,9 +346,9 @@ __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R
 // long windows).
 struct EntryRows {
   const int32_t* table;
-  int P, Hkv, h, nsink, nwin, end, early_row;
+  int P, Hkv, h, nsink, nwin, end, early_row = -1, first = 0;
   __device__ EntryRows(const SelectArgs& a, int e) {
-    const int b = e / a.num_kv_heads, seq = a.seq_ids[b], len = a.lengths[seq], tid = threadIdx.x;
+    const int b = e / a.num_kv_heads, seq = a.seq_ids[b], len = a.lengths[seq];
     table = a.tables + a.table_offset[seq];
     P = a.page_size;
     Hkv = a.num_kv_heads;
@@ -356,7 +356,13 @@ struct EntryRows {
     end = a.entry_end[e];
     nsink = min(a.sinks, end);
     nwin = max(len - end, 0);
-    early_row = tid < nsink ? row_of(tid) : (tid < nsink + nwin ? row_of(end + tid - nsink) : -1);
+  }
+  // Thread tid looks up row tid - first0 of the sinks + window (the page-table load waits
+  // only in those threads: first0 = 32 keeps warp 0 free).
+  __device__ void fetch_early(int first0) {
+    first = first0;
+    const int t = int(threadIdx.x) - first;
+    early_row = t >= 0 && t < nsink ? row_of(t) : (t >= nsink && t < nsink + nwin ? row_of(end + t - nsink) : -1);
   }
   __device__ int row_of(int pos) const { return (table[pos / P] * Hkv + h) * P + pos % P; }
 };
@@ -412,10 +418,11 @@ __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, in
     }
     rows[nsink + j] = row_of(a.members[list_mb[lo_k] + (j - list_off[lo_k])]);
   }
+  const int mine = tid - r.first;  // the sink/window row this thread looked up early
 #pragma unroll 1
-  for (int t = tid; t < nsink + nwin; t += kSelectThreads) {
+  for (int t = mine >= 0 ? mine : mine + kSelectThreads; t < nsink + nwin; t += kSelectThreads) {
     const int at_t = t < nsink ? t : nsel + t;  // window rows follow the selected ones
-    if (at_t < cap) rows[at_t] = t == tid ? r.early_row : (t < nsink ? row_of(t) : row_of(end + t - nsink));
+    if (at_t < cap) rows[at_t] = t == mine ? r.early_row : (t < nsink ? row_of(t) : row_of(end + t - nsink));
   }
   if (tid == 0) {
     const int count = nsink + nsel + nwin;
@@ -445,7 +452,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
   int* size = reinterpret_cast<int*>(key + cpad);     // [pad(C)] n > 0 candidate, -n selected, 0 empty
   int* list_off = size + cpad;                        // [C] token offset of the k-th selected cluster
 
-  const EntryRows rows(a, e);
+  EntryRows rows(a, e);
+  rows.fetch_early(0);
 
   combine_partials(a, b, h, s_M, s_invZ);
   if (tid < G) s_invZ[tid] = s_invZ[tid] > 0.0f ? 1.0f / s_invZ[tid] : 0.0f;
@@ -555,7 +563,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   int* s_cn = reinterpret_cast<int*>(s_x + kc * G);  // [kc] their sizes
 
   PhaseClock pc(kProf ? a.prof : nullptr);
-  const EntryRows rows(a, e);
+  EntryRows rows(a, e);  // the row look-ups of sinks and window come later (fetch_early)
   // The sequence's page table into L2 (write_exact_rows looks up the selected tokens' rows).
   if (const int pages = (rows.end + a.page_size - 1) / a.page_size; tid * 32 < pages)
     asm volatile("prefetch.global.L2 [%0];" ::"l"(rows.table + tid * 32));
@@ -587,6 +595,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   pc.mark(kProfCoarseImp);
   pc.add(kProfCoarseClusters, Cc);
   const int coarse_budget = max(a.budget, a.coarse_budget);
+  rows.fetch_early(32);  // warps 1.. wait for the page table while warp 0 may walk the greedy order
   greedy_select(key, size, Cc, coarse_budget, total, sh, a.warp_select_max, a.warp_select_steps,
                 kProf ? &pc : nullptr, kProfCoarseRadix, kProfWalkItersCoarse);
   // Unselected coarse clusters: far size, far list, frontier sums (relative to s_M).
@@ -717,10 +726,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int k = k0 + u * kSelectWarps;
-          if (k < nc) {
+          if (k < kc)
+            s_x[k * G + g] = acc[u];  // to global memory below, coalesced
+          else if (k < nc)
             a.scores_out[(fb + cand[k]) * int64_t(G) + g] = acc[u];
-            if (k < kc) s_x[k * G + g] = acc[u];
-          }
         }
     }
     if (lane == 0)
@@ -737,6 +746,12 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   // (G <= 16 warps) without block barriers; the sum keeps the order of a block reduction
   // (per thread t = 32 w + l over k = t, t + T, ..., then per warp w, then over w), so the
   // normaliser is bit-identical to one.
+  // The cached candidates' logits to global memory (the attention kernel reads the far ones).
+#pragma unroll 1
+  for (int t = tid; t < min(nc, kc) * G; t += kSelectThreads) {
+    const int k = t / G;
+    a.scores_out[(fb + cand[k]) * int64_t(G) + (t - k * G)] = s_x[t];
+  }
   if (warp < G) {
     const int g = warp;
     const auto x_of = [&](int k) { return k < kc ? s_x[k * G + g] : a.scores[int64_t(fb + cand[k]) * G + g]; };
