@@ -195,7 +195,7 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     int dev = 0, optin = 0;
     MP_CUDA_CHECK(cudaGetDevice(&dev));
     MP_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    const size_t select_smem = hier ? select_hier_smem_bytes(index->max_clusters(), G, D)
+    const size_t select_smem = hier ? select_hier_smem_bytes(index->max_clusters(), G, D, 0)
                                     : select_smem_bytes(index->max_clusters());
     MP_CHECK(select_smem + kSelectStaticSmem <= size_t(optin),
              "cuda decode: {} clusters in one (sequence, head) exceed the selection kernel's shared-memory limit of "
@@ -203,6 +203,10 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
              index->max_clusters(), (size_t(optin) - kSelectStaticSmem) * 32 / (12 * 32 + 8));
     index_clusters_ = index->total_clusters();
     smem_clusters_ = std::max(1, index->max_clusters());
+    // Candidate logits cached in what shared memory is left (the rest come from L2).
+    cand_cache_ = hier ? int(std::min<size_t>({size_t(kSelectCandCache), size_t(smem_clusters_),
+                                               (size_t(optin) - kSelectStaticSmem - select_smem) / (size_t(G + 1) * 4)}))
+                       : 0;
     scores_.reserve(size_t(std::max<int64_t>(index_clusters_, 1)) * G * sizeof(float));
     score_part_.reserve(std::max<size_t>(s_seq.size(), 1) * Hkv * G * 2 * sizeof(float));
     far_size_.reserve(size_t(std::max<int64_t>(index_clusters_, 1)) * sizeof(int32_t));
@@ -328,6 +332,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   sa.prof = select_prof_;
   sa.warp_select_max = select_warp_max_;
   sa.warp_select_steps = select_warp_steps_;
+  sa.cand_cache = std::min(cand_cache_, std::max(select_cand_max_, 0));
   if (info_.hierarchical) {
     sa.entry_coarse = cv.entry_coarse;
     sa.coarse_budget = coarse_budget_;

@@ -116,6 +116,9 @@ struct SelectArgs {
   // without barriers; larger ones take the block-wide radix path.
   int warp_select_max = 256;
   int warp_select_steps = 64;  // picks of the warp walk before the radix path takes over
+  // Candidates whose logits and sizes select_hier_kernel keeps in shared memory (the rest
+  // are read back from global memory); planned from the shared memory left.
+  int cand_cache = 0;
 };
 constexpr int kSelectProfSlots = 32;
 
@@ -133,14 +136,13 @@ constexpr size_t select_smem_bytes(int clusters) {
   return (2 * (size_t(clusters) + size_t(clusters) / 32 + 1) + size_t(clusters)) * 4;
 }
 constexpr size_t kSelectStaticSmem = 17 * 1024;
-// Candidates of the two-level selection whose logits and sizes stay in shared memory.
+// Most candidates of the two-level selection whose logits and sizes stay in shared memory.
 constexpr int kSelectCandCache = 512;
 // The two-level selection also keeps the candidate ids, the group's scoring queries and the
-// logits + sizes of the first min(clusters, kSelectCandCache) candidates.
-constexpr size_t select_hier_smem_bytes(int clusters, int group, int head_dim) {
-  const size_t kc = size_t(clusters < kSelectCandCache ? clusters : kSelectCandCache);
+// logits + sizes of the first cand_cache candidates.
+constexpr size_t select_hier_smem_bytes(int clusters, int group, int head_dim, int cand_cache) {
   return select_smem_bytes(clusters) + size_t(clusters) * 4 + size_t(group) * size_t(head_dim) * 4 +
-         kc * (size_t(group) + 1) * 4;
+         size_t(cand_cache) * (size_t(group) + 1) * 4;
 }
 // Query heads per CTA of the scoring kernel for a group of G: 1, 2, 4 or 8 (the rest of
 // the chunk is masked).

@@ -116,7 +116,7 @@ void launch_select(const SelectArgs& a, int entries, Stream stream) {
 
 void launch_select_hier(const SelectArgs& a, int entries, Stream stream) {
   static size_t configured[6] = {};
-  const size_t smem = select_hier_smem_bytes(a.smem_clusters, a.group, a.head_dim);
+  const size_t smem = select_hier_smem_bytes(a.smem_clusters, a.group, a.head_dim, a.cand_cache);
   const int p = a.prof ? 3 : 0;
   // [profiled][key type: f32, bf16, f16]
   void (*const kernels[6])(SelectArgs) = {

@@ -522,11 +522,6 @@ template <> struct KeyBits<__half> {
   __device__ static float cvt(Raw r) { return __half2float(__ushort_as_half(r)); }
 };
 
-// Candidates whose logits and sizes the two-level selection keeps in shared memory (the
-// rest are read back from global memory).
-__host__ __device__ constexpr int select_cand_cache(int smem_clusters) {
-  return smem_clusters < kSelectCandCache ? smem_clusters : kSelectCandCache;
-}
 
 // Two-level selection, one CTA per entry (after the scoring kernel scored the coarse level):
 //   1. coarse importance, greedy selection under coarse_budget; unselected coarse clusters
@@ -558,7 +553,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   int* list_off = size + cpad;                        // [n]
   int* cand = list_off + a.smem_clusters;             // [Cf] fine ids of the candidates
   float* s_q = reinterpret_cast<float*>(cand + a.smem_clusters);  // [G, D] scaled scoring queries
-  const int kc = select_cand_cache(a.smem_clusters);
+  const int kc = a.cand_cache;
   float* s_x = s_q + G * D;                          // [kc, G] logits of the first kc candidates
   int* s_cn = reinterpret_cast<int*>(s_x + kc * G);  // [kc] their sizes
 

@@ -14,6 +14,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "attention/decode_kernels.hpp"
@@ -696,12 +697,15 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     }
   }
   // The selection's two algorithms (one warp walking the greedy order; block-wide radix
-  // select + walk) and the hand-over between them give the same step, bit for bit.
+  // select + walk), the hand-over between them, and candidate logits read back from global
+  // memory instead of shared memory give the same step, bit for bit.
   const auto counts = dec.exact_counts();
-  for (const auto& [warp_max, warp_steps] :
-       {std::pair{0, 64}, std::pair{256, 2}, std::pair{256, 1}, std::pair{256, 64}}) {
-    SCOPED_TRACE(::testing::Message() << "warp_max=" << warp_max << " warp_steps=" << warp_steps);
-    dec.set_select_options(warp_max, warp_steps);
+  for (const auto& [warp_max, warp_steps, cache] : {std::tuple{0, 64, 1 << 30}, std::tuple{256, 2, 1 << 30},
+                                                    std::tuple{256, 1, 1 << 30}, std::tuple{256, 64, 5},
+                                                    std::tuple{0, 64, 0}}) {
+    SCOPED_TRACE(::testing::Message() << "warp_max=" << warp_max << " warp_steps=" << warp_steps
+                                      << " cand_cache=" << cache);
+    dec.set_select_options(warp_max, warp_steps, cache);
     DeviceFloats dout2(q.size());
     dout2.poison();
     dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout2.ptr(), nullptr);

@@ -67,10 +67,13 @@ class CudaDecoder {
   // Diagnostics and tests: greedy selections over at most min(warp_max, 256) clusters are
   // walked by one warp, handing over to the block-wide radix path after `warp_steps` picks;
   // warp_max 0: always the radix path. Both give the same selection. Defaults: 256 and 64,
-  // or the environment's MULTIPOLE_SELECT_WARP_MAX / MULTIPOLE_SELECT_WARP_STEPS.
-  void set_select_options(int warp_max, int warp_steps) {
+  // or the environment's MULTIPOLE_SELECT_WARP_MAX / MULTIPOLE_SELECT_WARP_STEPS. At most
+  // `cand_cache` candidates keep their logits in shared memory (the rest are read back
+  // from global memory; same values).
+  void set_select_options(int warp_max, int warp_steps, int cand_cache = 1 << 30) {
     select_warp_max_ = warp_max;
     select_warp_steps_ = warp_steps;
+    select_cand_max_ = cand_cache;
   }
 
  private:
@@ -87,9 +90,10 @@ class CudaDecoder {
   DeviceBuffer far_ids_, far_n_;
   int64_t index_clusters_ = 0;
   int smem_clusters_ = 0;
+  int cand_cache_ = 0;  // candidates of the two-level selection cached in shared memory
   int coarse_budget_ = 0;
   unsigned long long* select_prof_ = nullptr;
-  int select_warp_max_ = 256, select_warp_steps_ = 64;
+  int select_warp_max_ = 256, select_warp_steps_ = 64, select_cand_max_ = 1 << 30;
 };
 
 }  // namespace multipole::cuda
