@@ -133,8 +133,30 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
   const int P = a.page_size;
   const int32_t* table = a.tables + a.table_offset[seq];
 
+  // Q as A fragments (rows = heads, pre-scaled), split into a high part and the remainder:
+  // qa[k][0] = (row grp, dims 16k + 2 tig + {0,1}), [1] = row grp + 8, [2] = dims + 8, [3] both.
+  uint32_t qhi[KS][4], qlo[KS][4];
+  {
+    auto qv = [&](int g, int d) -> float {
+      return g < gcount ? a.q[(int64_t(b) * Hkv * G + h * G + g0 + g) * D + d] * a.qscale : 0.0f;
+    };
+#pragma unroll
+    for (int k = 0; k < KS; ++k)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int g = grp + (r & 1) * 8, d = 16 * k + 2 * tig + (r >> 1) * 8;
+        if (!TALL && (r & 1)) {
+          qhi[k][r] = qlo[k][r] = 0u;
+          continue;
+        }
+        const float x0 = qv(g, d), x1 = qv(g, d + 1);
+        qhi[k][r] = M::pack(x0, x1);
+        qlo[k][r] = M::pack(x0 - M::lo(qhi[k][r]), x1 - M::hi(qhi[k][r]));
+      }
+  }
   int vlen, ebegin = 0, exact_n = 0;
   if constexpr (MP) {
+    pdl_wait();  // above: inputs only; below: the selection kernel's lists
     ebegin = a.entry_begin[e];
     exact_n = min(a.exact_n[e], a.exact_cap);
     vlen = a.exact_cap + (a.far_field ? (a.far_ids ? min(a.far_n[e], a.far_cap) : a.entry_count[e]) : 0);
@@ -227,27 +249,6 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
     for (int s = 0; s < S::kLoadSteps; ++s) rows[s] = t < ntiles ? resolve(tile_v0(t) + r0 + s * S::kRowsPerStep) : -1;
   };
 
-  // Q as A fragments (rows = heads, pre-scaled), split into a high part and the remainder:
-  // qa[k][0] = (row grp, dims 16k + 2 tig + {0,1}), [1] = row grp + 8, [2] = dims + 8, [3] both.
-  uint32_t qhi[KS][4], qlo[KS][4];
-  {
-    auto qv = [&](int g, int d) -> float {
-      return g < gcount ? a.q[(int64_t(b) * Hkv * G + h * G + g0 + g) * D + d] * a.qscale : 0.0f;
-    };
-#pragma unroll
-    for (int k = 0; k < KS; ++k)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int g = grp + (r & 1) * 8, d = 16 * k + 2 * tig + (r >> 1) * 8;
-        if (!TALL && (r & 1)) {
-          qhi[k][r] = qlo[k][r] = 0u;
-          continue;
-        }
-        const float x0 = qv(g, d), x1 = qv(g, d + 1);
-        qhi[k][r] = M::pack(x0, x1);
-        qlo[k][r] = M::pack(x0 - M::lo(qhi[k][r]), x1 - M::hi(qhi[k][r]));
-      }
-  }
   // O as NT accumulator fragments: o[j] = (row grp: dims 8j + 2 tig + {0,1}; row grp + 8: same).
   float o[NT][4];
 #pragma unroll

@@ -20,8 +20,8 @@ template <int D, int GC, class T, bool MP>
 void launch_attend_one(const AttendArgs& a, int items, Stream stream) {
   configure_attend<D, GC, T, MP>();
   const dim3 grid(items, a.num_kv_heads * a.head_chunks);
-  attend_kernel<D, GC, T, MP><<<grid, AttendShape<D, GC>::kThreads, AttendShape<D, GC>::kSmem, stream>>>(a);
-  MP_CUDA_CHECK(cudaGetLastError());
+  MP_CUDA_CHECK(launch_maybe_pdl(attend_kernel<D, GC, T, MP>, grid, dim3(AttendShape<D, GC>::kThreads),
+                                  AttendShape<D, GC>::kSmem, stream, MP && a.pdl, a));
 }
 
 template <int D, int GC, class T, bool MP>

@@ -6,12 +6,39 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace multipole::cuda::detail {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// Programmatic dependent launch (sm_90): a kernel launched with programmatic stream
+// serialisation may start before the previous kernel of the stream ends; pdl_wait() blocks
+// until that kernel has completed and its writes are visible (a no-op for a plain launch).
+// pdl_trigger() lets the next such kernel start its independent prologue now.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;"); }
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream
+// serialisation when pdl (the kernel must call pdl_wait() before reading what the previous
+// kernel wrote). Capturable in a CUDA graph (a programmatic edge).
+template <class... KArgs, class... Args>
+cudaError_t launch_maybe_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                             bool pdl, Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
 
 // 2^x, relative error ~2^-22; 2^-inf = 0.
 __device__ __forceinline__ float fast_exp2(float x) {

@@ -99,6 +99,7 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   errors_.memset(0);
   select_warp_max_ = env_int("MULTIPOLE_SELECT_WARP_MAX", select_warp_max_);
   select_warp_steps_ = env_int("MULTIPOLE_SELECT_WARP_STEPS", select_warp_steps_);
+  pdl_ = env_int("MULTIPOLE_PDL", 1) != 0;
 }
 
 void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, const DeviceClusterIndex* index) {
@@ -333,6 +334,8 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   sa.warp_select_max = select_warp_max_;
   sa.warp_select_steps = select_warp_steps_;
   sa.cand_cache = std::min(cand_cache_, std::max(select_cand_max_, 0));
+  // Programmatic dependent launch only right after our own scoring kernel (a kernel node).
+  sa.pdl = pdl_ && info_.score_ctas > 0 ? 1 : 0;
   if (info_.hierarchical) {
     sa.entry_coarse = cv.entry_coarse;
     sa.coarse_budget = coarse_budget_;
@@ -373,6 +376,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   a.entry_begin = cv.entry_begin;
   a.entry_count = cv.entry_count;
   a.far_field = config_.multipole_far_field ? 1 : 0;
+  a.pdl = pdl_ && stages != 4 ? 1 : 0;  // right after the selection kernel
   if (info_.hierarchical) {
     a.far_ids = far_ids_.as<const int32_t>();
     a.far_n = far_n_.as<const int32_t>();

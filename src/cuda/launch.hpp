@@ -58,6 +58,9 @@ struct AttendArgs {
   const int32_t* far_ids = nullptr;     // [E, far_cap]
   const int32_t* far_n = nullptr;       // [E]
   int far_cap = 0;
+  // Launched with programmatic dependent launch after the selection kernel (multipole only):
+  // everything up to the Q fragments runs before griddepcontrol.wait.
+  int pdl = 0;
 };
 
 struct ScoreArgs {
@@ -119,6 +122,9 @@ struct SelectArgs {
   // Candidates whose logits and sizes select_hier_kernel keeps in shared memory (the rest
   // are read back from global memory); planned from the shared memory left.
   int cand_cache = 0;
+  // Launched with programmatic dependent launch after the scoring kernel: the prologue
+  // (scoring queries, page-table prefetch, entry look-ups) runs before griddepcontrol.wait.
+  int pdl = 0;
 };
 constexpr int kSelectProfSlots = 32;
 

@@ -104,8 +104,7 @@ void launch_select_kernel(void (*kernel)(SelectArgs), size_t smem, size_t& confi
     MP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     configured = smem;
   }
-  kernel<<<entries, kSelectThreads, smem, stream>>>(a);
-  MP_CUDA_CHECK(cudaGetLastError());
+  MP_CUDA_CHECK(launch_maybe_pdl(kernel, dim3(entries), dim3(kSelectThreads), smem, stream, a.pdl != 0, a));
 }
 }  // namespace
 

@@ -18,6 +18,7 @@ __global__ void __launch_bounds__(128) score_kernel(const ScoreArgs a) {
   static_assert(kPasses % U == 0, "passes in flight");
   __shared__ float s_red[4][GC][2];
 
+  pdl_trigger();  // the selection kernel may start its prologue (it waits for our writes)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int item = blockIdx.x, b = a.item_seq[item], ck = a.item_chunk[item];
   const int h = blockIdx.y / a.head_chunks, chunk = blockIdx.y % a.head_chunks;

@@ -452,9 +452,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
   int* size = reinterpret_cast<int*>(key + cpad);     // [pad(C)] n > 0 candidate, -n selected, 0 empty
   int* list_off = size + cpad;                        // [C] token offset of the k-th selected cluster
 
+  pdl_trigger();  // the attention kernel may load its queries (it waits for our writes)
   EntryRows rows(a, e);
   rows.fetch_early(0);
 
+  pdl_wait();  // the scoring kernel's logits and partials
   combine_partials(a, b, h, s_M, s_invZ);
   if (tid < G) s_invZ[tid] = s_invZ[tid] > 0.0f ? 1.0f / s_invZ[tid] : 0.0f;
   __syncthreads();
@@ -557,6 +559,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   float* s_x = s_q + G * D;                          // [kc, G] logits of the first kc candidates
   int* s_cn = reinterpret_cast<int*>(s_x + kc * G);  // [kc] their sizes
 
+  pdl_trigger();  // the attention kernel may load its queries (it waits for our writes)
   PhaseClock pc(kProf ? a.prof : nullptr);
   EntryRows rows(a, e);  // the row look-ups of sinks and window come later (fetch_early)
   // The sequence's page table into L2 (write_exact_rows looks up the selected tokens' rows).
@@ -568,6 +571,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   int32_t* far_ids = a.far_ids + int64_t(e) * a.far_cap;
 
   // 1. Coarse level.
+  pdl_wait();  // everything above reads inputs only; from here on the scoring kernel's output
   combine_partials(a, b, h, s_M, s_Z);
   if (tid < G) {
     s_invZ[tid] = s_Z[tid] > 0.0f ? 1.0f / s_Z[tid] : 0.0f;

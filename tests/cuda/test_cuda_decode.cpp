@@ -628,6 +628,91 @@ TEST(CudaMultipole, GraphReplayMatchesDirectLaunches) {
   cudaStreamDestroy(s);
 }
 
+// Programmatic dependent launch (the selection and attention kernels start their prologue
+// while the previous kernel of the step runs) changes no result: one- and two-level index,
+// direct launches and a graph replayed three times back to back (step n + 1's scoring
+// kernel follows step n's attention kernel), against plain launches.
+TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
+  REQUIRE_GPU();
+  std::mt19937 rng(801);
+  const std::vector<int64_t> lens = {9000, 20000, 3000};
+  Mirror su(1, 8, 128, 16, DType::BF16, lens, rng);
+  const Cache& cache = su.cache;
+  const DeviceKVCache& dev = su.dev;
+  const AttentionConfig ac = make_config(4, 8, 128);
+  IndexFixture fx = make_index(cache, ac, 0, rng, false);
+  const size_t n = lens.size() * 32 * 128;
+  const auto q = random_vector(n, rng), qs = random_vector(n, rng);
+  DeviceFloats dq(q), dqs(qs), plain(n), direct(n), graph(n);
+  for (int levels = 1; levels <= 2; ++levels) {
+    SCOPED_TRACE(levels);
+    if (levels == 2)
+      for (auto& e : fx.entries) {  // coarse clusters of ~8 consecutive fine ones, weighted means
+        e.coarse_child_offsets = {0};
+        for (int c0 = 0; c0 < e.num_clusters(); c0 += 8) {
+          const int c1 = std::min(e.num_clusters(), c0 + 8);
+          int under = 0;
+          std::vector<float> kc(128, 0.0f), vc(128, 0.0f);
+          for (int c = c0; c < c1; ++c) under += e.sizes[size_t(c)];
+          for (int c = c0; c < c1; ++c) {
+            e.coarse_children.push_back(c);
+            const float w = under > 0 ? float(e.sizes[size_t(c)]) / float(under) : 0.0f;
+            for (int d = 0; d < 128; ++d) {
+              kc[size_t(d)] += w * e.key_centroids[size_t(c) * 128 + d];
+              vc[size_t(d)] += w * e.value_centroids[size_t(c) * 128 + d];
+            }
+          }
+          e.coarse_sizes.push_back(under);
+          e.coarse_child_offsets.push_back(int32_t(e.coarse_children.size()));
+          e.coarse_key_centroids.insert(e.coarse_key_centroids.end(), kc.begin(), kc.end());
+          e.coarse_value_centroids.insert(e.coarse_value_centroids.end(), vc.begin(), vc.end());
+        }
+      }
+    DeviceClusterIndex index(128, 8, DType::BF16, DType::BF16, fx.entries);
+    ASSERT_EQ(index.hierarchical(), levels == 2);
+    CudaDecoder off(ac), on(ac);
+    off.set_pdl(false);
+    on.set_pdl(true);
+    off.plan(dev, cache.seqs, &index);
+    on.plan(dev, cache.seqs, &index);
+    plain.poison();
+    direct.poison();
+    off.multipole(dev, 0, index, dq.ptr(), dqs.ptr(), plain.ptr(), nullptr);
+    const auto far_off = off.far_sizes(), exact_off = off.exact_counts();
+    on.multipole(dev, 0, index, dq.ptr(), dqs.ptr(), direct.ptr(), nullptr);
+    EXPECT_EQ(on.far_sizes(), far_off);
+    EXPECT_EQ(on.exact_counts(), exact_off);
+    cudaStream_t s;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+    cudaGraph_t g;
+    ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    on.multipole(dev, 0, index, dq.ptr(), dqs.ptr(), graph.ptr(), s);
+    ASSERT_EQ(cudaStreamEndCapture(s, &g), cudaSuccess);
+    cudaGraphExec_t exec;
+    ASSERT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
+    graph.poison();
+    for (int rep = 0; rep < 3; ++rep) ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    EXPECT_EQ(on.far_sizes(), far_off);
+    EXPECT_EQ(on.exact_counts(), exact_off);
+    EXPECT_EQ(on.error_flags(), 0u);
+    const auto a = plain.get(), b = direct.get(), c = graph.get();
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_FALSE(std::isnan(a[i])) << i;
+      if (levels == 1) {
+        ASSERT_EQ(a[i], b[i]) << "direct, element " << i;
+        ASSERT_EQ(a[i], c[i]) << "graph, element " << i;
+      } else {  // the coarse far-field sum adds per-warp partials with shared float atomics
+        ASSERT_NEAR(a[i], b[i], 1e-6f * (1.0f + std::fabs(a[i]))) << "direct, element " << i;
+        ASSERT_NEAR(a[i], c[i], 1e-6f * (1.0f + std::fabs(a[i]))) << "graph, element " << i;
+      }
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(g);
+    cudaStreamDestroy(s);
+  }
+}
+
 // The CPU "multipole" policy (k-means index, one or two levels) against the CUDA path fed
 // with that policy's own index through host_cluster_level(): same selection rule (coarse
 // level under the coarse budget, then the children of the selected coarse clusters), same

@@ -75,6 +75,12 @@ class CudaDecoder {
     select_warp_steps_ = warp_steps;
     select_cand_max_ = cand_cache;
   }
+  // The selection and attention kernels of a multipole step are launched with programmatic
+  // dependent launch (each starts its input-only prologue while the previous kernel of the
+  // step runs; same results). Default on, or the environment's MULTIPOLE_PDL (0: off). The
+  // step's first kernel is launched plainly, so q and q_score must be complete before
+  // multipole() is called on the stream (as for any launch).
+  void set_pdl(bool on) { pdl_ = on; }
 
  private:
   AttentionConfig config_;
@@ -94,6 +100,7 @@ class CudaDecoder {
   int coarse_budget_ = 0;
   unsigned long long* select_prof_ = nullptr;
   int select_warp_max_ = 256, select_warp_steps_ = 64, select_cand_max_ = 1 << 30;
+  bool pdl_ = true;
 };
 
 }  // namespace multipole::cuda
