@@ -93,6 +93,53 @@ void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClus
                double(v[20]) / ctas, double(v[21]) / ctas, double(v[22]) / ctas, double(v[24]) / ctas);
 }
 
+// Diagnostics (MULTIPOLE_INDEX_STATS set): shape of an index and of what one step of `dec`
+// selected on it, summed over the batch's entries; printed to stderr.
+void print_index_stats(const char* name, const CudaDecoder& dec, const DeviceClusterIndex& index,
+                       const std::vector<HostClusterLevel>& host, int budget) {
+  const auto far = dec.far_sizes();
+  const auto exact = dec.exact_counts();
+  std::vector<int> fine, coarse, kids;
+  int64_t far_fine = 0, far_coarse = 0, exact_sum = 0, big_tokens = 0, tokens = 0;
+  for (int e = 0; e < index.entries(); ++e) {
+    const int64_t c0 = index.entry_first_cluster(e), cc = index.entry_coarse(e);
+    for (int64_t i = c0; i < c0 + index.entry_clusters(e); ++i)
+      (i < c0 + cc ? far_coarse : far_fine) += far[size_t(i)] > 0;
+    exact_sum += exact[size_t(e)];
+  }
+  for (const auto& h : host) {
+    for (int n : h.sizes) {
+      fine.push_back(n);
+      tokens += n;
+      if (n > budget) big_tokens += n;
+    }
+    for (int n : h.coarse_sizes) coarse.push_back(n);
+    for (size_t c = 0; c + 1 < h.coarse_child_offsets.size(); ++c)
+      kids.push_back(h.coarse_child_offsets[c + 1] - h.coarse_child_offsets[c]);
+  }
+  auto q = [](std::vector<int> v, double f) {
+    if (v.empty()) return 0;
+    std::sort(v.begin(), v.end());
+    return v[std::min(v.size() - 1, size_t(f * double(v.size())))];
+  };
+  const double E = std::max(1, index.entries()), He = std::max<double>(1, double(host.size()));
+  std::fprintf(stderr,
+               "index-stats %s: per entry: clusters %.0f (coarse %.0f), far list coarse %.1f + fine %.1f, exact "
+               "rows %.1f; plan: score CTAs %d, attention CTAs %d, chunk %d\n",
+               name, double(index.total_clusters()) / E, double(index.max_coarse()), double(far_coarse) / E,
+               double(far_fine) / E, double(exact_sum) / E, dec.plan_info().score_ctas, dec.plan_info().mp_ctas,
+               dec.plan_info().mp_chunk);
+  if (!host.empty())
+    std::fprintf(stderr,
+                 "  (%zu entries) fine sizes p10 %d p50 %d p90 %d p99 %d max %d, empty %.1f%%, tokens in clusters > "
+                 "budget %.1f%%; coarse sizes p10 %d p50 %d p90 %d max %d; children per coarse p50 %d p90 %d max %d\n",
+                 host.size(), q(fine, 0.1), q(fine, 0.5), q(fine, 0.9), q(fine, 0.99), q(fine, 1.0),
+                 100.0 * double(std::count(fine.begin(), fine.end(), 0)) / std::max<double>(1, double(fine.size())),
+                 100.0 * double(big_tokens) / std::max<double>(1, double(tokens)), q(coarse, 0.1), q(coarse, 0.5),
+                 q(coarse, 0.9), q(coarse, 1.0), q(kids, 0.5), q(kids, 0.9), q(kids, 1.0));
+  (void)He;
+}
+
 }  // namespace
 
 std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
@@ -176,6 +223,10 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         }
       DeviceClusterIndex index(D, Hkv, o.key_dtype, o.dtype, entries);
       index.fill_random_centroids(rng());
+      const bool stats = std::getenv("MULTIPOLE_INDEX_STATS") != nullptr;
+      std::vector<HostClusterLevel> synth_host;
+      if (stats)
+        for (int k = 0; k < std::min<int>(int(entries.size()), 8); ++k) synth_host.push_back(entries[size_t(k)]);
       entries.clear();
 
       std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -263,6 +314,10 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
              vbytes + exact * (2 * row + 4) + C * (4 + G * 4), 1, dec.plan_info().mp_ctas);
       }
       MP_CHECK(dec.error_flags() == 0, "bench: exact set overflow (flags {})", dec.error_flags());
+      if (stats) {
+        dec.multipole(dev, 0, index, pq, pqs, po, stream);
+        print_index_stats("synthetic", dec, index, synth_host, o.budget);
+      }
       if (o.kmeans) {
         // Prefill clustering of the whole batch (B x Hkv entries), blocks and levels as the
         // CPU index; wall time of build() + the GPU work it enqueues.
@@ -321,6 +376,23 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         emit("mp-kmeans-index",
              [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s); }, mp_bytes,
              CudaDecoder::kMultipoleLaunches, kdec.plan_info().mp_ctas);
+        if (o.stages) {
+          emit("mp-km-score", [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s, 1); }, 0, 1,
+               kdec.plan_info().score_ctas);
+          emit("mp-km-score+select",
+               [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s, 2); }, 0, 2,
+               kdec.plan_info().score_ctas + B * Hkv);
+          emit("mp-km-attend", [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s, 4); }, 0, 1,
+               kdec.plan_info().mp_ctas);
+        }
+        if (std::getenv("MULTIPOLE_SELECT_PROFILE"))
+          profile_select(kdec, dev, km.index(), pq, pqs, po, o, stream, flush, B, ctx);
+        if (stats) {
+          std::vector<HostClusterLevel> km_host;
+          for (int k = 0; k < std::min(B * Hkv, 8); ++k) km_host.push_back(km.download(k));
+          kdec.multipole(dev, 0, km.index(), pq, pqs, po, stream);
+          print_index_stats("gpu-kmeans", kdec, km.index(), km_host, o.budget);
+        }
         MP_CHECK(kdec.error_flags() == 0, "bench: exact set overflow on the k-means index (flags {})",
                  kdec.error_flags());
       }
