@@ -118,7 +118,10 @@ struct SelectArgs {
   // Greedy selections over at most this many clusters (and <= 256) are walked by one warp
   // without barriers; larger ones take the block-wide radix path.
   int warp_select_max = 256;
-  int warp_select_steps = 64;  // picks of the warp walk before the radix path takes over
+  // Picks of the warp walk before the radix path takes over: ~0.3 us per pick; synthetic
+  // indexes need ~10-15, k-means coarse levels of random keys (many 1-child clusters of a
+  // few tokens) 60+, where the radix path's ~7 us is cheaper.
+  int warp_select_steps = 24;
   // Candidates whose logits and sizes select_hier_kernel keeps in shared memory (the rest
   // are read back from global memory); planned from the shared memory left.
   int cand_cache = 0;

@@ -637,22 +637,53 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   }
   __syncthreads();
   pc.mark(kProfFarList);
-  // One warp per selected coarse cluster, lanes over its children (few round trips).
+  // Each warp takes `per` (<= 32) selected coarse clusters at a time, spread over all warps
+  // (a few large ones: one each, as before; ~100 small k-means ones: ~7 each): their list
+  // bounds in one round trip, a warp scan of the child counts, then the lanes run over the
+  // flattened children, so every child's id and size are in flight at once however skewed
+  // the counts are (k-means coarse clusters hold 1 to ~200 children; one warp per coarse
+  // cluster paid the round trips once per cluster with most lanes idle). The radix
+  // histogram is free here: per warp [33] exclusive offsets, then [32] list starts.
+  {
+    int* wp = reinterpret_cast<int*>(sh.hist) + warp * 72;
+    const int per = min(32, (s_nsel + kSelectWarps - 1) / kSelectWarps);
 #pragma unroll 1
-  for (int j = warp; j < s_nsel; j += kSelectWarps) {
-    const int i = list_off[j];
-    const int beg = a.member_begin[cb + i], fin = a.member_begin[cb + i + 1];
-#pragma unroll 1
-    for (int k = beg + lane; k < fin; k += 32) {
-      const int c = a.members[k];
-      if (a.sizes[fb + c] > 0) {
-        key[pad(c)] = 1u;
-        // The candidate's key centroid into L2 now; it is scored after the compaction.
-        const char* row = reinterpret_cast<const char*>(static_cast<const KT*>(a.key_centroids) + int64_t(fb + c) * D);
-#pragma unroll 1
-        for (int off = 0; off < D * int(sizeof(KT)); off += 128)
-          asm volatile("prefetch.global.L2 [%0];" ::"l"(row + off));
+    for (int j0 = warp * per; j0 < s_nsel; j0 += kSelectWarps * per) {
+      int beg = 0, cnt = 0;
+      if (lane < per && j0 + lane < s_nsel) {
+        const int i = list_off[j0 + lane];
+        beg = a.member_begin[cb + i];
+        cnt = a.member_begin[cb + i + 1] - beg;
       }
+      int incl = cnt;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += v;
+      }
+      wp[lane + 1] = incl;
+      wp[33 + lane] = beg;
+      if (lane == 0) wp[0] = 0;
+      __syncwarp();
+      const int T = __shfl_sync(0xffffffffu, incl, 31);
+#pragma unroll 1
+      for (int x = lane; x < T; x += 32) {
+        int o = 0;  // the last coarse cluster whose children start at or before x (count > 0)
+#pragma unroll
+        for (int step = 16; step > 0; step >>= 1)
+          if (wp[o + step] <= x) o += step;
+        const int c = a.members[wp[33 + o] + (x - wp[o])];
+        if (a.sizes[fb + c] > 0) {
+          key[pad(c)] = 1u;
+          // The candidate's key centroid into L2 now; it is scored after the compaction.
+          const char* row =
+              reinterpret_cast<const char*>(static_cast<const KT*>(a.key_centroids) + int64_t(fb + c) * D);
+#pragma unroll 1
+          for (int off = 0; off < D * int(sizeof(KT)); off += 128)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(row + off));
+        }
+      }
+      __syncwarp();  // wp is rewritten for the next 32
     }
   }
   __syncthreads();

@@ -66,7 +66,7 @@ class CudaDecoder {
   void set_select_profile(unsigned long long* device_slots) { select_prof_ = device_slots; }
   // Diagnostics and tests: greedy selections over at most min(warp_max, 256) clusters are
   // walked by one warp, handing over to the block-wide radix path after `warp_steps` picks;
-  // warp_max 0: always the radix path. Both give the same selection. Defaults: 256 and 64,
+  // warp_max 0: always the radix path. Both give the same selection. Defaults: 256 and 24,
   // or the environment's MULTIPOLE_SELECT_WARP_MAX / MULTIPOLE_SELECT_WARP_STEPS. At most
   // `cand_cache` candidates keep their logits in shared memory (the rest are read back
   // from global memory; same values).
@@ -99,7 +99,7 @@ class CudaDecoder {
   int cand_cache_ = 0;  // candidates of the two-level selection cached in shared memory
   int coarse_budget_ = 0;
   unsigned long long* select_prof_ = nullptr;
-  int select_warp_max_ = 256, select_warp_steps_ = 64, select_cand_max_ = 1 << 30;
+  int select_warp_max_ = 256, select_warp_steps_ = 24, select_cand_max_ = 1 << 30;
   bool pdl_ = true;
 };
 
