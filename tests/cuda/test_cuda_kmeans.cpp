@@ -147,7 +147,9 @@ void check_invariants(const HostClusterLevel& x, const std::vector<float>& k0, c
     for (int m = m0; m < m1; ++m) {
       const int p = x.members[size_t(m)];
       ASSERT_TRUE(p >= sinks && p < x.clustered_end) << "entry " << e << " member " << p;
-      if (m > m0) EXPECT_LT(x.members[size_t(m) - 1], p) << "members not ascending, entry " << e;
+      if (m > m0) {
+        EXPECT_LT(x.members[size_t(m) - 1], p) << "members not ascending, entry " << e;
+      }
       ++seen[size_t(p)];
       for (int j = 0; j < D; ++j) {
         ks[size_t(j)] += k0[size_t(p) * D + j];
@@ -307,7 +309,9 @@ void run_case(const Case& c, bool check_labels) {
       const HostClusterLevel got = km.download(e);
       ASSERT_EQ(got.clustered_end, want.clustered_end) << "entry " << e;
       ASSERT_EQ(got.num_clusters(), want.num_clusters()) << "entry " << e;
-      if (c.zero_share == 0) ASSERT_EQ(got.num_coarse(), want.num_coarse()) << "entry " << e;
+      if (c.zero_share == 0) {
+        ASSERT_EQ(got.num_coarse(), want.num_coarse()) << "entry " << e;
+      }
       std::vector<float> k0, v;
       host_rows(s, b, h, k0, v);
       check_invariants(got, k0, v, D, s.ac.cluster.sinks, e);
