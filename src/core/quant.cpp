@@ -255,8 +255,8 @@ template <int NV, QuantType T>
 void dot_q4q5(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
   constexpr bool has_min = T == QuantType::Q4_1 || T == QuantType::Q5_1;
   constexpr bool five = T == QuantType::Q5_0 || T == QuantType::Q5_1;
-  constexpr int bytes = T == QuantType::Q4_0 ? 18 : T == QuantType::Q4_1 ? 20 : T == QuantType::Q5_0 ? 22 : 24;
-  constexpr int qs_at = bytes - 16;
+  constexpr int bytes = detail::block32_bytes(T);
+  constexpr int qs_at = detail::block32_quants_at(T);
   constexpr float offset = five ? 16.f : 8.f;
   Accum<NV> acc;
   for_blocks<Accum<NV>::Chains>(cols / 32, [&](int64_t b, int chain) {
@@ -281,9 +281,9 @@ template <int NV>
 void dot_q8_0(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
   Accum<NV> acc;
   for_blocks<Accum<NV>::Chains>(cols / 32, [&](int64_t b, int chain) {
-    const uint8_t* blk = row + b * 34;
+    const uint8_t* blk = row + b * detail::block32_bytes(QuantType::Q8_0);
     const float d = load_f16(blk);
-    const __m256i w = load32(blk + 2);
+    const __m256i w = load32(blk + detail::block32_quants_at(QuantType::Q8_0));
     for (int i = 0; i < NV; ++i) acc.add(chain, i, dot_s8_s8(w, load32(xs[i].q + 32 * b)), d * xs[i].d[b]);
   });
   acc.store(out);
@@ -582,28 +582,27 @@ void gemm_group(std::span<const GemmOutput> outs, const float* x, int64_t n, Thr
   // Tiles of all matrices in one index space: matrix i owns tiles [first[i], first[i + 1]).
   // A tile of rows is reused for every group of activation rows while it sits in L1/L2.
   const int64_t tile = n == 1 ? 32 : 16;
-  int64_t first[kMaxGroupMatrices + 1] = {0}, bytes = 0;
+  int64_t first[kMaxGroupMatrices + 1] = {0}, row_bytes[kMaxGroupMatrices], bytes = 0;
   for (size_t i = 0; i < outs.size(); ++i) {
     const QuantMatrix& w = outs[i].w;
     check_matrix(w, "gemm");
     MP_CHECK(w.cols == cols, "gemm_group: matrix {} has {} columns, matrix 0 has {}", i, w.cols, cols);
     quantised |= !is_float_type(w.type);
     first[i + 1] = first[i] + (w.rows + tile - 1) / tile;
-    bytes += w.rows * quant_row_bytes(w.type, cols);
+    row_bytes[i] = quant_row_bytes(w.type, cols);
+    bytes += w.rows * row_bytes[i];
   }
   Q8Activations local;
   Q8Activations& xa = scratch ? *scratch : local;
   if (quantised) xa.quantize(x, n, cols);
   const bool vnni = n == 1 && use_avx512_vnni();
 
-  auto rows_of = [&](const GemmOutput& o, int64_t r0, int64_t r1) {
-    const QuantMatrix& w = o.w;
-    const int64_t row_bytes = quant_row_bytes(w.type, cols);
+  auto rows_of = [&](size_t m, int64_t r0, int64_t r1) {
+    const QuantMatrix& w = outs[m].w;
+    float* y = outs[m].y;
+    const int64_t rb = row_bytes[m];
     const uint8_t* base = static_cast<const uint8_t*>(w.data);
-    if (vnni && detail::gemv_avx512_vnni_handles(w.type)) {
-      detail::gemv_avx512_vnni(w.type, base, row_bytes, cols, xa.q(0), xa.d(0), xa.dsum(0), r0, r1, o.y);
-      return;
-    }
+    if (vnni && detail::gemv_avx512_vnni(w.type, base, rb, cols, xa.q(0), xa.d(0), xa.dsum(0), r0, r1, y)) return;
     for (int64_t t = 0; t < n; t += kMaxVectors) {
       const int nv = int(std::min<int64_t>(kMaxVectors, n - t));
       XView xs[kMaxVectors];
@@ -615,25 +614,25 @@ void gemm_group(std::span<const GemmOutput> outs, const float* x, int64_t n, Thr
       }
       const DotFn fn = dot_kernel(w.type, nv);
       float out[kMaxVectors];
-      if (t == 0) detail::prefetch_rows(base, row_bytes, r0, r0 + detail::kPrefetchRows, r1);
+      if (t == 0) detail::prefetch_rows(base, rb, r0, r0 + detail::kPrefetchRows, r1);
       for (int64_t r = r0; r < r1; ++r) {
-        if (t == 0) detail::prefetch_rows(base, row_bytes, r + detail::kPrefetchRows, r + detail::kPrefetchRows + 1, r1);
-        fn(base + r * row_bytes, cols, xs, out);
-        for (int i = 0; i < nv; ++i) o.y[(t + i) * w.rows + r] = out[i];
+        if (t == 0) detail::prefetch_rows(base, rb, r + detail::kPrefetchRows, r + detail::kPrefetchRows + 1, r1);
+        fn(base + r * rb, cols, xs, out);
+        for (int i = 0; i < nv; ++i) y[(t + i) * w.rows + r] = out[i];
       }
     }
   };
   const int64_t tiles = first[outs.size()];
   // Small products stay on the calling thread, where waking the pool would cost more.
   if (pool == nullptr || pool->size() == 1 || bytes < (64 << 10) || tiles == 1) {
-    for (const GemmOutput& o : outs) rows_of(o, 0, o.w.rows);
+    for (size_t m = 0; m < outs.size(); ++m) rows_of(m, 0, outs[m].w.rows);
     return;
   }
   pool->parallel_for(tiles, [&](int64_t t, int) {
-    size_t i = 0;
-    while (t >= first[i + 1]) ++i;
-    const int64_t r0 = (t - first[i]) * tile;
-    rows_of(outs[i], r0, std::min(outs[i].w.rows, r0 + tile));
+    size_t m = 0;
+    while (t >= first[m + 1]) ++m;
+    const int64_t r0 = (t - first[m]) * tile;
+    rows_of(m, r0, std::min(outs[m].w.rows, r0 + tile));
   });
 }
 

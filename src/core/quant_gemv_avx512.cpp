@@ -13,34 +13,15 @@
 
 namespace multipole::detail {
 
-bool gemv_avx512_vnni_handles(QuantType t) {
-  return t == QuantType::Q4_0 || t == QuantType::Q4_1 || t == QuantType::Q8_0;
-}
-
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")
 
 namespace {
 
-template <QuantType T>
-struct BlockFormat;
-template <>
-struct BlockFormat<QuantType::Q4_0> {
-  static constexpr int bytes = 18, qs_at = 2;
-};
-template <>
-struct BlockFormat<QuantType::Q4_1> {
-  static constexpr int bytes = 20, qs_at = 4;
-};
-template <>
-struct BlockFormat<QuantType::Q8_0> {
-  static constexpr int bytes = 34, qs_at = 2;
-};
-
 // int32 sums of 4 products per lane: weights of one block times the activation block x.
 template <QuantType T>
 inline __m256i block_dot(const uint8_t* blk, __m256i x) {
-  constexpr int at = BlockFormat<T>::qs_at;
+  constexpr int at = block32_quants_at(T);
   if constexpr (T == QuantType::Q8_0) {
     // vpdpbusd wants unsigned times signed: move w's sign onto x (exact, unlike w + 128).
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + at));
@@ -59,7 +40,7 @@ inline __m256i block_dot(const uint8_t* blk, __m256i x) {
 template <QuantType T, int R>
 void dot_rows(const uint8_t* row, int64_t row_bytes, int64_t nblocks, const int8_t* xq, const float* xd,
               const float* xds, float* out) {
-  constexpr int bytes = BlockFormat<T>::bytes;
+  constexpr int bytes = block32_bytes(T);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   // Byte offsets of 8 consecutive blocks; the gathered word holds d (and m for Q4_1).
@@ -107,7 +88,7 @@ void gemv_rows(const uint8_t* base, int64_t row_bytes, int64_t cols, const int8_
                const float* xds, int64_t r0, int64_t r1, float* y) {
   const int64_t nblocks = cols / 32;
   int64_t r = r0;
-  prefetch_rows(base, row_bytes, r0, std::min(r1, r0 + kPrefetchRows), r1);
+  prefetch_rows(base, row_bytes, r0, r0 + kPrefetchRows, r1);
   for (; r + 4 <= r1; r += 4) {
     prefetch_rows(base, row_bytes, r + kPrefetchRows, r + kPrefetchRows + 4, r1);
     dot_rows<T, 4>(base + r * row_bytes, row_bytes, nblocks, xq, xd, xds, y + r);
@@ -117,13 +98,13 @@ void gemv_rows(const uint8_t* base, int64_t row_bytes, int64_t cols, const int8_
 
 }  // namespace
 
-void gemv_avx512_vnni(QuantType t, const uint8_t* base, int64_t row_bytes, int64_t cols, const int8_t* xq,
+bool gemv_avx512_vnni(QuantType t, const uint8_t* base, int64_t row_bytes, int64_t cols, const int8_t* xq,
                       const float* xd, const float* xds, int64_t r0, int64_t r1, float* y) {
   switch (t) {
-    case QuantType::Q4_0: return gemv_rows<QuantType::Q4_0>(base, row_bytes, cols, xq, xd, xds, r0, r1, y);
-    case QuantType::Q4_1: return gemv_rows<QuantType::Q4_1>(base, row_bytes, cols, xq, xd, xds, r0, r1, y);
-    case QuantType::Q8_0: return gemv_rows<QuantType::Q8_0>(base, row_bytes, cols, xq, xd, xds, r0, r1, y);
-    default: break;
+    case QuantType::Q4_0: gemv_rows<QuantType::Q4_0>(base, row_bytes, cols, xq, xd, xds, r0, r1, y); return true;
+    case QuantType::Q4_1: gemv_rows<QuantType::Q4_1>(base, row_bytes, cols, xq, xd, xds, r0, r1, y); return true;
+    case QuantType::Q8_0: gemv_rows<QuantType::Q8_0>(base, row_bytes, cols, xq, xd, xds, r0, r1, y); return true;
+    default: return false;
   }
 }
 
