@@ -27,13 +27,6 @@ inline void check_decode_args(std::string_view policy, const AttentionConfig& c,
     MP_CHECK(cache.length(s) > 0, "{}: sequence {} is empty; decode needs at least the current token", policy, s);
 }
 
-// pool.parallel_for without a heap allocation: a lambda capturing many variables by
-// reference does not fit std::function's in-place buffer, one reference does.
-template <class Fn>
-void parallel_for(ThreadPool& pool, int64_t tasks, Fn&& fn) {
-  pool.parallel_for(tasks, [&fn](int64_t task, int thread) { fn(task, thread); });
-}
-
 // One object per pool thread, created on first use and reused afterwards.
 template <class Scratch>
 class PerThread {

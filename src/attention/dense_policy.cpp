@@ -55,7 +55,7 @@ class DensePolicy final : public AttentionPolicy {
     tables_.resize(size_t(B));
     for (int64_t b = 0; b < B; ++b) tables_[b] = cache.page_table(seqs[b]).data();
 
-    cpu::parallel_for(pool, int64_t(items_.size()), [&](int64_t i, int) {
+    pool.parallel_for(int64_t(items_.size()), [&](int64_t i, int) {
       const Item& it = items_[size_t(i)];
       kernels::SoftmaxState* st = states_.data() + i * heads;
       for (int h = 0; h < heads; ++h) st[h].reset();
@@ -63,7 +63,7 @@ class DensePolicy final : public AttentionPolicy {
                                       scale, st);
     });
     // Merge each (sequence, head)'s chunks into the first and normalise.
-    cpu::parallel_for(pool, B * heads, [&](int64_t task, int) {
+    pool.parallel_for(B * heads, [&](int64_t task, int) {
       const int64_t b = task / heads;
       const int h = int(task % heads);
       kernels::SoftmaxState& first = states_[starts_[b] * heads + h];

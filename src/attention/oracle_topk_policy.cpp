@@ -42,7 +42,7 @@ class OracleTopkPolicy final : public AttentionPolicy {
     }
     stats_parts_.assign(size_t(pool.size()), DecodeStats{});
 
-    cpu::parallel_for(pool, int64_t(seqs.size()) * heads, [&](int64_t task, int thread) {
+    pool.parallel_for(int64_t(seqs.size()) * heads, [&](int64_t task, int thread) {
       const int64_t b = task / heads;
       const int h = int(task % heads);
       Scratch& sc = scratch_[thread];

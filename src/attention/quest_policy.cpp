@@ -54,7 +54,7 @@ class QuestPolicy final : public AttentionPolicy {
     }
     if (jobs_.empty()) return;
     scratch_.ensure(pool.size());
-    cpu::parallel_for(pool, int64_t(jobs_.size()) * heads, [&](int64_t task, int thread) {
+    pool.parallel_for(int64_t(jobs_.size()) * heads, [&](int64_t task, int thread) {
       const Job& job = jobs_[size_t(task / heads)];
       const int h = int(task % heads);
       float* keys = cpu::grow(scratch_[thread].keys, size_t(P + 2) * d);
@@ -115,7 +115,7 @@ class QuestPolicy final : public AttentionPolicy {
     }
     stats_parts_.assign(size_t(pool.size()), DecodeStats{});
 
-    cpu::parallel_for(pool, int64_t(seqs.size()) * heads, [&](int64_t task, int thread) {
+    pool.parallel_for(int64_t(seqs.size()) * heads, [&](int64_t task, int thread) {
       const int64_t b = task / heads;
       const int h = int(task % heads);
       Scratch& sc = scratch_[thread];

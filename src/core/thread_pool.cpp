@@ -70,7 +70,7 @@ void ThreadPool::worker_loop(int thread) {
   }
 }
 
-void ThreadPool::parallel_for(int64_t tasks, const std::function<void(int64_t, int)>& fn) {
+void ThreadPool::run(int64_t tasks, const std::function<void(int64_t, int)>& fn) {
   if (tasks <= 0) return;
   if (workers_.empty() || tasks == 1) {
     for (int64_t t = 0; t < tasks; ++t) fn(t, 0);

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#define MULTIPOLE_DEFINE_ALLOCATION_COUNTER
+#include "allocation_counter.hpp"
 #include "multipole/attention/cluster_index.hpp"
 #include "multipole/attention/policy.hpp"
 #include "multipole/core/error.hpp"
@@ -21,22 +23,8 @@
 using namespace multipole;
 namespace ref = multipole::reference;
 
-// Counts heap allocations while `counting` is set (not under ASan, which owns operator new).
-#if !defined(__SANITIZE_ADDRESS__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"  // the replacements pair malloc with free
-namespace {
-std::atomic<bool> counting{false};
-std::atomic<int64_t> allocations{0};
-}  // namespace
-void* operator new(size_t n) {
-  if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, size_t) noexcept { std::free(p); }
-#define MULTIPOLE_COUNT_ALLOCATIONS 1
-#endif
+using multipole::test::allocations;
+using multipole::test::counting;
 
 namespace {
 

@@ -25,9 +25,15 @@ class ThreadPool {
   // Runs fn(task, thread) for task in [0, tasks); thread in [0, size()) identifies the
   // executing thread (for per-thread scratch). Tasks are handed out dynamically.
   // Exceptions thrown by fn are rethrown (the first one) after all tasks finish.
-  void parallel_for(int64_t tasks, const std::function<void(int64_t task, int thread)>& fn);
+  // fn is held by reference: the std::function the workers call wraps one pointer, which
+  // it stores inline, so no call allocates whatever fn captures.
+  template <class Fn>
+  void parallel_for(int64_t tasks, Fn&& fn) {
+    run(tasks, [&fn](int64_t task, int thread) { fn(task, thread); });
+  }
 
  private:
+  void run(int64_t tasks, const std::function<void(int64_t task, int thread)>& fn);
   void worker_loop(int thread);
   void run_tasks(int thread);
 
