@@ -35,7 +35,7 @@ TEST(ThreadPool, RethrowsTaskErrors) {
 
 // A loop body that captures more than std::function stores inline (here 5 references)
 // still runs without a heap allocation: decode runs hundreds of these loops per token.
-TEST(ThreadPool, LoopsDoNotAllocate) {
+TEST(ThreadPool, LoopDoesNotAllocate) {
 #ifndef MULTIPOLE_COUNT_ALLOCATIONS
   GTEST_SKIP() << "allocation counting is off under ASan";
 #else
