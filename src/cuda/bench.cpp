@@ -13,6 +13,7 @@
 #include "multipole/core/error.hpp"
 #include "multipole/cuda/decode.hpp"
 #include "multipole/cuda/kmeans.hpp"
+#include "multipole/cuda/sparse_baselines.hpp"
 
 namespace multipole::cuda {
 
@@ -302,6 +303,35 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         profile_select(dec, dev, index, pq, pqs, po, o, stream, flush, B, ctx);
       emit("squeezed", [&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes - vbytes,
            CudaDecoder::kMultipoleLaunches, squeezed.plan_info().mp_ctas);
+      {
+        // GPU baselines on the same cache: quest (page bounds built before timing; its
+        // per-step metadata update timed on its own) and oracle-topk. Bytes: quest reads
+        // the page bounds, writes and reads a score per page, then the exact rows; oracle
+        // reads every middle key, writes and reads G logits and the importance (~4 radix
+        // passes) per key, then the exact rows.
+        CudaSparseDecoder quest(ac, SparseBaseline::Quest), oracle(ac, SparseBaseline::OracleTopk);
+        quest.plan(dev, seqs);
+        oracle.plan(dev, seqs);
+        quest.build_metadata(dev, 0, stream);
+        auto exact_rows = [&](CudaSparseDecoder& d) {
+          d.decode(dev, 0, pq, po, stream);
+          int64_t n = 0;
+          for (const auto& e : d.exact_positions()) n += int64_t(e.size());
+          MP_CHECK(d.error_flags() == 0, "bench: {} flagged errors {}", &d == &quest ? "quest" : "oracle-topk",
+                   d.error_flags());
+          return n;
+        };
+        const int64_t E = int64_t(B) * Hkv, M = end - s0, P = ac.quest_page_size, pages = (M + P - 1) / P;
+        const int64_t quest_bytes = E * pages * (2 * row + 8) + exact_rows(quest) * (2 * row + 4);
+        const int64_t oracle_bytes = E * M * (row + G * 8 + 4 * 5) + exact_rows(oracle) * (2 * row + 4);
+        emit("quest", [&](cudaStream_t s) { quest.decode(dev, 0, pq, po, s); }, quest_bytes,
+             CudaSparseDecoder::kDecodeLaunches, quest.select_ctas() + int(E) + quest.attend_ctas());
+        emit("quest-meta-update", [&](cudaStream_t s) { quest.update_metadata(dev, 0, s); },
+             E * ((ac.cluster.window + P - 1) / P + 1) * P * row, CudaSparseDecoder::kUpdateLaunches,
+             int(E) * ((ac.cluster.window + int(P) - 1) / int(P) + 1));
+        emit("oracle-topk", [&](cudaStream_t s) { oracle.decode(dev, 0, pq, po, s); }, oracle_bytes,
+             CudaSparseDecoder::kDecodeLaunches, oracle.select_ctas() + int(E) + oracle.attend_ctas());
+      }
       if (index.hierarchical())
         emit("mp-1level", [&](cudaStream_t s) { flat.multipole(dev, 0, flat_index, pq, pqs, po, s); }, flat_bytes,
              CudaDecoder::kMultipoleLaunches, flat.plan_info().mp_ctas);
