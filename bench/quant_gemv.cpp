@@ -1,6 +1,6 @@
 // GEMV/GEMM speed on quantised weights, in GB/s of weight bytes read, for the matrix shapes
 // of SmolLM2-135M (Q4_1 + Q8_0 tied embeddings) and Qwen2.5-Coder-0.5B (Q5_0/Q4_K/Q6_K).
-//   quant_gemv [threads...]      (default: 1 2)
+//   quant_gemv [--f32-activations] [threads...]      (default: 1 2)
 // "hot": one matrix again and again (in cache: the kernel's compute speed);
 // "model": every matrix of every layer in turn, as one decode step reads them (from memory).
 // Weights are random blocks with valid scales; speed does not depend on their values.
@@ -54,6 +54,8 @@ double cpu_seconds() {
   return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
 }
 
+ActivationPrecision g_precision = ActivationPrecision::Int8;
+
 void run_model(const char* model, const std::vector<Shape>& shapes, int layers, int threads) {
   ThreadPool pool(threads);
   std::mt19937 rng(1);
@@ -85,7 +87,7 @@ void run_model(const char* model, const std::vector<Shape>& shapes, int layers, 
     auto t0 = std::chrono::steady_clock::now();
     const double c0 = cpu_seconds();
     do {
-      gemv(w, x.data(), y.data(), &pool, &scratch);
+      gemv(w, x.data(), y.data(), &pool, &scratch, g_precision);
       ++iters;
     } while (seconds_since(t0) < 0.3);
     const double dt = seconds_since(t0) / iters, ct = (cpu_seconds() - c0) / iters;
@@ -100,7 +102,7 @@ void run_model(const char* model, const std::vector<Shape>& shapes, int layers, 
   const double c0 = cpu_seconds();
   do {
     for (const Mat& m : mats)
-      gemv(QuantMatrix{m.s.type, m.raw.data(), m.s.rows, m.s.cols}, x.data(), y.data(), &pool, &scratch);
+      gemv(QuantMatrix{m.s.type, m.raw.data(), m.s.rows, m.s.cols}, x.data(), y.data(), &pool, &scratch, g_precision);
     ++iters;
   } while (seconds_since(t0) < 1.0);
   const double dt = seconds_since(t0) / iters, ct = (cpu_seconds() - c0) / iters;
@@ -115,7 +117,8 @@ void run_model(const char* model, const std::vector<Shape>& shapes, int layers, 
   iters = 0;
   t0 = std::chrono::steady_clock::now();
   do {
-    gemm(QuantMatrix{big.s.type, big.raw.data(), big.s.rows, big.s.cols}, xs.data(), n, ys.data(), &pool, &scratch);
+    gemm(QuantMatrix{big.s.type, big.raw.data(), big.s.rows, big.s.cols}, xs.data(), n, ys.data(), &pool, &scratch,
+         g_precision);
     ++iters;
   } while (seconds_since(t0) < 0.3);
   const double gt = seconds_since(t0) / iters;
@@ -127,7 +130,12 @@ void run_model(const char* model, const std::vector<Shape>& shapes, int layers, 
 
 int main(int argc, char** argv) {
   std::vector<int> threads;
-  for (int i = 1; i < argc; ++i) threads.push_back(std::atoi(argv[i]));
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--f32-activations") == 0)
+      g_precision = ActivationPrecision::F32;
+    else
+      threads.push_back(std::atoi(argv[i]));
+  }
   if (threads.empty()) threads = {1, 2};
   // SmolLM2-135M: 30 layers, hidden 576, 9 heads / 3 kv heads of 64, ffn 1536, vocab 49152.
   const std::vector<Shape> smol = {

@@ -115,6 +115,9 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--steps", o.steps, "Arithmetic problems: reasoning steps")->capture_default_str();
   cmd->add_option("--difficulty", o.difficulty, "Arithmetic problems: difficulty 1..3")->capture_default_str();
   cmd->add_option("--distractors", o.distractors, "Arithmetic problems: irrelevant sentences")->capture_default_str();
+  cmd->add_flag("--f32-activations", o.f32_activations,
+               "Keep activations in f32 in the products with quantised weights (no int8 rounding, so tiny "
+               "attention differences are not amplified into rounding flips; several times slower)");
   cmd->add_flag("--no-think", a->no_think, "Chat template: thinking off (Qwen3 enable_thinking=false)");
   cmd->callback([a] { run_eval_command(*a); });
 }

@@ -397,32 +397,109 @@ void dot_float(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
   }
 }
 
+constexpr int kMaxVectors = 4;
+
+// Quantised rows against f32 activations (xs[i].f), for products that must not round the
+// activations. for_sub32 walks a row's 32-value sub-blocks: value l of sub-block b is
+// a0 * w_l + c0 for l < 16 and a1 * w_l + c1 for l >= 16, w the int8 lanes (the same
+// unpacking as the integer kernels above, with the scales, offsets and mins as floats).
+template <QuantType T, class Fn>
+inline void for_sub32(const uint8_t* row, int64_t cols, Fn&& fn) {
+  if constexpr (T == QuantType::Q4_K || T == QuantType::Q5_K) {
+    constexpr bool five = T == QuantType::Q5_K;
+    const __m256i low4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    for (int64_t sb = 0; sb < cols / 256; ++sb, row += five ? 176 : 144) {
+      const float d = load_f16(row), dmin = load_f16(row + 2);
+      const __m256i qh = five ? load32(row + 16) : _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) {
+        const __m256i raw = load32(row + (five ? 48 : 16) + 32 * (j / 2));
+        __m256i w = _mm256_and_si256((j & 1) ? _mm256_srli_epi16(raw, 4) : raw, low4);
+        if constexpr (five) w = _mm256_or_si256(w, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, j), one), 4));
+        int sc, mn;
+        k_scale_min(j, row + 4, sc, mn);
+        const float a = d * float(sc), c = -dmin * float(mn);
+        fn(8 * sb + j, w, a, c, a, c);
+      }
+    }
+  } else if constexpr (T == QuantType::Q6_K) {
+    const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
+    for (int64_t sb = 0; sb < cols / 256; ++sb, row += 210) {
+      const int8_t* scales = reinterpret_cast<const int8_t*>(row + 192);
+      const float d = load_f16(row + 208);
+      for (int n = 0; n < 2; ++n) {
+        const __m256i qh = load32(row + 128 + 32 * n);
+        for (int k = 0; k < 4; ++k) {
+          const __m256i raw = load32(row + 64 * n + 32 * (k & 1));
+          const __m256i lo = _mm256_and_si256(k >= 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), low2);
+          const float a0 = d * float(scales[8 * n + 2 * k]), a1 = d * float(scales[8 * n + 2 * k + 1]);
+          fn(8 * sb + 4 * n + k, _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), a0, -32.f * a0, a1, -32.f * a1);
+        }
+      }
+    }
+  } else {
+    constexpr bool has_min = T == QuantType::Q4_1 || T == QuantType::Q5_1;
+    constexpr bool five = T == QuantType::Q5_0 || T == QuantType::Q5_1;
+    constexpr int bytes = detail::block32_bytes(T), qs_at = detail::block32_quants_at(T);
+    for (int64_t b = 0; b < cols / 32; ++b) {
+      const uint8_t* blk = row + b * bytes;
+      const float d = load_f16(blk);
+      if constexpr (T == QuantType::Q8_0) {
+        fn(b, load32(blk + qs_at), d, 0.f, d, 0.f);
+      } else {
+        __m256i w = nibbles32(blk + qs_at);
+        if constexpr (five) w = _mm256_or_si256(w, q5_high_bits(blk + (has_min ? 4 : 2)));
+        const float c = has_min ? load_f16(blk + 2) : -(five ? 16.f : 8.f) * d;
+        fn(b, w, d, c, d, c);
+      }
+    }
+  }
+}
+
+template <int NV, QuantType T>
+void dot_sub32_f32(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
+  __m256 acc[2][NV];
+  for (int k = 0; k < 2; ++k)
+    for (int i = 0; i < NV; ++i) acc[k][i] = _mm256_setzero_ps();
+  for_sub32<T>(row, cols, [&](int64_t b, __m256i w, float a0, float c0, float a1, float c1) {
+    const __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int k = 0; k < 4; ++k) {
+      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k]));
+      const __m256 v = k < 2 ? _mm256_fmadd_ps(q, _mm256_set1_ps(a0), _mm256_set1_ps(c0))
+                             : _mm256_fmadd_ps(q, _mm256_set1_ps(a1), _mm256_set1_ps(c1));
+      for (int i = 0; i < NV; ++i) acc[k & 1][i] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xs[i].f + 32 * b + 8 * k), acc[k & 1][i]);
+    }
+  });
+  for (int i = 0; i < NV; ++i) out[i] = hsum(_mm256_add_ps(acc[0][i], acc[1][i]));
+}
+
+// The dot kernel of type t for nv activation rows. f32: the activations stay f32 (x.f) also
+// for quantised rows; else quantised rows take Q8Activations.
 template <int NV>
-DotFn dot_kernel_nv(QuantType t) {
+DotFn dot_kernel_nv(QuantType t, bool f32) {
   switch (t) {
     case QuantType::F32: return dot_float<NV, QuantType::F32>;
     case QuantType::F16: return dot_float<NV, QuantType::F16>;
     case QuantType::BF16: return dot_float<NV, QuantType::BF16>;
-    case QuantType::Q4_0: return dot_q4q5<NV, QuantType::Q4_0>;
-    case QuantType::Q4_1: return dot_q4q5<NV, QuantType::Q4_1>;
-    case QuantType::Q5_0: return dot_q4q5<NV, QuantType::Q5_0>;
-    case QuantType::Q5_1: return dot_q4q5<NV, QuantType::Q5_1>;
-    case QuantType::Q8_0: return dot_q8_0<NV>;
-    case QuantType::Q4_K: return dot_q45_k<NV, false>;
-    case QuantType::Q5_K: return dot_q45_k<NV, true>;
-    case QuantType::Q6_K: return dot_q6_k<NV>;
+    case QuantType::Q4_0: return f32 ? dot_sub32_f32<NV, QuantType::Q4_0> : dot_q4q5<NV, QuantType::Q4_0>;
+    case QuantType::Q4_1: return f32 ? dot_sub32_f32<NV, QuantType::Q4_1> : dot_q4q5<NV, QuantType::Q4_1>;
+    case QuantType::Q5_0: return f32 ? dot_sub32_f32<NV, QuantType::Q5_0> : dot_q4q5<NV, QuantType::Q5_0>;
+    case QuantType::Q5_1: return f32 ? dot_sub32_f32<NV, QuantType::Q5_1> : dot_q4q5<NV, QuantType::Q5_1>;
+    case QuantType::Q8_0: return f32 ? dot_sub32_f32<NV, QuantType::Q8_0> : dot_q8_0<NV>;
+    case QuantType::Q4_K: return f32 ? dot_sub32_f32<NV, QuantType::Q4_K> : dot_q45_k<NV, false>;
+    case QuantType::Q5_K: return f32 ? dot_sub32_f32<NV, QuantType::Q5_K> : dot_q45_k<NV, true>;
+    case QuantType::Q6_K: return f32 ? dot_sub32_f32<NV, QuantType::Q6_K> : dot_q6_k<NV>;
   }
   fail("quant: no dot kernel for type {}", uint32_t(t));
 }
 
-constexpr int kMaxVectors = 4;
-
-DotFn dot_kernel(QuantType t, int nv) {
+DotFn dot_kernel(QuantType t, int nv, bool f32_activations = false) {
   switch (nv) {
-    case 1: return dot_kernel_nv<1>(t);
-    case 2: return dot_kernel_nv<2>(t);
-    case 3: return dot_kernel_nv<3>(t);
-    default: return dot_kernel_nv<4>(t);
+    case 1: return dot_kernel_nv<1>(t, f32_activations);
+    case 2: return dot_kernel_nv<2>(t, f32_activations);
+    case 3: return dot_kernel_nv<3>(t, f32_activations);
+    default: return dot_kernel_nv<4>(t, f32_activations);
   }
 }
 
@@ -541,43 +618,32 @@ float dot_row(QuantType t, const void* row, const Q8Activations& x, int64_t xrow
 }
 
 float dot_row_f32(QuantType t, const void* row, const float* x, int64_t cols) {
-  const int64_t bytes = quant_row_bytes(t, cols);
-  const uint8_t* p = static_cast<const uint8_t*>(row);
-  if (is_float_type(t)) {
-    XView v;
-    v.f = x;
-    float out;
-    dot_kernel(t, 1)(p, cols, &v, &out);
-    return out;
-  }
-  const QuantTraits tr = quant_traits(t);
-  const DequantFn fn = dequant_fn(t);
-  alignas(32) float buf[256];
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t off = 0; off < bytes; off += tr.block_bytes, x += tr.block_size) {
-    fn(p + off, buf);
-    for (int64_t k = 0; k < tr.block_size; k += 8)
-      acc = _mm256_fmadd_ps(_mm256_load_ps(buf + k), _mm256_loadu_ps(x + k), acc);
-  }
-  return hsum(acc);
+  quant_row_bytes(t, cols);  // checks cols against the block size
+  XView v;
+  v.f = x;
+  float out;
+  dot_kernel(t, 1, true)(static_cast<const uint8_t*>(row), cols, &v, &out);
+  return out;
 }
 
-void gemv(const QuantMatrix& w, const float* x, float* y, ThreadPool* pool, Q8Activations* scratch) {
-  gemm(w, x, 1, y, pool, scratch);
+void gemv(const QuantMatrix& w, const float* x, float* y, ThreadPool* pool, Q8Activations* scratch,
+          ActivationPrecision precision) {
+  gemm(w, x, 1, y, pool, scratch, precision);
 }
 
 void gemm(const QuantMatrix& w, const float* x, int64_t n, float* y, ThreadPool* pool,
-          Q8Activations* scratch) {
+          Q8Activations* scratch, ActivationPrecision precision) {
   const GemmOutput one{w, y};
-  gemm_group({&one, 1}, x, n, pool, scratch);
+  gemm_group({&one, 1}, x, n, pool, scratch, precision);
 }
 
 void gemm_group(std::span<const GemmOutput> outs, const float* x, int64_t n, ThreadPool* pool,
-                Q8Activations* scratch) {
+                Q8Activations* scratch, ActivationPrecision precision) {
   MP_CHECK(n >= 0, "gemm: n = {} activation rows is negative", n);
   MP_CHECK(outs.size() <= kMaxGroupMatrices, "gemm_group: {} matrices, at most {}", outs.size(), kMaxGroupMatrices);
   if (n == 0 || outs.empty()) return;
   const int64_t cols = outs[0].w.cols;
+  const bool f32_activations = precision == ActivationPrecision::F32;
   bool quantised = false;
   // Tiles of all matrices in one index space: matrix i owns tiles [first[i], first[i + 1]).
   // A tile of rows is reused for every group of activation rows while it sits in L1/L2.
@@ -587,7 +653,7 @@ void gemm_group(std::span<const GemmOutput> outs, const float* x, int64_t n, Thr
     const QuantMatrix& w = outs[i].w;
     check_matrix(w, "gemm");
     MP_CHECK(w.cols == cols, "gemm_group: matrix {} has {} columns, matrix 0 has {}", i, w.cols, cols);
-    quantised |= !is_float_type(w.type);
+    quantised |= !is_float_type(w.type) && !f32_activations;
     first[i + 1] = first[i] + (w.rows + tile - 1) / tile;
     row_bytes[i] = quant_row_bytes(w.type, cols);
     bytes += w.rows * row_bytes[i];
@@ -595,7 +661,7 @@ void gemm_group(std::span<const GemmOutput> outs, const float* x, int64_t n, Thr
   Q8Activations local;
   Q8Activations& xa = scratch ? *scratch : local;
   if (quantised) xa.quantize(x, n, cols);
-  const bool vnni = n == 1 && use_avx512_vnni();
+  const bool vnni = n == 1 && !f32_activations && use_avx512_vnni();
 
   auto rows_of = [&](size_t m, int64_t r0, int64_t r1) {
     const QuantMatrix& w = outs[m].w;
@@ -607,12 +673,12 @@ void gemm_group(std::span<const GemmOutput> outs, const float* x, int64_t n, Thr
       const int nv = int(std::min<int64_t>(kMaxVectors, n - t));
       XView xs[kMaxVectors];
       for (int i = 0; i < nv; ++i) {
-        if (is_float_type(w.type))
+        if (is_float_type(w.type) || f32_activations)
           xs[i].f = x + (t + i) * cols;
         else
           xs[i] = {xa.q(t + i), xa.d(t + i), xa.sums(t + i), xa.dsum(t + i), nullptr};
       }
-      const DotFn fn = dot_kernel(w.type, nv);
+      const DotFn fn = dot_kernel(w.type, nv, f32_activations);
       float out[kMaxVectors];
       if (t == 0) detail::prefetch_rows(base, rb, r0, r0 + detail::kPrefetchRows, r1);
       for (int64_t r = r0; r < r1; ++r) {

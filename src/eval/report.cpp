@@ -409,19 +409,24 @@ ReportResult render_report(const std::string& out_dir, const std::vector<Record>
   ReportResult result;
   result.gnuplot = have_gnuplot();
   std::map<std::string, std::vector<const Record*>> by_suite;
-  std::set<std::string> models;
+  std::set<std::string> models, activations;
   for (const Record& r : records) {
     by_suite[r.suite].push_back(&r);
     if (auto it = r.str.find("model"); it != r.str.end()) models.insert(it->second);
+    auto it = r.str.find("activations");
+    activations.insert(it == r.str.end() ? "int8" : it->second);
   }
+  auto join = [](const std::set<std::string>& items) {
+    std::string s;
+    for (const std::string& m : items) s += (s.empty() ? "" : ", ") + m;
+    return s.empty() ? std::string("-") : s;
+  };
   std::string md = "# Evaluation report\n\n";
-  std::string model_list;
-  for (const std::string& m : models) model_list += (model_list.empty() ? "" : ", ") + m;
   const std::time_t now = std::time(nullptr);
   char date[32];
   std::strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", std::gmtime(&now));
-  md += fmt::format("Model: {}. Records: {} (results.jsonl). Rendered {}.\n\n", model_list.empty() ? "-" : model_list,
-                    records.size(), date);
+  md += fmt::format("Model: {}. Activations of the quantised products: {}. Records: {} (results.jsonl). Rendered {}.\n\n",
+                    join(models), join(activations), records.size(), date);
   if (records.empty()) md += "No results yet.\n";
   if (!result.gnuplot && !records.empty())
     md += "Note: gnuplot is not installed, so the plots were not drawn; their data and scripts are in plots/ "
@@ -459,6 +464,7 @@ ReportResult render_report(const std::string& out_dir, const std::vector<Record>
   result.markdown_path = (dir / "report.md").string();
   std::ofstream(result.markdown_path) << md;
   MP_CHECK(fs::exists(result.markdown_path), "{}: cannot write the report", result.markdown_path);
+  if (!records.empty()) summary["activations"] = join(activations);
   result.summary_json = summary.dump(2) + "\n";
   return result;
 }

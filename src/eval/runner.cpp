@@ -17,6 +17,11 @@ namespace multipole::eval {
 
 namespace fs = std::filesystem;
 
+namespace {
+// The "activations" field of every record (records written before it existed are int8).
+std::string activations_name(bool f32) { return f32 ? "f32" : "int8"; }
+}  // namespace
+
 // ----------------------------------------------------------------------------- variants
 
 bool policy_uses_clusters(const std::string& policy) { return policy == "multipole" || policy == "squeezed"; }
@@ -113,6 +118,7 @@ Record SuiteContext::record(const std::string& suite, const std::string& case_id
   r.budget = v ? v->budget : 0;
   r.cluster = v ? v->cluster() : "";
   r.str["model"] = fs::path(model.path()).filename().string();
+  r.str["activations"] = activations_name(opt.f32_activations);
   return r;
 }
 
@@ -199,6 +205,7 @@ std::string run_eval(const EvalOptions& o) {
   std::vector<Variant> variants = make_variants(o.policies, o.budgets, o.clusters);
 
   std::unique_ptr<Model> model = Model::load(o.model);
+  if (o.f32_activations) model->set_activation_precision(ActivationPrecision::F32);
   const ModelConfig& mc = model->config();
   const Tokenizer tok = checkpoint_tokenizer(model->path(), model->gguf());
   const ChatTemplate chat = ChatTemplate::detect(checkpoint_chat_template(model->path(), model->gguf()), mc.architecture);
@@ -211,6 +218,16 @@ std::string run_eval(const EvalOptions& o) {
   fs::create_directories(o.out, ec);
   MP_CHECK(fs::is_directory(o.out), "eval: --out {}: cannot create the folder ({})", o.out, ec.message());
   ResultsLog log((fs::path(o.out) / "results.jsonl").string(), o.resume, o.overwrite);
+  // Records of one results file are comparable only if made with the same arithmetic.
+  const std::string activations = activations_name(o.f32_activations);
+  for (const Record& r : log.records()) {
+    auto it = r.str.find("activations");
+    const std::string theirs = it == r.str.end() ? activations_name(false) : it->second;
+    MP_CHECK(theirs == activations,
+             "eval: {} holds results made with {} activations (case {}), this run uses {}; use another --out, "
+             "--overwrite, or {} --f32-activations",
+             log.path(), theirs, r.case_id, activations, o.f32_activations ? "drop" : "add");
+  }
   if (log.resumed() > 0 && o.progress)
     std::fprintf(stderr, "resuming: %lld record(s) already in %s\n", (long long)log.resumed(), log.path().c_str());
 

@@ -296,6 +296,8 @@ void Model::set_prefill_chunk(int tokens) {
 
 void Model::set_observer(ForwardObserver* observer) { impl_->observer = observer; }
 
+void Model::set_activation_precision(ActivationPrecision precision) { impl_->activations = precision; }
+
 void Model::prefill(PagedKVCache& cache, SeqId seq, std::span<const int32_t> tokens, AttentionPolicy& policy,
                     ThreadPool& pool, float* logits, float* all_logits) {
   MP_CHECK(!impl_->layers.empty(), "{}: the model was loaded without its weights", path_);

@@ -42,6 +42,7 @@ struct Model::Impl {
   Rope rope;
   int prefill_chunk = 256;
   ForwardObserver* observer = nullptr;
+  ActivationPrecision activations = ActivationPrecision::Int8;
   ForwardScratch scratch;
 
   // Rows r of the batch are tokens[r] at position pos[r] of sequence row_seq[r]. Decode:

@@ -132,7 +132,7 @@ void Model::Impl::forward(const ModelConfig& c, PagedKVCache& cache, std::span<c
     // Attention block.
     for_rows(pool, n, [&](int64_t r) { rms_norm(x + r * H, L.attn_norm.data(), h + r * H, H, eps); });
     const GemmOutput qkv[] = {{L.wq.matrix(), q}, {L.wk.matrix(), k}, {L.wv.matrix(), v}};
-    gemm_group(qkv, h, n, &pool, &s.act);
+    gemm_group(qkv, h, n, &pool, &s.act, activations);
     for_rows(pool, n, [&](int64_t r) {
       float* qr = q + r * qw;
       float* kr = k + r * kw;
@@ -196,19 +196,19 @@ void Model::Impl::forward(const ModelConfig& c, PagedKVCache& cache, std::span<c
     }
     attention_s += seconds_since(t_att);
 
-    gemm(L.wo.matrix(), att, n, out, &pool, &s.act);
+    gemm(L.wo.matrix(), att, n, out, &pool, &s.act, activations);
     for (int64_t i = 0; i < n * H; ++i) x[i] += out[i];
 
     // MLP block: x += down(silu(gate(h)) * up(h)).
     for_rows(pool, n, [&](int64_t r) { rms_norm(x + r * H, L.ffn_norm.data(), h + r * H, H, eps); });
     const GemmOutput gate_up[] = {{L.gate.matrix(), gate}, {L.up.matrix(), up}};
-    gemm_group(gate_up, h, n, &pool, &s.act);
+    gemm_group(gate_up, h, n, &pool, &s.act, activations);
     for_rows(pool, n, [&](int64_t r) {
       float* gr = gate + r * I;
       const float* ur = up + r * I;
       for (int64_t i = 0; i < I; ++i) gr[i] = gr[i] / (1.0f + std::exp(-gr[i])) * ur[i];
     });
-    gemm(L.down.matrix(), gate, n, out, &pool, &s.act);
+    gemm(L.down.matrix(), gate, n, out, &pool, &s.act, activations);
     for (int64_t i = 0; i < n * H; ++i) x[i] += out[i];
   }
 
@@ -217,7 +217,7 @@ void Model::Impl::forward(const ModelConfig& c, PagedKVCache& cache, std::span<c
     const int64_t r0 = all_rows ? 0 : n - 1;
     const int64_t rows = n - r0;
     for_rows(pool, rows, [&](int64_t r) { rms_norm(x + (r0 + r) * H, output_norm.data(), h + r * H, H, eps); });
-    gemm(output.matrix(), h, rows, logits, &pool, &s.act);
+    gemm(output.matrix(), h, rows, logits, &pool, &s.act, activations);
   }
 
   const double total = seconds_since(t_start);

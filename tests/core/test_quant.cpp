@@ -322,6 +322,45 @@ TEST_P(QuantSimd, GroupEqualsSeparateProducts) {
   }
 }
 
+// ActivationPrecision::F32: every quantised type against the f64 product of the dequantised
+// rows and the unrounded x, to f32 accumulation error (the int8 path's activation rounding is
+// ~100x larger here, so a product that still rounded x fails). n = 1 (where the VNNI GEMV
+// would otherwise run), 2 and 5 (a 4-row pass plus a tail); with and without the pool;
+// gemm_group too.
+TEST_P(QuantSimd, F32ActivationsMatchF64OnDequantisedRows) {
+  ThreadPool pool(2);
+  std::mt19937 rng(17);
+  for (QuantType t : kQuantTypes) {
+    const QuantTraits tr = quant_traits(t);
+    const int64_t cols = tr.block_size == 256 ? 768 : 320, rows = 37;
+    const auto raw = random_blocks(t, rows * cols / tr.block_size, rng);
+    std::vector<float> w(static_cast<size_t>(rows * cols));
+    for (int64_t r = 0; r < rows; ++r)
+      dequantize_row(t, raw.data() + r * quant_row_bytes(t, cols), w.data() + r * cols, cols);
+    const QuantMatrix m{t, raw.data(), rows, cols};
+    for (int64_t n : {1, 2, 5}) {
+      const auto x = random_vector(n * cols, rng, 2.f);
+      for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
+        std::vector<float> y(static_cast<size_t>(n * rows), NAN), yg(y.size(), NAN);
+        gemm(m, x.data(), n, y.data(), p, nullptr, ActivationPrecision::F32);
+        const GemmOutput one[] = {{m, yg.data()}};
+        gemm_group(one, x.data(), n, p, nullptr, ActivationPrecision::F32);
+        for (int64_t k = 0; k < n; ++k)
+          for (int64_t r = 0; r < rows; ++r) {
+            double ref = 0, mag = 0;
+            for (int64_t i = 0; i < cols; ++i) {
+              const double term = double(w[size_t(r * cols + i)]) * x[size_t(k * cols + i)];
+              ref += term;
+              mag += std::fabs(term);
+            }
+            ASSERT_NEAR(y[size_t(k * rows + r)], ref, 1e-5 * mag) << tr.name << " n " << n << " row " << r;
+            ASSERT_EQ(yg[size_t(k * rows + r)], y[size_t(k * rows + r)]) << tr.name << " group differs";
+          }
+      }
+    }
+  }
+}
+
 TEST(Quant, FloatRowsUseF32Activations) {
   ThreadPool pool(2);
   std::mt19937 rng(5);

@@ -210,6 +210,27 @@ TEST_F(EvalCli, ResumeSkipsFinishedCases) {
   EXPECT_EQ(marked, 1);
 }
 
+// Every record says which activations the quantised products used; a results file made with
+// one is not continued with the other.
+TEST_F(EvalCli, ActivationsAreRecordedAndNeverMixed) {
+  const std::string dir = scratch("activations");
+  const std::string base = "--model " + *model_ + " --suite passkey --lengths 384 --depths 0.5 -n 4 " +
+                           "--policies quest --limit 1 --out " + dir + "/out" + kSmall;
+  CliRun first = run_eval_cli(base, dir);
+  ASSERT_EQ(first.code, 0) << first.err;
+  for (const json& r : read_jsonl(dir + "/out/results.jsonl")) EXPECT_EQ(r["str"]["activations"], "int8") << r.dump();
+  EXPECT_NE(eval_test::slurp(dir + "/out/report.md").find("Activations of the quantised products: int8"),
+            std::string::npos);
+  CliRun mixed = run_eval_cli(base + " --resume --f32-activations", dir);
+  EXPECT_EQ(mixed.code, 1);
+  EXPECT_NE(mixed.err.find("made with int8 activations"), std::string::npos) << mixed.err;
+  EXPECT_NE(mixed.err.find("this run uses f32"), std::string::npos) << mixed.err;
+  CliRun fresh = run_eval_cli(base + " --overwrite --f32-activations --json", dir);
+  ASSERT_EQ(fresh.code, 0) << fresh.err;
+  EXPECT_EQ(json::parse(fresh.out)["activations"], "f32") << fresh.out;
+  for (const json& r : read_jsonl(dir + "/out/results.jsonl")) EXPECT_EQ(r["str"]["activations"], "f32") << r.dump();
+}
+
 TEST_F(EvalCli, NamesWhatIsWrong) {
   const std::string dir = scratch("errors");
   CliRun r = run_eval_cli("--model " + *model_ + " --suite fidelity --policies sparse --out " + dir + "/o", dir);
@@ -285,6 +306,31 @@ TEST(EvalCliReal, EverySuiteOnSmolLM2) {
   const auto rrs = read_jsonl(dir + "/r/results.jsonl");
   ASSERT_EQ(rrs.size(), 2u);
   for (const json& x : rrs) EXPECT_GT(x["num"]["tokens"].get<double>(), 0);
+}
+
+// With the int8 activations of the quantised products, a policy that equals dense only to
+// float rounding (multipole with every cluster selected) drifts from dense through rounding
+// flips (KL ~4e-3, top-1 ~94% on this text); with f32 activations it must not.
+TEST(EvalCliReal, F32ActivationsRemoveTheRoundingFloor) {
+  const std::string m = eval_test::smollm2_path();
+  if (m.empty()) GTEST_SKIP() << "SmolLM2-135M-Instruct.Q4_1.gguf absent (run scripts/fetch-models.sh)";
+  const std::string dir = tiny::temp_dir("eval-cli-f32");
+  const std::string text = dir + "/text.txt";
+  std::ofstream(text) << "Multipole attention clusters the keys of the cache online. Each decode step attends "
+                         "exactly to the clusters that matter for the query and approximates every other cluster "
+                         "by its centroid, so attention over long prompts and thoughts costs a small fraction of "
+                         "dense attention while the answers stay the same. The clusters are built by k-means over "
+                         "blocks of the prompt and updated as the model generates its chain of thought.";
+  CliRun f = run_eval_cli("--suite fidelity --texts " + text + " --prefix 24 --policies multipole --budgets 4096 "
+                              "--window 16 --sinks 4 --f32-activations --threads 2 -q --json --model " + m +
+                              " --out " + dir + "/f",
+                          dir);
+  ASSERT_EQ(f.code, 0) << f.err;
+  const json v = json::parse(f.out)["fidelity"][0];
+  EXPECT_GT(v["positions"].get<int>(), 50) << v.dump();
+  EXPECT_LT(v["kl_mean"].get<double>(), 1e-5) << v.dump();
+  EXPECT_EQ(v["top1"].get<double>(), 1.0) << v.dump();
+  fs::remove_all(dir);
 }
 
 }  // namespace

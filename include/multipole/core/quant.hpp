@@ -23,6 +23,7 @@
 // The dot products quantise the activations to int8 (Q8Activations: one f32 scale per 32
 // values, as llama.cpp does) and multiply in integers with AVX2; the error this adds is
 // bounded by sum over blocks of (d_x / 2) * sum |w| (see tests/core/test_quant.cpp).
+// ActivationPrecision::F32 keeps the activations in f32 instead (blocks unpacked to f32).
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -94,16 +95,22 @@ float dot_row(QuantType t, const void* row, const Q8Activations& x, int64_t xrow
 // block and accumulates in f32. Every type; slower for quantised types than dot_row.
 float dot_row_f32(QuantType t, const void* row, const float* x, int64_t cols);
 
+// How the products treat the activations of quantised weights. Int8: quantised per 32
+// values (as llama.cpp does) for integer dot products, the fast path. F32: kept in f32
+// while each weight block is dequantised (about as exact as f32 rounding allows, several
+// times slower); for measurements that must not see the activation rounding (evaluation).
+enum class ActivationPrecision { Int8, F32 };
+
 // y [rows] = W x, x [cols]. Quantised W: x is quantised to int8 first (into `scratch` when
 // given, so that a decode loop does not allocate). Rows are split over `pool` if given
 // (not from inside a task of that same pool; matrices under 64 KiB stay on this thread).
 void gemv(const QuantMatrix& w, const float* x, float* y, ThreadPool* pool = nullptr,
-          Q8Activations* scratch = nullptr);
+          Q8Activations* scratch = nullptr, ActivationPrecision precision = ActivationPrecision::Int8);
 // y [n, rows] = x [n, cols] W^T: n activation rows at once (prefill). Each weight block is
 // unpacked once for up to 4 activation rows. Per row the result equals gemv's up to f32
 // rounding (the partial sums are grouped differently).
 void gemm(const QuantMatrix& w, const float* x, int64_t n, float* y, ThreadPool* pool = nullptr,
-          Q8Activations* scratch = nullptr);
+          Q8Activations* scratch = nullptr, ActivationPrecision precision = ActivationPrecision::Int8);
 
 // One matrix of a gemm_group and where its product goes: y [n, w.rows].
 struct GemmOutput {
@@ -115,6 +122,6 @@ inline constexpr size_t kMaxGroupMatrices = 8;
 // once and all their rows go to the pool in one loop (one wake-up and one wait instead of
 // one per matrix). Every matrix has `cols` columns; at most kMaxGroupMatrices of them.
 void gemm_group(std::span<const GemmOutput> outs, const float* x, int64_t n, ThreadPool* pool = nullptr,
-                Q8Activations* scratch = nullptr);
+                Q8Activations* scratch = nullptr, ActivationPrecision precision = ActivationPrecision::Int8);
 
 }  // namespace multipole

@@ -49,6 +49,7 @@ struct EvalOptions {
   uint64_t seed = 0;
   int threads = 0;          // 0: all hardware threads
   int max_tokens = 0;       // generated tokens at most; 0: the suite's default
+  bool f32_activations = false;  // products with quantised weights keep f32 activations (no int8 rounding)
 
   // fidelity
   std::vector<std::string> texts;  // files; empty: the default sources (docs + cot)

@@ -130,6 +130,10 @@ class Model {
 
   // Observer of the pre-RoPE q, k, v (not owned; nullptr: none, the forward pays nothing).
   void set_observer(ForwardObserver* observer);
+  // Activations of the products with quantised weights: int8 (default, fast) or f32
+  // (no activation rounding; evaluation uses it so that tiny attention differences are not
+  // amplified into rounding flips). See core/quant.hpp.
+  void set_activation_precision(ActivationPrecision precision);
 
   struct Impl;
 
