@@ -33,14 +33,14 @@ struct SplitPlan {
 
 // Smallest chunk (whole tiles) whose CTAs fit in one wave of `slots`, given `columns` CTAs
 // per (sequence, split) along grid.y; at most kMaxSplits splits per sequence.
-SplitPlan plan_splits(std::span<const int64_t> vlen, int columns, int64_t slots) {
+SplitPlan plan_splits(std::span<const int64_t> vlen, int columns, int64_t slots, int64_t min_chunk_tiles = kMinChunkTiles) {
   int64_t max_tiles = 1, total_tiles = 0;
   for (int64_t n : vlen) {
     const int64_t t = (n + kTile - 1) / kTile;
     max_tiles = std::max(max_tiles, t);
     total_tiles += t;
   }
-  int64_t chunk_tiles = std::max<int64_t>(kMinChunkTiles, (total_tiles * columns + slots - 1) / std::max<int64_t>(slots, 1));
+  int64_t chunk_tiles = std::max<int64_t>(min_chunk_tiles, (total_tiles * columns + slots - 1) / std::max<int64_t>(slots, 1));
   chunk_tiles = std::max(chunk_tiles, (max_tiles + kMaxSplits - 1) / kMaxSplits);
   auto ctas = [&](int64_t ct) {
     int64_t n = 0;
@@ -99,6 +99,7 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   errors_.memset(0);
   select_warp_max_ = env_int("MULTIPOLE_SELECT_WARP_MAX", select_warp_max_);
   select_warp_steps_ = env_int("MULTIPOLE_SELECT_WARP_STEPS", select_warp_steps_);
+  select_precheck_ = env_int("MULTIPOLE_SELECT_PRECHECK", 1) != 0;
   pdl_ = env_int("MULTIPOLE_PDL", 1) != 0;
 }
 
@@ -170,7 +171,8 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     MP_CHECK(cap < (int64_t(1) << 30), "cuda decode: exact set capacity {} too large", cap);
     info_.exact_cap = int(cap);
     for (int b = 0; b < B; ++b) vlen[b] = cap + (config_.multipole_far_field ? vlen[b] : 0);
-    const SplitPlan mp = plan_splits(vlen, Hkv, sms * attend_ctas_per_sm(kc.dtype, D, rows, true));
+    const SplitPlan mp = plan_splits(vlen, Hkv, sms * attend_ctas_per_sm(kc.dtype, D, rows, true),
+                                     std::max(1, env_int("MULTIPOLE_MP_CHUNK_TILES", kMinChunkTiles)));
     upload_vector(m_item_seq_, mp.item_seq);
     upload_vector(m_item_split_, mp.item_split);
     upload_vector(m_seq_base_, mp.seq_base);
@@ -333,6 +335,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   sa.prof = select_prof_;
   sa.warp_select_max = select_warp_max_;
   sa.warp_select_steps = select_warp_steps_;
+  sa.warp_select_precheck = select_precheck_ ? 1 : 0;
   sa.cand_cache = std::min(cand_cache_, std::max(select_cand_max_, 0));
   // Programmatic dependent launch only right after our own scoring kernel (a kernel node).
   sa.pdl = pdl_ && info_.score_ctas > 0 ? 1 : 0;

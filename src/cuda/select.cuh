@@ -139,6 +139,42 @@ struct SelectShared {
   int* above;
 };
 
+// Warp-wide: can S clusters with 0 < n <= R be taken together, i.e. do the S smallest of
+// them sum to <= R? n: this lane's kPer sizes. Binary search for the S-th smallest size t
+// (~log2(R) warp reductions), then the S smallest sum to (sizes < t) + (S - their count) t.
+template <int kPer>
+__device__ bool may_pick_more(const int (&n)[kPer], int R, int S) {
+  auto count_sum = [&](int t, int& sum) {  // clusters with 0 < n <= t, and their tokens
+    int c = 0, z = 0;
+#pragma unroll
+    for (int s = 0; s < kPer; ++s)
+      if (n[s] > 0 && n[s] <= t) {
+        ++c;
+        z += n[s];
+      }
+    sum = int(__reduce_add_sync(0xffffffffu, unsigned(z)));
+    return int(__reduce_add_sync(0xffffffffu, unsigned(c)));
+  };
+  int mn = 0x7fffffff;
+#pragma unroll
+  for (int s = 0; s < kPer; ++s)
+    if (n[s] > 0 && n[s] <= R) mn = min(mn, n[s]);
+  mn = int(__reduce_min_sync(0xffffffffu, unsigned(mn)));
+  int sum;
+  if (mn > R || int64_t(S) * mn > R || count_sum(R, sum) < S) return false;
+  int lo = mn, hi = R;  // smallest t with count(t) >= S
+#pragma unroll 1
+  while (lo < hi) {
+    const int mid = lo + (hi - lo) / 2;
+    if (count_sum(mid, sum) >= S)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  const int below = count_sum(lo - 1, sum);
+  return int64_t(sum) + int64_t(S - below) * lo <= R;
+}
+
 // Greedy walk by one warp over C <= 32 * kPer clusters held in registers (cluster i in lane
 // i % 32, slot i / 32): each step takes the most important cluster with 0 < n <= R (ties:
 // lower index), which is the greedy order (a cluster skipped once never fits again, R only
@@ -146,9 +182,13 @@ struct SelectShared {
 // and sets `more` if one still fits then. No barriers; ~10-20 steps in practice.
 // list (optional): walk only clusters list[0 .. C), ascending ids (so the lower position
 // is the lower id on ties).
+// precheck: first test whether more than max_steps picks are possible at all (the
+// max_steps + 1 smallest clusters that fit R fit together); if so, pick nothing and set
+// `more`: a walk that hands over after max_steps picks costs them (~0.3 us each) on top of
+// the radix path (long greedy tails of many tiny clusters, e.g. k-means of random keys).
 template <int kPer>
 __device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max_steps, bool& more,
-                           const int* list = nullptr) {
+                           const int* list = nullptr, bool precheck = false) {
   const int lane = threadIdx.x & 31;
   uint32_t k1[kPer];  // key + 1 (f32 bits of I >= 0 stay below 0xffffffff): 0 means "none"
   int n[kPer];
@@ -160,6 +200,10 @@ __device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max
     k1[s] = i < C ? key[pad(id)] + 1u : 0u;
   }
   more = false;
+  if (precheck && max_steps < C && may_pick_more<kPer>(n, R, max_steps + 1)) {
+    more = true;
+    return R;
+  }
   for (int steps = 0; R > 0; ++steps) {
     // This lane's best eligible cluster (slots in ascending index: strict > keeps the lower
     // index on ties), then the warp's largest key and, among its holders, the lowest index.
@@ -204,7 +248,7 @@ __device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max
 // fetches after an L2 flush are a large part of this kernel's time).
 __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, const SelectShared& sh,
                              int warp_max = 0, int warp_steps = 64, PhaseClock* pc = nullptr, int slot0 = 0,
-                             int iters_slot = 0) {
+                             int iters_slot = 0, bool precheck = false) {
   const int tid = threadIdx.x;
   if (total <= R) {
     for (int i = tid; i < C; i += kSelectThreads) size[pad(i)] = -size[pad(i)];
@@ -214,13 +258,14 @@ __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R
   if (C <= warp_max && C <= 256) {
     if (tid < 32) {
       bool more;
-      const int r = warp_greedy<8>(key, size, C, R, warp_steps, more);
+      const int r = warp_greedy<8>(key, size, C, R, warp_steps, more, nullptr, precheck);
       if (tid == 0) {
         *sh.above = r;
         *sh.digit = more ? 1 : 0;
       }
     }
     __syncthreads();
+    const int R0 = R;
     R = *sh.above;
     const bool more = *sh.digit != 0;
     if (pc) {
@@ -228,14 +273,18 @@ __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R
       pc->add(iters_slot, 1000);  // marks the warp path in the profile
     }
     if (!more) return R;
-    int mine = 0;
-    for (int i = tid; i < C; i += kSelectThreads) mine += max(size[pad(i)], 0);
-    block_exclusive_scan(mine, sh.tmp, total);  // its barriers also order the reads of sh.above
-    if (total <= R) {
-      for (int i = tid; i < C; i += kSelectThreads)
-        if (size[pad(i)] > 0) size[pad(i)] = -size[pad(i)];
-      __syncthreads();
-      return R - total;
+    // Nothing picked (the precheck foresaw a long walk): total > R still holds.
+    // (The radix pass's first barrier orders the reads of sh.above before its next write.)
+    if (R != R0) {
+      int mine = 0;
+      for (int i = tid; i < C; i += kSelectThreads) mine += max(size[pad(i)], 0);
+      block_exclusive_scan(mine, sh.tmp, total);  // its barriers also order the reads of sh.above
+      if (total <= R) {
+        for (int i = tid; i < C; i += kSelectThreads)
+          if (size[pad(i)] > 0) size[pad(i)] = -size[pad(i)];
+        __syncthreads();
+        return R - total;
+      }
     }
   }
   // Weighted radix select: find the key `prefix` at which the budget runs out.
@@ -633,7 +682,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   const int coarse_budget = max(a.budget, a.coarse_budget);
   rows.fetch_early(32);  // warps 1.. wait for the page table while warp 0 may walk the greedy order
   greedy_select(key, size, Cc, coarse_budget, total, sh, a.warp_select_max, a.warp_select_steps,
-                kProf ? &pc : nullptr, kProfCoarseRadix, kProfWalkItersCoarse);
+                kProf ? &pc : nullptr, kProfCoarseRadix, kProfWalkItersCoarse, a.warp_select_precheck != 0);
   // Unselected coarse clusters: far size, far list, frontier sums (relative to s_M).
   {
     const int per = (Cc + kSelectThreads - 1) / kSelectThreads;
@@ -862,7 +911,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   block_exclusive_scan(mine, s_tmp, total);
   pc.mark(kProfFineImp);
   greedy_select(key, size, nc, a.budget, total, sh, a.warp_select_max, a.warp_select_steps, kProf ? &pc : nullptr,
-                kProfFineRadix, kProfWalkItersFine);
+                kProfFineRadix, kProfWalkItersFine, a.warp_select_precheck != 0);
   {
     const int per = (nc + kSelectThreads - 1) / kSelectThreads;
     const int lo = min(nc, tid * per), hi = min(nc, lo + per);

@@ -69,11 +69,14 @@ class CudaDecoder {
   // warp_max 0: always the radix path. Both give the same selection. Defaults: 256 and 24,
   // or the environment's MULTIPOLE_SELECT_WARP_MAX / MULTIPOLE_SELECT_WARP_STEPS. At most
   // `cand_cache` candidates keep their logits in shared memory (the rest are read back
-  // from global memory; same values).
-  void set_select_options(int warp_max, int warp_steps, int cand_cache = 1 << 30) {
+  // from global memory; same values). precheck: skip the walk when more than `warp_steps`
+  // picks are possible (default on, or MULTIPOLE_SELECT_PRECHECK; off exercises the
+  // hand-over).
+  void set_select_options(int warp_max, int warp_steps, int cand_cache = 1 << 30, bool precheck = true) {
     select_warp_max_ = warp_max;
     select_warp_steps_ = warp_steps;
     select_cand_max_ = cand_cache;
+    select_precheck_ = precheck;
   }
   // The selection and attention kernels of a multipole step are launched with programmatic
   // dependent launch (each starts its input-only prologue while the previous kernel of the
@@ -100,6 +103,7 @@ class CudaDecoder {
   int coarse_budget_ = 0;
   unsigned long long* select_prof_ = nullptr;
   int select_warp_max_ = 256, select_warp_steps_ = 24, select_cand_max_ = 1 << 30;
+  bool select_precheck_ = true;
   bool pdl_ = true;
 };
 
