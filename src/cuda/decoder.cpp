@@ -171,7 +171,10 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     MP_CHECK(cap < (int64_t(1) << 30), "cuda decode: exact set capacity {} too large", cap);
     info_.exact_cap = int(cap);
     for (int b = 0; b < B; ++b) vlen[b] = cap + (config_.multipole_far_field ? vlen[b] : 0);
-    const SplitPlan mp = plan_splits(vlen, Hkv, sms * attend_ctas_per_sm(kc.dtype, D, rows, true),
+    // MULTIPOLE_MP_CHUNK_TILES / MULTIPOLE_MP_WAVES: shortest split and CTA waves (A/B knobs).
+    const SplitPlan mp = plan_splits(vlen, Hkv,
+                                     sms * attend_ctas_per_sm(kc.dtype, D, rows, true) *
+                                         std::max(1, env_int("MULTIPOLE_MP_WAVES", 1)),
                                      std::max(1, env_int("MULTIPOLE_MP_CHUNK_TILES", kMinChunkTiles)));
     upload_vector(m_item_seq_, mp.item_seq);
     upload_vector(m_item_split_, mp.item_split);

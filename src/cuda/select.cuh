@@ -139,42 +139,6 @@ struct SelectShared {
   int* above;
 };
 
-// Warp-wide: can S clusters with 0 < n <= R be taken together, i.e. do the S smallest of
-// them sum to <= R? n: this lane's kPer sizes. Binary search for the S-th smallest size t
-// (~log2(R) warp reductions), then the S smallest sum to (sizes < t) + (S - their count) t.
-template <int kPer>
-__device__ bool may_pick_more(const int (&n)[kPer], int R, int S) {
-  auto count_sum = [&](int t, int& sum) {  // clusters with 0 < n <= t, and their tokens
-    int c = 0, z = 0;
-#pragma unroll
-    for (int s = 0; s < kPer; ++s)
-      if (n[s] > 0 && n[s] <= t) {
-        ++c;
-        z += n[s];
-      }
-    sum = int(__reduce_add_sync(0xffffffffu, unsigned(z)));
-    return int(__reduce_add_sync(0xffffffffu, unsigned(c)));
-  };
-  int mn = 0x7fffffff;
-#pragma unroll
-  for (int s = 0; s < kPer; ++s)
-    if (n[s] > 0 && n[s] <= R) mn = min(mn, n[s]);
-  mn = int(__reduce_min_sync(0xffffffffu, unsigned(mn)));
-  int sum;
-  if (mn > R || int64_t(S) * mn > R || count_sum(R, sum) < S) return false;
-  int lo = mn, hi = R;  // smallest t with count(t) >= S
-#pragma unroll 1
-  while (lo < hi) {
-    const int mid = lo + (hi - lo) / 2;
-    if (count_sum(mid, sum) >= S)
-      hi = mid;
-    else
-      lo = mid + 1;
-  }
-  const int below = count_sum(lo - 1, sum);
-  return int64_t(sum) + int64_t(S - below) * lo <= R;
-}
-
 // Greedy walk by one warp over C <= 32 * kPer clusters held in registers (cluster i in lane
 // i % 32, slot i / 32): each step takes the most important cluster with 0 < n <= R (ties:
 // lower index), which is the greedy order (a cluster skipped once never fits again, R only
@@ -182,27 +146,36 @@ __device__ bool may_pick_more(const int (&n)[kPer], int R, int S) {
 // and sets `more` if one still fits then. No barriers; ~10-20 steps in practice.
 // list (optional): walk only clusters list[0 .. C), ascending ids (so the lower position
 // is the lower id on ties).
-// precheck: first test whether more than max_steps picks are possible at all (the
-// max_steps + 1 smallest clusters that fit R fit together); if so, pick nothing and set
-// `more`: a walk that hands over after max_steps picks costs them (~0.3 us each) on top of
-// the radix path (long greedy tails of many tiny clusters, e.g. k-means of random keys).
+// precheck: if more than max_steps picks may be possible (over max_steps clusters fit R and
+// max_steps + 1 of the smallest would fit together), pick nothing and set `more`: a walk
+// that hands over after max_steps picks costs them (~0.25 us each) on top of the radix
+// path (long greedy tails of many tiny clusters, e.g. k-means of random keys).
 template <int kPer>
 __device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max_steps, bool& more,
                            const int* list = nullptr, bool precheck = false) {
   const int lane = threadIdx.x & 31;
   uint32_t k1[kPer];  // key + 1 (f32 bits of I >= 0 stay below 0xffffffff): 0 means "none"
   int n[kPer];
+  int fit = 0, smallest = 0x7fffffff;  // clusters with 0 < n <= R, their smallest size
 #pragma unroll
   for (int s = 0; s < kPer; ++s) {
     const int i = lane + 32 * s;
     const int id = list && i < C ? list[i] : i;
     n[s] = i < C ? size[pad(id)] : 0;
     k1[s] = i < C ? key[pad(id)] + 1u : 0u;
+    if (n[s] > 0 && n[s] <= R) {
+      ++fit;
+      smallest = min(smallest, n[s]);
+    }
   }
   more = false;
-  if (precheck && max_steps < C && may_pick_more<kPer>(n, R, max_steps + 1)) {
-    more = true;
-    return R;
+  if (precheck && max_steps < C) {
+    fit = int(__reduce_add_sync(0xffffffffu, unsigned(fit)));
+    smallest = int(__reduce_min_sync(0xffffffffu, unsigned(smallest)));
+    if (fit > max_steps && int64_t(max_steps + 1) * smallest <= R) {
+      more = true;
+      return R;
+    }
   }
   for (int steps = 0; R > 0; ++steps) {
     // This lane's best eligible cluster (slots in ascending index: strict > keeps the lower
