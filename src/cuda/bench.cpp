@@ -331,6 +331,16 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
              int(E) * ((ac.cluster.window + int(P) - 1) / int(P) + 1));
         emit("oracle-topk", [&](cudaStream_t s) { oracle.decode(dev, 0, pq, po, s); }, oracle_bytes,
              CudaSparseDecoder::kDecodeLaunches, oracle.select_ctas() + int(E) + oracle.attend_ctas());
+        if (o.stages) {
+          emit("quest-score", [&](cudaStream_t s) { quest.decode(dev, 0, pq, po, s, 1); }, E * pages * (2 * row + 4),
+               1, quest.select_ctas());
+          emit("quest-score+select", [&](cudaStream_t s) { quest.decode(dev, 0, pq, po, s, 2); },
+               E * pages * (2 * row + 8), 2, quest.select_ctas() + int(E));
+          emit("oracle-logits", [&](cudaStream_t s) { oracle.decode(dev, 0, pq, po, s, 1); }, E * M * (row + G * 4), 1,
+               oracle.select_ctas());
+          emit("oracle-logits+select", [&](cudaStream_t s) { oracle.decode(dev, 0, pq, po, s, 2); },
+               E * M * (row + G * 8 + 4 * 5), 2, oracle.select_ctas() + int(E));
+        }
       }
       if (index.hierarchical())
         emit("mp-1level", [&](cudaStream_t s) { flat.multipole(dev, 0, flat_index, pq, pqs, po, s); }, flat_bytes,

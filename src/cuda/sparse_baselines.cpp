@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "cuda/check.hpp"
 #include "cuda/launch.hpp"
@@ -37,6 +38,8 @@ CudaSparseDecoder::CudaSparseDecoder(const AttentionConfig& config, SparseBaseli
   MP_CHECK(config_.cluster.window > 0, "cuda sparse baseline: cluster.window {} must be > 0", config_.cluster.window);
   errors_.reserve(sizeof(uint32_t));
   errors_.memset(0);
+  const char* env = std::getenv("MULTIPOLE_ORACLE_TILED");
+  tiled_logits_ = env == nullptr || std::atoi(env) != 0;
 }
 
 void CudaSparseDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, int64_t max_length) {
@@ -157,7 +160,8 @@ void CudaSparseDecoder::launch_metadata(const DeviceKVCache& cache, int layer, b
   launch_quest_meta(a, dtype_, config_.head_dim, grid_x, batch_ * config_.num_kv_heads, stream);
 }
 
-void CudaSparseDecoder::decode(const DeviceKVCache& cache, int layer, const float* q, float* out, Stream stream) const {
+void CudaSparseDecoder::decode(const DeviceKVCache& cache, int layer, const float* q, float* out, Stream stream,
+                               int stages) const {
   MP_CHECK(batch_ > 0, "cuda sparse baseline: decode() before plan()");
   MP_CHECK(q && out, "cuda sparse baseline: null q or out");
   MP_CHECK(layer >= 0 && layer < layers_, "cuda sparse baseline: layer {} out of range [0, {})", layer, layers_);
@@ -172,6 +176,7 @@ void CudaSparseDecoder::decode(const DeviceKVCache& cache, int layer, const floa
   s.values = values_.as<float>();
   s.stats = stats_.as<float>();
   s.importance = importance_.as<float>();
+  s.tiled_logits = tiled_logits_ ? 1 : 0;
   s.exact_cap = exact_cap_;
   s.exact_rows = exact_rows_.as<int32_t>();
   s.exact_pos = exact_pos_.as<int32_t>();
@@ -183,7 +188,9 @@ void CudaSparseDecoder::decode(const DeviceKVCache& cache, int layer, const floa
   } else {
     launch_oracle_logits(s, dtype_, config_.head_dim, E, stream);
   }
+  if (stages < 2) return;
   launch_sparse_select(s, quest, E, stream);
+  if (stages < 3) return;
 
   const DeviceKVLayer kv = cache.layer(layer);
   AttendArgs a;

@@ -40,6 +40,7 @@ struct SparseArgs {
   int chunks = 0;                          // oracle: logit chunks per entry (kLogitChunk keys)
   float* stats = nullptr;                  // oracle: [E, chunks, G, 2] chunk (max, sum 2^(x - max))
   float* importance = nullptr;             // oracle: [E, middle_cap]
+  int tiled_logits = 1;                    // oracle: key tiles through shared memory (A/B)
   // Output: exact lists as the attention kernel reads them.
   int exact_cap = 0;
   int32_t* exact_rows = nullptr;           // [E, exact_cap] pool rows
@@ -56,6 +57,8 @@ void launch_sparse_select(const SparseArgs& a, bool quest, int entries, Stream s
 }  // namespace multipole::cuda::detail
 
 #if defined(__CUDACC__)
+#include <type_traits>
+
 #include "cuda/common.cuh"
 
 namespace multipole::cuda::detail {
@@ -103,7 +106,8 @@ __global__ void __launch_bounds__(128) quest_meta_kernel(const SparseArgs a, int
   T* out = reinterpret_cast<T*>(a.meta) + (int64_t(e) * a.page_cap + page) * 2 * D;
   for (int c = threadIdx.x; c < D; c += blockDim.x) {
     float lo = __int_as_float(0x7f800000), hi = neg_inf();
-    for (int p = begin; p < end; ++p) {
+#pragma unroll 8
+    for (int p = begin; p < end; ++p) {  // unrolled: the loads of a page are independent
       const float x = to_f32(keys[int64_t(sparse_row(a, table, h, p)) * D + c]);
       lo = fminf(lo, x);
       hi = fmaxf(hi, x);
@@ -113,12 +117,16 @@ __global__ void __launch_bounds__(128) quest_meta_kernel(const SparseArgs a, int
   }
 }
 
-// Quest page scores: grid (ceil(page_cap / kQuestPagesPerCta), E), 4 warps, one page per
-// warp step. score = max_g sum_c min(q_gc, 0) lo_c + max(q_gc, 0) hi_c (unscaled q, as the
-// CPU policy). Skipped when every page fits the budget.
+// Quest page scores: grid (ceil(page_cap / kQuestPagesPerCta), E), 4 warps of 8
+// consecutive pages each; a lane holds D / 32 channels. The bounds of all 8 pages are loaded
+// before any math (8 independent loads in flight per lane). score = max_g sum_c
+// min(q_gc, 0) lo_c + max(q_gc, 0) hi_c (unscaled q, as the CPU policy). Skipped when every
+// page fits the budget.
 template <int D, class T>
 __global__ void __launch_bounds__(128) quest_score_kernel(const SparseArgs a) {
-  constexpr int V = D / 32;  // channels per lane
+  constexpr int V = D / 32, PW = kQuestPagesPerCta / 4;  // channels per lane, pages per warp
+  using Vec = std::conditional_t<V == 4, uint2, uint32_t>;  // V 16-bit values
+  static_assert(sizeof(Vec) == V * 2, "lane vector");
   __shared__ float s_q[16 * D];
   const int e = blockIdx.y, b = e / a.num_kv_heads, h = e % a.num_kv_heads, G = a.group;
   const SparseRegion r = sparse_region(a, a.seq_ids[b]);
@@ -127,38 +135,48 @@ __global__ void __launch_bounds__(128) quest_score_kernel(const SparseArgs a) {
   const int p0 = blockIdx.x * kQuestPagesPerCta;
   if (p0 >= pages) return;
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) s_q[i] = a.q[(int64_t(b) * a.num_kv_heads * G + h * G) * D + i];
-  __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, pw = p0 + warp * PW;
   const T* meta = reinterpret_cast<const T*>(a.meta) + int64_t(e) * a.page_cap * 2 * D;
-  for (int page = p0 + warp; page < min(pages, p0 + kQuestPagesPerCta); page += 4) {
-    float lo[V], hi[V];
+  Vec lo_raw[PW], hi_raw[PW];
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      lo[j] = to_f32(meta[int64_t(page) * 2 * D + lane * V + j]);
-      hi[j] = to_f32(meta[int64_t(page) * 2 * D + D + lane * V + j]);
+  for (int j = 0; j < PW; ++j)
+    if (pw + j < pages) {
+      lo_raw[j] = __ldg(reinterpret_cast<const Vec*>(meta + int64_t(pw + j) * 2 * D + lane * V));
+      hi_raw[j] = __ldg(reinterpret_cast<const Vec*>(meta + int64_t(pw + j) * 2 * D + D + lane * V));
     }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < PW; ++j) {
+    if (pw + j >= pages) break;
+    T lo_t[V], hi_t[V];
+    memcpy(lo_t, &lo_raw[j], sizeof(Vec));
+    memcpy(hi_t, &hi_raw[j], sizeof(Vec));
     float best = neg_inf();
     for (int g = 0; g < G; ++g) {
       float acc = 0.0f;
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const float qc = s_q[g * D + lane * V + j];
-        acc = fmaf(fminf(qc, 0.0f), lo[j], acc);
-        acc = fmaf(fmaxf(qc, 0.0f), hi[j], acc);
+      for (int c = 0; c < V; ++c) {
+        const float qc = s_q[g * D + lane * V + c];
+        acc = fmaf(fminf(qc, 0.0f), to_f32(lo_t[c]), acc);
+        acc = fmaf(fmaxf(qc, 0.0f), to_f32(hi_t[c]), acc);
       }
       best = fmaxf(best, warp_sum(acc));
     }
-    if (lane == 0) a.values[int64_t(e) * a.page_cap + page] = best;
+    if (lane == 0) a.values[int64_t(e) * a.page_cap + pw + j] = best;
   }
 }
 
 // Oracle logits of the middle region: grid (chunks, E), 128 threads, kLogitChunk keys per
 // CTA (key i of the chunk on thread i % 128). Writes x_g = qscale q_g . k for every head of
 // the group and the chunk's per-head (max, sum 2^(x - max)). GM >= G accumulators.
-template <int D, int GM, class T>
+// TILED: each 128-key tile is first copied to shared memory by coalesced 16-byte loads
+// (rows padded by 16 bytes: a lane's row reads hit distinct banks); else every thread reads
+// its own key row from global memory (8 KB apart per warp load, L1 reuse only).
+template <int D, int GM, class T, bool TILED>
 __global__ void __launch_bounds__(128) oracle_logits_kernel(const SparseArgs a) {
-  constexpr int KPT = kLogitChunk / 128;
+  constexpr int KPT = kLogitChunk / 128, PC = D / 8, RS = D * 2 + 16;
   __shared__ __align__(16) float s_q[GM * D];
+  __shared__ __align__(16) unsigned char s_k[TILED ? 128 * RS : 16];
   __shared__ float s_red[4][GM];
   const int e = blockIdx.y, b = e / a.num_kv_heads, h = e % a.num_kv_heads, G = a.group;
   const int seq = a.seq_ids[b];
@@ -176,12 +194,25 @@ __global__ void __launch_bounds__(128) oracle_logits_kernel(const SparseArgs a) 
     const int i = i0 + k * 128 + tid;
 #pragma unroll
     for (int g = 0; g < GM; ++g) x[k][g] = 0.0f;
+    if constexpr (TILED) {
+      if (i0 + k * 128 >= M) break;  // uniform
+      __syncthreads();               // the previous tile is consumed
+#pragma unroll
+      for (int j = 0; j < PC; ++j) {
+        const int idx = tid + j * 128, rr = idx / PC, pc = idx % PC, ii = i0 + k * 128 + rr;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (ii < M) v = __ldg(reinterpret_cast<const uint4*>(a.keys + int64_t(sparse_row(a, table, h, r.s + ii)) * D * 2) + pc);
+        *reinterpret_cast<uint4*>(s_k + rr * RS + pc * 16) = v;
+      }
+      __syncthreads();
+    }
     if (i >= M) continue;
-    const uint4* row = reinterpret_cast<const uint4*>(a.keys + int64_t(sparse_row(a, table, h, r.s + i)) * D * 2);
+    const uint4* row = TILED ? reinterpret_cast<const uint4*>(s_k + tid * RS)
+                             : reinterpret_cast<const uint4*>(a.keys + int64_t(sparse_row(a, table, h, r.s + i)) * D * 2);
 #pragma unroll 4
     for (int c8 = 0; c8 < D / 8; ++c8) {
       float kf[8];
-      Storage<T>::to_float(__ldg(row + c8), kf);
+      Storage<T>::to_float(TILED ? row[c8] : __ldg(row + c8), kf);
 #pragma unroll
       for (int g = 0; g < GM; ++g) {
         const float4 qa = *reinterpret_cast<const float4*>(s_q + g * D + c8 * 8);
@@ -247,31 +278,51 @@ __device__ __forceinline__ uint32_t ordered_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+constexpr int kSubHists = 16;  // radix sub-histograms (two warps share one)
+
 // Block-wide radix select: the k-th largest of key(i), i < n (1 <= k <= n), 8 bits per
 // pass. Returns it; `take` gets how many elements equal to it belong to the top k and
-// `equal` how many there are. hist: 256 words of shared memory; s_bc: 3 words.
+// `equal` how many there are. hist: (kSubHists + 1) * 256 words of shared memory (per-warp
+// pair counts, then their sum); s_bc: 3 words. Keys of one pass often share a bin (the
+// top byte of similar floats): each warp adds its leader lane's bin with one atomic for all
+// lanes in it, the other lanes one each, into its own sub-histogram.
 template <class Key>
 __device__ uint32_t block_kth_largest(int n, int k, Key key, uint32_t* hist, int* s_bc, int& take, int& equal) {
   const int tid = threadIdx.x, lane = tid & 31;
   uint32_t prefix = 0, mask = 0;
   int want = k;
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+    for (int i = tid; i < kSubHists * 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
+    uint32_t* sub = hist + ((tid >> 5) % kSubHists) * 256;
     for (int base = 0; base < n; base += blockDim.x) {
       const int i = base + tid;
       const uint32_t u = i < n ? key(i) : 0u;
       const bool in = i < n && (u & mask) == prefix;
-      const uint32_t bin = in ? (u >> shift) & 255u : 256u;
-      const unsigned peers = __match_any_sync(0xffffffffu, bin);  // one atomic per distinct bin
-      if (in && lane == __ffs(peers) - 1) atomicAdd(hist + bin, uint32_t(__popc(peers)));
+      const uint32_t bin = (u >> shift) & 255u;
+      const unsigned active = __ballot_sync(0xffffffffu, in);
+      if (active == 0) continue;
+      const int leader = __ffs(active) - 1;
+      const uint32_t lead_bin = __shfl_sync(0xffffffffu, bin, leader);
+      const unsigned same = __ballot_sync(0xffffffffu, in && bin == lead_bin);
+      if (lane == leader)
+        atomicAdd(sub + bin, uint32_t(__popc(same)));
+      else if (in && bin != lead_bin)
+        atomicAdd(sub + bin, 1u);
+    }
+    __syncthreads();
+    for (int j = tid; j < 256; j += blockDim.x) {
+      uint32_t c = 0;
+      for (int w = 0; w < kSubHists; ++w) c += hist[w * 256 + j];
+      hist[kSubHists * 256 + j] = c;
     }
     __syncthreads();
     if (tid < 32) {
       // Lane l owns bins 8 (31 - l) .. + 7, so lanes run from the top bin down.
+      const uint32_t* total = hist + kSubHists * 256;
       const int top = 8 * (31 - lane);
       int own = 0;
-      for (int j = 0; j < 8; ++j) own += int(hist[top + j]);
+      for (int j = 0; j < 8; ++j) own += int(total[top + j]);
       int incl = own;  // elements in bins >= this lane's lowest bin
       for (int o = 1; o < 32; o <<= 1) {
         const int y = __shfl_up_sync(0xffffffffu, incl, o);
@@ -281,7 +332,7 @@ __device__ uint32_t block_kth_largest(int n, int k, Key key, uint32_t* hist, int
       if (excl < want && want <= incl) {
         int above = excl;
         for (int j = 7; j >= 0; --j) {
-          const int c = int(hist[top + j]);
+          const int c = int(total[top + j]);
           if (above + c >= want) {
             s_bc[0] = top + j;
             s_bc[1] = want - above;
@@ -311,7 +362,7 @@ __device__ uint32_t block_kth_largest(int n, int k, Key key, uint32_t* hist, int
 // Everything is taken when the candidates fit.
 template <bool QUEST>
 __global__ void __launch_bounds__(kSparseSelectThreads) sparse_select_kernel(const SparseArgs a) {
-  __shared__ uint32_t s_hist[256];
+  __shared__ uint32_t s_hist[(kSubHists + 1) * 256];
   __shared__ int s_bc[3], s_count, s_partial;
   __shared__ int32_t s_pick[kSparseMaxPicks];
   __shared__ float s_norm[16][2];  // oracle: per head max and 1 / sum

@@ -45,7 +45,9 @@ class CudaSparseDecoder {
 
   // q:   [B, Hq, D] f32 device, rotated to each query's position
   // out: [B, Hq, D] f32 device (16-byte aligned)
-  void decode(const DeviceKVCache& cache, int layer, const float* q, float* out, Stream stream) const;
+  // Timing diagnostics only: stages 1 stops after the first kernel (scoring / logits), 2
+  // after the selection.
+  void decode(const DeviceKVCache& cache, int layer, const float* q, float* out, Stream stream, int stages = 3) const;
 
   static constexpr int kDecodeLaunches = 3;
   static constexpr int kUpdateLaunches = 1;
@@ -72,6 +74,7 @@ class CudaSparseDecoder {
   int64_t page_cap_ = 0;   // quest pages per entry
   int64_t middle_cap_ = 0; // oracle: middle tokens per entry
   int layers_ = 0;
+  bool tiled_logits_ = true;  // oracle: key tiles through shared memory; MULTIPOLE_ORACLE_TILED=0: off
   DeviceBuffer seq_ids_, item_seq_, item_split_, seq_base_, seq_splits_;
   DeviceBuffer part_o_, part_ml_, counters_, entry_zero_;
   DeviceBuffer exact_rows_, exact_pos_, exact_n_, errors_;
