@@ -118,6 +118,12 @@ void add_eval_command(CLI::App& app) {
   cmd->add_flag("--f32-activations", o.f32_activations,
                "Keep activations in f32 in the products with quantised weights (no int8 rounding, so tiny "
                "attention differences are not amplified into rounding flips; several times slower)");
+  cmd->add_option("--score-position", o.score_position,
+                  "multipole/squeezed: fixed query position at which centroids are scored")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1e9));
+  cmd->add_flag("--real-positions", o.real_positions,
+                "multipole/squeezed: score centroids at their members' mean position instead");
   cmd->add_flag("--no-think", a->no_think, "Chat template: thinking off (Qwen3 enable_thinking=false)");
   cmd->callback([a] { run_eval_command(*a); });
 }

@@ -28,7 +28,10 @@ bool policy_uses_clusters(const std::string& policy) { return policy == "multipo
 
 std::string Variant::cluster() const {
   std::string s;
-  for (size_t i = 0; i < tokens_per_centroid.size(); ++i) s += (i ? "/" : "") + std::to_string(tokens_per_centroid[i]);
+  for (size_t i = 0; i < tokens_per_centroid.size(); ++i) {
+    if (i) s += '/';
+    s += std::to_string(tokens_per_centroid[i]);
+  }
   return s;
 }
 
@@ -90,6 +93,8 @@ AttentionConfig SuiteContext::attention_config(const Variant* v) const {
   ac.cluster.window = opt.window;
   ac.cluster.seed = opt.seed;
   ac.cluster.block_size = std::max(ac.cluster.block_size, opt.window);
+  ac.score_position = opt.score_position;
+  ac.score_real_positions = opt.real_positions;
   if (v) {
     ac.budget = v->budget;
     if (!v->tokens_per_centroid.empty()) ac.cluster.tokens_per_centroid = v->tokens_per_centroid;
@@ -119,7 +124,14 @@ Record SuiteContext::record(const std::string& suite, const std::string& case_id
   r.cluster = v ? v->cluster() : "";
   r.str["model"] = fs::path(model.path()).filename().string();
   r.str["activations"] = activations_name(opt.f32_activations);
+  r.str["settings"] = settings();
   return r;
+}
+
+std::string SuiteContext::settings() const {
+  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}",
+                     activations_name(opt.f32_activations), opt.sinks, opt.window, opt.seed, context, opt.max_tokens,
+                     opt.prefix, opt.real_positions ? "real" : fmt::format("{}", opt.score_position));
 }
 
 Engine& Engines::get(const Variant* v) {
@@ -218,22 +230,28 @@ std::string run_eval(const EvalOptions& o) {
   fs::create_directories(o.out, ec);
   MP_CHECK(fs::is_directory(o.out), "eval: --out {}: cannot create the folder ({})", o.out, ec.message());
   ResultsLog log((fs::path(o.out) / "results.jsonl").string(), o.resume, o.overwrite);
-  // Records of one results file are comparable only if made with the same arithmetic.
-  const std::string activations = activations_name(o.f32_activations);
-  for (const Record& r : log.records()) {
-    auto it = r.str.find("activations");
-    const std::string theirs = it == r.str.end() ? activations_name(false) : it->second;
-    MP_CHECK(theirs == activations,
-             "eval: {} holds results made with {} activations (case {}), this run uses {}; use another --out, "
-             "--overwrite, or {} --f32-activations",
-             log.path(), theirs, r.case_id, activations, o.f32_activations ? "drop" : "add");
-  }
   if (log.resumed() > 0 && o.progress)
     std::fprintf(stderr, "resuming: %lld record(s) already in %s\n", (long long)log.resumed(), log.path().c_str());
 
   const int threads = o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()));
   ThreadPool pool(threads);
   SuiteContext sc{o, *model, tok, chat, pool, log, context, std::move(variants), {}};
+  // Records of one results file are comparable only if made with the same settings (records
+  // older than the settings field are checked on their activations alone).
+  const std::string settings = sc.settings(), activations = activations_name(o.f32_activations);
+  for (const Record& r : log.records()) {
+    auto it = r.str.find("settings");
+    auto act = r.str.find("activations");
+    const std::string theirs_act = act == r.str.end() ? activations_name(false) : act->second;
+    MP_CHECK(theirs_act == activations,
+             "eval: {} holds results made with {} activations (case {}), this run uses {}; use another --out, "
+             "--overwrite, or {} --f32-activations",
+             log.path(), theirs_act, r.case_id, activations, o.f32_activations ? "drop" : "add");
+    MP_CHECK(it == r.str.end() || it->second == settings,
+             "eval: {} holds results made with other settings (case {}: {}); this run: {}; use another --out or "
+             "--overwrite",
+             log.path(), r.case_id, it->second, settings);
+  }
   if (auto id = tok.token_id(chat.end_of_turn())) sc.stop_ids.push_back(*id);
   for (std::string_view end : {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"})
     if (auto id = tok.token_id(end); id && tok.is_special(*id)) sc.stop_ids.push_back(*id);

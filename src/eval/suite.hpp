@@ -38,6 +38,9 @@ struct SuiteContext {
   std::vector<int32_t> chat_prompt(const std::string& user) const;
   // A record of this suite/case/variant with the model named (dense when v is null).
   Record record(const std::string& suite, const std::string& case_id, const Variant* v) const;
+  // The options that change results but are not in a record's key ("activations=int8
+  // sinks=10 ..."): records of one results file must agree on them.
+  std::string settings() const;
   int max_tokens(int suite_default) const { return opt.max_tokens > 0 ? opt.max_tokens : suite_default; }
 };
 

@@ -135,6 +135,27 @@ TEST_F(EvalCli, MultipoleWithFullBudgetReproducesDense) {
   EXPECT_GT(s["kl_mean"].get<double>(), 1e-6) << small.out;
 }
 
+// --real-positions reaches the policy: with one token per centroid, clusters are (nearly all)
+// single tokens, and scoring them at their members' real positions makes the far field
+// (nearly) exact, while at the fixed position (the default) it is an approximation. (Not
+// exactly dense: tokens with equal keys, as the same byte at layer 0, share a cluster.)
+TEST_F(EvalCli, RealPositionScoringReachesThePolicy) {
+  const std::string dir = scratch("real-positions");
+  const std::string text = write_text(dir, 30);
+  const std::string base = "--model " + *model_ + " --suite fidelity --texts " + text +
+                           " --prefix 16 --policies multipole --budgets 4 --window 8 --sinks 2 --clusters 1 "
+                           "--threads 2 -q --json --out " + dir;
+  CliRun real = run_eval_cli(base + "/real --real-positions", dir);
+  ASSERT_EQ(real.code, 0) << real.err;
+  CliRun fixed = run_eval_cli(base + "/fixed", dir);
+  ASSERT_EQ(fixed.code, 0) << fixed.err;
+  const double err_real = json::parse(real.out)["fidelity"][0]["err_mean"].get<double>();
+  const double err_fixed = json::parse(fixed.out)["fidelity"][0]["err_mean"].get<double>();
+  EXPECT_LT(err_real, 0.5 * err_fixed) << real.out << fixed.out;
+  for (const json& r : read_jsonl(dir + "/real/results.jsonl"))
+    EXPECT_NE(r["str"]["settings"].get<std::string>().find("scoring=real"), std::string::npos) << r.dump();
+}
+
 TEST_F(EvalCli, AgreementPasskeyReasoningOnTinyModel) {
   const std::string dir = scratch("gen");
   CliRun a = run_eval_cli("--model " + *model_ + " --suite agreement --datasets arith --limit 2 -n 12 --out " + dir +
@@ -210,8 +231,8 @@ TEST_F(EvalCli, ResumeSkipsFinishedCases) {
   EXPECT_EQ(marked, 1);
 }
 
-// Every record says which activations the quantised products used; a results file made with
-// one is not continued with the other.
+// Every record says which activations the quantised products used and the other settings
+// outside its key; a results file is not continued with different ones.
 TEST_F(EvalCli, ActivationsAreRecordedAndNeverMixed) {
   const std::string dir = scratch("activations");
   const std::string base = "--model " + *model_ + " --suite passkey --lengths 384 --depths 0.5 -n 4 " +
@@ -225,6 +246,11 @@ TEST_F(EvalCli, ActivationsAreRecordedAndNeverMixed) {
   EXPECT_EQ(mixed.code, 1);
   EXPECT_NE(mixed.err.find("made with int8 activations"), std::string::npos) << mixed.err;
   EXPECT_NE(mixed.err.find("this run uses f32"), std::string::npos) << mixed.err;
+  // Other options outside the record key are checked the same way.
+  CliRun other = run_eval_cli(base + " --resume --seed 5", dir);
+  EXPECT_EQ(other.code, 1);
+  EXPECT_NE(other.err.find("made with other settings"), std::string::npos) << other.err;
+  EXPECT_NE(other.err.find("seed=5"), std::string::npos) << other.err;
   CliRun fresh = run_eval_cli(base + " --overwrite --f32-activations --json", dir);
   ASSERT_EQ(fresh.code, 0) << fresh.err;
   EXPECT_EQ(json::parse(fresh.out)["activations"], "f32") << fresh.out;

@@ -50,6 +50,8 @@ struct EvalOptions {
   int threads = 0;          // 0: all hardware threads
   int max_tokens = 0;       // generated tokens at most; 0: the suite's default
   bool f32_activations = false;  // products with quantised weights keep f32 activations (no int8 rounding)
+  double score_position = 2048;   // multipole/squeezed: fixed query position of centroid scoring
+  bool real_positions = false;     // multipole/squeezed: score centroids at their members' mean position
 
   // fidelity
   std::vector<std::string> texts;  // files; empty: the default sources (docs + cot)
