@@ -9,6 +9,27 @@
 
 namespace multipole::cuda {
 
+namespace {
+
+// Slots and member-list room of one entry: the used sizes, or the capacity when given.
+struct Room {
+  int coarse = 0, fine = 0;
+  int64_t children = 0, tokens = 0;
+};
+Room room(std::span<const DeviceEntryShape> capacity, size_t e, int fine, int coarse, int64_t tokens) {
+  Room r{coarse, fine, coarse > 0 ? fine : 0, tokens};
+  if (e < capacity.size() && (capacity[e].fine_capacity > 0 || capacity[e].coarse_capacity > 0)) {
+    const auto& k = capacity[e];
+    r.coarse = std::max(coarse, k.coarse_capacity);
+    r.fine = std::max(fine, k.fine_capacity);
+    r.children = r.coarse > 0 ? r.fine : 0;
+    r.tokens = std::max(tokens, k.token_capacity);
+  }
+  return r;
+}
+
+}  // namespace
+
 HostClusterLevel host_cluster_level(const ClusterIndex& index) {
   HostClusterLevel h;
   h.clustered_end = index.end();
@@ -32,7 +53,8 @@ HostClusterLevel host_cluster_level(const ClusterIndex& index) {
 }
 
 DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key_dtype, DType value_dtype,
-                                       std::span<const HostClusterLevel> entries)
+                                       std::span<const HostClusterLevel> entries,
+                                       std::span<const DeviceEntryShape> capacity)
     : head_dim_(head_dim), num_kv_heads_(num_kv_heads), key_dtype_(key_dtype), value_dtype_(value_dtype) {
   MP_CHECK(head_dim > 0 && head_dim % 8 == 0, "cluster index: head_dim {} must be a positive multiple of 8", head_dim);
   MP_CHECK(num_kv_heads > 0, "cluster index: num_kv_heads {} must be > 0", num_kv_heads);
@@ -43,6 +65,8 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
            dtype_name(value_dtype));
   MP_CHECK(!entries.empty() && entries.size() % size_t(num_kv_heads) == 0,
            "cluster index: {} entries is not a positive multiple of {} KV heads", entries.size(), num_kv_heads);
+  MP_CHECK(capacity.empty() || capacity.size() == entries.size(), "cluster index: {} capacities for {} entries",
+           capacity.size(), entries.size());
   const size_t d = size_t(head_dim);
   int64_t clusters = 0, members = 0;
   const bool on_device = std::all_of(entries.begin(), entries.end(), [](const HostClusterLevel& x) {
@@ -100,10 +124,19 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
       MP_CHECK(x.coarse_child_offsets.size() <= 1 && x.coarse_children.empty(),
                "cluster index: entry {} has coarse children but no coarse clusters", e);
     }
-    clusters += int64_t(C + Cc);
-    members += int64_t(x.members.size() + x.coarse_children.size());
-    max_clusters_ = std::max(max_clusters_, int(C + Cc));
-    max_coarse_ = std::max(max_coarse_, int(Cc));
+    if (!capacity.empty()) {
+      const auto& k = capacity[e];
+      MP_CHECK(k.fine_capacity >= int64_t(C) && k.token_capacity >= int64_t(x.members.size()) &&
+                   (k.coarse_capacity == 0 ? Cc == 0 : k.coarse_capacity > int64_t(Cc)),
+               "cluster index: entry {} capacity (fine {}, coarse {}, tokens {}) below its {} fine, {} coarse (+1 "
+               "placeholder), {} tokens",
+               e, k.fine_capacity, k.coarse_capacity, k.token_capacity, C, Cc, x.members.size());
+    }
+    const Room r = room(capacity, e, int(C), int(Cc), int64_t(x.members.size()));
+    clusters += r.fine + r.coarse;
+    members += r.children + r.tokens;
+    max_clusters_ = std::max(max_clusters_, int(C) + r.coarse);
+    max_coarse_ = std::max(max_coarse_, r.coarse);
   }
   MP_CHECK(clusters < std::numeric_limits<int32_t>::max() && members < std::numeric_limits<int32_t>::max(),
            "cluster index: {} clusters / {} members exceed the 2^31 limit", clusters, members);
@@ -120,34 +153,41 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
   begin.reserve(size_t(clusters));
   mem.reserve(size_t(members));
   int64_t c0 = 0;
-  for (const auto& x : entries) {
+  for (size_t e = 0; e < entries.size(); ++e) {
+    const auto& x = entries[e];
     const size_t Cc = x.coarse_sizes.size(), C = x.sizes.size();
+    const Room r = room(capacity, e, int(C), int(Cc), int64_t(x.members.size()));
     entry_begin_.push_back(int32_t(c0));
     member_base_.push_back(int64_t(mem.size()));
-    entry_count_.push_back(int32_t(Cc + C));
+    entry_count_.push_back(int32_t(r.coarse + C));
     entry_end_.push_back(int32_t(x.clustered_end));
-    entry_coarse_.push_back(int32_t(Cc));
+    entry_coarse_.push_back(r.coarse);
+    entry_cap_.push_back(r.coarse + r.fine);
     if (Cc && !on_device) {
       convert_from_f32(x.coarse_key_centroids.data(), key_dtype, keys.data() + size_t(c0) * d * ksize, Cc * d);
       convert_from_f32(x.coarse_value_centroids.data(), value_dtype, values.data() + size_t(c0) * d * vsize, Cc * d);
     }
-    for (size_t i = 0; i < Cc; ++i) {
-      sizes.push_back(x.coarse_sizes[i]);
-      begin.push_back(int32_t(mem.size()) + x.coarse_child_offsets[i]);
+    const int32_t m0 = int32_t(mem.size());
+    for (size_t i = 0; i < size_t(r.coarse); ++i) {  // placeholders (size 0): lists start at the used end
+      sizes.push_back(i < Cc ? x.coarse_sizes[i] : 0);
+      begin.push_back(m0 + (i < Cc ? x.coarse_child_offsets[i] : int32_t(x.coarse_children.size())));
     }
     // Coarse child lists first, so that member_begin[coarse i + 1] ends coarse i's list.
     mem.insert(mem.end(), x.coarse_children.begin(), x.coarse_children.end());
-    c0 += int64_t(Cc);
+    mem.resize(size_t(m0 + r.children), 0);
+    c0 += r.coarse;
     if (C && !on_device) {
       convert_from_f32(x.key_centroids.data(), key_dtype, keys.data() + size_t(c0) * d * ksize, C * d);
       convert_from_f32(x.value_centroids.data(), value_dtype, values.data() + size_t(c0) * d * vsize, C * d);
     }
-    for (size_t i = 0; i < C; ++i) {
-      sizes.push_back(x.sizes[i]);
-      begin.push_back(int32_t(mem.size()) + x.member_offsets[i]);
+    const int32_t m1 = int32_t(mem.size());
+    for (size_t i = 0; i < size_t(r.fine); ++i) {
+      sizes.push_back(i < C ? x.sizes[i] : 0);
+      begin.push_back(m1 + (i < C ? x.member_offsets[i] : int32_t(x.members.size())));
     }
     mem.insert(mem.end(), x.members.begin(), x.members.end());
-    c0 += int64_t(C);
+    mem.resize(size_t(m1 + r.tokens), 0);
+    c0 += r.fine;
   }
   auto put = [](DeviceBuffer& buf, const void* src, size_t bytes) {
     buf.reserve(std::max<size_t>(bytes, 16));
@@ -186,15 +226,23 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
                  x.clustered_end <= std::numeric_limits<int32_t>::max() && (x.coarse == 0 || x.fine > 0),
              "cluster index: entry {} shape (fine {}, coarse {}, tokens {}, clustered_end {}) is inconsistent", e,
              x.fine, x.coarse, x.tokens, x.clustered_end);
+    MP_CHECK((x.fine_capacity == 0 && x.coarse_capacity == 0) ||
+                 (x.fine_capacity >= x.fine && x.token_capacity >= x.tokens &&
+                  (x.coarse_capacity == 0 ? x.coarse == 0 : x.coarse_capacity > x.coarse)),
+             "cluster index: entry {} capacity (fine {}, coarse {}, tokens {}) below its {} fine, {} coarse (+1 "
+             "placeholder), {} tokens",
+             e, x.fine_capacity, x.coarse_capacity, x.token_capacity, x.fine, x.coarse, x.tokens);
+    const Room r = room(shapes, e, x.fine, x.coarse, x.tokens);
     entry_begin_.push_back(int32_t(clusters));
-    entry_count_.push_back(x.fine + x.coarse);
+    entry_count_.push_back(x.fine + r.coarse);
     entry_end_.push_back(int32_t(x.clustered_end));
-    entry_coarse_.push_back(x.coarse);
+    entry_coarse_.push_back(r.coarse);
+    entry_cap_.push_back(r.coarse + r.fine);
     member_base_.push_back(members);
-    clusters += x.fine + x.coarse;
-    members += x.tokens + (x.coarse > 0 ? x.fine : 0);
-    max_clusters_ = std::max(max_clusters_, x.fine + x.coarse);
-    max_coarse_ = std::max(max_coarse_, x.coarse);
+    clusters += r.fine + r.coarse;
+    members += r.tokens + r.children;
+    max_clusters_ = std::max(max_clusters_, x.fine + r.coarse);
+    max_coarse_ = std::max(max_coarse_, r.coarse);
   }
   MP_CHECK(clusters < std::numeric_limits<int32_t>::max() && members < std::numeric_limits<int32_t>::max(),
            "cluster index: {} clusters / {} members exceed the 2^31 limit", clusters, members);
@@ -222,7 +270,21 @@ DeviceClusterTarget DeviceClusterIndex::target() {
   t.sizes = sizes_.as<int32_t>();
   t.member_begin = member_begin_.as<int32_t>();
   t.members = members_.as<int32_t>();
+  t.entry_count = d_entry_count_.as<int32_t>();
+  t.entry_end = d_entry_end_.as<int32_t>();
   return t;
+}
+
+void DeviceClusterIndex::sync_entries() {
+  synchronize();
+  d_entry_count_.download(entry_count_.data(), entry_count_.size() * 4);
+  d_entry_end_.download(entry_end_.data(), entry_end_.size() * 4);
+  max_clusters_ = 0;
+  for (size_t e = 0; e < entry_count_.size(); ++e) {
+    MP_CHECK(entry_count_[e] <= entry_cap_[e], "cluster index: entry {} holds {} clusters, beyond its capacity {}", e,
+             entry_count_[e], entry_cap_[e]);
+    max_clusters_ = std::max(max_clusters_, entry_count_[e]);
+  }
 }
 
 DeviceClusterView DeviceClusterIndex::view() const {

@@ -12,6 +12,7 @@
 #include "attention/kmeans.hpp"
 #include "cuda/check.hpp"
 #include "cuda/kmeans_launch.hpp"
+#include "multipole/attention/cluster_index.hpp"
 #include "multipole/core/error.hpp"
 
 namespace multipole::cuda {
@@ -29,7 +30,117 @@ void upload_vec(DeviceBuffer& buf, const std::vector<T>& v) {
 }
 
 
+KvRead kv_read(const DeviceKVCache& cache, int layer) {
+  KvRead kv{};
+  const DeviceKVLayer lay = cache.layer(layer);
+  kv.keys = lay.keys;
+  kv.values = lay.values;
+  kv.tables = lay.tables;
+  kv.table_offset = lay.table_offset;
+  kv.page_size = lay.page_size;
+  kv.num_kv_heads = lay.num_kv_heads;
+  kv.f16 = lay.dtype == DType::F16;
+  return kv;
+}
+
+// Capacity for `reserve` more tokens from online updates: a chunk adds the difference of
+// ceil(block tokens / t) before and after it, so over the chunks at most reserve / t + 1 per
+// chunk; append() counts coarse additions as at least 1 per chunk (the device may add
+// fewer), and one placeholder coarse slot stays free.
+void set_capacity(DeviceEntryShape& sh, const ClusterConfig& cc, int levels, int64_t reserve) {
+  const int64_t chunks = ceil_div(reserve, cc.window) + 1;
+  sh.token_capacity = sh.tokens + reserve;
+  sh.fine_capacity = int(sh.fine + ceil_div(reserve, cc.tokens_per_centroid[0]) + chunks);
+  sh.coarse_capacity =
+      levels == 2 ? int(sh.coarse + ceil_div(reserve, cc.tokens_per_centroid[1]) + 2 * chunks + 2) : 0;
+}
+
+int key_kind_of(DType t) { return t == DType::F32 ? 0 : t == DType::BF16 ? 1 : 2; }
+
 }  // namespace
+
+// Online update state: the open blocks (host mirror: exact token and fine counts, an upper
+// bound of the coarse slots in use; the device copy is authoritative), capacities, buffers.
+struct DeviceKMeans::Online {
+  KmOnlineDims dims{};
+  std::vector<KmOpen> open;        // host mirror, last1 = upper bound of the coarse slots in use
+  std::vector<DeviceEntryShape> cap;  // capacities per entry
+  int half = 0, d = 0;
+  DeviceBuffer d_open, key_sums, value_sums, parents, coarse_keys, cent, cnorm, dist, scratch, chunks;
+
+  Online(DeviceKMeans& km, const DeviceKVCache& cache, const AttentionConfig& config, const Rope& rope,
+         int64_t reserve, std::vector<KmOpen> states)
+      : open(std::move(states)) {
+    const auto& cc = config.cluster;
+    const int E = int(open.size());
+    d = cache.config().head_dim;
+    MP_CHECK(cc.window >= 1 && cc.window <= 128, "device online update: window {} must be in [1, 128]", cc.window);
+    MP_CHECK(cc.update_iterations >= 0, "device online update: update_iterations {} must be >= 0",
+             cc.update_iterations);
+    dims.window = cc.window;
+    dims.block_size = cc.block_size;
+    dims.t0 = cc.tokens_per_centroid[0];
+    dims.levels = int(cc.tokens_per_centroid.size());
+    dims.t1 = dims.levels == 2 ? cc.tokens_per_centroid[1] : dims.t0;
+    dims.iterations = cc.update_iterations;
+    dims.sinks = cc.sinks;
+    dims.to = cc.block_size * 3 / 2 + cc.window;
+    dims.ko = int((ceil_div(dims.to, dims.t0) + 1 + 3) / 4 * 4);  // distance rows of whole float4
+    dims.ko1 = int(ceil_div(dims.to, dims.t1) + 2);
+    const int64_t smem = int64_t(km_online_smem(d, dims));
+    if (km.sms_ == 0) {
+      const DeviceInfo info = device_info();
+      km.sms_ = info.sm_count;
+      km.smem_optin_ = info.smem_per_block_optin;
+    }
+    MP_CHECK(smem <= km.smem_optin_,
+             "device online update: block_size {} with tokens_per_centroid[0] {} needs {} bytes of shared memory, the "
+             "device has {} per block",
+             cc.block_size, dims.t0, smem, km.smem_optin_);
+    const DeviceClusterIndex& idx = *km.index_;
+    for (int e = 0; e < E; ++e) {
+      KmOpen& o = open[size_t(e)];
+      o.cluster_base = int32_t(idx.entry_first_cluster(e));
+      o.coarse_cap = idx.entry_coarse(e);
+      o.member_base = int32_t(idx.member_base(e));
+      o.child_cap = o.coarse_cap > 0 ? idx.entry_capacity(e) - o.coarse_cap : 0;
+      DeviceEntryShape c;
+      c.fine_capacity = idx.entry_capacity(e) - o.coarse_cap;
+      c.coarse_capacity = o.coarse_cap;
+      c.token_capacity = o.end - cc.sinks + reserve;
+      cap.push_back(c);
+    }
+    std::vector<double> f(rope.inv_freq().begin(), rope.inv_freq().end());
+    half = int(f.size());
+    upload_vec(km.inv_freq_, f);
+    upload_vec(d_open, open);
+    const size_t n = size_t(E), D = size_t(d);
+    key_sums.reserve(n * dims.ko * D * 8);
+    value_sums.reserve(n * dims.ko * D * 8);
+    parents.reserve(n * dims.ko * 4);
+    coarse_keys.reserve(n * dims.ko1 * D * 4);
+    cent.reserve(n * dims.ko * D * 4);
+    cnorm.reserve(n * dims.ko * 4);
+    dist.reserve(n * dims.window * dims.ko * 4);
+    scratch.reserve(n * dims.to * 4);
+  }
+
+  KmOnlineBuffers buffers() const {
+    return {d_open.as<KmOpen>(),    key_sums.as<double>(), value_sums.as<double>(), parents.as<int32_t>(),
+            coarse_keys.as<float>(), cent.as<float>(),      cnorm.as<float>(),      dist.as<float>(),
+            scratch.as<int32_t>()};
+  }
+
+  void init(DeviceKMeans& km, const DeviceKVCache& cache, Stream stream) {
+    km_online_init(d, int(open.size()), kv_read(cache, km.layer_), km.inv_freq_.as<double>(), half, dims, buffers(),
+                   km.index_->target(), key_kind_of(km.index_->key_dtype()), cache.config().dtype == DType::F16,
+                   stream);
+  }
+};
+
+DeviceKMeans::DeviceKMeans() = default;
+DeviceKMeans::DeviceKMeans(DeviceKMeans&&) noexcept = default;
+DeviceKMeans& DeviceKMeans::operator=(DeviceKMeans&&) noexcept = default;
 
 DeviceKMeans::~DeviceKMeans() {
   for (auto& m : marks_) cudaEventDestroy(static_cast<cudaEvent_t>(m.second));
@@ -60,7 +171,7 @@ std::vector<std::pair<std::string, double>> DeviceKMeans::stage_ms() const {
 
 void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const SeqId> seqs,
                          std::span<const int64_t> ends, const AttentionConfig& config, const Rope& rope,
-                         DType key_dtype, Stream stream) {
+                         DType key_dtype, Stream stream, int64_t reserve_tokens) {
   const auto& kc = cache.config();
   const auto& cc = config.cluster;
   const int d = kc.head_dim, Hkv = kc.num_kv_heads;
@@ -79,7 +190,9 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
            cc.block_size);
   // The work buffers and descriptors are reused: the previous build's kernels must be done.
   stream_synchronize(stream);
+  MP_CHECK(reserve_tokens >= 0, "device k-means: reserve_tokens {} must be >= 0", reserve_tokens);
   levels_ = int(cc.tokens_per_centroid.size());
+  layer_ = layer;
   head_dim_ = d;
   num_kv_heads_ = Hkv;
   launches_ = 0;
@@ -126,7 +239,13 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
       sh.tokens = n;
       sh.fine = int(fine);
       sh.coarse = int(coarse);
+      if (reserve_tokens > 0) set_capacity(sh, cc, levels_, reserve_tokens);
       shapes.push_back(sh);
+      // Slots and list room of the entry (capacity included): coarse slots, fine slots; child
+      // lists, token lists.
+      const int64_t coarse_slots = std::max<int64_t>(coarse, sh.coarse_capacity);
+      const int64_t fine_slots = std::max<int64_t>(fine, sh.fine_capacity);
+      const int64_t child_room = coarse_slots > 0 ? fine_slots : 0;
       const int64_t entry_cluster = dev_clusters, entry_member = dev_members;
       int64_t fine_local = 0, coarse_local = 0;
       for (int64_t k = 0; k < nblocks; ++k) {
@@ -139,8 +258,8 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
         blk.seq = int32_t(seqs[b]);
         blk.head = h;
         blk.token_begin = int32_t(pos);
-        blk.dev_cluster = int32_t(entry_cluster + coarse + fine_local);
-        blk.dev_member = int32_t(entry_member + (coarse > 0 ? fine : 0) + (pos - sinks));
+        blk.dev_cluster = int32_t(entry_cluster + coarse_slots + fine_local);
+        blk.dev_member = int32_t(entry_member + child_room + (pos - sinks));
         blk.fine_local = int32_t(fine_local);
         blk.seed = kmeans::mix_seed(cc.seed, {0, uint64_t(uint32_t(seqs[b])), uint64_t(layer), uint64_t(h),
                                               uint64_t(k)});
@@ -167,8 +286,8 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
         fine_local += blk.k;
       }
       points += n;
-      dev_clusters += fine + coarse;
-      dev_members += n + (coarse > 0 ? fine : 0);
+      dev_clusters += fine_slots + coarse_slots;
+      dev_members += std::max(n, sh.token_capacity) + child_room;
     }
   }
   MP_CHECK(points < (int64_t(1) << 31), "device k-means: {} clustered tokens exceed the 2^31 limit", points);
@@ -199,7 +318,9 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
       return false;
     for (size_t e = 0; e < shapes.size(); ++e)
       if (shapes[e].clustered_end != shapes_[e].clustered_end || shapes[e].tokens != shapes_[e].tokens ||
-          shapes[e].fine != shapes_[e].fine || shapes[e].coarse != shapes_[e].coarse)
+          shapes[e].fine != shapes_[e].fine || shapes[e].coarse != shapes_[e].coarse ||
+          shapes[e].token_capacity != shapes_[e].token_capacity ||
+          shapes[e].fine_capacity != shapes_[e].fine_capacity || shapes[e].coarse_capacity != shapes_[e].coarse_capacity)
         return false;
     return true;
   };
@@ -247,17 +368,36 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
     L.big.reserve(nc * 8);
     L.big_n.reserve(16);
   }
-  if (num_blocks_ == 0) return;
+  online_.reset();
+  if (reserve_tokens > 0) {
+    // The open block of every entry is its last block (or none).
+    std::vector<KmOpen> open(entries.size());
+    for (size_t e = 0; e < entries.size(); ++e) {
+      KmOpen& o = open[e];
+      o.seq = entries[e].seq;
+      o.head = entries[e].head;
+      o.begin = o.end = int32_t(shapes[e].clustered_end);
+      o.last0 = shapes[e].fine;
+      o.last1 = shapes[e].coarse;
+      o.first0 = o.last0;
+      o.first1 = o.last1;
+    }
+    for (size_t i = 0; i < b0.size(); ++i) {
+      KmOpen& o = open[size_t(block_entry_[i])];
+      o.has_block = 1;
+      o.begin = b0[i].token_begin;
+      o.end = b0[i].token_begin + b0[i].n;
+      o.first0 = b0[i].fine_local;
+      if (levels_ == 2) o.first1 = b1[i].dev_cluster - index_->entry_first_cluster(block_entry_[i]);
+    }
+    online_ = std::make_unique<Online>(*this, cache, config, rope, reserve_tokens, std::move(open));
+  }
+  if (num_blocks_ == 0) {
+    if (online_) online_->init(*this, cache, stream);
+    return;
+  }
 
-  KvRead kv{};
-  const DeviceKVLayer lay = cache.layer(layer);
-  kv.keys = lay.keys;
-  kv.values = lay.values;
-  kv.tables = lay.tables;
-  kv.table_offset = lay.table_offset;
-  kv.page_size = lay.page_size;
-  kv.num_kv_heads = lay.num_kv_heads;
-  kv.f16 = lay.dtype == DType::F16;
+  const KvRead kv = kv_read(cache, layer);
 
   int max_count = 0;
   for (const auto& e : entries) max_count = std::max(max_count, e.count);
@@ -300,7 +440,7 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
       mark(l == 0 ? "L0 update" : "L1 update", stream);
     }
   }
-  const int key_kind = key_dtype == DType::F32 ? 0 : key_dtype == DType::BF16 ? 1 : 2;
+  const int key_kind = key_kind_of(key_dtype);
   const DeviceClusterTarget target = index_->target();
   for (int l = 0; l < levels_; ++l) {
     Level& L = lv_[l];
@@ -310,6 +450,186 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
     ++launches_;
     mark("emit", stream);
   }
+  if (online_) {
+    online_->init(*this, cache, stream);
+    ++launches_;
+    mark("online init", stream);
+  }
+}
+
+void DeviceKMeans::load(const DeviceKVCache& cache, int layer, std::span<const SeqId> seqs,
+                        std::span<const ClusterIndex* const> cpu, const AttentionConfig& config, const Rope& rope,
+                        DType key_dtype, int64_t reserve_tokens) {
+  const auto& kc = cache.config();
+  const auto& cc = config.cluster;
+  const int Hkv = kc.num_kv_heads;
+  MP_CHECK(kc.head_dim == 64 || kc.head_dim == 128, "device k-means: head_dim {} must be 64 or 128", kc.head_dim);
+  MP_CHECK(cpu.size() == seqs.size() * size_t(Hkv) && !seqs.empty(),
+           "device k-means: {} CPU indexes for {} sequences x {} KV heads", cpu.size(), seqs.size(), Hkv);
+  MP_CHECK(reserve_tokens > 0, "device k-means: load needs reserve_tokens > 0, got {}", reserve_tokens);
+  synchronize();
+  levels_ = int(cc.tokens_per_centroid.size());
+  layer_ = layer;
+  head_dim_ = kc.head_dim;
+  num_kv_heads_ = Hkv;
+  num_blocks_ = 0;
+  entry_seq_.clear();
+  block_entry_.clear();
+  block_index_.clear();
+  std::vector<HostClusterLevel> host;
+  std::vector<DeviceEntryShape> caps;
+  std::vector<KmOpen> open(cpu.size());
+  for (size_t e = 0; e < cpu.size(); ++e) {
+    const ClusterIndex& x = *cpu[e];
+    MP_CHECK(x.num_levels() == levels_, "device k-means: CPU index {} has {} levels, the config {}", e,
+             x.num_levels(), levels_);
+    host.push_back(host_cluster_level(x));
+    DeviceEntryShape sh;
+    sh.tokens = x.end() - x.begin();
+    sh.fine = host.back().num_clusters();
+    sh.coarse = host.back().num_coarse();
+    set_capacity(sh, cc, levels_, reserve_tokens);
+    caps.push_back(sh);
+    KmOpen& o = open[e];
+    o.seq = int32_t(seqs[e / size_t(Hkv)]);
+    o.head = int(e % size_t(Hkv));
+    entry_seq_.push_back(o.seq);
+    o.begin = o.end = int32_t(x.end());
+    o.first0 = o.last0 = sh.fine;
+    o.first1 = o.last1 = sh.coarse;
+    if (!x.blocks().empty()) {
+      const ClusterBlock& blk = x.blocks().back();
+      o.has_block = 1;
+      o.begin = int32_t(blk.begin);
+      o.first0 = blk.first[0];
+      o.first1 = levels_ == 2 ? blk.first[1] : 0;
+    }
+  }
+  index_ = std::make_unique<DeviceClusterIndex>(kc.head_dim, Hkv, key_dtype, kc.dtype, host, caps);
+  shapes_.clear();
+  online_ = std::make_unique<Online>(*this, cache, config, rope, reserve_tokens, std::move(open));
+  online_->init(*this, cache, nullptr);
+  synchronize();
+}
+
+void DeviceKMeans::append(const DeviceKVCache& cache, std::span<const int64_t> new_ends, const AttentionConfig& config,
+                          Stream stream) {
+  MP_CHECK(online_ != nullptr, "device k-means: append() needs build(..., reserve_tokens > 0) or load() first");
+  Online& on = *online_;
+  const auto& cc = config.cluster;
+  const int E = int(on.open.size()), Hkv = num_kv_heads_;
+  MP_CHECK(new_ends.size() * size_t(Hkv) == size_t(E), "device k-means: {} new ends for {} entries of {} KV heads",
+           new_ends.size(), E, Hkv);
+  MP_CHECK(cc.window == on.dims.window && cc.block_size == on.dims.block_size &&
+               cc.tokens_per_centroid[0] == on.dims.t0 && int(cc.tokens_per_centroid.size()) == on.dims.levels,
+           "device k-means: append with another cluster config than the build's");
+  const int64_t t0 = on.dims.t0, t1 = on.dims.t1, W = on.dims.window;
+  std::vector<KmChunk> all;
+  for (;;) {
+    std::vector<KmChunk> row(size_t(E), KmChunk{0, 0, 0});
+    bool any = false;
+    for (int e = 0; e < E; ++e) {
+      KmOpen& o = on.open[size_t(e)];
+      const int64_t target = new_ends[size_t(e / Hkv)];
+      MP_CHECK(target >= o.end && target <= cache.host_length(o.seq),
+               "device k-means: new end {} of sequence {} outside [{}, length {}]", target, o.seq, o.end,
+               cache.host_length(o.seq));
+      if (o.end == target) continue;
+      const int64_t count = std::min<int64_t>(W, target - o.end);
+      if (!o.has_block || o.end - o.begin >= cc.block_size) {
+        o.has_block = 1;
+        o.begin = o.end;
+        o.first0 = o.last0;
+      }
+      const int64_t n0 = o.end - o.begin, n1 = n0 + count;
+      const int64_t add0 = std::min(count, ceil_div(n1, t0) - ceil_div(n0, t0));
+      const int64_t add1 = on.dims.levels == 2 ? std::max<int64_t>(1, ceil_div(n1, t1) - ceil_div(n0, t1)) : 0;
+      const DeviceEntryShape& cap = on.cap[size_t(e)];
+      MP_CHECK(o.last0 + add0 <= cap.fine_capacity && (add1 == 0 || o.last1 + add1 < cap.coarse_capacity) &&
+                   o.end + count - cc.sinks <= cap.token_capacity,
+               "device k-means: entry {} would hold {} fine / up to {} coarse clusters and {} tokens, beyond its "
+               "capacity {} / {} (one placeholder) / {}; build with a larger reserve_tokens",
+               e, o.last0 + add0, o.last1 + add1, o.end + count - cc.sinks, cap.fine_capacity, cap.coarse_capacity,
+               cap.token_capacity);
+      row[size_t(e)] = {o.end, int32_t(count),
+                        kmeans::mix_seed(cc.seed, {1, uint64_t(uint32_t(o.seq)), uint64_t(layer_), uint64_t(o.head),
+                                                   uint64_t(o.end)})};
+      o.end += int32_t(count);
+      o.last0 += int32_t(add0);
+      o.last1 += int32_t(add1);
+      any = true;
+    }
+    if (!any) break;
+    all.insert(all.end(), row.begin(), row.end());
+  }
+  update_launches_ = 0;
+  if (all.empty()) return;
+  stream_synchronize(stream);  // the previous append's descriptors may still be read
+  upload_vec(on.chunks, all);
+  const KvRead kv = kv_read(cache, layer_);
+  const DeviceClusterTarget target = index_->target();
+  const int key_kind = key_kind_of(index_->key_dtype());
+  for (size_t c = 0; c * size_t(E) < all.size(); ++c) {
+    km_online_update(on.d, E, kv, inv_freq_.as<double>(), on.half, on.dims, on.buffers(),
+                     on.chunks.as<KmChunk>() + c * size_t(E), target, key_kind, cache.config().dtype == DType::F16,
+                     stream);
+    ++update_launches_;
+  }
+}
+
+HostClusterLevel DeviceKMeans::download_index(int entry) const {
+  MP_CHECK(online_ != nullptr && entry >= 0 && entry < int(online_->open.size()),
+           "device k-means: download_index({}) needs an online-ready index", entry);
+  synchronize();
+  KmOpen o;
+  online_->d_open.download(&o, sizeof(o), size_t(entry) * sizeof(o));
+  const int d = head_dim_;
+  const DeviceClusterView v = index_->view();
+  const int64_t nclusters = int64_t(o.coarse_cap) + o.last0;
+  std::vector<int32_t> sizes(static_cast<size_t>(nclusters)), mb(static_cast<size_t>(nclusters));
+  std::vector<std::byte> keys(size_t(nclusters) * d * dtype_size(v.key_dtype)),
+      values(size_t(nclusters) * d * dtype_size(v.value_dtype));
+  auto get = [](void* dst, const void* src, size_t bytes) {
+    if (bytes) MP_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+  };
+  get(sizes.data(), v.sizes + o.cluster_base, sizes.size() * 4);
+  get(mb.data(), v.member_begin + o.cluster_base, mb.size() * 4);
+  get(keys.data(), static_cast<const std::byte*>(v.key_centroids) + size_t(o.cluster_base) * d * dtype_size(v.key_dtype),
+      keys.size());
+  get(values.data(),
+      static_cast<const std::byte*>(v.value_centroids) + size_t(o.cluster_base) * d * dtype_size(v.value_dtype),
+      values.size());
+  // Child lists, then the token lists of the clustered positions [sinks, end).
+  std::vector<int32_t> mem(size_t(o.child_cap) + size_t(std::max(0, o.end - online_->dims.sinks)));
+  get(mem.data(), v.members + o.member_base, mem.size() * 4);
+  std::vector<float> kf(keys.size() / dtype_size(v.key_dtype)), vf(values.size() / dtype_size(v.value_dtype));
+  convert_to_f32(keys.data(), v.key_dtype, kf.data(), kf.size());
+  convert_to_f32(values.data(), v.value_dtype, vf.data(), vf.size());
+  HostClusterLevel h;
+  h.clustered_end = o.end;
+  h.member_offsets = {0};
+  for (int f = 0; f < o.last0; ++f) {
+    const size_t g = size_t(o.coarse_cap + f);
+    h.key_centroids.insert(h.key_centroids.end(), kf.begin() + g * d, kf.begin() + (g + 1) * d);
+    h.value_centroids.insert(h.value_centroids.end(), vf.begin() + g * d, vf.begin() + (g + 1) * d);
+    h.sizes.push_back(sizes[g]);
+    const size_t m0 = size_t(mb[g] - o.member_base);
+    h.members.insert(h.members.end(), mem.begin() + m0, mem.begin() + m0 + size_t(sizes[g]));
+    h.member_offsets.push_back(int32_t(h.members.size()));
+  }
+  if (o.coarse_cap > 0) {
+    h.coarse_child_offsets = {0};
+    for (int p = 0; p < o.last1; ++p) {
+      const size_t g = size_t(p);
+      h.coarse_key_centroids.insert(h.coarse_key_centroids.end(), kf.begin() + g * d, kf.begin() + (g + 1) * d);
+      h.coarse_value_centroids.insert(h.coarse_value_centroids.end(), vf.begin() + g * d, vf.begin() + (g + 1) * d);
+      h.coarse_sizes.push_back(sizes[g]);
+      const int32_t b0 = mb[g] - o.member_base, b1 = p + 1 < o.last1 ? mb[g + 1] - o.member_base : o.last0;
+      h.coarse_children.insert(h.coarse_children.end(), mem.begin() + b0, mem.begin() + b1);
+      h.coarse_child_offsets.push_back(int32_t(h.coarse_children.size()));
+    }
+  }
+  return h;
 }
 
 HostClusterLevel DeviceKMeans::download(int entry) const {

@@ -127,6 +127,38 @@ __device__ __forceinline__ void cp16(void* smem, const void* gmem, bool valid) {
 // unrotate_consecutive: pairs (i, i + half), angle -pos * inv_freq[i]; the angle is reduced
 // modulo 2 pi in f64, then sin/cos in f32), in f32. grid (ceil(max count / 8), entries),
 // 8 warps, one token per warp.
+// Clustering key of token `pos` (its cached key rotated back to position 0, as the CPU's
+// unrotate_consecutive: pairs (i, i + half), angle -pos * inv_freq[i]; the angle is reduced
+// modulo 2 pi in f64, then sin/cos in f32) into x (lane's V = D / 32 consecutive elements),
+// by one warp; row: the warp's [D] floats of shared memory.
+template <int D>
+__device__ __forceinline__ void warp_k0(const KvRead& kv, int seq, int head, int pos, const double* inv_freq, int half,
+                                        float* row, float (&x)[D / 32]) {
+  constexpr int V = D / 32;
+  const int lane = threadIdx.x & 31;
+  load16<V>(kv.keys, cache_row(kv, seq, head, pos) * D + lane * V, kv.f16 != 0, x);
+#pragma unroll
+  for (int i = 0; i < V; ++i) row[lane * V + i] = x[i];
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const int j = lane * V + i;
+    if (j < 2 * half) {
+      const int f = j < half ? j : j - half;
+      const double ang = double(pos) * inv_freq[f];
+      const double red = ang - 6.283185307179586 * rint(ang * 0.15915494309189535);
+      float sf, cf;
+      sincosf(float(red), &sf, &cf);
+      sf = -sf;  // angle -pos * f
+      const float a = row[f], b = row[f + half];
+      x[i] = j < half ? a * cf - b * sf : b * cf + a * sf;
+    }
+  }
+  __syncwarp();  // the row may be reused
+}
+
+// Clustering keys of every clustered token, f32. grid (ceil(max count / 8), entries), 8
+// warps, one token per warp.
 template <int D>
 __global__ void __launch_bounds__(256) gather_kernel(KvRead kv, const KmEntry* entries, const double* inv_freq,
                                                      int half, int sinks, float* points) {
@@ -136,30 +168,9 @@ __global__ void __launch_bounds__(256) gather_kernel(KvRead kv, const KmEntry* e
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.x * 8 + warp;
   if (t >= e.count) return;
-  const int pos = sinks + t;
   float x[V];
-  load16<V>(kv.keys, cache_row(kv, e.seq, e.head, pos) * D + lane * V, kv.f16 != 0, x);
-#pragma unroll
-  for (int i = 0; i < V; ++i) row[warp][lane * V + i] = x[i];
-  __syncwarp();
-  const int64_t p = e.point_begin + t;
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const int j = lane * V + i;
-    float o = row[warp][j];
-    if (j < 2 * half) {
-      const int f = j < half ? j : j - half;
-      const double ang = double(pos) * inv_freq[f];
-      const double red = ang - 6.283185307179586 * rint(ang * 0.15915494309189535);
-      float sf, cf;
-      sincosf(float(red), &sf, &cf);
-      sf = -sf;  // angle -pos * f
-      const float a = row[warp][f], b = row[warp][f + half];
-      o = j < half ? a * cf - b * sf : b * cf + a * sf;
-    }
-    x[i] = o;
-  }
-  store_f32<V>(points + p * D + lane * V, x);
+  warp_k0<D>(kv, e.seq, e.head, sinks + t, inv_freq, half, row[warp], x);
+  store_f32<V>(points + (e.point_begin + int64_t(t)) * D + lane * V, x);
 }
 
 // Per-block origin of the f16 copies: the mean of up to 1024 evenly spaced points of the
@@ -709,6 +720,22 @@ __global__ void __launch_bounds__(256, 4) big_update_kernel(const KmBlock* block
   }
 }
 
+// Element i of a key and a value centroid of the index, converted (key_kind 0 f32, 1 bf16,
+// 2 f16; values bf16 or f16).
+__device__ __forceinline__ void put_centroid(const DeviceClusterTarget& out, int64_t i, float k, float v, int key_kind,
+                                             int value_f16) {
+  if (key_kind == 0)
+    static_cast<float*>(out.key_centroids)[i] = k;
+  else if (key_kind == 1)
+    static_cast<__nv_bfloat16*>(out.key_centroids)[i] = __float2bfloat16_rn(k);
+  else
+    static_cast<__half*>(out.key_centroids)[i] = __float2half_rn(k);
+  if (value_f16)
+    static_cast<__half*>(out.value_centroids)[i] = __float2half_rn(v);
+  else
+    static_cast<__nv_bfloat16*>(out.value_centroids)[i] = __float2bfloat16_rn(v);
+}
+
 // The final statistics into the index: centroids converted, sizes, member lists (level 0:
 // token positions; level 1: entry-local fine ids). One cluster per warp.
 template <int D>
@@ -721,19 +748,7 @@ __global__ void __launch_bounds__(256) emit_kernel(const KmBlock* blocks, int le
   if (c >= blk.k) return;
   const int64_t g = int64_t(blk.cluster_begin) + c, dc = int64_t(blk.dev_cluster) + c;
   const int m0 = offsets[g], m1 = c + 1 < blk.k ? offsets[g + 1] : blk.n;
-  for (int j = lane; j < D; j += 32) {
-    const float k = cent[g * D + j], v = values[g * D + j];
-    if (key_kind == 0)
-      static_cast<float*>(out.key_centroids)[dc * D + j] = k;
-    else if (key_kind == 1)
-      static_cast<__nv_bfloat16*>(out.key_centroids)[dc * D + j] = __float2bfloat16_rn(k);
-    else
-      static_cast<__half*>(out.key_centroids)[dc * D + j] = __float2half_rn(k);
-    if (value_f16)
-      static_cast<__half*>(out.value_centroids)[dc * D + j] = __float2half_rn(v);
-    else
-      static_cast<__nv_bfloat16*>(out.value_centroids)[dc * D + j] = __float2bfloat16_rn(v);
-  }
+  for (int j = lane; j < D; j += 32) put_centroid(out, dc * D + j, cent[g * D + j], values[g * D + j], key_kind, value_f16);
   if (lane == 0) {
     out.sizes[dc] = sizes[g];
     out.member_begin[dc] = blk.dev_member + m0;
@@ -741,6 +756,709 @@ __global__ void __launch_bounds__(256) emit_kernel(const KmBlock* blocks, int le
   for (int m = m0 + lane; m < m1; m += 32) {
     const int i = members[blk.point_begin + m];
     out.members[blk.dev_member + m] = level == 0 ? blk.token_begin + i : blk.fine_local + i;
+  }
+}
+
+// ---- online update -------------------------------------------------------------------------
+
+constexpr int kOnlineThreads = 256;
+constexpr int kBatch = 4;  // independent global loads issued together in the latency-bound loops
+
+// In-place exclusive prefix sum of a[0, n) in shared memory by the whole CTA; returns the
+// total. tmp: [kOnlineThreads / 32 + 1] ints of shared memory.
+__device__ int block_exclusive_scan(int* a, int n, int* tmp) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int per = (n + kOnlineThreads - 1) / kOnlineThreads, lo = min(n, tid * per), hi = min(n, lo + per);
+  int mine = 0;
+  for (int i = lo; i < hi; ++i) mine += a[i];
+  int incl = mine;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) tmp[warp] = incl;
+  __syncthreads();
+  if (tid == 0) {
+    int run = 0;
+    for (int w = 0; w < kOnlineThreads / 32; ++w) {
+      const int x = tmp[w];
+      tmp[w] = run;
+      run += x;
+    }
+    tmp[kOnlineThreads / 32] = run;
+  }
+  __syncthreads();
+  int at = tmp[warp] + incl - mine;
+  for (int i = lo; i < hi; ++i) {
+    const int x = a[i];
+    a[i] = at;
+    at += x;
+  }
+  const int total = tmp[kOnlineThreads / 32];
+  __syncthreads();
+  return total;
+}
+
+// The f32 centroid the index holds for a fine cluster of `size` tokens with f64 sum `sum`
+// (the CPU's float(sum * (1.0 / size)); 0 when empty).
+__device__ __forceinline__ float mean_of(double sum, int size) {
+  return size > 0 ? float(sum * (1.0 / double(size))) : 0.0f;
+}
+
+// Entry-local ids -> index ids / member slots.
+struct OnlineEntry {
+  KmOpen o;
+  __device__ int64_t fine(int f) const { return int64_t(o.cluster_base) + o.coarse_cap + f; }
+  __device__ int64_t coarse(int p) const { return int64_t(o.cluster_base) + p; }
+  __device__ int64_t token_lists(int sinks) const { return int64_t(o.member_base) + o.child_cap + (o.begin - sinks); }
+};
+
+template <int D>
+__device__ void online_norms(const float* cent, float* cnorm, const int* cols, int n);
+
+// Open-block state from the index (after a build or an upload). One CTA per entry.
+template <int D>
+__global__ void __launch_bounds__(kOnlineThreads) online_init_kernel(KvRead kv, const double* inv_freq, int half,
+                                                                      KmOnlineDims dims, KmOnlineBuffers buf,
+                                                                      DeviceClusterTarget out, int key_kind,
+                                                                      int value_f16) {
+  constexpr int V = D / 32, W = kOnlineThreads / 32;
+  __shared__ float row[W][D];
+  const int e = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const OnlineEntry en{buf.open[e]};
+  const KmOpen& o = en.o;
+  // Placeholders: coarse slots past the used ones (their lists start where the used end).
+  for (int p = o.last1 + tid; p < o.coarse_cap; p += kOnlineThreads) {
+    out.sizes[en.coarse(p)] = 0;
+    out.member_begin[en.coarse(p)] = o.member_base + o.last0;
+  }
+  for (int64_t x = int64_t(o.last1) * D + tid; x < int64_t(o.coarse_cap) * D; x += kOnlineThreads)
+    put_centroid(out, en.coarse(0) * D + x, 0.0f, 0.0f, key_kind, value_f16);
+  if (!o.has_block) return;
+  const int k = o.last0 - o.first0;
+  double* ks = buf.key_sums + int64_t(e) * dims.ko * D;
+  double* vs = buf.value_sums + int64_t(e) * dims.ko * D;
+  int32_t* parents = buf.parents + int64_t(e) * dims.ko;
+  float* cent = buf.cent + int64_t(e) * dims.ko * D;
+  // f64 sums of the open fine clusters over their members (ascending); cent / cnorm: the
+  // stored f32 means the update starts from.
+  for (int c = warp; c < k; c += W) {
+    const int64_t f = en.fine(o.first0 + c);
+    const int mb = out.member_begin[f], n = out.sizes[f];
+    double sk[V] = {}, sv[V] = {};
+    for (int m = 0; m < n; ++m) {
+      const int t = out.members[mb + m];
+      float x[V], v[V];
+      warp_k0<D>(kv, o.seq, o.head, t, inv_freq, half, row[warp], x);
+      load16<V>(kv.values, cache_row(kv, o.seq, o.head, t) * D + lane * V, kv.f16 != 0, v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        sk[i] += x[i];
+        sv[i] += v[i];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      ks[int64_t(c) * D + lane * V + i] = sk[i];
+      vs[int64_t(c) * D + lane * V + i] = sv[i];
+      cent[int64_t(c) * D + lane * V + i] = mean_of(sk[i], n);
+    }
+  }
+  __syncthreads();
+  online_norms<D>(cent, buf.cnorm + int64_t(e) * dims.ko, nullptr, k);
+  if (o.coarse_cap == 0) return;
+  // Parents from the open coarse clusters' child lists.
+  for (int p = o.first1 + tid; p < o.last1; p += kOnlineThreads) {
+    const int b0 = out.member_begin[en.coarse(p)];
+    const int b1 = p + 1 < o.last1 ? out.member_begin[en.coarse(p + 1)] : o.member_base + o.last0;
+    for (int m = b0; m < b1; ++m) parents[out.members[m] - o.first0] = p - o.first1;
+  }
+  __syncthreads();
+  // f32 coarse keys as recompute_from_children gives them (size-weighted f32 child means).
+  float* ck = buf.coarse_keys + int64_t(e) * dims.ko1 * D;
+  for (int p = warp; p < o.last1 - o.first1; p += W) {
+    double acc[V] = {};
+    int64_t size = 0;
+    for (int c = 0; c < k; ++c) {
+      if (parents[c] != p) continue;
+      const int n = out.sizes[en.fine(o.first0 + c)];
+      if (n == 0) continue;
+      size += n;
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] += double(n) * mean_of(ks[int64_t(c) * D + lane * V + i], n);
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) ck[int64_t(p) * D + lane * V + i] = size > 0 ? float(acc[i] * (1.0 / double(size))) : 0.0f;
+  }
+}
+
+// Shared memory of the update kernel, carved from one dynamic allocation.
+struct OnlineSmem {
+  float* X;      // [window, D + 1] clustering keys of the chunk (padded: conflict-free columns)
+  float* Vs;     // [window, D] values of the chunk
+  float* T;      // [64, D + 1] a tile of centroids
+  float* xnorm;  // [window] ||x||^2
+  float* dist2;  // [window] squared distance to the own centroid
+  int *lab, *used, *items, *seeds, *tl, *rk;                  // [window]
+  int *cnt, *moved_at, *moved, *osize, *st, *noff, *oo, *par;  // [ko]
+  int *ccnt, *coff, *tch;                                      // [ko1]
+  int* tmp;                                                    // [kOnlineThreads / 32 + 1]
+
+  __host__ __device__ static size_t bytes(int d, const KmOnlineDims& m) {
+    return (size_t(m.window + 64) * (d + 1) + size_t(m.window) * d + 8 * size_t(m.window) + 8 * size_t(m.ko) +
+            3 * size_t(m.ko1) +
+            kOnlineThreads / 32 + 1) *
+           4;
+  }
+  __device__ OnlineSmem(void* raw, int d, const KmOnlineDims& m) {
+    float* f = static_cast<float*>(raw);
+    X = f, f += m.window * (d + 1);
+    Vs = f, f += m.window * d;
+    T = f, f += 64 * (d + 1);
+    xnorm = f, f += m.window;
+    dist2 = f, f += m.window;
+    int* p = reinterpret_cast<int*>(f);
+    for (int** a : {&lab, &used, &items, &seeds, &tl, &rk}) *a = p, p += m.window;
+    for (int** a : {&cnt, &moved_at, &moved, &osize, &st, &noff, &oo, &par}) *a = p, p += m.ko;
+    for (int** a : {&ccnt, &coff, &tch}) *a = p, p += m.ko1;
+    tmp = p;
+  }
+};
+
+// dist[i * ko + c] = ||c||^2 - 2 x_i.c (f32, x.c accumulated over the dimensions in order,
+// as the CPU's partial_distances) for the chunk's tokens i and the columns cols[0, n) (all of
+// [0, n) when cols is null). Per 64-column tile each thread holds 4 tokens x 8 columns.
+template <int D>
+__device__ void online_distances(const OnlineSmem& sm, int count, const float* cent, const float* cnorm,
+                                 const int* cols, int n, float* dist, int ko) {
+  constexpr int DP = D + 1;
+  const int tid = threadIdx.x, tg = tid & 31, cg = tid >> 5;
+  for (int c0 = 0; c0 < n; c0 += 64) {
+    __syncthreads();  // the tile is free
+    {
+      constexpr int Q = D / 4, PER = 64 * Q / kOnlineThreads;  // float4 per thread, all loads first
+      float4 r[PER];
+#pragma unroll
+      for (int u = 0; u < PER; ++u) {
+        const int x = tid + u * kOnlineThreads, c = c0 + x / Q;
+        r[u] = c < n ? reinterpret_cast<const float4*>(cent)[int64_t(cols ? cols[c] : c) * Q + x % Q]
+                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+#pragma unroll
+      for (int u = 0; u < PER; ++u) {
+        const int x = tid + u * kOnlineThreads;
+        float* t = sm.T + (x / Q) * DP + 4 * (x % Q);
+        t[0] = r[u].x, t[1] = r[u].y, t[2] = r[u].z, t[3] = r[u].w;
+      }
+    }
+    __syncthreads();
+    float acc[4][8] = {};
+#pragma unroll 4
+    for (int j = 0; j < D; ++j) {
+      float xv[4], cv[8];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) xv[r] = sm.X[(tg + 32 * r) * DP + j];
+#pragma unroll
+      for (int q = 0; q < 8; ++q) cv[q] = sm.T[(cg * 8 + q) * DP + j];
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[r][q] = fmaf(xv[r], cv[q], acc[r][q]);
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int c = c0 + cg * 8 + q;
+      if (c >= n) break;
+      const int col = cols ? cols[c] : c;
+      const float nc = cnorm[col];
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        if (tg + 32 * r < count) dist[int64_t(tg + 32 * r) * ko + col] = fmaf(-2.0f, acc[r][q], nc);
+    }
+  }
+  __syncthreads();
+}
+
+// Warp-wide minimum of (value, index), the lowest index on ties; every lane gets it.
+__device__ __forceinline__ void warp_argmin(float& bv, int& bi) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int ob = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ov < bv || (ov == bv && ob < bi)) bv = ov, bi = ob;
+  }
+}
+
+// Nearest of the k columns of each token's distance row (lowest index on ties), one warp
+// per token.
+__device__ void online_argmin(const OnlineSmem& sm, const float* dist, int ko, int k, int count) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int i = warp; i < count; i += kOnlineThreads / 32) {
+    const float4* row = reinterpret_cast<const float4*>(dist + int64_t(i) * ko);  // ko % 4 == 0
+    float bv = __int_as_float(0x7f800000);
+    int bi = 0x7fffffff;
+#pragma unroll 4
+    for (int q = lane; q < (k + 3) / 4; q += 32) {  // columns ascending per lane: strict < keeps the lowest
+      const float4 v = row[q];
+      const float w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int t = 0; t < 4; ++t)
+        if (4 * q + t < k && w[t] < bv) bv = w[t], bi = 4 * q + t;
+    }
+    warp_argmin(bv, bi);
+    if (lane == 0) {
+      sm.lab[i] = bi;
+      sm.dist2[i] = fmaxf(0.0f, sm.xnorm[i] + bv);
+    }
+  }
+  __syncthreads();
+}
+
+// ||c||^2 of the listed centroids (all of [0, n) when cols is null), one warp per centroid.
+template <int D>
+__device__ void online_norms(const float* cent, float* cnorm, const int* cols, int n) {  // declared above
+  constexpr int V = D / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int U = 4;  // centroids per warp at a time, their loads first
+  for (int m0 = warp * U; m0 < n; m0 += U * (kOnlineThreads / 32)) {
+    float x[U][V];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int m = m0 + u, c = m < n ? (cols ? cols[m] : m) : 0;
+#pragma unroll
+      for (int i = 0; i < V; ++i) x[u][i] = m < n ? cent[int64_t(c) * D + lane * V + i] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float s = 0.0f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) s = fmaf(x[u][i], x[u][i], s);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (lane == 0 && m0 + u < n) cnorm[cols ? cols[m0 + u] : m0 + u] = s;
+    }
+  }
+  __syncthreads();
+}
+
+// One online update chunk of one entry (ClusterIndex::append_chunk): the chunk's tokens join
+// the open block. One CTA per entry; chunk count 0: nothing to do.
+template <int D>
+__global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv, const double* inv_freq, int half,
+                                                                        KmOnlineDims dims, KmOnlineBuffers buf,
+                                                                        const KmChunk* chunks, DeviceClusterTarget out,
+                                                                        int key_kind, int value_f16) {
+  constexpr int V = D / 32, NW = kOnlineThreads / 32, DP = D + 1, T = kOnlineThreads;
+  extern __shared__ __align__(16) unsigned char online_smem[];
+  __shared__ KmOpen so;
+  __shared__ int s_nmoved, s_add1;
+  __shared__ uint64_t s_rng[4];
+  const int e = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const KmChunk ch = chunks[e];
+  if (ch.count <= 0) return;
+  const OnlineSmem sm(online_smem, D, dims);
+  if (tid == 0) {
+    so = buf.open[e];
+    if (!so.has_block || so.end - so.begin >= dims.block_size) {  // freeze the open block, start a new one
+      so.has_block = 1;
+      so.begin = so.end;
+      so.first0 = so.last0;
+      so.first1 = so.last1;
+    }
+  }
+  __syncthreads();
+  const OnlineEntry en{so};
+  const KmOpen& o = en.o;
+  const int count = ch.count, a = ch.a;
+  const int n0 = o.end - o.begin, n1 = n0 + count, t0 = dims.t0;
+  const int k_old = o.last0 - o.first0;
+  const int k_add = min(count, (n1 + t0 - 1) / t0 - (n0 + t0 - 1) / t0);
+  const int k = k_old + k_add;
+  double* ks = buf.key_sums + int64_t(e) * dims.ko * D;
+  double* vs = buf.value_sums + int64_t(e) * dims.ko * D;
+  int32_t* parents = buf.parents + int64_t(e) * dims.ko;
+  float* ck = buf.coarse_keys + int64_t(e) * dims.ko1 * D;
+  float* cent = buf.cent + int64_t(e) * dims.ko * D;
+  float* cnorm = buf.cnorm + int64_t(e) * dims.ko;
+  float* dist = buf.dist + int64_t(e) * dims.window * dims.ko;
+  int32_t* scratch = buf.scratch + int64_t(e) * dims.to;
+
+  // 1. The chunk's clustering keys, values and norms; seeds drawn by the CPU's Rng.
+  for (int i = warp; i < count; i += NW) {
+    float x[V], y[V];
+    load16<V>(kv.values, cache_row(kv, o.seq, o.head, a + i) * D + lane * V, kv.f16 != 0, y);
+    warp_k0<D>(kv, o.seq, o.head, a + i, inv_freq, half, sm.T + warp * D, x);
+    double q = 0;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      sm.X[i * DP + lane * V + v] = x[v];
+      sm.Vs[i * D + lane * V + v] = y[v];
+      q += double(x[v]) * x[v];
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) q += __shfl_xor_sync(0xffffffffu, q, m);
+    if (lane == 0) sm.xnorm[i] = float(q);
+  }
+  if (tid == 0) {
+    DevRng rng;
+    uint64_t seed = ch.seed;
+    for (auto& x : rng.s) x = splitmix64(seed);
+    for (int i = 0; i < count; ++i) sm.items[i] = i;
+    for (int i = 0; i < k_add; ++i) {
+      const int j = i + int(rng.below(uint64_t(count - i)));
+      const int x = sm.items[i];
+      sm.items[i] = sm.items[j];
+      sm.items[j] = x;
+      sm.seeds[i] = sm.items[i];
+    }
+    for (int i = 0; i < 4; ++i) s_rng[i] = rng.s[i];
+  }
+  for (int c = tid; c < k; c += T) {
+    sm.osize[c] = c < k_old ? out.sizes[en.fine(o.first0 + c)] : 0;
+    sm.moved_at[c] = -1;
+  }
+  __syncthreads();
+  // 2. Centroids: cent / cnorm hold the stored means of the old clusters (kept so by every
+  // update and by the init); the new ones start at their seeds' keys.
+  for (int x = tid; x < k_add * D; x += T) {
+    const int c = k_old + x / D, j = x % D;
+    cent[int64_t(c) * D + j] = sm.X[sm.seeds[c - k_old] * DP + j];
+    ks[int64_t(c) * D + j] = 0.0;
+    vs[int64_t(c) * D + j] = 0.0;
+  }
+  for (int c = tid; c < k_add; c += T) sm.moved[c] = k_old + c;
+  __syncthreads();
+  online_norms<D>(cent, cnorm, sm.moved, k_add);
+  online_distances<D>(sm, count, cent, cnorm, nullptr, k, dist, dims.ko);
+  online_argmin(sm, dist, dims.ko, k, count);
+  for (int j = tid; j < k_add; j += T) {
+    sm.lab[sm.seeds[j]] = k_old + j;
+    sm.dist2[sm.seeds[j]] = 0.0f;
+  }
+  for (int i = tid; i < count; i += T) sm.used[i] = -1;
+  __syncthreads();
+
+  // Counts of the labels; an empty new cluster takes the token farthest from its centroid
+  // among clusters that keep a member (ties: lowest token), as the CPU (warp 0, in order).
+  auto count_and_reseed = [&]() {
+    for (int c = tid; c < k; c += T) sm.cnt[c] = 0;
+    __syncthreads();
+    for (int i = tid; i < count; i += T) atomicAdd(&sm.cnt[sm.lab[i]], 1);
+    __syncthreads();
+    if (warp == 0) {
+      for (int c = k_old; c < k; ++c) {
+        if (sm.cnt[c] > 0) continue;
+        float bv = -1.0f;
+        int bi = -1;
+        for (int i = lane; i < count; i += 32) {
+          const int l = sm.lab[i];
+          const float v = sm.dist2[i];
+          if (sm.osize[l] + sm.cnt[l] >= 2 && v > 0.0f && v > bv) bv = v, bi = i;
+        }
+#pragma unroll
+        for (int m = 16; m > 0; m >>= 1) {
+          const float ov = __shfl_xor_sync(0xffffffffu, bv, m);
+          const int ob = __shfl_xor_sync(0xffffffffu, bi, m);
+          if (ob >= 0 && (bi < 0 || ov > bv || (ov == bv && ob < bi))) bv = ov, bi = ob;
+        }
+        if (bi < 0) break;  // only duplicates left
+        __syncwarp();
+        if (lane == 0) {
+          --sm.cnt[sm.lab[bi]];
+          sm.lab[bi] = c;
+          sm.cnt[c] = 1;
+          sm.dist2[bi] = 0.0f;
+        }
+        __syncwarp();
+      }
+    }
+    __syncthreads();
+  };
+  // The chunk's tokens of each cluster, ascending: tl[st[c], st[c] + cnt[c]); rk: rank.
+  auto build_lists = [&]() {
+    for (int c = tid; c < k; c += T) sm.st[c] = sm.cnt[c];
+    __syncthreads();
+    block_exclusive_scan(sm.st, k, sm.tmp);
+    for (int i = tid; i < count; i += T) {
+      const int c = sm.lab[i];
+      int r = 0;
+      for (int j = 0; j < i; ++j) r += sm.lab[j] == c;
+      sm.rk[i] = r;
+      sm.tl[sm.st[c] + r] = i;
+    }
+    __syncthreads();
+  };
+
+  // 3. Lloyd rounds that move only the chunk's tokens.
+  for (int it = 1; it <= dims.iterations; ++it) {
+    count_and_reseed();
+    if (tid == 0) s_nmoved = 0;
+    for (int i = tid; i < count; i += T)
+      if (sm.lab[i] != sm.used[i]) {
+        sm.moved_at[sm.lab[i]] = it;
+        if (sm.used[i] >= 0) sm.moved_at[sm.used[i]] = it;
+      }
+    __syncthreads();
+    for (int c = tid; c < k; c += T)
+      if (sm.moved_at[c] == it) sm.moved[atomicAdd(&s_nmoved, 1)] = c;
+    __syncthreads();
+    const int nmoved = s_nmoved;
+    if (nmoved == 0) break;
+    build_lists();
+    // Moved clusters go to (old sum + new sum) / size; one without new members back to its
+    // stored mean (a new one keeps its last centroid).
+    for (int m0 = tid / D; m0 < nmoved; m0 += kBatch * (T / D)) {
+      const int j = tid % D;
+      double old[kBatch];  // the old sums' loads first (latency)
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int m = m0 + u * (T / D), c = m < nmoved ? sm.moved[m] : k;
+        old[u] = c < k_old ? ks[int64_t(c) * D + j] : 0.0;
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int m = m0 + u * (T / D);
+        if (m >= nmoved) break;
+        const int c = sm.moved[m], n = sm.cnt[c];
+        if (n > 0) {
+          double s = 0;
+          for (int p = sm.st[c]; p < sm.st[c] + n; ++p) s += sm.X[sm.tl[p] * DP + j];
+          cent[int64_t(c) * D + j] = float((old[u] + s) * (1.0 / double(sm.osize[c] + n)));
+        } else if (c < k_old) {
+          cent[int64_t(c) * D + j] = mean_of(old[u], sm.osize[c]);
+        }
+      }
+    }
+    for (int i = tid; i < count; i += T) sm.used[i] = sm.lab[i];
+    __syncthreads();
+    online_norms<D>(cent, cnorm, sm.moved, nmoved);
+    online_distances<D>(sm, count, cent, cnorm, sm.moved, nmoved, dist, dims.ko);
+    online_argmin(sm, dist, dims.ko, k, count);
+  }
+  count_and_reseed();
+  build_lists();
+
+  // 4. Final statistics: clusters with new members get old sums + the new members' sums
+  // (f64, as the CPU); cent / cnorm of every cluster that is new or moved go back to the
+  // stored means (the next update starts from them).
+  if (tid == 0) s_nmoved = 0;
+  __syncthreads();
+  for (int c = tid; c < k; c += T)
+    if (c >= k_old || sm.cnt[c] > 0 || sm.moved_at[c] >= 1) sm.moved[atomicAdd(&s_nmoved, 1)] = c;
+  __syncthreads();
+  const int nfin = s_nmoved;
+  for (int m0 = tid / D; m0 < nfin; m0 += kBatch * (T / D)) {
+    const int j = tid % D;
+    double ok[kBatch], ov[kBatch];  // the old sums' loads first (latency)
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int m = m0 + u * (T / D), c = m < nfin ? sm.moved[m] : k;
+      ok[u] = c < k_old ? ks[int64_t(c) * D + j] : 0.0;
+      ov[u] = c < k_old && sm.cnt[c] > 0 ? vs[int64_t(c) * D + j] : 0.0;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int m = m0 + u * (T / D);
+      if (m >= nfin) break;
+      const int c = sm.moved[m], n = sm.cnt[c], size = sm.osize[c] + n;
+      const int64_t x = int64_t(c) * D + j, f = en.fine(o.first0 + c);
+      if (n > 0) {
+        double sk = 0, sv = 0;
+        for (int p = sm.st[c]; p < sm.st[c] + n; ++p) {
+          sk += sm.X[sm.tl[p] * DP + j];
+          sv += sm.Vs[sm.tl[p] * D + j];
+        }
+        ok[u] += sk;
+        ov[u] += sv;
+        ks[x] = ok[u];
+        vs[x] = ov[u];
+      }
+      const float key = mean_of(ok[u], size);
+      cent[x] = key;
+      if (n > 0 || c >= k_old) {  // (a new cluster left empty: duplicates only)
+        put_centroid(out, f * D + j, key, mean_of(ov[u], size), key_kind, value_f16);
+        if (j == 0) out.sizes[f] = size;
+      }
+    }
+  }
+  __syncthreads();
+  online_norms<D>(cent, cnorm, sm.moved, nfin);
+
+  // 5. The open block's token lists: old lists moved to the new offsets (a position's old
+  // cluster found by binary search of the old offsets), new tokens appended.
+  const int64_t mbase = en.token_lists(dims.sinks);
+  for (int c = tid; c < k; c += T) {
+    sm.noff[c] = sm.osize[c] + sm.cnt[c];
+    sm.oo[c] = c < k_old ? int(out.member_begin[en.fine(o.first0 + c)] - mbase) : n0;
+  }
+  for (int p0 = tid; p0 < n0; p0 += kBatch * T) {
+    int t[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) t[u] = p0 + u * T < n0 ? out.members[mbase + p0 + u * T] : 0;
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (p0 + u * T < n0) scratch[p0 + u * T] = t[u];
+  }
+  __syncthreads();
+  block_exclusive_scan(sm.noff, k, sm.tmp);
+  for (int p0 = tid; p0 < n0; p0 += kBatch * T) {
+    int t[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) t[u] = p0 + u * T < n0 ? scratch[p0 + u * T] : 0;
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int p = p0 + u * T;
+      if (p >= n0) break;
+      int lo = 0, hi = k_old - 1;  // the last cluster whose old list starts at or before p
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (sm.oo[mid] <= p) lo = mid; else hi = mid - 1;
+      }
+      out.members[mbase + sm.noff[lo] + (p - sm.oo[lo])] = t[u];
+    }
+  }
+  for (int i = tid; i < count; i += T) {
+    const int c = sm.lab[i];
+    out.members[mbase + sm.noff[c] + sm.osize[c] + sm.rk[i]] = a + i;
+  }
+  for (int c = tid; c < k; c += T) out.member_begin[en.fine(o.first0 + c)] = int32_t(mbase + sm.noff[c]);
+  __syncthreads();
+
+  // 6. Coarse level: new children get parents (new coarse clusters seeded from random
+  // non-empty new children at the level's rate, the others to the nearest coarse centroid of
+  // the block); coarse clusters whose children changed are recomputed from them.
+  int k1 = o.last1 - o.first1;
+  if (o.coarse_cap > 0) {
+    const int k1_old = k1, t1 = dims.t1;
+    if (tid == 0) {
+      int m = 0;
+      for (int c = k_old; c < k; ++c)
+        if (sm.cnt[c] > 0) sm.items[m++] = c;
+      int add = min((n1 + t1 - 1) / t1 - (n0 + t1 - 1) / t1, m);
+      if (k1_old == 0 && add == 0 && k_add > 0) add = 1;  // a fresh block needs a parent
+      DevRng rng;
+      for (int i = 0; i < 4; ++i) rng.s[i] = s_rng[i];
+      if (m >= add) {
+        for (int i = 0; i < add; ++i) {
+          const int j = i + int(rng.below(uint64_t(m - i)));
+          const int x = sm.items[i];
+          sm.items[i] = sm.items[j];
+          sm.items[j] = x;
+          sm.seeds[i] = sm.items[i];
+        }
+      } else {
+        for (int i = 0; i < add; ++i) sm.seeds[i] = k_old + i;
+      }
+      s_add1 = add;
+    }
+    __syncthreads();
+    const int add = s_add1;
+    k1 = k1_old + add;
+    auto fine_key = [&](int c, int j) { return mean_of(ks[int64_t(c) * D + j], sm.osize[c] + sm.cnt[c]); };
+    for (int x = tid; x < add * D; x += T) ck[int64_t(k1_old + x / D) * D + x % D] = fine_key(sm.seeds[x / D], x % D);
+    for (int x = tid; x < k_add * D; x += T) sm.X[(x / D) * DP + x % D] = fine_key(k_old + x / D, x % D);
+    __syncthreads();
+    for (int q = warp; q < k_add; q += NW) {
+      float bv = __int_as_float(0x7f800000);
+      int bi = 0x7fffffff;
+      for (int p = lane; p < k1; p += 32) {
+        float dot = 0.0f, nn = 0.0f;
+        const float4* row = reinterpret_cast<const float4*>(ck + int64_t(p) * D);
+#pragma unroll 8
+        for (int j4 = 0; j4 < D / 4; ++j4) {
+          const float4 v = row[j4];
+          const float cj[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            dot = fmaf(sm.X[q * DP + 4 * j4 + t], cj[t], dot);
+            nn = fmaf(cj[t], cj[t], nn);
+          }
+        }
+        const float dd = fmaf(-2.0f, dot, nn);
+        if (dd < bv) bv = dd, bi = p;
+      }
+      warp_argmin(bv, bi);
+      if (lane == 0) parents[k_old + q] = bi;
+    }
+    __syncthreads();
+    if (tid == 0)
+      for (int q = 0; q < add; ++q) parents[sm.seeds[q]] = k1_old + q;
+    __syncthreads();
+    for (int c = tid; c < k; c += T) sm.par[c] = parents[c];
+    for (int p = tid; p < k1; p += T) sm.tch[p] = sm.ccnt[p] = 0;
+    __syncthreads();
+    for (int c = tid; c < k; c += T) {
+      if (c >= k_old || sm.cnt[c] > 0) sm.tch[sm.par[c]] = 1;
+      atomicAdd(&sm.ccnt[sm.par[c]], 1);
+    }
+    __syncthreads();
+    for (int p = tid; p < k1; p += T) sm.coff[p] = sm.ccnt[p];
+    __syncthreads();
+    block_exclusive_scan(sm.coff, k1, sm.tmp);
+    // Child lists (entry-local fine ids, ascending) of the block's coarse clusters: the
+    // block's slice [first0, first0 + k) of the child lists; placeholders start past it.
+    const int64_t cbase = int64_t(o.member_base) + o.first0;
+    for (int p = tid; p < k1; p += T) {
+      int64_t at = cbase + sm.coff[p];
+      out.member_begin[en.coarse(o.first1 + p)] = int32_t(at);
+      for (int c = 0; c < k; ++c)
+        if (sm.par[c] == p) out.members[at++] = o.first0 + c;
+    }
+    for (int p = o.first1 + k1 + tid; p < o.coarse_cap; p += T)
+      out.member_begin[en.coarse(p)] = o.member_base + o.first0 + k;
+    // Recompute of the touched coarse clusters: size-weighted f32 child means in f64.
+    for (int p = warp; p < k1; p += NW) {
+      if (!sm.tch[p]) continue;
+      double ak[V] = {}, av[V] = {};
+      int64_t size = 0;
+      // Children ascending, kBatch at a time with their sums' loads issued together.
+      for (int c0 = 0; c0 < k;) {
+        int ch[kBatch], got = 0;
+        for (; c0 < k && got < kBatch; ++c0)
+          if (sm.par[c0] == p && sm.osize[c0] + sm.cnt[c0] > 0) ch[got++] = c0;
+        double kx[kBatch][V], vx[kBatch][V];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            const int64_t x = int64_t(u < got ? ch[u] : 0) * D + lane * V + i;
+            kx[u][i] = u < got ? ks[x] : 0.0;
+            vx[u][i] = u < got ? vs[x] : 0.0;
+          }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (u >= got) break;
+          const int n = sm.osize[ch[u]] + sm.cnt[ch[u]];
+          size += n;
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            ak[i] += double(n) * mean_of(kx[u][i], n);
+            av[i] += double(n) * mean_of(vx[u][i], n);
+          }
+        }
+      }
+      const double inv = size > 0 ? 1.0 / double(size) : 0.0;
+      const int64_t g = en.coarse(o.first1 + p);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const int j = lane * V + i;
+        const float kk = float(ak[i] * inv);
+        ck[int64_t(p) * D + j] = kk;
+        put_centroid(out, g * D + j, kk, float(av[i] * inv), key_kind, value_f16);
+      }
+      if (lane == 0) out.sizes[g] = int32_t(size);
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    KmOpen n = o;
+    n.end = a + count;
+    n.last0 = o.first0 + k;
+    n.last1 = o.first1 + k1;
+    buf.open[e] = n;
+    out.entry_count[e] = o.coarse_cap + n.last0;
+    out.entry_end[e] = n.end;
   }
 }
 
@@ -819,6 +1537,26 @@ void km_emit(int d, int blocks, int max_k, const KmBlock* b, int level, const fl
   const dim3 grid(unsigned(cdiv(max_k, 8)), unsigned(blocks));
   auto* kern = d == 64 ? emit_kernel<64> : emit_kernel<128>;
   kern<<<grid, 256, 0, s>>>(b, level, cent, values, sizes, offsets, members, out, key_kind, value_f16 ? 1 : 0);
+  MP_CUDA_CHECK(cudaGetLastError());
+}
+
+void km_online_init(int d, int entries, const KvRead& kv, const double* inv_freq, int half, const KmOnlineDims& dims,
+                    const KmOnlineBuffers& buf, const DeviceClusterTarget& out, int key_kind, bool value_f16,
+                    Stream s) {
+  auto* kern = d == 64 ? online_init_kernel<64> : online_init_kernel<128>;
+  kern<<<entries, kOnlineThreads, 0, s>>>(kv, inv_freq, half, dims, buf, out, key_kind, value_f16 ? 1 : 0);
+  MP_CUDA_CHECK(cudaGetLastError());
+}
+
+size_t km_online_smem(int d, const KmOnlineDims& dims) { return OnlineSmem::bytes(d, dims); }
+
+void km_online_update(int d, int entries, const KvRead& kv, const double* inv_freq, int half,
+                      const KmOnlineDims& dims, const KmOnlineBuffers& buf, const KmChunk* chunks,
+                      const DeviceClusterTarget& out, int key_kind, bool value_f16, Stream s) {
+  auto* kern = d == 64 ? online_update_kernel<64> : online_update_kernel<128>;
+  const size_t smem = OnlineSmem::bytes(d, dims);
+  MP_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kern<<<entries, kOnlineThreads, smem, s>>>(kv, inv_freq, half, dims, buf, chunks, out, key_kind, value_f16 ? 1 : 0);
   MP_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -62,4 +62,56 @@ void km_emit(int d, int blocks, int max_k, const KmBlock* b, int level, const fl
              const int32_t* sizes, const int32_t* offsets, const int32_t* members, const DeviceClusterTarget& out,
              int key_kind, bool value_f16, Stream s);
 
+// ---- online update (ClusterIndex::append_chunk on the device) -----------------------------
+
+// Open-block state of one entry (device, updated by every chunk; the host keeps a mirror).
+struct KmOpen {
+  int32_t seq, head;
+  int32_t has_block;       // 0: no block yet (nothing clustered)
+  int32_t begin, end;      // open block tokens [begin, end); end = the entry's clustered end
+  int32_t first0, last0;   // its fine clusters, entry-local (last0 = fine clusters in use)
+  int32_t first1, last1;   // its coarse clusters, entry-local (last1 = coarse slots in use)
+  int32_t cluster_base;    // index: the entry's first cluster (coarse slots, then fine slots)
+  int32_t coarse_cap;      // coarse slots (0: one level)
+  int32_t member_base;     // index: child lists at member_base, token lists at + child_cap
+  int32_t child_cap;       // fine slots with two levels, else 0
+};
+
+// One chunk of one entry: tokens [a, a + count) join the open block (count 0: none).
+struct KmChunk {
+  int32_t a, count;
+  uint64_t seed;  // stream_seed(config, 1, seq, layer, head, a) of the CPU index
+};
+
+// Sizes of the per-entry online buffers and the clustering rule.
+struct KmOnlineDims {
+  int ko, ko1, to;  // open fine clusters (a multiple of 4), open coarse clusters, open tokens (upper bounds)
+  int window, block_size, t0, t1, levels, iterations, sinks;
+};
+
+// Per-entry buffers (entry e at e * the per-entry size).
+struct KmOnlineBuffers {
+  KmOpen* open;        // [E]
+  double* key_sums;    // [E, ko, d] f64 sums of k0 over each open fine cluster's members
+  double* value_sums;  // [E, ko, d]
+  int32_t* parents;    // [E, ko] open-block coarse cluster of each open fine cluster
+  float* coarse_keys;  // [E, ko1, d] f32 key centroids of the open coarse clusters
+  float* cent;         // [E, ko, d] working centroids
+  float* cnorm;        // [E, ko]
+  float* dist;         // [E, window, ko] partial distances of the chunk's tokens
+  int32_t* scratch;    // [E, to] old member lists while the lists are rebuilt
+};
+
+// Open-block statistics from the index (after a build or an upload): f64 sums from the
+// cache, working centroids and norms, parents, f32 coarse keys; placeholders emptied.
+void km_online_init(int d, int entries, const KvRead& kv, const double* inv_freq, int half,
+                    const KmOnlineDims& dims, const KmOnlineBuffers& buf, const DeviceClusterTarget& out, int key_kind,
+                    bool value_f16, Stream s);
+// Dynamic shared memory of km_online_update (the host checks it against the device limit).
+size_t km_online_smem(int d, const KmOnlineDims& dims);
+// One chunk for every entry (one CTA each).
+void km_online_update(int d, int entries, const KvRead& kv, const double* inv_freq, int half,
+                      const KmOnlineDims& dims, const KmOnlineBuffers& buf, const KmChunk* chunks,
+                      const DeviceClusterTarget& out, int key_kind, bool value_f16, Stream s);
+
 }  // namespace multipole::cuda::detail

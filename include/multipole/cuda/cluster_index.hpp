@@ -61,10 +61,23 @@ struct DeviceClusterView {
 // Shape of entry (b, h) of an index whose cluster data a device producer writes
 // (DeviceKMeans): `fine` clusters over `tokens` clustered positions ending at clustered_end,
 // under `coarse` clusters (0: one level).
+//
+// Capacity (room for the online update, DeviceKMeans::append; 0 = exactly the used size):
+// the entry gets fine_capacity fine slots, coarse_capacity coarse slots and member-list room
+// for token_capacity tokens (+ fine_capacity child ids with two levels). The entry's
+// clusters are still [entry_begin, entry_begin + entry_count) with entry_coarse coarse ones
+// first, so readers see no difference: entry_coarse is the coarse capacity, and the coarse
+// slots past the used ones are placeholders of size 0 (never scored into the normaliser,
+// never selected, never in a far list) whose child lists start where the used ones end (the
+// last placeholder's list also spans the unused child room up to the first fine list; it is
+// never read, its size being 0); entry_count = coarse capacity + used fine clusters, the
+// spare fine slots lie past it. With capacity the index keeps at least one placeholder.
 struct DeviceEntryShape {
   int64_t clustered_end = 0;
   int64_t tokens = 0;
   int fine = 0, coarse = 0;
+  int64_t token_capacity = 0;
+  int fine_capacity = 0, coarse_capacity = 0;
 };
 
 // Writable arrays of an index for device producers; layout as DeviceClusterView.
@@ -74,6 +87,8 @@ struct DeviceClusterTarget {
   int32_t* sizes = nullptr;
   int32_t* member_begin = nullptr;
   int32_t* members = nullptr;  // entry e's lists start at member_base(e): coarse child lists, then fine
+  int32_t* entry_count = nullptr;  // [entries] (the online update grows it)
+  int32_t* entry_end = nullptr;    // [entries]
 };
 
 class DeviceClusterIndex {
@@ -83,8 +98,10 @@ class DeviceClusterIndex {
   // cache's (bf16/f16). Throws naming the entry and field on inconsistent input. When every
   // entry's centroid vectors are empty, the centroids are left unset on the device for
   // fill_random_centroids (benchmarks).
+  // capacity: empty, or per entry the room to allocate (DeviceEntryShape's capacity fields;
+  // the data fields are ignored).
   DeviceClusterIndex(int head_dim, int num_kv_heads, DType key_dtype, DType value_dtype,
-                     std::span<const HostClusterLevel> entries);
+                     std::span<const HostClusterLevel> entries, std::span<const DeviceEntryShape> capacity = {});
 
   // Allocates an index of the given shapes whose cluster data (centroids, sizes, lists) is
   // left for a device producer to write through target(); the entry tables are set here.
@@ -93,6 +110,11 @@ class DeviceClusterIndex {
 
   DeviceClusterView view() const;
   DeviceClusterTarget target();
+  // After a device producer changed entry counts / ends (online update): copies them back
+  // (synchronous; call before re-planning a decoder).
+  void sync_entries();
+  // Allocated slots of entry e (coarse slots + fine slots) and its member-list room.
+  int entry_capacity(int e) const { return entry_cap_[size_t(e)]; }
   int64_t member_base(int e) const { return member_base_[size_t(e)]; }
   int head_dim() const { return head_dim_; }
   int num_kv_heads() const { return num_kv_heads_; }
@@ -119,6 +141,7 @@ class DeviceClusterIndex {
   int64_t total_clusters_ = 0;
   std::vector<int32_t> entry_begin_, entry_count_, entry_end_, entry_coarse_;
   std::vector<int64_t> member_base_;
+  std::vector<int32_t> entry_cap_;
   DeviceBuffer keys_, values_, sizes_, member_begin_, members_, d_entry_begin_, d_entry_count_, d_entry_end_,
       d_entry_coarse_;
 };

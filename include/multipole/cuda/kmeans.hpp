@@ -30,6 +30,10 @@
 #include "multipole/cuda/kv_cache.hpp"
 #include "multipole/cuda/runtime.hpp"
 
+namespace multipole {
+class ClusterIndex;
+}
+
 namespace multipole::cuda {
 
 // Per-block result of one level (for tests and benchmarks).
@@ -40,10 +44,10 @@ struct KMeansBlockStats {
 
 class DeviceKMeans {
  public:
-  DeviceKMeans() = default;
+  DeviceKMeans();
   ~DeviceKMeans();
-  DeviceKMeans(DeviceKMeans&&) = default;
-  DeviceKMeans& operator=(DeviceKMeans&&) = default;
+  DeviceKMeans(DeviceKMeans&&) noexcept;
+  DeviceKMeans& operator=(DeviceKMeans&&) noexcept;
   // Clusters [sinks, ends[b]) of KV head h of sequence seqs[b], for every b and h, of `layer`
   // of the device cache (keys rotated to their positions: clustered after rotating back to
   // position 0 with `rope`, as the CPU index does). ends[b] is what ClusterIndex::build takes
@@ -51,8 +55,41 @@ class DeviceKMeans {
   // uploads small block descriptors and enqueues every kernel on `stream` without waiting.
   // The index (entries b * Hkv + h) holds key centroids in key_dtype (f32 or the cache's
   // dtype), value centroids in the cache's dtype.
+  //
+  // reserve_tokens > 0 prepares online updates (append()): every entry gets room for that
+  // many more clustered tokens (DeviceEntryShape capacity) and the open blocks' state is set
+  // up on the device after the build.
   void build(const DeviceKVCache& cache, int layer, std::span<const SeqId> seqs, std::span<const int64_t> ends,
-             const AttentionConfig& config, const Rope& rope, DType key_dtype, Stream stream);
+             const AttentionConfig& config, const Rope& rope, DType key_dtype, Stream stream,
+             int64_t reserve_tokens = 0);
+  // The CPU policies' indexes of (seqs[b], KV head h) = cpu[b * Hkv + h] (one or two levels)
+  // uploaded with room for reserve_tokens more tokens per entry, ready for append() (tests:
+  // the device update from the very state the CPU update starts from). Synchronous.
+  void load(const DeviceKVCache& cache, int layer, std::span<const SeqId> seqs,
+            std::span<const ClusterIndex* const> cpu, const AttentionConfig& config, const Rope& rope,
+            DType key_dtype, int64_t reserve_tokens);
+
+  // Online update (ClusterIndex::append on the device): absorbs [clustered end, new_ends[b])
+  // of every entry of sequence b in chunks of config.cluster.window tokens, one launch per
+  // chunk for the whole batch (one CTA per entry), reading only the new tokens from the
+  // cache. Same rule, seeds and Rng as the CPU's append_chunk: the open block gains fine
+  // centroids seeded from random new tokens, update_iterations Lloyd rounds move only the new
+  // tokens (distances in f32), new fine clusters get parents (new coarse clusters seeded from
+  // random new children), touched coarse clusters are recomputed from their children; sizes,
+  // key and value centroids stay exact statistics of the membership (f64 sums of the open
+  // block). Frozen blocks are not touched. Enqueued on `stream` after a small synchronous
+  // upload of the chunk descriptors (the previous append's kernels are waited for); the
+  // index's host-side entry counts are stale until sync_index(). Throws when an entry would
+  // outgrow the capacity reserved at build()/load().
+  void append(const DeviceKVCache& cache, std::span<const int64_t> new_ends, const AttentionConfig& config,
+              Stream stream);
+  // Host-side entry counts and ends from the device (synchronous; before re-planning a decoder).
+  void sync_index() { index_->sync_entries(); }
+  // Launches enqueued by the last append().
+  int update_launches() const { return update_launches_; }
+  // Entry e as stored in the index (used clusters only; f32 copies of the centroids), for
+  // tests; synchronous.
+  HostClusterLevel download_index(int entry) const;
 
   // Valid after build(); the index is complete once the stream reaches this point. A build of
   // the same shapes and dtypes rewrites the same index object.
@@ -103,6 +140,11 @@ class DeviceKMeans {
   DeviceBuffer entry_desc_, inv_freq_;
   std::unique_ptr<DeviceClusterIndex> index_;
   std::vector<DeviceEntryShape> shapes_;
+
+  // Online update state (host mirror of the open blocks, capacities, device buffers).
+  struct Online;
+  std::unique_ptr<Online> online_;
+  int layer_ = 0, update_launches_ = 0;
 };
 
 }  // namespace multipole::cuda
