@@ -122,8 +122,8 @@ struct SelectArgs {
   // indexes need ~10-15, k-means coarse levels of random keys (many 1-child clusters of a
   // few tokens) 60+, where the radix path's ~7 us is cheaper.
   int warp_select_steps = 24;
-  // Skip the warp walk when more than warp_select_steps picks are possible (the radix path
-  // then runs at once; same selection).
+  // Skip the warp walk when over warp_select_steps clusters are tiny (<= budget / (steps + 1)):
+  // the radix path runs at once (same selection).
   int warp_select_precheck = 1;
   // Candidates whose logits and sizes select_hier_kernel keeps in shared memory (the rest
   // are read back from global memory); planned from the shared memory left.

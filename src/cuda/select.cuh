@@ -146,36 +146,32 @@ struct SelectShared {
 // and sets `more` if one still fits then. No barriers; ~10-20 steps in practice.
 // list (optional): walk only clusters list[0 .. C), ascending ids (so the lower position
 // is the lower id on ties).
-// precheck: if more than max_steps picks may be possible (over max_steps clusters fit R and
-// max_steps + 1 of the smallest would fit together), pick nothing and set `more`: a walk
-// that hands over after max_steps picks costs them (~0.25 us each) on top of the radix
-// path (long greedy tails of many tiny clusters, e.g. k-means of random keys).
+// precheck: if at least max_steps + 1 clusters have 0 < n <= R / (max_steps + 1) (so that
+// many picks are possible: the greedy tail is likely long), pick nothing and set `more`: a
+// walk that hands over after max_steps picks costs them (~0.25 us each) on top of the
+// radix path (many tiny clusters, e.g. k-means of random keys). A bound on the smallest
+// size alone is not enough: one small trailing cluster sent uniform indexes to the radix
+// path (H200: +10 us per step at 32K b1).
 template <int kPer>
 __device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max_steps, bool& more,
                            const int* list = nullptr, bool precheck = false) {
   const int lane = threadIdx.x & 31;
   uint32_t k1[kPer];  // key + 1 (f32 bits of I >= 0 stay below 0xffffffff): 0 means "none"
   int n[kPer];
-  int fit = 0, smallest = 0x7fffffff;  // clusters with 0 < n <= R, their smallest size
+  const int tiny_max = R / (max_steps + 1);
+  int tiny = 0;  // clusters with 0 < n <= tiny_max
 #pragma unroll
   for (int s = 0; s < kPer; ++s) {
     const int i = lane + 32 * s;
     const int id = list && i < C ? list[i] : i;
     n[s] = i < C ? size[pad(id)] : 0;
     k1[s] = i < C ? key[pad(id)] + 1u : 0u;
-    if (n[s] > 0 && n[s] <= R) {
-      ++fit;
-      smallest = min(smallest, n[s]);
-    }
+    tiny += n[s] > 0 && n[s] <= tiny_max;
   }
   more = false;
-  if (precheck && max_steps < C) {
-    fit = int(__reduce_add_sync(0xffffffffu, unsigned(fit)));
-    smallest = int(__reduce_min_sync(0xffffffffu, unsigned(smallest)));
-    if (fit > max_steps && int64_t(max_steps + 1) * smallest <= R) {
-      more = true;
-      return R;
-    }
+  if (precheck && max_steps < C && int(__reduce_add_sync(0xffffffffu, unsigned(tiny))) > max_steps) {
+    more = true;
+    return R;
   }
   for (int steps = 0; R > 0; ++steps) {
     // This lane's best eligible cluster (slots in ascending index: strict > keeps the lower

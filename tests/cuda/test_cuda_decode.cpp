@@ -783,7 +783,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   }
   // The selection's two algorithms (one warp walking the greedy order; block-wide radix
   // select + walk), the hand-over between them (precheck off: the walk runs its picks
-  // first; on: straight to the radix path when more picks are possible), and candidate
+  // first; on: straight to the radix path when many clusters are tiny), and candidate
   // logits read back from global memory instead of shared memory give the same step, bit
   // for bit.
   const auto counts = dec.exact_counts();

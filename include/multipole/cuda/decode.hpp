@@ -69,9 +69,9 @@ class CudaDecoder {
   // warp_max 0: always the radix path. Both give the same selection. Defaults: 256 and 24,
   // or the environment's MULTIPOLE_SELECT_WARP_MAX / MULTIPOLE_SELECT_WARP_STEPS. At most
   // `cand_cache` candidates keep their logits in shared memory (the rest are read back
-  // from global memory; same values). precheck: skip the walk when more than `warp_steps`
-  // picks are possible (default on, or MULTIPOLE_SELECT_PRECHECK; off exercises the
-  // hand-over).
+  // from global memory; same values). precheck: skip the walk when over `warp_steps`
+  // clusters are tiny (<= budget / (warp_steps + 1): a long greedy tail is likely); default
+  // on, or MULTIPOLE_SELECT_PRECHECK; off exercises the hand-over.
   void set_select_options(int warp_max, int warp_steps, int cand_cache = 1 << 30, bool precheck = true) {
     select_warp_max_ = warp_max;
     select_warp_steps_ = warp_steps;
