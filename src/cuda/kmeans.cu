@@ -990,26 +990,58 @@ __device__ __forceinline__ void warp_argmin(float& bv, int& bi) {
   }
 }
 
+// Stable counting sort by one warp (32 items at a time): item i of [0, n) with key key(i)
+// (in [0, keys)) goes to out[cursor[key] ++]; cursor: [keys] shared, the keys' start
+// offsets on entry, their ends on exit. place(i, position) is called for every item.
+template <class Key, class Place>
+__device__ void warp_counting_sort(int n, int* cursor, Key key, Place place) {
+  const int lane = threadIdx.x & 31;
+  for (int i0 = 0; i0 < n; i0 += 32) {
+    const int i = i0 + lane;
+    const int c = i < n ? key(i) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, c), below = peers & ((1u << lane) - 1);
+    if (i < n) place(i, cursor[c] + __popc(below));
+    __syncwarp();
+    if (i < n && below == 0) cursor[c] += __popc(peers);
+    __syncwarp();
+  }
+}
+
 // Nearest of the k columns of each token's distance row (lowest index on ties), one warp
 // per token.
 __device__ void online_argmin(const OnlineSmem& sm, const float* dist, int ko, int k, int count) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int i = warp; i < count; i += kOnlineThreads / 32) {
-    const float4* row = reinterpret_cast<const float4*>(dist + int64_t(i) * ko);  // ko % 4 == 0
-    float bv = __int_as_float(0x7f800000);
-    int bi = 0x7fffffff;
-#pragma unroll 4
-    for (int q = lane; q < (k + 3) / 4; q += 32) {  // columns ascending per lane: strict < keeps the lowest
-      const float4 v = row[q];
-      const float w[4] = {v.x, v.y, v.z, v.w};
+  constexpr int NT = 2;  // tokens per warp at a time (their row loads in flight together)
+  for (int i0 = warp * NT; i0 < count; i0 += NT * (kOnlineThreads / 32)) {
+    float bv[NT];
+    int bi[NT];
 #pragma unroll
-      for (int t = 0; t < 4; ++t)
-        if (4 * q + t < k && w[t] < bv) bv = w[t], bi = 4 * q + t;
+    for (int r = 0; r < NT; ++r) {
+      bv[r] = __int_as_float(0x7f800000);
+      bi[r] = 0x7fffffff;
     }
-    warp_argmin(bv, bi);
-    if (lane == 0) {
-      sm.lab[i] = bi;
-      sm.dist2[i] = fmaxf(0.0f, sm.xnorm[i] + bv);
+#pragma unroll 2
+    for (int q = lane; q < (k + 3) / 4; q += 32) {  // columns ascending per lane: strict < keeps the lowest
+      float4 v[NT];
+#pragma unroll
+      for (int r = 0; r < NT; ++r)
+        v[r] = i0 + r < count ? reinterpret_cast<const float4*>(dist + int64_t(i0 + r) * ko)[q]  // ko % 4 == 0
+                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+      for (int r = 0; r < NT; ++r) {
+        const float w[4] = {v[r].x, v[r].y, v[r].z, v[r].w};
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+          if (4 * q + t < k && w[t] < bv[r]) bv[r] = w[t], bi[r] = 4 * q + t;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < NT; ++r) {
+      warp_argmin(bv[r], bi[r]);
+      if (lane == 0 && i0 + r < count) {
+        sm.lab[i0 + r] = bi[r];
+        sm.dist2[i0 + r] = fmaxf(0.0f, sm.xnorm[i0 + r] + bv[r]);
+      }
     }
   }
   __syncthreads();
@@ -1180,12 +1212,13 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     for (int c = tid; c < k; c += T) sm.st[c] = sm.cnt[c];
     __syncthreads();
     block_exclusive_scan(sm.st, k, sm.tmp);
-    for (int i = tid; i < count; i += T) {
-      const int c = sm.lab[i];
-      int r = 0;
-      for (int j = 0; j < i; ++j) r += sm.lab[j] == c;
-      sm.rk[i] = r;
-      sm.tl[sm.st[c] + r] = i;
+    if (warp == 0) {
+      for (int c = lane; c < k; c += 32) sm.noff[c] = sm.st[c];  // cursors
+      __syncwarp();
+      warp_counting_sort(count, sm.noff, [&](int i) { return sm.lab[i]; }, [&](int i, int at) {
+        sm.tl[at] = i;
+        sm.rk[i] = at - sm.st[sm.lab[i]];
+      });
     }
     __syncthreads();
   };
@@ -1396,15 +1429,19 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     for (int p = tid; p < k1; p += T) sm.coff[p] = sm.ccnt[p];
     __syncthreads();
     block_exclusive_scan(sm.coff, k1, sm.tmp);
-    // Child lists (entry-local fine ids, ascending) of the block's coarse clusters: the
-    // block's slice [first0, first0 + k) of the child lists; placeholders start past it.
-    const int64_t cbase = int64_t(o.member_base) + o.first0;
-    for (int p = tid; p < k1; p += T) {
-      int64_t at = cbase + sm.coff[p];
-      out.member_begin[en.coarse(o.first1 + p)] = int32_t(at);
-      for (int c = 0; c < k; ++c)
-        if (sm.par[c] == p) out.members[at++] = o.first0 + c;
+    // Children grouped by coarse cluster, ascending (clist = oo, free now; ccnt becomes the
+    // groups' ends); the child lists (entry-local fine ids) of the block's coarse clusters
+    // are the block's slice [first0, first0 + k) of the child lists, placeholders past it.
+    int* clist = sm.oo;
+    if (warp == 0) {
+      for (int p = lane; p < k1; p += 32) sm.ccnt[p] = sm.coff[p];
+      __syncwarp();
+      warp_counting_sort(k, sm.ccnt, [&](int c) { return sm.par[c]; }, [&](int c, int at) { clist[at] = c; });
     }
+    __syncthreads();
+    const int64_t cbase = int64_t(o.member_base) + o.first0;
+    for (int i = tid; i < k; i += T) out.members[cbase + i] = o.first0 + clist[i];
+    for (int p = tid; p < k1; p += T) out.member_begin[en.coarse(o.first1 + p)] = int32_t(cbase + sm.coff[p]);
     for (int p = o.first1 + k1 + tid; p < o.coarse_cap; p += T)
       out.member_begin[en.coarse(p)] = o.member_base + o.first0 + k;
     // Recompute of the touched coarse clusters: size-weighted f32 child means in f64.
@@ -1413,10 +1450,10 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
       double ak[V] = {}, av[V] = {};
       int64_t size = 0;
       // Children ascending, kBatch at a time with their sums' loads issued together.
-      for (int c0 = 0; c0 < k;) {
+      for (int q = sm.coff[p]; q < sm.ccnt[p];) {
         int ch[kBatch], got = 0;
-        for (; c0 < k && got < kBatch; ++c0)
-          if (sm.par[c0] == p && sm.osize[c0] + sm.cnt[c0] > 0) ch[got++] = c0;
+        for (; q < sm.ccnt[p] && got < kBatch; ++q)
+          if (sm.osize[clist[q]] + sm.cnt[clist[q]] > 0) ch[got++] = clist[q];
         double kx[kBatch][V], vx[kBatch][V];
 #pragma unroll
         for (int u = 0; u < kBatch; ++u)
