@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "cuda/check.hpp"
 #include "cuda/launch.hpp"
@@ -38,8 +37,6 @@ CudaSparseDecoder::CudaSparseDecoder(const AttentionConfig& config, SparseBaseli
   MP_CHECK(config_.cluster.window > 0, "cuda sparse baseline: cluster.window {} must be > 0", config_.cluster.window);
   errors_.reserve(sizeof(uint32_t));
   errors_.memset(0);
-  const char* env = std::getenv("MULTIPOLE_ORACLE_TILED");
-  tiled_logits_ = env == nullptr || std::atoi(env) != 0;
 }
 
 void CudaSparseDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, int64_t max_length) {
@@ -176,7 +173,6 @@ void CudaSparseDecoder::decode(const DeviceKVCache& cache, int layer, const floa
   s.values = values_.as<float>();
   s.stats = stats_.as<float>();
   s.importance = importance_.as<float>();
-  s.tiled_logits = tiled_logits_ ? 1 : 0;
   s.exact_cap = exact_cap_;
   s.exact_rows = exact_rows_.as<int32_t>();
   s.exact_pos = exact_pos_.as<int32_t>();

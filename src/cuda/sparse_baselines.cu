@@ -39,19 +39,13 @@ void launch_quest_score(const SparseArgs& a, DType dtype, int head_dim, int entr
 
 void launch_oracle_logits(const SparseArgs& a, DType dtype, int head_dim, int entries, Stream stream) {
   const dim3 grid(a.chunks, entries);
-  auto by_g = [&]<int D, class T, bool TILED>() {
-    if (a.group <= 4)
-      oracle_logits_kernel<D, 4, T, TILED><<<grid, 128, 0, stream>>>(a);
-    else if (a.group <= 8)
-      oracle_logits_kernel<D, 8, T, TILED><<<grid, 128, 0, stream>>>(a);
-    else
-      oracle_logits_kernel<D, 16, T, TILED><<<grid, 128, 0, stream>>>(a);
-  };
   dispatch_dt(dtype, head_dim, [&]<int D, class T>() {
-    if (a.tiled_logits)
-      by_g.template operator()<D, T, true>();
+    if (a.group <= 4)
+      oracle_logits_kernel<D, 4, T><<<grid, 128, 0, stream>>>(a);
+    else if (a.group <= 8)
+      oracle_logits_kernel<D, 8, T><<<grid, 128, 0, stream>>>(a);
     else
-      by_g.template operator()<D, T, false>();
+      oracle_logits_kernel<D, 16, T><<<grid, 128, 0, stream>>>(a);
   });
   MP_CUDA_CHECK(cudaGetLastError());
 }

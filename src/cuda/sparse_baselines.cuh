@@ -13,7 +13,7 @@
 
 namespace multipole::cuda::detail {
 
-constexpr int kQuestPagesPerCta = 32;  // quest scoring: 4 warps x 8 pages
+constexpr int kQuestPagesPerCta = 64;  // quest scoring: 4 warps x 2 batches of 8 pages
 constexpr int kLogitChunk = 512;       // oracle: middle keys per CTA of the logit pass
 constexpr int kSparseSelectThreads = 1024;
 constexpr int kSparseMaxPicks = 4096;
@@ -40,7 +40,6 @@ struct SparseArgs {
   int chunks = 0;                          // oracle: logit chunks per entry (kLogitChunk keys)
   float* stats = nullptr;                  // oracle: [E, chunks, G, 2] chunk (max, sum 2^(x - max))
   float* importance = nullptr;             // oracle: [E, middle_cap]
-  int tiled_logits = 1;                    // oracle: key tiles through shared memory (A/B)
   // Output: exact lists as the attention kernel reads them.
   int exact_cap = 0;
   int32_t* exact_rows = nullptr;           // [E, exact_cap] pool rows
@@ -117,14 +116,14 @@ __global__ void __launch_bounds__(128) quest_meta_kernel(const SparseArgs a, int
   }
 }
 
-// Quest page scores: grid (ceil(page_cap / kQuestPagesPerCta), E), 4 warps of 8
-// consecutive pages each; a lane holds D / 32 channels. The bounds of all 8 pages are loaded
-// before any math (8 independent loads in flight per lane). score = max_g sum_c
+// Quest page scores: grid (ceil(page_cap / kQuestPagesPerCta), E), 4 warps; a warp takes
+// 8 consecutive pages at a time and loads all their bounds before any math (8 independent
+// loads in flight per lane); a lane holds D / 32 channels. score = max_g sum_c
 // min(q_gc, 0) lo_c + max(q_gc, 0) hi_c (unscaled q, as the CPU policy). Skipped when every
 // page fits the budget.
 template <int D, class T>
 __global__ void __launch_bounds__(128) quest_score_kernel(const SparseArgs a) {
-  constexpr int V = D / 32, PW = kQuestPagesPerCta / 4;  // channels per lane, pages per warp
+  constexpr int V = D / 32, PW = 8;  // channels per lane, pages per warp batch
   using Vec = std::conditional_t<V == 4, uint2, uint32_t>;  // V 16-bit values
   static_assert(sizeof(Vec) == V * 2, "lane vector");
   __shared__ float s_q[16 * D];
@@ -135,48 +134,49 @@ __global__ void __launch_bounds__(128) quest_score_kernel(const SparseArgs a) {
   const int p0 = blockIdx.x * kQuestPagesPerCta;
   if (p0 >= pages) return;
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) s_q[i] = a.q[(int64_t(b) * a.num_kv_heads * G + h * G) * D + i];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, pw = p0 + warp * PW;
-  const T* meta = reinterpret_cast<const T*>(a.meta) + int64_t(e) * a.page_cap * 2 * D;
-  Vec lo_raw[PW], hi_raw[PW];
-#pragma unroll
-  for (int j = 0; j < PW; ++j)
-    if (pw + j < pages) {
-      lo_raw[j] = __ldg(reinterpret_cast<const Vec*>(meta + int64_t(pw + j) * 2 * D + lane * V));
-      hi_raw[j] = __ldg(reinterpret_cast<const Vec*>(meta + int64_t(pw + j) * 2 * D + D + lane * V));
-    }
   __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* meta = reinterpret_cast<const T*>(a.meta) + int64_t(e) * a.page_cap * 2 * D;
+  for (int pw = p0 + warp * PW; pw < min(pages, p0 + kQuestPagesPerCta); pw += 4 * PW) {
+    Vec lo_raw[PW], hi_raw[PW];
 #pragma unroll
-  for (int j = 0; j < PW; ++j) {
-    if (pw + j >= pages) break;
-    T lo_t[V], hi_t[V];
-    memcpy(lo_t, &lo_raw[j], sizeof(Vec));
-    memcpy(hi_t, &hi_raw[j], sizeof(Vec));
-    float best = neg_inf();
-    for (int g = 0; g < G; ++g) {
-      float acc = 0.0f;
-#pragma unroll
-      for (int c = 0; c < V; ++c) {
-        const float qc = s_q[g * D + lane * V + c];
-        acc = fmaf(fminf(qc, 0.0f), to_f32(lo_t[c]), acc);
-        acc = fmaf(fmaxf(qc, 0.0f), to_f32(hi_t[c]), acc);
+    for (int j = 0; j < PW; ++j)
+      if (pw + j < pages) {
+        lo_raw[j] = __ldg(reinterpret_cast<const Vec*>(meta + int64_t(pw + j) * 2 * D + lane * V));
+        hi_raw[j] = __ldg(reinterpret_cast<const Vec*>(meta + int64_t(pw + j) * 2 * D + D + lane * V));
       }
-      best = fmaxf(best, warp_sum(acc));
+#pragma unroll
+    for (int j = 0; j < PW; ++j) {
+      if (pw + j >= pages) break;
+      T lo_t[V], hi_t[V];
+      memcpy(lo_t, &lo_raw[j], sizeof(Vec));
+      memcpy(hi_t, &hi_raw[j], sizeof(Vec));
+      float best = neg_inf();
+      for (int g = 0; g < G; ++g) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int c = 0; c < V; ++c) {
+          const float qc = s_q[g * D + lane * V + c];
+          acc = fmaf(fminf(qc, 0.0f), to_f32(lo_t[c]), acc);
+          acc = fmaf(fmaxf(qc, 0.0f), to_f32(hi_t[c]), acc);
+        }
+        best = fmaxf(best, warp_sum(acc));
+      }
+      if (lane == 0) a.values[int64_t(e) * a.page_cap + pw + j] = best;
     }
-    if (lane == 0) a.values[int64_t(e) * a.page_cap + pw + j] = best;
   }
 }
 
 // Oracle logits of the middle region: grid (chunks, E), 128 threads, kLogitChunk keys per
 // CTA (key i of the chunk on thread i % 128). Writes x_g = qscale q_g . k for every head of
 // the group and the chunk's per-head (max, sum 2^(x - max)). GM >= G accumulators.
-// TILED: each 128-key tile is first copied to shared memory by coalesced 16-byte loads
-// (rows padded by 16 bytes: a lane's row reads hit distinct banks); else every thread reads
-// its own key row from global memory (8 KB apart per warp load, L1 reuse only).
-template <int D, int GM, class T, bool TILED>
+// Every thread reads its own key rows (16-byte loads; a warp's rows share lines through
+// L1). Tiling the keys through shared memory by coalesced loads measured slower (H200,
+// docs/gpu-notes.md item 12).
+template <int D, int GM, class T>
 __global__ void __launch_bounds__(128) oracle_logits_kernel(const SparseArgs a) {
-  constexpr int KPT = kLogitChunk / 128, PC = D / 8, RS = D * 2 + 16;
+  constexpr int KPT = kLogitChunk / 128;
   __shared__ __align__(16) float s_q[GM * D];
-  __shared__ __align__(16) unsigned char s_k[TILED ? 128 * RS : 16];
   __shared__ float s_red[4][GM];
   const int e = blockIdx.y, b = e / a.num_kv_heads, h = e % a.num_kv_heads, G = a.group;
   const int seq = a.seq_ids[b];
@@ -194,25 +194,12 @@ __global__ void __launch_bounds__(128) oracle_logits_kernel(const SparseArgs a) 
     const int i = i0 + k * 128 + tid;
 #pragma unroll
     for (int g = 0; g < GM; ++g) x[k][g] = 0.0f;
-    if constexpr (TILED) {
-      if (i0 + k * 128 >= M) break;  // uniform
-      __syncthreads();               // the previous tile is consumed
-#pragma unroll
-      for (int j = 0; j < PC; ++j) {
-        const int idx = tid + j * 128, rr = idx / PC, pc = idx % PC, ii = i0 + k * 128 + rr;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (ii < M) v = __ldg(reinterpret_cast<const uint4*>(a.keys + int64_t(sparse_row(a, table, h, r.s + ii)) * D * 2) + pc);
-        *reinterpret_cast<uint4*>(s_k + rr * RS + pc * 16) = v;
-      }
-      __syncthreads();
-    }
     if (i >= M) continue;
-    const uint4* row = TILED ? reinterpret_cast<const uint4*>(s_k + tid * RS)
-                             : reinterpret_cast<const uint4*>(a.keys + int64_t(sparse_row(a, table, h, r.s + i)) * D * 2);
+    const uint4* row = reinterpret_cast<const uint4*>(a.keys + int64_t(sparse_row(a, table, h, r.s + i)) * D * 2);
 #pragma unroll 4
     for (int c8 = 0; c8 < D / 8; ++c8) {
       float kf[8];
-      Storage<T>::to_float(TILED ? row[c8] : __ldg(row + c8), kf);
+      Storage<T>::to_float(__ldg(row + c8), kf);
 #pragma unroll
       for (int g = 0; g < GM; ++g) {
         const float4 qa = *reinterpret_cast<const float4*>(s_q + g * D + c8 * 8);
@@ -279,6 +266,9 @@ __device__ __forceinline__ uint32_t ordered_key(float f) {
 }
 
 constexpr int kSubHists = 16;  // radix sub-histograms (two warps share one)
+// Keys a selection thread loads before using any: its loops over L2-resident scores are
+// latency bound with one load in flight.
+constexpr int kSelectUnroll = 8;
 
 // Block-wide radix select: the k-th largest of key(i), i < n (1 <= k <= n), 8 bits per
 // pass. Returns it; `take` gets how many elements equal to it belong to the top k and
@@ -295,20 +285,28 @@ __device__ uint32_t block_kth_largest(int n, int k, Key key, uint32_t* hist, int
     for (int i = tid; i < kSubHists * 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
     uint32_t* sub = hist + ((tid >> 5) % kSubHists) * 256;
-    for (int base = 0; base < n; base += blockDim.x) {
-      const int i = base + tid;
-      const uint32_t u = i < n ? key(i) : 0u;
-      const bool in = i < n && (u & mask) == prefix;
-      const uint32_t bin = (u >> shift) & 255u;
-      const unsigned active = __ballot_sync(0xffffffffu, in);
-      if (active == 0) continue;
-      const int leader = __ffs(active) - 1;
-      const uint32_t lead_bin = __shfl_sync(0xffffffffu, bin, leader);
-      const unsigned same = __ballot_sync(0xffffffffu, in && bin == lead_bin);
-      if (lane == leader)
-        atomicAdd(sub + bin, uint32_t(__popc(same)));
-      else if (in && bin != lead_bin)
-        atomicAdd(sub + bin, 1u);
+    for (int base = 0; base < n; base += blockDim.x * kSelectUnroll) {
+      uint32_t us[kSelectUnroll];
+#pragma unroll
+      for (int j = 0; j < kSelectUnroll; ++j) {
+        const int i = base + j * blockDim.x + tid;
+        us[j] = i < n ? key(i) : 0u;
+      }
+#pragma unroll
+      for (int j = 0; j < kSelectUnroll; ++j) {
+        const uint32_t u = us[j];
+        const bool in = base + j * int(blockDim.x) + tid < n && (u & mask) == prefix;
+        const uint32_t bin = (u >> shift) & 255u;
+        const unsigned active = __ballot_sync(0xffffffffu, in);
+        if (active == 0) continue;
+        const int leader = __ffs(active) - 1;
+        const uint32_t lead_bin = __shfl_sync(0xffffffffu, bin, leader);
+        const unsigned same = __ballot_sync(0xffffffffu, in && bin == lead_bin);
+        if (lane == leader)
+          atomicAdd(sub + bin, uint32_t(__popc(same)));
+        else if (in && bin != lead_bin)
+          atomicAdd(sub + bin, 1u);
+      }
     }
     __syncthreads();
     for (int j = tid; j < 256; j += blockDim.x) {
@@ -401,11 +399,20 @@ __global__ void __launch_bounds__(kSparseSelectThreads) sparse_select_kernel(con
       }
       __syncthreads();
       float* imp = a.importance + int64_t(e) * a.middle_cap;
-      for (int i = tid; i < n; i += nt) {
-        float s = 0.0f;
-        for (int g = 0; g < G; ++g)
-          s += exp2f(a.values[(int64_t(e) * G + g) * a.middle_cap + i] - s_norm[g][0]) * s_norm[g][1];
-        imp[i] = s;
+      constexpr int U = kSelectUnroll / 2;
+      for (int base = 0; base < n; base += nt * U) {
+        float s[U] = {};
+        for (int g = 0; g < G; ++g) {
+          const float* xg = a.values + (int64_t(e) * G + g) * a.middle_cap;
+          float x[U];
+#pragma unroll
+          for (int j = 0; j < U; ++j) x[j] = base + j * nt + tid < n ? xg[base + j * nt + tid] : 0.0f;
+#pragma unroll
+          for (int j = 0; j < U; ++j) s[j] += exp2f(x[j] - s_norm[g][0]) * s_norm[g][1];
+        }
+#pragma unroll
+        for (int j = 0; j < U; ++j)
+          if (base + j * nt + tid < n) imp[base + j * nt + tid] = s[j];
       }
       __syncthreads();  // the block's global writes are visible to it after the barrier
     }
@@ -421,9 +428,15 @@ __global__ void __launch_bounds__(kSparseSelectThreads) sparse_select_kernel(con
     }
     if (tid == 0) s_count = 0;
     __syncthreads();
-    for (int i = tid; i < n; i += nt) {
-      const uint32_t u = key(i);
-      if (u > t || (u == t && uint32_t(i) <= last_tie)) s_pick[atomicAdd(&s_count, 1)] = i;
+    for (int base = 0; base < n; base += nt * kSelectUnroll) {
+      uint32_t us[kSelectUnroll];
+#pragma unroll
+      for (int j = 0; j < kSelectUnroll; ++j) us[j] = base + j * nt + tid < n ? key(base + j * nt + tid) : 0u;
+#pragma unroll
+      for (int j = 0; j < kSelectUnroll; ++j) {
+        const int i = base + j * nt + tid;
+        if (i < n && (us[j] > t || (us[j] == t && uint32_t(i) <= last_tie))) s_pick[atomicAdd(&s_count, 1)] = i;
+      }
     }
     __syncthreads();
   }

@@ -74,7 +74,6 @@ class CudaSparseDecoder {
   int64_t page_cap_ = 0;   // quest pages per entry
   int64_t middle_cap_ = 0; // oracle: middle tokens per entry
   int layers_ = 0;
-  bool tiled_logits_ = true;  // oracle: key tiles through shared memory; MULTIPOLE_ORACLE_TILED=0: off
   DeviceBuffer seq_ids_, item_seq_, item_split_, seq_base_, seq_splits_;
   DeviceBuffer part_o_, part_ml_, counters_, entry_zero_;
   DeviceBuffer exact_rows_, exact_pos_, exact_n_, errors_;
