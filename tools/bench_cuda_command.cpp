@@ -30,7 +30,9 @@ void print_cuda_bench(const cuda::CudaBenchOptions& o, bool json) {
     std::printf("# kmeans-prefill: one GPU clustering of the whole batch (B x %d KV heads, blocks of %d tokens,\n"
                 "#   %d Lloyd iterations, levels %d/%d tokens per centroid); 'x dense' of that row is meaningless\n",
                 o.kv_heads, o.block_size, o.prefill_iterations, o.tokens_per_centroid, o.coarse_tokens_per_centroid);
-    std::printf("# online update: not on the GPU yet (CPU only: `bench attention --device cpu`)\n");
+    std::printf("# kmeans-update: the GPU online update (DeviceKMeans::append) of the W tokens past the prefill's end,\n"
+                "#   wall time; they join its last block, nearly full here: the dearest update of a block's life;\n"
+                "#   kmeans-upd/token: the same over W (compare with mp-kmeans-index)\n");
     std::printf("%-6s %-8s %-16s %10s %9s %9s %9s %10s %9s %6s\n", "batch", "context", "variant", "us", "us_clean",
                 "x dense", "GB/s", "MB read", "launches", "CTAs");
   }

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <numeric>
@@ -435,6 +436,35 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         }
         MP_CHECK(kdec.error_flags() == 0, "bench: exact set overflow on the k-means index (flags {})",
                  kdec.error_flags());
+        {
+          // Online update (DeviceKMeans::append) of the W tokens past the prefill's end, which
+          // join its last block: here nearly full, the dearest update of a block's life (the
+          // mean over a block's life is lower). Rows: per update (all B x Hkv entries) and per
+          // generated token (compare with mp-kmeans-index); a fresh prefill before each run.
+          DeviceKMeans upd;
+          std::vector<double> ums;
+          const std::vector<int64_t> upd_ends(size_t(B), std::min<int64_t>(ctx, ends[0] + kc2.cluster.window));
+          for (int run = 0; run <= std::max(1, o.kmeans_runs); ++run) {
+            upd.build(dev, 0, seqs, ends, kc2, rope, o.key_dtype, stream, kc2.cluster.window);
+            MP_CUDA_CHECK(cudaStreamSynchronize(stream));
+            const auto t0 = std::chrono::steady_clock::now();
+            upd.append(dev, upd_ends, kc2, stream);
+            MP_CUDA_CHECK(cudaStreamSynchronize(stream));
+            if (run > 0) ums.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+          }
+          std::sort(ums.begin(), ums.end());
+          for (const double per : {1.0, double(kc2.cluster.window)}) {
+            CudaBenchRow ur;
+            ur.batch = B;
+            ur.context = ctx;
+            ur.variant = per == 1.0 ? "kmeans-update" : "kmeans-upd/token";
+            ur.us = ur.us_clean = ums[ums.size() / 2] / per;
+            ur.launches = upd.update_launches();
+            ur.ctas = B * Hkv;
+            rows.push_back(ur);
+            if (on_row) on_row(ur);
+          }
+        }
       }
     }
   cudaStreamDestroy(stream);
