@@ -13,7 +13,7 @@
 
 namespace multipole::cuda::detail {
 
-constexpr int kQuestPagesPerCta = 64;  // quest scoring: 4 warps x 2 batches of 8 pages
+constexpr int kQuestPagesPerCta = 64;  // quest scoring: 4 warps x 16 pages
 constexpr int kLogitChunk = 512;       // oracle: middle keys per CTA of the logit pass
 constexpr int kSparseSelectThreads = 1024;
 constexpr int kSparseMaxPicks = 4096;
@@ -56,8 +56,6 @@ void launch_sparse_select(const SparseArgs& a, bool quest, int entries, Stream s
 }  // namespace multipole::cuda::detail
 
 #if defined(__CUDACC__)
-#include <type_traits>
-
 #include "cuda/common.cuh"
 
 namespace multipole::cuda::detail {
@@ -116,53 +114,67 @@ __global__ void __launch_bounds__(128) quest_meta_kernel(const SparseArgs a, int
   }
 }
 
-// Quest page scores: grid (ceil(page_cap / kQuestPagesPerCta), E), 4 warps; a warp takes
-// 8 consecutive pages at a time and loads all their bounds before any math (8 independent
-// loads in flight per lane); a lane holds D / 32 channels. score = max_g sum_c
-// min(q_gc, 0) lo_c + max(q_gc, 0) hi_c (unscaled q, as the CPU policy). Skipped when every
-// page fits the budget.
+// Quest page scores: grid (ceil(page_cap / kQuestPagesPerCta), E), 4 warps. Eight lanes
+// share a page (D / 8 channels each, 16-byte loads), so a warp scores 4 pages per step and
+// a page's sum needs 3 shuffles per head; a warp loads the bounds of its next 8 pages
+// before any math. score = max_g sum_c min(q_gc, 0) lo_c + max(q_gc, 0) hi_c (unscaled q,
+// as the CPU policy). Skipped when every page fits the budget.
 template <int D, class T>
 __global__ void __launch_bounds__(128) quest_score_kernel(const SparseArgs a) {
-  constexpr int V = D / 32, PW = 8;  // channels per lane, pages per warp batch
-  using Vec = std::conditional_t<V == 4, uint2, uint32_t>;  // V 16-bit values
-  static_assert(sizeof(Vec) == V * 2, "lane vector");
-  __shared__ float s_q[16 * D];
+  constexpr int C = D / 8, NV = C / 8;  // channels per lane, 16-byte vectors per bound
+  constexpr int STEPS = 2;              // 4-page steps loaded together
+  constexpr int QS = 8 * (C + 1);        // q row stride: lane sl's channels at sl (C + 1), no bank conflicts
+  __shared__ float s_q[16 * QS];
   const int e = blockIdx.y, b = e / a.num_kv_heads, h = e % a.num_kv_heads, G = a.group;
   const SparseRegion r = sparse_region(a, a.seq_ids[b]);
   const int P = a.quest_page, pages = min((r.m - r.s + P - 1) / P, int(a.page_cap));  // beyond: flagged
   if (pages <= a.budget / P) return;
   const int p0 = blockIdx.x * kQuestPagesPerCta;
   if (p0 >= pages) return;
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) s_q[i] = a.q[(int64_t(b) * a.num_kv_heads * G + h * G) * D + i];
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x)
+    s_q[i / D * QS + i % D / C * (C + 1) + i % C] = a.q[(int64_t(b) * a.num_kv_heads * G + h * G) * D + i];
   __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane >> 3, sl = lane & 7;
   const T* meta = reinterpret_cast<const T*>(a.meta) + int64_t(e) * a.page_cap * 2 * D;
-  for (int pw = p0 + warp * PW; pw < min(pages, p0 + kQuestPagesPerCta); pw += 4 * PW) {
-    Vec lo_raw[PW], hi_raw[PW];
+  const int end = min(pages, p0 + kQuestPagesPerCta);
+  // Warp w takes pages p0 + 4 (w + 4 j) + sub, j = 0, 1, ...; STEPS of them per batch.
+  for (int j0 = 0; p0 + 4 * (warp + 4 * j0) < end; j0 += STEPS) {
+    uint4 lo[STEPS][NV], hi[STEPS][NV];
 #pragma unroll
-    for (int j = 0; j < PW; ++j)
-      if (pw + j < pages) {
-        lo_raw[j] = __ldg(reinterpret_cast<const Vec*>(meta + int64_t(pw + j) * 2 * D + lane * V));
-        hi_raw[j] = __ldg(reinterpret_cast<const Vec*>(meta + int64_t(pw + j) * 2 * D + D + lane * V));
+    for (int t = 0; t < STEPS; ++t) {
+      const int page = p0 + 4 * (warp + 4 * (j0 + t)) + sub;
+      const uint4* src = reinterpret_cast<const uint4*>(meta + int64_t(page) * 2 * D + sl * C);
+#pragma unroll
+      for (int v = 0; v < NV; ++v) {
+        lo[t][v] = page < end ? __ldg(src + v) : make_uint4(0u, 0u, 0u, 0u);
+        hi[t][v] = page < end ? __ldg(src + D / 8 + v) : make_uint4(0u, 0u, 0u, 0u);
       }
+    }
 #pragma unroll
-    for (int j = 0; j < PW; ++j) {
-      if (pw + j >= pages) break;
-      T lo_t[V], hi_t[V];
-      memcpy(lo_t, &lo_raw[j], sizeof(Vec));
-      memcpy(hi_t, &hi_raw[j], sizeof(Vec));
+    for (int t = 0; t < STEPS; ++t) {
+      const int page = p0 + 4 * (warp + 4 * (j0 + t)) + sub;
+      float lof[C], hif[C];
+#pragma unroll
+      for (int v = 0; v < NV; ++v) {
+        Storage<T>::to_float(lo[t][v], lof + 8 * v);
+        Storage<T>::to_float(hi[t][v], hif + 8 * v);
+      }
       float best = neg_inf();
       for (int g = 0; g < G; ++g) {
+        const float* qg = s_q + g * QS + sl * (C + 1);
         float acc = 0.0f;
 #pragma unroll
-        for (int c = 0; c < V; ++c) {
-          const float qc = s_q[g * D + lane * V + c];
-          acc = fmaf(fminf(qc, 0.0f), to_f32(lo_t[c]), acc);
-          acc = fmaf(fmaxf(qc, 0.0f), to_f32(hi_t[c]), acc);
+        for (int c = 0; c < C; ++c) {
+          const float qc = qg[c];
+          acc = fmaf(fminf(qc, 0.0f), lof[c], acc);
+          acc = fmaf(fmaxf(qc, 0.0f), hif[c], acc);
         }
-        best = fmaxf(best, warp_sum(acc));
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+        best = fmaxf(best, acc);
       }
-      if (lane == 0) a.values[int64_t(e) * a.page_cap + pw + j] = best;
+      if (sl == 0 && page < end) a.values[int64_t(e) * a.page_cap + page] = best;
     }
   }
 }
