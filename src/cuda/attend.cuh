@@ -81,9 +81,10 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(s));
 }
 
-template <int D, int ROWS>
+template <int D, int ROWS, bool MP>
 struct AttendShape {
-  static constexpr int kThreads = 128, kWarps = 4, kTile = 8, kStages = 5;  // kTile: tokens per warp tile
+  // Dense: 4 stages (as fast as 5) and no multipole staging.
+  static constexpr int kThreads = 128, kWarps = 4, kTile = 8, kStages = MP ? 5 : 4;  // kTile: tokens per warp tile
   static constexpr int GC = ROWS;                             // heads per CTA (rows >= G are padding)
   static constexpr int kRowStride = D * 2 + 16;               // padded: ldmatrix rows hit distinct banks
   static constexpr int kPieces = D / 8;                       // 16-byte pieces per row
@@ -94,7 +95,7 @@ struct AttendShape {
   static constexpr int kRingBytes = kWarps * kWarpRing;
   // Multipole staging after the rings, per warp: pseudo scores [stages][tile][GC] f32,
   // sizes and kinds [stages][tile] i32.
-  static constexpr int kWarpExtra = kStages * kTile * (GC + 2);  // in 4-byte words
+  static constexpr int kWarpExtra = MP ? kStages * kTile * (GC + 2) : 0;  // in 4-byte words
   static constexpr int kExtraBytes = kWarps * kWarpExtra * 4;
   static constexpr int kSmem = kRingBytes + kExtraBytes;
   static_assert(kLoadSteps * kRowsPerStep == kTile, "tile shape");
@@ -105,12 +106,16 @@ struct AttendShape {
 // cluster -2 - code (global cluster index).
 template <int D, int ROWS, class T, bool MP>
 __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
-  using S = AttendShape<D, ROWS>;
+  using S = AttendShape<D, ROWS, MP>;
   using M = MmaType<T>;
   constexpr int TILE = S::kTile, W = S::kWarps, GC = S::GC, RS = S::kRowStride;
   constexpr int KS = D / 16;  // k-steps of q.K^T
   constexpr int NT = D / 8;   // n-tiles of P.V
   constexpr bool TALL = ROWS > 8;  // rows 8..15 in use
+  // Dense with <= 8 heads stacks the high parts (rows 0..7) and the remainders (rows 8..15)
+  // of Q and P in one A fragment, so each product is one mma instead of two; the two halves
+  // of S and O (rows g and g + 8) are summed in f32.
+  constexpr bool STACK = !MP && !TALL;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float s_m[GC], s_l[GC];
   __shared__ int s_last;
@@ -144,14 +149,15 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
     for (int k = 0; k < KS; ++k)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        const int g = grp + (r & 1) * 8, d = 16 * k + 2 * tig + (r >> 1) * 8;
-        if (!TALL && (r & 1)) {
+        const int g = grp + (STACK ? 0 : (r & 1) * 8), d = 16 * k + 2 * tig + (r >> 1) * 8;
+        if (!TALL && !STACK && (r & 1)) {
           qhi[k][r] = qlo[k][r] = 0u;
           continue;
         }
         const float x0 = qv(g, d), x1 = qv(g, d + 1);
         qhi[k][r] = M::pack(x0, x1);
         qlo[k][r] = M::pack(x0 - M::lo(qhi[k][r]), x1 - M::hi(qhi[k][r]));
+        if (STACK && (r & 1)) qhi[k][r] = qlo[k][r];  // rows 8..15: the remainders
       }
   }
   int vlen, ebegin = 0, exact_n = 0;
@@ -280,18 +286,37 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
     const unsigned char* vt = kt + TILE * RS;
 
     // S = Q K^T: s[0..1] = (row grp, tokens 2 tig + {0,1}), s[2..3] = row grp + 8.
-    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // Dense: the products go to CH independent accumulators (even/odd k-step, and hi/lo when
+    // not stacked), which shortens the dependent mma chain per tile.
+    constexpr int CH = MP ? 1 : (STACK ? 2 : 4);
+    float sc[CH][4] = {};
     const bool any_exact = MP ? v0 < a.exact_cap : true;
     if (any_exact) {
 #pragma unroll
       for (int kk = 0; kk < D / 32; ++kk) {
         uint32_t kb[4];  // dims 32 kk + 8 m + ..., token rows 0..7
         ldmatrix_x4(kb, kt + (lane & 7) * RS + (kk * 32 + (lane >> 3) * 8) * 2);
-        M::mma16816(s, qhi[2 * kk], kb[0], kb[1]);
-        M::mma16816(s, qlo[2 * kk], kb[0], kb[1]);
-        M::mma16816(s, qhi[2 * kk + 1], kb[2], kb[3]);
-        M::mma16816(s, qlo[2 * kk + 1], kb[2], kb[3]);
+        M::mma16816(sc[0], qhi[2 * kk], kb[0], kb[1]);
+        if constexpr (STACK) {
+          M::mma16816(sc[1], qhi[2 * kk + 1], kb[2], kb[3]);
+        } else {
+          M::mma16816(sc[1 % CH], qlo[2 * kk], kb[0], kb[1]);
+          M::mma16816(sc[2 % CH], qhi[2 * kk + 1], kb[2], kb[3]);
+          M::mma16816(sc[3 % CH], qlo[2 * kk + 1], kb[2], kb[3]);
+        }
       }
+    }
+    float s[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      s[i] = sc[0][i];
+#pragma unroll
+      for (int c = 1; c < CH; ++c) s[i] += sc[c][i];
+    }
+    if constexpr (STACK) {  // row grp = high part + remainder (row grp + 8); no second row
+      s[0] += s[2];
+      s[1] += s[3];
+      s[2] = s[3] = neg_inf();
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -312,7 +337,7 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
     // Online softmax per row: the max over the tile's 8 tokens lives in the 4 lanes of a quad.
     uint32_t phi[2], plo[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < (STACK ? 1 : 2); ++r) {
       float mx = fmaxf(s[2 * r], s[2 * r + 1]);
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -322,6 +347,10 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
         for (int j = 0; j < NT; ++j) {
           o[j][2 * r] *= alpha;
           o[j][2 * r + 1] *= alpha;
+          if constexpr (STACK) {  // rows grp + 8: the same head's remainder part
+            o[j][2] *= alpha;
+            o[j][3] *= alpha;
+          }
         }
         lsum[r] *= alpha;
         m[r] = mx;
@@ -340,8 +369,12 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
       ldmatrix_x4_trans(vb, vt + (lane & 7) * RS + (nn * 32 + (lane >> 3) * 8) * 2);
 #pragma unroll
       for (int mm = 0; mm < 4; ++mm) {
-        M::mma1688(o[4 * nn + mm], phi[0], phi[1], vb[mm]);
-        M::mma1688(o[4 * nn + mm], plo[0], plo[1], vb[mm]);
+        if constexpr (STACK) {
+          M::mma1688(o[4 * nn + mm], phi[0], plo[0], vb[mm]);
+        } else {
+          M::mma1688(o[4 * nn + mm], phi[0], phi[1], vb[mm]);
+          M::mma1688(o[4 * nn + mm], plo[0], plo[1], vb[mm]);
+        }
       }
     }
   }
@@ -352,6 +385,13 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
   for (int r = 0; r < 2; ++r) {
     lsum[r] += __shfl_xor_sync(0xffffffffu, lsum[r], 1);
     lsum[r] += __shfl_xor_sync(0xffffffffu, lsum[r], 2);
+  }
+  if constexpr (STACK) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      o[j][0] += o[j][2];
+      o[j][1] += o[j][3];
+    }
   }
   __syncthreads();  // every warp is done with its ring: reuse it as scratch
   float* red_o = reinterpret_cast<float*>(smem);  // [W][GC][D]

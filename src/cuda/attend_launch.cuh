@@ -10,7 +10,7 @@ template <int D, int GC, class T, bool MP>
 void configure_attend() {
   static const bool done = [] {
     MP_CUDA_CHECK(cudaFuncSetAttribute(attend_kernel<D, GC, T, MP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       AttendShape<D, GC>::kSmem));
+                                       AttendShape<D, GC, MP>::kSmem));
     return true;
   }();
   (void)done;
@@ -20,8 +20,8 @@ template <int D, int GC, class T, bool MP>
 void launch_attend_one(const AttendArgs& a, int items, Stream stream) {
   configure_attend<D, GC, T, MP>();
   const dim3 grid(items, a.num_kv_heads * a.head_chunks);
-  MP_CUDA_CHECK(launch_maybe_pdl(attend_kernel<D, GC, T, MP>, grid, dim3(AttendShape<D, GC>::kThreads),
-                                  AttendShape<D, GC>::kSmem, stream, MP && a.pdl, a));
+  MP_CUDA_CHECK(launch_maybe_pdl(attend_kernel<D, GC, T, MP>, grid, dim3(AttendShape<D, GC, MP>::kThreads),
+                                  AttendShape<D, GC, MP>::kSmem, stream, MP && a.pdl, a));
 }
 
 template <int D, int GC, class T, bool MP>
@@ -29,7 +29,7 @@ int occupancy_one() {
   configure_attend<D, GC, T, MP>();
   int n = 0;
   MP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attend_kernel<D, GC, T, MP>,
-                                                              AttendShape<D, GC>::kThreads, AttendShape<D, GC>::kSmem));
+                                                              AttendShape<D, GC, MP>::kThreads, AttendShape<D, GC, MP>::kSmem));
   return n;
 }
 
