@@ -397,8 +397,6 @@ void dot_float(const uint8_t* row, int64_t cols, const XView* xs, float* out) {
   }
 }
 
-constexpr int kMaxVectors = 4;
-
 // Quantised rows against f32 activations (xs[i].f), for products that must not round the
 // activations. for_sub32 walks a row's 32-value sub-blocks: value l of sub-block b is
 // a0 * w_l + c0 for l < 16 and a1 * w_l + c1 for l >= 16, w the int8 lanes (the same
@@ -493,6 +491,8 @@ DotFn dot_kernel_nv(QuantType t, bool f32) {
   }
   fail("quant: no dot kernel for type {}", uint32_t(t));
 }
+
+constexpr int kMaxVectors = 4;
 
 DotFn dot_kernel(QuantType t, int nv, bool f32_activations = false) {
   switch (nv) {
