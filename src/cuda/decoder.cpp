@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "cuda/check.hpp"
+#include "cuda/host_setup.hpp"
 #include "cuda/launch.hpp"
 #include "multipole/core/error.hpp"
 
@@ -62,18 +63,6 @@ SplitPlan plan_splits(std::span<const int64_t> vlen, int columns, int64_t slots,
   return p;
 }
 
-template <class T>
-void upload_vector(DeviceBuffer& buf, const std::vector<T>& v) {
-  buf.reserve(std::max<size_t>(v.size(), 1) * sizeof(T));
-  buf.upload(v.data(), v.size() * sizeof(T));
-}
-
-int sm_count() {
-  int dev = 0, n = 0;
-  MP_CUDA_CHECK(cudaGetDevice(&dev));
-  MP_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  return n;
-}
 
 }  // namespace
 
@@ -114,7 +103,7 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
   std::vector<int32_t> ids(seqs.begin(), seqs.end());
   std::vector<int64_t> lens(B);
   for (int b = 0; b < B; ++b) lens[b] = cache.host_length(seqs[b]);
-  const int64_t sms = sm_count();
+  const int64_t sms = current_sm_count();
 
   info_ = DecodePlanInfo{};
   info_.batch = B;

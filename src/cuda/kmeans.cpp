@@ -11,6 +11,7 @@
 
 #include "attention/kmeans.hpp"
 #include "cuda/check.hpp"
+#include "cuda/host_setup.hpp"
 #include "cuda/kmeans_launch.hpp"
 #include "multipole/attention/cluster_index.hpp"
 #include "multipole/core/error.hpp"
@@ -23,11 +24,6 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <class T>
-void upload_vec(DeviceBuffer& buf, const std::vector<T>& v) {
-  buf.reserve(std::max<size_t>(v.size() * sizeof(T), 16));
-  if (!v.empty()) buf.upload(v.data(), v.size() * sizeof(T));
-}
 
 
 KvRead kv_read(const DeviceKVCache& cache, int layer) {
@@ -112,8 +108,8 @@ struct DeviceKMeans::Online {
     }
     std::vector<double> f(rope.inv_freq().begin(), rope.inv_freq().end());
     half = int(f.size());
-    upload_vec(km.inv_freq_, f);
-    upload_vec(d_open, open);
+    upload_vector(km.inv_freq_, f);
+    upload_vector(d_open, open);
     const size_t n = size_t(E), D = size_t(d);
     key_sums.reserve(n * dims.ko * D * 8);
     value_sums.reserve(n * dims.ko * D * 8);
@@ -331,9 +327,9 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
   const size_t P = size_t(points), C0 = size_t(clusters0), C1 = size_t(clusters1), D = size_t(d);
   points_.reserve(std::max<size_t>(P * D * 4, 16));
   rng_.reserve(std::max<size_t>(size_t(num_blocks_) * 32, 16));
-  upload_vec(entry_desc_, entries);
+  upload_vector(entry_desc_, entries);
   std::vector<double> f(rope.inv_freq().begin(), rope.inv_freq().end());
-  upload_vec(inv_freq_, f);
+  upload_vector(inv_freq_, f);
   for (int l = 0; l < levels_; ++l) {
     Level& L = lv_[l];
     const auto& blocks = l == 0 ? b0 : b1;
@@ -347,8 +343,8 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
       for (int s = 0; s < blocks[i].n; s += kKmTilePoints) tiles.push_back({int32_t(i), s});
     }
     L.num_tiles = int(tiles.size());
-    upload_vec(L.blocks, blocks);
-    upload_vec(L.tiles, tiles);
+    upload_vector(L.blocks, blocks);
+    upload_vector(L.tiles, tiles);
     const size_t np = std::max<size_t>(size_t(L.points), 1), nc = std::max<size_t>(size_t(L.clusters), 1);
     L.xb.reserve(np * D * 2);
     L.xnorm.reserve(np * 4);
@@ -565,7 +561,7 @@ void DeviceKMeans::append(const DeviceKVCache& cache, std::span<const int64_t> n
   update_launches_ = 0;
   if (all.empty()) return;
   stream_synchronize(stream);  // the previous append's descriptors may still be read
-  upload_vec(on.chunks, all);
+  upload_vector(on.chunks, all);
   const KvRead kv = kv_read(cache, layer_);
   const DeviceClusterTarget target = index_->target();
   const int key_kind = key_kind_of(index_->key_dtype());

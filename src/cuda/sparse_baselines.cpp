@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "cuda/check.hpp"
+#include "cuda/host_setup.hpp"
 #include "cuda/launch.hpp"
 #include "cuda/sparse_baselines.cuh"
 #include "multipole/core/error.hpp"
@@ -15,14 +16,6 @@
 namespace multipole::cuda {
 
 using namespace detail;
-
-namespace {
-template <class T>
-void put_vector(DeviceBuffer& buf, const std::vector<T>& v) {
-  buf.reserve(std::max<size_t>(v.size(), 1) * sizeof(T));
-  buf.upload(v.data(), v.size() * sizeof(T));
-}
-}  // namespace
 
 CudaSparseDecoder::CudaSparseDecoder(const AttentionConfig& config, SparseBaseline kind) : config_(config), kind_(kind) {
   config_.validate();
@@ -65,10 +58,7 @@ void CudaSparseDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> 
 
   // Splits: every entry's virtual sequence is its exact list (<= cap rows); whole 32-row
   // tiles per split, as few splits as fill one wave of the attention kernel.
-  int dev = 0, sms = 0;
-  MP_CUDA_CHECK(cudaGetDevice(&dev));
-  MP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const int64_t slots = int64_t(sms) * attend_ctas_per_sm(kc.dtype, D, attend_rows(G), true);
+  const int64_t slots = int64_t(current_sm_count()) * attend_ctas_per_sm(kc.dtype, D, attend_rows(G), true);
   const int64_t tiles = (cap + 31) / 32;
   const int64_t per_split = std::max<int64_t>(2, (tiles * E + slots - 1) / slots);
   const int splits = int((tiles + per_split - 1) / per_split);
@@ -83,12 +73,12 @@ void CudaSparseDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> 
     }
   }
   attend_items_ = int(item_seq.size());
-  put_vector(item_seq_, item_seq);
-  put_vector(item_split_, item_split);
-  put_vector(seq_base_, base);
-  put_vector(seq_splits_, count);
-  put_vector(seq_ids_, std::vector<int32_t>(seqs.begin(), seqs.end()));
-  put_vector(entry_zero_, std::vector<int32_t>(size_t(E), 0));
+  upload_vector(item_seq_, item_seq);
+  upload_vector(item_split_, item_split);
+  upload_vector(seq_base_, base);
+  upload_vector(seq_splits_, count);
+  upload_vector(seq_ids_, std::vector<int32_t>(seqs.begin(), seqs.end()));
+  upload_vector(entry_zero_, std::vector<int32_t>(size_t(E), 0));
 
   part_o_.reserve(size_t(attend_items_) * Hkv * G * D * sizeof(float));
   part_ml_.reserve(size_t(attend_items_) * Hkv * G * 2 * sizeof(float));
