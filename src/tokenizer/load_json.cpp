@@ -111,10 +111,23 @@ struct Loader {
     }
   }
 
+  // A token id must be an integer in [0, INT32_MAX]: a float or a huge value would otherwise
+  // be cast (undefined behaviour) into a wrong id. `where` is only formatted on failure.
+  template <typename Where>
+  int32_t token_id(const json& v, Where&& where) const {
+    const bool ok = v.is_number_unsigned() ? v.get<uint64_t>() <= uint64_t(INT32_MAX)
+                                           : v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT32_MAX;
+    if (!ok) fail("{}: {} = {} is not a valid token id (an integer in 0..{})", src, where(), v.dump(), INT32_MAX);
+    return int32_t(v.get<int64_t>());
+  }
+
   // Ids of a post-processor's special token, by its name in "special_tokens".
   std::vector<int32_t> template_ids(const json& p, const std::string& name) {
-    const json& st = p.at("special_tokens").at(name);
-    return st.at("ids").get<std::vector<int32_t>>();
+    const json& ids = p.at("special_tokens").at(name).at("ids");
+    if (!ids.is_array()) fail("{}: post_processor.special_tokens['{}'].ids is not an array", src, name);
+    std::vector<int32_t> out;
+    for (const json& v : ids) out.push_back(token_id(v, [&] { return fmt::format("post_processor.special_tokens['{}'].ids", name); }));
+    return out;
   }
 
   void post_processor(const json& j) {
@@ -136,8 +149,8 @@ struct Loader {
         }
       }
     } else if (t == "RobertaProcessing" || t == "BertProcessing") {
-      parts.prefix.push_back(j.at("cls").at(1).get<int32_t>());
-      parts.suffix.push_back(j.at("sep").at(1).get<int32_t>());
+      parts.prefix.push_back(token_id(j.at("cls").at(1), [] { return "post_processor.cls[1]"; }));
+      parts.suffix.push_back(token_id(j.at("sep").at(1), [] { return "post_processor.sep[1]"; }));
     } else {
       parts.add_special_problem = fmt::format("post_processor type '{}' is not supported", t);
     }
@@ -158,10 +171,7 @@ struct Loader {
     if (!vocab.is_object()) fail("{}: model.vocab is not an object", src);
     parts.vocab.reserve(vocab.size());
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-      if (!it.value().is_number_integer()) fail("{}: model.vocab['{}'] is not an integer id", src, it.key());
-      const int64_t id = it.value().get<int64_t>();
-      if (id < 0 || id > INT32_MAX) fail("{}: model.vocab['{}'] = {} is not a valid id", src, it.key(), id);
-      parts.vocab.emplace_back(it.key(), int32_t(id));
+      parts.vocab.emplace_back(it.key(), token_id(it.value(), [&] { return fmt::format("model.vocab['{}']", it.key()); }));
     }
     const json& merges = m.at("merges");
     if (!merges.is_array()) fail("{}: model.merges is not an array", src);
@@ -188,7 +198,7 @@ struct Loader {
     if (list.is_null()) return;
     for (const json& a : list) {
       AddedToken t;
-      t.id = a.at("id").get<int32_t>();
+      t.id = token_id(a.at("id"), [] { return "added_tokens[].id"; });
       t.content = a.at("content").get<std::string>();
       t.special = flag(a, "special", false);
       t.lstrip = flag(a, "lstrip", false);
