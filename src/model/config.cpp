@@ -93,6 +93,16 @@ int to_int(uint64_t v, std::string_view source, std::string_view key) {
   return int(v);
 }
 
+// A JSON integer as int64, or nullopt for anything else (a float, or an unsigned value
+// above INT64_MAX that get<int64_t> would wrap into a plausible id).
+std::optional<int64_t> json_int64(const nlohmann::json& v) {
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    return u <= uint64_t(INT64_MAX) ? std::optional<int64_t>(int64_t(u)) : std::nullopt;
+  }
+  return v.is_number_integer() ? std::optional<int64_t>(v.get<int64_t>()) : std::nullopt;
+}
+
 void add_eos(ModelConfig& c, int64_t id) {
   if (id < 0 || id > INT32_MAX) return;
   for (int32_t e : c.eos_ids)
@@ -287,12 +297,17 @@ ModelConfig model_config_from_hf_json(std::string_view json_text, std::string_vi
   if (scaling.is_object() && !scaling.empty())
     apply_rope_scaling(scaling.dump(), c.rope, fmt::format("{}: rope scaling", source));
 
-  if (auto it = j.find("bos_token_id"); it != j.end() && it->is_number_integer()) c.bos_id = it->get<int32_t>();
+  if (auto it = j.find("bos_token_id"); it != j.end() && it->is_number_integer()) {
+    const std::optional<int64_t> id = json_int64(*it);
+    MP_CHECK(id && *id >= 0 && *id <= INT32_MAX, "{}: field 'bos_token_id' = {} is not a valid token id (0..{})", source,
+             it->dump(), INT32_MAX);
+    c.bos_id = int32_t(*id);
+  }
   if (auto it = j.find("eos_token_id"); it != j.end()) {
-    if (it->is_number_integer()) add_eos(c, it->get<int64_t>());
+    if (auto id = json_int64(*it)) add_eos(c, *id);
     if (it->is_array())
       for (const json& e : *it)
-        if (e.is_number_integer()) add_eos(c, e.get<int64_t>());
+        if (auto id = json_int64(e)) add_eos(c, *id);
   }
   c.validate(source);
   return c;

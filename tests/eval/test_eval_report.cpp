@@ -68,6 +68,18 @@ TEST(EvalResultsLog, AppendsResumesAndRefusesToClobber) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("line 4"), std::string::npos) << e.what();
   }
+  // A budget that is not an int (a float too large for one, as a fuzzer would write) is an
+  // error, not undefined behaviour.
+  for (const char* budget : {"2.5e19", "1.5", "-1", "4294967296"}) {
+    std::string line = record_to_json(rec("passkey", "c4", "dense", 0, ""));
+    line.replace(line.find("\"budget\":0"), 10, std::string("\"budget\":") + budget);
+    try {
+      record_from_json(line, "r.jsonl:1");
+      ADD_FAILURE() << budget << ": no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("r.jsonl:1: budget"), std::string::npos) << e.what();
+    }
+  }
   {
     ResultsLog fresh(path, false, true);  // --overwrite starts empty
     EXPECT_EQ(ResultsLog::read(path).size(), 0u);

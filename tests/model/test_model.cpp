@@ -298,6 +298,14 @@ TEST(ModelConfig, BadHFJson) {
                "unsupported rope_type 'dynamic'");
   expect_error(hf(with("\"silu\"", "\"gelu\"")), "hidden_act 'gelu'");
   expect_error(hf(with("\"eos_token_id\": 2", "\"eos_token_id\": 500")), "eos id 500");
+  // Ids beyond int32 are errors, not wrapped into a plausible id (2^32 + 3 -> 3).
+  expect_error(hf(with("\"bos_token_id\": 1", "\"bos_token_id\": 4294967299")),
+               "'bos_token_id' = 4294967299 is not a valid token id");
+  expect_error(hf(with("\"bos_token_id\": 1", "\"bos_token_id\": 18446744073709551615")), "is not a valid token id");
+  // An eos id past int64 is dropped like any other out-of-range one, not wrapped to -2.
+  EXPECT_TRUE(model_config_from_hf_json(with("\"eos_token_id\": 2", "\"eos_token_id\": [18446744073709551614, 5]"),
+                                        "cfg.json")
+                  .eos_ids == std::vector<int32_t>{5});
 }
 
 // ----------------------------------------------------------------------------- bad files
