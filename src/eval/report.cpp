@@ -360,8 +360,18 @@ Section reasoning_section(const std::vector<const Record*>& rs, const fs::path& 
     if (std::find(datasets.begin(), datasets.end(), d) == datasets.end()) datasets.push_back(d);
   }
   s.markdown += "Greedy answers (chat template, thinking on) scored against the known answers; accuracy with Wilson "
-                "95% intervals.\n\n| policy | budget | clusters | dataset | correct | answered | mean tokens |\n"
-                "|---|---|---|---|---|---|---|\n";
+                "95% intervals. Answers agree with dense's when both extracted final answers are equal (or both "
+                "absent); the last column says whether the policy's accuracy lies inside dense's interval.\n\n"
+                "| policy | budget | clusters | dataset | correct | answered | mean tokens | answer = dense's | "
+                "within dense's 95% interval |\n|---|---|---|---|---|---|---|---|---|\n";
+  std::map<std::string, const Record*> dense_of;  // case id -> its dense record
+  for (const Record* r : rs)
+    if (r->policy == "dense") dense_of[r->case_id] = r;
+  const auto answer = [](const Record* r) {
+    auto it = r->str.find("answer");
+    return it == r->str.end() ? std::string() : it->second;
+  };
+  std::map<std::string, Interval> dense_ci;  // dataset -> dense's interval
   std::vector<Series> bars;
   std::vector<std::string> xtics;
   for (const VariantKey& k : vs) xtics.push_back(k.label());
@@ -370,20 +380,34 @@ Section reasoning_section(const std::vector<const Record*>& rs, const fs::path& 
     b.title = d;
     for (size_t vi = 0; vi < vs.size(); ++vi) {
       const VariantKey& k = vs[vi];
-      int64_t n = 0, correct = 0, answered = 0;
+      const bool dense = k.policy == "dense";
+      int64_t n = 0, correct = 0, answered = 0, paired = 0, match = 0;
       double toks = 0;
       for (const Record* r : of_variant(rs, k)) {
         auto it = r->str.find("dataset");
         if ((it == r->str.end() ? "?" : it->second) != d) continue;
         ++n, correct += r->get("correct") > 0, answered += r->get("has_answer") > 0, toks += r->get("tokens");
+        if (auto dr = dense_of.find(r->case_id); !dense && dr != dense_of.end()) {
+          const std::string a = answer(r), b = answer(dr->second);
+          ++paired, match += a.empty() ? b.empty() : !b.empty() && answers_equal(a, b);
+        }
       }
       if (!n) continue;
-      s.markdown += fmt::format("| {} | {} | {} | {} | {} | {} | {} |\n", k.policy, budget_cell(k), cluster_cell(k), d,
-                                rate_ci(correct, n), pct(double(answered) / double(n)), cell(toks / double(n), 1));
       const Interval ci = wilson_interval(correct, n);
+      const double accuracy = double(correct) / double(n);
+      if (dense) dense_ci[d] = ci;
+      const auto dci = dense_ci.find(d);  // dense sorts first among the variants
+      const bool has_dci = !dense && dci != dense_ci.end();
+      const bool within = has_dci && accuracy >= dci->second.low && accuracy <= dci->second.high;
+      s.markdown += fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n", k.policy, budget_cell(k),
+                                cluster_cell(k), d, rate_ci(correct, n), pct(double(answered) / double(n)),
+                                cell(toks / double(n), 1), paired ? rate_ci(match, paired) : "-",
+                                has_dci ? (within ? "yes" : "no") : "-");
       json j = k.to_json();
-      j.update({{"dataset", d}, {"cases", n}, {"correct", correct}, {"accuracy", double(correct) / double(n)},
-                {"ci_low", ci.low}, {"ci_high", ci.high}, {"answered", answered}});
+      j.update({{"dataset", d}, {"cases", n}, {"correct", correct}, {"accuracy", accuracy}, {"ci_low", ci.low},
+                {"ci_high", ci.high}, {"answered", answered}});
+      if (paired) j.update({{"answer_match", match}, {"paired_with_dense", paired}});
+      if (has_dci) j["within_dense_ci"] = within;
       s.summary.push_back(j);
       b.x.push_back(double(vi) + 0.1 * double(&d - datasets.data())), b.y.push_back(double(correct) / double(n));
       b.lo.push_back(ci.low), b.hi.push_back(ci.high);

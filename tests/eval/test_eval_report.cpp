@@ -132,12 +132,26 @@ TEST(EvalReport, RendersTablesAndPlotsFromRecords) {
     q.num = {{"length", 1024}, {"depth", 0.5 * i}, {"found", double(i)}};
     rs.push_back(d), rs.push_back(q);
   }
-  // reasoning: 3 of 4 arithmetic problems right under dense.
+  // reasoning: 3 of 4 arithmetic problems right under dense (answers "0", "1", "7", "3"; the
+  // truth is i). Multipole answers "0", none, "7.0" (equal to "7"), "2": right on 1 of 4 (25%,
+  // inside dense's interval [30.1, 95.4]? no: below it), answers equal to dense's 2 of 4.
   for (int i = 0; i < 4; ++i) {
     Record r = rec("reasoning", "arith-" + std::to_string(i), "dense", 0, "");
     r.num = {{"correct", double(i != 2)}, {"has_answer", 1}, {"tokens", 100}};
     r.str["dataset"] = "arith";
+    r.str["answer"] = i == 2 ? "7" : std::to_string(i);
     rs.push_back(r);
+    Record m = rec("reasoning", "arith-" + std::to_string(i), "multipole", 128, "16/128");
+    m.num = {{"correct", double(i == 0)}, {"has_answer", double(i != 1)}, {"tokens", 50}};
+    m.str["dataset"] = "arith";
+    m.str["answer"] = std::vector<std::string>{"0", "", "7.0", "2"}[size_t(i)];
+    rs.push_back(m);
+    // Squeezed: right on 2 of 4 (inside dense's interval), answers equal to dense's 3 of 4.
+    Record q = rec("reasoning", "arith-" + std::to_string(i), "squeezed", 128, "16/128");
+    q.num = {{"correct", double(i < 2)}, {"has_answer", 1}, {"tokens", 80}};
+    q.str["dataset"] = "arith";
+    q.str["answer"] = std::vector<std::string>{"0", "1", "7", "9"}[size_t(i)];
+    rs.push_back(q);
   }
   // agreement: one case, identical for 40 tokens then different.
   Record ag = rec("agreement", "arith-0", "squeezed", 128, "16/128");
@@ -152,7 +166,15 @@ TEST(EvalReport, RendersTablesAndPlotsFromRecords) {
   EXPECT_NE(md.find("| multipole | 128 | 16/128 | 2 | 400 | 0.25000 | 0.6000 | 60.0% |"), std::string::npos) << md;
   EXPECT_NE(md.find("| quest | 64 | - | " + wilson_cell(1, 2) + " |"), std::string::npos) << md;
   EXPECT_NE(md.find("| dense | - | - | " + wilson_cell(2, 2) + " |"), std::string::npos) << md;
-  EXPECT_NE(md.find("| dense | - | - | arith | " + wilson_cell(3, 4) + " | 100.0% | 100.0 |"), std::string::npos)
+  EXPECT_NE(md.find("| dense | - | - | arith | " + wilson_cell(3, 4) + " | 100.0% | 100.0 | - | - |"), std::string::npos)
+      << md;
+  EXPECT_NE(md.find("| multipole | 128 | 16/128 | arith | " + wilson_cell(1, 4) + " | 75.0% | 50.0 | " +
+                    wilson_cell(2, 4) + " | no |"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("| squeezed | 128 | 16/128 | arith | " + wilson_cell(2, 4) + " | 100.0% | 80.0 | " +
+                    wilson_cell(3, 4) + " | yes |"),
+            std::string::npos)
       << md;
   EXPECT_NE(md.find("| squeezed | 128 | 16/128 | 1 | " + wilson_cell(0, 1) + " | 40.0 | 50.0 |"), std::string::npos)
       << md;
@@ -174,6 +196,10 @@ TEST(EvalReport, RendersTablesAndPlotsFromRecords) {
   const auto summary = nlohmann::json::parse(rr.summary_json);
   EXPECT_NEAR(summary["fidelity"][0]["kl_mean"].get<double>(), 0.25, 1e-12);
   EXPECT_EQ(summary["passkey"][1]["found"].get<int>(), 1);
+  EXPECT_EQ(summary["reasoning"][1]["answer_match"].get<int>(), 2);
+  EXPECT_FALSE(summary["reasoning"][1]["within_dense_ci"].get<bool>());
+  EXPECT_TRUE(summary["reasoning"][2]["within_dense_ci"].get<bool>());
+  EXPECT_FALSE(summary["reasoning"][0].contains("within_dense_ci"));
 }
 
 }  // namespace
