@@ -35,6 +35,7 @@ void run_reasoning(SuiteContext& sc, Progress& progress) {
       r.str["answer"] = ans.value_or("");
       r.str["expected"] = p.answer;
       r.str["finish"] = g.finish;
+      r.str["text"] = g.text;  // to see why a policy's answer differs from dense's
       sc.log.append(r);
       progress.advance(1);
     }

@@ -197,10 +197,20 @@ TEST_F(EvalCli, AgreementPasskeyReasoningOnTinyModel) {
   std::set<std::string> datasets;
   for (const json& r : rs) datasets.insert(r["str"]["dataset"].get<std::string>());
   EXPECT_EQ(datasets, (std::set<std::string>{"arith", "aime"}));  // a small --limit still samples both
+  for (const json& r : rs) EXPECT_TRUE(r["str"].contains("text")) << r.dump();
   const json sum = json::parse(q.out)["reasoning"];
   ASSERT_FALSE(sum.empty());
   EXPECT_LE(sum[0]["ci_low"].get<double>(), sum[0]["accuracy"].get<double>());
   EXPECT_GE(sum[0]["ci_high"].get<double>(), sum[0]["accuracy"].get<double>());
+  // Each quest row (one per dataset) is paired with dense on its dataset's one problem.
+  int quest_rows = 0;
+  for (const json& row : sum)
+    if (row["policy"] == "quest") {
+      ++quest_rows;
+      EXPECT_EQ(row["paired_with_dense"].get<int>(), 1) << row.dump();
+      EXPECT_TRUE(row.contains("answer_match") && row.contains("within_dense_ci")) << row.dump();
+    }
+  EXPECT_EQ(quest_rows, 2);
 }
 
 TEST_F(EvalCli, ResumeSkipsFinishedCases) {
