@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "io/json_integer.hpp"
 #include "multipole/core/error.hpp"
 
 namespace multipole::eval {
@@ -58,10 +59,10 @@ Record record_from_json(const std::string& line, const std::string& where) {
     r.suite = j.at("suite").get<std::string>();
     r.case_id = j.at("case").get<std::string>();
     r.policy = j.at("policy").get<std::string>();
-    const json& budget = j.at("budget");
-    if (!budget.is_number_integer() || budget.get<int64_t>() < 0 || budget.get<int64_t>() > INT32_MAX)
-      fail("{}: budget {} is not an integer in 0..{}", where, budget.dump(), INT32_MAX);
-    r.budget = int(budget.get<int64_t>());
+    const std::optional<int64_t> budget = json_int64(j.at("budget"));
+    if (!budget || *budget < 0 || *budget > INT32_MAX)
+      fail("{}: budget {} is not an integer in 0..{}", where, j.at("budget").dump(), INT32_MAX);
+    r.budget = int(*budget);
     r.cluster = j.at("cluster").get<std::string>();
     for (const auto& [k, v] : j.at("num").items()) r.num[k] = read_number(v);
     for (const auto& [k, v] : j.at("str").items()) r.str[k] = v.get<std::string>();

@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "io/json_integer.hpp"
 #include "model/family.hpp"
 #include "multipole/core/error.hpp"
 #include "multipole/io/gguf.hpp"
@@ -91,16 +92,6 @@ namespace {
 int to_int(uint64_t v, std::string_view source, std::string_view key) {
   MP_CHECK(v <= uint64_t(1) << 30, "{}: {} = {} is out of range", source, key, v);
   return int(v);
-}
-
-// A JSON integer as int64, or nullopt for anything else (a float, or an unsigned value
-// above INT64_MAX that get<int64_t> would wrap into a plausible id).
-std::optional<int64_t> json_int64(const nlohmann::json& v) {
-  if (v.is_number_unsigned()) {
-    const uint64_t u = v.get<uint64_t>();
-    return u <= uint64_t(INT64_MAX) ? std::optional<int64_t>(int64_t(u)) : std::nullopt;
-  }
-  return v.is_number_integer() ? std::optional<int64_t>(v.get<int64_t>()) : std::nullopt;
 }
 
 void add_eos(ModelConfig& c, int64_t id) {

@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "io/json_integer.hpp"
 #include "multipole/core/error.hpp"
 #include "multipole/io/json_limits.hpp"
 #include "tokenizer/tokenizer_impl.hpp"
@@ -111,14 +112,13 @@ struct Loader {
     }
   }
 
-  // A token id must be an integer in [0, INT32_MAX]: a float or a huge value would otherwise
-  // be cast (undefined behaviour) into a wrong id. `where` is only formatted on failure.
+  // A token id must be an integer in [0, INT32_MAX]. `where` is only formatted on failure.
   template <typename Where>
   int32_t token_id(const json& v, Where&& where) const {
-    const bool ok = v.is_number_unsigned() ? v.get<uint64_t>() <= uint64_t(INT32_MAX)
-                                           : v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT32_MAX;
-    if (!ok) fail("{}: {} = {} is not a valid token id (an integer in 0..{})", src, where(), v.dump(), INT32_MAX);
-    return int32_t(v.get<int64_t>());
+    const std::optional<int64_t> id = json_int64(v);
+    if (!id || *id < 0 || *id > INT32_MAX)
+      fail("{}: {} = {} is not a valid token id (an integer in 0..{})", src, where(), v.dump(), INT32_MAX);
+    return int32_t(*id);
   }
 
   // Ids of a post-processor's special token, by its name in "special_tokens".
