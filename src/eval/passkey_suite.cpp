@@ -2,7 +2,9 @@
 // policy, length and depth. Lengths are the model's tokens (the filler is measured with its
 // tokenizer) and are trimmed so that prompt + answer fit the context.
 #include <algorithm>
+#include <bit>
 
+#include "eval/prng.hpp"
 #include "eval/suite.hpp"
 #include "multipole/core/error.hpp"
 
@@ -29,11 +31,14 @@ void run_passkey(SuiteContext& sc, Progress& progress) {
     uint64_t seed;
   };
   std::vector<Case> cases;
+  // A case's seed comes from what its id names (length, depth, repeat) and --seed, never
+  // from its place in the list: the same id is the same case whatever other lengths or
+  // depths a run asks for, which --resume relies on.
   for (int64_t l : lengths)
     for (double d : o.depths)
       for (int r = 0; r < o.repeats; ++r)
         cases.push_back({fmt::format("passkey-L{}-D{:.2f}-{}", l, d, r), l, d,
-                         o.seed * 1000003u + uint64_t(cases.size())});
+                         SplitMix64::from({o.seed, uint64_t(l), std::bit_cast<uint64_t>(d), uint64_t(r)}).next()});
   if (o.limit > 0 && int64_t(cases.size()) > o.limit) cases.resize(size_t(o.limit));
 
   auto count = [&](std::string_view text) { return int64_t(sc.tok.encode(text).size()); };

@@ -241,6 +241,31 @@ TEST_F(EvalCli, ResumeSkipsFinishedCases) {
   EXPECT_EQ(marked, 1);
 }
 
+// A passkey case is named by its length, depth and repeat; the same name must be the same
+// case in any run (it was seeded by its place in the list, so "passkey-L384-D0.50-0" hid
+// another number when depth 0 was asked too, and --resume could mix the two).
+TEST_F(EvalCli, PasskeyCaseDependsOnlyOnItsName) {
+  const std::string dir = scratch("passkey-name");
+  const std::string base = "--model " + *model_ + " --suite passkey --lengths 384 -n 2 --policies quest" + kSmall;
+  CliRun both = run_eval_cli(base + " --depths 0,0.5 --out " + dir + "/both", dir);
+  ASSERT_EQ(both.code, 0) << both.err;
+  CliRun one = run_eval_cli(base + " --depths 0.5 --out " + dir + "/one", dir);
+  ASSERT_EQ(one.code, 0) << one.err;
+  std::map<std::string, std::string> key_of;  // case id -> passkey, from the run with both depths
+  for (const json& r : read_jsonl(dir + "/both/results.jsonl"))
+    key_of[r["case"].get<std::string>()] = r["str"]["passkey"].get<std::string>();
+  ASSERT_EQ(key_of.size(), 2u);
+  EXPECT_NE(key_of["passkey-L384-D0.00-0"], key_of["passkey-L384-D0.50-0"]);
+  const auto rs = read_jsonl(dir + "/one/results.jsonl");
+  ASSERT_EQ(rs.size(), 2u);
+  for (const json& r : rs) EXPECT_EQ(r["str"]["passkey"].get<std::string>(), key_of["passkey-L384-D0.50-0"]) << r.dump();
+  // --seed still changes the case.
+  CliRun other = run_eval_cli(base + " --depths 0.5 --seed 3 --out " + dir + "/seed3", dir);
+  ASSERT_EQ(other.code, 0) << other.err;
+  EXPECT_NE(read_jsonl(dir + "/seed3/results.jsonl")[0]["str"]["passkey"].get<std::string>(),
+            key_of["passkey-L384-D0.50-0"]);
+}
+
 // Every record says which activations the quantised products used and the other settings
 // outside its key; a results file is not continued with different ones.
 TEST_F(EvalCli, ActivationsAreRecordedAndNeverMixed) {
