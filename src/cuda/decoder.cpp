@@ -63,7 +63,6 @@ SplitPlan plan_splits(std::span<const int64_t> vlen, int columns, int64_t slots,
   return p;
 }
 
-
 }  // namespace
 
 namespace detail {

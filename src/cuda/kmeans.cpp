@@ -24,8 +24,6 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-
-
 KvRead kv_read(const DeviceKVCache& cache, int layer) {
   KvRead kv{};
   const DeviceKVLayer lay = cache.layer(layer);

@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "io/json_integer.hpp"
 #include "model/model_impl.hpp"
 #include "multipole/core/error.hpp"
 
@@ -199,12 +200,11 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
       auto j = nlohmann::json::parse(read_text(gen), nullptr, false);
       if (j.is_object()) {
         auto add = [&](const nlohmann::json& e) {
-          if (!e.is_number_integer()) return;
-          int64_t id = e.get<int64_t>();
-          if (id < 0 || id >= m->config_.vocab_size) return;
+          const std::optional<int64_t> id = json_int64(e);
+          if (!id || *id < 0 || *id >= m->config_.vocab_size) return;
           for (int32_t x : m->config_.eos_ids)
-            if (x == id) return;
-          m->config_.eos_ids.push_back(int32_t(id));
+            if (x == *id) return;
+          m->config_.eos_ids.push_back(int32_t(*id));
         };
         if (auto it = j.find("eos_token_id"); it != j.end()) {
           if (it->is_array())
