@@ -257,7 +257,8 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       const int64_t row = int64_t(D) * int64_t(dtype_size(o.dtype));
       // Clusters read: one level, all; two levels, the coarse ones and the fine candidates
       // (approximated by the far-field fine clusters plus budget / 8 selected ones).
-      int64_t C = flat_index.total_clusters();
+      // Prescored (small batches): every key centroid is scored.
+      int64_t C = flat_index.total_clusters(), Ck = C;
       if (index.hierarchical()) {
         const auto far = dec.far_sizes();
         int64_t coarse = 0, fine_far = 0;
@@ -267,9 +268,10 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
           for (int64_t i = c0 + cc; i < c0 + index.entry_clusters(e); ++i) fine_far += far[size_t(i)] > 0;
         }
         C = coarse + fine_far + int64_t(B) * Hkv * (o.budget / 8);
+        Ck = dec.plan_info().prescored ? index.total_clusters() : C;
       }
-      const int64_t kbytes = C * D * int64_t(dtype_size(o.key_dtype)), vbytes = C * row;
-      const int64_t lists = C * (4 + 4 + 4) + C * G * 4 * 2;  // sizes, far sizes, member starts, scores w+r
+      const int64_t kbytes = Ck * D * int64_t(dtype_size(o.key_dtype)), vbytes = C * row;
+      const int64_t lists = C * (4 + 4 + 4) + Ck * G * 4 * 2;  // sizes, far sizes, member starts, scores w+r
       const int64_t dense_bytes = int64_t(B) * Hkv * ctx * row * 2;
       const int64_t mp_bytes = kbytes + vbytes + lists + exact * (2 * row + 4);
       const int64_t Cf = flat_index.total_clusters();

@@ -89,6 +89,7 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   select_warp_steps_ = env_int("MULTIPOLE_SELECT_WARP_STEPS", select_warp_steps_);
   select_precheck_ = env_int("MULTIPOLE_SELECT_PRECHECK", 1) != 0;
   pdl_ = env_int("MULTIPOLE_PDL", 1) != 0;
+  prescore_mode_ = env_int("MULTIPOLE_PRESCORE", -1);
 }
 
 void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, const DeviceClusterIndex* index) {
@@ -136,9 +137,14 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     const bool hier = index->hierarchical();
     const int64_t coarse_budget = std::max<int64_t>(
         config_.budget, config_.coarse_budget > 0 ? config_.coarse_budget : int64_t(16) * config_.budget);
-    std::vector<int64_t> vlen(B), score_chunks(B);
+    // Fine scoring in the scoring launch (set_prescore): from the fine slots' key bytes.
+    int64_t fine_key_bytes = 0;
+    for (int e = 0; e < B * Hkv; ++e)
+      fine_key_bytes += int64_t(index->entry_capacity(e) - index->entry_coarse(e)) * D * dtype_size(index->key_dtype());
+    const bool prescore = hier && (prescore_mode_ < 0 ? fine_key_bytes <= kPrescoreMaxBytes : prescore_mode_ > 0);
+    std::vector<int64_t> vlen(B), score_chunks(B), norm_chunks(B);
     for (int b = 0; b < B; ++b) {
-      int64_t cmax = 0, smax = 0;
+      int64_t cmax = 0, smax = 0, nmax = 0;
       for (int h = 0; h < Hkv; ++h) {
         const int e = b * Hkv + h;
         const int64_t end = index->entry_clustered_end(e);
@@ -153,12 +159,16 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
         const int64_t far = hier ? Cc + std::min<int64_t>(Cf, (2 * coarse_budget * Cf + clustered - 1) / clustered)
                                  : index->entry_clusters(e);
         cmax = std::max<int64_t>(cmax, far);
-        smax = std::max<int64_t>(smax, hier ? Cc : index->entry_clusters(e));
+        // Scored: the coarse level, or every slot (the online update may fill spare ones).
+        nmax = std::max<int64_t>(nmax, hier ? Cc : index->entry_clusters(e));
+        smax = std::max<int64_t>(smax, prescore ? index->entry_capacity(e) : nmax);
       }
       vlen[b] = cmax;  // pseudo-tokens; exact slots added below
       score_chunks[b] = (smax + kScoreChunk - 1) / kScoreChunk;
+      norm_chunks[b] = (nmax + kScoreChunk - 1) / kScoreChunk;  // the coarse level comes first
     }
     info_.hierarchical = hier;
+    info_.prescored = prescore;
     info_.far_cap = hier ? std::max(1, index->max_clusters()) : 0;
     coarse_budget_ = int(std::min<int64_t>(coarse_budget, std::numeric_limits<int32_t>::max()));
     cap = (cap + 7) / 8 * 8;
@@ -181,7 +191,7 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     std::vector<int32_t> s_seq, s_chunk, s_base, s_count;
     for (int b = 0; b < B; ++b) {
       s_base.push_back(int32_t(s_seq.size()));
-      s_count.push_back(int32_t(score_chunks[b]));
+      s_count.push_back(int32_t(norm_chunks[b]));
       for (int c = 0; c < score_chunks[b]; ++c) {
         s_seq.push_back(b);
         s_chunk.push_back(c);
@@ -288,7 +298,9 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     s.key_centroids = cv.key_centroids;
     s.sizes = cv.sizes;
     s.entry_begin = cv.entry_begin;
-    s.entry_count = info_.hierarchical ? cv.entry_coarse : cv.entry_count;  // two-level: coarse only
+    // Two levels: the coarse level only, or every cluster with the coarse ones normalised.
+    s.entry_count = info_.hierarchical && !info_.prescored ? cv.entry_coarse : cv.entry_count;
+    s.entry_normed = info_.prescored ? cv.entry_coarse : nullptr;
     s.num_kv_heads = Hkv;
     s.group = config_.group_size();
     s.head_chunks = head_chunks_;
@@ -345,6 +357,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     sa.head_dim = config_.head_dim;
     sa.qscale = config_.softmax_scale() * 1.4426950408889634f;
     sa.scores_out = scores_.as<float>();
+    sa.prescored = info_.prescored ? 1 : 0;
     sa.far_ids = far_ids_.as<int32_t>();
     sa.far_n = far_n_.as<int32_t>();
     sa.far_cap = info_.far_cap;

@@ -68,7 +68,10 @@ struct ScoreArgs {
   const void* key_centroids = nullptr;  // [total_clusters, D] f32 or KV dtype
   const int32_t* sizes = nullptr;       // [total_clusters]
   const int32_t* entry_begin = nullptr;  // [E]
-  const int32_t* entry_count = nullptr;  // [E]
+  const int32_t* entry_count = nullptr;  // [E] clusters scored (from the entry's start)
+  // [E] the first entry_normed[e] of them enter the partial normaliser (two levels: the coarse
+  // ones, when the fine level is scored too); null: all scored clusters.
+  const int32_t* entry_normed = nullptr;
   int num_kv_heads = 0, group = 0, head_chunks = 0;
   float qscale = 0;
   const int32_t* item_seq = nullptr;    // [score_items] b
@@ -81,7 +84,7 @@ struct SelectArgs {
   const float* scores = nullptr;         // [total_clusters, G]
   const float* part = nullptr;           // [score_items, Hkv, G, 2]
   const int32_t* seq_score_base = nullptr;   // [B] first score item of b
-  const int32_t* seq_score_chunks = nullptr; // [B]
+  const int32_t* seq_score_chunks = nullptr; // [B] its items that hold normaliser partials (the first ones)
   const int32_t* sizes = nullptr;        // [total_clusters]
   const int32_t* member_begin = nullptr;  // [total_clusters]
   const int32_t* members = nullptr;      // token positions
@@ -109,6 +112,9 @@ struct SelectArgs {
   int key_kind = 0, head_dim = 0;
   float qscale = 0;
   float* scores_out = nullptr;           // == scores: the fine candidates' logits are written here
+  // The scoring kernel already wrote every fine cluster's logits to `scores` (small batches,
+  // where reading all fine centroids on every SM is cheaper than scoring the candidates on one).
+  int prescored = 0;
   int32_t* far_ids = nullptr;            // [E, far_cap] out
   int32_t* far_n = nullptr;              // [E] out
   int far_cap = 0;

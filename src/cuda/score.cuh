@@ -1,7 +1,8 @@
 #pragma once
 // Cluster scoring for the whole GQA group: x[i][g] = scale log2(e) q_score_g . c_i for every
 // centroid of an entry (sequence, KV head), plus per CTA and head the partial normaliser
-// (max, sum_i n_i 2^(x - max)) that the selection kernel combines. kScoreChunk centroids per
+// (max, sum_i n_i 2^(x - max)) over the first entry_normed[e] of them, which the selection
+// kernel combines. kScoreChunk centroids per
 // CTA; each centroid row is read once for the GC heads of the CTA, straight from global
 // memory with 16-byte loads, several rows in flight per thread.
 #include "cuda/common.cuh"
@@ -25,6 +26,7 @@ __global__ void __launch_bounds__(128) score_kernel(const ScoreArgs a) {
   const int Hkv = a.num_kv_heads, G = a.group, g0 = chunk * GC, gcount = min(GC, G - g0);
   const int e = b * Hkv + h;
   const int cbegin = a.entry_begin[e], C = a.entry_count[e];
+  const int Cn = a.entry_normed ? a.entry_normed[e] : C;
   const int l = lane % L, tok = warp * TPW + lane / L;
 
   float qr[GC][NV * EPV];
@@ -79,7 +81,7 @@ __global__ void __launch_bounds__(128) score_kernel(const ScoreArgs a) {
 #pragma unroll
         for (int g = 0; g < GC; ++g) {
           if (g < gcount) a.scores[int64_t(cbegin + i) * G + g0 + g] = acc[g];
-          if (n[k] > 0) {
+          if (n[k] > 0 && i < Cn) {
             const float mn = fmaxf(m[g], acc[g]);
             z[g] = z[g] * fast_exp2(m[g] - mn) + float(n[k]) * fast_exp2(acc[g] - mn);
             m[g] = mn;

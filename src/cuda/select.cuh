@@ -584,7 +584,8 @@ template <> struct KeyBits<__half> {
 //   1. coarse importance, greedy selection under coarse_budget; unselected coarse clusters
 //      go to the far field and to the frontier sum (their n 2^x);
 //   2. the children of the selected coarse clusters (ascending fine id, non-empty) are
-//      scored here (one warp per candidate) and normalised over the frontier: unselected
+//      scored here (one warp per candidate; or gathered, when the scoring kernel scored the
+//      whole fine level: SelectArgs::prescored) and normalised over the frontier: unselected
 //      coarse clusters + all candidates (as the CPU policy does);
 //   3. greedy selection of the candidates under budget; the rest joins the far field.
 // Writes far_size for all of the entry's clusters, the compact far list and the exact rows.
@@ -669,16 +670,27 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
       if (n < 0) list_off[atomicAdd(&s_nsel, 1)] = i;  // selected coarse clusters, any order
     }
     if (tid == 0) s_nfar = nfar;
+    // Four heads at a time, so their logit loads are in flight together (one round trip
+    // instead of one per head); per head the same sums in the same order as one at a time.
 #pragma unroll 1
-    for (int g = 0; g < G; ++g) {
-      float z = 0.0f;
+    for (int g0 = 0; g0 < G; g0 += 4) {
+      float z[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        z[u] = 0.0f;
+        if (g0 + u < G)
 #pragma unroll 1
-      for (int i = lo; i < hi; ++i) {
-        const int n = size[pad(i)];
-        if (n > 0) z += float(n) * fast_exp2(a.scores[int64_t(cb + i) * G + g] - s_M[g]);
+          for (int i = lo; i < hi; ++i) {
+            const int n = size[pad(i)];
+            if (n > 0) z[u] += float(n) * fast_exp2(__ldg(a.scores + int64_t(cb + i) * G + g0 + u) - s_M[g0 + u]);
+          }
       }
-      z = warp_sum(z);
-      if (lane == 0 && z != 0.0f) atomicAdd(&s_far[g], z);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) z[u] = warp_sum(z[u]);
+      if (lane == 0)
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (g0 + u < G && z[u] != 0.0f) atomicAdd(&s_far[g0 + u], z[u]);
     }
   }
   // 2. Candidates: non-empty children of the selected coarse clusters (all non-empty fine
@@ -731,6 +743,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
         if (a.sizes[fb + c] > 0) {
           key[pad(c)] = 1u;
           // The candidate's key centroid into L2 now; it is scored after the compaction.
+          if (a.prescored) continue;
           const char* row =
               reinterpret_cast<const char*>(static_cast<const KT*>(a.key_centroids) + int64_t(fb + c) * D);
 #pragma unroll 1
@@ -758,6 +771,22 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   __syncthreads();
   pc.mark(kProfCompact);
   pc.add(kProfCandidates, nc);
+  if (a.prescored) {
+    // The scoring kernel wrote every fine cluster's logits: gather the candidates' (first kc
+    // to shared memory; the others are read from global memory where needed), their sizes,
+    // and their member lists into L2 for write_exact_rows.
+#pragma unroll 1
+    for (int k = tid; k < nc; k += kSelectThreads) {
+      const int64_t c = fb + cand[k];
+      if (k < kc) s_cn[k] = __ldg(a.sizes + c);
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(a.members + __ldg(a.member_begin + c)));
+    }
+#pragma unroll 1
+    for (int t = tid; t < min(nc, kc) * G; t += kSelectThreads) {
+      const int k = t / G;
+      s_x[t] = __ldg(a.scores + (fb + cand[k]) * int64_t(G) + (t - k * G));
+    }
+  }
   // Score the candidates: one warp per candidate, lanes over the dimensions (D <= 128). The
   // raw loads of U candidates per warp are all issued before the first use (one round trip
   // per U * warps candidates); heads in a rolled loop, the U warp sums interleaved. Logits
@@ -766,7 +795,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   using KB = KeyBits<KT>;
   const KT* kcent = static_cast<const KT*>(a.key_centroids);
 #pragma unroll 1
-  for (int k0 = warp; k0 < nc; k0 += U * kSelectWarps) {
+  for (int k0 = a.prescored ? nc : warp; k0 < nc; k0 += U * kSelectWarps) {
     typename KB::Raw raw[U][4];
     int nk[U], mbk[U];
 #pragma unroll
@@ -833,7 +862,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   // normaliser is bit-identical to one.
   // The cached candidates' logits to global memory (the attention kernel reads the far ones).
 #pragma unroll 1
-  for (int t = tid; t < min(nc, kc) * G; t += kSelectThreads) {
+  for (int t = a.prescored ? nc * G : tid; t < min(nc, kc) * G; t += kSelectThreads) {
     const int k = t / G;
     a.scores_out[(fb + cand[k]) * int64_t(G) + (t - k * G)] = s_x[t];
   }

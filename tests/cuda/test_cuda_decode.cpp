@@ -752,55 +752,61 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   for (int b = 0; b < B; ++b)
     for (int qh = 0; qh < Hq; ++qh) rope.rotate_by(qs.data() + (size_t(b) * Hq + qh) * D, ac.score_position - double(lens[b] - 1));
   DeviceClusterIndex index(D, Hkv, DType::F32, DType::BF16, entries);
-  CudaDecoder dec(ac);
-  dec.plan(su.dev, su.cache.seqs, &index);
-  EXPECT_EQ(dec.plan_info().hierarchical, index.hierarchical());
-  DeviceFloats dq(q), dqs(qs), dout(q.size());
-  dout.poison();
-  dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout.ptr(), nullptr);
-  const auto out = dout.get();
-  for (int b = 0; b < B; ++b)
-    for (int qh = 0; qh < Hq; ++qh) {
-      std::vector<double> ref(cpu_out.begin() + (size_t(b) * Hq + qh) * D, cpu_out.begin() + (size_t(b) * Hq + qh + 1) * D);
-      EXPECT_LT(rel_error(out.data() + (size_t(b) * Hq + qh) * D, ref), 5e-3) << "b=" << b << " q head " << qh;
+  // Two levels: the fine candidates scored by the selection kernel, then by the scoring one.
+  for (const int prescore : index.hierarchical() ? std::vector<int>{0, 1} : std::vector<int>{-1}) {
+    SCOPED_TRACE(::testing::Message() << "prescore=" << prescore);
+    CudaDecoder dec(ac);
+    dec.set_prescore(prescore);
+    dec.plan(su.dev, su.cache.seqs, &index);
+    EXPECT_EQ(dec.plan_info().hierarchical, index.hierarchical());
+    EXPECT_EQ(dec.plan_info().prescored, prescore == 1);
+    DeviceFloats dq(q), dqs(qs), dout(q.size());
+    dout.poison();
+    dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout.ptr(), nullptr);
+    const auto out = dout.get();
+    for (int b = 0; b < B; ++b)
+      for (int qh = 0; qh < Hq; ++qh) {
+        std::vector<double> ref(cpu_out.begin() + (size_t(b) * Hq + qh) * D, cpu_out.begin() + (size_t(b) * Hq + qh + 1) * D);
+        EXPECT_LT(rel_error(out.data() + (size_t(b) * Hq + qh) * D, ref), 5e-3) << "b=" << b << " q head " << qh;
+      }
+    EXPECT_EQ(dec.error_flags(), 0u);
+    if (!index.hierarchical()) continue;
+    // Two levels: the far field holds every unselected coarse cluster, and fine clusters only
+    // under selected coarse ones; selected and far tokens never overlap.
+    const auto far = dec.far_sizes();
+    for (int e = 0; e < B * Hkv; ++e) {
+      const auto& x = entries[size_t(e)];
+      const int64_t c0 = index.entry_first_cluster(e);
+      for (int i = 0; i < x.num_coarse(); ++i) {
+        const bool coarse_far = far[size_t(c0 + i)] > 0;
+        EXPECT_TRUE(!coarse_far || far[size_t(c0 + i)] == x.coarse_sizes[size_t(i)]);
+        for (int k = x.coarse_child_offsets[size_t(i)]; k < x.coarse_child_offsets[size_t(i) + 1]; ++k)
+          if (coarse_far) {
+            EXPECT_EQ(far[size_t(c0 + x.num_coarse() + x.coarse_children[size_t(k)])], 0) << "entry " << e << " coarse " << i;
+          }
+      }
     }
-  EXPECT_EQ(dec.error_flags(), 0u);
-  if (!index.hierarchical()) return;
-  // Two levels: the far field holds every unselected coarse cluster, and fine clusters only
-  // under selected coarse ones; selected and far tokens never overlap.
-  const auto far = dec.far_sizes();
-  for (int e = 0; e < B * Hkv; ++e) {
-    const auto& x = entries[size_t(e)];
-    const int64_t c0 = index.entry_first_cluster(e);
-    for (int i = 0; i < x.num_coarse(); ++i) {
-      const bool coarse_far = far[size_t(c0 + i)] > 0;
-      EXPECT_TRUE(!coarse_far || far[size_t(c0 + i)] == x.coarse_sizes[size_t(i)]);
-      for (int k = x.coarse_child_offsets[size_t(i)]; k < x.coarse_child_offsets[size_t(i) + 1]; ++k)
-        if (coarse_far) {
-          EXPECT_EQ(far[size_t(c0 + x.num_coarse() + x.coarse_children[size_t(k)])], 0) << "entry " << e << " coarse " << i;
-        }
+    // The selection's two algorithms (one warp walking the greedy order; block-wide radix
+    // select + walk), the hand-over between them (precheck off: the walk runs its picks
+    // first; on: straight to the radix path when many clusters are tiny), and candidate
+    // logits read back from global memory instead of shared memory give the same step, bit
+    // for bit.
+    const auto counts = dec.exact_counts();
+    for (const auto& [warp_max, warp_steps, cache, precheck] :
+         {std::tuple{0, 64, 1 << 30, true}, std::tuple{256, 2, 1 << 30, false}, std::tuple{256, 1, 1 << 30, false},
+          std::tuple{256, 2, 1 << 30, true}, std::tuple{256, 8, 1 << 30, true}, std::tuple{256, 64, 1 << 30, false},
+          std::tuple{256, 64, 5, true}, std::tuple{0, 64, 0, true}}) {
+      SCOPED_TRACE(::testing::Message() << "warp_max=" << warp_max << " warp_steps=" << warp_steps
+                                        << " cand_cache=" << cache << " precheck=" << precheck);
+      dec.set_select_options(warp_max, warp_steps, cache, precheck);
+      DeviceFloats dout2(q.size());
+      dout2.poison();
+      dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout2.ptr(), nullptr);
+      const auto out2 = dout2.get();
+      EXPECT_EQ(dec.far_sizes(), far);
+      EXPECT_EQ(dec.exact_counts(), counts);
+      for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out2[i], out[i]) << "element " << i;
     }
-  }
-  // The selection's two algorithms (one warp walking the greedy order; block-wide radix
-  // select + walk), the hand-over between them (precheck off: the walk runs its picks
-  // first; on: straight to the radix path when many clusters are tiny), and candidate
-  // logits read back from global memory instead of shared memory give the same step, bit
-  // for bit.
-  const auto counts = dec.exact_counts();
-  for (const auto& [warp_max, warp_steps, cache, precheck] :
-       {std::tuple{0, 64, 1 << 30, true}, std::tuple{256, 2, 1 << 30, false}, std::tuple{256, 1, 1 << 30, false},
-        std::tuple{256, 2, 1 << 30, true}, std::tuple{256, 8, 1 << 30, true}, std::tuple{256, 64, 1 << 30, false},
-        std::tuple{256, 64, 5, true}, std::tuple{0, 64, 0, true}}) {
-    SCOPED_TRACE(::testing::Message() << "warp_max=" << warp_max << " warp_steps=" << warp_steps
-                                      << " cand_cache=" << cache << " precheck=" << precheck);
-    dec.set_select_options(warp_max, warp_steps, cache, precheck);
-    DeviceFloats dout2(q.size());
-    dout2.poison();
-    dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout2.ptr(), nullptr);
-    const auto out2 = dout2.get();
-    EXPECT_EQ(dec.far_sizes(), far);
-    EXPECT_EQ(dec.exact_counts(), counts);
-    for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out2[i], out[i]) << "element " << i;
   }
 }
 

@@ -23,6 +23,7 @@ struct DecodePlanInfo {
   int mp_chunk = 0, mp_ctas = 0, score_ctas = 0, exact_cap = 0;
   int heads_per_cta = 0;
   bool hierarchical = false;  // two-level index: coarse scoring, fine scoring in the selection
+  bool prescored = false;     // two-level index, small batch: the scoring launch scores the fine level too
   int far_cap = 0;            // far-list capacity per entry (two-level)
 };
 
@@ -84,6 +85,16 @@ class CudaDecoder {
   // step's first kernel is launched plainly, so q and q_score must be complete before
   // multipole() is called on the stream (as for any launch).
   void set_pdl(bool on) { pdl_ = on; }
+  // Two-level index: who scores the fine candidates. 0: the selection kernel, one CTA per
+  // entry, reading only the candidates' centroids; 1: the scoring kernel, which then reads
+  // every fine centroid with all SMs (cheaper at small batch, where the selection's CTAs
+  // are few); -1 (default, or the environment's MULTIPOLE_PRESCORE): 1 while the batch's
+  // fine key centroids come to at most kPrescoreMaxBytes (H200, Qwen3-8B shapes: -8 us at
+  // 32K batch 1 with 4 MB of them, +3 us at 128K batch 1 with 17 MB). Decided by plan(); the
+  // selection can differ only where two importances tie to the last bit (the logits are
+  // summed in another order).
+  void set_prescore(int mode) { prescore_mode_ = mode; }
+  static constexpr int64_t kPrescoreMaxBytes = int64_t(8) << 20;
 
  private:
   AttentionConfig config_;
@@ -105,6 +116,7 @@ class CudaDecoder {
   int select_warp_max_ = 256, select_warp_steps_ = 24, select_cand_max_ = 1 << 30;
   bool select_precheck_ = true;
   bool pdl_ = true;
+  int prescore_mode_ = -1;
 };
 
 }  // namespace multipole::cuda
