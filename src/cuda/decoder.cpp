@@ -287,6 +287,8 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   MP_CHECK(index.total_clusters() == index_clusters_ && index.max_clusters() <= smem_clusters_,
            "cuda decode: the cluster index changed since plan()");
   MP_CHECK(q && q_score && out, "cuda decode: null q, q_score or out");
+  MP_CHECK(reinterpret_cast<uintptr_t>(q_score) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0,
+           "cuda decode: q_score and out must be 16-byte aligned");
   const int Hkv = config_.num_kv_heads, E = info_.batch * Hkv;
   const DeviceClusterView cv = index.view();
   const DeviceKVLayer kv = cache.layer(layer);

@@ -46,8 +46,8 @@ class CudaDecoder {
   void dense(const DeviceKVCache& cache, int layer, const float* q, float* out, Stream stream) const;
 
   // q:       [B, Hq, D] f32 device, rotated to each query's position (exact part)
-  // q_score: [B, Hq, D] f32 device, rotated to config.score_position (cluster scoring and
-  //          far field, against the pre-RoPE centroids)
+  // q_score: [B, Hq, D] f32 device (16-byte aligned), rotated to config.score_position
+  //          (cluster scoring and far field, against the pre-RoPE centroids)
   // out:     [B, Hq, D] f32 device (16-byte aligned)
   // Timing diagnostics only: stages 1 stops after scoring, 2 after selection, 4 runs the
   // attention kernel alone (on the previous step's selection).
