@@ -455,16 +455,37 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
             if (run > 0) ums.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
           }
           std::sort(ums.begin(), ums.end());
-          for (const double per : {1.0, double(kc2.cluster.window)}) {
+          auto emit_update = [&](const char* name, double us) {
             CudaBenchRow ur;
             ur.batch = B;
             ur.context = ctx;
-            ur.variant = per == 1.0 ? "kmeans-update" : "kmeans-upd/token";
-            ur.us = ur.us_clean = ums[ums.size() / 2] / per;
+            ur.variant = name;
+            ur.us = ur.us_clean = us;
             ur.launches = upd.update_launches();
             ur.ctas = B * Hkv;
             rows.push_back(ur);
             if (on_row) on_row(ur);
+          };
+          const int W = kc2.cluster.window;
+          emit_update("kmeans-update", ums[ums.size() / 2]);
+          emit_update("kmeans-upd/token", ums[ums.size() / 2] / W);
+          // Amortised over a block's life: the updates of block_size / W consecutive windows
+          // (one block's worth of tokens, so every fill level of the open block once), after
+          // a prefill that ends that many tokens earlier. Mean per update and per token.
+          const int life = std::max(1, kc2.cluster.block_size / W);
+          std::vector<int64_t> life_ends(size_t(B), ends[0] - int64_t(life) * W);
+          if (life_ends[0] > kc2.cluster.sinks + kc2.cluster.block_size) {
+            upd.build(dev, 0, seqs, life_ends, kc2, rope, o.key_dtype, stream, int64_t(life) * W);
+            MP_CUDA_CHECK(cudaStreamSynchronize(stream));
+            const auto t0 = std::chrono::steady_clock::now();
+            for (int u = 0; u < life; ++u) {
+              for (auto& e : life_ends) e += W;
+              upd.append(dev, life_ends, kc2, stream);
+            }
+            MP_CUDA_CHECK(cudaStreamSynchronize(stream));
+            const double mean = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / life;
+            emit_update("kmeans-update-life", mean);
+            emit_update("kmeans-upd/tok-life", mean / W);
           }
         }
       }

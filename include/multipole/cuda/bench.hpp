@@ -45,7 +45,9 @@ struct CudaBenchRow {
   int64_t context = 0;
   std::string variant;       // dense, multipole, squeezed, mp-1level, mp-score, mp-score+select, mp-attend,
                              // kmeans-prefill (one build for the whole batch), mp-kmeans-index,
-                             // kmeans-update, kmeans-upd/token (DeviceKMeans::append of W tokens, wall time)
+                             // kmeans-update, kmeans-upd/token (DeviceKMeans::append of W tokens into a nearly
+                             // full block, wall time), kmeans-update-life, kmeans-upd/tok-life (the mean over
+                             // the block_size / W updates of a block's life)
   double us = 0;             // median time per layer-step, L2 flushed by writes (do_bench-like)
   double us_clean = 0;       // same, L2 flushed by reads
   double ratio_to_dense = 0; // dense time / this time
