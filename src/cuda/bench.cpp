@@ -11,6 +11,7 @@
 
 #include "cuda/check.hpp"
 #include "cuda/launch.hpp"
+#include "cuda/phase_clock.hpp"
 #include "multipole/core/error.hpp"
 #include "multipole/cuda/decode.hpp"
 #include "multipole/cuda/kmeans.hpp"
@@ -93,6 +94,24 @@ void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClus
   std::fprintf(stderr,
                "  per CTA: walk iterations coarse %.2f fine %.2f (>= 1000: warp walk), candidates %.1f, coarse %.1f\n",
                double(v[20]) / ctas, double(v[21]) / ctas, double(v[22]) / ctas, double(v[24]) / ctas);
+}
+
+// Diagnostics (MULTIPOLE_UPDATE_PROFILE set): per-phase time of the online update kernel
+// (thread 0 of each CTA, averaged over CTAs) from the phase-clock slots; printed to stderr.
+void print_update_profile(const char* what, const DeviceBuffer& prof, int B, int64_t ctx) {
+  std::vector<unsigned long long> v(detail::kPhaseClockSlots);
+  prof.download(v.data(), v.size() * sizeof(unsigned long long));
+  const double ctas = double(std::max<unsigned long long>(v[detail::kPhaseClockCtas], 1));
+  unsigned long long cyc = 0;
+  for (int k = 0; k < 9; ++k) cyc += v[size_t(k)];
+  const double ghz = v[detail::kPhaseClockNs] > 0 ? double(cyc) / double(v[detail::kPhaseClockNs]) : 1.0;
+  static const char* names[9] = {"load", "first-round", "rounds", "lists", "stats", "token-lists",
+                                 "parents", "child-lists", "coarse"};
+  std::fprintf(stderr, "update-profile %s B=%d ctx=%lld CTA launches=%.0f kernel(thread 0)=%.2f us clock=%.2f GHz\n",
+               what, B, static_cast<long long>(ctx), ctas, double(v[detail::kPhaseClockNs]) / ctas * 1e-3, ghz);
+  for (int k = 0; k < 9; ++k)
+    std::fprintf(stderr, "  %-12s %9.0f cycles %8.2f us\n", names[k], double(v[size_t(k)]) / ctas,
+                 double(v[size_t(k)]) / ctas / ghz * 1e-3);
 }
 
 // Diagnostics (MULTIPOLE_INDEX_STATS set): shape of an index and of what one step of `dec`
@@ -445,6 +464,8 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
           // generated token (compare with mp-kmeans-index); a fresh prefill before each run.
           DeviceKMeans upd;
           std::vector<double> ums;
+          const bool uprof = std::getenv("MULTIPOLE_UPDATE_PROFILE") != nullptr;
+          DeviceBuffer prof(detail::kPhaseClockSlots * sizeof(unsigned long long));
           const std::vector<int64_t> upd_ends(size_t(B), std::min<int64_t>(ctx, ends[0] + kc2.cluster.window));
           for (int run = 0; run <= std::max(1, o.kmeans_runs); ++run) {
             upd.build(dev, 0, seqs, ends, kc2, rope, o.key_dtype, stream, kc2.cluster.window);
@@ -455,6 +476,15 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
             if (run > 0) ums.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
           }
           std::sort(ums.begin(), ums.end());
+          if (uprof) {  // one more dearest update, with the phase clock
+            prof.memset(0);
+            upd.build(dev, 0, seqs, ends, kc2, rope, o.key_dtype, stream, kc2.cluster.window);
+            upd.set_update_profile(prof.as<unsigned long long>());
+            upd.append(dev, upd_ends, kc2, stream);
+            MP_CUDA_CHECK(cudaStreamSynchronize(stream));
+            upd.set_update_profile(nullptr);
+            print_update_profile("dearest", prof, B, ctx);
+          }
           auto emit_update = [&](const char* name, double us) {
             CudaBenchRow ur;
             ur.batch = B;
@@ -486,6 +516,19 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
             const double mean = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / life;
             emit_update("kmeans-update-life", mean);
             emit_update("kmeans-upd/tok-life", mean / W);
+            if (uprof) {  // the same block's life again, with the phase clock
+              prof.memset(0);
+              life_ends.assign(size_t(B), ends[0] - int64_t(life) * W);
+              upd.build(dev, 0, seqs, life_ends, kc2, rope, o.key_dtype, stream, int64_t(life) * W);
+              upd.set_update_profile(prof.as<unsigned long long>());
+              for (int u = 0; u < life; ++u) {
+                for (auto& e : life_ends) e += W;
+                upd.append(dev, life_ends, kc2, stream);
+              }
+              MP_CUDA_CHECK(cudaStreamSynchronize(stream));
+              upd.set_update_profile(nullptr);
+              print_update_profile("block-life", prof, B, ctx);
+            }
           }
         }
       }

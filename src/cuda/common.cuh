@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "cuda/phase_clock.hpp"
+
 namespace multipole::cuda::detail {
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -110,5 +112,39 @@ __device__ __forceinline__ float warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
+
+// Per-phase cycle counts of a kernel (diagnostics): thread 0 of each CTA adds the clock64
+// cycles since its previous mark to out[slot]; finish() adds its globaltimer ns to slot
+// kPhaseClockNs and 1 to kPhaseClockCtas (phase_clock.hpp). A null `out` turns every call
+// into nothing.
+struct PhaseClock {
+  unsigned long long* out;
+  long long t = 0;
+  unsigned long long t_ns = 0;
+  __device__ explicit PhaseClock(unsigned long long* p) : out(threadIdx.x == 0 ? p : nullptr) {
+    if (out) {
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_ns));
+      t = clock64();
+    }
+  }
+  __device__ void mark(int slot) {
+    if (out) {
+      const long long n = clock64();
+      atomicAdd(out + slot, static_cast<unsigned long long>(n - t));
+      t = n;
+    }
+  }
+  __device__ void add(int slot, int v) {
+    if (out) atomicAdd(out + slot, static_cast<unsigned long long>(v));
+  }
+  __device__ void finish() {
+    if (out) {
+      unsigned long long n;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(n));
+      atomicAdd(out + kPhaseClockNs, n - t_ns);
+      atomicAdd(out + kPhaseClockCtas, 1ull);
+    }
+  }
+};
 
 }  // namespace multipole::cuda::detail

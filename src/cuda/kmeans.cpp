@@ -122,8 +122,9 @@ struct DeviceKMeans::Online {
   KmOnlineBuffers buffers() const {
     return {d_open.as<KmOpen>(),    key_sums.as<double>(), value_sums.as<double>(), parents.as<int32_t>(),
             coarse_keys.as<float>(), cent.as<float>(),      cnorm.as<float>(),      dist.as<float>(),
-            scratch.as<int32_t>()};
+            scratch.as<int32_t>(),  prof};
   }
+  unsigned long long* prof = nullptr;
 
   void init(DeviceKMeans& km, const DeviceKVCache& cache, Stream stream) {
     km_online_init(d, int(open.size()), kv_read(cache, km.layer_), km.inv_freq_.as<double>(), half, dims, buffers(),
@@ -558,6 +559,7 @@ void DeviceKMeans::append(const DeviceKVCache& cache, std::span<const int64_t> n
   }
   update_launches_ = 0;
   if (all.empty()) return;
+  on.prof = update_profile_;
   stream_synchronize(stream);  // the previous append's descriptors may still be read
   upload_vector(on.chunks, all);
   const KvRead kv = kv_read(cache, layer_);

@@ -11,6 +11,7 @@
 #include <memory>
 
 #include "cuda/check.hpp"
+#include "cuda/common.cuh"
 #include "cuda/kmeans_launch.hpp"
 
 namespace multipole::cuda::detail {
@@ -894,10 +895,14 @@ __global__ void __launch_bounds__(kOnlineThreads) online_init_kernel(KvRead kv, 
 }
 
 // Shared memory of the update kernel, carved from one dynamic allocation.
+// Row stride (floats) of the chunk's keys and of the centroid tile in shared memory: 16-byte
+// rows whose float4 columns hit distinct banks across 8 consecutive rows.
+template <int D> constexpr int kOnlineRow = D + 4;
+
 struct OnlineSmem {
-  float* X;      // [window, D + 1] clustering keys of the chunk (padded: conflict-free columns)
+  float* X;      // [window, D + 4] clustering keys of the chunk (padded rows: see online_distances)
   float* Vs;     // [window, D] values of the chunk
-  float* T;      // [64, D + 1] a tile of centroids
+  float* T;      // [64, D + 4] a tile of centroids
   float* xnorm;  // [window] ||x||^2
   float* dist2;  // [window] squared distance to the own centroid
   int *lab, *used, *items, *seeds, *tl, *rk;                  // [window]
@@ -906,16 +911,16 @@ struct OnlineSmem {
   int* tmp;                                                    // [kOnlineThreads / 32 + 1]
 
   __host__ __device__ static size_t bytes(int d, const KmOnlineDims& m) {
-    return (size_t(m.window + 64) * (d + 1) + size_t(m.window) * d + 8 * size_t(m.window) + 8 * size_t(m.ko) +
+    return (size_t(m.window + 64) * (d + 4) + size_t(m.window) * d + 8 * size_t(m.window) + 8 * size_t(m.ko) +
             3 * size_t(m.ko1) +
             kOnlineThreads / 32 + 1) *
            4;
   }
   __device__ OnlineSmem(void* raw, int d, const KmOnlineDims& m) {
     float* f = static_cast<float*>(raw);
-    X = f, f += m.window * (d + 1);
+    X = f, f += m.window * (d + 4);
     Vs = f, f += m.window * d;
-    T = f, f += 64 * (d + 1);
+    T = f, f += 64 * (d + 4);
     xnorm = f, f += m.window;
     dist2 = f, f += m.window;
     int* p = reinterpret_cast<int*>(f);
@@ -928,12 +933,14 @@ struct OnlineSmem {
 
 // dist[i * ko + c] = ||c||^2 - 2 x_i.c (f32, x.c accumulated over the dimensions in order,
 // as the CPU's partial_distances) for the chunk's tokens i and the columns cols[0, n) (all of
-// [0, n) when cols is null). Per 64-column tile each thread holds 4 tokens x 8 columns.
+// [0, n) when cols is null). Per 64-column tile, warp w holds tokens 16 w .. 16 w + 15 and
+// lane l columns l and l + 32: the keys are read as broadcast float4s, the tile's columns as
+// conflict-free float4s (rows padded to D + 4), and each distance row is stored coalesced.
 template <int D>
 __device__ void online_distances(const OnlineSmem& sm, int count, const float* cent, const float* cnorm,
                                  const int* cols, int n, float* dist, int ko) {
-  constexpr int DP = D + 1;
-  const int tid = threadIdx.x, tg = tid & 31, cg = tid >> 5;
+  constexpr int DP = kOnlineRow<D>, TW = 16;  // row stride; tokens per warp (window <= 128)
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int c0 = 0; c0 < n; c0 += 64) {
     __syncthreads();  // the tile is free
     {
@@ -948,33 +955,39 @@ __device__ void online_distances(const OnlineSmem& sm, int count, const float* c
 #pragma unroll
       for (int u = 0; u < PER; ++u) {
         const int x = tid + u * kOnlineThreads;
-        float* t = sm.T + (x / Q) * DP + 4 * (x % Q);
-        t[0] = r[u].x, t[1] = r[u].y, t[2] = r[u].z, t[3] = r[u].w;
+        *reinterpret_cast<float4*>(sm.T + (x / Q) * DP + 4 * (x % Q)) = r[u];
       }
     }
     __syncthreads();
-    float acc[4][8] = {};
-#pragma unroll 4
-    for (int j = 0; j < D; ++j) {
-      float xv[4], cv[8];
+    if (warp * TW < count) {
+      float acc[TW][2] = {};
+#pragma unroll 1
+      for (int j = 0; j < D; j += 4) {
+        const float4 c0v = *reinterpret_cast<const float4*>(sm.T + lane * DP + j);
+        const float4 c1v = *reinterpret_cast<const float4*>(sm.T + (lane + 32) * DP + j);
 #pragma unroll
-      for (int r = 0; r < 4; ++r) xv[r] = sm.X[(tg + 32 * r) * DP + j];
+        for (int r = 0; r < TW; ++r) {
+          const float4 x = *reinterpret_cast<const float4*>(sm.X + (warp * TW + r) * DP + j);
+          acc[r][0] = fmaf(x.x, c0v.x, acc[r][0]);
+          acc[r][0] = fmaf(x.y, c0v.y, acc[r][0]);
+          acc[r][0] = fmaf(x.z, c0v.z, acc[r][0]);
+          acc[r][0] = fmaf(x.w, c0v.w, acc[r][0]);
+          acc[r][1] = fmaf(x.x, c1v.x, acc[r][1]);
+          acc[r][1] = fmaf(x.y, c1v.y, acc[r][1]);
+          acc[r][1] = fmaf(x.z, c1v.z, acc[r][1]);
+          acc[r][1] = fmaf(x.w, c1v.w, acc[r][1]);
+        }
+      }
 #pragma unroll
-      for (int q = 0; q < 8; ++q) cv[q] = sm.T[(cg * 8 + q) * DP + j];
+      for (int h = 0; h < 2; ++h) {
+        const int c = c0 + lane + 32 * h;
+        if (c >= n) continue;
+        const int col = cols ? cols[c] : c;
+        const float nc = cnorm[col];
 #pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int q = 0; q < 8; ++q) acc[r][q] = fmaf(xv[r], cv[q], acc[r][q]);
-    }
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-      const int c = c0 + cg * 8 + q;
-      if (c >= n) break;
-      const int col = cols ? cols[c] : c;
-      const float nc = cnorm[col];
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-        if (tg + 32 * r < count) dist[int64_t(tg + 32 * r) * ko + col] = fmaf(-2.0f, acc[r][q], nc);
+        for (int r = 0; r < TW; ++r)
+          if (warp * TW + r < count) dist[int64_t(warp * TW + r) * ko + col] = fmaf(-2.0f, acc[r][h], nc);
+      }
     }
   }
   __syncthreads();
@@ -1074,6 +1087,12 @@ __device__ void online_norms(const float* cent, float* cnorm, const int* cols, i
   __syncthreads();
 }
 
+// Phase-clock slots of online_update_kernel (KmOnlineBuffers::prof).
+enum : int {
+  kUpdLoad = 0, kUpdFirstRound = 1, kUpdRounds = 2, kUpdLists = 3, kUpdStats = 4, kUpdTokenLists = 5,
+  kUpdParents = 6, kUpdChildLists = 7, kUpdCoarse = 8
+};
+
 // One online update chunk of one entry (ClusterIndex::append_chunk): the chunk's tokens join
 // the open block. One CTA per entry; chunk count 0: nothing to do.
 template <int D>
@@ -1081,7 +1100,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
                                                                         KmOnlineDims dims, KmOnlineBuffers buf,
                                                                         const KmChunk* chunks, DeviceClusterTarget out,
                                                                         int key_kind, int value_f16) {
-  constexpr int V = D / 32, NW = kOnlineThreads / 32, DP = D + 1, T = kOnlineThreads;
+  constexpr int V = D / 32, NW = kOnlineThreads / 32, DP = kOnlineRow<D>, T = kOnlineThreads;
   extern __shared__ __align__(16) unsigned char online_smem[];
   __shared__ KmOpen so;
   __shared__ int s_nmoved, s_add1;
@@ -1089,6 +1108,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   const int e = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const KmChunk ch = chunks[e];
   if (ch.count <= 0) return;
+  PhaseClock pc(buf.prof);
   const OnlineSmem sm(online_smem, D, dims);
   if (tid == 0) {
     so = buf.open[e];
@@ -1151,6 +1171,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     sm.moved_at[c] = -1;
   }
   __syncthreads();
+  pc.mark(kUpdLoad);
   // 2. Centroids: cent / cnorm hold the stored means of the old clusters (kept so by every
   // update and by the init); the new ones start at their seeds' keys.
   for (int x = tid; x < k_add * D; x += T) {
@@ -1170,6 +1191,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   }
   for (int i = tid; i < count; i += T) sm.used[i] = -1;
   __syncthreads();
+  pc.mark(kUpdFirstRound);
 
   // Counts of the labels; an empty new cluster takes the token farthest from its centroid
   // among clusters that keep a member (ties: lowest token), as the CPU (warp 0, in order).
@@ -1269,8 +1291,10 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     online_distances<D>(sm, count, cent, cnorm, sm.moved, nmoved, dist, dims.ko);
     online_argmin(sm, dist, dims.ko, k, count);
   }
+  pc.mark(kUpdRounds);
   count_and_reseed();
   build_lists();
+  pc.mark(kUpdLists);
 
   // 4. Final statistics: clusters with new members get old sums + the new members' sums
   // (f64, as the CPU); cent / cnorm of every cluster that is new or moved go back to the
@@ -1317,6 +1341,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   }
   __syncthreads();
   online_norms<D>(cent, cnorm, sm.moved, nfin);
+  pc.mark(kUpdStats);
 
   // 5. The open block's token lists: old lists moved to the new offsets (a position's old
   // cluster found by binary search of the old offsets), new tokens appended.
@@ -1357,6 +1382,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   }
   for (int c = tid; c < k; c += T) out.member_begin[en.fine(o.first0 + c)] = int32_t(mbase + sm.noff[c]);
   __syncthreads();
+  pc.mark(kUpdTokenLists);
 
   // 6. Coarse level: new children get parents (new coarse clusters seeded from random
   // non-empty new children at the level's rate, the others to the nearest coarse centroid of
@@ -1418,6 +1444,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     if (tid == 0)
       for (int q = 0; q < add; ++q) parents[sm.seeds[q]] = k1_old + q;
     __syncthreads();
+    pc.mark(kUpdParents);
     for (int c = tid; c < k; c += T) sm.par[c] = parents[c];
     for (int p = tid; p < k1; p += T) sm.tch[p] = sm.ccnt[p] = 0;
     __syncthreads();
@@ -1444,6 +1471,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     for (int p = tid; p < k1; p += T) out.member_begin[en.coarse(o.first1 + p)] = int32_t(cbase + sm.coff[p]);
     for (int p = o.first1 + k1 + tid; p < o.coarse_cap; p += T)
       out.member_begin[en.coarse(p)] = o.member_base + o.first0 + k;
+    pc.mark(kUpdChildLists);
     // Recompute of the touched coarse clusters: size-weighted f32 child means in f64.
     for (int p = warp; p < k1; p += NW) {
       if (!sm.tch[p]) continue;
@@ -1497,6 +1525,8 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     out.entry_count[e] = o.coarse_cap + n.last0;
     out.entry_end[e] = n.end;
   }
+  pc.mark(kUpdCoarse);
+  pc.finish();
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -100,6 +100,7 @@ struct KmOnlineBuffers {
   float* cnorm;        // [E, ko]
   float* dist;         // [E, window, ko] partial distances of the chunk's tokens
   int32_t* scratch;    // [E, to] old member lists while the lists are rebuilt
+  unsigned long long* prof = nullptr;  // [kPhaseClockSlots] per-phase cycles (diagnostics) or null
 };
 
 // Open-block statistics from the index (after a build or an upload): f64 sums from the

@@ -18,43 +18,14 @@ namespace multipole::cuda::detail {
 
 constexpr int kSelectWarps = kSelectThreads / 32;
 
-// Per-phase cycle counts (diagnostics, SelectArgs::prof): thread 0 adds the clock64 cycles
-// since its previous mark. Slots: see kProf* below; 30: globaltimer ns, 31: CTAs.
+// Per-phase cycle counts (diagnostics, SelectArgs::prof; PhaseClock in common.cuh). Slots:
+// see kProf* below; 30: globaltimer ns, 31: CTAs.
 enum : int {
   kProfPrologue = 0, kProfCoarseImp = 1, kProfCoarseRadix = 2, kProfCoarseTies = 3, kProfCoarseWalk = 4,
   kProfFarList = 5, kProfMark = 7, kProfCompact = 8, kProfScore = 9, kProfFrontier = 10,
   kProfFineImp = 11, kProfFineRadix = 12, kProfFineTies = 13, kProfFineWalk = 14, kProfFineFar = 15,
   kProfExact = 16, kProfScoreLoads = 17, kProfScoreMath = 18, kProfWalkItersCoarse = 20, kProfWalkItersFine = 21,
-  kProfCandidates = 22, kProfCoarseClusters = 24, kProfNs = 30, kProfCtas = 31
-};
-struct PhaseClock {
-  unsigned long long* out;
-  long long t = 0;
-  unsigned long long t_ns = 0;
-  __device__ explicit PhaseClock(unsigned long long* p) : out(threadIdx.x == 0 ? p : nullptr) {
-    if (out) {
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_ns));
-      t = clock64();
-    }
-  }
-  __device__ void mark(int slot) {
-    if (out) {
-      const long long n = clock64();
-      atomicAdd(out + slot, static_cast<unsigned long long>(n - t));
-      t = n;
-    }
-  }
-  __device__ void add(int slot, int v) {
-    if (out) atomicAdd(out + slot, static_cast<unsigned long long>(v));
-  }
-  __device__ void finish() {
-    if (out) {
-      unsigned long long n;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(n));
-      atomicAdd(out + kProfNs, n - t_ns);
-      atomicAdd(out + kProfCtas, 1ull);
-    }
-  }
+  kProfCandidates = 22, kProfCoarseClusters = 24
 };
 
 // Exclusive prefix sum over the CTA (thread order); `total` gets the sum. s_tmp: [warps + 1].

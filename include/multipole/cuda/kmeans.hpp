@@ -87,6 +87,9 @@ class DeviceKMeans {
   void sync_index() { index_->sync_entries(); }
   // Launches enqueued by the last append().
   int update_launches() const { return update_launches_; }
+  // Diagnostics: a device buffer of 32 u64 (zeroed by the caller) that the online update
+  // kernel adds its per-phase clock64 cycles to (slot names: kmeans.cu, kUpd*); null: off.
+  void set_update_profile(unsigned long long* device_slots) { update_profile_ = device_slots; }
   // Entry e as stored in the index (used clusters only; f32 copies of the centroids), for
   // tests; synchronous.
   HostClusterLevel download_index(int entry) const;
@@ -145,6 +148,7 @@ class DeviceKMeans {
   struct Online;
   std::unique_ptr<Online> online_;
   int layer_ = 0, update_launches_ = 0;
+  unsigned long long* update_profile_ = nullptr;
 };
 
 }  // namespace multipole::cuda
