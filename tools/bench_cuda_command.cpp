@@ -23,9 +23,10 @@ void print_cuda_bench(const cuda::CudaBenchOptions& o, bool json) {
   MP_CHECK(cuda::device_count() > 0, "bench attention --device cuda: no CUDA device found");
   const auto info = cuda::device_info();
   if (!json) {
-    std::printf("# %s, %d SMs, L2 %lld MB; %d q heads, %d kv heads, d %d, budget %d, %s keys, %s\n",
+    std::printf("# %s, %d SMs, L2 %lld MB; %d q heads, %d kv heads, d %d, budget %d, %s keys, pages of %d tokens, %s\n",
                 info.name.c_str(), info.sm_count, (long long)(info.l2_bytes >> 20), o.q_heads, o.kv_heads,
-                o.head_dim, o.budget, dtype_name(o.key_dtype).data(), o.graph ? "graph replay" : "direct launches");
+                o.head_dim, o.budget, dtype_name(o.key_dtype).data(), o.page_size,
+                o.graph ? "graph replay" : "direct launches");
     std::printf("# us: median per layer-step, L2 flushed by writes before each step (as do_bench); us_clean: by reads\n");
     std::printf("# kmeans-prefill: one GPU clustering of the whole batch (B x %d KV heads, blocks of %d tokens,\n"
                 "#   %d Lloyd iterations, levels %d/%d tokens per centroid); 'x dense' of that row is meaningless\n",
@@ -70,6 +71,8 @@ void add_bench_cuda_command(CLI::App& app) {
   cmd->add_option("--kv-heads", o->kv_heads, "KV heads");
   cmd->add_option("--head-dim", o->head_dim, "Head dimension (64 or 128)");
   cmd->add_option("--budget", o->budget, "Tokens per KV head chosen beyond sinks + window");
+  cmd->add_option("--page-size", o->page_size, "Tokens per KV-cache page (pages are handed out in random order)")
+      ->check(CLI::Range(1, 4096));
   cmd->add_option("--tokens-per-centroid", o->tokens_per_centroid, "Mean fine cluster size");
   cmd->add_option("--coarse-tokens-per-centroid", o->coarse_tokens_per_centroid, "Coarse level (0: one level)");
   cmd->add_option("--key-dtype", *key_dtype, "Key centroid storage: f32 or bf16");
