@@ -3,9 +3,11 @@
 // paged KV cache: dense (split-KV + merge, one launch per layer-step) and Multipole
 // (score -> select -> exact + far field, three launches per layer-step, no host sync;
 // squeezed when config.multipole_far_field is false). With a two-level index the scoring
-// launch scores the coarse level only; the selection launch selects coarse clusters under
-// the coarse budget, scores their children and selects among them (still three launches). All launches of a step are
-// asynchronous on the given stream and capturable in a CUDA graph once planned.
+// launch scores the coarse level only (at small batch the fine level too: set_prescore);
+// the selection launch selects coarse clusters under the coarse budget, scores their
+// children (or gathers their logits) and selects among them (still three launches). All
+// launches of a step are asynchronous on the given stream and capturable in a CUDA graph
+// once planned.
 #include <cstdint>
 #include <span>
 #include <vector>
