@@ -463,26 +463,34 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
           // mean over a block's life is lower). Rows: per update (all B x Hkv entries) and per
           // generated token (compare with mp-kmeans-index); a fresh prefill before each run.
           DeviceKMeans upd;
-          std::vector<double> ums;
           const bool uprof = std::getenv("MULTIPOLE_UPDATE_PROFILE") != nullptr;
           DeviceBuffer prof(detail::kPhaseClockSlots * sizeof(unsigned long long));
-          const std::vector<int64_t> upd_ends(size_t(B), std::min<int64_t>(ctx, ends[0] + kc2.cluster.window));
-          for (int run = 0; run <= std::max(1, o.kmeans_runs); ++run) {
-            upd.build(dev, 0, seqs, ends, kc2, rope, o.key_dtype, stream, kc2.cluster.window);
+          const int W = kc2.cluster.window;
+          // A fresh prefill up to `start`, then `updates` appends of W tokens; wall time of the
+          // appends per update. slots: the update kernel's phase clock (or null).
+          auto run_updates = [&](int64_t start, int updates, unsigned long long* slots) {
+            std::vector<int64_t> at(size_t(B), start);
+            upd.build(dev, 0, seqs, at, kc2, rope, o.key_dtype, stream, int64_t(updates) * W);
             MP_CUDA_CHECK(cudaStreamSynchronize(stream));
+            upd.set_update_profile(slots);
             const auto t0 = std::chrono::steady_clock::now();
-            upd.append(dev, upd_ends, kc2, stream);
+            for (int u = 0; u < updates; ++u) {
+              for (auto& e : at) e = std::min<int64_t>(ctx, e + W);
+              upd.append(dev, at, kc2, stream);
+            }
             MP_CUDA_CHECK(cudaStreamSynchronize(stream));
-            if (run > 0) ums.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+            upd.set_update_profile(nullptr);
+            return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / updates;
+          };
+          std::vector<double> ums;
+          for (int run = 0; run <= std::max(1, o.kmeans_runs); ++run) {
+            const double us = run_updates(ends[0], 1, nullptr);
+            if (run > 0) ums.push_back(us);
           }
           std::sort(ums.begin(), ums.end());
           if (uprof) {  // one more dearest update, with the phase clock
             prof.memset(0);
-            upd.build(dev, 0, seqs, ends, kc2, rope, o.key_dtype, stream, kc2.cluster.window);
-            upd.set_update_profile(prof.as<unsigned long long>());
-            upd.append(dev, upd_ends, kc2, stream);
-            MP_CUDA_CHECK(cudaStreamSynchronize(stream));
-            upd.set_update_profile(nullptr);
+            run_updates(ends[0], 1, prof.as<unsigned long long>());
             print_update_profile("dearest", prof, B, ctx);
           }
           auto emit_update = [&](const char* name, double us) {
@@ -496,37 +504,20 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
             rows.push_back(ur);
             if (on_row) on_row(ur);
           };
-          const int W = kc2.cluster.window;
           emit_update("kmeans-update", ums[ums.size() / 2]);
           emit_update("kmeans-upd/token", ums[ums.size() / 2] / W);
           // Amortised over a block's life: the updates of block_size / W consecutive windows
           // (one block's worth of tokens, so every fill level of the open block once), after
           // a prefill that ends that many tokens earlier. Mean per update and per token.
           const int life = std::max(1, kc2.cluster.block_size / W);
-          std::vector<int64_t> life_ends(size_t(B), ends[0] - int64_t(life) * W);
-          if (life_ends[0] > kc2.cluster.sinks + kc2.cluster.block_size) {
-            upd.build(dev, 0, seqs, life_ends, kc2, rope, o.key_dtype, stream, int64_t(life) * W);
-            MP_CUDA_CHECK(cudaStreamSynchronize(stream));
-            const auto t0 = std::chrono::steady_clock::now();
-            for (int u = 0; u < life; ++u) {
-              for (auto& e : life_ends) e += W;
-              upd.append(dev, life_ends, kc2, stream);
-            }
-            MP_CUDA_CHECK(cudaStreamSynchronize(stream));
-            const double mean = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / life;
+          const int64_t life_start = ends[0] - int64_t(life) * W;
+          if (life_start > kc2.cluster.sinks + kc2.cluster.block_size) {
+            const double mean = run_updates(life_start, life, nullptr);
             emit_update("kmeans-update-life", mean);
             emit_update("kmeans-upd/tok-life", mean / W);
             if (uprof) {  // the same block's life again, with the phase clock
               prof.memset(0);
-              life_ends.assign(size_t(B), ends[0] - int64_t(life) * W);
-              upd.build(dev, 0, seqs, life_ends, kc2, rope, o.key_dtype, stream, int64_t(life) * W);
-              upd.set_update_profile(prof.as<unsigned long long>());
-              for (int u = 0; u < life; ++u) {
-                for (auto& e : life_ends) e += W;
-                upd.append(dev, life_ends, kc2, stream);
-              }
-              MP_CUDA_CHECK(cudaStreamSynchronize(stream));
-              upd.set_update_profile(nullptr);
+              run_updates(life_start, life, prof.as<unsigned long long>());
               print_update_profile("block-life", prof, B, ctx);
             }
           }

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <utility>
@@ -55,6 +56,50 @@ int key_kind_of(DType t) { return t == DType::F32 ? 0 : t == DType::BF16 ? 1 : 2
 
 // Online update state: the open blocks (host mirror: exact token and fine counts, an upper
 // bound of the coarse slots in use; the device copy is authoritative), capacities, buffers.
+// Host staging of an append's chunk descriptors: pinned, two slots used in turn, so an append
+// neither waits for the stream (the previous kernel may still run) nor rewrites descriptors
+// that a queued copy has yet to read. Kept by the DeviceKMeans across builds (pinned
+// allocations cost ~1 ms).
+struct DeviceKMeans::Staging {
+  Staging() = default;
+  Staging(const Staging&) = delete;
+  Staging& operator=(const Staging&) = delete;
+  ~Staging() {
+    for (int s = 0; s < 2; ++s) {
+      if (done_[s]) cudaEventSynchronize(done_[s]);  // a queued copy may still read the slot
+      if (host_[s]) cudaFreeHost(host_[s]);
+      if (done_[s]) cudaEventDestroy(done_[s]);
+    }
+  }
+  // Copies v into dst (device; grown when too small) on the stream, in stream order.
+  void upload(const std::vector<KmChunk>& v, DeviceBuffer& dst, Stream stream) {
+    const int s = next_;
+    next_ ^= 1;
+    const size_t bytes = v.size() * sizeof(KmChunk);
+    if (!done_[s]) MP_CUDA_CHECK(cudaEventCreateWithFlags(&done_[s], cudaEventDisableTiming));
+    MP_CUDA_CHECK(cudaEventSynchronize(done_[s]));  // the copy that last read this slot
+    if (cap_[s] < v.size()) {
+      if (host_[s]) MP_CUDA_CHECK(cudaFreeHost(host_[s]));
+      host_[s] = nullptr;
+      MP_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_[s]), bytes));
+      cap_[s] = v.size();
+    }
+    std::memcpy(host_[s], v.data(), bytes);
+    if (dst.size() < bytes) {
+      stream_synchronize(stream);  // a queued kernel may still read the old buffer
+      dst.reserve(bytes);
+    }
+    MP_CUDA_CHECK(cudaMemcpyAsync(dst.data(), host_[s], bytes, cudaMemcpyHostToDevice, stream));
+    MP_CUDA_CHECK(cudaEventRecord(done_[s], stream));
+  }
+
+ private:
+  KmChunk* host_[2] = {nullptr, nullptr};
+  size_t cap_[2] = {0, 0};
+  cudaEvent_t done_[2] = {nullptr, nullptr};
+  int next_ = 0;
+};
+
 struct DeviceKMeans::Online {
   KmOnlineDims dims{};
   std::vector<KmOpen> open;        // host mirror, last1 = upper bound of the coarse slots in use
@@ -117,6 +162,7 @@ struct DeviceKMeans::Online {
     cnorm.reserve(n * dims.ko * 4);
     dist.reserve(n * dims.window * dims.ko * 4);
     scratch.reserve(n * dims.to * 4);
+    chunks.reserve(n * sizeof(KmChunk));  // one window per append: never regrown in a decode loop
   }
 
   KmOnlineBuffers buffers() const {
@@ -560,8 +606,8 @@ void DeviceKMeans::append(const DeviceKVCache& cache, std::span<const int64_t> n
   update_launches_ = 0;
   if (all.empty()) return;
   on.prof = update_profile_;
-  stream_synchronize(stream);  // the previous append's descriptors may still be read
-  upload_vector(on.chunks, all);
+  if (!staging_) staging_ = std::make_unique<Staging>();
+  staging_->upload(all, on.chunks, stream);
   const KvRead kv = kv_read(cache, layer_);
   const DeviceClusterTarget target = index_->target();
   const int key_kind = key_kind_of(index_->key_dtype());

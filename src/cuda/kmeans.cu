@@ -894,11 +894,11 @@ __global__ void __launch_bounds__(kOnlineThreads) online_init_kernel(KvRead kv, 
   }
 }
 
-// Shared memory of the update kernel, carved from one dynamic allocation.
 // Row stride (floats) of the chunk's keys and of the centroid tile in shared memory: 16-byte
 // rows whose float4 columns hit distinct banks across 8 consecutive rows.
-template <int D> constexpr int kOnlineRow = D + 4;
+__host__ __device__ constexpr int online_row(int d) { return d + 4; }
 
+// Shared memory of the update kernel, carved from one dynamic allocation.
 struct OnlineSmem {
   float* X;      // [window, D + 4] clustering keys of the chunk (padded rows: see online_distances)
   float* Vs;     // [window, D] values of the chunk
@@ -911,16 +911,16 @@ struct OnlineSmem {
   int* tmp;                                                    // [kOnlineThreads / 32 + 1]
 
   __host__ __device__ static size_t bytes(int d, const KmOnlineDims& m) {
-    return (size_t(m.window + 64) * (d + 4) + size_t(m.window) * d + 8 * size_t(m.window) + 8 * size_t(m.ko) +
+    return (size_t(m.window + 64) * online_row(d) + size_t(m.window) * d + 8 * size_t(m.window) + 8 * size_t(m.ko) +
             3 * size_t(m.ko1) +
             kOnlineThreads / 32 + 1) *
            4;
   }
   __device__ OnlineSmem(void* raw, int d, const KmOnlineDims& m) {
     float* f = static_cast<float*>(raw);
-    X = f, f += m.window * (d + 4);
+    X = f, f += m.window * online_row(d);
     Vs = f, f += m.window * d;
-    T = f, f += 64 * (d + 4);
+    T = f, f += 64 * online_row(d);
     xnorm = f, f += m.window;
     dist2 = f, f += m.window;
     int* p = reinterpret_cast<int*>(f);
@@ -939,7 +939,7 @@ struct OnlineSmem {
 template <int D>
 __device__ void online_distances(const OnlineSmem& sm, int count, const float* cent, const float* cnorm,
                                  const int* cols, int n, float* dist, int ko) {
-  constexpr int DP = kOnlineRow<D>, TW = 16;  // row stride; tokens per warp (window <= 128)
+  constexpr int DP = online_row(D), TW = 16;  // row stride; tokens per warp (window <= 128)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int c0 = 0; c0 < n; c0 += 64) {
     __syncthreads();  // the tile is free
@@ -1100,7 +1100,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
                                                                         KmOnlineDims dims, KmOnlineBuffers buf,
                                                                         const KmChunk* chunks, DeviceClusterTarget out,
                                                                         int key_kind, int value_f16) {
-  constexpr int V = D / 32, NW = kOnlineThreads / 32, DP = kOnlineRow<D>, T = kOnlineThreads;
+  constexpr int V = D / 32, NW = kOnlineThreads / 32, DP = online_row(D), T = kOnlineThreads;
   extern __shared__ __align__(16) unsigned char online_smem[];
   __shared__ KmOpen so;
   __shared__ int s_nmoved, s_add1;

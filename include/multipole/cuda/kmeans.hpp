@@ -146,7 +146,9 @@ class DeviceKMeans {
 
   // Online update state (host mirror of the open blocks, capacities, device buffers).
   struct Online;
+  struct Staging;  // pinned host staging of the update descriptors (kept across builds)
   std::unique_ptr<Online> online_;
+  std::unique_ptr<Staging> staging_;
   int layer_ = 0, update_launches_ = 0;
   unsigned long long* update_profile_ = nullptr;
 };
