@@ -77,10 +77,11 @@ class DeviceKMeans {
   // tokens (distances in f32), new fine clusters get parents (new coarse clusters seeded from
   // random new children), touched coarse clusters are recomputed from their children; sizes,
   // key and value centroids stay exact statistics of the membership (f64 sums of the open
-  // block). Frozen blocks are not touched. Enqueued on `stream` after a small synchronous
-  // upload of the chunk descriptors (the previous append's kernels are waited for); the
-  // index's host-side entry counts are stale until sync_index(). Throws when an entry would
-  // outgrow the capacity reserved at build()/load().
+  // block). Frozen blocks are not touched. Enqueued on `stream` with the chunk descriptors
+  // (copied from pinned staging in stream order; the host waits only for the copy of the
+  // append before last, almost always done); the index's host-side entry counts are stale
+  // until sync_index(). Throws when an entry would outgrow the capacity reserved at
+  // build()/load().
   void append(const DeviceKVCache& cache, std::span<const int64_t> new_ends, const AttentionConfig& config,
               Stream stream);
   // Host-side entry counts and ends from the device (synchronous; before re-planning a decoder).
