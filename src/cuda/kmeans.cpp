@@ -54,8 +54,6 @@ int key_kind_of(DType t) { return t == DType::F32 ? 0 : t == DType::BF16 ? 1 : 2
 
 }  // namespace
 
-// Online update state: the open blocks (host mirror: exact token and fine counts, an upper
-// bound of the coarse slots in use; the device copy is authoritative), capacities, buffers.
 // Host staging of an append's chunk descriptors: pinned, two slots used in turn, so an append
 // neither waits for the stream (the previous kernel may still run) nor rewrites descriptors
 // that a queued copy has yet to read. Kept by the DeviceKMeans across builds (pinned
@@ -100,12 +98,15 @@ struct DeviceKMeans::Staging {
   int next_ = 0;
 };
 
+// Online update state: the open blocks (host mirror: exact token and fine counts, an upper
+// bound of the coarse slots in use; the device copy is authoritative), capacities, buffers.
 struct DeviceKMeans::Online {
   KmOnlineDims dims{};
   std::vector<KmOpen> open;        // host mirror, last1 = upper bound of the coarse slots in use
   std::vector<DeviceEntryShape> cap;  // capacities per entry
   int half = 0, d = 0;
   DeviceBuffer d_open, key_sums, value_sums, parents, coarse_keys, cent, cnorm, dist, scratch, chunks;
+  unsigned long long* prof = nullptr;  // the update kernel's phase clock (diagnostics) or null
 
   Online(DeviceKMeans& km, const DeviceKVCache& cache, const AttentionConfig& config, const Rope& rope,
          int64_t reserve, std::vector<KmOpen> states)
@@ -170,7 +171,6 @@ struct DeviceKMeans::Online {
             coarse_keys.as<float>(), cent.as<float>(),      cnorm.as<float>(),      dist.as<float>(),
             scratch.as<int32_t>(),  prof};
   }
-  unsigned long long* prof = nullptr;
 
   void init(DeviceKMeans& km, const DeviceKVCache& cache, Stream stream) {
     km_online_init(d, int(open.size()), kv_read(cache, km.layer_), km.inv_freq_.as<double>(), half, dims, buffers(),
