@@ -80,9 +80,8 @@ class DeviceKMeans {
   // block). Frozen blocks are not touched. Enqueued on `stream` with the chunk descriptors
   // (copied from pinned staging in stream order, so consecutive appends go on one stream;
   // the host waits only for the copy of the append before last, almost always done); the
-  // index's host-side entry counts are stale
-  // until sync_index(). Throws when an entry would outgrow the capacity reserved at
-  // build()/load().
+  // index's host-side entry counts are stale until sync_index(). Throws when an entry would
+  // outgrow the capacity reserved at build()/load().
   void append(const DeviceKVCache& cache, std::span<const int64_t> new_ends, const AttentionConfig& config,
               Stream stream);
   // Host-side entry counts and ends from the device (synchronous; before re-planning a decoder).
