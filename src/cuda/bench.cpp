@@ -63,10 +63,27 @@ double time_step(const Step& step, const CudaBenchOptions& o, cudaStream_t s, De
 // Diagnostics (MULTIPOLE_SELECT_PROFILE set): per-phase cycles of the two-level selection
 // kernel, thread 0 of each CTA, averaged over CTAs and `iterations` flushed steps; printed
 // to stderr.
+// A kernel's phase-clock slots (PhaseClock) from the device: the slots, the CTAs that
+// finished, and the clock in cycles per ns (cycles of phases [0, phases) over their ns).
+struct PhaseClockReadout {
+  std::vector<unsigned long long> v;
+  double ctas = 1, ghz = 1;
+};
+PhaseClockReadout read_phase_clock(const DeviceBuffer& prof, int phases) {
+  PhaseClockReadout r;
+  r.v.resize(detail::kPhaseClockSlots);
+  prof.download(r.v.data(), r.v.size() * sizeof(unsigned long long));
+  r.ctas = double(std::max<unsigned long long>(r.v[detail::kPhaseClockCtas], 1));
+  unsigned long long cyc = 0;
+  for (int k = 0; k < phases; ++k) cyc += r.v[size_t(k)];
+  if (r.v[detail::kPhaseClockNs] > 0) r.ghz = double(cyc) / double(r.v[detail::kPhaseClockNs]);
+  return r;
+}
+
 void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClusterIndex& index, const float* q,
                     const float* qs, float* out, const CudaBenchOptions& o, cudaStream_t s, DeviceBuffer& flush, int B,
                     int64_t ctx) {
-  DeviceBuffer prof(detail::kSelectProfSlots * sizeof(unsigned long long));
+  DeviceBuffer prof(detail::kPhaseClockSlots * sizeof(unsigned long long));
   prof.memset(0);
   dec.set_select_profile(prof.as<unsigned long long>());
   for (int i = 0; i < o.iterations; ++i) {
@@ -75,18 +92,13 @@ void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClus
   }
   MP_CUDA_CHECK(cudaStreamSynchronize(s));
   dec.set_select_profile(nullptr);
-  std::vector<unsigned long long> v(detail::kSelectProfSlots);
-  prof.download(v.data(), v.size() * sizeof(unsigned long long));
-  const double ctas = double(std::max<unsigned long long>(v[31], 1));
-  unsigned long long cyc = 0;
-  for (int k = 0; k < 20; ++k) cyc += v[size_t(k)];
-  const double ghz = v[30] > 0 ? double(cyc) / double(v[30]) : 1.0;  // cycles per ns over the whole kernel
+  const auto [v, ctas, ghz] = read_phase_clock(prof, 20);
   static const char* names[20] = {"prologue", "coarse-imp", "coarse-radix", "coarse-ties", "coarse-walk",
                                   "far-list", "", "mark", "compact", "score:wait", "frontier", "fine-imp",
                                   "fine-radix", "fine-ties", "fine-walk", "fine-far", "exact", " score:loads",
                                   " score:math", ""};
   std::fprintf(stderr, "select-profile B=%d ctx=%lld CTAs/step=%.0f kernel(thread 0)=%.2f us clock=%.2f GHz\n", B,
-               static_cast<long long>(ctx), ctas / o.iterations, double(v[30]) / ctas * 1e-3, ghz);
+               static_cast<long long>(ctx), ctas / o.iterations, double(v[detail::kPhaseClockNs]) / ctas * 1e-3, ghz);
   for (int k = 0; k < 19; ++k)
     if (names[k][0] != 0)
       std::fprintf(stderr, "  %-13s %8.0f cycles %7.2f us\n", names[k], double(v[size_t(k)]) / ctas,
@@ -99,12 +111,7 @@ void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClus
 // Diagnostics (MULTIPOLE_UPDATE_PROFILE set): per-phase time of the online update kernel
 // (thread 0 of each CTA, averaged over CTAs) from the phase-clock slots; printed to stderr.
 void print_update_profile(const char* what, const DeviceBuffer& prof, int B, int64_t ctx) {
-  std::vector<unsigned long long> v(detail::kPhaseClockSlots);
-  prof.download(v.data(), v.size() * sizeof(unsigned long long));
-  const double ctas = double(std::max<unsigned long long>(v[detail::kPhaseClockCtas], 1));
-  unsigned long long cyc = 0;
-  for (int k = 0; k < 9; ++k) cyc += v[size_t(k)];
-  const double ghz = v[detail::kPhaseClockNs] > 0 ? double(cyc) / double(v[detail::kPhaseClockNs]) : 1.0;
+  const auto [v, ctas, ghz] = read_phase_clock(prof, 9);
   static const char* names[9] = {"load", "first-round", "rounds", "lists", "stats", "token-lists",
                                  "parents", "child-lists", "coarse"};
   std::fprintf(stderr, "update-profile %s B=%d ctx=%lld CTA launches=%.0f kernel(thread 0)=%.2f us clock=%.2f GHz\n",

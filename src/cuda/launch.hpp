@@ -120,7 +120,7 @@ struct SelectArgs {
   int far_cap = 0;
   // Diagnostics (null in normal runs): thread 0 of each CTA adds the clock64 cycles of each
   // phase to prof[phase] and counts to the slots named in select.cuh (kProf*).
-  unsigned long long* prof = nullptr;  // [kSelectProfSlots]
+  unsigned long long* prof = nullptr;  // [kPhaseClockSlots] (phase_clock.hpp)
   // Greedy selections over at most this many clusters (and <= 256) are walked by one warp
   // without barriers; larger ones take the block-wide radix path.
   int warp_select_max = 256;
@@ -138,7 +138,6 @@ struct SelectArgs {
   // (scoring queries, page-table prefetch, entry look-ups) runs before griddepcontrol.wait.
   int pdl = 0;
 };
-constexpr int kSelectProfSlots = 32;
 
 // grid: (items, Hkv * head_chunks); rows: 8 (G <= 8) or 16 (G <= 16) tensor-core rows;
 // mp selects the multipole variant.
