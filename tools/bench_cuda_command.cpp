@@ -23,9 +23,9 @@ void print_cuda_bench(const cuda::CudaBenchOptions& o, bool json) {
   MP_CHECK(cuda::device_count() > 0, "bench attention --device cuda: no CUDA device found");
   const auto info = cuda::device_info();
   if (!json) {
-    std::printf("# %s, %d SMs, L2 %lld MB; %d q heads, %d kv heads, d %d, budget %d, %s keys, pages of %d tokens, %s\n",
+    std::printf("# %s, %d SMs, L2 %lld MB; %d q heads, %d kv heads, d %d, budget %d, %s keys, %s pages of %d tokens, %s\n",
                 info.name.c_str(), info.sm_count, (long long)(info.l2_bytes >> 20), o.q_heads, o.kv_heads,
-                o.head_dim, o.budget, dtype_name(o.key_dtype).data(), o.page_size,
+                o.head_dim, o.budget, dtype_name(o.key_dtype).data(), o.scattered_pages ? "scattered" : "sequential", o.page_size,
                 o.graph ? "graph replay" : "direct launches");
     std::printf("# us: median per layer-step, L2 flushed by writes before each step (as do_bench); us_clean: by reads\n");
     std::printf("# kmeans-prefill: one GPU clustering of the whole batch (B x %d KV heads, blocks of %d tokens,\n"
@@ -65,6 +65,7 @@ void add_bench_cuda_command(CLI::App& app) {
   auto no_graph = std::make_shared<bool>(false);
   auto no_kmeans = std::make_shared<bool>(false);
   auto json = std::make_shared<bool>(false);
+  auto sequential_pages = std::make_shared<bool>(false);
   cmd->add_option("--batch", o->batches, "Batch sizes")->expected(1, -1);
   cmd->add_option("--context", o->contexts, "Context lengths (tokens per sequence)")->expected(1, -1);
   cmd->add_option("--q-heads", o->q_heads, "Query heads");
@@ -73,6 +74,8 @@ void add_bench_cuda_command(CLI::App& app) {
   cmd->add_option("--budget", o->budget, "Tokens per KV head chosen beyond sinks + window");
   cmd->add_option("--page-size", o->page_size, "Tokens per KV-cache page (pages are handed out in random order)")
       ->check(CLI::Range(1, 4096));
+  cmd->add_flag("--sequential-pages", *sequential_pages,
+                "Give each sequence consecutive pages instead of scattered ones (a fresh cache's layout)");
   cmd->add_option("--tokens-per-centroid", o->tokens_per_centroid, "Mean fine cluster size");
   cmd->add_option("--coarse-tokens-per-centroid", o->coarse_tokens_per_centroid, "Coarse level (0: one level)");
   cmd->add_option("--key-dtype", *key_dtype, "Key centroid storage: f32 or bf16");
@@ -83,7 +86,8 @@ void add_bench_cuda_command(CLI::App& app) {
   cmd->add_flag("--no-kmeans", *no_kmeans, "Skip the GPU prefill clustering rows");
   cmd->add_flag("--no-graph", *no_graph, "Launch directly instead of replaying a CUDA graph");
   cmd->add_flag("--json", *json, "One JSON object per line instead of a table");
-  cmd->callback([o, key_dtype, no_graph, no_kmeans, json] {
+  cmd->callback([o, key_dtype, no_graph, no_kmeans, json, sequential_pages] {
+    o->scattered_pages = !*sequential_pages;
     o->key_dtype = parse_dtype(*key_dtype, "--key-dtype");
     o->graph = !*no_graph;
     o->kmeans = !*no_kmeans;

@@ -201,10 +201,10 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       kc.dtype = o.dtype;
       kc.max_tokens = int64_t(B) * (ctx + o.page_size);
       DeviceKVCache dev(kc, B);
-      // Scattered pages, as a cache that has served many requests would hand out.
+      // Scattered pages, as a cache that has served many requests would hand out (or in order).
       std::vector<int32_t> perm(size_t(dev.num_pages()));
       std::iota(perm.begin(), perm.end(), 0);
-      std::shuffle(perm.begin(), perm.end(), rng);
+      if (o.scattered_pages) std::shuffle(perm.begin(), perm.end(), rng);
       const int64_t pages_per_seq = (ctx + o.page_size - 1) / o.page_size;
       std::vector<SeqId> seqs;
       for (int b = 0; b < B; ++b) {

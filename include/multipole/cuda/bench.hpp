@@ -22,6 +22,7 @@ struct CudaBenchOptions {
   std::vector<int64_t> contexts = {32768, 131072};
   int q_heads = 32, kv_heads = 8, head_dim = 128;
   int page_size = 16;
+  bool scattered_pages = true;  // pages in random order (a cache that served many requests); false: in order
   int budget = 128;
   int tokens_per_centroid = 16;
   int coarse_tokens_per_centroid = 128;  // 0: one level only
