@@ -86,7 +86,13 @@ struct AttendShape {
   // Dense: 4 stages (as fast as 5) and no multipole staging.
   static constexpr int kThreads = 128, kWarps = 4, kTile = 8, kStages = MP ? 5 : 4;  // kTile: tokens per warp tile
   static constexpr int GC = ROWS;                             // heads per CTA (rows >= G are padding)
-  static constexpr int kRowStride = D * 2 + 16;               // padded: ldmatrix rows hit distinct banks
+  // Unpadded rows with the 16-byte chunk c of row r stored at chunk c ^ (r & 7): a warp's
+  // cp.async then fills whole aligned 128-byte lines (4 shared-memory wavefronts per 512
+  // bytes; padded rows took ~8.5, and each extra wavefront re-requested the global sectors it
+  // shared with its neighbour: 1.5x the L2 -> SM traffic), and the 8 rows an ldmatrix reads
+  // still hit distinct banks.
+  static constexpr int kRowStride = D * 2;
+  __device__ __forceinline__ static int chunk_offset(int r, int c) { return r * kRowStride + ((c ^ (r & 7)) << 4); }
   static constexpr int kPieces = D / 8;                       // 16-byte pieces per row
   static constexpr int kRowsPerStep = 32 / kPieces;           // rows one warp-wide copy step covers
   static constexpr int kLoadSteps = kTile / kRowsPerStep;     // rows per lane per tile
@@ -97,9 +103,13 @@ struct AttendShape {
   // sizes and kinds [stages][tile] i32.
   static constexpr int kWarpExtra = MP ? kStages * kTile * (GC + 2) : 0;  // in 4-byte words
   static constexpr int kExtraBytes = kWarps * kWarpExtra * 4;
-  static constexpr int kSmem = kRingBytes + kExtraBytes;
+  static constexpr int kScratch = kRingBytes + kExtraBytes;  // also the merge scratch
+  // The merge's (max, sum) per head and the last-CTA flag sit after it, in dynamic shared
+  // memory too: a static __shared__ array would shift the dynamic base off the 128-byte
+  // alignment the ring layout needs (80 bytes measured: 13 copy wavefronts per 512 bytes).
+  static constexpr int kSmem = kScratch + (2 * GC + 1) * 4;
   static_assert(kLoadSteps * kRowsPerStep == kTile, "tile shape");
-  static_assert(kMaxSplits * GC * 4 <= kSmem && kWarps * GC * (D + 2) * 4 <= kSmem, "merge scratch must fit");
+  static_assert(kMaxSplits * GC * 4 <= kScratch && kWarps * GC * (D + 2) * 4 <= kScratch, "merge scratch must fit");
 };
 
 // Row codes: >= 0 pool row of an exact token, -1 nothing (zeros), <= -2 pseudo-token of
@@ -116,9 +126,10 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
   // of Q and P in one A fragment, so each product is one mma instead of two; the two halves
   // of S and O (rows g and g + 8) are summed in f32.
   constexpr bool STACK = !MP && !TALL;
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float s_m[GC], s_l[GC];
-  __shared__ int s_last;
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* s_m = reinterpret_cast<float*>(smem + S::kScratch);  // [GC]
+  float* s_l = s_m + GC;                                      // [GC]
+  int& s_last = *reinterpret_cast<int*>(s_l + GC);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int grp = lane >> 2, tig = lane & 3;  // mma fragment coordinates
@@ -215,8 +226,8 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
       for (int s = 0; s < S::kLoadSteps; ++s) {
         const int r = r0 + s * S::kRowsPerStep;
         const bool valid = base >= 0 && v0 + r < vend;
-        cp_async16(kt + r * RS + piece * 16, valid ? kb + r * D * 2 : a.keys, valid);
-        cp_async16(vt + r * RS + piece * 16, valid ? vb + r * D * 2 : a.values, valid);
+        cp_async16(kt + S::chunk_offset(r, piece), valid ? kb + r * D * 2 : a.keys, valid);
+        cp_async16(vt + S::chunk_offset(r, piece), valid ? vb + r * D * 2 : a.values, valid);
       }
       return;
     }
@@ -225,13 +236,13 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
       const int r = r0 + s * S::kRowsPerStep, row = final_row(raw[s], tile_v0(t) + r);
       const bool exact = row >= 0, pseudo = row <= -2;
       const std::byte* ksrc = exact ? a.keys + (int64_t(row) * D + piece * 8) * 2 : a.keys;
-      cp_async16(kt + r * RS + piece * 16, ksrc, exact);
+      cp_async16(kt + S::chunk_offset(r, piece), ksrc, exact);
       const std::byte* vsrc = a.values;
       if (exact) vsrc = a.values + (int64_t(row) * D + piece * 8) * 2;
       if constexpr (MP) {
         if (pseudo) vsrc = a.value_centroids + (int64_t(-2 - row) * D + piece * 8) * 2;
       }
-      cp_async16(vt + r * RS + piece * 16, vsrc, exact || pseudo);
+      cp_async16(vt + S::chunk_offset(r, piece), vsrc, exact || pseudo);
       if constexpr (MP) {
         if (piece == 0) s_kind[buf * TILE + r] = exact ? 1 : (pseudo ? 2 : 0);
         if (pseudo) {
@@ -295,7 +306,7 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
 #pragma unroll
       for (int kk = 0; kk < D / 32; ++kk) {
         uint32_t kb[4];  // dims 32 kk + 8 m + ..., token rows 0..7
-        ldmatrix_x4(kb, kt + (lane & 7) * RS + (kk * 32 + (lane >> 3) * 8) * 2);
+        ldmatrix_x4(kb, kt + S::chunk_offset(lane & 7, kk * 4 + (lane >> 3)));
         M::mma16816(sc[0], qhi[2 * kk], kb[0], kb[1]);
         if constexpr (STACK) {
           M::mma16816(sc[1], qhi[2 * kk + 1], kb[2], kb[3]);
@@ -366,7 +377,7 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
 #pragma unroll
     for (int nn = 0; nn < D / 32; ++nn) {
       uint32_t vb[4];  // n-tiles 4 nn + m: (tokens 2 tig + {0,1}, dim 8 (4 nn + m) + grp)
-      ldmatrix_x4_trans(vb, vt + (lane & 7) * RS + (nn * 32 + (lane >> 3) * 8) * 2);
+      ldmatrix_x4_trans(vb, vt + S::chunk_offset(lane & 7, nn * 4 + (lane >> 3)));
 #pragma unroll
       for (int mm = 0; mm < 4; ++mm) {
         if constexpr (STACK) {
