@@ -257,9 +257,26 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
       }
     }
   };
+  // One page: lane j holds the page id of tile pg_base + j (pg_cur) and of the 32 tiles after
+  // (pg_next), so the page-table load is issued 32 tiles before its use instead of one, and
+  // never stalls the warp under a loaded memory system. resolve_tile runs on t = 0, 1, 2, ...
+  auto load_pages = [&](int tb) -> int {
+    const int t = tb + lane;
+    return t < ntiles ? __ldg(table + (tile_v0(t) >> pshift)) : -1;
+  };
+  int pg_base = 0, pg_cur = -1, pg_next = -1;
+  if (one_page) {
+    pg_cur = load_pages(0);
+    pg_next = load_pages(32);
+  }
   auto resolve_tile = [&](int t, int (&rows)[S::kLoadSteps]) {
     if (one_page) {
-      rows[0] = t < ntiles ? __ldg(table + (tile_v0(t) >> pshift)) : -1;
+      if (t == pg_base + 32) {
+        pg_base = t;
+        pg_cur = pg_next;
+        pg_next = load_pages(t + 32);
+      }
+      rows[0] = __shfl_sync(0xffffffffu, pg_cur, t & 31);
       return;
     }
 #pragma unroll
