@@ -113,8 +113,8 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
   const int rows = attend_rows(G);
   // Planned for at most 2 resident CTAs per SM although the stacked dense kernel (G <= 8) fits
   // 3: measured, its extra splits cost more at batch 1 (+5 us, 49 splits per head instead of
-  // 32) than they gain at batch 16 (-1%; gpu-notes item 14). MULTIPOLE_DENSE_CTAS_PER_SM: the
-  // cap (0: none).
+  // 32) than they gain at batch 16 (-1%; gpu-notes item 14; again in item 16: +6% at 32K b1,
+  // -0.5% at 128K b16). MULTIPOLE_DENSE_CTAS_PER_SM: the cap (0: none).
   int dense_per_sm = attend_ctas_per_sm(kc.dtype, D, rows, false);
   if (const int cap = env_int("MULTIPOLE_DENSE_CTAS_PER_SM", 2); cap > 0) dense_per_sm = std::min(dense_per_sm, cap);
   const SplitPlan dp = plan_splits(lens, Hkv, sms * dense_per_sm);
