@@ -86,13 +86,8 @@ struct AttendShape {
   // Dense: 4 stages (as fast as 5) and no multipole staging.
   static constexpr int kThreads = 128, kWarps = 4, kTile = 8, kStages = MP ? 5 : 4;  // kTile: tokens per warp tile
   static constexpr int GC = ROWS;                             // heads per CTA (rows >= G are padding)
-  // Unpadded rows with the 16-byte chunk c of row r stored at chunk c ^ (r & 7): a warp's
-  // cp.async then fills whole aligned 128-byte lines (4 shared-memory wavefronts per 512
-  // bytes; padded rows took ~8.5, and each extra wavefront re-requested the global sectors it
-  // shared with its neighbour: 1.5x the L2 -> SM traffic), and the 8 rows an ldmatrix reads
-  // still hit distinct banks.
-  static constexpr int kRowStride = D * 2;
-  __device__ __forceinline__ static int chunk_offset(int r, int c) { return r * kRowStride + ((c ^ (r & 7)) << 4); }
+  static constexpr int kRowStride = D * 2;  // unpadded, chunks swizzled (swizzled_offset)
+  __device__ __forceinline__ static int chunk_offset(int r, int c) { return swizzled_offset(r, c, kRowStride); }
   static constexpr int kPieces = D / 8;                       // 16-byte pieces per row
   static constexpr int kRowsPerStep = 32 / kPieces;           // rows one warp-wide copy step covers
   static constexpr int kLoadSteps = kTile / kRowsPerStep;     // rows per lane per tile

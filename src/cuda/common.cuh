@@ -94,6 +94,13 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   const int n = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
 }
+// Byte offset of 16-byte chunk c of row r in a shared-memory tile of rows row_bytes long (a
+// multiple of 128), chunk c stored at c ^ (r & 7). A warp's cp.async of whole rows then fills
+// aligned 128-byte lines with each chunk's offset in its line kept up to a permutation of
+// 16-byte slots: 4 wavefronts per 512 bytes and no sector fetched twice. With rows padded by
+// 16 bytes it took ~10 and moved 1.5x the bytes from L2 (gpu-notes item 16). The 8 rows an
+// ldmatrix reads at one chunk still hit distinct banks. The tile must start 128-byte aligned.
+__device__ __forceinline__ int swizzled_offset(int r, int c, int row_bytes) { return r * row_bytes + ((c ^ (r & 7)) << 4); }
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int n = valid ? 4 : 0;

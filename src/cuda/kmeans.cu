@@ -117,10 +117,6 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* smem_row) 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(s));
 }
-__device__ __forceinline__ void cp16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
-}
 
 // ---- kernels --------------------------------------------------------------------------------
 
@@ -290,9 +286,9 @@ __global__ void __launch_bounds__(128) assign_kernel(const KmBlock* blocks, cons
                                                      const __half* xb, const float* xnorm,
                                                      const __half* centb, const float* cnorm, int32_t* labels,
                                                      float* dist2) {
-  constexpr int RS = D * 2 + 16;  // padded row (bytes): ldmatrix without bank conflicts
+  constexpr int RS = D * 2;  // row bytes; chunks swizzled (swizzled_offset)
   constexpr int KS = D / 16;      // k steps
-  __shared__ __align__(16) unsigned char tile[2][kTileCents * RS];
+  __shared__ __align__(128) unsigned char tile[2][kTileCents * RS];
   __shared__ float snorm[2][kTileCents];
   const KmTile tl = tiles[blockIdx.x];
   const KmBlock blk = blocks[tl.block];
@@ -323,7 +319,7 @@ __global__ void __launch_bounds__(128) assign_kernel(const KmBlock* blocks, cons
       const int r = x / kPieces, pc = x % kPieces;
       const bool ok = c0 + r < blk.k;
       const __half* src = centb + (int64_t(blk.cluster_begin) + (ok ? c0 + r : 0)) * D + pc * 8;
-      cp16(&tile[buf][r * RS + pc * 16], src, ok);
+      cp_async16(&tile[buf][swizzled_offset(r, pc, RS)], src, ok);
     }
     if (threadIdx.x < kTileCents) {
       const int c = c0 + threadIdx.x;
@@ -359,7 +355,7 @@ __global__ void __launch_bounds__(128) assign_kernel(const KmBlock* blocks, cons
 #pragma unroll
       for (int kk = 0; kk < D / 32; ++kk) {
         uint32_t b[4];
-        ldsm_x4(b, t + (nt * 8 + (lane & 7)) * RS + (kk * 32 + (lane >> 3) * 8) * 2);
+        ldsm_x4(b, t + swizzled_offset(nt * 8 + (lane & 7), kk * 4 + (lane >> 3), RS));
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           mma_f16(acc[mt], a[mt][2 * kk][0], a[mt][2 * kk][1], a[mt][2 * kk][2], a[mt][2 * kk][3], b[0], b[1]);
