@@ -72,7 +72,7 @@ void add_bench_cuda_command(CLI::App& app) {
   cmd->add_option("--kv-heads", o->kv_heads, "KV heads");
   cmd->add_option("--head-dim", o->head_dim, "Head dimension (64 or 128)");
   cmd->add_option("--budget", o->budget, "Tokens per KV head chosen beyond sinks + window");
-  cmd->add_option("--page-size", o->page_size, "Tokens per KV-cache page (pages are handed out in random order)")
+  cmd->add_option("--page-size", o->page_size, "Tokens per KV-cache page (handed out in random order unless --sequential-pages)")
       ->check(CLI::Range(1, 4096));
   cmd->add_flag("--sequential-pages", *sequential_pages,
                 "Give each sequence consecutive pages instead of scattered ones (a fresh cache's layout)");

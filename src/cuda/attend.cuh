@@ -517,7 +517,8 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
     for (int s = lane; s < nsplit; s += 32) w[s * GC + g] *= inv;
   }
   __syncthreads();
-  constexpr int kO4 = (GC * D / 4 + 127) / 128, kBatch = 16 / kO4;  // outputs per thread, splits per batch
+  constexpr int kO4 = GC * D / 4 / 128, kBatch = 16 / kO4;  // float4 outputs per thread, splits per batch
+  static_assert(kO4 * 128 == GC * D / 4, "the CTA's 128 threads cover the outputs exactly");
   float4 acc[kO4];
 #pragma unroll
   for (int i = 0; i < kO4; ++i) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -528,7 +529,7 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
 #pragma unroll
       for (int i = 0; i < kO4; ++i) {
         const int o4 = tid + i * 128, g = o4 / (D / 4), d4 = o4 % (D / 4), s = s0 + j;
-        v[j][i] = s < nsplit && o4 < GC * D / 4 && g < gcount
+        v[j][i] = s < nsplit && g < gcount
                       ? __ldcg(reinterpret_cast<const float4*>(a.part_o + ((int64_t(base + s) * Hkv + h) * G + g0 + g) * D) + d4)
                       : make_float4(0.f, 0.f, 0.f, 0.f);
       }
@@ -549,7 +550,7 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
 #pragma unroll
   for (int i = 0; i < kO4; ++i) {
     const int o4 = tid + i * 128, g = o4 / (D / 4), d4 = o4 % (D / 4);
-    if (o4 < GC * D / 4 && g < gcount) reinterpret_cast<float4*>(a.out + (out_row0 + g) * D)[d4] = acc[i];
+    if (g < gcount) reinterpret_cast<float4*>(a.out + (out_row0 + g) * D)[d4] = acc[i];
   }
   if (tid == 0) *counter = 0;  // ready for the next launch (or graph replay)
 }
