@@ -10,7 +10,8 @@
 //   2: rows of 256 bytes, chunk c at c ^ (r & 7), zero-fill form
 //   3: as 2 without the source-size operand
 //   4: as 0 without the source-size operand
-// Every variant reads the same bytes, so the XOR of what ldmatrix returned must agree.
+// Every variant reads the same bytes into the same lanes, so the checksum (an order-sensitive
+// hash per thread of what ldmatrix returned, weighted by thread) must agree.
 // Usage: lab_cp_async_layouts [MiB per K and V, default 1024] [variant, default all]; then ncu
 // for the L2 counters.
 // H200, 2 GiB each, 264 CTAs (session H13): 0: 4330 GB/s, 10.5 copy wavefronts and 10.5 L2
@@ -23,6 +24,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
+
+#include "cuda/common.cuh"
 
 namespace {
 
@@ -40,7 +43,7 @@ constexpr int kRowBytes = 256, kTile = 8, kStages = 4, kWarps = 4, kChunks = kRo
 template <int V> struct Layout {
   static constexpr int kStride = (V == 0 || V == 4) ? kRowBytes + 16 : kRowBytes;
   __device__ static int offset(int r, int c) {
-    if constexpr (V == 2 || V == 3) return r * kStride + ((c ^ (r & 7)) << 4);
+    if constexpr (V == 2 || V == 3) return multipole::cuda::detail::swizzled_offset(r, c, kStride);  // the library's
     return r * kStride + (c << 4);
   }
   static constexpr int kStageBytes = 2 * kTile * kStride;
@@ -54,7 +57,7 @@ template <int V> __device__ __forceinline__ void copy16(void* dst, const void* s
     asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(16));
 }
 
-// keys, values: [rows, 256 bytes]; sink: [grid * 128] XOR of the ldmatrix results.
+// keys, values: [rows, 256 bytes]; sink: [grid * 128] hash of each thread's ldmatrix results.
 template <int V>
 __global__ void __launch_bounds__(128, 2) stream_kernel(const uint8_t* keys, const uint8_t* values, int64_t rows,
                                                          uint32_t* sink) {
@@ -95,7 +98,7 @@ __global__ void __launch_bounds__(128, 2) stream_kernel(const uint8_t* keys, con
                    : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3) : "r"(ks));
       asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                    : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(vs));
-      acc ^= a0 ^ a1 ^ a2 ^ a3 ^ (b0 + b1 + b2 + b3);
+      for (const uint32_t x : {a0, a1, a2, a3, b0, b1, b2, b3}) acc = acc * 1000003u + x;  // order-sensitive
     }
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
@@ -124,7 +127,7 @@ void run(const uint8_t* k, const uint8_t* v, int64_t rows, uint32_t* sink, int g
   std::vector<uint32_t> h(size_t(grid) * 128);
   LAB_CHECK(cudaMemcpy(h.data(), sink, h.size() * 4, cudaMemcpyDeviceToHost));
   uint32_t x = 0;
-  for (uint32_t w : h) x ^= w;
+  for (size_t i = 0; i < h.size(); ++i) x += h[i] * uint32_t(2 * i + 1);
   const double bytes = 2.0 * double(rows) * kRowBytes, t = ms[ms.size() / 2] * 1e-3;
   std::printf("variant %d  smem/CTA %6d  %8.1f us  %7.0f GB/s  checksum %08x\n", V, smem, t * 1e6, bytes / t / 1e9, x);
   cudaEventDestroy(e0);
