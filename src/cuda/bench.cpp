@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <numeric>
 #include <random>
+#include <string_view>
 
 #include "cuda/check.hpp"
 #include "cuda/launch.hpp"
@@ -22,9 +23,14 @@ namespace multipole::cuda {
 namespace {
 
 // Median time of `step` in microseconds: warm-up, then (graph replay or direct launches)
-// each timed step preceded by an L2 flush.
+// each timed step preceded by an L2 flush. Diagnostics: MULTIPOLE_BENCH_FLUSH=none times
+// the steps back to back instead, with their code and data left in the caches.
 template <class Step>
 double time_step(const Step& step, const CudaBenchOptions& o, cudaStream_t s, DeviceBuffer& flush, bool read_flush) {
+  static const bool no_flush = [] {
+    const char* f = std::getenv("MULTIPOLE_BENCH_FLUSH");
+    return f && std::string_view(f) == "none";
+  }();
   for (int i = 0; i < o.warmup; ++i) step(s);
   MP_CUDA_CHECK(cudaStreamSynchronize(s));
   cudaGraphExec_t exec = nullptr;
@@ -39,9 +45,9 @@ double time_step(const Step& step, const CudaBenchOptions& o, cudaStream_t s, De
   std::vector<cudaEvent_t> ev(2 * size_t(o.iterations));
   for (auto& e : ev) MP_CUDA_CHECK(cudaEventCreate(&e));
   for (int i = 0; i < o.iterations; ++i) {
-    if (read_flush)
+    if (!no_flush && read_flush)
       detail::launch_read_flush(flush.data(), flush.size() - 4096, reinterpret_cast<uint32_t*>(static_cast<char*>(flush.data()) + flush.size() - 4096), s);
-    else
+    else if (!no_flush)
       MP_CUDA_CHECK(cudaMemsetAsync(flush.data(), i & 0xff, flush.size() - 4096, s));
     MP_CUDA_CHECK(cudaEventRecord(ev[2 * i], s));
     if (exec)

@@ -591,7 +591,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   EntryRows rows(a, e);  // the row look-ups of sinks and window come later (fetch_early)
   // The sequence's page table into L2 (write_exact_rows looks up the selected tokens' rows).
   if (const int pages = (rows.end + a.page_size - 1) / a.page_size; tid * 32 < pages)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(rows.table + tid * 32));
+    prefetch_l2(rows.table + tid * 32);
 #pragma unroll 1
   for (int i = tid; i < G * D; i += kSelectThreads)
     s_q[i] = a.q_score[(int64_t(b) * Hkv * G + int64_t(h) * G) * D + i] * a.qscale;
@@ -719,7 +719,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
               reinterpret_cast<const char*>(static_cast<const KT*>(a.key_centroids) + int64_t(fb + c) * D);
 #pragma unroll 1
           for (int off = 0; off < D * int(sizeof(KT)); off += 128)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(row + off));
+            prefetch_l2(row + off);
         }
       }
       __syncwarp();  // wp is rewritten for the next 32
@@ -750,7 +750,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     for (int k = tid; k < nc; k += kSelectThreads) {
       const int64_t c = fb + cand[k];
       if (k < kc) s_cn[k] = __ldg(a.sizes + c);
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(a.members + __ldg(a.member_begin + c)));
+      prefetch_l2(a.members + __ldg(a.member_begin + c));
     }
 #pragma unroll 1
     for (int t = tid; t < min(nc, kc) * G; t += kSelectThreads) {
@@ -786,7 +786,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     if (lane == 0)
 #pragma unroll
       for (int u = 0; u < U; ++u)
-        if (k0 + u * kSelectWarps < nc) asm volatile("prefetch.global.L2 [%0];" ::"l"(a.members + mbk[u]));
+        if (k0 + u * kSelectWarps < nc) prefetch_l2(a.members + mbk[u]);
     float kv[U][4];
 #pragma unroll
     for (int u = 0; u < U; ++u)
