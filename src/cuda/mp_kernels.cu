@@ -97,6 +97,79 @@ void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int
 }
 
 namespace {
+// One-level selection, one CTA per entry (select.cuh has the parts it shares with the
+// two-level kernels).
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  MP_SELECT_SHARED;
+  __shared__ float s_M[16], s_invZ[16];
+
+  const int tid = threadIdx.x;
+  const int e = blockIdx.x, Hkv = a.num_kv_heads, G = a.group;
+  const int b = e / Hkv, h = e % Hkv;
+  const int cb = a.entry_begin[e], C = a.entry_count[e];
+  const int cpad = pad(a.smem_clusters) + 1;
+  uint32_t* key = reinterpret_cast<uint32_t*>(smem);  // [pad(C)] f32 bits of I
+  int* size = reinterpret_cast<int*>(key + cpad);     // [pad(C)] n > 0 candidate, -n selected, 0 empty
+  int* list_off = size + cpad;                        // [C] token offset of the k-th selected cluster
+
+  pdl_trigger();  // the attention kernel may load its queries (it waits for our writes)
+  EntryRows rows(a, e);
+  rows.fetch_early(0);
+
+  pdl_wait();  // the scoring kernel's logits and partials
+  combine_partials(a, b, h, s_M, s_invZ);
+  if (tid < G) s_invZ[tid] = s_invZ[tid] > 0.0f ? 1.0f / s_invZ[tid] : 0.0f;
+  __syncthreads();
+
+  // Importance keys, kBatch clusters per thread in flight at a time.
+  constexpr int kBatch = 8;
+  int mine = 0;
+  for (int i0 = tid; i0 < C; i0 += kBatch * kSelectThreads) {
+    int n[kBatch];
+    float imp[kBatch];
+    if (G == 4) {
+      float4 v[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = i0 + k * kSelectThreads;
+        n[k] = i < C ? a.sizes[cb + i] : 0;
+        v[k] = i < C ? *reinterpret_cast<const float4*>(a.scores + int64_t(cb + i) * 4) : make_float4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k)
+        imp[k] = fast_exp2(v[k].x - s_M[0]) * s_invZ[0] + fast_exp2(v[k].y - s_M[1]) * s_invZ[1] +
+                 fast_exp2(v[k].z - s_M[2]) * s_invZ[2] + fast_exp2(v[k].w - s_M[3]) * s_invZ[3];
+    } else {
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = i0 + k * kSelectThreads;
+        n[k] = i < C ? a.sizes[cb + i] : 0;
+        imp[k] = 0.0f;
+        if (i < C)
+          for (int g = 0; g < G; ++g) imp[k] += fast_exp2(a.scores[int64_t(cb + i) * G + g] - s_M[g]) * s_invZ[g];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = i0 + k * kSelectThreads;
+      if (i < C) {
+        const int nk = max(n[k], 0);
+        key[pad(i)] = __float_as_uint(nk > 0 ? imp[k] : 0.0f);  // I >= 0: the bits order like the values
+        size[pad(i)] = nk;
+        mine += nk;
+      }
+    }
+  }
+  int total;
+  block_exclusive_scan(mine, s_tmp, total);
+  greedy_select(key, size, C, a.budget, total, sh);
+
+  // Outputs: far-field sizes and the exact rows.
+  for (int i = tid; i < C; i += kSelectThreads) a.far_size[cb + i] = max(size[pad(i)], 0);
+  write_exact_rows(a, e, size, C, reinterpret_cast<int*>(key), list_off, [&](int i) { return cb + i; }, rows, s_tmp);
+}
+
 // One CTA per entry; raises the kernel's dynamic shared-memory limit when needed.
 void launch_select_kernel(void (*kernel)(SelectArgs), size_t smem, size_t& configured, const SelectArgs& a,
                           int entries, Stream stream) {
