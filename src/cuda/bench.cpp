@@ -109,13 +109,6 @@ void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClus
     if (names[k][0] != 0)
       std::fprintf(stderr, "  %-13s %8.0f cycles %7.2f us\n", names[k], double(v[size_t(k)]) / ctas,
                    double(v[size_t(k)]) / ctas / ghz * 1e-3);
-  if (const double n = double(v[detail::kProfFusedLaunches]); n > 0)  // the fused launch (no selection phases)
-    std::fprintf(stderr,
-                 "  fused launch, us: leader selection %.2f, its wait for the workers' start %.2f, worker 1 start to "
-                 "lists %.2f, worker 1 attention %.2f, leader wait for the workers %.2f, leader merge %.2f\n",
-                 v[detail::kProfFusedSelect] / n * 1e-3, v[detail::kProfFusedSync1] / n * 1e-3,
-                 v[detail::kProfFusedWorkerWait] / n * 1e-3, v[detail::kProfFusedAttend] / n * 1e-3,
-                 v[detail::kProfFusedSync2] / n * 1e-3, v[detail::kProfFusedMerge] / n * 1e-3);
   std::fprintf(stderr,
                "  per CTA: walk iterations coarse %.2f fine %.2f (>= 1000: warp walk), candidates %.1f, coarse %.1f\n",
                double(v[20]) / ctas, double(v[21]) / ctas, double(v[22]) / ctas, double(v[24]) / ctas);
@@ -318,11 +311,6 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
                                  Cf * (12 + G * 8) + exact * (2 * row + 4);
 
       const int dense_ctas = dec.plan_info().dense_ctas;
-      // CTAs of a multipole step's attention: its own kernel's, or the fused launch's clusters.
-      auto attend_ctas = [&](const CudaDecoder& d) {
-        const auto& i = d.plan_info();
-        return i.fused ? B * Hkv * i.fused_ctas : i.mp_ctas;
-      };
       double dense_us = 0;
       auto emit = [&](const std::string& name, auto step, int64_t bytes, int launches, int ctas) {
         const double us = time_step(step, o, stream, flush, false);
@@ -345,11 +333,11 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       emit("dense", [&](cudaStream_t s) { dec.dense(dev, 0, pq, po, s); }, dense_bytes, CudaDecoder::kDenseLaunches,
            dense_ctas);
       emit("multipole", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes,
-           dec.plan_info().mp_launches, attend_ctas(dec));
+           CudaDecoder::kMultipoleLaunches, dec.plan_info().mp_ctas);
       if (index.hierarchical() && std::getenv("MULTIPOLE_SELECT_PROFILE"))
         profile_select(dec, dev, index, pq, pqs, po, o, stream, flush, B, ctx);
       emit("squeezed", [&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes - vbytes,
-           squeezed.plan_info().mp_launches, attend_ctas(squeezed));
+           CudaDecoder::kMultipoleLaunches, squeezed.plan_info().mp_ctas);
       {
         // GPU baselines on the same cache: quest (page bounds built before timing; its
         // per-step metadata update timed on its own) and oracle-topk. Bytes: quest reads
@@ -391,7 +379,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       }
       if (index.hierarchical())
         emit("mp-1level", [&](cudaStream_t s) { flat.multipole(dev, 0, flat_index, pq, pqs, po, s); }, flat_bytes,
-             flat.plan_info().mp_launches, attend_ctas(flat));
+             CudaDecoder::kMultipoleLaunches, flat.plan_info().mp_ctas);
       if (o.stages) {
         emit("mp-score", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s, 1); },
              kbytes + C * (4 + G * 4), 1, dec.plan_info().score_ctas);
@@ -462,7 +450,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         kdec.plan(dev, seqs, &km.index());
         emit("mp-kmeans-index",
              [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s); }, mp_bytes,
-             kdec.plan_info().mp_launches, attend_ctas(kdec));
+             CudaDecoder::kMultipoleLaunches, kdec.plan_info().mp_ctas);
         if (o.stages) {
           emit("mp-km-score", [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s, 1); }, 0, 1,
                kdec.plan_info().score_ctas);

@@ -90,7 +90,6 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   select_precheck_ = env_int("MULTIPOLE_SELECT_PRECHECK", 1) != 0;
   pdl_ = env_int("MULTIPOLE_PDL", 1) != 0;
   prescore_mode_ = env_int("MULTIPOLE_PRESCORE", -1);
-  fused_mode_ = env_int("MULTIPOLE_FUSED", -1);
 }
 
 void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, const DeviceClusterIndex* index) {
@@ -218,20 +217,6 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     cand_cache_ = hier ? int(std::min<size_t>({size_t(kSelectCandCache), size_t(smem_clusters_),
                                                (size_t(optin) - kSelectStaticSmem - select_smem) / (size_t(G + 1) * 4)}))
                        : 0;
-    // Selection and attention fused (set_fused): groups of <= 8, all clusters resident at once,
-    // 16 CTAs per cluster if they fit, else 8.
-    if (hier && G <= kFusedMaxGroup && fused_mode_ != 0) {
-      const int64_t E = int64_t(B) * Hkv;
-      const size_t fused_smem = select_attend_smem_bytes(smem_clusters_, G, D, cand_cache_);
-      for (const int ctas : {16, 8}) {
-        if (fused_smem + kSelectStaticSmem > size_t(optin) || E > select_attend_max_clusters(fused_smem, ctas)) continue;
-        if (fused_mode_ < 0 && E * ctas > sms) continue;
-        info_.fused = true;
-        info_.fused_ctas = ctas;
-        break;
-      }
-    }
-    info_.mp_launches = (info_.score_ctas > 0 ? 1 : 0) + (info_.fused ? 1 : 2);
     scores_.reserve(size_t(std::max<int64_t>(index_clusters_, 1)) * G * sizeof(float));
     score_part_.reserve(std::max<size_t>(s_seq.size(), 1) * Hkv * G * 2 * sizeof(float));
     far_size_.reserve(size_t(std::max<int64_t>(index_clusters_, 1)) * sizeof(int32_t));
@@ -331,60 +316,57 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   }
 
   if (stages < 2) return;
-  // The fused launch (plan_info().fused) runs selection and attention of a full step; the
-  // stage diagnostics use the separate kernels.
-  const bool fused = info_.fused && stages == 3;
   SelectArgs sa;
   if (stages != 4) {
-    sa.scores = scores_.as<const float>();
-    sa.part = score_part_.as<const float>();
-    sa.seq_score_base = s_seq_base_.as<const int32_t>();
-    sa.seq_score_chunks = s_seq_chunks_.as<const int32_t>();
-    sa.sizes = cv.sizes;
-    sa.member_begin = cv.member_begin;
-    sa.members = cv.members;
-    sa.entry_begin = cv.entry_begin;
-    sa.entry_count = cv.entry_count;
-    sa.entry_end = cv.entry_end;
-    sa.seq_ids = seq_ids_.as<const int32_t>();
-    sa.tables = kv.tables;
-    sa.table_offset = kv.table_offset;
-    sa.lengths = kv.lengths;
-    sa.page_size = kv.page_size;
-    sa.num_kv_heads = Hkv;
-    sa.group = config_.group_size();
-    sa.sinks = config_.cluster.sinks;
-    sa.budget = config_.budget;
-    sa.exact_cap = info_.exact_cap;
-    sa.far_size = far_size_.as<int32_t>();
-    sa.exact_rows = exact_rows_.as<int32_t>();
-    sa.exact_n = exact_n_.as<int32_t>();
-    sa.error_flags = errors_.as<uint32_t>();
-    sa.smem_clusters = smem_clusters_;
-    sa.prof = select_prof_;
-    sa.warp_select_max = select_warp_max_;
-    sa.warp_select_steps = select_warp_steps_;
-    sa.warp_select_precheck = select_precheck_ ? 1 : 0;
-    sa.cand_cache = std::min(cand_cache_, std::max(select_cand_max_, 0));
-    // Programmatic dependent launch only right after our own scoring kernel (a kernel node).
-    sa.pdl = pdl_ && info_.score_ctas > 0 ? 1 : 0;
-    if (info_.hierarchical) {
-      sa.entry_coarse = cv.entry_coarse;
-      sa.coarse_budget = coarse_budget_;
-      sa.q_score = q_score;
-      sa.key_centroids = cv.key_centroids;
-      sa.key_kind = cv.key_dtype == DType::F32 ? 0 : cv.key_dtype == DType::BF16 ? 1 : 2;
-      sa.head_dim = config_.head_dim;
-      sa.qscale = config_.softmax_scale() * 1.4426950408889634f;
-      sa.scores_out = scores_.as<float>();
-      sa.prescored = info_.prescored ? 1 : 0;
-      sa.far_ids = far_ids_.as<int32_t>();
-      sa.far_n = far_n_.as<int32_t>();
-      sa.far_cap = info_.far_cap;
-      if (!fused) launch_select_hier(sa, E, stream);
-    } else {
-      launch_select(sa, E, stream);
-    }
+  sa.scores = scores_.as<const float>();
+  sa.part = score_part_.as<const float>();
+  sa.seq_score_base = s_seq_base_.as<const int32_t>();
+  sa.seq_score_chunks = s_seq_chunks_.as<const int32_t>();
+  sa.sizes = cv.sizes;
+  sa.member_begin = cv.member_begin;
+  sa.members = cv.members;
+  sa.entry_begin = cv.entry_begin;
+  sa.entry_count = cv.entry_count;
+  sa.entry_end = cv.entry_end;
+  sa.seq_ids = seq_ids_.as<const int32_t>();
+  sa.tables = kv.tables;
+  sa.table_offset = kv.table_offset;
+  sa.lengths = kv.lengths;
+  sa.page_size = kv.page_size;
+  sa.num_kv_heads = Hkv;
+  sa.group = config_.group_size();
+  sa.sinks = config_.cluster.sinks;
+  sa.budget = config_.budget;
+  sa.exact_cap = info_.exact_cap;
+  sa.far_size = far_size_.as<int32_t>();
+  sa.exact_rows = exact_rows_.as<int32_t>();
+  sa.exact_n = exact_n_.as<int32_t>();
+  sa.error_flags = errors_.as<uint32_t>();
+  sa.smem_clusters = smem_clusters_;
+  sa.prof = select_prof_;
+  sa.warp_select_max = select_warp_max_;
+  sa.warp_select_steps = select_warp_steps_;
+  sa.warp_select_precheck = select_precheck_ ? 1 : 0;
+  sa.cand_cache = std::min(cand_cache_, std::max(select_cand_max_, 0));
+  // Programmatic dependent launch only right after our own scoring kernel (a kernel node).
+  sa.pdl = pdl_ && info_.score_ctas > 0 ? 1 : 0;
+  if (info_.hierarchical) {
+    sa.entry_coarse = cv.entry_coarse;
+    sa.coarse_budget = coarse_budget_;
+    sa.q_score = q_score;
+    sa.key_centroids = cv.key_centroids;
+    sa.key_kind = cv.key_dtype == DType::F32 ? 0 : cv.key_dtype == DType::BF16 ? 1 : 2;
+    sa.head_dim = config_.head_dim;
+    sa.qscale = config_.softmax_scale() * 1.4426950408889634f;
+    sa.scores_out = scores_.as<float>();
+    sa.prescored = info_.prescored ? 1 : 0;
+    sa.far_ids = far_ids_.as<int32_t>();
+    sa.far_n = far_n_.as<int32_t>();
+    sa.far_cap = info_.far_cap;
+    launch_select_hier(sa, E, stream);
+  } else {
+    launch_select(sa, E, stream);
+  }
   }
   if (stages < 3) return;
 
@@ -415,10 +397,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     a.far_n = far_n_.as<const int32_t>();
     a.far_cap = info_.far_cap;
   }
-  if (fused)
-    launch_select_attend(sa, a, cache.config().dtype, E, info_.fused_ctas, stream);
-  else
-    launch_attend(a, cache.config().dtype, config_.head_dim, config_.group_size(), true, info_.mp_ctas / Hkv, stream);
+  launch_attend(a, cache.config().dtype, config_.head_dim, config_.group_size(), true, info_.mp_ctas / Hkv, stream);
 }
 
 std::vector<int32_t> CudaDecoder::far_sizes() const {

@@ -164,16 +164,6 @@ constexpr size_t select_hier_smem_bytes(int clusters, int group, int head_dim, i
 // Query heads per CTA of the scoring kernel for a group of G: 1, 2, 4 or 8 (the rest of
 // the chunk is masked).
 int heads_per_cta(int group);
-// Fused selection + attention (select_attend.cuh): one cluster of `ctas` (<= 16) CTAs per
-// entry, after the scoring kernel; `t` holds the attention fields (q, out, cache, lists).
-// Groups of at most kFusedMaxGroup heads.
-constexpr int kFusedMaxGroup = 8;
-void launch_select_attend(const SelectArgs& a, const AttendArgs& t, DType kv_dtype, int entries, int ctas,
-                          Stream stream);
-size_t select_attend_smem_bytes(int clusters, int group, int head_dim, int cand_cache);
-// Clusters of `ctas` CTAs with `smem` bytes of dynamic shared memory each that the GPU can
-// hold at once (0 if it cannot launch them).
-int select_attend_max_clusters(size_t smem, int ctas);
 // Tensor-core rows of the attention kernel for a group of G: 8 or 16.
 inline int attend_rows(int group) { return group <= 8 ? 8 : 16; }
 // Resident CTAs per SM of the attention kernel (occupancy API), for split planning.

@@ -26,11 +26,11 @@ enum : int {
   kProfFineImp = 11, kProfFineRadix = 12, kProfFineTies = 13, kProfFineWalk = 14, kProfFineFar = 15,
   kProfExact = 16, kProfScoreLoads = 17, kProfScoreMath = 18, kProfWalkItersCoarse = 20, kProfWalkItersFine = 21,
   kProfCandidates = 22, kProfCoarseClusters = 24
-};  // the fused launch's slots: phase_clock.hpp
+};
 
 // Exclusive prefix sum over the CTA (thread order); `total` gets the sum. s_tmp: [warps + 1].
 // Not inlined: one copy of the code for its ~10 call sites (fewer instruction fetches).
-inline __device__ __noinline__ int block_exclusive_scan(int x, int* s_tmp, int& total) {
+__device__ __noinline__ int block_exclusive_scan(int x, int* s_tmp, int& total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int incl = x;
 #pragma unroll
@@ -186,7 +186,7 @@ __device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max
 // counts the walk's iterations in iters_slot.
 // Not inlined: the coarse and the fine selection share one copy of the code (instruction
 // fetches after an L2 flush are a large part of this kernel's time).
-inline __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, const SelectShared& sh,
+__device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, const SelectShared& sh,
                              int warp_max = 0, int warp_steps = 64, PhaseClock* pc = nullptr, int slot0 = 0,
                              int iters_slot = 0, bool precheck = false) {
   const int tid = threadIdx.x;
@@ -464,6 +464,77 @@ __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, in
   __shared__ int s_digit, s_above;                         \
   const SelectShared sh{hist, s_tmp, s_tmp64, &s_digit, &s_above}
 
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  MP_SELECT_SHARED;
+  __shared__ float s_M[16], s_invZ[16];
+
+  const int tid = threadIdx.x;
+  const int e = blockIdx.x, Hkv = a.num_kv_heads, G = a.group;
+  const int b = e / Hkv, h = e % Hkv;
+  const int cb = a.entry_begin[e], C = a.entry_count[e];
+  const int cpad = pad(a.smem_clusters) + 1;
+  uint32_t* key = reinterpret_cast<uint32_t*>(smem);  // [pad(C)] f32 bits of I
+  int* size = reinterpret_cast<int*>(key + cpad);     // [pad(C)] n > 0 candidate, -n selected, 0 empty
+  int* list_off = size + cpad;                        // [C] token offset of the k-th selected cluster
+
+  pdl_trigger();  // the attention kernel may load its queries (it waits for our writes)
+  EntryRows rows(a, e);
+  rows.fetch_early(0);
+
+  pdl_wait();  // the scoring kernel's logits and partials
+  combine_partials(a, b, h, s_M, s_invZ);
+  if (tid < G) s_invZ[tid] = s_invZ[tid] > 0.0f ? 1.0f / s_invZ[tid] : 0.0f;
+  __syncthreads();
+
+  // Importance keys, kBatch clusters per thread in flight at a time.
+  constexpr int kBatch = 8;
+  int mine = 0;
+  for (int i0 = tid; i0 < C; i0 += kBatch * kSelectThreads) {
+    int n[kBatch];
+    float imp[kBatch];
+    if (G == 4) {
+      float4 v[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = i0 + k * kSelectThreads;
+        n[k] = i < C ? a.sizes[cb + i] : 0;
+        v[k] = i < C ? *reinterpret_cast<const float4*>(a.scores + int64_t(cb + i) * 4) : make_float4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k)
+        imp[k] = fast_exp2(v[k].x - s_M[0]) * s_invZ[0] + fast_exp2(v[k].y - s_M[1]) * s_invZ[1] +
+                 fast_exp2(v[k].z - s_M[2]) * s_invZ[2] + fast_exp2(v[k].w - s_M[3]) * s_invZ[3];
+    } else {
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = i0 + k * kSelectThreads;
+        n[k] = i < C ? a.sizes[cb + i] : 0;
+        imp[k] = 0.0f;
+        if (i < C)
+          for (int g = 0; g < G; ++g) imp[k] += fast_exp2(a.scores[int64_t(cb + i) * G + g] - s_M[g]) * s_invZ[g];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = i0 + k * kSelectThreads;
+      if (i < C) {
+        const int nk = max(n[k], 0);
+        key[pad(i)] = __float_as_uint(nk > 0 ? imp[k] : 0.0f);  // I >= 0: the bits order like the values
+        size[pad(i)] = nk;
+        mine += nk;
+      }
+    }
+  }
+  int total;
+  block_exclusive_scan(mine, s_tmp, total);
+  greedy_select(key, size, C, a.budget, total, sh);
+
+  // Outputs: far-field sizes and the exact rows.
+  for (int i = tid; i < C; i += kSelectThreads) a.far_size[cb + i] = max(size[pad(i)], 0);
+  write_exact_rows(a, e, size, C, reinterpret_cast<int*>(key), list_off, [&](int i) { return cb + i; }, rows, s_tmp);
+}
+
 // Key centroid element loads: raw bits first (all of a batch in flight), conversion at use.
 template <class KT> struct KeyBits;
 template <> struct KeyBits<float> {
@@ -494,17 +565,15 @@ template <> struct KeyBits<__half> {
 // and most per-thread loops stay rolled.
 // kProf: the per-phase clock (SelectArgs::prof) is compiled in; the plain variant has none of
 // its code.
-// select_hier_entry: the selection of entry e by one CTA of kSelectThreads threads (the
-// body of select_hier_kernel, also run by the fused select_attend_kernel's leader CTA).
 template <class KT, bool kProf>
-__device__ __forceinline__ void select_hier_entry(const SelectArgs& a, const int e) {
+__global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const SelectArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   MP_SELECT_SHARED;
   __shared__ float s_M[16], s_Z[16], s_far[16], s_invZ[16], s_Mf[16];
   __shared__ int s_nfar, s_nsel;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int Hkv = a.num_kv_heads, G = a.group, D = a.head_dim;
+  const int e = blockIdx.x, Hkv = a.num_kv_heads, G = a.group, D = a.head_dim;
   const int b = e / Hkv, h = e % Hkv;
   const int cb = a.entry_begin[e], Cc = a.entry_coarse[e], Cf = a.entry_count[e] - Cc, fb = cb + Cc;
   const int cpad = pad(a.smem_clusters) + 1;
@@ -835,11 +904,6 @@ __device__ __forceinline__ void select_hier_entry(const SelectArgs& a, const int
                    s_tmp);
   pc.mark(kProfExact);
   pc.finish();
-}
-
-template <class KT, bool kProf>
-__global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const SelectArgs a) {
-  select_hier_entry<KT, kProf>(a, blockIdx.x);
 }
 
 }  // namespace multipole::cuda::detail

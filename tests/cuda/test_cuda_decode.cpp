@@ -383,32 +383,6 @@ IndexFixture make_index(const Cache& cache, const AttentionConfig& ac, int layer
   return f;
 }
 
-// Adds a coarse level to every entry: coarse clusters of `per` consecutive fine ones, sizes
-// summed, centroids the size-weighted means of their children's.
-void add_coarse_level(IndexFixture& fx, int per, int D) {
-  for (auto& e : fx.entries) {
-    e.coarse_child_offsets = {0};
-    for (int c0 = 0; c0 < e.num_clusters(); c0 += per) {
-      const int c1 = std::min(e.num_clusters(), c0 + per);
-      int under = 0;
-      std::vector<float> kc(size_t(D), 0.0f), vc(size_t(D), 0.0f);
-      for (int c = c0; c < c1; ++c) under += e.sizes[size_t(c)];
-      for (int c = c0; c < c1; ++c) {
-        e.coarse_children.push_back(c);
-        const float w = under > 0 ? float(e.sizes[size_t(c)]) / float(under) : 0.0f;
-        for (int d = 0; d < D; ++d) {
-          kc[size_t(d)] += w * e.key_centroids[size_t(c) * D + d];
-          vc[size_t(d)] += w * e.value_centroids[size_t(c) * D + d];
-        }
-      }
-      e.coarse_sizes.push_back(under);
-      e.coarse_child_offsets.push_back(int32_t(e.coarse_children.size()));
-      e.coarse_key_centroids.insert(e.coarse_key_centroids.end(), kc.begin(), kc.end());
-      e.coarse_value_centroids.insert(e.coarse_value_centroids.end(), vc.begin(), vc.end());
-    }
-  }
-}
-
 struct MpCase {
   int G, Hkv, D;
   DType dtype, key_dtype;
@@ -672,7 +646,28 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
   DeviceFloats dq(q), dqs(qs), plain(n), direct(n), graph(n);
   for (int levels = 1; levels <= 2; ++levels) {
     SCOPED_TRACE(levels);
-    if (levels == 2) add_coarse_level(fx, 8, 128);
+    if (levels == 2)
+      for (auto& e : fx.entries) {  // coarse clusters of ~8 consecutive fine ones, weighted means
+        e.coarse_child_offsets = {0};
+        for (int c0 = 0; c0 < e.num_clusters(); c0 += 8) {
+          const int c1 = std::min(e.num_clusters(), c0 + 8);
+          int under = 0;
+          std::vector<float> kc(128, 0.0f), vc(128, 0.0f);
+          for (int c = c0; c < c1; ++c) under += e.sizes[size_t(c)];
+          for (int c = c0; c < c1; ++c) {
+            e.coarse_children.push_back(c);
+            const float w = under > 0 ? float(e.sizes[size_t(c)]) / float(under) : 0.0f;
+            for (int d = 0; d < 128; ++d) {
+              kc[size_t(d)] += w * e.key_centroids[size_t(c) * 128 + d];
+              vc[size_t(d)] += w * e.value_centroids[size_t(c) * 128 + d];
+            }
+          }
+          e.coarse_sizes.push_back(under);
+          e.coarse_child_offsets.push_back(int32_t(e.coarse_children.size()));
+          e.coarse_key_centroids.insert(e.coarse_key_centroids.end(), kc.begin(), kc.end());
+          e.coarse_value_centroids.insert(e.coarse_value_centroids.end(), vc.begin(), vc.end());
+        }
+      }
     DeviceClusterIndex index(128, 8, DType::BF16, DType::BF16, fx.entries);
     ASSERT_EQ(index.hierarchical(), levels == 2);
     CudaDecoder off(ac), on(ac);
@@ -714,90 +709,6 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
     }
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(g);
-    cudaStreamDestroy(s);
-  }
-}
-
-// The fused selection + attention launch (one CTA cluster per entry, small batches) against
-// the separate selection and attention kernels on two-level indexes: the same selection (far
-// sizes, exact counts) and outputs equal up to f32 rounding (plain FMA dot products against
-// the tensor cores' split products), over group sizes, head dims, storage types, far field
-// on and off, candidates scored by either kernel, empty entries; and, with programmatic
-// dependent launch in a graph replayed back to back, bit for bit the direct launch's output.
-TEST(CudaMultipole, FusedStepMatchesSeparateKernels) {
-  REQUIRE_GPU();
-  struct Case {
-    int G, Hkv, D;
-    DType dtype, key_dtype;
-    std::vector<int64_t> lengths;
-    bool far_field;
-    int prescore;
-  };
-  const int64_t n = small_scale() ? 1500 : 5000;
-  const std::vector<Case> cases = {
-      {4, 2, 128, DType::BF16, DType::BF16, {n, 777, 97}, true, 1},  {4, 2, 128, DType::BF16, DType::F32, {n, 300}, true, 0},
-      {1, 2, 64, DType::F16, DType::F16, {n, 2049}, true, 1},        {5, 1, 64, DType::BF16, DType::F32, {3000}, true, 0},
-      {8, 2, 128, DType::F16, DType::F16, {2049, 4000}, true, 1},   {7, 1, 128, DType::BF16, DType::BF16, {n}, false, 0}};
-  uint32_t seed = 950;
-  for (const auto& c : cases) {
-    SCOPED_TRACE(::testing::Message() << "G=" << c.G << " Hkv=" << c.Hkv << " D=" << c.D << " dtype="
-                                      << dtype_name(c.dtype) << " keys=" << dtype_name(c.key_dtype)
-                                      << " far=" << c.far_field << " prescore=" << c.prescore);
-    std::mt19937 rng(seed++);
-    Mirror su(1, c.Hkv, c.D, 16, c.dtype, c.lengths, rng);
-    AttentionConfig ac = make_config(c.G, c.Hkv, c.D);
-    ac.multipole_far_field = c.far_field;
-    IndexFixture fx = make_index(su.cache, ac, 0, rng, false);
-    add_coarse_level(fx, 8, c.D);
-    DeviceClusterIndex index(c.D, c.Hkv, c.key_dtype, c.dtype, fx.entries);
-    ASSERT_TRUE(index.hierarchical());
-    CudaDecoder separate(ac), fused(ac);
-    separate.set_fused(0);
-    fused.set_fused(1);
-    separate.set_prescore(c.prescore);
-    fused.set_prescore(c.prescore);
-    separate.plan(su.dev, su.cache.seqs, &index);
-    fused.plan(su.dev, su.cache.seqs, &index);
-    ASSERT_FALSE(separate.plan_info().fused);
-    ASSERT_TRUE(fused.plan_info().fused);
-    EXPECT_EQ(separate.plan_info().mp_launches, 3);
-    EXPECT_EQ(fused.plan_info().mp_launches, 2);
-    const int B = int(c.lengths.size()), Hq = ac.num_q_heads, D = c.D;
-    const size_t count = size_t(B) * Hq * D;
-    const auto q = random_vector(count, rng), qs = random_vector(count, rng, 1.5f);
-    DeviceFloats dq(q), dqs(qs), a(count), b(count), g(count);
-    a.poison();
-    b.poison();
-    separate.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), a.ptr(), nullptr);
-    fused.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), b.ptr(), nullptr);
-    const auto far = separate.far_sizes(), exact = separate.exact_counts();
-    EXPECT_EQ(fused.far_sizes(), far);
-    EXPECT_EQ(fused.exact_counts(), exact);
-    EXPECT_EQ(separate.error_flags(), 0u);
-    EXPECT_EQ(fused.error_flags(), 0u);
-    const auto x = a.get(), y = b.get();
-    for (int bi = 0; bi < B; ++bi)
-      for (int qh = 0; qh < Hq; ++qh) {
-        const size_t at = (size_t(bi) * Hq + qh) * D;
-        const std::vector<double> ref(x.begin() + at, x.begin() + at + D);
-        EXPECT_LT(rel_error(y.data() + at, ref), 3e-5) << "b=" << bi << " q head " << qh;
-      }
-    cudaStream_t s;
-    ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
-    cudaGraph_t graph;
-    ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-    fused.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), g.ptr(), s);
-    ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess);
-    cudaGraphExec_t exec;
-    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-    g.poison();
-    for (int rep = 0; rep < 3; ++rep) ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
-    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
-    const auto z = g.get();
-    for (size_t i = 0; i < count; ++i) ASSERT_EQ(z[i], y[i]) << "graph replay, element " << i;
-    EXPECT_EQ(fused.far_sizes(), far);
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
     cudaStreamDestroy(s);
   }
 }

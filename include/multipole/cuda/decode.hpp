@@ -27,11 +27,6 @@ struct DecodePlanInfo {
   bool hierarchical = false;  // two-level index: coarse scoring, fine scoring in the selection
   bool prescored = false;     // two-level index, small batch: the scoring launch scores the fine level too
   int far_cap = 0;            // far-list capacity per entry (two-level)
-  // Two-level index, small batch: selection and attention in one launch, a cluster of
-  // fused_ctas CTAs per entry (set_fused).
-  bool fused = false;
-  int fused_ctas = 0;
-  int mp_launches = 0;        // kernel launches of a multipole step
 };
 
 class CudaDecoder {
@@ -62,7 +57,7 @@ class CudaDecoder {
                  const float* q_score, float* out, Stream stream, int stages = 3) const;
 
   static constexpr int kDenseLaunches = 1;
-  static constexpr int kMultipoleLaunches = 3;  // unfused; plan_info().mp_launches for the plan's
+  static constexpr int kMultipoleLaunches = 3;
 
   // Inspection of the last multipole step (synchronous; tests and diagnostics).
   std::vector<int32_t> far_sizes() const;       // [total_clusters]: n if far field, 0 if selected/empty
@@ -102,17 +97,6 @@ class CudaDecoder {
   // summed in another order).
   void set_prescore(int mode) { prescore_mode_ = mode; }
   static constexpr int64_t kPrescoreMaxBytes = int64_t(8) << 20;
-  // Two-level index: the selection and attention kernels fused into one launch of a cluster
-  // of 16 CTAs per entry (8 where the GPU cannot hold every entry's 16 at once; the leader
-  // selects, the others attend once it is done, the leader merges them through distributed
-  // shared memory). 0: never; 1: whenever the shape allows (group <= 8, the clusters fit the
-  // GPU at once); -1 (default, or the environment's MULTIPOLE_FUSED): when the batch's
-  // entries x the cluster size fit the SMs. The
-  // selection is the same; outputs differ from the unfused path by f32 rounding (plain FMA dot
-  // products instead of the tensor cores' split products). Decided by plan(); the stage
-  // diagnostics run unfused, and the selection profile (set_select_profile) of a fused step
-  // times the fused kernel's parts instead of the selection's phases.
-  void set_fused(int mode) { fused_mode_ = mode; }
 
  private:
   AttentionConfig config_;
@@ -135,7 +119,6 @@ class CudaDecoder {
   bool select_precheck_ = true;
   bool pdl_ = true;
   int prescore_mode_ = -1;
-  int fused_mode_ = -1;
 };
 
 }  // namespace multipole::cuda
