@@ -131,9 +131,6 @@ struct SelectArgs {
   // Skip the warp walk when over warp_select_steps clusters are tiny (<= budget / (steps + 1)):
   // the radix path runs at once (same selection).
   int warp_select_precheck = 1;
-  // Greedy selections over at most min(warp_select_max, 256) clusters by position
-  // (rank_greedy) instead of the warp walk; same selection.
-  int select_rank = 1;
   // Candidates whose logits and sizes select_hier_kernel keeps in shared memory (the rest
   // are read back from global memory); planned from the shared memory left.
   int cand_cache = 0;

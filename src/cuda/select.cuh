@@ -177,76 +177,23 @@ __device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max
   return R;
 }
 
-// Greedy selection by position, C <= 256 clusters: thread pair (2i, 2i + 1) counts, over
-// half of the clusters each, those ahead of cluster i in the greedy order (larger key, or an
-// equal key and a lower index; candidates n > 0 only), which places cluster i at order[pos];
-// then warp 0 walks the order 32 positions at a time and takes, while the budget lasts, the
-// first cluster that fits what is left (a ballot): clusters it passes are too large now and
-// stay so (R only shrinks), as in the greedy. A pick costs a few warp instructions instead of
-// an argmax over all clusters (~0.35 us each in warp_greedy, whose lone warp waits on every
-// step's latency: gpu-notes item 19). Same selection as the other paths, bit for bit.
-__device__ __noinline__ int rank_greedy(const uint32_t* key, int* size, int C, int R, const SelectShared& sh) {
-  const int tid = threadIdx.x, lane = tid & 31, i = tid >> 1, half = tid & 1;
-  // Sort keys (key, ~index) of the candidates, 0 for the others; then the order.
-  unsigned long long* sk = reinterpret_cast<unsigned long long*>(sh.hist);  // [256]
-  int* order = reinterpret_cast<int*>(sk + 256);                             // [256]
-  for (int j = tid; j < C; j += kSelectThreads)
-    sk[j] = size[pad(j)] > 0 ? (static_cast<unsigned long long>(key[pad(j)]) << 32) | (0xffffffffu - uint32_t(j)) : 0ull;
-  __syncthreads();
-  const unsigned long long mine = i < C ? sk[i] : 0ull;
-  int ahead = 0;
-  const int j0 = half * ((C + 1) / 2), j1 = half ? C : (C + 1) / 2;
-#pragma unroll 4
-  for (int j = j0; j < j1; ++j) ahead += sk[j] > mine;
-  ahead += __shfl_xor_sync(0xffffffffu, ahead, 1);
-  if (half == 0 && mine != 0ull) order[ahead] = i;
-  const int count = __syncthreads_count(half == 0 && mine != 0ull);
-  if (tid < 32) {
-#pragma unroll 1
-    for (int p0 = 0; p0 < count && R > 0; p0 += 32) {
-      const int c = p0 + lane < count ? order[p0 + lane] : -1;
-      const int n = c >= 0 ? size[pad(c)] : 0;
-      unsigned left = __ballot_sync(0xffffffffu, c >= 0);
-      while (R > 0) {
-        const unsigned fit = __ballot_sync(0xffffffffu, n <= R) & left;
-        if (fit == 0u) break;
-        const int f = __ffs(int(fit)) - 1;
-        if (lane == f) size[pad(c)] = -n;
-        R -= __shfl_sync(0xffffffffu, n, f);
-        left &= ~((2u << f) - 1u);  // the lanes after f (f = 31: none)
-      }
-    }
-    if (tid == 0) *sh.above = R;
-  }
-  __syncthreads();
-  R = *sh.above;
-  __syncthreads();  // every thread has read sh.above before anyone reuses it
-  return R;
-}
-
 // Greedy selection over key[pad(i)] (f32 bits of I >= 0) and size[pad(i)] (n > 0 candidate)
 // for i < C under budget R, `total` = sum of candidate sizes: selected clusters get size -n.
-// All threads call; returns the budget left. C <= min(warp_max, 256): rank_greedy (rank),
-// or one warp walks the greedy order (at most warp_steps picks; the radix path below
-// finishes after that, which is the greedy over the remaining clusters and budget);
-// otherwise the radix path.
+// All threads call; returns the budget left. C <= min(warp_max, 256): one warp walks the
+// greedy order (at most warp_steps picks; the radix path below finishes after that, which
+// is the greedy over the remaining clusters and budget); otherwise the radix path.
 // pc: optional phase clock, marks slot0 (radix), slot0 + 1 (ties), slot0 + 2 (walk) and
 // counts the walk's iterations in iters_slot.
 // Not inlined: the coarse and the fine selection share one copy of the code (instruction
 // fetches after an L2 flush are a large part of this kernel's time).
 __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, const SelectShared& sh,
                              int warp_max = 0, int warp_steps = 64, PhaseClock* pc = nullptr, int slot0 = 0,
-                             int iters_slot = 0, bool precheck = false, bool rank = false) {
+                             int iters_slot = 0, bool precheck = false) {
   const int tid = threadIdx.x;
   if (total <= R) {
     for (int i = tid; i < C; i += kSelectThreads) size[pad(i)] = -size[pad(i)];
     __syncthreads();
     return R - total;
-  }
-  if (rank && C <= warp_max && C <= 256) {
-    R = rank_greedy(key, size, C, R, sh);
-    if (pc) pc->mark(slot0 + 2);
-    return R;
   }
   if (C <= warp_max && C <= 256) {
     if (tid < 32) {
@@ -676,8 +623,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   const int coarse_budget = max(a.budget, a.coarse_budget);
   rows.fetch_early(32);  // warps 1.. wait for the page table while warp 0 may walk the greedy order
   greedy_select(key, size, Cc, coarse_budget, total, sh, a.warp_select_max, a.warp_select_steps,
-                kProf ? &pc : nullptr, kProfCoarseRadix, kProfWalkItersCoarse, a.warp_select_precheck != 0,
-                a.select_rank != 0);
+                kProf ? &pc : nullptr, kProfCoarseRadix, kProfWalkItersCoarse, a.warp_select_precheck != 0);
   // Unselected coarse clusters: far size, far list, frontier sums (relative to s_M).
   {
     const int per = (Cc + kSelectThreads - 1) / kSelectThreads;
@@ -934,7 +880,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   block_exclusive_scan(mine, s_tmp, total);
   pc.mark(kProfFineImp);
   greedy_select(key, size, nc, a.budget, total, sh, a.warp_select_max, a.warp_select_steps, kProf ? &pc : nullptr,
-                kProfFineRadix, kProfWalkItersFine, a.warp_select_precheck != 0, a.select_rank != 0);
+                kProfFineRadix, kProfWalkItersFine, a.warp_select_precheck != 0);
   {
     const int per = (nc + kSelectThreads - 1) / kSelectThreads;
     const int lo = min(nc, tid * per), hi = min(nc, lo + per);
