@@ -28,9 +28,14 @@ enum : int {
   kProfCandidates = 22, kProfCoarseClusters = 24
 };
 
-// Exclusive prefix sum over the CTA (thread order); `total` gets the sum. s_tmp: [warps + 1].
-// Not inlined: one copy of the code for its ~10 call sites (fewer instruction fetches).
-__device__ __noinline__ int block_exclusive_scan(int x, int* s_tmp, int& total) {
+// Exclusive prefix sum over the CTA (thread order): .x this thread's, .y the total. Its
+// scratch is its own static shared array and both results come back in registers: with a
+// pointer argument and a reference for the total, this non-inlined function reached shared
+// memory through generic loads and returned the total through local memory (ncu, gpu-notes
+// item 17). Not inlined: one copy of the code for its ~14 call sites (fewer instruction
+// fetches).
+__device__ __noinline__ int2 block_scan(int x) {
+  __shared__ int s_scan[kSelectWarps + 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int incl = x;
 #pragma unroll
@@ -38,24 +43,29 @@ __device__ __noinline__ int block_exclusive_scan(int x, int* s_tmp, int& total) 
     const int y = __shfl_up_sync(0xffffffffu, incl, o);
     if (lane >= o) incl += y;
   }
-  if (lane == 31) s_tmp[warp] = incl;
+  if (lane == 31) s_scan[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    int w = lane < kSelectWarps ? s_tmp[lane] : 0;
+    int w = lane < kSelectWarps ? s_scan[lane] : 0;
     int wi = w;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
       const int y = __shfl_up_sync(0xffffffffu, wi, o);
       if (lane >= o) wi += y;
     }
-    if (lane < kSelectWarps) s_tmp[lane] = wi - w;
-    if (lane == kSelectWarps - 1) s_tmp[kSelectWarps] = wi;
+    if (lane < kSelectWarps) s_scan[lane] = wi - w;
+    if (lane == kSelectWarps - 1) s_scan[kSelectWarps] = wi;
   }
   __syncthreads();
-  const int excl = s_tmp[warp] + incl - x;
-  total = s_tmp[kSelectWarps];
+  const int2 r = make_int2(s_scan[warp] + incl - x, s_scan[kSelectWarps]);
   __syncthreads();
-  return excl;
+  return r;
+}
+// block_scan's exclusive sum; `total` gets the sum.
+__device__ __forceinline__ int block_exclusive_scan(int x, int& total) {
+  const int2 r = block_scan(x);
+  total = r.y;
+  return r.x;
 }
 
 __device__ __forceinline__ unsigned long long block_max_u64(unsigned long long x, unsigned long long* s_tmp) {
@@ -104,7 +114,6 @@ __device__ __forceinline__ void combine_partials(const SelectArgs& a, int b, int
 
 struct SelectShared {
   unsigned int* hist;  // [4096]
-  int* tmp;            // [kSelectWarps + 1]
   unsigned long long* tmp64;  // [kSelectWarps]
   int* digit;
   int* above;
@@ -218,7 +227,7 @@ __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R
     if (R != R0) {
       int mine = 0;
       for (int i = tid; i < C; i += kSelectThreads) mine += max(size[pad(i)], 0);
-      block_exclusive_scan(mine, sh.tmp, total);  // its barriers also order the reads of sh.above
+      block_exclusive_scan(mine, total);  // its barriers also order the reads of sh.above
       if (total <= R) {
         for (int i = tid; i < C; i += kSelectThreads)
           if (size[pad(i)] > 0) size[pad(i)] = -size[pad(i)];
@@ -251,7 +260,7 @@ __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R
 #pragma unroll 1
     for (int k = 0; k < per; ++k) local += int(sh.hist[top - k]);
     int dummy;
-    const int above = block_exclusive_scan(local, sh.tmp, dummy);
+    const int above = block_exclusive_scan(local, dummy);
     if (above <= R && R < above + local) {
       int cum = above;
 #pragma unroll 1
@@ -285,7 +294,7 @@ __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R
       if (n > 0 && k == prefix) ties += n;
     }
     int dummy;
-    int cum = block_exclusive_scan(ties, sh.tmp, dummy);
+    int cum = block_exclusive_scan(ties, dummy);
     int used = 0;
 #pragma unroll 1
     for (int i = lo; i < hi; ++i) {
@@ -299,7 +308,7 @@ __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R
       }
     }
     int used_total;
-    block_exclusive_scan(used, sh.tmp, used_total);
+    block_exclusive_scan(used, used_total);
     R -= used_total;
   }
   __syncthreads();
@@ -321,7 +330,7 @@ __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R
       ne += n > 0 && n <= R;
     }
     int left;
-    int at = block_exclusive_scan(ne, sh.tmp, left);
+    int at = block_exclusive_scan(ne, left);
     if (left > 0 && left <= 256) {
       int* list = reinterpret_cast<int*>(sh.hist);  // free after the radix passes
 #pragma unroll 1
@@ -398,7 +407,7 @@ struct EntryRows {
 // list_off: [C]. r: the entry's sinks and window (this thread's row looked up early).
 template <class ClusterOf>
 __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, int C, int* scratch, int* list_off,
-                                 ClusterOf cluster_of, const EntryRows& r, int* s_tmp) {
+                                 ClusterOf cluster_of, const EntryRows& r) {
   const int tid = threadIdx.x, cap = a.exact_cap;
   const int nsink = r.nsink, nwin = r.nwin, end = r.end;
   auto row_of = [&](int pos) { return r.row_of(pos); };
@@ -417,8 +426,8 @@ __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, in
     }
   }
   int nsel, nclusters;
-  int at = block_exclusive_scan(chosen, s_tmp, nsel);
-  int k = block_exclusive_scan(nchosen, s_tmp, nclusters);
+  int at = block_exclusive_scan(chosen, nsel);
+  int k = block_exclusive_scan(nchosen, nclusters);
   int* list_mb = scratch;
   __syncthreads();  // all reads of the scratch done (the list overwrites it)
 #pragma unroll 1
@@ -459,10 +468,9 @@ __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, in
 
 #define MP_SELECT_SHARED                                   \
   __shared__ unsigned int hist[4096];                      \
-  __shared__ int s_tmp[kSelectWarps + 1];                  \
   __shared__ unsigned long long s_tmp64[kSelectWarps];     \
   __shared__ int s_digit, s_above;                         \
-  const SelectShared sh{hist, s_tmp, s_tmp64, &s_digit, &s_above}
+  const SelectShared sh{hist, s_tmp64, &s_digit, &s_above}
 
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -527,12 +535,12 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
     }
   }
   int total;
-  block_exclusive_scan(mine, s_tmp, total);
+  block_exclusive_scan(mine, total);
   greedy_select(key, size, C, a.budget, total, sh);
 
   // Outputs: far-field sizes and the exact rows.
   for (int i = tid; i < C; i += kSelectThreads) a.far_size[cb + i] = max(size[pad(i)], 0);
-  write_exact_rows(a, e, size, C, reinterpret_cast<int*>(key), list_off, [&](int i) { return cb + i; }, rows, s_tmp);
+  write_exact_rows(a, e, size, C, reinterpret_cast<int*>(key), list_off, [&](int i) { return cb + i; }, rows);
 }
 
 // Key centroid element loads: raw bits first (all of a batch in flight), conversion at use.
@@ -617,7 +625,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     mine += n;
   }
   int total;
-  block_exclusive_scan(mine, s_tmp, total);
+  block_exclusive_scan(mine, total);
   pc.mark(kProfCoarseImp);
   pc.add(kProfCoarseClusters, Cc);
   const int coarse_budget = max(a.budget, a.coarse_budget);
@@ -632,7 +640,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
 #pragma unroll 1
     for (int i = lo; i < hi; ++i) nf += size[pad(i)] > 0;
     int nfar;
-    int at = block_exclusive_scan(nf, s_tmp, nfar);
+    int at = block_exclusive_scan(nf, nfar);
 #pragma unroll 1
     for (int i = lo; i < hi; ++i) {
       const int n = size[pad(i)];
@@ -734,7 +742,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     int mc = 0;
 #pragma unroll 1
     for (int f = lo; f < hi; ++f) mc += key[pad(f)] != 0u;
-    int at = block_exclusive_scan(mc, s_tmp, nc);
+    int at = block_exclusive_scan(mc, nc);
 #pragma unroll 1
     for (int f = lo; f < hi; ++f)
       if (key[pad(f)] != 0u) cand[at++] = f;
@@ -877,7 +885,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     size[pad(k)] = n;
     mine += n;
   }
-  block_exclusive_scan(mine, s_tmp, total);
+  block_exclusive_scan(mine, total);
   pc.mark(kProfFineImp);
   greedy_select(key, size, nc, a.budget, total, sh, a.warp_select_max, a.warp_select_steps, kProf ? &pc : nullptr,
                 kProfFineRadix, kProfWalkItersFine, a.warp_select_precheck != 0);
@@ -888,7 +896,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
 #pragma unroll 1
     for (int k = lo; k < hi; ++k) nf += size[pad(k)] > 0;
     int nfar;
-    int at = s_nfar + block_exclusive_scan(nf, s_tmp, nfar);
+    int at = s_nfar + block_exclusive_scan(nf, nfar);
 #pragma unroll 1
     for (int k = lo; k < hi; ++k) {
       const int n = size[pad(k)];
@@ -900,8 +908,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     if (tid == 0) a.far_n[e] = s_nfar + nfar;
   }
   pc.mark(kProfFineFar);
-  write_exact_rows(a, e, size, nc, reinterpret_cast<int*>(key), list_off, [&](int k) { return fb + cand[k]; }, rows,
-                   s_tmp);
+  write_exact_rows(a, e, size, nc, reinterpret_cast<int*>(key), list_off, [&](int k) { return fb + cand[k]; }, rows);
   pc.mark(kProfExact);
   pc.finish();
 }
