@@ -91,14 +91,10 @@ __global__ void __launch_bounds__(128, 2) stream_kernel(const uint8_t* keys, con
     const uint8_t* kt = ring + (t % kStages) * L::kStageBytes;
     const uint8_t* vt = kt + kTile * L::kStride;
     for (int kk = 0; kk < kChunks / 4; ++kk) {
-      uint32_t a0, a1, a2, a3, b0, b1, b2, b3;
-      const unsigned ks = static_cast<unsigned>(__cvta_generic_to_shared(kt + L::offset(lane & 7, kk * 4 + (lane >> 3))));
-      const unsigned vs = static_cast<unsigned>(__cvta_generic_to_shared(vt + L::offset(lane & 7, kk * 4 + (lane >> 3))));
-      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3) : "r"(ks));
-      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(vs));
-      for (const uint32_t x : {a0, a1, a2, a3, b0, b1, b2, b3}) acc = acc * 1000003u + x;  // order-sensitive
+      uint32_t a[4], b[4];
+      multipole::cuda::detail::ldmatrix_x4(a, kt + L::offset(lane & 7, kk * 4 + (lane >> 3)));
+      multipole::cuda::detail::ldmatrix_x4_trans(b, vt + L::offset(lane & 7, kk * 4 + (lane >> 3)));
+      for (const uint32_t x : {a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]}) acc = acc * 1000003u + x;  // order-sensitive
     }
   }
   asm volatile("cp.async.wait_group 0;\n" ::);

@@ -111,12 +111,6 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1,
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* smem_row) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
 
 // ---- kernels --------------------------------------------------------------------------------
 
@@ -355,7 +349,7 @@ __global__ void __launch_bounds__(128) assign_kernel(const KmBlock* blocks, cons
 #pragma unroll
       for (int kk = 0; kk < D / 32; ++kk) {
         uint32_t b[4];
-        ldsm_x4(b, t + swizzled_offset(nt * 8 + (lane & 7), kk * 4 + (lane >> 3), RS));
+        ldmatrix_x4(b, t + swizzled_offset(nt * 8 + (lane & 7), kk * 4 + (lane >> 3), RS));
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           mma_f16(acc[mt], a[mt][2 * kk][0], a[mt][2 * kk][1], a[mt][2 * kk][2], a[mt][2 * kk][3], b[0], b[1]);
