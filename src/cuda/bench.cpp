@@ -45,10 +45,13 @@ double time_step(const Step& step, const CudaBenchOptions& o, cudaStream_t s, De
   std::vector<cudaEvent_t> ev(2 * size_t(o.iterations));
   for (auto& e : ev) MP_CUDA_CHECK(cudaEventCreate(&e));
   for (int i = 0; i < o.iterations; ++i) {
-    if (!no_flush && read_flush)
+    if (no_flush) {
+      // back to back: nothing between the steps
+    } else if (read_flush) {
       detail::launch_read_flush(flush.data(), flush.size() - 4096, reinterpret_cast<uint32_t*>(static_cast<char*>(flush.data()) + flush.size() - 4096), s);
-    else if (!no_flush)
+    } else {
       MP_CUDA_CHECK(cudaMemsetAsync(flush.data(), i & 0xff, flush.size() - 4096, s));
+    }
     MP_CUDA_CHECK(cudaEventRecord(ev[2 * i], s));
     if (exec)
       MP_CUDA_CHECK(cudaGraphLaunch(exec, s));

@@ -227,7 +227,7 @@ __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R
     if (R != R0) {
       int mine = 0;
       for (int i = tid; i < C; i += kSelectThreads) mine += max(size[pad(i)], 0);
-      block_exclusive_scan(mine, total);  // its barriers also order the reads of sh.above
+      total = block_scan(mine).y;  // its barriers also order the reads of sh.above
       if (total <= R) {
         for (int i = tid; i < C; i += kSelectThreads)
           if (size[pad(i)] > 0) size[pad(i)] = -size[pad(i)];
@@ -259,8 +259,7 @@ __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R
     int local = 0;
 #pragma unroll 1
     for (int k = 0; k < per; ++k) local += int(sh.hist[top - k]);
-    int dummy;
-    const int above = block_exclusive_scan(local, dummy);
+    const int above = block_scan(local).x;
     if (above <= R && R < above + local) {
       int cum = above;
 #pragma unroll 1
@@ -293,8 +292,7 @@ __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R
       if (n > 0 && k > prefix) size[pad(i)] = -n;
       if (n > 0 && k == prefix) ties += n;
     }
-    int dummy;
-    int cum = block_exclusive_scan(ties, dummy);
+    int cum = block_scan(ties).x;
     int used = 0;
 #pragma unroll 1
     for (int i = lo; i < hi; ++i) {
@@ -307,9 +305,7 @@ __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R
         }
       }
     }
-    int used_total;
-    block_exclusive_scan(used, used_total);
-    R -= used_total;
+    R -= block_scan(used).y;
   }
   __syncthreads();
   if (pc) pc->mark(slot0 + 1);
@@ -534,8 +530,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
       }
     }
   }
-  int total;
-  block_exclusive_scan(mine, total);
+  int total = block_scan(mine).y;
   greedy_select(key, size, C, a.budget, total, sh);
 
   // Outputs: far-field sizes and the exact rows.
@@ -624,8 +619,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     size[pad(i)] = n;
     mine += n;
   }
-  int total;
-  block_exclusive_scan(mine, total);
+  int total = block_scan(mine).y;
   pc.mark(kProfCoarseImp);
   pc.add(kProfCoarseClusters, Cc);
   const int coarse_budget = max(a.budget, a.coarse_budget);
@@ -885,7 +879,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     size[pad(k)] = n;
     mine += n;
   }
-  block_exclusive_scan(mine, total);
+  total = block_scan(mine).y;
   pc.mark(kProfFineImp);
   greedy_select(key, size, nc, a.budget, total, sh, a.warp_select_max, a.warp_select_steps, kProf ? &pc : nullptr,
                 kProfFineRadix, kProfWalkItersFine, a.warp_select_precheck != 0);
