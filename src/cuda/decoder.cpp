@@ -88,6 +88,7 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   select_warp_max_ = env_int("MULTIPOLE_SELECT_WARP_MAX", select_warp_max_);
   select_warp_steps_ = env_int("MULTIPOLE_SELECT_WARP_STEPS", select_warp_steps_);
   select_precheck_ = env_int("MULTIPOLE_SELECT_PRECHECK", 1) != 0;
+  select_sort_ = env_int("MULTIPOLE_SELECT_SORT", select_sort_);
   pdl_ = env_int("MULTIPOLE_PDL", 1) != 0;
   prescore_mode_ = env_int("MULTIPOLE_PRESCORE", -1);
 }
@@ -347,6 +348,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   sa.warp_select_max = select_warp_max_;
   sa.warp_select_steps = select_warp_steps_;
   sa.warp_select_precheck = select_precheck_ ? 1 : 0;
+  sa.warp_select_sort = select_sort_;
   sa.cand_cache = std::min(cand_cache_, std::max(select_cand_max_, 0));
   // Programmatic dependent launch only right after our own scoring kernel (a kernel node).
   sa.pdl = pdl_ && info_.score_ctas > 0 ? 1 : 0;

@@ -131,6 +131,9 @@ struct SelectArgs {
   // Skip the warp walk when over warp_select_steps clusters are tiny (<= budget / (steps + 1)):
   // the radix path runs at once (same selection).
   int warp_select_precheck = 1;
+  // 1: where the warp walk stops early, the clusters left are sorted (sorted_greedy)
+  // instead of handed to the radix path; 2: sorted without a walk (same selection).
+  int warp_select_sort = 1;
   // Candidates whose logits and sizes select_hier_kernel keeps in shared memory (the rest
   // are read back from global memory); planned from the shared memory left.
   int cand_cache = 0;

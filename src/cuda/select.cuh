@@ -1,22 +1,12 @@
 #pragma once
 // Cluster selection, one CTA per entry (sequence, KV head), all entries of a layer in one
-// launch. Importance I_i = sum_g p_{g,i} with p_{g,i} = 2^(x_gi) / sum_j n_j 2^(x_gj).
-// Semantics: greedy in decreasing importance (ties: lower cluster index first), taking a
-// cluster when its size fits the remaining budget and skipping it otherwise. Computed
-// without sorting:
-//   1. a count-weighted radix select over the f32 bits of I (12 + 10 + 10 bits) finds the
-//      longest prefix of the greedy order whose sizes fit the budget (ties by index scan);
-//   2. the rest of the greedy walk: every unselected cluster ahead of the current point
-//      has a size above the remaining budget R (it was skipped, and R only shrinks), so the
-//      next pick is the most important cluster with n <= R; repeat while one exists.
-// Then writes far_size (n for far-field clusters, 0 for selected or empty ones) and the
-// exact rows: sinks, members of selected clusters (cluster index order), window.
-#include "cuda/common.cuh"
-#include "cuda/launch.hpp"
+// launch. Importance I_i = sum_g p_{g,i} with p_{g,i} = 2^(x_gi) / sum_j n_j 2^(x_gj); the
+// greedy selection under the budget is greedy_select (greedy_select.cuh). Then writes
+// far_size (n for far-field clusters, 0 for selected or empty ones) and the exact rows:
+// sinks, members of selected clusters (cluster index order), window.
+#include "cuda/greedy_select.cuh"
 
 namespace multipole::cuda::detail {
-
-constexpr int kSelectWarps = kSelectThreads / 32;
 
 // Per-phase cycle counts (diagnostics, SelectArgs::prof; PhaseClock in common.cuh). Slots:
 // see kProf* below; 30: globaltimer ns, 31: CTAs.
@@ -27,65 +17,6 @@ enum : int {
   kProfExact = 16, kProfScoreLoads = 17, kProfScoreMath = 18, kProfWalkItersCoarse = 20, kProfWalkItersFine = 21,
   kProfCandidates = 22, kProfCoarseClusters = 24
 };
-
-// Exclusive prefix sum over the CTA (thread order): .x this thread's, .y the total. Its
-// scratch is its own static shared array and both results come back in registers: with a
-// pointer argument and a reference for the total, this non-inlined function reached shared
-// memory through generic loads and returned the total through local memory (ncu, gpu-notes
-// item 17). Not inlined: one copy of the code for its ~14 call sites (fewer instruction
-// fetches).
-__device__ __noinline__ int2 block_scan(int x) {
-  __shared__ int s_scan[kSelectWarps + 1];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int incl = x;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += y;
-  }
-  if (lane == 31) s_scan[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    int w = lane < kSelectWarps ? s_scan[lane] : 0;
-    int wi = w;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, wi, o);
-      if (lane >= o) wi += y;
-    }
-    if (lane < kSelectWarps) s_scan[lane] = wi - w;
-    if (lane == kSelectWarps - 1) s_scan[kSelectWarps] = wi;
-  }
-  __syncthreads();
-  const int2 r = make_int2(s_scan[warp] + incl - x, s_scan[kSelectWarps]);
-  __syncthreads();
-  return r;
-}
-// block_scan's exclusive sum; `total` gets the sum.
-__device__ __forceinline__ int block_exclusive_scan(int x, int& total) {
-  const int2 r = block_scan(x);
-  total = r.y;
-  return r.x;
-}
-
-__device__ __forceinline__ unsigned long long block_max_u64(unsigned long long x, unsigned long long* s_tmp) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const unsigned long long y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = y > x ? y : x;
-  }
-  if (lane == 0) s_tmp[warp] = x;
-  __syncthreads();
-  unsigned long long best = 0;
-  for (int w = 0; w < kSelectWarps; ++w) best = s_tmp[w] > best ? s_tmp[w] : best;
-  __syncthreads();
-  return best;
-}
-
-// Shared-memory arrays are padded by one word per 32 so that both access patterns used
-// below (strided i = tid + k T, and contiguous per-thread ranges) are free of bank conflicts.
-__device__ __forceinline__ int pad(int i) { return i + (i >> 5); }
 
 // Normalisers per head from the scoring CTAs' partials: s_M[g] (max) and s_Z[g] (sum of
 // n 2^(x - max)) over the entry's scored clusters.
@@ -110,266 +41,6 @@ __device__ __forceinline__ void combine_partials(const SelectArgs& a, int b, int
     }
   }
   __syncthreads();
-}
-
-struct SelectShared {
-  unsigned int* hist;  // [4096]
-  unsigned long long* tmp64;  // [kSelectWarps]
-  int* digit;
-  int* above;
-};
-
-// Greedy walk by one warp over C <= 32 * kPer clusters held in registers (cluster i in lane
-// i % 32, slot i / 32): each step takes the most important cluster with 0 < n <= R (ties:
-// lower index), which is the greedy order (a cluster skipped once never fits again, R only
-// shrinks). Selected clusters get size -n in shared memory. Stops before pick max_steps + 1
-// and sets `more` if one still fits then. No barriers; ~10-20 steps in practice.
-// list (optional): walk only clusters list[0 .. C), ascending ids (so the lower position
-// is the lower id on ties).
-// precheck: if at least max_steps + 1 clusters have 0 < n <= R / (max_steps + 1) (so that
-// many picks are possible: the greedy tail is likely long), pick nothing and set `more`: a
-// walk that hands over after max_steps picks costs them (~0.25 us each) on top of the
-// radix path (many tiny clusters, e.g. k-means of random keys). A bound on the smallest
-// size alone is not enough: one small trailing cluster sent uniform indexes to the radix
-// path (H200: +10 us per step at 32K b1).
-template <int kPer>
-__device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max_steps, bool& more,
-                           const int* list = nullptr, bool precheck = false) {
-  const int lane = threadIdx.x & 31;
-  uint32_t k1[kPer];  // key + 1 (f32 bits of I >= 0 stay below 0xffffffff): 0 means "none"
-  int n[kPer];
-  const int tiny_max = R / (max_steps + 1);
-  int tiny = 0;  // clusters with 0 < n <= tiny_max
-#pragma unroll
-  for (int s = 0; s < kPer; ++s) {
-    const int i = lane + 32 * s;
-    const int id = list && i < C ? list[i] : i;
-    n[s] = i < C ? size[pad(id)] : 0;
-    k1[s] = i < C ? key[pad(id)] + 1u : 0u;
-    tiny += n[s] > 0 && n[s] <= tiny_max;
-  }
-  more = false;
-  if (precheck && max_steps < C && int(__reduce_add_sync(0xffffffffu, unsigned(tiny))) > max_steps) {
-    more = true;
-    return R;
-  }
-  for (int steps = 0; R > 0; ++steps) {
-    // This lane's best eligible cluster (slots in ascending index: strict > keeps the lower
-    // index on ties), then the warp's largest key and, among its holders, the lowest index.
-    uint32_t bk = 0, bi = 0xffffffffu;
-#pragma unroll
-    for (int s = 0; s < kPer; ++s)
-      if (n[s] > 0 && n[s] <= R && k1[s] > bk) {
-        bk = k1[s];
-        bi = uint32_t(lane + 32 * s);
-      }
-    const uint32_t m = __reduce_max_sync(0xffffffffu, bk);
-    if (m == 0) break;
-    if (steps == max_steps) {
-      more = true;
-      break;
-    }
-    const int i = int(__reduce_min_sync(0xffffffffu, bk == m ? bi : 0xffffffffu)), slot = i >> 5, owner = i & 31;
-    int ni = 0;
-#pragma unroll
-    for (int s = 0; s < kPer; ++s)
-      if (s == slot) ni = n[s];
-    ni = __shfl_sync(0xffffffffu, ni, owner);
-    if (lane == owner) {
-#pragma unroll
-      for (int s = 0; s < kPer; ++s)
-        if (s == slot) n[s] = -n[s];
-      size[pad(list ? list[i] : i)] = -ni;
-    }
-    R -= ni;
-  }
-  return R;
-}
-
-// Greedy selection over key[pad(i)] (f32 bits of I >= 0) and size[pad(i)] (n > 0 candidate)
-// for i < C under budget R, `total` = sum of candidate sizes: selected clusters get size -n.
-// All threads call; returns the budget left. C <= min(warp_max, 256): one warp walks the
-// greedy order (at most warp_steps picks; the radix path below finishes after that, which
-// is the greedy over the remaining clusters and budget); otherwise the radix path.
-// pc: optional phase clock, marks slot0 (radix), slot0 + 1 (ties), slot0 + 2 (walk) and
-// counts the walk's iterations in iters_slot.
-// Not inlined: the coarse and the fine selection share one copy of the code (instruction
-// fetches after an L2 flush are a large part of this kernel's time).
-__device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, const SelectShared& sh,
-                             int warp_max = 0, int warp_steps = 64, PhaseClock* pc = nullptr, int slot0 = 0,
-                             int iters_slot = 0, bool precheck = false) {
-  const int tid = threadIdx.x;
-  if (total <= R) {
-    for (int i = tid; i < C; i += kSelectThreads) size[pad(i)] = -size[pad(i)];
-    __syncthreads();
-    return R - total;
-  }
-  if (C <= warp_max && C <= 256) {
-    if (tid < 32) {
-      bool more;
-      const int r = warp_greedy<8>(key, size, C, R, warp_steps, more, nullptr, precheck);
-      if (tid == 0) {
-        *sh.above = r;
-        *sh.digit = more ? 1 : 0;
-      }
-    }
-    __syncthreads();
-    const int R0 = R;
-    R = *sh.above;
-    const bool more = *sh.digit != 0;
-    if (pc) {
-      pc->mark(slot0 + 2);
-      pc->add(iters_slot, 1000);  // marks the warp path in the profile
-    }
-    if (!more) return R;
-    // Nothing picked (the precheck foresaw a long walk): total > R still holds.
-    // (The radix pass's first barrier orders the reads of sh.above before its next write.)
-    if (R != R0) {
-      int mine = 0;
-      for (int i = tid; i < C; i += kSelectThreads) mine += max(size[pad(i)], 0);
-      total = block_scan(mine).y;  // its barriers also order the reads of sh.above
-      if (total <= R) {
-        for (int i = tid; i < C; i += kSelectThreads)
-          if (size[pad(i)] > 0) size[pad(i)] = -size[pad(i)];
-        __syncthreads();
-        return R - total;
-      }
-    }
-  }
-  // Weighted radix select: find the key `prefix` at which the budget runs out.
-  // Loops stay rolled here and below: the code runs once per CTA, and fetching unrolled
-  // copies of it after an L2 flush costs more than the loop overhead.
-  uint32_t prefix = 0, mask = 0;
-#pragma unroll 1
-  for (int pass = 0; pass < 3; ++pass) {
-    const int shift = pass == 0 ? 20 : pass == 1 ? 10 : 0, nb = pass == 0 ? 4096 : 1024;
-#pragma unroll 1
-    for (int d = tid; d < nb; d += kSelectThreads) sh.hist[d] = 0;
-    __syncthreads();
-#pragma unroll 1
-    for (int i = tid; i < C; i += kSelectThreads) {
-      const uint32_t k = key[pad(i)];
-      const int n = size[pad(i)];
-      if (n > 0 && (k & mask) == prefix) atomicAdd(&sh.hist[(k >> shift) & (nb - 1)], unsigned(n));
-    }
-    __syncthreads();
-    // Thread t owns digits [nb - (t+1) per, nb - t per), scanned from the top.
-    const int per = nb / kSelectThreads;
-    const int top = nb - 1 - tid * per;
-    int local = 0;
-#pragma unroll 1
-    for (int k = 0; k < per; ++k) local += int(sh.hist[top - k]);
-    const int above = block_scan(local).x;
-    if (above <= R && R < above + local) {
-      int cum = above;
-#pragma unroll 1
-      for (int k = 0; k < per; ++k) {
-        const int w = int(sh.hist[top - k]);
-        if (cum + w > R) {
-          *sh.digit = top - k;
-          *sh.above = cum;
-          break;
-        }
-        cum += w;
-      }
-    }
-    __syncthreads();
-    R -= *sh.above;
-    prefix |= uint32_t(*sh.digit) << shift;
-    mask |= uint32_t(nb - 1) << shift;
-    __syncthreads();
-  }
-  if (pc) pc->mark(slot0);
-  // Everything above the boundary key is in; ties at it go in index order while they fit.
-  {
-    const int per = (C + kSelectThreads - 1) / kSelectThreads;
-    const int lo = min(C, tid * per), hi = min(C, lo + per);
-    int ties = 0;
-#pragma unroll 1
-    for (int i = lo; i < hi; ++i) {
-      const int n = size[pad(i)];
-      const uint32_t k = key[pad(i)];
-      if (n > 0 && k > prefix) size[pad(i)] = -n;
-      if (n > 0 && k == prefix) ties += n;
-    }
-    int cum = block_scan(ties).x;
-    int used = 0;
-#pragma unroll 1
-    for (int i = lo; i < hi; ++i) {
-      const int n = size[pad(i)];
-      if (n > 0 && key[pad(i)] == prefix) {
-        cum += n;
-        if (cum <= R) {
-          size[pad(i)] = -n;
-          used += n;
-        }
-      }
-    }
-    R -= block_scan(used).y;
-  }
-  __syncthreads();
-  if (pc) pc->mark(slot0 + 1);
-
-  // The rest of the greedy walk. Only clusters with 0 < n <= R can still be taken (R only
-  // shrinks); when at most 256 are left (k-means of random keys leaves many clusters of a
-  // few tokens after the large ones), one warp walks them in registers (~0.3 us per pick,
-  // no pick limit) instead of block-wide steps (~0.7 us each, two barriers).
-  int iters = 0;
-  bool walked = false;  // the tail went to one warp (uniform: every thread saw the same total)
-  {
-    const int per = (C + kSelectThreads - 1) / kSelectThreads;
-    const int lo = min(C, tid * per), hi = min(C, lo + per);
-    int ne = 0;
-#pragma unroll 1
-    for (int i = lo; i < hi; ++i) {
-      const int n = size[pad(i)];
-      ne += n > 0 && n <= R;
-    }
-    int left;
-    int at = block_exclusive_scan(ne, left);
-    if (left > 0 && left <= 256) {
-      int* list = reinterpret_cast<int*>(sh.hist);  // free after the radix passes
-#pragma unroll 1
-      for (int i = lo; i < hi; ++i) {
-        const int n = size[pad(i)];
-        if (n > 0 && n <= R) list[at++] = i;
-      }
-      __syncthreads();
-      if (tid < 32) {
-        bool more;
-        const int r = warp_greedy<8>(key, size, left, R, 1 << 30, more, list);
-        if (tid == 0) *sh.above = r;
-      }
-      __syncthreads();
-      R = *sh.above;
-      walked = true;
-    }
-  }
-  while (!walked && R > 0) {
-    ++iters;
-    unsigned long long best = 0;
-#pragma unroll 1
-    for (int i = tid; i < C; i += kSelectThreads) {
-      const int n = size[pad(i)];
-      if (n > 0 && n <= R) {
-        const unsigned long long k = (static_cast<unsigned long long>(key[pad(i)]) << 32) | (0xffffffffu - uint32_t(i));
-        best = k > best ? k : best;
-      }
-    }
-    best = block_max_u64(best, sh.tmp64);
-    if (best == 0) break;
-    const int i = int(0xffffffffu - uint32_t(best & 0xffffffffu));
-    const int n = size[pad(i)];
-    __syncthreads();  // everyone has read size[i] before it is flipped
-    if (tid == 0) size[pad(i)] = -n;
-    R -= n;
-    __syncthreads();
-  }
-  if (pc) {
-    pc->mark(slot0 + 2);
-    pc->add(iters_slot, iters);
-  }
-  return R;
 }
 
 // Sinks and window of entry e. Their rows do not depend on the selection: each thread
@@ -463,7 +134,7 @@ __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, in
 }
 
 #define MP_SELECT_SHARED                                   \
-  __shared__ unsigned int hist[4096];                      \
+  __shared__ __align__(8) unsigned int hist[4096];         \
   __shared__ unsigned long long s_tmp64[kSelectWarps];     \
   __shared__ int s_digit, s_above;                         \
   const SelectShared sh{hist, s_tmp64, &s_digit, &s_above}
@@ -625,7 +296,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   const int coarse_budget = max(a.budget, a.coarse_budget);
   rows.fetch_early(32);  // warps 1.. wait for the page table while warp 0 may walk the greedy order
   greedy_select(key, size, Cc, coarse_budget, total, sh, a.warp_select_max, a.warp_select_steps,
-                kProf ? &pc : nullptr, kProfCoarseRadix, kProfWalkItersCoarse, a.warp_select_precheck != 0);
+                kProf ? &pc : nullptr, kProfCoarseRadix, kProfWalkItersCoarse, a.warp_select_precheck != 0,
+                a.warp_select_sort);
   // Unselected coarse clusters: far size, far list, frontier sums (relative to s_M).
   {
     const int per = (Cc + kSelectThreads - 1) / kSelectThreads;
@@ -882,7 +554,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   total = block_scan(mine).y;
   pc.mark(kProfFineImp);
   greedy_select(key, size, nc, a.budget, total, sh, a.warp_select_max, a.warp_select_steps, kProf ? &pc : nullptr,
-                kProfFineRadix, kProfWalkItersFine, a.warp_select_precheck != 0);
+                kProfFineRadix, kProfWalkItersFine, a.warp_select_precheck != 0, a.warp_select_sort);
   {
     const int per = (nc + kSelectThreads - 1) / kSelectThreads;
     const int lo = min(nc, tid * per), hi = min(nc, lo + per);

@@ -786,19 +786,21 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
           }
       }
     }
-    // The selection's two algorithms (one warp walking the greedy order; block-wide radix
-    // select + walk), the hand-over between them (precheck off: the walk runs its picks
-    // first; on: straight to the radix path when many clusters are tiny), and candidate
-    // logits read back from global memory instead of shared memory give the same step, bit
-    // for bit.
+    // The selection's algorithms (one warp walking or sorting the greedy order; block-wide
+    // radix select + a walked or sorted tail), the hand-over between them (precheck off: the
+    // walk runs its picks first; on: straight to the radix path when many clusters are
+    // tiny), and candidate logits read back from global memory instead of shared memory give
+    // the same step, bit for bit.
     const auto counts = dec.exact_counts();
-    for (const auto& [warp_max, warp_steps, cache, precheck] :
-         {std::tuple{0, 64, 1 << 30, true}, std::tuple{256, 2, 1 << 30, false}, std::tuple{256, 1, 1 << 30, false},
-          std::tuple{256, 2, 1 << 30, true}, std::tuple{256, 8, 1 << 30, true}, std::tuple{256, 64, 1 << 30, false},
-          std::tuple{256, 64, 5, true}, std::tuple{0, 64, 0, true}}) {
+    for (const auto& [warp_max, warp_steps, cache, precheck, sort] :
+         {std::tuple{0, 64, 1 << 30, true, 0}, std::tuple{256, 2, 1 << 30, false, 0},
+          std::tuple{256, 1, 1 << 30, false, 0}, std::tuple{256, 2, 1 << 30, true, 0},
+          std::tuple{256, 8, 1 << 30, true, 0}, std::tuple{256, 64, 1 << 30, false, 0},
+          std::tuple{256, 64, 5, true, 0}, std::tuple{0, 64, 0, true, 0}, std::tuple{256, 24, 1 << 30, true, 1},
+          std::tuple{256, 2, 1 << 30, false, 1}, std::tuple{256, 24, 5, true, 2}}) {
       SCOPED_TRACE(::testing::Message() << "warp_max=" << warp_max << " warp_steps=" << warp_steps
-                                        << " cand_cache=" << cache << " precheck=" << precheck);
-      dec.set_select_options(warp_max, warp_steps, cache, precheck);
+                                        << " cand_cache=" << cache << " precheck=" << precheck << " sort=" << sort);
+      dec.set_select_options(warp_max, warp_steps, cache, precheck, sort);
       DeviceFloats dout2(q.size());
       dout2.poison();
       dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout2.ptr(), nullptr);

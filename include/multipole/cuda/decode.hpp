@@ -74,12 +74,16 @@ class CudaDecoder {
   // `cand_cache` candidates keep their logits in shared memory (the rest are read back
   // from global memory; same values). precheck: skip the walk when over `warp_steps`
   // clusters are tiny (<= budget / (warp_steps + 1): a long greedy tail is likely); default
-  // on, or MULTIPOLE_SELECT_PRECHECK; off exercises the hand-over.
-  void set_select_options(int warp_max, int warp_steps, int cand_cache = 1 << 30, bool precheck = true) {
+  // on, or MULTIPOLE_SELECT_PRECHECK; off exercises the hand-over. sort: 1 (default, or
+  // MULTIPOLE_SELECT_SORT), where the walk stops early the clusters left are sorted
+  // (block-wide) instead of handed to the radix path; 2, sorted without a walk; 0, never.
+  void set_select_options(int warp_max, int warp_steps, int cand_cache = 1 << 30, bool precheck = true,
+                          int sort = 1) {
     select_warp_max_ = warp_max;
     select_warp_steps_ = warp_steps;
     select_cand_max_ = cand_cache;
     select_precheck_ = precheck;
+    select_sort_ = sort;
   }
   // The selection and attention kernels of a multipole step are launched with programmatic
   // dependent launch (each starts its input-only prologue while the previous kernel of the
@@ -117,6 +121,7 @@ class CudaDecoder {
   unsigned long long* select_prof_ = nullptr;
   int select_warp_max_ = 256, select_warp_steps_ = 24, select_cand_max_ = 1 << 30;
   bool select_precheck_ = true;
+  int select_sort_ = 1;
   bool pdl_ = true;
   int prescore_mode_ = -1;
 };
