@@ -96,7 +96,7 @@ TEST(CudaSelect, EveryAlgorithmFollowsTheGreedyRule) {
   DeviceInts d_keys(kMaxClusters), d_sizes(kMaxClusters), d_out(kMaxClusters + 1);
   // Fewer cases under the sanitizers (MULTIPOLE_TEST_SCALE=small).
   const std::vector<int> counts = small_scale() ? std::vector<int>{7, 33, 256, 257, 1100}
-                                                : std::vector<int>{1, 2, 7, 31, 32, 33, 100, 200, 255, 256, 257, 600, 1100};
+                                                : std::vector<int>{1, 2, 7, 31, 32, 33, 100, 200, 255, 256, 257, 512, 600, 1100};
   const std::vector<int> budgets = small_scale() ? std::vector<int>{5, 128, 2048} : std::vector<int>{0, 5, 128, 2048, 1 << 20};
   int cases = 0;
   for (const int C : counts)
