@@ -9,7 +9,8 @@
 //   2. the rest of the greedy walk: every unselected cluster ahead of the current point
 //      has a size above the remaining budget R (it was skipped, and R only shrinks), so the
 //      next pick is the most important cluster with n <= R; repeat while one exists;
-// or, for at most 256 clusters, by one warp (a walk, or a sort in registers).
+// or, for at most 256 clusters, by a one-warp walk, finished by a block-wide sort
+// (sorted_greedy) where the walk would run long.
 // Non-template functions are `inline`: the header is included by more than one .cu.
 #include "cuda/common.cuh"
 #include "cuda/launch.hpp"
