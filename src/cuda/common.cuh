@@ -139,6 +139,16 @@ __device__ __forceinline__ float warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
+// Inclusive prefix sum over the lanes of a full warp (lane order).
+__device__ __forceinline__ int warp_inclusive_sum(int x) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  return x;
+}
 
 // Per-phase cycle counts of a kernel (diagnostics): thread 0 of each CTA adds the clock64
 // cycles since its previous mark to out[slot]; finish() adds its globaltimer ns to slot

@@ -28,22 +28,12 @@ constexpr int kSelectWarps = kSelectThreads / 32;
 inline __device__ __noinline__ int2 block_scan(int x) {
   __shared__ int s_scan[kSelectWarps + 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int incl = x;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += y;
-  }
+  const int incl = warp_inclusive_sum(x);
   if (lane == 31) s_scan[warp] = incl;
   __syncthreads();
   if (warp == 0) {
     int w = lane < kSelectWarps ? s_scan[lane] : 0;
-    int wi = w;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, wi, o);
-      if (lane >= o) wi += y;
-    }
+    const int wi = warp_inclusive_sum(w);
     if (lane < kSelectWarps) s_scan[lane] = wi - w;
     if (lane == kSelectWarps - 1) s_scan[kSelectWarps] = wi;
   }
@@ -214,13 +204,7 @@ inline __device__ __noinline__ int sorted_greedy(const uint32_t* key, int* size,
       int incl = 0;
 #pragma unroll
       for (int s = 0; s < kPer; ++s) incl += m[s] > 0 && m[s] <= R && lane * kPer + s > last ? m[s] : 0;
-      const int lane_sum = incl;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
-      }
-      int cum = incl - lane_sum, used = 0, skip = 1 << 30;
+      int cum = warp_inclusive_sum(incl) - incl, used = 0, skip = 1 << 30;
 #pragma unroll
       for (int s = 0; s < kPer; ++s) {
         if (m[s] > 0 && m[s] <= R && lane * kPer + s > last) {

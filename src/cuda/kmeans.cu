@@ -511,13 +511,7 @@ __global__ void __launch_bounds__(kCountThreads) count_kernel(const KmBlock* blo
     const int per = (blk.k + 31) / 32, c0 = lane * per, c1 = min(blk.k, c0 + per);
     int s = 0;
     for (int c = c0; c < c1; ++c) s += cnt[c] + (c == 0 ? invalid_total : 0);
-    int incl = s;
-#pragma unroll
-    for (int m = 1; m < 32; m <<= 1) {
-      const int o = __shfl_up_sync(0xffffffffu, incl, m);
-      if (lane >= m) incl += o;
-    }
-    int run = incl - s;
+    int run = warp_inclusive_sum(s) - s;
     for (int c = c0; c < c1; ++c) {
       cur[c] = run;
       offsets[blk.cluster_begin + c] = run;
@@ -762,12 +756,7 @@ __device__ int block_exclusive_scan(int* a, int n, int* tmp) {
   const int per = (n + kOnlineThreads - 1) / kOnlineThreads, lo = min(n, tid * per), hi = min(n, lo + per);
   int mine = 0;
   for (int i = lo; i < hi; ++i) mine += a[i];
-  int incl = mine;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += v;
-  }
+  const int incl = warp_inclusive_sum(mine);
   if (lane == 31) tmp[warp] = incl;
   __syncthreads();
   if (tid == 0) {

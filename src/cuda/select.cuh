@@ -367,12 +367,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
         beg = a.member_begin[cb + i];
         cnt = a.member_begin[cb + i + 1] - beg;
       }
-      int incl = cnt;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += v;
-      }
+      const int incl = warp_inclusive_sum(cnt);
       wp[lane + 1] = incl;
       wp[33 + lane] = beg;
       if (lane == 0) wp[0] = 0;

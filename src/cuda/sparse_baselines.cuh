@@ -333,11 +333,7 @@ __device__ uint32_t block_kth_largest(int n, int k, Key key, uint32_t* hist, int
       const int top = 8 * (31 - lane);
       int own = 0;
       for (int j = 0; j < 8; ++j) own += int(total[top + j]);
-      int incl = own;  // elements in bins >= this lane's lowest bin
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
-      }
+      const int incl = warp_inclusive_sum(own);  // elements in bins >= this lane's lowest bin
       const int excl = incl - own;
       if (excl < want && want <= incl) {
         int above = excl;

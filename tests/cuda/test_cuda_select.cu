@@ -10,12 +10,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstring>
+#include <cmath>
 #include <numeric>
 #include <random>
-#include <tuple>
 #include <vector>
 
+#include "cuda/check.hpp"
 #include "cuda/greedy_select.cuh"
 #include "multipole/cuda/runtime.hpp"
 #include "test_scale.hpp"
@@ -57,8 +57,6 @@ __global__ void __launch_bounds__(detail::kSelectThreads)
   if (threadIdx.x == 0) out[C] = left;
 }
 
-void check_cuda(cudaError_t e) { ASSERT_EQ(e, cudaSuccess) << cudaGetErrorString(e); }
-
 // The rule: taken[i] and the budget left.
 std::pair<std::vector<char>, int> reference(const std::vector<float>& imp, const std::vector<int>& sizes, int R) {
   std::vector<int> order(imp.size());
@@ -72,12 +70,6 @@ std::pair<std::vector<char>, int> reference(const std::vector<float>& imp, const
     }
   return {taken, R};
 }
-
-struct DeviceInts {
-  int* p = nullptr;
-  explicit DeviceInts(size_t n) { check_cuda(cudaMalloc(&p, n * sizeof(int))); }
-  ~DeviceInts() { cudaFree(p); }
-};
 
 }  // namespace
 
@@ -93,7 +85,7 @@ TEST(CudaSelect, EveryAlgorithmFollowsTheGreedyRule) {
       {256, 24, true, 2},     // sort only
   };
   std::mt19937 rng(1234);
-  DeviceInts d_keys(kMaxClusters), d_sizes(kMaxClusters), d_out(kMaxClusters + 1);
+  DeviceBuffer d_keys(kMaxClusters * 4), d_sizes(kMaxClusters * 4), d_out((kMaxClusters + 1) * 4);
   // Fewer cases under the sanitizers (MULTIPOLE_TEST_SCALE=small).
   const std::vector<int> counts = small_scale() ? std::vector<int>{7, 33, 256, 257, 1100}
                                                 : std::vector<int>{1, 2, 7, 31, 32, 33, 100, 200, 255, 256, 257, 512, 600, 1100};
@@ -116,20 +108,18 @@ TEST(CudaSelect, EveryAlgorithmFollowsTheGreedyRule) {
             default: imp[i] = i < 3 ? 1.0f : u * 1e-2f; sizes[i] = i < 3 ? 5000 : 1 + int(rng() % 16);  // giants ahead
           }
         }
-        std::vector<uint32_t> keys(static_cast<size_t>(C));
-        for (int i = 0; i < C; ++i) std::memcpy(&keys[size_t(i)], &imp[size_t(i)], 4);
-        check_cuda(cudaMemcpy(d_keys.p, keys.data(), size_t(C) * 4, cudaMemcpyHostToDevice));
-        check_cuda(cudaMemcpy(d_sizes.p, sizes.data(), size_t(C) * 4, cudaMemcpyHostToDevice));
+        d_keys.upload(imp.data(), size_t(C) * 4);  // the keys are the importances' f32 bits
+        d_sizes.upload(sizes.data(), size_t(C) * 4);
         const auto [want, want_left] = reference(imp, sizes, R);
         for (const Mode& m : modes) {
           SCOPED_TRACE(::testing::Message() << "warp_max=" << m.warp_max << " steps=" << m.warp_steps
                                             << " precheck=" << m.precheck << " sort=" << m.sort);
-          check_cuda(cudaMemset(d_out.p, 0x7f, size_t(C + 1) * 4));
-          greedy_select_kernel<<<1, detail::kSelectThreads>>>(reinterpret_cast<const uint32_t*>(d_keys.p), d_sizes.p,
-                                                              C, R, m, d_out.p);
-          check_cuda(cudaGetLastError());
+          d_out.memset(0x7f);  // poison
+          greedy_select_kernel<<<1, detail::kSelectThreads>>>(d_keys.as<const uint32_t>(), d_sizes.as<const int>(), C,
+                                                              R, m, d_out.as<int>());
+          MP_CUDA_CHECK(cudaGetLastError());
           std::vector<int> out(size_t(C) + 1);
-          check_cuda(cudaMemcpy(out.data(), d_out.p, out.size() * 4, cudaMemcpyDeviceToHost));
+          d_out.download(out.data(), out.size() * 4);
           EXPECT_EQ(out[size_t(C)], want_left);
           for (int i = 0; i < C; ++i) {
             const int expect = want[size_t(i)] ? -sizes[size_t(i)] : sizes[size_t(i)];
