@@ -32,6 +32,7 @@ struct AttnArgs {
   std::string trace;
   std::vector<std::string> policies;  // empty: every policy available
   std::string out, dump_index, kv_dtype = "f32";
+  std::string device = "cpu";  // where the policies other than the dense reference decode
   bool json = false;
   int threads = 0;
   int page_size = 16;
@@ -82,7 +83,8 @@ std::vector<PolicyRun> make_runs(const AttnArgs& args, const AttentionConfig& co
   for (const auto& name : names) {
     PolicyRun run;
     run.name = name;
-    run.policy = make_attention_policy(name, config);
+    // The first run, dense, is the reference: always on the cpu.
+    run.policy = make_attention_policy(name, config, runs.empty() ? "cpu" : args.device);
     runs.push_back(std::move(run));
   }
   return runs;
@@ -142,6 +144,7 @@ json config_json(const AttentionConfig& c, const AttnArgs& args) {
           {"real_positions", c.score_real_positions},
           {"quest_page_size", c.quest_page_size},
           {"kv_dtype", args.kv_dtype},
+          {"device", args.device},
           {"page_size", args.page_size}};
 }
 
@@ -207,6 +210,8 @@ void run_attn(const AttnArgs& args) {
   for (const auto& r : runs)
     if (!index_run && (r.name == "multipole" || r.name == "squeezed")) index_run = &r;
   MP_CHECK(args.dump_index.empty() || index_run, "--dump-index needs the multipole or squeezed policy to run");
+  MP_CHECK(args.dump_index.empty() || args.device == "cpu",
+           "--dump-index reads the cpu policy's index; it cannot be used with --device {}", args.device);
 
   ThreadPool pool(args.threads);
   const Rope rope(config.rope);
@@ -362,6 +367,10 @@ void add_attn_command(CLI::App& app) {
   cmd->add_option("--quest-page-size", c.quest_page_size, "Tokens per page bound of the quest policy")
       ->capture_default_str()
       ->check(at_least(1));
+  cmd->add_option("--device", args->device,
+                  "Where the policies decode: cpu, or cuda (GPU builds; needs --kv-dtype f16 or bf16). Dense, the "
+                  "reference, always runs on the cpu")
+      ->capture_default_str();
   cmd->add_option("--kv-dtype", args->kv_dtype, "Storage type of the KV cache: f32, f16 or bf16")
       ->capture_default_str();
   cmd->add_option("--page-size", args->page_size, "Tokens per KV cache page")

@@ -57,8 +57,8 @@ void add_eval_command(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "eval",
       "Compare attention policies with dense on a model: fidelity (teacher-forced KL / top-1 / attention error), "
-      "agreement (greedy divergence), passkey, reasoning (AIME 2025 + generated arithmetic). CPU only: the CUDA "
-      "backend has no model forward yet.");
+      "agreement (greedy divergence), passkey, reasoning (AIME 2025 + generated arithmetic). The model runs on the CPU; --device cuda "
+      "decodes the compared policies on the GPU.");
   cmd->add_option("--model,-m", o.model, "GGUF file or Hugging Face folder");
   cmd->add_option("--suite", o.suite, "fidelity, agreement, passkey or reasoning")
       ->check(CLI::IsMember({"fidelity", "agreement", "passkey", "reasoning"}));
@@ -81,6 +81,11 @@ void add_eval_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--sinks", o.sinks, "Attention sink tokens")->capture_default_str()->check(at_least(0));
   cmd->add_option("--window", o.window, "Local window / update interval W")->capture_default_str()->check(at_least(1));
+  cmd->add_option("--coarse-budget", o.coarse_budget,
+                  "Two-level --clusters settings: tokens under the coarse clusters whose children are scored (0: 16 x "
+                  "the budget)")
+      ->capture_default_str()
+      ->check(at_least(0));
   cmd->add_option("--max-context", o.max_context, "Positions per sequence (0: the model's, at most 8192)")
       ->capture_default_str();
   cmd->add_option("--limit", o.limit, "Cases at most (0: all)")->capture_default_str();
@@ -124,6 +129,10 @@ void add_eval_command(CLI::App& app) {
       ->check(CLI::Range(0.0, 1e9));
   cmd->add_flag("--real-positions", o.real_positions,
                 "multipole/squeezed: score centroids at their members' mean position instead");
+  cmd->add_option("--device", o.device,
+                  "Where the compared policies decode: cpu, or cuda (GPU builds); dense, the reference, stays on the "
+                  "cpu")
+      ->capture_default_str();
   cmd->add_flag("--no-think", a->no_think, "Chat template: thinking off (Qwen3 enable_thinking=false)");
   cmd->callback([a] { run_eval_command(*a); });
 }

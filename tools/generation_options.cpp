@@ -9,6 +9,10 @@ namespace multipole::cli {
 void add_generation_options(CLI::App& cmd, GenerationOptions& o) {
   cmd.add_option("--attention", o.attention, "Decode attention: dense, multipole, squeezed, quest, oracle-topk")
       ->capture_default_str();
+  cmd.add_option("--device", o.device,
+                 "Where decode attention runs: cpu, or cuda (GPU builds: the model stays on the CPU, the policy "
+                 "mirrors the KV cache on the GPU; a correctness path, every layer-step copies and waits)")
+      ->capture_default_str();
   cmd.add_option("--budget", o.budget, "Tokens per KV head selected beyond sinks + window")->capture_default_str();
   cmd.add_option("--window", o.window, "Local window / update interval W")->capture_default_str();
   cmd.add_option("--sinks", o.sinks, "Attention sink tokens")->capture_default_str();
@@ -34,6 +38,7 @@ int thread_count(const GenerationOptions& o) {
 EngineOptions engine_options(const GenerationOptions& o) {
   EngineOptions eo;
   eo.attention = o.attention;
+  eo.attention_device = o.device;
   eo.attention_config.budget = o.budget;
   eo.attention_config.cluster.window = o.window;
   eo.attention_config.cluster.sinks = o.sinks;

@@ -19,6 +19,7 @@ namespace multipole::cli {
 
 struct GenerationOptions {
   std::string attention = "dense";
+  std::string device = "cpu";
   int budget = 128;
   int window = 128;
   int sinks = 10;

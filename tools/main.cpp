@@ -6,11 +6,17 @@
 
 #include "commands.hpp"
 #include "multipole/core/error.hpp"
+#ifdef MULTIPOLE_HAVE_CUDA
+#include "multipole/cuda/attention_policy.hpp"
+#endif
 
 int main(int argc, char** argv) {
   CLI::App app{"multipole: long chain-of-thought inference with Multipole Attention"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "multipole 0.1.0");
+#ifdef MULTIPOLE_HAVE_CUDA
+  multipole::cuda::register_cuda_attention();  // --device cuda
+#endif
   multipole::cli::add_attn_command(app);
   multipole::cli::add_bench_command(app);
   multipole::cli::add_trace_command(app);

@@ -1,4 +1,8 @@
 #include <array>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "attention/policies.hpp"
 #include "multipole/core/error.hpp"
@@ -7,7 +11,16 @@ namespace multipole {
 
 namespace {
 constexpr std::array<std::string_view, 5> kNames = {"dense", "multipole", "squeezed", "quest", "oracle-topk"};
+
+struct Devices {
+  std::mutex mutex;
+  std::vector<std::pair<std::string, AttentionPolicyFactory>> factories;
+};
+Devices& devices() {
+  static Devices d;
+  return d;
 }
+}  // namespace
 
 std::span<const std::string_view> attention_policy_names() { return kNames; }
 
@@ -19,6 +32,44 @@ std::unique_ptr<AttentionPolicy> make_attention_policy(std::string_view name, co
   if (name == "quest") return make_quest_policy(config);
   if (name == "oracle-topk") return make_oracle_topk_policy(config);
   fail("unknown attention policy '{}' (known: dense, multipole, squeezed, quest, oracle-topk)", name);
+}
+
+void register_attention_device(std::string_view device, AttentionPolicyFactory factory) {
+  MP_CHECK(device != "cpu" && !device.empty() && factory, "register_attention_device: invalid device '{}'", device);
+  Devices& d = devices();
+  std::lock_guard lock(d.mutex);
+  for (auto& [name, f] : d.factories)
+    if (name == device) {
+      f = factory;
+      return;
+    }
+  d.factories.emplace_back(std::string(device), factory);
+}
+
+std::vector<std::string> attention_devices() {
+  Devices& d = devices();
+  std::lock_guard lock(d.mutex);
+  std::vector<std::string> names = {"cpu"};
+  for (const auto& [name, f] : d.factories) names.push_back(name);
+  return names;
+}
+
+std::unique_ptr<AttentionPolicy> make_attention_policy(std::string_view name, const AttentionConfig& config,
+                                                       std::string_view device) {
+  if (device == "cpu") return make_attention_policy(name, config);
+  AttentionPolicyFactory factory = nullptr;
+  {
+    Devices& d = devices();
+    std::lock_guard lock(d.mutex);
+    for (const auto& [n, f] : d.factories)
+      if (n == device) factory = f;
+  }
+  if (!factory) {
+    std::string known;
+    for (const std::string& n : attention_devices()) known += (known.empty() ? "" : ", ") + n;
+    fail("attention device '{}' is not available in this build (available: {})", device, known);
+  }
+  return factory(name, config);
 }
 
 }  // namespace multipole

@@ -129,6 +129,30 @@ void DeviceKVCache::upload(const PagedKVCache& cpu) {
   sync_tables(cpu);
 }
 
+void DeviceKVCache::upload_tokens(const PagedKVCache& cpu, int layer, SeqId seq, int64_t begin, int64_t end) {
+  const auto& a = cpu.config();
+  MP_CHECK(a.num_kv_heads == config_.num_kv_heads && a.head_dim == config_.head_dim &&
+               a.page_size == config_.page_size && a.dtype == config_.dtype && cpu.num_pages() == num_pages_,
+           "device kv cache: host cache config differs from the device mirror's");
+  MP_CHECK(layer >= 0 && layer < config_.num_layers, "device kv cache: layer {} outside [0, {})", layer,
+           config_.num_layers);
+  MP_CHECK(0 <= begin && begin <= end && end <= cpu.length(seq),
+           "device kv cache: positions [{}, {}) outside sequence {}'s {} tokens", begin, end, seq, cpu.length(seq));
+  if (begin == end) return;
+  const std::span<const int32_t> table = cpu.page_table(seq);
+  const KVLayerView v = cpu.layer_view(layer);
+  const size_t base = size_t(layer) * 2 * size_t(pool_bytes());
+  const int64_t first = begin / config_.page_size, last = (end - 1) / config_.page_size;
+  for (int64_t i = first; i <= last;) {
+    int64_t j = i + 1;  // extend the run while the pages are consecutive
+    while (j <= last && table[size_t(j)] == table[size_t(j - 1)] + 1) ++j;
+    const size_t off = size_t(table[size_t(i)]) * size_t(page_bytes_), bytes = size_t(j - i) * size_t(page_bytes_);
+    pools_.upload(v.keys + off, bytes, base + off);
+    pools_.upload(v.values + off, bytes, base + size_t(pool_bytes()) + off);
+    i = j;
+  }
+}
+
 DeviceKVLayer DeviceKVCache::layer(int layer) const {
   DeviceKVLayer v;
   v.keys = key_pool(layer);

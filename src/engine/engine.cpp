@@ -85,7 +85,7 @@ Engine::Engine(Model& model, const EngineOptions& options, ThreadPool& pool)
   ac.num_kv_heads = shape.num_kv_heads;
   ac.head_dim = shape.head_dim;
   ac.rope = shape.rope;
-  policy_ = make_attention_policy(options.attention, ac);
+  policy_ = make_attention_policy(options.attention, ac, options.attention_device);
   cache_ = std::make_unique<PagedKVCache>(
       model.kv_cache_config(context_ * options.max_sequences, options.kv_dtype, options.page_size));
   logits_.resize(size_t(c.vocab_size));

@@ -144,7 +144,7 @@ void run_fidelity(SuiteContext& sc, Progress& progress) {
         st.policy = make_attention_policy("dense", sc.attention_config(nullptr));
       } else {
         auto cmp = std::make_unique<ComparingPolicy>(
-            make_attention_policy(todo[s - 1]->policy, sc.attention_config(todo[s - 1])), layers);
+            make_attention_policy(todo[s - 1]->policy, sc.attention_config(todo[s - 1]), sc.opt.device), layers);
         st.comparing = cmp.get();
         st.policy = std::move(cmp);
       }

@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <thread>
 
+#include <fmt/ranges.h>
+
 #include "eval/suite.hpp"
 #include "multipole/core/error.hpp"
 #include "multipole/eval/report.hpp"
@@ -91,6 +93,7 @@ AttentionConfig SuiteContext::attention_config(const Variant* v) const {
   AttentionConfig ac = model.attention_config();
   ac.cluster.sinks = opt.sinks;
   ac.cluster.window = opt.window;
+  ac.coarse_budget = opt.coarse_budget;
   ac.cluster.seed = opt.seed;
   ac.cluster.block_size = std::max(ac.cluster.block_size, opt.window);
   ac.score_position = opt.score_position;
@@ -105,6 +108,7 @@ AttentionConfig SuiteContext::attention_config(const Variant* v) const {
 EngineOptions SuiteContext::engine_options(const Variant* v) const {
   EngineOptions eo;
   eo.attention = v ? v->policy : "dense";
+  eo.attention_device = v ? opt.device : "cpu";
   eo.attention_config = attention_config(v);
   eo.context_length = context;
   return eo;
@@ -129,9 +133,13 @@ Record SuiteContext::record(const std::string& suite, const std::string& case_id
 }
 
 std::string SuiteContext::settings() const {
-  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}",
+  // Settings added later are named only away from their defaults, so that older runs still
+  // resume.
+  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}",
                      activations_name(opt.f32_activations), opt.sinks, opt.window, opt.seed, context, opt.max_tokens,
-                     opt.prefix, opt.real_positions ? "real" : fmt::format("{}", opt.score_position));
+                     opt.prefix, opt.real_positions ? "real" : fmt::format("{}", opt.score_position),
+                     opt.coarse_budget == 0 ? "" : fmt::format(" coarse_budget={}", opt.coarse_budget),
+                     opt.device == "cpu" ? "" : " device=" + opt.device);
 }
 
 Engine& Engines::get(const Variant* v) {
@@ -215,10 +223,20 @@ std::string run_eval(const EvalOptions& o) {
   MP_CHECK(o.limit >= 0, "eval: --limit {} must be >= 0 (0: all)", o.limit);
   MP_CHECK(o.max_tokens >= 0, "eval: --max-tokens {} must be >= 0 (0: the suite's default)", o.max_tokens);
   std::vector<Variant> variants = make_variants(o.policies, o.budgets, o.clusters);
+  const std::vector<std::string> devices = attention_devices();
+  MP_CHECK(std::find(devices.begin(), devices.end(), o.device) != devices.end(),
+           "eval: --device {} is not available in this build (available: {})", o.device, fmt::join(devices, ", "));
 
   std::unique_ptr<Model> model = Model::load(o.model);
   if (o.f32_activations) model->set_activation_precision(ActivationPrecision::F32);
   const ModelConfig& mc = model->config();
+  // Fails now rather than after the dense cases when the device cannot run this model.
+  for (const Variant& v : variants) {
+    AttentionConfig ac = model->attention_config();
+    ac.budget = v.budget;
+    ac.score_real_positions = o.real_positions;
+    make_attention_policy(v.policy, ac, o.device);
+  }
   const Tokenizer tok = checkpoint_tokenizer(model->path(), model->gguf());
   const ChatTemplate chat = ChatTemplate::detect(checkpoint_chat_template(model->path(), model->gguf()), mc.architecture);
   MP_CHECK(o.max_context >= 0, "eval: --max-context {} must be >= 0", o.max_context);

@@ -2,6 +2,7 @@
 // Helpers of the eval tests: a tiny random-weight model folder with a byte-level tokenizer
 // (so every suite can run end to end in seconds), the real SmolLM2 when it was fetched, and
 // running `multipole eval` as a process.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -46,8 +47,10 @@ inline std::string byte_char(int b) {
 
 // A Qwen2-family tiny model (ChatML template by architecture) whose vocabulary is the 256
 // bytes plus <|im_start|> 256, <|im_end|> 257, <|endoftext|> 258: every text tokenizes.
-inline std::string write_tiny_chat_model(const std::string& name, int context = 1024) {
+inline std::string write_tiny_chat_model(const std::string& name, int context = 1024, int head_dim = 16) {
   tiny::Config c = tiny::family_config("qwen2");
+  c.head_dim = head_dim;
+  c.hidden = std::max(c.hidden, c.heads * head_dim);
   c.vocab = 259;
   c.context = context;
   c.eos = 258;

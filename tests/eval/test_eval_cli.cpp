@@ -316,6 +316,39 @@ TEST_F(EvalCli, NamesWhatIsWrong) {
   r = run_eval_cli("--suite passkey --out " + dir + "/o", dir);
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("--model is required"), std::string::npos) << r.err;
+  r = run_eval_cli("--model " + *model_ + " --suite passkey --device tpu --out " + dir + "/o --overwrite", dir);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--device tpu is not available in this build (available: cpu"), std::string::npos) << r.err;
+}
+
+// --device cuda: the compared policies decode on the GPU (dense, the reference, on the
+// CPU). With a budget over every token each must give dense's next tokens and outputs;
+// with a small one they differ. Skips where the build has no CUDA backend or no GPU.
+TEST_F(EvalCli, CudaDeviceDecodesThePolicies) {
+  const std::string dir = scratch("cuda");
+  const std::string model = eval_test::write_tiny_chat_model("eval-cli-cuda", 1024, 64);  // the kernels' head dim
+  const std::string text = write_text(dir, 60);
+  const std::string base = "--model " + model + " --suite fidelity --texts " + text +
+                           " --prefix 16 --policies multipole,squeezed,quest,oracle-topk --device cuda --json" + kSmall;
+  CliRun full = run_eval_cli(base + " --budgets 1024 --out " + dir + "/full", dir);
+  if (full.code != 0 && (full.err.find("not available in this build") != std::string::npos ||
+                         full.err.find("no usable CUDA device") != std::string::npos))
+    GTEST_SKIP() << full.err;
+  ASSERT_EQ(full.code, 0) << full.err;
+  const json fs_full = json::parse(full.out)["fidelity"];
+  ASSERT_EQ(fs_full.size(), 4u) << full.out;
+  for (const json& f : fs_full) {
+    EXPECT_GT(f["positions"].get<int>(), 300) << f.dump();
+    EXPECT_LT(f["kl_max"].get<double>(), 1e-5) << f.dump();
+    EXPECT_EQ(f["top1"].get<double>(), 1.0) << f.dump();
+    EXPECT_LT(f["err_max"].get<double>(), 2e-3) << f.dump();
+  }
+  CliRun small = run_eval_cli(base + " --budgets 4 --out " + dir + "/small", dir);
+  ASSERT_EQ(small.code, 0) << small.err;
+  for (const json& f : json::parse(small.out)["fidelity"]) EXPECT_GT(f["err_mean"].get<double>(), 1e-3) << f.dump();
+  for (const json& r : read_jsonl(dir + "/small/results.jsonl"))
+    EXPECT_NE(r["str"]["settings"].get<std::string>().find("device=cuda"), std::string::npos) << r.dump();
+  fs::remove_all(model);
 }
 
 // The real default model (scripts/fetch-models.sh), every suite with a small limit.

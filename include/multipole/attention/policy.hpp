@@ -8,6 +8,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "multipole/attention/config.hpp"
 #include "multipole/core/thread_pool.hpp"
@@ -58,5 +59,17 @@ class AttentionPolicy {
 // "dense", "multipole", "squeezed", "quest", "oracle-topk". Throws naming the known ones.
 std::unique_ptr<AttentionPolicy> make_attention_policy(std::string_view name, const AttentionConfig& config);
 std::span<const std::string_view> attention_policy_names();
+
+// Policies that decode on another device: the backend registers a factory under the
+// device's name (the CUDA backend: cuda::register_cuda_attention(), called by the CLI).
+// The policies keep this interface: the host cache stays the one the model writes, and the
+// backend mirrors it. "cpu" is always there.
+using AttentionPolicyFactory = std::unique_ptr<AttentionPolicy> (*)(std::string_view name,
+                                                                     const AttentionConfig& config);
+void register_attention_device(std::string_view device, AttentionPolicyFactory factory);
+// Throws naming the devices of this build when `device` is not one of them.
+std::unique_ptr<AttentionPolicy> make_attention_policy(std::string_view name, const AttentionConfig& config,
+                                                       std::string_view device);
+std::vector<std::string> attention_devices();
 
 }  // namespace multipole

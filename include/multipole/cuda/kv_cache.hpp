@@ -38,6 +38,10 @@ class DeviceKVCache {
   // Copies every layer's pools and the page tables and lengths of all live sequences of
   // `cpu`, whose config must match. Synchronous.
   void upload(const PagedKVCache& cpu);
+  // Copies the pages that hold positions [begin, end) of `seq` in `layer` of `cpu` (keys and
+  // values; whole pages, runs of consecutive pages in one copy). Tables are not touched: call
+  // sync_tables() too. Synchronous.
+  void upload_tokens(const PagedKVCache& cpu, int layer, SeqId seq, int64_t begin, int64_t end);
   // Page tables and lengths only (after cpu.extend()); copies only what changed.
   void sync_tables(const PagedKVCache& cpu);
   // For callers that manage pages themselves: sequence `seq` holds `length` tokens in `pages`.

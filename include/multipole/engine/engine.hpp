@@ -21,6 +21,7 @@ namespace multipole {
 
 struct EngineOptions {
   std::string attention = "dense";  // dense, multipole, squeezed, quest, oracle-topk
+  std::string attention_device = "cpu";  // or a registered device ("cuda": cuda::register_cuda_attention())
   // The policy's knobs (budget, window, clusters, ...). Heads, head_dim and RoPE are
   // overwritten with the model's.
   AttentionConfig attention_config;

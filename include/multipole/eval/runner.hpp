@@ -44,6 +44,7 @@ struct EvalOptions {
   std::vector<int> budgets = {128};
   std::vector<std::vector<int>> clusters = {{16, 128}};
   int sinks = 10, window = 128;
+  int coarse_budget = 0;    // tokens under the coarse clusters expanded (two-level settings); 0: 16 x budget
   int64_t max_context = 0;  // 0: the model's context length, capped at kDefaultContextCap
   int limit = 0;            // cases at most; 0: all
   uint64_t seed = 0;
@@ -52,6 +53,7 @@ struct EvalOptions {
   bool f32_activations = false;  // products with quantised weights keep f32 activations (no int8 rounding)
   double score_position = 2048;   // multipole/squeezed: fixed query position of centroid scoring
   bool real_positions = false;     // multipole/squeezed: score centroids at their members' mean position
+  std::string device = "cpu";      // where the compared policies decode; dense, the reference, stays on the cpu
 
   // fidelity
   std::vector<std::string> texts;  // files; empty: the default sources (docs + cot)
