@@ -23,9 +23,10 @@ void print_cuda_bench(const cuda::CudaBenchOptions& o, bool json) {
   MP_CHECK(cuda::device_count() > 0, "bench attention --device cuda: no CUDA device found");
   const auto info = cuda::device_info();
   if (!json) {
-    std::printf("# %s, %d SMs, L2 %lld MB; %d q heads, %d kv heads, d %d, budget %d, %s keys, %s pages of %d tokens, %s\n",
+    std::printf("# %s, %d SMs, L2 %lld MB; %d q heads, %d kv heads, d %d, budget %d (coarse %d), %s keys, %s pages of "
+                "%d tokens, %s\n",
                 info.name.c_str(), info.sm_count, (long long)(info.l2_bytes >> 20), o.q_heads, o.kv_heads,
-                o.head_dim, o.budget, dtype_name(o.key_dtype).data(), o.scattered_pages ? "scattered" : "sequential", o.page_size,
+                o.head_dim, o.budget, o.coarse_budget > 0 ? o.coarse_budget : 16 * o.budget, dtype_name(o.key_dtype).data(), o.scattered_pages ? "scattered" : "sequential", o.page_size,
                 o.graph ? "graph replay" : "direct launches");
     std::printf("# us: median per layer-step, L2 flushed by writes before each step (as do_bench); us_clean: by reads\n");
     std::printf("# kmeans-prefill: one GPU clustering of the whole batch (B x %d KV heads, blocks of %d tokens,\n"
@@ -78,6 +79,9 @@ void add_bench_cuda_command(CLI::App& app) {
                 "Give each sequence consecutive pages instead of scattered ones (a fresh cache's layout)");
   cmd->add_option("--tokens-per-centroid", o->tokens_per_centroid, "Mean fine cluster size");
   cmd->add_option("--coarse-tokens-per-centroid", o->coarse_tokens_per_centroid, "Coarse level (0: one level)");
+  cmd->add_option("--coarse-budget", o->coarse_budget,
+                  "Tokens under the coarse clusters whose children are scored (0: 16 x the budget)")
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--key-dtype", *key_dtype, "Key centroid storage: f32 or bf16");
   cmd->add_option("--warmup", o->warmup, "Warm-up steps");
   cmd->add_option("--iters", o->iterations, "Timed steps (median reported)");

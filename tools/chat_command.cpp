@@ -70,8 +70,9 @@ void run_chat(const ChatArgs& a) {
   if (!a.system.empty()) messages.push_back({"system", a.system});
   const bool interactive = ::isatty(0) && !a.json;
   if (interactive)
-    std::fprintf(stderr, "[%s, %s chat template, %s attention] /exit ends, /reset starts over\n", mc.architecture.c_str(),
-                 std::string(tmpl.style_name()).c_str(), a.attention.c_str());
+    std::fprintf(stderr, "[%s, %s chat template, %s attention%s] /exit ends, /reset starts over\n",
+                 mc.architecture.c_str(), std::string(tmpl.style_name()).c_str(), a.attention.c_str(),
+                 a.device == "cpu" ? "" : (" on " + a.device).c_str());
 
   std::string line;
   while (true) {

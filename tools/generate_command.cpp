@@ -165,6 +165,7 @@ void run_generate(const GenerateArgs& a) {
     j["model"] = model->path();
     j["architecture"] = mc.architecture;
     j["attention"] = a.attention;
+    j["device"] = a.device;
     if (a.attention != "dense") j["budget"] = a.budget;
     j["threads"] = threads;
     if (!chat_style.empty()) j["chat_template"] = chat_style;
@@ -184,9 +185,9 @@ void run_generate(const GenerateArgs& a) {
   std::fputc('\n', stdout);
   std::fflush(stdout);
   std::fprintf(stderr,
-               "[%s, %s attention, %d thread(s)] prompt %lld tokens, generated %lld (%s); prefill %.1f tok/s, "
+               "[%s, %s attention%s, %d thread(s)] prompt %lld tokens, generated %lld (%s); prefill %.1f tok/s, "
                "decode %.1f tok/s; attention %.1f%% of the time%s\n",
-               mc.architecture.c_str(), a.attention.c_str(), threads, (long long)s.prompt_tokens,
+               mc.architecture.c_str(), a.attention.c_str(), a.device == "cpu" ? "" : (" on " + a.device).c_str(), threads, (long long)s.prompt_tokens,
                (long long)s.generated_tokens, std::string(finish_reason_name(r.finish)).c_str(),
                s.prefill_tokens_per_second(), s.decode_tokens_per_second(), 100.0 * s.attention_share(),
                reply_summary.c_str());

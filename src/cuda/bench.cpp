@@ -190,6 +190,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
   ac.head_dim = o.head_dim;
   ac.rope.head_dim = o.head_dim;
   ac.budget = o.budget;
+  ac.coarse_budget = o.coarse_budget;
   ac.cluster.tokens_per_centroid = {o.tokens_per_centroid};
   ac.validate();
   const int Hkv = o.kv_heads, D = o.head_dim, Hq = o.q_heads, G = ac.group_size();

@@ -348,6 +348,18 @@ TEST_F(EvalCli, CudaDeviceDecodesThePolicies) {
   for (const json& f : json::parse(small.out)["fidelity"]) EXPECT_GT(f["err_mean"].get<double>(), 1e-3) << f.dump();
   for (const json& r : read_jsonl(dir + "/small/results.jsonl"))
     EXPECT_NE(r["str"]["settings"].get<std::string>().find("device=cuda"), std::string::npos) << r.dump();
+  // Through the engine (agreement generates): greedy output identical to dense's.
+  CliRun a = run_eval_cli("--model " + model + " --suite agreement --datasets arith --limit 1 -n 40 --budgets 1024 "
+                              "--device cuda --out " + dir + "/a --json" + kSmall,
+                          dir);
+  ASSERT_EQ(a.code, 0) << a.err;
+  int policies = 0;
+  for (const json& r : read_jsonl(dir + "/a/results.jsonl"))
+    if (r["policy"] != "dense") {
+      ++policies;
+      EXPECT_EQ(r["num"]["identical"].get<double>(), 1.0) << r.dump();
+    }
+  EXPECT_EQ(policies, 4);
   fs::remove_all(model);
 }
 

@@ -26,6 +26,7 @@ struct CudaBenchOptions {
   int budget = 128;
   int tokens_per_centroid = 16;
   int coarse_tokens_per_centroid = 128;  // 0: one level only
+  int coarse_budget = 0;                 // tokens under the coarse clusters expanded; 0: 16 x budget
   DType dtype = DType::BF16;      // K/V and value centroids
   DType key_dtype = DType::BF16;  // key centroids: f32 or the KV dtype
   int warmup = 10, iterations = 50;
