@@ -14,6 +14,13 @@ void add_generation_options(CLI::App& cmd, GenerationOptions& o) {
                  "mirrors the KV cache on the GPU; a correctness path, every layer-step copies and waits)")
       ->capture_default_str();
   cmd.add_option("--budget", o.budget, "Tokens per KV head selected beyond sinks + window")->capture_default_str();
+  cmd.add_option("--tokens-per-centroid", o.tokens_per_centroid,
+                 "Tokens per centroid of each cluster level, finest first, comma separated (multipole, squeezed)")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd.add_option("--coarse-budget", o.coarse_budget,
+                 "Tokens under the coarse clusters whose children are scored, with two levels (0: 16 x the budget)")
+      ->capture_default_str();
   cmd.add_option("--window", o.window, "Local window / update interval W")->capture_default_str();
   cmd.add_option("--sinks", o.sinks, "Attention sink tokens")->capture_default_str();
   cmd.add_option("--max-tokens,-n", o.max_tokens, "Tokens to generate at most")->capture_default_str();
@@ -40,6 +47,8 @@ EngineOptions engine_options(const GenerationOptions& o) {
   eo.attention = o.attention;
   eo.attention_device = o.device;
   eo.attention_config.budget = o.budget;
+  eo.attention_config.coarse_budget = o.coarse_budget;
+  eo.attention_config.cluster.tokens_per_centroid = o.tokens_per_centroid;
   eo.attention_config.cluster.window = o.window;
   eo.attention_config.cluster.sinks = o.sinks;
   eo.attention_config.cluster.seed = o.seed;

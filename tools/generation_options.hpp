@@ -21,6 +21,8 @@ struct GenerationOptions {
   std::string attention = "dense";
   std::string device = "cpu";
   int budget = 128;
+  int coarse_budget = 0;
+  std::vector<int> tokens_per_centroid = ClusterConfig{}.tokens_per_centroid;
   int window = 128;
   int sinks = 10;
   int max_tokens = 256;

@@ -323,8 +323,10 @@ TEST_F(EvalCli, NamesWhatIsWrong) {
 
 // --device cuda: the compared policies decode on the GPU (dense, the reference, on the
 // CPU). With a budget over every token each must give dense's next tokens and outputs;
-// with a small one they differ. Skips where the build has no CUDA backend or no GPU.
-TEST_F(EvalCli, CudaDeviceDecodesThePolicies) {
+// with a small one they differ. Skips where the build has no CUDA backend or no GPU (its
+// suite's name starts with Cuda, as do the GPU tests that scripts/test.sh lets skip).
+class CudaEvalCli : public EvalCli {};
+TEST_F(CudaEvalCli, PoliciesDecodeOnTheGpu) {
   const std::string dir = scratch("cuda");
   const std::string model = eval_test::write_tiny_chat_model("eval-cli-cuda", 1024, 64);  // the kernels' head dim
   const std::string text = write_text(dir, 60);
