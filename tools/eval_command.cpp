@@ -86,6 +86,12 @@ void add_eval_command(CLI::App& app) {
                   "the budget)")
       ->capture_default_str()
       ->check(at_least(0));
+  cmd->add_option("--coarse-radius-weight", o.coarse_radius_weight,
+                  "Experiment (cpu only): rank coarse clusters for expansion by s (q.c + w |q| r), r the largest "
+                  "distance of a child centroid from theirs (0: by the centroid score, the method; 1: an upper bound "
+                  "of the best child's score)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--max-context", o.max_context, "Positions per sequence (0: the model's, at most 8192)")
       ->capture_default_str();
   cmd->add_option("--limit", o.limit, "Cases at most (0: all)")->capture_default_str();

@@ -169,6 +169,7 @@ void ClusterIndex::grow(int l, int64_t add) {
   extend(lv.log_sizes, c, step, kNegInf);
   extend(lv.position_sums, c, step, int64_t(0));
   extend(lv.parents, c, step, -1);
+  extend(lv.radii, c, step, 0.0f);
   extend(lv.offsets, c + 1, step, lv.offsets.back());
 }
 
@@ -237,6 +238,15 @@ void ClusterIndex::recompute_from_children(int l, int32_t cluster) {
     k[j] = float(ks[j] * inv);
     v[j] = float(vs[j] * inv);
   }
+  double r2 = 0;
+  for (int32_t c : lv.members_of(cluster)) {
+    if (child.sizes[c] == 0) continue;
+    const float* kc = child.keys.data() + int64_t(c) * d;
+    double s = 0;
+    for (int j = 0; j < d; ++j) s += (double(kc[j]) - k[j]) * (double(kc[j]) - k[j]);
+    r2 = std::max(r2, s);
+  }
+  lv.radii[cluster] = float(std::sqrt(r2));
   set_log_size(l, cluster);
 }
 

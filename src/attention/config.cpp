@@ -26,6 +26,8 @@ void AttentionConfig::validate() const {
   MP_CHECK(rope.head_dim == head_dim, "attention: rope head_dim {} differs from head_dim {}", rope.head_dim, head_dim);
   MP_CHECK(budget >= 0, "attention: budget {} must be >= 0", budget);
   MP_CHECK(coarse_budget >= 0, "attention: coarse_budget {} must be >= 0", coarse_budget);
+  MP_CHECK(std::isfinite(coarse_radius_weight) && coarse_radius_weight >= 0.0f,
+           "attention: coarse_radius_weight {} must be finite and >= 0", coarse_radius_weight);
   MP_CHECK(std::isfinite(score_position) && score_position >= 0,
            "attention: score_position {} must be finite and >= 0", score_position);
   MP_CHECK(quest_page_size > 0, "attention: quest_page_size {} must be > 0", quest_page_size);

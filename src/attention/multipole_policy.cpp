@@ -26,6 +26,7 @@ struct MultipolePolicy::Scratch {
   std::vector<float> qt;          // [G, d] queries rotated to the scoring position
   std::vector<float> logits;      // [G, n] scale q.c + log n of the level's candidates, then their exp
   std::vector<float> importance;  // [n]
+  std::vector<float> bound;       // [n] coarse_radius_weight: optimistic logits, then their exp
   std::vector<int32_t> cand, next;  // candidate cluster ids of this level / the next one
   std::vector<int32_t> sizes;       // [n]
   std::vector<int32_t> picked;      // [n] selected candidates (local indices)
@@ -178,6 +179,32 @@ void MultipolePolicy::decode(const PagedKVCache& cache, int layer, std::span<con
   stats_ = cpu::sum_stats(thread_stats_);
 }
 
+// The coarse_radius_weight experiment: importances of coarse candidates for their expansion
+// only, from the optimistic logits s (q.c + w |q| r) + log n (x holds the true ones, shifted
+// and exponentiated, which the far field keeps using).
+//   cand: [n] cluster ids of level lv; qs: [G, d] scoring queries; x: [G, n]; imp: [n] out
+void MultipolePolicy::rank_by_bound(const ClusterLevel& lv, const int32_t* cand, int64_t n, const float* qs, int G,
+                                    int d, float scale, const float* x, Scratch& s, float* imp) const {
+  float* b = cpu::grow(s.bound, size_t(n));
+  std::fill(imp, imp + n, 0.0f);
+  for (int g = 0; g < G; ++g) {
+    double q2 = 0;
+    for (int j = 0; j < d; ++j) q2 += double(qs[int64_t(g) * d + j]) * qs[int64_t(g) * d + j];
+    const float lift = scale * config_.coarse_radius_weight * float(std::sqrt(q2));
+    const float* xg = x + int64_t(g) * n;  // n_i e^{logit_i - zmax}, 0 for empty clusters
+    float mx = kNegInf;
+    for (int64_t i = 0; i < n; ++i) {
+      b[i] = xg[i] > 0 ? std::log(xg[i]) + lift * lv.radii[cand[i]] : kNegInf;
+      mx = std::max(mx, b[i]);
+    }
+    if (mx == kNegInf) continue;
+    double z = 0;
+    for (int64_t i = 0; i < n; ++i) z += b[i] = std::exp(b[i] - mx);
+    for (int64_t i = 0; i < n; ++i) imp[i] += float(b[i] / z);
+  }
+  for (int64_t i = 0; i < n; ++i) imp[i] /= float(lv.sizes[cand[i]]);
+}
+
 // One (sequence, KV head): hierarchical selection, exact part, far field, merge.
 //   q, out: [G, d] rows of this KV head's query heads
 void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& kv, SeqId seq, int layer, int head,
@@ -266,6 +293,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
         sizes[i] = lv.sizes[cand[i]];
         imp[i] = acc / float(sizes[i]);
       }
+      if (l > 0 && config_.coarse_radius_weight > 0) rank_by_bound(lv, cand, n, qs, G, d, scale, x, s, imp);
       const int64_t budget =
           l == 0 ? config_.budget
                  : std::max<int64_t>(config_.budget, config_.coarse_budget > 0 ? config_.coarse_budget

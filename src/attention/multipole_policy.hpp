@@ -58,6 +58,8 @@ class MultipolePolicy final : public AttentionPolicy {
   int64_t clustered_end(int64_t length) const;
   void decode_head(const PagedKVCache& cache, const KVLayerView& kv, SeqId seq, int layer, int head, const float* q,
                    float* out, const Rotation& score_rotation, Scratch& s, DecodeStats& stats) const;
+  void rank_by_bound(const ClusterLevel& lv, const int32_t* cand, int64_t n, const float* qs, int G, int d,
+                     float scale, const float* x, Scratch& s, float* imp) const;
 
   Rope rope_;
   std::vector<std::vector<LayerState>> seqs_;  // [seq id][layer]

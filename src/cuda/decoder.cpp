@@ -81,6 +81,8 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   config_.validate();
   MP_CHECK(config_.head_dim == 64 || config_.head_dim == 128, "cuda decode: head_dim {} must be 64 or 128",
            config_.head_dim);
+  MP_CHECK(config_.coarse_radius_weight == 0, "cuda decode: coarse_radius_weight {} is a cpu-only experiment",
+           config_.coarse_radius_weight);
   gc_ = heads_per_cta(config_.group_size());
   head_chunks_ = (config_.group_size() + gc_ - 1) / gc_;
   errors_.reserve(sizeof(uint32_t));

@@ -94,6 +94,7 @@ AttentionConfig SuiteContext::attention_config(const Variant* v) const {
   ac.cluster.sinks = opt.sinks;
   ac.cluster.window = opt.window;
   ac.coarse_budget = opt.coarse_budget;
+  ac.coarse_radius_weight = opt.coarse_radius_weight;
   ac.cluster.seed = opt.seed;
   ac.cluster.block_size = std::max(ac.cluster.block_size, opt.window);
   ac.score_position = opt.score_position;
@@ -135,10 +136,11 @@ Record SuiteContext::record(const std::string& suite, const std::string& case_id
 std::string SuiteContext::settings() const {
   // Settings added later are named only away from their defaults, so that older runs still
   // resume.
-  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}",
+  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}{}",
                      activations_name(opt.f32_activations), opt.sinks, opt.window, opt.seed, context, opt.max_tokens,
                      opt.prefix, opt.real_positions ? "real" : fmt::format("{}", opt.score_position),
                      opt.coarse_budget == 0 ? "" : fmt::format(" coarse_budget={}", opt.coarse_budget),
+                     opt.coarse_radius_weight == 0 ? "" : fmt::format(" coarse_radius_weight={}", opt.coarse_radius_weight),
                      opt.device == "cpu" ? "" : " device=" + opt.device);
 }
 
@@ -235,6 +237,7 @@ std::string run_eval(const EvalOptions& o) {
     AttentionConfig ac = model->attention_config();
     ac.budget = v.budget;
     ac.score_real_positions = o.real_positions;
+    ac.coarse_radius_weight = o.coarse_radius_weight;
     make_attention_policy(v.policy, ac, o.device);
   }
   const Tokenizer tok = checkpoint_tokenizer(model->path(), model->gguf());

@@ -186,6 +186,29 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
       for (size_t i = 0; i < n; ++i) z += double(sizes[i]) * std::exp(score[size_t(g)][i] - m);
       for (size_t i = 0; i < n; ++i) importance[i] += std::exp(score[size_t(g)][i] - m) / z;
     }
+    if (l > 0 && c.coarse_radius_weight > 0) {
+      // Coarse ranking by s (q.c + w |q| r): r from the children's centroids, computed here.
+      std::vector<double> radius(n, 0.0);
+      for (size_t i = 0; i < n; ++i) {
+        const std::vector<double> ci = centroid(l, cand[i]);
+        for (int64_t ch = 0; ch < idx.level(l - 1).count(); ++ch)
+          if (idx.level(l - 1).parents[size_t(ch)] == cand[i] && idx.level(l - 1).sizes[size_t(ch)] > 0) {
+            const std::vector<double> cc = centroid(l - 1, ch);
+            double s = 0;
+            for (int j = 0; j < d; ++j) s += (cc[size_t(j)] - ci[size_t(j)]) * (cc[size_t(j)] - ci[size_t(j)]);
+            radius[i] = std::max(radius[i], std::sqrt(s));
+          }
+      }
+      std::fill(importance.begin(), importance.end(), 0.0);
+      for (int g = 0; g < G; ++g) {
+        const double lift = scale * c.coarse_radius_weight * std::sqrt(dot(qscore[size_t(g)], qscore[size_t(g)].data()));
+        std::vector<double> b(n);
+        double m = -std::numeric_limits<double>::infinity(), z = 0;
+        for (size_t i = 0; i < n; ++i) m = std::max(m, b[i] = score[size_t(g)][i] + lift * radius[i]);
+        for (size_t i = 0; i < n; ++i) z += double(sizes[i]) * std::exp(b[i] - m);
+        for (size_t i = 0; i < n; ++i) importance[i] += std::exp(b[i] - m) / z;
+      }
+    }
     const int64_t budget =
         l == 0 ? c.budget : std::max<int64_t>(c.budget, c.coarse_budget > 0 ? c.coarse_budget : 16 * int64_t(c.budget));
     const std::vector<int64_t> chosen = greedy_select(importance, sizes, cand, budget);

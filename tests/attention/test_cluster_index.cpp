@@ -63,6 +63,20 @@ void expect_consistent(const ClusterIndex& idx, const PagedKVCache& cache, SeqId
             << "level " << l << " cluster " << i << " channel " << j;
       }
       ASSERT_EQ(lv.parents[i] >= 0, l + 1 < idx.num_levels());
+      // Radius: the largest distance of a non-empty child's key centroid from this one.
+      double want = 0;
+      if (l > 0)
+        for (int32_t ch : lv.members_of(i)) {
+          const auto& below = idx.level(l - 1);
+          if (below.sizes[ch] == 0) continue;
+          double s = 0;
+          for (int j = 0; j < d; ++j) {
+            const double diff = double(below.keys[int64_t(ch) * d + j]) - lv.keys[i * d + j];
+            s += diff * diff;
+          }
+          want = std::max(want, std::sqrt(s));
+        }
+      ASSERT_NEAR(lv.radii[i], want, 1e-4 * (1 + want)) << "level " << l << " cluster " << i;
     }
     // CSR lists: exactly the tokens (children) pointing at the cluster, ascending.
     std::vector<std::vector<int32_t>> want(static_cast<size_t>(C));

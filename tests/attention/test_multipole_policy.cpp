@@ -145,6 +145,51 @@ TEST(MultipolePolicy, MatchesReferenceOnRandomAndClusteredInputs) {
   EXPECT_LT(ambiguous, total / 10 + 1);
 }
 
+// The coarse_radius_weight experiment: coarse clusters ranked by s (q.c + w |q| r). The
+// reference computes the radii from the children itself; a small coarse budget makes the
+// ranking decide which children are scored.
+TEST(MultipolePolicy, CoarseRadiusWeightMatchesReference) {
+  ThreadPool pool(2);
+  int total = 0, ambiguous = 0;
+  for (float w : {0.5f, 1.0f})
+    for (auto kind : {ref::KeyKind::Clustered, ref::KeyKind::Skewed}) {
+      AttentionConfig c = make_config(4, 64);
+      c.cluster.block_size = 1024;
+      c.cluster.window = 64;
+      c.cluster.tokens_per_centroid = {8, 64};
+      c.budget = 64;
+      c.coarse_budget = 256;
+      c.coarse_radius_weight = w;
+      ref::SyntheticKV data(c, DType::BF16, 2, 8192, kind, 41);
+      for (int64_t len : {97, 2049, 2600}) data.append(data.add(), len);
+      auto policy = make_attention_policy("multipole", c);
+      const auto q = data.queries(c, 0.25f);
+      const Check r = check_policy(*policy, data, c, 1, q, pool, "w " + std::to_string(w));
+      total += r.groups;
+      ambiguous += r.ambiguous;
+    }
+  EXPECT_LT(ambiguous, total / 10 + 1);
+  // Another weight selects other coarse clusters somewhere (else the test would not test it).
+  AttentionConfig c0 = make_config(4, 64), c1 = c0;
+  for (AttentionConfig* c : {&c0, &c1}) {
+    c->cluster.block_size = 1024;
+    c->cluster.tokens_per_centroid = {8, 64};
+    c->budget = 64;
+    c->coarse_budget = 256;
+  }
+  c1.coarse_radius_weight = 1.0f;
+  ref::SyntheticKV data(c0, DType::BF16, 1, 8192, ref::KeyKind::Clustered, 43);
+  data.append(data.add(), 4000);
+  const auto q = data.queries(c0, 0.25f);
+  std::vector<float> o0(q.size()), o1(q.size());
+  auto p0 = make_attention_policy("multipole", c0), p1 = make_attention_policy("multipole", c1);
+  p0->update(*data.cache, 0, data.seqs, pool);
+  p1->update(*data.cache, 0, data.seqs, pool);
+  p0->decode(*data.cache, 0, data.seqs, q.data(), o0.data(), pool);
+  p1->decode(*data.cache, 0, data.seqs, q.data(), o1.data(), pool);
+  EXPECT_NE(o0, o1);
+}
+
 TEST(MultipolePolicy, DefaultConfigPastABlockBoundary) {
   // Default clustering (block 8192, {16, 128}, window 128, budget 128) on sequences with
   // two blocks, plus a short one; group size 4, head dim 128, one KV head (k-means over
@@ -354,6 +399,9 @@ TEST(MultipolePolicy, RejectsMisuse) {
   AttentionConfig other = make_config(2, 128);
   auto p2 = make_attention_policy("squeezed", other);
   EXPECT_THROW(p2->update(*data.cache, 0, data.seqs, pool), Error);
+  AttentionConfig negative = c;
+  negative.coarse_radius_weight = -1.0f;
+  EXPECT_THROW(make_attention_policy("multipole", negative), Error);
 }
 
 // Timing harness (not a test): decode step and online update cost at 32K and 128K tokens,

@@ -205,6 +205,9 @@ TEST(CudaAttentionPolicy, RefusesWhatTheKernelsCannotDo) {
   AttentionConfig real = config();
   real.score_real_positions = true;
   EXPECT_THROW(cuda::make_cuda_attention_policy("multipole", real), Error);
+  AttentionConfig bound = config();
+  bound.coarse_radius_weight = 1.0f;
+  EXPECT_THROW(cuda::make_cuda_attention_policy("multipole", bound), Error);
   EXPECT_THROW(cuda::make_cuda_attention_policy("nope", config()), Error);
   AttentionConfig wide = config();
   wide.head_dim = 96;

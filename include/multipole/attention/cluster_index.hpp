@@ -64,6 +64,8 @@ struct ClusterLevel {
   std::vector<float> log_sizes;        // [C] log(size): the far-field bias; -inf when empty
   std::vector<int64_t> position_sums;  // [C] sum of the positions of the tokens under it
   std::vector<int32_t> parents;        // [C] cluster of the next coarser level; -1 at the coarsest
+  std::vector<float> radii;            // [C] level l > 0: largest distance of a non-empty child's key centroid from
+                                       // this key centroid (0 at level 0)
   // Membership as CSR, members of cluster i = members[offsets[i], offsets[i+1]) ascending:
   // level 0: token positions; level l > 0: ids of level l-1 clusters (its children).
   std::vector<int32_t> offsets;  // [C + 1]

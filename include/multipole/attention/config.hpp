@@ -29,6 +29,10 @@ struct AttentionConfig {
 
   int budget = 128;         // tokens per KV head chosen beyond sinks + window
   int coarse_budget = 0;    // tokens under the clusters expanded at each coarser level; 0: 16 x budget
+  // Coarser levels are ranked for expansion by s (q.c + w |q| r), r the largest distance of
+  // a child centroid from the cluster's centroid: w = 0 (default) is the method's centroid
+  // score; w = 1 an upper bound of the best child's score. CPU only (an experiment).
+  float coarse_radius_weight = 0.0f;
   bool multipole_far_field = true;   // false: "squeezed" (unselected clusters dropped)
   bool score_real_positions = false; // score centroids at their members' mean position
   double score_position = 2048;      // fixed query position for centroid scoring

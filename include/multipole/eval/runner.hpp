@@ -45,6 +45,7 @@ struct EvalOptions {
   std::vector<std::vector<int>> clusters = {{16, 128}};
   int sinks = 10, window = 128;
   int coarse_budget = 0;    // tokens under the coarse clusters expanded (two-level settings); 0: 16 x budget
+  float coarse_radius_weight = 0;  // coarse ranking by centroid score + w |q| radius (experiment; cpu only)
   int64_t max_context = 0;  // 0: the model's context length, capped at kDefaultContextCap
   int limit = 0;            // cases at most; 0: all
   uint64_t seed = 0;
