@@ -674,7 +674,7 @@ int64_t ClusterIndex::memory_bytes() const {
   int64_t total = bytes(labels_) + bytes(open_key_sums_) + bytes(open_value_sums_) + bytes(blocks_);
   for (const auto& lv : levels_)
     total += bytes(lv.keys) + bytes(lv.values) + bytes(lv.sizes) + bytes(lv.log_sizes) + bytes(lv.position_sums) +
-             bytes(lv.parents) + bytes(lv.offsets) + bytes(lv.members);
+             bytes(lv.parents) + bytes(lv.radii) + bytes(lv.offsets) + bytes(lv.members);
   return total;
 }
 
