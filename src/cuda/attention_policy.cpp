@@ -63,7 +63,11 @@ class CudaPolicy final : public AttentionPolicy {
     out_.reserve(n * sizeof(float));
     q_.upload(q, n * sizeof(float));
     int64_t total = 0;
+    MP_CHECK(layer >= 0 && layer < cache.config().num_layers, "{} (cuda): layer {} outside [0, {})", name_, layer,
+             cache.config().num_layers);
     for (SeqId seq : seqs) {
+      MP_CHECK(seq >= 0 && seq < mirror_->max_sequences(), "{} (cuda): sequence id {} outside [0, {})", name_, seq,
+               mirror_->max_sequences());
       MP_CHECK(uploaded_[size_t(layer)][size_t(seq)] == cache.length(seq),
                "{} (cuda): sequence {} has {} tokens but {} were mirrored: call update() first", name_, seq,
                cache.length(seq), uploaded_[size_t(layer)][size_t(seq)]);

@@ -202,6 +202,21 @@ TEST(CudaAttentionPolicy, RefusesWhatTheKernelsCannotDo) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("bf16 or f16"), std::string::npos) << e.what();
   }
+  // Misuse: decode before update, a layer or sequence the mirror does not hold.
+  PagedKVCache f16_cache(KVCacheConfig{.num_layers = 1, .num_kv_heads = kHkv, .head_dim = kD, .page_size = 16,
+                                       .dtype = DType::F16, .max_tokens = 64});
+  const SeqId s16 = f16_cache.add_sequence();
+  f16_cache.extend(s16, 20);
+  std::vector<float> q(size_t(kHq) * kD, 0.5f), o(q.size());
+  auto d16 = cuda::make_cuda_attention_policy("dense", config());
+  EXPECT_THROW(d16->decode(f16_cache, 0, std::span(&s16, 1), q.data(), o.data(), pool), Error);
+  d16->update(f16_cache, 0, std::span(&s16, 1), pool);
+  d16->decode(f16_cache, 0, std::span(&s16, 1), q.data(), o.data(), pool);
+  EXPECT_THROW(d16->decode(f16_cache, 1, std::span(&s16, 1), q.data(), o.data(), pool), Error);
+  const SeqId stranger = 300;
+  EXPECT_THROW(d16->decode(f16_cache, 0, std::span(&stranger, 1), q.data(), o.data(), pool), Error);
+  f16_cache.extend(s16, 1);  // a token the mirror has not seen
+  EXPECT_THROW(d16->decode(f16_cache, 0, std::span(&s16, 1), q.data(), o.data(), pool), Error);
   AttentionConfig real = config();
   real.score_real_positions = true;
   EXPECT_THROW(cuda::make_cuda_attention_policy("multipole", real), Error);
