@@ -15,6 +15,10 @@ int64_t AttentionConfig::middle_end(int64_t length) const {
   return s + (length - s - w) / w * w;
 }
 
+int64_t AttentionConfig::clustered_end(int64_t length) const {
+  return std::max<int64_t>(middle_end(length), cluster.sinks);
+}
+
 void AttentionConfig::validate() const {
   MP_CHECK(head_dim > 0 && head_dim % 16 == 0 && head_dim <= 512,
            "attention: head_dim {} must be a multiple of 16 in [16, 512]", head_dim);

@@ -69,12 +69,6 @@ struct MultipolePolicy::Scratch {
 MultipolePolicy::MultipolePolicy(const AttentionConfig& config) : AttentionPolicy(config), rope_(config.rope) {}
 MultipolePolicy::~MultipolePolicy() = default;
 
-// End of the clustered region [sinks, end); never below sinks, so that an empty region
-// keeps its place while the sequence is shorter than the sinks.
-int64_t MultipolePolicy::clustered_end(int64_t length) const {
-  return std::max<int64_t>(config_.middle_end(length), config_.cluster.sinks);
-}
-
 const ClusterIndex* MultipolePolicy::index(SeqId seq, int layer, int kv_head) const {
   if (seq < 0 || size_t(seq) >= seqs_.size()) return nullptr;
   const auto& layers = seqs_[size_t(seq)];
@@ -103,7 +97,7 @@ void MultipolePolicy::update(const PagedKVCache& cache, int layer, std::span<con
   tasks_.clear();
   for (size_t b = 0; b < seqs.size(); ++b) {
     const SeqId seq = seqs[b];
-    const int64_t target = clustered_end(cache.length(seq));
+    const int64_t target = config_.clustered_end(cache.length(seq));
     if (size_t(seq) >= seqs_.size()) seqs_.resize(size_t(seq) + 1);
     auto& layers = seqs_[size_t(seq)];
     if (layers.size() < size_t(kc.num_layers)) layers.resize(size_t(kc.num_layers));
@@ -124,7 +118,7 @@ void MultipolePolicy::update(const PagedKVCache& cache, int layer, std::span<con
     const auto [b, h] = tasks_[size_t(i)];
     const SeqId seq = seqs[size_t(b)];
     auto& st = seqs_[size_t(seq)][size_t(layer)];
-    const int64_t target = clustered_end(cache.length(seq));
+    const int64_t target = config_.clustered_end(cache.length(seq));
     if (st.built)
       st.heads[size_t(h)].append(cache, seq, layer, h, target, config_, rope_);
     else

@@ -55,7 +55,6 @@ class MultipolePolicy final : public AttentionPolicy {
     std::vector<ClusterIndex> heads;  // [num_kv_heads]
   };
   struct Scratch;
-  int64_t clustered_end(int64_t length) const;
   void decode_head(const PagedKVCache& cache, const KVLayerView& kv, SeqId seq, int layer, int head, const float* q,
                    float* out, const Rotation& score_rotation, Scratch& s, DecodeStats& stats) const;
   void rank_by_bound(const ClusterLevel& lv, const int32_t* cand, int64_t n, const float* qs, int G, int d,

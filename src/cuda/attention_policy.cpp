@@ -170,30 +170,26 @@ class CudaPolicy final : public AttentionPolicy {
   int64_t fixed_tokens(const PagedKVCache& cache, std::span<const SeqId> seqs) const {
     int64_t n = 0;
     for (SeqId seq : seqs) {
-      const int64_t len = cache.length(seq), sinks = std::min<int64_t>(config_.cluster.sinks, len);
-      n += sinks + (len - std::max(sinks, std::min(len, config_.middle_end(len))));
+      const int64_t len = cache.length(seq);
+      n += std::min<int64_t>(config_.cluster.sinks, len) + len - config_.middle_end(len);
     }
     return n * config_.num_kv_heads;
   }
 
-  int64_t clustered_end(int64_t length) const {
-    return std::max<int64_t>(config_.middle_end(length), config_.cluster.sinks);
-  }
-
   // Prefill clustering of a new batch, or the online update of the same batch.
   void update_index(int layer, std::span<const SeqId> seqs) {
-    std::vector<int64_t> ends(seqs.size());
-    for (size_t b = 0; b < seqs.size(); ++b) ends[b] = clustered_end(mirror_->host_length(seqs[b]));
+    ends_.resize(seqs.size());
+    for (size_t b = 0; b < seqs.size(); ++b) ends_[b] = config_.clustered_end(mirror_->host_length(seqs[b]));
     auto& km = kmeans_[size_t(layer)];
     if (km && same_batch(batch_[size_t(layer)], seqs)) {
-      if (ends != clustered_[size_t(layer)]) km->append(*mirror_, ends, config_, nullptr);
+      if (ends_ != clustered_[size_t(layer)]) km->append(*mirror_, ends_, config_, nullptr);
     } else {
       if (!km) km = std::make_unique<DeviceKMeans>();
       // Room for every sequence to grow to the whole cache, so that append() never runs out.
-      km->build(*mirror_, layer, seqs, ends, config_, rope_, DType::F32, nullptr, host_->config().max_tokens);
+      km->build(*mirror_, layer, seqs, ends_, config_, rope_, DType::F32, nullptr, host_->config().max_tokens);
       batch_[size_t(layer)].assign(seqs.begin(), seqs.end());
     }
-    clustered_[size_t(layer)] = ends;
+    clustered_[size_t(layer)] = ends_;
   }
 
   std::string name_;
@@ -208,6 +204,7 @@ class CudaPolicy final : public AttentionPolicy {
   std::vector<std::vector<SeqId>> batch_;             // [layer] the sequences of its index, in order
   std::vector<std::vector<int64_t>> clustered_;       // [layer] their clustered ends
   std::vector<float> qs_host_;
+  std::vector<int64_t> ends_;  // update_index's clustered ends, kept to avoid an allocation per call
   // Quest and oracle-topk.
   std::unique_ptr<CudaSparseDecoder> sparse_;
   std::vector<SeqId> planned_;

@@ -47,6 +47,9 @@ struct AttentionConfig {
   // the sequence is short). Depends on length only, so every policy sees the same regions
   // and the online update runs exactly when the window reaches 2W.
   int64_t middle_end(int64_t length) const;
+  // End of the clustered region [sinks, clustered_end): middle_end, never below sinks (so
+  // that an empty region is [sinks, sinks) however short the sequence).
+  int64_t clustered_end(int64_t length) const;
   float softmax_scale() const;
   // Throws multipole::Error naming the first invalid field.
   void validate() const;
