@@ -111,7 +111,7 @@ void DeviceKVCache::sync_tables(const PagedKVCache& cpu) {
   flush_tables();
 }
 
-void DeviceKVCache::upload(const PagedKVCache& cpu) {
+void DeviceKVCache::check_mirrors(const PagedKVCache& cpu) const {
   const auto& a = cpu.config();
   const auto& c = config_;
   MP_CHECK(a.num_layers == c.num_layers && a.num_kv_heads == c.num_kv_heads && a.head_dim == c.head_dim &&
@@ -120,6 +120,11 @@ void DeviceKVCache::upload(const PagedKVCache& cpu) {
            "device mirror's ({}, {}, {}, {}, {}, {} pages)",
            a.num_layers, a.num_kv_heads, a.head_dim, a.page_size, dtype_name(a.dtype), cpu.num_pages(), c.num_layers,
            c.num_kv_heads, c.head_dim, c.page_size, dtype_name(c.dtype), num_pages_);
+}
+
+void DeviceKVCache::upload(const PagedKVCache& cpu) {
+  check_mirrors(cpu);
+  const auto& c = config_;
   for (int layer = 0; layer < c.num_layers; ++layer) {
     const KVLayerView v = cpu.layer_view(layer);
     const size_t off = size_t(layer) * 2 * size_t(pool_bytes());
@@ -130,10 +135,7 @@ void DeviceKVCache::upload(const PagedKVCache& cpu) {
 }
 
 void DeviceKVCache::upload_tokens(const PagedKVCache& cpu, int layer, SeqId seq, int64_t begin, int64_t end) {
-  const auto& a = cpu.config();
-  MP_CHECK(a.num_kv_heads == config_.num_kv_heads && a.head_dim == config_.head_dim &&
-               a.page_size == config_.page_size && a.dtype == config_.dtype && cpu.num_pages() == num_pages_,
-           "device kv cache: host cache config differs from the device mirror's");
+  check_mirrors(cpu);
   MP_CHECK(layer >= 0 && layer < config_.num_layers, "device kv cache: layer {} outside [0, {})", layer,
            config_.num_layers);
   MP_CHECK(0 <= begin && begin <= end && end <= cpu.length(seq),

@@ -62,6 +62,9 @@ class DeviceKVCache {
   int64_t host_length(SeqId seq) const;
 
  private:
+  // Throws unless `cpu` has this mirror's layout (layers, heads, dim, page size, dtype, pages).
+  void check_mirrors(const PagedKVCache& cpu) const;
+
   KVCacheConfig config_;
   int max_sequences_ = 0;
   int64_t num_pages_ = 0;
