@@ -22,8 +22,6 @@ class CudaPolicy final : public AttentionPolicy {
  public:
   CudaPolicy(std::string_view name, Kind kind, const AttentionConfig& config)
       : AttentionPolicy(config), name_(name), kind_(kind), rope_(config.rope) {
-    MP_CHECK(!config_.score_real_positions,
-             "{} (cuda): scoring at real positions is not implemented on the GPU; use the cpu device", name_);
     if (kind_ == Kind::Dense || kind_ == Kind::Multipole)
       decoder_ = std::make_unique<CudaDecoder>(config_);
     else
