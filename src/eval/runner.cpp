@@ -89,7 +89,9 @@ std::vector<int> parse_cluster_setting(const std::string& text) {
 
 // ------------------------------------------------------------------------ suite context
 
-AttentionConfig SuiteContext::attention_config(const Variant* v) const {
+namespace {
+// The attention settings of variant v (nullptr: dense) on `model` under the options.
+AttentionConfig variant_attention_config(const EvalOptions& opt, const Model& model, const Variant* v) {
   AttentionConfig ac = model.attention_config();
   ac.cluster.sinks = opt.sinks;
   ac.cluster.window = opt.window;
@@ -104,6 +106,11 @@ AttentionConfig SuiteContext::attention_config(const Variant* v) const {
     if (!v->tokens_per_centroid.empty()) ac.cluster.tokens_per_centroid = v->tokens_per_centroid;
   }
   return ac;
+}
+}  // namespace
+
+AttentionConfig SuiteContext::attention_config(const Variant* v) const {
+  return variant_attention_config(opt, model, v);
 }
 
 EngineOptions SuiteContext::engine_options(const Variant* v) const {
@@ -233,13 +240,7 @@ std::string run_eval(const EvalOptions& o) {
   if (o.f32_activations) model->set_activation_precision(ActivationPrecision::F32);
   const ModelConfig& mc = model->config();
   // Fails now rather than after the dense cases when the device cannot run this model.
-  for (const Variant& v : variants) {
-    AttentionConfig ac = model->attention_config();
-    ac.budget = v.budget;
-    ac.score_real_positions = o.real_positions;
-    ac.coarse_radius_weight = o.coarse_radius_weight;
-    make_attention_policy(v.policy, ac, o.device);
-  }
+  for (const Variant& v : variants) make_attention_policy(v.policy, variant_attention_config(o, *model, &v), o.device);
   const Tokenizer tok = checkpoint_tokenizer(model->path(), model->gguf());
   const ChatTemplate chat = ChatTemplate::detect(checkpoint_chat_template(model->path(), model->gguf()), mc.architecture);
   MP_CHECK(o.max_context >= 0, "eval: --max-context {} must be >= 0", o.max_context);
