@@ -4,6 +4,8 @@
 #include <utility>
 #include <vector>
 
+#include <fmt/ranges.h>
+
 #include "attention/policies.hpp"
 #include "multipole/core/error.hpp"
 
@@ -19,6 +21,12 @@ struct Devices {
 Devices& devices() {
   static Devices d;
   return d;
+}
+// The registered factory of `device`, or nullptr; the caller holds the mutex.
+AttentionPolicyFactory* find_factory(Devices& d, std::string_view device) {
+  for (auto& [name, f] : d.factories)
+    if (name == device) return &f;
+  return nullptr;
 }
 }  // namespace
 
@@ -38,12 +46,10 @@ void register_attention_device(std::string_view device, AttentionPolicyFactory f
   MP_CHECK(device != "cpu" && !device.empty() && factory, "register_attention_device: invalid device '{}'", device);
   Devices& d = devices();
   std::lock_guard lock(d.mutex);
-  for (auto& [name, f] : d.factories)
-    if (name == device) {
-      f = factory;
-      return;
-    }
-  d.factories.emplace_back(std::string(device), factory);
+  if (AttentionPolicyFactory* f = find_factory(d, device))
+    *f = factory;
+  else
+    d.factories.emplace_back(std::string(device), factory);
 }
 
 std::vector<std::string> attention_devices() {
@@ -61,14 +67,11 @@ std::unique_ptr<AttentionPolicy> make_attention_policy(std::string_view name, co
   {
     Devices& d = devices();
     std::lock_guard lock(d.mutex);
-    for (const auto& [n, f] : d.factories)
-      if (n == device) factory = f;
+    if (const AttentionPolicyFactory* f = find_factory(d, device)) factory = *f;
   }
-  if (!factory) {
-    std::string known;
-    for (const std::string& n : attention_devices()) known += (known.empty() ? "" : ", ") + n;
-    fail("attention device '{}' is not available in this build (available: {})", device, known);
-  }
+  if (!factory)
+    fail("attention device '{}' is not available in this build (available: {})", device,
+         fmt::join(attention_devices(), ", "));
   return factory(name, config);
 }
 
