@@ -7,6 +7,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <span>
 #include <sstream>
 
 #include "eval/suite.hpp"
@@ -24,6 +25,18 @@ struct Text {
   std::string id;
   std::vector<int32_t> tokens;
 };
+
+// FNV-1a over the token ids: tells a resumed run, and whoever compares two runs, whether a
+// case saw the same tokens (a text file edited between runs changes every curve after the edit).
+std::string tokens_fingerprint(std::span<const int32_t> tokens) {
+  uint64_t h = 14695981039346656037ull;
+  for (const int32_t t : tokens)
+    for (int b = 0; b < 4; ++b) {
+      h ^= (uint32_t(t) >> (8 * b)) & 0xffu;
+      h *= 1099511628211ull;
+    }
+  return fmt::format("{:016x}", h);
+}
 
 std::string slurp(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -117,6 +130,16 @@ void run_fidelity(SuiteContext& sc, Progress& progress) {
       t.tokens.insert(t.tokens.end(), g.tokens.begin(), g.tokens.end());
     }
     if (int64_t(t.tokens.size()) > sc.context) t.tokens.resize(size_t(sc.context));
+    // Results already in the file for this text must come from the same tokens.
+    const std::string fp = tokens_fingerprint(t.tokens);
+    for (const Record& r : sc.log.records()) {
+      if (r.suite != "fidelity" || r.case_id != t.id) continue;
+      const auto it = r.str.find("tokens_fingerprint");
+      MP_CHECK(it == r.str.end() || it->second == fp,
+               "eval: {}: case {} was recorded from other tokens (fingerprint {}, now {}: the text changed); use "
+               "another --out or --overwrite",
+               sc.log.path(), t.id, it->second, fp);
+    }
   }
   generator.reset();
   for (const Text& t : texts) {
@@ -194,6 +217,7 @@ void run_fidelity(SuiteContext& sc, Progress& progress) {
       Record r = sc.record("fidelity", t.id, todo[s - 1]);
       const double np = double(std::max<int64_t>(1, st.positions));
       r.num["text_tokens"] = double(n);
+      r.str["tokens_fingerprint"] = tokens_fingerprint(t.tokens);
       r.num["prefix"] = o.prefix;
       r.num["positions"] = double(st.positions);
       r.num["kl_mean"] = st.kl_sum / np;

@@ -241,6 +241,36 @@ TEST_F(EvalCli, ResumeSkipsFinishedCases) {
   EXPECT_EQ(marked, 1);
 }
 
+// A fidelity record names the tokens it was measured on; a resumed run refuses a text that
+// changed since (an edited file would silently mix two texts' curves in one results file).
+TEST_F(EvalCli, FidelityResumeRefusesAChangedText) {
+  const std::string dir = scratch("fid-text");
+  const std::string text = write_text(dir, 30);
+  const std::string base = "--model " + *model_ + " --suite fidelity --texts " + text + " --out " + dir +
+                           "/out --prefix 16 --policies quest" + kSmall;
+  CliRun first = run_eval_cli(base + " --budgets 8", dir);
+  ASSERT_EQ(first.code, 0) << first.err;
+  const auto rs = read_jsonl(dir + "/out/results.jsonl");
+  ASSERT_EQ(rs.size(), 1u);
+  const std::string fp = rs[0]["str"]["tokens_fingerprint"].get<std::string>();
+  EXPECT_EQ(fp.size(), 16u) << fp;
+  // The same text: the new budget is added next to the old record.
+  CliRun same = run_eval_cli(base + " --budgets 8,16 --resume", dir);
+  ASSERT_EQ(same.code, 0) << same.err;
+  const auto both = read_jsonl(dir + "/out/results.jsonl");
+  ASSERT_EQ(both.size(), 2u);
+  EXPECT_EQ(both[1]["str"]["tokens_fingerprint"], fp);
+  // One word changed: refused, naming the case and both fingerprints.
+  std::string t = eval_test::slurp(text);
+  t.replace(t.find("gamma"), 5, "GAMMA");
+  std::ofstream(text) << t;
+  CliRun changed = run_eval_cli(base + " --budgets 8,16,24 --resume", dir);
+  EXPECT_EQ(changed.code, 1);
+  EXPECT_NE(changed.err.find("case file:text was recorded from other tokens (fingerprint " + fp), std::string::npos)
+      << changed.err;
+  EXPECT_EQ(read_jsonl(dir + "/out/results.jsonl").size(), 2u);
+}
+
 // A passkey case is named by its length, depth and repeat; the same name must be the same
 // case in any run (it was seeded by its place in the list, so "passkey-L384-D0.50-0" hid
 // another number when depth 0 was asked too, and --resume could mix the two).
