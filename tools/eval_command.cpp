@@ -5,6 +5,8 @@
 #include <fstream>
 #include <sstream>
 
+#include <fmt/format.h>
+
 #include "cli_checks.hpp"
 #include "commands.hpp"
 #include "multipole/core/error.hpp"
@@ -17,7 +19,7 @@ namespace {
 
 struct EvalArgs {
   eval::EvalOptions o;
-  std::vector<std::string> clusters = {"16/128"};
+  std::vector<std::string> clusters = {fmt::format("{}", fmt::join(ClusterConfig{}.tokens_per_centroid, "/"))};
   bool report_only = false;
   bool json = false;
   bool quiet = false;

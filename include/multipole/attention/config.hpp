@@ -13,8 +13,10 @@ struct ClusterConfig {
   int window = 128;        // W: update interval; the local window holds W..2W-1 tokens
   int block_size = 8192;   // tokens per k-means block; finished blocks are frozen
   // Tokens per centroid of each level, finest first; each coarser level clusters the
-  // centroids of the level below. {16}: one level at 6.25%.
-  std::vector<int> tokens_per_centroid = {16, 128};
+  // centroids of the level below. {16}: one level at 6.25%. A coarse cluster of 4 fine ones
+  // keeps nearly one level's accuracy (8 lost a third of it past 2K tokens:
+  // docs/evaluation.md, "Finer coarse clusters").
+  std::vector<int> tokens_per_centroid = {16, 64};
   int prefill_iterations = 10;  // Lloyd iterations per block at prefill
   int update_iterations = 3;    // Lloyd iterations of the open block per online update
   uint64_t seed = 0;

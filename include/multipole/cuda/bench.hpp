@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "multipole/attention/config.hpp"
 #include "multipole/core/dtype.hpp"
 
 namespace multipole::cuda {
@@ -24,8 +25,9 @@ struct CudaBenchOptions {
   int page_size = 16;
   bool scattered_pages = true;  // pages in random order (a cache that served many requests); false: in order
   int budget = 128;
-  int tokens_per_centroid = 16;
-  int coarse_tokens_per_centroid = 128;  // 0: one level only
+  // The engine's default levels (ClusterConfig: fine, coarse).
+  int tokens_per_centroid = ClusterConfig{}.tokens_per_centroid.at(0);
+  int coarse_tokens_per_centroid = ClusterConfig{}.tokens_per_centroid.at(1);  // 0: one level only
   int coarse_budget = 0;                 // tokens under the coarse clusters expanded; 0: 16 x budget
   DType dtype = DType::BF16;      // K/V and value centroids
   DType key_dtype = DType::BF16;  // key centroids: f32 or the KV dtype

@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "multipole/attention/config.hpp"
+
 namespace multipole::eval {
 
 // One candidate configuration compared with dense.
@@ -42,7 +44,7 @@ struct EvalOptions {
 
   std::vector<std::string> policies = {"multipole", "squeezed", "quest", "oracle-topk"};
   std::vector<int> budgets = {128};
-  std::vector<std::vector<int>> clusters = {{16, 128}};
+  std::vector<std::vector<int>> clusters = {ClusterConfig{}.tokens_per_centroid};
   int sinks = 10, window = 128;
   int coarse_budget = 0;    // tokens under the coarse clusters expanded (two-level settings); 0: 16 x budget
   float coarse_radius_weight = 0;  // coarse ranking by centroid score + w |q| radius (experiment; cpu only)
