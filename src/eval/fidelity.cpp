@@ -24,6 +24,7 @@ namespace fs = std::filesystem;
 struct Text {
   std::string id;
   std::vector<int32_t> tokens;
+  std::string fingerprint;  // tokens_fingerprint(tokens), once they are known
 };
 
 // FNV-1a over the token ids: tells a resumed run, and whoever compares two runs, whether a
@@ -101,14 +102,14 @@ void run_fidelity(SuiteContext& sc, Progress& progress) {
     for (size_t i = 0; i < texts.size(); ++i)
       MP_CHECK(texts[i].id != id, "eval: --texts {} and {} have the same name '{}' (the case id): rename one", files[i],
                f, id);
-    texts.push_back({id, {}});
+    texts.push_back({id, {}, {}});
   }
   const int cot = o.cot_texts >= 0 ? o.cot_texts : (o.texts.empty() ? 1 : 0);
   const ArithmeticSpec spec{.steps = o.steps, .difficulty = o.difficulty, .distractors = o.distractors, .seed = o.seed};
   std::vector<Problem> cot_problems;
   for (int i = 0; i < cot; ++i) {
     cot_problems.push_back(make_arithmetic_problem(spec, i));
-    texts.push_back({"cot:" + cot_problems.back().id, {}});
+    texts.push_back({"cot:" + cot_problems.back().id, {}, {}});
   }
   if (o.limit > 0 && int64_t(texts.size()) > o.limit) texts.resize(size_t(o.limit));
   MP_CHECK(!texts.empty(), "eval: fidelity has no texts (--texts, --cot-texts)");
@@ -131,14 +132,14 @@ void run_fidelity(SuiteContext& sc, Progress& progress) {
     }
     if (int64_t(t.tokens.size()) > sc.context) t.tokens.resize(size_t(sc.context));
     // Results already in the file for this text must come from the same tokens.
-    const std::string fp = tokens_fingerprint(t.tokens);
+    t.fingerprint = tokens_fingerprint(t.tokens);
     for (const Record& r : sc.log.records()) {
       if (r.suite != "fidelity" || r.case_id != t.id) continue;
       const auto it = r.str.find("tokens_fingerprint");
-      MP_CHECK(it == r.str.end() || it->second == fp,
+      MP_CHECK(it == r.str.end() || it->second == t.fingerprint,
                "eval: {}: case {} was recorded from other tokens (fingerprint {}, now {}: the text changed); use "
                "another --out or --overwrite",
-               sc.log.path(), t.id, it->second, fp);
+               sc.log.path(), t.id, it->second, t.fingerprint);
     }
   }
   generator.reset();
@@ -217,7 +218,7 @@ void run_fidelity(SuiteContext& sc, Progress& progress) {
       Record r = sc.record("fidelity", t.id, todo[s - 1]);
       const double np = double(std::max<int64_t>(1, st.positions));
       r.num["text_tokens"] = double(n);
-      r.str["tokens_fingerprint"] = tokens_fingerprint(t.tokens);
+      r.str["tokens_fingerprint"] = t.fingerprint;
       r.num["prefix"] = o.prefix;
       r.num["positions"] = double(st.positions);
       r.num["kl_mean"] = st.kl_sum / np;
