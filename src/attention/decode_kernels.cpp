@@ -417,26 +417,41 @@ void attend_positions(const KVLayerView& kv, const int32_t* page_table, int head
   attend_cache(kv, page_table, head, 0, positions, count, q, scale, state);
 }
 
-void attend_pseudo(const float* keys, const float* values, const float* bias, const int32_t* ids, int64_t count,
-                   const float* q, float scale, SoftmaxState& state) {
+void attend_weighted(const float* values, const int32_t* ids, int64_t count, const float* w, const float* mx,
+                     SoftmaxState& state) {
   if (count <= 0) return;
-  check_state(state, state.dim, "attend_pseudo");
-  const int d = state.dim;
-  // Biases are gathered with the rows, one block ahead: alternate halves by block parity.
-  float b[2][kBlock];
-  auto fill = [&](int64_t j0, int n, const float** k, const float** v) {
-    float* bb = b[(j0 / kBlock) % 2];
-    for (int i = 0; i < n; ++i) {
-      const int64_t id = ids ? ids[j0 + i] : j0 + i;
-      k[i] = keys + id * d;
-      v[i] = values + id * d;
-      bb[i] = bias[id];
+  check_state(state, state.dim, "attend_weighted");
+  const int G = state.groups, d = state.dim;
+  // Bring the state to the new maxima once; the weights, taken to the same maxima, then add
+  // to l and o directly.
+  float factor[kMaxGroups];
+  for (int g = 0; g < G; ++g) {
+    factor[g] = 0;
+    if (mx[g] == kNegInf) continue;
+    const float m_new = std::max(state.m[g], mx[g]);
+    if (m_new > state.m[g]) {
+      const float alpha = std::exp(state.m[g] - m_new);  // 0 when m was -inf
+      state.l[g] *= alpha;
+      scale_row(state.o + int64_t(g) * d, d, alpha);
+      state.m[g] = m_new;
     }
-  };
-  for_blocks<float>(count, d * 4, fill,
-                    [&](const float* const* k, const float* const* v, int n, int64_t j0, const Prefetch<float>& pf) {
-                      attend_block<float>(k, v, b[(j0 / kBlock) % 2], n, q, scale, state, pf);
-                    });
+    factor[g] = std::exp(mx[g] - m_new);
+  }
+  alignas(64) float p[kMaxGroups * kBlock];
+  const float* rows[kBlock];
+  for (int64_t b = 0; b < count; b += kBlock) {
+    const int n = int(std::min<int64_t>(kBlock, count - b));
+    for (int i = 0; i < n; ++i) rows[i] = values + (ids ? int64_t(ids[b + i]) : b + i) * d;
+    for (int g = 0; g < G; ++g) {
+      float* pg = p + g * kBlock;
+      float sum = 0;
+      const float f = factor[g];  // 0 also where mx is -inf and w may be NaN
+      for (int i = 0; i < n; ++i) sum += pg[i] = f == 0.0f ? 0.0f : w[int64_t(g) * count + b + i] * f;
+      std::fill(pg + n, pg + kBlock, 0.0f);
+      state.l[g] += sum;
+    }
+    pv(rows, n, p, G, d, state.o);
+  }
 }
 
 void score_rows(const float* keys, const int32_t* ids, int64_t count, const float* q, int groups, int dim, float scale,

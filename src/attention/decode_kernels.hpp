@@ -40,12 +40,13 @@ void attend_range_all_heads(const KVLayerView& kv, const int32_t* page_table, in
 void attend_positions(const KVLayerView& kv, const int32_t* page_table, int head, const int32_t* positions,
                       int64_t count, const float* q, float scale, SoftmaxState& state);
 
-// Pseudo-tokens (far-field centroids): logit_{g,i} = scale * q_g . keys[id] + bias[id].
-//   q:      [G, d] f32 (rotated to the scoring position)
-//   keys:   [C, d] f32, values: [C, d] f32, bias: [C] (log cluster size)
-//   ids:    [count] indices into keys/values/bias; nullptr: ids 0..count-1
-void attend_pseudo(const float* keys, const float* values, const float* bias, const int32_t* ids, int64_t count,
-                   const float* q, float scale, SoftmaxState& state);
+// Pseudo-tokens (far-field centroids) whose logits the scoring already computed, given as
+// weights w_{g,j} = e^{logit_{g,j} - mx_g} (logit = scale q_g . c + log n): the far field
+// reuses them instead of reading the key centroids a second time.
+//   values: [C, d] f32; ids: [count] rows of values, nullptr: rows 0..count-1
+//   w:      [G, count] (0 leaves a row out); mx: [G] (-inf: no weight for that head)
+void attend_weighted(const float* values, const int32_t* ids, int64_t count, const float* w, const float* mx,
+                     SoftmaxState& state);
 
 // Scores for centroid scoring: out[g * count + j] = scale * q_g . keys[ids[j]].
 //   q: [G, d], keys: [C, d] f32, ids: [count] or nullptr (0..count-1), out: [G, count]

@@ -31,7 +31,6 @@ struct MultipolePolicy::Scratch {
   std::vector<int32_t> sizes;       // [n]
   std::vector<int32_t> picked;      // [n] selected candidates (local indices)
   std::vector<uint8_t> chosen;      // [n]
-  std::vector<int32_t> far_ids;     // unselected candidates (ids into the arrays attended)
   std::vector<int32_t> selected_positions, exact_positions;  // chosen middle positions; sinks + middle + window
   std::vector<float> rkeys, rvalues, rbias;  // real-position mode: candidates rotated, values, log sizes
   std::vector<float> fm, fl, zmax, zsum;     // [G] frontier normalisation
@@ -52,7 +51,6 @@ struct MultipolePolicy::Scratch {
     cpu::grow(sizes, n);
     cpu::grow(picked, n);
     cpu::grow(chosen, n);
-    cpu::grow(far_ids, n);
     cpu::grow(selected_positions, size_t(selected));
     cpu::grow(exact_positions, size_t(positions));
     cpu::grow(selection.items, n);
@@ -298,20 +296,20 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
       std::fill(chosen, chosen + n, uint8_t(0));
       for (int64_t j = 0; j < sel.count; ++j) chosen[picked[j]] = 1;
 
-      // Unselected candidates join the far field (and the frontier normalisation).
-      int32_t* far_ids = cpu::grow(s.far_ids, size_t(n));
-      int64_t nfar = 0;
-      for (int64_t i = 0; i < n; ++i)
-        if (!chosen[i]) far_ids[nfar++] = int32_t(id_at(i));
+      // Unselected candidates join the far field (and the frontier normalisation). Their
+      // weights x are the far field's own: the chosen ones get 0, and no logit is recomputed.
+      int64_t nfar = n - sel.count;
       for (int g = 0; g < G; ++g) {
-        const float* xg = x + int64_t(g) * n;
+        float* xg = x + int64_t(g) * n;
         float sum = fl[g] * (fm[g] == kNegInf ? 0.0f : std::exp(fm[g] - zmax[g]));
-        for (int64_t i = 0; i < n; ++i)
-          if (!chosen[i]) sum += xg[i];
+        for (int64_t i = 0; i < n; ++i) {
+          if (chosen[i]) xg[i] = 0.0f;
+          sum += xg[i];
+        }
         fm[g] = zmax[g];
         fl[g] = sum;
       }
-      if (far_field && nfar > 0) kernels::attend_pseudo(keys, values, bias, far_ids, nfar, qs, scale, far);
+      if (far_field && nfar > 0) kernels::attend_weighted(values, ids, n, x, zmax, far);
       pseudo += nfar;
 
       if (l > 0) {
@@ -350,8 +348,9 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
   stats.selected_tokens += chosen_tokens;
   stats.centroids_scored += scored;
   stats.pseudo_tokens += far_field ? pseudo : 0;
+  // Scored centroids: key + size; the far field reads only their values (f32).
   stats.bytes_read += exact_tokens * 2 * kv.token_bytes + scored * (int64_t(d) * 4 + 8) +
-                        (far_field ? pseudo * int64_t(d) * 8 : 0);
+                        (far_field ? pseudo * int64_t(d) * 4 : 0);
 }
 
 std::unique_ptr<AttentionPolicy> make_multipole_policy(const AttentionConfig& config) {

@@ -271,10 +271,39 @@ TEST_P(DecodeKernels, AttendPseudoAndScoreRowsMatchNaive) {
           }
           const std::string what = "pseudo d=" + std::to_string(d) + " G=" + std::to_string(groups) + " count=" +
                                    std::to_string(count) + (use_ids ? " ids" : " all");
+          // Weights as the scoring leaves them: e^{logit - max}, computed here in double.
+          std::vector<float> w(size_t(groups) * count), mx(groups);
+          for (int g = 0; g < groups; ++g) {
+            std::vector<double> logit(count);
+            double m = -INFINITY;
+            for (int64_t j = 0; j < count; ++j) {
+              double dot = 0;
+              for (int c = 0; c < d; ++c) dot += double(q[g * d + c]) * k[j][c];
+              logit[j] = scale * dot + b[j];
+              m = std::max(m, logit[j]);
+            }
+            mx[g] = float(m);
+            for (int64_t j = 0; j < count; ++j) w[g * count + j] = float(std::exp(logit[j] - m));
+          }
           State st(groups, d);
-          attend_pseudo(keys.data(), values.data(), bias.data(), use_ids ? ids.data() : nullptr, count, q.data(),
-                        scale, st.s);
+          attend_weighted(values.data(), use_ids ? ids.data() : nullptr, count, w.data(), mx.data(), st.s);
           expect_matches(st, reference(k, v, b, q.data(), groups, d, scale), 2e-5, what);
+          // Into a state that already holds other rows: the same as attending them all.
+          State both(groups, d);
+          attend_weighted(values.data(), use_ids ? ids.data() : nullptr, count, w.data(), mx.data(), both.s);
+          std::vector<float> w2(w.size()), mx2(groups);
+          for (int g = 0; g < groups; ++g) {  // the same rows again, weights 3x at a max 2 higher
+            mx2[g] = mx[g] + 2.0f;
+            for (int64_t j = 0; j < count; ++j) w2[g * count + j] = 3.0f * std::exp(-2.0f) * w[g * count + j];
+          }
+          attend_weighted(values.data(), use_ids ? ids.data() : nullptr, count, w2.data(), mx2.data(), both.s);
+          // Every row now weighs 1 + 3 = 4 times its share, seen from a maximum 2 higher.
+          Reference twice = reference(k, v, b, q.data(), groups, d, scale);
+          for (int g = 0; g < groups; ++g) {
+            twice.m[g] += 2.0;
+            twice.l[g] *= 4.0 * std::exp(-2.0);
+          }
+          expect_matches(both, twice, 2e-5, what + " twice");
 
           std::vector<float> out(size_t(groups) * count);
           score_rows(keys.data(), use_ids ? ids.data() : nullptr, count, q.data(), groups, d, scale, out.data());
@@ -289,20 +318,21 @@ TEST_P(DecodeKernels, AttendPseudoAndScoreRowsMatchNaive) {
     }
 }
 
-TEST_P(DecodeKernels, PseudoTokensWithMinusInfinityBiasHaveNoWeight) {
+TEST_P(DecodeKernels, PseudoTokensWithZeroWeightOrNoMaximumHaveNoWeight) {
   const int d = 16, groups = 2;
-  std::vector<float> keys(3 * d, 0.5f), values(3 * d), bias = {-INFINITY, 0.0f, -INFINITY};
+  std::vector<float> values(3 * d);
   for (int i = 0; i < 3 * d; ++i) values[i] = float(i / d);
-  std::vector<float> q(groups * d, 0.25f);
+  std::vector<float> w = {0.0f, 1.0f, 0.0f, 0.0f, 1.0f, 0.0f}, mx = {0.5f, 0.5f};
   State st(groups, d);
-  attend_pseudo(keys.data(), values.data(), bias.data(), nullptr, 3, q.data(), 1.0f, st.s);
+  attend_weighted(values.data(), nullptr, 3, w.data(), mx.data(), st.s);
   std::vector<float> out(groups * d);
   finalize(st.s, out.data());
   for (float x : out) EXPECT_FLOAT_EQ(x, 1.0f);
-  // Only -inf logits: the state stays empty and finalizes to zeros.
+  // A maximum of -inf (every logit -inf: the weights are NaN): the state stays empty.
   State none(groups, d);
   std::vector<int32_t> ids = {0, 2};
-  attend_pseudo(keys.data(), values.data(), bias.data(), ids.data(), 2, q.data(), 1.0f, none.s);
+  std::vector<float> nan_w(4, NAN), no_max = {-INFINITY, -INFINITY};
+  attend_weighted(values.data(), ids.data(), 2, nan_w.data(), no_max.data(), none.s);
   finalize(none.s, out.data());
   for (float x : out) EXPECT_EQ(x, 0.0f);
 }
