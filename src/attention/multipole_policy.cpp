@@ -32,7 +32,7 @@ struct MultipolePolicy::Scratch {
   std::vector<int32_t> picked;      // [n] selected candidates (local indices)
   std::vector<uint8_t> chosen;      // [n]
   std::vector<int32_t> selected_positions, exact_positions;  // chosen middle positions; sinks + middle + window
-  std::vector<float> rkeys, rvalues, rbias;  // real-position mode: candidates rotated, values, log sizes
+  std::vector<float> rkeys;  // [n, d] real-position mode: the candidates' key centroids, rotated
   std::vector<float> fm, fl, zmax, zsum;     // [G] frontier normalisation
   Rotation rotation;
   SelectionScratch selection;
@@ -57,8 +57,6 @@ struct MultipolePolicy::Scratch {
     if (real) {
       rotation.set(*real, 0.0);
       cpu::grow(rkeys, n * d);
-      cpu::grow(rvalues, n * d);
-      cpu::grow(rbias, n);
     }
     for (auto* v : {&fm, &fl, &zmax, &zsum}) cpu::grow(*v, size_t(G));
   }
@@ -243,25 +241,21 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
     for (int l = L - 1; l >= 0 && n > 0; --l) {
       const ClusterLevel& lv = idx.level(l);
       cand = s.cand.data();
-      const float *keys = lv.keys.data(), *values = lv.values.data(), *bias = lv.log_sizes.data();
-      const int32_t* ids = cand;
+      // Values and sizes are read through cand; only the keys may need copies.
+      const float* keys = lv.keys.data();
+      const int32_t* key_ids = cand;
       if (real) {
         // Rotated copies: centroid i at its members' mean position, scored against the real q.
         float* rk = cpu::grow(s.rkeys, size_t(n) * d);
-        float* rv = cpu::grow(s.rvalues, size_t(n) * d);
-        float* rb = cpu::grow(s.rbias, size_t(n));
         for (int64_t i = 0; i < n; ++i) {
           std::copy_n(lv.keys.data() + int64_t(cand[i]) * d, d, rk + i * d);
-          std::copy_n(lv.values.data() + int64_t(cand[i]) * d, d, rv + i * d);
-          rb[i] = lv.log_sizes[cand[i]];
           s.rotation.set(rope_, lv.mean_position(cand[i]));
           s.rotation.apply(rk + i * d);
         }
-        keys = rk, values = rv, bias = rb, ids = nullptr;
+        keys = rk, key_ids = nullptr;
       }
-      auto id_at = [&](int64_t i) { return ids ? int64_t(ids[i]) : i; };
       float* x = cpu::grow(s.logits, size_t(G) * n);
-      kernels::score_rows(keys, ids, n, qs, G, d, scale, x);
+      kernels::score_rows(keys, key_ids, n, qs, G, d, scale, x);
       scored += n;
 
       // p_{g,i} = e^{s q.c_i} / sum_{j in frontier} n_j e^{s q.c_j}; the frontier is the far
@@ -269,7 +263,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
       for (int g = 0; g < G; ++g) {
         float* xg = x + int64_t(g) * n;
         float mx = fm[g];
-        for (int64_t i = 0; i < n; ++i) mx = std::max(mx, xg[i] += bias[id_at(i)]);
+        for (int64_t i = 0; i < n; ++i) mx = std::max(mx, xg[i] += lv.log_sizes[cand[i]]);
         for (int64_t i = 0; i < n; ++i) xg[i] -= mx;
         kernels::exp_inplace(xg, n);  // n_i e^{s q.c_i - mx}
         float z = fl[g] * (fm[g] == kNegInf ? 0.0f : std::exp(fm[g] - mx));
@@ -298,7 +292,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
 
       // Unselected candidates join the far field (and the frontier normalisation). Their
       // weights x are the far field's own: the chosen ones get 0, and no logit is recomputed.
-      int64_t nfar = n - sel.count;
+      const int64_t nfar = n - sel.count;
       for (int g = 0; g < G; ++g) {
         float* xg = x + int64_t(g) * n;
         float sum = fl[g] * (fm[g] == kNegInf ? 0.0f : std::exp(fm[g] - zmax[g]));
@@ -309,7 +303,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
         fm[g] = zmax[g];
         fl[g] = sum;
       }
-      if (far_field && nfar > 0) kernels::attend_weighted(values, ids, n, x, zmax, far);
+      if (far_field && nfar > 0) kernels::attend_weighted(lv.values.data(), cand, n, x, zmax, far);
       pseudo += nfar;
 
       if (l > 0) {
