@@ -5,8 +5,6 @@
 #include <fstream>
 #include <sstream>
 
-#include <fmt/format.h>
-
 #include "cli_checks.hpp"
 #include "commands.hpp"
 #include "multipole/core/error.hpp"
@@ -19,7 +17,7 @@ namespace {
 
 struct EvalArgs {
   eval::EvalOptions o;
-  std::vector<std::string> clusters = {fmt::format("{}", fmt::join(ClusterConfig{}.tokens_per_centroid, "/"))};
+  std::vector<std::string> clusters = {eval::cluster_setting_text(o.clusters.front())};  // o's default, as text
   bool report_only = false;
   bool json = false;
   bool quiet = false;

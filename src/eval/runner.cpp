@@ -28,14 +28,11 @@ std::string activations_name(bool f32) { return f32 ? "f32" : "int8"; }
 
 bool policy_uses_clusters(const std::string& policy) { return policy == "multipole" || policy == "squeezed"; }
 
-std::string Variant::cluster() const {
-  std::string s;
-  for (size_t i = 0; i < tokens_per_centroid.size(); ++i) {
-    if (i) s += '/';
-    s += std::to_string(tokens_per_centroid[i]);
-  }
-  return s;
+std::string cluster_setting_text(const std::vector<int>& tokens_per_centroid) {
+  return fmt::format("{}", fmt::join(tokens_per_centroid, "/"));
 }
+
+std::string Variant::cluster() const { return cluster_setting_text(tokens_per_centroid); }
 
 std::string Variant::label() const {
   std::string s = fmt::format("{} b{}", policy, budget);

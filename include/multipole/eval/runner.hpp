@@ -34,6 +34,8 @@ std::vector<Variant> make_variants(const std::vector<std::string>& policies, con
                                    const std::vector<std::vector<int>>& clusters);
 // "16/128" -> {16, 128}; throws naming the text.
 std::vector<int> parse_cluster_setting(const std::string& text);
+// {16, 128} -> "16/128" ("" for no levels): the inverse of parse_cluster_setting.
+std::string cluster_setting_text(const std::vector<int>& tokens_per_centroid);
 
 struct EvalOptions {
   std::string model;  // GGUF file or Hugging Face folder
