@@ -170,9 +170,9 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
   const int ntiles = all_tiles > warp ? (all_tiles - warp + W - 1) / W : 0;
   auto tile_v0 = [&](int t) { return vbegin + (t * W + warp) * TILE; };
 
-  // Raw row codes are loaded one tile ahead and only used when the tile is issued, so the
-  // loads (page table, exact list) never stall the warp: dense keeps the page id (or -1),
-  // multipole the final code.
+  // Raw row codes are loaded ahead of the tile that uses them (one tile ahead, or 32 for
+  // multipole and one-page dense below), so the loads (page table, exact list, far list)
+  // never stall the warp: dense keeps the page id (or -1), multipole the final code.
   const int pshift = a.page_shift;
   auto resolve = [&](int v) -> int {
     if (v >= vend) return -1;
@@ -239,30 +239,59 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
       }
     }
   };
-  // One page: lane j holds the page id of tile pg_base + j (pg_cur) and of the 32 tiles after
+  // One page: lane j holds the page id of tile ahead_base + j (pg_cur) and of the 32 tiles after
   // (pg_next), so the page-table load is issued 32 tiles before its use instead of one, and
   // never stalls the warp under a loaded memory system. resolve_tile runs on t = 0, 1, 2, ...
   auto load_pages = [&](int tb) -> int {
     const int t = tb + lane;
     return t < ntiles ? __ldg(table + (tile_v0(t) >> pshift)) : -1;
   };
-  int pg_base = 0, pg_cur = -1, pg_next = -1;
+  int ahead_base = 0, pg_cur = -1, pg_next = -1;
   if (one_page) {
     pg_cur = load_pages(0);
     pg_next = load_pages(32);
   }
+  // Multipole the same way: lane j holds the TILE row codes of tile ahead_base + j (cd_cur) and
+  // of the 32 tiles after (cd_next). Resolved one tile ahead, each far-field tile (V rows
+  // only, little math) waited for its list loads: ~1.2 us per tile and warp (gpu-notes
+  // items 13b and 21).
+  constexpr int NC = MP ? TILE : 1;
+  int cd_cur[NC], cd_next[NC];
+  auto load_codes = [&](int tb, int (&c)[NC]) {
+    const int t = tb + lane;
+#pragma unroll
+    for (int r = 0; r < NC; ++r) c[r] = t < ntiles ? resolve(tile_v0(t) + r) : -1;
+  };
+  if constexpr (MP) {
+    load_codes(0, cd_cur);
+    load_codes(32, cd_next);
+  }
   auto resolve_tile = [&](int t, int (&rows)[S::kLoadSteps]) {
-    if (one_page) {
-      if (t == pg_base + 32) {
-        pg_base = t;
+    if constexpr (MP) {
+      if (t == ahead_base + 32) {
+        ahead_base = t;
+#pragma unroll
+        for (int r = 0; r < NC; ++r) cd_cur[r] = cd_next[r];
+        load_codes(t + 32, cd_next);
+      }
+      // This lane's rows are r0 + s kRowsPerStep.
+#pragma unroll
+      for (int r = 0; r < NC; ++r) {
+        const int code = __shfl_sync(0xffffffffu, cd_cur[r], t & 31);
+        if (r % S::kRowsPerStep == r0) rows[r / S::kRowsPerStep] = code;
+      }
+    } else if (one_page) {
+      if (t == ahead_base + 32) {
+        ahead_base = t;
         pg_cur = pg_next;
         pg_next = load_pages(t + 32);
       }
       rows[0] = __shfl_sync(0xffffffffu, pg_cur, t & 31);
-      return;
-    }
+    } else {
 #pragma unroll
-    for (int s = 0; s < S::kLoadSteps; ++s) rows[s] = t < ntiles ? resolve(tile_v0(t) + r0 + s * S::kRowsPerStep) : -1;
+      for (int s = 0; s < S::kLoadSteps; ++s)
+        rows[s] = t < ntiles ? resolve(tile_v0(t) + r0 + s * S::kRowsPerStep) : -1;
+    }
   };
 
   // O as NT accumulator fragments: o[j] = (row grp: dims 8j + 2 tig + {0,1}; row grp + 8: same).
