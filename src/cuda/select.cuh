@@ -428,29 +428,44 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     }
   }
   // Score the candidates: one warp per candidate, lanes over the dimensions (D <= 128). The
-  // raw loads of U candidates per warp are all issued before the first use (one round trip
-  // per U * warps candidates); heads in a rolled loop, the U warp sums interleaved. Logits
-  // and sizes also go to shared memory (first kc candidates).
+  // raw loads of U candidates per warp are all issued together, a round before their use;
+  // heads in a rolled loop, the U warp sums interleaved. Logits and sizes also go to shared
+  // memory (first kc candidates).
   constexpr int U = 4;
   using KB = KeyBits<KT>;
+  using Raw = typename KB::Raw;
   const KT* kcent = static_cast<const KT*>(a.key_centroids);
-#pragma unroll 1
-  for (int k0 = a.prescored ? nc : warp; k0 < nc; k0 += U * kSelectWarps) {
-    typename KB::Raw raw[U][4];
-    int nk[U], mbk[U];
+  // One round's rows, sizes and list starts; the next round's are loaded before this
+  // round's math, so each round waits on loads issued a round earlier.
+  auto load_round = [&](int k0, Raw (&raw)[U][4], int (&nk)[U], int (&mbk)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = k0 + u * kSelectWarps;
       const int64_t c = k < nc ? fb + cand[k] : 0;
-      const auto* row = reinterpret_cast<const typename KB::Raw*>(kcent + c * D);
+      const auto* row = reinterpret_cast<const Raw*>(kcent + c * D);
       nk[u] = k < nc ? __ldg(a.sizes + c) : 0;
       mbk[u] = k < nc ? a.member_begin[c] : 0;  // kept in L1 for write_exact_rows
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int d = lane + 32 * j;
-        raw[u][j] = k < nc && d < D ? __ldg(row + d) : typename KB::Raw(0);
+        raw[u][j] = k < nc && d < D ? __ldg(row + d) : Raw(0);
       }
     }
+  };
+  Raw raw[U][4], raw_next[U][4];
+  int nk[U], mbk[U], nk_next[U], mbk_next[U];
+  int k0 = a.prescored ? nc : warp;
+  if (k0 < nc) load_round(k0, raw_next, nk_next, mbk_next);
+#pragma unroll 1
+  for (; k0 < nc; k0 += U * kSelectWarps) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      nk[u] = nk_next[u];
+      mbk[u] = mbk_next[u];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) raw[u][j] = raw_next[u][j];
+    }
+    if (k0 + U * kSelectWarps < nc) load_round(k0 + U * kSelectWarps, raw_next, nk_next, mbk_next);
     // The candidates' member lists into L2 (write_exact_rows reads those of the selected).
     if (lane == 0)
 #pragma unroll
