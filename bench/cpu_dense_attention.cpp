@@ -53,9 +53,8 @@ void time_phases(int G, int d, int repeats) {
     softmax_step(x.data(), n, s);
   });
   const double tp = per_token([&] { pv_avx512<bf16>(vrows.data(), n, x.data(), G, d, o.data()); });
-  const double fma = 2.0 * G * d / 16;  // zmm FMAs per token
-  std::printf("block phases in L1, ns per token-head: logits %.2f, softmax %.2f, PV %.2f (%.0f zmm FMAs each in "
-              "logits and PV)\n", tl, ts, tp, fma / 2);
+  std::printf("block phases in L1, ns per token-head: logits %.2f, softmax %.2f, PV %.2f (%d zmm FMAs each in "
+              "logits and PV)\n", tl, ts, tp, G * d / 16);
 }
 
 }  // namespace
@@ -65,6 +64,11 @@ int main(int argc, char** argv) {
   const int d = argc > 2 ? std::atoi(argv[2]) : 128;
   const int repeats = argc > 3 ? std::atoi(argv[3]) : 7;
   const int Hkv = 8;
+  if (G < 1 || G > kernels::detail::kMaxGroups || d < 16 || d > 1024 || d % 16 != 0 || repeats < 1) {
+    std::fprintf(stderr, "cpu_dense_attention: group size %d must be 1..%d, head dim %d a multiple of 16 in "
+                 "16..1024, repeats %d >= 1\n", G, kernels::detail::kMaxGroups, d, repeats);
+    return 2;
+  }
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
   std::printf("group %d, head dim %d, %d KV heads, bf16, one thread (%s kernels)\n", G, d, Hkv,
