@@ -390,6 +390,7 @@ struct MpCase {
   int budget;
   bool far_field = true;
   bool huge_first = false;
+  int chunk_tiles = 0;  // > 0: the planner's shortest attention split (MULTIPOLE_MP_CHUNK_TILES)
 };
 
 // Reference greedy selection (f64 importance) for one entry; returns selected flags and
@@ -450,7 +451,12 @@ void run_multipole(const MpCase& mc, uint32_t seed) {
   const IndexFixture fx = make_index(cache, ac, 0, rng, mc.huge_first);
   DeviceClusterIndex index(mc.D, mc.Hkv, mc.key_dtype, mc.dtype, fx.entries);
   CudaDecoder dec(ac);
+  if (mc.chunk_tiles > 0) setenv("MULTIPOLE_MP_CHUNK_TILES", std::to_string(mc.chunk_tiles).c_str(), 1);
   dec.plan(dev, cache.seqs, &index);
+  if (mc.chunk_tiles > 0) {
+    unsetenv("MULTIPOLE_MP_CHUNK_TILES");
+    EXPECT_GE(dec.plan_info().mp_chunk, 32 * mc.chunk_tiles);
+  }
   const int B = int(mc.lengths.size()), Hq = ac.num_q_heads, D = mc.D, G = mc.G;
   const auto q = random_vector(size_t(B) * Hq * D, rng);
   const auto qs = random_vector(size_t(B) * Hq * D, rng, 1.5f);
@@ -552,6 +558,18 @@ TEST(CudaMultipole, LargeBudgetRadixPathAndSkippedGiant) {
   run_multipole({4, 2, 128, DType::BF16, DType::F32, {n}, int(n / 20)}, seed++);      // 5% budget: deep radix select
   run_multipole({4, 2, 128, DType::BF16, DType::F32, {3000}, 128, true, true}, seed++);  // a cluster above the budget
   run_multipole({4, 2, 128, DType::BF16, DType::F32, {3000}, 0}, seed++);              // nothing selected
+}
+
+// Splits long enough that each warp of the attention kernel runs past the 32 tiles whose row
+// codes it loads first, so it loads the next 32 while it runs (at the bench's shapes a warp
+// has at most ~11 tiles; a batch of 64 at 128K tokens would have ~43).
+TEST(CudaMultipole, LongSplitsLoadRowCodesAhead) {
+  REQUIRE_GPU();
+  const int64_t n = small_scale() ? 6000 : 20000;
+  // Virtual lengths (exact set + far field) of ~2000-6000 positions: 36 to ~190 warp tiles.
+  run_multipole({4, 2, 128, DType::BF16, DType::BF16, {n, 3001}, int(n / 4), true, false, 400}, 550);
+  run_multipole({5, 1, 64, DType::F16, DType::F32, {n}, 512, true, false, 400}, 551);
+  run_multipole({4, 2, 128, DType::BF16, DType::F32, {n}, int(n / 5), false, false, 400}, 552);  // squeezed
 }
 
 TEST(CudaMultipole, SqueezedDropsTheFarField) {
