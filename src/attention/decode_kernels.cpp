@@ -209,6 +209,15 @@ void scale_row(float* x, int d, float factor) {
   for (int c = 0; c < d; c += 8) _mm256_storeu_ps(x + c, _mm256_mul_ps(_mm256_loadu_ps(x + c), f));
 }
 
+// Head g's running max raised to m_new (>= the current one, finite), l and o rescaled to it.
+void raise_max(SoftmaxState& s, int g, float m_new) {
+  if (m_new <= s.m[g]) return;
+  const float alpha = std::exp(s.m[g] - m_new);  // 0 when m was -inf
+  s.l[g] *= alpha;
+  scale_row(s.o + int64_t(g) * s.dim, s.dim, alpha);
+  s.m[g] = m_new;
+}
+
 // One block of n <= kBlock keys/values (f32 q, K/V rows of type T).
 template <class T>
 void attend_block(const T* const* krows, const T* const* vrows, const float* bias, int n, const float* q, float scale,
@@ -334,12 +343,7 @@ void softmax_step(float* x, int n, SoftmaxState& s) {
       std::fill(xg, xg + n8, 0.0f);
       continue;
     }
-    if (m_new > s.m[g]) {
-      const float alpha = std::exp(s.m[g] - m_new);  // 0 when m was -inf
-      s.l[g] *= alpha;
-      scale_row(s.o + int64_t(g) * s.dim, s.dim, alpha);
-      s.m[g] = m_new;
-    }
+    raise_max(s, g, m_new);
     const __m256 m = _mm256_set1_ps(m_new);
     __m256 sum = _mm256_setzero_ps();
     for (int t = 0; t < n8; t += 8) {
@@ -429,12 +433,7 @@ void attend_weighted(const float* values, const int32_t* ids, int64_t count, con
     factor[g] = 0;
     if (mx[g] == kNegInf) continue;
     const float m_new = std::max(state.m[g], mx[g]);
-    if (m_new > state.m[g]) {
-      const float alpha = std::exp(state.m[g] - m_new);  // 0 when m was -inf
-      state.l[g] *= alpha;
-      scale_row(state.o + int64_t(g) * d, d, alpha);
-      state.m[g] = m_new;
-    }
+    raise_max(state, g, m_new);
     factor[g] = std::exp(mx[g] - m_new);
   }
   alignas(64) float p[kMaxGroups * kBlock];
@@ -444,10 +443,12 @@ void attend_weighted(const float* values, const int32_t* ids, int64_t count, con
     for (int i = 0; i < n; ++i) rows[i] = values + (ids ? int64_t(ids[b + i]) : b + i) * d;
     for (int g = 0; g < G; ++g) {
       float* pg = p + g * kBlock;
-      float sum = 0;
       const float f = factor[g];  // 0 also where mx is -inf and w may be NaN
-      for (int i = 0; i < n; ++i) sum += pg[i] = f == 0.0f ? 0.0f : w[int64_t(g) * count + b + i] * f;
-      std::fill(pg + n, pg + kBlock, 0.0f);
+      std::fill(pg, pg + kBlock, 0.0f);
+      if (f == 0.0f) continue;
+      const float* wg = w + int64_t(g) * count + b;
+      float sum = 0;
+      for (int i = 0; i < n; ++i) sum += pg[i] = wg[i] * f;
       state.l[g] += sum;
     }
     pv(rows, n, p, G, d, state.o);
