@@ -18,6 +18,19 @@ using namespace multipole;
 
 namespace {
 
+// Median over `repeats` timings of `inner` calls of body, in ns per call divided by `per`.
+template <class Body>
+double median_ns(int repeats, int inner, double per, Body&& body) {
+  std::vector<double> ns;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < inner; ++i) body();
+    ns.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e9 / inner / per);
+  }
+  std::sort(ns.begin(), ns.end());
+  return ns[ns.size() / 2];
+}
+
 // The three phases of one 64-token block (logits, online softmax, PV) timed alone on rows in L1.
 void time_phases(int G, int d, int repeats) {
   using namespace kernels::detail;
@@ -33,17 +46,7 @@ void time_phases(int G, int d, int repeats) {
   for (auto& e : q) e = normal(rng) * 0.3f;
   kernels::SoftmaxState s{G, d, ml.data(), ml.data() + G, o.data()};
   s.reset();
-  auto per_token = [&](auto&& body) {
-    const int inner = 20000;
-    std::vector<double> ns;
-    for (int r = 0; r < repeats; ++r) {
-      const auto t0 = std::chrono::steady_clock::now();
-      for (int i = 0; i < inner; ++i) body();
-      ns.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e9 / inner / n);
-    }
-    std::sort(ns.begin(), ns.end());
-    return ns[ns.size() / 2];
-  };
+  auto per_token = [&](auto&& body) { return median_ns(repeats, 20000, n, body); };
   const double tl = per_token([&] {
     logits_avx512<bf16>(krows.data(), n, q.data(), G, d, 0.088f, nullptr, x.data(), kBlock, Prefetch<bf16>{});
   });
@@ -96,18 +99,10 @@ int main(int argc, char** argv) {
     }
     const KVLayerView kv = cache.layer_view(0);
     const int inner = int(std::max<int64_t>(1, (1 << 22) / n));
-    std::vector<double> ns;
-    for (int r = 0; r < repeats; ++r) {
-      const auto t0 = std::chrono::steady_clock::now();
-      for (int i = 0; i < inner; ++i) {
-        for (auto& x : st) x.reset();
-        kernels::attend_range_all_heads(kv, cache.page_table(s).data(), 0, n, q.data(), 0.088f, st.data());
-      }
-      const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      ns.push_back(sec * 1e9 / double(inner) / double(n * Hkv));
-    }
-    std::sort(ns.begin(), ns.end());
-    const double med = ns[ns.size() / 2];
+    const double med = median_ns(repeats, inner, double(n * Hkv), [&] {
+      for (auto& x : st) x.reset();
+      kernels::attend_range_all_heads(kv, cache.page_table(s).data(), 0, n, q.data(), 0.088f, st.data());
+    });
     std::printf("%10lld %10.1f %14.2f %10.2f\n", (long long)n, double(n) * Hkv * 2 * d * 2 / 1e6, med,
                 2.0 * d * 2 / med);
   }
