@@ -206,7 +206,12 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     upload_vector(s_item_chunk_, s_chunk);
     upload_vector(s_seq_base_, s_base);
     upload_vector(s_seq_chunks_, s_count);
-    info_.score_ctas = int(s_seq.size()) * Hkv * head_chunks_;
+    // Scoring: one work item per centroid chunk and head chunk, on at most one wave of
+    // persistent CTAs. MULTIPOLE_SCORE_CTAS: a cap (tests give CTAs several items).
+    info_.score_work = int(s_seq.size()) * Hkv * head_chunks_;
+    const DType key_dtype = index->key_dtype() == DType::F32 ? DType::F32 : kc.dtype;
+    info_.score_ctas = std::min(info_.score_work, score_resident_ctas(D, gc_, key_dtype));
+    if (const int cap = env_int("MULTIPOLE_SCORE_CTAS", 0); cap > 0) info_.score_ctas = std::min(info_.score_ctas, cap);
     int dev = 0, optin = 0;
     MP_CUDA_CHECK(cudaGetDevice(&dev));
     MP_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
@@ -317,7 +322,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     s.scores = scores_.as<float>();
     s.part = score_part_.as<float>();
     launch_score(s, config_.head_dim, gc_, cv.key_dtype == DType::F32 ? DType::F32 : cache.config().dtype,
-                 info_.score_ctas / (Hkv * head_chunks_), stream);
+                 info_.score_work / (Hkv * head_chunks_), info_.score_ctas, stream);
   }
 
   if (stages < 2) return;

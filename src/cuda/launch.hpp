@@ -146,7 +146,11 @@ struct SelectArgs {
 // mp selects the multipole variant.
 void launch_attend_bf16(const AttendArgs& a, int head_dim, int rows, bool mp, int items, Stream stream);
 void launch_attend_f16(const AttendArgs& a, int head_dim, int rows, bool mp, int items, Stream stream);
-void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int items, Stream stream);
+// Scoring of `items` score items x Hkv x head_chunks by `ctas` persistent CTAs (at most
+// score_resident_ctas(); the plan picks it).
+void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int items, int ctas, Stream stream);
+// CTAs of the scoring kernel that fit on the current device at once.
+int score_resident_ctas(int head_dim, int gc, DType key_dtype);
 void launch_select(const SelectArgs& a, int entries, Stream stream);
 void launch_select_hier(const SelectArgs& a, int entries, Stream stream);
 // Dynamic shared memory of the selection kernel for entries of up to `clusters` clusters

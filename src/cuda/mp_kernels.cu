@@ -1,5 +1,6 @@
 // Multipole scoring and selection launches, device-side cache append, benchmark fills.
 #include "cuda/check.hpp"
+#include "cuda/host_setup.hpp"
 #include "cuda/score.cuh"
 #include "cuda/select.cuh"
 #include "multipole/cuda/kv_cache.hpp"
@@ -8,29 +9,54 @@ namespace multipole::cuda::detail {
 
 namespace {
 
+// The kernel's shared memory at its deepest ring, set once per instantiation; returns the
+// CTAs that fit on the device with it.
 template <int D, int GC, class CT>
-void launch_score_one(const ScoreArgs& a, int items, Stream stream) {
-  const dim3 grid(items, a.num_kv_heads * a.head_chunks);
-  score_kernel<D, GC, CT><<<grid, 128, 0, stream>>>(a);
+int score_resident() {
+  using Stage = ScoreStage<D, GC, CT>;
+  static const int resident = [] {
+    constexpr int kMaxSmem = Stage::kMaxStages * Stage::kBytes;
+    MP_CUDA_CHECK(cudaFuncSetAttribute(score_kernel<D, GC, CT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
+    int per_sm = 0;
+    MP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, score_kernel<D, GC, CT>, 128, kMaxSmem));
+    return std::max(1, per_sm) * current_sm_count();
+  }();
+  return resident;
+}
+
+// The ring only as deep as a CTA's items: one stage for one item.
+template <int D, int GC, class CT>
+void launch_score_one(const ScoreArgs& a, int items, int ctas, Stream stream) {
+  using Stage = ScoreStage<D, GC, CT>;
+  const int work = items * a.num_kv_heads * a.head_chunks;
+  const int grid = std::max(1, std::min({ctas, work, score_resident<D, GC, CT>()}));
+  const int stages = std::min(Stage::kMaxStages, (work + grid - 1) / grid);
+  score_kernel<D, GC, CT><<<grid, 128, stages * Stage::kBytes, stream>>>(a, items, work, stages);
   MP_CUDA_CHECK(cudaGetLastError());
 }
 
-template <int D, class CT>
-void launch_score_d(const ScoreArgs& a, int gc, int items, Stream stream) {
-  switch (gc) {
-    case 1: return launch_score_one<D, 1, CT>(a, items, stream);
-    case 2: return launch_score_one<D, 2, CT>(a, items, stream);
-    case 4: return launch_score_one<D, 4, CT>(a, items, stream);
-    default: return launch_score_one<D, 8, CT>(a, items, stream);
+// Calls f.template operator()<D, GC, CT>() for the runtime shape.
+template <class F>
+void dispatch_score(int head_dim, int gc, DType key_dtype, F&& f) {
+  auto by_gc = [&]<int D, class CT>() {
+    switch (gc) {
+      case 1: return f.template operator()<D, 1, CT>();
+      case 2: return f.template operator()<D, 2, CT>();
+      case 4: return f.template operator()<D, 4, CT>();
+      default: return f.template operator()<D, 8, CT>();
+    }
+  };
+  auto by_d = [&]<class CT>() {
+    if (head_dim == 64)
+      by_gc.template operator()<64, CT>();
+    else
+      by_gc.template operator()<128, CT>();
+  };
+  switch (key_dtype) {
+    case DType::F32: return by_d.template operator()<float>();
+    case DType::BF16: return by_d.template operator()<__nv_bfloat16>();
+    case DType::F16: return by_d.template operator()<__half>();
   }
-}
-
-template <class CT>
-void launch_score_t(const ScoreArgs& a, int head_dim, int gc, int items, Stream stream) {
-  if (head_dim == 64)
-    launch_score_d<64, CT>(a, gc, items, stream);
-  else
-    launch_score_d<128, CT>(a, gc, items, stream);
 }
 
 // rows: [batch, Hkv, D] f32 -> the pool slot of position lengths[seq] - 1.
@@ -87,13 +113,15 @@ void launch_read_flush(const void* data, size_t bytes, uint32_t* sink, Stream st
   MP_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int items, Stream stream) {
+void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int items, int ctas, Stream stream) {
   if (items <= 0) return;
-  switch (key_dtype) {
-    case DType::F32: return launch_score_t<float>(a, head_dim, gc, items, stream);
-    case DType::BF16: return launch_score_t<__nv_bfloat16>(a, head_dim, gc, items, stream);
-    case DType::F16: return launch_score_t<__half>(a, head_dim, gc, items, stream);
-  }
+  dispatch_score(head_dim, gc, key_dtype, [&]<int D, int GC, class CT>() { launch_score_one<D, GC, CT>(a, items, ctas, stream); });
+}
+
+int score_resident_ctas(int head_dim, int gc, DType key_dtype) {
+  int n = 0;
+  dispatch_score(head_dim, gc, key_dtype, [&]<int D, int GC, class CT>() { n = score_resident<D, GC, CT>(); });
+  return n;
 }
 
 namespace {

@@ -391,6 +391,7 @@ struct MpCase {
   bool far_field = true;
   bool huge_first = false;
   int chunk_tiles = 0;  // > 0: the planner's shortest attention split (MULTIPOLE_MP_CHUNK_TILES)
+  int score_ctas = 0;   // > 0: the scoring kernel's CTAs (MULTIPOLE_SCORE_CTAS), so each takes several items
 };
 
 // Reference greedy selection (f64 importance) for one entry; returns selected flags and
@@ -452,10 +453,16 @@ void run_multipole(const MpCase& mc, uint32_t seed) {
   DeviceClusterIndex index(mc.D, mc.Hkv, mc.key_dtype, mc.dtype, fx.entries);
   CudaDecoder dec(ac);
   if (mc.chunk_tiles > 0) setenv("MULTIPOLE_MP_CHUNK_TILES", std::to_string(mc.chunk_tiles).c_str(), 1);
+  if (mc.score_ctas > 0) setenv("MULTIPOLE_SCORE_CTAS", std::to_string(mc.score_ctas).c_str(), 1);
   dec.plan(dev, cache.seqs, &index);
   if (mc.chunk_tiles > 0) {
     unsetenv("MULTIPOLE_MP_CHUNK_TILES");
     EXPECT_GE(dec.plan_info().mp_chunk, 32 * mc.chunk_tiles);
+  }
+  if (mc.score_ctas > 0) {
+    unsetenv("MULTIPOLE_SCORE_CTAS");
+    EXPECT_EQ(dec.plan_info().score_ctas, mc.score_ctas);
+    EXPECT_GT(dec.plan_info().score_work, 2 * mc.score_ctas);  // the deepest ring: three items in flight
   }
   const int B = int(mc.lengths.size()), Hq = ac.num_q_heads, D = mc.D, G = mc.G;
   const auto q = random_vector(size_t(B) * Hq * D, rng);
@@ -538,8 +545,10 @@ TEST(CudaMultipole, GroupSizesHeadDimsSkewedClusters) {
   REQUIRE_GPU();
   const int64_t n = small_scale() ? 1500 : 4097;
   uint32_t seed = 300;
-  for (int D : {64, 128})
-    for (int G : {1, 4, 5, 7, 8}) run_multipole({G, 2, D, DType::BF16, DType::F32, {n}, 128}, seed++);
+  // f32 key centroids are scored with FMAs, bf16 ones on tensor cores.
+  for (DType keys : {DType::F32, DType::BF16})
+    for (int D : {64, 128})
+      for (int G : {1, 4, 5, 7, 8}) run_multipole({G, 2, D, DType::BF16, keys, {n}, 128}, seed++);
 }
 
 TEST(CudaMultipole, MixedBatchOddLengthsDtypes) {
@@ -549,6 +558,21 @@ TEST(CudaMultipole, MixedBatchOddLengthsDtypes) {
   run_multipole({4, 2, 128, DType::F16, DType::F32, {2049, 300}, 128}, seed++);
   run_multipole({8, 2, 64, DType::F16, DType::F16, {97, 3000}, 64}, seed++);
   run_multipole({16, 1, 128, DType::BF16, DType::F32, {2500}, 128}, seed++);  // two head chunks
+  run_multipole({16, 1, 128, DType::BF16, DType::BF16, {2500}, 128}, seed++);
+  run_multipole({5, 2, 128, DType::F16, DType::F16, {2049, 300}, 128}, seed++);
+}
+
+// Persistent scoring CTAs with several items each stream the next items' centroids through
+// their shared-memory ring while they score one.
+TEST(CudaMultipole, ScoringCtasTakeSeveralItems) {
+  REQUIRE_GPU();
+  const int64_t n = small_scale() ? 6000 : 20000;
+  uint32_t seed = 450;
+  for (DType keys : {DType::F32, DType::BF16}) {
+    run_multipole({4, 4, 128, DType::BF16, keys, {n, 3001, 97}, 128, true, false, 0, 3}, seed++);
+    run_multipole({16, 2, 64, DType::BF16, keys, {n, 1500}, 128, true, false, 0, 7}, seed++);
+  }
+  run_multipole({7, 2, 64, DType::F16, DType::F16, {n}, 256, true, false, 0, 2}, seed++);
 }
 
 TEST(CudaMultipole, LargeBudgetRadixPathAndSkippedGiant) {

@@ -22,7 +22,8 @@ namespace multipole::cuda {
 struct DecodePlanInfo {
   int batch = 0;
   int dense_chunk = 0, dense_ctas = 0, dense_max_splits = 0;  // virtual positions per split, CTAs
-  int mp_chunk = 0, mp_ctas = 0, score_ctas = 0, exact_cap = 0;
+  int mp_chunk = 0, mp_ctas = 0, exact_cap = 0;
+  int score_work = 0, score_ctas = 0;  // scoring items (centroid chunk x head chunk), persistent CTAs
   int heads_per_cta = 0;
   bool hierarchical = false;  // two-level index: coarse scoring, fine scoring in the selection
   bool prescored = false;     // two-level index, small batch: the scoring launch scores the fine level too
