@@ -427,87 +427,157 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
       s_x[t] = __ldg(a.scores + (fb + cand[k]) * int64_t(G) + (t - k * G));
     }
   }
-  // Score the candidates: one warp per candidate, lanes over the dimensions (D <= 128). The
-  // raw loads of U candidates per warp are all issued together, a round before their use;
-  // heads in a rolled loop, the U warp sums interleaved. Logits and sizes also go to shared
-  // memory (first kc candidates).
-  constexpr int U = 4;
-  using KB = KeyBits<KT>;
-  using Raw = typename KB::Raw;
+  // Score the candidates. bf16 / f16 key centroids on tensor cores (as the scoring kernel):
+  // warp w takes tiles of 16 candidates (the A rows; each lane loads 16-byte slices of two rows
+  // straight into its fragments, which fixes an order of the dimensions within each 32 that q's
+  // fragments follow too), heads in n-tiles of 8, q in three 16-bit parts. f32 ones with FMAs.
+  // Logits and sizes also go to shared memory (first kc candidates).
   const KT* kcent = static_cast<const KT*>(a.key_centroids);
-  // One round's rows, sizes and list starts; the next round's are loaded before this
-  // round's math, so each round waits on loads issued a round earlier.
-  auto load_round = [&](int k0, Raw (&raw)[U][4], int (&nk)[U], int (&mbk)[U]) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int k = k0 + u * kSelectWarps;
-      const int64_t c = k < nc ? fb + cand[k] : 0;
-      const auto* row = reinterpret_cast<const Raw*>(kcent + c * D);
-      nk[u] = k < nc ? __ldg(a.sizes + c) : 0;
-      mbk[u] = k < nc ? a.member_begin[c] : 0;  // kept in L1 for write_exact_rows
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int d = lane + 32 * j;
-        raw[u][j] = k < nc && d < D ? __ldg(row + d) : Raw(0);
-      }
-    }
-  };
-  Raw raw[U][4], raw_next[U][4];
-  int nk[U], mbk[U], nk_next[U], mbk_next[U];
-  int k0 = a.prescored ? nc : warp;
-  if (k0 < nc) load_round(k0, raw_next, nk_next, mbk_next);
+  if constexpr (!std::is_same_v<KT, float>) {
+    using M = MmaType<KT>;
+    const int gid = lane >> 2, tig = lane & 3, tiles = (nc + 15) / 16;
 #pragma unroll 1
-  for (; k0 < nc; k0 += U * kSelectWarps) {
+    for (int t = a.prescored ? tiles : warp; t < tiles; t += kSelectWarps) {
+      const int k[2] = {t * 16 + gid, t * 16 + gid + 8};
+      uint4 rows[2][4];
+      int nk[2];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      nk[u] = nk_next[u];
-      mbk[u] = mbk_next[u];
+      for (int rr = 0; rr < 2; ++rr) {
+        const bool valid = k[rr] < nc;
+        const int64_t c = valid ? fb + cand[k[rr]] : 0;
+        const uint4* row = reinterpret_cast<const uint4*>(kcent + c * D);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) raw[u][j] = raw_next[u][j];
-    }
-    if (k0 + U * kSelectWarps < nc) load_round(k0 + U * kSelectWarps, raw_next, nk_next, mbk_next);
-    // The candidates' member lists into L2 (write_exact_rows reads those of the selected).
-    if (lane == 0)
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (k0 + u * kSelectWarps < nc) prefetch_l2(a.members + mbk[u]);
-    float kv[U][4];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) kv[u][j] = KB::cvt(raw[u][j]);
-    pc.mark(kProfScoreLoads);
-#pragma unroll 1
-    for (int g = 0; g < G; ++g) {
-      float acc[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        acc[u] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          if (lane + 32 * j < D) acc[u] = fmaf(s_q[g * D + lane + 32 * j], kv[u][j], acc[u]);
+        for (int j = 0; j < 4; ++j) rows[rr][j] = valid && j * 32 < D ? __ldg(row + j * 4 + tig) : make_uint4(0, 0, 0, 0);
+        nk[rr] = valid ? __ldg(a.sizes + c) : 0;
+        // The candidate's member list into L2 (write_exact_rows reads those of the selected).
+        if (valid && tig == 0) prefetch_l2(a.members + a.member_begin[c]);
       }
+      pc.mark(kProfScoreLoads);
+#pragma unroll 1
+      for (int n0 = 0; n0 < G; n0 += 8) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const float* q = s_q + (n0 + gid) * D;
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1)
+        for (int j = 0; j < 4; ++j) {
+          if (j * 32 >= D) break;
 #pragma unroll
-        for (int u = 0; u < U; ++u) acc[u] += __shfl_xor_sync(0xffffffffu, acc[u], o);
-      if (lane == 0)
+          for (int half = 0; half < 2; ++half) {
+            // Lane (gid, tig)'s slice holds dims j*32 + tig*8 + [0, 8): a0/a1 take the pair at
+            // half*4, a2/a3 the pair at half*4 + 2; b0/b1 are q's same dims for head n0 + gid.
+            const uint32_t af[4] = {half ? rows[0][j].z : rows[0][j].x, half ? rows[1][j].z : rows[1][j].x,
+                                    half ? rows[0][j].w : rows[0][j].y, half ? rows[1][j].w : rows[1][j].y};
+            const int d0 = j * 32 + tig * 8 + half * 4;
+            float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (n0 + gid < G)
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int k = k0 + u * kSelectWarps;
-          if (k < kc)
-            s_x[k * G + g] = acc[u];  // to global memory below, coalesced
-          else if (k < nc)
-            a.scores_out[(fb + cand[k]) * int64_t(G) + g] = acc[u];
+              for (int i = 0; i < 4; ++i) x[i] = q[d0 + i];
+#pragma unroll
+            for (int p = 0; p < 3; ++p) {
+              const uint32_t b0 = M::pack(x[0], x[1]), b1 = M::pack(x[2], x[3]);
+              x[0] -= M::lo(b0), x[1] -= M::hi(b0), x[2] -= M::lo(b1), x[3] -= M::hi(b1);
+              M::mma16816(acc, af, b0, b1);
+            }
+          }
         }
-    }
-    if (lane == 0)
 #pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int g = n0 + tig * 2 + hh;
+            if (k[rr] >= nc || g >= G) continue;
+            if (k[rr] < kc)
+              s_x[k[rr] * G + g] = acc[rr * 2 + hh];
+            else
+              a.scores_out[(fb + cand[k[rr]]) * int64_t(G) + g] = acc[rr * 2 + hh];
+          }
+      }
+      if (tig == 0)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+          if (k[rr] < nc && k[rr] < kc) s_cn[k[rr]] = nk[rr];
+      pc.mark(kProfScoreMath);
+    }
+  } else {
+    // One warp per candidate, lanes over the dimensions (D <= 128). The raw loads of U
+    // candidates per warp are all issued together, a round before their use; heads in a
+    // rolled loop, the U warp sums interleaved.
+    constexpr int U = 4;
+    using KB = KeyBits<KT>;
+    using Raw = typename KB::Raw;
+    // One round's rows, sizes and list starts; the next round's are loaded before this
+    // round's math, so each round waits on loads issued a round earlier.
+    auto load_round = [&](int k0, Raw (&raw)[U][4], int (&nk)[U], int (&mbk)[U]) {
+  #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int k = k0 + u * kSelectWarps;
-        if (k < nc && k < kc) s_cn[k] = nk[u];
+        const int64_t c = k < nc ? fb + cand[k] : 0;
+        const auto* row = reinterpret_cast<const Raw*>(kcent + c * D);
+        nk[u] = k < nc ? __ldg(a.sizes + c) : 0;
+        mbk[u] = k < nc ? a.member_begin[c] : 0;  // kept in L1 for write_exact_rows
+  #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int d = lane + 32 * j;
+          raw[u][j] = k < nc && d < D ? __ldg(row + d) : Raw(0);
+        }
       }
-    pc.mark(kProfScoreMath);
+    };
+    Raw raw[U][4], raw_next[U][4];
+    int nk[U], mbk[U], nk_next[U], mbk_next[U];
+    int k0 = a.prescored ? nc : warp;
+    if (k0 < nc) load_round(k0, raw_next, nk_next, mbk_next);
+  #pragma unroll 1
+    for (; k0 < nc; k0 += U * kSelectWarps) {
+  #pragma unroll
+      for (int u = 0; u < U; ++u) {
+        nk[u] = nk_next[u];
+        mbk[u] = mbk_next[u];
+  #pragma unroll
+        for (int j = 0; j < 4; ++j) raw[u][j] = raw_next[u][j];
+      }
+      if (k0 + U * kSelectWarps < nc) load_round(k0 + U * kSelectWarps, raw_next, nk_next, mbk_next);
+      // The candidates' member lists into L2 (write_exact_rows reads those of the selected).
+      if (lane == 0)
+  #pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (k0 + u * kSelectWarps < nc) prefetch_l2(a.members + mbk[u]);
+      float kv[U][4];
+  #pragma unroll
+      for (int u = 0; u < U; ++u)
+  #pragma unroll
+        for (int j = 0; j < 4; ++j) kv[u][j] = KB::cvt(raw[u][j]);
+      pc.mark(kProfScoreLoads);
+  #pragma unroll 1
+      for (int g = 0; g < G; ++g) {
+        float acc[U];
+  #pragma unroll
+        for (int u = 0; u < U; ++u) {
+          acc[u] = 0.0f;
+  #pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (lane + 32 * j < D) acc[u] = fmaf(s_q[g * D + lane + 32 * j], kv[u][j], acc[u]);
+        }
+  #pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+  #pragma unroll
+          for (int u = 0; u < U; ++u) acc[u] += __shfl_xor_sync(0xffffffffu, acc[u], o);
+        if (lane == 0)
+  #pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int k = k0 + u * kSelectWarps;
+            if (k < kc)
+              s_x[k * G + g] = acc[u];  // to global memory below, coalesced
+            else if (k < nc)
+              a.scores_out[(fb + cand[k]) * int64_t(G) + g] = acc[u];
+          }
+      }
+      if (lane == 0)
+  #pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int k = k0 + u * kSelectWarps;
+          if (k < nc && k < kc) s_cn[k] = nk[u];
+        }
+      pc.mark(kProfScoreMath);
+    }
   }
   __syncthreads();  // the block's global writes are visible to the block after the barrier
   pc.mark(kProfScore);
