@@ -760,10 +760,15 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
 // level under the coarse budget, then the children of the selected coarse clusters), same
 // far field. Differences: value centroids are rounded to bf16 on the device, so the far
 // field differs by ~2^-9 of its weight.
+// keys: the device index's key centroid dtype. f32: compared with the CPU policy. bf16: the
+// two-level step with the fine candidates scored by the selection kernel (prescore 0) is
+// compared with the one where the scoring kernel scores them (prescore 1): two tensor-core
+// paths over the same rounded centroids, whose logits differ only by summation order.
 void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_centroid, int budget,
-                             int coarse_budget, uint32_t seed) {
+                             int coarse_budget, uint32_t seed, DType keys = DType::F32) {
   SCOPED_TRACE(::testing::Message() << "G=" << G << " Hkv=" << Hkv << " D=" << D << " levels="
-                                    << tokens_per_centroid.size() << " coarse_budget=" << coarse_budget);
+                                    << tokens_per_centroid.size() << " coarse_budget=" << coarse_budget
+                                    << " keys=" << dtype_name(keys));
   std::mt19937 rng(seed);
   const std::vector<int64_t> lens = {small_scale() ? 1500 : 5000, 777, 97};
   Mirror su(1, Hkv, D, 16, DType::BF16, lens, rng);
@@ -793,7 +798,10 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   std::vector<float> qs = q;
   for (int b = 0; b < B; ++b)
     for (int qh = 0; qh < Hq; ++qh) rope.rotate_by(qs.data() + (size_t(b) * Hq + qh) * D, ac.score_position - double(lens[b] - 1));
-  DeviceClusterIndex index(D, Hkv, DType::F32, DType::BF16, entries);
+  DeviceClusterIndex index(D, Hkv, keys, DType::BF16, entries);
+  ASSERT_TRUE(keys == DType::F32 || index.hierarchical());
+  std::vector<std::vector<float>> outs;  // per prescore mode
+  std::vector<std::vector<int32_t>> fars;
   // Two levels: the fine candidates scored by the selection kernel, then by the scoring one.
   for (const int prescore : index.hierarchical() ? std::vector<int>{0, 1} : std::vector<int>{-1}) {
     SCOPED_TRACE(::testing::Message() << "prescore=" << prescore);
@@ -806,12 +814,17 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     dout.poison();
     dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout.ptr(), nullptr);
     const auto out = dout.get();
+    EXPECT_EQ(dec.error_flags(), 0u);
+    if (keys != DType::F32) {
+      outs.push_back(out);
+      fars.push_back(dec.far_sizes());
+      continue;
+    }
     for (int b = 0; b < B; ++b)
       for (int qh = 0; qh < Hq; ++qh) {
         std::vector<double> ref(cpu_out.begin() + (size_t(b) * Hq + qh) * D, cpu_out.begin() + (size_t(b) * Hq + qh + 1) * D);
         EXPECT_LT(rel_error(out.data() + (size_t(b) * Hq + qh) * D, ref), 5e-3) << "b=" << b << " q head " << qh;
       }
-    EXPECT_EQ(dec.error_flags(), 0u);
     if (!index.hierarchical()) continue;
     // Two levels: the far field holds every unselected coarse cluster, and fine clusters only
     // under selected coarse ones; selected and far tokens never overlap.
@@ -852,6 +865,15 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
       for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out2[i], out[i]) << "element " << i;
     }
   }
+  if (keys == DType::F32) return;
+  ASSERT_EQ(outs.size(), 2u);
+  EXPECT_EQ(fars[0], fars[1]);
+  for (int b = 0; b < B; ++b)
+    for (int qh = 0; qh < Hq; ++qh) {
+      const size_t o = (size_t(b) * Hq + qh) * D;
+      const std::vector<double> ref(outs[1].begin() + o, outs[1].begin() + o + D);
+      EXPECT_LT(rel_error(outs[0].data() + o, ref), 1e-5) << "b=" << b << " q head " << qh;
+    }
 }
 
 TEST(CudaMultipole, MatchesCpuMultipolePolicy) {
@@ -865,6 +887,13 @@ TEST(CudaMultipole, TwoLevelsMatchCpuMultipolePolicy) {
   compare_with_cpu_policy(4, 2, 128, {16, 128}, 64, 512, 902);    // few coarse clusters expanded
   compare_with_cpu_policy(5, 1, 64, {8, 64}, 48, 256, 903);        // odd group, d 64
   compare_with_cpu_policy(8, 2, 128, {16, 128}, 100000, 0, 904);  // everything selected: exact
+}
+
+TEST(CudaMultipole, TwoLevelsCandidatesOnTensorCores) {
+  REQUIRE_GPU();
+  compare_with_cpu_policy(4, 2, 128, {16, 64}, 128, 0, 905, DType::BF16);
+  compare_with_cpu_policy(5, 1, 64, {8, 64}, 48, 256, 906, DType::BF16);   // odd group, d 64
+  compare_with_cpu_policy(16, 1, 128, {16, 64}, 64, 512, 907, DType::BF16);  // two n-tiles of heads
 }
 
 TEST(CudaRuntime, RejectsBadInput) {
