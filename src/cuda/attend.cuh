@@ -61,10 +61,10 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
   constexpr int KS = D / 16;  // k-steps of q.K^T
   constexpr int NT = D / 8;   // n-tiles of P.V
   constexpr bool TALL = ROWS > 8;  // rows 8..15 in use
-  // Dense with <= 8 heads stacks the high parts (rows 0..7) and the remainders (rows 8..15)
-  // of Q and P in one A fragment, so each product is one mma instead of two; the two halves
-  // of S and O (rows g and g + 8) are summed in f32.
-  constexpr bool STACK = !MP && !TALL;
+  // With <= 8 heads the high parts (rows 0..7) and the remainders (rows 8..15) of Q and P are
+  // stacked in one A fragment, so each product is one mma instead of two; the two halves of
+  // S and O (rows g and g + 8) are summed in f32.
+  constexpr bool STACK = !TALL;
   extern __shared__ __align__(128) unsigned char smem[];
   float* s_m = reinterpret_cast<float*>(smem + S::kScratch);  // [GC]
   float* s_l = s_m + GC;                                      // [GC]
@@ -282,9 +282,9 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
     const unsigned char* vt = kt + TILE * RS;
 
     // S = Q K^T: s[0..1] = (row grp, tokens 2 tig + {0,1}), s[2..3] = row grp + 8.
-    // Dense: the products go to CH independent accumulators (even/odd k-step, and hi/lo when
-    // not stacked), which shortens the dependent mma chain per tile.
-    constexpr int CH = MP ? 1 : (STACK ? 2 : 4);
+    // The products go to CH independent accumulators (even/odd k-step when stacked; dense
+    // unstacked also hi/lo), which shortens the dependent mma chain per tile.
+    constexpr int CH = STACK ? 2 : (MP ? 1 : 4);
     float sc[CH][4] = {};
     const bool any_exact = MP ? v0 < a.exact_cap : true;
     if (any_exact) {
