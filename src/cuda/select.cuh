@@ -209,28 +209,13 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
   write_exact_rows(a, e, size, C, reinterpret_cast<int*>(key), list_off, [&](int i) { return cb + i; }, rows);
 }
 
-// Key centroid element loads: raw bits first (all of a batch in flight), conversion at use.
-template <class KT> struct KeyBits;
-template <> struct KeyBits<float> {
-  using Raw = float;
-  __device__ static float cvt(Raw r) { return r; }
-};
-template <> struct KeyBits<__nv_bfloat16> {
-  using Raw = unsigned short;
-  __device__ static float cvt(Raw r) { return __uint_as_float(uint32_t(r) << 16); }
-};
-template <> struct KeyBits<__half> {
-  using Raw = unsigned short;
-  __device__ static float cvt(Raw r) { return __half2float(__ushort_as_half(r)); }
-};
-
-
 // Two-level selection, one CTA per entry (after the scoring kernel scored the coarse level):
 //   1. coarse importance, greedy selection under coarse_budget; unselected coarse clusters
 //      go to the far field and to the frontier sum (their n 2^x);
 //   2. the children of the selected coarse clusters (ascending fine id, non-empty) are
-//      scored here (one warp per candidate; or gathered, when the scoring kernel scored the
-//      whole fine level: SelectArgs::prescored) and normalised over the frontier: unselected
+//      scored here (tensor-core tiles of 16; f32 key centroids one warp per candidate; or
+//      gathered, when the scoring kernel scored the whole fine level:
+//      SelectArgs::prescored) and normalised over the frontier: unselected
 //      coarse clusters + all candidates (as the CPU policy does);
 //   3. greedy selection of the candidates under budget; the rest joins the far field.
 // Writes far_size for all of the entry's clusters, the compact far list and the exact rows.
@@ -498,70 +483,63 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
       pc.mark(kProfScoreMath);
     }
   } else {
-    // One warp per candidate, lanes over the dimensions (D <= 128). The raw loads of U
+    // f32: one warp per candidate, lanes over the dimensions (D <= 128). The loads of U
     // candidates per warp are all issued together, a round before their use; heads in a
     // rolled loop, the U warp sums interleaved.
     constexpr int U = 4;
-    using KB = KeyBits<KT>;
-    using Raw = typename KB::Raw;
     // One round's rows, sizes and list starts; the next round's are loaded before this
     // round's math, so each round waits on loads issued a round earlier.
-    auto load_round = [&](int k0, Raw (&raw)[U][4], int (&nk)[U], int (&mbk)[U]) {
-  #pragma unroll
+    auto load_round = [&](int k0, float (&raw)[U][4], int (&nk)[U], int (&mbk)[U]) {
+#pragma unroll
       for (int u = 0; u < U; ++u) {
         const int k = k0 + u * kSelectWarps;
         const int64_t c = k < nc ? fb + cand[k] : 0;
-        const auto* row = reinterpret_cast<const Raw*>(kcent + c * D);
+        const auto* row = kcent + c * D;
         nk[u] = k < nc ? __ldg(a.sizes + c) : 0;
         mbk[u] = k < nc ? a.member_begin[c] : 0;  // kept in L1 for write_exact_rows
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int d = lane + 32 * j;
-          raw[u][j] = k < nc && d < D ? __ldg(row + d) : Raw(0);
+          raw[u][j] = k < nc && d < D ? __ldg(row + d) : 0.0f;
         }
       }
     };
-    Raw raw[U][4], raw_next[U][4];
+    float raw[U][4], raw_next[U][4];
     int nk[U], mbk[U], nk_next[U], mbk_next[U];
     int k0 = a.prescored ? nc : warp;
     if (k0 < nc) load_round(k0, raw_next, nk_next, mbk_next);
-  #pragma unroll 1
+#pragma unroll 1
     for (; k0 < nc; k0 += U * kSelectWarps) {
-  #pragma unroll
+#pragma unroll
       for (int u = 0; u < U; ++u) {
         nk[u] = nk_next[u];
         mbk[u] = mbk_next[u];
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < 4; ++j) raw[u][j] = raw_next[u][j];
       }
       if (k0 + U * kSelectWarps < nc) load_round(k0 + U * kSelectWarps, raw_next, nk_next, mbk_next);
       // The candidates' member lists into L2 (write_exact_rows reads those of the selected).
       if (lane == 0)
-  #pragma unroll
+#pragma unroll
         for (int u = 0; u < U; ++u)
           if (k0 + u * kSelectWarps < nc) prefetch_l2(a.members + mbk[u]);
-      float kv[U][4];
-  #pragma unroll
-      for (int u = 0; u < U; ++u)
-  #pragma unroll
-        for (int j = 0; j < 4; ++j) kv[u][j] = KB::cvt(raw[u][j]);
       pc.mark(kProfScoreLoads);
-  #pragma unroll 1
+#pragma unroll 1
       for (int g = 0; g < G; ++g) {
         float acc[U];
-  #pragma unroll
+#pragma unroll
         for (int u = 0; u < U; ++u) {
           acc[u] = 0.0f;
-  #pragma unroll
+#pragma unroll
           for (int j = 0; j < 4; ++j)
-            if (lane + 32 * j < D) acc[u] = fmaf(s_q[g * D + lane + 32 * j], kv[u][j], acc[u]);
+            if (lane + 32 * j < D) acc[u] = fmaf(s_q[g * D + lane + 32 * j], raw[u][j], acc[u]);
         }
-  #pragma unroll
+#pragma unroll
         for (int o = 16; o > 0; o >>= 1)
-  #pragma unroll
+#pragma unroll
           for (int u = 0; u < U; ++u) acc[u] += __shfl_xor_sync(0xffffffffu, acc[u], o);
         if (lane == 0)
-  #pragma unroll
+#pragma unroll
           for (int u = 0; u < U; ++u) {
             const int k = k0 + u * kSelectWarps;
             if (k < kc)
@@ -571,7 +549,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
           }
       }
       if (lane == 0)
-  #pragma unroll
+#pragma unroll
         for (int u = 0; u < U; ++u) {
           const int k = k0 + u * kSelectWarps;
           if (k < nc && k < kc) s_cn[k] = nk[u];
