@@ -70,18 +70,22 @@ double time_step(const Step& step, const CudaBenchOptions& o, cudaStream_t s, De
 }
 
 // Diagnostics (MULTIPOLE_SELECT_PROFILE set): per-phase cycles of the two-level selection
-// kernel, thread 0 of each CTA, averaged over CTAs and `iterations` flushed steps; printed
-// to stderr.
-// A kernel's phase-clock slots (PhaseClock) from the device: the slots, the CTAs that
-// finished, and the clock in cycles per ns (cycles of phases [0, phases) over their ns).
+// kernel, thread 0 of each CTA (one per entry), over `iterations` flushed steps: the mean
+// over CTAs, and the slowest CTA's (a batch-1 step waits for it); printed to stderr.
+// A kernel's phase-clock slots (PhaseClock) from the device, `blocks` buffers of
+// kPhaseClockSlots: their sum, the CTAs that finished, and the clock in cycles per ns
+// (cycles of phases [0, phases) over their ns).
 struct PhaseClockReadout {
-  std::vector<unsigned long long> v;
+  std::vector<unsigned long long> v, blocks;  // summed slots; every block's slots
   double ctas = 1, ghz = 1;
 };
-PhaseClockReadout read_phase_clock(const DeviceBuffer& prof, int phases) {
+PhaseClockReadout read_phase_clock(const DeviceBuffer& prof, int phases, int blocks = 1) {
   PhaseClockReadout r;
-  r.v.resize(detail::kPhaseClockSlots);
-  prof.download(r.v.data(), r.v.size() * sizeof(unsigned long long));
+  const size_t S = detail::kPhaseClockSlots;
+  r.blocks.resize(S * size_t(blocks));
+  prof.download(r.blocks.data(), r.blocks.size() * sizeof(unsigned long long));
+  r.v.assign(S, 0);
+  for (size_t i = 0; i < r.blocks.size(); ++i) r.v[i % S] += r.blocks[i];
   r.ctas = double(std::max<unsigned long long>(r.v[detail::kPhaseClockCtas], 1));
   unsigned long long cyc = 0;
   for (int k = 0; k < phases; ++k) cyc += r.v[size_t(k)];
@@ -92,7 +96,9 @@ PhaseClockReadout read_phase_clock(const DeviceBuffer& prof, int phases) {
 void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClusterIndex& index, const float* q,
                     const float* qs, float* out, const CudaBenchOptions& o, cudaStream_t s, DeviceBuffer& flush, int B,
                     int64_t ctx) {
-  DeviceBuffer prof(detail::kPhaseClockSlots * sizeof(unsigned long long));
+  const int E = index.entries();
+  const size_t S = detail::kPhaseClockSlots;
+  DeviceBuffer prof(S * size_t(E) * sizeof(unsigned long long));
   prof.memset(0);
   dec.set_select_profile(prof.as<unsigned long long>());
   for (int i = 0; i < o.iterations; ++i) {
@@ -101,26 +107,38 @@ void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClus
   }
   MP_CUDA_CHECK(cudaStreamSynchronize(s));
   dec.set_select_profile(nullptr);
-  const auto [v, ctas, ghz] = read_phase_clock(prof, 20);
+  const auto r = read_phase_clock(prof, 20, E);
+  const auto& v = r.v;
+  int slow = 0;  // the entry whose CTAs took longest over the iterations
+  for (int e = 1; e < E; ++e)
+    if (r.blocks[e * S + detail::kPhaseClockNs] > r.blocks[slow * S + detail::kPhaseClockNs]) slow = e;
+  const unsigned long long* w = r.blocks.data() + slow * S;
+  const double it = std::max(1, o.iterations);
   static const char* names[20] = {"prologue", "coarse-imp", "coarse-radix", "coarse-ties", "coarse-walk",
                                   "far-list", "", "mark", "compact", "score:wait", "frontier", "fine-imp",
                                   "fine-radix", "fine-ties", "fine-walk", "fine-far", "exact", " score:loads",
                                   " score:math", ""};
-  std::fprintf(stderr, "select-profile B=%d ctx=%lld CTAs/step=%.0f kernel(thread 0)=%.2f us clock=%.2f GHz\n", B,
-               static_cast<long long>(ctx), ctas / o.iterations, double(v[detail::kPhaseClockNs]) / ctas * 1e-3, ghz);
+  std::fprintf(stderr,
+               "select-profile B=%d ctx=%lld CTAs/step=%.0f kernel(thread 0): mean %.2f us, slowest (entry %d) %.2f us; "
+               "clock=%.2f GHz\n",
+               B, static_cast<long long>(ctx), r.ctas / it, double(v[detail::kPhaseClockNs]) / r.ctas * 1e-3, slow,
+               double(w[detail::kPhaseClockNs]) / it * 1e-3, r.ghz);
+  std::fprintf(stderr, "  %-13s %8s %8s %9s\n", "phase", "mean us", "slow us", "slow cyc");
   for (int k = 0; k < 19; ++k)
     if (names[k][0] != 0)
-      std::fprintf(stderr, "  %-13s %8.0f cycles %7.2f us\n", names[k], double(v[size_t(k)]) / ctas,
-                   double(v[size_t(k)]) / ctas / ghz * 1e-3);
+      std::fprintf(stderr, "  %-13s %8.2f %8.2f %9.0f\n", names[k], double(v[size_t(k)]) / r.ctas / r.ghz * 1e-3,
+                   double(w[k]) / it / r.ghz * 1e-3, double(w[k]) / it);
   std::fprintf(stderr,
-               "  per CTA: walk iterations coarse %.2f fine %.2f (>= 1000: warp walk), candidates %.1f, coarse %.1f\n",
-               double(v[20]) / ctas, double(v[21]) / ctas, double(v[22]) / ctas, double(v[24]) / ctas);
+               "  per CTA (mean / slowest): walk iterations coarse %.2f / %.0f, fine %.2f / %.0f (>= 1000: warp walk), "
+               "candidates %.1f / %.0f, coarse %.1f / %.0f\n",
+               double(v[20]) / r.ctas, double(w[20]) / it, double(v[21]) / r.ctas, double(w[21]) / it,
+               double(v[22]) / r.ctas, double(w[22]) / it, double(v[24]) / r.ctas, double(w[24]) / it);
 }
 
 // Diagnostics (MULTIPOLE_UPDATE_PROFILE set): per-phase time of the online update kernel
 // (thread 0 of each CTA, averaged over CTAs) from the phase-clock slots; printed to stderr.
 void print_update_profile(const char* what, const DeviceBuffer& prof, int B, int64_t ctx) {
-  const auto [v, ctas, ghz] = read_phase_clock(prof, 9);
+  const auto [v, blocks, ctas, ghz] = read_phase_clock(prof, 9);
   static const char* names[9] = {"load", "first-round", "rounds", "lists", "stats", "token-lists",
                                  "parents", "child-lists", "coarse"};
   std::fprintf(stderr, "update-profile %s B=%d ctx=%lld CTA launches=%.0f kernel(thread 0)=%.2f us clock=%.2f GHz\n",

@@ -203,7 +203,9 @@ struct PhaseClock {
   unsigned long long* out;
   long long t = 0;
   unsigned long long t_ns = 0;
-  __device__ explicit PhaseClock(unsigned long long* p) : out(threadIdx.x == 0 ? p : nullptr) {
+  // cta_stride > 0: CTA b adds to its own slots p + b * cta_stride (a buffer per CTA).
+  __device__ explicit PhaseClock(unsigned long long* p, int cta_stride = 0)
+      : out(threadIdx.x == 0 && p ? p + int64_t(blockIdx.x) * cta_stride : nullptr) {
     if (out) {
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_ns));
       t = clock64();

@@ -118,9 +118,9 @@ struct SelectArgs {
   int32_t* far_ids = nullptr;            // [E, far_cap] out
   int32_t* far_n = nullptr;              // [E] out
   int far_cap = 0;
-  // Diagnostics (null in normal runs): thread 0 of each CTA adds the clock64 cycles of each
-  // phase to prof[phase] and counts to the slots named in select.cuh (kProf*).
-  unsigned long long* prof = nullptr;  // [kPhaseClockSlots] (phase_clock.hpp)
+  // Diagnostics (null in normal runs): thread 0 of the CTA of entry e adds the clock64 cycles
+  // of each phase to prof[e][phase] and counts to the slots named in select.cuh (kProf*).
+  unsigned long long* prof = nullptr;  // [entries, kPhaseClockSlots] (phase_clock.hpp)
   // Greedy selections over at most this many clusters (and <= 256) are walked by one warp
   // without barriers; larger ones take the block-wide radix path.
   int warp_select_max = 256;

@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   int* s_cn = reinterpret_cast<int*>(s_x + kc * G);  // [kc] their sizes
 
   pdl_trigger();  // the attention kernel may load its queries (it waits for our writes)
-  PhaseClock pc(kProf ? a.prof : nullptr);
+  PhaseClock pc(kProf ? a.prof : nullptr, kPhaseClockSlots);  // slots per entry
   EntryRows rows(a, e);  // the row look-ups of sinks and window come later (fetch_early)
   // The sequence's page table into L2 (write_exact_rows looks up the selected tokens' rows).
   if (const int pages = (rows.end + a.page_size - 1) / a.page_size; tid * 32 < pages)

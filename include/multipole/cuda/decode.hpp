@@ -65,8 +65,9 @@ class CudaDecoder {
   std::vector<int32_t> exact_counts() const;    // [B * Hkv]
   uint32_t error_flags() const;                  // bit 0: an exact set overflowed its capacity
   void clear_error_flags();
-  // Diagnostics: a device buffer of 32 u64 (zeroed by the caller) that the two-level
-  // selection kernel adds its per-phase clock64 cycles and counts to; null turns it off.
+  // Diagnostics: a device buffer of 32 u64 per entry (B x Hkv, zeroed by the caller) that
+  // the two-level selection kernel adds each entry's per-phase clock64 cycles and counts to;
+  // null turns it off.
   void set_select_profile(unsigned long long* device_slots) { select_prof_ = device_slots; }
   // Diagnostics and tests: greedy selections over at most min(warp_max, 256) clusters are
   // walked by one warp, handing over to the block-wide radix path after `warp_steps` picks;
