@@ -15,7 +15,8 @@
 // per-tile math runs on tensor cores with the group's heads as the M rows (ROWS = 8 or 16):
 // S = Q K^T by mma m16n8k16 (K fragments by ldmatrix), O += P V by mma m16n8k8 (V fragments
 // by ldmatrix.trans; S's accumulator layout is P's A-fragment layout). Q and P are split into
-// a 16-bit high part and a 16-bit remainder (two mma each), which keeps ~16 mantissa bits:
+// a 16-bit high part and a 16-bit remainder (two mma each; one with <= 8 heads, whose padding
+// rows carry the remainders), which keeps ~16 mantissa bits:
 // f32-class results from bf16/f16 tensor-core inputs, with f32 accumulators and softmax
 // state. The last CTA of a (sequence, head) to finish merges the splits (counter in global
 // memory), so a decode step is one launch. Logits are in the log2 domain (q pre-scaled by
