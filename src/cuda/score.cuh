@@ -20,6 +20,13 @@ struct ScoreStage {
   static constexpr int kQBytes = GC * D * 4;
   static constexpr int kBytes = kRowsBytes + kQBytes + kScoreChunk * 4;
   static constexpr int kMaxStages = 3;  // two chunks in flight while one is scored
+  // Copy layout (also the f32 FMA reader's): a row is read by L lanes, DPL channels each
+  // (NV 16-byte vectors), TPW rows per warp and pass, kPasses passes per chunk.
+  static constexpr int kEPV = Storage<CT>::kPerVec;  // elements per 16-byte vector
+  static constexpr int kDPL = (D == 128 && GC <= 4) ? 16 : 8;
+  static constexpr int kL = D / kDPL, kNV = kDPL / kEPV, kTPW = 32 / kL, kTPP = kTPW * 4;
+  static constexpr int kPasses = kScoreChunk / kTPP;
+  static_assert(kPasses * kTPP == kScoreChunk && GC * D % 4 == 0, "score chunk shape");
   __device__ static const float* queries(const unsigned char* stage) {
     return reinterpret_cast<const float*>(stage + kRowsBytes);
   }
@@ -64,9 +71,8 @@ __device__ __forceinline__ void score_rows_fma(const ScoreArgs& a, const ScoreIt
   using Stage = ScoreStage<D, GC, CT>;
   const float* s_q = Stage::queries(base);
   const int32_t* s_n = Stage::sizes(base);
-  constexpr int EPV = Storage<CT>::kPerVec;
-  constexpr int DPL = (D == 128 && GC <= 4) ? 16 : 8;
-  constexpr int L = D / DPL, NV = DPL / EPV, TPW = 32 / L, TPP = TPW * 4, kPasses = kScoreChunk / TPP;
+  constexpr int EPV = Stage::kEPV, L = Stage::kL, NV = Stage::kNV, TPW = Stage::kTPW, TPP = Stage::kTPP;
+  constexpr int kPasses = Stage::kPasses;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, l = lane % L, tok = warp * TPW + lane / L;
   float m[GC], z[GC];
 #pragma unroll
@@ -202,12 +208,8 @@ __device__ __forceinline__ void score_rows_mma(const ScoreArgs& a, const ScoreIt
 template <int D, int GC, class CT>
 __global__ void __launch_bounds__(128, 4) score_kernel(const ScoreArgs a, int items, int work, int stages) {
   using Stage = ScoreStage<D, GC, CT>;
-  constexpr int EPV = Storage<CT>::kPerVec;  // elements per 16-byte vector
-  constexpr int DPL = (D == 128 && GC <= 4) ? 16 : 8;  // copy layout: channels per lane
-  constexpr int L = D / DPL, NV = DPL / EPV, TPW = 32 / L, TPP = TPW * 4;
-  constexpr int kPasses = kScoreChunk / TPP;  // rows per thread
+  constexpr int L = Stage::kL, NV = Stage::kNV, TPW = Stage::kTPW, TPP = Stage::kTPP, kPasses = Stage::kPasses;
   const int S = stages;  // 1 .. kMaxStages
-  static_assert(kPasses * TPP == kScoreChunk && GC * D % 4 == 0, "score chunk shape");
   __shared__ float s_red[4][GC][2];
   extern __shared__ __align__(16) unsigned char s_ring[];
 
