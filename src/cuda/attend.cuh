@@ -105,9 +105,9 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
           qhi[k][r] = qlo[k][r] = 0u;
           continue;
         }
-        const float x0 = qv(g, d), x1 = qv(g, d + 1);
-        qhi[k][r] = M::pack(x0, x1);
-        qlo[k][r] = M::pack(x0 - M::lo(qhi[k][r]), x1 - M::hi(qhi[k][r]));
+        float x0 = qv(g, d), x1 = qv(g, d + 1);
+        qhi[k][r] = peel_part<T>(x0, x1);
+        qlo[k][r] = peel_part<T>(x0, x1);
         if (STACK && (r & 1)) qhi[k][r] = qlo[k][r];  // rows 8..15: the remainders
       }
   }
@@ -352,11 +352,11 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
         lsum[r] *= alpha;
         m[r] = mx;
       }
-      const float p0 = m[r] == neg_inf() ? 0.0f : fast_exp2(s[2 * r] - m[r]);
-      const float p1 = m[r] == neg_inf() ? 0.0f : fast_exp2(s[2 * r + 1] - m[r]);
+      float p0 = m[r] == neg_inf() ? 0.0f : fast_exp2(s[2 * r] - m[r]);
+      float p1 = m[r] == neg_inf() ? 0.0f : fast_exp2(s[2 * r + 1] - m[r]);
       lsum[r] += p0 + p1;
-      phi[r] = M::pack(p0, p1);
-      plo[r] = M::pack(p0 - M::lo(phi[r]), p1 - M::hi(phi[r]));
+      phi[r] = peel_part<T>(p0, p1);
+      plo[r] = peel_part<T>(p0, p1);
     }
 
     // O += P V.

@@ -171,6 +171,16 @@ template <> struct MmaType<__half> {
   }
 };
 
+// One 16-bit part of the pair (a, b) for T's mma: packs them rounded to nearest and leaves
+// the remainders in a and b, so that calling it again gives the next part (hi, lo, ...).
+template <class T>
+__device__ __forceinline__ uint32_t peel_part(float& a, float& b) {
+  const uint32_t r = MmaType<T>::pack(a, b);
+  a -= MmaType<T>::lo(r);
+  b -= MmaType<T>::hi(r);
+  return r;
+}
+
 // Asks the L2 for the 128-byte line holding p (no register waits for it).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 

@@ -154,11 +154,7 @@ __device__ __forceinline__ void score_rows_mma(const ScoreArgs& a, const ScoreIt
         x1 = v.y * a.qscale;
       }
 #pragma unroll
-      for (int p = 0; p < kParts; ++p) {
-        qb[half][p] = M::pack(x0, x1);
-        x0 -= M::lo(qb[half][p]);
-        x1 -= M::hi(qb[half][p]);
-      }
+      for (int p = 0; p < kParts; ++p) qb[half][p] = peel_part<CT>(x0, x1);
     }
     uint32_t af[4];
     const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;

@@ -458,8 +458,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
               for (int i = 0; i < 4; ++i) x[i] = q[d0 + i];
 #pragma unroll
             for (int p = 0; p < 3; ++p) {
-              const uint32_t b0 = M::pack(x[0], x[1]), b1 = M::pack(x[2], x[3]);
-              x[0] -= M::lo(b0), x[1] -= M::hi(b0), x[2] -= M::lo(b1), x[3] -= M::hi(b1);
+              const uint32_t b0 = peel_part<KT>(x[0], x[1]), b1 = peel_part<KT>(x[2], x[3]);
               M::mma16816(acc, af, b0, b1);
             }
           }
