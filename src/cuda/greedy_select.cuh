@@ -80,8 +80,6 @@ struct SelectShared {
 // lower index), which is the greedy order (a cluster skipped once never fits again, R only
 // shrinks). Selected clusters get size -n in shared memory. Stops before pick max_steps + 1
 // and sets `more` if one still fits then. No barriers; ~10-20 steps in practice.
-// list (optional): walk only clusters list[0 .. C), ascending ids (so the lower position
-// is the lower id on ties).
 // precheck: if at least max_steps + 1 clusters have 0 < n <= R / (max_steps + 1) (so that
 // many picks are possible: the greedy tail is likely long), pick nothing and set `more`: a
 // walk that hands over after max_steps picks costs them (~0.25 us each) on top of the
@@ -90,7 +88,7 @@ struct SelectShared {
 // path (H200: +10 us per step at 32K b1).
 template <int kPer>
 __device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max_steps, bool& more,
-                           const int* list = nullptr, bool precheck = false) {
+                           bool precheck = false) {
   const int lane = threadIdx.x & 31;
   uint32_t k1[kPer];  // key + 1 (f32 bits of I >= 0 stay below 0xffffffff): 0 means "none"
   int n[kPer];
@@ -99,9 +97,8 @@ __device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max
 #pragma unroll
   for (int s = 0; s < kPer; ++s) {
     const int i = lane + 32 * s;
-    const int id = list && i < C ? list[i] : i;
-    n[s] = i < C ? size[pad(id)] : 0;
-    k1[s] = i < C ? key[pad(id)] + 1u : 0u;
+    n[s] = i < C ? size[pad(i)] : 0;
+    k1[s] = i < C ? key[pad(i)] + 1u : 0u;
     tiny += n[s] > 0 && n[s] <= tiny_max;
   }
   more = false;
@@ -135,9 +132,46 @@ __device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max
 #pragma unroll
       for (int s = 0; s < kPer; ++s)
         if (s == slot) n[s] = -n[s];
-      size[pad(list ? list[i] : i)] = -ni;
+      size[pad(i)] = -ni;
     }
     R -= ni;
+  }
+  return R;
+}
+
+// The greedy tail of C clusters (C <= 2048), walked by one warp from shared memory: tkey[j]
+// is cluster j's key + 1 (0: none, as in warp_greedy), tidn[j] its id << 16 | n, in
+// ascending ids (the lower j is the lower id on ties). Each step takes the most important
+// cluster with 0 < n <= R, as warp_greedy does; taken ones get n = 0 here and size -n.
+// Shared memory rather than registers: a slot per cluster in registers would raise the
+// kernel's register count, and with it whether a selection CTA fits beside a scoring CTA
+// on an SM (H200: +1.5-2 us per batch-1 step with 16 slots). No barriers.
+inline __device__ int warp_greedy_tail(int* size, const uint32_t* tkey, uint32_t* tidn, int C, int R) {
+  const int lane = threadIdx.x & 31;
+  while (R > 0) {
+    uint32_t bk = 0;
+    int bj = C;
+#pragma unroll 4
+    for (int j = lane; j < C; j += 32) {  // ascending j: strict > keeps the lower j on ties
+      const int n = int(tidn[j] & 0xffffu);
+      const uint32_t k = tkey[j];
+      if (n > 0 && n <= R && k > bk) {
+        bk = k;
+        bj = j;
+      }
+    }
+    const uint32_t m = __reduce_max_sync(0xffffffffu, bk);
+    if (m == 0) break;
+    const int j = int(__reduce_min_sync(0xffffffffu, bk == m ? unsigned(bj) : unsigned(C)));
+    const uint32_t idn = tidn[j];
+    const int n = int(idn & 0xffffu);
+    __syncwarp();  // every lane has read tidn[j] before it changes
+    if (lane == (j & 31)) {
+      tidn[j] = idn & 0xffff0000u;
+      size[pad(int(idn >> 16))] = -n;
+    }
+    __syncwarp();
+    R -= n;
   }
   return R;
 }
@@ -256,7 +290,7 @@ inline __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C
     bool more = true;
     if (sort != 2) {
       if (tid < 32) {
-        const int r = warp_greedy<8>(key, size, C, R, warp_steps, more, nullptr, precheck);
+        const int r = warp_greedy<8>(key, size, C, R, warp_steps, more, precheck);
         if (tid == 0) {
           *sh.above = r;
           *sh.digit = more ? 1 : 0;
@@ -363,9 +397,10 @@ inline __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C
   if (pc) pc->mark(slot0 + 1);
 
   // The rest of the greedy walk. Only clusters with 0 < n <= R can still be taken (R only
-  // shrinks); when at most 256 are left (k-means of random keys leaves many clusters of a
-  // few tokens after the large ones), one warp walks them in registers (~0.3 us per pick,
-  // no pick limit) instead of block-wide steps (~0.7 us each, two barriers).
+  // shrinks). When at most kTailWalkMax are left (k-means of random keys leaves hundreds to
+  // thousands of clusters of a few tokens after the large ones), one warp walks them from
+  // shared memory (~0.2-0.4 us per pick, no pick limit); otherwise block-wide steps (~0.9-1.3
+  // us per pick, two barriers), of which the slowest entry of a k-means step took 16-26.
   int iters = 0;
   bool walked = false;  // the tail went to one warp (uniform: every thread saw the same total)
   {
@@ -379,17 +414,21 @@ inline __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C
     }
     int left;
     int at = block_exclusive_scan(ne, left);
-    if (left > 0 && left <= 256) {
-      int* list = reinterpret_cast<int*>(sh.hist);  // free after the radix passes
+    constexpr int kTailWalkMax = 2048;  // two words each fill sh.hist (free after the radix passes)
+    if (left > 0 && left <= kTailWalkMax && R < 65536 && C <= 65536) {  // id << 16 | n fits a word
+      uint32_t* tkey = sh.hist;
+      uint32_t* tidn = sh.hist + kTailWalkMax;
 #pragma unroll 1
       for (int i = lo; i < hi; ++i) {
         const int n = size[pad(i)];
-        if (n > 0 && n <= R) list[at++] = i;
+        if (n > 0 && n <= R) {
+          tkey[at] = key[pad(i)] + 1u;
+          tidn[at++] = uint32_t(i) << 16 | uint32_t(n);
+        }
       }
       __syncthreads();
       if (tid < 32) {
-        bool more;
-        const int r = warp_greedy<8>(key, size, left, R, 1 << 30, more, list);
+        const int r = warp_greedy_tail(size, tkey, tidn, left, R);
         if (tid == 0) *sh.above = r;
       }
       __syncthreads();

@@ -3,8 +3,10 @@
 // (descending, lower index first on ties), take a cluster when 0 < n <= what is left of the
 // budget. Every algorithm the kernel can take is run on every case: the block-wide radix
 // path (its tail walked by one warp), the one-warp walk with and without its hand-over to
-// the radix path or to the one-warp sort, and the sort alone. Cases cover 1..1100 clusters, ties,
-// empty clusters, clusters larger than the budget and budgets above the total.
+// the radix path or to the one-warp sort, and the sort alone. Cases cover 1..3000 clusters, ties,
+// empty clusters, clusters larger than the budget, budgets above the total, and long greedy
+// tails (a large cluster at the radix boundary leaves a budget that hundreds of tiny ones
+// below it compete for): walked by one warp up to 2048 clusters, block-wide beyond.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -25,7 +27,7 @@ using multipole::test::small_scale;
 
 namespace {
 
-constexpr int kMaxClusters = 1100;
+constexpr int kMaxClusters = 3000;
 
 struct Mode {
   int warp_max, warp_steps;
@@ -88,11 +90,11 @@ TEST(CudaSelect, EveryAlgorithmFollowsTheGreedyRule) {
   DeviceBuffer d_keys(kMaxClusters * 4), d_sizes(kMaxClusters * 4), d_out((kMaxClusters + 1) * 4);
   // Fewer cases under the sanitizers (MULTIPOLE_TEST_SCALE=small).
   const std::vector<int> counts = small_scale() ? std::vector<int>{7, 33, 256, 257, 1100}
-                                                : std::vector<int>{1, 2, 7, 31, 32, 33, 100, 200, 255, 256, 257, 512, 600, 1100};
+                                                : std::vector<int>{1, 2, 7, 31, 32, 33, 100, 200, 255, 256, 257, 512, 600, 1100, 2100, 3000};
   const std::vector<int> budgets = small_scale() ? std::vector<int>{5, 128, 2048} : std::vector<int>{0, 5, 128, 2048, 1 << 20};
   int cases = 0;
   for (const int C : counts)
-    for (int shape = 0; shape < 6; ++shape)
+    for (int shape = 0; shape < 7; ++shape)
       for (const int R : budgets) {
         SCOPED_TRACE(::testing::Message() << "C=" << C << " shape=" << shape << " R=" << R);
         std::vector<float> imp(static_cast<size_t>(C));
@@ -105,7 +107,8 @@ TEST(CudaSelect, EveryAlgorithmFollowsTheGreedyRule) {
             case 2: imp[i] = 0.5f; sizes[i] = 1 + int(rng() % 3); break;                      // all tied, tiny
             case 3: imp[i] = u * u * 1e-3f; sizes[i] = rng() % 5 == 0 ? 0 : 1 + int(rng() % 200); break;  // empties
             case 4: imp[i] = u; sizes[i] = i % 7 == 0 ? 3000 : 1 + int(rng() % 4); break;     // giants among tiny ones
-            default: imp[i] = i < 3 ? 1.0f : u * 1e-2f; sizes[i] = i < 3 ? 5000 : 1 + int(rng() % 16);  // giants ahead
+            case 5: imp[i] = i < 3 ? 1.0f : u * 1e-2f; sizes[i] = i < 3 ? 5000 : 1 + int(rng() % 16); break;  // giants ahead
+            default: imp[i] = u; sizes[i] = i % 10 == 0 ? 60 + int(rng() % 60) : 1 + int(rng() % 3);  // long tails
           }
         }
         d_keys.upload(imp.data(), size_t(C) * 4);  // the keys are the importances' f32 bits
@@ -128,5 +131,5 @@ TEST(CudaSelect, EveryAlgorithmFollowsTheGreedyRule) {
           ++cases;
         }
       }
-  EXPECT_EQ(cases, int(counts.size() * budgets.size()) * 6 * 7);
+  EXPECT_EQ(cases, int(counts.size() * budgets.size()) * 7 * 7);
 }
