@@ -416,8 +416,18 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   // warp w takes tiles of 16 candidates (the A rows; each lane loads 16-byte slices of two rows
   // straight into its fragments, which fixes an order of the dimensions within each 32 that q's
   // fragments follow too), heads in n-tiles of 8, q in three 16-bit parts. f32 ones with FMAs.
-  // Logits and sizes also go to shared memory (first kc candidates).
   const KT* kcent = static_cast<const KT*>(a.key_centroids);
+  // Candidate k < nc's logit for head g, and its size: the first kc in shared memory (their
+  // logits go to global memory below, coalesced), the others' logits straight there.
+  auto put_logit = [&](int k, int g, float x) {
+    if (k < kc)
+      s_x[k * G + g] = x;
+    else
+      a.scores_out[(fb + cand[k]) * int64_t(G) + g] = x;
+  };
+  auto put_size = [&](int k, int n) {
+    if (k < kc) s_cn[k] = n;
+  };
   if constexpr (!std::is_same_v<KT, float>) {
     using M = MmaType<KT>;
     const int gid = lane >> 2, tig = lane & 3, tiles = (nc + 15) / 16;
@@ -468,17 +478,13 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
             const int g = n0 + tig * 2 + hh;
-            if (k[rr] >= nc || g >= G) continue;
-            if (k[rr] < kc)
-              s_x[k[rr] * G + g] = acc[rr * 2 + hh];
-            else
-              a.scores_out[(fb + cand[k[rr]]) * int64_t(G) + g] = acc[rr * 2 + hh];
+            if (k[rr] < nc && g < G) put_logit(k[rr], g, acc[rr * 2 + hh]);
           }
       }
       if (tig == 0)
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr)
-          if (k[rr] < nc && k[rr] < kc) s_cn[k[rr]] = nk[rr];
+          if (k[rr] < nc) put_size(k[rr], nk[rr]);
       pc.mark(kProfScoreMath);
     }
   } else {
@@ -541,17 +547,14 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
 #pragma unroll
           for (int u = 0; u < U; ++u) {
             const int k = k0 + u * kSelectWarps;
-            if (k < kc)
-              s_x[k * G + g] = acc[u];  // to global memory below, coalesced
-            else if (k < nc)
-              a.scores_out[(fb + cand[k]) * int64_t(G) + g] = acc[u];
+            if (k < nc) put_logit(k, g, acc[u]);
           }
       }
       if (lane == 0)
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int k = k0 + u * kSelectWarps;
-          if (k < nc && k < kc) s_cn[k] = nk[u];
+          if (k < nc) put_size(k, nk[u]);
         }
       pc.mark(kProfScoreMath);
     }
