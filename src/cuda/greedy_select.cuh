@@ -399,8 +399,9 @@ inline __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C
   // The rest of the greedy walk. Only clusters with 0 < n <= R can still be taken (R only
   // shrinks). When at most kTailWalkMax are left (k-means of random keys leaves hundreds to
   // thousands of clusters of a few tokens after the large ones), one warp walks them from
-  // shared memory (~0.2-0.4 us per pick, no pick limit); otherwise block-wide steps (~0.9-1.3
-  // us per pick, two barriers), of which the slowest entry of a k-means step took 16-26.
+  // shared memory (no pick limit; a pick scans left / 32 entries per lane); otherwise
+  // block-wide steps (~0.9-1.3 us per pick, two barriers), of which the slowest entry of a
+  // k-means step took 16-26 before H20.
   int iters = 0;
   bool walked = false;  // the tail went to one warp (uniform: every thread saw the same total)
   {
