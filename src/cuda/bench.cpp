@@ -129,7 +129,7 @@ void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClus
       std::fprintf(stderr, "  %-13s %8.2f %8.2f %9.0f\n", names[k], double(v[size_t(k)]) / r.ctas / r.ghz * 1e-3,
                    double(w[k]) / it / r.ghz * 1e-3, double(w[k]) / it);
   std::fprintf(stderr,
-               "  per CTA (mean / slowest): walk iterations coarse %.2f / %.0f, fine %.2f / %.0f (>= 1000: warp walk), "
+               "  per CTA (mean / slowest): tail picks coarse %.2f / %.0f, fine %.2f / %.0f (+1000: one-warp walk, +2000: sorted), "
                "candidates %.1f / %.0f, coarse %.1f / %.0f\n",
                double(v[20]) / r.ctas, double(w[20]) / it, double(v[21]) / r.ctas, double(w[21]) / it,
                double(v[22]) / r.ctas, double(w[22]) / it, double(v[24]) / r.ctas, double(w[24]) / it);

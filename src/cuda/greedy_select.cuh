@@ -145,9 +145,10 @@ __device__ int warp_greedy(const uint32_t* key, int* size, int C, int R, int max
 // cluster with 0 < n <= R, as warp_greedy does; taken ones get n = 0 here and size -n.
 // Shared memory rather than registers: a slot per cluster in registers would raise the
 // kernel's register count, and with it whether a selection CTA fits beside a scoring CTA
-// on an SM (H200: +1.5-2 us per batch-1 step with 16 slots). No barriers.
-inline __device__ int warp_greedy_tail(int* size, const uint32_t* tkey, uint32_t* tidn, int C, int R) {
+// on an SM (H200: +1.5-2 us per batch-1 step with 16 slots). No barriers. picks: how many.
+inline __device__ int warp_greedy_tail(int* size, const uint32_t* tkey, uint32_t* tidn, int C, int R, int& picks) {
   const int lane = threadIdx.x & 31;
+  picks = 0;
   while (R > 0) {
     uint32_t bk = 0;
     int bj = C;
@@ -172,6 +173,7 @@ inline __device__ int warp_greedy_tail(int* size, const uint32_t* tkey, uint32_t
     }
     __syncwarp();
     R -= n;
+    ++picks;
   }
   return R;
 }
@@ -273,7 +275,8 @@ inline __device__ __noinline__ int sorted_greedy(const uint32_t* key, int* size,
 // warp_steps picks) sorted_greedy finishes instead of the radix path; 2, sorted_greedy
 // alone.
 // pc: optional phase clock, marks slot0 (radix), slot0 + 1 (ties), slot0 + 2 (walk) and
-// counts the walk's iterations in iters_slot.
+// adds to iters_slot the picks of the tail after the radix path (by one warp or block-wide),
+// 1000 for the one-warp walk of C <= 256 and 2000 for sorted_greedy.
 // Not inlined: the coarse and the fine selection share one copy of the code (instruction
 // fetches after an L2 flush are a large part of this kernel's time).
 inline __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C, int R, int total, const SelectShared& sh,
@@ -429,7 +432,7 @@ inline __device__ __noinline__ int greedy_select(uint32_t* key, int* size, int C
       }
       __syncthreads();
       if (tid < 32) {
-        const int r = warp_greedy_tail(size, tkey, tidn, left, R);
+        const int r = warp_greedy_tail(size, tkey, tidn, left, R, iters);  // thread 0's count goes to pc
         if (tid == 0) *sh.above = r;
       }
       __syncthreads();
