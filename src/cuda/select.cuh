@@ -494,7 +494,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     constexpr int U = 4;
     // One round's rows, sizes and list starts; the next round's are loaded before this
     // round's math, so each round waits on loads issued a round earlier.
-    auto load_round = [&](int k0, float (&raw)[U][4], int (&nk)[U], int (&mbk)[U]) {
+    auto load_round = [&](int k0, float (&kv)[U][4], int (&nk)[U], int (&mbk)[U]) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int k = k0 + u * kSelectWarps;
@@ -505,14 +505,14 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int d = lane + 32 * j;
-          raw[u][j] = k < nc && d < D ? __ldg(row + d) : 0.0f;
+          kv[u][j] = k < nc && d < D ? __ldg(row + d) : 0.0f;
         }
       }
     };
-    float raw[U][4], raw_next[U][4];
+    float kv[U][4], kv_next[U][4];
     int nk[U], mbk[U], nk_next[U], mbk_next[U];
     int k0 = a.prescored ? nc : warp;
-    if (k0 < nc) load_round(k0, raw_next, nk_next, mbk_next);
+    if (k0 < nc) load_round(k0, kv_next, nk_next, mbk_next);
 #pragma unroll 1
     for (; k0 < nc; k0 += U * kSelectWarps) {
 #pragma unroll
@@ -520,9 +520,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
         nk[u] = nk_next[u];
         mbk[u] = mbk_next[u];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) raw[u][j] = raw_next[u][j];
+        for (int j = 0; j < 4; ++j) kv[u][j] = kv_next[u][j];
       }
-      if (k0 + U * kSelectWarps < nc) load_round(k0 + U * kSelectWarps, raw_next, nk_next, mbk_next);
+      if (k0 + U * kSelectWarps < nc) load_round(k0 + U * kSelectWarps, kv_next, nk_next, mbk_next);
       // The candidates' member lists into L2 (write_exact_rows reads those of the selected).
       if (lane == 0)
 #pragma unroll
@@ -537,7 +537,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
           acc[u] = 0.0f;
 #pragma unroll
           for (int j = 0; j < 4; ++j)
-            if (lane + 32 * j < D) acc[u] = fmaf(s_q[g * D + lane + 32 * j], raw[u][j], acc[u]);
+            if (lane + 32 * j < D) acc[u] = fmaf(s_q[g * D + lane + 32 * j], kv[u][j], acc[u]);
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1)
