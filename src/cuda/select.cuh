@@ -266,11 +266,25 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   if (tid == 0) s_nsel = 0;
   __syncthreads();
   pc.mark(kProfPrologue);
+  // A cluster's importance sum_g 2^(x[g] - M[g]) / Z[g] from its logits x [G]: four heads'
+  // loads in flight together, the sum in head order.
+  const auto importance = [&](const float* x) {
+    float imp = 0.0f;
+#pragma unroll 1
+    for (int g0 = 0; g0 < G; g0 += 4) {
+      float v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v[u] = g0 + u < G ? x[g0 + u] : 0.0f;
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (g0 + u < G) imp += fast_exp2(v[u] - s_M[g0 + u]) * s_invZ[g0 + u];
+    }
+    return imp;
+  };
   int mine = 0;
   for (int i = tid; i < Cc; i += kSelectThreads) {
     const int n = max(a.sizes[cb + i], 0);
-    float imp = 0.0f;
-    for (int g = 0; g < G; ++g) imp += fast_exp2(a.scores[int64_t(cb + i) * G + g] - s_M[g]) * s_invZ[g];
+    const float imp = importance(a.scores + int64_t(cb + i) * G);
     key[pad(i)] = __float_as_uint(n > 0 ? imp : 0.0f);
     size[pad(i)] = n;
     mine += n;
@@ -300,20 +314,22 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
       if (n < 0) list_off[atomicAdd(&s_nsel, 1)] = i;  // selected coarse clusters, any order
     }
     if (tid == 0) s_nfar = nfar;
-    // Four heads at a time, so their logit loads are in flight together (one round trip
-    // instead of one per head); per head the same sums in the same order as one at a time.
+    // Four heads at a time, the cluster loop outside: one round trip per cluster brings the
+    // logits of all four (per head the same sums in the same order as one head at a time).
 #pragma unroll 1
     for (int g0 = 0; g0 < G; g0 += 4) {
-      float z[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        z[u] = 0.0f;
-        if (g0 + u < G)
+      float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll 1
-          for (int i = lo; i < hi; ++i) {
-            const int n = size[pad(i)];
-            if (n > 0) z[u] += float(n) * fast_exp2(__ldg(a.scores + int64_t(cb + i) * G + g0 + u) - s_M[g0 + u]);
-          }
+      for (int i = lo; i < hi; ++i) {
+        const int n = size[pad(i)];
+        if (n <= 0) continue;
+        const float* x = a.scores + int64_t(cb + i) * G + g0;
+        float v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) v[u] = g0 + u < G ? __ldg(x + u) : 0.0f;
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (g0 + u < G) z[u] += float(n) * fast_exp2(v[u] - s_M[g0 + u]);
       }
 #pragma unroll
       for (int u = 0; u < 4; ++u) z[u] = warp_sum(z[u]);
@@ -604,10 +620,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   for (int k = tid; k < nc; k += kSelectThreads) {
     const int64_t c = fb + cand[k];
     const int n = k < kc ? s_cn[k] : a.sizes[c];
-    const float* x = k < kc ? s_x + k * G : a.scores + c * G;
-    float imp = 0.0f;
-    for (int g = 0; g < G; ++g) imp += fast_exp2(x[g] - s_M[g]) * s_invZ[g];
-    key[pad(k)] = __float_as_uint(imp);
+    key[pad(k)] = __float_as_uint(importance(k < kc ? s_x + k * G : a.scores + c * G));
     size[pad(k)] = n;
     mine += n;
   }
