@@ -558,16 +558,17 @@ __global__ void __launch_bounds__(kCountThreads) count_kernel(const KmBlock* blo
 
 constexpr int kBigCluster = 128;  // longer member lists go to big_update_kernel (8 warps each)
 
-// f64 sums of weight x point (and with final_pass weight x value: level 0 the members' cached
+// f64 sums of weight x point (and with kFinal weight x value: level 0 the members' cached
 // values, level 1 the children's value centroids) over members [m0, m1) of a block's lists,
 // in ascending order; ids, weights and value rows of 32 members are fetched one per lane,
-// then 4 rows are in flight at a time. One warp.
-template <int D>
+// then U rows are in flight at a time (the sums do not depend on U). One warp.
+template <int D, int U, bool kFinal>
 __device__ __forceinline__ void sum_members(const KmBlock& blk, const KvRead& kv, const float* points,
                                             const int32_t* weights, const float* point_values,
-                                            const int32_t* members, int m0, int m1, bool final_pass,
+                                            const int32_t* members, int m0, int m1,
                                             double (&sk)[D / 32], double (&sv)[D / 32], int64_t& wsum) {
   constexpr int V = D / 32;
+  constexpr bool final_pass = kFinal;
   const int lane = threadIdx.x & 31;
   const bool cache_values = final_pass && !point_values;
   for (int base = m0; base < m1; base += 32) {
@@ -575,11 +576,11 @@ __device__ __forceinline__ void sum_members(const KmBlock& blk, const KvRead& kv
     const int my_i = lane < cnt ? members[blk.point_begin + base + lane] : 0;
     const int my_w = lane < cnt ? (weights ? weights[int64_t(blk.point_begin) + my_i] : 1) : 0;
     const int64_t my_v = cache_values && lane < cnt ? cache_row(kv, blk.seq, blk.head, blk.token_begin + my_i) : 0;
-    for (int t0 = 0; t0 < cnt; t0 += 4) {
-      float x[4][V], v[4][V];
-      int w[4];
+    for (int t0 = 0; t0 < cnt; t0 += U) {
+      float x[U][V], v[kFinal ? U : 1][V];
+      int w[U];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int t = min(t0 + u, cnt - 1);
         const int i = __shfl_sync(0xffffffffu, my_i, t);
         w[u] = __shfl_sync(0xffffffffu, my_w, t);
@@ -587,7 +588,7 @@ __device__ __forceinline__ void sum_members(const KmBlock& blk, const KvRead& kv
         const int64_t vr = __shfl_sync(0xffffffffu, my_v, t);
         const int64_t p = int64_t(blk.point_begin) + i;
         load_f32<V>(points + p * D + lane * V, x[u]);
-        if (final_pass) {
+        if constexpr (kFinal) {
           if (point_values) {
             load_f32<V>(point_values + p * D + lane * V, v[u]);
           } else {
@@ -596,18 +597,31 @@ __device__ __forceinline__ void sum_members(const KmBlock& blk, const KvRead& kv
         }
       }
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
+      for (int u = 0; u < U; ++u) {
         if (w[u] <= 0) continue;
         wsum += w[u];
 #pragma unroll
         for (int j = 0; j < V; ++j) sk[j] += double(w[u]) * x[u][j];
-        if (final_pass) {
+        if constexpr (kFinal) {
 #pragma unroll
           for (int j = 0; j < V; ++j) sv[j] += double(w[u]) * v[u][j];
         }
       }
     }
   }
+}
+
+// The Lloyd passes before the last read only the points: 8 rows in flight (the final pass
+// also reads values, 4 keep it within the registers of 4 CTAs per SM).
+template <int D>
+__device__ __forceinline__ void sum_members_pass(const KmBlock& blk, const KvRead& kv, const float* points,
+                                                 const int32_t* weights, const float* point_values,
+                                                 const int32_t* members, int m0, int m1, bool final_pass,
+                                                 double (&sk)[D / 32], double (&sv)[D / 32], int64_t& wsum) {
+  if (final_pass)
+    sum_members<D, 4, true>(blk, kv, points, weights, point_values, members, m0, m1, sk, sv, wsum);
+  else
+    sum_members<D, 8, false>(blk, kv, points, weights, point_values, members, m0, m1, sk, sv, wsum);
 }
 
 // New centroids: the weighted mean of each cluster's members (f64 sums); a cluster without
@@ -637,7 +651,7 @@ __global__ void __launch_bounds__(256, 4) update_kernel(const KmBlock* blocks, K
 #pragma unroll
   for (int i = 0; i < V; ++i) sk[i] = sv[i] = 0.0;
   int64_t wsum = 0;
-  sum_members<D>(blk, kv, points, weights, point_values, members, m0, m1, final_pass != 0, sk, sv, wsum);
+  sum_members_pass<D>(blk, kv, points, weights, point_values, members, m0, m1, final_pass != 0, sk, sv, wsum);
   const double inv = wsum > 0 ? 1.0 / double(wsum) : 0.0;
   float ck[V], cv[V];
 #pragma unroll
@@ -676,8 +690,8 @@ __global__ void __launch_bounds__(256, 4) big_update_kernel(const KmBlock* block
 #pragma unroll
     for (int i = 0; i < V; ++i) sk[i] = sv[i] = 0.0;
     int64_t wsum = 0;
-    sum_members<D>(blk, kv, points, weights, point_values, members, m0 + len * warp / 8, m0 + len * (warp + 1) / 8,
-                   final_pass != 0, sk, sv, wsum);
+    sum_members_pass<D>(blk, kv, points, weights, point_values, members, m0 + len * warp / 8,
+                        m0 + len * (warp + 1) / 8, final_pass != 0, sk, sv, wsum);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       pk[warp][lane * V + j] = sk[j];
