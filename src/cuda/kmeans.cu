@@ -568,9 +568,8 @@ __device__ __forceinline__ void sum_members(const KmBlock& blk, const KvRead& kv
                                             const int32_t* members, int m0, int m1,
                                             double (&sk)[D / 32], double (&sv)[D / 32], int64_t& wsum) {
   constexpr int V = D / 32;
-  constexpr bool final_pass = kFinal;
   const int lane = threadIdx.x & 31;
-  const bool cache_values = final_pass && !point_values;
+  const bool cache_values = kFinal && !point_values;
   for (int base = m0; base < m1; base += 32) {
     const int cnt = min(32, m1 - base);
     const int my_i = lane < cnt ? members[blk.point_begin + base + lane] : 0;
@@ -1414,9 +1413,10 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     for (int x = tid; x < add * D; x += T) ck[int64_t(k1_old + x / D) * D + x % D] = fine_key(sm.seeds[x / D], x % D);
     for (int x = tid; x < k_add * D; x += T) sm.X[(x / D) * DP + x % D] = fine_key(k_old + x / D, x % D);
     __syncthreads();
-    // The block's coarse centroids pass through the shared tile 64 rows at a time (coalesced
-    // loads; a lane's own row from global memory was an uncoalesced chain of 32 loads); lane l
-    // takes rows l and l + 32 of each tile, so its rows still ascend (strict < keeps the lowest).
+    // The block's coarse centroids pass through the shared tile 64 rows at a time, loaded
+    // coalesced (a lane reading whole rows of its own from global memory is a long uncoalesced
+    // chain); lane l takes rows l and l + 32 of each tile, so its rows ascend (strict < keeps
+    // the lowest).
     for (int q0 = 0; q0 < k_add; q0 += NW) {
       const int q = q0 + warp;
       float bv = __int_as_float(0x7f800000);
