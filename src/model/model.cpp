@@ -310,8 +310,9 @@ void Model::prefill(PagedKVCache& cache, SeqId seq, std::span<const int32_t> tok
     const SeqId seqs[1] = {seq};
     const int64_t first = cache.length(seq);
     float* out = all_logits ? all_logits + int64_t(s) * V : (last ? logits : nullptr);
-    impl_->forward(config_, cache, seqs, first, tokens.subspan(s, n), false, policy, pool, out, all_logits != nullptr,
-                   stats_);
+    // The policy indexes the prompt after its last chunk only (see model.hpp).
+    impl_->forward(config_, cache, seqs, first, tokens.subspan(s, n), false, last, policy, pool, out,
+                   all_logits != nullptr, stats_);
     if (all_logits && last && logits) std::memcpy(logits, all_logits + int64_t(tokens.size() - 1) * V, size_t(V) * 4);
   }
 }
@@ -321,7 +322,7 @@ void Model::decode(PagedKVCache& cache, std::span<const SeqId> seqs, std::span<c
   MP_CHECK(!impl_->layers.empty(), "{}: the model was loaded without its weights", path_);
   MP_CHECK(seqs.size() == tokens.size(), "decode: {} sequences but {} tokens", seqs.size(), tokens.size());
   if (seqs.empty()) return;
-  impl_->forward(config_, cache, seqs, -1, tokens, true, policy, pool, logits, true, stats_);
+  impl_->forward(config_, cache, seqs, -1, tokens, true, true, policy, pool, logits, true, stats_);
 }
 
 }  // namespace multipole

@@ -47,11 +47,12 @@ struct Model::Impl {
 
   // Rows r of the batch are tokens[r] at position pos[r] of sequence row_seq[r]. Decode:
   // one row per sequence, attention through the policy; prefill: the rows are consecutive
-  // positions of one sequence, attention dense and causal.
+  // positions of one sequence, attention dense and causal; update_policy: call
+  // policy.update() per layer (decode always does).
   //   logits: [rows, vocab] for every row (all_rows) or [vocab] of the last row; may be null
   void forward(const ModelConfig& c, PagedKVCache& cache, std::span<const SeqId> row_seq, int64_t first_pos,
-               std::span<const int32_t> tokens, bool decode, AttentionPolicy& policy, ThreadPool& pool,
-               float* logits, bool all_rows, ForwardStats& stats);
+               std::span<const int32_t> tokens, bool decode, bool update_policy, AttentionPolicy& policy,
+               ThreadPool& pool, float* logits, bool all_rows, ForwardStats& stats);
 };
 
 }  // namespace multipole

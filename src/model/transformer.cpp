@@ -66,8 +66,8 @@ void rotate_head(float* x, const float* cs, const float* sn, int half) {
 }  // namespace
 
 void Model::Impl::forward(const ModelConfig& c, PagedKVCache& cache, std::span<const SeqId> row_seq, int64_t first_pos,
-                          std::span<const int32_t> tokens, bool decode, AttentionPolicy& policy, ThreadPool& pool,
-                          float* logits, bool all_rows, ForwardStats& stats) {
+                          std::span<const int32_t> tokens, bool decode, bool update_policy, AttentionPolicy& policy,
+                          ThreadPool& pool, float* logits, bool all_rows, ForwardStats& stats) {
   const auto t_start = Clock::now();
   const int64_t n = int64_t(tokens.size());
   const int64_t H = c.hidden_size, I = c.intermediate_size, hd = c.head_dim, V = c.vocab_size;
@@ -192,7 +192,7 @@ void Model::Impl::forward(const ModelConfig& c, PagedKVCache& cache, std::span<c
         kernels::attend_range(kv, table, kh, 0, s.pos[r] + 1, q + off, scale, st);
         kernels::finalize(st, att + off);
       });
-      policy.update(cache, l, row_seq, pool);
+      if (update_policy) policy.update(cache, l, row_seq, pool);
     }
     attention_s += seconds_since(t_att);
 

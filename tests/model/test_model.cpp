@@ -1,13 +1,15 @@
 // The model layer: configs from both formats, the forward of each family against a naive
 // float64 forward of the same random weights (prefill and decode, chunked, threaded, GGUF
 // with llama.cpp's Q/K permutation), stored types, every attention policy with a budget
-// covering everything against dense, and bad input.
+// covering everything against dense, a chunked prompt indexed once after its last chunk, and
+// bad input.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
+#include "attention/multipole_policy.hpp"
 #include "model/tiny_model.hpp"
 #include "multipole/core/error.hpp"
 #include "multipole/io/gguf.hpp"
@@ -225,6 +227,51 @@ TEST(AttentionPolicies, FullBudgetReproducesDenseLogits) {
   knobs.budget = 4;
   knobs.coarse_budget = 8;
   EXPECT_GT(max_diff(run_model(*m, tokens, prefill, opts("squeezed", knobs)), dense), 1e-3);
+  fs::remove_all(dir);
+}
+
+// A prompt prefilled in chunks is indexed once, after its last chunk: each layer's index is
+// the one prefill clustering builds over the whole prompt, not the first chunk's grown by
+// online updates (which never move a token once placed).
+TEST(AttentionPolicies, ChunkedPrefillIndexesThePromptOnce) {
+  const tiny::Config c = tiny::family_config("llama");
+  const tiny::Weights w = tiny::random_weights(c, 41);
+  const auto tokens = random_tokens(small() ? 80 : 120, c.vocab, 17);
+  const std::string dir = tiny::temp_dir("chunked-index");
+  tiny::gguf_builder(w).write(dir + "/m.gguf");
+  auto m = Model::load(dir + "/m.gguf");
+  AttentionConfig ac = m->attention_config();
+  ac.cluster.sinks = 2;
+  ac.cluster.window = 8;
+  ac.cluster.block_size = 32;
+  ac.cluster.tokens_per_centroid = {4, 16};
+  ac.budget = 8;
+  ThreadPool pool(2);
+  PagedKVCache cache(m->kv_cache_config(256, DType::F32, 16));
+  const SeqId seq = cache.add_sequence();
+  MultipolePolicy chunked(ac);
+  m->set_prefill_chunk(16);
+  std::vector<float> logits(size_t(m->config().vocab_size));
+  m->prefill(cache, seq, tokens, chunked, pool, logits.data());
+  MultipolePolicy whole(ac);
+  const SeqId seqs[1] = {seq};
+  for (int l = 0; l < m->config().num_layers; ++l) {
+    whole.update(cache, l, seqs, pool);
+    for (int h = 0; h < ac.num_kv_heads; ++h) {
+      SCOPED_TRACE(fmt::format("layer {} head {}", l, h));
+      const ClusterIndex* got = chunked.index(seq, l, h);
+      const ClusterIndex* want = whole.index(seq, l, h);
+      ASSERT_NE(got, nullptr);
+      ASSERT_NE(want, nullptr);
+      EXPECT_EQ(got->end(), ac.clustered_end(int64_t(tokens.size())));
+      EXPECT_EQ(got->blocks().size(), want->blocks().size());
+      EXPECT_TRUE(std::ranges::equal(got->labels(), want->labels()));
+      for (int lv = 0; lv < want->num_levels(); ++lv) {
+        EXPECT_EQ(got->level(lv).keys, want->level(lv).keys);
+        EXPECT_EQ(got->level(lv).sizes, want->level(lv).sizes);
+      }
+    }
+  }
   fs::remove_all(dir);
 }
 

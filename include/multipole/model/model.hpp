@@ -109,8 +109,11 @@ class Model {
   KVCacheConfig kv_cache_config(int64_t max_tokens, DType dtype = DType::F16, int page_size = 16) const;
 
   // Runs `tokens` through the model as the next positions of `seq`: extends the cache by
-  // tokens.size() positions, writes their K/V in every layer, calls policy.update() per
-  // layer. Attention is dense and causal over everything cached for `seq`.
+  // tokens.size() positions, writes their K/V in every layer. Attention is dense and causal
+  // over everything cached for `seq`. policy.update() runs per layer once, in the forward
+  // of the last chunk, so a fresh sequence's index is built over the whole prompt
+  // (multipole's blocked prefill clustering), not over the first chunk and then grown by
+  // online updates chunk by chunk.
   //   logits: [vocab] of the last token, or nullptr
   //   all_logits: [tokens.size(), vocab] of every token, or nullptr (tests, scoring)
   // One forward at a time per Model (it keeps scratch buffers).
