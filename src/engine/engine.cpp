@@ -95,6 +95,12 @@ Engine::~Engine() = default;
 
 SeqId Engine::add_sequence() { return cache_->add_sequence(); }
 
+SeqId Engine::add_copy(const Engine& from, SeqId seq, int64_t n) {
+  MP_CHECK(&from.model_ == &model_, "engine: cannot copy a sequence from an engine of another model");
+  MP_CHECK(n <= context_, "engine: a copy of {} positions would pass the context limit of {} tokens", n, context_);
+  return cache_->add_copy(*from.cache_, seq, n);
+}
+
 void Engine::remove_sequence(SeqId seq) {
   policy_->forget(seq);
   cache_->free_sequence(seq);

@@ -155,24 +155,30 @@ Engine& Engines::get(const Variant* v) {
   return *e;
 }
 
-Generation generate_greedy(const SuiteContext& sc, Engine& engine, std::span<const int32_t> prompt, int max_tokens) {
-  MP_CHECK(int64_t(prompt.size()) < engine.context_length(),
-           "eval: a prompt of {} tokens leaves no room in the context of {} (--max-context)", prompt.size(),
-           engine.context_length());
+Generation generate_greedy(const SuiteContext& sc, Engine& engine, SeqId seq, std::span<const int32_t> tokens,
+                           int max_tokens) {
+  const int64_t held = engine.length(seq) + int64_t(tokens.size());
+  MP_CHECK(held < engine.context_length(), "eval: a prompt of {} tokens leaves no room in the context of {} (--max-context)",
+           held, engine.context_length());
   GenerationConfig gc;
-  gc.max_tokens = int(std::min<int64_t>(max_tokens, engine.context_length() - int64_t(prompt.size())));
+  gc.max_tokens = int(std::min<int64_t>(max_tokens, engine.context_length() - held));
   gc.sampler.temperature = 0;
   gc.extra_eos = sc.stop_ids;
   const auto t0 = std::chrono::steady_clock::now();
-  GenerationResult r = engine.generate(prompt, gc);
+  GenerationResult r = engine.generate(seq, tokens, gc);
   Generation g;
   g.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   g.tokens = std::move(r.tokens);
   g.text = sc.tok.decode(g.tokens);
   g.finish = std::string(finish_reason_name(r.finish));
   // A full context ends as "length" when max_tokens was cut to fit it.
-  if (int64_t(prompt.size() + g.tokens.size()) >= engine.context_length() && g.finish == "length") g.finish = "context";
+  if (held + int64_t(g.tokens.size()) >= engine.context_length() && g.finish == "length") g.finish = "context";
   return g;
+}
+
+Generation generate_greedy(const SuiteContext& sc, Engine& engine, std::span<const int32_t> prompt, int max_tokens) {
+  const ScopedSequence seq(engine, engine.add_sequence());
+  return generate_greedy(sc, engine, seq.id(), prompt, max_tokens);
 }
 
 std::string find_shared(const std::string& relative) {

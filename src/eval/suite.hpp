@@ -56,6 +56,20 @@ class Engines {
   std::map<std::string, std::unique_ptr<Engine>> engines_;
 };
 
+// A sequence of an engine, freed when this goes out of scope (on errors too).
+class ScopedSequence {
+ public:
+  ScopedSequence(Engine& engine, SeqId seq) : engine_(engine), seq_(seq) {}
+  ~ScopedSequence() { engine_.remove_sequence(seq_); }
+  ScopedSequence(const ScopedSequence&) = delete;
+  ScopedSequence& operator=(const ScopedSequence&) = delete;
+  SeqId id() const { return seq_; }
+
+ private:
+  Engine& engine_;
+  SeqId seq_;
+};
+
 struct Generation {
   std::vector<int32_t> tokens;
   std::string text;
@@ -64,6 +78,10 @@ struct Generation {
 };
 // Greedy decoding of up to max_tokens (fewer when the context is full) from `prompt`.
 Generation generate_greedy(const SuiteContext& sc, Engine& engine, std::span<const int32_t> prompt, int max_tokens);
+// The same on a sequence of `engine` that already holds a prefix: `tokens` are prefilled
+// onto it first. The sequence keeps what it saw.
+Generation generate_greedy(const SuiteContext& sc, Engine& engine, SeqId seq, std::span<const int32_t> tokens,
+                           int max_tokens);
 
 // The problems of --datasets (generated arithmetic, AIME 2025), interleaved, at most --limit.
 struct DatasetProblem {

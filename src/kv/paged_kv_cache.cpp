@@ -1,6 +1,8 @@
 #include "multipole/kv/paged_kv_cache.hpp"
 
 #include <algorithm>
+#include <cstring>
+#include <utility>
 #include <limits>
 
 #include "multipole/core/error.hpp"
@@ -31,6 +33,39 @@ SeqId PagedKVCache::add_sequence() {
     }
   sequences_.push_back(Sequence{true, 0, {}});
   return SeqId(sequences_.size() - 1);
+}
+
+SeqId PagedKVCache::add_copy(const PagedKVCache& src, SeqId src_seq, int64_t n) {
+  const KVCacheConfig& a = config_;
+  const KVCacheConfig& b = src.config_;
+  MP_CHECK(a.num_layers == b.num_layers && a.num_kv_heads == b.num_kv_heads && a.head_dim == b.head_dim &&
+               a.page_size == b.page_size && a.dtype == b.dtype,
+           "kv cache: cannot copy a sequence of a cache with {} layers x {} KV heads x dim {}, pages of {}, {} into "
+           "one with {} x {} x {}, pages of {}, {}",
+           b.num_layers, b.num_kv_heads, b.head_dim, b.page_size, dtype_name(b.dtype), a.num_layers, a.num_kv_heads,
+           a.head_dim, a.page_size, dtype_name(a.dtype));
+  const Sequence& from = src.sequence(src_seq);
+  MP_CHECK(n >= 0 && n <= from.length, "kv cache: cannot copy {} positions of sequence {} of length {}", n, src_seq,
+           from.length);
+  // The source's pages, taken before add_sequence() (src may be this cache, whose sequence
+  // list may then move).
+  const std::vector<int32_t> src_pages(from.pages.begin(), from.pages.begin() + (n + a.page_size - 1) / a.page_size);
+  const SeqId seq = add_sequence();
+  try {
+    extend(seq, n);
+  } catch (...) {
+    free_sequence(seq);
+    throw;
+  }
+  const std::vector<int32_t>& dst_pages = sequences_[size_t(seq)].pages;
+  for (int l = 0; l < a.num_layers; ++l) {
+    const KVLayerView from_view = src.layer_view(l), to_view = layer_view(l);
+    for (const auto& [from_pool, to_pool] : {std::pair{from_view.keys, to_view.keys}, {from_view.values, to_view.values}})
+      for (size_t p = 0; p < src_pages.size(); ++p)
+        std::memcpy(const_cast<std::byte*>(to_pool) + dst_pages[p] * page_bytes_, from_pool + src_pages[p] * page_bytes_,
+                    size_t(page_bytes_));
+  }
+  return seq;
 }
 
 const PagedKVCache::Sequence& PagedKVCache::sequence(SeqId seq) const {

@@ -1,7 +1,7 @@
 // The engine layer: the sampler against naive float64 definitions of each filter, seeds,
 // stop strings, and generation on a tiny random model (greedy = the naive forward's argmax
-// chain, EOS, stop strings, max tokens, the context limit, several sequences), plus the
-// `generate` command's errors.
+// chain, EOS, stop strings, max tokens, the context limit, several sequences, a copied
+// prefill), plus the `generate` command's errors.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -200,6 +200,17 @@ class TinyEngine : public ::testing::Test {
     o.max_sequences = 3;
     return o;
   }
+  // `o` with a policy small enough for the tiny model: window 8, blocks of 32, 4 tokens per
+  // centroid, budget 8.
+  static EngineOptions policy_options(EngineOptions o, const char* policy, int sinks) {
+    o.attention = policy;
+    o.attention_config.cluster.sinks = sinks;
+    o.attention_config.cluster.window = 8;
+    o.attention_config.cluster.block_size = 32;
+    o.attention_config.cluster.tokens_per_centroid = {4};
+    o.attention_config.budget = 8;
+    return o;
+  }
   // The greedy chain of the naive forward; margins of the top two at each step.
   std::vector<int32_t> reference_greedy(std::vector<int32_t> tokens, int n, std::vector<double>* margins) {
     std::vector<int32_t> out;
@@ -355,14 +366,7 @@ TEST_F(TinyEngine, EveryPolicyRunsAndSeededSamplingRepeats) {
   g.sampler.seed = 5;
   for (const char* p : {"dense", "multipole", "squeezed", "quest", "oracle-topk"}) {
     SCOPED_TRACE(p);
-    EngineOptions o = options();
-    o.attention = p;
-    o.attention_config.cluster.sinks = 2;
-    o.attention_config.cluster.window = 8;
-    o.attention_config.cluster.block_size = 32;
-    o.attention_config.cluster.tokens_per_centroid = {4};
-    o.attention_config.budget = 8;
-    Engine e(*model_, o, pool);
+    Engine e(*model_, policy_options(options(), p, 2), pool);
     auto r1 = e.generate(kPrompt, g);
     auto r2 = e.generate(kPrompt, g);
     EXPECT_EQ(r1.tokens.size(), 30u);
@@ -371,6 +375,42 @@ TEST_F(TinyEngine, EveryPolicyRunsAndSeededSamplingRepeats) {
       EXPECT_GT(r1.stats.policy.exact_tokens, 0);
     }
   }
+}
+
+// A policy engine continuing a copy of a dense engine's prefill generates what it generates
+// from the whole prompt itself: the copy is indexed at its first prefill, over everything.
+TEST_F(TinyEngine, CopiedPrefillGeneratesWhatAFullPrefillDoes) {
+  ThreadPool pool(2);
+  std::vector<int32_t> prompt(97);
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int32_t((i * 37 + 11) % size_t(cfg_.vocab));
+  const std::span<const int32_t> head = std::span(prompt).first(96), last = std::span(prompt).last(1);
+  GenerationConfig g;
+  g.max_tokens = 20;
+  g.stop_at_eos = false;
+  EngineOptions base = options(160);
+  base.prefill_chunk = 16;  // 96 = 6 whole chunks, so both ways group the rows alike
+  Engine dense(*model_, base, pool);
+  const SeqId shared = dense.add_sequence();
+  dense.prefill(shared, head);
+  for (const char* p : {"dense", "multipole", "quest"}) {
+    SCOPED_TRACE(p);
+    // One sink: the clustered part ends at 81 after 96 tokens and at 89 after 97, so an index
+    // built at the copy would differ from the one a full prefill builds.
+    Engine e(*model_, policy_options(base, p, 1), pool);
+    const auto full = e.generate(prompt, g);
+    const SeqId copy = e.add_copy(dense, shared, int64_t(head.size()));
+    EXPECT_EQ(e.length(copy), int64_t(head.size()));
+    const auto continued = e.generate(copy, last, g);
+    EXPECT_EQ(continued.tokens, full.tokens);
+    EXPECT_EQ(continued.stats.policy.exact_tokens, full.stats.policy.exact_tokens);
+    e.remove_sequence(copy);
+    EXPECT_EQ(e.cache().free_pages(), e.cache().num_pages());
+  }
+  EXPECT_EQ(dense.length(shared), int64_t(head.size()));
+  EngineOptions other = base;
+  other.kv_dtype = DType::BF16;
+  Engine wrong(*model_, other, pool);
+  EXPECT_THROW(wrong.add_copy(dense, shared, 8), Error);
 }
 
 // ------------------------------------------------------------------------ the command

@@ -74,3 +74,62 @@ TEST(PagedKVCache, RejectsBadConfig) {
   EXPECT_THROW(PagedKVCache(KVCacheConfig{.page_size = 0}), Error);
   EXPECT_THROW(PagedKVCache(KVCacheConfig{.max_tokens = -1}), Error);
 }
+
+TEST(PagedKVCache, AddCopyTakesAPrefixAsStored) {
+  KVCacheConfig c{.num_layers = 2, .num_kv_heads = 3, .head_dim = 16, .page_size = 5, .dtype = DType::BF16, .max_tokens = 200};
+  PagedKVCache src(c), dst(c);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> dist;
+  const SeqId s = src.add_sequence();
+  src.extend(s, 23);
+  std::vector<float> k(23 * 48), v(k.size());
+  for (int layer = 0; layer < 2; ++layer) {
+    for (auto& x : k) x = dist(rng);
+    for (auto& x : v) x = dist(rng);
+    src.write(s, layer, 0, 23, k.data(), v.data());
+  }
+  dst.extend(dst.add_sequence(), 7);  // the copy lands on other page ids than the source's
+  // Into another cache and into the same one; a prefix ending mid-page and the whole sequence.
+  for (auto [into, n] : {std::pair{&dst, int64_t(17)}, {&dst, int64_t(23)}, {&src, int64_t(12)}}) {
+    SCOPED_TRACE(n);
+    const SeqId copy = into->add_copy(src, s, n);
+    ASSERT_EQ(into->length(copy), n);
+    std::vector<float> want(size_t(n) * 16), got(want.size());
+    for (int layer = 0; layer < 2; ++layer)
+      for (int h = 0; h < 3; ++h) {
+        src.read_keys(s, layer, h, 0, n, want.data());
+        into->read_keys(copy, layer, h, 0, n, got.data());
+        EXPECT_EQ(got, want);
+        src.read_values(s, layer, h, 0, n, want.data());
+        into->read_values(copy, layer, h, 0, n, got.data());
+        EXPECT_EQ(got, want);
+      }
+  }
+  EXPECT_EQ(src.length(s), 23);
+}
+
+TEST(PagedKVCache, AddCopyRejectsOtherShapesLengthsAndFullCaches) {
+  KVCacheConfig c{.num_layers = 1, .num_kv_heads = 2, .head_dim = 8, .page_size = 4, .dtype = DType::F16, .max_tokens = 16};
+  PagedKVCache src(c);
+  const SeqId s = src.add_sequence();
+  src.extend(s, 10);
+  KVCacheConfig other = c;
+  other.dtype = DType::BF16;
+  PagedKVCache wrong(other);
+  EXPECT_THROW(
+      {
+        try {
+          wrong.add_copy(src, s, 4);
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find("f16"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      Error);
+  PagedKVCache dst(c);
+  EXPECT_THROW(dst.add_copy(src, s, 11), Error);   // past the source's length
+  EXPECT_THROW(dst.add_copy(src, s + 1, 1), Error);  // no such sequence
+  EXPECT_THROW(src.add_copy(src, s, 10), Error);   // 3 more pages, 1 free
+  EXPECT_EQ(src.free_pages(), 1);
+  EXPECT_FALSE(src.has_sequence(s + 1));
+}

@@ -110,6 +110,11 @@ class Engine {
 
   SeqId add_sequence();
   void remove_sequence(SeqId seq);  // frees its pages and the policy's state
+  // A new sequence holding the first n positions of `from`'s sequence `seq` (an engine of the
+  // same model and KV dtype / page size, e.g. a dense one that prefilled a shared prompt).
+  // This engine's policy has not seen it: its next prefill or decode indexes the copy as a
+  // fresh prompt, so copy + prefill of the rest builds the index a full prefill builds.
+  SeqId add_copy(const Engine& from, SeqId seq, int64_t n);
   int64_t length(SeqId seq) const { return cache_->length(seq); }
 
   // Appends tokens to `seq` (batched prefill) and returns the logits after the last one,

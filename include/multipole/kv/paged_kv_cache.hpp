@@ -55,6 +55,11 @@ class PagedKVCache {
   int64_t free_pages() const { return int64_t(free_list_.size()); }
 
   SeqId add_sequence();
+  // A new sequence holding positions [0, n) of `src`'s sequence `src_seq`, every layer, as
+  // stored (no conversion). `src` may be this cache; it must have the same layers, KV heads,
+  // head_dim, page_size and dtype. Throws, adding nothing, when they differ or the pages do
+  // not fit.
+  SeqId add_copy(const PagedKVCache& src, SeqId src_seq, int64_t n);
   void free_sequence(SeqId seq);  // returns its pages to the pool
   bool has_sequence(SeqId seq) const;
   int64_t length(SeqId seq) const;
