@@ -428,6 +428,9 @@ TEST(CudaSparseBaselines, FullBudgetAndGraphReplay) {
     const auto q = random_vector(size_t(3) * 8 * 128, rng);
     Floats dq(q), o1(std::vector<float>(q.size(), NAN)), o2(std::vector<float>(q.size(), NAN));
     dec.decode(su.dev, 1, dq.ptr(), o1.ptr(), nullptr);
+    // The graph's stream does not wait for the default stream, and both steps use the
+    // decoder's workspaces (racecheck's slow kernels made them overlap).
+    synchronize();
     cudaStream_t st;
     ASSERT_EQ(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
     cudaGraph_t graph;

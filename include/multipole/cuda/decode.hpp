@@ -43,6 +43,7 @@ class CudaDecoder {
   // when the batch or its lengths change (a sequence that grew since is still covered).
   void plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, const DeviceClusterIndex* index = nullptr);
   const DecodePlanInfo& plan_info() const { return info_; }
+  // Steps share the decoder's workspaces: steps on different streams must not overlap.
 
   // q:   [B, Hq, D] f32 device, rotated to each query's position
   // out: [B, Hq, D] f32 device (16-byte aligned)

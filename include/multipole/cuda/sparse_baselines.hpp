@@ -45,6 +45,7 @@ class CudaSparseDecoder {
 
   // q:   [B, Hq, D] f32 device, rotated to each query's position
   // out: [B, Hq, D] f32 device (16-byte aligned)
+  // Steps share the decoder's workspaces: steps on different streams must not overlap.
   // Timing diagnostics only: stages 1 stops after the first kernel (scoring / logits), 2
   // after the selection.
   void decode(const DeviceKVCache& cache, int layer, const float* q, float* out, Stream stream, int stages = 3) const;
