@@ -187,6 +187,18 @@ TEST_F(EvalCli, AgreementPasskeyReasoningOnTinyModel) {
     EXPECT_FALSE(r["str"]["passkey"].get<std::string>().empty());
   }
   EXPECT_NE(eval_test::slurp(dir + "/p/report.md").find("By length (rows) and depth (columns)"), std::string::npos);
+  // With a budget over every token each policy, continuing its copy of dense's shared
+  // prefill (prompts of several prefill chunks), answers as dense does.
+  CliRun full = run_eval_cli("--model " + *model_ + " --suite passkey --lengths 700 --depths 0.5 -n 8 --budgets 4096 " +
+                                 "--coarse-budget 4096 --out " + dir + "/pf --json" + kSmall,
+                             dir);
+  ASSERT_EQ(full.code, 0) << full.err;
+  rs = read_jsonl(dir + "/pf/results.jsonl");
+  ASSERT_EQ(rs.size(), 5u);
+  for (const json& r : rs) {
+    EXPECT_GT(r["num"]["prompt_tokens"].get<double>(), 512) << r.dump();
+    EXPECT_EQ(r["str"]["text"], rs[0]["str"]["text"]) << r.dump();
+  }
 
   CliRun q = run_eval_cli("--model " + *model_ + " --suite reasoning --limit 2 -n 10 --policies quest --out " + dir +
                               "/r --json" + kSmall,
@@ -392,6 +404,18 @@ TEST_F(CudaEvalCli, PoliciesDecodeOnTheGpu) {
       EXPECT_EQ(r["num"]["identical"].get<double>(), 1.0) << r.dump();
     }
   EXPECT_EQ(policies, 4);
+  // Passkey: prompts of several prefill chunks, each policy continuing its copy of dense's
+  // shared prefill and indexing it on the GPU: the answers are dense's.
+  CliRun p = run_eval_cli("--model " + model + " --suite passkey --lengths 700 --depths 0.5 -n 8 --budgets 1024 "
+                              "--device cuda --out " + dir + "/p --json" + kSmall,
+                          dir);
+  ASSERT_EQ(p.code, 0) << p.err;
+  const auto pk = read_jsonl(dir + "/p/results.jsonl");
+  ASSERT_EQ(pk.size(), 5u);
+  for (const json& r : pk) {
+    EXPECT_GT(r["num"]["prompt_tokens"].get<double>(), 512) << r.dump();
+    EXPECT_EQ(r["str"]["text"], pk[0]["str"]["text"]) << r.dump();
+  }
   fs::remove_all(model);
 }
 
