@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
-#include <utility>
 #include <limits>
+#include <utility>
 
 #include "multipole/core/error.hpp"
 
