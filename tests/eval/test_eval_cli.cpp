@@ -126,6 +126,15 @@ TEST_F(EvalCli, MultipoleWithFullBudgetReproducesDense) {
   EXPECT_LT(f["kl_max"].get<double>(), 1e-6) << full.out;
   EXPECT_EQ(f["top1"].get<double>(), 1.0) << full.out;
   EXPECT_LT(f["err_max"].get<double>(), 1e-4) << full.out;
+  // A prefix of several prefill chunks, prefilled once and copied into the policy's state.
+  CliRun longer = run_eval_cli("--model " + *model_ + " --suite fidelity --texts " + text + " --out " + dir +
+                                   "/long --prefix 260 --policies multipole --budgets 4096 --json" + kSmall,
+                               dir);
+  ASSERT_EQ(longer.code, 0) << longer.err;
+  const json l = json::parse(longer.out)["fidelity"][0];
+  EXPECT_GT(l["positions"].get<int>(), 40);
+  EXPECT_LT(l["kl_max"].get<double>(), 1e-6) << longer.out;
+  EXPECT_EQ(l["top1"].get<double>(), 1.0) << longer.out;
   CliRun small = run_eval_cli("--model " + *model_ + " --suite fidelity --texts " + text + " --out " + dir +
                                   "/small --prefix 16 --policies multipole --budgets 4 --json" + kSmall,
                               dir);
