@@ -3,7 +3,6 @@
 // tokenizer) and are trimmed so that prompt + answer fit the context.
 #include <algorithm>
 #include <bit>
-#include <chrono>
 
 #include "eval/prng.hpp"
 #include "eval/suite.hpp"
@@ -69,34 +68,17 @@ void run_passkey(SuiteContext& sc, Progress& progress) {
       MP_CHECK(attempt < 4, "eval: cannot fit a passkey prompt of length {} in the context {}", c.length, sc.context);
       target -= over + 8;
     }
-    // The prompt but its last token is prefilled once, by the dense engine (prefill is dense
-    // under every policy). Each run copies that K/V and prefills the last token itself, so
-    // its policy indexes the whole prompt as after a full prefill: one long prefill per case
-    // instead of one per policy.
-    Engine& dense = engines.get(nullptr);
-    const std::span<const int32_t> head = std::span(prompt).first(prompt.size() - 1);
-    const ScopedSequence shared(dense, dense.add_sequence());
-    const auto t0 = std::chrono::steady_clock::now();
-    dense.prefill(shared.id(), head);
-    const double shared_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    SharedPrompt shared(engines, prompt);
     for (const Variant* v : runs) {
       progress.advance(0, c.id + " " + (v ? v->label() : std::string("dense")));
-      // Dense continues on the shared sequence itself (copies take only its first positions).
-      Generation g;
-      if (!v) {
-        g = generate_greedy(sc, dense, shared.id(), std::span(prompt).last(1), max_tokens);
-      } else {
-        Engine& engine = engines.get(v);
-        const ScopedSequence seq(engine, engine.add_copy(dense, shared.id(), int64_t(head.size())));
-        g = generate_greedy(sc, engine, seq.id(), std::span(prompt).last(1), max_tokens);
-      }
+      const Generation g = shared.generate(sc, v, max_tokens);
       Record r = sc.record("passkey", c.id, v);
       r.num["length"] = double(c.length);
       r.num["depth"] = c.depth;
       r.num["prompt_tokens"] = double(prompt.size());
       r.num["found"] = passkey_found(g.text, pk.passkey);
       r.num["seconds"] = g.seconds;  // the last prompt token and the answer
-      r.num["shared_prefill_seconds"] = shared_seconds;
+      r.num["shared_prefill_seconds"] = shared.prefill_seconds();
       r.str["passkey"] = pk.passkey;
       r.str["text"] = g.text;
       sc.log.append(r);

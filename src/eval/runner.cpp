@@ -181,6 +181,22 @@ Generation generate_greedy(const SuiteContext& sc, Engine& engine, std::span<con
   return generate_greedy(sc, engine, seq.id(), prompt, max_tokens);
 }
 
+SharedPrompt::SharedPrompt(Engines& engines, std::span<const int32_t> prompt)
+    : engines_(engines), prompt_(prompt), dense_(engines.get(nullptr)), shared_(dense_, dense_.add_sequence()) {
+  MP_CHECK(!prompt.empty(), "eval: an empty prompt");
+  const auto t0 = std::chrono::steady_clock::now();
+  if (prompt.size() > 1) dense_.prefill(shared_.id(), prompt.first(prompt.size() - 1));
+  seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+Generation SharedPrompt::generate(const SuiteContext& sc, const Variant* v, int max_tokens) {
+  const std::span<const int32_t> last = prompt_.last(1);
+  if (!v) return generate_greedy(sc, dense_, shared_.id(), last, max_tokens);
+  Engine& engine = engines_.get(v);
+  const ScopedSequence seq(engine, engine.add_copy(dense_, shared_.id(), int64_t(prompt_.size()) - 1));
+  return generate_greedy(sc, engine, seq.id(), last, max_tokens);
+}
+
 std::string find_shared(const std::string& relative) {
   std::vector<fs::path> roots;
   if (const char* env = std::getenv("MULTIPOLE_SHARED_DIR")) roots.emplace_back(env);

@@ -83,6 +83,26 @@ Generation generate_greedy(const SuiteContext& sc, Engine& engine, std::span<con
 Generation generate_greedy(const SuiteContext& sc, Engine& engine, SeqId seq, std::span<const int32_t> tokens,
                            int max_tokens);
 
+// A case's prompt but its last token, prefilled once by the dense engine (prefill is dense
+// under every policy). Each run continues a copy in its own engine (Engine::add_copy) and
+// prefills the last token itself, so its policy indexes the whole prompt as after its own
+// prefill: one prompt prefill per case instead of one per policy. Dense continues the shared
+// sequence itself (the copies take only its first positions).
+class SharedPrompt {
+ public:
+  SharedPrompt(Engines& engines, std::span<const int32_t> prompt);
+  // Greedy generation of run v (null: dense) from the whole prompt.
+  Generation generate(const SuiteContext& sc, const Variant* v, int max_tokens);
+  double prefill_seconds() const { return seconds_; }
+
+ private:
+  Engines& engines_;
+  std::span<const int32_t> prompt_;
+  Engine& dense_;
+  ScopedSequence shared_;
+  double seconds_ = 0;
+};
+
 // The problems of --datasets (generated arithmetic, AIME 2025), interleaved, at most --limit.
 struct DatasetProblem {
   Problem problem;
