@@ -925,6 +925,28 @@ struct OnlineSmem {
   }
 };
 
+// Rows c0 .. c0 + 63 of the centroids cent [*, D] (row cols[c] for column c when cols is
+// given; zeros from column n on) into the shared tile sm.T, rows padded to online_row(D).
+// Coalesced float4 loads, all of a thread's issued before its stores. Call between barriers.
+template <int D>
+__device__ void load_centroid_tile(const OnlineSmem& sm, const float* cent, const int* cols, int c0, int n) {
+  constexpr int DP = online_row(D), Q = D / 4, PER = 64 * Q / kOnlineThreads;  // float4 per thread
+  static_assert(64 * Q % kOnlineThreads == 0, "a tile is whole float4s per thread");
+  const int tid = threadIdx.x;
+  float4 r[PER];
+#pragma unroll
+  for (int u = 0; u < PER; ++u) {
+    const int x = tid + u * kOnlineThreads, c = c0 + x / Q;
+    r[u] = c < n ? reinterpret_cast<const float4*>(cent)[int64_t(cols ? cols[c] : c) * Q + x % Q]
+                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+#pragma unroll
+  for (int u = 0; u < PER; ++u) {
+    const int x = tid + u * kOnlineThreads;
+    *reinterpret_cast<float4*>(sm.T + (x / Q) * DP + 4 * (x % Q)) = r[u];
+  }
+}
+
 // dist[i * ko + c] = ||c||^2 - 2 x_i.c (f32, x.c accumulated over the dimensions in order,
 // as the CPU's partial_distances) for the chunk's tokens i and the columns cols[0, n) (all of
 // [0, n) when cols is null). Per 64-column tile, warp w holds tokens 16 w .. 16 w + 15 and
@@ -937,22 +959,7 @@ __device__ void online_distances(const OnlineSmem& sm, int count, const float* c
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int c0 = 0; c0 < n; c0 += 64) {
     __syncthreads();  // the tile is free
-    {
-      constexpr int Q = D / 4, PER = 64 * Q / kOnlineThreads;  // float4 per thread, all loads first
-      static_assert(64 * Q % kOnlineThreads == 0, "a tile is whole float4s per thread");
-      float4 r[PER];
-#pragma unroll
-      for (int u = 0; u < PER; ++u) {
-        const int x = tid + u * kOnlineThreads, c = c0 + x / Q;
-        r[u] = c < n ? reinterpret_cast<const float4*>(cent)[int64_t(cols ? cols[c] : c) * Q + x % Q]
-                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      }
-#pragma unroll
-      for (int u = 0; u < PER; ++u) {
-        const int x = tid + u * kOnlineThreads;
-        *reinterpret_cast<float4*>(sm.T + (x / Q) * DP + 4 * (x % Q)) = r[u];
-      }
-    }
+    load_centroid_tile<D>(sm, cent, cols, c0, n);
     __syncthreads();
     if (warp * TW < count) {
       float acc[TW][2] = {};
@@ -1423,12 +1430,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
       int bi = 0x7fffffff;
       for (int p0 = 0; p0 < k1; p0 += 64) {
         __syncthreads();  // the tile is free
-        for (int x = tid; x < 64 * (D / 4); x += T) {
-          const int r = x / (D / 4), j4 = x % (D / 4);
-          if (p0 + r < k1)
-            *reinterpret_cast<float4*>(sm.T + r * DP + 4 * j4) =
-                reinterpret_cast<const float4*>(ck + int64_t(p0 + r) * D)[j4];
-        }
+        load_centroid_tile<D>(sm, ck, nullptr, p0, k1);
         __syncthreads();
         if (q >= k_add) continue;
 #pragma unroll
