@@ -26,17 +26,9 @@
 #include <vector>
 
 #include "cuda/common.cuh"
+#include "lab_check.cuh"
 
 namespace {
-
-#define LAB_CHECK(x)                                                                     \
-  do {                                                                                   \
-    const cudaError_t e_ = (x);                                                          \
-    if (e_ != cudaSuccess) {                                                             \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
 
 constexpr int kRowBytes = 256, kTile = 8, kStages = 4, kWarps = 4, kChunks = kRowBytes / 16;
 

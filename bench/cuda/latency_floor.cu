@@ -1,0 +1,335 @@
+// Kernel lab: the latency floors under a batch-1 decode step (gpu-notes item 32).
+//
+// Issue 4 asks multipole at batch 1 for ~12.5 us a layer-step at 32K and ~14 us at 128K; the
+// three-kernel step takes ~48 and ~62 us, bound by chains of dependent steps rather than
+// bytes (items 17-18). This lab times the links of such chains alone, the way the bench
+// times a step (CUDA graph replay, L2 flushed by a 256 MiB memset before each timed run,
+// median), so that a one-launch design can be costed before it is written:
+//   launch:  graphs of 1 and 3 empty kernels (the 3 plain, or chained by programmatic
+//            dependent launch as the step's kernels are), 8 CTAs or a full wave;
+//   chase:   one thread following h dependent global loads (ld.global.cg) through lines
+//            spread over 1 GiB, cold (after the flush) and again warm (in L2); the slope
+//            over h is one round trip;
+//   barrier: __syncthreads (256 / 1024 threads) and cluster barriers (clusters of 8 and,
+//            where the GPU fits them, 16 CTAs; 8 clusters as 8 KV heads at batch 1), per
+//            barrier from the slope over 0 and 256 barriers;
+//   dsmem:   one thread following dependent loads through the shared memory of the other
+//            CTAs of its cluster, per hop;
+//   chain:   one warp running dependent FMAs, shuffles or shared-memory loads, per step.
+// Usage: lab_latency_floor [iterations, default 41]. Prints one line per measurement.
+// H200, session H23 (two runs, medians agree within 0.2 us): 1 empty kernel 2.8-3.0 us, 3
+// chained by PDL 4.3-4.5; a DRAM round trip after the flush 0.34-0.36 us, an L2 one 0.15;
+// __syncthreads 0.014 (256 threads) / 0.039 us (1024); a cluster barrier 0.19-0.38 us; a
+// dependent DSMEM load 0.10 us; one warp's dependent FMA 0.002, shuffle + add 0.018,
+// shared-memory load 0.015 us.
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <unordered_set>
+#include <vector>
+
+#include "cuda/common.cuh"
+#include "lab_check.cuh"
+
+namespace cg = cooperative_groups;
+using multipole::cuda::detail::launch_maybe_pdl;
+using multipole::cuda::detail::pdl_wait;
+
+namespace {
+
+constexpr size_t kFlushBytes = size_t(256) << 20;
+constexpr size_t kChaseBytes = size_t(1) << 30;
+constexpr int kLineWords = 32;  // 128-byte lines of uint32 links
+constexpr int kMaxHops = 16;
+
+__global__ void empty_kernel(int wait) {
+  if (wait) pdl_wait();
+}
+
+// link: [kChaseBytes / 4] next index at each chain node; sink: [1]
+__global__ void chase_kernel(const uint32_t* link, uint32_t start, int hops, uint32_t* sink) {
+  uint32_t cur = start;
+  for (int i = 0; i < hops; ++i) cur = __ldcg(link + cur);
+  sink[0] = cur;
+}
+
+__global__ void block_barrier_kernel(int n, uint32_t* sink) {
+  for (int i = 0; i < n; ++i) __syncthreads();
+  if (threadIdx.x == 0 && n < 0) sink[0] = 1;
+}
+
+__global__ void cluster_barrier_kernel(int n, uint32_t* sink) {
+  cg::cluster_group cluster = cg::this_cluster();
+  for (int i = 0; i < n; ++i) cluster.sync();
+  if (threadIdx.x == 0 && n < 0) sink[0] = 1;
+}
+
+// One warp runs n dependent steps of one kind (the chains a phase of one CTA is made of):
+// 0: FMA, 1: warp shuffle + add, 2: shared-memory load. sink: [1]
+__global__ void chain_kernel(int kind, int n, uint32_t* sink) {
+  __shared__ uint32_t table[1024];
+  for (int i = threadIdx.x; i < 1024; i += blockDim.x) table[i] = (i * 97 + 13) & 1023;
+  __syncwarp();
+  float x = float(threadIdx.x);
+  uint32_t cur = threadIdx.x;
+  if (kind == 0) {
+    for (int i = 0; i < n; ++i) x = fmaf(x, 0.999f, 1.0f);
+  } else if (kind == 1) {
+    for (int i = 0; i < n; ++i) x += __shfl_xor_sync(0xffffffffu, x, 1 + (i & 15));
+  } else {
+    for (int i = 0; i < n; ++i) cur = table[cur];
+  }
+  if (x == -1.0f || cur == 0xffffffffu) sink[0] = cur;
+}
+
+// Each CTA's table holds (rank << 16 | slot) links to slots of other CTAs; thread 0 of CTA 0
+// follows n of them. sink: [1]
+__global__ void dsmem_chase_kernel(int n, uint32_t* sink) {
+  __shared__ uint32_t table[256];
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), size = cluster.num_blocks();
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) table[i] = (((rank + 1) % size) << 16) | ((i * 37 + 11) & 255);
+  cluster.sync();
+  if (rank == 0 && threadIdx.x == 0) {
+    uint32_t cur = 1;  // CTA 0, slot 1... then always another CTA
+    for (int i = 0; i < n; ++i) cur = *cluster.map_shared_rank(table + (cur & 0xffff), cur >> 16);
+    sink[0] = cur;
+  }
+  cluster.sync();  // no CTA leaves while its shared memory may still be read
+}
+
+double median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+  return v[v.size() / 2];
+}
+
+// `step` captured once into a CUDA graph, as the bench replays a decode step.
+struct Graph {
+  cudaGraph_t graph{};
+  cudaGraphExec_t exec{};
+  Graph(const std::function<void(cudaStream_t)>& step, cudaStream_t s) {
+    LAB_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    step(s);
+    LAB_CHECK(cudaStreamEndCapture(s, &graph));
+    LAB_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    LAB_CHECK(cudaGraphLaunch(exec, s));  // upload
+    LAB_CHECK(cudaStreamSynchronize(s));
+  }
+  ~Graph() {
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+};
+
+struct Lab {
+  cudaStream_t stream{};
+  void* flush = nullptr;
+  int iterations = 41;
+  cudaEvent_t a{}, b{};
+
+  // Microseconds of one replay of `g`, after an L2 flush (as multipole's bench does: a memset
+  // whose byte changes with `i`) when `cold`.
+  double run_us(const Graph& g, bool cold, int i) {
+    if (cold) LAB_CHECK(cudaMemsetAsync(flush, i & 0xff, kFlushBytes, stream));
+    LAB_CHECK(cudaEventRecord(a, stream));
+    LAB_CHECK(cudaGraphLaunch(g.exec, stream));
+    LAB_CHECK(cudaEventRecord(b, stream));
+    LAB_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    LAB_CHECK(cudaEventElapsedTime(&ms, a, b));
+    return double(ms) * 1e3;
+  }
+  // Median over `iterations` flushed replays of `step`.
+  double time_us(const std::function<void(cudaStream_t)>& step) {
+    const Graph g(step, stream);
+    std::vector<double> us;
+    for (int i = 0; i < iterations; ++i) us.push_back(run_us(g, true, i));
+    return median(us);
+  }
+};
+
+void report(const char* what, double us) { std::printf("%-58s %9.3f us\n", what, us); }
+
+// A launch of `clusters` clusters of `cluster` CTAs of `threads` on stream s. `attr` holds
+// the cluster dimension and must outlive the config.
+cudaLaunchConfig_t cluster_config(cudaLaunchAttribute& attr, int clusters, int cluster, int threads,
+                                  cudaStream_t s) {
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = unsigned(cluster);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(clusters * cluster));
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.stream = s;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+template <class... Args>
+cudaError_t launch_clusters(void (*kernel)(Args...), int clusters, int cluster, int threads, cudaStream_t s,
+                            Args... args) {
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(attr, clusters, cluster, threads, s);
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+// Clusters of `cluster` CTAs of `threads` that the GPU can hold at once (0: none).
+template <class... Args>
+int max_clusters(void (*kernel)(Args...), int cluster, int threads) {
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(attr, 8, cluster, threads, nullptr);
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Lab lab;
+  if (argc > 1) lab.iterations = std::max(3, std::atoi(argv[1]));
+  cudaDeviceProp prop{};
+  LAB_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("%s, %d SMs; %d timed runs per line, median; graph replay, L2 flushed by a %zu MiB memset\n",
+              prop.name, prop.multiProcessorCount, lab.iterations, kFlushBytes >> 20);
+  LAB_CHECK(cudaStreamCreateWithFlags(&lab.stream, cudaStreamNonBlocking));
+  LAB_CHECK(cudaEventCreate(&lab.a));
+  LAB_CHECK(cudaEventCreate(&lab.b));
+  LAB_CHECK(cudaMalloc(&lab.flush, kFlushBytes));
+  uint32_t* sink = nullptr;
+  LAB_CHECK(cudaMalloc(&sink, 64));
+  const cudaStream_t s = lab.stream;
+
+  // Launch floors.
+  const int wave = prop.multiProcessorCount;
+  for (const int ctas : {8, wave}) {
+    char what[96];
+    std::snprintf(what, sizeof what, "launch: 1 empty kernel, %d CTAs", ctas);
+    report(what, lab.time_us([&](cudaStream_t st) { empty_kernel<<<ctas, 256, 0, st>>>(0); }));
+    for (const bool pdl : {false, true}) {
+      std::snprintf(what, sizeof what, "launch: 3 empty kernels, %d CTAs, %s", ctas, pdl ? "PDL" : "plain");
+      report(what, lab.time_us([&](cudaStream_t st) {
+        empty_kernel<<<ctas, 256, 0, st>>>(0);
+        for (int k = 0; k < 2; ++k) LAB_CHECK(launch_maybe_pdl(empty_kernel, dim3(ctas), dim3(256), 0, st, pdl, int(pdl)));
+      }));
+    }
+  }
+
+  // Dependent global loads: chains of kMaxHops links over random 128-byte lines of 1 GiB,
+  // a fresh chain for each timed run.
+  uint32_t* link = nullptr;
+  LAB_CHECK(cudaMalloc(&link, kChaseBytes));
+  LAB_CHECK(cudaMemset(link, 0, kChaseBytes));
+  const int chains = lab.iterations;
+  std::vector<uint32_t> starts(static_cast<size_t>(chains));
+  {
+    std::mt19937_64 rng(12345);
+    const uint64_t lines = kChaseBytes / (kLineWords * 4);
+    std::unordered_set<uint64_t> used;
+    auto fresh = [&] {
+      for (;;) {
+        const uint64_t l = rng() % lines;
+        if (used.insert(l).second) return uint32_t(l * kLineWords);
+      }
+    };
+    for (int c = 0; c < chains; ++c) {
+      uint32_t cur = starts[size_t(c)] = fresh();
+      for (int h = 0; h < kMaxHops; ++h) {
+        const uint32_t next = fresh();
+        LAB_CHECK(cudaMemcpy(link + cur, &next, 4, cudaMemcpyHostToDevice));
+        cur = next;
+      }
+    }
+  }
+  std::printf("%-58s %9s %9s\n", "chase: h dependent loads, one thread", "cold", "warm");
+  double cold0 = 0, warm0 = 0, coldh = 0, warmh = 0;
+  for (const int hops : {0, 1, 2, 4, 8, 16}) {
+    const Graph g([&](cudaStream_t st) { chase_kernel<<<1, 32, 0, st>>>(link, starts[0], hops, sink); }, s);
+    // A graph's kernel arguments are fixed: each run gets its own chain by a node update.
+    cudaGraphNode_t node;
+    size_t nodes = 1;
+    LAB_CHECK(cudaGraphGetNodes(g.graph, &node, &nodes));
+    cudaKernelNodeParams kp{};
+    LAB_CHECK(cudaGraphKernelNodeGetParams(node, &kp));
+    std::vector<double> cold, warm;
+    for (int chain = 0; chain < chains; ++chain) {
+      const uint32_t* l = link;
+      uint32_t start = starts[size_t(chain)];
+      int h = hops;
+      uint32_t* sk = sink;
+      void* args[] = {&l, &start, &h, &sk};
+      kp.kernelParams = args;
+      LAB_CHECK(cudaGraphExecKernelNodeSetParams(g.exec, node, &kp));
+      cold.push_back(lab.run_us(g, true, chain));
+      warm.push_back(lab.run_us(g, false, chain));  // the same chain, now in L2
+    }
+    const double c = median(cold), w = median(warm);
+    std::printf("chase: h = %-46d %9.3f %9.3f us\n", hops, c, w);
+    if (hops == 0) cold0 = c, warm0 = w;
+    if (hops == kMaxHops) coldh = c, warmh = w;
+  }
+  std::printf("%-58s %9.3f %9.3f us\n", "chase: one round trip ((h16 - h0) / 16)", (coldh - cold0) / kMaxHops,
+              (warmh - warm0) / kMaxHops);
+  LAB_CHECK(cudaFree(link));
+
+  // Barriers: per barrier from 0 and 256 of them, 8 CTAs (clusters) as 8 KV heads at batch 1.
+  constexpr int kBarriers = 256;
+  for (const int threads : {256, 1024}) {
+    const double t0 = lab.time_us([&](cudaStream_t st) { block_barrier_kernel<<<8, threads, 0, st>>>(0, sink); });
+    const double t1 =
+        lab.time_us([&](cudaStream_t st) { block_barrier_kernel<<<8, threads, 0, st>>>(kBarriers, sink); });
+    char what[96];
+    std::snprintf(what, sizeof what, "barrier: __syncthreads, %d threads", threads);
+    report(what, (t1 - t0) / kBarriers);
+  }
+  LAB_CHECK(cudaFuncSetAttribute(cluster_barrier_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  LAB_CHECK(cudaFuncSetAttribute(dsmem_chase_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  for (const int cluster : {8, 16}) {
+    for (const int threads : {256, 1024}) {
+      const int fit = max_clusters(cluster_barrier_kernel, cluster, threads);
+      char what[96];
+      if (fit < 8) {
+        std::printf("barrier: clusters of %d x %d threads: only %d fit at once, skipped\n", cluster, threads, fit);
+        continue;
+      }
+      const double t0 = lab.time_us(
+          [&](cudaStream_t st) { LAB_CHECK(launch_clusters(cluster_barrier_kernel, 8, cluster, threads, st, 0, sink)); });
+      const double t1 = lab.time_us([&](cudaStream_t st) {
+        LAB_CHECK(launch_clusters(cluster_barrier_kernel, 8, cluster, threads, st, kBarriers, sink));
+      });
+      std::snprintf(what, sizeof what, "barrier: cluster of %d CTAs x %d threads (%d fit)", cluster, threads, fit);
+      report(what, (t1 - t0) / kBarriers);
+    }
+    const int fit = max_clusters(dsmem_chase_kernel, cluster, 256);
+    if (fit < 8) continue;
+    const double t0 = lab.time_us(
+        [&](cudaStream_t st) { LAB_CHECK(launch_clusters(dsmem_chase_kernel, 8, cluster, 256, st, 0, sink)); });
+    const double t1 = lab.time_us(
+        [&](cudaStream_t st) { LAB_CHECK(launch_clusters(dsmem_chase_kernel, 8, cluster, 256, st, kBarriers, sink)); });
+    char what[96];
+    std::snprintf(what, sizeof what, "dsmem: one dependent remote load, cluster of %d", cluster);
+    report(what, (t1 - t0) / kBarriers);
+  }
+  // Dependent instruction chains of one warp, per step from 0 and 4096 steps.
+  constexpr int kSteps = 4096;
+  const char* kinds[] = {"chain: one dependent FMA, one warp", "chain: one dependent shuffle + add, one warp",
+                         "chain: one dependent shared-memory load, one warp"};
+  for (int kind = 0; kind < 3; ++kind) {
+    const double t0 = lab.time_us([&](cudaStream_t st) { chain_kernel<<<1, 32, 0, st>>>(kind, 0, sink); });
+    const double t1 = lab.time_us([&](cudaStream_t st) { chain_kernel<<<1, 32, 0, st>>>(kind, kSteps, sink); });
+    report(kinds[kind], (t1 - t0) / kSteps);
+  }
+  LAB_CHECK(cudaDeviceSynchronize());
+  return 0;
+}
