@@ -12,6 +12,7 @@
 #include <set>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "multipole/core/error.hpp"
@@ -302,8 +303,19 @@ Section passkey_section(const std::vector<const Record*>& rs, const fs::path& pl
   const auto vs = variants_of(rs);
   std::set<double> lengths, depths;
   for (const Record* r : rs) lengths.insert(r->get("length")), depths.insert(r->get("depth"));
-  s.markdown += "Passkey retrieval (greedy answer contains the number). Accuracy with Wilson 95% intervals.\n\n"
-                "| policy | budget | clusters | found |\n|---|---|---|---|\n";
+  s.markdown +=
+      "Passkey retrieval (greedy answer contains the number). Accuracy with Wilson 95% intervals; against dense, "
+      "per case: keys dense finds that the policy misses, and answers word for word dense's.\n\n"
+      "| policy | budget | clusters | found | misses where dense finds | answer identical to dense's |\n"
+      "|---|---|---|---|---|---|\n";
+  std::map<std::string, const Record*> dense_of;  // case -> dense's record
+  for (const Record* r : rs)
+    if (r->policy == "dense") dense_of[r->case_id] = r;
+  const auto text_of = [](const Record& r) {
+    const auto it = r.str.find("text");
+    return it == r.str.end() ? std::string() : it->second;
+  };
+  std::string missed_lines;
   std::vector<Series> curves;
   std::string grid = "\nBy length (rows) and depth (columns), found / cases:\n\n| policy | length |";
   for (double d : depths) grid += fmt::format(" {:.2f} |", d);
@@ -312,12 +324,24 @@ Section passkey_section(const std::vector<const Record*>& rs, const fs::path& pl
   grid += "\n";
   for (const VariantKey& k : vs) {
     const auto rr = of_variant(rs, k);
-    int64_t found = 0;
-    for (const Record* r : rr) found += r->get("found") > 0;
-    s.markdown += fmt::format("| {} | {} | {} | {} |\n", k.policy, budget_cell(k), cluster_cell(k),
-                              rate_ci(found, int64_t(rr.size())));
+    int64_t found = 0, compared = 0, identical = 0;
+    std::vector<std::string> missed;
+    for (const Record* r : rr) {
+      found += r->get("found") > 0;
+      const auto d = dense_of.find(r->case_id);
+      if (k.policy == "dense" || d == dense_of.end()) continue;
+      ++compared;
+      identical += text_of(*r) == text_of(*d->second);
+      if (d->second->get("found") > 0 && !(r->get("found") > 0)) missed.push_back(r->case_id);
+    }
+    const bool dense = k.policy == "dense";
+    s.markdown += fmt::format("| {} | {} | {} | {} | {} | {} |\n", k.policy, budget_cell(k), cluster_cell(k),
+                              rate_ci(found, int64_t(rr.size())), dense ? "-" : std::to_string(missed.size()),
+                              dense ? "-" : fmt::format("{}/{}", identical, compared));
+    if (!missed.empty()) missed_lines += fmt::format("- {}: {}\n", k.label(), fmt::join(missed, ", "));
     json j = k.to_json();
     j.update({{"cases", rr.size()}, {"found", found}});
+    if (!dense) j.update({{"compared_with_dense", compared}, {"identical_to_dense", identical}, {"missed_where_dense_found", missed}});
     json per_length = json::object();
     Series c;
     c.title = k.label();
@@ -341,6 +365,7 @@ Section passkey_section(const std::vector<const Record*>& rs, const fs::path& pl
     s.summary.push_back(j);
     curves.push_back(c);
   }
+  if (!missed_lines.empty()) s.markdown += "\nKeys dense finds that a policy misses:\n\n" + missed_lines;
   s.markdown += grid;
   const std::string gp = write_plot(plots,
                                     plot_spec("passkey_accuracy_length", "Passkey retrieval against length",

@@ -124,13 +124,25 @@ TEST(EvalReport, RendersTablesAndPlotsFromRecords) {
     r.series["layer_err"] = {0.005 * n, 0.015 * n};
     rs.push_back(r);
   }
-  // passkey: dense finds 2 of 2, quest 1 of 2.
-  for (int i = 0; i < 2; ++i) {
-    Record d = rec("passkey", "p" + std::to_string(i), "dense", 0, "");
-    d.num = {{"length", 1024}, {"depth", 0.5 * i}, {"found", 1}};
-    Record q = rec("passkey", "p" + std::to_string(i), "quest", 64, "");
-    q.num = {{"length", 1024}, {"depth", 0.5 * i}, {"found", double(i)}};
-    rs.push_back(d), rs.push_back(q);
+  // passkey: dense finds 2 of 3 (p0, p1); quest 1 of 2 (it misses p0, where dense found the key), and
+  // answers p1 word for word as dense; squeezed finds p2, which dense misses, in other words.
+  for (int i = 0; i < 3; ++i) {
+    const std::string id = "p" + std::to_string(i);
+    Record d = rec("passkey", id, "dense", 0, "");
+    d.num = {{"length", 1024}, {"depth", 0.5 * i}, {"found", double(i < 2)}};
+    d.str["text"] = i < 2 ? "The pass key is 12." : "I do not know.";
+    rs.push_back(d);
+    if (i < 2) {
+      Record q = rec("passkey", id, "quest", 64, "");
+      q.num = {{"length", 1024}, {"depth", 0.5 * i}, {"found", double(i)}};
+      q.str["text"] = i == 1 ? "The pass key is 12." : "The pass key is 1.";
+      rs.push_back(q);
+    } else {
+      Record q = rec("passkey", id, "squeezed", 64, "16/64");
+      q.num = {{"length", 1024}, {"depth", 0.5 * i}, {"found", 1}};
+      q.str["text"] = "It is 12.";
+      rs.push_back(q);
+    }
   }
   // reasoning: 3 of 4 arithmetic problems right under dense (answers "0", "1", "7", "3"; the
   // truth is i). Multipole answers "0", none, "7.0" (equal to "7"), "2": right on 1 of 4 (25%,
@@ -164,8 +176,10 @@ TEST(EvalReport, RendersTablesAndPlotsFromRecords) {
   for (const char* section : {"## fidelity", "## agreement", "## passkey", "## reasoning"})
     EXPECT_NE(md.find(section), std::string::npos) << section;
   EXPECT_NE(md.find("| multipole | 128 | 16/128 | 2 | 400 | 0.25000 | 0.6000 | 60.0% |"), std::string::npos) << md;
-  EXPECT_NE(md.find("| quest | 64 | - | " + wilson_cell(1, 2) + " |"), std::string::npos) << md;
-  EXPECT_NE(md.find("| dense | - | - | " + wilson_cell(2, 2) + " |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| quest | 64 | - | " + wilson_cell(1, 2) + " | 1 | 1/2 |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| squeezed | 64 | 16/64 | " + wilson_cell(1, 1) + " | 0 | 0/1 |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| dense | - | - | " + wilson_cell(2, 3) + " | - | - |"), std::string::npos) << md;
+  EXPECT_NE(md.find("Keys dense finds that a policy misses:\n\n- quest b64: p0\n"), std::string::npos) << md;
   EXPECT_NE(md.find("| dense | - | - | arith | " + wilson_cell(3, 4) + " | 100.0% | 100.0 | - | - |"), std::string::npos)
       << md;
   EXPECT_NE(md.find("| multipole | 128 | 16/128 | arith | " + wilson_cell(1, 4) + " | 75.0% | 50.0 | " +
@@ -196,6 +210,9 @@ TEST(EvalReport, RendersTablesAndPlotsFromRecords) {
   const auto summary = nlohmann::json::parse(rr.summary_json);
   EXPECT_NEAR(summary["fidelity"][0]["kl_mean"].get<double>(), 0.25, 1e-12);
   EXPECT_EQ(summary["passkey"][1]["found"].get<int>(), 1);
+  EXPECT_EQ(summary["passkey"][1]["identical_to_dense"].get<int>(), 1);
+  EXPECT_EQ(summary["passkey"][1]["missed_where_dense_found"], nlohmann::json::array({"p0"}));
+  EXPECT_EQ(summary["passkey"][2]["missed_where_dense_found"], nlohmann::json::array());
   EXPECT_EQ(summary["reasoning"][1]["answer_match"].get<int>(), 2);
   EXPECT_FALSE(summary["reasoning"][1]["within_dense_ci"].get<bool>());
   EXPECT_TRUE(summary["reasoning"][2]["within_dense_ci"].get<bool>());
