@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <exception>
 
 #include <fmt/format.h>
 #include <unistd.h>
@@ -11,13 +12,19 @@ namespace multipole::eval {
 using Clock = std::chrono::steady_clock;
 
 Progress::Progress(std::string label, int64_t total, bool enabled)
-    : label_(std::move(label)), total_(total), enabled_(enabled), tty_(isatty(2) != 0) {
+    : label_(std::move(label)), total_(total), enabled_(enabled), tty_(isatty(2) != 0),
+      uncaught_(std::uncaught_exceptions()) {
   start_ = Clock::now();
   last_draw_ = start_ - std::chrono::hours(1);
 }
 
 Progress::~Progress() {
-  if (!finished_) finish();
+  if (finished_) return;
+  if (std::uncaught_exceptions() == uncaught_) {
+    finish();
+  } else if (tty_ && drawn_) {
+    std::fputc('\n', stderr);
+  }
 }
 
 std::string Progress::format_duration(double s) {
@@ -49,6 +56,7 @@ void Progress::draw(bool force) {
   const auto now = Clock::now();
   if (!force && now - last_draw_ < (tty_ ? std::chrono::milliseconds(250) : std::chrono::milliseconds(10000))) return;
   last_draw_ = now;
+  drawn_ = true;
   const std::string s = line();
   if (tty_)
     std::fprintf(stderr, "\r\033[K%s", s.c_str());

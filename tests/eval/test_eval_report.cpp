@@ -1,5 +1,6 @@
 // The results log (append, resume, torn lines), the progress line, and the report rendered
 // from hand-made records: tables hold the aggregates computed here by hand, plots exist.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -100,6 +101,33 @@ TEST(EvalProgress, LineShowsCountsAndEta) {
   EXPECT_NE(line.find("doc:a"), std::string::npos) << line;
   p.advance(7);
   EXPECT_NE(p.line().find("done"), std::string::npos) << p.line();
+}
+
+// A run stopped by an error must not end its progress with a "done" line.
+TEST(EvalProgress, AnErrorDoesNotPrintDone) {
+  // The runner's case: an option rejected before any case was counted (0/0 would read as
+  // "100%, done"), and an error after a case was drawn (no second, final line).
+  testing::internal::CaptureStderr();
+  try {
+    Progress p("passkey", 0, true);
+    throw Error("eval: --depths: 1.5 must be in [0, 1]");
+  } catch (const Error&) {
+  }
+  EXPECT_EQ(testing::internal::GetCapturedStderr(), "");
+  testing::internal::CaptureStderr();
+  try {
+    Progress p("passkey", 4, true);
+    p.advance(1, "case-1");
+    throw Error("a failing case");
+  } catch (const Error&) {
+  }
+  const std::string failed = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(std::count(failed.begin(), failed.end(), '\n'), 1) << failed;
+  testing::internal::CaptureStderr();
+  { Progress p("passkey", 1, true); p.advance(1, "case-1"); }
+  const std::string ok = testing::internal::GetCapturedStderr();
+  EXPECT_NE(ok.find("passkey 1/1 (100%)"), std::string::npos) << ok;
+  EXPECT_NE(ok.find("done"), std::string::npos) << ok;
 }
 
 // The Wilson interval written out here (not the library's) for the expected table cell.

@@ -13,6 +13,8 @@ class Progress {
  public:
   // enabled = false: silent. Units are whatever the caller counts (decoded tokens, cases).
   Progress(std::string label, int64_t total, bool enabled);
+  // Draws the final line, unless an exception is leaving the scope: then a "done" line would
+  // be wrong, so a terminal's line is only ended where it stopped.
   ~Progress();
   void add_total(int64_t units) { total_ += units; }
   // Marks `units` more as done and shows `what` as the current work.
@@ -29,7 +31,8 @@ class Progress {
   std::string label_;
   int64_t total_ = 0, done_ = 0, skipped_ = 0;
   bool enabled_, tty_;
-  bool finished_ = false;
+  bool finished_ = false, drawn_ = false;
+  int uncaught_ = 0;  // std::uncaught_exceptions() at construction
   std::string what_;
   std::chrono::steady_clock::time_point start_, last_draw_;
 };
