@@ -324,24 +324,26 @@ Section passkey_section(const std::vector<const Record*>& rs, const fs::path& pl
   grid += "\n";
   for (const VariantKey& k : vs) {
     const auto rr = of_variant(rs, k);
+    const bool dense = k.policy == "dense";
     int64_t found = 0, compared = 0, identical = 0;
     std::vector<std::string> missed;
     for (const Record* r : rr) {
       found += r->get("found") > 0;
       const auto d = dense_of.find(r->case_id);
-      if (k.policy == "dense" || d == dense_of.end()) continue;
+      if (dense || d == dense_of.end()) continue;
       ++compared;
       identical += text_of(*r) == text_of(*d->second);
       if (d->second->get("found") > 0 && !(r->get("found") > 0)) missed.push_back(r->case_id);
     }
-    const bool dense = k.policy == "dense";
     s.markdown += fmt::format("| {} | {} | {} | {} | {} | {} |\n", k.policy, budget_cell(k), cluster_cell(k),
                               rate_ci(found, int64_t(rr.size())), dense ? "-" : std::to_string(missed.size()),
                               dense ? "-" : fmt::format("{}/{}", identical, compared));
     if (!missed.empty()) missed_lines += fmt::format("- {}: {}\n", k.label(), fmt::join(missed, ", "));
     json j = k.to_json();
     j.update({{"cases", rr.size()}, {"found", found}});
-    if (!dense) j.update({{"compared_with_dense", compared}, {"identical_to_dense", identical}, {"missed_where_dense_found", missed}});
+    if (!dense)
+      j.update({{"compared_with_dense", compared}, {"identical_to_dense", identical},
+                {"missed_where_dense_found", missed}});
     json per_length = json::object();
     Series c;
     c.title = k.label();
