@@ -23,9 +23,11 @@
 // one-launch step does besides the selection. The output is checked against a host f64
 // computation of the same formula; the time is the bench's (graph replay, 256 MiB memset
 // flush before each run, median).
-// Usage: lab_fused_step [context tokens, default 32768] [runs, default 41].
+// Usage: lab_fused_step [context tokens, default 32768] [runs, default 41] [1: phase profile].
 // H200, session H23, median us at 32K / 64K / 128K: variant 1 23.6 / 34.9 / 57.9, variant 2
-// 20.4 / 37.5 / -, variant 3 27.0 / 35.5 / - (the floors of item 32 add up to ~7.5 us).
+// 20.4 / 37.5 / -, variant 3 27.0 / 35.5 / - (the floors of item 32 add up to ~7.5 us). The
+// phase profile at 32K puts variant 3's CTAs at 13.2 us, but its eight clusters do not all
+// fit at once (the last starts ~13 us late).
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -55,6 +57,9 @@ constexpr int kMaxLocal = 1024;                                          // cent
 constexpr int kMaxStaged = 256;   // variant 2: centroids per CTA staged in shared memory
 constexpr int kRowStride = 272;   // variant 2: bytes per staged row (256 + 16: no bank conflicts)
 constexpr size_t kFlushBytes = size_t(256) << 20;
+// Profile marks (%globaltimer of thread 0 of each CTA): entry, row loads issued, scores done, cluster max
+// known, far field summed, exact rows merged, states merged (CTA 0: output written).
+constexpr int kMarks = 7;
 
 struct Args {
   const float* q;              // [E, G, D] queries, pre-scaled by softmax scale * log2(e)
@@ -68,6 +73,7 @@ struct Args {
   const uint16_t* k_cache;     // [pages, E, 16, D] bf16
   const uint16_t* v_cache;     // [pages, E, 16, D] bf16
   float* out;                  // [E, G, D]
+  long long* prof;             // [E * kCtas, kMarks] %globaltimer (ns) at each mark of thread 0, or null
   int clusters, tokens;
 };
 
@@ -97,6 +103,14 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = int(cluster.block_rank()), e = blockIdx.x / kCtas;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const auto mark = [&](int i) {
+    if (a.prof && threadIdx.x == 0) {
+      long long t;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+      a.prof[size_t(blockIdx.x) * kMarks + i] = t;
+    }
+  };
+  mark(0);
   __shared__ float x[kG][kMaxLocal];          // logits, then 2^(x - max) of unselected ones
   __shared__ float part[kWarps][kG][kD];      // per-warp sums before the CTA's
   __shared__ float wm[kWarps][kG], wl[kWarps][kG];
@@ -141,6 +155,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
     }
   }
 
+  mark(1);
   // 2. Scores of this CTA's centroids [c0, c0 + n).
   const int per = (a.clusters + kCtas - 1) / kCtas, c0 = rank * per;
   const int n = max(0, min(per, a.clusters - c0));
@@ -198,6 +213,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
     }
   }
   __syncthreads();
+  mark(2);
 
   // 3. The cluster's maximum per head, then this CTA's far field.
   if (warp < kG) {
@@ -230,6 +246,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
     }
   }
   __syncthreads();
+  mark(3);
   for (int i = threadIdx.x; i < kG * n; i += kThreads) {
     const int g = i / n, j = i % n;
     x[g][j] = sel[j] ? 0.0f : exp2f(x[g][j] - gmax[g]);
@@ -285,6 +302,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
     if (lane == 0) st.m[warp] = gmax[warp], st.l[warp] = l;
   }
 
+  mark(4);
   // 4. The exact rows: per warp, then merged into the CTA's state.
   {
     float s[kRowsPerWarp][kG], m[kG], l[kG], acc[kG][4] = {};
@@ -343,6 +361,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
     st.m[g] = mx, st.l[g] = l;
   }
 
+  mark(5);
   // 5. CTA 0 merges the cluster's states.
   if constexpr (V >= 3) {
     // Push: each CTA stores its state into CTA 0's gather area, then CTA 0 merges locally.
@@ -365,6 +384,8 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
         a.out[(size_t(e) * kG + g) * kD + d] = o / l;
       }
     }
+    __syncthreads();
+    mark(6);
     return;  // nothing of another CTA is read after the barrier above
   }
   cluster.sync();
@@ -382,6 +403,8 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
       a.out[(size_t(e) * kG + g) * kD + d] = o / l;
     }
   }
+  __syncthreads();
+  mark(6);
   cluster.sync();  // no CTA leaves while CTA 0 may still read its state
 }
 
@@ -409,6 +432,7 @@ template <class T> T* upload(const std::vector<T>& v) {
 int main(int argc, char** argv) {
   const int tokens = argc > 1 ? std::atoi(argv[1]) : 32768;
   const int runs = argc > 2 ? std::max(3, std::atoi(argv[2])) : 41;
+  const bool profile = argc > 3 && std::atoi(argv[3]) != 0;
   const int clusters = (tokens - kSinks - kWindow) / kClusterTokens;
   if (tokens % kPage || clusters < kSelected || (clusters + kCtas - 1) / kCtas > kMaxLocal) {
     std::fprintf(stderr, "context %d: must be a multiple of %d with %d..%d clusters\n", tokens, kPage, kSelected,
@@ -512,6 +536,8 @@ int main(int argc, char** argv) {
 
   cudaStream_t s;
   LAB_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  long long* prof = nullptr;
+  LAB_CHECK(cudaMalloc(&prof, size_t(kEntries) * kCtas * kMarks * sizeof(long long)));
   void* flush = nullptr;
   LAB_CHECK(cudaMalloc(&flush, kFlushBytes));
   const int per = (clusters + kCtas - 1) / kCtas;
@@ -577,6 +603,31 @@ int main(int argc, char** argv) {
     std::sort(us.begin(), us.end());
     std::printf("variant %d: worst relative L2 error %.2e (%s); median %.2f us (min %.2f, max %.2f)\n", V, worst,
                 ok ? "ok" : "WRONG", us[us.size() / 2], us.front(), us.back());
+    if (profile) {
+      // One more flushed launch with the marks on: mean over CTAs of each phase, the slowest
+      // CTA's whole span, and the span from the first CTA's start to the last one's end.
+      Args pa = a;
+      pa.prof = prof;
+      LAB_CHECK(cudaMemsetAsync(flush, 0x5a, kFlushBytes, s));
+      LAB_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<V>, pa));
+      LAB_CHECK(cudaStreamSynchronize(s));
+      std::vector<long long> marks(size_t(kEntries) * kCtas * kMarks);
+      LAB_CHECK(cudaMemcpy(marks.data(), prof, marks.size() * sizeof(long long), cudaMemcpyDeviceToHost));
+      double mean[kMarks] = {}, slowest = 0;
+      long long first = marks[0], last = marks[0], last_start = marks[0];
+      for (int b = 0; b < kEntries * kCtas; ++b) {
+        const long long* m = marks.data() + size_t(b) * kMarks;
+        for (int i = 1; i < kMarks; ++i) mean[i] += double(m[i] - m[i - 1]) / (kEntries * kCtas);
+        slowest = std::max(slowest, double(m[kMarks - 1] - m[0]));
+        first = std::min(first, m[0]), last_start = std::max(last_start, m[0]), last = std::max(last, m[kMarks - 1]);
+      }
+      const char* names[kMarks] = {"", "row loads issued", "scores", "cluster max", "far field", "exact rows",
+                                   "states merged"};
+      std::printf("  phases (mean over CTAs, us):");
+      for (int i = 1; i < kMarks; ++i) std::printf(" %s %.2f;", names[i], mean[i] / 1e3);
+      std::printf(" slowest CTA %.2f; first CTA start to last end %.2f, of which start skew %.2f\n", slowest / 1e3,
+                  double(last - first) / 1e3, double(last_start - first) / 1e3);
+    }
     cudaEventDestroy(t0);
     cudaEventDestroy(t1);
     cudaGraphExecDestroy(exec);
