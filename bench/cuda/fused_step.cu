@@ -12,7 +12,7 @@
 //      unselected centroids with weights 2^(x - max);
 //   4. the exact rows' softmax state, merged with the far field's;
 //   5. CTA 0 merges the cluster's states (DSMEM) and writes the output.
-// Variants (llm.c style, both checked and timed): 1: each warp loads its centroids into
+// Variants (llm.c style, each checked and timed): 1: each warp loads its centroids into
 // registers, 8 bytes a lane, four centroids at a time, and reduces each dot product with
 // shuffles; 2: each CTA copies its whole slice of key and value centroids into shared memory
 // with cp.async first (rows padded to 272 bytes), then one thread per (centroid, head) dot
