@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "cuda/common.cuh"
-#include "lab_check.cuh"
+#include "lab_util.cuh"
 
 namespace {
 

@@ -42,7 +42,7 @@
 #include <vector>
 
 #include "cuda/common.cuh"
-#include "lab_check.cuh"
+#include "lab_util.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -56,7 +56,6 @@ constexpr int kRowsPerWarp = (kRowsPerCta + kWarps - 1) / kWarps;       // 3
 constexpr int kMaxLocal = 1024;                                          // centroids per CTA
 constexpr int kMaxStaged = 256;   // variant 2: centroids per CTA staged in shared memory
 constexpr int kRowStride = 272;   // variant 2: bytes per staged row (256 + 16: no bank conflicts)
-constexpr size_t kFlushBytes = size_t(256) << 20;
 // Profile marks (%globaltimer of thread 0 of each CTA): entry, row loads issued, scores done, cluster max
 // known, far field summed, exact rows merged, states merged (CTA 0: output written).
 constexpr int kMarks = 7;
@@ -341,71 +340,66 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < kG * kD; i += kThreads) {
-    const int g = i / kD, d = i % kD;
-    float mx = st.m[g];
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wm[w][g]);
-    float o = st.o[g][d] * exp2f(st.m[g] - mx);
-    for (int w = 0; w < kWarps; ++w)
-      if (wl[w][g] > 0) o += part[w][g][d] * exp2f(wm[w][g] - mx);
-    st.o[g][d] = o;
-  }
-  __syncthreads();
+  // Per head: the new maximum and each part's factor (far field, then each warp; 0 for a
+  // warp without rows), then the CTA's state rescaled once.
+  __shared__ float factor[kWarps + 1][kG];
   if (threadIdx.x < kG) {
     const int g = threadIdx.x;
     float mx = st.m[g];
     for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wm[w][g]);
-    float l = st.l[g] * exp2f(st.m[g] - mx);
-    for (int w = 0; w < kWarps; ++w)
-      if (wl[w][g] > 0) l += wl[w][g] * exp2f(wm[w][g] - mx);
+    factor[0][g] = exp2f(st.m[g] - mx);
+    float l = st.l[g] * factor[0][g];
+    for (int w = 0; w < kWarps; ++w) {
+      factor[w + 1][g] = wl[w][g] > 0 ? exp2f(wm[w][g] - mx) : 0.0f;
+      l += wl[w][g] * factor[w + 1][g];
+    }
     st.m[g] = mx, st.l[g] = l;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kG * kD; i += kThreads) {
+    const int g = i / kD, d = i % kD;
+    float o = st.o[g][d] * factor[0][g];
+    for (int w = 0; w < kWarps; ++w) o += part[w][g][d] * factor[w + 1][g];
+    st.o[g][d] = o;
   }
 
   mark(5);
-  // 5. CTA 0 merges the cluster's states.
+  // 5. CTA 0 merges the cluster's states, read through state_of(r) for CTA r.
+  const auto merge_states = [&](auto state_of) {
+    if (rank != 0) return;
+    for (int i = threadIdx.x; i < kG * kD; i += kThreads) {
+      const int g = i / kD, d = i % kD;
+      float m[kCtas], mx = -INFINITY;
+      for (int r = 0; r < kCtas; ++r) mx = fmaxf(mx, m[r] = state_of(r)->m[g]);
+      float l = 0, o = 0;
+      for (int r = 0; r < kCtas; ++r) {
+        const State* other = state_of(r);
+        const float f = exp2f(m[r] - mx);
+        l += other->l[g] * f, o += other->o[g][d] * f;
+      }
+      a.out[(size_t(e) * kG + g) * kD + d] = o / l;
+    }
+  };
   if constexpr (V >= 3) {
-    // Push: each CTA stores its state into CTA 0's gather area, then CTA 0 merges locally.
+    // Push: each CTA stores its state into CTA 0's gather area, then CTA 0 merges locally;
+    // nothing of another CTA is read after the barrier.
     State* gather = reinterpret_cast<State*>(staged + size_t(2) * ((a.clusters + kCtas - 1) / kCtas) * kRowStride);
     __syncthreads();
     const float* mine = reinterpret_cast<const float*>(&st);
     float* theirs = reinterpret_cast<float*>(cluster.map_shared_rank(gather + rank, 0));
     for (int i = threadIdx.x; i < int(sizeof(State) / 4); i += kThreads) theirs[i] = mine[i];
     cluster.sync();
-    if (rank == 0) {
-      for (int i = threadIdx.x; i < kG * kD; i += kThreads) {
-        const int g = i / kD, d = i % kD;
-        float mx = -INFINITY;
-        for (int r = 0; r < kCtas; ++r) mx = fmaxf(mx, gather[r].m[g]);
-        float l = 0, o = 0;
-        for (int r = 0; r < kCtas; ++r) {
-          const float f = exp2f(gather[r].m[g] - mx);
-          l += gather[r].l[g] * f, o += gather[r].o[g][d] * f;
-        }
-        a.out[(size_t(e) * kG + g) * kD + d] = o / l;
-      }
-    }
+    merge_states([&](int r) { return static_cast<const State*>(gather + r); });
     __syncthreads();
     mark(6);
-    return;  // nothing of another CTA is read after the barrier above
+  } else {
+    // Pull: CTA 0 reads the other CTAs' states through DSMEM, so none may leave before.
+    cluster.sync();
+    merge_states([&](int r) { return static_cast<const State*>(cluster.map_shared_rank(&st, r)); });
+    __syncthreads();
+    mark(6);
+    cluster.sync();
   }
-  cluster.sync();
-  if (rank == 0) {
-    for (int i = threadIdx.x; i < kG * kD; i += kThreads) {
-      const int g = i / kD, d = i % kD;
-      float m[kCtas], mx = -INFINITY;
-      for (int r = 0; r < kCtas; ++r) mx = fmaxf(mx, m[r] = cluster.map_shared_rank(&st, r)->m[g]);
-      float l = 0, o = 0;
-      for (int r = 0; r < kCtas; ++r) {
-        const State* other = cluster.map_shared_rank(&st, r);
-        const float f = exp2f(m[r] - mx);
-        l += other->l[g] * f, o += other->o[g][d] * f;
-      }
-      a.out[(size_t(e) * kG + g) * kD + d] = o / l;
-    }
-  }
-  __syncthreads();
-  mark(6);
-  cluster.sync();  // no CTA leaves while CTA 0 may still read its state
 }
 
 uint16_t to_bf16(float f) {
@@ -534,12 +528,10 @@ int main(int argc, char** argv) {
     }
   }
 
-  cudaStream_t s;
-  LAB_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  lab::FlushedTimer timer;
+  const cudaStream_t s = timer.stream();
   long long* prof = nullptr;
   LAB_CHECK(cudaMalloc(&prof, size_t(kEntries) * kCtas * kMarks * sizeof(long long)));
-  void* flush = nullptr;
-  LAB_CHECK(cudaMalloc(&flush, kFlushBytes));
   const int per = (clusters + kCtas - 1) / kCtas;
   const double mb = (double(key_c.size() + value_c.size()) * 2 + double(kEntries) * kExact * kD * 4) / 1e6;
   std::printf("context %d: %d clusters per entry, %d entries x %d CTAs, %.1f MB of centroids and rows\n", tokens,
@@ -554,15 +546,7 @@ int main(int argc, char** argv) {
     LAB_CHECK(cudaFuncSetAttribute(fused_step_kernel<V>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     LAB_CHECK(cudaFuncSetAttribute(fused_step_kernel<V>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = kCtas, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(kEntries * kCtas);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = s;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
+    const cudaLaunchConfig_t cfg = lab::cluster_config(attr, kEntries, kCtas, kThreads, s, smem);
     LAB_CHECK(cudaMemsetAsync(out, 0xff, q.size() * sizeof(float), s));  // poison
     LAB_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<V>, a));
     LAB_CHECK(cudaStreamSynchronize(s));
@@ -579,36 +563,22 @@ int main(int argc, char** argv) {
     }
     const bool ok = worst < 1e-4;
     failed += !ok;
-    // Time: graph replay after a memset flush, as the bench.
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    LAB_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-    LAB_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<V>, a));
-    LAB_CHECK(cudaStreamEndCapture(s, &graph));
-    LAB_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    cudaEvent_t t0, t1;
-    LAB_CHECK(cudaEventCreate(&t0));
-    LAB_CHECK(cudaEventCreate(&t1));
-    std::vector<float> us;
+    // Time: graph replay after a memset flush, as the bench; the first 3 runs warm up.
+    const lab::Graph g([&](cudaStream_t st) { LAB_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<V>, a)); }, s);
+    std::vector<double> us;
     for (int i = 0; i < runs + 3; ++i) {
-      LAB_CHECK(cudaMemsetAsync(flush, i & 0xff, kFlushBytes, s));
-      LAB_CHECK(cudaEventRecord(t0, s));
-      LAB_CHECK(cudaGraphLaunch(exec, s));
-      LAB_CHECK(cudaEventRecord(t1, s));
-      LAB_CHECK(cudaEventSynchronize(t1));
-      float ms = 0;
-      LAB_CHECK(cudaEventElapsedTime(&ms, t0, t1));
-      if (i >= 3) us.push_back(ms * 1e3f);
+      const double t = timer.run_us(g, true, i);
+      if (i >= 3) us.push_back(t);
     }
-    std::sort(us.begin(), us.end());
+    const auto [lo, hi] = std::minmax_element(us.begin(), us.end());
     std::printf("variant %d: worst relative L2 error %.2e (%s); median %.2f us (min %.2f, max %.2f)\n", V, worst,
-                ok ? "ok" : "WRONG", us[us.size() / 2], us.front(), us.back());
+                ok ? "ok" : "WRONG", lab::median(us), *lo, *hi);
     if (profile) {
       // One more flushed launch with the marks on: mean over CTAs of each phase, the slowest
       // CTA's whole span, and the span from the first CTA's start to the last one's end.
       Args pa = a;
       pa.prof = prof;
-      LAB_CHECK(cudaMemsetAsync(flush, 0x5a, kFlushBytes, s));
+      timer.flush(0x5a);
       LAB_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<V>, pa));
       LAB_CHECK(cudaStreamSynchronize(s));
       std::vector<long long> marks(size_t(kEntries) * kCtas * kMarks);
@@ -628,10 +598,6 @@ int main(int argc, char** argv) {
       std::printf(" slowest CTA %.2f; first CTA start to last end %.2f, of which start skew %.2f\n", slowest / 1e3,
                   double(last - first) / 1e3, double(last_start - first) / 1e3);
     }
-    cudaEventDestroy(t0);
-    cudaEventDestroy(t1);
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
   };
   run.template operator()<1>();
   run.template operator()<2>();

@@ -35,7 +35,7 @@
 #include <vector>
 
 #include "cuda/common.cuh"
-#include "lab_check.cuh"
+#include "lab_util.cuh"
 
 namespace cg = cooperative_groups;
 using multipole::cuda::detail::launch_maybe_pdl;
@@ -43,7 +43,6 @@ using multipole::cuda::detail::pdl_wait;
 
 namespace {
 
-constexpr size_t kFlushBytes = size_t(256) << 20;
 constexpr size_t kChaseBytes = size_t(1) << 30;
 constexpr int kLineWords = 32;  // 128-byte lines of uint32 links
 constexpr int kMaxHops = 16;
@@ -104,80 +103,26 @@ __global__ void dsmem_chase_kernel(int n, uint32_t* sink) {
   cluster.sync();  // no CTA leaves while its shared memory may still be read
 }
 
-double median(std::vector<double> v) {
-  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-  return v[v.size() / 2];
-}
-
-// `step` captured once into a CUDA graph, as the bench replays a decode step.
-struct Graph {
-  cudaGraph_t graph{};
-  cudaGraphExec_t exec{};
-  Graph(const std::function<void(cudaStream_t)>& step, cudaStream_t s) {
-    LAB_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-    step(s);
-    LAB_CHECK(cudaStreamEndCapture(s, &graph));
-    LAB_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    LAB_CHECK(cudaGraphLaunch(exec, s));  // upload
-    LAB_CHECK(cudaStreamSynchronize(s));
-  }
-  ~Graph() {
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
-  }
-};
-
+// The flushed-replay timer with the number of timed runs per line.
 struct Lab {
-  cudaStream_t stream{};
-  void* flush = nullptr;
+  lab::FlushedTimer timer;
   int iterations = 41;
-  cudaEvent_t a{}, b{};
-
-  // Microseconds of one replay of `g`, after an L2 flush (as multipole's bench does: a memset
-  // whose byte changes with `i`) when `cold`.
-  double run_us(const Graph& g, bool cold, int i) {
-    if (cold) LAB_CHECK(cudaMemsetAsync(flush, i & 0xff, kFlushBytes, stream));
-    LAB_CHECK(cudaEventRecord(a, stream));
-    LAB_CHECK(cudaGraphLaunch(g.exec, stream));
-    LAB_CHECK(cudaEventRecord(b, stream));
-    LAB_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    LAB_CHECK(cudaEventElapsedTime(&ms, a, b));
-    return double(ms) * 1e3;
-  }
   // Median over `iterations` flushed replays of `step`.
   double time_us(const std::function<void(cudaStream_t)>& step) {
-    const Graph g(step, stream);
+    const lab::Graph g(step, timer.stream());
     std::vector<double> us;
-    for (int i = 0; i < iterations; ++i) us.push_back(run_us(g, true, i));
-    return median(us);
+    for (int i = 0; i < iterations; ++i) us.push_back(timer.run_us(g, true, i));
+    return lab::median(us);
   }
 };
 
 void report(const char* what, double us) { std::printf("%-58s %9.3f us\n", what, us); }
 
-// A launch of `clusters` clusters of `cluster` CTAs of `threads` on stream s. `attr` holds
-// the cluster dimension and must outlive the config.
-cudaLaunchConfig_t cluster_config(cudaLaunchAttribute& attr, int clusters, int cluster, int threads,
-                                  cudaStream_t s) {
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = unsigned(cluster);
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(clusters * cluster));
-  cfg.blockDim = dim3(unsigned(threads));
-  cfg.stream = s;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  return cfg;
-}
-
 template <class... Args>
 cudaError_t launch_clusters(void (*kernel)(Args...), int clusters, int cluster, int threads, cudaStream_t s,
                             Args... args) {
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = cluster_config(attr, clusters, cluster, threads, s);
+  const cudaLaunchConfig_t cfg = lab::cluster_config(attr, clusters, cluster, threads, s);
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
@@ -185,7 +130,7 @@ cudaError_t launch_clusters(void (*kernel)(Args...), int clusters, int cluster, 
 template <class... Args>
 int max_clusters(void (*kernel)(Args...), int cluster, int threads) {
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = cluster_config(attr, 8, cluster, threads, nullptr);
+  const cudaLaunchConfig_t cfg = lab::cluster_config(attr, 8, cluster, threads, nullptr);
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -197,29 +142,25 @@ int max_clusters(void (*kernel)(Args...), int cluster, int threads) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Lab lab;
-  if (argc > 1) lab.iterations = std::max(3, std::atoi(argv[1]));
+  Lab bench;
+  if (argc > 1) bench.iterations = std::max(3, std::atoi(argv[1]));
   cudaDeviceProp prop{};
   LAB_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("%s, %d SMs; %d timed runs per line, median; graph replay, L2 flushed by a %zu MiB memset\n",
-              prop.name, prop.multiProcessorCount, lab.iterations, kFlushBytes >> 20);
-  LAB_CHECK(cudaStreamCreateWithFlags(&lab.stream, cudaStreamNonBlocking));
-  LAB_CHECK(cudaEventCreate(&lab.a));
-  LAB_CHECK(cudaEventCreate(&lab.b));
-  LAB_CHECK(cudaMalloc(&lab.flush, kFlushBytes));
+              prop.name, prop.multiProcessorCount, bench.iterations, lab::FlushedTimer::kFlushBytes >> 20);
   uint32_t* sink = nullptr;
   LAB_CHECK(cudaMalloc(&sink, 64));
-  const cudaStream_t s = lab.stream;
+  const cudaStream_t s = bench.timer.stream();
 
   // Launch floors.
   const int wave = prop.multiProcessorCount;
   for (const int ctas : {8, wave}) {
     char what[96];
     std::snprintf(what, sizeof what, "launch: 1 empty kernel, %d CTAs", ctas);
-    report(what, lab.time_us([&](cudaStream_t st) { empty_kernel<<<ctas, 256, 0, st>>>(0); }));
+    report(what, bench.time_us([&](cudaStream_t st) { empty_kernel<<<ctas, 256, 0, st>>>(0); }));
     for (const bool pdl : {false, true}) {
       std::snprintf(what, sizeof what, "launch: 3 empty kernels, %d CTAs, %s", ctas, pdl ? "PDL" : "plain");
-      report(what, lab.time_us([&](cudaStream_t st) {
+      report(what, bench.time_us([&](cudaStream_t st) {
         empty_kernel<<<ctas, 256, 0, st>>>(0);
         for (int k = 0; k < 2; ++k) LAB_CHECK(launch_maybe_pdl(empty_kernel, dim3(ctas), dim3(256), 0, st, pdl, int(pdl)));
       }));
@@ -231,7 +172,7 @@ int main(int argc, char** argv) {
   uint32_t* link = nullptr;
   LAB_CHECK(cudaMalloc(&link, kChaseBytes));
   LAB_CHECK(cudaMemset(link, 0, kChaseBytes));
-  const int chains = lab.iterations;
+  const int chains = bench.iterations;
   std::vector<uint32_t> starts(static_cast<size_t>(chains));
   {
     std::mt19937_64 rng(12345);
@@ -255,7 +196,7 @@ int main(int argc, char** argv) {
   std::printf("%-58s %9s %9s\n", "chase: h dependent loads, one thread", "cold", "warm");
   double cold0 = 0, warm0 = 0, coldh = 0, warmh = 0;
   for (const int hops : {0, 1, 2, 4, 8, 16}) {
-    const Graph g([&](cudaStream_t st) { chase_kernel<<<1, 32, 0, st>>>(link, starts[0], hops, sink); }, s);
+    const lab::Graph g([&](cudaStream_t st) { chase_kernel<<<1, 32, 0, st>>>(link, starts[0], hops, sink); }, s);
     // A graph's kernel arguments are fixed: each run gets its own chain by a node update.
     cudaGraphNode_t node;
     size_t nodes = 1;
@@ -271,10 +212,10 @@ int main(int argc, char** argv) {
       void* args[] = {&l, &start, &h, &sk};
       kp.kernelParams = args;
       LAB_CHECK(cudaGraphExecKernelNodeSetParams(g.exec, node, &kp));
-      cold.push_back(lab.run_us(g, true, chain));
-      warm.push_back(lab.run_us(g, false, chain));  // the same chain, now in L2
+      cold.push_back(bench.timer.run_us(g, true, chain));
+      warm.push_back(bench.timer.run_us(g, false, chain));  // the same chain, now in L2
     }
-    const double c = median(cold), w = median(warm);
+    const double c = lab::median(cold), w = lab::median(warm);
     std::printf("chase: h = %-46d %9.3f %9.3f us\n", hops, c, w);
     if (hops == 0) cold0 = c, warm0 = w;
     if (hops == kMaxHops) coldh = c, warmh = w;
@@ -286,9 +227,9 @@ int main(int argc, char** argv) {
   // Barriers: per barrier from 0 and 256 of them, 8 CTAs (clusters) as 8 KV heads at batch 1.
   constexpr int kBarriers = 256;
   for (const int threads : {256, 1024}) {
-    const double t0 = lab.time_us([&](cudaStream_t st) { block_barrier_kernel<<<8, threads, 0, st>>>(0, sink); });
+    const double t0 = bench.time_us([&](cudaStream_t st) { block_barrier_kernel<<<8, threads, 0, st>>>(0, sink); });
     const double t1 =
-        lab.time_us([&](cudaStream_t st) { block_barrier_kernel<<<8, threads, 0, st>>>(kBarriers, sink); });
+        bench.time_us([&](cudaStream_t st) { block_barrier_kernel<<<8, threads, 0, st>>>(kBarriers, sink); });
     char what[96];
     std::snprintf(what, sizeof what, "barrier: __syncthreads, %d threads", threads);
     report(what, (t1 - t0) / kBarriers);
@@ -303,9 +244,9 @@ int main(int argc, char** argv) {
         std::printf("barrier: clusters of %d x %d threads: only %d fit at once, skipped\n", cluster, threads, fit);
         continue;
       }
-      const double t0 = lab.time_us(
+      const double t0 = bench.time_us(
           [&](cudaStream_t st) { LAB_CHECK(launch_clusters(cluster_barrier_kernel, 8, cluster, threads, st, 0, sink)); });
-      const double t1 = lab.time_us([&](cudaStream_t st) {
+      const double t1 = bench.time_us([&](cudaStream_t st) {
         LAB_CHECK(launch_clusters(cluster_barrier_kernel, 8, cluster, threads, st, kBarriers, sink));
       });
       std::snprintf(what, sizeof what, "barrier: cluster of %d CTAs x %d threads (%d fit)", cluster, threads, fit);
@@ -313,9 +254,9 @@ int main(int argc, char** argv) {
     }
     const int fit = max_clusters(dsmem_chase_kernel, cluster, 256);
     if (fit < 8) continue;
-    const double t0 = lab.time_us(
+    const double t0 = bench.time_us(
         [&](cudaStream_t st) { LAB_CHECK(launch_clusters(dsmem_chase_kernel, 8, cluster, 256, st, 0, sink)); });
-    const double t1 = lab.time_us(
+    const double t1 = bench.time_us(
         [&](cudaStream_t st) { LAB_CHECK(launch_clusters(dsmem_chase_kernel, 8, cluster, 256, st, kBarriers, sink)); });
     char what[96];
     std::snprintf(what, sizeof what, "dsmem: one dependent remote load, cluster of %d", cluster);
@@ -326,8 +267,8 @@ int main(int argc, char** argv) {
   const char* kinds[] = {"chain: one dependent FMA, one warp", "chain: one dependent shuffle + add, one warp",
                          "chain: one dependent shared-memory load, one warp"};
   for (int kind = 0; kind < 3; ++kind) {
-    const double t0 = lab.time_us([&](cudaStream_t st) { chain_kernel<<<1, 32, 0, st>>>(kind, 0, sink); });
-    const double t1 = lab.time_us([&](cudaStream_t st) { chain_kernel<<<1, 32, 0, st>>>(kind, kSteps, sink); });
+    const double t0 = bench.time_us([&](cudaStream_t st) { chain_kernel<<<1, 32, 0, st>>>(kind, 0, sink); });
+    const double t1 = bench.time_us([&](cudaStream_t st) { chain_kernel<<<1, 32, 0, st>>>(kind, kSteps, sink); });
     report(kinds[kind], (t1 - t0) / kSteps);
   }
   LAB_CHECK(cudaDeviceSynchronize());
