@@ -59,6 +59,14 @@ std::vector<const Record*> of_variant(const std::vector<const Record*>& rs, cons
   return out;
 }
 
+// Dense's record of each case: the reference the per-case comparisons read.
+std::map<std::string, const Record*> dense_by_case(const std::vector<const Record*>& rs) {
+  std::map<std::string, const Record*> out;
+  for (const Record* r : rs)
+    if (r->policy == "dense") out[r->case_id] = r;
+  return out;
+}
+
 std::string cell(double v, int digits = 4) {
   if (!std::isfinite(v)) return "-";
   if (v != 0 && std::fabs(v) < std::pow(10.0, -digits)) return fmt::format("{:.2e}", v);
@@ -308,13 +316,7 @@ Section passkey_section(const std::vector<const Record*>& rs, const fs::path& pl
       "per case: keys dense finds that the policy misses, and answers word for word dense's.\n\n"
       "| policy | budget | clusters | found | misses where dense finds | answer identical to dense's |\n"
       "|---|---|---|---|---|---|\n";
-  std::map<std::string, const Record*> dense_of;  // case -> dense's record
-  for (const Record* r : rs)
-    if (r->policy == "dense") dense_of[r->case_id] = r;
-  const auto text_of = [](const Record& r) {
-    const auto it = r.str.find("text");
-    return it == r.str.end() ? std::string() : it->second;
-  };
+  const auto dense_of = dense_by_case(rs);
   std::string missed_lines;
   std::vector<Series> curves;
   std::string grid = "\nBy length (rows) and depth (columns), found / cases:\n\n| policy | length |";
@@ -332,7 +334,7 @@ Section passkey_section(const std::vector<const Record*>& rs, const fs::path& pl
       const auto d = dense_of.find(r->case_id);
       if (dense || d == dense_of.end()) continue;
       ++compared;
-      identical += text_of(*r) == text_of(*d->second);
+      identical += r->text("text") == d->second->text("text");
       if (d->second->get("found") > 0 && !(r->get("found") > 0)) missed.push_back(r->case_id);
     }
     s.markdown += fmt::format("| {} | {} | {} | {} | {} | {} |\n", k.policy, budget_cell(k), cluster_cell(k),
@@ -382,8 +384,7 @@ Section reasoning_section(const std::vector<const Record*>& rs, const fs::path& 
   const auto vs = variants_of(rs);
   std::vector<std::string> datasets;
   for (const Record* r : rs) {
-    auto it = r->str.find("dataset");
-    const std::string d = it == r->str.end() ? "?" : it->second;
+    const std::string d = r->text("dataset", "?");
     if (std::find(datasets.begin(), datasets.end(), d) == datasets.end()) datasets.push_back(d);
   }
   s.markdown += "Greedy answers (chat template, thinking on) scored against the known answers; accuracy with Wilson "
@@ -391,13 +392,7 @@ Section reasoning_section(const std::vector<const Record*>& rs, const fs::path& 
                 "absent); the last column says whether the policy's accuracy lies inside dense's interval.\n\n"
                 "| policy | budget | clusters | dataset | correct | answered | mean tokens | answer = dense's | "
                 "within dense's 95% interval |\n|---|---|---|---|---|---|---|---|---|\n";
-  std::map<std::string, const Record*> dense_of;  // case id -> its dense record
-  for (const Record* r : rs)
-    if (r->policy == "dense") dense_of[r->case_id] = r;
-  const auto answer = [](const Record* r) {
-    auto it = r->str.find("answer");
-    return it == r->str.end() ? std::string() : it->second;
-  };
+  const auto dense_of = dense_by_case(rs);
   std::map<std::string, Interval> dense_ci;  // dataset -> dense's interval
   std::vector<Series> bars;
   std::vector<std::string> xtics;
@@ -411,11 +406,10 @@ Section reasoning_section(const std::vector<const Record*>& rs, const fs::path& 
       int64_t n = 0, correct = 0, answered = 0, paired = 0, match = 0;
       double toks = 0;
       for (const Record* r : of_variant(rs, k)) {
-        auto it = r->str.find("dataset");
-        if ((it == r->str.end() ? "?" : it->second) != d) continue;
+        if (r->text("dataset", "?") != d) continue;
         ++n, correct += r->get("correct") > 0, answered += r->get("has_answer") > 0, toks += r->get("tokens");
         if (auto dr = dense_of.find(r->case_id); !dense && dr != dense_of.end()) {
-          const std::string a = answer(r), b = answer(dr->second);
+          const std::string a = r->text("answer"), b = dr->second->text("answer");
           ++paired, match += a.empty() ? b.empty() : !b.empty() && answers_equal(a, b);
         }
       }
@@ -464,8 +458,7 @@ ReportResult render_report(const std::string& out_dir, const std::vector<Record>
   for (const Record& r : records) {
     by_suite[r.suite].push_back(&r);
     if (auto it = r.str.find("model"); it != r.str.end()) models.insert(it->second);
-    auto it = r.str.find("activations");
-    activations.insert(it == r.str.end() ? "int8" : it->second);
+    activations.insert(r.text("activations", "int8"));
   }
   auto join = [](const std::set<std::string>& items) {
     std::string s;

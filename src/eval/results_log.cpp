@@ -23,6 +23,11 @@ double Record::get(const std::string& name, double fallback) const {
   return it == num.end() ? fallback : it->second;
 }
 
+std::string Record::text(const std::string& name, const std::string& fallback) const {
+  auto it = str.find(name);
+  return it == str.end() ? fallback : it->second;
+}
+
 namespace {
 
 // JSON has no NaN/inf: they are written as null and read back as NaN.

@@ -282,8 +282,7 @@ std::string run_eval(const EvalOptions& o) {
   const std::string settings = sc.settings(), activations = activations_name(o.f32_activations);
   for (const Record& r : log.records()) {
     auto it = r.str.find("settings");
-    auto act = r.str.find("activations");
-    const std::string theirs_act = act == r.str.end() ? activations_name(false) : act->second;
+    const std::string theirs_act = r.text("activations", activations_name(false));
     MP_CHECK(theirs_act == activations,
              "eval: {} holds results made with {} activations (case {}), this run uses {}; use another --out, "
              "--overwrite, or {} --f32-activations",

@@ -22,6 +22,7 @@ struct Record {
 
   std::string key() const;  // "suite|case|policy|budget|cluster"
   double get(const std::string& name, double fallback = 0) const;
+  std::string text(const std::string& name, const std::string& fallback = "") const;  // str[name]
 };
 
 class ResultsLog {
