@@ -42,20 +42,20 @@
 #include <vector>
 
 #include "cuda/common.cuh"
-#include "lab_util.cuh"
+#include "step_lab.cuh"
 
 namespace cg = cooperative_groups;
 
 namespace {
 
-constexpr int kD = 128, kG = 4, kEntries = 8, kCtas = 16, kThreads = 256, kWarps = kThreads / 32;
-constexpr int kClusterTokens = 16, kPage = 16, kSinks = 16, kWindow = 128, kSelected = 8;
+using namespace step_lab;
+
+constexpr int kClusterTokens = 16, kSelected = 8;
 constexpr int kExact = kSinks + kSelected * kClusterTokens + kWindow;  // 272 rows per entry
 constexpr int kRowsPerCta = (kExact + kCtas - 1) / kCtas;               // 17
 constexpr int kRowsPerWarp = (kRowsPerCta + kWarps - 1) / kWarps;       // 3
 constexpr int kMaxLocal = 1024;                                          // centroids per CTA
 constexpr int kMaxStaged = 256;   // variant 2: centroids per CTA staged in shared memory
-constexpr int kRowStride = 272;   // variant 2: bytes per staged row (256 + 16: no bank conflicts)
 // Profile marks (%globaltimer of thread 0 of each CTA): entry, row loads issued, scores done, cluster max
 // known, far field summed, exact rows merged, states merged (CTA 0: output written).
 constexpr int kMarks = 7;
@@ -74,27 +74,6 @@ struct Args {
   float* out;                  // [E, G, D]
   long long* prof;             // [E * kCtas, kMarks] %globaltimer (ns) at each mark of thread 0, or null
   int clusters, tokens;
-};
-
-__device__ __forceinline__ void bf16x4(const uint2 u, float* f) {
-  f[0] = __uint_as_float(u.x << 16), f[1] = __uint_as_float(u.x & 0xffff0000u);
-  f[2] = __uint_as_float(u.y << 16), f[3] = __uint_as_float(u.y & 0xffff0000u);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// One CTA's softmax state (base-2 logits): max, sum, unnormalised output.
-struct State {
-  float m[kG], l[kG], o[kG][kD];
 };
 
 template <int V>
@@ -197,18 +176,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
     __syncthreads();
     for (int i = threadIdx.x; i < kG * n; i += kThreads) {
       const int g = i / n, j = i % n;
-      const uint4* row = reinterpret_cast<const uint4*>(staged + size_t(j) * kRowStride);
-      float acc[4] = {};
-#pragma unroll
-      for (int c = 0; c < 16; ++c) {
-        const uint4 u = row[c];
-        float k8[8];
-        bf16x4(make_uint2(u.x, u.y), k8);
-        bf16x4(make_uint2(u.z, u.w), k8 + 4);
-#pragma unroll
-        for (int t = 0; t < 8; ++t) acc[t & 3] += qs[g][c * 8 + t] * k8[t];
-      }
-      x[g][j] = (acc[0] + acc[1]) + (acc[2] + acc[3]) + ls[j];
+      x[g][j] = staged_dot(staged, j, qs[g]) + ls[j];
     }
   }
   __syncthreads();
@@ -304,33 +272,12 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
   mark(4);
   // 4. The exact rows: per warp, then merged into the CTA's state.
   {
-    float s[kRowsPerWarp][kG], m[kG], l[kG], acc[kG][4] = {};
+    bool has[kRowsPerWarp];
 #pragma unroll
-    for (int g = 0; g < kG; ++g) m[g] = -INFINITY, l[g] = 0;
-#pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      if (i >= nrows) break;
-      float k4[4];
-      bf16x4(kr[i], k4);
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        s[i][g] = warp_sum(qr[g][0] * k4[0] + qr[g][1] * k4[1] + qr[g][2] * k4[2] + qr[g][3] * k4[3]);
-        m[g] = fmaxf(m[g], s[i][g]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      if (i >= nrows) break;
-      float v4[4];
-      bf16x4(vr[i], v4);
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        const float p = exp2f(s[i][g] - m[g]);
-        l[g] += p;
-#pragma unroll
-        for (int t = 0; t < 4; ++t) acc[g][t] += p * v4[t];
-      }
-    }
+    for (int i = 0; i < kRowsPerWarp; ++i) has[i] = i < nrows;
+    const float no_bias[kG] = {};
+    float m[kG], l[kG], acc[kG][4];
+    warp_rows_state(kr, vr, has, qr, no_bias, m, l, acc);
     __syncthreads();  // the far state's reads of part[] are done
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
@@ -343,18 +290,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
   // Per head: the new maximum and each part's factor (far field, then each warp; 0 for a
   // warp without rows), then the CTA's state rescaled once.
   __shared__ float factor[kWarps + 1][kG];
-  if (threadIdx.x < kG) {
-    const int g = threadIdx.x;
-    float mx = st.m[g];
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wm[w][g]);
-    factor[0][g] = exp2f(st.m[g] - mx);
-    float l = st.l[g] * factor[0][g];
-    for (int w = 0; w < kWarps; ++w) {
-      factor[w + 1][g] = wl[w][g] > 0 ? exp2f(wm[w][g] - mx) : 0.0f;
-      l += wl[w][g] * factor[w + 1][g];
-    }
-    st.m[g] = mx, st.l[g] = l;
-  }
+  if (threadIdx.x < kG) merge_factors(st, wm, wl, factor, threadIdx.x);
   __syncthreads();
   for (int i = threadIdx.x; i < kG * kD; i += kThreads) {
     const int g = i / kD, d = i % kD;
@@ -366,19 +302,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
   mark(5);
   // 5. CTA 0 merges the cluster's states, read through state_of(r) for CTA r.
   const auto merge_states = [&](auto state_of) {
-    if (rank != 0) return;
-    for (int i = threadIdx.x; i < kG * kD; i += kThreads) {
-      const int g = i / kD, d = i % kD;
-      float m[kCtas], mx = -INFINITY;
-      for (int r = 0; r < kCtas; ++r) mx = fmaxf(mx, m[r] = state_of(r)->m[g]);
-      float l = 0, o = 0;
-      for (int r = 0; r < kCtas; ++r) {
-        const State* other = state_of(r);
-        const float f = exp2f(m[r] - mx);
-        l += other->l[g] * f, o += other->o[g][d] * f;
-      }
-      a.out[(size_t(e) * kG + g) * kD + d] = o / l;
-    }
+    if (rank == 0) write_merged_states(state_of, a.out + size_t(e) * kG * kD);
   };
   if constexpr (V >= 3) {
     // Push: each CTA stores its state into CTA 0's gather area, then CTA 0 merges locally;
@@ -402,25 +326,6 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
   }
 }
 
-uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-float from_bf16(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-template <class T> T* upload(const std::vector<T>& v) {
-  T* p = nullptr;
-  LAB_CHECK(cudaMalloc(&p, v.size() * sizeof(T)));
-  LAB_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return p;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -436,25 +341,14 @@ int main(int argc, char** argv) {
   // Clustered tokens [kSinks, kSinks + clusters * 16); the few left before the window join
   // neither (they stand for the open block).
   std::mt19937_64 rng(7);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  const int pages = tokens / kPage;
-  std::vector<uint16_t> kcache(size_t(pages) * kEntries * kPage * kD), vcache(kcache.size());
-  for (auto& h : kcache) h = to_bf16(nd(rng));
-  for (auto& h : vcache) h = to_bf16(nd(rng));
-  std::vector<int32_t> page_table(static_cast<size_t>(pages));
-  std::iota(page_table.begin(), page_table.end(), 0);
-  std::shuffle(page_table.begin(), page_table.end(), rng);
-  const float scale = 1.0f / std::sqrt(float(kD)) * 1.4426950408889634f;
-  std::vector<float> q(size_t(kEntries) * kG * kD);
-  for (auto& v : q) v = nd(rng) * scale;
+  const StepData data(tokens, rng);
+  const std::vector<uint16_t>&kcache = data.kcache, &vcache = data.vcache;
+  const std::vector<float>& q = data.q;
   std::vector<int32_t> members(size_t(kEntries) * clusters * kClusterTokens), sel_list(size_t(kEntries) * kSelected);
   std::vector<uint8_t> selected(size_t(kEntries) * clusters, 0);
   std::vector<uint16_t> key_c(size_t(kEntries) * clusters * kD), value_c(key_c.size());
   std::vector<float> log2_size(size_t(kEntries) * clusters, std::log2(float(kClusterTokens)));
-  auto kv_at = [&](const std::vector<uint16_t>& cache, int e, int pos, int d) {
-    const size_t page = size_t(page_table[size_t(pos / kPage)]);
-    return from_bf16(cache[((page * kEntries + e) * kPage + pos % kPage) * kD + d]);
-  };
+  const auto kv_at = [&](const std::vector<uint16_t>& cache, int e, int pos, int d) { return data.at(cache, e, pos, d); };
   for (int e = 0; e < kEntries; ++e) {
     std::vector<int32_t> perm(size_t(clusters) * kClusterTokens);
     std::iota(perm.begin(), perm.end(), kSinks);
@@ -482,7 +376,7 @@ int main(int argc, char** argv) {
   Args a{};
   a.q = upload(q), a.key_c = upload(key_c), a.value_c = upload(value_c), a.log2_size = upload(log2_size);
   a.selected = upload(selected), a.sel_list = upload(sel_list), a.members = upload(members);
-  a.page_table = upload(page_table), a.k_cache = upload(kcache), a.v_cache = upload(vcache);
+  a.page_table = upload(data.page_table), a.k_cache = upload(kcache), a.v_cache = upload(vcache);
   float* out = nullptr;
   LAB_CHECK(cudaMalloc(&out, q.size() * sizeof(float)));
   a.out = out, a.clusters = clusters, a.tokens = tokens;
@@ -550,17 +444,7 @@ int main(int argc, char** argv) {
     LAB_CHECK(cudaMemsetAsync(out, 0xff, q.size() * sizeof(float), s));  // poison
     LAB_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<V>, a));
     LAB_CHECK(cudaStreamSynchronize(s));
-    std::vector<float> got(q.size());
-    LAB_CHECK(cudaMemcpy(got.data(), out, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
-    double worst = 0;
-    for (size_t row = 0; row < got.size(); row += kD) {
-      double num = 0, den = 0;
-      for (int d = 0; d < kD; ++d) {
-        const double diff = double(got[row + d]) - ref[row + d];
-        num += diff * diff, den += ref[row + d] * ref[row + d];
-      }
-      worst = std::max(worst, std::sqrt(num / den));
-    }
+    const double worst = worst_row_error(out, ref);
     const bool ok = worst < 1e-4;
     failed += !ok;
     // Time: graph replay after a memset flush, as the bench; the first 3 runs warm up.
@@ -583,20 +467,8 @@ int main(int argc, char** argv) {
       LAB_CHECK(cudaStreamSynchronize(s));
       std::vector<long long> marks(size_t(kEntries) * kCtas * kMarks);
       LAB_CHECK(cudaMemcpy(marks.data(), prof, marks.size() * sizeof(long long), cudaMemcpyDeviceToHost));
-      double mean[kMarks] = {}, slowest = 0;
-      long long first = marks[0], last = marks[0], last_start = marks[0];
-      for (int b = 0; b < kEntries * kCtas; ++b) {
-        const long long* m = marks.data() + size_t(b) * kMarks;
-        for (int i = 1; i < kMarks; ++i) mean[i] += double(m[i] - m[i - 1]) / (kEntries * kCtas);
-        slowest = std::max(slowest, double(m[kMarks - 1] - m[0]));
-        first = std::min(first, m[0]), last_start = std::max(last_start, m[0]), last = std::max(last, m[kMarks - 1]);
-      }
-      const char* names[kMarks] = {"", "row loads issued", "scores", "cluster max", "far field", "exact rows",
-                                   "states merged"};
-      std::printf("  phases (mean over CTAs, us):");
-      for (int i = 1; i < kMarks; ++i) std::printf(" %s %.2f;", names[i], mean[i] / 1e3);
-      std::printf(" slowest CTA %.2f; first CTA start to last end %.2f, of which start skew %.2f\n", slowest / 1e3,
-                  double(last - first) / 1e3, double(last_start - first) / 1e3);
+      print_phase_profile(marks, kEntries * kCtas,
+                          {"", "row loads issued", "scores", "cluster max", "far field", "exact rows", "states merged"});
     }
   };
   run.template operator()<1>();
