@@ -22,7 +22,7 @@
 // computation over the kernel's own selection. Timed as the bench times a step (graph replay,
 // 256 MiB memset flush before each run, median).
 // Usage: lab_fused_select_step [context tokens, default 32768] [runs, default 41] [1: phase profile]
-//                              [first radix pass's buckets, default 255].
+//                              [first radix pass's buckets, default 255] [1: clusters of 16 tokens].
 // H200, session H24, 32K (2039 clusters, ~72 picks an entry, ~70 of them at once): select 1
 // 81-83 us (its ~73 rounds take ~40 us), select 2 28.9 us; the same call's cuDNN decode 50.6-
 // 52.2 us, the library's three-kernel step 47.6-47.8 (one level: 43.1-43.3), item 33's step
@@ -487,6 +487,7 @@ int main(int argc, char** argv) {
   const int runs = argc > 2 ? std::max(3, std::atoi(argv[2])) : 41;
   const bool profile = argc > 3 && std::atoi(argv[3]) != 0;
   const int window = argc > 4 ? std::clamp(std::atoi(argv[4]), 1, 255) : 255;
+  const bool uniform = argc > 5 && std::atoi(argv[5]) != 0;  // every cluster 16 tokens (8 picks an entry)
   const int clusters = (tokens - kFixedRows) / 16;
   if (tokens % kPage || clusters < 16 || clusters > kMaxClusters) {
     std::fprintf(stderr, "context %d: must be a multiple of %d with 16..%d clusters of 16 tokens on average\n", tokens,
@@ -494,7 +495,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   // Clustered tokens [kSinks, kSinks + L); sizes are the gaps between random cuts (skewed,
-  // mean 16); members are a random permutation of the clustered positions.
+  // mean 16), or 16 each when `uniform`; members are a random permutation of the clustered
+  // positions.
   const int L = clusters * 16;
   std::mt19937_64 rng(11);
   const StepData data(tokens, rng);
@@ -508,7 +510,11 @@ int main(int argc, char** argv) {
   for (int e = 0; e < kEntries; ++e) {
     std::vector<int> cuts(size_t(L - 1));
     std::iota(cuts.begin(), cuts.end(), 1);
-    std::shuffle(cuts.begin(), cuts.end(), rng);
+    if (uniform) {
+      for (int c = 0; c < clusters - 1; ++c) cuts[size_t(c)] = 16 * (c + 1);
+    } else {
+      std::shuffle(cuts.begin(), cuts.end(), rng);
+    }
     cuts.resize(size_t(clusters - 1));
     cuts.push_back(0), cuts.push_back(L);
     std::sort(cuts.begin(), cuts.end());
