@@ -115,6 +115,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
   __shared__ unsigned long long best[2][kWarps];
   __shared__ int pick_first[kBudget], pick_row[kBudget + 1], pick_j[kBudget], n_picks;
   __shared__ int hist[256], digit_info[3], warp_count[kWarps];
+  static_assert(kThreads == 256, "one digit of hist[] per thread");
   __shared__ uint32_t selected_bits[kMaxClusters / 32];
   __shared__ float wm[kWarps][kG], wl[kWarps][kG], factor[kWarps + 1][kG];
 
@@ -258,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
     for (int r = 0; r < kOwned; ++r) top = max(top, unsigned(key[r] >> 48));
     top = __reduce_max_sync(0xffffffffu, top);
     if (lane == 0) warp_count[warp] = int(top);
-    hist[tid] = 0;  // kThreads == 256 digits
+    hist[tid] = 0;
     __syncthreads();
     for (int w = 0; w < kWarps; ++w) top = max(top, unsigned(warp_count[w]));
     const int lo16 = int(top) - a.window;  // the first pass counts buckets (lo16, top] as digits 1..window
@@ -470,14 +471,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
   }
   mark(9);
 
-  // 8. CTA 0 merges the cluster's states through DSMEM; no CTA leaves before it has read them.
-  cluster.sync();
-  if (rank == 0)
-    write_merged_states([&](int r) { return static_cast<const State*>(cluster.map_shared_rank(&st, r)); },
-                        a.out + size_t(e) * kG * kD);
-  __syncthreads();
-  mark(10);
-  cluster.sync();
+  // 8. CTA 0 merges the cluster's states through DSMEM.
+  pull_merged_states(cluster, st, a.out + size_t(e) * kG * kD, [&] { mark(10); });
 }
 
 }  // namespace

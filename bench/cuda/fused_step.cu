@@ -300,10 +300,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
   }
 
   mark(5);
-  // 5. CTA 0 merges the cluster's states, read through state_of(r) for CTA r.
-  const auto merge_states = [&](auto state_of) {
-    if (rank == 0) write_merged_states(state_of, a.out + size_t(e) * kG * kD);
-  };
+  // 5. CTA 0 merges the cluster's states.
   if constexpr (V >= 3) {
     // Push: each CTA stores its state into CTA 0's gather area, then CTA 0 merges locally;
     // nothing of another CTA is read after the barrier.
@@ -313,16 +310,13 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
     float* theirs = reinterpret_cast<float*>(cluster.map_shared_rank(gather + rank, 0));
     for (int i = threadIdx.x; i < int(sizeof(State) / 4); i += kThreads) theirs[i] = mine[i];
     cluster.sync();
-    merge_states([&](int r) { return static_cast<const State*>(gather + r); });
+    if (rank == 0)
+      write_merged_states([&](int r) { return static_cast<const State*>(gather + r); }, a.out + size_t(e) * kG * kD);
     __syncthreads();
     mark(6);
   } else {
-    // Pull: CTA 0 reads the other CTAs' states through DSMEM, so none may leave before.
-    cluster.sync();
-    merge_states([&](int r) { return static_cast<const State*>(cluster.map_shared_rank(&st, r)); });
-    __syncthreads();
-    mark(6);
-    cluster.sync();
+    // Pull: CTA 0 reads the other CTAs' states through DSMEM.
+    pull_merged_states(cluster, st, a.out + size_t(e) * kG * kD, [&] { mark(6); });
   }
 }
 

@@ -3,6 +3,7 @@
 // item 34): the shapes (Qwen3-8B's 8 KV heads at batch 1, one 16-CTA cluster each, G = 4,
 // d = 128, bf16), bf16 conversions, warp reductions, a CTA's softmax state and the merge of a
 // cluster's states, and the host side's buffers, error measure and phase profile.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -131,6 +132,20 @@ __device__ void write_merged_states(const StateOf& state_of, float* out) {
     }
     out[g * kD + d] = o / l;
   }
+}
+
+// The pull merge of a one-launch step: CTA 0 reads the cluster's states through DSMEM and
+// writes their merge (out: [G, D] of the entry); `done` runs after it (a profile mark); the
+// last barrier keeps every CTA's state alive until CTA 0 has read it.
+template <class Done>
+__device__ void pull_merged_states(const cooperative_groups::cluster_group& cluster, State& st, float* out,
+                                   const Done& done) {
+  cluster.sync();
+  if (cluster.block_rank() == 0)
+    write_merged_states([&](int r) { return static_cast<const State*>(cluster.map_shared_rank(&st, r)); }, out);
+  __syncthreads();
+  done();
+  cluster.sync();
 }
 
 // Host side.
