@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "cuda/common.cuh"
+#include "lab_greedy.cuh"
 #include "step_lab.cuh"
 
 namespace cg = cooperative_groups;
@@ -51,7 +52,7 @@ using namespace step_lab;
 
 constexpr int kBudget = 128;                                   // tokens per entry
 constexpr int kMaxPerCta = 128;                                // centroids per CTA
-constexpr int kMaxClusters = kCtas * kMaxPerCta;               // 2048 (the keys below hold 11 bits of index)
+constexpr int kMaxClusters = kCtas * kMaxPerCta;               // 2048 (= kKeyIndexLimit)
 constexpr int kOwned = kMaxClusters / kThreads;                // clusters per thread in the selection
 constexpr int kFixedRows = kSinks + kWindow;                   // rows known before the selection
 constexpr int kSlots = (kFixedRows + kBudget + kWarps * kCtas - 1) / (kWarps * kCtas);  // rows per warp
@@ -77,26 +78,13 @@ struct Args {
   int window;                  // 16-bit key buckets of the first radix pass, 1..255 (255; less to test the passes after it)
 };
 
-// Order of the greedy walk in one 64-bit key: importance bits (positive floats order as their
-// bits), then the lower index first; the size rides in the low bits. 0: no candidate.
-__device__ __forceinline__ unsigned long long pick_key(float importance, int j, int n) {
-  return (static_cast<unsigned long long>(__float_as_uint(importance)) << 32) |
-         (static_cast<unsigned long long>(kMaxClusters - 1 - j) << 16) | static_cast<unsigned>(n);
-}
-
 template <int Select>
 __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Args a) {
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = int(cluster.block_rank()), e = blockIdx.x / kCtas;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5;
   const int C = a.clusters;
-  const auto mark = [&](int i) {
-    if (a.prof && tid == 0) {
-      long long t;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-      a.prof[size_t(blockIdx.x) * kMarks + i] = t;
-    }
-  };
+  const PhaseMarks mark{a.prof, kMarks};
   mark(0);
   // Every CTA of the cluster must have started before another stores into its shared memory:
   // arrive now, wait just before the first remote store.
@@ -112,12 +100,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
   __shared__ float qs[kG][kD];
   __shared__ State st;
   __shared__ float red[kWarps][kG], red_z[kWarps][kG], gmax[kG], gzinv[kG];
-  __shared__ unsigned long long best[2][kWarps];
-  __shared__ int pick_first[kBudget], pick_row[kBudget + 1], pick_j[kBudget], n_picks;
-  __shared__ int hist[256], digit_info[3], warp_count[kWarps];
-  static_assert(kThreads == 256, "one digit of hist[] per thread");
-  __shared__ uint32_t selected_bits[kMaxClusters / 32];
-  __shared__ float wm[kWarps][kG], wl[kWarps][kG], factor[kWarps + 1][kG];
+  __shared__ Greedy<kMaxClusters> gs;
+  __shared__ StateScratch sc;
 
   const uint16_t* kc = a.key_c + (size_t(e) * C + c0) * kD;
   const uint16_t* vc = a.value_c + (size_t(e) * C + c0) * kD;
@@ -127,10 +111,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
 
   // 1. Key centroids staged; this thread's clusters of the selection (j = tid + 256 r) and
   //    their sizes and member offsets; the fixed rows' K/V loads issued.
-  for (int i = tid; i < n_local * 16; i += kThreads)
-    multipole::cuda::detail::cp_async16(staged + size_t(i / 16) * kRowStride + (i % 16) * 16, kc + size_t(i) * 8,
-                                        true);
-  multipole::cuda::detail::cp_async_commit();
+  stage_rows(staged, kc, n_local);
   int own_n[kOwned], own_off[kOwned];
 #pragma unroll
   for (int r = 0; r < kOwned; ++r) {
@@ -139,52 +120,26 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
     own_off[r] = j < C ? member_off[j] : 0;
   }
   const int local_n = tid < n_local ? int(sizes[c0 + tid]) : 0;  // far field: size of local cluster tid
-  for (int i = tid; i < kG * kD; i += kThreads) qs[i / kD][i % kD] = a.q[size_t(e) * kG * kD + i];
-  if (tid < kMaxClusters / 32) selected_bits[tid] = 0;
-  const float* q = a.q + size_t(e) * kG * kD;
+  if (tid < kMaxClusters / 32) gs.selected_bits[tid] = 0;
   float qr[kG][4];
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    const float4 v = *reinterpret_cast<const float4*>(q + g * kD + lane * 4);
-    qr[g][0] = v.x, qr[g][1] = v.y, qr[g][2] = v.z, qr[g][3] = v.w;
-  }
+  load_queries(a.q + size_t(e) * kG * kD, qs, qr);
   // Row j of the entry's exact list: [0, 16) sinks, [16, 144) the window, then the selected
   // clusters' members in pick order. Row j goes to CTA j % 16, warp (j / 16) % 8, slot j / 128.
   uint2 kr[kSlots], vr[kSlots];
   bool has_row[kSlots];
   const auto load_row = [&](int i, int pos) {
-    const size_t page = size_t(a.page_table[pos / kPage]);
-    const size_t row = ((page * kEntries + e) * kPage + pos % kPage) * kD + lane * 4;
-    kr[i] = *reinterpret_cast<const uint2*>(a.k_cache + row);
-    vr[i] = *reinterpret_cast<const uint2*>(a.v_cache + row);
+    load_kv_row(a.page_table, a.k_cache, a.v_cache, e, pos, kr[i], vr[i]);
     has_row[i] = true;
   };
 #pragma unroll
   for (int i = 0; i < kSlots; ++i) {
     has_row[i] = false;
     const int j = rank + kCtas * (warp + kWarps * i);
-    if (j < kSinks) load_row(i, j);
-    else if (j < kFixedRows) load_row(i, a.tokens - kWindow + (j - kSinks));
+    if (const int pos = fixed_row_position(j, a.tokens); pos >= 0) load_row(i, pos);
   }
 
   // 2. Logits of the local slice into the local xall, then pushed to every other CTA.
-  multipole::cuda::detail::cp_async_wait<0>();
-  __syncthreads();
-  for (int i = tid; i < kG * n_local; i += kThreads) {
-    const int g = i / n_local, j = i % n_local;
-    reinterpret_cast<float*>(&xall[c0 + j])[g] = staged_dot(staged, j, qs[g]);
-  }
-  __syncthreads();
-  // The value centroids into the same staging rows (the keys are no longer read).
-  for (int i = tid; i < n_local * 16; i += kThreads)
-    multipole::cuda::detail::cp_async16(staged + size_t(i / 16) * kRowStride + (i % 16) * 16, vc + size_t(i) * 8,
-                                        true);
-  multipole::cuda::detail::cp_async_commit();
-  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-  for (int i = tid; i < n_local * (kCtas - 1); i += kThreads) {
-    const int j = i % n_local, r = (rank + 1 + i / n_local) % kCtas;
-    *cluster.map_shared_rank(&xall[c0 + j], r) = xall[c0 + j];
-  }
+  score_and_push_slice(cluster, staged, n_local, qs, xall, c0, vc);
   mark(1);
   cluster.sync();
   mark(2);
@@ -201,273 +156,49 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
     // Each thread's (max, sum relative to it) per head, then the pairs merged over the warp
     // and the warps: one block-wide reduction for both.
     float m[kG], z[kG];
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-      m[g] = -INFINITY, z[g] = 0;
-#pragma unroll
-      for (int r = 0; r < kOwned; ++r) m[g] = fmaxf(m[g], reinterpret_cast<const float*>(&own_x[r])[g]);
-#pragma unroll
-      for (int r = 0; r < kOwned; ++r)
-        if (own_n[r] > 0) z[g] += float(own_n[r]) * exp2f(reinterpret_cast<const float*>(&own_x[r])[g] - m[g]);
-    }
-    const auto merge = [](float& m, float& z, float m2, float z2) {
-      const float mx = fmaxf(m, m2);
-      z = (m == -INFINITY ? 0.0f : z * exp2f(m - mx)) + (m2 == -INFINITY ? 0.0f : z2 * exp2f(m2 - mx));
-      m = mx;
-    };
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1)
-        merge(m[g], z[g], __shfl_xor_sync(0xffffffffu, m[g], o), __shfl_xor_sync(0xffffffffu, z[g], o));
-      if (lane == 0) red[warp][g] = m[g], red_z[warp][g] = z[g];
-    }
-    __syncthreads();
-    if (tid < kG) {
-      float mm = red[0][tid], zz = red_z[0][tid];
-      for (int w = 1; w < kWarps; ++w) merge(mm, zz, red[w][tid], red_z[w][tid]);
-      gmax[tid] = mm, gzinv[tid] = 1.0f / zz;
-    }
-    __syncthreads();
+    own_max_sum(own_x, own_n, m, z);
+    block_max_sum(m, z, red, red_z, gmax, gzinv);
   }
   mark(3);
 
-  // 4. The greedy rule. A round takes the most important cluster that still fits (one the
-  //    walk skipped never fits again: the room only shrinks); select 2 first takes at once
-  //    every cluster above the first one skipped.
+  // 4. The greedy rule (lab_greedy.cuh): select 1 takes each pick in a round, select 2 first
+  //    takes at once every cluster above the first one the walk skips.
   unsigned long long key[kOwned];
 #pragma unroll
   for (int r = 0; r < kOwned; ++r) {
-    float imp = 0;
-#pragma unroll
-    for (int g = 0; g < kG; ++g) imp += exp2f(reinterpret_cast<const float*>(&own_x[r])[g] - gmax[g]) * gzinv[g];
-    key[r] = own_n[r] > 0 ? pick_key(imp, tid + r * kThreads, own_n[r]) : 0ull;
+    key[r] = own_n[r] > 0 ? pick_key(importance(own_x[r], gmax, gzinv), tid + r * kThreads, own_n[r]) : 0ull;
   }
-  int room = kBudget, picks = 0, rows = 0;
-  unsigned long long below = ~0ull;  // the rounds consider keys under this only
-  if constexpr (Select >= 2) {
-    // Radix passes from the top of the keys: per digit, (clusters << 16) + tokens of the keys
-    // that share the digits found so far; the digit where the tokens from the top first
-    // exceed the budget is kept, until it holds one cluster: the first one the walk skips.
-    // Every key above it fits, so all are taken at once. The first pass counts the 255
-    // buckets of 16 key bits at and below the largest key's (two octaves of importance, where
-    // the budget almost always runs out): the keys further down would crowd a few digits and
-    // serialise their atomics. Only if the budget outlasts them do 8-bit passes over the rest
-    // follow.
-    unsigned top = 0;
-#pragma unroll
-    for (int r = 0; r < kOwned; ++r) top = max(top, unsigned(key[r] >> 48));
-    top = __reduce_max_sync(0xffffffffu, top);
-    if (lane == 0) warp_count[warp] = int(top);
-    hist[tid] = 0;
-    __syncthreads();
-    for (int w = 0; w < kWarps; ++w) top = max(top, unsigned(warp_count[w]));
-    const int lo16 = int(top) - a.window;  // the first pass counts buckets (lo16, top] as digits 1..window
-    // Warp 0: the digit where the tokens from the top, after `above` of them, first exceed the
-    // budget -> digit_info {digit or -1 when all fit, tokens above it (all: their total), its clusters}.
-    const auto find_digit = [&](int above) {
-      if (warp != 0) return;
-      int v[8], sum = 0;  // lane l holds digits 255 - 8l - i, i = 0..7: the lanes in order walk from the top
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = hist[255 - 8 * lane - i], sum += v[i] & 0xffff;
-      const int inc = multipole::cuda::detail::warp_inclusive_sum(sum);
-      int acc = above + inc - sum, found = -1, found_v = 0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-        if (found < 0) {
-          if (acc + (v[i] & 0xffff) > kBudget) found = i, found_v = v[i];
-          else acc += v[i] & 0xffff;
-        }
-      const unsigned hit = __ballot_sync(0xffffffffu, found >= 0);
-      if (hit == 0) {
-        if (lane == 31) digit_info[0] = -1, digit_info[1] = acc;
-      } else if (lane == __ffs(int(hit)) - 1) {
-        digit_info[0] = 255 - 8 * lane - found, digit_info[1] = acc, digit_info[2] = found_v >> 16;
-      }
-    };
-#pragma unroll
-    for (int r = 0; r < kOwned; ++r)
-      if (key[r] != 0 && int(key[r] >> 48) > lo16)
-        atomicAdd(&hist[int(key[r] >> 48) - lo16], (1 << 16) | int(key[r] & 0xffffu));
-    __syncthreads();
-    find_digit(0);
-    __syncthreads();
-    unsigned long long prefix = 0;
-    int shift = 48, above = digit_info[1];
-    unsigned limit = 0xffffu;  // the 8-bit passes count keys whose top 16 bits are at most this
-    bool all_fit = false, done = true;
-    if (digit_info[0] >= 0) {
-      prefix = unsigned(lo16 + digit_info[0]), done = digit_info[2] == 1;
-    } else if (lo16 < 0) {
-      all_fit = true;  // the window held every key
-    } else {
-      limit = unsigned(lo16), shift = 64, done = false;  // the budget outlasts the window
-    }
-    while (!done) {
-      shift -= 8;
-      hist[tid] = 0;
-      __syncthreads();
-#pragma unroll
-      for (int r = 0; r < kOwned; ++r)
-        if (key[r] != 0 && (key[r] >> 48) <= limit && (shift == 56 || (key[r] >> (shift + 8)) == prefix))
-          atomicAdd(&hist[(key[r] >> shift) & 0xff], (1 << 16) | int(key[r] & 0xffffu));
-      __syncthreads();
-      find_digit(above);
-      __syncthreads();
-      above = digit_info[1];
-      if (digit_info[0] < 0) {
-        all_fit = true;  // (only in the first of these passes: every cluster fits)
-        break;
-      }
-      prefix = (prefix << 8) | unsigned(digit_info[0]);
-      done = digit_info[2] == 1 || shift == 16;
-    }
-    mark(4);
-    // Slots in (thread, r) order, the same in every CTA (each CTA lays out the rows from them).
-    unsigned taken = 0;
-#pragma unroll
-    for (int r = 0; r < kOwned; ++r)
-      if (key[r] != 0 && (all_fit || (key[r] >> shift) > prefix)) taken |= 1u << r;
-    const int count = __popc(taken);
-    const int inc = multipole::cuda::detail::warp_inclusive_sum(count);
-    if (lane == 31) warp_count[warp] = inc;
-    __syncthreads();
-    int k = inc - count, total = 0;
-    for (int w = 0; w < kWarps; ++w) k += w < warp ? warp_count[w] : 0, total += warp_count[w];
-#pragma unroll
-    for (int r = 0; r < kOwned; ++r)
-      if ((taken >> r) & 1u) {
-        const int j = tid + r * kThreads;
-        pick_first[k] = own_off[r], pick_j[k] = j, pick_row[k] = int(key[r] & 0xffffu);  // size for now
-        atomicOr(&selected_bits[j / 32], 1u << (j % 32));
-        key[r] = 0, ++k;
-      }
-    __syncthreads();
-    picks = total;
-    if (warp == 0) {
-      // pick_row: sizes -> first row of each pick (exclusive scan, 4 picks a lane).
-      int v[4], s = 0;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = 4 * lane + i < picks ? pick_row[4 * lane + i] : 0, s += v[i];
-      const int inc = multipole::cuda::detail::warp_inclusive_sum(s);
-      int acc = inc - s;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        if (4 * lane + i < picks) pick_row[4 * lane + i] = acc, acc += v[i];
-    }
-    __syncthreads();
-    rows = above, room = kBudget - above;
-    below = all_fit ? 0ull : prefix << shift;
-  } else {
-    mark(4);
-  }
-  mark(5);
-  const int prefix_picks = picks;
-  for (; room > 0; ++picks) {  // (room > 0 bounds the picks by the budget)
-    unsigned long long mine = 0;
-#pragma unroll
-    for (int r = 0; r < kOwned; ++r)
-      if (int(key[r] & 0xffffu) <= room && key[r] < below && key[r] > mine) mine = key[r];
-    const unsigned hi = __reduce_max_sync(0xffffffffu, unsigned(mine >> 32));
-    const unsigned lo = __reduce_max_sync(0xffffffffu, unsigned(mine >> 32) == hi ? unsigned(mine) : 0u);
-    if (lane == 0) best[picks & 1][warp] = (static_cast<unsigned long long>(hi) << 32) | lo;
-    __syncthreads();
-    unsigned long long b = best[picks & 1][0];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) b = max(b, best[picks & 1][w]);
-    if (b == 0) break;
-    const int j = kMaxClusters - 1 - int((b >> 16) & 0xffffu), n = int(b & 0xffffu);
-#pragma unroll
-    for (int r = 0; r < kOwned; ++r)  // (a constant index keeps key[] and own_off[] in registers)
-      if (j == tid + r * kThreads) {
-        key[r] = 0;
-        pick_first[picks] = own_off[r];
-        selected_bits[j / 32] |= 1u << (j % 32);  // one writer a round; the rounds' barriers order them
-      }
-    if (tid == 0) pick_row[picks] = rows, pick_j[picks] = j;
-    rows += n, room -= n;
-  }
-  if (tid == 0) pick_row[picks] = rows, n_picks = picks;
-  __syncthreads();
+  greedy_select<Select >= 2>(key, own_off, kBudget, a.window, gs, [&] { mark(4); }, [&] { mark(5); });
+  const int picks = gs.n_picks;
   if (rank == 0) {
     int32_t* out_picks = a.picks + size_t(e) * (2 + kBudget);
-    if (tid == 0) out_picks[0] = picks, out_picks[1] = prefix_picks;
-    for (int k = tid; k < picks; k += kThreads) out_picks[2 + k] = pick_j[k];
+    if (tid == 0) out_picks[0] = picks, out_picks[1] = gs.prefix_picks;
+    for (int k = tid; k < picks; k += kThreads) out_picks[2 + k] = gs.pick_j[k];
   }
   mark(6);
 
   // 5. This warp's selected rows: member list, page table, then K and V.
 #pragma unroll
   for (int i = 0; i < kSlots; ++i) {
-    const int t = rank + kCtas * (warp + kWarps * i) - kFixedRows;
-    if (t < 0 || t >= pick_row[n_picks]) continue;
-    int k = 0, hi = n_picks;  // the pick holding row t: pick_row[k] <= t < pick_row[k + 1]
-    while (hi - k > 1) {
-      const int mid = (k + hi) / 2;
-      if (pick_row[mid] <= t) k = mid;
-      else hi = mid;
-    }
-    load_row(i, members[pick_first[k] + (t - pick_row[k])]);
+    const int pos = gs.row_position(rank + kCtas * (warp + kWarps * i) - kFixedRows, members);
+    if (pos >= 0) load_row(i, pos);
   }
   mark(7);
 
   // 6. Far field over the unselected local clusters: weights n 2^(x - M) in xall's local slice.
-  if (tid < n_local) {
-    const int j = c0 + tid;
-    const bool sel = (selected_bits[j / 32] >> (j % 32)) & 1u;
-    float4 x = xall[j];
-    float* xs = reinterpret_cast<float*>(&x);
-#pragma unroll
-    for (int g = 0; g < kG; ++g) xs[g] = sel ? 0.0f : float(local_n) * exp2f(xs[g] - gmax[g]);
-    xall[j] = x;
-  }
+  if (tid < n_local) xall[c0 + tid] = far_weights(xall[c0 + tid], local_n, gs.selected(c0 + tid), gmax);
   multipole::cuda::detail::cp_async_wait<0>();
   __syncthreads();
   float far0, far1;
   const int fd = tid % kD, fg = 2 * (tid / kD);  // one thread per (head pair, dimension)
-  {
-    float s0 = 0, s1 = 0;
-    const uint8_t* vrow = staged + fd * 2;
-    for (int j = 0; j < n_local; ++j) {
-      const float v = __uint_as_float(uint32_t(*reinterpret_cast<const uint16_t*>(vrow + size_t(j) * kRowStride)) << 16);
-      const float* w = reinterpret_cast<const float*>(&xall[c0 + j]);
-      s0 += w[fg] * v, s1 += w[fg + 1] * v;
-    }
-    far0 = s0, far1 = s1;
-  }
-  if (warp < kG) {
-    float l = 0;
-    for (int j = lane; j < n_local; j += 32) l += reinterpret_cast<const float*>(&xall[c0 + j])[warp];
-    l = warp_sum(l);
-    if (lane == 0) st.m[warp] = 0.0f, st.l[warp] = l;  // weights are relative to gmax: m = 0 here
-  }
+  far_field_staged(staged, xall + c0, n_local, fd, fg, far0, far1, st);  // weights relative to gmax
   mark(8);
 
   // 7. The exact rows per warp (logits relative to gmax like the far field's), then the CTA's state.
   {
     float m[kG], l[kG], acc[kG][4];
     warp_rows_state(kr, vr, has_row, qr, gmax, m, l, acc);
-    __syncthreads();  // the far field's reads of the staged values are done: part[] may overwrite them
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-#pragma unroll
-      for (int t = 0; t < 4; ++t) part[warp][g][lane * 4 + t] = acc[g][t];
-      if (lane == 0) wm[warp][g] = m[g], wl[warp][g] = l[g];
-    }
-  }
-  __syncthreads();
-  if (tid < kG) merge_factors(st, wm, wl, factor, tid);
-  __syncthreads();
-  {
-    // Far sums of this thread's (head pair, dimension) plus the warps' exact sums.
-    const float far[2] = {far0, far1};
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int g = fg + h;
-      float o = far[h] * factor[0][g];
-      for (int w = 0; w < kWarps; ++w) o += part[w][g][fd] * factor[w + 1][g];
-      st.o[g][fd] = o;
-    }
+    join_cta_state(st, m, l, acc, far0, far1, fd, fg, part, sc);
   }
   mark(9);
 
@@ -557,14 +288,9 @@ int main(int argc, char** argv) {
       for (int c = 0; c < clusters; ++c) z += size[size_t(e) * clusters + c] * std::exp2(xg[size_t(c)] - mx);
       for (int c = 0; c < clusters; ++c) imp[size_t(e)][size_t(c)] += std::exp2(xg[size_t(c)] - mx) / z;
     }
-    std::vector<int> order(static_cast<size_t>(clusters));
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int l, int r) { return imp[size_t(e)][size_t(l)] > imp[size_t(e)][size_t(r)]; });
-    int room = kBudget;
-    for (int c : order)
-      if (size[size_t(e) * clusters + c] <= room) want[size_t(e)].push_back(c), room -= size[size_t(e) * clusters + c];
-    std::sort(want[size_t(e)].begin(), want[size_t(e)].end());
+    want[size_t(e)] = greedy_f64(imp[size_t(e)], std::vector<int>(size.begin() + ptrdiff_t(size_t(e) * clusters),
+                                                                 size.begin() + ptrdiff_t(size_t(e + 1) * clusters)),
+                                 kBudget);
   }
   // The f64 output of one entry over a given selection. ref: [E, G, D]
   std::vector<double> ref(q.size());
@@ -614,12 +340,9 @@ int main(int argc, char** argv) {
   int failed = 0;
   const auto run = [&]<int Select>() {
     const auto kernel = fused_select_step_kernel<Select>;
-    LAB_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    LAB_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t cfg = lab::cluster_config(attr, kEntries, kCtas, kThreads, s, smem);
-    int fit = 0;
-    LAB_CHECK(cudaOccupancyMaxActiveClusters(&fit, kernel, &cfg));
+    const cudaLaunchConfig_t cfg = step_config(kernel, attr, s, smem);
+    const int fit = clusters_at_once(kernel, cfg);
     LAB_CHECK(cudaMemsetAsync(out, 0xff, q.size() * sizeof(float), s));  // poison
     LAB_CHECK(cudaMemsetAsync(picks, 0xff, size_t(kEntries) * (2 + kBudget) * sizeof(int32_t), s));
     LAB_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
@@ -647,21 +370,8 @@ int main(int argc, char** argv) {
         selected[size_t(c)] = 1, taken += size[size_t(e) * clusters + c];
       }
       if (taken > kBudget) std::printf("  entry %d: %d tokens over the budget %d\n", e, taken, kBudget), ++wrong;
-      std::sort(got.begin(), got.end());
-      if (got != want[size_t(e)]) {
-        // The least important cluster in one selection and not the other, against the most important such:
-        // a gap of f32 rounding is a near-tie, anything more a wrong selection.
-        std::vector<int> diff;
-        std::set_symmetric_difference(got.begin(), got.end(), want[size_t(e)].begin(), want[size_t(e)].end(),
-                                      std::back_inserter(diff));
-        double lo = 1e300, hi = 0;
-        for (int c : diff) lo = std::min(lo, imp[size_t(e)][size_t(c)]), hi = std::max(hi, imp[size_t(e)][size_t(c)]);
-        const double gap = (hi - lo) / hi;
-        std::printf("  entry %d: selection differs from the greedy rule in %zu clusters, importance gap %.1e\n", e,
-                    diff.size(), gap);
-        if (gap > 1e-5) ++wrong;
-        else ++near_ties;
-      }
+      const int verdict = compare_selection("the", e, got, want[size_t(e)], imp[size_t(e)]);
+      wrong += verdict == 2, near_ties += verdict == 1;
       reference(e, selected);
     }
     const double worst = worst_row_error(out, ref);
@@ -672,29 +382,19 @@ int main(int argc, char** argv) {
                 Select, double(total) / kEntries, double(at_once) / kEntries, near_ties, kEntries, worst,
                 ok ? "ok" : "WRONG", fit);
     const lab::Graph graph([&](cudaStream_t st) { LAB_CHECK(cudaLaunchKernelEx(&cfg, kernel, a)); }, s);
-    std::vector<double> us;
-    for (int i = 0; i < runs + 3; ++i) {
-      const double t = timer.run_us(graph, true, i);
-      if (i >= 3) us.push_back(t);  // the first 3 warm up
-    }
+    const std::vector<double> us = time_flushed(timer, graph, runs);
     const auto [lo, hi] = std::minmax_element(us.begin(), us.end());
     std::printf("select %d: one-launch step with its selection, median %.2f us (min %.2f, max %.2f)\n", Select,
                 lab::median(us), *lo, *hi);
-    if (profile) {
-      long long* prof = nullptr;
-      LAB_CHECK(cudaMalloc(&prof, size_t(kEntries) * kCtas * kMarks * sizeof(long long)));
-      Args pa = a;
-      pa.prof = prof;
-      timer.flush(0x5a);
-      LAB_CHECK(cudaLaunchKernelEx(&cfg, kernel, pa));
-      LAB_CHECK(cudaStreamSynchronize(s));
-      std::vector<long long> marks(size_t(kEntries) * kCtas * kMarks);
-      LAB_CHECK(cudaMemcpy(marks.data(), prof, marks.size() * sizeof(long long), cudaMemcpyDeviceToHost));
-      LAB_CHECK(cudaFree(prof));
-      print_phase_profile(marks, kEntries * kCtas,
-                          {"", "logits pushed", "cluster barrier", "normalisers", "radix passes", "taken at once",
-                           "rounds", "selected rows issued", "far field", "exact rows", "states merged"});
-    }
+    if (profile)
+      profile_launch(timer, kEntries * kCtas,
+                     {"", "logits pushed", "cluster barrier", "normalisers", "radix passes", "taken at once", "rounds",
+                      "selected rows issued", "far field", "exact rows", "states merged"},
+                     [&](long long* prof) {
+                       Args pa = a;
+                       pa.prof = prof;
+                       LAB_CHECK(cudaLaunchKernelEx(&cfg, kernel, pa));
+                     });
   };
   run.template operator()<1>();
   run.template operator()<2>();

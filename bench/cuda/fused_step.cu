@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
   mark(3);
   for (int i = threadIdx.x; i < kG * n; i += kThreads) {
     const int g = i / n, j = i % n;
-    x[g][j] = sel[j] ? 0.0f : exp2f(x[g][j] - gmax[g]);
+    x[g][j] = sel[j] ? 0.0f : fast_exp2(x[g][j] - gmax[g]);
   }
   __syncthreads();
   if constexpr (V == 1) {
@@ -431,10 +431,8 @@ int main(int argc, char** argv) {
       std::printf("variant %d: %d centroids per CTA, over the %d it stages: not run\n", V, per, kMaxStaged);
       return;
     }
-    LAB_CHECK(cudaFuncSetAttribute(fused_step_kernel<V>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    LAB_CHECK(cudaFuncSetAttribute(fused_step_kernel<V>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t cfg = lab::cluster_config(attr, kEntries, kCtas, kThreads, s, smem);
+    const cudaLaunchConfig_t cfg = step_config(fused_step_kernel<V>, attr, s, smem);
     LAB_CHECK(cudaMemsetAsync(out, 0xff, q.size() * sizeof(float), s));  // poison
     LAB_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<V>, a));
     LAB_CHECK(cudaStreamSynchronize(s));

@@ -1,0 +1,218 @@
+#pragma once
+// The greedy rule of the one-launch step labs (gpu-notes items 34, 35), run alike by every CTA
+// of an entry's cluster over keys that every CTA holds, so that no CTA waits for another:
+// clusters in decreasing importance, one that does not fit the room left skipped (it never
+// fits again: the room only shrinks). Each thread owns the keys of indices tid + r kThreads.
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "step_lab.cuh"
+
+namespace step_lab {
+
+constexpr int kKeyIndexLimit = 2048;  // indices a key can hold (its 16 index bits count down from here)
+constexpr int kMaxPicks = 128;        // picks a selection keeps (warp 0 scans their rows 4 a lane)
+
+// A cluster's importance per token: sum_g 2^(x_g - gmax_g) / Z_g (gzinv_g = 1 / Z_g).
+__device__ __forceinline__ float importance(float4 x, const float* gmax, const float* gzinv) {
+  float imp = 0;
+#pragma unroll
+  for (int g = 0; g < kG; ++g) imp += fast_exp2(reinterpret_cast<const float*>(&x)[g] - gmax[g]) * gzinv[g];
+  return imp;
+}
+
+// Order of the greedy walk in one 64-bit key: importance bits (positive floats order as their
+// bits), then the lower index first; the size (< 2^16) rides in the low bits. 0: no candidate.
+__device__ __forceinline__ unsigned long long pick_key(float importance, int j, int n) {
+  return (static_cast<unsigned long long>(__float_as_uint(importance)) << 32) |
+         (static_cast<unsigned long long>(kKeyIndexLimit - 1 - j) << 16) | static_cast<unsigned>(n);
+}
+__device__ __forceinline__ int key_index(unsigned long long key) { return kKeyIndexLimit - 1 - int((key >> 16) & 0xffffu); }
+__device__ __forceinline__ int key_size(unsigned long long key) { return int(key & 0xffffu); }
+
+// Shared memory of one selection over at most Keys indices. After greedy_select: picks
+// [0, n_picks) in walk order, pick k of index pick_j[k] with payload pick_first[k] (a member
+// offset) and rows [pick_row[k], pick_row[k + 1]); selected_bits marks the picked indices.
+template <int Keys>
+struct Greedy {
+  int hist[256], digit_info[3], warp_count[kWarps];
+  unsigned long long best[2][kWarps];
+  int pick_j[kMaxPicks], pick_first[kMaxPicks], pick_row[kMaxPicks + 1], n_picks, prefix_picks;
+  uint32_t selected_bits[Keys / 32];
+
+  __device__ bool selected(int j) const { return (selected_bits[j / 32] >> (j % 32)) & 1u; }
+  // The token position of row t of the picks' rows (members: token positions, cluster after
+  // cluster, pick_first the offsets), -1 outside [0, pick_row[n_picks]).
+  __device__ int row_position(int t, const int32_t* members) const {
+    if (t < 0 || t >= pick_row[n_picks]) return -1;
+    int k = 0, hi = n_picks;  // the pick holding row t: pick_row[k] <= t < pick_row[k + 1]
+    while (hi - k > 1) {
+      const int mid = (k + hi) / 2;
+      if (pick_row[mid] <= t) k = mid;
+      else hi = mid;
+    }
+    return members[pick_first[k] + (t - pick_row[k])];
+  }
+};
+
+// Histogram counts pack (clusters << 20) + tokens: tokens up to 2^20 per digit, clusters < 2^12.
+constexpr int kCountShift = 20;
+constexpr int kTokenMask = (1 << kCountShift) - 1;
+
+// The greedy rule under `budget` tokens over the keys of every thread (key[r]: index tid + r
+// kThreads, 0 for none; payload[r] its member offset). Radix = false: each pick is one round
+// of block-wide maxima. Radix = true: radix passes from the top of the keys find the first
+// cluster the walk skips, every key above it fits and is taken at once, and only the walk's
+// tail takes rounds. The first pass counts `window` (1..255) buckets of 16 key bits at and
+// below the largest key's; the keys further down would crowd a few digits and serialise the
+// atomics. 8-bit passes over the rest follow only if the budget outlasts them.
+// gs.selected_bits must be 0 and visible to every thread before the call. Every thread
+// returns with the picks in gs and key[] cleared of them; radix_done() runs after the passes,
+// taken_done() after the keys taken at once (profile marks).
+template <bool Radix, int Owned, int Keys, class RadixDone, class TakenDone>
+__device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payload)[Owned], int budget, int window,
+                              Greedy<Keys>& gs, const RadixDone& radix_done, const TakenDone& taken_done) {
+  static_assert(Owned * kThreads <= Keys && Keys <= kKeyIndexLimit, "keys beyond the selection's bits");
+  static_assert(kThreads == 256, "one digit of hist[] per thread");
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int room = budget, picks = 0, rows = 0;
+  unsigned long long below = ~0ull;  // the rounds consider keys under this only
+  if constexpr (Radix) {
+    unsigned top = 0;
+#pragma unroll
+    for (int r = 0; r < Owned; ++r) top = max(top, unsigned(key[r] >> 48));
+    top = __reduce_max_sync(0xffffffffu, top);
+    if (lane == 0) gs.warp_count[warp] = int(top);
+    gs.hist[tid] = 0;
+    __syncthreads();
+    for (int w = 0; w < kWarps; ++w) top = max(top, unsigned(gs.warp_count[w]));
+    const int lo16 = int(top) - window;  // the first pass counts buckets (lo16, top] as digits 1..window
+    // Warp 0: the digit where the tokens from the top, after `above` of them, first exceed the
+    // budget -> digit_info {digit or -1 when all fit, tokens above it (all: their total), its clusters}.
+    const auto find_digit = [&](int above) {
+      if (warp != 0) return;
+      int v[8], sum = 0;  // lane l holds digits 255 - 8l - i, i = 0..7: the lanes in order walk from the top
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = gs.hist[255 - 8 * lane - i], sum += v[i] & kTokenMask;
+      const int inc = multipole::cuda::detail::warp_inclusive_sum(sum);
+      int acc = above + inc - sum, found = -1, found_v = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (found < 0) {
+          if (acc + (v[i] & kTokenMask) > budget) found = i, found_v = v[i];
+          else acc += v[i] & kTokenMask;
+        }
+      const unsigned hit = __ballot_sync(0xffffffffu, found >= 0);
+      if (hit == 0) {
+        if (lane == 31) gs.digit_info[0] = -1, gs.digit_info[1] = acc;
+      } else if (lane == __ffs(int(hit)) - 1) {
+        gs.digit_info[0] = 255 - 8 * lane - found, gs.digit_info[1] = acc, gs.digit_info[2] = found_v >> kCountShift;
+      }
+    };
+#pragma unroll
+    for (int r = 0; r < Owned; ++r)
+      if (key[r] != 0 && int(key[r] >> 48) > lo16)
+        atomicAdd(&gs.hist[int(key[r] >> 48) - lo16], (1 << kCountShift) | key_size(key[r]));
+    __syncthreads();
+    find_digit(0);
+    __syncthreads();
+    unsigned long long prefix = 0;
+    int shift = 48, above = gs.digit_info[1];
+    unsigned limit = 0xffffu;  // the 8-bit passes count keys whose top 16 bits are at most this
+    bool all_fit = false, done = true;
+    if (gs.digit_info[0] >= 0) {
+      prefix = unsigned(lo16 + gs.digit_info[0]), done = gs.digit_info[2] == 1;
+    } else if (lo16 < 0) {
+      all_fit = true;  // the window held every key
+    } else {
+      limit = unsigned(lo16), shift = 64, done = false;  // the budget outlasts the window
+    }
+    while (!done) {
+      shift -= 8;
+      gs.hist[tid] = 0;
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < Owned; ++r)
+        if (key[r] != 0 && (key[r] >> 48) <= limit && (shift == 56 || (key[r] >> (shift + 8)) == prefix))
+          atomicAdd(&gs.hist[(key[r] >> shift) & 0xff], (1 << kCountShift) | key_size(key[r]));
+      __syncthreads();
+      find_digit(above);
+      __syncthreads();
+      above = gs.digit_info[1];
+      if (gs.digit_info[0] < 0) {
+        all_fit = true;  // (only in the first of these passes: every cluster fits)
+        break;
+      }
+      prefix = (prefix << 8) | unsigned(gs.digit_info[0]);
+      done = gs.digit_info[2] == 1 || shift == 16;
+    }
+    radix_done();
+    // Slots in (thread, r) order, the same in every CTA (each CTA lays out the rows from them).
+    unsigned taken = 0;
+#pragma unroll
+    for (int r = 0; r < Owned; ++r)
+      if (key[r] != 0 && (all_fit || (key[r] >> shift) > prefix)) taken |= 1u << r;
+    const int count = __popc(taken);
+    const int inc = multipole::cuda::detail::warp_inclusive_sum(count);
+    if (lane == 31) gs.warp_count[warp] = inc;
+    __syncthreads();
+    int k = inc - count, total = 0;
+    for (int w = 0; w < kWarps; ++w) k += w < warp ? gs.warp_count[w] : 0, total += gs.warp_count[w];
+#pragma unroll
+    for (int r = 0; r < Owned; ++r)
+      if ((taken >> r) & 1u) {
+        const int j = tid + r * kThreads;
+        if (k < kMaxPicks) gs.pick_first[k] = payload[r], gs.pick_j[k] = j, gs.pick_row[k] = key_size(key[r]);
+        atomicOr(&gs.selected_bits[j / 32], 1u << (j % 32));
+        key[r] = 0, ++k;
+      }
+    __syncthreads();
+    picks = min(total, kMaxPicks);  // (more would be a wrong selection, which the host reports)
+    if (warp == 0) {
+      // pick_row: sizes -> first row of each pick (exclusive scan, 4 picks a lane).
+      int v[4], s = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = 4 * lane + i < picks ? gs.pick_row[4 * lane + i] : 0, s += v[i];
+      const int inc = multipole::cuda::detail::warp_inclusive_sum(s);
+      int acc = inc - s;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (4 * lane + i < picks) gs.pick_row[4 * lane + i] = acc, acc += v[i];
+    }
+    __syncthreads();
+    rows = above, room = budget - above;
+    below = all_fit ? 0ull : prefix << shift;
+  } else {
+    radix_done();
+  }
+  taken_done();
+  const int prefix_picks = picks;
+  for (; room > 0 && picks < kMaxPicks; ++picks) {  // (room > 0 bounds the picks by the budget)
+    unsigned long long mine = 0;
+#pragma unroll
+    for (int r = 0; r < Owned; ++r)
+      if (key_size(key[r]) <= room && key[r] < below && key[r] > mine) mine = key[r];
+    const unsigned hi = __reduce_max_sync(0xffffffffu, unsigned(mine >> 32));
+    const unsigned lo = __reduce_max_sync(0xffffffffu, unsigned(mine >> 32) == hi ? unsigned(mine) : 0u);
+    if (lane == 0) gs.best[picks & 1][warp] = (static_cast<unsigned long long>(hi) << 32) | lo;
+    __syncthreads();
+    unsigned long long b = gs.best[picks & 1][0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) b = max(b, gs.best[picks & 1][w]);
+    if (b == 0) break;
+    const int j = key_index(b), n = key_size(b);
+#pragma unroll
+    for (int r = 0; r < Owned; ++r)  // (a constant index keeps key[] and payload[] in registers)
+      if (j == tid + r * kThreads) {
+        key[r] = 0;
+        gs.pick_first[picks] = payload[r];
+        gs.selected_bits[j / 32] |= 1u << (j % 32);  // one writer a round; the rounds' barriers order them
+      }
+    if (tid == 0) gs.pick_row[picks] = rows, gs.pick_j[picks] = j;
+    rows += n, room -= n;
+  }
+  if (tid == 0) gs.pick_row[picks] = rows, gs.n_picks = picks, gs.prefix_picks = prefix_picks;
+  __syncthreads();
+}
+
+}  // namespace step_lab
