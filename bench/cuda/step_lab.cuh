@@ -1,8 +1,12 @@
 #pragma once
 // What the one-launch step labs share (fused_step.cu, gpu-notes item 33; fused_select_step.cu,
-// item 34): the shapes (Qwen3-8B's 8 KV heads at batch 1, one 16-CTA cluster each, G = 4,
-// d = 128, bf16), bf16 conversions, warp reductions, a CTA's softmax state and the merge of a
-// cluster's states, and the host side's buffers, error measure and phase profile.
+// item 34; two_level_step.cu, item 35): the shapes (Qwen3-8B's 8 KV heads at batch 1, one
+// 16-CTA cluster each, G = 4, d = 128, bf16), bf16 conversions, warp and block reductions, the
+// steps every lab runs (queries, the fixed rows, centroid slices staged, scored and pushed to
+// the cluster, the far field over a staged slice, exact rows, a CTA's softmax state and the
+// merge of a cluster's states), and the host side's buffers, greedy rule in f64, error
+// measure, launch config, timing and phase profile. The greedy rule on the GPU is in
+// lab_greedy.cuh.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
