@@ -42,7 +42,6 @@
 #include <vector>
 
 #include "cuda/common.cuh"
-#include "lab_greedy.cuh"
 #include "step_lab.cuh"
 
 namespace cg = cooperative_groups;
@@ -162,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
   }
   mark(3);
 
-  // 4. The greedy rule (lab_greedy.cuh): select 1 takes each pick in a round, select 2 first
+  // 4. The greedy rule (cuda/cluster_greedy.cuh): select 1 takes each pick in a round, select 2 first
   //    takes at once every cluster above the first one the walk skips.
   unsigned long long key[kOwned];
 #pragma unroll

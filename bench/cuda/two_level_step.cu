@@ -9,7 +9,7 @@
 //   1. each CTA stages its slice of the coarse key centroids, scores it and pushes the logits
 //      into every CTA of the cluster (one cluster barrier), then stages its value centroids;
 //   2. every CTA runs the same coarse selection (per-head normalisers, importances, greedy
-//      rule under 2048 tokens: lab_greedy.cuh) and lists the same candidates, the children of
+//      rule under 2048 tokens: cuda/cluster_greedy.cuh) and lists the same candidates, the children of
 //      the selected coarse clusters in ascending order;
 //   3. each warp scores its share of the candidates from global memory, keeps their key and
 //      value rows in registers and pushes their logits into every CTA (a second barrier);
@@ -41,7 +41,6 @@
 #include <random>
 #include <vector>
 
-#include "lab_greedy.cuh"
 #include "step_lab.cuh"
 
 namespace cg = cooperative_groups;

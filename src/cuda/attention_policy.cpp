@@ -95,8 +95,10 @@ class CudaPolicy final : public AttentionPolicy {
         qs_.upload(qs_host_.data(), n * sizeof(float));
         decoder_->multipole(*mirror_, layer, km.index(), q_.as<float>(), qs_.as<float>(), out_.as<float>(), nullptr);
         const uint32_t flags = decoder_->error_flags();
-        MP_CHECK(flags == 0, "{} (cuda): the GPU decoder flagged an error ({:#x}: an exact set overflowed)", name_,
-                 flags);
+        MP_CHECK(flags == 0,
+                 "{} (cuda): the GPU decoder flagged an error ({:#x}; bit 0: an exact set overflowed, bit 2: the "
+                 "one-launch step found more candidates than its plan allowed)",
+                 name_, flags);
         for (int32_t c : decoder_->exact_counts()) stats_.exact_tokens += c;
         stats_.selected_tokens = stats_.exact_tokens - fixed_tokens(cache, seqs);
         if (config_.multipole_far_field)

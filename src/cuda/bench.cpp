@@ -295,6 +295,12 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
 
       CudaDecoder dec(ac), flat(ac);
       dec.plan(dev, seqs, &index);
+      if (dec.plan_info().fused)
+        std::fprintf(stderr, "bench: b%d %lld tokens: the multipole step runs in one launch (at most %d candidates)\n",
+                     B, static_cast<long long>(ctx), dec.plan_info().fused_candidate_bound);
+      else
+        std::fprintf(stderr, "bench: b%d %lld tokens: the multipole step runs in three launches (one launch: %s)\n", B,
+                     static_cast<long long>(ctx), dec.plan_info().fused_why);
       flat.plan(dev, seqs, &flat_index);
       AttentionConfig sqc = ac;
       sqc.multipole_far_field = false;
@@ -354,12 +360,22 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       };
       emit("dense", [&](cudaStream_t s) { dec.dense(dev, 0, pq, po, s); }, dense_bytes, CudaDecoder::kDenseLaunches,
            dense_ctas);
+      // "multipole": the step as the plan chooses it (one launch where fused_step.cuh holds);
+      // "mp-3launch" beside it: the three-kernel step on the same index.
+      const int E = B * Hkv;
       emit("multipole", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes,
-           CudaDecoder::kMultipoleLaunches, dec.plan_info().mp_ctas);
+           dec.multipole_launches(), dec.plan_info().fused ? E * 16 : dec.plan_info().mp_ctas);
+      if (dec.plan_info().fused) {
+        CudaDecoder three(ac);
+        three.set_fused(false);
+        three.plan(dev, seqs, &index);
+        emit("mp-3launch", [&](cudaStream_t s) { three.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes,
+             CudaDecoder::kMultipoleLaunches, three.plan_info().mp_ctas);
+      }
       if (index.hierarchical() && std::getenv("MULTIPOLE_SELECT_PROFILE"))
         profile_select(dec, dev, index, pq, pqs, po, o, stream, flush, B, ctx);
       emit("squeezed", [&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes - vbytes,
-           CudaDecoder::kMultipoleLaunches, squeezed.plan_info().mp_ctas);
+           squeezed.multipole_launches(), squeezed.plan_info().fused ? E * 16 : squeezed.plan_info().mp_ctas);
       {
         // GPU baselines on the same cache: quest (page bounds built before timing; its
         // per-step metadata update timed on its own) and oracle-topk. Bytes: quest reads
@@ -472,7 +488,10 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         kdec.plan(dev, seqs, &km.index());
         emit("mp-kmeans-index",
              [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s); }, mp_bytes,
-             CudaDecoder::kMultipoleLaunches, kdec.plan_info().mp_ctas);
+             kdec.multipole_launches(), kdec.plan_info().fused ? B * Hkv * 16 : kdec.plan_info().mp_ctas);
+        if (!kdec.plan_info().fused)
+          std::fprintf(stderr, "bench: the k-means index's step runs in three launches (one launch: %s)\n",
+                       kdec.plan_info().fused_why);
         if (o.stages) {
           emit("mp-km-score", [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s, 1); }, 0, 1,
                kdec.plan_info().score_ctas);

@@ -94,6 +94,7 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   select_precheck_ = env_int("MULTIPOLE_SELECT_PRECHECK", 1) != 0;
   select_sort_ = env_int("MULTIPOLE_SELECT_SORT", select_sort_);
   pdl_ = env_int("MULTIPOLE_PDL", 1) != 0;
+  fused_allowed_ = env_int("MULTIPOLE_FUSED", 1) != 0;
   prescore_mode_ = env_int("MULTIPOLE_PRESCORE", -1);
 }
 
@@ -233,6 +234,7 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     exact_rows_.reserve(size_t(B) * Hkv * cap * sizeof(int32_t));
     exact_n_.reserve(size_t(B) * Hkv * sizeof(int32_t));
     exact_n_.memset(0);
+    plan_fused(*index, cap);
     if (hier) {
       far_ids_.reserve(size_t(B) * Hkv * info_.far_cap * sizeof(int32_t));
       far_n_.reserve(size_t(B) * Hkv * sizeof(int32_t));
@@ -246,15 +248,91 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
 }
 
 namespace {
+// The most candidates (children of the coarse clusters a selection under `budget` tokens can
+// take) of one entry: the fractional-knapsack bound over coarse clusters of (tokens, children),
+// densest first. size/child_begin: the entry's coarse sizes and child-list starts ([Cc + 1]).
+int64_t candidate_bound(std::span<const int32_t> size, std::span<const int32_t> child_begin, int64_t budget) {
+  struct Item {
+    int64_t tokens, children;
+  };
+  std::vector<Item> items;
+  for (size_t c = 0; c < size.size(); ++c)
+    if (size[c] > 0 && size[c] <= budget) items.push_back({size[c], int64_t(child_begin[c + 1]) - child_begin[c]});
+  std::sort(items.begin(), items.end(),
+            [](const Item& l, const Item& r) { return l.children * r.tokens > r.children * l.tokens; });
+  int64_t room = budget, bound = 0;
+  for (const Item& it : items) {
+    if (room <= 0) break;
+    const int64_t take = std::min(room, it.tokens);
+    bound += (it.children * take + it.tokens - 1) / it.tokens;
+    room -= take;
+  }
+  return bound;
+}
+}  // namespace
+
+// Whether this plan's steps can run in one launch (DecodePlanInfo::fused says what it needs).
+// Reads the coarse levels' sizes and child counts back from the device (synchronous).
+void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows) {
+  using L = detail::FusedStepLimits;
+  info_.fused = false;
+  info_.fused_candidate_bound = 0;
+  const DType kv_dtype = index.value_dtype();
+  const int E = index.entries();
+  const auto why = [&](const char* reason) { info_.fused_why = reason; };
+  if (!fused_allowed_) return why("turned off (MULTIPOLE_FUSED=0 or set_fused(false))");
+  if (!index.hierarchical()) return why("one-level index");
+  if (config_.head_dim != L::kHeadDim) return why("head dim is not 128");
+  if (config_.group_size() > L::kGroup) return why("GQA group over 4");
+  if (index.key_dtype() != kv_dtype) return why("key centroids not in the cache's type");
+  if (config_.budget > L::kMaxBudget) return why("budget over 128");
+  if (coarse_budget_ >= 65535) return why("coarse budget over 65534");
+  if (exact_rows > L::kExactRows) return why("over 512 exact rows");
+  if (index.max_coarse() > L::kMaxCoarse) return why("over 2048 coarse clusters in an entry");
+  for (int e = 0; e < E; ++e) {
+    if (index.entry_clusters(e) - index.entry_coarse(e) > L::kMaxFine) return why("over 16384 fine clusters in an entry");
+    if (index.entry_clustered_end(e) >= (int64_t(1) << 20)) return why("over 2^20 clustered tokens");
+  }
+  if (E > detail::fused_step_clusters_at_once(kv_dtype, index.max_coarse()))
+    return why("more entries than its clusters fit at once");
+  const DeviceClusterView cv = index.view();
+  std::vector<int32_t> sizes, begins;
+  int64_t bound = 0;
+  for (int e = 0; e < E; ++e) {
+    const int64_t cb = index.entry_first_cluster(e), Cc = index.entry_coarse(e);
+    const int64_t n = std::min<int64_t>(Cc + 1, index.total_clusters() - cb);
+    if (Cc == 0) {  // no coarse level: every fine cluster is a candidate
+      bound = std::max<int64_t>(bound, index.entry_clusters(e));
+      continue;
+    }
+    sizes.resize(size_t(Cc));
+    begins.assign(size_t(Cc + 1), 0);
+    MP_CUDA_CHECK(cudaMemcpy(sizes.data(), cv.sizes + cb, size_t(Cc) * 4, cudaMemcpyDeviceToHost));
+    MP_CUDA_CHECK(cudaMemcpy(begins.data(), cv.member_begin + cb, size_t(n) * 4, cudaMemcpyDeviceToHost));
+    if (n == Cc) begins[size_t(Cc)] = begins[size_t(Cc - 1)];  // no fine level after it: nothing selectable
+    bound = std::max(bound, candidate_bound(sizes, begins, coarse_budget_));
+  }
+  info_.fused_candidate_bound = int(std::min<int64_t>(bound, std::numeric_limits<int>::max()));
+  if (bound > L::kMaxCand) return why("over 512 candidates possible");
+  info_.fused = true;
+  why("");
+}
+
+namespace {
+// log2(page_size) when a power of two, else -1.
+int page_shift_of(int page_size) {
+  for (int sft = 0; sft < 31; ++sft)
+    if ((1 << sft) == page_size) return sft;
+  return -1;
+}
+
 AttendArgs base_args(const DeviceKVCache& cache, int layer, const AttentionConfig& c) {
   const DeviceKVLayer kv = cache.layer(layer);
   AttendArgs a;
   a.keys = kv.keys;
   a.values = kv.values;
   a.page_size = kv.page_size;
-  a.page_shift = -1;
-  for (int sft = 0; sft < 31; ++sft)
-    if ((1 << sft) == kv.page_size) a.page_shift = sft;
+  a.page_shift = page_shift_of(kv.page_size);
   a.num_kv_heads = kv.num_kv_heads;
   a.tables = kv.tables;
   a.table_offset = kv.table_offset;
@@ -302,6 +380,43 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   const int Hkv = config_.num_kv_heads, E = info_.batch * Hkv;
   const DeviceClusterView cv = index.view();
   const DeviceKVLayer kv = cache.layer(layer);
+
+  if (info_.fused && stages == 3) {
+    FusedStepArgs f;
+    f.q = q;
+    f.q_score = q_score;
+    f.qscale = config_.softmax_scale() * 1.4426950408889634f;
+    f.group = config_.group_size();
+    f.num_kv_heads = Hkv;
+    f.seq_ids = seq_ids_.as<const int32_t>();
+    f.lengths = kv.lengths;
+    f.tables = kv.tables;
+    f.table_offset = kv.table_offset;
+    f.page_size = kv.page_size;
+    f.page_shift = page_shift_of(kv.page_size);
+    f.keys = kv.keys;
+    f.values = kv.values;
+    f.key_centroids = cv.key_centroids;
+    f.value_centroids = cv.value_centroids;
+    f.sizes = cv.sizes;
+    f.member_begin = cv.member_begin;
+    f.members = cv.members;
+    f.entry_begin = cv.entry_begin;
+    f.entry_count = cv.entry_count;
+    f.entry_coarse = cv.entry_coarse;
+    f.entry_end = cv.entry_end;
+    f.max_coarse = index.max_coarse();
+    f.sinks = config_.cluster.sinks;
+    f.budget = config_.budget;
+    f.coarse_budget = coarse_budget_;
+    f.far_field = config_.multipole_far_field ? 1 : 0;
+    f.out = out;
+    f.far_size = far_size_.as<int32_t>();
+    f.exact_n = exact_n_.as<int32_t>();
+    f.error_flags = errors_.as<uint32_t>();
+    launch_fused_step(f, cache.config().dtype, E, stream);
+    return;
+  }
 
   // stages: 1 score, 2 score + select, 3 all, 4 attention only (diagnostics).
   if (info_.score_ctas > 0 && stages != 4) {

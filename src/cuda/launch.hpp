@@ -142,6 +142,47 @@ struct SelectArgs {
   int pdl = 0;
 };
 
+// What the one-launch step holds (fused_step.cuh checks its constants against these).
+struct FusedStepLimits {
+  static constexpr int kHeadDim = 128, kGroup = 4, kMaxBudget = 128;
+  static constexpr int kExactRows = 512;  // sinks + selected tokens + tokens past the clustered region
+  static constexpr int kMaxCoarse = 2048, kMaxFine = 16384, kMaxCand = 512;  // per entry
+};
+
+// The one-launch step over a two-level index (fused_step.cuh): one 16-CTA cluster per entry.
+struct FusedStepArgs {
+  const float* q = nullptr;              // [B, Hq, D] f32, rotated to each query's position (exact rows)
+  const float* q_score = nullptr;        // [B, Hq, D] f32, rotated to the scoring position
+  float qscale = 0;                      // softmax scale * log2(e)
+  int group = 0, num_kv_heads = 0;       // G <= 4, Hkv
+  const int32_t* seq_ids = nullptr;      // [B]
+  const int32_t* lengths = nullptr;      // [max_sequences]
+  const int32_t* tables = nullptr;       // concatenated page tables
+  const int64_t* table_offset = nullptr; // [max_sequences]
+  int page_size = 0, page_shift = -1;    // page_shift: log2(page_size) when a power of two, else -1
+  const std::byte* keys = nullptr;       // [num_pages, Hkv, P, 128] of the cache's 16-bit type
+  const std::byte* values = nullptr;     // [num_pages, Hkv, P, 128]
+  const void* key_centroids = nullptr;   // [total_clusters, 128] of the cache's type
+  const void* value_centroids = nullptr; // [total_clusters, 128]
+  const int32_t* sizes = nullptr;        // [total_clusters]
+  const int32_t* member_begin = nullptr; // [total_clusters]
+  const int32_t* members = nullptr;      // token positions (fine), fine ids (coarse)
+  const int32_t* entry_begin = nullptr;  // [E]
+  const int32_t* entry_count = nullptr;  // [E]
+  const int32_t* entry_coarse = nullptr; // [E]
+  const int32_t* entry_end = nullptr;    // [E] clustered_end
+  int max_coarse = 0;                    // most coarse clusters of an entry (<= 2048): the staging room
+  int sinks = 0, budget = 0, coarse_budget = 0, far_field = 1;
+  float* out = nullptr;                  // [B, Hq, D] f32
+  int32_t* far_size = nullptr;           // [total_clusters] out, or null
+  int32_t* exact_n = nullptr;            // [E] out
+  uint32_t* error_flags = nullptr;       // bit 2: more candidates than the kernel holds
+};
+// Launches `entries` clusters of the one-launch step (dtype: bf16 or f16).
+void launch_fused_step(const FusedStepArgs& a, DType dtype, int entries, Stream stream);
+// How many of its 16-CTA clusters fit the current device at once (0: none, or no cluster launch).
+int fused_step_clusters_at_once(DType dtype, int max_coarse);
+
 // grid: (items, Hkv * head_chunks); rows: 8 (G <= 8) or 16 (G <= 16) tensor-core rows;
 // mp selects the multipole variant.
 void launch_attend_bf16(const AttendArgs& a, int head_dim, int rows, bool mp, int items, Stream stream);

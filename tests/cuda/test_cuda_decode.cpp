@@ -764,19 +764,25 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
 // two-level step with the fine candidates scored by the selection kernel (prescore 0) is
 // compared with the one where the scoring kernel scores them (prescore 1): two tensor-core
 // paths over the same rounded centroids, whose logits differ only by summation order.
+// Where the one-launch step holds (G <= 4, d 128, keys in the cache's type), it runs too and
+// must give the three-kernel step's selection (far sizes, exact counts) and output (up to
+// summation order); kv: the cache's type; far_field false: squeezed.
 void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_centroid, int budget,
-                             int coarse_budget, uint32_t seed, DType keys = DType::F32) {
+                             int coarse_budget, uint32_t seed, DType keys = DType::F32, DType kv = DType::BF16,
+                             bool far_field = true) {
   SCOPED_TRACE(::testing::Message() << "G=" << G << " Hkv=" << Hkv << " D=" << D << " levels="
                                     << tokens_per_centroid.size() << " coarse_budget=" << coarse_budget
-                                    << " keys=" << dtype_name(keys));
+                                    << " keys=" << dtype_name(keys) << " kv=" << dtype_name(kv)
+                                    << " far_field=" << far_field);
   std::mt19937 rng(seed);
   const std::vector<int64_t> lens = {small_scale() ? 1500 : 5000, 777, 97};
-  Mirror su(1, Hkv, D, 16, DType::BF16, lens, rng);
+  Mirror su(1, Hkv, D, 16, kv, lens, rng);
   AttentionConfig ac = make_config(G, Hkv, D);
   ac.cluster.block_size = 2048;
   ac.cluster.tokens_per_centroid = std::move(tokens_per_centroid);
   ac.budget = budget;
   ac.coarse_budget = coarse_budget;
+  ac.multipole_far_field = far_field;
   ThreadPool pool(2);
   auto policy = make_attention_policy("multipole", ac);
   policy->update(su.cache.cpu, 0, su.cache.seqs, pool);
@@ -798,7 +804,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   std::vector<float> qs = q;
   for (int b = 0; b < B; ++b)
     for (int qh = 0; qh < Hq; ++qh) rope.rotate_by(qs.data() + (size_t(b) * Hq + qh) * D, ac.score_position - double(lens[b] - 1));
-  DeviceClusterIndex index(D, Hkv, keys, DType::BF16, entries);
+  DeviceClusterIndex index(D, Hkv, keys, kv, entries);
   ASSERT_TRUE(keys == DType::F32 || index.hierarchical());
   std::vector<std::vector<float>> outs;  // per prescore mode
   std::vector<std::vector<int32_t>> fars;
@@ -807,7 +813,9 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     SCOPED_TRACE(::testing::Message() << "prescore=" << prescore);
     CudaDecoder dec(ac);
     dec.set_prescore(prescore);
+    dec.set_fused(false);
     dec.plan(su.dev, su.cache.seqs, &index);
+    EXPECT_FALSE(dec.plan_info().fused);
     EXPECT_EQ(dec.plan_info().hierarchical, index.hierarchical());
     EXPECT_EQ(dec.plan_info().prescored, prescore == 1);
     DeviceFloats dq(q), dqs(qs), dout(q.size());
@@ -866,14 +874,41 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     }
   }
   if (keys == DType::F32) return;
-  ASSERT_EQ(outs.size(), 2u);
-  EXPECT_EQ(fars[0], fars[1]);
-  for (int b = 0; b < B; ++b)
-    for (int qh = 0; qh < Hq; ++qh) {
-      const size_t o = (size_t(b) * Hq + qh) * D;
-      const std::vector<double> ref(outs[1].begin() + o, outs[1].begin() + o + D);
-      EXPECT_LT(rel_error(outs[0].data() + o, ref), 1e-5) << "b=" << b << " q head " << qh;
-    }
+  std::vector<int32_t> counts;
+  {
+    CudaDecoder three(ac);
+    three.set_fused(false);
+    three.plan(su.dev, su.cache.seqs, &index);
+    DeviceFloats dq(q), dqs(qs), dout(q.size());
+    three.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout.ptr(), nullptr);
+    counts = three.exact_counts();
+  }
+  if (G <= 4 && D == 128 && keys == kv && budget <= 128) {
+    // The one-launch step on the same index and queries.
+    CudaDecoder dec(ac);
+    dec.plan(su.dev, su.cache.seqs, &index);
+    ASSERT_TRUE(dec.plan_info().fused) << dec.plan_info().fused_why;
+    EXPECT_EQ(dec.multipole_launches(), 1);
+    DeviceFloats dq(q), dqs(qs), dout(q.size());
+    dout.poison();
+    dec.clear_error_flags();
+    dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout.ptr(), nullptr);
+    EXPECT_EQ(dec.error_flags(), 0u);
+    outs.push_back(dout.get());
+    fars.push_back(dec.far_sizes());
+    EXPECT_EQ(dec.exact_counts(), counts);
+  }
+  ASSERT_GE(outs.size(), 2u);
+  for (size_t k = 1; k < outs.size(); ++k) {
+    SCOPED_TRACE(k == 1 ? "prescored against not" : "one launch against prescored");
+    EXPECT_EQ(fars[k - 1], fars[k]);
+    for (int b = 0; b < B; ++b)
+      for (int qh = 0; qh < Hq; ++qh) {
+        const size_t o = (size_t(b) * Hq + qh) * D;
+        const std::vector<double> ref(outs[k - 1].begin() + o, outs[k - 1].begin() + o + D);
+        EXPECT_LT(rel_error(outs[k].data() + o, ref), 1e-5) << "b=" << b << " q head " << qh;
+      }
+  }
 }
 
 TEST(CudaMultipole, MatchesCpuMultipolePolicy) {
@@ -894,6 +929,17 @@ TEST(CudaMultipole, TwoLevelsCandidatesOnTensorCores) {
   compare_with_cpu_policy(4, 2, 128, {16, 64}, 128, 0, 905, DType::BF16);
   compare_with_cpu_policy(5, 1, 64, {8, 64}, 48, 256, 906, DType::BF16);   // odd group, d 64
   compare_with_cpu_policy(16, 1, 128, {16, 64}, 64, 512, 907, DType::BF16);  // two n-tiles of heads
+}
+
+// The one-launch step (fused_step.cuh) against the three-kernel one: every group size it holds,
+// bf16 and f16, budgets and coarse budgets, squeezed.
+TEST(CudaMultipole, TwoLevelsInOneLaunch) {
+  REQUIRE_GPU();
+  uint32_t seed = 910;
+  for (const int G : {1, 2, 3, 4}) compare_with_cpu_policy(G, 2, 128, {16, 64}, 128, 0, seed++, DType::BF16);
+  compare_with_cpu_policy(4, 3, 128, {16, 64}, 64, 512, seed++, DType::F16, DType::F16);
+  compare_with_cpu_policy(4, 2, 128, {8, 128}, 128, 0, seed++, DType::BF16, DType::BF16, false);  // squeezed
+  compare_with_cpu_policy(2, 2, 128, {16, 32}, 32, 1024, seed++, DType::F16, DType::F16);
 }
 
 TEST(CudaRuntime, RejectsBadInput) {

@@ -5,9 +5,11 @@
 // squeezed when config.multipole_far_field is false). With a two-level index the scoring
 // launch scores the coarse level only (at small batch the fine level too: set_prescore);
 // the selection launch selects coarse clusters under the coarse budget, scores their
-// children (or gathers their logits) and selects among them (still three launches). All
-// launches of a step are asynchronous on the given stream and capturable in a CUDA graph
-// once planned.
+// children (or gathers their logits) and selects among them (still three launches). Where the
+// plan finds that it holds (DecodePlanInfo::fused; small batches, G <= 4, d 128), a two-level
+// step runs in one launch instead: one 16-CTA thread-block cluster per (sequence, KV head)
+// (cuda/fused_step.cuh), the same rule and outputs. All launches of a step are asynchronous
+// on the given stream and capturable in a CUDA graph once planned.
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -28,6 +30,13 @@ struct DecodePlanInfo {
   bool hierarchical = false;  // two-level index: coarse scoring, fine scoring in the selection
   bool prescored = false;     // two-level index, small batch: the scoring launch scores the fine level too
   int far_cap = 0;            // far-list capacity per entry (two-level)
+  // The step runs in one launch (fused_step.cuh: one 16-CTA cluster per entry) where it holds:
+  // two levels, head dim 128, G <= 4, keys in the cache's type, budget <= 128, <= 2048 coarse
+  // and <= 16384 fine clusters and <= 512 exact rows per entry, <= 512 candidates (bounded
+  // from the index), and every entry's cluster resident at once. fused_why: why not, if not.
+  bool fused = false;
+  const char* fused_why = "";
+  int fused_candidate_bound = 0;  // most candidates any entry can list (two levels)
 };
 
 class CudaDecoder {
@@ -60,11 +69,17 @@ class CudaDecoder {
 
   static constexpr int kDenseLaunches = 1;
   static constexpr int kMultipoleLaunches = 3;
+  int multipole_launches() const { return info_.fused ? 1 : kMultipoleLaunches; }
+  // Tests and A/B: whether plan() may choose the one-launch step (default: yes, unless the
+  // environment sets MULTIPOLE_FUSED=0). Takes effect at the next plan().
+  void set_fused(bool allow) { fused_allowed_ = allow; }
 
   // Inspection of the last multipole step (synchronous; tests and diagnostics).
   std::vector<int32_t> far_sizes() const;       // [total_clusters]: n if far field, 0 if selected/empty
   std::vector<int32_t> exact_counts() const;    // [B * Hkv]
-  uint32_t error_flags() const;                  // bit 0: an exact set overflowed its capacity
+  // bit 0: an exact set overflowed its capacity; bit 2: the one-launch step found more
+  // candidates than it holds (the index grew past the plan's bound: plan again)
+  uint32_t error_flags() const;
   void clear_error_flags();
   // Diagnostics: a device buffer of 32 u64 per entry (B x Hkv, zeroed by the caller) that
   // the two-level selection kernel adds each entry's per-phase clock64 cycles and counts to;
@@ -126,6 +141,8 @@ class CudaDecoder {
   bool select_precheck_ = true;
   int select_sort_ = 1;
   bool pdl_ = true;
+  bool fused_allowed_ = true;
+  void plan_fused(const DeviceClusterIndex& index, int64_t exact_rows);
   int prescore_mode_ = -1;
 };
 

@@ -1,19 +1,22 @@
 #pragma once
-// The greedy rule of the one-launch step labs (gpu-notes items 34, 35), run alike by every CTA
-// of an entry's cluster over keys that every CTA holds, so that no CTA waits for another:
-// clusters in decreasing importance, one that does not fit the room left skipped (it never
-// fits again: the room only shrinks). Each thread owns the keys of indices tid + r kThreads.
+// The greedy rule of the one-launch step (fused_step.cuh; gpu-notes items 34-36), run alike by
+// every CTA of an entry's thread-block cluster over keys that every CTA holds, so that no CTA
+// waits for another: clusters in decreasing importance, one that does not fit the room left
+// skipped (it never fits again: the room only shrinks). Each thread of a 256-thread CTA owns
+// the keys of indices tid + r kThreads.
 #include <cstdint>
 
 #include "cuda/common.cuh"
-#include "step_lab.cuh"
 
-namespace step_lab {
+namespace multipole::cuda::detail::cluster_step {
 
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int kG = 4;  // query heads of a group held per cluster logit (float4); fewer are padded
 constexpr int kKeyIndexLimit = 2048;  // indices a key can hold (its 16 index bits count down from here)
-constexpr int kMaxPicks = 128;        // picks a selection keeps (warp 0 scans their rows 4 a lane)
+constexpr int kMaxPicks = 128;        // picks whose rows a selection lists (warp 0 scans them 4 a lane)
 
-// A cluster's importance per token: sum_g 2^(x_g - gmax_g) / Z_g (gzinv_g = 1 / Z_g).
+// A cluster's importance per token: sum_g 2^(x_g - gmax_g) / Z_g (gzinv_g = 1 / Z_g; 0 for a
+// padded head).
 __device__ __forceinline__ float importance(float4 x, const float* gmax, const float* gzinv) {
   float imp = 0;
 #pragma unroll
@@ -31,8 +34,9 @@ __device__ __forceinline__ int key_index(unsigned long long key) { return kKeyIn
 __device__ __forceinline__ int key_size(unsigned long long key) { return int(key & 0xffffu); }
 
 // Shared memory of one selection over at most Keys indices. After greedy_select: picks
-// [0, n_picks) in walk order, pick k of index pick_j[k] with payload pick_first[k] (a member
-// offset) and rows [pick_row[k], pick_row[k + 1]); selected_bits marks the picked indices.
+// [0, n_picks) in walk order (the first kMaxPicks of them listed), pick k of index pick_j[k]
+// with payload pick_first[k] (a member offset) and rows [pick_row[k], pick_row[k + 1]);
+// selected_bits marks every picked index.
 template <int Keys>
 struct Greedy {
   int hist[256], digit_info[3], warp_count[kWarps];
@@ -167,17 +171,17 @@ __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payl
         key[r] = 0, ++k;
       }
     __syncthreads();
-    picks = min(total, kMaxPicks);  // (more would be a wrong selection, which the host reports)
+    picks = total;
     if (warp == 0) {
-      // pick_row: sizes -> first row of each pick (exclusive scan, 4 picks a lane).
+      // pick_row: sizes -> first row of each listed pick (exclusive scan, 4 picks a lane).
       int v[4], s = 0;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = 4 * lane + i < picks ? gs.pick_row[4 * lane + i] : 0, s += v[i];
+      for (int i = 0; i < 4; ++i) v[i] = 4 * lane + i < min(picks, kMaxPicks) ? gs.pick_row[4 * lane + i] : 0, s += v[i];
       const int inc = multipole::cuda::detail::warp_inclusive_sum(s);
       int acc = inc - s;
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        if (4 * lane + i < picks) gs.pick_row[4 * lane + i] = acc, acc += v[i];
+        if (4 * lane + i < min(picks, kMaxPicks)) gs.pick_row[4 * lane + i] = acc, acc += v[i];
     }
     __syncthreads();
     rows = above, room = budget - above;
@@ -187,7 +191,7 @@ __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payl
   }
   taken_done();
   const int prefix_picks = picks;
-  for (; room > 0 && picks < kMaxPicks; ++picks) {  // (room > 0 bounds the picks by the budget)
+  for (; room > 0; ++picks) {  // (room > 0 bounds the picks by the budget)
     unsigned long long mine = 0;
 #pragma unroll
     for (int r = 0; r < Owned; ++r)
@@ -205,14 +209,15 @@ __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payl
     for (int r = 0; r < Owned; ++r)  // (a constant index keeps key[] and payload[] in registers)
       if (j == tid + r * kThreads) {
         key[r] = 0;
-        gs.pick_first[picks] = payload[r];
+        if (picks < kMaxPicks) gs.pick_first[picks] = payload[r];
         gs.selected_bits[j / 32] |= 1u << (j % 32);  // one writer a round; the rounds' barriers order them
       }
-    if (tid == 0) gs.pick_row[picks] = rows, gs.pick_j[picks] = j;
+    if (tid == 0 && picks < kMaxPicks) gs.pick_row[picks] = rows, gs.pick_j[picks] = j;
     rows += n, room -= n;
   }
-  if (tid == 0) gs.pick_row[picks] = rows, gs.n_picks = picks, gs.prefix_picks = prefix_picks;
+  // Rows are listed only when every pick is (picks <= kMaxPicks: a budget of at most 128 tokens).
+  if (tid == 0) gs.pick_row[min(picks, kMaxPicks)] = rows, gs.n_picks = min(picks, kMaxPicks), gs.prefix_picks = min(prefix_picks, kMaxPicks);
   __syncthreads();
 }
 
-}  // namespace step_lab
+}  // namespace multipole::cuda::detail::cluster_step

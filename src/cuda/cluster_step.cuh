@@ -1,0 +1,266 @@
+#pragma once
+// Pieces of a one-launch decode step run by one 16-CTA thread-block cluster per (sequence, KV
+// head) (fused_step.cuh, and the kernel labs of gpu-notes items 33-35): a CTA's slice of
+// centroid rows staged in shared memory, scored for the group's heads and pushed into every
+// CTA of the cluster; per-head maxima and normalisers over a block; the far field over a
+// staged slice; a CTA's softmax state joined from its warps and far field; the merge of the
+// cluster's states through distributed shared memory. Heads are held four to a float4 (kG);
+// rows are d = 128 elements of a 16-bit type CT (bf16 or f16; bf16 unless named, as in the
+// labs). Logits are in the log2 domain.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/cluster_greedy.cuh"
+#include "cuda/common.cuh"
+
+namespace multipole::cuda::detail::cluster_step {
+
+constexpr int kD = 128, kCtas = 16;
+constexpr int kRowStride = 272;  // bytes per centroid row staged in shared memory (256 + 16: no bank conflicts)
+
+// Four 16-bit elements (a lane's slice of a row) -> floats.
+template <class CT>
+__device__ __forceinline__ void to_float4(const uint2 u, float* f) {
+  f[0] = MmaType<CT>::lo(u.x), f[1] = MmaType<CT>::hi(u.x);
+  f[2] = MmaType<CT>::lo(u.y), f[3] = MmaType<CT>::hi(u.y);
+}
+
+// (m, z): a maximum and the sum of 2^(x - m) of the terms under it; (m2, z2) merged in.
+__device__ __forceinline__ void merge_max_sum(float& m, float& z, float m2, float z2) {
+  const float mx = fmaxf(m, m2);
+  z = (m == -INFINITY ? 0.0f : z * fast_exp2(m - mx)) + (m2 == -INFINITY ? 0.0f : z2 * fast_exp2(m2 - mx));
+  m = mx;
+}
+
+// Every thread's (m[g], z[g]) per head merged over the block: threads g < kG write gmax[g] and
+// gzinv[g] = 1 / sum (0 for g >= heads, the padded heads, or an empty sum), visible to all on
+// return. red, red_z: [kWarps][kG] scratch.
+__device__ __forceinline__ void block_max_sum(float (&m)[kG], float (&z)[kG], float (*red)[kG], float (*red_z)[kG],
+                                              float* gmax, float* gzinv, int heads = kG) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+      merge_max_sum(m[g], z[g], __shfl_xor_sync(0xffffffffu, m[g], o), __shfl_xor_sync(0xffffffffu, z[g], o));
+    if (lane == 0) red[warp][g] = m[g], red_z[warp][g] = z[g];
+  }
+  __syncthreads();
+  if (tid < kG) {
+    float mm = red[0][tid], zz = red_z[0][tid];
+    for (int w = 1; w < kWarps; ++w) merge_max_sum(mm, zz, red[w][tid], red_z[w][tid]);
+    gmax[tid] = mm == -INFINITY ? 0.0f : mm, gzinv[tid] = tid < heads && zz > 0 ? 1.0f / zz : 0.0f;
+  }
+  __syncthreads();
+}
+
+// One CTA's softmax state (base-2 logits): max, sum, unnormalised output.
+struct State {
+  float m[kG], l[kG], o[kG][kD];
+};
+
+// q_g . centroid row j staged in shared memory (rows kRowStride bytes apart); qg: [kD].
+template <class CT = __nv_bfloat16>
+__device__ __forceinline__ float staged_dot(const uint8_t* staged, int j, const float* qg) {
+  const uint4* row = reinterpret_cast<const uint4*>(staged + size_t(j) * kRowStride);
+  float acc[4] = {};
+#pragma unroll
+  for (int c = 0; c < 16; ++c) {
+    float k8[8];
+    Storage<CT>::to_float(row[c], k8);
+#pragma unroll
+    for (int t = 0; t < 8; ++t) acc[t & 3] += qg[c * 8 + t] * k8[t];
+  }
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// The thread's maximum m[g] over its values x[r] (-inf for none) and sum z[g] = sum_r n[r]
+// 2^(x[r]_g - m[g]) over those with n[r] > 0, per head, for block_max_sum. (The maximum may
+// include values left out of the sum: it is only the sum's reference.)
+template <int Owned>
+__device__ __forceinline__ void own_max_sum(const float4 (&x)[Owned], const int (&n)[Owned], float (&m)[kG],
+                                            float (&z)[kG]) {
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    m[g] = -INFINITY, z[g] = 0;
+#pragma unroll
+    for (int r = 0; r < Owned; ++r) m[g] = fmaxf(m[g], reinterpret_cast<const float*>(&x[r])[g]);
+#pragma unroll
+    for (int r = 0; r < Owned; ++r)
+      if (n[r] > 0) z[g] += float(n[r]) * fast_exp2(reinterpret_cast<const float*>(&x[r])[g] - m[g]);
+  }
+}
+
+// The far-field weights n 2^(x_g - gmax_g) of a cluster's logits x (0 when selected).
+__device__ __forceinline__ float4 far_weights(float4 x, int n, bool selected, const float* gmax) {
+  float* xs = reinterpret_cast<float*>(&x);
+#pragma unroll
+  for (int g = 0; g < kG; ++g) xs[g] = selected || n <= 0 ? 0.0f : float(n) * fast_exp2(xs[g] - gmax[g]);
+  return x;
+}
+
+// n rows of kD 16-bit elements from src (contiguous, 16-byte aligned) into staged rows
+// kRowStride bytes apart, as one cp.async group.
+__device__ __forceinline__ void stage_rows(uint8_t* staged, const void* src, int n) {
+  const uint8_t* s = static_cast<const uint8_t*>(src);
+  for (int i = threadIdx.x; i < n * 16; i += blockDim.x)
+    cp_async16(staged + size_t(i / 16) * kRowStride + (i % 16) * 16, s + size_t(i) * 16, true);
+  cp_async_commit();
+}
+
+// Logits of n staged rows for the kG heads: x[j] = (q_0 . row j, ..., q_3 . row j). qs: [kG][kD].
+template <class CT = __nv_bfloat16>
+__device__ __forceinline__ void score_staged(const uint8_t* staged, int n, const float (*qs)[kD], float4* x) {
+  for (int i = threadIdx.x; i < kG * n; i += blockDim.x) {
+    const int g = i / n, j = i % n;
+    reinterpret_cast<float*>(&x[j])[g] = staged_dot<CT>(staged, j, qs[g]);
+  }
+}
+
+// x[c0, c0 + n) of this CTA stored into every other CTA of the cluster at the same offsets.
+__device__ __forceinline__ void push_to_cluster(const cooperative_groups::cluster_group& cluster, float4* x, int c0,
+                                                int n) {
+  const int rank = int(cluster.block_rank());
+  for (int i = threadIdx.x; i < n * (kCtas - 1); i += blockDim.x) {
+    const int j = i % n, r = (rank + 1 + i / n) % kCtas;
+    *cluster.map_shared_rank(&x[c0 + j], r) = x[c0 + j];
+  }
+}
+
+// The scoring step of a one-launch step: the key slice (n rows staged by stage_rows, in flight)
+// scored into x[c0, c0 + n), the value slice `values` staged over it, and the logits pushed
+// into every CTA of the cluster. The kernel must have arrived on the cluster barrier at entry
+// (every CTA must have started before another stores into its shared memory).
+template <class CT = __nv_bfloat16>
+__device__ __forceinline__ void score_and_push_slice(const cooperative_groups::cluster_group& cluster,
+                                                     uint8_t* staged, int n, const float (*qs)[kD], float4* x,
+                                                     int c0, const void* values) {
+  cp_async_wait<0>();
+  __syncthreads();
+  score_staged<CT>(staged, n, qs, x + c0);
+  __syncthreads();
+  stage_rows(staged, values, n);  // (the keys are no longer read)
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+  push_to_cluster(cluster, x, c0, n);
+}
+
+// The far field of n staged value rows with weights w[j] (float4: heads 0..3): the thread's
+// sums for heads fg, fg + 1 at dimension fd; warps g < kG also set st.m[g] (0, the weights'
+// reference, or -inf without weight) and st.l[g] = the weights' sum.
+template <class CT = __nv_bfloat16>
+__device__ __forceinline__ void far_field_staged(const uint8_t* staged, const float4* w, int n, int fd, int fg,
+                                                 float& far0, float& far1, State& st) {
+  float s0 = 0, s1 = 0;
+  const uint8_t* vrow = staged + fd * 2;
+  for (int j = 0; j < n; ++j) {
+    const uint16_t bits = *reinterpret_cast<const uint16_t*>(vrow + size_t(j) * kRowStride);
+    const float v = MmaType<CT>::lo(uint32_t(bits));
+    const float* wj = reinterpret_cast<const float*>(&w[j]);
+    s0 += wj[fg] * v, s1 += wj[fg + 1] * v;
+  }
+  far0 = s0, far1 = s1;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (warp < kG) {
+    float l = 0;
+    for (int j = lane; j < n; j += 32) l += reinterpret_cast<const float*>(&w[j])[warp];
+    l = warp_sum(l);
+    if (lane == 0) st.m[warp] = l > 0 ? 0.0f : -INFINITY, st.l[warp] = l;
+  }
+}
+
+// Thread g < kG: st's max and sum for head g after the warps' rows (wm, wl: [kWarps][kG]) join
+// its far field; factor[0][g] rescales the far field's sums, factor[1 + w][g] warp w's (0 for
+// a part without weight).
+__device__ __forceinline__ void merge_factors(State& st, const float (*wm)[kG], const float (*wl)[kG],
+                                              float (*factor)[kG], int g) {
+  float mx = st.m[g];
+  for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wl[w][g] > 0 ? wm[w][g] : -INFINITY);
+  if (mx == -INFINITY) {  // no weight at all in this CTA
+    for (int w = 0; w <= kWarps; ++w) factor[w][g] = 0;
+    st.l[g] = 0;
+    return;
+  }
+  factor[0][g] = st.l[g] > 0 ? fast_exp2(st.m[g] - mx) : 0.0f;
+  float l = st.l[g] * factor[0][g];
+  for (int w = 0; w < kWarps; ++w) {
+    factor[w + 1][g] = wl[w][g] > 0 ? fast_exp2(wm[w][g] - mx) : 0.0f;
+    l += wl[w][g] * factor[w + 1][g];
+  }
+  st.m[g] = mx, st.l[g] = l;
+}
+
+// Shared memory where a CTA joins its warps' row states to its far field.
+struct StateScratch {
+  float wm[kWarps][kG], wl[kWarps][kG], factor[kWarps + 1][kG];
+};
+
+// st.o, st.m, st.l of the CTA: the far field (st.m, st.l as far_field_staged set them; this
+// thread's sums far0, far1 for heads fg, fg + 1 at dimension fd) joined with each warp's rows
+// (m, l, acc: the warp's max, sum and its lane's dims [4 lane, 4 lane + 4) of the weighted V
+// sum). part: [kWarps][kG][kD] f32 that may alias the staged rows: written only after a barrier.
+__device__ __forceinline__ void join_cta_state(State& st, const float (&m)[kG], const float (&l)[kG],
+                                               const float (&acc)[kG][4], float far0, float far1, int fd, int fg,
+                                               float (*part)[kG][kD], StateScratch& sc) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  __syncthreads();  // the far field's reads of the staged values are done: part[] may overwrite them
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+#pragma unroll
+    for (int t = 0; t < 4; ++t) part[warp][g][lane * 4 + t] = acc[g][t];
+    if (lane == 0) sc.wm[warp][g] = m[g], sc.wl[warp][g] = l[g];
+  }
+  __syncthreads();
+  if (tid < kG) merge_factors(st, sc.wm, sc.wl, sc.factor, tid);
+  __syncthreads();
+  const float far[2] = {far0, far1};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int g = fg + h;
+    float o = far[h] * sc.factor[0][g];
+    for (int w = 0; w < kWarps; ++w) o += part[w][g][fd] * sc.factor[w + 1][g];
+    st.o[g][fd] = o;
+  }
+}
+
+// out [heads, kD] of one entry = the merge of the cluster's kCtas states; state_of(r) gives CTA
+// r's (local or through DSMEM). Run by every thread of one CTA.
+template <class StateOf>
+__device__ void write_merged_states(const StateOf& state_of, float* out, int heads = kG) {
+  for (int i = threadIdx.x; i < heads * kD; i += blockDim.x) {
+    const int g = i / kD, d = i % kD;
+    float m[kCtas], mx = -INFINITY;
+    for (int r = 0; r < kCtas; ++r) {
+      const State* other = state_of(r);
+      m[r] = other->l[g] > 0 ? other->m[g] : -INFINITY;
+      mx = fmaxf(mx, m[r]);
+    }
+    float l = 0, o = 0;
+    for (int r = 0; r < kCtas; ++r) {
+      if (m[r] == -INFINITY) continue;
+      const State* other = state_of(r);
+      const float f = fast_exp2(m[r] - mx);
+      l += other->l[g] * f, o += other->o[g][d] * f;
+    }
+    out[g * kD + d] = o / l;
+  }
+}
+
+// The pull merge of a one-launch step: CTA 0 reads the cluster's states through DSMEM and
+// writes their merge (out: [heads, kD] of the entry); `done` runs after it (a profile mark);
+// the last barrier keeps every CTA's state alive until CTA 0 has read it.
+template <class Done>
+__device__ void pull_merged_states(const cooperative_groups::cluster_group& cluster, State& st, float* out,
+                                   const Done& done, int heads = kG) {
+  cluster.sync();
+  if (cluster.block_rank() == 0)
+    write_merged_states([&](int r) { return static_cast<const State*>(cluster.map_shared_rank(&st, r)); }, out,
+                        heads);
+  __syncthreads();
+  done();
+  cluster.sync();
+}
+
+}  // namespace multipole::cuda::detail::cluster_step

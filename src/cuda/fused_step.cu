@@ -1,0 +1,74 @@
+// Launch of the one-launch Multipole step (fused_step.cuh): clusters of 16 CTAs, one per entry.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/check.hpp"
+#include "cuda/fused_step.cuh"
+#include "cuda/host_setup.hpp"
+
+namespace multipole::cuda::detail {
+
+namespace {
+
+using cluster_step::fused_step_kernel;
+using cluster_step::kCtas;
+using cluster_step::kThreads;
+
+template <class CT>
+cudaLaunchConfig_t fused_config(cudaLaunchAttribute& attr, int entries, size_t smem, Stream stream) {
+  // Set once per instantiation at the largest room any plan may ask (2048 coarse clusters).
+  static const bool configured = [] {
+    MP_CUDA_CHECK(cudaFuncSetAttribute(fused_step_kernel<CT>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    MP_CUDA_CHECK(cudaFuncSetAttribute(fused_step_kernel<CT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(cluster_step::fused_step_smem_bytes(cluster_step::kMaxCoarse))));
+    return true;
+  }();
+  (void)configured;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = kCtas;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(entries * kCtas));
+  cfg.blockDim = dim3(unsigned(kThreads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = static_cast<cudaStream_t>(stream);
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+template <class CT>
+void launch_typed(const FusedStepArgs& a, int entries, Stream stream) {
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg =
+      fused_config<CT>(attr, entries, cluster_step::fused_step_smem_bytes(a.max_coarse), stream);
+  MP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<CT>, a));
+}
+
+template <class CT>
+int clusters_typed(int max_coarse) {
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = fused_config<CT>(attr, 1, cluster_step::fused_step_smem_bytes(max_coarse), nullptr);
+  int fit = 0;
+  if (cudaOccupancyMaxActiveClusters(&fit, fused_step_kernel<CT>, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // a device without cluster launch: the plan takes the three-kernel path
+    return 0;
+  }
+  return fit;
+}
+
+}  // namespace
+
+void launch_fused_step(const FusedStepArgs& a, DType dtype, int entries, Stream stream) {
+  if (dtype == DType::BF16)
+    launch_typed<__nv_bfloat16>(a, entries, stream);
+  else
+    launch_typed<__half>(a, entries, stream);
+}
+
+int fused_step_clusters_at_once(DType dtype, int max_coarse) {
+  return dtype == DType::BF16 ? clusters_typed<__nv_bfloat16>(max_coarse) : clusters_typed<__half>(max_coarse);
+}
+
+}  // namespace multipole::cuda::detail

@@ -1,0 +1,403 @@
+#pragma once
+// The Multipole decode step over a two-level index in one launch (gpu-notes items 35, 36): one
+// 16-CTA thread-block cluster per (sequence, KV head) runs the rule of score -> select_hier ->
+// attend, so a step costs one launch and no round trip through global memory:
+//   1. each CTA stages its slice of the coarse key centroids, scores it for the group's heads
+//      and pushes the logits into every CTA of the cluster, then stages its value centroids;
+//   2. every CTA runs the same coarse selection under coarse_budget (per-head normalisers,
+//      importances, the greedy rule of cluster_greedy.cuh) and lists the same candidates: the
+//      children of the selected coarse clusters, in ascending fine id (a bitmap);
+//   3. each warp scores its share of the candidates from global memory, keeps their value rows
+//      in registers and pushes their logits into every CTA;
+//   4. every CTA normalises over the frontier (unselected coarse clusters and all candidates)
+//      and runs the same fine selection under budget;
+//   5. the exact rows (sinks, the selected clusters' members, the tokens past the clustered
+//      region), the far field (the CTA's unselected coarse centroids, staged, and its warps'
+//      unselected candidates as pseudo-rows with a log2-size lift), and CTA 0 merges the 16
+//      states through distributed shared memory.
+// The plan (decoder.cpp) takes this path only where it holds: head dim 128, G <= 4 (heads
+// padded to 4), 16-bit keys in the cache's type, at most kMaxCoarse coarse clusters and
+// kMaxFineIds fine ones per entry, at most kMaxCand candidates (a bound computed from the
+// index), at most kSlots * 128 exact rows, budget <= kMaxPicks. A step that finds more
+// candidates than kMaxCand (an index changed since the plan) sets error bit 2.
+// Code size matters as in the labs: no exp2f (fast_exp2), loops over heads unrolled only where
+// the registers need it.
+#include <cooperative_groups.h>
+
+#include "cuda/cluster_greedy.cuh"
+#include "cuda/cluster_step.cuh"
+#include "cuda/common.cuh"
+#include "cuda/launch.hpp"
+
+namespace multipole::cuda::detail::cluster_step {
+
+constexpr int kMaxCoarse = 2048;                         // coarse clusters per entry (128 a CTA)
+constexpr int kOwned = kMaxCoarse / kThreads;             // coarse clusters per thread in the selection
+constexpr int kMaxCand = 512;                            // candidates per entry
+constexpr int kOwnedCand = kMaxCand / kThreads;          // candidates per thread in the fine selection
+constexpr int kCandSlots = kMaxCand / (kCtas * kWarps);  // candidates per warp
+constexpr int kSlots = 4;                                // exact rows per warp (512 an entry)
+constexpr int kMaxFineIds = 16384;                       // fine clusters per entry (the candidate bitmap)
+constexpr int kFineWords = kMaxFineIds / 32;
+static_assert(kD == FusedStepLimits::kHeadDim && kG == FusedStepLimits::kGroup &&
+              kMaxPicks == FusedStepLimits::kMaxBudget && kSlots * kCtas * kWarps == FusedStepLimits::kExactRows &&
+              kMaxCoarse == FusedStepLimits::kMaxCoarse && kMaxFineIds == FusedStepLimits::kMaxFine &&
+              kMaxCand == FusedStepLimits::kMaxCand, "the plan's limits (launch.hpp) are the kernel's");
+
+// Dynamic shared memory: [per_max] staged rows (coarse keys, then values, then the warps'
+// partial sums), [kMaxCoarse] float4 coarse logits, [kMaxCand] float4 candidate logits.
+inline size_t fused_step_smem_bytes(int max_coarse) {
+  const size_t per_max = size_t(max_coarse + kCtas - 1) / kCtas;
+  const size_t staged = per_max * kRowStride, part = size_t(kWarps) * kG * kD * sizeof(float);
+  return (staged > part ? staged : part) + size_t(kMaxCoarse + kMaxCand) * sizeof(float4);
+}
+
+// The lane's dims [4 lane, 4 lane + 4) of K and V at token `pos` of the entry's sequence.
+__device__ __forceinline__ void load_kv_lane(const FusedStepArgs& a, const int32_t* table, int h, int pos, uint2& k,
+                                             uint2& v) {
+  const int P = a.page_size;
+  const int page = a.page_shift >= 0 ? pos >> a.page_shift : pos / P, slot = pos - page * P;
+  const int64_t row = (int64_t(table[page]) * a.num_kv_heads + h) * P + slot;
+  const size_t off = size_t(row) * (kD * 2) + (threadIdx.x & 31) * 8;
+  k = *reinterpret_cast<const uint2*>(a.keys + off);
+  v = *reinterpret_cast<const uint2*>(a.values + off);
+}
+
+template <class CT>
+__global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStepArgs a) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = int(cluster.block_rank()), e = blockIdx.x / kCtas;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int Hkv = a.num_kv_heads, G = a.group, b = e / Hkv, h = e % Hkv;
+  const int cb = a.entry_begin[e], C = a.entry_coarse[e], F = a.entry_count[e] - C, fb = cb + C;
+  const int seq = a.seq_ids[b], len = a.lengths[seq], end = a.entry_end[e];
+  const int nsink = min(a.sinks, end), ntail = len - end, nfixed = nsink + ntail;
+  const int32_t* table = a.tables + a.table_offset[seq];
+  // Every CTA of the cluster must have started before another stores into its shared memory.
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int per_max = (a.max_coarse + kCtas - 1) / kCtas;
+  const int per = (C + kCtas - 1) / kCtas, c0 = rank * per;
+  const int n_local = max(0, min(per, C - c0));
+  uint8_t* staged = smem;
+  const size_t part_bytes = size_t(kWarps) * kG * kD * sizeof(float);
+  const size_t staged_bytes = size_t(per_max) * kRowStride;
+  float4* xall = reinterpret_cast<float4*>(smem + (staged_bytes > part_bytes ? staged_bytes : part_bytes));
+  float4* xcand = xall + kMaxCoarse;
+  float(*part)[kG][kD] = reinterpret_cast<float(*)[kG][kD]>(smem);  // after the far field
+  __shared__ float qs[kG][kD], qx[kG][kD];                           // scoring and exact queries
+  __shared__ State st;
+  __shared__ float red[kWarps][kG], red_z[kWarps][kG], gmax[kG], gzinv[kG];
+  __shared__ Greedy<kMaxCoarse> coarse_sel;
+  __shared__ Greedy<kMaxCand> fine_sel;
+  __shared__ int cand_fine[kMaxCand], warp_total[kWarps], word_base[kFineWords];
+  __shared__ uint32_t is_cand[kFineWords];
+  __shared__ StateScratch sc;
+
+  const CT* keys = static_cast<const CT*>(a.key_centroids);
+  const CT* values = static_cast<const CT*>(a.value_centroids);
+  const int coarse_cap = a.coarse_budget + 1;  // a larger cluster never fits: its key size is capped here
+
+  // 1. Coarse key slice staged; this thread's coarse clusters (j = tid + 256 r); the queries
+  //    (padded heads zero); the fixed rows issued.
+  stage_rows(staged, keys + size_t(cb + c0) * kD, n_local);
+  int own_n[kOwned], no_payload[kOwned];
+#pragma unroll
+  for (int r = 0; r < kOwned; ++r) {
+    const int j = tid + r * kThreads;
+    own_n[r] = j < C ? max(a.sizes[cb + j], 0) : 0, no_payload[r] = 0;
+  }
+  const int local_n = tid < n_local ? max(a.sizes[cb + c0 + tid], 0) : 0;
+  if (tid < kMaxCoarse / 32) coarse_sel.selected_bits[tid] = 0;
+  if (tid < kMaxCand / 32) fine_sel.selected_bits[tid] = 0;
+  for (int w = tid; w < kFineWords; w += kThreads) is_cand[w] = 0;
+  // What the candidate listing reads after the coarse selection, into L2 now: the coarse
+  // clusters' child lists and bounds, the fine clusters' sizes and member offsets.
+  {
+    const int gt = rank * kThreads + tid, lines = (F + 31) / 32;  // 32 ints a 128-byte line
+    if (gt < lines) prefetch_l2(a.sizes + fb + 32 * gt), prefetch_l2(a.member_begin + fb + 32 * gt);
+    if (gt < (C + 32) / 32) prefetch_l2(a.member_begin + cb + 32 * gt);
+    if (F > 0 && C > 0) {
+      const int first = a.member_begin[cb], child_lines = (a.member_begin[fb] - first + 31) / 32;
+      for (int i = gt; i < child_lines; i += kCtas * kThreads) prefetch_l2(a.members + first + 32 * i);
+    }
+  }
+  const size_t qrow = (size_t(b) * Hkv + size_t(h)) * size_t(G) * kD;  // [B, Hkv * G, D]: head h * G + g
+  for (int i = tid; i < kG * kD; i += kThreads) {
+    const bool real = i / kD < G;
+    qs[i / kD][i % kD] = real ? a.q_score[qrow + i] * a.qscale : 0.0f;
+    qx[i / kD][i % kD] = real ? a.q[qrow + i] * a.qscale : 0.0f;
+  }
+  // The warp's rows: slots [0, kSlots) exact rows (row j of the entry's list, sinks, the
+  // tokens past the clustered region, then the selected clusters' members in pick order, goes
+  // to CTA j % 16, warp (j / 16) % 8, slot j / 128); slots [kSlots, +kCandSlots) candidates
+  // (candidate k likewise), pseudo-rows of the far field unless selected.
+  constexpr int kAll = kSlots + kCandSlots;
+  uint2 kr[kSlots], vr[kAll];
+  bool has_row[kAll];
+  float lift[kCandSlots];
+#pragma unroll
+  for (int i = 0; i < kAll; ++i) {
+    has_row[i] = false;
+    if (i >= kSlots) continue;
+    const int j = rank + kCtas * (warp + kWarps * i);
+    if (j < nfixed) {
+      load_kv_lane(a, table, h, j < nsink ? j : end + (j - nsink), kr[i], vr[i]);
+      has_row[i] = true;
+    }
+  }
+
+  // 2. Coarse logits of the local slice, pushed to every other CTA; the value slice staged.
+  __syncthreads();  // qs complete
+  score_and_push_slice<CT>(cluster, staged, n_local, qs, xall, c0, values + size_t(cb + c0) * kD);
+  cluster.sync();
+
+  // 3. Coarse normalisers Z_g = sum_j n_j 2^(x_gj - M_g), importances, the greedy rule under
+  //    the coarse budget.
+  const auto coarse_x = [&](int r) {
+    const int j = tid + r * kThreads;
+    return j < C ? xall[j] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+  };
+  {
+    float4 own_x[kOwned];
+    float m[kG], z[kG];
+#pragma unroll
+    for (int r = 0; r < kOwned; ++r) own_x[r] = coarse_x(r);
+    own_max_sum(own_x, own_n, m, z);
+    block_max_sum(m, z, red, red_z, gmax, gzinv, G);
+  }
+  {
+    unsigned long long key[kOwned];
+#pragma unroll
+    for (int r = 0; r < kOwned; ++r) {
+      key[r] = own_n[r] > 0
+                   ? pick_key(importance(coarse_x(r), gmax, gzinv), tid + r * kThreads, min(own_n[r], coarse_cap))
+                   : 0ull;
+    }
+    greedy_select<true>(key, no_payload, a.coarse_budget, 255, coarse_sel, [] {}, [] {});
+  }
+
+  // 4. Candidates: the non-empty children of the selected coarse clusters, marked in a bitmap
+  //    of fine ids and listed in ascending id (the order of the three-kernel path).
+  //    (A selectable coarse cluster has at most coarse_budget tokens, so a handful of
+  //    children: four are looked up at a time.) An entry without a coarse level (too short
+  //    for one) has every non-empty fine cluster as a candidate.
+#pragma unroll 1
+  for (int f = tid; C == 0 && f < F; f += kThreads)
+    if (a.sizes[fb + f] > 0) atomicOr(&is_cand[f / 32], 1u << (f % 32));
+#pragma unroll 1
+  for (int r = 0; r < kOwned; ++r) {
+    const int j = tid + r * kThreads;
+    if (j >= C || !coarse_sel.selected(j)) continue;
+    const int beg = a.member_begin[cb + j], cnt = a.member_begin[cb + j + 1] - beg;
+#pragma unroll 1
+    for (int i = 0; i < cnt; i += 4) {
+      int f[4], n[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) f[u] = i + u < cnt ? a.members[beg + i + u] : -1;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) n[u] = f[u] >= 0 ? a.sizes[fb + f[u]] : 0;
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (n[u] > 0) atomicOr(&is_cand[f[u] / 32], 1u << (f[u] % 32));
+    }
+  }
+  __syncthreads();
+  int n_cand = 0;
+  {
+    constexpr int kWordsPer = kFineWords / kThreads;  // consecutive words per thread
+    const int words = (F + 31) / 32;
+    int count = 0;
+#pragma unroll
+    for (int i = 0; i < kWordsPer; ++i) count += kWordsPer * tid + i < words ? __popc(is_cand[kWordsPer * tid + i]) : 0;
+    const int inc = warp_inclusive_sum(count);
+    if (lane == 31) warp_total[warp] = inc;
+    __syncthreads();
+    int k = inc - count;
+    for (int w = 0; w < kWarps; ++w) k += w < warp ? warp_total[w] : 0, n_cand += warp_total[w];
+#pragma unroll
+    for (int i = 0; i < kWordsPer; ++i) {
+      const int w = kWordsPer * tid + i;
+      if (w >= words) continue;
+      word_base[w] = k;
+      for (uint32_t bits = is_cand[w]; bits; bits &= bits - 1, ++k)
+        if (k < kMaxCand) cand_fine[k] = 32 * w + __ffs(int(bits)) - 1;
+    }
+    if (n_cand > kMaxCand && tid == 0 && rank == 0) atomicOr(a.error_flags, 4u);
+    n_cand = min(n_cand, kMaxCand);
+    __syncthreads();
+  }
+  int cand_n[kOwnedCand], cand_off[kOwnedCand];
+#pragma unroll
+  for (int r = 0; r < kOwnedCand; ++r) {
+    const int k = tid + r * kThreads;
+    cand_n[r] = k < n_cand ? a.sizes[fb + cand_fine[k]] : 0;
+    cand_off[r] = k < n_cand ? a.member_begin[fb + cand_fine[k]] : 0;
+  }
+
+  // 5. This warp's candidates: logits pushed into every CTA (lane r < 16 stores into CTA r),
+  //    value rows and log2 sizes kept for the far field.
+  {
+    float qr[kG][4];
+#pragma unroll
+    for (int g = 0; g < kG; ++g)
+#pragma unroll
+      for (int t = 0; t < 4; ++t) qr[g][t] = qs[g][lane * 4 + t];
+    uint2 ck[kCandSlots];
+#pragma unroll
+    for (int i = 0; i < kCandSlots; ++i) {
+      const int k = rank + kCtas * (warp + kWarps * i);
+      if (k >= n_cand) continue;
+      const size_t row = size_t(fb + cand_fine[k]) * kD + lane * 4;
+      ck[i] = *reinterpret_cast<const uint2*>(keys + row);
+      vr[kSlots + i] = *reinterpret_cast<const uint2*>(values + row);
+      lift[i] = __log2f(float(a.sizes[fb + cand_fine[k]]));
+    }
+#pragma unroll
+    for (int i = 0; i < kCandSlots; ++i) {
+      const int k = rank + kCtas * (warp + kWarps * i);
+      if (k >= n_cand) continue;
+      float k4[4], x[kG];
+      to_float4<CT>(ck[i], k4);
+#pragma unroll
+      for (int g = 0; g < kG; ++g)
+        x[g] = warp_sum(qr[g][0] * k4[0] + qr[g][1] * k4[1] + qr[g][2] * k4[2] + qr[g][3] * k4[3]);
+      if (lane < kCtas) *cluster.map_shared_rank(&xcand[k], lane) = make_float4(x[0], x[1], x[2], x[3]);
+    }
+  }
+  cluster.sync();
+
+  // 6. Normalisers over the frontier: the unselected coarse clusters and every candidate, then
+  //    the candidates' importances and the greedy rule under the budget.
+  float4 cand_x[kOwnedCand];
+  {
+    float4 own_x[kOwned];
+    float m[kG], z[kG];
+#pragma unroll
+    for (int r = 0; r < kOwnedCand; ++r) {
+      const int k = tid + r * kThreads;
+      cand_x[r] = k < n_cand ? xcand[k] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+    }
+    int unselected_n[kOwned];
+#pragma unroll
+    for (int r = 0; r < kOwned; ++r)
+      own_x[r] = coarse_x(r), unselected_n[r] = coarse_sel.selected(tid + r * kThreads) ? 0 : own_n[r];
+    own_max_sum(own_x, unselected_n, m, z);
+    float cm[kG], cz[kG];
+    own_max_sum(cand_x, cand_n, cm, cz);
+#pragma unroll
+    for (int g = 0; g < kG; ++g) merge_max_sum(m[g], z[g], cm[g], cz[g]);
+    block_max_sum(m, z, red, red_z, gmax, gzinv, G);  // gmax: the frontier's maximum, every weight's reference from here
+  }
+  {
+    unsigned long long key[kOwnedCand];
+#pragma unroll
+    for (int r = 0; r < kOwnedCand; ++r) {
+      key[r] = cand_n[r] > 0
+                   ? pick_key(importance(cand_x[r], gmax, gzinv), tid + r * kThreads, min(cand_n[r], a.budget + 1))
+                   : 0ull;
+    }
+    greedy_select<true>(key, cand_off, a.budget, 255, fine_sel, [] {}, [] {});
+  }
+
+  // 7. This warp's selected rows (member list, page table, then K and V); its candidates that
+  //    were not selected stay as pseudo-rows.
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) {
+    const int pos = fine_sel.row_position(rank + kCtas * (warp + kWarps * i) - nfixed, a.members);
+    if (pos >= 0) {
+      load_kv_lane(a, table, h, pos, kr[i], vr[i]);
+      has_row[i] = true;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kCandSlots; ++i) {
+    const int k = rank + kCtas * (warp + kWarps * i);
+    has_row[kSlots + i] = a.far_field && k < n_cand && !fine_sel.selected(k);
+  }
+  // Inspection: the far sizes of every cluster of the entry (n if in the far field, else 0),
+  // and the exact rows' count.
+  if (a.far_size) {
+    if (tid < n_local) {
+      const int j = c0 + tid;
+      a.far_size[cb + j] = coarse_sel.selected(j) ? 0 : local_n;
+    }
+#pragma unroll 1
+    for (int f = rank * kThreads + tid; f < F; f += kCtas * kThreads) {
+      const uint32_t bits = is_cand[f / 32];
+      int n = 0;
+      if ((bits >> (f % 32)) & 1u) {
+        const int k = word_base[f / 32] + __popc(bits & ((1u << (f % 32)) - 1u));
+        if (k < n_cand && !fine_sel.selected(k)) n = a.sizes[fb + f];
+      }
+      a.far_size[fb + f] = n;
+    }
+  }
+  if (rank == 0 && tid == 0) {
+    const int rows = nfixed + fine_sel.pick_row[fine_sel.n_picks];
+    if (rows > kSlots * kCtas * kWarps) atomicOr(a.error_flags, 1u);  // a sequence grew past the plan
+    a.exact_n[e] = min(rows, kSlots * kCtas * kWarps);
+  }
+
+  // 8. Far field over the unselected local coarse clusters: weights n 2^(x - M) in xall's slice.
+  if (tid < n_local)
+    xall[c0 + tid] = far_weights(xall[c0 + tid], a.far_field ? local_n : 0, coarse_sel.selected(c0 + tid), gmax);
+  cp_async_wait<0>();
+  __syncthreads();
+  float far0, far1;
+  const int fd = tid % kD, fg = 2 * (tid / kD);  // one thread per (head pair, dimension)
+  far_field_staged<CT>(staged, xall + c0, n_local, fd, fg, far0, far1, st);
+
+  // 9. The exact rows (logits of qx) and the candidates' pseudo-rows (their pushed logits plus
+  //    the lift) per warp, relative to gmax, then the CTA's state; CTA 0 merges the cluster's.
+  {
+    float qr[kG][4];
+#pragma unroll
+    for (int g = 0; g < kG; ++g)
+#pragma unroll
+      for (int t = 0; t < 4; ++t) qr[g][t] = qx[g][lane * 4 + t];
+    float s[kAll][kG], m[kG], l[kG], acc[kG][4];
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      m[g] = -INFINITY, l[g] = 0;
+#pragma unroll
+      for (int t = 0; t < 4; ++t) acc[g][t] = 0;
+    }
+#pragma unroll
+    for (int i = 0; i < kAll; ++i) {
+      if (!has_row[i]) continue;
+      if (i < kSlots) {
+        float k4[4];
+        to_float4<CT>(kr[i], k4);
+#pragma unroll
+        for (int g = 0; g < kG; ++g)
+          s[i][g] = warp_sum(qr[g][0] * k4[0] + qr[g][1] * k4[1] + qr[g][2] * k4[2] + qr[g][3] * k4[3]) - gmax[g];
+      } else {
+        const float4 x = xcand[rank + kCtas * (warp + kWarps * (i - kSlots))];
+        const float* xs = reinterpret_cast<const float*>(&x);
+#pragma unroll
+        for (int g = 0; g < kG; ++g) s[i][g] = xs[g] + lift[i - kSlots] - gmax[g];
+      }
+#pragma unroll
+      for (int g = 0; g < kG; ++g) m[g] = fmaxf(m[g], s[i][g]);
+    }
+#pragma unroll
+    for (int i = 0; i < kAll; ++i) {
+      if (!has_row[i]) continue;
+      float v4[4];
+      to_float4<CT>(vr[i], v4);
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
+        const float p = fast_exp2(s[i][g] - m[g]);
+        l[g] += p;
+#pragma unroll
+        for (int t = 0; t < 4; ++t) acc[g][t] += p * v4[t];
+      }
+    }
+    join_cta_state(st, m, l, acc, far0, far1, fd, fg, part, sc);
+  }
+  pull_merged_states(cluster, st, a.out + qrow, [] {}, G);
+}
+
+}  // namespace multipole::cuda::detail::cluster_step
