@@ -93,20 +93,32 @@ PhaseClockReadout read_phase_clock(const DeviceBuffer& prof, int phases, int blo
   return r;
 }
 
-void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClusterIndex& index, const float* q,
-                    const float* qs, float* out, const CudaBenchOptions& o, cudaStream_t s, DeviceBuffer& flush, int B,
-                    int64_t ctx) {
-  const int E = index.entries();
-  const size_t S = detail::kPhaseClockSlots;
-  DeviceBuffer prof(S * size_t(E) * sizeof(unsigned long long));
+// `iterations` flushed multipole steps of dec with a zeroed phase-clock buffer of `blocks` x
+// kPhaseClockSlots handed to it by install(dec, buffer) (install(dec, nullptr) after them).
+template <class Install>
+DeviceBuffer profiled_steps(CudaDecoder& dec, const Install& install, int blocks, const DeviceKVCache& dev,
+                            const DeviceClusterIndex& index, const float* q, const float* qs, float* out,
+                            const CudaBenchOptions& o, cudaStream_t s, DeviceBuffer& flush) {
+  DeviceBuffer prof(size_t(detail::kPhaseClockSlots) * size_t(blocks) * sizeof(unsigned long long));
   prof.memset(0);
-  dec.set_select_profile(prof.as<unsigned long long>());
+  install(dec, prof.as<unsigned long long>());
   for (int i = 0; i < o.iterations; ++i) {
     MP_CUDA_CHECK(cudaMemsetAsync(flush.data(), i & 0xff, flush.size() - 4096, s));
     dec.multipole(dev, 0, index, q, qs, out, s);
   }
   MP_CUDA_CHECK(cudaStreamSynchronize(s));
-  dec.set_select_profile(nullptr);
+  install(dec, nullptr);
+  return prof;
+}
+
+void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClusterIndex& index, const float* q,
+                    const float* qs, float* out, const CudaBenchOptions& o, cudaStream_t s, DeviceBuffer& flush, int B,
+                    int64_t ctx) {
+  const int E = index.entries();
+  const size_t S = detail::kPhaseClockSlots;
+  const DeviceBuffer prof = profiled_steps(
+      dec, [](CudaDecoder& d, unsigned long long* p) { d.set_select_profile(p); }, E, dev, index, q, qs, out, o, s,
+      flush);
   const auto r = read_phase_clock(prof, 20, E);
   const auto& v = r.v;
   int slow = 0;  // the entry whose CTAs took longest over the iterations
@@ -133,6 +145,35 @@ void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClus
                "candidates %.1f / %.0f, coarse %.1f / %.0f\n",
                double(v[20]) / r.ctas, double(w[20]) / it, double(v[21]) / r.ctas, double(w[21]) / it,
                double(v[22]) / r.ctas, double(w[22]) / it, double(v[24]) / r.ctas, double(w[24]) / it);
+}
+
+// Diagnostics (MULTIPOLE_STEP_PROFILE set, the step in one launch): per-phase time of the
+// one-launch step over `iterations` flushed steps, thread 0 of each of its CTAs: the mean over
+// CTAs and the slowest CTA's; printed to stderr. Barrier waits count in the phase they end.
+void profile_fused_step(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClusterIndex& index, const float* q,
+                        const float* qs, float* out, const CudaBenchOptions& o, cudaStream_t s, DeviceBuffer& flush,
+                        int B, int64_t ctx) {
+  constexpr int kPhases = 14;
+  const int ctas = index.entries() * 16;
+  const size_t S = detail::kPhaseClockSlots;
+  const DeviceBuffer prof = profiled_steps(
+      dec, [](CudaDecoder& d, unsigned long long* p) { d.set_step_profile(p); }, ctas, dev, index, q, qs, out, o, s,
+      flush);
+  const auto r = read_phase_clock(prof, kPhases, ctas);
+  int slow = 0;
+  for (int c = 1; c < ctas; ++c)
+    if (r.blocks[c * S + detail::kPhaseClockNs] > r.blocks[slow * S + detail::kPhaseClockNs]) slow = c;
+  const unsigned long long* w = r.blocks.data() + slow * S;
+  const double it = std::max(1, o.iterations);
+  static const char* names[kPhases] = {"prologue", "coarse-score", "barrier-1", "coarse-norm", "coarse-select",
+                                       "candidates", "cand-score", "barrier-2", "frontier", "fine-select",
+                                       "rows-issued", "far-field", "exact-join", "merge"};
+  std::fprintf(stderr, "step-profile B=%d ctx=%lld: kernel(thread 0) mean %.2f us, slowest CTA (%d) %.2f us; clock=%.2f GHz\n",
+               B, static_cast<long long>(ctx), double(r.v[detail::kPhaseClockNs]) / r.ctas * 1e-3, slow,
+               double(w[detail::kPhaseClockNs]) / it * 1e-3, r.ghz);
+  for (int k = 0; k < kPhases; ++k)
+    std::fprintf(stderr, "  %-13s mean %6.2f us  slowest CTA %6.2f us\n", names[k],
+                 double(r.v[size_t(k)]) / r.ctas / r.ghz * 1e-3, double(w[k]) / it / r.ghz * 1e-3);
 }
 
 // Diagnostics (MULTIPOLE_UPDATE_PROFILE set): per-phase time of the online update kernel
@@ -372,7 +413,9 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         emit("mp-3launch", [&](cudaStream_t s) { three.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes,
              CudaDecoder::kMultipoleLaunches, three.plan_info().mp_ctas);
       }
-      if (index.hierarchical() && std::getenv("MULTIPOLE_SELECT_PROFILE"))
+      if (dec.plan_info().fused && std::getenv("MULTIPOLE_STEP_PROFILE"))
+        profile_fused_step(dec, dev, index, pq, pqs, po, o, stream, flush, B, ctx);
+      if (index.hierarchical() && !dec.plan_info().fused && std::getenv("MULTIPOLE_SELECT_PROFILE"))
         profile_select(dec, dev, index, pq, pqs, po, o, stream, flush, B, ctx);
       emit("squeezed", [&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes - vbytes,
            squeezed.multipole_launches(), squeezed.plan_info().fused ? E * 16 : squeezed.plan_info().mp_ctas);

@@ -249,15 +249,21 @@ __device__ void write_merged_states(const StateOf& state_of, float* out, int hea
 }
 
 // The pull merge of a one-launch step: CTA 0 reads the cluster's states through DSMEM and
-// writes their merge (out: [heads, kD] of the entry); `done` runs after it (a profile mark);
-// the last barrier keeps every CTA's state alive until CTA 0 has read it.
-template <class Done>
+// writes their merge (out: [heads, kD] of the entry) while the other CTAs run `others` (work
+// that may wait for nothing else); `done` runs after it (a profile mark); the last barrier
+// keeps every CTA's state alive until CTA 0 has read it.
+struct Nothing {
+  __device__ void operator()() const {}
+};
+template <class Done, class Others = Nothing>
 __device__ void pull_merged_states(const cooperative_groups::cluster_group& cluster, State& st, float* out,
-                                   const Done& done, int heads = kG) {
+                                   const Done& done, int heads = kG, const Others& others = Others{}) {
   cluster.sync();
   if (cluster.block_rank() == 0)
     write_merged_states([&](int r) { return static_cast<const State*>(cluster.map_shared_rank(&st, r)); }, out,
                         heads);
+  else
+    others();
   __syncthreads();
   done();
   cluster.sync();

@@ -414,6 +414,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     f.far_size = far_size_.as<int32_t>();
     f.exact_n = exact_n_.as<int32_t>();
     f.error_flags = errors_.as<uint32_t>();
+    f.prof = step_prof_;
     launch_fused_step(f, cache.config().dtype, E, stream);
     return;
   }

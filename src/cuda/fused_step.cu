@@ -14,12 +14,12 @@ using cluster_step::fused_step_kernel;
 using cluster_step::kCtas;
 using cluster_step::kThreads;
 
-template <class CT>
+template <class CT, bool kProf>
 cudaLaunchConfig_t fused_config(cudaLaunchAttribute& attr, int entries, size_t smem, Stream stream) {
   // Set once per instantiation at the largest room any plan may ask (2048 coarse clusters).
   static const bool configured = [] {
-    MP_CUDA_CHECK(cudaFuncSetAttribute(fused_step_kernel<CT>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    MP_CUDA_CHECK(cudaFuncSetAttribute(fused_step_kernel<CT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    MP_CUDA_CHECK(cudaFuncSetAttribute(fused_step_kernel<CT, kProf>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    MP_CUDA_CHECK(cudaFuncSetAttribute(fused_step_kernel<CT, kProf>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(cluster_step::fused_step_smem_bytes(cluster_step::kMaxCoarse))));
     return true;
   }();
@@ -38,20 +38,28 @@ cudaLaunchConfig_t fused_config(cudaLaunchAttribute& attr, int entries, size_t s
   return cfg;
 }
 
-template <class CT>
-void launch_typed(const FusedStepArgs& a, int entries, Stream stream) {
+template <class CT, bool kProf>
+void launch_variant(const FusedStepArgs& a, int entries, Stream stream) {
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg =
-      fused_config<CT>(attr, entries, cluster_step::fused_step_smem_bytes(a.max_coarse), stream);
-  MP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<CT>, a));
+      fused_config<CT, kProf>(attr, entries, cluster_step::fused_step_smem_bytes(a.max_coarse), stream);
+  MP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<CT, kProf>, a));
+}
+template <class CT>
+void launch_typed(const FusedStepArgs& a, int entries, Stream stream) {
+  if (a.prof)
+    launch_variant<CT, true>(a, entries, stream);
+  else
+    launch_variant<CT, false>(a, entries, stream);
 }
 
 template <class CT>
 int clusters_typed(int max_coarse) {
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = fused_config<CT>(attr, 1, cluster_step::fused_step_smem_bytes(max_coarse), nullptr);
+  const cudaLaunchConfig_t cfg =
+      fused_config<CT, false>(attr, 1, cluster_step::fused_step_smem_bytes(max_coarse), nullptr);
   int fit = 0;
-  if (cudaOccupancyMaxActiveClusters(&fit, fused_step_kernel<CT>, &cfg) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&fit, fused_step_kernel<CT, false>, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // a device without cluster launch: the plan takes the three-kernel path
     return 0;
   }

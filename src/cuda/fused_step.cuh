@@ -33,6 +33,7 @@ namespace multipole::cuda::detail::cluster_step {
 
 constexpr int kMaxCoarse = 2048;                         // coarse clusters per entry (128 a CTA)
 constexpr int kOwned = kMaxCoarse / kThreads;             // coarse clusters per thread in the selection
+constexpr int kRun = kMaxCoarse / kThreads;               // consecutive coarse clusters per thread when listing
 constexpr int kMaxCand = 512;                            // candidates per entry
 constexpr int kOwnedCand = kMaxCand / kThreads;          // candidates per thread in the fine selection
 constexpr int kCandSlots = kMaxCand / (kCtas * kWarps);  // candidates per warp
@@ -63,7 +64,11 @@ __device__ __forceinline__ void load_kv_lane(const FusedStepArgs& a, const int32
   v = *reinterpret_cast<const uint2*>(a.values + off);
 }
 
-template <class CT>
+// Phases of the profiled variant (kProf; FusedStepArgs::prof): the clock64 cycles of each, per
+// CTA, into slots [0, kFusedPhases); the names are the bench's (bench.cpp, MULTIPOLE_STEP_PROFILE).
+constexpr int kFusedPhases = 14;
+
+template <class CT, bool kProf>
 __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStepArgs a) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -74,6 +79,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   const int seq = a.seq_ids[b], len = a.lengths[seq], end = a.entry_end[e];
   const int nsink = min(a.sinks, end), ntail = len - end, nfixed = nsink + ntail;
   const int32_t* table = a.tables + a.table_offset[seq];
+  PhaseClock pc(kProf ? a.prof : nullptr, kPhaseClockSlots);
   // Every CTA of the cluster must have started before another stores into its shared memory.
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   extern __shared__ __align__(16) uint8_t smem[];
@@ -91,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   __shared__ float red[kWarps][kG], red_z[kWarps][kG], gmax[kG], gzinv[kG];
   __shared__ Greedy<kMaxCoarse> coarse_sel;
   __shared__ Greedy<kMaxCand> fine_sel;
-  __shared__ int cand_fine[kMaxCand], warp_total[kWarps], word_base[kFineWords];
+  __shared__ int cand_fine[kMaxCand], cand_size[kMaxCand], warp_total[kWarps], word_base[kFineWords];
   __shared__ uint32_t is_cand[kFineWords];
   __shared__ StateScratch sc;
 
@@ -99,8 +105,9 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   const CT* values = static_cast<const CT*>(a.value_centroids);
   const int coarse_cap = a.coarse_budget + 1;  // a larger cluster never fits: its key size is capped here
 
-  // 1. Coarse key slice staged; this thread's coarse clusters (j = tid + 256 r); the queries
-  //    (padded heads zero); the fixed rows issued.
+  // 1. Coarse key slice staged; this thread's coarse clusters of the selection (j = tid + 256 r)
+  //    and the child-list starts of those of the listing (j = 8 tid + i, i <= 8: one more for
+  //    the last list's end); the queries (padded heads zero); the fixed rows issued.
   stage_rows(staged, keys + size_t(cb + c0) * kD, n_local);
   int own_n[kOwned], no_payload[kOwned];
 #pragma unroll
@@ -108,21 +115,14 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     const int j = tid + r * kThreads;
     own_n[r] = j < C ? max(a.sizes[cb + j], 0) : 0, no_payload[r] = 0;
   }
+  int run_child[kRun + 1];  // (cb + C is the first fine cluster when F > 0; without one nothing is selected)
+#pragma unroll
+  for (int i = 0; i <= kRun; ++i)
+    run_child[i] = kRun * tid + i < C || (kRun * tid + i == C && F > 0) ? a.member_begin[cb + kRun * tid + i] : 0;
   const int local_n = tid < n_local ? max(a.sizes[cb + c0 + tid], 0) : 0;
   if (tid < kMaxCoarse / 32) coarse_sel.selected_bits[tid] = 0;
   if (tid < kMaxCand / 32) fine_sel.selected_bits[tid] = 0;
   for (int w = tid; w < kFineWords; w += kThreads) is_cand[w] = 0;
-  // What the candidate listing reads after the coarse selection, into L2 now: the coarse
-  // clusters' child lists and bounds, the fine clusters' sizes and member offsets.
-  {
-    const int gt = rank * kThreads + tid, lines = (F + 31) / 32;  // 32 ints a 128-byte line
-    if (gt < lines) prefetch_l2(a.sizes + fb + 32 * gt), prefetch_l2(a.member_begin + fb + 32 * gt);
-    if (gt < (C + 32) / 32) prefetch_l2(a.member_begin + cb + 32 * gt);
-    if (F > 0 && C > 0) {
-      const int first = a.member_begin[cb], child_lines = (a.member_begin[fb] - first + 31) / 32;
-      for (int i = gt; i < child_lines; i += kCtas * kThreads) prefetch_l2(a.members + first + 32 * i);
-    }
-  }
   const size_t qrow = (size_t(b) * Hkv + size_t(h)) * size_t(G) * kD;  // [B, Hkv * G, D]: head h * G + g
   for (int i = tid; i < kG * kD; i += kThreads) {
     const bool real = i / kD < G;
@@ -138,6 +138,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   bool has_row[kAll];
   float lift[kCandSlots];
 #pragma unroll
+  for (int i = 0; i < kCandSlots; ++i) lift[i] = -INFINITY;
+#pragma unroll
   for (int i = 0; i < kAll; ++i) {
     has_row[i] = false;
     if (i >= kSlots) continue;
@@ -148,10 +150,21 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     }
   }
 
+  // The candidates' sizes and member offsets into L2 for the listing (every fine cluster's: 32
+  // ints a 128-byte line).
+  if (const int gt = rank * kThreads + tid; gt < (F + 31) / 32)
+    prefetch_l2(a.sizes + fb + 32 * gt), prefetch_l2(a.member_begin + fb + 32 * gt);
+
+  pc.mark(0);
   // 2. Coarse logits of the local slice, pushed to every other CTA; the value slice staged.
   __syncthreads();  // qs complete
   score_and_push_slice<CT>(cluster, staged, n_local, qs, xall, c0, values + size_t(cb + c0) * kD);
+  pc.mark(1);
   cluster.sync();
+  pc.mark(2);
+  // This thread's child lists into L2 while the coarse selection runs (their ids are read after it).
+  if (kRun * tid < C)
+    for (int at = run_child[0] & ~31; at < run_child[kRun]; at += 32) prefetch_l2(a.members + at);
 
   // 3. Coarse normalisers Z_g = sum_j n_j 2^(x_gj - M_g), importances, the greedy rule under
   //    the coarse budget.
@@ -167,6 +180,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     own_max_sum(own_x, own_n, m, z);
     block_max_sum(m, z, red, red_z, gmax, gzinv, G);
   }
+  pc.mark(3);
   {
     unsigned long long key[kOwned];
 #pragma unroll
@@ -177,31 +191,51 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     }
     greedy_select<true>(key, no_payload, a.coarse_budget, 255, coarse_sel, [] {}, [] {});
   }
+  pc.mark(4);
 
-  // 4. Candidates: the non-empty children of the selected coarse clusters, marked in a bitmap
-  //    of fine ids and listed in ascending id (the order of the three-kernel path).
-  //    (A selectable coarse cluster has at most coarse_budget tokens, so a handful of
-  //    children: four are looked up at a time.) An entry without a coarse level (too short
-  //    for one) has every non-empty fine cluster as a candidate.
-#pragma unroll 1
-  for (int f = tid; C == 0 && f < F; f += kThreads)
-    if (a.sizes[fb + f] > 0) atomicOr(&is_cand[f / 32], 1u << (f % 32));
-#pragma unroll 1
-  for (int r = 0; r < kOwned; ++r) {
-    const int j = tid + r * kThreads;
-    if (j >= C || !coarse_sel.selected(j)) continue;
-    const int beg = a.member_begin[cb + j], cnt = a.member_begin[cb + j + 1] - beg;
-#pragma unroll 1
-    for (int i = 0; i < cnt; i += 4) {
-      int f[4], n[4];
+  // 4. Candidates: the children of the selected coarse clusters, marked in a bitmap of fine ids
+  //    and listed in ascending id, the order of the three-kernel path. (Empty children stay:
+  //    they carry no weight and leave the others' order as it is.) Thread t's selected coarse
+  //    clusters of [8 t, 8 t + 8) and their child counts are scanned over the block into a
+  //    list of child ranges; then every thread reads the ids of at most two children, so the
+  //    listing costs one round trip however the selected clusters fall on the threads. An
+  //    entry without a coarse level (too short for one) has every fine cluster as a candidate.
+  {
+    int mine = 0;  // (children << 16) + selected clusters of this thread's run
 #pragma unroll
-      for (int u = 0; u < 4; ++u) f[u] = i + u < cnt ? a.members[beg + i + u] : -1;
+    for (int i = 0; i < kRun; ++i)
+      if (kRun * tid + i < C && coarse_sel.selected(kRun * tid + i)) mine += ((run_child[i + 1] - run_child[i]) << 16) + 1;
+    const int inc = warp_inclusive_sum(mine);
+    if (lane == 31) warp_total[warp] = inc;
+    __syncthreads();
+    int at = inc - mine, total = 0;
+    for (int w = 0; w < kWarps; ++w) at += w < warp ? warp_total[w] : 0, total += warp_total[w];
+    // Each selected cluster has a child, so under the plan's bound lists <= children <= kMaxCand.
+    int* list_first = cand_fine;  // [lists] first flattened child of each list (free until the compaction)
+    int* list_begin = cand_size;  // [lists] its start in members
+    int k = at & 0xffff, first = at >> 16;
 #pragma unroll
-      for (int u = 0; u < 4; ++u) n[u] = f[u] >= 0 ? a.sizes[fb + f[u]] : 0;
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (n[u] > 0) atomicOr(&is_cand[f[u] / 32], 1u << (f[u] % 32));
+    for (int i = 0; i < kRun; ++i)
+      if (kRun * tid + i < C && coarse_sel.selected(kRun * tid + i)) {
+        if (k < kMaxCand) list_first[k] = first, list_begin[k] = run_child[i];
+        ++k, first += run_child[i + 1] - run_child[i];
+      }
+    const int lists = min(total & 0xffff, kMaxCand), children = total >> 16;
+    if (children > kMaxCand && tid == 0 && rank == 0) atomicOr(a.error_flags, 4u);
+    __syncthreads();
+#pragma unroll 1
+    for (int x = tid; x < min(children, kMaxCand); x += kThreads) {
+      int lo = 0, hi = lists;  // the last list with list_first[lo] <= x
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (list_first[mid] <= x) lo = mid;
+        else hi = mid;
+      }
+      const int f = a.members[list_begin[lo] + (x - list_first[lo])];
+      atomicOr(&is_cand[f / 32], 1u << (f % 32));
     }
+#pragma unroll 1
+    for (int f = tid; C == 0 && f < F; f += kThreads) atomicOr(&is_cand[f / 32], 1u << (f % 32));
   }
   __syncthreads();
   int n_cand = 0;
@@ -228,14 +262,18 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     n_cand = min(n_cand, kMaxCand);
     __syncthreads();
   }
+  // (Copying these into shared memory by cp.async while the candidates are scored, to free
+  // the registers, made the step ~1 us slower: the copies were awaited before the barrier.)
   int cand_n[kOwnedCand], cand_off[kOwnedCand];
 #pragma unroll
   for (int r = 0; r < kOwnedCand; ++r) {
     const int k = tid + r * kThreads;
-    cand_n[r] = k < n_cand ? a.sizes[fb + cand_fine[k]] : 0;
+    cand_n[r] = k < n_cand ? max(a.sizes[fb + cand_fine[k]], 0) : 0;
     cand_off[r] = k < n_cand ? a.member_begin[fb + cand_fine[k]] : 0;
+    if (k < n_cand) cand_size[k] = cand_n[r];  // (read by the far sizes, after the selection's barriers)
   }
 
+  pc.mark(5);
   // 5. This warp's candidates: logits pushed into every CTA (lane r < 16 stores into CTA r),
   //    value rows and log2 sizes kept for the far field.
   {
@@ -252,7 +290,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       const size_t row = size_t(fb + cand_fine[k]) * kD + lane * 4;
       ck[i] = *reinterpret_cast<const uint2*>(keys + row);
       vr[kSlots + i] = *reinterpret_cast<const uint2*>(values + row);
-      lift[i] = __log2f(float(a.sizes[fb + cand_fine[k]]));
+      const int n = a.sizes[fb + cand_fine[k]];
+      lift[i] = n > 0 ? __log2f(float(n)) : -INFINITY;  // an empty candidate is no pseudo-row
     }
 #pragma unroll
     for (int i = 0; i < kCandSlots; ++i) {
@@ -266,7 +305,9 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       if (lane < kCtas) *cluster.map_shared_rank(&xcand[k], lane) = make_float4(x[0], x[1], x[2], x[3]);
     }
   }
+  pc.mark(6);
   cluster.sync();
+  pc.mark(7);
 
   // 6. Normalisers over the frontier: the unselected coarse clusters and every candidate, then
   //    the candidates' importances and the greedy rule under the budget.
@@ -290,6 +331,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     for (int g = 0; g < kG; ++g) merge_max_sum(m[g], z[g], cm[g], cz[g]);
     block_max_sum(m, z, red, red_z, gmax, gzinv, G);  // gmax: the frontier's maximum, every weight's reference from here
   }
+  pc.mark(8);
   {
     unsigned long long key[kOwnedCand];
 #pragma unroll
@@ -300,6 +342,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     }
     greedy_select<true>(key, cand_off, a.budget, 255, fine_sel, [] {}, [] {});
   }
+  pc.mark(9);
 
   // 7. This warp's selected rows (member list, page table, then K and V); its candidates that
   //    were not selected stay as pseudo-rows.
@@ -314,22 +357,19 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
 #pragma unroll
   for (int i = 0; i < kCandSlots; ++i) {
     const int k = rank + kCtas * (warp + kWarps * i);
-    has_row[kSlots + i] = a.far_field && k < n_cand && !fine_sel.selected(k);
+    has_row[kSlots + i] = a.far_field && k < n_cand && !fine_sel.selected(k) && lift[i] != -INFINITY;
   }
   // Inspection: the far sizes of every cluster of the entry (n if in the far field, else 0),
   // and the exact rows' count.
   if (a.far_size) {
-    if (tid < n_local) {
-      const int j = c0 + tid;
-      a.far_size[cb + j] = coarse_sel.selected(j) ? 0 : local_n;
-    }
+    if (tid < n_local) a.far_size[cb + c0 + tid] = coarse_sel.selected(c0 + tid) ? 0 : local_n;
 #pragma unroll 1
     for (int f = rank * kThreads + tid; f < F; f += kCtas * kThreads) {
       const uint32_t bits = is_cand[f / 32];
       int n = 0;
       if ((bits >> (f % 32)) & 1u) {
         const int k = word_base[f / 32] + __popc(bits & ((1u << (f % 32)) - 1u));
-        if (k < n_cand && !fine_sel.selected(k)) n = a.sizes[fb + f];
+        if (k < n_cand && !fine_sel.selected(k)) n = cand_size[k];
       }
       a.far_size[fb + f] = n;
     }
@@ -340,6 +380,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     a.exact_n[e] = min(rows, kSlots * kCtas * kWarps);
   }
 
+  pc.mark(10);
   // 8. Far field over the unselected local coarse clusters: weights n 2^(x - M) in xall's slice.
   if (tid < n_local)
     xall[c0 + tid] = far_weights(xall[c0 + tid], a.far_field ? local_n : 0, coarse_sel.selected(c0 + tid), gmax);
@@ -348,6 +389,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   float far0, far1;
   const int fd = tid % kD, fg = 2 * (tid / kD);  // one thread per (head pair, dimension)
   far_field_staged<CT>(staged, xall + c0, n_local, fd, fg, far0, far1, st);
+  pc.mark(11);
 
   // 9. The exact rows (logits of qx) and the candidates' pseudo-rows (their pushed logits plus
   //    the lift) per warp, relative to gmax, then the CTA's state; CTA 0 merges the cluster's.
@@ -397,7 +439,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     }
     join_cta_state(st, m, l, acc, far0, far1, fd, fg, part, sc);
   }
-  pull_merged_states(cluster, st, a.out + qrow, [] {}, G);
+  pc.mark(12);
+  pull_merged_states(cluster, st, a.out + qrow, [&] { pc.mark(13), pc.finish(); }, G);
 }
 
 }  // namespace multipole::cuda::detail::cluster_step

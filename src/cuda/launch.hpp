@@ -176,7 +176,10 @@ struct FusedStepArgs {
   float* out = nullptr;                  // [B, Hq, D] f32
   int32_t* far_size = nullptr;           // [total_clusters] out, or null
   int32_t* exact_n = nullptr;            // [E] out
-  uint32_t* error_flags = nullptr;       // bit 2: more candidates than the kernel holds
+  uint32_t* error_flags = nullptr;       // bit 0: over 512 exact rows, bit 2: more candidates than the kernel holds
+  // Diagnostics (null in normal runs): each CTA adds its phases' clock64 cycles to its own
+  // kPhaseClockSlots slots (phase_clock.hpp; the profiled variant of the kernel).
+  unsigned long long* prof = nullptr;    // [E * 16, kPhaseClockSlots]
 };
 // Launches `entries` clusters of the one-launch step (dtype: bf16 or f16).
 void launch_fused_step(const FusedStepArgs& a, DType dtype, int entries, Stream stream);

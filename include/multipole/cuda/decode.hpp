@@ -85,6 +85,9 @@ class CudaDecoder {
   // the two-level selection kernel adds each entry's per-phase clock64 cycles and counts to;
   // null turns it off.
   void set_select_profile(unsigned long long* device_slots) { select_prof_ = device_slots; }
+  // Diagnostics: the one-launch step's phase cycles, kPhaseClockSlots u64 per CTA (16 per
+  // entry, zeroed by the caller; the profiled variant of the kernel runs); null turns it off.
+  void set_step_profile(unsigned long long* device_slots) { step_prof_ = device_slots; }
   // Diagnostics and tests: greedy selections over at most min(warp_max, 256) clusters are
   // walked by one warp, handing over to the block-wide radix path after `warp_steps` picks;
   // warp_max 0: always the radix path. Both give the same selection. Defaults: 256 and 24,
@@ -142,6 +145,7 @@ class CudaDecoder {
   int select_sort_ = 1;
   bool pdl_ = true;
   bool fused_allowed_ = true;
+  unsigned long long* step_prof_ = nullptr;
   void plan_fused(const DeviceClusterIndex& index, int64_t exact_rows);
   int prescore_mode_ = -1;
 };
