@@ -1,7 +1,9 @@
 #include "multipole/cuda/cluster_index.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <utility>
 
 #include "cuda/launch.hpp"
 #include "multipole/attention/cluster_index.hpp"
@@ -90,6 +92,14 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
                x.member_offsets[i + 1] - x.member_offsets[i]);
     MP_CHECK(int64_t(x.members.size()) == x.member_offsets[C],
              "cluster index: entry {} has {} members, offsets say {}", e, x.members.size(), x.member_offsets[C]);
+    // Centroids must be finite: a kernel may read an unselected or empty cluster's and weigh it by 0.
+    for (const auto& [name, v] : {std::pair{"key_centroids", &x.key_centroids}, std::pair{"value_centroids", &x.value_centroids},
+                                  std::pair{"coarse_key_centroids", &x.coarse_key_centroids},
+                                  std::pair{"coarse_value_centroids", &x.coarse_value_centroids}}) {
+      const auto bad = std::find_if(v->begin(), v->end(), [](float f) { return !std::isfinite(f); });
+      MP_CHECK(bad == v->end(), "cluster index: entry {} {}[{}] (cluster {}, dim {}) is {}: not finite", e, name,
+               bad - v->begin(), (bad - v->begin()) / int64_t(d), (bad - v->begin()) % int64_t(d), *bad);
+    }
     for (size_t k = 0; k < x.members.size(); ++k)
       MP_CHECK(x.members[k] >= 0 && x.members[k] < x.clustered_end,
                "cluster index: entry {} member {} is position {}, outside [0, clustered_end={})", e, k, x.members[k],
@@ -198,6 +208,9 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
   if (!on_device) {
     keys_.upload(keys.data(), keys.size());
     values_.upload(values.data(), values.size());
+  } else {
+    keys_.memset(0);  // the slots no producer writes (placeholders) read as zero vectors
+    values_.memset(0);
   }
   put(sizes_, sizes.data(), sizes.size() * 4);
   put(member_begin_, begin.data(), begin.size() * 4);
@@ -250,6 +263,8 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
   const size_t d = size_t(head_dim);
   keys_.reserve(std::max<size_t>(size_t(clusters) * d * dtype_size(key_dtype), 16));
   values_.reserve(std::max<size_t>(size_t(clusters) * d * dtype_size(value_dtype), 16));
+  keys_.memset(0);  // the slots the producer leaves (placeholders, spare room) read as zero vectors
+  values_.memset(0);
   sizes_.reserve(std::max<size_t>(size_t(clusters) * 4, 16));
   member_begin_.reserve(std::max<size_t>(size_t(clusters) * 4, 16));
   members_.reserve(std::max<size_t>(size_t(members) * 4, 16));

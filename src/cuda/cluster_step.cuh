@@ -77,9 +77,10 @@ __device__ __forceinline__ float staged_dot(const uint8_t* staged, int j, const 
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
-// The thread's maximum m[g] over its values x[r] (-inf for none) and sum z[g] = sum_r n[r]
-// 2^(x[r]_g - m[g]) over those with n[r] > 0, per head, for block_max_sum. (The maximum may
-// include values left out of the sum: it is only the sum's reference.)
+// The thread's maximum m[g] of its values x[r] with n[r] > 0 (-inf for none) and their sum
+// z[g] = sum_r n[r] 2^(x[r]_g - m[g]), per head, for block_max_sum. (An empty cluster's logit
+// stays out of the maximum too: its centroid may be anything, and a large one would leave
+// every term of the sum 0.)
 template <int Owned>
 __device__ __forceinline__ void own_max_sum(const float4 (&x)[Owned], const int (&n)[Owned], float (&m)[kG],
                                             float (&z)[kG]) {
@@ -87,7 +88,8 @@ __device__ __forceinline__ void own_max_sum(const float4 (&x)[Owned], const int 
   for (int g = 0; g < kG; ++g) {
     m[g] = -INFINITY, z[g] = 0;
 #pragma unroll
-    for (int r = 0; r < Owned; ++r) m[g] = fmaxf(m[g], reinterpret_cast<const float*>(&x[r])[g]);
+    for (int r = 0; r < Owned; ++r)
+      if (n[r] > 0) m[g] = fmaxf(m[g], reinterpret_cast<const float*>(&x[r])[g]);
 #pragma unroll
     for (int r = 0; r < Owned; ++r)
       if (n[r] > 0) z[g] += float(n[r]) * fast_exp2(reinterpret_cast<const float*>(&x[r])[g] - m[g]);
@@ -156,6 +158,8 @@ __device__ __forceinline__ void far_field_staged(const uint8_t* staged, const fl
   float s0 = 0, s1 = 0;
   const uint8_t* vrow = staged + fd * 2;
   for (int j = 0; j < n; ++j) {
+    // (A selected or empty cluster weighs 0; its centroid is finite: DeviceClusterIndex
+    // rejects others and zeroes the slots no producer writes. A branch here cost ~1.8 us at 128K.)
     const uint16_t bits = *reinterpret_cast<const uint16_t*>(vrow + size_t(j) * kRowStride);
     const float v = MmaType<CT>::lo(uint32_t(bits));
     const float* wj = reinterpret_cast<const float*>(&w[j]);

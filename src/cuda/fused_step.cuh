@@ -150,8 +150,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     }
   }
 
-  // The candidates' sizes and member offsets into L2 for the listing (every fine cluster's: 32
-  // ints a 128-byte line).
+  // Every fine cluster's size and member offset into L2 (32 ints a 128-byte line): the
+  // candidates' are read after the listing.
   if (const int gt = rank * kThreads + tid; gt < (F + 31) / 32)
     prefetch_l2(a.sizes + fb + 32 * gt), prefetch_l2(a.member_begin + fb + 32 * gt);
 

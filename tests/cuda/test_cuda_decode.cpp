@@ -766,10 +766,14 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
 // paths over the same rounded centroids, whose logits differ only by summation order.
 // Where the one-launch step holds (G <= 4, d 128, keys in the cache's type), it runs too and
 // must give the three-kernel step's selection (far sizes, exact counts) and output (up to
-// summation order); kv: the cache's type; far_field false: squeezed.
+// summation order); kv: the cache's type; far_field false: squeezed. empties (two levels,
+// 16-bit keys): each entry also gets an empty fine cluster under its first coarse cluster and
+// an empty coarse cluster, both with key centroids far above every other (logits of hundreds)
+// and value centroids of 1000: an empty cluster must weigh nothing, in no normaliser and no far
+// field.
 void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_centroid, int budget,
                              int coarse_budget, uint32_t seed, DType keys = DType::F32, DType kv = DType::BF16,
-                             bool far_field = true) {
+                             bool far_field = true, bool empties = false) {
   SCOPED_TRACE(::testing::Message() << "G=" << G << " Hkv=" << Hkv << " D=" << D << " levels="
                                     << tokens_per_centroid.size() << " coarse_budget=" << coarse_budget
                                     << " keys=" << dtype_name(keys) << " kv=" << dtype_name(kv)
@@ -804,6 +808,21 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   std::vector<float> qs = q;
   for (int b = 0; b < B; ++b)
     for (int qh = 0; qh < Hq; ++qh) rope.rotate_by(qs.data() + (size_t(b) * Hq + qh) * D, ac.score_position - double(lens[b] - 1));
+  if (empties)
+    for (HostClusterLevel& x : entries) {
+      if (x.num_coarse() == 0) continue;
+      const int32_t id = x.num_clusters();
+      x.key_centroids.insert(x.key_centroids.end(), size_t(D), 200.0f);
+      x.value_centroids.insert(x.value_centroids.end(), size_t(D), 1000.0f);
+      x.sizes.push_back(0);
+      x.member_offsets.push_back(int32_t(x.members.size()));
+      x.coarse_children.insert(x.coarse_children.begin() + x.coarse_child_offsets[1], id);
+      for (size_t c = 1; c < x.coarse_child_offsets.size(); ++c) ++x.coarse_child_offsets[c];
+      x.coarse_key_centroids.insert(x.coarse_key_centroids.end(), size_t(D), 200.0f);
+      x.coarse_value_centroids.insert(x.coarse_value_centroids.end(), size_t(D), 1000.0f);
+      x.coarse_sizes.push_back(0);
+      x.coarse_child_offsets.push_back(x.coarse_child_offsets.back());
+    }
   DeviceClusterIndex index(D, Hkv, keys, kv, entries);
   ASSERT_TRUE(keys == DType::F32 || index.hierarchical());
   std::vector<std::vector<float>> outs;  // per prescore mode
@@ -940,6 +959,7 @@ TEST(CudaMultipole, TwoLevelsInOneLaunch) {
   compare_with_cpu_policy(4, 3, 128, {16, 64}, 64, 512, seed++, DType::F16, DType::F16);
   compare_with_cpu_policy(4, 2, 128, {8, 128}, 128, 0, seed++, DType::BF16, DType::BF16, false);  // squeezed
   compare_with_cpu_policy(2, 2, 128, {16, 32}, 32, 1024, seed++, DType::F16, DType::F16);
+  compare_with_cpu_policy(4, 2, 128, {16, 64}, 128, 0, seed++, DType::BF16, DType::BF16, true, true);  // empties
 }
 
 TEST(CudaRuntime, RejectsBadInput) {
@@ -978,4 +998,18 @@ TEST(CudaRuntime, RejectsBadInput) {
   two.coarse_children = {0, 1};
   entries = {two};
   EXPECT_NO_THROW(DeviceClusterIndex(64, 1, DType::F32, DType::BF16, entries));
+  // A centroid that is not finite (the one-launch step reads every coarse value centroid).
+  for (std::vector<float>* v : {&two.key_centroids, &two.value_centroids, &two.coarse_key_centroids,
+                                &two.coarse_value_centroids}) {
+    const float was = (*v)[5];
+    (*v)[5] = std::nanf("");
+    entries = {two};
+    try {
+      DeviceClusterIndex index(64, 1, DType::F32, DType::BF16, entries);
+      ADD_FAILURE() << "a NaN centroid was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("not finite"), std::string::npos) << e.what();
+    }
+    (*v)[5] = was;
+  }
 }
