@@ -382,7 +382,7 @@ int main(int argc, char** argv) {
       members(size_t(kEntries) * L), coarse_count(kEntries);
   for (int e = 0; e < kEntries; ++e) {
     const EntryIndex& x = index[size_t(e)];
-    const int F = int(x.fine_size.size()), C = int(x.coarse_size.size());
+    const int C = int(x.coarse_size.size());
     coarse_count[size_t(e)] = C;
     std::copy(x.members.begin(), x.members.end(), members.begin() + ptrdiff_t(size_t(e) * L));
     std::vector<double> ks(kD), vs(kD), cks(kD), cvs(kD);
@@ -410,7 +410,6 @@ int main(int argc, char** argv) {
       coarse_size[size_t(e) * cmax + c] = uint16_t(n);
     }
     for (int c = 0; c <= C; ++c) coarse_child[size_t(e) * (cmax + 1) + c] = x.coarse_child[size_t(c)];
-    (void)F;
   }
 
   Args a{};

@@ -916,6 +916,13 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     outs.push_back(dout.get());
     fars.push_back(dec.far_sizes());
     EXPECT_EQ(dec.exact_counts(), counts);
+  } else {
+    // Outside its limits the plan keeps three launches and says why.
+    CudaDecoder dec(ac);
+    dec.plan(su.dev, su.cache.seqs, &index);
+    EXPECT_FALSE(dec.plan_info().fused);
+    EXPECT_STRNE(dec.plan_info().fused_why, "");
+    EXPECT_EQ(dec.multipole_launches(), 3);
   }
   ASSERT_GE(outs.size(), 2u);
   for (size_t k = 1; k < outs.size(); ++k) {
