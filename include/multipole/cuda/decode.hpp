@@ -63,7 +63,8 @@ class CudaDecoder {
   //          (cluster scoring and far field, against the pre-RoPE centroids)
   // out:     [B, Hq, D] f32 device (16-byte aligned)
   // Timing diagnostics only: stages 1 stops after scoring, 2 after selection, 4 runs the
-  // attention kernel alone (on the previous step's selection).
+  // attention kernel alone (on the previous step's selection); these are the three-kernel
+  // step's kernels, also where the plan chose one launch.
   void multipole(const DeviceKVCache& cache, int layer, const DeviceClusterIndex& index, const float* q,
                  const float* q_score, float* out, Stream stream, int stages = 3) const;
 
