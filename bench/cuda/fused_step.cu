@@ -152,13 +152,12 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         if (j0 + u >= n) break;
-        float k4[4];
+        float k4[4], s[kG];
         bf16x4(kv[u], k4);
+        warp_dots(qr, k4, s);
 #pragma unroll
-        for (int g = 0; g < kG; ++g) {
-          const float s = warp_sum(qr[g][0] * k4[0] + qr[g][1] * k4[1] + qr[g][2] * k4[2] + qr[g][3] * k4[3]);
-          if (lane == 0) x[g][j0 + u] = s + ls[j0 + u];
-        }
+        for (int g = 0; g < kG; ++g)
+          if (lane == 0) x[g][j0 + u] = s[g] + ls[j0 + u];
       }
     }
   } else {

@@ -1,8 +1,8 @@
 #pragma once
 // What the kernel lab's standalone programs share: LAB_CHECK (report a CUDA error with its
 // call and exit), a step captured into a CUDA graph, its replay timed the way multipole's
-// bench times a decode step (L2 flushed by a 256 MiB memset before the run), the launch
-// config of a cluster grid, and the median.
+// bench times a decode step (L2 flushed by a 256 MiB memset before the run), the median, and
+// the library's launch config of a cluster grid under the lab's name.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <functional>
 #include <vector>
+
+#include "cuda/common.cuh"
 
 #define LAB_CHECK(x)                                                                            \
   do {                                                                                          \
@@ -82,22 +84,7 @@ class FlushedTimer {
   void* flush_ = nullptr;
 };
 
-// A launch of `clusters` clusters of `cluster` CTAs of `threads` on stream s. `attr` holds
-// the cluster dimension and must outlive the config.
-inline cudaLaunchConfig_t cluster_config(cudaLaunchAttribute& attr, int clusters, int cluster, int threads,
-                                         cudaStream_t s, size_t smem = 0) {
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = unsigned(cluster);
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(clusters * cluster));
-  cfg.blockDim = dim3(unsigned(threads));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  return cfg;
-}
+// A launch of `clusters` clusters of `cluster` CTAs of `threads` (the library's).
+using multipole::cuda::detail::cluster_launch_config;
 
 }  // namespace lab

@@ -122,7 +122,7 @@ template <class... Args>
 cudaError_t launch_clusters(void (*kernel)(Args...), int clusters, int cluster, int threads, cudaStream_t s,
                             Args... args) {
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = lab::cluster_config(attr, clusters, cluster, threads, s);
+  const cudaLaunchConfig_t cfg = lab::cluster_launch_config(attr, clusters, cluster, threads, s);
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
@@ -130,7 +130,7 @@ cudaError_t launch_clusters(void (*kernel)(Args...), int clusters, int cluster, 
 template <class... Args>
 int max_clusters(void (*kernel)(Args...), int cluster, int threads) {
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = lab::cluster_config(attr, 8, cluster, threads, nullptr);
+  const cudaLaunchConfig_t cfg = lab::cluster_launch_config(attr, 8, cluster, threads, nullptr);
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();

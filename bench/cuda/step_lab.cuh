@@ -103,12 +103,12 @@ __device__ void warp_rows_state(const uint2 (&kr)[Slots], const uint2 (&vr)[Slot
 #pragma unroll
   for (int i = 0; i < Slots; ++i) {
     if (!has[i]) continue;
-    float k4[4];
+    float k4[4], x[kG];
     bf16x4(kr[i], k4);
+    warp_dots(qr, k4, x);
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
-      s[i][g] = warp_sum(qr[g][0] * k4[0] + qr[g][1] * k4[1] + qr[g][2] * k4[2] + qr[g][3] * k4[3]) - bias[g] +
-                (lift ? lift[i] : 0.0f);
+      s[i][g] = x[g] - bias[g] + (lift ? lift[i] : 0.0f);
       m[g] = fmaxf(m[g], s[i][g]);
     }
   }
@@ -247,7 +247,7 @@ template <class Kernel>
 cudaLaunchConfig_t step_config(Kernel kernel, cudaLaunchAttribute& attr, cudaStream_t s, size_t smem) {
   LAB_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   LAB_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  return lab::cluster_config(attr, kEntries, kCtas, kThreads, s, smem);
+  return lab::cluster_launch_config(attr, kEntries, kCtas, kThreads, s, smem);
 }
 
 // How many clusters of the config fit the device at once.

@@ -237,8 +237,7 @@ __global__ void __launch_bounds__(kThreads, 2) two_level_step_kernel(const Args 
     if (k >= n_cand) continue;
     float k4[4], x[kG];
     bf16x4(kr[i], k4);
-#pragma unroll
-    for (int g = 0; g < kG; ++g) x[g] = warp_sum(qr[g][0] * k4[0] + qr[g][1] * k4[1] + qr[g][2] * k4[2] + qr[g][3] * k4[3]);
+    warp_dots(qr, k4, x);
     if (lane < kCtas) *cluster.map_shared_rank(&xcand[k], lane) = make_float4(x[0], x[1], x[2], x[3]);
   }
   mark(6);

@@ -28,6 +28,21 @@ __device__ __forceinline__ void to_float4(const uint2 u, float* f) {
   f[2] = MmaType<CT>::lo(u.y), f[3] = MmaType<CT>::hi(u.y);
 }
 
+// A warp holds a row across its lanes, dims [4 lane, 4 lane + 4) each: the lane's dims of the
+// kG queries q ([kG][kD], shared memory) into qr, and the kG dot products of a row whose lane
+// dims are k4 (every lane gets them).
+__device__ __forceinline__ void lane_queries(const float (*q)[kD], float (&qr)[kG][4]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int g = 0; g < kG; ++g)
+#pragma unroll
+    for (int t = 0; t < 4; ++t) qr[g][t] = q[g][lane * 4 + t];
+}
+__device__ __forceinline__ void warp_dots(const float (&qr)[kG][4], const float (&k4)[4], float (&x)[kG]) {
+#pragma unroll
+  for (int g = 0; g < kG; ++g) x[g] = warp_sum(qr[g][0] * k4[0] + qr[g][1] * k4[1] + qr[g][2] * k4[2] + qr[g][3] * k4[3]);
+}
+
 // (m, z): a maximum and the sum of 2^(x - m) of the terms under it; (m2, z2) merged in.
 __device__ __forceinline__ void merge_max_sum(float& m, float& z, float m2, float z2) {
   const float mx = fmaxf(m, m2);

@@ -42,6 +42,24 @@ cudaError_t launch_maybe_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, si
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
+// A launch of `clusters` thread-block clusters of `cluster` CTAs of `threads` on `stream`.
+// `attr` holds the cluster dimension and must outlive the config.
+inline cudaLaunchConfig_t cluster_launch_config(cudaLaunchAttribute& attr, int clusters, int cluster, int threads,
+                                                cudaStream_t stream, size_t smem = 0) {
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = unsigned(cluster);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(clusters * cluster));
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 // 2^x, relative error ~2^-22; 2^-inf = 0.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;

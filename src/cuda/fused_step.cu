@@ -24,18 +24,7 @@ cudaLaunchConfig_t fused_config(cudaLaunchAttribute& attr, int entries, size_t s
     return true;
   }();
   (void)configured;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = kCtas;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(entries * kCtas));
-  cfg.blockDim = dim3(unsigned(kThreads));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = static_cast<cudaStream_t>(stream);
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  return cfg;
+  return cluster_launch_config(attr, entries, kCtas, kThreads, stream, smem);
 }
 
 template <class CT, bool kProf>

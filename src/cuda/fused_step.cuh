@@ -278,10 +278,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   //    value rows and log2 sizes kept for the far field.
   {
     float qr[kG][4];
-#pragma unroll
-    for (int g = 0; g < kG; ++g)
-#pragma unroll
-      for (int t = 0; t < 4; ++t) qr[g][t] = qs[g][lane * 4 + t];
+    lane_queries(qs, qr);
     uint2 ck[kCandSlots];
 #pragma unroll
     for (int i = 0; i < kCandSlots; ++i) {
@@ -299,9 +296,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       if (k >= n_cand) continue;
       float k4[4], x[kG];
       to_float4<CT>(ck[i], k4);
-#pragma unroll
-      for (int g = 0; g < kG; ++g)
-        x[g] = warp_sum(qr[g][0] * k4[0] + qr[g][1] * k4[1] + qr[g][2] * k4[2] + qr[g][3] * k4[3]);
+      warp_dots(qr, k4, x);
       if (lane < kCtas) *cluster.map_shared_rank(&xcand[k], lane) = make_float4(x[0], x[1], x[2], x[3]);
     }
   }
@@ -395,10 +390,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   //    the lift) per warp, relative to gmax, then the CTA's state; CTA 0 merges the cluster's.
   {
     float qr[kG][4];
-#pragma unroll
-    for (int g = 0; g < kG; ++g)
-#pragma unroll
-      for (int t = 0; t < 4; ++t) qr[g][t] = qx[g][lane * 4 + t];
+    lane_queries(qx, qr);
     float s[kAll][kG], m[kG], l[kG], acc[kG][4];
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
@@ -412,6 +404,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       if (i < kSlots) {
         float k4[4];
         to_float4<CT>(kr[i], k4);
+        // (warp_dots here, then the bias, schedules differently: kept as measured in item 36.)
 #pragma unroll
         for (int g = 0; g < kG; ++g)
           s[i][g] = warp_sum(qr[g][0] * k4[0] + qr[g][1] * k4[1] + qr[g][2] * k4[2] + qr[g][3] * k4[3]) - gmax[g];
