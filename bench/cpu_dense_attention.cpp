@@ -55,7 +55,7 @@ void time_phases(int G, int d, int repeats) {
     std::copy(x0.begin(), x0.end(), x.begin());
     softmax_step(x.data(), n, s);
   });
-  const double tp = per_token([&] { pv_avx512<bf16>(vrows.data(), n, x.data(), G, d, o.data()); });
+  const double tp = per_token([&] { pv_avx512<bf16>(vrows.data(), n, x.data(), G, d, o.data(), Prefetch<bf16>{}); });
   std::printf("block phases in L1, ns per token-head: logits %.2f, softmax %.2f, PV %.2f (%d zmm FMAs each in "
               "logits and PV)\n", tl, ts, tp, G * d / 16);
 }

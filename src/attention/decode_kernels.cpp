@@ -183,9 +183,10 @@ void pv_tile(const T* const* rows, int n, const float* p, int d, float* o) {
   for (; c < d; c += 8) pv_pass<T, NG, 1, false>(rows, n, p, d, o, c);  // when d is not a multiple of 8 NS
 }
 
+//   prefetch: the next block's rows (only the AVX-512 passes fetch values here)
 template <class T>
-void pv(const T* const* rows, int n, const float* p, int groups, int d, float* o) {
-  if (detail::use_avx512(d)) return detail::pv_avx512<T>(rows, n, p, groups, d, o);
+void pv(const T* const* rows, int n, const float* p, int groups, int d, float* o, const Prefetch<T>& prefetch = {}) {
+  if (detail::use_avx512(d)) return detail::pv_avx512<T>(rows, n, p, groups, d, o, prefetch);
   int tile = groups <= 8 ? groups : (groups + 1) / 2;
   for (int g0 = 0; g0 < groups; g0 += tile) {
     int ng = std::min(tile, groups - g0);
@@ -225,7 +226,7 @@ void attend_block(const T* const* krows, const T* const* vrows, const float* bia
   alignas(32) float x[kMaxGroups * kBlock];
   logits(krows, n, q, s.groups, s.dim, scale, bias, x, kBlock, prefetch);
   softmax_step(x, n, s);
-  pv(vrows, n, x, s.groups, s.dim, s.o);
+  pv(vrows, n, x, s.groups, s.dim, s.o, prefetch);
 }
 
 void check_state(const SoftmaxState& s, int head_dim, const char* what) {

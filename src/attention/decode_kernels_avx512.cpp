@@ -72,7 +72,7 @@ void logits_tile(const T* const* rows, int n, const float* q, int d, float scale
   int t = 0;
   for (; t + NT <= n; t += NT) {
 #pragma GCC unroll 16
-    for (int j = 0; j < NT; ++j) pf.token(t + j);
+    for (int j = 0; j < NT; ++j) pf.key_row(t + j);
     __m512 acc[NT][NG];
 #pragma GCC unroll 16
     for (int j = 0; j < NT; ++j)
@@ -151,7 +151,7 @@ void logits_tiles(const T* const* rows, int n, const float* q, int ng, int d, fl
 // across the block's tokens. SPLIT (bf16, NS even): each 32-channel pair of slices is held
 // as even and odd channels, converted from/to the state's order once per pass.
 template <class T, int NG, int NS, bool SPLIT>
-void pv_pass(const T* const* rows, int n, const float* p, int d, float* o, int c) {
+void pv_pass(const T* const* rows, int n, const float* p, int d, float* o, int c, const Prefetch<T>& pf) {
   __m512 acc[NS][NG];
 #pragma GCC unroll 16
   for (int g = 0; g < NG; ++g)
@@ -162,6 +162,7 @@ void pv_pass(const T* const* rows, int n, const float* p, int d, float* o, int c
       else acc[s][g] = _mm512_loadu_ps(src);
     }
   for (int t = 0; t < n; ++t) {
+    pf.value_bytes(t, c * int(sizeof(T)), (c + 16 * NS) * int(sizeof(T)));
     __m512 v[NS];
 #pragma GCC unroll 16
     for (int s = 0; s < NS; s += SPLIT ? 2 : 1) {
@@ -187,18 +188,18 @@ void pv_pass(const T* const* rows, int n, const float* p, int d, float* o, int c
 
 // Passes of NS slices while they fit, then narrower ones for the rest of the row.
 template <class T, int NG, int NS>
-void pv_from(const T* const* rows, int n, const float* p, int d, float* o, int c) {
+void pv_from(const T* const* rows, int n, const float* p, int d, float* o, int c, const Prefetch<T>& pf) {
   constexpr bool SPLIT = std::is_same_v<T, bf16> && NS % 2 == 0;
-  for (; c + 16 * NS <= d; c += 16 * NS) pv_pass<T, NG, NS, SPLIT>(rows, n, p, d, o, c);
-  if constexpr (NS > 1) pv_from<T, NG, NS / 2>(rows, n, p, d, o, c);
+  for (; c + 16 * NS <= d; c += 16 * NS) pv_pass<T, NG, NS, SPLIT>(rows, n, p, d, o, c, pf);
+  if constexpr (NS > 1) pv_from<T, NG, NS / 2>(rows, n, p, d, o, c, pf);
 }
 
 // NS: slices per pass, as many as the registers allow (NS NG accumulators + NS values + a
 // broadcast <= 32), so that small groups still have 8+ independent FMA chains.
 template <class T, int NG>
-void pv_tile(const T* const* rows, int n, const float* p, int d, float* o) {
+void pv_tile(const T* const* rows, int n, const float* p, int d, float* o, const Prefetch<T>& pf) {
   constexpr int NS = NG <= 2 ? 8 : NG <= 6 ? 4 : 2;
-  pv_from<T, NG, NS>(rows, n, p, d, o, 0);
+  pv_from<T, NG, NS>(rows, n, p, d, o, 0, pf);
 }
 
 }  // namespace
@@ -233,21 +234,22 @@ void logits_avx512(const T* const* rows, int n, const float* q, int groups, int 
 }
 
 template <class T>
-void pv_avx512(const T* const* rows, int n, const float* p, int groups, int d, float* o) {
+void pv_avx512(const T* const* rows, int n, const float* p, int groups, int d, float* o, const Prefetch<T>& prefetch) {
   const int tile = groups <= 8 ? groups : (groups + 1) / 2;
   for (int g0 = 0; g0 < groups; g0 += tile) {
     const int ng = std::min(tile, groups - g0);
     const float* pt = p + g0 * kBlock;
     float* ot = o + int64_t(g0) * d;
+    const Prefetch<T> pf = g0 == 0 ? prefetch : Prefetch<T>{};  // the second tile re-reads the rows
     switch (ng) {
-      case 1: pv_tile<T, 1>(rows, n, pt, d, ot); break;
-      case 2: pv_tile<T, 2>(rows, n, pt, d, ot); break;
-      case 3: pv_tile<T, 3>(rows, n, pt, d, ot); break;
-      case 4: pv_tile<T, 4>(rows, n, pt, d, ot); break;
-      case 5: pv_tile<T, 5>(rows, n, pt, d, ot); break;
-      case 6: pv_tile<T, 6>(rows, n, pt, d, ot); break;
-      case 7: pv_tile<T, 7>(rows, n, pt, d, ot); break;
-      default: pv_tile<T, 8>(rows, n, pt, d, ot); break;
+      case 1: pv_tile<T, 1>(rows, n, pt, d, ot, pf); break;
+      case 2: pv_tile<T, 2>(rows, n, pt, d, ot, pf); break;
+      case 3: pv_tile<T, 3>(rows, n, pt, d, ot, pf); break;
+      case 4: pv_tile<T, 4>(rows, n, pt, d, ot, pf); break;
+      case 5: pv_tile<T, 5>(rows, n, pt, d, ot, pf); break;
+      case 6: pv_tile<T, 6>(rows, n, pt, d, ot, pf); break;
+      case 7: pv_tile<T, 7>(rows, n, pt, d, ot, pf); break;
+      default: pv_tile<T, 8>(rows, n, pt, d, ot, pf); break;
     }
   }
 }
@@ -255,7 +257,7 @@ void pv_avx512(const T* const* rows, int n, const float* p, int groups, int d, f
 #define MULTIPOLE_AVX512_KERNELS(T)                                                                              \
   template void logits_avx512<T>(const T* const*, int, const float*, int, int, float, const float*, float*, int64_t, \
                                  const Prefetch<T>&);                                                            \
-  template void pv_avx512<T>(const T* const*, int, const float*, int, int, float*);
+  template void pv_avx512<T>(const T* const*, int, const float*, int, int, float*, const Prefetch<T>&);
 MULTIPOLE_AVX512_KERNELS(float)
 MULTIPOLE_AVX512_KERNELS(f16)
 MULTIPOLE_AVX512_KERNELS(bf16)
