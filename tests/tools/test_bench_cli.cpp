@@ -57,6 +57,10 @@ TEST(BenchCli, JsonRowsPerContextBatchAndPolicy) {
     const std::vector<std::string> order = {"dense", "quest", "oracle-topk"};  // dense first
     EXPECT_EQ(j["policy"], order[(i - 1) % 3]);
     EXPECT_GT(j["us_per_step"].get<double>(), 0);
+    // %copy is against the copy timed after this row's own steps.
+    ASSERT_GT(j["copy_gb_per_s"].get<double>(), 0);
+    EXPECT_NEAR(j["pct_of_copy_bandwidth"].get<double>(),
+                100 * j["gb_per_s"].get<double>() / j["copy_gb_per_s"].get<double>(), 1e-6);
     EXPECT_GE(j["generated_tokens"].get<int64_t>(), 256);  // >= 2W for the update's amortised cost
     const int64_t batch = j["batch"], context = j["context"];
     const int64_t exact = j["exact_tokens"], selected = j["selected_tokens"], bytes = j["bytes_per_step"];
