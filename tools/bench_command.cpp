@@ -255,9 +255,8 @@ void run_attention_bench(const BenchArgs& args) {
   ThreadPool pool(args.threads);
   std::fprintf(stderr, "measuring plain copy and read bandwidth (%d threads)...\n", pool.size());
   const Bandwidth bw = plain_bandwidth(pool, args.copy_mib);
-  const double copy_bw = bw.copy;
   if (args.json) {
-    json j = {{"bench", "memcpy"},       {"threads", pool.size()},     {"gb_per_s", copy_bw / 1e9}, {"simd", simd},
+    json j = {{"bench", "memcpy"},       {"threads", pool.size()},     {"gb_per_s", bw.copy / 1e9}, {"simd", simd},
               {"read_gb_per_s", bw.read / 1e9}, {"load_average", load_average()}};
     std::printf("%s\n", j.dump().c_str());
   } else {
@@ -265,7 +264,7 @@ void run_attention_bench(const BenchArgs& args) {
                "{} threads, {} kernels\nplain copy (read + write): {:.2f} GB/s; plain read: {:.2f} GB/s; load average {:.2f}\n"
                "(%copy and %read: against a copy and a read timed right after each row's steps, 'copy GB/s')\n",
                args.q_heads, args.kv_heads, args.head_dim, args.kv_dtype, args.budget,
-               fmt::join(args.tokens_per_centroid, ","), pool.size(), simd, copy_bw / 1e9, bw.read / 1e9, load_average());
+               fmt::join(args.tokens_per_centroid, ","), pool.size(), simd, bw.copy / 1e9, bw.read / 1e9, load_average());
     fmt::print("{:>8} {:>5} {:<12} {:>10} {:>8} {:>9} {:>7} {:>6} {:>6} {:>9} {:>10} {:>10} {:>8}\n", "context",
                "batch", "policy", "us/step", "x dense", "MB/step", "GB/s", "%copy", "%read", "copy GB/s", "index ms",
                "upd us/tok", "upd %");

@@ -20,7 +20,7 @@ constexpr int kMaxGroups = 16;
 // the hardware prefetchers do not follow across page boundaries. The AVX2 logit pass
 // fetches keys and values; the AVX-512 one only the keys, and each AVX-512 PV pass the
 // lines it reads of the next values, which keeps misses in flight through the PV time too
-// (one Zen 5 core from DRAM: 28-39 -> 20-28 ns per token-head). The AVX2 kernels, short of
+// (one Zen 5 core from DRAM: 28-39 -> 21.5-23.4 ns per token-head). The AVX2 kernels, short of
 // registers and bound by their FMAs, ran slower with any fetch in the PV pass.
 template <class T>
 struct Prefetch {
