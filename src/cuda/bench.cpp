@@ -191,6 +191,22 @@ void print_update_profile(const char* what, const DeviceBuffer& prof, int B, int
 
 // Diagnostics (MULTIPOLE_INDEX_STATS set): shape of an index and of what one step of `dec`
 // selected on it, summed over the batch's entries; printed to stderr.
+// How the plan runs a multipole step (stderr).
+void print_plan(const char* what, const CudaDecoder& dec, int B, int64_t ctx) {
+  const DecodePlanInfo& p = dec.plan_info();
+  if (!p.fused)
+    std::fprintf(stderr, "bench: b%d %lld tokens, %s: three launches (one launch: %s)\n", B,
+                 static_cast<long long>(ctx), what, p.fused_why);
+  else if (!p.fused_fallback)
+    std::fprintf(stderr, "bench: b%d %lld tokens, %s: one launch (at most %d candidates)\n", B,
+                 static_cast<long long>(ctx), what, p.fused_candidate_bound);
+  else
+    std::fprintf(stderr,
+                 "bench: b%d %lld tokens, %s: one launch, then the three kernels for entries over 512 candidates "
+                 "(the index allows %d)\n",
+                 B, static_cast<long long>(ctx), what, p.fused_candidate_bound);
+}
+
 void print_index_stats(const char* name, const CudaDecoder& dec, const DeviceClusterIndex& index,
                        const std::vector<HostClusterLevel>& host, int budget) {
   const auto far = dec.far_sizes();
@@ -336,12 +352,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
 
       CudaDecoder dec(ac), flat(ac);
       dec.plan(dev, seqs, &index);
-      if (dec.plan_info().fused)
-        std::fprintf(stderr, "bench: b%d %lld tokens: the multipole step runs in one launch (at most %d candidates)\n",
-                     B, static_cast<long long>(ctx), dec.plan_info().fused_candidate_bound);
-      else
-        std::fprintf(stderr, "bench: b%d %lld tokens: the multipole step runs in three launches (one launch: %s)\n", B,
-                     static_cast<long long>(ctx), dec.plan_info().fused_why);
+      print_plan("multipole", dec, B, ctx);
       flat.plan(dev, seqs, &flat_index);
       AttentionConfig sqc = ac;
       sqc.multipole_far_field = false;
@@ -532,9 +543,24 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         emit("mp-kmeans-index",
              [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s); }, mp_bytes,
              kdec.multipole_launches(), kdec.plan_info().fused ? B * Hkv * 16 : kdec.plan_info().mp_ctas);
-        if (!kdec.plan_info().fused)
-          std::fprintf(stderr, "bench: the k-means index's step runs in three launches (one launch: %s)\n",
-                       kdec.plan_info().fused_why);
+        print_plan("k-means index", kdec, B, ctx);
+        if (kdec.plan_info().fused_fallback) {
+          // The one-launch kernel alone: what the three kernels behind it cost when they have nothing to do.
+          emit("mp-km-1launch", [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s, 5); }, 0, 1,
+               B * Hkv * 16);
+          kdec.multipole(dev, 0, km.index(), pq, pqs, po, stream);
+          const auto left = kdec.fused_fallbacks();
+          std::fprintf(stderr, "bench: b%d %lld tokens: the k-means index's last step left %lld of %zu entries to the "
+                       "three kernels\n", B, static_cast<long long>(ctx),
+                       static_cast<long long>(std::count(left.begin(), left.end(), 1)), left.size());
+        }
+        if (kdec.plan_info().fused) {
+          CudaDecoder three(ac);
+          three.set_fused(false);
+          three.plan(dev, seqs, &km.index());
+          emit("mp-km-3launch", [&](cudaStream_t s) { three.multipole(dev, 0, km.index(), pq, pqs, po, s); },
+               mp_bytes, CudaDecoder::kMultipoleLaunches, three.plan_info().mp_ctas);
+        }
         if (o.stages) {
           emit("mp-km-score", [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s, 1); }, 0, 1,
                kdec.plan_info().score_ctas);

@@ -276,6 +276,7 @@ int64_t candidate_bound(std::span<const int32_t> size, std::span<const int32_t> 
 void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows) {
   using L = detail::FusedStepLimits;
   info_.fused = false;
+  info_.fused_fallback = false;
   info_.fused_candidate_bound = 0;
   const DType kv_dtype = index.value_dtype();
   const int E = index.entries();
@@ -313,8 +314,12 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
     bound = std::max(bound, candidate_bound(sizes, begins, coarse_budget_));
   }
   info_.fused_candidate_bound = int(std::min<int64_t>(bound, std::numeric_limits<int>::max()));
-  if (bound > L::kMaxCand) return why("over 512 candidates possible");
   info_.fused = true;
+  info_.fused_fallback = bound > L::kMaxCand;
+  if (info_.fused_fallback) {
+    fallback_.reserve(size_t(E) * sizeof(int32_t));
+    fallback_.memset(0);
+  }
   why("");
 }
 
@@ -381,7 +386,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   const DeviceClusterView cv = index.view();
   const DeviceKVLayer kv = cache.layer(layer);
 
-  if (info_.fused && stages == 3) {
+  if (info_.fused && (stages == 3 || stages == 5)) {
     FusedStepArgs f;
     f.q = q;
     f.q_score = q_score;
@@ -415,9 +420,12 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     f.exact_n = exact_n_.as<int32_t>();
     f.error_flags = errors_.as<uint32_t>();
     f.prof = step_prof_;
+    f.fallback = info_.fused_fallback ? fallback_.as<int32_t>() : nullptr;
     launch_fused_step(f, cache.config().dtype, E, stream);
-    return;
+    if (!info_.fused_fallback || stages == 5) return;
   }
+  // Behind the one-launch step: only the entries it left.
+  const int32_t* fallback = info_.fused && stages == 3 ? fallback_.as<const int32_t>() : nullptr;
 
   // stages: 1 score, 2 score + select, 3 all, 4 attention only (diagnostics).
   if (info_.score_ctas > 0 && stages != 4) {
@@ -437,6 +445,8 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     s.item_chunk = s_item_chunk_.as<const int32_t>();
     s.scores = scores_.as<float>();
     s.part = score_part_.as<float>();
+    s.fallback = fallback;
+    s.entries = E;
     launch_score(s, config_.head_dim, gc_, cv.key_dtype == DType::F32 ? DType::F32 : cache.config().dtype,
                  info_.score_work / (Hkv * head_chunks_), info_.score_ctas, stream);
   }
@@ -475,6 +485,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   sa.warp_select_precheck = select_precheck_ ? 1 : 0;
   sa.warp_select_sort = select_sort_;
   sa.cand_cache = std::min(cand_cache_, std::max(select_cand_max_, 0));
+  sa.fallback = fallback;
   // Programmatic dependent launch only right after our own scoring kernel (a kernel node).
   sa.pdl = pdl_ && info_.score_ctas > 0 ? 1 : 0;
   if (info_.hierarchical) {
@@ -519,6 +530,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   a.entry_count = cv.entry_count;
   a.far_field = config_.multipole_far_field ? 1 : 0;
   a.pdl = pdl_ && stages != 4 ? 1 : 0;  // right after the selection kernel
+  a.fallback = fallback;
   if (info_.hierarchical) {
     a.far_ids = far_ids_.as<const int32_t>();
     a.far_n = far_n_.as<const int32_t>();
@@ -538,6 +550,14 @@ std::vector<int32_t> CudaDecoder::exact_counts() const {
   std::vector<int32_t> v(size_t(info_.batch) * config_.num_kv_heads);
   synchronize();
   exact_n_.download(v.data(), v.size() * sizeof(int32_t));
+  return v;
+}
+
+std::vector<int32_t> CudaDecoder::fused_fallbacks() const {
+  std::vector<int32_t> v(size_t(info_.batch) * config_.num_kv_heads, 0);
+  if (!info_.fused_fallback) return v;
+  synchronize();
+  fallback_.download(v.data(), v.size() * sizeof(int32_t));
   return v;
 }
 

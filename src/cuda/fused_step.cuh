@@ -18,8 +18,10 @@
 // The plan (decoder.cpp) takes this path only where it holds: head dim 128, G <= 4 (heads
 // padded to 4), 16-bit keys in the cache's type, at most kMaxCoarse coarse clusters and
 // kMaxFineIds fine ones per entry, at most kMaxCand candidates (a bound computed from the
-// index), at most kSlots * 128 exact rows, budget <= kMaxPicks. A step that finds more
-// candidates than kMaxCand (an index changed since the plan) sets error bit 2.
+// index, or any number with a fallback: an entry that lists more stops after its coarse
+// selection, marks itself in FusedStepArgs::fallback and is finished by the three-kernel step
+// launched behind this one), at most kSlots * 128 exact rows, budget <= kMaxPicks. Without a
+// fallback, a step that finds more candidates (an index changed since the plan) sets error bit 2.
 // Code size matters as in the labs: no exp2f (fast_exp2), loops over heads unrolled only where
 // the registers need it.
 #include <cooperative_groups.h>
@@ -221,7 +223,17 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
         ++k, first += run_child[i + 1] - run_child[i];
       }
     const int lists = min(total & 0xffff, kMaxCand), children = total >> 16;
-    if (children > kMaxCand && tid == 0 && rank == 0) atomicOr(a.error_flags, 4u);
+    // More candidates than the kernel holds (every CTA of the cluster sees the same count):
+    // with a fallback the entry is left to the three-kernel step launched after this one.
+    const bool over = (C > 0 ? children : a.entry_count[e]) > kMaxCand;  // (C = 0: F, read again)
+    if (tid == 0 && rank == 0) {
+      if (a.fallback) a.fallback[e] = over ? 1 : 0;
+      else if (over) atomicOr(a.error_flags, 4u);
+    }
+    if (over && a.fallback) {
+      cp_async_wait<0>();  // the value slice's copies must not outlive the CTA
+      return;
+    }
     __syncthreads();
 #pragma unroll 1
     for (int x = tid; x < min(children, kMaxCand); x += kThreads) {
@@ -258,8 +270,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       for (uint32_t bits = is_cand[w]; bits; bits &= bits - 1, ++k)
         if (k < kMaxCand) cand_fine[k] = 32 * w + __ffs(int(bits)) - 1;
     }
-    if (n_cand > kMaxCand && tid == 0 && rank == 0) atomicOr(a.error_flags, 4u);
-    n_cand = min(n_cand, kMaxCand);
+    n_cand = min(n_cand, kMaxCand);  // (more only if over, flagged above)
     __syncthreads();
   }
   // (Copying these into shared memory by cp.async while the candidates are scored, to free

@@ -61,6 +61,9 @@ struct AttendArgs {
   // Launched with programmatic dependent launch after the selection kernel (multipole only):
   // everything up to the Q fragments runs before griddepcontrol.wait.
   int pdl = 0;
+  // Behind a one-launch step with a fallback: only the entries it left (fallback[e] != 0) run;
+  // the other CTAs return at once. Null: every entry.
+  const int32_t* fallback = nullptr;    // [E]
 };
 
 struct ScoreArgs {
@@ -78,6 +81,10 @@ struct ScoreArgs {
   const int32_t* item_chunk = nullptr;  // [score_items] centroid chunk (kScoreChunk each)
   float* scores = nullptr;              // [total_clusters, G]
   float* part = nullptr;                // [score_items, Hkv, G, 2] (max, sum n e^(x - max))
+  // Behind a one-launch step with a fallback: only the entries it left (fallback[e] != 0) run;
+  // the other CTAs return at once. Null: every entry.
+  const int32_t* fallback = nullptr;    // [E]
+  int entries = 0;                      // E (read with fallback)
 };
 
 struct SelectArgs {
@@ -140,6 +147,9 @@ struct SelectArgs {
   // Launched with programmatic dependent launch after the scoring kernel: the prologue
   // (scoring queries, page-table prefetch, entry look-ups) runs before griddepcontrol.wait.
   int pdl = 0;
+  // Behind a one-launch step with a fallback: only the entries it left (fallback[e] != 0) run;
+  // the other CTAs return at once. Null: every entry.
+  const int32_t* fallback = nullptr;    // [E]
 };
 
 // What the one-launch step holds (fused_step.cuh checks its constants against these).
@@ -176,7 +186,10 @@ struct FusedStepArgs {
   float* out = nullptr;                  // [B, Hq, D] f32
   int32_t* far_size = nullptr;           // [total_clusters] out, or null
   int32_t* exact_n = nullptr;            // [E] out
-  uint32_t* error_flags = nullptr;       // bit 0: over 512 exact rows, bit 2: more candidates than the kernel holds
+  uint32_t* error_flags = nullptr;       // bit 0: over 512 exact rows, bit 2: over 512 candidates without a fallback
+  // [E] out, or null: 1 where the entry listed over 512 candidates and stopped after its
+  // coarse selection (the three-kernel step launched next finishes it), else 0.
+  int32_t* fallback = nullptr;
   // Diagnostics (null in normal runs): each CTA adds its phases' clock64 cycles to its own
   // kPhaseClockSlots slots (phase_clock.hpp; the profiled variant of the kernel).
   unsigned long long* prof = nullptr;    // [E * 16, kPhaseClockSlots]

@@ -773,7 +773,8 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
 // field.
 void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_centroid, int budget,
                              int coarse_budget, uint32_t seed, DType keys = DType::F32, DType kv = DType::BF16,
-                             bool far_field = true, bool empties = false) {
+                             bool far_field = true, bool empties = false,
+                             std::vector<int32_t>* fallbacks = nullptr) {
   SCOPED_TRACE(::testing::Message() << "G=" << G << " Hkv=" << Hkv << " D=" << D << " levels="
                                     << tokens_per_centroid.size() << " coarse_budget=" << coarse_budget
                                     << " keys=" << dtype_name(keys) << " kv=" << dtype_name(kv)
@@ -900,7 +901,8 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     CudaDecoder dec(ac);
     dec.plan(su.dev, su.cache.seqs, &index);
     ASSERT_TRUE(dec.plan_info().fused) << dec.plan_info().fused_why;
-    EXPECT_EQ(dec.multipole_launches(), 1);
+    EXPECT_EQ(dec.plan_info().fused_fallback, dec.plan_info().fused_candidate_bound > 512);
+    EXPECT_EQ(dec.multipole_launches(), dec.plan_info().fused_fallback ? 4 : 1);
     DeviceFloats dq(q), dqs(qs), dout(q.size());
     dout.poison();
     dec.clear_error_flags();
@@ -909,6 +911,40 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     outs.push_back(dout.get());
     fars.push_back(dec.far_sizes());
     EXPECT_EQ(dec.exact_counts(), three_counts);
+    if (fallbacks) {
+      *fallbacks = dec.fused_fallbacks();
+      // The four launches without programmatic dependent launch, and replayed from a graph three
+      // times back to back (each step's one-launch kernel rewrites the flags): the same step.
+      CudaDecoder plain(ac);
+      plain.set_pdl(false);
+      plain.plan(su.dev, su.cache.seqs, &index);
+      DeviceFloats pout(q.size()), gout(q.size());
+      pout.poison();
+      plain.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), pout.ptr(), nullptr);
+      EXPECT_EQ(plain.fused_fallbacks(), *fallbacks);
+      cudaStream_t st;
+      ASSERT_EQ(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+      cudaGraph_t g;
+      ASSERT_EQ(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+      dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), gout.ptr(), st);
+      ASSERT_EQ(cudaStreamEndCapture(st, &g), cudaSuccess);
+      cudaGraphExec_t exec;
+      ASSERT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
+      gout.poison();
+      for (int rep = 0; rep < 3; ++rep) ASSERT_EQ(cudaGraphLaunch(exec, st), cudaSuccess);
+      ASSERT_EQ(cudaStreamSynchronize(st), cudaSuccess);
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(g);
+      cudaStreamDestroy(st);
+      EXPECT_EQ(dec.fused_fallbacks(), *fallbacks);
+      EXPECT_EQ(dec.far_sizes(), fars.back());
+      EXPECT_EQ(dec.error_flags(), 0u);
+      const auto direct = outs.back(), p = pout.get(), gr = gout.get();
+      for (size_t i = 0; i < direct.size(); ++i) {  // (the far field's shared float atomics: not bitwise)
+        ASSERT_NEAR(p[i], direct[i], 1e-6f * (1.0f + std::fabs(direct[i]))) << "no PDL, element " << i;
+        ASSERT_NEAR(gr[i], direct[i], 1e-6f * (1.0f + std::fabs(direct[i]))) << "graph, element " << i;
+      }
+    }
   } else {
     // Outside its limits the plan keeps three launches and says why.
     CudaDecoder dec(ac);
@@ -960,6 +996,20 @@ TEST(CudaMultipole, TwoLevelsInOneLaunch) {
   compare_with_cpu_policy(4, 2, 128, {8, 128}, 128, 0, seed++, DType::BF16, DType::BF16, false);  // squeezed
   compare_with_cpu_policy(2, 2, 128, {16, 32}, 32, 1024, seed++, DType::F16, DType::F16);
   compare_with_cpu_policy(4, 2, 128, {16, 64}, 128, 0, seed++, DType::BF16, DType::BF16, true, true);  // empties
+}
+
+// Fine clusters of 2 tokens under a coarse budget of 2048: the long sequence's entries list
+// over 512 candidates, the shorter ones fewer. The one-launch step leaves the former to the
+// three kernels launched behind it, and the step still equals the three-kernel one.
+TEST(CudaMultipole, OneLaunchLeavesLongCandidateListsToThreeKernels) {
+  REQUIRE_GPU();
+  for (const DType kv : {DType::BF16, DType::F16}) {
+    std::vector<int32_t> left;
+    compare_with_cpu_policy(4, 2, 128, {2, 64}, 128, 2048, 920, kv, kv, true, false, &left);
+    ASSERT_EQ(left.size(), 6u);
+    // Entries (b, h) = b * 2 + h: the 1500- or 5000-token sequence's both heads, no others.
+    EXPECT_EQ(left, (std::vector<int32_t>{1, 1, 0, 0, 0, 0})) << dtype_name(kv);
+  }
 }
 
 TEST(CudaRuntime, RejectsBadInput) {

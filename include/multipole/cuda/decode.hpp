@@ -8,7 +8,9 @@
 // children (or gathers their logits) and selects among them (still three launches). Where the
 // plan finds that it holds (DecodePlanInfo::fused; small batches, G <= 4, d 128), a two-level
 // step runs in one launch instead: one 16-CTA thread-block cluster per (sequence, KV head)
-// (cuda/fused_step.cuh), the same rule and outputs. All launches of a step are asynchronous
+// (cuda/fused_step.cuh), the same rule and outputs; where the index allows more candidates
+// than that kernel holds, the three kernels follow it and finish only the entries that listed
+// too many (DecodePlanInfo::fused_fallback). All launches of a step are asynchronous
 // on the given stream and capturable in a CUDA graph once planned.
 #include <cstdint>
 #include <span>
@@ -32,9 +34,13 @@ struct DecodePlanInfo {
   int far_cap = 0;            // far-list capacity per entry (two-level)
   // The step runs in one launch (fused_step.cuh: one 16-CTA cluster per entry) where it holds:
   // two levels, head dim 128, G <= 4, keys in the cache's type, budget <= 128, <= 2048 coarse
-  // and <= 16384 fine clusters and <= 512 exact rows per entry, <= 512 candidates (bounded
-  // from the index), and every entry's cluster resident at once. fused_why: why not, if not.
+  // and <= 16384 fine clusters and <= 512 exact rows per entry, and every entry's cluster
+  // resident at once. fused_why: why not, if not. Candidates: where the index's bound allows
+  // over 512, fused_fallback: the three-kernel step is launched behind the one-launch step and
+  // runs only the entries that listed over 512 (the others' CTAs return at once), so a step
+  // is 4 launches and exact whatever the index.
   bool fused = false;
+  bool fused_fallback = false;
   const char* fused_why = "";
   int fused_candidate_bound = 0;  // most candidates any entry can list (two levels)
 };
@@ -64,13 +70,17 @@ class CudaDecoder {
   // out:     [B, Hq, D] f32 device (16-byte aligned)
   // Timing diagnostics only: stages 1 stops after scoring, 2 after selection, 4 runs the
   // attention kernel alone (on the previous step's selection); these are the three-kernel
-  // step's kernels, also where the plan chose one launch.
+  // step's kernels, also where the plan chose one launch. 5: the one-launch kernel alone, without
+  // the three kernels of a fused_fallback plan (the entries it leaves stay unfinished); as 3
+  // where the plan is not fused.
   void multipole(const DeviceKVCache& cache, int layer, const DeviceClusterIndex& index, const float* q,
                  const float* q_score, float* out, Stream stream, int stages = 3) const;
 
   static constexpr int kDenseLaunches = 1;
   static constexpr int kMultipoleLaunches = 3;
-  int multipole_launches() const { return info_.fused ? 1 : kMultipoleLaunches; }
+  int multipole_launches() const {
+    return info_.fused ? (info_.fused_fallback ? 1 + kMultipoleLaunches : 1) : kMultipoleLaunches;
+  }
   // Tests and A/B: whether plan() may choose the one-launch step (default: yes, unless the
   // environment sets MULTIPOLE_FUSED=0). Takes effect at the next plan().
   void set_fused(bool allow) { fused_allowed_ = allow; }
@@ -78,8 +88,12 @@ class CudaDecoder {
   // Inspection of the last multipole step (synchronous; tests and diagnostics).
   std::vector<int32_t> far_sizes() const;       // [total_clusters]: n if far field, 0 if selected/empty
   std::vector<int32_t> exact_counts() const;    // [B * Hkv]
+  // [B * Hkv]: 1 where the last one-launch step left the entry to the three kernels (over
+  // 512 candidates), else 0; all 0 without fused_fallback.
+  std::vector<int32_t> fused_fallbacks() const;
   // bit 0: an exact set overflowed its capacity; bit 2: the one-launch step found more
-  // candidates than it holds (the index grew past the plan's bound: plan again)
+  // candidates than it holds without a fallback planned (the index grew past the plan's
+  // bound: plan again)
   uint32_t error_flags() const;
   void clear_error_flags();
   // Diagnostics: a device buffer of 32 u64 per entry (B x Hkv, zeroed by the caller) that
@@ -136,6 +150,7 @@ class CudaDecoder {
   // Workspaces.
   DeviceBuffer part_o_, part_ml_, counters_, scores_, score_part_, far_size_, exact_rows_, exact_n_, errors_;
   DeviceBuffer far_ids_, far_n_;
+  DeviceBuffer fallback_;  // [B * Hkv] the one-launch step's leftovers (fused_fallback)
   int64_t index_clusters_ = 0;
   int smem_clusters_ = 0;
   int cand_cache_ = 0;  // candidates of the two-level selection cached in shared memory
