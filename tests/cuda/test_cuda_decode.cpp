@@ -320,6 +320,25 @@ TEST(CudaDense, DeviceAppendMatchesHostWrite) {
 
 namespace {
 
+// Captures step(stream) into a CUDA graph on a new non-blocking stream and replays it `reps`
+// times back to back, then waits for it.
+template <class Step>
+void replay_in_graph(Step&& step, int reps) {
+  cudaStream_t s;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  cudaGraph_t g;
+  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  step(s);
+  ASSERT_EQ(cudaStreamEndCapture(s, &g), cudaSuccess);
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
+  for (int rep = 0; rep < reps; ++rep) ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(s);
+}
+
 // A random cluster index over [sinks, end) of each (b, h): positions shuffled, cluster
 // sizes skewed (a few large, many small, some singletons); centroids are member means
 // (keys as cached, perturbed), value centroids the member means.
@@ -724,17 +743,8 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
     on.multipole(dev, 0, index, dq.ptr(), dqs.ptr(), direct.ptr(), nullptr);
     EXPECT_EQ(on.far_sizes(), far_off);
     EXPECT_EQ(on.exact_counts(), exact_off);
-    cudaStream_t s;
-    ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
-    cudaGraph_t g;
-    ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-    on.multipole(dev, 0, index, dq.ptr(), dqs.ptr(), graph.ptr(), s);
-    ASSERT_EQ(cudaStreamEndCapture(s, &g), cudaSuccess);
-    cudaGraphExec_t exec;
-    ASSERT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
     graph.poison();
-    for (int rep = 0; rep < 3; ++rep) ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
-    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    replay_in_graph([&](cudaStream_t s) { on.multipole(dev, 0, index, dq.ptr(), dqs.ptr(), graph.ptr(), s); }, 3);
     EXPECT_EQ(on.far_sizes(), far_off);
     EXPECT_EQ(on.exact_counts(), exact_off);
     EXPECT_EQ(on.error_flags(), 0u);
@@ -749,9 +759,6 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
         ASSERT_NEAR(a[i], c[i], 1e-6f * (1.0f + std::fabs(a[i]))) << "graph, element " << i;
       }
     }
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(g);
-    cudaStreamDestroy(s);
   }
 }
 
@@ -922,20 +929,8 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
       pout.poison();
       plain.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), pout.ptr(), nullptr);
       EXPECT_EQ(plain.fused_fallbacks(), *fallbacks);
-      cudaStream_t st;
-      ASSERT_EQ(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
-      cudaGraph_t g;
-      ASSERT_EQ(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-      dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), gout.ptr(), st);
-      ASSERT_EQ(cudaStreamEndCapture(st, &g), cudaSuccess);
-      cudaGraphExec_t exec;
-      ASSERT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
       gout.poison();
-      for (int rep = 0; rep < 3; ++rep) ASSERT_EQ(cudaGraphLaunch(exec, st), cudaSuccess);
-      ASSERT_EQ(cudaStreamSynchronize(st), cudaSuccess);
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(g);
-      cudaStreamDestroy(st);
+      replay_in_graph([&](cudaStream_t s) { dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), gout.ptr(), s); }, 3);
       EXPECT_EQ(dec.fused_fallbacks(), *fallbacks);
       EXPECT_EQ(dec.far_sizes(), fars.back());
       EXPECT_EQ(dec.error_flags(), 0u);
