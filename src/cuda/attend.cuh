@@ -84,7 +84,9 @@ __global__ void __launch_bounds__(128, 2) attend_kernel(const AttendArgs a) {
   const int Hkv = a.num_kv_heads, G = a.group, g0 = chunk * GC;
   const int gcount = min(GC, G - g0);
   const int e = b * Hkv + h;
-  if (MP && a.fallback && __ldcg(a.fallback + e) == 0) return;  // finished by the one-launch step (as in select)
+  // An entry the one-launch step finished (this kernel starts after the selection kernel, which
+  // follows that step with a plain launch: the flags are final).
+  if (MP && a.fallback && __ldcg(a.fallback + e) == 0) return;
   const int seq = a.seq_ids[b];
   const int nsplit = a.seq_splits[b];
   const int P = a.page_size;

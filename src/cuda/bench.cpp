@@ -202,7 +202,7 @@ void print_plan(const char* what, const CudaDecoder& dec, int B, int64_t ctx) {
                  static_cast<long long>(ctx), what, p.fused_candidate_bound);
   else
     std::fprintf(stderr,
-                 "bench: b%d %lld tokens, %s: one launch, then the three kernels for entries over 512 candidates "
+                 "bench: b%d %lld tokens, %s: one launch, then selection and attention for entries over 512 candidates "
                  "(the index allows %d)\n",
                  B, static_cast<long long>(ctx), what, p.fused_candidate_bound);
 }
@@ -545,13 +545,13 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
              kdec.multipole_launches(), kdec.plan_info().fused ? B * Hkv * 16 : kdec.plan_info().mp_ctas);
         print_plan("k-means index", kdec, B, ctx);
         if (kdec.plan_info().fused_fallback) {
-          // The one-launch kernel alone: what the three kernels behind it cost when they have nothing to do.
+          // The one-launch kernel alone: what the two kernels behind it cost when they have nothing to do.
           emit("mp-km-1launch", [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s, 5); }, 0, 1,
                B * Hkv * 16);
           kdec.multipole(dev, 0, km.index(), pq, pqs, po, stream);
           const auto left = kdec.fused_fallbacks();
           std::fprintf(stderr, "bench: b%d %lld tokens: the k-means index's last step left %lld of %zu entries to the "
-                       "three kernels\n", B, static_cast<long long>(ctx),
+                       "kernels behind it\n", B, static_cast<long long>(ctx),
                        static_cast<long long>(std::count(left.begin(), left.end(), 1)), left.size());
         }
         if (kdec.plan_info().fused) {

@@ -421,14 +421,19 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     f.error_flags = errors_.as<uint32_t>();
     f.prof = step_prof_;
     f.fallback = info_.fused_fallback ? fallback_.as<int32_t>() : nullptr;
+    f.scores = scores_.as<float>();
+    f.part = score_part_.as<float>();
+    f.seq_score_base = s_seq_base_.as<const int32_t>();
+    f.seq_score_chunks = s_seq_chunks_.as<const int32_t>();
     launch_fused_step(f, cache.config().dtype, E, stream);
     if (!info_.fused_fallback || stages == 5) return;
   }
-  // Behind the one-launch step: only the entries it left.
+  // Behind the one-launch step: only the entries it left, whose coarse logits and normalisers
+  // it wrote (no scoring launch; the selection scores their candidates).
   const int32_t* fallback = info_.fused && stages == 3 ? fallback_.as<const int32_t>() : nullptr;
 
   // stages: 1 score, 2 score + select, 3 all, 4 attention only (diagnostics).
-  if (info_.score_ctas > 0 && stages != 4) {
+  if (info_.score_ctas > 0 && stages != 4 && !fallback) {
     ScoreArgs s;
     s.q_score = q_score;
     s.key_centroids = cv.key_centroids;
@@ -445,8 +450,6 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     s.item_chunk = s_item_chunk_.as<const int32_t>();
     s.scores = scores_.as<float>();
     s.part = score_part_.as<float>();
-    s.fallback = fallback;
-    s.entries = E;
     launch_score(s, config_.head_dim, gc_, cv.key_dtype == DType::F32 ? DType::F32 : cache.config().dtype,
                  info_.score_work / (Hkv * head_chunks_), info_.score_ctas, stream);
   }
@@ -487,7 +490,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   sa.cand_cache = std::min(cand_cache_, std::max(select_cand_max_, 0));
   sa.fallback = fallback;
   // Programmatic dependent launch only right after our own scoring kernel (a kernel node).
-  sa.pdl = pdl_ && info_.score_ctas > 0 ? 1 : 0;
+  sa.pdl = pdl_ && info_.score_ctas > 0 && !fallback ? 1 : 0;
   if (info_.hierarchical) {
     sa.entry_coarse = cv.entry_coarse;
     sa.coarse_budget = coarse_budget_;
@@ -497,7 +500,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     sa.head_dim = config_.head_dim;
     sa.qscale = config_.softmax_scale() * 1.4426950408889634f;
     sa.scores_out = scores_.as<float>();
-    sa.prescored = info_.prescored ? 1 : 0;
+    sa.prescored = info_.prescored && !fallback ? 1 : 0;
     sa.far_ids = far_ids_.as<int32_t>();
     sa.far_n = far_n_.as<int32_t>();
     sa.far_cap = info_.far_cap;

@@ -19,8 +19,8 @@
 // padded to 4), 16-bit keys in the cache's type, at most kMaxCoarse coarse clusters and
 // kMaxFineIds fine ones per entry, at most kMaxCand candidates (a bound computed from the
 // index, or any number with a fallback: an entry that lists more stops after its coarse
-// selection, marks itself in FusedStepArgs::fallback and is finished by the three-kernel step
-// launched behind this one), at most kSlots * 128 exact rows, budget <= kMaxPicks. Without a
+// selection, writes its coarse logits and normalisers, marks itself in FusedStepArgs::fallback
+// and is finished by the selection and attention kernels launched behind this one), at most kSlots * 128 exact rows, budget <= kMaxPicks. Without a
 // fallback, a step that finds more candidates (an index changed since the plan) sets error bit 2.
 // Code size matters as in the labs: no exp2f (fast_exp2), loops over heads unrolled only where
 // the registers need it.
@@ -224,13 +224,24 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       }
     const int lists = min(total & 0xffff, kMaxCand), children = total >> 16;
     // More candidates than the kernel holds (every CTA of the cluster sees the same count):
-    // with a fallback the entry is left to the three-kernel step launched after this one.
+    // with a fallback the entry is left to the selection and attention kernels launched after this one.
     const bool over = (C > 0 ? children : a.entry_count[e]) > kMaxCand;  // (C = 0: F, read again)
     if (tid == 0 && rank == 0) {
       if (a.fallback) a.fallback[e] = over ? 1 : 0;
       else if (over) atomicOr(a.error_flags, 4u);
     }
     if (over && a.fallback) {
+      for (int i = tid; i < n_local * G; i += kThreads)
+        a.scores[size_t(cb + c0 + i / G) * G + i % G] = reinterpret_cast<const float*>(&xall[c0 + i / G])[i % G];
+      if (rank == 0) {
+        const int sb = a.seq_score_base[b], nch = a.seq_score_chunks[b];
+        for (int i = tid; i < nch * G; i += kThreads) {
+          float* p = a.part + ((size_t(sb + i / G) * Hkv + h) * G + i % G) * 2;
+          const bool whole = i < G;
+          p[0] = whole ? gmax[i] : -INFINITY;
+          p[1] = whole && gzinv[i] > 0 ? 1.0f / gzinv[i] : 0.0f;
+        }
+      }
       cp_async_wait<0>();  // the value slice's copies must not outlive the CTA
       return;
     }

@@ -81,10 +81,6 @@ struct ScoreArgs {
   const int32_t* item_chunk = nullptr;  // [score_items] centroid chunk (kScoreChunk each)
   float* scores = nullptr;              // [total_clusters, G]
   float* part = nullptr;                // [score_items, Hkv, G, 2] (max, sum n e^(x - max))
-  // Behind a one-launch step with a fallback: only the entries it left (fallback[e] != 0) run;
-  // the other CTAs return at once. Null: every entry.
-  const int32_t* fallback = nullptr;    // [E]
-  int entries = 0;                      // E (read with fallback)
 };
 
 struct SelectArgs {
@@ -188,8 +184,15 @@ struct FusedStepArgs {
   int32_t* exact_n = nullptr;            // [E] out
   uint32_t* error_flags = nullptr;       // bit 0: over 512 exact rows, bit 2: over 512 candidates without a fallback
   // [E] out, or null: 1 where the entry listed over 512 candidates and stopped after its
-  // coarse selection (the three-kernel step launched next finishes it), else 0.
+  // coarse selection (the selection and attention kernels launched next finish it), else 0.
   int32_t* fallback = nullptr;
+  // With a fallback, what the scoring kernel would have written for a left entry, so that the
+  // selection kernel (not prescored) runs without it: the coarse logits and the normaliser,
+  // the whole of it in the sequence's first score item, (-inf, 0) in its others.
+  float* scores = nullptr;                    // [total_clusters, G]
+  float* part = nullptr;                      // [score_items, Hkv, G, 2]
+  const int32_t* seq_score_base = nullptr;    // [B]
+  const int32_t* seq_score_chunks = nullptr;  // [B]
   // Diagnostics (null in normal runs): each CTA adds its phases' clock64 cycles to its own
   // kPhaseClockSlots slots (phase_clock.hpp; the profiled variant of the kernel).
   unsigned long long* prof = nullptr;    // [E * 16, kPhaseClockSlots]

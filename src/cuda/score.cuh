@@ -38,7 +38,6 @@ struct ScoreStage {
 // One work item: centroid chunk ck of entry (b, h), heads g0 .. g0 + gcount - 1 of the group.
 struct ScoreItem {
   int b, ck, h, g0, gcount, cbegin, C, Cn;
-  bool skip;  // an entry the one-launch step finished (ScoreArgs::fallback)
 };
 // Work item w = y * items + x: score item x (a chunk of sequence b) for head chunk y.
 template <int GC>
@@ -54,7 +53,6 @@ __device__ __forceinline__ ScoreItem score_item(const ScoreArgs& a, int items, i
   it.cbegin = a.entry_begin[e];
   it.C = a.entry_count[e];
   it.Cn = a.entry_normed ? a.entry_normed[e] : it.C;
-  it.skip = a.fallback && __ldcg(a.fallback + e) == 0;
   return it;
 }
 
@@ -212,13 +210,6 @@ __global__ void __launch_bounds__(128, 4) score_kernel(const ScoreArgs a, int it
   extern __shared__ __align__(16) unsigned char s_ring[];
 
   pdl_trigger();  // the selection kernel may start its prologue (it waits for our writes)
-  // Behind the one-launch step (launched after it ends, not programmatically): a CTA returns at
-  // once when that step left no entry, one round trip instead of one per item.
-  if (a.fallback) {
-    bool any = false;
-    for (int e = threadIdx.x; e < a.entries; e += blockDim.x) any |= __ldcg(a.fallback + e) != 0;
-    if (!__syncthreads_or(any)) return;
-  }
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int Hkv = a.num_kv_heads, G = a.group;
   const int l = lane % L, tok = warp * TPW + lane / L;
@@ -228,7 +219,6 @@ __global__ void __launch_bounds__(128, 4) score_kernel(const ScoreArgs a, int it
   auto issue = [&](int w, int st) {
     if (w >= work) return;
     const ScoreItem it = score_item<GC>(a, items, w);
-    if (it.skip) return;
     unsigned char* base = s_ring + st * Stage::kBytes;
 #pragma unroll
     for (int k = 0; k < kPasses; ++k) {
@@ -269,10 +259,6 @@ __global__ void __launch_bounds__(128, 4) score_kernel(const ScoreArgs a, int it
     __syncthreads();  // every thread's copies of item w have landed
 
     const ScoreItem it = score_item<GC>(a, items, w);
-    if (it.skip) {  // (uniform over the CTA; its stage was never filled)
-      st = st + 1 == S ? 0 : st + 1;
-      continue;
-    }
     const unsigned char* base = s_ring + st * Stage::kBytes;
     if constexpr (sizeof(CT) == 2)
       score_rows_mma<D, GC, CT>(a, it, base, s_red);

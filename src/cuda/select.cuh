@@ -233,8 +233,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int e = blockIdx.x, Hkv = a.num_kv_heads, G = a.group, D = a.head_dim;
-  // An entry the one-launch step finished. (That step ended before the scoring kernel began, and
-  // this kernel starts after that one: the flags are final; read from L2.)
+  // An entry the one-launch step finished. (This kernel follows that step with a plain launch:
+  // the flags are final; read from L2.)
   if (a.fallback && __ldcg(a.fallback + e) == 0) return;
   const int b = e / Hkv, h = e % Hkv;
   const int cb = a.entry_begin[e], Cc = a.entry_coarse[e], Cf = a.entry_count[e] - Cc, fb = cb + Cc;

@@ -50,7 +50,7 @@ struct CudaBenchRow {
   std::string variant;       // dense, multipole, mp-3launch (the three-kernel step where multipole takes one
                              // launch), squeezed, mp-1level, mp-score, mp-score+select, mp-attend,
                              // kmeans-prefill (one build for the whole batch), mp-kmeans-index, mp-km-3launch,
-                             // mp-km-1launch (its one-launch kernel alone, where three kernels follow it),
+                             // mp-km-1launch (its one-launch kernel alone, where two kernels follow it),
                              // kmeans-update, kmeans-upd/token (DeviceKMeans::append of W tokens into a nearly
                              // full block, wall time), kmeans-update-life, kmeans-upd/tok-life (the mean over
                              // the block_size / W updates of a block's life)

@@ -9,8 +9,8 @@
 // plan finds that it holds (DecodePlanInfo::fused; small batches, G <= 4, d 128), a two-level
 // step runs in one launch instead: one 16-CTA thread-block cluster per (sequence, KV head)
 // (cuda/fused_step.cuh), the same rule and outputs; where the index allows more candidates
-// than that kernel holds, the three kernels follow it and finish only the entries that listed
-// too many (DecodePlanInfo::fused_fallback). All launches of a step are asynchronous
+// than that kernel holds, the selection and attention kernels follow it and finish only the
+// entries that listed too many (DecodePlanInfo::fused_fallback). All launches of a step are asynchronous
 // on the given stream and capturable in a CUDA graph once planned.
 #include <cstdint>
 #include <span>
@@ -71,7 +71,7 @@ class CudaDecoder {
   // Timing diagnostics only: stages 1 stops after scoring, 2 after selection, 4 runs the
   // attention kernel alone (on the previous step's selection); these are the three-kernel
   // step's kernels, also where the plan chose one launch. 5: the one-launch kernel alone, without
-  // the three kernels of a fused_fallback plan (the entries it leaves stay unfinished); as 3
+  // the two kernels behind it in a fused_fallback plan (the entries it leaves stay unfinished); as 3
   // where the plan is not fused.
   void multipole(const DeviceKVCache& cache, int layer, const DeviceClusterIndex& index, const float* q,
                  const float* q_score, float* out, Stream stream, int stages = 3) const;
@@ -79,7 +79,8 @@ class CudaDecoder {
   static constexpr int kDenseLaunches = 1;
   static constexpr int kMultipoleLaunches = 3;
   int multipole_launches() const {
-    return info_.fused ? (info_.fused_fallback ? 1 + kMultipoleLaunches : 1) : kMultipoleLaunches;
+    // A fused_fallback step: the one-launch kernel, then selection and attention for what it left.
+    return info_.fused ? (info_.fused_fallback ? 3 : 1) : kMultipoleLaunches;
   }
   // Tests and A/B: whether plan() may choose the one-launch step (default: yes, unless the
   // environment sets MULTIPOLE_FUSED=0). Takes effect at the next plan().
@@ -88,7 +89,7 @@ class CudaDecoder {
   // Inspection of the last multipole step (synchronous; tests and diagnostics).
   std::vector<int32_t> far_sizes() const;       // [total_clusters]: n if far field, 0 if selected/empty
   std::vector<int32_t> exact_counts() const;    // [B * Hkv]
-  // [B * Hkv]: 1 where the last one-launch step left the entry to the three kernels (over
+  // [B * Hkv]: 1 where the last one-launch step left the entry to the kernels behind it (over
   // 512 candidates), else 0; all 0 without fused_fallback.
   std::vector<int32_t> fused_fallbacks() const;
   // bit 0: an exact set overflowed its capacity; bit 2: the one-launch step found more
