@@ -15,13 +15,17 @@
 //            barrier from the slope over 0 and 256 barriers;
 //   dsmem:   one thread following dependent loads through the shared memory of the other
 //            CTAs of its cluster, per hop;
-//   chain:   one warp running dependent FMAs, shuffles or shared-memory loads, per step.
+//   chain:   one warp running dependent FMAs, shuffles or shared-memory loads, per step;
+//   follow:  what a kernel launched behind another costs, by the kind of the first (plain or
+//            clusters of 8 / 16 CTAs as the one-launch step, with or without ~100 KB of dynamic
+//            shared memory) and of the second (plain, with or without it): gpu-notes item 38.
 // Usage: lab_latency_floor [iterations, default 41]. Prints one line per measurement.
 // H200, session H23 (two runs, medians agree within 0.2 us): 1 empty kernel 2.8-3.0 us, 3
 // chained by PDL 4.3-4.5; a DRAM round trip after the flush 0.34-0.36 us, an L2 one 0.15;
 // __syncthreads 0.014 (256 threads) / 0.039 us (1024); a cluster barrier 0.19-0.38 us; a
 // dependent DSMEM load 0.10 us; one warp's dependent FMA 0.002, shuffle + add 0.018,
-// shared-memory load 0.015 us.
+// shared-memory load 0.015 us. Session H30 (two runs): a kernel of 8 CTAs behind another adds
+// 0.5-0.9 us whatever the first (plain, clusters of 8 or 16, 100 KB of shared memory or none).
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -67,6 +71,13 @@ __global__ void cluster_barrier_kernel(int n, uint32_t* sink) {
   cg::cluster_group cluster = cg::this_cluster();
   for (int i = 0; i < n; ++i) cluster.sync();
   if (threadIdx.x == 0 && n < 0) sink[0] = 1;
+}
+
+// Holds `dynamic` bytes of shared memory and does nothing else (whether the CTA's room matters
+// to the kernel behind it).
+__global__ void roomy_kernel() {
+  extern __shared__ uint8_t room[];
+  if (threadIdx.x == 1u << 30) room[0] = 0;
 }
 
 // One warp runs n dependent steps of one kind (the chains a phase of one CTA is made of):
@@ -270,6 +281,45 @@ int main(int argc, char** argv) {
     const double t0 = bench.time_us([&](cudaStream_t st) { chain_kernel<<<1, 32, 0, st>>>(kind, 0, sink); });
     const double t1 = bench.time_us([&](cudaStream_t st) { chain_kernel<<<1, 32, 0, st>>>(kind, kSteps, sink); });
     report(kinds[kind], (t1 - t0) / kSteps);
+  }
+
+  // A kernel behind another: each pair against its first kernel alone. The first as the
+  // one-launch step at batch 1 (8 clusters of 16 x 256 threads, 2 CTAs an SM) or plain.
+  constexpr int kRoom = 100 << 10;
+  LAB_CHECK(cudaFuncSetAttribute(roomy_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  LAB_CHECK(cudaFuncSetAttribute(roomy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRoom));
+  struct Kind {
+    const char* name;
+    int cluster;  // 0: a plain launch of 128 CTAs
+    int room;
+  };
+  const Kind firsts[] = {{"plain", 0, 0}, {"plain 100 KB", 0, kRoom}, {"clusters of 8", 8, 0},
+                         {"clusters of 16", 16, 0}, {"clusters of 16, 100 KB", 16, kRoom}};
+  const Kind seconds[] = {{"plain 8 CTAs", 0, 0}, {"plain 8 CTAs 100 KB", 0, kRoom}, {"8 clusters of 1", 1, 0},
+                          {"clusters of 16", 16, 0}};
+  auto launch = [&](const Kind& k, int ctas, cudaStream_t st) {
+    if (k.cluster == 0) {
+      roomy_kernel<<<ctas, 256, size_t(k.room), st>>>();
+      LAB_CHECK(cudaGetLastError());
+    } else {
+      cudaLaunchAttribute attr;
+      const cudaLaunchConfig_t cfg = lab::cluster_launch_config(attr, 8, k.cluster, 256, st, size_t(k.room));
+      LAB_CHECK(cudaLaunchKernelEx(&cfg, roomy_kernel));
+    }
+  };
+  for (const Kind& first : firsts) {
+    const double alone = bench.time_us([&](cudaStream_t st) { launch(first, 128, st); });
+    char what[96];
+    std::snprintf(what, sizeof what, "follow: %s alone", first.name);
+    report(what, alone);
+    for (const Kind& second : seconds) {
+      const double pair = bench.time_us([&](cudaStream_t st) {
+        launch(first, 128, st);
+        launch(second, 8, st);
+      });
+      std::snprintf(what, sizeof what, "follow: %s, then %s (added)", first.name, second.name);
+      report(what, pair - alone);
+    }
   }
   LAB_CHECK(cudaDeviceSynchronize());
   return 0;
