@@ -150,9 +150,9 @@ void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClus
 // Diagnostics (MULTIPOLE_STEP_PROFILE set, the step in one launch): per-phase time of the
 // one-launch step over `iterations` flushed steps, thread 0 of each of its CTAs: the mean over
 // CTAs and the slowest CTA's; printed to stderr. Barrier waits count in the phase they end.
-void profile_fused_step(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClusterIndex& index, const float* q,
-                        const float* qs, float* out, const CudaBenchOptions& o, cudaStream_t s, DeviceBuffer& flush,
-                        int B, int64_t ctx) {
+void profile_fused_step(const char* what, CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClusterIndex& index,
+                        const float* q, const float* qs, float* out, const CudaBenchOptions& o, cudaStream_t s,
+                        DeviceBuffer& flush, int B, int64_t ctx) {
   constexpr int kPhases = 14;
   const int ctas = index.entries() * 16;
   const size_t S = detail::kPhaseClockSlots;
@@ -168,12 +168,22 @@ void profile_fused_step(CudaDecoder& dec, const DeviceKVCache& dev, const Device
   static const char* names[kPhases] = {"prologue", "coarse-score", "barrier-1", "coarse-norm", "coarse-select",
                                        "candidates", "cand-score", "barrier-2", "frontier", "fine-select",
                                        "rows-issued", "far-field", "exact-join", "merge"};
-  std::fprintf(stderr, "step-profile B=%d ctx=%lld: kernel(thread 0) mean %.2f us, slowest CTA (%d) %.2f us; clock=%.2f GHz\n",
-               B, static_cast<long long>(ctx), double(r.v[detail::kPhaseClockNs]) / r.ctas * 1e-3, slow,
+  std::fprintf(stderr,
+               "step-profile %s B=%d ctx=%lld: kernel(thread 0) mean %.2f us, slowest CTA (%d) %.2f us; clock=%.2f GHz\n",
+               what, B, static_cast<long long>(ctx), double(r.v[detail::kPhaseClockNs]) / r.ctas * 1e-3, slow,
                double(w[detail::kPhaseClockNs]) / it * 1e-3, r.ghz);
   for (int k = 0; k < kPhases; ++k)
     std::fprintf(stderr, "  %-13s mean %6.2f us  slowest CTA %6.2f us\n", names[k],
                  double(r.v[size_t(k)]) / r.ctas / r.ghz * 1e-3, double(w[k]) / it / r.ghz * 1e-3);
+  // Slots after the phases, per selection: picks, picks taken at once, cycles of the walk's rounds.
+  for (int sel = 0; sel < 2; ++sel) {
+    const size_t k = size_t(kPhases + 3 * sel);
+    std::fprintf(stderr,
+                 "  %s selection: picks mean %.1f (%.1f at once), walk %.2f us; slowest CTA %.1f (%.1f), walk %.2f us\n",
+                 sel == 0 ? "coarse" : "fine", double(r.v[k]) / r.ctas, double(r.v[k + 1]) / r.ctas,
+                 double(r.v[k + 2]) / r.ctas / r.ghz * 1e-3, double(w[k]) / it, double(w[k + 1]) / it,
+                 double(w[k + 2]) / it / r.ghz * 1e-3);
+  }
 }
 
 // Diagnostics (MULTIPOLE_UPDATE_PROFILE set): per-phase time of the online update kernel
@@ -425,7 +435,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
              CudaDecoder::kMultipoleLaunches, three.plan_info().mp_ctas);
       }
       if (dec.plan_info().fused && std::getenv("MULTIPOLE_STEP_PROFILE"))
-        profile_fused_step(dec, dev, index, pq, pqs, po, o, stream, flush, B, ctx);
+        profile_fused_step("synthetic", dec, dev, index, pq, pqs, po, o, stream, flush, B, ctx);
       if (index.hierarchical() && !dec.plan_info().fused && std::getenv("MULTIPOLE_SELECT_PROFILE"))
         profile_select(dec, dev, index, pq, pqs, po, o, stream, flush, B, ctx);
       emit("squeezed", [&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes - vbytes,
@@ -544,6 +554,8 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
              [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s); }, mp_bytes,
              kdec.multipole_launches(), kdec.plan_info().fused ? B * Hkv * 16 : kdec.plan_info().mp_ctas);
         print_plan("k-means index", kdec, B, ctx);
+        if (kdec.plan_info().fused && std::getenv("MULTIPOLE_STEP_PROFILE"))
+          profile_fused_step("gpu-kmeans", kdec, dev, km.index(), pq, pqs, po, o, stream, flush, B, ctx);
         if (kdec.plan_info().fused_fallback) {
           // The one-launch kernel alone: what the two kernels behind it cost when they have nothing to do.
           emit("mp-km-1launch", [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s, 5); }, 0, 1,

@@ -42,6 +42,7 @@ struct Greedy {
   int hist[256], digit_info[3], warp_count[kWarps];
   unsigned long long best[2][kWarps];
   int pick_j[kMaxPicks], pick_first[kMaxPicks], pick_row[kMaxPicks + 1], n_picks, prefix_picks;
+  int all_picks, all_prefix_picks;  // not capped at kMaxPicks (diagnostics)
   uint32_t selected_bits[Keys / 32];
 
   __device__ bool selected(int j) const { return (selected_bits[j / 32] >> (j % 32)) & 1u; }
@@ -216,7 +217,10 @@ __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payl
     rows += n, room -= n;
   }
   // Rows are listed only when every pick is (picks <= kMaxPicks: a budget of at most 128 tokens).
-  if (tid == 0) gs.pick_row[min(picks, kMaxPicks)] = rows, gs.n_picks = min(picks, kMaxPicks), gs.prefix_picks = min(prefix_picks, kMaxPicks);
+  if (tid == 0) {
+    gs.pick_row[min(picks, kMaxPicks)] = rows, gs.n_picks = min(picks, kMaxPicks);
+    gs.prefix_picks = min(prefix_picks, kMaxPicks), gs.all_picks = picks, gs.all_prefix_picks = prefix_picks;
+  }
   __syncthreads();
 }
 

@@ -68,6 +68,8 @@ __device__ __forceinline__ void load_kv_lane(const FusedStepArgs& a, const int32
 
 // Phases of the profiled variant (kProf; FusedStepArgs::prof): the clock64 cycles of each, per
 // CTA, into slots [0, kFusedPhases); the names are the bench's (bench.cpp, MULTIPOLE_STEP_PROFILE).
+// Then per selection (coarse, fine): its picks, those taken at once by the radix passes, and the
+// cycles of the walk's rounds after them.
 constexpr int kFusedPhases = 14;
 
 template <class CT, bool kProf>
@@ -191,9 +193,14 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
                    ? pick_key(importance(coarse_x(r), gmax, gzinv), tid + r * kThreads, min(own_n[r], coarse_cap))
                    : 0ull;
     }
-    greedy_select<true>(key, no_payload, a.coarse_budget, 255, coarse_sel, [] {}, [] {});
+    long long walk = 0;  // (profiled variant) the clock at the start of the walk's rounds
+    greedy_select<true>(key, no_payload, a.coarse_budget, 255, coarse_sel, [] {}, [&] {
+      if constexpr (kProf) walk = clock64();
+    });
+    if constexpr (kProf) pc.add(kFusedPhases + 2, int(clock64() - walk));
   }
   pc.mark(4);
+  if constexpr (kProf) pc.add(kFusedPhases, coarse_sel.all_picks), pc.add(kFusedPhases + 1, coarse_sel.all_prefix_picks);
 
   // 4. Candidates: the children of the selected coarse clusters, marked in a bitmap of fine ids
   //    and listed in ascending id, the order of the three-kernel path. (Empty children stay:
@@ -357,9 +364,14 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
                    ? pick_key(importance(cand_x[r], gmax, gzinv), tid + r * kThreads, min(cand_n[r], a.budget + 1))
                    : 0ull;
     }
-    greedy_select<true>(key, cand_off, a.budget, 255, fine_sel, [] {}, [] {});
+    long long walk = 0;
+    greedy_select<true>(key, cand_off, a.budget, 255, fine_sel, [] {}, [&] {
+      if constexpr (kProf) walk = clock64();
+    });
+    if constexpr (kProf) pc.add(kFusedPhases + 5, int(clock64() - walk));
   }
   pc.mark(9);
+  if constexpr (kProf) pc.add(kFusedPhases + 3, fine_sel.all_picks), pc.add(kFusedPhases + 4, fine_sel.all_prefix_picks);
 
   // 7. This warp's selected rows (member list, page table, then K and V); its candidates that
   //    were not selected stay as pseudo-rows.
