@@ -14,6 +14,7 @@ constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kG = 4;  // query heads of a group held per cluster logit (float4); fewer are padded
 constexpr int kKeyIndexLimit = 2048;  // indices a key can hold (its 16 index bits count down from here)
 constexpr int kMaxPicks = 128;        // picks whose rows a selection lists (warp 0 scans them 4 a lane)
+constexpr int kRoundsBeforeBatch = 2; // greedy_select<..., Walk = 2>: one-pick rounds before walk_batched
 
 // A cluster's importance per token: sum_g 2^(x_g - gmax_g) / Z_g (gzinv_g = 1 / Z_g; 0 for a
 // padded head).
@@ -64,6 +65,116 @@ struct Greedy {
 constexpr int kCountShift = 20;
 constexpr int kTokenMask = (1 << kCountShift) - 1;
 
+// Scratch of walk_batched in Greedy::hist (free after the radix passes).
+struct WalkScratch {
+  unsigned long long cand[kWarps * 4];  // each warp's four largest best keys, 0 for none
+  int cand_payload[kWarps * 4];
+  unsigned long long bound[kWarps];     // each warp's largest key that is no candidate
+  int room, rows, picks;
+  unsigned long long below;
+};
+
+// The greedy walk, many keys a round. Every thread takes its two largest eligible keys (under
+// `below`, size <= room; one that does not fit now never will). Let L be the largest key that
+// is not among the warps' four largest first keys: every key above L is such a candidate, so
+// the candidates above L are exactly the eligible keys above L. Warp 0 sorts them and walks
+// them in order (taken if it fits, else skipped for good), and the next round looks below L.
+// A round settles at least one key (the largest) and typically many. Same picks, listing and
+// bits as the one-pick rounds.
+template <int Owned, int Keys>
+__device__ void walk_batched(const unsigned long long (&key)[Owned], const int (&payload)[Owned], Greedy<Keys>& gs,
+                             int& room, int& rows, int& picks, unsigned long long& below) {
+  static_assert(sizeof(WalkScratch) <= sizeof(gs.hist), "the walk's scratch lives in hist[]");
+  WalkScratch& ws = *reinterpret_cast<WalkScratch*>(gs.hist);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const auto warp_max = [](unsigned long long v) {
+    const unsigned hi = __reduce_max_sync(0xffffffffu, unsigned(v >> 32));
+    const unsigned lo = __reduce_max_sync(0xffffffffu, unsigned(v >> 32) == hi ? unsigned(v) : 0u);
+    return (static_cast<unsigned long long>(hi) << 32) | lo;
+  };
+  while (room > 0) {
+    unsigned long long b1 = 0, b2 = 0;
+    int p1 = 0;
+#pragma unroll
+    for (int r = 0; r < Owned; ++r) {
+      const unsigned long long k = key[r];
+      if (k == 0 || k >= below || key_size(k) > room) continue;
+      if (k > b1) b2 = b1, b1 = k, p1 = payload[r];
+      else if (k > b2) b2 = k;
+    }
+    // The warp's four largest first keys become candidates; the fifth and every second key bound them.
+    unsigned long long v = b1;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const unsigned long long m = warp_max(v);
+      if (lane == 0) ws.cand[warp * 4 + i] = m;
+      if (m == 0 ? lane == 0 : v == m) ws.cand_payload[warp * 4 + i] = m == 0 ? 0 : p1;
+      if (m != 0 && v == m) v = 0;
+    }
+    const unsigned long long bound = warp_max(v > b2 ? v : b2);
+    if (lane == 0) ws.bound[warp] = bound;
+    __syncthreads();
+    if (warp == 0) {
+      unsigned long long L = 0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) L = max(L, ws.bound[w]);
+      unsigned long long k = ws.cand[lane];
+      int p = ws.cand_payload[lane];
+      if (k <= L) k = 0;
+      // Bitonic sort, largest first, the payload alongside.
+#pragma unroll
+      for (int size = 2; size <= 32; size <<= 1)
+#pragma unroll
+        for (int stride = size / 2; stride > 0; stride >>= 1) {
+          const unsigned long long ok = __shfl_xor_sync(0xffffffffu, k, stride);
+          const int op = __shfl_xor_sync(0xffffffffu, p, stride);
+          const bool lower = (lane & stride) == 0, descending = (lane & size) == 0 || size == 32;
+          // The lower lane of a pair keeps the larger key in a descending run.
+          const bool take_other = (lower == descending) ? ok > k : ok < k;
+          if (take_other) k = ok, p = op;
+        }
+      // The walk over the sorted keys: while some remain, the eligible ones (size <= room)
+      // that fit in order are taken; the first that does not is skipped, and so is every key
+      // before it that was not eligible.
+      const int n = k != 0 ? key_size(k) : 0;
+      unsigned open = __ballot_sync(0xffffffffu, k != 0), taken = 0;
+      int left = room;
+      while (open) {
+        const bool elig = ((open >> lane) & 1u) && n <= left;
+        const int mine = elig ? n : 0, inc = warp_inclusive_sum(mine);
+        const unsigned over = __ballot_sync(0xffffffffu, elig && inc > left);
+        if (over == 0) {
+          taken |= __ballot_sync(0xffffffffu, elig);
+          left -= __shfl_sync(0xffffffffu, inc, 31);
+          break;
+        }
+        const int f = __ffs(int(over)) - 1;
+        const unsigned before = (1u << f) - 1u;
+        taken |= __ballot_sync(0xffffffffu, elig) & before;
+        left -= __shfl_sync(0xffffffffu, inc - mine, f);
+        open &= ~((before << 1) | 1u);  // lanes up to f are settled
+      }
+      const bool mine_taken = (taken >> lane) & 1u;
+      const int at = picks + __popc(taken & ((1u << lane) - 1u));
+      const int size_before = warp_inclusive_sum(mine_taken ? n : 0) - (mine_taken ? n : 0);
+      if (mine_taken) {
+        const int j = key_index(k);
+        atomicOr(&gs.selected_bits[j / 32], 1u << (j % 32));
+        if (at < kMaxPicks) gs.pick_first[at] = p, gs.pick_j[at] = j, gs.pick_row[at] = rows + size_before;
+      }
+      if (lane == 0) {
+        ws.picks = picks + __popc(taken), ws.rows = rows + (room - left), ws.room = left;
+        ws.below = L + 1;  // every key above L is settled (L = 0: every key)
+      }
+    }
+    __syncthreads();
+    picks = ws.picks, rows = ws.rows, room = ws.room, below = ws.below;
+    if (below == 1) break;
+    // (The next round writes cand and bound, read only after its first barrier; the fields
+    // read here are written after that barrier too.)
+  }
+}
+
 // The greedy rule under `budget` tokens over the keys of every thread (key[r]: index tid + r
 // kThreads, 0 for none; payload[r] its member offset). Radix = false: each pick is one round
 // of block-wide maxima. Radix = true: radix passes from the top of the keys find the first
@@ -71,10 +182,16 @@ constexpr int kTokenMask = (1 << kCountShift) - 1;
 // tail takes rounds. The first pass counts `window` (1..255) buckets of 16 key bits at and
 // below the largest key's; the keys further down would crowd a few digits and serialise the
 // atomics. 8-bit passes over the rest follow only if the budget outlasts them.
+// The walk after them: Walk = 0, one pick a round (block-wide maxima; what the step runs);
+// Walk = 1, many keys settled a round (walk_batched: dearer a round, cheaper on long walks);
+// Walk = 2, one-pick rounds for the first kRoundsBeforeBatch picks, then walk_batched. Walks 1
+// and 2 are for the lab (bench/cuda/greedy_walk.cu): in the step, walk 2 made every phase
+// slower, ~3.5 us in all (gpu-notes item 38).
 // gs.selected_bits must be 0 and visible to every thread before the call. Every thread
-// returns with the picks in gs and key[] cleared of them; radix_done() runs after the passes,
-// taken_done() after the keys taken at once (profile marks).
-template <bool Radix, int Owned, int Keys, class RadixDone, class TakenDone>
+// returns with the picks in gs (key[] cleared of the picks, except the batched walk's: key[]
+// is not for use after the call); radix_done() runs after the passes, taken_done() after the keys taken at once
+// (profile marks).
+template <bool Radix, int Walk = 0, int Owned, int Keys, class RadixDone, class TakenDone>
 __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payload)[Owned], int budget, int window,
                               Greedy<Keys>& gs, const RadixDone& radix_done, const TakenDone& taken_done) {
   static_assert(Owned * kThreads <= Keys && Keys <= kKeyIndexLimit, "keys beyond the selection's bits");
@@ -153,10 +270,13 @@ __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payl
     }
     radix_done();
     // Slots in (thread, r) order, the same in every CTA (each CTA lays out the rows from them).
+    // Taken: every key of the first pass's window when the budget outlasted it (counted in
+    // `above`; such a key can share the 8-bit passes' prefix, which then ended at its top byte),
+    // and every key above the prefix.
     unsigned taken = 0;
 #pragma unroll
     for (int r = 0; r < Owned; ++r)
-      if (key[r] != 0 && (all_fit || (key[r] >> shift) > prefix)) taken |= 1u << r;
+      if (key[r] != 0 && (all_fit || (key[r] >> 48) > limit || (key[r] >> shift) > prefix)) taken |= 1u << r;
     const int count = __popc(taken);
     const int inc = multipole::cuda::detail::warp_inclusive_sum(count);
     if (lane == 31) gs.warp_count[warp] = inc;
@@ -192,7 +312,12 @@ __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payl
   }
   taken_done();
   const int prefix_picks = picks;
-  for (; room > 0; ++picks) {  // (room > 0 bounds the picks by the budget)
+  if constexpr (Walk == 1) walk_batched(key, payload, gs, room, rows, picks, below);
+  for (; Walk != 1 && room > 0; ++picks) {
+    if (Walk == 2 && picks - prefix_picks == kRoundsBeforeBatch) {
+      walk_batched(key, payload, gs, room, rows, picks, below);  // (the rounds' picks are cleared from key[])
+      break;
+    }  // (room > 0 bounds the picks by the budget)
     unsigned long long mine = 0;
 #pragma unroll
     for (int r = 0; r < Owned; ++r)
