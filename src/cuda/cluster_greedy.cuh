@@ -67,7 +67,7 @@ constexpr int kTokenMask = (1 << kCountShift) - 1;
 
 // Scratch of walk_batched in Greedy::hist (free after the radix passes).
 struct WalkScratch {
-  unsigned long long cand[kWarps * 4];  // each warp's four largest best keys, 0 for none
+  unsigned long long cand[kWarps * 4];  // each warp's four largest first keys, 0 for none
   int cand_payload[kWarps * 4];
   unsigned long long bound[kWarps];     // each warp's largest key that is no candidate
   int room, rows, picks;
@@ -188,9 +188,9 @@ __device__ void walk_batched(const unsigned long long (&key)[Owned], const int (
 // and 2 are for the lab (bench/cuda/greedy_walk.cu): in the step, walk 2 made every phase
 // slower, ~3.5 us in all (gpu-notes item 38).
 // gs.selected_bits must be 0 and visible to every thread before the call. Every thread
-// returns with the picks in gs (key[] cleared of the picks, except the batched walk's: key[]
-// is not for use after the call); radix_done() runs after the passes, taken_done() after the keys taken at once
-// (profile marks).
+// returns with the picks in gs (key[] is not for use after the call: the batched walk leaves
+// its picks there); radix_done() runs after the passes, taken_done() after the keys taken at
+// once (profile marks).
 template <bool Radix, int Walk = 0, int Owned, int Keys, class RadixDone, class TakenDone>
 __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payload)[Owned], int budget, int window,
                               Greedy<Keys>& gs, const RadixDone& radix_done, const TakenDone& taken_done) {
@@ -313,11 +313,11 @@ __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payl
   taken_done();
   const int prefix_picks = picks;
   if constexpr (Walk == 1) walk_batched(key, payload, gs, room, rows, picks, below);
-  for (; Walk != 1 && room > 0; ++picks) {
+  for (; Walk != 1 && room > 0; ++picks) {  // (room > 0 bounds the picks by the budget)
     if (Walk == 2 && picks - prefix_picks == kRoundsBeforeBatch) {
       walk_batched(key, payload, gs, room, rows, picks, below);  // (the rounds' picks are cleared from key[])
       break;
-    }  // (room > 0 bounds the picks by the budget)
+    }
     unsigned long long mine = 0;
 #pragma unroll
     for (int r = 0; r < Owned; ++r)

@@ -20,8 +20,9 @@
 // kMaxFineIds fine ones per entry, at most kMaxCand candidates (a bound computed from the
 // index, or any number with a fallback: an entry that lists more stops after its coarse
 // selection, writes its coarse logits and normalisers, marks itself in FusedStepArgs::fallback
-// and is finished by the selection and attention kernels launched behind this one), at most kSlots * 128 exact rows, budget <= kMaxPicks. Without a
-// fallback, a step that finds more candidates (an index changed since the plan) sets error bit 2.
+// and is finished by the selection and attention kernels launched behind this one), at most
+// kSlots * 128 exact rows, budget <= kMaxPicks. Without a fallback, a step that finds more
+// candidates (an index changed since the plan) sets error bit 2.
 // Code size matters as in the labs: no exp2f (fast_exp2), loops over heads unrolled only where
 // the registers need it.
 #include <cooperative_groups.h>
