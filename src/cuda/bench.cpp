@@ -199,8 +199,6 @@ void print_update_profile(const char* what, const DeviceBuffer& prof, int B, int
                  double(v[size_t(k)]) / ctas / ghz * 1e-3);
 }
 
-// Diagnostics (MULTIPOLE_INDEX_STATS set): shape of an index and of what one step of `dec`
-// selected on it, summed over the batch's entries; printed to stderr.
 // How the plan runs a multipole step (stderr).
 void print_plan(const char* what, const CudaDecoder& dec, int B, int64_t ctx) {
   const DecodePlanInfo& p = dec.plan_info();
@@ -217,6 +215,8 @@ void print_plan(const char* what, const CudaDecoder& dec, int B, int64_t ctx) {
                  B, static_cast<long long>(ctx), what, p.fused_candidate_bound);
 }
 
+// Diagnostics (MULTIPOLE_INDEX_STATS set): shape of an index and of what one step of `dec`
+// selected on it, summed over the batch's entries; printed to stderr.
 void print_index_stats(const char* name, const CudaDecoder& dec, const DeviceClusterIndex& index,
                        const std::vector<HostClusterLevel>& host, int budget) {
   const auto far = dec.far_sizes();

@@ -920,8 +920,8 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     EXPECT_EQ(dec.exact_counts(), three_counts);
     if (fallbacks) {
       *fallbacks = dec.fused_fallbacks();
-      // The four launches without programmatic dependent launch, and replayed from a graph three
-      // times back to back (each step's one-launch kernel rewrites the flags): the same step.
+      // The step's launches without programmatic dependent launch, and replayed from a graph
+      // three times back to back (each step's one-launch kernel rewrites the flags): the same step.
       CudaDecoder plain(ac);
       plain.set_pdl(false);
       plain.plan(su.dev, su.cache.seqs, &index);

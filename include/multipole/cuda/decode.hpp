@@ -10,8 +10,8 @@
 // step runs in one launch instead: one 16-CTA thread-block cluster per (sequence, KV head)
 // (cuda/fused_step.cuh), the same rule and outputs; where the index allows more candidates
 // than that kernel holds, the selection and attention kernels follow it and finish only the
-// entries that listed too many (DecodePlanInfo::fused_fallback). All launches of a step are asynchronous
-// on the given stream and capturable in a CUDA graph once planned.
+// entries that listed too many (DecodePlanInfo::fused_fallback). All launches of a step are
+// asynchronous on the given stream and capturable in a CUDA graph once planned.
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -36,9 +36,9 @@ struct DecodePlanInfo {
   // two levels, head dim 128, G <= 4, keys in the cache's type, budget <= 128, <= 2048 coarse
   // and <= 16384 fine clusters and <= 512 exact rows per entry, and every entry's cluster
   // resident at once. fused_why: why not, if not. Candidates: where the index's bound allows
-  // over 512, fused_fallback: the three-kernel step is launched behind the one-launch step and
-  // runs only the entries that listed over 512 (the others' CTAs return at once), so a step
-  // is 4 launches and exact whatever the index.
+  // over 512, fused_fallback: the selection and attention kernels are launched behind the
+  // one-launch step and run only the entries that listed over 512 (the others' CTAs return at
+  // once), so a step is 3 launches and exact whatever the index.
   bool fused = false;
   bool fused_fallback = false;
   const char* fused_why = "";
