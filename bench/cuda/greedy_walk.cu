@@ -20,7 +20,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -75,13 +74,6 @@ __global__ void __launch_bounds__(cs::kThreads, 2)
   for (int w = tid; w < Keys / 32; w += cs::kThreads) o[kOutFixed + w] = int(gs.selected_bits[w]);
 }
 
-unsigned long long host_key(float importance, int j, int n) {
-  uint32_t bits;
-  std::memcpy(&bits, &importance, 4);
-  return (static_cast<unsigned long long>(bits) << 32) |
-         (static_cast<unsigned long long>(cs::kKeyIndexLimit - 1 - j) << 16) | unsigned(n);
-}
-
 struct Case {
   const char* name;
   int clusters, budget;
@@ -133,9 +125,9 @@ std::pair<std::vector<uint32_t>, int> cpu_greedy(const unsigned long long* keys,
   int room = budget, picks = 0;
   for (const int i : order) {
     const unsigned long long k = keys[i];
-    const int n = int(k & 0xffffu);
+    const int n = cs::key_size(k);
     if (k == 0 || n > room) continue;
-    const int j = cs::kKeyIndexLimit - 1 - int((k >> 16) & 0xffffu);
+    const int j = cs::key_index(k);
     bits[size_t(j / 32)] |= 1u << (j % 32);
     room -= n, ++picks;
   }
@@ -161,7 +153,7 @@ bool run_case(const Case& c, int entries, std::mt19937_64& rng) {
       n = std::clamp(n, 1, 3000);
       const float imp = c.shape == 4 ? float(1 + rng() % 4) : float(std::exp2(2.5 * normal(rng)));
       const size_t at = size_t(e) * Keys + size_t(j);
-      keys[at] = host_key(imp, j, std::min(n, c.budget + 1));
+      keys[at] = cs::pick_key(imp, j, std::min(n, c.budget + 1));
       payloads[at] = int(rng() % 1000000);
     }
   const Run a = run<0, Owned, Keys>(keys, payloads, budgets);

@@ -5,6 +5,7 @@
 // skipped (it never fits again: the room only shrinks). Each thread of a 256-thread CTA owns
 // the keys of indices tid + r kThreads.
 #include <cstdint>
+#include <cstring>
 
 #include "cuda/common.cuh"
 
@@ -27,12 +28,21 @@ __device__ __forceinline__ float importance(float4 x, const float* gmax, const f
 
 // Order of the greedy walk in one 64-bit key: importance bits (positive floats order as their
 // bits), then the lower index first; the size (< 2^16) rides in the low bits. 0: no candidate.
-__device__ __forceinline__ unsigned long long pick_key(float importance, int j, int n) {
-  return (static_cast<unsigned long long>(__float_as_uint(importance)) << 32) |
+// (Host code too: the lab and the tests build keys with it.)
+__host__ __device__ __forceinline__ unsigned long long pick_key(float importance, int j, int n) {
+#ifdef __CUDA_ARCH__
+  const unsigned bits = __float_as_uint(importance);
+#else
+  unsigned bits;
+  std::memcpy(&bits, &importance, sizeof bits);
+#endif
+  return (static_cast<unsigned long long>(bits) << 32) |
          (static_cast<unsigned long long>(kKeyIndexLimit - 1 - j) << 16) | static_cast<unsigned>(n);
 }
-__device__ __forceinline__ int key_index(unsigned long long key) { return kKeyIndexLimit - 1 - int((key >> 16) & 0xffffu); }
-__device__ __forceinline__ int key_size(unsigned long long key) { return int(key & 0xffffu); }
+__host__ __device__ __forceinline__ int key_index(unsigned long long key) {
+  return kKeyIndexLimit - 1 - int((key >> 16) & 0xffffu);
+}
+__host__ __device__ __forceinline__ int key_size(unsigned long long key) { return int(key & 0xffffu); }
 
 // Shared memory of one selection over at most Keys indices. After greedy_select: picks
 // [0, n_picks) in walk order (the first kMaxPicks of them listed), pick k of index pick_j[k]

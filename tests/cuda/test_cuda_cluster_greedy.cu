@@ -59,13 +59,6 @@ __global__ void __launch_bounds__(cs::kThreads) cluster_greedy_kernel(const unsi
   if (threadIdx.x == 0) o[0] = gs.all_picks;
 }
 
-unsigned long long make_key(float importance, int j, int n) {
-  uint32_t bits;
-  std::memcpy(&bits, &importance, sizeof bits);
-  return (static_cast<unsigned long long>(bits) << 32) |
-         (static_cast<unsigned long long>(cs::kKeyIndexLimit - 1 - j) << 16) | static_cast<unsigned>(n);
-}
-
 template <int Walk, int Owned, int Keys>
 std::vector<int> run_on_device(const std::vector<unsigned long long>& keys, const std::vector<int>& payloads,
                                int budget) {
@@ -116,7 +109,7 @@ void check_shape(int clusters, int budget, int shape, uint64_t seed) {
       else if (i <= window) top16 = 0x3F52u + unsigned(rng() % (0x4050u - 0x3F52u));
       else if (i == window + 1) top16 = 0x3F00u + unsigned(rng() % 0x52u), n = budget + 1;
       const size_t at = size_t(e) * Keys + size_t(js[size_t(i)]);
-      keys[at] = make_key(importance_of_top16(top16, rng), js[size_t(i)], std::min(n, budget + 1));
+      keys[at] = cs::pick_key(importance_of_top16(top16, rng), js[size_t(i)], std::min(n, budget + 1));
       payloads[at] = int(rng() % 100000);
     }
   }
@@ -126,7 +119,7 @@ void check_shape(int clusters, int budget, int shape, uint64_t seed) {
                          : int(std::lround(std::exp(std::log(11.0) + 1.8 * normal(rng))));
       n = std::clamp(n, 1, budget + 1);  // the step caps a key's size at budget + 1
       const float imp = shape == 2 ? float(1 + rng() % 4) : float(std::exp2(3.0 * normal(rng)));
-      keys[size_t(e) * Keys + size_t(j)] = make_key(imp, j, n);
+      keys[size_t(e) * Keys + size_t(j)] = cs::pick_key(imp, j, n);
       payloads[size_t(e) * Keys + size_t(j)] = int(rng() % 100000);
     }
   const std::vector<int> a = run_on_device<0, Owned, Keys>(keys, payloads, budget);
@@ -140,7 +133,7 @@ void check_shape(int clusters, int budget, int shape, uint64_t seed) {
     std::vector<int> bits(Keys / 32, 0);
     int room = budget, picks = 0;
     for (const int j : order) {
-      const int n = int(k[j] & 0xffffu);
+      const int n = cs::key_size(k[j]);
       if (k[j] == 0 || n > room) continue;
       bits[size_t(j / 32)] |= int(1u << (j % 32));
       room -= n, ++picks;
