@@ -18,7 +18,10 @@
 //   chain:   one warp running dependent FMAs, shuffles or shared-memory loads, per step;
 //   follow:  what a kernel launched behind another costs, by the kind of the first (plain or
 //            clusters of 8 / 16 CTAs as the one-launch step, with or without ~100 KB of dynamic
-//            shared memory) and of the second (plain, with or without it): gpu-notes item 38.
+//            shared memory) and of the second (plain, with or without it): gpu-notes item 38;
+//   code:    a kernel of 4 to 192 KB of straight-line code run once, cold (after the flush)
+//            and warm: what fetching a large kernel's instructions from DRAM costs (the
+//            one-launch step's kernel is ~180 KB of SASS; gpu-notes item 39).
 // Usage: lab_latency_floor [iterations, default 41]. Prints one line per measurement.
 // H200, session H23 (two runs, medians agree within 0.2 us): 1 empty kernel 2.8-3.0 us, 3
 // chained by PDL 4.3-4.5; a DRAM round trip after the flush 0.34-0.36 us, an L2 one 0.15;
@@ -26,6 +29,9 @@
 // dependent DSMEM load 0.10 us; one warp's dependent FMA 0.002, shuffle + add 0.018,
 // shared-memory load 0.015 us. Session H30 (two runs): a kernel of 8 CTAs behind another adds
 // 0.5-0.9 us whatever the first (plain, clusters of 8 or 16, 100 KB of shared memory or none).
+// Session H31 (one run, 32 / 256 threads a CTA): straight-line code runs at ~0.09 us per KB
+// (~2.8 cycles an instruction, whatever the warps) up to 64 KB, cold as warm; 128 KB: 19.0-19.5
+// us cold, 14.1-15.0 warm; 192 KB: 61.6-62.1 cold, 32.7-34.1 warm.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -78,6 +84,23 @@ __global__ void cluster_barrier_kernel(int n, uint32_t* sink) {
 __global__ void roomy_kernel() {
   extern __shared__ uint8_t room[];
   if (threadIdx.x == 1u << 30) room[0] = 0;
+}
+
+// Blocks x 8 FMAs of straight-line code (one 16-byte SASS instruction each), 8 independent
+// chains so that issue, not latency, sets the warm time. sink: [1]
+template <int Blocks>
+__global__ void code_kernel(float a, float b, float* sink) {
+  float x[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) x[j] = float(threadIdx.x + j);
+#pragma unroll
+  for (int i = 0; i < Blocks; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(x[j]) : "f"(a), "f"(b));
+  float s = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) s += x[j];
+  if (s == -1.0f) sink[0] = s;
 }
 
 // One warp runs n dependent steps of one kind (the chains a phase of one CTA is made of):
@@ -321,6 +344,27 @@ int main(int argc, char** argv) {
       report(what, pair - alone);
     }
   }
+
+  // Straight-line code run once by 128 CTAs: cold after the flush, warm right after a replay.
+  std::printf("%-58s %9s %9s %9s\n", "code: KB of straight-line code, 128 CTAs", "cold", "warm", "us/KB");
+  float* fsink = reinterpret_cast<float*>(sink);
+  const auto code_line = [&](auto kernel, int kb) {
+    for (const int threads : {32, 256}) {
+      const lab::Graph g([&](cudaStream_t st) { kernel<<<128, threads, 0, st>>>(0.999f, 1e-3f, fsink); }, s);
+      std::vector<double> cold, warm;
+      for (int i = 0; i < bench.iterations; ++i) {
+        cold.push_back(bench.timer.run_us(g, true, i));
+        warm.push_back(bench.timer.run_us(g, false, i));
+      }
+      const double c = lab::median(cold), w = lab::median(warm);
+      std::printf("code: %3d KB, %3d threads a CTA %34s %9.3f %9.3f %9.4f us\n", kb, threads, "", c, w, (c - w) / kb);
+    }
+  };
+  code_line(code_kernel<32>, 4);
+  code_line(code_kernel<128>, 16);
+  code_line(code_kernel<512>, 64);
+  code_line(code_kernel<1024>, 128);
+  code_line(code_kernel<1536>, 192);
   LAB_CHECK(cudaDeviceSynchronize());
   return 0;
 }
