@@ -38,9 +38,26 @@ __device__ __forceinline__ void lane_queries(const float (*q)[kD], float (&qr)[k
 #pragma unroll
     for (int t = 0; t < 4; ++t) qr[g][t] = q[g][lane * 4 + t];
 }
+// The four sums go through one transposed butterfly (lanes 8g..8g+7 end with head g's: 6
+// shuffles), then are broadcast (4): half the shuffles and adds of four butterflies. A one-launch
+// step fetches its code from DRAM after every flush, so its size is time (gpu-notes item 39).
 __device__ __forceinline__ void warp_dots(const float (&qr)[kG][4], const float (&k4)[4], float (&x)[kG]) {
+  static_assert(kG == 4, "the transposed butterfly is for four heads");
+  float p[kG];
 #pragma unroll
-  for (int g = 0; g < kG; ++g) x[g] = warp_sum(qr[g][0] * k4[0] + qr[g][1] * k4[1] + qr[g][2] * k4[2] + qr[g][3] * k4[3]);
+  for (int g = 0; g < kG; ++g) p[g] = qr[g][0] * k4[0] + qr[g][1] * k4[1] + qr[g][2] * k4[2] + qr[g][3] * k4[3];
+  const int lane = threadIdx.x & 31;
+  const bool up16 = lane & 16, up8 = lane & 8;
+  // Lanes with bit 4 keep heads 2 and 3 and give 0 and 1 to their partner; then bit 3 picks one of the pair.
+  float a = up16 ? p[2] : p[0], b = up16 ? p[3] : p[1];
+  a += __shfl_xor_sync(0xffffffffu, up16 ? p[0] : p[2], 16);
+  b += __shfl_xor_sync(0xffffffffu, up16 ? p[1] : p[3], 16);
+  float c = up8 ? b : a;
+  c += __shfl_xor_sync(0xffffffffu, up8 ? a : b, 8);
+#pragma unroll
+  for (int o = 4; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+#pragma unroll
+  for (int g = 0; g < kG; ++g) x[g] = __shfl_sync(0xffffffffu, c, 8 * g);
 }
 
 // (m, z): a maximum and the sum of 2^(x - m) of the terms under it; (m2, z2) merged in.
@@ -56,13 +73,20 @@ __device__ __forceinline__ void merge_max_sum(float& m, float& z, float m2, floa
 __device__ __forceinline__ void block_max_sum(float (&m)[kG], float (&z)[kG], float (*red)[kG], float (*red_z)[kG],
                                               float* gmax, float* gzinv, int heads = kG) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // The transposed butterfly of warp_dots over (max, sum) pairs: lanes 8g..8g+7 end with head g's.
+  static_assert(kG == 4, "the transposed butterfly is for four heads");
+  const bool up16 = lane & 16, up8 = lane & 8;
+  float ma = up16 ? m[2] : m[0], za = up16 ? z[2] : z[0], mb = up16 ? m[3] : m[1], zb = up16 ? z[3] : z[1];
+  merge_max_sum(ma, za, __shfl_xor_sync(0xffffffffu, up16 ? m[0] : m[2], 16),
+                __shfl_xor_sync(0xffffffffu, up16 ? z[0] : z[2], 16));
+  merge_max_sum(mb, zb, __shfl_xor_sync(0xffffffffu, up16 ? m[1] : m[3], 16),
+                __shfl_xor_sync(0xffffffffu, up16 ? z[1] : z[3], 16));
+  float mc = up8 ? mb : ma, zc = up8 ? zb : za;
+  merge_max_sum(mc, zc, __shfl_xor_sync(0xffffffffu, up8 ? ma : mb, 8), __shfl_xor_sync(0xffffffffu, up8 ? za : zb, 8));
 #pragma unroll
-  for (int g = 0; g < kG; ++g) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-      merge_max_sum(m[g], z[g], __shfl_xor_sync(0xffffffffu, m[g], o), __shfl_xor_sync(0xffffffffu, z[g], o));
-    if (lane == 0) red[warp][g] = m[g], red_z[warp][g] = z[g];
-  }
+  for (int o = 4; o > 0; o >>= 1)
+    merge_max_sum(mc, zc, __shfl_xor_sync(0xffffffffu, mc, o), __shfl_xor_sync(0xffffffffu, zc, o));
+  if ((lane & 7) == 0) red[warp][lane >> 3] = mc, red_z[warp][lane >> 3] = zc;
   __syncthreads();
   if (tid < kG) {
     float mm = red[0][tid], zz = red_z[0][tid];

@@ -234,7 +234,7 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     exact_rows_.reserve(size_t(B) * Hkv * cap * sizeof(int32_t));
     exact_n_.reserve(size_t(B) * Hkv * sizeof(int32_t));
     exact_n_.memset(0);
-    plan_fused(*index, cap);
+    plan_fused(*index, cap, kc.page_size);
     if (hier) {
       far_ids_.reserve(size_t(B) * Hkv * info_.far_cap * sizeof(int32_t));
       far_n_.reserve(size_t(B) * Hkv * sizeof(int32_t));
@@ -273,7 +273,7 @@ int64_t candidate_bound(std::span<const int32_t> size, std::span<const int32_t> 
 
 // Whether this plan's steps can run in one launch (DecodePlanInfo::fused says what it needs).
 // Reads the coarse levels' sizes and child counts back from the device (synchronous).
-void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows) {
+void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows, int page_size) {
   using L = detail::FusedStepLimits;
   info_.fused = false;
   info_.fused_fallback = false;
@@ -288,6 +288,7 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   if (index.key_dtype() != kv_dtype) return why("key centroids not in the cache's type");
   if (config_.budget > L::kMaxBudget) return why("budget over 128");
   if (coarse_budget_ >= 65535) return why("coarse budget over 65534");
+  if (page_size & (page_size - 1)) return why("page size not a power of two");
   if (exact_rows > L::kExactRows) return why("over 512 exact rows");
   if (index.max_coarse() > L::kMaxCoarse) return why("over 2048 coarse clusters in an entry");
   for (int e = 0; e < E; ++e) {

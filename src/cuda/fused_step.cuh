@@ -16,15 +16,17 @@
 //      unselected candidates as pseudo-rows with a log2-size lift), and CTA 0 merges the 16
 //      states through distributed shared memory.
 // The plan (decoder.cpp) takes this path only where it holds: head dim 128, G <= 4 (heads
-// padded to 4), 16-bit keys in the cache's type, at most kMaxCoarse coarse clusters and
-// kMaxFineIds fine ones per entry, at most kMaxCand candidates (a bound computed from the
-// index, or any number with a fallback: an entry that lists more stops after its coarse
-// selection, writes its coarse logits and normalisers, marks itself in FusedStepArgs::fallback
-// and is finished by the selection and attention kernels launched behind this one), at most
-// kSlots * 128 exact rows, budget <= kMaxPicks. Without a fallback, a step that finds more
-// candidates (an index changed since the plan) sets error bit 2.
-// Code size matters as in the labs: no exp2f (fast_exp2), loops over heads unrolled only where
-// the registers need it.
+// padded to 4), 16-bit keys in the cache's type, pages of a power-of-two size, at most
+// kMaxCoarse coarse clusters and kMaxFineIds fine ones per entry, at most kMaxCand candidates
+// (a bound computed from the index, or any number with a fallback: an entry that lists more
+// stops after its coarse selection, writes its coarse logits and normalisers, marks itself in
+// FusedStepArgs::fallback and is finished by the selection and attention kernels launched
+// behind this one), at most kSlots * 128 exact rows, budget <= kMaxPicks. Without a fallback, a
+// step that finds more candidates (an index changed since the plan) sets error bit 2.
+// Code size is time (gpu-notes item 39): after an L2 flush, as between a model's layers, each
+// CTA fetches the ~120 KB it runs from DRAM, at ~0.1-0.2 us per KB. So no exp2f (fast_exp2),
+// no division, warp reductions of the four heads transposed, loops over heads unrolled only
+// where the registers need it.
 #include <cooperative_groups.h>
 
 #include "cuda/cluster_greedy.cuh"
@@ -59,9 +61,9 @@ inline size_t fused_step_smem_bytes(int max_coarse) {
 // The lane's dims [4 lane, 4 lane + 4) of K and V at token `pos` of the entry's sequence.
 __device__ __forceinline__ void load_kv_lane(const FusedStepArgs& a, const int32_t* table, int h, int pos, uint2& k,
                                              uint2& v) {
-  const int P = a.page_size;
-  const int page = a.page_shift >= 0 ? pos >> a.page_shift : pos / P, slot = pos - page * P;
-  const int64_t row = (int64_t(table[page]) * a.num_kv_heads + h) * P + slot;
+  // (Pages of a power-of-two size only, a limit of the plan: no division in the step's code.)
+  const int page = pos >> a.page_shift, slot = pos & ((1 << a.page_shift) - 1);
+  const int64_t row = ((int64_t(table[page]) * a.num_kv_heads + h) << a.page_shift) + slot;
   const size_t off = size_t(row) * (kD * 2) + (threadIdx.x & 31) * 8;
   k = *reinterpret_cast<const uint2*>(a.keys + off);
   v = *reinterpret_cast<const uint2*>(a.values + off);
@@ -437,12 +439,11 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     for (int i = 0; i < kAll; ++i) {
       if (!has_row[i]) continue;
       if (i < kSlots) {
-        float k4[4];
+        float k4[4], x[kG];
         to_float4<CT>(kr[i], k4);
-        // (warp_dots here, then the bias, schedules differently: kept as measured in item 36.)
+        warp_dots(qr, k4, x);
 #pragma unroll
-        for (int g = 0; g < kG; ++g)
-          s[i][g] = warp_sum(qr[g][0] * k4[0] + qr[g][1] * k4[1] + qr[g][2] * k4[2] + qr[g][3] * k4[3]) - gmax[g];
+        for (int g = 0; g < kG; ++g) s[i][g] = x[g] - gmax[g];
       } else {
         const float4 x = xcand[rank + kCtas * (warp + kWarps * (i - kSlots))];
         const float* xs = reinterpret_cast<const float*>(&x);

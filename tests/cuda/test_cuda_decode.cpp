@@ -781,14 +781,14 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
 void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_centroid, int budget,
                              int coarse_budget, uint32_t seed, DType keys = DType::F32, DType kv = DType::BF16,
                              bool far_field = true, bool empties = false,
-                             std::vector<int32_t>* fallbacks = nullptr) {
+                             std::vector<int32_t>* fallbacks = nullptr, int page = 16) {
   SCOPED_TRACE(::testing::Message() << "G=" << G << " Hkv=" << Hkv << " D=" << D << " levels="
                                     << tokens_per_centroid.size() << " coarse_budget=" << coarse_budget
                                     << " keys=" << dtype_name(keys) << " kv=" << dtype_name(kv)
                                     << " far_field=" << far_field);
   std::mt19937 rng(seed);
   const std::vector<int64_t> lens = {small_scale() ? 1500 : 5000, 777, 97};
-  Mirror su(1, Hkv, D, 16, kv, lens, rng);
+  Mirror su(1, Hkv, D, page, kv, lens, rng);
   AttentionConfig ac = make_config(G, Hkv, D);
   ac.cluster.block_size = 2048;
   ac.cluster.tokens_per_centroid = std::move(tokens_per_centroid);
@@ -903,7 +903,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     }
   }
   if (keys == DType::F32) return;
-  if (G <= 4 && D == 128 && keys == kv && budget <= 128) {
+  if (G <= 4 && D == 128 && keys == kv && budget <= 128 && (page & (page - 1)) == 0) {
     // The one-launch step on the same index and queries.
     CudaDecoder dec(ac);
     dec.plan(su.dev, su.cache.seqs, &index);
@@ -946,6 +946,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     dec.plan(su.dev, su.cache.seqs, &index);
     EXPECT_FALSE(dec.plan_info().fused);
     EXPECT_STRNE(dec.plan_info().fused_why, "");
+    if (page & (page - 1)) EXPECT_STREQ(dec.plan_info().fused_why, "page size not a power of two");
     EXPECT_EQ(dec.multipole_launches(), 3);
   }
   ASSERT_GE(outs.size(), 2u);
@@ -991,6 +992,8 @@ TEST(CudaMultipole, TwoLevelsInOneLaunch) {
   compare_with_cpu_policy(4, 2, 128, {8, 128}, 128, 0, seed++, DType::BF16, DType::BF16, false);  // squeezed
   compare_with_cpu_policy(2, 2, 128, {16, 32}, 32, 1024, seed++, DType::F16, DType::F16);
   compare_with_cpu_policy(4, 2, 128, {16, 64}, 128, 0, seed++, DType::BF16, DType::BF16, true, true);  // empties
+  // Pages of 12 tokens: three launches (the one-launch step addresses rows by shifts).
+  compare_with_cpu_policy(4, 2, 128, {16, 64}, 128, 0, seed++, DType::BF16, DType::BF16, true, false, nullptr, 12);
 }
 
 // Fine clusters of 2 tokens under a coarse budget of 2048: the long sequence's entries list

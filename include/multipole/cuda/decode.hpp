@@ -33,7 +33,8 @@ struct DecodePlanInfo {
   bool prescored = false;     // two-level index, small batch: the scoring launch scores the fine level too
   int far_cap = 0;            // far-list capacity per entry (two-level)
   // The step runs in one launch (fused_step.cuh: one 16-CTA cluster per entry) where it holds:
-  // two levels, head dim 128, G <= 4, keys in the cache's type, budget <= 128, <= 2048 coarse
+  // two levels, head dim 128, G <= 4, keys in the cache's type, budget <= 128, pages of a
+  // power-of-two size, <= 2048 coarse
   // and <= 16384 fine clusters and <= 512 exact rows per entry, and every entry's cluster
   // resident at once. fused_why: why not, if not. Candidates: where the index's bound allows
   // over 512, fused_fallback: the selection and attention kernels are launched behind the
@@ -163,7 +164,7 @@ class CudaDecoder {
   bool pdl_ = true;
   bool fused_allowed_ = true;
   unsigned long long* step_prof_ = nullptr;
-  void plan_fused(const DeviceClusterIndex& index, int64_t exact_rows);
+  void plan_fused(const DeviceClusterIndex& index, int64_t exact_rows, int page_size);
   int prescore_mode_ = -1;
 };
 
