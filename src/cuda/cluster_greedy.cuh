@@ -241,42 +241,46 @@ __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payl
         gs.digit_info[0] = 255 - 8 * lane - found, gs.digit_info[1] = acc, gs.digit_info[2] = found_v >> kCountShift;
       }
     };
-#pragma unroll
-    for (int r = 0; r < Owned; ++r)
-      if (key[r] != 0 && int(key[r] >> 48) > lo16)
-        atomicAdd(&gs.hist[int(key[r] >> 48) - lo16], (1 << kCountShift) | key_size(key[r]));
-    __syncthreads();
-    find_digit(0);
-    __syncthreads();
+    // Passes: the first counts the window (lo16, top] of the keys' top 16 bits; 8-bit passes
+    // follow below the crossing digit's prefix, or below the window when the budget outlasts it.
+    // (One loop, so the count and find_digit are one copy of code each: a one-launch step
+    // fetches its code after every flush.)
     unsigned long long prefix = 0;
-    int shift = 48, above = gs.digit_info[1];
+    int shift = 48, above = 0;
     unsigned limit = 0xffffu;  // the 8-bit passes count keys whose top 16 bits are at most this
-    bool all_fit = false, done = true;
-    if (gs.digit_info[0] >= 0) {
-      prefix = unsigned(lo16 + gs.digit_info[0]), done = gs.digit_info[2] == 1;
-    } else if (lo16 < 0) {
-      all_fit = true;  // the window held every key
-    } else {
-      limit = unsigned(lo16), shift = 64, done = false;  // the budget outlasts the window
-    }
-    while (!done) {
-      shift -= 8;
-      gs.hist[tid] = 0;
-      __syncthreads();
+    bool all_fit = false;
+    for (bool window_pass = true;; window_pass = false) {
 #pragma unroll
-      for (int r = 0; r < Owned; ++r)
-        if (key[r] != 0 && (key[r] >> 48) <= limit && (shift == 56 || (key[r] >> (shift + 8)) == prefix))
-          atomicAdd(&gs.hist[(key[r] >> shift) & 0xff], (1 << kCountShift) | key_size(key[r]));
+      for (int r = 0; r < Owned; ++r) {
+        const unsigned top16 = unsigned(key[r] >> 48);
+        const bool below_prefix = top16 <= limit && (shift == 56 || (key[r] >> (shift + 8)) == prefix);
+        const bool counted = key[r] != 0 && (window_pass ? int(top16) > lo16 : below_prefix);
+        if (counted)
+          atomicAdd(&gs.hist[window_pass ? int(top16) - lo16 : int(key[r] >> shift) & 0xff],
+                    (1 << kCountShift) | key_size(key[r]));
+      }
       __syncthreads();
       find_digit(above);
       __syncthreads();
+      const int digit = gs.digit_info[0];
+      const bool one_cluster = gs.digit_info[2] == 1;
       above = gs.digit_info[1];
-      if (gs.digit_info[0] < 0) {
-        all_fit = true;  // (only in the first of these passes: every cluster fits)
+      if (window_pass && digit < 0) {
+        if (lo16 < 0) {
+          all_fit = true;  // the window held every key
+          break;
+        }
+        limit = unsigned(lo16), shift = 64;  // the budget outlasts the window
+      } else if (digit < 0) {
+        all_fit = true;  // (only in the first 8-bit pass: every cluster fits)
         break;
+      } else {
+        prefix = window_pass ? unsigned(lo16 + digit) : (prefix << 8) | unsigned(digit);
+        if (one_cluster || shift == 16) break;
       }
-      prefix = (prefix << 8) | unsigned(gs.digit_info[0]);
-      done = gs.digit_info[2] == 1 || shift == 16;
+      shift -= 8;
+      gs.hist[tid] = 0;
+      __syncthreads();
     }
     radix_done();
     // Slots in (thread, r) order, the same in every CTA (each CTA lays out the rows from them).
