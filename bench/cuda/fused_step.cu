@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
     for (int i = threadIdx.x; i < int(sizeof(State) / 4); i += kThreads) theirs[i] = mine[i];
     cluster.sync();
     if (rank == 0)
-      write_merged_states([&](int r) { return static_cast<const State*>(gather + r); }, a.out + size_t(e) * kG * kD);
+      write_merged_states([&](int r, int i) { return reinterpret_cast<const float*>(gather + r)[i]; }, a.out + size_t(e) * kG * kD);
     __syncthreads();
     mark(6);
   } else {

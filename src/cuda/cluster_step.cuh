@@ -21,6 +21,24 @@ namespace multipole::cuda::detail::cluster_step {
 constexpr int kD = 128, kCtas = 16;
 constexpr int kRowStride = 272;  // bytes per centroid row staged in shared memory (256 + 16: no bank conflicts)
 
+// Distributed shared memory by 32-bit shared::cluster addresses: the address of `p` (in this
+// CTA's shared memory) in CTA `rank`, and loads and stores through such addresses. Fewer
+// instructions than cooperative groups' generic pointers (64-bit arithmetic, generic loads).
+__device__ __forceinline__ uint32_t cluster_addr(const void* p, int rank) {
+  uint32_t a;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(uint32_t(__cvta_generic_to_shared(p))), "r"(rank));
+  return a;
+}
+__device__ __forceinline__ float ld_cluster(uint32_t a) {
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_cluster(uint32_t a, float4 v) {
+  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(a), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+}
+
 // Four 16-bit elements (a lane's slice of a row) -> floats.
 template <class CT>
 __device__ __forceinline__ void to_float4(const uint2 u, float* f) {
@@ -167,7 +185,7 @@ __device__ __forceinline__ void push_to_cluster(const cooperative_groups::cluste
   const int rank = int(cluster.block_rank());
   for (int i = threadIdx.x; i < n * (kCtas - 1); i += blockDim.x) {
     const int j = i % n, r = (rank + 1 + i / n) % kCtas;
-    *cluster.map_shared_rank(&x[c0 + j], r) = x[c0 + j];
+    st_cluster(cluster_addr(&x[c0 + j], r), x[c0 + j]);
   }
 }
 
@@ -268,24 +286,23 @@ __device__ __forceinline__ void join_cta_state(State& st, const float (&m)[kG], 
   }
 }
 
-// out [heads, kD] of one entry = the merge of the cluster's kCtas states; state_of(r) gives CTA
-// r's (local or through DSMEM). Run by every thread of one CTA.
-template <class StateOf>
-__device__ void write_merged_states(const StateOf& state_of, float* out, int heads = kG) {
+// out [heads, kD] of one entry = the merge of the cluster's kCtas states; load(r, i) gives float
+// i of CTA r's State (local or through DSMEM). Run by every thread of one CTA.
+template <class Load>
+__device__ void write_merged_states(const Load& load, float* out, int heads = kG) {
+  constexpr int kM = offsetof(State, m) / 4, kL = offsetof(State, l) / 4, kO = offsetof(State, o) / 4;
   for (int i = threadIdx.x; i < heads * kD; i += blockDim.x) {
     const int g = i / kD, d = i % kD;
     float m[kCtas], mx = -INFINITY;
     for (int r = 0; r < kCtas; ++r) {
-      const State* other = state_of(r);
-      m[r] = other->l[g] > 0 ? other->m[g] : -INFINITY;
+      m[r] = load(r, kL + g) > 0 ? load(r, kM + g) : -INFINITY;
       mx = fmaxf(mx, m[r]);
     }
     float l = 0, o = 0;
     for (int r = 0; r < kCtas; ++r) {
       if (m[r] == -INFINITY) continue;
-      const State* other = state_of(r);
       const float f = fast_exp2(m[r] - mx);
-      l += other->l[g] * f, o += other->o[g][d] * f;
+      l += load(r, kL + g) * f, o += load(r, kO + g * kD + d) * f;
     }
     out[g * kD + d] = o / l;
   }
@@ -303,8 +320,7 @@ __device__ void pull_merged_states(const cooperative_groups::cluster_group& clus
                                    const Done& done, int heads = kG, const Others& others = Others{}) {
   cluster.sync();
   if (cluster.block_rank() == 0)
-    write_merged_states([&](int r) { return static_cast<const State*>(cluster.map_shared_rank(&st, r)); }, out,
-                        heads);
+    write_merged_states([&](int r, int i) { return ld_cluster(cluster_addr(&st, r) + 4 * i); }, out, heads);
   else
     others();
   __syncthreads();

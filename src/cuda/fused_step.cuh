@@ -59,9 +59,10 @@ inline size_t fused_step_smem_bytes(int max_coarse) {
 }
 
 // The lane's dims [4 lane, 4 lane + 4) of K and V at token `pos` of the entry's sequence.
+// (Pages of a power-of-two size only, a limit of the plan: no division. Rows in 32 bits, which
+// DeviceKVCache allows, saved 2 KB of code but made the kernel spill.)
 __device__ __forceinline__ void load_kv_lane(const FusedStepArgs& a, const int32_t* table, int h, int pos, uint2& k,
                                              uint2& v) {
-  // (Pages of a power-of-two size only, a limit of the plan: no division in the step's code.)
   const int page = pos >> a.page_shift, slot = pos & ((1 << a.page_shift) - 1);
   const int64_t row = ((int64_t(table[page]) * a.num_kv_heads + h) << a.page_shift) + slot;
   const size_t off = size_t(row) * (kD * 2) + (threadIdx.x & 31) * 8;
@@ -213,10 +214,12 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   //    listing costs one round trip however the selected clusters fall on the threads. An
   //    entry without a coarse level (too short for one) has every fine cluster as a candidate.
   {
+    static_assert(kRun == 8, "a thread's run is one byte of the selection's bits");
+    const unsigned run_sel = (coarse_sel.selected_bits[tid / 4] >> (8 * (tid % 4))) & 0xffu;
     int mine = 0;  // (children << 16) + selected clusters of this thread's run
 #pragma unroll
     for (int i = 0; i < kRun; ++i)
-      if (kRun * tid + i < C && coarse_sel.selected(kRun * tid + i)) mine += ((run_child[i + 1] - run_child[i]) << 16) + 1;
+      if ((run_sel >> i) & 1u) mine += ((run_child[i + 1] - run_child[i]) << 16) + 1;
     const int inc = warp_inclusive_sum(mine);
     if (lane == 31) warp_total[warp] = inc;
     __syncthreads();
@@ -228,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     int k = at & 0xffff, first = at >> 16;
 #pragma unroll
     for (int i = 0; i < kRun; ++i)
-      if (kRun * tid + i < C && coarse_sel.selected(kRun * tid + i)) {
+      if ((run_sel >> i) & 1u) {
         if (k < kMaxCand) list_first[k] = first, list_begin[k] = run_child[i];
         ++k, first += run_child[i + 1] - run_child[i];
       }
@@ -329,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       float k4[4], x[kG];
       to_float4<CT>(ck[i], k4);
       warp_dots(qr, k4, x);
-      if (lane < kCtas) *cluster.map_shared_rank(&xcand[k], lane) = make_float4(x[0], x[1], x[2], x[3]);
+      if (lane < kCtas) st_cluster(cluster_addr(&xcand[k], lane), make_float4(x[0], x[1], x[2], x[3]));
     }
   }
   pc.mark(6);
