@@ -58,16 +58,20 @@ inline size_t fused_step_smem_bytes(int max_coarse) {
   return (staged > part ? staged : part) + size_t(kMaxCoarse + kMaxCand) * sizeof(float4);
 }
 
-// The lane's dims [4 lane, 4 lane + 4) of K and V at token `pos` of the entry's sequence.
-// (Pages of a power-of-two size only, a limit of the plan: no division. Rows in 32 bits, which
-// DeviceKVCache allows, saved 2 KB of code but made the kernel spill.)
-__device__ __forceinline__ void load_kv_lane(const FusedStepArgs& a, const int32_t* table, int h, int pos, uint2& k,
-                                             uint2& v) {
-  const int page = pos >> a.page_shift, slot = pos & ((1 << a.page_shift) - 1);
-  const int64_t row = ((int64_t(table[page]) * a.num_kv_heads + h) << a.page_shift) + slot;
+// The lane's dims [4 lane, 4 lane + 4) of K and V at token `pos` of the entry's sequence, on
+// page `page_id` (read from the sequence's table; load_kv_lane reads it). (Pages of a power-of-two
+// size only, a limit of the plan: no division. Rows in 32 bits, which DeviceKVCache allows, saved
+// 2 KB of code but made the kernel spill.)
+__device__ __forceinline__ void load_kv_page(const FusedStepArgs& a, int page_id, int h, int pos, uint2& k, uint2& v) {
+  const int slot = pos & ((1 << a.page_shift) - 1);
+  const int64_t row = ((int64_t(page_id) * a.num_kv_heads + h) << a.page_shift) + slot;
   const size_t off = size_t(row) * (kD * 2) + (threadIdx.x & 31) * 8;
   k = *reinterpret_cast<const uint2*>(a.keys + off);
   v = *reinterpret_cast<const uint2*>(a.values + off);
+}
+__device__ __forceinline__ void load_kv_lane(const FusedStepArgs& a, const int32_t* table, int h, int pos, uint2& k,
+                                             uint2& v) {
+  load_kv_page(a, table[pos >> a.page_shift], h, pos, k, v);
 }
 
 // Phases of the profiled variant (kProf; FusedStepArgs::prof): the clock64 cycles of each, per
@@ -113,9 +117,19 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   const CT* values = static_cast<const CT*>(a.value_centroids);
   const int coarse_cap = a.coarse_budget + 1;  // a larger cluster never fits: its key size is capped here
 
-  // 1. Coarse key slice staged; this thread's coarse clusters of the selection (j = tid + 256 r)
-  //    and the child-list starts of those of the listing (j = 8 tid + i, i <= 8: one more for
-  //    the last list's end); the queries (padded heads zero); the fixed rows issued.
+  // 1. The fixed rows' page ids first (the head of their chain of round trips), the sequence's
+  //    page table into L2 (its lines spread over the cluster: the selected rows look it up);
+  //    the coarse key slice staged; this thread's coarse clusters of the selection (j = tid +
+  //    256 r) and the child-list starts of those of the listing (j = 8 tid + i, i <= 8: one
+  //    more for the last list's end); the queries (padded heads zero); the fixed rows issued.
+  //    (Reading the queries first as well made the kernel spill.)
+  int fixed_page[kSlots];
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) {
+    const int j = rank + kCtas * (warp + kWarps * i);
+    fixed_page[i] = j < nfixed ? table[(j < nsink ? j : end + (j - nsink)) >> a.page_shift] : 0;
+  }
+  if (const int line = tid * kCtas + rank; line * 32 < ((len - 1) >> a.page_shift) + 1) prefetch_l2(table + 32 * line);
   stage_rows(staged, keys + size_t(cb + c0) * kD, n_local);
   int own_n[kOwned], no_payload[kOwned];
 #pragma unroll
@@ -153,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     if (i >= kSlots) continue;
     const int j = rank + kCtas * (warp + kWarps * i);
     if (j < nfixed) {
-      load_kv_lane(a, table, h, j < nsink ? j : end + (j - nsink), kr[i], vr[i]);
+      load_kv_page(a, fixed_page[i], h, j < nsink ? j : end + (j - nsink), kr[i], vr[i]);
       has_row[i] = true;
     }
   }
@@ -325,6 +339,10 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       const int n = a.sizes[fb + cand_fine[k]];
       lift[i] = n > 0 ? __log2f(float(n)) : -INFINITY;  // an empty candidate is no pseudo-row
     }
+    // The candidates' member lists into L2: the selected ones' are read for the exact rows.
+#pragma unroll
+    for (int r = 0; r < kOwnedCand; ++r)
+      if (cand_n[r] > 0) prefetch_l2(a.members + cand_off[r]);
 #pragma unroll
     for (int i = 0; i < kCandSlots; ++i) {
       const int k = rank + kCtas * (warp + kWarps * i);
