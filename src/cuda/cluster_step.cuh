@@ -286,12 +286,14 @@ __device__ __forceinline__ void join_cta_state(State& st, const float (&m)[kG], 
   }
 }
 
-// out [heads, kD] of one entry = the merge of the cluster's kCtas states; load(r, i) gives float
-// i of CTA r's State (local or through DSMEM). Run by every thread of one CTA.
+// out [heads, kD] of one entry = the merge of the cluster's kCtas states, elements [lo, hi) of
+// it (all by default); load(r, i) gives float i of CTA r's State (local or through DSMEM). Run by
+// every thread of one CTA.
 template <class Load>
-__device__ void write_merged_states(const Load& load, float* out, int heads = kG) {
+__device__ void write_merged_states(const Load& load, float* out, int heads = kG, int lo = 0, int hi = -1) {
   constexpr int kM = offsetof(State, m) / 4, kL = offsetof(State, l) / 4, kO = offsetof(State, o) / 4;
-  for (int i = threadIdx.x; i < heads * kD; i += blockDim.x) {
+  if (hi < 0) hi = heads * kD;
+  for (int i = lo + int(threadIdx.x); i < hi; i += blockDim.x) {
     const int g = i / kD, d = i % kD;
     float m[kCtas], mx = -INFINITY;
     for (int r = 0; r < kCtas; ++r) {
@@ -308,21 +310,17 @@ __device__ void write_merged_states(const Load& load, float* out, int heads = kG
   }
 }
 
-// The pull merge of a one-launch step: CTA 0 reads the cluster's states through DSMEM and
-// writes their merge (out: [heads, kD] of the entry) while the other CTAs run `others` (work
-// that may wait for nothing else); `done` runs after it (a profile mark); the last barrier
-// keeps every CTA's state alive until CTA 0 has read it.
-struct Nothing {
-  __device__ void operator()() const {}
-};
-template <class Done, class Others = Nothing>
+// The pull merge of a one-launch step: every CTA reads the cluster's states through DSMEM and
+// writes its 1/kCtas of their merge (out: [heads, kD] of the entry), so that no CTA reads them
+// all (CTA 0 doing the whole merge was the step's last CTA by ~1.5 us); `done` runs after it (a
+// profile mark); the last barrier keeps every CTA's state alive until all have read it.
+template <class Done>
 __device__ void pull_merged_states(const cooperative_groups::cluster_group& cluster, State& st, float* out,
-                                   const Done& done, int heads = kG, const Others& others = Others{}) {
+                                   const Done& done, int heads = kG) {
   cluster.sync();
-  if (cluster.block_rank() == 0)
-    write_merged_states([&](int r, int i) { return ld_cluster(cluster_addr(&st, r) + 4 * i); }, out, heads);
-  else
-    others();
+  const int per = (heads * kD + kCtas - 1) / kCtas, lo = int(cluster.block_rank()) * per;
+  write_merged_states([&](int r, int i) { return ld_cluster(cluster_addr(&st, r) + 4 * i); }, out, heads, lo,
+                      min(heads * kD, lo + per));
   __syncthreads();
   done();
   cluster.sync();
