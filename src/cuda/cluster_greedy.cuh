@@ -57,17 +57,20 @@ struct Greedy {
   uint32_t selected_bits[Keys / 32];
 
   __device__ bool selected(int j) const { return (selected_bits[j / 32] >> (j % 32)) & 1u; }
-  // The token position of row t of the picks' rows (members: token positions, cluster after
-  // cluster, pick_first the offsets), -1 outside [0, pick_row[n_picks]).
-  __device__ int row_position(int t, const int32_t* members) const {
-    if (t < 0 || t >= pick_row[n_picks]) return -1;
+  // Row t's offset in the member lists (token positions, cluster after cluster; pick_first
+  // the picks' offsets), t in [0, pick_row[n_picks]).
+  __device__ int member_offset(int t) const {
     int k = 0, hi = n_picks;  // the pick holding row t: pick_row[k] <= t < pick_row[k + 1]
     while (hi - k > 1) {
       const int mid = (k + hi) / 2;
       if (pick_row[mid] <= t) k = mid;
       else hi = mid;
     }
-    return members[pick_first[k] + (t - pick_row[k])];
+    return pick_first[k] + (t - pick_row[k]);
+  }
+  // The token position of row t of the picks' rows, -1 outside [0, pick_row[n_picks]).
+  __device__ int row_position(int t, const int32_t* members) const {
+    return t < 0 || t >= pick_row[n_picks] ? -1 : members[member_offset(t)];
   }
 };
 

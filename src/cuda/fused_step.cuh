@@ -110,6 +110,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   __shared__ Greedy<kMaxCoarse> coarse_sel;
   __shared__ Greedy<kMaxCand> fine_sel;
   __shared__ int cand_fine[kMaxCand], cand_size[kMaxCand], warp_total[kWarps], word_base[kFineWords];
+  __shared__ int row_member[kMaxPicks];  // the selected rows' offsets in the member lists
   __shared__ uint32_t is_cand[kFineWords];
   __shared__ StateScratch sc;
 
@@ -398,10 +399,16 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   if constexpr (kProf) pc.add(kFusedPhases + 3, fine_sel.all_picks), pc.add(kFusedPhases + 4, fine_sel.all_prefix_picks);
 
   // 7. This warp's selected rows (member list, page table, then K and V); its candidates that
-  //    were not selected stay as pseudo-rows.
+  //    were not selected stay as pseudo-rows. The rows' member offsets are found once, one
+  //    binary search a row by the first sel_rows (<= budget <= kMaxPicks) threads, rather
+  //    than in turn for each slot by every warp.
+  const int sel_rows = fine_sel.pick_row[fine_sel.n_picks];
+  if (tid < sel_rows) row_member[tid] = fine_sel.member_offset(tid);
+  __syncthreads();
 #pragma unroll
   for (int i = 0; i < kSlots; ++i) {
-    const int pos = fine_sel.row_position(rank + kCtas * (warp + kWarps * i) - nfixed, a.members);
+    const int t = rank + kCtas * (warp + kWarps * i) - nfixed;
+    const int pos = t >= 0 && t < sel_rows ? a.members[row_member[t]] : -1;
     if (pos >= 0) {
       load_kv_lane(a, table, h, pos, kr[i], vr[i]);
       has_row[i] = true;
@@ -428,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     }
   }
   if (rank == 0 && tid == 0) {
-    const int rows = nfixed + fine_sel.pick_row[fine_sel.n_picks];
+    const int rows = nfixed + sel_rows;
     if (rows > kSlots * kCtas * kWarps) atomicOr(a.error_flags, 1u);  // a sequence grew past the plan
     a.exact_n[e] = min(rows, kSlots * kCtas * kWarps);
   }
