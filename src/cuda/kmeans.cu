@@ -1280,6 +1280,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
         const int c = sm.moved[m], n = sm.cnt[c];
         if (n > 0) {
           double s = 0;
+#pragma unroll 1  // (unrolled in each of the kBatch copies it was ~15 KB of code to fetch: gpu-notes item 39)
           for (int p = sm.st[c]; p < sm.st[c] + n; ++p) s += sm.X[sm.tl[p] * DP + j];
           cent[int64_t(c) * D + j] = float((old[u] + s) * (1.0 / double(sm.osize[c] + n)));
         } else if (c < k_old) {
@@ -1324,6 +1325,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
       const int64_t x = int64_t(c) * D + j, f = en.fine(o.first0 + c);
       if (n > 0) {
         double sk = 0, sv = 0;
+#pragma unroll 1  // (~49 KB of code unrolled)
         for (int p = sm.st[c]; p < sm.st[c] + n; ++p) {
           sk += sm.X[sm.tl[p] * DP + j];
           sv += sm.Vs[sm.tl[p] * D + j];
