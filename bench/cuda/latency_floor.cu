@@ -21,8 +21,10 @@
 //            shared memory) and of the second (plain, with or without it): gpu-notes item 38;
 //   code:    a kernel of 4 to 192 KB of straight-line code run once, cold (after the flush)
 //            and warm: what fetching a large kernel's instructions from DRAM costs (the
-//            one-launch step's kernel is ~180 KB of SASS; gpu-notes item 39).
-// Usage: lab_latency_floor [iterations, default 41]. Prints one line per measurement.
+//            one-launch step's kernel is ~180 KB of SASS; gpu-notes item 39); and the same
+//            kernels returning at once.
+// Usage: lab_latency_floor [iterations, default 41] [code: the code lines only]. Prints one line
+// per measurement.
 // H200, session H23 (two runs, medians agree within 0.2 us): 1 empty kernel 2.8-3.0 us, 3
 // chained by PDL 4.3-4.5; a DRAM round trip after the flush 0.34-0.36 us, an L2 one 0.15;
 // __syncthreads 0.014 (256 threads) / 0.039 us (1024); a cluster barrier 0.19-0.38 us; a
@@ -41,6 +43,7 @@
 #include <cstdlib>
 #include <functional>
 #include <random>
+#include <string_view>
 #include <unordered_set>
 #include <vector>
 
@@ -88,8 +91,10 @@ __global__ void roomy_kernel() {
 
 // Blocks x 8 FMAs of straight-line code (one 16-byte SASS instruction each), 8 independent
 // chains so that issue, not latency, sets the warm time. sink: [1]
+// skip: return at once (what a large kernel costs that has nothing to do).
 template <int Blocks>
-__global__ void code_kernel(float a, float b, float* sink) {
+__global__ void code_kernel(float a, float b, float* sink, int skip) {
+  if (skip) return;
   float x[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j) x[j] = float(threadIdx.x + j);
@@ -173,6 +178,36 @@ int max_clusters(void (*kernel)(Args...), int cluster, int threads) {
   return n;
 }
 
+// Straight-line code run once by 128 CTAs: cold after the flush, warm right after a replay.
+void code_lines(Lab& bench, uint32_t* sink) {
+  const cudaStream_t s = bench.timer.stream();
+  std::printf("%-58s %9s %9s %9s\n", "code: KB of straight-line code, 128 CTAs", "cold", "warm", "us/KB");
+  float* fsink = reinterpret_cast<float*>(sink);
+  const auto code_line = [&](auto kernel, int kb) {
+    for (const int threads : {32, 256, 0}) {  // 0: 256 threads returning at once
+      const int skip = threads == 0;
+      const lab::Graph g(
+          [&](cudaStream_t st) { kernel<<<128, skip ? 256 : threads, 0, st>>>(0.999f, 1e-3f, fsink, skip); }, s);
+      std::vector<double> cold, warm;
+      for (int i = 0; i < bench.iterations; ++i) {
+        cold.push_back(bench.timer.run_us(g, true, i));
+        warm.push_back(bench.timer.run_us(g, false, i));
+      }
+      const double c = lab::median(cold), w = lab::median(warm);
+      if (skip)
+        std::printf("code: %3d KB, returning at once %33s %9.3f %9.3f us\n", kb, "", c, w);
+      else
+        std::printf("code: %3d KB, %3d threads a CTA %34s %9.3f %9.3f %9.4f us\n", kb, threads, "", c, w,
+                    (c - w) / kb);
+    }
+  };
+  code_line(code_kernel<32>, 4);
+  code_line(code_kernel<128>, 16);
+  code_line(code_kernel<512>, 64);
+  code_line(code_kernel<1024>, 128);
+  code_line(code_kernel<1536>, 192);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -184,6 +219,10 @@ int main(int argc, char** argv) {
               prop.name, prop.multiProcessorCount, bench.iterations, lab::FlushedTimer::kFlushBytes >> 20);
   uint32_t* sink = nullptr;
   LAB_CHECK(cudaMalloc(&sink, 64));
+  if (argc > 2 && std::string_view(argv[2]) == "code") {  // the code lines only
+    code_lines(bench, sink);
+    return 0;
+  }
   const cudaStream_t s = bench.timer.stream();
 
   // Launch floors.
@@ -345,26 +384,7 @@ int main(int argc, char** argv) {
     }
   }
 
-  // Straight-line code run once by 128 CTAs: cold after the flush, warm right after a replay.
-  std::printf("%-58s %9s %9s %9s\n", "code: KB of straight-line code, 128 CTAs", "cold", "warm", "us/KB");
-  float* fsink = reinterpret_cast<float*>(sink);
-  const auto code_line = [&](auto kernel, int kb) {
-    for (const int threads : {32, 256}) {
-      const lab::Graph g([&](cudaStream_t st) { kernel<<<128, threads, 0, st>>>(0.999f, 1e-3f, fsink); }, s);
-      std::vector<double> cold, warm;
-      for (int i = 0; i < bench.iterations; ++i) {
-        cold.push_back(bench.timer.run_us(g, true, i));
-        warm.push_back(bench.timer.run_us(g, false, i));
-      }
-      const double c = lab::median(cold), w = lab::median(warm);
-      std::printf("code: %3d KB, %3d threads a CTA %34s %9.3f %9.3f %9.4f us\n", kb, threads, "", c, w, (c - w) / kb);
-    }
-  };
-  code_line(code_kernel<32>, 4);
-  code_line(code_kernel<128>, 16);
-  code_line(code_kernel<512>, 64);
-  code_line(code_kernel<1024>, 128);
-  code_line(code_kernel<1536>, 192);
+  code_lines(bench, sink);
   LAB_CHECK(cudaDeviceSynchronize());
   return 0;
 }
