@@ -398,7 +398,6 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     f.lengths = kv.lengths;
     f.tables = kv.tables;
     f.table_offset = kv.table_offset;
-    f.page_size = kv.page_size;
     f.page_shift = page_shift_of(kv.page_size);
     f.keys = kv.keys;
     f.values = kv.values;

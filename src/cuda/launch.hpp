@@ -165,7 +165,7 @@ struct FusedStepArgs {
   const int32_t* lengths = nullptr;      // [max_sequences]
   const int32_t* tables = nullptr;       // concatenated page tables
   const int64_t* table_offset = nullptr; // [max_sequences]
-  int page_size = 0, page_shift = -1;    // log2(page_size): the plan takes this step only for powers of two
+  int page_shift = 0;                    // log2 of the page size (the plan takes this step only for powers of two)
   const std::byte* keys = nullptr;       // [num_pages, Hkv, P, 128] of the cache's 16-bit type
   const std::byte* values = nullptr;     // [num_pages, Hkv, P, 128]
   const void* key_centroids = nullptr;   // [total_clusters, 128] of the cache's type
