@@ -16,7 +16,7 @@
 //      above it at once and only the walk's tail in rounds;
 //   4. loads of its share of the selected clusters' rows (member list, page table, K/V);
 //   5. the far field over its unselected centroids, the exact rows, the merge into the CTA's
-//      state, and CTA 0 merges the cluster's 16 states (DSMEM) into the output.
+//      state, and the merge of the cluster's 16 states (DSMEM; each CTA 1/16 of the output).
 // The host checks the selection against the greedy rule in f64 (a difference is reported with
 // its importance gap: f32 near-ties may order differently) and the output against an f64
 // computation over the kernel's own selection. Timed as the bench times a step (graph replay,
@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
   }
   mark(9);
 
-  // 8. CTA 0 merges the cluster's states through DSMEM.
+  // 8. The cluster's states merged through DSMEM, each CTA 1/16 of the output.
   pull_merged_states(cluster, st, a.out + size_t(e) * kG * kD, [&] { mark(10); });
 }
 

@@ -11,7 +11,9 @@
 //   3. the per-head maximum over the cluster (DSMEM), then the far field over the CTA's
 //      unselected centroids with weights 2^(x - max);
 //   4. the exact rows' softmax state, merged with the far field's;
-//   5. CTA 0 merges the cluster's states (DSMEM) and writes the output.
+//   5. the cluster's states merged (DSMEM) into the output: variant 3 pushes them to CTA 0,
+//      which merges them; variants 1 and 2 pull them, each CTA 1/16 of the output (the
+//      library's pull_merged_states; CTA 0 did it all until H31).
 // Variants (llm.c style, each checked and timed): 1: each warp loads its centroids into
 // registers, 8 bytes a lane, four centroids at a time, and reduces each dot product with
 // shuffles; 2: each CTA copies its whole slice of key and value centroids into shared memory
@@ -299,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
   }
 
   mark(5);
-  // 5. CTA 0 merges the cluster's states.
+  // 5. The cluster's states merged.
   if constexpr (V >= 3) {
     // Push: each CTA stores its state into CTA 0's gather area, then CTA 0 merges locally;
     // nothing of another CTA is read after the barrier.
@@ -310,11 +312,12 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Args a) {
     for (int i = threadIdx.x; i < int(sizeof(State) / 4); i += kThreads) theirs[i] = mine[i];
     cluster.sync();
     if (rank == 0)
-      write_merged_states([&](int r, int i) { return reinterpret_cast<const float*>(gather + r)[i]; }, a.out + size_t(e) * kG * kD);
+      write_merged_states([&](int r, int i) { return reinterpret_cast<const float*>(gather + r)[i]; },
+                          a.out + size_t(e) * kG * kD);
     __syncthreads();
     mark(6);
   } else {
-    // Pull: CTA 0 reads the other CTAs' states through DSMEM.
+    // Pull: every CTA reads the cluster's states through DSMEM and writes 1/16 of the output.
     pull_merged_states(cluster, st, a.out + size_t(e) * kG * kD, [&] { mark(6); });
   }
 }

@@ -17,7 +17,8 @@
 //      and runs the same fine selection under 128 tokens;
 //   5. the selected clusters' rows (member list, page table, K/V), the far field over the
 //      CTA's unselected coarse centroids (staged) and its warps' unselected candidates
-//      (pseudo-rows with a log-size lift), the exact rows, and CTA 0 merges the 16 states.
+//      (pseudo-rows with a log-size lift), the exact rows, and the merge of the 16 states (each
+//      CTA 1/16 of the output, as the library's pull_merged_states since H31).
 // The host checks both selections against the rule in f64 and the output against an f64
 // computation over the kernel's own selections. Timed as the bench times a step (graph replay,
 // 256 MiB memset flush before each run, median).
@@ -310,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, 2) two_level_step_kernel(const Args 
   mark(12);
 
   // 9. The exact rows and the candidates' pseudo-rows per warp (logits relative to gmax), then
-  //    the CTA's state; CTA 0 merges the cluster's states through DSMEM.
+  //    the CTA's state; the cluster's states merged through DSMEM (each CTA 1/16 of the output).
   {
     float m[kG], l[kG], acc[kG][4];
     warp_rows_state(kr, vr, has_row, qr, gmax, m, l, acc, lift);

@@ -13,8 +13,8 @@
 //      and runs the same fine selection under budget;
 //   5. the exact rows (sinks, the selected clusters' members, the tokens past the clustered
 //      region), the far field (the CTA's unselected coarse centroids, staged, and its warps'
-//      unselected candidates as pseudo-rows with a log2-size lift), and CTA 0 merges the 16
-//      states through distributed shared memory.
+//      unselected candidates as pseudo-rows with a log2-size lift), and the merge of the 16
+//      states through distributed shared memory, each CTA writing 1/16 of the output.
 // The plan (decoder.cpp) takes this path only where it holds: head dim 128, G <= 4 (heads
 // padded to 4), 16-bit keys in the cache's type, pages of a power-of-two size, at most
 // kMaxCoarse coarse clusters and kMaxFineIds fine ones per entry, at most kMaxCand candidates
@@ -452,7 +452,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   pc.mark(11);
 
   // 9. The exact rows (logits of qx) and the candidates' pseudo-rows (their pushed logits plus
-  //    the lift) per warp, relative to gmax, then the CTA's state; CTA 0 merges the cluster's.
+  //    the lift) per warp, relative to gmax, then the CTA's state; the cluster merges its
+  //    states, each CTA 1/16 of the output.
   {
     float qr[kG][4];
     lane_queries(qx, qr);
