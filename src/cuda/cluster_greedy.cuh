@@ -256,8 +256,9 @@ __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payl
 #pragma unroll
       for (int r = 0; r < Owned; ++r) {
         const unsigned top16 = unsigned(key[r] >> 48);
-        const bool below_prefix = top16 <= limit && (shift == 56 || (key[r] >> (shift + 8)) == prefix);
-        const bool counted = key[r] != 0 && (window_pass ? int(top16) > lo16 : below_prefix);
+        // (8-bit passes: under the window's limit, and in the prefix found so far.)
+        const bool in_prefix = top16 <= limit && (shift == 56 || (key[r] >> (shift + 8)) == prefix);
+        const bool counted = key[r] != 0 && (window_pass ? int(top16) > lo16 : in_prefix);
         if (counted)
           atomicAdd(&gs.hist[window_pass ? int(top16) - lo16 : int(key[r] >> shift) & 0xff],
                     (1 << kCountShift) | key_size(key[r]));

@@ -248,6 +248,13 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
 }
 
 namespace {
+// log2(page_size) when a power of two, else -1.
+int page_shift_of(int page_size) {
+  for (int sft = 0; sft < 31; ++sft)
+    if ((1 << sft) == page_size) return sft;
+  return -1;
+}
+
 // The most candidates (children of the coarse clusters a selection under `budget` tokens can
 // take) of one entry: the fractional-knapsack bound over coarse clusters of (tokens, children),
 // densest first. size/child_begin: the entry's coarse sizes and child-list starts ([Cc + 1]).
@@ -288,7 +295,7 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   if (index.key_dtype() != kv_dtype) return why("key centroids not in the cache's type");
   if (config_.budget > L::kMaxBudget) return why("budget over 128");
   if (coarse_budget_ >= 65535) return why("coarse budget over 65534");
-  if (page_size & (page_size - 1)) return why("page size not a power of two");
+  if (page_shift_of(page_size) < 0) return why("page size not a power of two");
   if (exact_rows > L::kExactRows) return why("over 512 exact rows");
   if (index.max_coarse() > L::kMaxCoarse) return why("over 2048 coarse clusters in an entry");
   for (int e = 0; e < E; ++e) {
@@ -325,13 +332,6 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
 }
 
 namespace {
-// log2(page_size) when a power of two, else -1.
-int page_shift_of(int page_size) {
-  for (int sft = 0; sft < 31; ++sft)
-    if ((1 << sft) == page_size) return sft;
-  return -1;
-}
-
 AttendArgs base_args(const DeviceKVCache& cache, int layer, const AttentionConfig& c) {
   const DeviceKVLayer kv = cache.layer(layer);
   AttendArgs a;
