@@ -189,12 +189,13 @@ void profile_fused_step(const char* what, CudaDecoder& dec, const DeviceKVCache&
 // Diagnostics (MULTIPOLE_UPDATE_PROFILE set): per-phase time of the online update kernel
 // (thread 0 of each CTA, averaged over CTAs) from the phase-clock slots; printed to stderr.
 void print_update_profile(const char* what, const DeviceBuffer& prof, int B, int64_t ctx) {
-  const auto [v, blocks, ctas, ghz] = read_phase_clock(prof, 9);
-  static const char* names[9] = {"load", "first-round", "rounds", "lists", "stats", "token-lists",
-                                 "parents", "child-lists", "coarse"};
+  constexpr int kSlots = 12;
+  const auto [v, blocks, ctas, ghz] = read_phase_clock(prof, kSlots);
+  static const char* names[kSlots] = {"load",    "first-round", "rounds",      "lists",  "stats", "token-lists",
+                                      "parents", "child-lists", "coarse", "norms", "distances", "argmin"};
   std::fprintf(stderr, "update-profile %s B=%d ctx=%lld CTA launches=%.0f kernel(thread 0)=%.2f us clock=%.2f GHz\n",
                what, B, static_cast<long long>(ctx), ctas, double(v[detail::kPhaseClockNs]) / ctas * 1e-3, ghz);
-  for (int k = 0; k < 9; ++k)
+  for (int k = 0; k < kSlots; ++k)
     std::fprintf(stderr, "  %-12s %9.0f cycles %8.2f us\n", names[k], double(v[size_t(k)]) / ctas,
                  double(v[size_t(k)]) / ctas / ghz * 1e-3);
 }

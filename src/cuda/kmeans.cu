@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 
 #include "cuda/check.hpp"
 #include "cuda/common.cuh"
@@ -21,9 +22,19 @@ namespace {
 constexpr int kTileCents = 64;    // centroids per shared-memory stage
 constexpr int kCountThreads = 1024;
 
-__device__ __forceinline__ int64_t cache_row(const KvRead& kv, int seq, int head, int pos) {
-  const int page = kv.tables[kv.table_offset[seq] + pos / kv.page_size];
+// Cache row of token `pos` of a sequence, its page id given or looked up.
+__device__ __forceinline__ int64_t page_row(const KvRead& kv, int page, int head, int pos) {
   return (int64_t(page) * kv.num_kv_heads + head) * kv.page_size + pos % kv.page_size;
+}
+__device__ __forceinline__ int64_t cache_row(const KvRead& kv, int seq, int head, int pos) {
+  return page_row(kv, kv.tables[kv.table_offset[seq] + pos / kv.page_size], head, pos);
+}
+
+// A cache element's 16 bits (f16 or bf16) -> float. Both conversions and a select: a branch
+// here gets loops unswitched on f16 (two copies of each loop's code).
+__device__ __forceinline__ float half_or_bf16(uint16_t raw, bool f16) {
+  const float h = __half2float(__ushort_as_half(raw)), b = __uint_as_float(uint32_t(raw) << 16);
+  return f16 ? h : b;
 }
 
 // V consecutive 16-bit elements of a cache row -> floats.
@@ -39,15 +50,7 @@ __device__ __forceinline__ void load16(const std::byte* base, int64_t elem, bool
     memcpy(raw, &u, 4);
   }
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    if (f16) {
-      __half h;
-      memcpy(&h, &raw[i], 2);
-      out[i] = __half2float(h);
-    } else {
-      out[i] = __uint_as_float(uint32_t(raw[i]) << 16);
-    }
-  }
+  for (int i = 0; i < V; ++i) out[i] = half_or_bf16(raw[i], f16);
 }
 
 // V consecutive floats (V = 2 or 4: one 8- or 16-byte access).
@@ -114,20 +117,15 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1,
 
 // ---- kernels --------------------------------------------------------------------------------
 
-// Clustering keys: the cached key of each token rotated back to position 0 (as the CPU's
+// Rotates a warp's cached key of token `pos` back to position 0, as the CPU's
 // unrotate_consecutive: pairs (i, i + half), angle -pos * inv_freq[i]; the angle is reduced
-// modulo 2 pi in f64, then sin/cos in f32), in f32. grid (ceil(max count / 8), entries),
-// 8 warps, one token per warp.
-// Clustering key of token `pos` (its cached key rotated back to position 0, as the CPU's
-// unrotate_consecutive: pairs (i, i + half), angle -pos * inv_freq[i]; the angle is reduced
-// modulo 2 pi in f64, then sin/cos in f32) into x (lane's V = D / 32 consecutive elements),
-// by one warp; row: the warp's [D] floats of shared memory.
+// modulo 2 pi in f64, then sin/cos in f32. x: the lane's V = D / 32 consecutive elements, in
+// and out; row: the warp's [D] floats of shared memory.
 template <int D>
-__device__ __forceinline__ void warp_k0(const KvRead& kv, int seq, int head, int pos, const double* inv_freq, int half,
-                                        float* row, float (&x)[D / 32]) {
+__device__ __forceinline__ void warp_unrotate(int pos, const double* inv_freq, int half, float* row,
+                                              float (&x)[D / 32]) {
   constexpr int V = D / 32;
   const int lane = threadIdx.x & 31;
-  load16<V>(kv.keys, cache_row(kv, seq, head, pos) * D + lane * V, kv.f16 != 0, x);
 #pragma unroll
   for (int i = 0; i < V; ++i) row[lane * V + i] = x[i];
   __syncwarp();
@@ -146,6 +144,15 @@ __device__ __forceinline__ void warp_k0(const KvRead& kv, int seq, int head, int
     }
   }
   __syncwarp();  // the row may be reused
+}
+
+// Clustering key of token `pos` (its cached key rotated back to position 0) into x, by one
+// warp (see warp_unrotate).
+template <int D>
+__device__ __forceinline__ void warp_k0(const KvRead& kv, int seq, int head, int pos, const double* inv_freq, int half,
+                                        float* row, float (&x)[D / 32]) {
+  load16<D / 32>(kv.keys, cache_row(kv, seq, head, pos) * D + (threadIdx.x & 31) * (D / 32), kv.f16 != 0, x);
+  warp_unrotate<D>(pos, inv_freq, half, row, x);
 }
 
 // Clustering keys of every clustered token, f32. grid (ceil(max count / 8), entries), 8
@@ -895,8 +902,9 @@ __host__ __device__ constexpr int online_row(int d) { return d + 4; }
 // Shared memory of the update kernel, carved from one dynamic allocation.
 struct OnlineSmem {
   float* X;      // [window, D + 4] clustering keys of the chunk (padded rows: see online_distances)
-  float* Vs;     // [window, D] values of the chunk
-  float* T;      // [64, D + 4] a tile of centroids
+  uint16_t* Vs;  // [window, D] values of the chunk, the cache's 16-bit bits
+  float* T;      // [64, D + 4] a tile of centroids (or their tf32 big parts: CentroidTile)
+  float* Ts;     // [64, D + 4] the tile's tf32 small parts
   float* xnorm;  // [window] ||x||^2
   float* dist2;  // [window] squared distance to the own centroid
   int *lab, *used, *items, *seeds, *tl, *rk;                  // [window]
@@ -905,16 +913,16 @@ struct OnlineSmem {
   int* tmp;                                                    // [kOnlineThreads / 32 + 1]
 
   __host__ __device__ static size_t bytes(int d, const KmOnlineDims& m) {
-    return (size_t(m.window + 64) * online_row(d) + size_t(m.window) * d + 8 * size_t(m.window) + 8 * size_t(m.ko) +
-            3 * size_t(m.ko1) +
-            kOnlineThreads / 32 + 1) *
+    return (size_t(m.window + 128) * online_row(d) + size_t(m.window) * d / 2 + 8 * size_t(m.window) +
+            8 * size_t(m.ko) + 3 * size_t(m.ko1) + kOnlineThreads / 32 + 1) *
            4;
   }
   __device__ OnlineSmem(void* raw, int d, const KmOnlineDims& m) {
     float* f = static_cast<float*>(raw);
     X = f, f += m.window * online_row(d);
-    Vs = f, f += m.window * d;
+    Vs = reinterpret_cast<uint16_t*>(f), f += m.window * d / 2;  // (d / 2 % 4 == 0: T stays 16-byte aligned)
     T = f, f += 64 * online_row(d);
+    Ts = f, f += 64 * online_row(d);
     xnorm = f, f += m.window;
     dist2 = f, f += m.window;
     int* p = reinterpret_cast<int*>(f);
@@ -925,72 +933,119 @@ struct OnlineSmem {
   }
 };
 
+__device__ __forceinline__ float tf32_big(float x) { return __uint_as_float(__float_as_uint(x) & 0xffffe000u); }
+
 // Rows c0 .. c0 + 63 of the centroids cent [*, D] (row cols[c] for column c when cols is
-// given; zeros from column n on) into the shared tile sm.T, rows padded to online_row(D).
-// Coalesced float4 loads, all of a thread's issued before its stores. Call between barriers.
+// given; zeros from column n on), in a shared tile of rows padded to online_row(D): fetched
+// into registers by coalesced float4 loads (all of a thread's issued together), then stored
+// to sm.T, or with kSplit as x = big + small in tf32 (truncated), big into sm.T and small into
+// sm.Ts. Store between barriers.
 template <int D>
-__device__ void load_centroid_tile(const OnlineSmem& sm, const float* cent, const int* cols, int c0, int n) {
-  constexpr int DP = online_row(D), Q = D / 4, PER = 64 * Q / kOnlineThreads;  // float4 per thread
+struct CentroidTile {
+  static constexpr int Q = D / 4, PER = 64 * Q / kOnlineThreads;  // float4 per row, per thread
   static_assert(64 * Q % kOnlineThreads == 0, "a tile is whole float4s per thread");
-  const int tid = threadIdx.x;
   float4 r[PER];
+
+  __device__ void fetch(const float* cent, const int* cols, int c0, int n) {
 #pragma unroll
-  for (int u = 0; u < PER; ++u) {
-    const int x = tid + u * kOnlineThreads, c = c0 + x / Q;
-    r[u] = c < n ? reinterpret_cast<const float4*>(cent)[int64_t(cols ? cols[c] : c) * Q + x % Q]
-                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int u = 0; u < PER; ++u) {
+      const int x = threadIdx.x + u * kOnlineThreads, c = c0 + x / Q;
+      r[u] = c < n ? reinterpret_cast<const float4*>(cent)[int64_t(cols ? cols[c] : c) * Q + x % Q]
+                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
   }
+  template <bool kSplit>
+  __device__ void store(const OnlineSmem& sm) const {
 #pragma unroll
-  for (int u = 0; u < PER; ++u) {
-    const int x = tid + u * kOnlineThreads;
-    *reinterpret_cast<float4*>(sm.T + (x / Q) * DP + 4 * (x % Q)) = r[u];
+    for (int u = 0; u < PER; ++u) {
+      const int x = threadIdx.x + u * kOnlineThreads, at = (x / Q) * online_row(D) + 4 * (x % Q);
+      if constexpr (kSplit) {
+        const float4 b = make_float4(tf32_big(r[u].x), tf32_big(r[u].y), tf32_big(r[u].z), tf32_big(r[u].w));
+        *reinterpret_cast<float4*>(sm.T + at) = b;
+        *reinterpret_cast<float4*>(sm.Ts + at) = make_float4(tf32_big(r[u].x - b.x), tf32_big(r[u].y - b.y),
+                                                             tf32_big(r[u].z - b.z), tf32_big(r[u].w - b.w));
+      } else {
+        *reinterpret_cast<float4*>(sm.T + at) = r[u];
+      }
+    }
   }
+};
+
+// Tensor-core product on tf32 operands (f32 bit patterns with the low 13 significand bits
+// zero), f32 accumulation.
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// dist[i * ko + c] = ||c||^2 - 2 x_i.c (f32, x.c accumulated over the dimensions in order,
-// as the CPU's partial_distances) for the chunk's tokens i and the columns cols[0, n) (all of
-// [0, n) when cols is null). Per 64-column tile, warp w holds tokens 16 w .. 16 w + 15 and
-// lane l columns l and l + 32: the keys are read as broadcast float4s, the tile's columns as
-// conflict-free float4s (rows padded to D + 4), and each distance row is stored coalesced.
+// dist[i * ko + c] = ||c||^2 - 2 x_i.c for the chunk's tokens i and the columns cols[0, n)
+// (all of [0, n) when cols is null). x.c on tensor cores, 3xTF32: with x = big + small (tf32
+// parts, truncated), big * big + big * small + small * big in f32 accumulators keeps the
+// error near f32's (~2^-21 relative; big * big alone: 2^-10). The CPU sums in dimension order
+// in f32, so labels agree but for near-ties. Per 64-column tile (split once as it is loaded),
+// warp w holds the m16 tile of tokens 16 (w % 8) .. and the four n8 tiles of columns
+// 32 (w / 8) ..; fragments come from the padded rows (stride D + 4: lane (g, t) at row g,
+// column t hits bank 4 g + t, no conflicts).
 template <int D>
 __device__ void online_distances(const OnlineSmem& sm, int count, const float* cent, const float* cnorm,
                                  const int* cols, int n, float* dist, int ko) {
-  constexpr int DP = online_row(D), TW = 16;  // row stride; tokens per warp (window <= 128)
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  constexpr int DP = online_row(D);
+  static_assert(kOnlineThreads == 512, "16 warps: 8 token tiles x 2 column halves (window <= 128)");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int m0 = (warp & 7) * 16, nb = (warp >> 3) * 32;  // the warp's tokens, its columns in a tile
   for (int c0 = 0; c0 < n; c0 += 64) {
+    CentroidTile<D> tile;
+    tile.fetch(cent, cols, c0, n);
     __syncthreads();  // the tile is free
-    load_centroid_tile<D>(sm, cent, cols, c0, n);
+    tile.store<true>(sm);
     __syncthreads();
-    if (warp * TW < count) {
-      float acc[TW][2] = {};
-#pragma unroll 1
-      for (int j = 0; j < D; j += 4) {
-        const float4 c0v = *reinterpret_cast<const float4*>(sm.T + lane * DP + j);
-        const float4 c1v = *reinterpret_cast<const float4*>(sm.T + (lane + 32) * DP + j);
+    if (m0 >= count || c0 + nb >= n) continue;
+    // The norms of the lane's columns, loaded now: ready when the products are.
+    float cn[4][2];
 #pragma unroll
-        for (int r = 0; r < TW; ++r) {
-          const float4 x = *reinterpret_cast<const float4*>(sm.X + (warp * TW + r) * DP + j);
-          acc[r][0] = fmaf(x.x, c0v.x, acc[r][0]);
-          acc[r][0] = fmaf(x.y, c0v.y, acc[r][0]);
-          acc[r][0] = fmaf(x.z, c0v.z, acc[r][0]);
-          acc[r][0] = fmaf(x.w, c0v.w, acc[r][0]);
-          acc[r][1] = fmaf(x.x, c1v.x, acc[r][1]);
-          acc[r][1] = fmaf(x.y, c1v.y, acc[r][1]);
-          acc[r][1] = fmaf(x.z, c1v.z, acc[r][1]);
-          acc[r][1] = fmaf(x.w, c1v.w, acc[r][1]);
-        }
-      }
+    for (int q = 0; q < 4; ++q)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int c = c0 + lane + 32 * h;
-        if (c >= n) continue;
-        const int col = cols ? cols[c] : c;
-        const float nc = cnorm[col];
-#pragma unroll
-        for (int r = 0; r < TW; ++r)
-          if (warp * TW + r < count) dist[int64_t(warp * TW + r) * ko + col] = fmaf(-2.0f, acc[r][h], nc);
+        const int c = c0 + nb + 8 * q + 2 * t + h;
+        cn[q][h] = c < n ? cnorm[cols ? cols[c] : c] : 0.0f;
       }
+    float acc[4][4] = {};
+    const float* xa = sm.X + (m0 + g) * DP + t;  // (rows past count: garbage in rows never stored)
+    const int tb = (nb + g) * DP + t;
+#pragma unroll 2
+    for (int j = 0; j < D; j += 8) {
+      uint32_t ab[4], as[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {  // a0..a3: (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4)
+        const float x = xa[(r & 1) * 8 * DP + j + (r >> 1) * 4], big = tf32_big(x);
+        ab[r] = __float_as_uint(big);
+        as[r] = __float_as_uint(tf32_big(x - big));
+      }
+      uint32_t bb[4][2], bs[4][2];
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          bb[q][h] = __float_as_uint(sm.T[tb + q * 8 * DP + j + 4 * h]);
+          bs[q][h] = __float_as_uint(sm.Ts[tb + q * 8 * DP + j + 4 * h]);
+        }
+      // Term by term over the four n8 tiles, so that consecutive mmas are independent.
+#pragma unroll
+      for (int q = 0; q < 4; ++q) mma_tf32(acc[q], as, bb[q][0], bb[q][1]);  // the small terms first
+#pragma unroll
+      for (int q = 0; q < 4; ++q) mma_tf32(acc[q], ab, bs[q][0], bs[q][1]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) mma_tf32(acc[q], ab, bb[q][0], bb[q][1]);
     }
+    // Accumulator e of n8 tile q: token m0 + g + 8 (e / 2), column c0 + nb + 8 q + 2 t + e % 2.
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = m0 + g + 8 * (e >> 1), c = c0 + nb + 8 * q + 2 * t + (e & 1);
+        if (i < count && c < n) dist[int64_t(i) * ko + (cols ? cols[c] : c)] = fmaf(-2.0f, acc[q][e], cn[q][e & 1]);
+      }
   }
   __syncthreads();
 }
@@ -1092,7 +1147,7 @@ __device__ void online_norms(const float* cent, float* cnorm, const int* cols, i
 // Phase-clock slots of online_update_kernel (KmOnlineBuffers::prof).
 enum : int {
   kUpdLoad = 0, kUpdFirstRound = 1, kUpdRounds = 2, kUpdLists = 3, kUpdStats = 4, kUpdTokenLists = 5,
-  kUpdParents = 6, kUpdChildLists = 7, kUpdCoarse = 8
+  kUpdParents = 6, kUpdChildLists = 7, kUpdCoarse = 8, kUpdNorms = 9, kUpdDistances = 10, kUpdArgmin = 11
 };
 
 // One online update chunk of one entry (ClusterIndex::append_chunk): the chunk's tokens join
@@ -1138,18 +1193,42 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   float* dist = buf.dist + int64_t(e) * dims.window * dims.ko;
   int32_t* scratch = buf.scratch + int64_t(e) * dims.to;
 
-  // 1. The chunk's clustering keys, values and norms; seeds drawn by the CPU's Rng.
+  // 1. The chunk's clustering keys, values and norms; seeds drawn by the CPU's Rng. All page
+  // ids are looked up first (tl: free until the lists), then each warp has the rows of U
+  // tokens in flight (one token at a time was a chain of dependent loads per token); the
+  // keys are un-rotated in place afterwards (one copy of that code: sincosf is long).
+  for (int i = tid; i < count; i += T) sm.tl[i] = kv.tables[kv.table_offset[o.seq] + (a + i) / kv.page_size];
+  __syncthreads();
+  constexpr int U = 4;
+  for (int i0 = warp; i0 < count; i0 += U * NW) {
+    using Raw = std::conditional_t<V == 4, uint2, uint32_t>;  // a lane's V 16-bit values
+    float x[U][V];
+    Raw y[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = min(i0 + u * NW, count - 1);  // (past the end: a repeat load, unused)
+      const int64_t r = page_row(kv, sm.tl[i], o.head, a + i) * D + lane * V;
+      load16<V>(kv.keys, r, kv.f16 != 0, x[u]);
+      y[u] = reinterpret_cast<const Raw*>(kv.values)[r / V];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * NW;
+      if (i >= count) break;
+      store_f32<V>(sm.X + i * DP + lane * V, x[u]);
+      reinterpret_cast<Raw*>(sm.Vs)[(i * D + lane * V) / V] = y[u];
+    }
+  }
+  __syncwarp();
+#pragma unroll 1
   for (int i = warp; i < count; i += NW) {
-    float x[V], y[V];
-    load16<V>(kv.values, cache_row(kv, o.seq, o.head, a + i) * D + lane * V, kv.f16 != 0, y);
-    warp_k0<D>(kv, o.seq, o.head, a + i, inv_freq, half, sm.T + warp * D, x);
+    float x[V];
+    load_f32<V>(sm.X + i * DP + lane * V, x);
+    warp_unrotate<D>(a + i, inv_freq, half, sm.X + i * DP, x);
+    store_f32<V>(sm.X + i * DP + lane * V, x);
     double q = 0;
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      sm.X[i * DP + lane * V + v] = x[v];
-      sm.Vs[i * D + lane * V + v] = y[v];
-      q += double(x[v]) * x[v];
-    }
+    for (int v = 0; v < V; ++v) q += double(x[v]) * x[v];
 #pragma unroll
     for (int m = 16; m > 0; m >>= 1) q += __shfl_xor_sync(0xffffffffu, q, m);
     if (lane == 0) sm.xnorm[i] = float(q);
@@ -1184,9 +1263,13 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   }
   for (int c = tid; c < k_add; c += T) sm.moved[c] = k_old + c;
   __syncthreads();
+  pc.mark(kUpdFirstRound);
   online_norms<D>(cent, cnorm, sm.moved, k_add);
+  pc.mark(kUpdNorms);
   online_distances<D>(sm, count, cent, cnorm, nullptr, k, dist, dims.ko);
+  pc.mark(kUpdDistances);
   online_argmin(sm, dist, dims.ko, k, count);
+  pc.mark(kUpdArgmin);
   for (int j = tid; j < k_add; j += T) {
     sm.lab[sm.seeds[j]] = k_old + j;
     sm.dist2[sm.seeds[j]] = 0.0f;
@@ -1290,9 +1373,13 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     }
     for (int i = tid; i < count; i += T) sm.used[i] = sm.lab[i];
     __syncthreads();
+    pc.mark(kUpdRounds);
     online_norms<D>(cent, cnorm, sm.moved, nmoved);
+    pc.mark(kUpdNorms);
     online_distances<D>(sm, count, cent, cnorm, sm.moved, nmoved, dist, dims.ko);
+    pc.mark(kUpdDistances);
     online_argmin(sm, dist, dims.ko, k, count);
+    pc.mark(kUpdArgmin);
   }
   pc.mark(kUpdRounds);
   count_and_reseed();
@@ -1327,8 +1414,10 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
         double sk = 0, sv = 0;
 #pragma unroll 1  // (~49 KB of code unrolled)
         for (int p = sm.st[c]; p < sm.st[c] + n; ++p) {
+          int vf16 = kv.f16;
+          asm("" : "+r"(vf16));  // opaque: loops unswitched on it were 80 KB more code
           sk += sm.X[sm.tl[p] * DP + j];
-          sv += sm.Vs[sm.tl[p] * D + j];
+          sv += half_or_bf16(sm.Vs[sm.tl[p] * D + j], vf16 != 0);
         }
         ok[u] += sk;
         ov[u] += sv;
@@ -1431,8 +1520,10 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
       float bv = __int_as_float(0x7f800000);
       int bi = 0x7fffffff;
       for (int p0 = 0; p0 < k1; p0 += 64) {
+        CentroidTile<D> tile;
+        tile.fetch(ck, nullptr, p0, k1);
         __syncthreads();  // the tile is free
-        load_centroid_tile<D>(sm, ck, nullptr, p0, k1);
+        tile.store<false>(sm);
         __syncthreads();
         if (q >= k_add) continue;
 #pragma unroll
@@ -1491,15 +1582,13 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     for (int p = o.first1 + k1 + tid; p < o.coarse_cap; p += T)
       out.member_begin[en.coarse(p)] = o.member_base + o.first0 + k;
     pc.mark(kUpdChildLists);
-    // Recompute of the touched coarse clusters: size-weighted f32 child means in f64.
-    for (int p = warp; p < k1; p += NW) {
-      if (!sm.tch[p]) continue;
-      double ak[V] = {}, av[V] = {};
-      int64_t size = 0;
-      // Children ascending, kBatch at a time with their sums' loads issued together.
-      for (int q = sm.coff[p]; q < sm.ccnt[p];) {
+    // Recompute of the touched coarse clusters: size-weighted f32 child means in f64, children
+    // ascending. sum_children adds the children clist[q, q1) to a warp's sums (lane: V
+    // dimensions), kBatch at a time with their sums' loads issued together.
+    auto sum_children = [&](int q, int q1, double (&ak)[V], double (&av)[V], int& size) {
+      while (q < q1) {
         int ch[kBatch], got = 0;
-        for (; q < sm.ccnt[p] && got < kBatch; ++q)
+        for (; q < q1 && got < kBatch; ++q)
           if (sm.osize[clist[q]] + sm.cnt[clist[q]] > 0) ch[got++] = clist[q];
         double kx[kBatch][V], vx[kBatch][V];
 #pragma unroll
@@ -1522,6 +1611,8 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
           }
         }
       }
+    };
+    auto emit = [&](int p, const double (&ak)[V], const double (&av)[V], int size) {
       const double inv = size > 0 ? 1.0 / double(size) : 0.0;
       const int64_t g = en.coarse(o.first1 + p);
 #pragma unroll
@@ -1532,6 +1623,48 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
         put_centroid(out, g * D + j, kk, float(av[i] * inv), key_kind, value_f16);
       }
       if (lane == 0) out.sizes[g] = int32_t(size);
+    };
+    // Coarse clusters with many children (new children go to the nearest coarse centroid, so
+    // a few gather hundreds): the whole CTA, warp w summing the w-th slice of the children
+    // into partials (in the free tile), which warp 0 adds in slice order. One warp for such a
+    // cluster was a chain of ~children / kBatch round trips the other warps waited for.
+    constexpr int kCoopChildren = 4 * kBatch;
+    double* part = reinterpret_cast<double*>(sm.T);  // [NW][2][D]: fits 64 rows of D + 4 floats
+    for (int p = 0; p < k1; ++p) {
+      const int q0 = sm.coff[p], nc = sm.ccnt[p] - q0;
+      if (!sm.tch[p] || nc <= kCoopChildren) continue;
+      const int per = (nc + NW - 1) / NW;
+      double ak[V] = {}, av[V] = {};
+      int size = 0;
+      sum_children(q0 + min(nc, warp * per), q0 + min(nc, (warp + 1) * per), ak, av, size);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        part[(warp * 2) * D + lane * V + i] = ak[i];
+        part[(warp * 2 + 1) * D + lane * V + i] = av[i];
+      }
+      if (lane == 0) sm.tmp[warp] = size;
+      __syncthreads();
+      if (warp == 0) {
+        double tk[V] = {}, tv[V] = {};
+        int total = 0;
+        for (int w = 0; w < NW; ++w) {
+          total += sm.tmp[w];
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            tk[i] += part[(w * 2) * D + lane * V + i];
+            tv[i] += part[(w * 2 + 1) * D + lane * V + i];
+          }
+        }
+        emit(p, tk, tv, total);
+      }
+      __syncthreads();
+    }
+    for (int p = warp; p < k1; p += NW) {
+      if (!sm.tch[p] || sm.ccnt[p] - sm.coff[p] > kCoopChildren) continue;
+      double ak[V] = {}, av[V] = {};
+      int size = 0;
+      sum_children(sm.coff[p], sm.ccnt[p], ak, av, size);
+      emit(p, ak, av, size);
     }
   }
   __syncthreads();

@@ -21,7 +21,7 @@ using namespace multipole::test;
 namespace {
 
 constexpr int kUpdates = 5;
-// Value centroids are stored in the cache's dtype (bf16 here): checked to its rounding.
+// Value centroids are stored in the cache's dtype (bf16 or f16): checked to bf16's rounding.
 constexpr double kBf16Tol = 1.0 / 256;
 
 // New ends of every update: kUpdates single chunks, then one call of 2 W + 37 tokens.
@@ -181,6 +181,18 @@ TEST(CudaOnlineUpdate, MatchesCpuUpdateD64TwoLevelsOddRates) {
   c.block = 512;
   c.lengths = {2500, 1900, 1300};
   c.seed = 23;
+  run_from_cpu_state(c, 0.97);
+}
+
+// An f16 cache: the update keeps the chunk's values as the cache's 16-bit bits and converts
+// them by the cache's dtype.
+TEST(CudaOnlineUpdate, MatchesCpuUpdateF16Cache) {
+  REQUIRE_GPU();
+  Case c;
+  c.dtype = DType::F16;
+  c.block = 512;
+  c.lengths = {2600, 1700};
+  c.seed = 24;
   run_from_cpu_state(c, 0.97);
 }
 
