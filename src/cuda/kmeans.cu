@@ -895,16 +895,17 @@ __global__ void __launch_bounds__(kOnlineThreads) online_init_kernel(KvRead kv, 
   }
 }
 
-// Row stride (floats) of the chunk's keys and of the centroid tile in shared memory: 16-byte
-// rows whose float4 columns hit distinct banks across 8 consecutive rows.
-__host__ __device__ constexpr int online_row(int d) { return d + 4; }
+// Row stride (floats) of the chunk's keys and of the centroid tile in shared memory: the
+// distances' float2 fragment loads (lane (g, t) at row g, column 2 t) hit banks 8 g + 2 t,
+// distinct within each half warp; a tile's two bf16 planes of D / 2 + 4 words per row fill
+// the same 64 rows.
+__host__ __device__ constexpr int online_row(int d) { return d + 8; }
 
 // Shared memory of the update kernel, carved from one dynamic allocation.
 struct OnlineSmem {
-  float* X;      // [window, D + 4] clustering keys of the chunk (padded rows: see online_distances)
+  float* X;      // [window, D + 8] clustering keys of the chunk (padded rows: see online_row)
   uint16_t* Vs;  // [window, D] values of the chunk, the cache's 16-bit bits
-  float* T;      // [64, D + 4] a tile of centroids (or their tf32 big parts: CentroidTile)
-  float* Ts;     // [64, D + 4] the tile's tf32 small parts
+  float* T;      // [64, D + 8] a tile of centroids (or its bf16 planes: CentroidTile)
   float* xnorm;  // [window] ||x||^2
   float* dist2;  // [window] squared distance to the own centroid
   int *lab, *used, *items, *seeds, *tl, *rk;                  // [window]
@@ -913,7 +914,7 @@ struct OnlineSmem {
   int* tmp;                                                    // [kOnlineThreads / 32 + 1]
 
   __host__ __device__ static size_t bytes(int d, const KmOnlineDims& m) {
-    return (size_t(m.window + 128) * online_row(d) + size_t(m.window) * d / 2 + 8 * size_t(m.window) +
+    return (size_t(m.window + 64) * online_row(d) + size_t(m.window) * d / 2 + 8 * size_t(m.window) +
             8 * size_t(m.ko) + 3 * size_t(m.ko1) + kOnlineThreads / 32 + 1) *
            4;
   }
@@ -922,7 +923,6 @@ struct OnlineSmem {
     X = f, f += m.window * online_row(d);
     Vs = reinterpret_cast<uint16_t*>(f), f += m.window * d / 2;  // (d / 2 % 4 == 0: T stays 16-byte aligned)
     T = f, f += 64 * online_row(d);
-    Ts = f, f += 64 * online_row(d);
     xnorm = f, f += m.window;
     dist2 = f, f += m.window;
     int* p = reinterpret_cast<int*>(f);
@@ -933,13 +933,11 @@ struct OnlineSmem {
   }
 };
 
-__device__ __forceinline__ float tf32_big(float x) { return __uint_as_float(__float_as_uint(x) & 0xffffe000u); }
-
 // Rows c0 .. c0 + 63 of the centroids cent [*, D] (row cols[c] for column c when cols is
 // given; zeros from column n on), in a shared tile of rows padded to online_row(D): fetched
 // into registers by coalesced float4 loads (all of a thread's issued together), then stored
-// to sm.T, or with kSplit as x = big + small in tf32 (truncated), big into sm.T and small into
-// sm.Ts. Store between barriers.
+// to sm.T, or with kSplit as x = hi + lo in bf16 (rounded to nearest), two planes of D / 2 + 4
+// words per row (bf16 pairs): hi from sm.T on, lo after 64 rows of it. Store between barriers.
 template <int D>
 struct CentroidTile {
   static constexpr int Q = D / 4, PER = 64 * Q / kOnlineThreads;  // float4 per row, per thread
@@ -958,39 +956,35 @@ struct CentroidTile {
   __device__ void store(const OnlineSmem& sm) const {
 #pragma unroll
     for (int u = 0; u < PER; ++u) {
-      const int x = threadIdx.x + u * kOnlineThreads, at = (x / Q) * online_row(D) + 4 * (x % Q);
+      const int x = threadIdx.x + u * kOnlineThreads;
       if constexpr (kSplit) {
-        const float4 b = make_float4(tf32_big(r[u].x), tf32_big(r[u].y), tf32_big(r[u].z), tf32_big(r[u].w));
-        *reinterpret_cast<float4*>(sm.T + at) = b;
-        *reinterpret_cast<float4*>(sm.Ts + at) = make_float4(tf32_big(r[u].x - b.x), tf32_big(r[u].y - b.y),
-                                                             tf32_big(r[u].z - b.z), tf32_big(r[u].w - b.w));
+        constexpr int TW = D / 2 + 4;  // words per row of a plane
+        uint32_t* hi = reinterpret_cast<uint32_t*>(sm.T) + (x / Q) * TW + 2 * (x % Q);
+        float a = r[u].x, b = r[u].y, c = r[u].z, d = r[u].w;
+        const uint32_t h0 = peel_part<__nv_bfloat16>(a, b), h1 = peel_part<__nv_bfloat16>(c, d);
+        *reinterpret_cast<uint2*>(hi) = make_uint2(h0, h1);
+        *reinterpret_cast<uint2*>(hi + 64 * TW) =
+            make_uint2(peel_part<__nv_bfloat16>(a, b), peel_part<__nv_bfloat16>(c, d));
       } else {
-        *reinterpret_cast<float4*>(sm.T + at) = r[u];
+        *reinterpret_cast<float4*>(sm.T + (x / Q) * online_row(D) + 4 * (x % Q)) = r[u];
       }
     }
   }
 };
 
-// Tensor-core product on tf32 operands (f32 bit patterns with the low 13 significand bits
-// zero), f32 accumulation.
-__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // dist[i * ko + c] = ||c||^2 - 2 x_i.c for the chunk's tokens i and the columns cols[0, n)
-// (all of [0, n) when cols is null). x.c on tensor cores, 3xTF32: with x = big + small (tf32
-// parts, truncated), big * big + big * small + small * big in f32 accumulators keeps the
-// error near f32's (~2^-21 relative; big * big alone: 2^-10). The CPU sums in dimension order
-// in f32, so labels agree but for near-ties. Per 64-column tile (split once as it is loaded),
-// warp w holds the m16 tile of tokens 16 (w % 8) .. and the four n8 tiles of columns
-// 32 (w / 8) ..; fragments come from the padded rows (stride D + 4: lane (g, t) at row g,
-// column t hits bank 4 g + t, no conflicts).
+// (all of [0, n) when cols is null). x.c on tensor cores, 3xBF16: with x = hi + lo (bf16,
+// rounded), hi * hi + hi * lo + lo * hi in f32 accumulators leaves ~2^-16 of |x| |c| (hi * hi
+// alone: 2^-8); 3xTF32, as exact as f32, took 2.6x as long (gpu-notes item 40). The CPU sums
+// in dimension order in f32, so labels agree but for near-ties. Per 64-column tile (split
+// once as it is loaded), warp w holds the m16 tile of tokens 16 (w % 8) .. and the four n8
+// tiles of columns 32 (w / 8) ..; A fragments are split from the keys' f32 rows, B fragments
+// read from the tile's planes (words 4 g + t of a row group: conflict-free).
 template <int D>
 __device__ void online_distances(const OnlineSmem& sm, int count, const float* cent, const float* cnorm,
                                  const int* cols, int n, float* dist, int ko) {
-  constexpr int DP = online_row(D);
+  constexpr int DP = online_row(D), TW = D / 2 + 4;
+  using M = MmaType<__nv_bfloat16>;
   static_assert(kOnlineThreads == 512, "16 warps: 8 token tiles x 2 column halves (window <= 128)");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int m0 = (warp & 7) * 16, nb = (warp >> 3) * 32;  // the warp's tokens, its columns in a tile
@@ -1011,32 +1005,33 @@ __device__ void online_distances(const OnlineSmem& sm, int count, const float* c
         cn[q][h] = c < n ? cnorm[cols ? cols[c] : c] : 0.0f;
       }
     float acc[4][4] = {};
-    const float* xa = sm.X + (m0 + g) * DP + t;  // (rows past count: garbage in rows never stored)
-    const int tb = (nb + g) * DP + t;
+    const float* xa = sm.X + (m0 + g) * DP + 2 * t;  // (rows past count: garbage in rows never stored)
+    const uint32_t* bh = reinterpret_cast<const uint32_t*>(sm.T) + (nb + g) * TW + t;
+    const uint32_t* bl = bh + 64 * TW;
 #pragma unroll 2
-    for (int j = 0; j < D; j += 8) {
-      uint32_t ab[4], as[4];
+    for (int j = 0; j < D; j += 16) {
+      uint32_t ah[4], al[4];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {  // a0..a3: (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4)
-        const float x = xa[(r & 1) * 8 * DP + j + (r >> 1) * 4], big = tf32_big(x);
-        ab[r] = __float_as_uint(big);
-        as[r] = __float_as_uint(tf32_big(x - big));
+      for (int r = 0; r < 4; ++r) {  // a0..a3: (g, 2t), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8)
+        float2 x = *reinterpret_cast<const float2*>(xa + (r & 1) * 8 * DP + j + (r >> 1) * 8);
+        ah[r] = peel_part<__nv_bfloat16>(x.x, x.y);
+        al[r] = peel_part<__nv_bfloat16>(x.x, x.y);
       }
-      uint32_t bb[4][2], bs[4][2];
+      uint32_t b[2][4][2];  // [hi, lo][n8 tile][k half]
 #pragma unroll
       for (int q = 0; q < 4; ++q)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          bb[q][h] = __float_as_uint(sm.T[tb + q * 8 * DP + j + 4 * h]);
-          bs[q][h] = __float_as_uint(sm.Ts[tb + q * 8 * DP + j + 4 * h]);
+          b[0][q][h] = bh[q * 8 * TW + j / 2 + 4 * h];
+          b[1][q][h] = bl[q * 8 * TW + j / 2 + 4 * h];
         }
       // Term by term over the four n8 tiles, so that consecutive mmas are independent.
 #pragma unroll
-      for (int q = 0; q < 4; ++q) mma_tf32(acc[q], as, bb[q][0], bb[q][1]);  // the small terms first
+      for (int q = 0; q < 4; ++q) M::mma16816(acc[q], al, b[0][q][0], b[0][q][1]);  // the small terms first
 #pragma unroll
-      for (int q = 0; q < 4; ++q) mma_tf32(acc[q], ab, bs[q][0], bs[q][1]);
+      for (int q = 0; q < 4; ++q) M::mma16816(acc[q], ah, b[1][q][0], b[1][q][1]);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) mma_tf32(acc[q], ab, bb[q][0], bb[q][1]);
+      for (int q = 0; q < 4; ++q) M::mma16816(acc[q], ah, b[0][q][0], b[0][q][1]);
     }
     // Accumulator e of n8 tile q: token m0 + g + 8 (e / 2), column c0 + nb + 8 q + 2 t + e % 2.
 #pragma unroll
@@ -1629,7 +1624,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     // into partials (in the free tile), which warp 0 adds in slice order. One warp for such a
     // cluster was a chain of ~children / kBatch round trips the other warps waited for.
     constexpr int kCoopChildren = 4 * kBatch;
-    double* part = reinterpret_cast<double*>(sm.T);  // [NW][2][D]: fits 64 rows of D + 4 floats
+    double* part = reinterpret_cast<double*>(sm.T);  // [NW][2][D]: fits 64 rows of D + 8 floats
     for (int p = 0; p < k1; ++p) {
       const int q0 = sm.coff[p], nc = sm.ccnt[p] - q0;
       if (!sm.tch[p] || nc <= kCoopChildren) continue;
