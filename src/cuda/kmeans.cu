@@ -37,18 +37,20 @@ __device__ __forceinline__ float half_or_bf16(uint16_t raw, bool f16) {
   return f16 ? h : b;
 }
 
+// V consecutive 16-bit elements of a cache row as they are stored (one 4- or 8-byte access).
+template <int V>
+using Raw16 = std::conditional_t<V == 4, uint2, uint32_t>;
+template <int V>
+__device__ __forceinline__ Raw16<V> load_raw16(const std::byte* base, int64_t elem) {
+  return *reinterpret_cast<const Raw16<V>*>(reinterpret_cast<const uint16_t*>(base) + elem);
+}
+
 // V consecutive 16-bit elements of a cache row -> floats.
 template <int V>
 __device__ __forceinline__ void load16(const std::byte* base, int64_t elem, bool f16, float (&out)[V]) {
-  const uint16_t* p = reinterpret_cast<const uint16_t*>(base) + elem;
+  const Raw16<V> u = load_raw16<V>(base, elem);
   uint16_t raw[V];
-  if constexpr (V == 4) {
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    memcpy(raw, &u, 8);
-  } else {
-    const uint32_t u = *reinterpret_cast<const uint32_t*>(p);
-    memcpy(raw, &u, 4);
-  }
+  memcpy(raw, &u, sizeof(u));
 #pragma unroll
   for (int i = 0; i < V; ++i) out[i] = half_or_bf16(raw[i], f16);
 }
@@ -1196,22 +1198,21 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   __syncthreads();
   constexpr int U = 4;
   for (int i0 = warp; i0 < count; i0 += U * NW) {
-    using Raw = std::conditional_t<V == 4, uint2, uint32_t>;  // a lane's V 16-bit values
     float x[U][V];
-    Raw y[U];
+    Raw16<V> y[U];  // a lane's V values, kept as the cache's bits
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int i = min(i0 + u * NW, count - 1);  // (past the end: a repeat load, unused)
       const int64_t r = page_row(kv, sm.tl[i], o.head, a + i) * D + lane * V;
       load16<V>(kv.keys, r, kv.f16 != 0, x[u]);
-      y[u] = reinterpret_cast<const Raw*>(kv.values)[r / V];
+      y[u] = load_raw16<V>(kv.values, r);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int i = i0 + u * NW;
       if (i >= count) break;
       store_f32<V>(sm.X + i * DP + lane * V, x[u]);
-      reinterpret_cast<Raw*>(sm.Vs)[(i * D + lane * V) / V] = y[u];
+      *reinterpret_cast<Raw16<V>*>(sm.Vs + i * D + lane * V) = y[u];
     }
   }
   __syncwarp();
@@ -1578,35 +1579,19 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
       out.member_begin[en.coarse(p)] = o.member_base + o.first0 + k;
     pc.mark(kUpdChildLists);
     // Recompute of the touched coarse clusters: size-weighted f32 child means in f64, children
-    // ascending. sum_children adds the children clist[q, q1) to a warp's sums (lane: V
-    // dimensions), kBatch at a time with their sums' loads issued together.
-    auto sum_children = [&](int q, int q1, double (&ak)[V], double (&av)[V], int& size) {
-      while (q < q1) {
-        int ch[kBatch], got = 0;
-        for (; q < q1 && got < kBatch; ++q)
-          if (sm.osize[clist[q]] + sm.cnt[clist[q]] > 0) ch[got++] = clist[q];
-        double kx[kBatch][V], vx[kBatch][V];
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u)
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            const int64_t x = int64_t(u < got ? ch[u] : 0) * D + lane * V + i;
-            kx[u][i] = u < got ? ks[x] : 0.0;
-            vx[u][i] = u < got ? vs[x] : 0.0;
-          }
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          if (u >= got) break;
-          const int n = sm.osize[ch[u]] + sm.cnt[ch[u]];
-          size += n;
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            ak[i] += double(n) * mean_of(kx[u][i], n);
-            av[i] += double(n) * mean_of(vx[u][i], n);
-          }
-        }
-      }
-    };
+    // ascending. New children go to the nearest coarse centroid, so a few coarse clusters
+    // gather hundreds while most keep a handful: one warp per cluster was a chain of round
+    // trips the other warps waited for, and the whole CTA per large cluster cost two barriers
+    // each (gpu-notes item 40). So the touched clusters' children, laid end to end, are cut
+    // into NW equal ranges, one per warp, read kBatch at a time across cluster boundaries.
+    // A warp emits the clusters that start and end in its range; for one that runs past its
+    // range it keeps its part, and the warps the cluster runs into leave theirs in a slot
+    // (the free tile), which it adds in range order after one barrier.
+    for (int p = tid; p < k1; p += T) sm.tch[p] = sm.tch[p] ? sm.ccnt[p] - sm.coff[p] : 0;
+    const int total = block_exclusive_scan(sm.tch, k1, sm.tmp);  // tch: first position of each
+    const int* at = sm.tch;
+    auto at_end = [&](int p) { return p + 1 < k1 ? at[p + 1] : total; };  // touched iff > at[p]
+    double* part = reinterpret_cast<double*>(sm.T);  // [NW][2][D]: fits 64 rows of D + 8 floats
     auto emit = [&](int p, const double (&ak)[V], const double (&av)[V], int size) {
       const double inv = size > 0 ? 1.0 / double(size) : 0.0;
       const int64_t g = en.coarse(o.first1 + p);
@@ -1619,47 +1604,90 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
       }
       if (lane == 0) out.sizes[g] = int32_t(size);
     };
-    // Coarse clusters with many children (new children go to the nearest coarse centroid, so
-    // a few gather hundreds): the whole CTA, warp w summing the w-th slice of the children
-    // into partials (in the free tile), which warp 0 adds in slice order. One warp for such a
-    // cluster was a chain of ~children / kBatch round trips the other warps waited for.
-    constexpr int kCoopChildren = 4 * kBatch;
-    double* part = reinterpret_cast<double*>(sm.T);  // [NW][2][D]: fits 64 rows of D + 8 floats
-    for (int p = 0; p < k1; ++p) {
-      const int q0 = sm.coff[p], nc = sm.ccnt[p] - q0;
-      if (!sm.tch[p] || nc <= kCoopChildren) continue;
-      const int per = (nc + NW - 1) / NW;
-      double ak[V] = {}, av[V] = {};
-      int size = 0;
-      sum_children(q0 + min(nc, warp * per), q0 + min(nc, (warp + 1) * per), ak, av, size);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        part[(warp * 2) * D + lane * V + i] = ak[i];
-        part[(warp * 2 + 1) * D + lane * V + i] = av[i];
+    const int per = (total + NW - 1) / NW, lo = min(total, warp * per), hi = min(total, lo + per);
+    double ak[V] = {}, av[V] = {};
+    int size = 0, cur = -1, cur_from = 0;  // the cluster being summed, from this position
+    int p = 0;                             // cursor: the cluster holding position pos
+    {
+      int l = 0, r = k1 - 1;  // the last cluster starting at or before lo
+      while (l < r) {
+        const int m = (l + r + 1) / 2;
+        if (at[m] <= lo) l = m; else r = m - 1;
       }
-      if (lane == 0) sm.tmp[warp] = size;
-      __syncthreads();
-      if (warp == 0) {
-        double tk[V] = {}, tv[V] = {};
-        int total = 0;
-        for (int w = 0; w < NW; ++w) {
-          total += sm.tmp[w];
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            tk[i] += part[(w * 2) * D + lane * V + i];
-            tv[i] += part[(w * 2 + 1) * D + lane * V + i];
-          }
-        }
-        emit(p, tk, tv, total);
-      }
-      __syncthreads();
+      p = l;
     }
-    for (int p = warp; p < k1; p += NW) {
-      if (!sm.tch[p] || sm.ccnt[p] - sm.coff[p] > kCoopChildren) continue;
-      double ak[V] = {}, av[V] = {};
-      int size = 0;
-      sum_children(sm.coff[p], sm.ccnt[p], ak, av, size);
-      emit(p, ak, av, size);
+    // The cluster's sums so far, cut at position `upto`: emitted when whole, else left in the
+    // warp's slot (it began before this range) or kept for after the barrier (it runs on).
+    bool carry = false;
+    auto close = [&](int upto) {
+      if (cur < 0) return;
+      if (cur_from > at[cur]) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          part[(warp * 2) * D + lane * V + i] = ak[i];
+          part[(warp * 2 + 1) * D + lane * V + i] = av[i];
+        }
+        if (lane == 0) sm.tmp[warp] = size;
+      } else if (upto < at_end(cur)) {
+        carry = true;
+        return;
+      } else {
+        emit(cur, ak, av, size);
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) ak[i] = av[i] = 0.0;
+      size = 0;
+    };
+    for (int pos = lo; pos < hi; pos += kBatch) {
+      int ch[kBatch], cl[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (pos + u < hi) {
+          while (at_end(p) <= pos + u) ++p;
+          cl[u] = p;
+          ch[u] = clist[sm.coff[p] + pos + u - at[p]];
+        } else {
+          cl[u] = -1, ch[u] = 0;
+        }
+      }
+      double kx[kBatch][V], vx[kBatch][V];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const int64_t x = int64_t(ch[u]) * D + lane * V + i;
+          kx[u][i] = cl[u] >= 0 ? ks[x] : 0.0;
+          vx[u][i] = cl[u] >= 0 ? vs[x] : 0.0;
+        }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (cl[u] < 0) break;
+        if (cl[u] != cur) {
+          close(pos + u);
+          cur = cl[u], cur_from = pos + u;
+        }
+        const int n = sm.osize[ch[u]] + sm.cnt[ch[u]];
+        if (n == 0) continue;  // an emptied child adds nothing
+        size += n;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          ak[i] += double(n) * mean_of(kx[u][i], n);
+          av[i] += double(n) * mean_of(vx[u][i], n);
+        }
+      }
+    }
+    close(hi);
+    __syncthreads();
+    if (carry) {
+      for (int w = warp + 1; w < NW && w * per < at_end(cur); ++w) {
+        size += sm.tmp[w];
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          ak[i] += part[(w * 2) * D + lane * V + i];
+          av[i] += part[(w * 2 + 1) * D + lane * V + i];
+        }
+      }
+      emit(cur, ak, av, size);
     }
   }
   __syncthreads();
