@@ -35,7 +35,8 @@ void print_cuda_bench(const cuda::CudaBenchOptions& o, bool json) {
     std::printf("# kmeans-update: the GPU online update (DeviceKMeans::append) of the W tokens past the prefill's end,\n"
                 "#   wall time; they join its last block, nearly full here: the dearest update of a block's life;\n"
                 "#   kmeans-upd/token: the same over W (compare with mp-kmeans-index);\n"
-                "#   kmeans-update-life, kmeans-upd/tok-life: the mean over the block_size / W updates of a block's life\n");
+                "#   kmeans-update-life, kmeans-upd/tok-life: the mean over the block_size / W updates of a block's life;\n"
+                "#   *-gpu: the device's time alone (events; the update queued behind k-means steps, as in a decode loop)\n");
     std::printf("%-6s %-8s %-16s %10s %9s %9s %9s %10s %9s %6s\n", "batch", "context", "variant", "us", "us_clean",
                 "x dense", "GB/s", "MB read", "launches", "CTAs");
   }

@@ -602,31 +602,51 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
           const bool uprof = std::getenv("MULTIPOLE_UPDATE_PROFILE") != nullptr;
           DeviceBuffer prof(detail::kPhaseClockSlots * sizeof(unsigned long long));
           const int W = kc2.cluster.window;
-          // A fresh prefill up to `start`, then `updates` appends of W tokens; wall time of the
-          // appends per update. slots: the update kernel's phase clock (or null).
-          auto run_updates = [&](int64_t start, int updates, unsigned long long* slots) {
+          // A fresh prefill up to `start`, then `updates` appends of W tokens; time per update.
+          // Wall time (host and device as they overlap), or with `gpu` the device's alone, as in
+          // a decode loop where the update queues behind a step: the stream is kept busy by
+          // k-means steps while the appends are issued, and events time the descriptor upload
+          // and the kernel. slots: the kernel's phase clock (or null).
+          auto run_updates = [&](int64_t start, int updates, unsigned long long* slots, bool gpu) {
             std::vector<int64_t> at(size_t(B), start);
             upd.build(dev, 0, seqs, at, kc2, rope, o.key_dtype, stream, int64_t(updates) * W);
             MP_CUDA_CHECK(cudaStreamSynchronize(stream));
             upd.set_update_profile(slots);
+            cudaEvent_t e0 = nullptr, e1 = nullptr;
+            if (gpu) {
+              MP_CUDA_CHECK(cudaEventCreate(&e0));
+              MP_CUDA_CHECK(cudaEventCreate(&e1));
+              for (int i = 0; i < 8; ++i) kdec.multipole(dev, 0, km.index(), pq, pqs, po, stream);  // >= ~300 us
+              MP_CUDA_CHECK(cudaEventRecord(e0, stream));
+            }
             const auto t0 = std::chrono::steady_clock::now();
             for (int u = 0; u < updates; ++u) {
               for (auto& e : at) e = std::min<int64_t>(ctx, e + W);
               upd.append(dev, at, kc2, stream);
             }
+            if (gpu) MP_CUDA_CHECK(cudaEventRecord(e1, stream));
             MP_CUDA_CHECK(cudaStreamSynchronize(stream));
+            double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+            if (gpu) {
+              float ms = 0;
+              MP_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+              us = 1e3 * double(ms);
+              cudaEventDestroy(e0);
+              cudaEventDestroy(e1);
+            }
             upd.set_update_profile(nullptr);
-            return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / updates;
+            return us / updates;
           };
-          std::vector<double> ums;
+          std::vector<double> ums, gms;
           for (int run = 0; run <= std::max(1, o.kmeans_runs); ++run) {
-            const double us = run_updates(ends[0], 1, nullptr);
-            if (run > 0) ums.push_back(us);
+            const double us = run_updates(ends[0], 1, nullptr, false), gus = run_updates(ends[0], 1, nullptr, true);
+            if (run > 0) ums.push_back(us), gms.push_back(gus);
           }
           std::sort(ums.begin(), ums.end());
+          std::sort(gms.begin(), gms.end());
           if (uprof) {  // one more dearest update, with the phase clock
             prof.memset(0);
-            run_updates(ends[0], 1, prof.as<unsigned long long>());
+            run_updates(ends[0], 1, prof.as<unsigned long long>(), false);
             print_update_profile("dearest", prof, B, ctx);
           }
           auto emit_update = [&](const char* name, double us) {
@@ -642,18 +662,21 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
           };
           emit_update("kmeans-update", ums[ums.size() / 2]);
           emit_update("kmeans-upd/token", ums[ums.size() / 2] / W);
+          emit_update("kmeans-update-gpu", gms[gms.size() / 2]);
+          emit_update("kmeans-upd/tok-gpu", gms[gms.size() / 2] / W);
           // Amortised over a block's life: the updates of block_size / W consecutive windows
           // (one block's worth of tokens, so every fill level of the open block once), after
           // a prefill that ends that many tokens earlier. Mean per update and per token.
           const int life = std::max(1, kc2.cluster.block_size / W);
           const int64_t life_start = ends[0] - int64_t(life) * W;
           if (life_start > kc2.cluster.sinks + kc2.cluster.block_size) {
-            const double mean = run_updates(life_start, life, nullptr);
+            const double mean = run_updates(life_start, life, nullptr, false);
             emit_update("kmeans-update-life", mean);
             emit_update("kmeans-upd/tok-life", mean / W);
+            emit_update("kmeans-upd/tok-life-gpu", run_updates(life_start, life, nullptr, true) / W);
             if (uprof) {  // the same block's life again, with the phase clock
               prof.memset(0);
-              run_updates(life_start, life, prof.as<unsigned long long>());
+              run_updates(life_start, life, prof.as<unsigned long long>(), false);
               print_update_profile("block-life", prof, B, ctx);
             }
           }

@@ -1047,10 +1047,12 @@ __device__ void online_distances(const OnlineSmem& sm, int count, const float* c
   __syncthreads();
 }
 
-// Warp-wide minimum of (value, index), the lowest index on ties; every lane gets it.
+// Minimum of (value, index) over each group of kWidth consecutive lanes, the lowest index on
+// ties; every lane of the group gets it.
+template <int kWidth = 32>
 __device__ __forceinline__ void warp_argmin(float& bv, int& bi) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
+  for (int o = kWidth / 2; o > 0; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
     const int ob = __shfl_xor_sync(0xffffffffu, bi, o);
     if (ov < bv || (ov == bv && ob < bi)) bv = ov, bi = ob;
@@ -1074,41 +1076,35 @@ __device__ void warp_counting_sort(int n, int* cursor, Key key, Place place) {
   }
 }
 
-// Nearest of the k columns of each token's distance row (lowest index on ties), one warp
-// per token.
+// Nearest of the k columns of each token's distance row (lowest index on ties). The rows are
+// in global memory (L2), so the time is round trips: four lanes a token (a warp 8 tokens, the
+// CTA the whole window at once), each lane's float4 loads kU at a time. (One warp a token,
+// two tokens at a time, waited ~8 round trips a call at k ~ 400; this waits ~4.)
 __device__ void online_argmin(const OnlineSmem& sm, const float* dist, int ko, int k, int count) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  constexpr int NT = 2;  // tokens per warp at a time (their row loads in flight together)
-  for (int i0 = warp * NT; i0 < count; i0 += NT * (kOnlineThreads / 32)) {
-    float bv[NT];
-    int bi[NT];
+  constexpr int L = 4, kU = 8;  // lanes a token, loads in flight a lane
+  const int sub = threadIdx.x % L, nq = (k + 3) / 4;
+  for (int i0 = (threadIdx.x >> 5) * (32 / L); i0 < count; i0 += kOnlineThreads / L) {
+    const int i = i0 + threadIdx.x % 32 / L;  // the warp's 8 tokens from i0 (all lanes stay for the shuffles)
+    const float4* row = reinterpret_cast<const float4*>(dist + int64_t(min(i, count - 1)) * ko);  // ko % 4 == 0
+    float bv = __int_as_float(0x7f800000);
+    int bi = 0x7fffffff;
+    for (int q0 = sub; q0 < nq; q0 += L * kU) {  // columns ascending per lane: strict < keeps the lowest
+      float4 v[kU];
 #pragma unroll
-    for (int r = 0; r < NT; ++r) {
-      bv[r] = __int_as_float(0x7f800000);
-      bi[r] = 0x7fffffff;
-    }
-#pragma unroll 2
-    for (int q = lane; q < (k + 3) / 4; q += 32) {  // columns ascending per lane: strict < keeps the lowest
-      float4 v[NT];
+      for (int u = 0; u < kU; ++u) v[u] = q0 + L * u < nq ? row[q0 + L * u] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-      for (int r = 0; r < NT; ++r)
-        v[r] = i0 + r < count ? reinterpret_cast<const float4*>(dist + int64_t(i0 + r) * ko)[q]  // ko % 4 == 0
-                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-      for (int r = 0; r < NT; ++r) {
-        const float w[4] = {v[r].x, v[r].y, v[r].z, v[r].w};
+      for (int u = 0; u < kU; ++u) {
+        const int q = q0 + L * u;
+        const float w[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
 #pragma unroll
         for (int t = 0; t < 4; ++t)
-          if (4 * q + t < k && w[t] < bv[r]) bv[r] = w[t], bi[r] = 4 * q + t;
+          if (q < nq && 4 * q + t < k && w[t] < bv) bv = w[t], bi = 4 * q + t;
       }
     }
-#pragma unroll
-    for (int r = 0; r < NT; ++r) {
-      warp_argmin(bv[r], bi[r]);
-      if (lane == 0 && i0 + r < count) {
-        sm.lab[i0 + r] = bi[r];
-        sm.dist2[i0 + r] = fmaxf(0.0f, sm.xnorm[i0 + r] + bv[r]);
-      }
+    warp_argmin<L>(bv, bi);
+    if (sub == 0 && i < count) {
+      sm.lab[i] = bi;
+      sm.dist2[i] = fmaxf(0.0f, sm.xnorm[i] + bv);
     }
   }
   __syncthreads();
