@@ -656,7 +656,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
             ur.variant = name;
             ur.us = ur.us_clean = us;
             ur.launches = upd.update_launches();
-            ur.ctas = B * Hkv;
+            ur.ctas = B * Hkv * upd.update_split();
             rows.push_back(ur);
             if (on_row) on_row(ur);
           };

@@ -2,6 +2,7 @@
 // clustering keys, per-block initialisation by the CPU's Rng, Lloyd iterations (f16 mma on centred data
 // distances fused with the argmin; counts, re-seeding and member lists in one CTA per block;
 // f64 centroid sums over the members), and the write-out into a DeviceClusterIndex.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -984,13 +985,13 @@ struct CentroidTile {
 // read from the tile's planes (words 4 g + t of a row group: conflict-free).
 template <int D>
 __device__ void online_distances(const OnlineSmem& sm, int count, const float* cent, const float* cnorm,
-                                 const int* cols, int n, float* dist, int ko) {
+                                 const int* cols, int n, float* dist, int ko, int first_tile, int tile_step) {
   constexpr int DP = online_row(D), TW = D / 2 + 4;
   using M = MmaType<__nv_bfloat16>;
   static_assert(kOnlineThreads == 512, "16 warps: 8 token tiles x 2 column halves (window <= 128)");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int m0 = (warp & 7) * 16, nb = (warp >> 3) * 32;  // the warp's tokens, its columns in a tile
-  for (int c0 = 0; c0 < n; c0 += 64) {
+  for (int c0 = 64 * first_tile; c0 < n; c0 += 64 * tile_step) {
     CentroidTile<D> tile;
     tile.fetch(cent, cols, c0, n);
     __syncthreads();  // the tile is free
@@ -1144,7 +1145,10 @@ enum : int {
 };
 
 // One online update chunk of one entry (ClusterIndex::append_chunk): the chunk's tokens join
-// the open block. One CTA per entry; chunk count 0: nothing to do.
+// the open block. One thread-block cluster per entry (one CTA, or 2 or 4 where the device holds
+// all the batch's clusters at once: DeviceKMeans::append); chunk count 0: nothing to do. The cluster's first CTA does the update; the others
+// load the chunk's keys as it does and then only compute the distance tiles it hands them
+// (the tensor-core distances were the largest phase on one SM: gpu-notes items 40-41).
 template <int D>
 __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv, const double* inv_freq, int half,
                                                                         KmOnlineDims dims, KmOnlineBuffers buf,
@@ -1155,10 +1159,13 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   __shared__ KmOpen so;
   __shared__ int s_nmoved, s_add1;
   __shared__ uint64_t s_rng[4];
-  const int e = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  __shared__ int s_cmd[2];  // the first CTA's order to the others: columns (-1: stop), listed (sm.moved) or not
+  namespace cg = cooperative_groups;
+  const int split = int(cg::this_cluster().num_blocks()), rank = int(cg::this_cluster().block_rank());
+  const int e = blockIdx.x / split, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const KmChunk ch = chunks[e];
-  if (ch.count <= 0) return;
-  PhaseClock pc(buf.prof);
+  if (ch.count <= 0) return;  // (the whole cluster)
+  PhaseClock pc(rank == 0 ? buf.prof : nullptr);
   const OnlineSmem sm(online_smem, D, dims);
   if (tid == 0) {
     so = buf.open[e];
@@ -1245,6 +1252,34 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   }
   __syncthreads();
   pc.mark(kUpdLoad);
+  if (rank > 0) {  // distance tiles r, r + split, ... of each spread call (distances() below) until told to stop
+    const cg::cluster_group cl = cg::this_cluster();
+    const int* cmd = cl.map_shared_rank(s_cmd, 0);
+    const int* cols = cl.map_shared_rank(sm.moved, 0);
+    for (;;) {
+      cl.sync();  // the order is set; the centroids and norms are written
+      const int n = cmd[0], listed = cmd[1];
+      if (n < 0) {
+        cl.sync();  // the first CTA goes on (and may exit) once its order is read
+        return;
+      }
+      for (int i = tid; listed && i < n; i += T) sm.moved[i] = cols[i];
+      __syncthreads();
+      online_distances<D>(sm, count, cent, cnorm, listed ? sm.moved : nullptr, n, dist, dims.ko, rank, split);
+      cl.sync();  // the distances are written
+    }
+  }
+  // Distances of the chunk's tokens to the columns (cols, or all of [0, n)), spread over the
+  // cluster where there is more than one tile of them.
+  auto distances = [&](const int* cols, int n) {
+    const bool spread = split > 1 && n > 64;
+    if (spread) {
+      if (tid == 0) s_cmd[0] = n, s_cmd[1] = cols != nullptr;
+      cg::this_cluster().sync();
+    }
+    online_distances<D>(sm, count, cent, cnorm, cols, n, dist, dims.ko, 0, spread ? split : 1);
+    if (spread) cg::this_cluster().sync();
+  };
   // 2. Centroids: cent / cnorm hold the stored means of the old clusters (kept so by every
   // update and by the init); the new ones start at their seeds' keys.
   for (int x = tid; x < k_add * D; x += T) {
@@ -1258,7 +1293,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   pc.mark(kUpdFirstRound);
   online_norms<D>(cent, cnorm, sm.moved, k_add);
   pc.mark(kUpdNorms);
-  online_distances<D>(sm, count, cent, cnorm, nullptr, k, dist, dims.ko);
+  distances(nullptr, k);
   pc.mark(kUpdDistances);
   online_argmin(sm, dist, dims.ko, k, count);
   pc.mark(kUpdArgmin);
@@ -1368,10 +1403,15 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     pc.mark(kUpdRounds);
     online_norms<D>(cent, cnorm, sm.moved, nmoved);
     pc.mark(kUpdNorms);
-    online_distances<D>(sm, count, cent, cnorm, sm.moved, nmoved, dist, dims.ko);
+    distances(sm.moved, nmoved);
     pc.mark(kUpdDistances);
     online_argmin(sm, dist, dims.ko, k, count);
     pc.mark(kUpdArgmin);
+  }
+  if (split > 1) {  // the other CTAs are done; they read this order from its shared memory before it goes on
+    if (tid == 0) s_cmd[0] = -1;
+    cg::this_cluster().sync();
+    cg::this_cluster().sync();
   }
   pc.mark(kUpdRounds);
   count_and_reseed();
@@ -1788,14 +1828,26 @@ void km_online_init(int d, int entries, const KvRead& kv, const double* inv_freq
 
 size_t km_online_smem(int d, const KmOnlineDims& dims) { return OnlineSmem::bytes(d, dims); }
 
-void km_online_update(int d, int entries, const KvRead& kv, const double* inv_freq, int half,
+int km_online_max_clusters(int d, const KmOnlineDims& dims, int split) {
+  auto* kern = d == 64 ? online_update_kernel<64> : online_update_kernel<128>;
+  const size_t smem = OnlineSmem::bytes(d, dims);
+  MP_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_launch_config(attr, 1, split, kOnlineThreads, nullptr, smem);
+  int n = 0;
+  MP_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kern, &cfg));
+  return n;
+}
+
+void km_online_update(int d, int entries, int split, const KvRead& kv, const double* inv_freq, int half,
                       const KmOnlineDims& dims, const KmOnlineBuffers& buf, const KmChunk* chunks,
                       const DeviceClusterTarget& out, int key_kind, bool value_f16, Stream s) {
   auto* kern = d == 64 ? online_update_kernel<64> : online_update_kernel<128>;
   const size_t smem = OnlineSmem::bytes(d, dims);
   MP_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kern<<<entries, kOnlineThreads, smem, s>>>(kv, inv_freq, half, dims, buf, chunks, out, key_kind, value_f16 ? 1 : 0);
-  MP_CUDA_CHECK(cudaGetLastError());
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_launch_config(attr, entries, split, kOnlineThreads, s, smem);
+  MP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, kv, inv_freq, half, dims, buf, chunks, out, key_kind, value_f16 ? 1 : 0));
 }
 
 }  // namespace multipole::cuda::detail

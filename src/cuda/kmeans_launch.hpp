@@ -110,8 +110,11 @@ void km_online_init(int d, int entries, const KvRead& kv, const double* inv_freq
                     bool value_f16, Stream s);
 // Dynamic shared memory of km_online_update (the host checks it against the device limit).
 size_t km_online_smem(int d, const KmOnlineDims& dims);
-// One chunk for every entry (one CTA each).
-void km_online_update(int d, int entries, const KvRead& kv, const double* inv_freq, int half,
+// Clusters of `split` online-update CTAs the device holds at once.
+int km_online_max_clusters(int d, const KmOnlineDims& dims, int split);
+// One chunk for every entry: a cluster of `split` (1 to 8) CTAs each, the first doing the
+// update and the others a share of its distance tiles.
+void km_online_update(int d, int entries, int split, const KvRead& kv, const double* inv_freq, int half,
                       const KmOnlineDims& dims, const KmOnlineBuffers& buf, const KmChunk* chunks,
                       const DeviceClusterTarget& out, int key_kind, bool value_f16, Stream s);
 

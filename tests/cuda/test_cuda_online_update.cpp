@@ -197,8 +197,9 @@ TEST(CudaOnlineUpdate, MatchesCpuUpdateF16Cache) {
 }
 
 // GPU prefill with room, then the updates: invariants, frozen blocks, determinism, and the
-// updated index decoding like its statistics uploaded from the host.
-void run_after_gpu_prefill(const Case& c, DType key_dtype, bool decode) {
+// updated index decoding like its statistics uploaded from the host. The update runs on
+// `split` CTAs per entry, and again on one: the same index, bit for bit.
+void run_after_gpu_prefill(const Case& c, DType key_dtype, bool decode, int split) {
   SCOPED_TRACE(::testing::Message() << "D=" << c.D << " levels=" << c.tpc.size() << " zero_share=" << c.zero_share);
   const int W = 128;
   KmSetup s(c, (kUpdates + 3) * W);
@@ -213,6 +214,8 @@ void run_after_gpu_prefill(const Case& c, DType key_dtype, bool decode) {
     return before;
   };
   DeviceKMeans km, again;
+  km.set_update_split(split);
+  again.set_update_split(1);
   const std::vector<HostClusterLevel> before = run(km);
   run(again);
   for (size_t b = 0; b < s.seqs.size(); ++b)
@@ -263,7 +266,7 @@ TEST(CudaOnlineUpdate, AfterGpuPrefillD128) {
   c.block = 512;
   c.lengths = {3001, 1800, 700};
   c.seed = 31;
-  run_after_gpu_prefill(c, DType::F32, false);
+  run_after_gpu_prefill(c, DType::F32, false, 4);
 }
 
 TEST(CudaOnlineUpdate, DuplicateKeys) {
@@ -274,7 +277,7 @@ TEST(CudaOnlineUpdate, DuplicateKeys) {
   c.block = 512;
   c.lengths = {2100, 1400};
   c.seed = 32;
-  run_after_gpu_prefill(c, DType::F32, false);
+  run_after_gpu_prefill(c, DType::F32, false, 3);
 }
 
 TEST(CudaOnlineUpdate, UpdatedIndexFeedsMultipoleDecode) {
@@ -282,7 +285,7 @@ TEST(CudaOnlineUpdate, UpdatedIndexFeedsMultipoleDecode) {
   Case c;
   c.lengths = {4100, 2600};
   c.seed = 33;
-  run_after_gpu_prefill(c, DType::BF16, true);
+  run_after_gpu_prefill(c, DType::BF16, true, 2);
 }
 
 }  // namespace

@@ -91,6 +91,13 @@ class DeviceKMeans {
   // Diagnostics: a device buffer of 32 u64 (zeroed by the caller) that the online update
   // kernel adds its per-phase clock64 cycles to (slot names: kmeans.cu, kUpd*); null: off.
   void set_update_profile(unsigned long long* device_slots) { update_profile_ = device_slots; }
+  // CTAs per entry of the online update (1 to 8: the first updates, the others share its
+  // distances); 0, the default: MULTIPOLE_UPDATE_SPLIT if set, else 4, 2 or 1, the most for
+  // which the device holds all the batch's clusters at once. The index it writes is the same
+  // whatever the split.
+  void set_update_split(int ctas) { update_split_ = ctas; }
+  // CTAs per entry of the last append().
+  int update_split() const { return update_split_used_; }
   // Entry e as stored in the index (used clusters only; f32 copies of the centroids), for
   // tests; synchronous.
   HostClusterLevel download_index(int entry) const;
@@ -150,7 +157,7 @@ class DeviceKMeans {
   struct Staging;  // pinned host staging of the update descriptors (kept across builds)
   std::unique_ptr<Online> online_;
   std::unique_ptr<Staging> staging_;
-  int layer_ = 0, update_launches_ = 0;
+  int layer_ = 0, update_launches_ = 0, update_split_ = 0, update_split_used_ = 1;
   unsigned long long* update_profile_ = nullptr;
 };
 
