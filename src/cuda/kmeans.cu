@@ -1145,10 +1145,11 @@ enum : int {
 };
 
 // One online update chunk of one entry (ClusterIndex::append_chunk): the chunk's tokens join
-// the open block. One thread-block cluster per entry (one CTA, or 2 or 4 where the device holds
-// all the batch's clusters at once: DeviceKMeans::append); chunk count 0: nothing to do. The cluster's first CTA does the update; the others
-// load the chunk's keys as it does and then only compute the distance tiles it hands them
-// (the tensor-core distances were the largest phase on one SM: gpu-notes items 40-41).
+// the open block. One thread-block cluster per entry: one CTA, or 2 or 4 where the device holds
+// all the batch's clusters at once (DeviceKMeans::append). The cluster's first CTA does the
+// update; the others load the chunk's keys as it does and then only compute the distance tiles
+// it hands them (on one SM the tensor-core distances were the largest phase: gpu-notes items
+// 40-42). Chunk count 0: nothing to do.
 template <int D>
 __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv, const double* inv_freq, int half,
                                                                         KmOnlineDims dims, KmOnlineBuffers buf,
@@ -1675,15 +1676,15 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
       size = 0;
     };
     for (int pos = lo; pos < hi; pos += kBatch) {
-      int ch[kBatch], cl[kBatch];
+      int ch[kBatch], cp[kBatch];  // children, their coarse clusters
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         if (pos + u < hi) {
           while (at_end(p) <= pos + u) ++p;
-          cl[u] = p;
+          cp[u] = p;
           ch[u] = clist[sm.coff[p] + pos + u - at[p]];
         } else {
-          cl[u] = -1, ch[u] = 0;
+          cp[u] = -1, ch[u] = 0;
         }
       }
       double kx[kBatch][V], vx[kBatch][V];
@@ -1692,15 +1693,15 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const int64_t x = int64_t(ch[u]) * D + lane * V + i;
-          kx[u][i] = cl[u] >= 0 ? ks[x] : 0.0;
-          vx[u][i] = cl[u] >= 0 ? vs[x] : 0.0;
+          kx[u][i] = cp[u] >= 0 ? ks[x] : 0.0;
+          vx[u][i] = cp[u] >= 0 ? vs[x] : 0.0;
         }
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
-        if (cl[u] < 0) break;
-        if (cl[u] != cur) {
+        if (cp[u] < 0) break;
+        if (cp[u] != cur) {
           close(pos + u);
-          cur = cl[u], cur_from = pos + u;
+          cur = cp[u], cur_from = pos + u;
         }
         const int n = sm.osize[ch[u]] + sm.cnt[ch[u]];
         if (n == 0) continue;  // an emptied child adds nothing

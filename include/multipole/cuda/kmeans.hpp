@@ -71,17 +71,18 @@ class DeviceKMeans {
 
   // Online update (ClusterIndex::append on the device): absorbs [clustered end, new_ends[b])
   // of every entry of sequence b in chunks of config.cluster.window tokens, one launch per
-  // chunk for the whole batch (one CTA per entry), reading only the new tokens from the
-  // cache. Same rule, seeds and Rng as the CPU's append_chunk: the open block gains fine
-  // centroids seeded from random new tokens, update_iterations Lloyd rounds move only the new
-  // tokens (distances in f32), new fine clusters get parents (new coarse clusters seeded from
-  // random new children), touched coarse clusters are recomputed from their children; sizes,
-  // key and value centroids stay exact statistics of the membership (f64 sums of the open
-  // block). Frozen blocks are not touched. Enqueued on `stream` with the chunk descriptors
-  // (copied from pinned staging in stream order, so consecutive appends go on one stream;
-  // the host waits only for the copy of the append before last, almost always done); the
-  // index's host-side entry counts are stale until sync_index(). Throws when an entry would
-  // outgrow the capacity reserved at build()/load().
+  // chunk for the whole batch (1-4 CTAs per entry: set_update_split), reading only the new
+  // tokens from the cache. Same rule, seeds and Rng as the CPU's append_chunk: the open block
+  // gains fine centroids seeded from random new tokens, update_iterations Lloyd rounds move
+  // only the new tokens (distances as 3xBF16 tensor-core products, ~2^-16 relative), new fine
+  // clusters get parents (new coarse clusters seeded from random new children), touched coarse
+  // clusters are recomputed from their children; sizes, key and value centroids stay exact
+  // statistics of the membership (f64 sums of the open block). Frozen blocks are not touched.
+  // Enqueued on `stream` with the chunk descriptors (copied from pinned staging in stream
+  // order, so consecutive appends go on one stream; the host waits only for the copy of the
+  // append before last, almost always done); the index's host-side entry counts are stale
+  // until sync_index(). Throws when an entry would outgrow the capacity reserved at
+  // build()/load().
   void append(const DeviceKVCache& cache, std::span<const int64_t> new_ends, const AttentionConfig& config,
               Stream stream);
   // Host-side entry counts and ends from the device (synchronous; before re-planning a decoder).
