@@ -22,6 +22,33 @@ namespace multipole::cuda {
 
 namespace {
 
+// Device time between two points of a stream (a pair of events).
+class StreamSpan {
+ public:
+  StreamSpan() {
+    MP_CUDA_CHECK(cudaEventCreate(&a_));
+    MP_CUDA_CHECK(cudaEventCreate(&b_));
+  }
+  ~StreamSpan() {
+    cudaEventDestroy(a_);
+    cudaEventDestroy(b_);
+  }
+  StreamSpan(const StreamSpan&) = delete;
+  StreamSpan& operator=(const StreamSpan&) = delete;
+  void begin(cudaStream_t s) { MP_CUDA_CHECK(cudaEventRecord(a_, s)); }
+  void end(cudaStream_t s) { MP_CUDA_CHECK(cudaEventRecord(b_, s)); }
+  // Waits for the end; microseconds.
+  double us() const {
+    MP_CUDA_CHECK(cudaEventSynchronize(b_));
+    float ms = 0;
+    MP_CUDA_CHECK(cudaEventElapsedTime(&ms, a_, b_));
+    return 1e3 * double(ms);
+  }
+
+ private:
+  cudaEvent_t a_ = nullptr, b_ = nullptr;
+};
+
 // Median time of `step` in microseconds: warm-up, then (graph replay or direct launches)
 // each timed step preceded by an L2 flush. Diagnostics: MULTIPOLE_BENCH_FLUSH=none times
 // the steps back to back instead, with their code and data left in the caches.
@@ -509,19 +536,12 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         DeviceKMeans km;
         std::vector<double> ms;
         for (int run = 0; run <= std::max(1, o.kmeans_runs); ++run) {  // run 0: warm-up (allocations)
-          cudaEvent_t e0, e1;
-          MP_CUDA_CHECK(cudaEventCreate(&e0));
-          MP_CUDA_CHECK(cudaEventCreate(&e1));
+          StreamSpan span;
           MP_CUDA_CHECK(cudaStreamSynchronize(stream));
-          MP_CUDA_CHECK(cudaEventRecord(e0, stream));
+          span.begin(stream);
           km.build(dev, 0, seqs, ends, kc2, rope, o.key_dtype, stream);
-          MP_CUDA_CHECK(cudaEventRecord(e1, stream));
-          MP_CUDA_CHECK(cudaEventSynchronize(e1));
-          float t = 0;
-          MP_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
-          if (run > 0) ms.push_back(t);
-          cudaEventDestroy(e0);
-          cudaEventDestroy(e1);
+          span.end(stream);
+          if (run > 0) ms.push_back(span.us() * 1e-3);
         }
         std::sort(ms.begin(), ms.end());
         km.set_profile(true);  // one more build, with an event after each launch: time per stage
@@ -612,28 +632,20 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
             upd.build(dev, 0, seqs, at, kc2, rope, o.key_dtype, stream, int64_t(updates) * W);
             MP_CUDA_CHECK(cudaStreamSynchronize(stream));
             upd.set_update_profile(slots);
-            cudaEvent_t e0 = nullptr, e1 = nullptr;
+            StreamSpan span;
             if (gpu) {
-              MP_CUDA_CHECK(cudaEventCreate(&e0));
-              MP_CUDA_CHECK(cudaEventCreate(&e1));
               for (int i = 0; i < 8; ++i) kdec.multipole(dev, 0, km.index(), pq, pqs, po, stream);  // >= ~300 us
-              MP_CUDA_CHECK(cudaEventRecord(e0, stream));
+              span.begin(stream);
             }
             const auto t0 = std::chrono::steady_clock::now();
             for (int u = 0; u < updates; ++u) {
               for (auto& e : at) e = std::min<int64_t>(ctx, e + W);
               upd.append(dev, at, kc2, stream);
             }
-            if (gpu) MP_CUDA_CHECK(cudaEventRecord(e1, stream));
+            if (gpu) span.end(stream);
             MP_CUDA_CHECK(cudaStreamSynchronize(stream));
-            double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
-            if (gpu) {
-              float ms = 0;
-              MP_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-              us = 1e3 * double(ms);
-              cudaEventDestroy(e0);
-              cudaEventDestroy(e1);
-            }
+            const double wall = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+            const double us = gpu ? span.us() : wall;
             upd.set_update_profile(nullptr);
             return us / updates;
           };

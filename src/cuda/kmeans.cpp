@@ -106,7 +106,7 @@ struct DeviceKMeans::Online {
   std::vector<KmOpen> open;        // host mirror, last1 = upper bound of the coarse slots in use
   std::vector<DeviceEntryShape> cap;  // capacities per entry
   int half = 0, d = 0;
-  int fit2 = -1, fit4 = -1;  // clusters of 2 / 4 update CTAs the device holds at once (-1: not asked yet)
+  int default_split = 0;  // CTAs per entry of the update unless forced (0: not chosen yet)
   DeviceBuffer d_open, key_sums, value_sums, parents, coarse_keys, cent, cnorm, dist, scratch, chunks;
   unsigned long long* prof = nullptr;  // the update kernel's phase clock (diagnostics) or null
 
@@ -614,20 +614,20 @@ void DeviceKMeans::append(const DeviceKVCache& cache, std::span<const int64_t> n
   const DeviceClusterTarget target = index_->target();
   const int key_kind = key_kind_of(index_->key_dtype());
   // Clusters of 4 or 2 CTAs per entry (the extra CTAs share the distance tiles) where the
-  // device holds all the batch's clusters at once, else one CTA per entry.
-  int split = update_split_;
-  if (split == 0) {
+  // device holds all the batch's clusters at once, else one CTA per entry; chosen once per
+  // build (the entries and shapes are fixed until the next).
+  if (on.default_split == 0) {
     const char* env = std::getenv("MULTIPOLE_UPDATE_SPLIT");
-    split = env ? std::atoi(env) : 0;
+    const int forced = env ? std::atoi(env) : 0;
+    MP_CHECK(forced >= 0 && forced <= 8,
+             "device k-means: MULTIPOLE_UPDATE_SPLIT={} must be in [1, 8] CTAs per entry, or 0 for the default",
+             forced);
+    if (forced > 0) on.default_split = forced;
+    else if (E <= km_online_max_clusters(on.d, on.dims, 4)) on.default_split = 4;
+    else if (E <= km_online_max_clusters(on.d, on.dims, 2)) on.default_split = 2;
+    else on.default_split = 1;
   }
-  MP_CHECK(split >= 0 && split <= 8,
-           "device k-means: update split {} (set_update_split or MULTIPOLE_UPDATE_SPLIT) must be in [1, 8] CTAs per "
-           "entry, or 0 for the default", split);
-  if (split == 0) {
-    if (on.fit4 < 0) on.fit4 = km_online_max_clusters(on.d, on.dims, 4);
-    if (on.fit2 < 0) on.fit2 = km_online_max_clusters(on.d, on.dims, 2);
-    split = E <= on.fit4 ? 4 : E <= on.fit2 ? 2 : 1;
-  }
+  const int split = update_split_ > 0 ? update_split_ : on.default_split;
   update_split_used_ = split;
   for (size_t c = 0; c * size_t(E) < all.size(); ++c) {
     km_online_update(on.d, E, split, kv, inv_freq_.as<double>(), on.half, on.dims, on.buffers(),
@@ -635,6 +635,12 @@ void DeviceKMeans::append(const DeviceKVCache& cache, std::span<const int64_t> n
                      stream);
     ++update_launches_;
   }
+}
+
+void DeviceKMeans::set_update_split(int ctas) {
+  MP_CHECK(ctas >= 0 && ctas <= 8,
+           "device k-means: update split {} must be in [1, 8] CTAs per entry, or 0 for the default", ctas);
+  update_split_ = ctas;
 }
 
 HostClusterLevel DeviceKMeans::download_index(int entry) const {

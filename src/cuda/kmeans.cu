@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/check.hpp"
 #include "cuda/common.cuh"
@@ -34,7 +35,7 @@ __device__ __forceinline__ int64_t cache_row(const KvRead& kv, int seq, int head
 // A cache element's 16 bits (f16 or bf16) -> float. Both conversions and a select: a branch
 // here gets loops unswitched on f16 (two copies of each loop's code).
 __device__ __forceinline__ float half_or_bf16(uint16_t raw, bool f16) {
-  const float h = __half2float(__ushort_as_half(raw)), b = __uint_as_float(uint32_t(raw) << 16);
+  const float h = MmaType<__half>::lo(raw), b = MmaType<__nv_bfloat16>::lo(raw);
   return f16 ? h : b;
 }
 
@@ -979,10 +980,12 @@ struct CentroidTile {
 // (all of [0, n) when cols is null). x.c on tensor cores, 3xBF16: with x = hi + lo (bf16,
 // rounded), hi * hi + hi * lo + lo * hi in f32 accumulators leaves ~2^-16 of |x| |c| (hi * hi
 // alone: 2^-8); 3xTF32 (~2^-21) took 75-77 us of a dearest update's distances against 58 us
-// (gpu-notes item 40). The CPU sums in f32, in dimension order: labels agree but for near-ties. Per 64-column tile (split
-// once as it is loaded), warp w holds the m16 tile of tokens 16 (w % 8) .. and the four n8
-// tiles of columns 32 (w / 8) ..; A fragments are split from the keys' f32 rows, B fragments
-// read from the tile's planes (words 4 g + t of a row group: conflict-free).
+// (gpu-notes item 40). The CPU sums in f32, in dimension order: labels agree but for
+// near-ties. Per 64-column tile (split once as it is loaded), warp w holds the m16 tile of
+// tokens 16 (w % 8) .. and the four n8 tiles of columns 32 (w / 8) ..; A fragments are split
+// from the keys' f32 rows, B fragments read from the tile's planes (words 4 g + t of a row
+// group: conflict-free). Tiles first_tile, first_tile + tile_step, ...: the CTAs of a
+// cluster share them.
 template <int D>
 __device__ void online_distances(const OnlineSmem& sm, int count, const float* cent, const float* cnorm,
                                  const int* cols, int n, float* dist, int ko, int first_tile, int tile_step) {
@@ -1829,10 +1832,16 @@ void km_online_init(int d, int entries, const KvRead& kv, const double* inv_freq
 
 size_t km_online_smem(int d, const KmOnlineDims& dims) { return OnlineSmem::bytes(d, dims); }
 
-int km_online_max_clusters(int d, const KmOnlineDims& dims, int split) {
+// The update kernel for head dim d with its dynamic shared memory allowed, and that size.
+static auto online_update_for(int d, const KmOnlineDims& dims) {
   auto* kern = d == 64 ? online_update_kernel<64> : online_update_kernel<128>;
   const size_t smem = OnlineSmem::bytes(d, dims);
   MP_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  return std::pair{kern, smem};
+}
+
+int km_online_max_clusters(int d, const KmOnlineDims& dims, int split) {
+  const auto [kern, smem] = online_update_for(d, dims);
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = cluster_launch_config(attr, 1, split, kOnlineThreads, nullptr, smem);
   int n = 0;
@@ -1843,12 +1852,11 @@ int km_online_max_clusters(int d, const KmOnlineDims& dims, int split) {
 void km_online_update(int d, int entries, int split, const KvRead& kv, const double* inv_freq, int half,
                       const KmOnlineDims& dims, const KmOnlineBuffers& buf, const KmChunk* chunks,
                       const DeviceClusterTarget& out, int key_kind, bool value_f16, Stream s) {
-  auto* kern = d == 64 ? online_update_kernel<64> : online_update_kernel<128>;
-  const size_t smem = OnlineSmem::bytes(d, dims);
-  MP_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const auto [kern, smem] = online_update_for(d, dims);
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = cluster_launch_config(attr, entries, split, kOnlineThreads, s, smem);
-  MP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, kv, inv_freq, half, dims, buf, chunks, out, key_kind, value_f16 ? 1 : 0));
+  MP_CUDA_CHECK(
+      cudaLaunchKernelEx(&cfg, kern, kv, inv_freq, half, dims, buf, chunks, out, key_kind, value_f16 ? 1 : 0));
 }
 
 }  // namespace multipole::cuda::detail

@@ -96,7 +96,7 @@ class DeviceKMeans {
   // distances); 0, the default: MULTIPOLE_UPDATE_SPLIT if set, else 4, 2 or 1, the most for
   // which the device holds all the batch's clusters at once. The index it writes is the same
   // whatever the split.
-  void set_update_split(int ctas) { update_split_ = ctas; }
+  void set_update_split(int ctas);
   // CTAs per entry of the last append().
   int update_split() const { return update_split_used_; }
   // Entry e as stored in the index (used clusters only; f32 copies of the centroids), for
