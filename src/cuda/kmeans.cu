@@ -1152,8 +1152,9 @@ enum : int {
 // all the batch's clusters at once (DeviceKMeans::append). The cluster's first CTA does the
 // update; the others load the chunk's keys as it does and then only compute the distance tiles
 // it hands them (on one SM the tensor-core distances were the largest phase: gpu-notes items
-// 40-42). Chunk count 0: nothing to do.
-template <int D>
+// 40-42). kSpread = false: the one-CTA kernel, without the others' path (whose code made it
+// spill 212 bytes, not 44). Chunk count 0: nothing to do.
+template <int D, bool kSpread>
 __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv, const double* inv_freq, int half,
                                                                         KmOnlineDims dims, KmOnlineBuffers buf,
                                                                         const KmChunk* chunks, DeviceClusterTarget out,
@@ -1165,7 +1166,8 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   __shared__ uint64_t s_rng[4];
   __shared__ int s_cmd[2];  // the first CTA's order to the others: columns (-1: stop), listed (sm.moved) or not
   namespace cg = cooperative_groups;
-  const int split = int(cg::this_cluster().num_blocks()), rank = int(cg::this_cluster().block_rank());
+  const int split = kSpread ? int(cg::this_cluster().num_blocks()) : 1;
+  const int rank = kSpread ? int(cg::this_cluster().block_rank()) : 0;
   const int e = blockIdx.x / split, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const KmChunk ch = chunks[e];
   if (ch.count <= 0) return;  // (the whole cluster)
@@ -1256,7 +1258,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   }
   __syncthreads();
   pc.mark(kUpdLoad);
-  if (rank > 0) {  // distance tiles r, r + split, ... of each spread call (distances() below) until told to stop
+  if (kSpread && rank > 0) {  // distance tiles r, r + split, ... of each spread call (distances() below) until told to stop
     const cg::cluster_group cl = cg::this_cluster();
     const int* cmd = cl.map_shared_rank(s_cmd, 0);
     const int* cols = cl.map_shared_rank(sm.moved, 0);
@@ -1276,7 +1278,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
   // Distances of the chunk's tokens to the columns (cols, or all of [0, n)), spread over the
   // cluster where there is more than one tile of them.
   auto distances = [&](const int* cols, int n) {
-    const bool spread = split > 1 && n > 64;
+    const bool spread = kSpread && n > 64;
     if (spread) {
       if (tid == 0) s_cmd[0] = n, s_cmd[1] = cols != nullptr;
       cg::this_cluster().sync();
@@ -1412,7 +1414,7 @@ __global__ void __launch_bounds__(kOnlineThreads) online_update_kernel(KvRead kv
     online_argmin(sm, dist, dims.ko, k, count);
     pc.mark(kUpdArgmin);
   }
-  if (split > 1) {  // the other CTAs are done; they read this order from its shared memory before it goes on
+  if constexpr (kSpread) {  // the other CTAs are done; they read this order from its shared memory before it goes on
     if (tid == 0) s_cmd[0] = -1;
     cg::this_cluster().sync();
     cg::this_cluster().sync();
@@ -1832,16 +1834,18 @@ void km_online_init(int d, int entries, const KvRead& kv, const double* inv_freq
 
 size_t km_online_smem(int d, const KmOnlineDims& dims) { return OnlineSmem::bytes(d, dims); }
 
-// The update kernel for head dim d with its dynamic shared memory allowed, and that size.
-static auto online_update_for(int d, const KmOnlineDims& dims) {
-  auto* kern = d == 64 ? online_update_kernel<64> : online_update_kernel<128>;
+// The update kernel for head dim d and `split` CTAs per entry with its dynamic shared memory
+// allowed, and that size.
+static auto online_update_for(int d, int split, const KmOnlineDims& dims) {
+  auto* kern = split > 1 ? (d == 64 ? online_update_kernel<64, true> : online_update_kernel<128, true>)
+                         : (d == 64 ? online_update_kernel<64, false> : online_update_kernel<128, false>);
   const size_t smem = OnlineSmem::bytes(d, dims);
   MP_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   return std::pair{kern, smem};
 }
 
 int km_online_max_clusters(int d, const KmOnlineDims& dims, int split) {
-  const auto [kern, smem] = online_update_for(d, dims);
+  const auto [kern, smem] = online_update_for(d, split, dims);
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = cluster_launch_config(attr, 1, split, kOnlineThreads, nullptr, smem);
   int n = 0;
@@ -1852,7 +1856,7 @@ int km_online_max_clusters(int d, const KmOnlineDims& dims, int split) {
 void km_online_update(int d, int entries, int split, const KvRead& kv, const double* inv_freq, int half,
                       const KmOnlineDims& dims, const KmOnlineBuffers& buf, const KmChunk* chunks,
                       const DeviceClusterTarget& out, int key_kind, bool value_f16, Stream s) {
-  const auto [kern, smem] = online_update_for(d, dims);
+  const auto [kern, smem] = online_update_for(d, split, dims);
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = cluster_launch_config(attr, entries, split, kOnlineThreads, s, smem);
   MP_CUDA_CHECK(
