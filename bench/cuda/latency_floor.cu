@@ -22,9 +22,11 @@
 //   code:    a kernel of 4 to 192 KB of straight-line code run once, cold (after the flush)
 //            and warm: what fetching a large kernel's instructions from DRAM costs (the
 //            one-launch step's kernel is ~180 KB of SASS; gpu-notes item 39); and the same
-//            kernels returning at once.
-// Usage: lab_latency_floor [iterations, default 41] [code: the code lines only]. Prints one line
-// per measurement.
+//            kernels returning at once;
+//   wait:    the same code behind 8 dependent cold loads: whether a wait for memory hides the
+//            fetch of the code behind it (gpu-notes item 43).
+// Usage: lab_latency_floor [iterations, default 41] [code: the code and wait lines only].
+// Prints one line per measurement.
 // H200, session H23 (two runs, medians agree within 0.2 us): 1 empty kernel 2.8-3.0 us, 3
 // chained by PDL 4.3-4.5; a DRAM round trip after the flush 0.34-0.36 us, an L2 one 0.15;
 // __syncthreads 0.014 (256 threads) / 0.039 us (1024); a cluster barrier 0.19-0.38 us; a
@@ -34,7 +36,10 @@
 // Session H31 (one run, 32 / 256 threads a CTA): straight-line code runs at ~0.09 us per KB
 // (~2.8 cycles an instruction, whatever the warps) up to 64 KB, cold as warm; 128 KB: 19.0-19.5
 // us cold, 14.1-15.0 warm; 192 KB: 61.6-62.1 cold, 32.7-34.1 warm. The same kernels returning
-// at once: 2.94 us cold, 3.6-3.8 warm, whatever their size.
+// at once: 2.94 us cold, 3.6-3.8 warm, whatever their size. Session H34 (two runs): behind 8
+// dependent cold loads (6.0 us with the launch) the code costs what it costs alone (16-192 KB:
+// the wait hides 0-0.7 us, 128 KB -2.3 to -3.4), so the SM does not fetch code ahead while
+// its warps wait for memory.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -93,12 +98,17 @@ __global__ void roomy_kernel() {
 // Blocks x 8 FMAs of straight-line code (one 16-byte SASS instruction each), 8 independent
 // chains so that issue, not latency, sets the warm time. sink: [1]
 // skip: return at once (what a large kernel costs that has nothing to do).
+// hops: every thread first follows that many dependent loads through `chain` (cold after the
+// flush), and the code depends on the last: whether the SM fetches code ahead while its warps
+// wait for memory, as the one-launch step's prologue does (gpu-notes item 43).
 template <int Blocks>
-__global__ void code_kernel(float a, float b, float* sink, int skip) {
+__global__ void code_kernel(float a, float b, float* sink, int skip, const uint32_t* chain, int hops) {
   if (skip) return;
+  uint32_t at = 0;
+  for (int i = 0; i < hops; ++i) at = __ldcg(chain + at);
   float x[8];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) x[j] = float(threadIdx.x + j);
+  for (int j = 0; j < 8; ++j) x[j] = float(threadIdx.x + j + (at & 1u));
 #pragma unroll
   for (int i = 0; i < Blocks; ++i)
 #pragma unroll
@@ -180,15 +190,34 @@ int max_clusters(void (*kernel)(Args...), int cluster, int threads) {
 }
 
 // Straight-line code run once by 128 CTAs: cold after the flush, warm right after a replay.
+// Then the same code behind kWaitHops dependent cold loads: the time the wait hides.
 void code_lines(Lab& bench, uint32_t* sink) {
   const cudaStream_t s = bench.timer.stream();
   std::printf("%-58s %9s %9s %9s\n", "code: KB of straight-line code, 128 CTAs", "cold", "warm", "us/KB");
   float* fsink = reinterpret_cast<float*>(sink);
+  // A chain of kWaitHops loads, one 4 KB page apart, ending at 0: [kWaitHops * 1024]
+  constexpr int kWaitHops = 8, kHopWords = 1024;
+  uint32_t* chain = nullptr;
+  LAB_CHECK(cudaMalloc(&chain, size_t(kWaitHops) * kHopWords * 4));
+  {
+    std::vector<uint32_t> h(size_t(kWaitHops) * kHopWords, 0);
+    for (int i = 0; i + 1 < kWaitHops; ++i) h[size_t(i) * kHopWords] = uint32_t(i + 1) * kHopWords;
+    LAB_CHECK(cudaMemcpy(chain, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+  }
+  const auto cold_us = [&](auto kernel, int hops) {
+    const lab::Graph g([&](cudaStream_t st) { kernel<<<128, 256, 0, st>>>(0.999f, 1e-3f, fsink, 0, chain, hops); }, s);
+    std::vector<double> cold;
+    for (int i = 0; i < bench.iterations; ++i) cold.push_back(bench.timer.run_us(g, true, i));
+    return lab::median(cold);
+  };
   const auto code_line = [&](auto kernel, int kb) {
     for (const int threads : {32, 256, 0}) {  // 0: 256 threads returning at once
       const int skip = threads == 0;
       const lab::Graph g(
-          [&](cudaStream_t st) { kernel<<<128, skip ? 256 : threads, 0, st>>>(0.999f, 1e-3f, fsink, skip); }, s);
+          [&](cudaStream_t st) {
+            kernel<<<128, skip ? 256 : threads, 0, st>>>(0.999f, 1e-3f, fsink, skip, chain, 0);
+          },
+          s);
       std::vector<double> cold, warm;
       for (int i = 0; i < bench.iterations; ++i) {
         cold.push_back(bench.timer.run_us(g, true, i));
@@ -207,6 +236,22 @@ void code_lines(Lab& bench, uint32_t* sink) {
   code_line(code_kernel<512>, 64);
   code_line(code_kernel<1024>, 128);
   code_line(code_kernel<1536>, 192);
+
+  std::printf("%-58s %9s %9s %9s\n", "wait: the code behind 8 dependent cold loads, 256 threads", "both",
+              "apart", "hidden");
+  const double wait = cold_us(code_kernel<0>, kWaitHops), bare = cold_us(code_kernel<0>, 0);
+  std::printf("wait: 8 dependent loads alone %28s %9.3f %9s us\n", "", wait, "");
+  const auto wait_line = [&](auto kernel, int kb) {
+    const double both = cold_us(kernel, kWaitHops), code = cold_us(kernel, 0);
+    const double apart = wait + code - bare;  // (the launch counted once)
+    std::printf("wait: %3d KB of code behind them %26s %9.3f %9.3f %9.3f us\n", kb, "", both, apart, apart - both);
+  };
+  wait_line(code_kernel<128>, 16);
+  wait_line(code_kernel<512>, 64);
+  wait_line(code_kernel<768>, 96);
+  wait_line(code_kernel<1024>, 128);
+  wait_line(code_kernel<1536>, 192);
+  LAB_CHECK(cudaFree(chain));
 }
 
 }  // namespace
