@@ -91,6 +91,11 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   const int seq = a.seq_ids[b], len = a.lengths[seq], end = a.entry_end[e];
   const int nsink = min(a.sinks, end), ntail = len - end, nfixed = nsink + ntail;
   const int32_t* table = a.tables + a.table_offset[seq];
+  // The group's queries (rows e * G.., as qrow below) into L2 before the look-ups above return:
+  // they are read last in the prologue (reading them into registers first made the kernel
+  // spill). 16 lines each. (The profiled variant spills 8 bytes with it: gpu-notes item 43.)
+  if (constexpr int kLines = kG * kD / 32; tid < 2 * kLines && (tid % kLines) * 32 < G * kD)
+    prefetch_l2((tid < kLines ? a.q_score : a.q) + size_t(e) * G * kD + 32 * (tid % kLines));
   PhaseClock pc(kProf ? a.prof : nullptr, kPhaseClockSlots);
   // Every CTA of the cluster must have started before another stores into its shared memory.
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
