@@ -26,6 +26,13 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// CTAs per entry of the online update, from `source` ("update split ", "MULTIPOLE_UPDATE_SPLIT="):
+// a portable thread-block cluster holds at most 8; 0 asks for the default.
+void check_update_split(int ctas, const char* source) {
+  MP_CHECK(ctas >= 0 && ctas <= 8, "device k-means: {}{} must be in [1, 8] CTAs per entry, or 0 for the default",
+           source, ctas);
+}
+
 KvRead kv_read(const DeviceKVCache& cache, int layer) {
   KvRead kv{};
   const DeviceKVLayer lay = cache.layer(layer);
@@ -619,9 +626,7 @@ void DeviceKMeans::append(const DeviceKVCache& cache, std::span<const int64_t> n
   if (on.default_split == 0) {
     const char* env = std::getenv("MULTIPOLE_UPDATE_SPLIT");
     const int forced = env ? std::atoi(env) : 0;
-    MP_CHECK(forced >= 0 && forced <= 8,
-             "device k-means: MULTIPOLE_UPDATE_SPLIT={} must be in [1, 8] CTAs per entry, or 0 for the default",
-             forced);
+    check_update_split(forced, "MULTIPOLE_UPDATE_SPLIT=");
     if (forced > 0) on.default_split = forced;
     else if (E <= km_online_max_clusters(on.d, on.dims, 4)) on.default_split = 4;
     else if (E <= km_online_max_clusters(on.d, on.dims, 2)) on.default_split = 2;
@@ -638,8 +643,7 @@ void DeviceKMeans::append(const DeviceKVCache& cache, std::span<const int64_t> n
 }
 
 void DeviceKMeans::set_update_split(int ctas) {
-  MP_CHECK(ctas >= 0 && ctas <= 8,
-           "device k-means: update split {} must be in [1, 8] CTAs per entry, or 0 for the default", ctas);
+  check_update_split(ctas, "update split ");
   update_split_ = ctas;
 }
 
