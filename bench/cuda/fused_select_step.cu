@@ -189,16 +189,15 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
   if (tid < n_local) xall[c0 + tid] = far_weights(xall[c0 + tid], local_n, gs.selected(c0 + tid), gmax);
   multipole::cuda::detail::cp_async_wait<0>();
   __syncthreads();
-  float far0, far1;
-  const int fd = tid % kD, fg = 2 * (tid / kD);  // one thread per (head pair, dimension)
-  far_field_staged(staged, xall + c0, n_local, fd, fg, far0, far1, st);  // weights relative to gmax
+  far_field_staged(staged, xall + c0, n_local, st);  // weights relative to gmax
   mark(8);
 
   // 7. The exact rows per warp (logits relative to gmax like the far field's), then the CTA's state.
   {
     float m[kG], l[kG], acc[kG][4];
     warp_rows_state(kr, vr, has_row, qr, gmax, m, l, acc);
-    join_cta_state(st, m, l, acc, far0, far1, fd, fg, part, sc);
+    const int fd = tid % kD, fg = 2 * (tid / kD);  // one thread per (head pair, dimension)
+    join_cta_state(st, m, l, acc, fd, fg, part, sc);
   }
   mark(9);
 

@@ -305,9 +305,7 @@ __global__ void __launch_bounds__(kThreads, 2) two_level_step_kernel(const Args 
   if (tid < n_local) xall[c0 + tid] = far_weights(xall[c0 + tid], local_n, coarse_sel.selected(c0 + tid), gmax);
   multipole::cuda::detail::cp_async_wait<0>();
   __syncthreads();
-  float far0, far1;
-  const int fd = tid % kD, fg = 2 * (tid / kD);  // one thread per (head pair, dimension)
-  far_field_staged(staged, xall + c0, n_local, fd, fg, far0, far1, st);
+  far_field_staged(staged, xall + c0, n_local, st);
   mark(12);
 
   // 9. The exact rows and the candidates' pseudo-rows per warp (logits relative to gmax), then
@@ -316,7 +314,8 @@ __global__ void __launch_bounds__(kThreads, 2) two_level_step_kernel(const Args 
     float m[kG], l[kG], acc[kG][4];
     warp_rows_state(kr, vr, has_row, qr, gmax, m, l, acc, lift);
     mark(13);
-    join_cta_state(st, m, l, acc, far0, far1, fd, fg, part, sc);
+    const int fd = tid % kD, fg = 2 * (tid / kD);  // one thread per (head pair, dimension)
+    join_cta_state(st, m, l, acc, fd, fg, part, sc);
   }
   mark(14);
   pull_merged_states(cluster, st, a.out + size_t(e) * kG * kD, [&] { mark(15); });

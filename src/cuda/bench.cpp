@@ -233,6 +233,8 @@ void print_plan(const char* what, const CudaDecoder& dec, int B, int64_t ctx) {
   if (!p.fused)
     std::fprintf(stderr, "bench: b%d %lld tokens, %s: three launches (one launch: %s)\n", B,
                  static_cast<long long>(ctx), what, p.fused_why);
+  else if (!p.hierarchical)
+    std::fprintf(stderr, "bench: b%d %lld tokens, %s: one launch\n", B, static_cast<long long>(ctx), what);
   else if (!p.fused_fallback)
     std::fprintf(stderr, "bench: b%d %lld tokens, %s: one launch (at most %d candidates)\n", B,
                  static_cast<long long>(ctx), what, p.fused_candidate_bound);
@@ -392,6 +394,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       dec.plan(dev, seqs, &index);
       print_plan("multipole", dec, B, ctx);
       flat.plan(dev, seqs, &flat_index);
+      if (index.hierarchical()) print_plan("mp-1level", flat, B, ctx);
       AttentionConfig sqc = ac;
       sqc.multipole_far_field = false;
       CudaDecoder squeezed(sqc);
@@ -507,9 +510,19 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
                E * M * (row + G * 8 + 4 * 5), 2, oracle.select_ctas() + int(E));
         }
       }
-      if (index.hierarchical())
+      if (index.hierarchical()) {
         emit("mp-1level", [&](cudaStream_t s) { flat.multipole(dev, 0, flat_index, pq, pqs, po, s); }, flat_bytes,
-             CudaDecoder::kMultipoleLaunches, flat.plan_info().mp_ctas);
+             flat.multipole_launches(), flat.plan_info().fused ? E * 16 : flat.plan_info().mp_ctas);
+        if (flat.plan_info().fused) {
+          CudaDecoder three(ac);
+          three.set_fused(false);
+          three.plan(dev, seqs, &flat_index);
+          emit("mp-1level-3launch", [&](cudaStream_t s) { three.multipole(dev, 0, flat_index, pq, pqs, po, s); },
+               flat_bytes, CudaDecoder::kMultipoleLaunches, three.plan_info().mp_ctas);
+        }
+        if (flat.plan_info().fused && std::getenv("MULTIPOLE_STEP_PROFILE"))
+          profile_fused_step("synthetic-1level", flat, dev, flat_index, pq, pqs, po, o, stream, flush, B, ctx);
+      }
       if (o.stages) {
         emit("mp-score", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s, 1); },
              kbytes + C * (4 + G * 4), 1, dec.plan_info().score_ctas);

@@ -170,12 +170,41 @@ __device__ __forceinline__ void stage_rows(uint8_t* staged, const void* src, int
   cp_async_commit();
 }
 
-// Logits of n staged rows for the kG heads: x[j] = (q_0 . row j, ..., q_3 . row j). qs: [kG][kD].
+// Logits of n staged rows for the kG heads: x[j] = (q_0 . row j, ..., q_3 . row j). qs: [kG][kD]
+// f32. On tensor cores, as score.cuh: warp w takes the rows' 16-row tiles w, w + kWarps, ...
+// against the queries split into three 16-bit parts (f32-class accuracy; heads 4..7 of the n8
+// tile are padding). (One thread per row and head with FMAs: gpu-notes item 44.)
 template <class CT = __nv_bfloat16>
 __device__ __forceinline__ void score_staged(const uint8_t* staged, int n, const float (*qs)[kD], float4* x) {
-  for (int i = threadIdx.x; i < kG * n; i += blockDim.x) {
-    const int g = i / n, j = i % n;
-    reinterpret_cast<float*>(&x[j])[g] = staged_dot<CT>(staged, j, qs[g]);
+  constexpr int kParts = 3;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+  for (int t = warp; 16 * t < n; t += kWarps) {
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // The lane's ldmatrix row; a tile's rows past n read row n - 1 (their logits are dropped).
+    const int r = min(16 * t + (lane & 7) + ((lane >> 3) & 1) * 8, n - 1);
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      uint32_t qb[2][kParts];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float x0 = 0.0f, x1 = 0.0f;
+        if (gid < kG) {
+          const float2 v = *reinterpret_cast<const float2*>(&qs[gid][ks * 16 + half * 8 + tig * 2]);
+          x0 = v.x, x1 = v.y;
+        }
+#pragma unroll
+        for (int p = 0; p < kParts; ++p) qb[half][p] = peel_part<CT>(x0, x1);
+      }
+      uint32_t af[4];
+      ldmatrix_x4(af, staged + size_t(r) * kRowStride + (ks * 2 + (lane >> 4)) * 16);
+#pragma unroll
+      for (int p = kParts - 1; p >= 0; --p) MmaType<CT>::mma16816(d, af, qb[0][p], qb[1][p]);
+    }
+    if (tig < 2) {  // heads 2 tig, 2 tig + 1 of rows 16 t + gid and + 8
+      const int r0 = 16 * t + gid;
+      if (r0 < n) reinterpret_cast<float2*>(&x[r0])[tig] = make_float2(d[0], d[1]);
+      if (r0 + 8 < n) reinterpret_cast<float2*>(&x[r0 + 8])[tig] = make_float2(d[2], d[3]);
+    }
   }
 }
 
@@ -206,24 +235,45 @@ __device__ __forceinline__ void score_and_push_slice(const cooperative_groups::c
   push_to_cluster(cluster, x, c0, n);
 }
 
-// The far field of n staged value rows with weights w[j] (float4: heads 0..3): the thread's
-// sums for heads fg, fg + 1 at dimension fd; warps g < kG also set st.m[g] (0, the weights'
-// reference, or -inf without weight) and st.l[g] = the weights' sum.
+// The far field of n staged value rows with weights w[j] (float4: heads 0..3) into st.o
+// ([kG][kD], for the reads of the join after its first barrier); warps g < kG also set st.m[g]
+// (0, the weights' reference, or -inf without weight) and st.l[g] = the weights' sum. Lane l of
+// warp w sums dims 16 w + 2 (l / 4) + {0, 1} of the four heads over rows 8 t + 2 (l % 4) + {0, 1}:
+// a 32-bit value load and a float4 weight load serve 8 products (one thread per dimension and
+// head pair loading 2 bytes and 2 weights a row took ~4x the shared-memory wavefronts: 2 us for
+// 128 rows), and the four row phases' 8-word bank offsets keep the loads conflict-free.
 template <class CT = __nv_bfloat16>
-__device__ __forceinline__ void far_field_staged(const uint8_t* staged, const float4* w, int n, int fd, int fg,
-                                                 float& far0, float& far1, State& st) {
-  float s0 = 0, s1 = 0;
-  const uint8_t* vrow = staged + fd * 2;
-  for (int j = 0; j < n; ++j) {
-    // (A selected or empty cluster weighs 0; its centroid is finite: DeviceClusterIndex
-    // rejects others and zeroes the slots no producer writes. A branch here cost ~1.8 us at 128K.)
-    const uint16_t bits = *reinterpret_cast<const uint16_t*>(vrow + size_t(j) * kRowStride);
-    const float v = MmaType<CT>::lo(uint32_t(bits));
-    const float* wj = reinterpret_cast<const float*>(&w[j]);
-    s0 += wj[fg] * v, s1 += wj[fg + 1] * v;
+__device__ __forceinline__ void far_field_staged(const uint8_t* staged, const float4* w, int n, State& st) {
+  static_assert(kWarps * 16 == kD && kG == 4, "a warp per 16 dimensions, four heads");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, phase = lane & 3;
+  const int d = 16 * warp + 2 * (lane >> 2);
+  float s[kG][2] = {};
+  const uint8_t* vcol = staged + d * 2;
+  for (int j = 2 * phase; j < n; j += 8) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      // (A selected or empty cluster weighs 0; its centroid is finite: DeviceClusterIndex
+      // rejects others and zeroes the slots no producer writes. Rows at or past n are not this
+      // CTA's: neither their weights nor their values are read.)
+      const bool in = u == 0 || j + 1 < n;
+      const uint32_t bits = in ? *reinterpret_cast<const uint32_t*>(vcol + size_t(j + u) * kRowStride) : 0u;
+      const float4 wj = in ? w[j + u] : make_float4(0, 0, 0, 0);
+      const float v0 = MmaType<CT>::lo(bits), v1 = MmaType<CT>::hi(bits);
+      const float* ws = reinterpret_cast<const float*>(&wj);
+#pragma unroll
+      for (int g = 0; g < kG; ++g) s[g][0] += ws[g] * v0, s[g][1] += ws[g] * v1;
+    }
   }
-  far0 = s0, far1 = s1;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int g = 0; g < kG; ++g)
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      s[g][t] += __shfl_xor_sync(0xffffffffu, s[g][t], 1);
+      s[g][t] += __shfl_xor_sync(0xffffffffu, s[g][t], 2);
+    }
+#pragma unroll
+  for (int g = 0; g < kG; ++g)  // every lane of the four holds the sums: each stores one head's
+    if (g == phase) *reinterpret_cast<float2*>(&st.o[g][d]) = make_float2(s[g][0], s[g][1]);
   if (warp < kG) {
     float l = 0;
     for (int j = lane; j < n; j += 32) l += reinterpret_cast<const float*>(&w[j])[warp];
@@ -258,13 +308,13 @@ struct StateScratch {
   float wm[kWarps][kG], wl[kWarps][kG], factor[kWarps + 1][kG];
 };
 
-// st.o, st.m, st.l of the CTA: the far field (st.m, st.l as far_field_staged set them; this
-// thread's sums far0, far1 for heads fg, fg + 1 at dimension fd) joined with each warp's rows
+// st.o, st.m, st.l of the CTA: the far field (as far_field_staged left them in st) joined with
+// each warp's rows, this thread writing heads fg, fg + 1 at dimension fd
 // (m, l, acc: the warp's max, sum and its lane's dims [4 lane, 4 lane + 4) of the weighted V
 // sum). part: [kWarps][kG][kD] f32 that may alias the staged rows: written only after a barrier.
 __device__ __forceinline__ void join_cta_state(State& st, const float (&m)[kG], const float (&l)[kG],
-                                               const float (&acc)[kG][4], float far0, float far1, int fd, int fg,
-                                               float (*part)[kG][kD], StateScratch& sc) {
+                                               const float (&acc)[kG][4], int fd, int fg, float (*part)[kG][kD],
+                                               StateScratch& sc) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   __syncthreads();  // the far field's reads of the staged values are done: part[] may overwrite them
 #pragma unroll
@@ -276,11 +326,10 @@ __device__ __forceinline__ void join_cta_state(State& st, const float (&m)[kG], 
   __syncthreads();
   if (tid < kG) merge_factors(st, sc.wm, sc.wl, sc.factor, tid);
   __syncthreads();
-  const float far[2] = {far0, far1};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int g = fg + h;
-    float o = far[h] * sc.factor[0][g];
+    float o = st.o[g][fd] * sc.factor[0][g];  // (this thread's element alone: no barrier)
     for (int w = 0; w < kWarps; ++w) o += part[w][g][fd] * sc.factor[w + 1][g];
     st.o[g][fd] = o;
   }

@@ -276,6 +276,11 @@ int64_t candidate_bound(std::span<const int32_t> size, std::span<const int32_t> 
   }
   return bound;
 }
+
+// The clusters of an entry the one-launch step scores and stages first: coarse, or one level's.
+int fused_staged(const DeviceClusterIndex& index) {
+  return index.hierarchical() ? index.max_coarse() : index.max_clusters();
+}
 }  // namespace
 
 // Whether this plan's steps can run in one launch (DecodePlanInfo::fused says what it needs).
@@ -289,7 +294,6 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   const int E = index.entries();
   const auto why = [&](const char* reason) { info_.fused_why = reason; };
   if (!fused_allowed_) return why("turned off (MULTIPOLE_FUSED=0 or set_fused(false))");
-  if (!index.hierarchical()) return why("one-level index");
   if (config_.head_dim != L::kHeadDim) return why("head dim is not 128");
   if (config_.group_size() > L::kGroup) return why("GQA group over 4");
   if (index.key_dtype() != kv_dtype) return why("key centroids not in the cache's type");
@@ -297,13 +301,20 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   if (coarse_budget_ >= 65535) return why("coarse budget over 65534");
   if (page_shift_of(page_size) < 0) return why("page size not a power of two");
   if (exact_rows > L::kExactRows) return why("over 512 exact rows");
+  const bool hier = index.hierarchical();
+  if (!hier && index.max_clusters() > L::kMaxCoarse) return why("one level of over 2048 clusters in an entry");
   if (index.max_coarse() > L::kMaxCoarse) return why("over 2048 coarse clusters in an entry");
   for (int e = 0; e < E; ++e) {
-    if (index.entry_clusters(e) - index.entry_coarse(e) > L::kMaxFine) return why("over 16384 fine clusters in an entry");
+    if (hier && index.entry_clusters(e) - index.entry_coarse(e) > L::kMaxFine)
+      return why("over 16384 fine clusters in an entry");
     if (index.entry_clustered_end(e) >= (int64_t(1) << 20)) return why("over 2^20 clustered tokens");
   }
-  if (E > detail::fused_step_clusters_at_once(kv_dtype, index.max_coarse()))
+  if (E > detail::fused_step_clusters_at_once(kv_dtype, fused_staged(index), hier))
     return why("more entries than its clusters fit at once");
+  if (!hier) {  // no candidates
+    info_.fused = true;
+    return why("");
+  }
   const DeviceClusterView cv = index.view();
   std::vector<int32_t> sizes, begins;
   int64_t bound = 0;
@@ -410,7 +421,8 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     f.entry_count = cv.entry_count;
     f.entry_coarse = cv.entry_coarse;
     f.entry_end = cv.entry_end;
-    f.max_coarse = index.max_coarse();
+    f.hierarchical = index.hierarchical();
+    f.max_coarse = fused_staged(index);
     f.sinks = config_.cluster.sinks;
     f.budget = config_.budget;
     f.coarse_budget = coarse_budget_;

@@ -15,6 +15,9 @@
 //      region), the far field (the CTA's unselected coarse centroids, staged, and its warps'
 //      unselected candidates as pseudo-rows with a log2-size lift), and the merge of the 16
 //      states through distributed shared memory, each CTA writing 1/16 of the output.
+// Over an index of one level (kHier = false; at most kMaxCoarse clusters an entry, 32K tokens at
+// 16 a cluster) its clusters take the coarse clusters' place in 1 and in 2's selection, under
+// `budget`; 3 and 4 drop out, and 5 takes their members as the selected rows, with no pseudo-rows.
 // The plan (decoder.cpp) takes this path only where it holds: head dim 128, G <= 4 (heads
 // padded to 4), 16-bit keys in the cache's type, pages of a power-of-two size, at most
 // kMaxCoarse coarse clusters and kMaxFineIds fine ones per entry, at most kMaxCand candidates
@@ -80,14 +83,19 @@ __device__ __forceinline__ void load_kv_lane(const FusedStepArgs& a, const int32
 // cycles of the walk's rounds after them.
 constexpr int kFusedPhases = 14;
 
-template <class CT, bool kProf>
+// kHier = false: an index of one level (at most kMaxCoarse clusters an entry). Its clusters take
+// the coarse clusters' place in parts 1-3 below, selected under `budget` with their member
+// offsets as payloads, and their members are the exact rows: parts 4-6 drop out (gpu-notes item 44).
+template <class CT, bool kProf, bool kHier>
 __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStepArgs a) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = int(cluster.block_rank()), e = blockIdx.x / kCtas;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int Hkv = a.num_kv_heads, G = a.group, b = e / Hkv, h = e % Hkv;
-  const int cb = a.entry_begin[e], C = a.entry_coarse[e], F = a.entry_count[e] - C, fb = cb + C;
+  // C: the clusters scored first (coarse, or the one level's), F: the fine ones under them.
+  const int cb = a.entry_begin[e], C = kHier ? a.entry_coarse[e] : a.entry_count[e], F = kHier ? a.entry_count[e] - C : 0;
+  const int fb = cb + C;
   const int seq = a.seq_ids[b], len = a.lengths[seq], end = a.entry_end[e];
   const int nsink = min(a.sinks, end), ntail = len - end, nfixed = nsink + ntail;
   const int32_t* table = a.tables + a.table_offset[seq];
@@ -121,14 +129,34 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
 
   const CT* keys = static_cast<const CT*>(a.key_centroids);
   const CT* values = static_cast<const CT*>(a.value_centroids);
-  const int coarse_cap = a.coarse_budget + 1;  // a larger cluster never fits: its key size is capped here
+  const int first_budget = kHier ? a.coarse_budget : a.budget;
+  const int first_cap = first_budget + 1;  // a larger cluster never fits: its key size is capped here
 
-  // 1. The fixed rows' page ids first (the head of their chain of round trips), the sequence's
-  //    page table into L2 (its lines spread over the cluster: the selected rows look it up);
-  //    the coarse key slice staged; this thread's coarse clusters of the selection (j = tid +
-  //    256 r) and the child-list starts of those of the listing (j = 8 tid + i, i <= 8: one
-  //    more for the last list's end); the queries (padded heads zero); the fixed rows issued.
-  //    (Reading the queries first as well made the kernel spill.)
+  // 1. Everything one round trip away first: the coarse key slice staged, this thread's coarse
+  //    clusters of the selection (j = tid + 256 r) and the child-list starts of those of the
+  //    listing (j = 8 tid + i, i <= 8: one more for the last list's end); then the fixed rows'
+  //    page ids (two round trips away), the sequence's page table into L2 (its lines spread
+  //    over the cluster: the selected rows look it up), the queries (padded heads zero). The
+  //    fixed rows themselves are issued after the scoring. (Reading the queries first as well
+  //    made the kernel spill.)
+  stage_rows(staged, keys + size_t(cb + c0) * kD, n_local);
+  // own_first: the member offsets the selection lists its rows by (one level; the coarse
+  // selection lists none).
+  int own_n[kOwned], own_first[kOwned];
+#pragma unroll
+  for (int r = 0; r < kOwned; ++r) {
+    const int j = tid + r * kThreads;
+    own_n[r] = j < C ? max(a.sizes[cb + j], 0) : 0;
+    own_first[r] = !kHier && j < C ? a.member_begin[cb + j] : 0;
+  }
+  int run_child[kRun + 1];  // (cb + C is the first fine cluster when F > 0; without one nothing is selected)
+  if constexpr (kHier) {
+#pragma unroll
+    for (int i = 0; i <= kRun; ++i)
+      run_child[i] = kRun * tid + i < C || (kRun * tid + i == C && F > 0) ? a.member_begin[cb + kRun * tid + i] : 0;
+  }
+  const int local_n = tid < n_local ? max(a.sizes[cb + c0 + tid], 0) : 0;
+  const int local_first = !kHier && tid < n_local ? a.member_begin[cb + c0 + tid] : 0;
   int fixed_page[kSlots];
 #pragma unroll
   for (int i = 0; i < kSlots; ++i) {
@@ -136,21 +164,11 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     fixed_page[i] = j < nfixed ? table[(j < nsink ? j : end + (j - nsink)) >> a.page_shift] : 0;
   }
   if (const int line = tid * kCtas + rank; line * 32 < ((len - 1) >> a.page_shift) + 1) prefetch_l2(table + 32 * line);
-  stage_rows(staged, keys + size_t(cb + c0) * kD, n_local);
-  int own_n[kOwned], no_payload[kOwned];
-#pragma unroll
-  for (int r = 0; r < kOwned; ++r) {
-    const int j = tid + r * kThreads;
-    own_n[r] = j < C ? max(a.sizes[cb + j], 0) : 0, no_payload[r] = 0;
-  }
-  int run_child[kRun + 1];  // (cb + C is the first fine cluster when F > 0; without one nothing is selected)
-#pragma unroll
-  for (int i = 0; i <= kRun; ++i)
-    run_child[i] = kRun * tid + i < C || (kRun * tid + i == C && F > 0) ? a.member_begin[cb + kRun * tid + i] : 0;
-  const int local_n = tid < n_local ? max(a.sizes[cb + c0 + tid], 0) : 0;
   if (tid < kMaxCoarse / 32) coarse_sel.selected_bits[tid] = 0;
-  if (tid < kMaxCand / 32) fine_sel.selected_bits[tid] = 0;
-  for (int w = tid; w < kFineWords; w += kThreads) is_cand[w] = 0;
+  if constexpr (kHier) {
+    if (tid < kMaxCand / 32) fine_sel.selected_bits[tid] = 0;
+    for (int w = tid; w < kFineWords; w += kThreads) is_cand[w] = 0;
+  }
   const size_t qrow = (size_t(b) * Hkv + size_t(h)) * size_t(G) * kD;  // [B, Hkv * G, D]: head h * G + g
   for (int i = tid; i < kG * kD; i += kThreads) {
     const bool real = i / kD < G;
@@ -168,34 +186,41 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
 #pragma unroll
   for (int i = 0; i < kCandSlots; ++i) lift[i] = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < kAll; ++i) {
-    has_row[i] = false;
-    if (i >= kSlots) continue;
-    const int j = rank + kCtas * (warp + kWarps * i);
-    if (j < nfixed) {
-      load_kv_page(a, fixed_page[i], h, j < nsink ? j : end + (j - nsink), kr[i], vr[i]);
-      has_row[i] = true;
-    }
-  }
+  for (int i = 0; i < kAll; ++i) has_row[i] = false;
 
   // Every fine cluster's size and member offset into L2 (32 ints a 128-byte line): the
   // candidates' are read after the listing.
-  if (const int gt = rank * kThreads + tid; gt < (F + 31) / 32)
+  if (const int gt = rank * kThreads + tid; kHier && gt < (F + 31) / 32)
     prefetch_l2(a.sizes + fb + 32 * gt), prefetch_l2(a.member_begin + fb + 32 * gt);
 
   pc.mark(0);
   // 2. Coarse logits of the local slice, pushed to every other CTA; the value slice staged.
   __syncthreads();  // qs complete
   score_and_push_slice<CT>(cluster, staged, n_local, qs, xall, c0, values + size_t(cb + c0) * kD);
+  // The fixed rows issued now that their page ids are in (in the prologue the warps stalled
+  // on that third round trip before the scoring could start).
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) {
+    const int j = rank + kCtas * (warp + kWarps * i);
+    if (j < nfixed) {
+      load_kv_page(a, fixed_page[i], h, j < nsink ? j : end + (j - nsink), kr[i], vr[i]);
+      has_row[i] = true;
+    }
+  }
   pc.mark(1);
   cluster.sync();
   pc.mark(2);
-  // This thread's child lists into L2 while the coarse selection runs (their ids are read after it).
-  if (kRun * tid < C)
-    for (int at = run_child[0] & ~31; at < run_child[kRun]; at += 32) prefetch_l2(a.members + at);
+  // This thread's child lists into L2 while the coarse selection runs (their ids are read after
+  // it); one level: the member list's head of each cluster of the CTA's slice (its rows').
+  if constexpr (kHier) {
+    if (kRun * tid < C)
+      for (int at = run_child[0] & ~31; at < run_child[kRun]; at += 32) prefetch_l2(a.members + at);
+  } else if (tid < n_local && local_n > 0) {
+    prefetch_l2(a.members + local_first);
+  }
 
   // 3. Coarse normalisers Z_g = sum_j n_j 2^(x_gj - M_g), importances, the greedy rule under
-  //    the coarse budget.
+  //    the coarse budget (one level: the normalisers over every cluster, the rule under budget).
   const auto coarse_x = [&](int r) {
     const int j = tid + r * kThreads;
     return j < C ? xall[j] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
@@ -214,11 +239,11 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
 #pragma unroll
     for (int r = 0; r < kOwned; ++r) {
       key[r] = own_n[r] > 0
-                   ? pick_key(importance(coarse_x(r), gmax, gzinv), tid + r * kThreads, min(own_n[r], coarse_cap))
+                   ? pick_key(importance(coarse_x(r), gmax, gzinv), tid + r * kThreads, min(own_n[r], first_cap))
                    : 0ull;
     }
     long long walk = 0;  // (profiled variant) the clock at the start of the walk's rounds
-    greedy_select<true>(key, no_payload, a.coarse_budget, 255, coarse_sel, [] {}, [&] {
+    greedy_select<true>(key, own_first, first_budget, 255, coarse_sel, [] {}, [&] {
       if constexpr (kProf) walk = clock64();
     });
     if constexpr (kProf) pc.add(kFusedPhases + 2, int(clock64() - walk));
@@ -226,189 +251,195 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   pc.mark(4);
   if constexpr (kProf) pc.add(kFusedPhases, coarse_sel.all_picks), pc.add(kFusedPhases + 1, coarse_sel.all_prefix_picks);
 
-  // 4. Candidates: the children of the selected coarse clusters, marked in a bitmap of fine ids
-  //    and listed in ascending id, the order of the three-kernel path. (Empty children stay:
-  //    they carry no weight and leave the others' order as it is.) Thread t's selected coarse
-  //    clusters of [8 t, 8 t + 8) and their child counts are scanned over the block into a
-  //    list of child ranges; then every thread reads the ids of at most two children, so the
-  //    listing costs one round trip however the selected clusters fall on the threads. An
-  //    entry without a coarse level (too short for one) has every fine cluster as a candidate.
-  {
-    static_assert(kRun == 8, "a thread's run is one byte of the selection's bits");
-    const unsigned run_sel = (coarse_sel.selected_bits[tid / 4] >> (8 * (tid % 4))) & 0xffu;
-    int mine = 0;  // (children << 16) + selected clusters of this thread's run
+  int n_cand = 0;  // (two levels)
+  if constexpr (kHier) {
+    // 4. Candidates: the children of the selected coarse clusters, marked in a bitmap of fine ids
+    //    and listed in ascending id, the order of the three-kernel path. (Empty children stay:
+    //    they carry no weight and leave the others' order as it is.) Thread t's selected coarse
+    //    clusters of [8 t, 8 t + 8) and their child counts are scanned over the block into a
+    //    list of child ranges; then every thread reads the ids of at most two children, so the
+    //    listing costs one round trip however the selected clusters fall on the threads. An
+    //    entry without a coarse level (too short for one) has every fine cluster as a candidate.
+    {
+      static_assert(kRun == 8, "a thread's run is one byte of the selection's bits");
+      const unsigned run_sel = (coarse_sel.selected_bits[tid / 4] >> (8 * (tid % 4))) & 0xffu;
+      int mine = 0;  // (children << 16) + selected clusters of this thread's run
 #pragma unroll
-    for (int i = 0; i < kRun; ++i)
-      if ((run_sel >> i) & 1u) mine += ((run_child[i + 1] - run_child[i]) << 16) + 1;
-    const int inc = warp_inclusive_sum(mine);
-    if (lane == 31) warp_total[warp] = inc;
-    __syncthreads();
-    int at = inc - mine, total = 0;
-    for (int w = 0; w < kWarps; ++w) at += w < warp ? warp_total[w] : 0, total += warp_total[w];
-    // Each selected cluster has a child, so under the plan's bound lists <= children <= kMaxCand.
-    int* list_first = cand_fine;  // [lists] first flattened child of each list (free until the compaction)
-    int* list_begin = cand_size;  // [lists] its start in members
-    int k = at & 0xffff, first = at >> 16;
+      for (int i = 0; i < kRun; ++i)
+        if ((run_sel >> i) & 1u) mine += ((run_child[i + 1] - run_child[i]) << 16) + 1;
+      const int inc = warp_inclusive_sum(mine);
+      if (lane == 31) warp_total[warp] = inc;
+      __syncthreads();
+      int at = inc - mine, total = 0;
+      for (int w = 0; w < kWarps; ++w) at += w < warp ? warp_total[w] : 0, total += warp_total[w];
+      // Each selected cluster has a child, so under the plan's bound lists <= children <= kMaxCand.
+      int* list_first = cand_fine;  // [lists] first flattened child of each list (free until the compaction)
+      int* list_begin = cand_size;  // [lists] its start in members
+      int k = at & 0xffff, first = at >> 16;
 #pragma unroll
-    for (int i = 0; i < kRun; ++i)
-      if ((run_sel >> i) & 1u) {
-        if (k < kMaxCand) list_first[k] = first, list_begin[k] = run_child[i];
-        ++k, first += run_child[i + 1] - run_child[i];
-      }
-    const int lists = min(total & 0xffff, kMaxCand), children = total >> 16;
-    // More candidates than the kernel holds (every CTA of the cluster sees the same count):
-    // with a fallback the entry is left to the selection and attention kernels launched after this one.
-    const bool over = (C > 0 ? children : a.entry_count[e]) > kMaxCand;  // (C = 0: F, read again)
-    if (tid == 0 && rank == 0) {
-      if (a.fallback) a.fallback[e] = over ? 1 : 0;
-      else if (over) atomicOr(a.error_flags, 4u);
-    }
-    if (over && a.fallback) {
-      for (int i = tid; i < n_local * G; i += kThreads)
-        a.scores[size_t(cb + c0 + i / G) * G + i % G] = reinterpret_cast<const float*>(&xall[c0 + i / G])[i % G];
-      if (rank == 0) {
-        const int sb = a.seq_score_base[b], nch = a.seq_score_chunks[b];
-        for (int i = tid; i < nch * G; i += kThreads) {
-          float* p = a.part + ((size_t(sb + i / G) * Hkv + h) * G + i % G) * 2;
-          const bool whole = i < G;
-          p[0] = whole ? gmax[i] : -INFINITY;
-          p[1] = whole && gzinv[i] > 0 ? 1.0f / gzinv[i] : 0.0f;
+      for (int i = 0; i < kRun; ++i)
+        if ((run_sel >> i) & 1u) {
+          if (k < kMaxCand) list_first[k] = first, list_begin[k] = run_child[i];
+          ++k, first += run_child[i + 1] - run_child[i];
         }
+      const int lists = min(total & 0xffff, kMaxCand), children = total >> 16;
+      // More candidates than the kernel holds (every CTA of the cluster sees the same count):
+      // with a fallback the entry is left to the selection and attention kernels launched after this one.
+      const bool over = (C > 0 ? children : a.entry_count[e]) > kMaxCand;  // (C = 0: F, read again)
+      if (tid == 0 && rank == 0) {
+        if (a.fallback) a.fallback[e] = over ? 1 : 0;
+        else if (over) atomicOr(a.error_flags, 4u);
       }
-      cp_async_wait<0>();  // the value slice's copies must not outlive the CTA
-      return;
-    }
-    __syncthreads();
-#pragma unroll 1
-    for (int x = tid; x < min(children, kMaxCand); x += kThreads) {
-      int lo = 0, hi = lists;  // the last list with list_first[lo] <= x
-      while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (list_first[mid] <= x) lo = mid;
-        else hi = mid;
+      if (over && a.fallback) {
+        for (int i = tid; i < n_local * G; i += kThreads)
+          a.scores[size_t(cb + c0 + i / G) * G + i % G] = reinterpret_cast<const float*>(&xall[c0 + i / G])[i % G];
+        if (rank == 0) {
+          const int sb = a.seq_score_base[b], nch = a.seq_score_chunks[b];
+          for (int i = tid; i < nch * G; i += kThreads) {
+            float* p = a.part + ((size_t(sb + i / G) * Hkv + h) * G + i % G) * 2;
+            const bool whole = i < G;
+            p[0] = whole ? gmax[i] : -INFINITY;
+            p[1] = whole && gzinv[i] > 0 ? 1.0f / gzinv[i] : 0.0f;
+          }
+        }
+        cp_async_wait<0>();  // the value slice's copies must not outlive the CTA
+        return;
       }
-      const int f = a.members[list_begin[lo] + (x - list_first[lo])];
-      atomicOr(&is_cand[f / 32], 1u << (f % 32));
-    }
+      __syncthreads();
 #pragma unroll 1
-    for (int f = tid; C == 0 && f < F; f += kThreads) atomicOr(&is_cand[f / 32], 1u << (f % 32));
-  }
-  __syncthreads();
-  int n_cand = 0;
-  {
-    constexpr int kWordsPer = kFineWords / kThreads;  // consecutive words per thread
-    const int words = (F + 31) / 32;
-    int count = 0;
-#pragma unroll
-    for (int i = 0; i < kWordsPer; ++i) count += kWordsPer * tid + i < words ? __popc(is_cand[kWordsPer * tid + i]) : 0;
-    const int inc = warp_inclusive_sum(count);
-    if (lane == 31) warp_total[warp] = inc;
+      for (int x = tid; x < min(children, kMaxCand); x += kThreads) {
+        int lo = 0, hi = lists;  // the last list with list_first[lo] <= x
+        while (hi - lo > 1) {
+          const int mid = (lo + hi) / 2;
+          if (list_first[mid] <= x) lo = mid;
+          else hi = mid;
+        }
+        const int f = a.members[list_begin[lo] + (x - list_first[lo])];
+        atomicOr(&is_cand[f / 32], 1u << (f % 32));
+      }
+#pragma unroll 1
+      for (int f = tid; C == 0 && f < F; f += kThreads) atomicOr(&is_cand[f / 32], 1u << (f % 32));
+    }
     __syncthreads();
-    int k = inc - count;
-    for (int w = 0; w < kWarps; ++w) k += w < warp ? warp_total[w] : 0, n_cand += warp_total[w];
+    {
+      constexpr int kWordsPer = kFineWords / kThreads;  // consecutive words per thread
+      const int words = (F + 31) / 32;
+      int count = 0;
 #pragma unroll
-    for (int i = 0; i < kWordsPer; ++i) {
-      const int w = kWordsPer * tid + i;
-      if (w >= words) continue;
-      word_base[w] = k;
-      for (uint32_t bits = is_cand[w]; bits; bits &= bits - 1, ++k)
-        if (k < kMaxCand) cand_fine[k] = 32 * w + __ffs(int(bits)) - 1;
+      for (int i = 0; i < kWordsPer; ++i) count += kWordsPer * tid + i < words ? __popc(is_cand[kWordsPer * tid + i]) : 0;
+      const int inc = warp_inclusive_sum(count);
+      if (lane == 31) warp_total[warp] = inc;
+      __syncthreads();
+      int k = inc - count;
+      for (int w = 0; w < kWarps; ++w) k += w < warp ? warp_total[w] : 0, n_cand += warp_total[w];
+#pragma unroll
+      for (int i = 0; i < kWordsPer; ++i) {
+        const int w = kWordsPer * tid + i;
+        if (w >= words) continue;
+        word_base[w] = k;
+        for (uint32_t bits = is_cand[w]; bits; bits &= bits - 1, ++k)
+          if (k < kMaxCand) cand_fine[k] = 32 * w + __ffs(int(bits)) - 1;
+      }
+      n_cand = min(n_cand, kMaxCand);  // (more only if over, flagged above)
+      __syncthreads();
     }
-    n_cand = min(n_cand, kMaxCand);  // (more only if over, flagged above)
-    __syncthreads();
-  }
-  // (Copying these into shared memory by cp.async while the candidates are scored, to free
-  // the registers, made the step ~1 us slower: the copies were awaited before the barrier.)
-  int cand_n[kOwnedCand], cand_off[kOwnedCand];
-#pragma unroll
-  for (int r = 0; r < kOwnedCand; ++r) {
-    const int k = tid + r * kThreads;
-    cand_n[r] = k < n_cand ? max(a.sizes[fb + cand_fine[k]], 0) : 0;
-    cand_off[r] = k < n_cand ? a.member_begin[fb + cand_fine[k]] : 0;
-    if (k < n_cand) cand_size[k] = cand_n[r];  // (read by the far sizes, after the selection's barriers)
-  }
-
-  pc.mark(5);
-  // 5. This warp's candidates: logits pushed into every CTA (lane r < 16 stores into CTA r),
-  //    value rows and log2 sizes kept for the far field.
-  {
-    float qr[kG][4];
-    lane_queries(qs, qr);
-    uint2 ck[kCandSlots];
-#pragma unroll
-    for (int i = 0; i < kCandSlots; ++i) {
-      const int k = rank + kCtas * (warp + kWarps * i);
-      if (k >= n_cand) continue;
-      const size_t row = size_t(fb + cand_fine[k]) * kD + lane * 4;
-      ck[i] = *reinterpret_cast<const uint2*>(keys + row);
-      vr[kSlots + i] = *reinterpret_cast<const uint2*>(values + row);
-      const int n = a.sizes[fb + cand_fine[k]];
-      lift[i] = n > 0 ? __log2f(float(n)) : -INFINITY;  // an empty candidate is no pseudo-row
-    }
-    // The candidates' member lists into L2: the selected ones' are read for the exact rows.
-#pragma unroll
-    for (int r = 0; r < kOwnedCand; ++r)
-      if (cand_n[r] > 0) prefetch_l2(a.members + cand_off[r]);
-#pragma unroll
-    for (int i = 0; i < kCandSlots; ++i) {
-      const int k = rank + kCtas * (warp + kWarps * i);
-      if (k >= n_cand) continue;
-      float k4[4], x[kG];
-      to_float4<CT>(ck[i], k4);
-      warp_dots(qr, k4, x);
-      if (lane < kCtas) st_cluster(cluster_addr(&xcand[k], lane), make_float4(x[0], x[1], x[2], x[3]));
-    }
-  }
-  pc.mark(6);
-  cluster.sync();
-  pc.mark(7);
-
-  // 6. Normalisers over the frontier: the unselected coarse clusters and every candidate, then
-  //    the candidates' importances and the greedy rule under the budget.
-  float4 cand_x[kOwnedCand];
-  {
-    float4 own_x[kOwned];
-    float m[kG], z[kG];
+    // (Copying these into shared memory by cp.async while the candidates are scored, to free
+    // the registers, made the step ~1 us slower: the copies were awaited before the barrier.)
+    int cand_n[kOwnedCand], cand_off[kOwnedCand];
 #pragma unroll
     for (int r = 0; r < kOwnedCand; ++r) {
       const int k = tid + r * kThreads;
-      cand_x[r] = k < n_cand ? xcand[k] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+      cand_n[r] = k < n_cand ? max(a.sizes[fb + cand_fine[k]], 0) : 0;
+      cand_off[r] = k < n_cand ? a.member_begin[fb + cand_fine[k]] : 0;
+      if (k < n_cand) cand_size[k] = cand_n[r];  // (read by the far sizes, after the selection's barriers)
     }
-    int unselected_n[kOwned];
+
+    pc.mark(5);
+    // 5. This warp's candidates: logits pushed into every CTA (lane r < 16 stores into CTA r),
+    //    value rows and log2 sizes kept for the far field.
+    {
+      float qr[kG][4];
+      lane_queries(qs, qr);
+      uint2 ck[kCandSlots];
 #pragma unroll
-    for (int r = 0; r < kOwned; ++r)
-      own_x[r] = coarse_x(r), unselected_n[r] = coarse_sel.selected(tid + r * kThreads) ? 0 : own_n[r];
-    own_max_sum(own_x, unselected_n, m, z);
-    float cm[kG], cz[kG];
-    own_max_sum(cand_x, cand_n, cm, cz);
+      for (int i = 0; i < kCandSlots; ++i) {
+        const int k = rank + kCtas * (warp + kWarps * i);
+        if (k >= n_cand) continue;
+        const size_t row = size_t(fb + cand_fine[k]) * kD + lane * 4;
+        ck[i] = *reinterpret_cast<const uint2*>(keys + row);
+        vr[kSlots + i] = *reinterpret_cast<const uint2*>(values + row);
+        const int n = a.sizes[fb + cand_fine[k]];
+        lift[i] = n > 0 ? __log2f(float(n)) : -INFINITY;  // an empty candidate is no pseudo-row
+      }
+      // The candidates' member lists into L2: the selected ones' are read for the exact rows.
 #pragma unroll
-    for (int g = 0; g < kG; ++g) merge_max_sum(m[g], z[g], cm[g], cz[g]);
-    block_max_sum(m, z, red, red_z, gmax, gzinv, G);  // gmax: the frontier's maximum, every weight's reference from here
-  }
-  pc.mark(8);
-  {
-    unsigned long long key[kOwnedCand];
+      for (int r = 0; r < kOwnedCand; ++r)
+        if (cand_n[r] > 0) prefetch_l2(a.members + cand_off[r]);
 #pragma unroll
-    for (int r = 0; r < kOwnedCand; ++r) {
-      key[r] = cand_n[r] > 0
-                   ? pick_key(importance(cand_x[r], gmax, gzinv), tid + r * kThreads, min(cand_n[r], a.budget + 1))
-                   : 0ull;
+      for (int i = 0; i < kCandSlots; ++i) {
+        const int k = rank + kCtas * (warp + kWarps * i);
+        if (k >= n_cand) continue;
+        float k4[4], x[kG];
+        to_float4<CT>(ck[i], k4);
+        warp_dots(qr, k4, x);
+        if (lane < kCtas) st_cluster(cluster_addr(&xcand[k], lane), make_float4(x[0], x[1], x[2], x[3]));
+      }
     }
-    long long walk = 0;
-    greedy_select<true>(key, cand_off, a.budget, 255, fine_sel, [] {}, [&] {
-      if constexpr (kProf) walk = clock64();
-    });
-    if constexpr (kProf) pc.add(kFusedPhases + 5, int(clock64() - walk));
+    pc.mark(6);
+    cluster.sync();
+    pc.mark(7);
+
+    // 6. Normalisers over the frontier: the unselected coarse clusters and every candidate, then
+    //    the candidates' importances and the greedy rule under the budget.
+    float4 cand_x[kOwnedCand];
+    {
+      float4 own_x[kOwned];
+      float m[kG], z[kG];
+#pragma unroll
+      for (int r = 0; r < kOwnedCand; ++r) {
+        const int k = tid + r * kThreads;
+        cand_x[r] = k < n_cand ? xcand[k] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+      }
+      int unselected_n[kOwned];
+#pragma unroll
+      for (int r = 0; r < kOwned; ++r)
+        own_x[r] = coarse_x(r), unselected_n[r] = coarse_sel.selected(tid + r * kThreads) ? 0 : own_n[r];
+      own_max_sum(own_x, unselected_n, m, z);
+      float cm[kG], cz[kG];
+      own_max_sum(cand_x, cand_n, cm, cz);
+#pragma unroll
+      for (int g = 0; g < kG; ++g) merge_max_sum(m[g], z[g], cm[g], cz[g]);
+      block_max_sum(m, z, red, red_z, gmax, gzinv, G);  // gmax: the frontier's maximum, every weight's reference from here
+    }
+    pc.mark(8);
+    {
+      unsigned long long key[kOwnedCand];
+#pragma unroll
+      for (int r = 0; r < kOwnedCand; ++r) {
+        key[r] = cand_n[r] > 0
+                     ? pick_key(importance(cand_x[r], gmax, gzinv), tid + r * kThreads, min(cand_n[r], a.budget + 1))
+                     : 0ull;
+      }
+      long long walk = 0;
+      greedy_select<true>(key, cand_off, a.budget, 255, fine_sel, [] {}, [&] {
+        if constexpr (kProf) walk = clock64();
+      });
+      if constexpr (kProf) pc.add(kFusedPhases + 5, int(clock64() - walk));
+    }
+    pc.mark(9);
+    if constexpr (kProf) pc.add(kFusedPhases + 3, fine_sel.all_picks), pc.add(kFusedPhases + 4, fine_sel.all_prefix_picks);
   }
-  pc.mark(9);
-  if constexpr (kProf) pc.add(kFusedPhases + 3, fine_sel.all_picks), pc.add(kFusedPhases + 4, fine_sel.all_prefix_picks);
 
   // 7. This warp's selected rows (member list, page table, then K and V); its candidates that
   //    were not selected stay as pseudo-rows. The rows' member offsets are found once, one
   //    binary search a row by the first sel_rows (<= budget <= kMaxPicks) threads, rather
   //    than in turn for each slot by every warp.
-  const int sel_rows = fine_sel.pick_row[fine_sel.n_picks];
-  if (tid < sel_rows) row_member[tid] = fine_sel.member_offset(tid);
+  auto& row_sel = *[&] {  // the selection whose picks are the exact rows
+    if constexpr (kHier) return &fine_sel;
+    else return &coarse_sel;
+  }();
+  const int sel_rows = row_sel.pick_row[row_sel.n_picks];
+  if (tid < sel_rows) row_member[tid] = row_sel.member_offset(tid);
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < kSlots; ++i) {
@@ -419,17 +450,19 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       has_row[i] = true;
     }
   }
+  if constexpr (kHier) {
 #pragma unroll
-  for (int i = 0; i < kCandSlots; ++i) {
-    const int k = rank + kCtas * (warp + kWarps * i);
-    has_row[kSlots + i] = a.far_field && k < n_cand && !fine_sel.selected(k) && lift[i] != -INFINITY;
+    for (int i = 0; i < kCandSlots; ++i) {
+      const int k = rank + kCtas * (warp + kWarps * i);
+      has_row[kSlots + i] = a.far_field && k < n_cand && !fine_sel.selected(k) && lift[i] != -INFINITY;
+    }
   }
   // Inspection: the far sizes of every cluster of the entry (n if in the far field, else 0),
   // and the exact rows' count.
   if (a.far_size) {
     if (tid < n_local) a.far_size[cb + c0 + tid] = coarse_sel.selected(c0 + tid) ? 0 : local_n;
 #pragma unroll 1
-    for (int f = rank * kThreads + tid; f < F; f += kCtas * kThreads) {
+    for (int f = rank * kThreads + tid; kHier && f < F; f += kCtas * kThreads) {
       const uint32_t bits = is_cand[f / 32];
       int n = 0;
       if ((bits >> (f % 32)) & 1u) {
@@ -451,9 +484,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     xall[c0 + tid] = far_weights(xall[c0 + tid], a.far_field ? local_n : 0, coarse_sel.selected(c0 + tid), gmax);
   cp_async_wait<0>();
   __syncthreads();
-  float far0, far1;
-  const int fd = tid % kD, fg = 2 * (tid / kD);  // one thread per (head pair, dimension)
-  far_field_staged<CT>(staged, xall + c0, n_local, fd, fg, far0, far1, st);
+  far_field_staged<CT>(staged, xall + c0, n_local, st);
   pc.mark(11);
 
   // 9. The exact rows (logits of qx) and the candidates' pseudo-rows (their pushed logits plus
@@ -462,7 +493,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   {
     float qr[kG][4];
     lane_queries(qx, qr);
-    float s[kAll][kG], m[kG], l[kG], acc[kG][4];
+    constexpr int kRows = kHier ? kAll : kSlots;  // (one level: no pseudo-rows)
+    float s[kRows][kG], m[kG], l[kG], acc[kG][4];
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
       m[g] = -INFINITY, l[g] = 0;
@@ -470,7 +502,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       for (int t = 0; t < 4; ++t) acc[g][t] = 0;
     }
 #pragma unroll
-    for (int i = 0; i < kAll; ++i) {
+    for (int i = 0; i < kRows; ++i) {
       if (!has_row[i]) continue;
       if (i < kSlots) {
         float k4[4], x[kG];
@@ -488,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       for (int g = 0; g < kG; ++g) m[g] = fmaxf(m[g], s[i][g]);
     }
 #pragma unroll
-    for (int i = 0; i < kAll; ++i) {
+    for (int i = 0; i < kRows; ++i) {
       if (!has_row[i]) continue;
       float v4[4];
       to_float4<CT>(vr[i], v4);
@@ -500,7 +532,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
         for (int t = 0; t < 4; ++t) acc[g][t] += p * v4[t];
       }
     }
-    join_cta_state(st, m, l, acc, far0, far1, fd, fg, part, sc);
+    const int fd = tid % kD, fg = 2 * (tid / kD);  // one thread per (head pair, dimension)
+    join_cta_state(st, m, l, acc, fd, fg, part, sc);
   }
   pc.mark(12);
   pull_merged_states(cluster, st, a.out + qrow, [&] { pc.mark(13), pc.finish(); }, G);

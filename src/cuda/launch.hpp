@@ -155,8 +155,10 @@ struct FusedStepLimits {
   static constexpr int kMaxCoarse = 2048, kMaxFine = 16384, kMaxCand = 512;  // per entry
 };
 
-// The one-launch step over a two-level index (fused_step.cuh): one 16-CTA cluster per entry.
+// The one-launch step over an index of two levels or one (fused_step.cuh): one 16-CTA cluster
+// per entry.
 struct FusedStepArgs {
+  bool hierarchical = true;              // two levels; false: one (entry_coarse all 0, <= 2048 clusters an entry)
   const float* q = nullptr;              // [B, Hq, D] f32, rotated to each query's position (exact rows)
   const float* q_score = nullptr;        // [B, Hq, D] f32, rotated to the scoring position
   float qscale = 0;                      // softmax scale * log2(e)
@@ -177,7 +179,7 @@ struct FusedStepArgs {
   const int32_t* entry_count = nullptr;  // [E]
   const int32_t* entry_coarse = nullptr; // [E]
   const int32_t* entry_end = nullptr;    // [E] clustered_end
-  int max_coarse = 0;                    // most coarse clusters of an entry (<= 2048): the staging room
+  int max_coarse = 0;                    // most coarse clusters (one level: clusters) of an entry, <= 2048: the staging room
   int sinks = 0, budget = 0, coarse_budget = 0, far_field = 1;
   float* out = nullptr;                  // [B, Hq, D] f32
   int32_t* far_size = nullptr;           // [total_clusters] out, or null
@@ -200,7 +202,7 @@ struct FusedStepArgs {
 // Launches `entries` clusters of the one-launch step (dtype: bf16 or f16).
 void launch_fused_step(const FusedStepArgs& a, DType dtype, int entries, Stream stream);
 // How many of its 16-CTA clusters fit the current device at once (0: none, or no cluster launch).
-int fused_step_clusters_at_once(DType dtype, int max_coarse);
+int fused_step_clusters_at_once(DType dtype, int max_coarse, bool hierarchical);
 
 // grid: (items, Hkv * head_chunks); rows: 8 (G <= 8) or 16 (G <= 16) tensor-core rows;
 // mp selects the multipole variant.

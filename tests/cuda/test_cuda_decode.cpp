@@ -767,17 +767,18 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
 // level under the coarse budget, then the children of the selected coarse clusters), same
 // far field. Differences: value centroids are rounded to bf16 on the device, so the far
 // field differs by ~2^-9 of its weight.
-// keys: the device index's key centroid dtype. f32: compared with the CPU policy. bf16: the
-// two-level step with the fine candidates scored by the selection kernel (prescore 0) is
+// keys: the device index's key centroid dtype. f32: compared with the CPU policy. 16-bit, two
+// levels: the step with the fine candidates scored by the selection kernel (prescore 0) is
 // compared with the one where the scoring kernel scores them (prescore 1): two tensor-core
 // paths over the same rounded centroids, whose logits differ only by summation order.
-// Where the one-launch step holds (G <= 4, d 128, keys in the cache's type), it runs too and
+// Where the one-launch step holds (G <= 4, d 128, keys in the cache's type, one level of at
+// most 2048 clusters or two), it runs too and
 // must give the three-kernel step's selection (far sizes, exact counts) and output (up to
-// summation order); kv: the cache's type; far_field false: squeezed. empties (two levels,
-// 16-bit keys): each entry also gets an empty fine cluster under its first coarse cluster and
-// an empty coarse cluster, both with key centroids far above every other (logits of hundreds)
-// and value centroids of 1000: an empty cluster must weigh nothing, in no normaliser and no far
-// field.
+// summation order); kv: the cache's type; far_field false: squeezed. empties (16-bit keys):
+// each entry also gets an empty fine cluster (two levels: under its first coarse cluster) and,
+// with two levels, an empty coarse cluster, all with key centroids far above every other
+// (logits of hundreds) and value centroids of 1000: an empty cluster must weigh nothing, in no
+// normaliser and no far field.
 void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_centroid, int budget,
                              int coarse_budget, uint32_t seed, DType keys = DType::F32, DType kv = DType::BF16,
                              bool far_field = true, bool empties = false,
@@ -792,6 +793,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   Mirror su(1, Hkv, D, page, kv, lens, rng);
   AttentionConfig ac = make_config(G, Hkv, D);
   ac.cluster.block_size = 2048;
+  const size_t levels = tokens_per_centroid.size();
   ac.cluster.tokens_per_centroid = std::move(tokens_per_centroid);
   ac.budget = budget;
   ac.coarse_budget = coarse_budget;
@@ -819,6 +821,12 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     for (int qh = 0; qh < Hq; ++qh) rope.rotate_by(qs.data() + (size_t(b) * Hq + qh) * D, ac.score_position - double(lens[b] - 1));
   if (empties)
     for (HostClusterLevel& x : entries) {
+      if (x.num_coarse() == 0 && levels == 1) {
+        x.key_centroids.insert(x.key_centroids.end(), size_t(D), 200.0f);
+        x.value_centroids.insert(x.value_centroids.end(), size_t(D), 1000.0f);
+        x.sizes.push_back(0);
+        x.member_offsets.push_back(int32_t(x.members.size()));
+      }
       if (x.num_coarse() == 0) continue;
       const int32_t id = x.num_clusters();
       x.key_centroids.insert(x.key_centroids.end(), size_t(D), 200.0f);
@@ -833,7 +841,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
       x.coarse_child_offsets.push_back(x.coarse_child_offsets.back());
     }
   DeviceClusterIndex index(D, Hkv, keys, kv, entries);
-  ASSERT_TRUE(keys == DType::F32 || index.hierarchical());
+  ASSERT_TRUE(keys == DType::F32 || index.hierarchical() == (levels == 2));
   std::vector<std::vector<float>> outs;  // per prescore mode
   std::vector<std::vector<int32_t>> fars;
   std::vector<int32_t> three_counts;  // the three-kernel step's exact counts (16-bit keys)
@@ -904,7 +912,8 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     }
   }
   if (keys == DType::F32) return;
-  if (G <= 4 && D == 128 && keys == kv && budget <= 128 && pow2_pages) {
+  const bool one_level_fits = index.hierarchical() || index.max_clusters() <= 2048;
+  if (G <= 4 && D == 128 && keys == kv && budget <= 128 && pow2_pages && one_level_fits) {
     // The one-launch step on the same index and queries.
     CudaDecoder dec(ac);
     dec.plan(su.dev, su.cache.seqs, &index);
@@ -949,12 +958,17 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     EXPECT_STRNE(dec.plan_info().fused_why, "");
     if (!pow2_pages) {
       EXPECT_STREQ(dec.plan_info().fused_why, "page size not a power of two");
+    } else if (!one_level_fits) {
+      EXPECT_STREQ(dec.plan_info().fused_why, "one level of over 2048 clusters in an entry");
     }
     EXPECT_EQ(dec.multipole_launches(), 3);
   }
-  ASSERT_GE(outs.size(), 2u);
+  // (One level outside the one-launch step's limits: the three-kernel step alone, nothing to compare.)
+  ASSERT_GE(outs.size(), index.hierarchical() ? 2u : 1u);
   for (size_t k = 1; k < outs.size(); ++k) {
-    SCOPED_TRACE(k == 1 ? "prescored against not" : "one launch against prescored");
+    SCOPED_TRACE(!index.hierarchical() ? "one launch against three"
+                 : k == 1             ? "prescored against not"
+                                      : "one launch against prescored");
     EXPECT_EQ(fars[k - 1], fars[k]);
     for (int b = 0; b < B; ++b)
       for (int qh = 0; qh < Hq; ++qh) {
@@ -997,6 +1011,20 @@ TEST(CudaMultipole, TwoLevelsInOneLaunch) {
   compare_with_cpu_policy(4, 2, 128, {16, 64}, 128, 0, seed++, DType::BF16, DType::BF16, true, true);  // empties
   // Pages of 12 tokens: three launches (the one-launch step addresses rows by shifts).
   compare_with_cpu_policy(4, 2, 128, {16, 64}, 128, 0, seed++, DType::BF16, DType::BF16, true, false, nullptr, 12);
+}
+
+// The one-launch step over an index of one level against the three-kernel step: group sizes,
+// bf16 and f16, budgets, squeezed, clusters of 3 tokens (up to ~1600 an entry, a long greedy
+// walk); clusters of 2 (~2400 in the long sequence's entries) are over its 2048 and take three launches.
+TEST(CudaMultipole, OneLevelInOneLaunch) {
+  REQUIRE_GPU();
+  uint32_t seed = 930;
+  for (const int G : {1, 2, 3, 4}) compare_with_cpu_policy(G, 2, 128, {16}, 128, 0, seed++, DType::BF16);
+  compare_with_cpu_policy(4, 3, 128, {16}, 64, 0, seed++, DType::F16, DType::F16);
+  compare_with_cpu_policy(4, 2, 128, {8}, 128, 0, seed++, DType::BF16, DType::BF16, false);  // squeezed
+  compare_with_cpu_policy(3, 2, 128, {3}, 128, 0, seed++, DType::F16, DType::F16);
+  compare_with_cpu_policy(4, 2, 128, {2}, 128, 0, seed++, DType::BF16);
+  compare_with_cpu_policy(4, 2, 128, {16}, 128, 0, seed++, DType::BF16, DType::BF16, true, true);  // empties
 }
 
 // Fine clusters of 2 tokens under a coarse budget of 2048: the long sequence's entries list
