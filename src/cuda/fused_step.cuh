@@ -132,13 +132,11 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   const int first_budget = kHier ? a.coarse_budget : a.budget;
   const int first_cap = first_budget + 1;  // a larger cluster never fits: its key size is capped here
 
-  // 1. Everything one round trip away first: the coarse key slice staged, this thread's coarse
+  // 1. Only what is one round trip away: the coarse key slice staged, this thread's coarse
   //    clusters of the selection (j = tid + 256 r) and the child-list starts of those of the
-  //    listing (j = 8 tid + i, i <= 8: one more for the last list's end); then the fixed rows'
-  //    page ids (two round trips away), the sequence's page table into L2 (its lines spread
-  //    over the cluster: the selected rows look it up), the queries (padded heads zero). The
-  //    fixed rows themselves are issued after the scoring. (Reading the queries first as well
-  //    made the kernel spill.)
+  //    listing (j = 8 tid + i, i <= 8: one more for the last list's end), the queries (padded
+  //    heads zero). The fixed rows' page ids, two round trips away, are read after the scoring.
+  //    (Reading the queries first as well made the kernel spill.)
   stage_rows(staged, keys + size_t(cb + c0) * kD, n_local);
   // own_first: the member offsets the selection lists its rows by (one level; the coarse
   // selection lists none).
@@ -157,13 +155,6 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   }
   const int local_n = tid < n_local ? max(a.sizes[cb + c0 + tid], 0) : 0;
   const int local_first = !kHier && tid < n_local ? a.member_begin[cb + c0 + tid] : 0;
-  int fixed_page[kSlots];
-#pragma unroll
-  for (int i = 0; i < kSlots; ++i) {
-    const int j = rank + kCtas * (warp + kWarps * i);
-    fixed_page[i] = j < nfixed ? table[(j < nsink ? j : end + (j - nsink)) >> a.page_shift] : 0;
-  }
-  if (const int line = tid * kCtas + rank; line * 32 < ((len - 1) >> a.page_shift) + 1) prefetch_l2(table + 32 * line);
   if (tid < kMaxCoarse / 32) coarse_sel.selected_bits[tid] = 0;
   if constexpr (kHier) {
     if (tid < kMaxCand / 32) fine_sel.selected_bits[tid] = 0;
@@ -197,16 +188,16 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   // 2. Coarse logits of the local slice, pushed to every other CTA; the value slice staged.
   __syncthreads();  // qs complete
   score_and_push_slice<CT>(cluster, staged, n_local, qs, xall, c0, values + size_t(cb + c0) * kD);
-  // The fixed rows issued now that their page ids are in (in the prologue the warps stalled
-  // on that third round trip before the scoring could start).
+  // The fixed rows' page ids (two round trips from the start: in the prologue the warps stalled
+  // on them before the scoring could start) and the page table into L2 (its lines spread over
+  // the cluster: the selected rows look it up); the fixed rows are issued with the selected ones.
+  int fixed_page[kSlots];
 #pragma unroll
   for (int i = 0; i < kSlots; ++i) {
     const int j = rank + kCtas * (warp + kWarps * i);
-    if (j < nfixed) {
-      load_kv_page(a, fixed_page[i], h, j < nsink ? j : end + (j - nsink), kr[i], vr[i]);
-      has_row[i] = true;
-    }
+    fixed_page[i] = j < nfixed ? table[(j < nsink ? j : end + (j - nsink)) >> a.page_shift] : 0;
   }
+  if (const int line = tid * kCtas + rank; line * 32 < ((len - 1) >> a.page_shift) + 1) prefetch_l2(table + 32 * line);
   pc.mark(1);
   cluster.sync();
   pc.mark(2);
@@ -430,10 +421,18 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     if constexpr (kProf) pc.add(kFusedPhases + 3, fine_sel.all_picks), pc.add(kFusedPhases + 4, fine_sel.all_prefix_picks);
   }
 
-  // 7. This warp's selected rows (member list, page table, then K and V); its candidates that
-  //    were not selected stay as pseudo-rows. The rows' member offsets are found once, one
-  //    binary search a row by the first sel_rows (<= budget <= kMaxPicks) threads, rather
-  //    than in turn for each slot by every warp.
+  // 7. This warp's fixed rows, then its selected rows (member list, page table, then K and V);
+  //    its candidates that were not selected stay as pseudo-rows. The rows' member offsets are
+  //    found once, one binary search a row by the first sel_rows (<= budget <= kMaxPicks)
+  //    threads, rather than in turn for each slot by every warp.
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) {
+    const int j = rank + kCtas * (warp + kWarps * i);
+    if (j < nfixed) {
+      load_kv_page(a, fixed_page[i], h, j < nsink ? j : end + (j - nsink), kr[i], vr[i]);
+      has_row[i] = true;
+    }
+  }
   auto& row_sel = *[&] {  // the selection whose picks are the exact rows
     if constexpr (kHier) return &fine_sel;
     else return &coarse_sel;
