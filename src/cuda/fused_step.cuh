@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   const int32_t* table = a.tables + a.table_offset[seq];
   // The group's queries (rows e * G.., as qrow below) into L2 before the look-ups above return:
   // they are read last in the prologue (reading them into registers first made the kernel
-  // spill). 16 lines each. (The profiled variant spills 8 bytes with it: gpu-notes item 43.)
+  // spill). 16 lines each.
   if (constexpr int kLines = kG * kD / 32; tid < 2 * kLines && (tid % kLines) * 32 < G * kD)
     prefetch_l2((tid < kLines ? a.q_score : a.q) + size_t(e) * G * kD + 32 * (tid % kLines));
   PhaseClock pc(kProf ? a.prof : nullptr, kPhaseClockSlots);
