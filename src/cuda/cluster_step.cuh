@@ -38,6 +38,9 @@ __device__ __forceinline__ void st_cluster(uint32_t a, float4 v) {
   asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(a), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
                : "memory");
 }
+__device__ __forceinline__ void st_cluster(uint32_t a, float2 v) {
+  asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" ::"r"(a), "f"(v.x), "f"(v.y) : "memory");
+}
 
 // Four 16-bit elements (a lane's slice of a row) -> floats.
 template <class CT>
@@ -87,7 +90,8 @@ __device__ __forceinline__ void merge_max_sum(float& m, float& z, float m2, floa
 
 // Every thread's (m[g], z[g]) per head merged over the block: threads g < kG write gmax[g] and
 // gzinv[g] = 1 / sum (0 for g >= heads, the padded heads, or an empty sum), visible to all on
-// return. red, red_z: [kWarps][kG] scratch.
+// return; kRaw: the maximum (-inf for none) and the sum themselves. red, red_z: [kWarps][kG] scratch.
+template <bool kRaw = false>
 __device__ __forceinline__ void block_max_sum(float (&m)[kG], float (&z)[kG], float (*red)[kG], float (*red_z)[kG],
                                               float* gmax, float* gzinv, int heads = kG) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -109,6 +113,20 @@ __device__ __forceinline__ void block_max_sum(float (&m)[kG], float (&z)[kG], fl
   if (tid < kG) {
     float mm = red[0][tid], zz = red_z[0][tid];
     for (int w = 1; w < kWarps; ++w) merge_max_sum(mm, zz, red[w][tid], red_z[w][tid]);
+    if constexpr (kRaw) gmax[tid] = mm, gzinv[tid] = zz;
+    else gmax[tid] = mm == -INFINITY ? 0.0f : mm, gzinv[tid] = tid < heads && zz > 0 ? 1.0f / zz : 0.0f;
+  }
+  __syncthreads();
+}
+
+// The per-head normalisers of a cluster's rows from each CTA's (max, sum) over its slice of them
+// (part: [kCtas][kG] (max, sum) pairs, every CTA's): threads g < kG write gmax[g] and gzinv[g] as
+// block_max_sum does, visible to all on return.
+__device__ __forceinline__ void merge_slice_norms(const float2 (*part)[kG], float* gmax, float* gzinv, int heads) {
+  const int tid = threadIdx.x;
+  if (tid < kG) {
+    float mm = -INFINITY, zz = 0;
+    for (int r = 0; r < kCtas; ++r) merge_max_sum(mm, zz, part[r][tid].x, part[r][tid].y);
     gmax[tid] = mm == -INFINITY ? 0.0f : mm, gzinv[tid] = tid < heads && zz > 0 ? 1.0f / zz : 0.0f;
   }
   __syncthreads();

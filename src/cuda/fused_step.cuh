@@ -119,7 +119,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   float(*part)[kG][kD] = reinterpret_cast<float(*)[kG][kD]>(smem);  // after the far field
   __shared__ float qs[kG][kD], qx[kG][kD];                           // scoring and exact queries
   __shared__ State st;
-  __shared__ float red[kWarps][kG], red_z[kWarps][kG], gmax[kG], gzinv[kG];
+  __shared__ float red[kWarps][kG], red_z[kWarps][kG], gmax[kG], gzinv[kG], own_m[kG], own_z[kG];
+  __shared__ float2 slice_norm[kCtas][kG];  // each CTA's (max, sum) over its slice of the first-stage clusters
   __shared__ Greedy<kMaxCoarse> coarse_sel;
   __shared__ Greedy<kMaxCand> fine_sel;
   __shared__ int cand_fine[kMaxCand], cand_size[kMaxCand], warp_total[kWarps], word_base[kFineWords];
@@ -188,6 +189,18 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   // 2. Coarse logits of the local slice, pushed to every other CTA; the value slice staged.
   __syncthreads();  // qs complete
   score_and_push_slice<CT>(cluster, staged, n_local, qs, xall, c0, values + size_t(cb + c0) * kD);
+  {
+    // The slice's normaliser part (per head: max, sum of n 2^(x - max)), pushed into every CTA:
+    // after the barrier the normalisers are a merge of 16 parts, not a pass over every cluster.
+    const float4 x = tid < n_local ? xall[c0 + tid] : make_float4(0, 0, 0, 0);
+    float m[kG], z[kG];
+#pragma unroll
+    for (int g = 0; g < kG; ++g)
+      m[g] = local_n > 0 ? reinterpret_cast<const float*>(&x)[g] : -INFINITY, z[g] = local_n > 0 ? float(local_n) : 0.0f;
+    block_max_sum<true>(m, z, red, red_z, own_m, own_z);
+    if (const int g = tid % kG; tid < kCtas * kG)
+      st_cluster(cluster_addr(&slice_norm[rank][g], tid / kG), make_float2(own_m[g], own_z[g]));
+  }
   // The fixed rows' page ids (two round trips from the start: in the prologue the warps stalled
   // on them before the scoring could start) and the page table into L2 (its lines spread over
   // the cluster: the selected rows look it up); the fixed rows are issued with the selected ones.
@@ -210,20 +223,14 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     prefetch_l2(a.members + local_first);
   }
 
-  // 3. Coarse normalisers Z_g = sum_j n_j 2^(x_gj - M_g), importances, the greedy rule under
-  //    the coarse budget (one level: the normalisers over every cluster, the rule under budget).
+  // 3. Coarse normalisers Z_g = sum_j n_j 2^(x_gj - M_g) (the CTAs' slice parts merged),
+  //    importances, the greedy rule under the coarse budget (one level: the normalisers over
+  //    every cluster, the rule under budget).
   const auto coarse_x = [&](int r) {
     const int j = tid + r * kThreads;
     return j < C ? xall[j] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
   };
-  {
-    float4 own_x[kOwned];
-    float m[kG], z[kG];
-#pragma unroll
-    for (int r = 0; r < kOwned; ++r) own_x[r] = coarse_x(r);
-    own_max_sum(own_x, own_n, m, z);
-    block_max_sum(m, z, red, red_z, gmax, gzinv, G);
-  }
+  merge_slice_norms(slice_norm, gmax, gzinv, G);
   pc.mark(3);
   {
     unsigned long long key[kOwned];
