@@ -454,17 +454,18 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       emit("dense", [&](cudaStream_t s) { dec.dense(dev, 0, pq, po, s); }, dense_bytes, CudaDecoder::kDenseLaunches,
            dense_ctas);
       // "multipole": the step as the plan chooses it (one launch where fused_step.cuh holds);
-      // "mp-3launch" beside it: the three-kernel step on the same index.
+      // "mp-3launch" beside it: the three-kernel step on the same index (emit_three).
       const int E = B * Hkv;
-      emit("multipole", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes,
-           dec.multipole_launches(), dec.plan_info().fused ? E * 16 : dec.plan_info().mp_ctas);
-      if (dec.plan_info().fused) {
+      const auto emit_three = [&](const std::string& name, const DeviceClusterIndex& idx, int64_t bytes) {
         CudaDecoder three(ac);
         three.set_fused(false);
-        three.plan(dev, seqs, &index);
-        emit("mp-3launch", [&](cudaStream_t s) { three.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes,
+        three.plan(dev, seqs, &idx);
+        emit(name, [&](cudaStream_t s) { three.multipole(dev, 0, idx, pq, pqs, po, s); }, bytes,
              CudaDecoder::kMultipoleLaunches, three.plan_info().mp_ctas);
-      }
+      };
+      emit("multipole", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes,
+           dec.multipole_launches(), dec.plan_info().fused ? E * 16 : dec.plan_info().mp_ctas);
+      if (dec.plan_info().fused) emit_three("mp-3launch", index, mp_bytes);
       if (dec.plan_info().fused && std::getenv("MULTIPOLE_STEP_PROFILE"))
         profile_fused_step("synthetic", dec, dev, index, pq, pqs, po, o, stream, flush, B, ctx);
       if (index.hierarchical() && !dec.plan_info().fused && std::getenv("MULTIPOLE_SELECT_PROFILE"))
@@ -513,13 +514,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       if (index.hierarchical()) {
         emit("mp-1level", [&](cudaStream_t s) { flat.multipole(dev, 0, flat_index, pq, pqs, po, s); }, flat_bytes,
              flat.multipole_launches(), flat.plan_info().fused ? E * 16 : flat.plan_info().mp_ctas);
-        if (flat.plan_info().fused) {
-          CudaDecoder three(ac);
-          three.set_fused(false);
-          three.plan(dev, seqs, &flat_index);
-          emit("mp-1level-3launch", [&](cudaStream_t s) { three.multipole(dev, 0, flat_index, pq, pqs, po, s); },
-               flat_bytes, CudaDecoder::kMultipoleLaunches, three.plan_info().mp_ctas);
-        }
+        if (flat.plan_info().fused) emit_three("mp-1level-3launch", flat_index, flat_bytes);
         if (flat.plan_info().fused && std::getenv("MULTIPOLE_STEP_PROFILE"))
           profile_fused_step("synthetic-1level", flat, dev, flat_index, pq, pqs, po, o, stream, flush, B, ctx);
       }
@@ -600,13 +595,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
                        "kernels behind it\n", B, static_cast<long long>(ctx),
                        static_cast<long long>(std::count(left.begin(), left.end(), 1)), left.size());
         }
-        if (kdec.plan_info().fused) {
-          CudaDecoder three(ac);
-          three.set_fused(false);
-          three.plan(dev, seqs, &km.index());
-          emit("mp-km-3launch", [&](cudaStream_t s) { three.multipole(dev, 0, km.index(), pq, pqs, po, s); },
-               mp_bytes, CudaDecoder::kMultipoleLaunches, three.plan_info().mp_ctas);
-        }
+        if (kdec.plan_info().fused) emit_three("mp-km-3launch", km.index(), mp_bytes);
         if (o.stages) {
           emit("mp-km-score", [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s, 1); }, 0, 1,
                kdec.plan_info().score_ctas);
