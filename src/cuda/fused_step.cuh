@@ -1,12 +1,14 @@
 #pragma once
-// The Multipole decode step over a two-level index in one launch (gpu-notes items 35, 36): one
+// The Multipole decode step over a two-level index in one launch (gpu-notes items 35, 36, 44): one
 // 16-CTA thread-block cluster per (sequence, KV head) runs the rule of score -> select_hier ->
 // attend, so a step costs one launch and no round trip through global memory:
 //   1. each CTA stages its slice of the coarse key centroids, scores it for the group's heads
-//      and pushes the logits into every CTA of the cluster, then stages its value centroids;
-//   2. every CTA runs the same coarse selection under coarse_budget (per-head normalisers,
-//      importances, the greedy rule of cluster_greedy.cuh) and lists the same candidates: the
-//      children of the selected coarse clusters, in ascending fine id (a bitmap);
+//      and pushes the logits and the slice's per-head (max, sum) into every CTA of the
+//      cluster, then stages its value centroids;
+//   2. every CTA runs the same coarse selection under coarse_budget (per-head normalisers
+//      merged from the slices' parts, importances, the greedy rule of cluster_greedy.cuh) and
+//      lists the same candidates: the children of the selected coarse clusters, in ascending
+//      fine id (a bitmap);
 //   3. each warp scores its share of the candidates from global memory, keeps their value rows
 //      in registers and pushes their logits into every CTA;
 //   4. every CTA normalises over the frontier (unselected coarse clusters and all candidates)
