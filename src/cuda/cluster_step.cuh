@@ -88,6 +88,12 @@ __device__ __forceinline__ void merge_max_sum(float& m, float& z, float m2, floa
   m = mx;
 }
 
+// Head g's merged maximum mm and sum zz as the selections read them: gmax[g] (0 for none) and
+// gzinv[g] = 1 / zz (0 for g >= heads, the padded heads, or an empty sum).
+__device__ __forceinline__ void set_normaliser(int g, float mm, float zz, float* gmax, float* gzinv, int heads) {
+  gmax[g] = mm == -INFINITY ? 0.0f : mm, gzinv[g] = g < heads && zz > 0 ? 1.0f / zz : 0.0f;
+}
+
 // Every thread's (m[g], z[g]) per head merged over the block: threads g < kG write gmax[g] and
 // gzinv[g] = 1 / sum (0 for g >= heads, the padded heads, or an empty sum), visible to all on
 // return; kRaw: the maximum (-inf for none) and the sum themselves. red, red_z: [kWarps][kG] scratch.
@@ -114,7 +120,7 @@ __device__ __forceinline__ void block_max_sum(float (&m)[kG], float (&z)[kG], fl
     float mm = red[0][tid], zz = red_z[0][tid];
     for (int w = 1; w < kWarps; ++w) merge_max_sum(mm, zz, red[w][tid], red_z[w][tid]);
     if constexpr (kRaw) gmax[tid] = mm, gzinv[tid] = zz;
-    else gmax[tid] = mm == -INFINITY ? 0.0f : mm, gzinv[tid] = tid < heads && zz > 0 ? 1.0f / zz : 0.0f;
+    else set_normaliser(tid, mm, zz, gmax, gzinv, heads);
   }
   __syncthreads();
 }
@@ -127,7 +133,7 @@ __device__ __forceinline__ void merge_slice_norms(const float2 (*part)[kG], floa
   if (tid < kG) {
     float mm = -INFINITY, zz = 0;
     for (int r = 0; r < kCtas; ++r) merge_max_sum(mm, zz, part[r][tid].x, part[r][tid].y);
-    gmax[tid] = mm == -INFINITY ? 0.0f : mm, gzinv[tid] = tid < heads && zz > 0 ? 1.0f / zz : 0.0f;
+    set_normaliser(tid, mm, zz, gmax, gzinv, heads);
   }
   __syncthreads();
 }

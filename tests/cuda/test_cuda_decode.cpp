@@ -821,18 +821,13 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     for (int qh = 0; qh < Hq; ++qh) rope.rotate_by(qs.data() + (size_t(b) * Hq + qh) * D, ac.score_position - double(lens[b] - 1));
   if (empties)
     for (HostClusterLevel& x : entries) {
-      if (x.num_coarse() == 0 && levels == 1) {
-        x.key_centroids.insert(x.key_centroids.end(), size_t(D), 200.0f);
-        x.value_centroids.insert(x.value_centroids.end(), size_t(D), 1000.0f);
-        x.sizes.push_back(0);
-        x.member_offsets.push_back(int32_t(x.members.size()));
-      }
-      if (x.num_coarse() == 0) continue;
+      if (x.num_coarse() == 0 && levels != 1) continue;  // (a two-level entry too short for a coarse level)
       const int32_t id = x.num_clusters();
       x.key_centroids.insert(x.key_centroids.end(), size_t(D), 200.0f);
       x.value_centroids.insert(x.value_centroids.end(), size_t(D), 1000.0f);
       x.sizes.push_back(0);
       x.member_offsets.push_back(int32_t(x.members.size()));
+      if (levels == 1) continue;
       x.coarse_children.insert(x.coarse_children.begin() + x.coarse_child_offsets[1], id);
       for (size_t c = 1; c < x.coarse_child_offsets.size(); ++c) ++x.coarse_child_offsets[c];
       x.coarse_key_centroids.insert(x.coarse_key_centroids.end(), size_t(D), 200.0f);
