@@ -25,7 +25,10 @@
 //            kernels returning at once;
 //   wait:    the same code behind 8 dependent cold loads: whether a wait for memory hides the
 //            fetch of the code behind it (gpu-notes item 43).
-// Usage: lab_latency_floor [iterations, default 41] [code: the code and wait lines only].
+//   entry:   kernels of the one-launch step's shape returning at entry, by what it has that an
+//            empty kernel has not: a 392-byte parameter block (read or not), a stack; then
+//            how many clusters of 8-16 CTAs fit at once, at one or two CTAs an SM.
+// Usage: lab_latency_floor [iterations, default 41] [code | entry: those lines only].
 // Prints one line per measurement.
 // H200, session H23 (two runs, medians agree within 0.2 us): 1 empty kernel 2.8-3.0 us, 3
 // chained by PDL 4.3-4.5; a DRAM round trip after the flush 0.34-0.36 us, an L2 one 0.15;
@@ -93,6 +96,27 @@ __global__ void cluster_barrier_kernel(int n, uint32_t* sink) {
 __global__ void roomy_kernel() {
   extern __shared__ uint8_t room[];
   if (threadIdx.x == 1u << 30) room[0] = 0;
+}
+
+// What a kernel that returns at entry costs, by what the one-launch step has that an empty
+// kernel has not (gpu-notes item 45): a parameter block of the step's size, read or not, and
+// a stack (local memory). sink: [1]
+struct StepSizedArgs {
+  const void* p[48];
+  int flag;
+};
+template <bool kRead, bool kStack>
+__global__ void entry_kernel(const StepSizedArgs a, uint32_t* sink) {
+  extern __shared__ uint8_t room[];
+  if constexpr (kRead)
+    if (a.flag == 0) return;
+  if constexpr (kStack) {
+    volatile uint32_t local[16];  // (volatile: kept in local memory)
+    local[threadIdx.x & 15] = threadIdx.x;
+    if (local[(threadIdx.x + 1) & 15] == 1u << 30) sink[0] = 1;
+    return;
+  }
+  if (threadIdx.x == 1u << 30) room[0] = 0, sink[0] = uintptr_t(a.p[0]) != 0;
 }
 
 // Blocks x 8 FMAs of straight-line code (one 16-byte SASS instruction each), 8 independent
@@ -254,6 +278,44 @@ void code_lines(Lab& bench, uint32_t* sink) {
   LAB_CHECK(cudaFree(chain));
 }
 
+// Kernels of 8 clusters of 16 CTAs (256 threads, 75 KB of dynamic shared memory, as the
+// one-launch step at batch 1) returning at entry.
+void entry_lines(Lab& bench, uint32_t* sink) {
+  constexpr int kRoom = 75 << 10;
+  StepSizedArgs args{};
+  args.flag = 0;
+  const auto line = [&](const char* what, auto kernel) {
+    LAB_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    LAB_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRoom));
+    report(what, bench.time_us([&](cudaStream_t st) {
+      cudaLaunchAttribute attr;
+      const cudaLaunchConfig_t cfg = lab::cluster_launch_config(attr, 8, 16, 256, st, size_t(kRoom));
+      LAB_CHECK(cudaLaunchKernelEx(&cfg, kernel, args, sink));
+    }));
+  };
+  line("entry: 392-byte parameters, unread", entry_kernel<false, false>);
+  line("entry: 392-byte parameters, one field read", entry_kernel<true, false>);
+  line("entry: 392-byte parameters, 64-byte stack", entry_kernel<false, true>);
+  report("entry: empty kernel, clusters of 16, 75 KB", bench.time_us([&](cudaStream_t st) {
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = lab::cluster_launch_config(attr, 8, 16, 256, st, size_t(kRoom));
+    LAB_CHECK(cudaLaunchKernelEx(&cfg, roomy_kernel));
+  }));
+  // Clusters of n CTAs of 256 threads that fit at once, two CTAs an SM (75 KB each) or one
+  // (150 KB): whether the batch-1 step's 8 clusters of 16 get SMs of their own (item 45).
+  LAB_CHECK(cudaFuncSetAttribute(roomy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 150 << 10));
+  for (const int kb : {75, 150})
+    for (const int n : {8, 9, 10, 12, 14, 16}) {
+      char what[96];
+      std::snprintf(what, sizeof what, "fit: clusters of %d CTAs, %d KB a CTA", n, kb);
+      cudaLaunchAttribute attr;
+      const cudaLaunchConfig_t cfg = lab::cluster_launch_config(attr, 8, n, 256, nullptr, size_t(kb) << 10);
+      int fit = 0;
+      LAB_CHECK(cudaOccupancyMaxActiveClusters(&fit, roomy_kernel, &cfg));
+      std::printf("%-58s %9d\n", what, fit);
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -267,6 +329,12 @@ int main(int argc, char** argv) {
   LAB_CHECK(cudaMalloc(&sink, 64));
   if (argc > 2 && std::string_view(argv[2]) == "code") {  // the code lines only
     code_lines(bench, sink);
+    return 0;
+  }
+  if (argc > 2 && std::string_view(argv[2]) == "entry") {  // the entry lines only
+    LAB_CHECK(cudaFuncSetAttribute(roomy_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    LAB_CHECK(cudaFuncSetAttribute(roomy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 << 10));
+    entry_lines(bench, sink);
     return 0;
   }
   const cudaStream_t s = bench.timer.stream();
@@ -430,6 +498,7 @@ int main(int argc, char** argv) {
     }
   }
 
+  entry_lines(bench, sink);
   code_lines(bench, sink);
   LAB_CHECK(cudaDeviceSynchronize());
   return 0;

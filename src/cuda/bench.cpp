@@ -6,8 +6,10 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <numeric>
 #include <random>
+#include <string>
 #include <string_view>
 
 #include "cuda/check.hpp"
@@ -174,6 +176,78 @@ void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClus
                double(v[22]) / r.ctas, double(w[22]) / it, double(v[24]) / r.ctas, double(w[24]) / it);
 }
 
+// Diagnostics (with MULTIPOLE_STEP_PROFILE): where a one-launch step's time goes outside its
+// CTAs, for the profiled kernel as it is and returning at entry (the launch's own cost): the
+// median of `iterations` flushed steps of the device time between events around the graph
+// replay (as the bench's rows) and around a direct launch, the kernel's span (first CTA start
+// to last CTA end, globaltimer) and the spread of its CTAs' starts and ends; printed to stderr.
+void print_step_span(const char* what, CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClusterIndex& index,
+                     const float* q, const float* qs, float* out, const CudaBenchOptions& o, cudaStream_t s,
+                     DeviceBuffer& flush) {
+  DeviceBuffer prof(size_t(detail::kPhaseClockSlots) * size_t(index.entries()) * 16 * sizeof(unsigned long long));
+  const auto step = [&](cudaStream_t st) { dec.multipole(dev, 0, index, q, qs, out, st); };
+  const auto median = [](std::vector<double> v) {
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    return v[v.size() / 2];
+  };
+  for (const bool at_entry : {false, true}) {
+    prof.memset(0);
+    dec.set_step_profile(prof.as<unsigned long long>(), at_entry);
+    const double graph_us = time_step(step, o, s, flush, false);
+    std::vector<double> direct, span, starts, ends;
+    StreamSpan ev;
+    for (int i = 0; i < o.iterations; ++i) {
+      // Span slots: the firsts (start, end) to ~0, the lasts to 0; then the flush, as the bench's.
+      static const unsigned long long init[4] = {~0ull, ~0ull, 0, 0};
+      static_assert(detail::kSpanFirstEnd == detail::kSpanFirstStart + 1 &&
+                    detail::kSpanLastStart == detail::kSpanFirstStart + 2 && detail::kSpanLastEnd == detail::kSpanFirstStart + 3);
+      MP_CUDA_CHECK(cudaMemcpyAsync(prof.as<unsigned long long>() + detail::kSpanFirstStart, init, sizeof init,
+                                    cudaMemcpyHostToDevice, s));
+      MP_CUDA_CHECK(cudaMemsetAsync(flush.data(), i & 0xff, flush.size() - 4096, s));
+      ev.begin(s);
+      step(s);
+      ev.end(s);
+      direct.push_back(ev.us());
+      unsigned long long t[4];
+      prof.download(t, sizeof t, detail::kSpanFirstStart * sizeof(unsigned long long));
+      span.push_back(1e-3 * double(t[3] - t[0])), starts.push_back(1e-3 * double(t[2] - t[0]));
+      ends.push_back(1e-3 * double(t[3] - t[1]));
+    }
+    dec.set_step_profile(nullptr);
+    if (at_entry) {
+      std::fprintf(stderr, "step-span %s (returning at entry): events around graph %.2f us, around direct launch %.2f\n",
+                   what, graph_us, median(direct));
+      continue;
+    }
+    std::fprintf(stderr,
+                 "step-span %s: events around graph %.2f us, around direct launch %.2f; kernel span %.2f "
+                 "(CTA starts spread %.2f, ends spread %.2f)\n",
+                 what, graph_us, median(direct), median(span), median(starts), median(ends));
+    // The last launch's geometry: per cluster (entry) its SMs and its CTAs' end after the first start.
+    const size_t S = detail::kPhaseClockSlots;
+    const int ctas = index.entries() * 16;
+    std::vector<unsigned long long> v(S * size_t(ctas));
+    prof.download(v.data(), v.size() * sizeof(unsigned long long));
+    unsigned long long first = ~0ull;
+    for (int c = 0; c < ctas; ++c) first = std::min(first, v[c * S + detail::kCtaStart]);
+    std::map<unsigned long long, int> on_sm;
+    for (int c = 0; c < ctas; ++c) ++on_sm[v[c * S + detail::kCtaSm]];
+    int shared = 0;
+    for (const auto& [sm, n] : on_sm) shared += n > 1;
+    std::fprintf(stderr, "  last launch: %d CTAs on %zu SMs (%d SMs hold more than one)\n", ctas, on_sm.size(), shared);
+    for (int e = 0; e < ctas / 16; ++e) {
+      std::string sms;
+      double end_lo = 1e30, end_hi = 0;
+      for (int c = 16 * e; c < 16 * e + 16; ++c) {
+        sms += (sms.empty() ? "" : ",") + std::to_string(v[c * S + detail::kCtaSm]);
+        const double end = 1e-3 * double(v[c * S + detail::kCtaEnd] - first);
+        end_lo = std::min(end_lo, end), end_hi = std::max(end_hi, end);
+      }
+      std::fprintf(stderr, "  entry %d: ends %.2f-%.2f us after the first start; SMs %s\n", e, end_lo, end_hi, sms.c_str());
+    }
+  }
+}
+
 // Diagnostics (MULTIPOLE_STEP_PROFILE set, the step in one launch): per-phase time of the
 // one-launch step over `iterations` flushed steps, thread 0 of each of its CTAs: the mean over
 // CTAs and the slowest CTA's; printed to stderr. Barrier waits count in the phase they end.
@@ -211,6 +285,7 @@ void profile_fused_step(const char* what, CudaDecoder& dec, const DeviceKVCache&
                  double(r.v[k + 2]) / r.ctas / r.ghz * 1e-3, double(w[k]) / it, double(w[k + 1]) / it,
                  double(w[k + 2]) / it / r.ghz * 1e-3);
   }
+  print_step_span(what, dec, dev, index, q, qs, out, o, s, flush);
 }
 
 // Diagnostics (MULTIPOLE_UPDATE_PROFILE set): per-phase time of the online update kernel

@@ -257,6 +257,19 @@ struct PhaseClock {
       atomicAdd(out + kPhaseClockCtas, 1ull);
     }
   }
+  // After finish(): this CTA's SM, start and end into its own slots, and its start and end
+  // into the launch's span slots (span: the first CTA's; phase_clock.hpp).
+  __device__ void record_span(unsigned long long* span) {
+    if (out) {
+      unsigned long long n;
+      unsigned sm;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(n));
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      out[kCtaSm] = sm, out[kCtaStart] = t_ns, out[kCtaEnd] = n;
+      atomicMin(span + kSpanFirstStart, t_ns), atomicMax(span + kSpanLastStart, t_ns);
+      atomicMin(span + kSpanFirstEnd, n), atomicMax(span + kSpanLastEnd, n);
+    }
+  }
 };
 
 }  // namespace multipole::cuda::detail

@@ -432,6 +432,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     f.exact_n = exact_n_.as<int32_t>();
     f.error_flags = errors_.as<uint32_t>();
     f.prof = step_prof_;
+    f.prof_return = step_prof_return_;
     f.fallback = info_.fused_fallback ? fallback_.as<int32_t>() : nullptr;
     f.scores = scores_.as<float>();
     f.part = score_part_.as<float>();

@@ -107,6 +107,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   if (constexpr int kLines = kG * kD / 32; tid < 2 * kLines && (tid % kLines) * 32 < G * kD)
     prefetch_l2((tid < kLines ? a.q_score : a.q) + size_t(e) * G * kD + 32 * (tid % kLines));
   PhaseClock pc(kProf ? a.prof : nullptr, kPhaseClockSlots);
+  if constexpr (kProf)
+    if (a.prof_return) return;  // (no atomics: their wait would count)
   // Every CTA of the cluster must have started before another stores into its shared memory.
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   extern __shared__ __align__(16) uint8_t smem[];
@@ -544,7 +546,10 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     join_cta_state(st, m, l, acc, fd, fg, part, sc);
   }
   pc.mark(12);
-  pull_merged_states(cluster, st, a.out + qrow, [&] { pc.mark(13), pc.finish(); }, G);
+  pull_merged_states(cluster, st, a.out + qrow, [&] {
+    pc.mark(13), pc.finish();
+    if constexpr (kProf) pc.record_span(a.prof);
+  }, G);
 }
 
 }  // namespace multipole::cuda::detail::cluster_step

@@ -198,6 +198,7 @@ struct FusedStepArgs {
   // Diagnostics (null in normal runs): each CTA adds its phases' clock64 cycles to its own
   // kPhaseClockSlots slots (phase_clock.hpp; the profiled variant of the kernel).
   unsigned long long* prof = nullptr;    // [E * 16, kPhaseClockSlots]
+  bool prof_return = false;              // (with prof) every CTA returns at entry: the launch's own cost
 };
 // Launches `entries` clusters of the one-launch step (dtype: bf16 or f16).
 void launch_fused_step(const FusedStepArgs& a, DType dtype, int entries, Stream stream);

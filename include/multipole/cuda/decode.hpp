@@ -103,7 +103,11 @@ class CudaDecoder {
   void set_select_profile(unsigned long long* device_slots) { select_prof_ = device_slots; }
   // Diagnostics: the one-launch step's phase cycles, kPhaseClockSlots u64 per CTA (16 per
   // entry, zeroed by the caller; the profiled variant of the kernel runs); null turns it off.
-  void set_step_profile(unsigned long long* device_slots) { step_prof_ = device_slots; }
+  // return_at_entry: every CTA returns at once (the launch's own cost). The first CTA's slots
+  // also get the launch's span (phase_clock.hpp).
+  void set_step_profile(unsigned long long* device_slots, bool return_at_entry = false) {
+    step_prof_ = device_slots, step_prof_return_ = return_at_entry;
+  }
   // Diagnostics and tests: greedy selections over at most min(warp_max, 256) clusters are
   // walked by one warp, handing over to the block-wide radix path after `warp_steps` picks;
   // warp_max 0: always the radix path. Both give the same selection. Defaults: 256 and 24,
@@ -163,6 +167,7 @@ class CudaDecoder {
   bool pdl_ = true;
   bool fused_allowed_ = true;
   unsigned long long* step_prof_ = nullptr;
+  bool step_prof_return_ = false;
   void plan_fused(const DeviceClusterIndex& index, int64_t exact_rows, int page_size);
   int prescore_mode_ = -1;
 };
