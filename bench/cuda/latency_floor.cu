@@ -281,30 +281,26 @@ void code_lines(Lab& bench, uint32_t* sink) {
 // Kernels of 8 clusters of 16 CTAs (256 threads, 75 KB of dynamic shared memory, as the
 // one-launch step at batch 1) returning at entry.
 void entry_lines(Lab& bench, uint32_t* sink) {
-  constexpr int kRoom = 75 << 10;
+  constexpr int kRoom = 75 << 10, kRoomOne = 150 << 10;  // two CTAs an SM, and one
   StepSizedArgs args{};
   args.flag = 0;
-  const auto line = [&](const char* what, auto kernel) {
+  const auto line = [&](const char* what, auto kernel, auto... kernel_args) {
     LAB_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     LAB_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRoom));
     report(what, bench.time_us([&](cudaStream_t st) {
       cudaLaunchAttribute attr;
       const cudaLaunchConfig_t cfg = lab::cluster_launch_config(attr, 8, 16, 256, st, size_t(kRoom));
-      LAB_CHECK(cudaLaunchKernelEx(&cfg, kernel, args, sink));
+      LAB_CHECK(cudaLaunchKernelEx(&cfg, kernel, kernel_args...));
     }));
   };
-  line("entry: 392-byte parameters, unread", entry_kernel<false, false>);
-  line("entry: 392-byte parameters, one field read", entry_kernel<true, false>);
-  line("entry: 392-byte parameters, 64-byte stack", entry_kernel<false, true>);
-  report("entry: empty kernel, clusters of 16, 75 KB", bench.time_us([&](cudaStream_t st) {
-    cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t cfg = lab::cluster_launch_config(attr, 8, 16, 256, st, size_t(kRoom));
-    LAB_CHECK(cudaLaunchKernelEx(&cfg, roomy_kernel));
-  }));
+  line("entry: 392-byte parameters, unread", entry_kernel<false, false>, args, sink);
+  line("entry: 392-byte parameters, one field read", entry_kernel<true, false>, args, sink);
+  line("entry: 392-byte parameters, 64-byte stack", entry_kernel<false, true>, args, sink);
+  line("entry: empty kernel, clusters of 16, 75 KB", roomy_kernel);
   // Clusters of n CTAs of 256 threads that fit at once, two CTAs an SM (75 KB each) or one
   // (150 KB): whether the batch-1 step's 8 clusters of 16 get SMs of their own (item 45).
-  LAB_CHECK(cudaFuncSetAttribute(roomy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 150 << 10));
-  for (const int kb : {75, 150})
+  LAB_CHECK(cudaFuncSetAttribute(roomy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRoomOne));
+  for (const int kb : {kRoom >> 10, kRoomOne >> 10})
     for (const int n : {8, 9, 10, 12, 14, 16}) {
       char what[96];
       std::snprintf(what, sizeof what, "fit: clusters of %d CTAs, %d KB a CTA", n, kb);
@@ -332,8 +328,6 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (argc > 2 && std::string_view(argv[2]) == "entry") {  // the entry lines only
-    LAB_CHECK(cudaFuncSetAttribute(roomy_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    LAB_CHECK(cudaFuncSetAttribute(roomy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 << 10));
     entry_lines(bench, sink);
     return 0;
   }
