@@ -195,35 +195,19 @@ __device__ __forceinline__ void stage_rows(uint8_t* staged, const void* src, int
 }
 
 // Logits of n staged rows for the kG heads: x[j] = (q_0 . row j, ..., q_3 . row j). qs: [kG][kD]
-// f32. On tensor cores, as score.cuh: warp w takes the rows' 16-row tiles w, w + kWarps, ...
+// f32. On tensor cores (mma_rows_three_part, as score.cuh): warp w takes the 16-row tiles w, w + kWarps, ...
 // against the queries split into three 16-bit parts (f32-class accuracy; heads 4..7 of the n8
 // tile are padding). (One thread per row and head with FMAs: gpu-notes item 44.)
 template <class CT = __nv_bfloat16>
 __device__ __forceinline__ void score_staged(const uint8_t* staged, int n, const float (*qs)[kD], float4* x) {
-  constexpr int kParts = 3;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   for (int t = warp; 16 * t < n; t += kWarps) {
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     // The lane's ldmatrix row; a tile's rows past n read row n - 1 (their logits are dropped).
     const int r = min(16 * t + (lane & 7) + ((lane >> 3) & 1) * 8, n - 1);
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      uint32_t qb[2][kParts];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float x0 = 0.0f, x1 = 0.0f;
-        if (gid < kG) {
-          const float2 v = *reinterpret_cast<const float2*>(&qs[gid][ks * 16 + half * 8 + tig * 2]);
-          x0 = v.x, x1 = v.y;
-        }
-#pragma unroll
-        for (int p = 0; p < kParts; ++p) qb[half][p] = peel_part<CT>(x0, x1);
-      }
-      uint32_t af[4];
-      ldmatrix_x4(af, staged + size_t(r) * kRowStride + (ks * 2 + (lane >> 4)) * 16);
-#pragma unroll
-      for (int p = kParts - 1; p >= 0; --p) MmaType<CT>::mma16816(d, af, qb[0][p], qb[1][p]);
-    }
+    mma_rows_three_part<kD, CT>(
+        d, kG, [&](int g, int k) { return *reinterpret_cast<const float2*>(&qs[g][k]); },
+        [&](int ks) { return staged + size_t(r) * kRowStride + (ks * 2 + (lane >> 4)) * 16; });
     if (tig < 2) {  // heads 2 tig, 2 tig + 1 of rows 16 t + gid and + 8
       const int r0 = 16 * t + gid;
       if (r0 < n) reinterpret_cast<float2*>(&x[r0])[tig] = make_float2(d[0], d[1]);

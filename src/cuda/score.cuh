@@ -136,32 +136,17 @@ __device__ __forceinline__ void score_rows_mma(const ScoreArgs& a, const ScoreIt
   using Stage = ScoreStage<D, GC, CT>;
   const float* s_q = Stage::queries(base);
   const int32_t* s_n = Stage::sizes(base);
-  using M = MmaType<CT>;
-  constexpr int KS = D / 16, kParts = 3;
   static_assert(kScoreChunk == 64 && GC <= 8, "four warps of 16 rows, at most 8 heads");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-    uint32_t qb[2][kParts];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int dd = ks * 16 + half * 8 + tig * 2;
-      float x0 = 0.0f, x1 = 0.0f;
-      if (gid < GC) {
-        const float2 v = *reinterpret_cast<const float2*>(s_q + gid * D + dd);
-        x0 = v.x * a.qscale;
-        x1 = v.y * a.qscale;
-      }
-#pragma unroll
-      for (int p = 0; p < kParts; ++p) qb[half][p] = peel_part<CT>(x0, x1);
-    }
-    uint32_t af[4];
-    const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-    ldmatrix_x4(af, base + swizzled_offset(r, ks * 2 + (lane >> 4), Stage::kRowBytes));
-#pragma unroll
-    for (int p = kParts - 1; p >= 0; --p) M::mma16816(d, af, qb[0][p], qb[1][p]);
-  }
+  const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;  // the lane's ldmatrix row
+  mma_rows_three_part<D, CT>(
+      d, GC,
+      [&](int g, int k) {
+        const float2 v = *reinterpret_cast<const float2*>(s_q + g * D + k);
+        return make_float2(v.x * a.qscale, v.y * a.qscale);
+      },
+      [&](int ks) { return base + swizzled_offset(r, ks * 2 + (lane >> 4), Stage::kRowBytes); });
   float m[2] = {neg_inf(), neg_inf()}, z[2] = {0.0f, 0.0f};  // heads 2 tig, 2 tig + 1
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
