@@ -24,6 +24,13 @@ namespace multipole::cuda {
 
 namespace {
 
+constexpr int kFusedCtas = detail::FusedStepLimits::kCtasPerEntry;  // CTAs of an entry in the one-launch step
+
+// CTAs a multipole step of `dec` launches for E entries (the bench rows' `ctas`).
+int step_ctas(const CudaDecoder& dec, int64_t E) {
+  return dec.plan_info().fused ? int(E) * kFusedCtas : dec.plan_info().mp_ctas;
+}
+
 // Device time between two points of a stream (a pair of events).
 class StreamSpan {
  public:
@@ -184,30 +191,35 @@ void profile_select(CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClus
 void print_step_span(const char* what, CudaDecoder& dec, const DeviceKVCache& dev, const DeviceClusterIndex& index,
                      const float* q, const float* qs, float* out, const CudaBenchOptions& o, cudaStream_t s,
                      DeviceBuffer& flush) {
-  DeviceBuffer prof(size_t(detail::kPhaseClockSlots) * size_t(index.entries()) * 16 * sizeof(unsigned long long));
+  const size_t S = detail::kPhaseClockSlots;
+  const int ctas = index.entries() * kFusedCtas;
+  DeviceBuffer prof(S * size_t(ctas) * sizeof(unsigned long long));
+  unsigned long long* slots = prof.as<unsigned long long>();
   const auto step = [&](cudaStream_t st) { dec.multipole(dev, 0, index, q, qs, out, st); };
   const auto median = [](std::vector<double> v) {
     std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
     return v[v.size() / 2];
   };
+  static_assert(detail::kSpanFirstEnd == detail::kSpanFirstStart + 1 &&
+                detail::kSpanLastStart == detail::kSpanFirstStart + 2 && detail::kSpanLastEnd == detail::kSpanFirstStart + 3);
   for (const bool at_entry : {false, true}) {
     prof.memset(0);
-    dec.set_step_profile(prof.as<unsigned long long>(), at_entry);
+    dec.set_step_profile(slots, at_entry);
     const double graph_us = time_step(step, o, s, flush, false);
     std::vector<double> direct, span, starts, ends;
     StreamSpan ev;
     for (int i = 0; i < o.iterations; ++i) {
-      // Span slots: the firsts (start, end) to ~0, the lasts to 0; then the flush, as the bench's.
+      // The span slots: the firsts (start, end) to ~0, the lasts to 0 (a CTA returning at entry
+      // records none); then the flush, as the bench's.
       static const unsigned long long init[4] = {~0ull, ~0ull, 0, 0};
-      static_assert(detail::kSpanFirstEnd == detail::kSpanFirstStart + 1 &&
-                    detail::kSpanLastStart == detail::kSpanFirstStart + 2 && detail::kSpanLastEnd == detail::kSpanFirstStart + 3);
-      MP_CUDA_CHECK(cudaMemcpyAsync(prof.as<unsigned long long>() + detail::kSpanFirstStart, init, sizeof init,
-                                    cudaMemcpyHostToDevice, s));
+      if (!at_entry)
+        MP_CUDA_CHECK(cudaMemcpyAsync(slots + detail::kSpanFirstStart, init, sizeof init, cudaMemcpyHostToDevice, s));
       MP_CUDA_CHECK(cudaMemsetAsync(flush.data(), i & 0xff, flush.size() - 4096, s));
       ev.begin(s);
       step(s);
       ev.end(s);
       direct.push_back(ev.us());
+      if (at_entry) continue;
       unsigned long long t[4];
       prof.download(t, sizeof t, detail::kSpanFirstStart * sizeof(unsigned long long));
       span.push_back(1e-3 * double(t[3] - t[0])), starts.push_back(1e-3 * double(t[2] - t[0]));
@@ -224,21 +236,18 @@ void print_step_span(const char* what, CudaDecoder& dec, const DeviceKVCache& de
                  "(CTA starts spread %.2f, ends spread %.2f)\n",
                  what, graph_us, median(direct), median(span), median(starts), median(ends));
     // The last launch's geometry: per cluster (entry) its SMs and its CTAs' end after the first start.
-    const size_t S = detail::kPhaseClockSlots;
-    const int ctas = index.entries() * 16;
     std::vector<unsigned long long> v(S * size_t(ctas));
     prof.download(v.data(), v.size() * sizeof(unsigned long long));
     unsigned long long first = ~0ull;
-    for (int c = 0; c < ctas; ++c) first = std::min(first, v[c * S + detail::kCtaStart]);
     std::map<unsigned long long, int> on_sm;
-    for (int c = 0; c < ctas; ++c) ++on_sm[v[c * S + detail::kCtaSm]];
+    for (int c = 0; c < ctas; ++c) first = std::min(first, v[c * S + detail::kCtaStart]), ++on_sm[v[c * S + detail::kCtaSm]];
     int shared = 0;
     for (const auto& [sm, n] : on_sm) shared += n > 1;
     std::fprintf(stderr, "  last launch: %d CTAs on %zu SMs (%d SMs hold more than one)\n", ctas, on_sm.size(), shared);
-    for (int e = 0; e < ctas / 16; ++e) {
+    for (int e = 0; e < index.entries(); ++e) {
       std::string sms;
       double end_lo = 1e30, end_hi = 0;
-      for (int c = 16 * e; c < 16 * e + 16; ++c) {
+      for (int c = kFusedCtas * e; c < kFusedCtas * (e + 1); ++c) {
         sms += (sms.empty() ? "" : ",") + std::to_string(v[c * S + detail::kCtaSm]);
         const double end = 1e-3 * double(v[c * S + detail::kCtaEnd] - first);
         end_lo = std::min(end_lo, end), end_hi = std::max(end_hi, end);
@@ -255,7 +264,7 @@ void profile_fused_step(const char* what, CudaDecoder& dec, const DeviceKVCache&
                         const float* q, const float* qs, float* out, const CudaBenchOptions& o, cudaStream_t s,
                         DeviceBuffer& flush, int B, int64_t ctx) {
   constexpr int kPhases = 14;
-  const int ctas = index.entries() * 16;
+  const int ctas = index.entries() * kFusedCtas;
   const size_t S = detail::kPhaseClockSlots;
   const DeviceBuffer prof = profiled_steps(
       dec, [](CudaDecoder& d, unsigned long long* p) { d.set_step_profile(p); }, ctas, dev, index, q, qs, out, o, s,
@@ -539,14 +548,14 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
              CudaDecoder::kMultipoleLaunches, three.plan_info().mp_ctas);
       };
       emit("multipole", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes,
-           dec.multipole_launches(), dec.plan_info().fused ? E * 16 : dec.plan_info().mp_ctas);
+           dec.multipole_launches(), step_ctas(dec, E));
       if (dec.plan_info().fused) emit_three("mp-3launch", index, mp_bytes);
       if (dec.plan_info().fused && std::getenv("MULTIPOLE_STEP_PROFILE"))
         profile_fused_step("synthetic", dec, dev, index, pq, pqs, po, o, stream, flush, B, ctx);
       if (index.hierarchical() && !dec.plan_info().fused && std::getenv("MULTIPOLE_SELECT_PROFILE"))
         profile_select(dec, dev, index, pq, pqs, po, o, stream, flush, B, ctx);
       emit("squeezed", [&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes - vbytes,
-           squeezed.multipole_launches(), squeezed.plan_info().fused ? E * 16 : squeezed.plan_info().mp_ctas);
+           squeezed.multipole_launches(), step_ctas(squeezed, E));
       {
         // GPU baselines on the same cache: quest (page bounds built before timing; its
         // per-step metadata update timed on its own) and oracle-topk. Bytes: quest reads
@@ -588,7 +597,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       }
       if (index.hierarchical()) {
         emit("mp-1level", [&](cudaStream_t s) { flat.multipole(dev, 0, flat_index, pq, pqs, po, s); }, flat_bytes,
-             flat.multipole_launches(), flat.plan_info().fused ? E * 16 : flat.plan_info().mp_ctas);
+             flat.multipole_launches(), step_ctas(flat, E));
         if (flat.plan_info().fused) emit_three("mp-1level-3launch", flat_index, flat_bytes);
         if (flat.plan_info().fused && std::getenv("MULTIPOLE_STEP_PROFILE"))
           profile_fused_step("synthetic-1level", flat, dev, flat_index, pq, pqs, po, o, stream, flush, B, ctx);
@@ -656,14 +665,14 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         kdec.plan(dev, seqs, &km.index());
         emit("mp-kmeans-index",
              [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s); }, mp_bytes,
-             kdec.multipole_launches(), kdec.plan_info().fused ? B * Hkv * 16 : kdec.plan_info().mp_ctas);
+             kdec.multipole_launches(), step_ctas(kdec, int64_t(B) * Hkv));
         print_plan("k-means index", kdec, B, ctx);
         if (kdec.plan_info().fused && std::getenv("MULTIPOLE_STEP_PROFILE"))
           profile_fused_step("gpu-kmeans", kdec, dev, km.index(), pq, pqs, po, o, stream, flush, B, ctx);
         if (kdec.plan_info().fused_fallback) {
           // The one-launch kernel alone: what the two kernels behind it cost when they have nothing to do.
           emit("mp-km-1launch", [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s, 5); }, 0, 1,
-               B * Hkv * 16);
+               B * Hkv * kFusedCtas);
           kdec.multipole(dev, 0, km.index(), pq, pqs, po, stream);
           const auto left = kdec.fused_fallbacks();
           std::fprintf(stderr, "bench: b%d %lld tokens: the k-means index's last step left %lld of %zu entries to the "

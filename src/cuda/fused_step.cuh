@@ -53,7 +53,8 @@ constexpr int kFineWords = kMaxFineIds / 32;
 static_assert(kD == FusedStepLimits::kHeadDim && kG == FusedStepLimits::kGroup &&
               kMaxPicks == FusedStepLimits::kMaxBudget && kSlots * kCtas * kWarps == FusedStepLimits::kExactRows &&
               kMaxCoarse == FusedStepLimits::kMaxCoarse && kMaxFineIds == FusedStepLimits::kMaxFine &&
-              kMaxCand == FusedStepLimits::kMaxCand, "the plan's limits (launch.hpp) are the kernel's");
+              kMaxCand == FusedStepLimits::kMaxCand && kCtas == FusedStepLimits::kCtasPerEntry,
+              "the plan's limits (launch.hpp) are the kernel's");
 
 // Dynamic shared memory: [per_max] staged rows (coarse keys, then values, then the warps'
 // partial sums), [kMaxCoarse] float4 coarse logits, [kMaxCand] float4 candidate logits.

@@ -153,6 +153,7 @@ struct FusedStepLimits {
   static constexpr int kHeadDim = 128, kGroup = 4, kMaxBudget = 128;
   static constexpr int kExactRows = 512;  // sinks + selected tokens + tokens past the clustered region
   static constexpr int kMaxCoarse = 2048, kMaxFine = 16384, kMaxCand = 512;  // per entry
+  static constexpr int kCtasPerEntry = 16;  // one thread-block cluster an entry
 };
 
 // The one-launch step over an index of two levels or one (fused_step.cuh): one 16-CTA cluster
