@@ -312,21 +312,30 @@ void print_update_profile(const char* what, const DeviceBuffer& prof, int B, int
 }
 
 // How the plan runs a multipole step (stderr).
-void print_plan(const char* what, const CudaDecoder& dec, int B, int64_t ctx) {
+void print_plan(const char* what, const CudaDecoder& dec, int B, int Hkv, int64_t ctx) {
   const DecodePlanInfo& p = dec.plan_info();
-  if (!p.fused)
+  if (!p.fused) {
     std::fprintf(stderr, "bench: b%d %lld tokens, %s: three launches (one launch: %s)\n", B,
                  static_cast<long long>(ctx), what, p.fused_why);
-  else if (!p.hierarchical)
-    std::fprintf(stderr, "bench: b%d %lld tokens, %s: one launch\n", B, static_cast<long long>(ctx), what);
+    return;
+  }
+  // Entries past the clusters held at once start as the first end.
+  const int entries = B * Hkv, at_once = std::max(p.fused_clusters_at_once, 1);
+  const std::string waves = entries > at_once ? ", " + std::to_string(entries) + " clusters in " +
+                                                  std::to_string((entries + at_once - 1) / at_once) + " waves of " +
+                                                  std::to_string(at_once)
+                                            : "";
+  if (!p.hierarchical)
+    std::fprintf(stderr, "bench: b%d %lld tokens, %s: one launch%s\n", B, static_cast<long long>(ctx), what,
+                 waves.c_str());
   else if (!p.fused_fallback)
-    std::fprintf(stderr, "bench: b%d %lld tokens, %s: one launch (at most %d candidates)\n", B,
-                 static_cast<long long>(ctx), what, p.fused_candidate_bound);
+    std::fprintf(stderr, "bench: b%d %lld tokens, %s: one launch (at most %d candidates)%s\n", B,
+                 static_cast<long long>(ctx), what, p.fused_candidate_bound, waves.c_str());
   else
     std::fprintf(stderr,
                  "bench: b%d %lld tokens, %s: one launch, then selection and attention for entries over 512 candidates "
-                 "(the index allows %d)\n",
-                 B, static_cast<long long>(ctx), what, p.fused_candidate_bound);
+                 "(the index allows %d)%s\n",
+                 B, static_cast<long long>(ctx), what, p.fused_candidate_bound, waves.c_str());
 }
 
 // Diagnostics (MULTIPOLE_INDEX_STATS set): shape of an index and of what one step of `dec`
@@ -476,9 +485,9 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
 
       CudaDecoder dec(ac), flat(ac);
       dec.plan(dev, seqs, &index);
-      print_plan("multipole", dec, B, ctx);
+      print_plan("multipole", dec, B, Hkv, ctx);
       flat.plan(dev, seqs, &flat_index);
-      if (index.hierarchical()) print_plan("mp-1level", flat, B, ctx);
+      if (index.hierarchical()) print_plan("mp-1level", flat, B, Hkv, ctx);
       AttentionConfig sqc = ac;
       sqc.multipole_far_field = false;
       CudaDecoder squeezed(sqc);
@@ -666,7 +675,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         emit("mp-kmeans-index",
              [&](cudaStream_t s) { kdec.multipole(dev, 0, km.index(), pq, pqs, po, s); }, mp_bytes,
              kdec.multipole_launches(), step_ctas(kdec, int64_t(B) * Hkv));
-        print_plan("k-means index", kdec, B, ctx);
+        print_plan("k-means index", kdec, B, Hkv, ctx);
         if (kdec.plan_info().fused && std::getenv("MULTIPOLE_STEP_PROFILE"))
           profile_fused_step("gpu-kmeans", kdec, dev, km.index(), pq, pqs, po, o, stream, flush, B, ctx);
         if (kdec.plan_info().fused_fallback) {

@@ -95,6 +95,7 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   select_sort_ = env_int("MULTIPOLE_SELECT_SORT", select_sort_);
   pdl_ = env_int("MULTIPOLE_PDL", 1) != 0;
   fused_allowed_ = env_int("MULTIPOLE_FUSED", 1) != 0;
+  fused_waves_ = env_int("MULTIPOLE_FUSED_WAVES", fused_waves_);
   prescore_mode_ = env_int("MULTIPOLE_PRESCORE", -1);
 }
 
@@ -309,8 +310,12 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
       return why("over 16384 fine clusters in an entry");
     if (index.entry_clustered_end(e) >= (int64_t(1) << 20)) return why("over 2^20 clustered tokens");
   }
-  if (E > detail::fused_step_clusters_at_once(kv_dtype, fused_staged(index), hier))
-    return why("more entries than its clusters fit at once");
+  // Clusters are independent (no exchange between entries), so past those held at once the
+  // rest start as the first end: waves.
+  info_.fused_clusters_at_once = detail::fused_step_clusters_at_once(kv_dtype, fused_staged(index), hier);
+  if (info_.fused_clusters_at_once == 0) return why("no cluster launch on this device");
+  if (fused_waves_ > 0 && E > int64_t(fused_waves_) * info_.fused_clusters_at_once)
+    return why(fused_waves_ == 1 ? "more entries than its clusters fit at once" : "more entries than its waves of clusters hold");
   if (!hier) {  // no candidates
     info_.fused = true;
     return why("");

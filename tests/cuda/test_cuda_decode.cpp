@@ -782,7 +782,8 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
 void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_centroid, int budget,
                              int coarse_budget, uint32_t seed, DType keys = DType::F32, DType kv = DType::BF16,
                              bool far_field = true, bool empties = false,
-                             std::vector<int32_t>* fallbacks = nullptr, int page = 16) {
+                             std::vector<int32_t>* fallbacks = nullptr, int page = 16,
+                             int waves = CudaDecoder::kFusedWaves) {
   SCOPED_TRACE(::testing::Message() << "G=" << G << " Hkv=" << Hkv << " D=" << D << " levels="
                                     << tokens_per_centroid.size() << " coarse_budget=" << coarse_budget
                                     << " keys=" << dtype_name(keys) << " kv=" << dtype_name(kv)
@@ -911,8 +912,12 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   if (G <= 4 && D == 128 && keys == kv && budget <= 128 && pow2_pages && one_level_fits) {
     // The one-launch step on the same index and queries.
     CudaDecoder dec(ac);
+    dec.set_fused_waves(waves);
     dec.plan(su.dev, su.cache.seqs, &index);
     ASSERT_TRUE(dec.plan_info().fused) << dec.plan_info().fused_why;
+    if (waves != CudaDecoder::kFusedWaves) {
+      EXPECT_GT(B * Hkv, dec.plan_info().fused_clusters_at_once) << "the case must hold more clusters than run at once";
+    }
     EXPECT_EQ(dec.plan_info().fused_fallback, dec.plan_info().fused_candidate_bound > 512);
     EXPECT_EQ(dec.multipole_launches(), dec.plan_info().fused_fallback ? 3 : 1);
     DeviceFloats dq(q), dqs(qs), dout(q.size());
@@ -929,6 +934,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
       // three times back to back (each step's one-launch kernel rewrites the flags): the same step.
       CudaDecoder plain(ac);
       plain.set_pdl(false);
+      plain.set_fused_waves(waves);
       plain.plan(su.dev, su.cache.seqs, &index);
       DeviceFloats pout(q.size()), gout(q.size());
       pout.poison();
@@ -1020,6 +1026,16 @@ TEST(CudaMultipole, OneLevelInOneLaunch) {
   compare_with_cpu_policy(3, 2, 128, {3}, 128, 0, seed++, DType::F16, DType::F16);
   compare_with_cpu_policy(4, 2, 128, {2}, 128, 0, seed++, DType::BF16);
   compare_with_cpu_policy(4, 2, 128, {16}, 128, 0, seed++, DType::BF16, DType::BF16, true, true);  // empties
+}
+
+// More entries than the one-launch step's clusters the GPU holds at once (3 sequences x 40 KV
+// heads): the clusters past them run as the first end, and the step is still the three-kernel one.
+TEST(CudaMultipole, OneLaunchInWaves) {
+  REQUIRE_GPU();
+  compare_with_cpu_policy(4, 40, 128, {16}, 128, 0, 940, DType::BF16, DType::BF16, true, false, nullptr, 16, 0);
+  std::vector<int32_t> left;  // two levels, some entries left to the kernels behind
+  compare_with_cpu_policy(4, 40, 128, {2, 64}, 128, 2048, 941, DType::BF16, DType::BF16, true, false, &left, 16, 0);
+  EXPECT_EQ(left.size(), 120u);
 }
 
 // Fine clusters of 2 tokens under a coarse budget of 2048: the long sequence's entries list

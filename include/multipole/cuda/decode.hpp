@@ -35,7 +35,8 @@ struct DecodePlanInfo {
   // The step runs in one launch (fused_step.cuh: one 16-CTA cluster per entry) where it holds:
   // head dim 128, G <= 4, keys in the cache's type, budget <= 128, pages of a power-of-two
   // size, <= 512 exact rows per entry, two levels of <= 2048 coarse and <= 16384 fine clusters
-  // per entry or one level of <= 2048, and every entry's cluster resident at once. fused_why: why not, if not. Candidates: where the index's bound allows
+  // per entry or one level of <= 2048, and the entries' clusters in at most fused_waves waves
+  // of the clusters the GPU holds at once. fused_why: why not, if not. Candidates: where the index's bound allows
   // over 512, fused_fallback: the selection and attention kernels are launched behind the
   // one-launch step and run only the entries that listed over 512 (the others' CTAs return at
   // once), so a step is 3 launches and exact whatever the index.
@@ -43,6 +44,7 @@ struct DecodePlanInfo {
   bool fused_fallback = false;
   const char* fused_why = "";
   int fused_candidate_bound = 0;  // most candidates any entry can list (two levels; one level: 0)
+  int fused_clusters_at_once = 0;  // the one-launch step's clusters the GPU holds at once (0: not asked)
 };
 
 class CudaDecoder {
@@ -85,6 +87,10 @@ class CudaDecoder {
   // Tests and A/B: whether plan() may choose the one-launch step (default: yes, unless the
   // environment sets MULTIPOLE_FUSED=0). Takes effect at the next plan().
   void set_fused(bool allow) { fused_allowed_ = allow; }
+  // Waves of clusters the one-launch step may take: entries <= waves x the clusters the GPU
+  // holds at once (0: any number). Default kFusedWaves, or MULTIPOLE_FUSED_WAVES. Next plan().
+  static constexpr int kFusedWaves = 1;
+  void set_fused_waves(int waves) { fused_waves_ = waves; }
 
   // Inspection of the last multipole step (synchronous; tests and diagnostics).
   std::vector<int32_t> far_sizes() const;       // [total_clusters]: n if far field, 0 if selected/empty
@@ -166,6 +172,7 @@ class CudaDecoder {
   int select_sort_ = 1;
   bool pdl_ = true;
   bool fused_allowed_ = true;
+  int fused_waves_ = kFusedWaves;
   unsigned long long* step_prof_ = nullptr;
   bool step_prof_return_ = false;
   void plan_fused(const DeviceClusterIndex& index, int64_t exact_rows, int page_size);
