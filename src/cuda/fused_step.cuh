@@ -145,12 +145,14 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   //    (Reading the queries first as well made the kernel spill.)
   stage_rows(staged, keys + size_t(cb + c0) * kD, n_local);
   // own_first: the member offsets the selection lists its rows by (one level; the coarse
-  // selection lists none).
+  // selection lists none). Sizes stay as loaded (>= 0 by DeviceClusterIndex's checks) and are
+  // clamped only where a negative one would count: a clamp here waited for the loads and held
+  // back the queries' behind them by a round trip.
   int own_n[kOwned], own_first[kOwned];
 #pragma unroll
   for (int r = 0; r < kOwned; ++r) {
     const int j = tid + r * kThreads;
-    own_n[r] = j < C ? max(a.sizes[cb + j], 0) : 0;
+    own_n[r] = j < C ? a.sizes[cb + j] : 0;
     own_first[r] = !kHier && j < C ? a.member_begin[cb + j] : 0;
   }
   int run_child[kRun + 1];  // (cb + C is the first fine cluster when F > 0; without one nothing is selected)
@@ -159,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     for (int i = 0; i <= kRun; ++i)
       run_child[i] = kRun * tid + i < C || (kRun * tid + i == C && F > 0) ? a.member_begin[cb + kRun * tid + i] : 0;
   }
-  const int local_n = tid < n_local ? max(a.sizes[cb + c0 + tid], 0) : 0;
+  const int local_n = tid < n_local ? a.sizes[cb + c0 + tid] : 0;  // (as own_n)
   const int local_first = !kHier && tid < n_local ? a.member_begin[cb + c0 + tid] : 0;
   if (tid < kMaxCoarse / 32) coarse_sel.selected_bits[tid] = 0;
   if constexpr (kHier) {
@@ -240,10 +242,9 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   {
     unsigned long long key[kOwned];
 #pragma unroll
-    for (int r = 0; r < kOwned; ++r) {
-      key[r] = own_n[r] > 0
-                   ? pick_key(importance(coarse_x(r), gmax, gzinv), tid + r * kThreads, min(own_n[r], first_cap))
-                   : 0ull;
+    for (int r = 0; r < kOwned; ++r) {  // (importance of every slot, then a select: no branch a key)
+      const float imp = importance(coarse_x(r), gmax, gzinv);
+      key[r] = own_n[r] > 0 ? pick_key(imp, tid + r * kThreads, min(own_n[r], first_cap)) : 0ull;
     }
     long long walk = 0;  // (profiled variant) the clock at the start of the walk's rounds
     greedy_select<true>(key, own_first, first_budget, 255, coarse_sel, [] {}, [&] {
@@ -352,36 +353,41 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
 #pragma unroll
     for (int r = 0; r < kOwnedCand; ++r) {
       const int k = tid + r * kThreads;
-      cand_n[r] = k < n_cand ? max(a.sizes[fb + cand_fine[k]], 0) : 0;
+      cand_n[r] = k < n_cand ? a.sizes[fb + cand_fine[k]] : 0;  // (unclamped, as own_n)
       cand_off[r] = k < n_cand ? a.member_begin[fb + cand_fine[k]] : 0;
-      if (k < n_cand) cand_size[k] = cand_n[r];  // (read by the far sizes, after the selection's barriers)
     }
 
     pc.mark(5);
     // 5. This warp's candidates: logits pushed into every CTA (lane r < 16 stores into CTA r),
-    //    value rows and log2 sizes kept for the far field.
+    //    value rows and log2 sizes kept for the far field. Every load is issued before any is
+    //    used: a size used as it came cost a round trip a slot.
     {
       float qr[kG][4];
       lane_queries(qs, qr);
       uint2 ck[kCandSlots];
+      int ck_n[kCandSlots];
 #pragma unroll
       for (int i = 0; i < kCandSlots; ++i) {
         const int k = rank + kCtas * (warp + kWarps * i);
+        ck_n[i] = 0;
         if (k >= n_cand) continue;
         const size_t row = size_t(fb + cand_fine[k]) * kD + lane * 4;
         ck[i] = *reinterpret_cast<const uint2*>(keys + row);
         vr[kSlots + i] = *reinterpret_cast<const uint2*>(values + row);
-        const int n = a.sizes[fb + cand_fine[k]];
-        lift[i] = n > 0 ? __log2f(float(n)) : -INFINITY;  // an empty candidate is no pseudo-row
+        ck_n[i] = a.sizes[fb + cand_fine[k]];
       }
-      // The candidates' member lists into L2: the selected ones' are read for the exact rows.
 #pragma unroll
-      for (int r = 0; r < kOwnedCand; ++r)
+      for (int r = 0; r < kOwnedCand; ++r) {
+        const int k = tid + r * kThreads;
+        if (k < n_cand) cand_size[k] = max(cand_n[r], 0);  // (read by the far sizes, after the selection's barriers)
+        // The candidates' member lists into L2: the selected ones' are read for the exact rows.
         if (cand_n[r] > 0) prefetch_l2(a.members + cand_off[r]);
+      }
 #pragma unroll
       for (int i = 0; i < kCandSlots; ++i) {
         const int k = rank + kCtas * (warp + kWarps * i);
         if (k >= n_cand) continue;
+        lift[i] = ck_n[i] > 0 ? __log2f(float(ck_n[i])) : -INFINITY;  // an empty candidate is no pseudo-row
         float k4[4], x[kG];
         to_float4<CT>(ck[i], k4);
         warp_dots(qr, k4, x);
@@ -471,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   // Inspection: the far sizes of every cluster of the entry (n if in the far field, else 0),
   // and the exact rows' count.
   if (a.far_size) {
-    if (tid < n_local) a.far_size[cb + c0 + tid] = coarse_sel.selected(c0 + tid) ? 0 : local_n;
+    if (tid < n_local) a.far_size[cb + c0 + tid] = coarse_sel.selected(c0 + tid) ? 0 : max(local_n, 0);
 #pragma unroll 1
     for (int f = rank * kThreads + tid; kHier && f < F; f += kCtas * kThreads) {
       const uint32_t bits = is_cand[f / 32];
