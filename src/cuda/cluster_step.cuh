@@ -346,23 +346,28 @@ __device__ __forceinline__ void join_cta_state(State& st, const float (&m)[kG], 
 
 // out [heads, kD] of one entry = the merge of the cluster's kCtas states, elements [lo, hi) of
 // it (all by default); load(r, i) gives float i of CTA r's State (local or through DSMEM). Run by
-// every thread of one CTA.
+// every thread of one CTA. Every CTA's (l, m, o) is loaded before any is used: loads under the
+// conditions they feed cost three or four DSMEM round trips in a row.
 template <class Load>
 __device__ void write_merged_states(const Load& load, float* out, int heads = kG, int lo = 0, int hi = -1) {
   constexpr int kM = offsetof(State, m) / 4, kL = offsetof(State, l) / 4, kO = offsetof(State, o) / 4;
   if (hi < 0) hi = heads * kD;
   for (int i = lo + int(threadIdx.x); i < hi; i += blockDim.x) {
     const int g = i / kD, d = i % kD;
-    float m[kCtas], mx = -INFINITY;
+    float sl[kCtas], m[kCtas], so[kCtas], mx = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < kCtas; ++r) sl[r] = load(r, kL + g), m[r] = load(r, kM + g), so[r] = load(r, kO + g * kD + d);
+#pragma unroll
     for (int r = 0; r < kCtas; ++r) {
-      m[r] = load(r, kL + g) > 0 ? load(r, kM + g) : -INFINITY;
+      m[r] = sl[r] > 0 ? m[r] : -INFINITY;
       mx = fmaxf(mx, m[r]);
     }
     float l = 0, o = 0;
+#pragma unroll
     for (int r = 0; r < kCtas; ++r) {
       if (m[r] == -INFINITY) continue;
       const float f = fast_exp2(m[r] - mx);
-      l += load(r, kL + g) * f, o += load(r, kO + g * kD + d) * f;
+      l += sl[r] * f, o += so[r] * f;
     }
     out[g * kD + d] = o / l;
   }
