@@ -102,11 +102,18 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   const int seq = a.seq_ids[b], len = a.lengths[seq], end = a.entry_end[e];
   const int nsink = min(a.sinks, end), ntail = len - end, nfixed = nsink + ntail;
   const int32_t* table = a.tables + a.table_offset[seq];
-  // The group's queries (rows e * G.., as qrow below) into L2 before the look-ups above return:
-  // they are read last in the prologue (reading them into registers first made the kernel
-  // spill). 16 lines each.
-  if (constexpr int kLines = kG * kD / 32; tid < 2 * kLines && (tid % kLines) * 32 < G * kD)
-    prefetch_l2((tid < kLines ? a.q_score : a.q) + size_t(e) * G * kD + 32 * (tid % kLines));
+  // The group's queries, elements tid and tid + kThreads of [kG][kD] (padded heads zero), loaded
+  // while the look-ups above are out: they go into shared memory at the end of the prologue.
+  static_assert(kG * kD == 2 * kThreads, "two query elements a thread");
+  const size_t qrow = (size_t(b) * Hkv + size_t(h)) * size_t(G) * kD;  // [B, Hkv * G, D]: head h * G + g
+  float q_in[2][2];  // [element][scoring, exact]
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int i = tid + k * kThreads;
+    const bool real = i / kD < G;
+    q_in[k][0] = real ? a.q_score[qrow + i] : 0.0f;
+    q_in[k][1] = real ? a.q[qrow + i] : 0.0f;
+  }
   PhaseClock pc(kProf ? a.prof : nullptr, kPhaseClockSlots);
   if constexpr (kProf)
     if (a.prof_return) return;  // (no atomics: their wait would count)
@@ -141,8 +148,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   // 1. Only what is one round trip away: the coarse key slice staged, this thread's coarse
   //    clusters of the selection (j = tid + 256 r) and the child-list starts of those of the
   //    listing (j = 8 tid + i, i <= 8: one more for the last list's end), the queries (padded
-  //    heads zero). The fixed rows' page ids, two round trips away, are read after the scoring.
-  //    (Reading the queries first as well made the kernel spill.)
+  //    heads zero, loaded above). The fixed rows' page ids, two round trips away, are read after
+  //    the scoring.
   stage_rows(staged, keys + size_t(cb + c0) * kD, n_local);
   // own_first: the member offsets the selection lists its rows by (one level; the coarse
   // selection lists none). Sizes stay as loaded (>= 0 by DeviceClusterIndex's checks) and are
@@ -168,11 +175,11 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     if (tid < kMaxCand / 32) fine_sel.selected_bits[tid] = 0;
     for (int w = tid; w < kFineWords; w += kThreads) is_cand[w] = 0;
   }
-  const size_t qrow = (size_t(b) * Hkv + size_t(h)) * size_t(G) * kD;  // [B, Hkv * G, D]: head h * G + g
-  for (int i = tid; i < kG * kD; i += kThreads) {
-    const bool real = i / kD < G;
-    qs[i / kD][i % kD] = real ? a.q_score[qrow + i] * a.qscale : 0.0f;
-    qx[i / kD][i % kD] = real ? a.q[qrow + i] * a.qscale : 0.0f;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int i = tid + k * kThreads;
+    qs[i / kD][i % kD] = q_in[k][0] * a.qscale;
+    qx[i / kD][i % kD] = q_in[k][1] * a.qscale;
   }
   // The warp's rows: slots [0, kSlots) exact rows (row j of the entry's list, sinks, the
   // tokens past the clustered region, then the selected clusters' members in pick order, goes
