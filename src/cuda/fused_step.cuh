@@ -153,8 +153,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   stage_rows(staged, keys + size_t(cb + c0) * kD, n_local);
   // own_first: the member offsets the selection lists its rows by (one level; the coarse
   // selection lists none). Sizes stay as loaded (>= 0 by DeviceClusterIndex's checks) and are
-  // clamped only where a negative one would count: a clamp here waited for the loads and held
-  // back the queries' behind them by a round trip.
+  // clamped only where a negative one would count: a clamp as they arrived stalled the prologue
+  // for their round trip.
   int own_n[kOwned], own_first[kOwned];
 #pragma unroll
   for (int r = 0; r < kOwned; ++r) {

@@ -1033,9 +1033,11 @@ TEST(CudaMultipole, OneLevelInOneLaunch) {
 TEST(CudaMultipole, OneLaunchInWaves) {
   REQUIRE_GPU();
   compare_with_cpu_policy(4, 40, 128, {16}, 128, 0, 940, DType::BF16, DType::BF16, true, false, nullptr, 16, 0);
-  std::vector<int32_t> left;  // two levels, some entries left to the kernels behind
+  std::vector<int32_t> left;  // two levels: the long sequence's entries left to the kernels behind
   compare_with_cpu_policy(4, 40, 128, {2, 64}, 128, 2048, 941, DType::BF16, DType::BF16, true, false, &left, 16, 0);
-  EXPECT_EQ(left.size(), 120u);
+  std::vector<int32_t> expected(120, 0);  // entries (b, h) = b * 40 + h
+  std::fill(expected.begin(), expected.begin() + 40, 1);
+  EXPECT_EQ(left, expected);
 }
 
 // Fine clusters of 2 tokens under a coarse budget of 2048: the long sequence's entries list

@@ -35,11 +35,11 @@ struct DecodePlanInfo {
   // The step runs in one launch (fused_step.cuh: one 16-CTA cluster per entry) where it holds:
   // head dim 128, G <= 4, keys in the cache's type, budget <= 128, pages of a power-of-two
   // size, <= 512 exact rows per entry, two levels of <= 2048 coarse and <= 16384 fine clusters
-  // per entry or one level of <= 2048, and the entries' clusters in at most fused_waves waves
-  // of the clusters the GPU holds at once. fused_why: why not, if not. Candidates: where the index's bound allows
-  // over 512, fused_fallback: the selection and attention kernels are launched behind the
-  // one-launch step and run only the entries that listed over 512 (the others' CTAs return at
-  // once), so a step is 3 launches and exact whatever the index.
+  // per entry or one level of <= 2048, and the entries' clusters in at most set_fused_waves()
+  // waves of the clusters the GPU holds at once. fused_why: why not, if not. Candidates: where
+  // the index's bound allows over 512, fused_fallback: the selection and attention kernels are
+  // launched behind the one-launch step and run only the entries that listed over 512 (the
+  // others' CTAs return at once), so a step is 3 launches and exact whatever the index.
   bool fused = false;
   bool fused_fallback = false;
   const char* fused_why = "";
