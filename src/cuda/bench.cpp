@@ -314,28 +314,22 @@ void print_update_profile(const char* what, const DeviceBuffer& prof, int B, int
 // How the plan runs a multipole step (stderr).
 void print_plan(const char* what, const CudaDecoder& dec, int B, int Hkv, int64_t ctx) {
   const DecodePlanInfo& p = dec.plan_info();
+  std::string how;
   if (!p.fused) {
-    std::fprintf(stderr, "bench: b%d %lld tokens, %s: three launches (one launch: %s)\n", B,
-                 static_cast<long long>(ctx), what, p.fused_why);
-    return;
+    how = std::string("three launches (one launch: ") + p.fused_why + ")";
+  } else {
+    const std::string bound = std::to_string(p.fused_candidate_bound);
+    how = !p.hierarchical      ? "one launch"
+          : !p.fused_fallback ? "one launch (at most " + bound + " candidates)"
+                              : "one launch, then selection and attention for entries over 512 candidates (the index "
+                                "allows " + bound + ")";
+    // Entries past the clusters held at once start as the first end.
+    const int entries = B * Hkv, at_once = std::max(p.fused_clusters_at_once, 1);
+    if (entries > at_once)
+      how += ", " + std::to_string(entries) + " clusters in " + std::to_string((entries + at_once - 1) / at_once) +
+             " waves of " + std::to_string(at_once);
   }
-  // Entries past the clusters held at once start as the first end.
-  const int entries = B * Hkv, at_once = std::max(p.fused_clusters_at_once, 1);
-  const std::string waves = entries > at_once ? ", " + std::to_string(entries) + " clusters in " +
-                                                  std::to_string((entries + at_once - 1) / at_once) + " waves of " +
-                                                  std::to_string(at_once)
-                                            : "";
-  if (!p.hierarchical)
-    std::fprintf(stderr, "bench: b%d %lld tokens, %s: one launch%s\n", B, static_cast<long long>(ctx), what,
-                 waves.c_str());
-  else if (!p.fused_fallback)
-    std::fprintf(stderr, "bench: b%d %lld tokens, %s: one launch (at most %d candidates)%s\n", B,
-                 static_cast<long long>(ctx), what, p.fused_candidate_bound, waves.c_str());
-  else
-    std::fprintf(stderr,
-                 "bench: b%d %lld tokens, %s: one launch, then selection and attention for entries over 512 candidates "
-                 "(the index allows %d)%s\n",
-                 B, static_cast<long long>(ctx), what, p.fused_candidate_bound, waves.c_str());
+  std::fprintf(stderr, "bench: b%d %lld tokens, %s: %s\n", B, static_cast<long long>(ctx), what, how.c_str());
 }
 
 // Diagnostics (MULTIPOLE_INDEX_STATS set): shape of an index and of what one step of `dec`
