@@ -53,6 +53,8 @@ def report(name, body, within):
                 continue
             operands = parts[1].split(",")
             dest, sources = operands[0].split()[-1], ",".join(operands[1:])
+            if "[" in operands[0]:  # a store's or an atomic's address: read, not written
+                dest, sources = "", parts[1]
             if any(re.search(rf"\b{r}\b", sources) for r in regs):
                 hits.append((addr, text, j - i, body[j][0], body[j][1]))
                 break
