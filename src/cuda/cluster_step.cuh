@@ -88,6 +88,22 @@ __device__ __forceinline__ void merge_max_sum(float& m, float& z, float m2, floa
   m = mx;
 }
 
+// The (max, sum) merge of N parts, part(r) = (m_r, z_r), in two passes: the maximum, then the
+// sum, whose exponentials are independent (merge_max_sum in a loop chains them: one MUFU and a
+// few dependent instructions a part). Parts with m_r = -inf add nothing.
+template <int N, class Part>
+__device__ __forceinline__ void merge_parts(const Part& part, float& mm, float& zz) {
+  float2 p[N];
+#pragma unroll
+  for (int r = 0; r < N; ++r) p[r] = part(r);
+  mm = -INFINITY;
+#pragma unroll
+  for (int r = 0; r < N; ++r) mm = fmaxf(mm, p[r].x);
+  zz = 0;
+#pragma unroll
+  for (int r = 0; r < N; ++r) zz += p[r].x == -INFINITY ? 0.0f : p[r].y * fast_exp2(p[r].x - mm);
+}
+
 // Head g's merged maximum mm and sum zz as the selections read them: gmax[g] (0 for none) and
 // gzinv[g] = 1 / zz (0 for g >= heads, the padded heads, or an empty sum).
 __device__ __forceinline__ void set_normaliser(int g, float mm, float zz, float* gmax, float* gzinv, int heads) {
@@ -117,8 +133,8 @@ __device__ __forceinline__ void block_max_sum(float (&m)[kG], float (&z)[kG], fl
   if ((lane & 7) == 0) red[warp][lane >> 3] = mc, red_z[warp][lane >> 3] = zc;
   __syncthreads();
   if (tid < kG) {
-    float mm = red[0][tid], zz = red_z[0][tid];
-    for (int w = 1; w < kWarps; ++w) merge_max_sum(mm, zz, red[w][tid], red_z[w][tid]);
+    float mm, zz;
+    merge_parts<kWarps>([&](int w) { return make_float2(red[w][tid], red_z[w][tid]); }, mm, zz);
     if constexpr (kRaw) gmax[tid] = mm, gzinv[tid] = zz;
     else set_normaliser(tid, mm, zz, gmax, gzinv, heads);
   }
@@ -131,8 +147,8 @@ __device__ __forceinline__ void block_max_sum(float (&m)[kG], float (&z)[kG], fl
 __device__ __forceinline__ void merge_slice_norms(const float2 (*part)[kG], float* gmax, float* gzinv, int heads) {
   const int tid = threadIdx.x;
   if (tid < kG) {
-    float mm = -INFINITY, zz = 0;
-    for (int r = 0; r < kCtas; ++r) merge_max_sum(mm, zz, part[r][tid].x, part[r][tid].y);
+    float mm, zz;
+    merge_parts<kCtas>([&](int r) { return part[r][tid]; }, mm, zz);
     set_normaliser(tid, mm, zz, gmax, gzinv, heads);
   }
   __syncthreads();
