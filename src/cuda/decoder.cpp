@@ -96,6 +96,7 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   pdl_ = env_int("MULTIPOLE_PDL", 1) != 0;
   fused_allowed_ = env_int("MULTIPOLE_FUSED", 1) != 0;
   fused_waves_ = env_int("MULTIPOLE_FUSED_WAVES", fused_waves_);
+  fused_stage_ahead_ = env_int("MULTIPOLE_FUSED_STAGE_AHEAD", fused_stage_ahead_);
   prescore_mode_ = env_int("MULTIPOLE_PRESCORE", -1);
 }
 
@@ -316,6 +317,13 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   if (info_.fused_clusters_at_once == 0) return why("no cluster launch on this device");
   if (fused_waves_ > 0 && E > int64_t(fused_waves_) * info_.fused_clusters_at_once)
     return why(fused_waves_ == 1 ? "more entries than its clusters fit at once" : "more entries than its waves of clusters hold");
+  stage_begin_.clear(), stage_count_.clear();
+  if (fused_stage_ahead_ > 0 && E <= FusedStepArgs::kPlannedEntries)
+    for (int e = 0; e < E; ++e) {
+      const int n = hier ? index.entry_coarse(e) : index.entry_clusters(e);
+      stage_begin_.push_back(int32_t(index.entry_first_cluster(e)));
+      stage_count_.push_back(fused_stage_ahead_ == 2 ? std::max(0, n - 1) : n);
+    }
   if (!hier) {  // no candidates
     info_.fused = true;
     return why("");
@@ -428,6 +436,9 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     f.entry_end = cv.entry_end;
     f.hierarchical = index.hierarchical();
     f.max_coarse = fused_staged(index);
+    f.planned_entries = int(stage_begin_.size());
+    std::copy(stage_begin_.begin(), stage_begin_.end(), f.planned_begin);
+    std::copy(stage_count_.begin(), stage_count_.end(), f.planned_count);
     f.sinks = config_.cluster.sinks;
     f.budget = config_.budget;
     f.coarse_budget = coarse_budget_;

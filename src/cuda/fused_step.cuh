@@ -2,7 +2,8 @@
 // The Multipole decode step over a two-level index in one launch (gpu-notes items 35, 36, 44): one
 // 16-CTA thread-block cluster per (sequence, KV head) runs the rule of score -> select_hier ->
 // attend, so a step costs one launch and no round trip through global memory:
-//   1. each CTA stages its slice of the coarse key centroids, scores it for the group's heads
+//   1. each CTA stages its slice of the coarse key centroids (from the plan's counts at entry,
+//      again where the entry's count changed since), scores it for the group's heads
 //      and pushes the logits and the slice's per-head (max, sum) into every CTA of the
 //      cluster, then stages its value centroids;
 //   2. every CTA runs the same coarse selection under coarse_budget (per-head normalisers
@@ -121,9 +122,18 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   extern __shared__ __align__(16) uint8_t smem[];
   const int per_max = (a.max_coarse + kCtas - 1) / kCtas;
+  uint8_t* staged = smem;
+  const CT* keys = static_cast<const CT*>(a.key_centroids);
+  // 1a. The CTA's key slice as the plan saw the entry (FusedStepArgs::planned_begin), copied now:
+  //     cb and C are a DRAM round trip away, and the scoring waits for these rows.
+  const bool ahead = e < a.planned_entries;
+  const int pcb = ahead ? a.planned_begin[e] : 0, pC = ahead ? a.planned_count[e] : 0;
+  if (ahead) {
+    const int pper = (pC + kCtas - 1) / kCtas;
+    stage_rows(staged, keys + size_t(pcb + rank * pper) * kD, max(0, min(min(pper, per_max), pC - rank * pper)));
+  }
   const int per = (C + kCtas - 1) / kCtas, c0 = rank * per;
   const int n_local = max(0, min(per, C - c0));
-  uint8_t* staged = smem;
   const size_t part_bytes = size_t(kWarps) * kG * kD * sizeof(float);
   const size_t staged_bytes = size_t(per_max) * kRowStride;
   float4* xall = reinterpret_cast<float4*>(smem + (staged_bytes > part_bytes ? staged_bytes : part_bytes));
@@ -140,7 +150,6 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   __shared__ uint32_t is_cand[kFineWords];
   __shared__ StateScratch sc;
 
-  const CT* keys = static_cast<const CT*>(a.key_centroids);
   const CT* values = static_cast<const CT*>(a.value_centroids);
   const int first_budget = kHier ? a.coarse_budget : a.budget;
   const int first_cap = first_budget + 1;  // a larger cluster never fits: its key size is capped here
@@ -149,8 +158,11 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   //    clusters of the selection (j = tid + 256 r) and the child-list starts of those of the
   //    listing (j = 8 tid + i, i <= 8: one more for the last list's end), the queries (padded
   //    heads zero, loaded above). The fixed rows' page ids, two round trips away, are read after
-  //    the scoring.
-  stage_rows(staged, keys + size_t(cb + c0) * kD, n_local);
+  //    the scoring. The key slice only where 1a did not stage it (or staged another).
+  if (!ahead || pcb != cb || pC != C) {
+    cp_async_wait<0>();  // 1a's copies land before these overwrite them
+    stage_rows(staged, keys + size_t(cb + c0) * kD, n_local);
+  }
   // own_first: the member offsets the selection lists its rows by (one level; the coarse
   // selection lists none). Sizes stay as loaded (>= 0 by DeviceClusterIndex's checks) and are
   // clamped only where a negative one would count: a clamp as they arrived stalled the prologue

@@ -181,6 +181,13 @@ struct FusedStepArgs {
   const int32_t* entry_coarse = nullptr; // [E]
   const int32_t* entry_end = nullptr;    // [E] clustered_end
   int max_coarse = 0;                    // most coarse clusters (one level: clusters) of an entry, <= 2048: the staging room
+  // The first cluster and the count of the clusters scored first (coarse, or one level's) of
+  // entries [0, planned_entries) as the plan saw them, so that each CTA's slice is copied at the
+  // kernel's entry rather than a DRAM round trip later, when entry_begin and the count arrive
+  // (an entry whose count changed since the plan is staged again then). 0 entries: off.
+  static constexpr int kPlannedEntries = 16;
+  int planned_entries = 0;
+  int32_t planned_begin[kPlannedEntries] = {}, planned_count[kPlannedEntries] = {};
   int sinks = 0, budget = 0, coarse_budget = 0, far_field = 1;
   float* out = nullptr;                  // [B, Hq, D] f32
   int32_t* far_size = nullptr;           // [total_clusters] out, or null

@@ -928,6 +928,22 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     outs.push_back(dout.get());
     fars.push_back(dec.far_sizes());
     EXPECT_EQ(dec.exact_counts(), three_counts);
+    // The first key slices staged at the kernel's entry from the plan's counts (the default, up to
+    // 16 entries), not ahead, or ahead from counts one short (every entry staged again): one step.
+    for (const int ahead : {0, 2}) {
+      CudaDecoder other(ac);
+      other.set_fused_waves(waves);
+      other.set_fused_stage_ahead(ahead);
+      other.plan(su.dev, su.cache.seqs, &index);
+      DeviceFloats aout(q.size());
+      aout.poison();
+      other.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), aout.ptr(), nullptr);
+      EXPECT_EQ(other.error_flags(), 0u);
+      EXPECT_EQ(other.far_sizes(), fars.back());
+      const auto direct = outs.back(), a = aout.get();
+      for (size_t i = 0; i < direct.size(); ++i)  // (as below: the kernels behind a fallback are not bitwise)
+        ASSERT_NEAR(a[i], direct[i], 1e-6f * (1.0f + std::fabs(direct[i]))) << "stage ahead " << ahead << ", element " << i;
+    }
     if (fallbacks) {
       *fallbacks = dec.fused_fallbacks();
       // The step's launches without programmatic dependent launch, and replayed from a graph

@@ -91,6 +91,12 @@ class CudaDecoder {
   // holds at once (0: any number). Default kFusedWaves, or MULTIPOLE_FUSED_WAVES. Next plan().
   static constexpr int kFusedWaves = 1;
   void set_fused_waves(int waves) { fused_waves_ = waves; }
+  // The one-launch step copies each CTA's slice of the clusters it scores first at the kernel's
+  // entry, from the entry's first cluster and count as plan() saw them (up to 16 entries),
+  // instead of a DRAM round trip later; an entry whose count changed since is staged again when
+  // its count arrives. 1 (default, or MULTIPOLE_FUSED_STAGE_AHEAD): on; 0: off; 2 (tests): the
+  // plan's counts one cluster short, so that every entry with clusters is staged again. Next plan().
+  void set_fused_stage_ahead(int mode) { fused_stage_ahead_ = mode; }
 
   // Inspection of the last multipole step (synchronous; tests and diagnostics).
   std::vector<int32_t> far_sizes() const;       // [total_clusters]: n if far field, 0 if selected/empty
@@ -173,6 +179,8 @@ class CudaDecoder {
   bool pdl_ = true;
   bool fused_allowed_ = true;
   int fused_waves_ = kFusedWaves;
+  int fused_stage_ahead_ = 1;
+  std::vector<int32_t> stage_begin_, stage_count_;  // [entries] as plan() saw them (fused_stage_ahead_)
   unsigned long long* step_prof_ = nullptr;
   bool step_prof_return_ = false;
   void plan_fused(const DeviceClusterIndex& index, int64_t exact_rows, int page_size);
