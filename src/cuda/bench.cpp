@@ -248,7 +248,8 @@ void print_step_span(const char* what, CudaDecoder& dec, const DeviceKVCache& de
       std::string sms;
       double end_lo = 1e30, end_hi = 0;
       for (int c = kFusedCtas * e; c < kFusedCtas * (e + 1); ++c) {
-        sms += (sms.empty() ? "" : ",") + std::to_string(v[c * S + detail::kCtaSm]);
+        if (!sms.empty()) sms += ',';
+        sms += std::to_string(v[c * S + detail::kCtaSm]);
         const double end = 1e-3 * double(v[c * S + detail::kCtaEnd] - first);
         end_lo = std::min(end_lo, end), end_hi = std::max(end_hi, end);
       }
