@@ -292,6 +292,7 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   info_.fused = false;
   info_.fused_fallback = false;
   info_.fused_candidate_bound = 0;
+  stage_begin_.clear(), stage_count_.clear();
   const DType kv_dtype = index.value_dtype();
   const int E = index.entries();
   const auto why = [&](const char* reason) { info_.fused_why = reason; };
@@ -317,7 +318,6 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   if (info_.fused_clusters_at_once == 0) return why("no cluster launch on this device");
   if (fused_waves_ > 0 && E > int64_t(fused_waves_) * info_.fused_clusters_at_once)
     return why(fused_waves_ == 1 ? "more entries than its clusters fit at once" : "more entries than its waves of clusters hold");
-  stage_begin_.clear(), stage_count_.clear();
   if (fused_stage_ahead_ > 0 && E <= FusedStepArgs::kPlannedEntries)
     for (int e = 0; e < E; ++e) {
       const int n = hier ? index.entry_coarse(e) : index.entry_clusters(e);
