@@ -81,6 +81,15 @@ __device__ __forceinline__ void load_kv_lane(const FusedStepArgs& a, const int32
   load_kv_page(a, table[pos >> a.page_shift], h, pos, k, v);
 }
 
+// CTA `rank`'s slice [c0, c0 + n) of an entry's C clusters scored first: ceil(C / kCtas) a CTA.
+struct Slice {
+  int c0, n;
+};
+__device__ __forceinline__ Slice slice_of(int C, int rank) {
+  const int per = (C + kCtas - 1) / kCtas;
+  return {rank * per, max(0, min(per, C - rank * per))};
+}
+
 // Phases of the profiled variant (kProf; FusedStepArgs::prof): the clock64 cycles of each, per
 // CTA, into slots [0, kFusedPhases); the names are the bench's (bench.cpp, MULTIPOLE_STEP_PROFILE).
 // Then per selection (coarse, fine): its picks, those taken at once by the radix passes, and the
@@ -129,11 +138,10 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   const bool ahead = e < a.planned_entries;
   const int pcb = ahead ? a.planned_begin[e] : 0, pC = ahead ? a.planned_count[e] : 0;
   if (ahead) {
-    const int pper = (pC + kCtas - 1) / kCtas;
-    stage_rows(staged, keys + size_t(pcb + rank * pper) * kD, max(0, min(min(pper, per_max), pC - rank * pper)));
+    const Slice p = slice_of(pC, rank);
+    stage_rows(staged, keys + size_t(pcb + p.c0) * kD, min(p.n, per_max));
   }
-  const int per = (C + kCtas - 1) / kCtas, c0 = rank * per;
-  const int n_local = max(0, min(per, C - c0));
+  const auto [c0, n_local] = slice_of(C, rank);
   const size_t part_bytes = size_t(kWarps) * kG * kD * sizeof(float);
   const size_t staged_bytes = size_t(per_max) * kRowStride;
   float4* xall = reinterpret_cast<float4*>(smem + (staged_bytes > part_bytes ? staged_bytes : part_bytes));
