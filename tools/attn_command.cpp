@@ -142,6 +142,7 @@ json config_json(const AttentionConfig& c, const AttnArgs& args) {
           {"seed", c.cluster.seed},
           {"score_position", c.score_position},
           {"real_positions", c.score_real_positions},
+          {"far_field_real_positions", c.far_field_real_positions},
           {"quest_page_size", c.quest_page_size},
           {"kv_dtype", args.kv_dtype},
           {"device", args.device},
@@ -367,6 +368,9 @@ void add_attn_command(CLI::App& app) {
       ->check(at_least(0.0));
   cmd->add_flag("--real-positions", c.score_real_positions,
                 "Score each centroid at its members' mean position instead of the fixed position");
+  cmd->add_flag("--far-real-positions", c.far_field_real_positions,
+                "Experiment (cpu only): the far field from the centroids at their members' mean positions, the "
+                "selection still at --score-position");
   cmd->add_option("--quest-page-size", c.quest_page_size, "Tokens per page bound of the quest policy")
       ->capture_default_str()
       ->check(at_least(1));

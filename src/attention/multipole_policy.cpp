@@ -33,6 +33,8 @@ struct MultipolePolicy::Scratch {
   std::vector<uint8_t> chosen;      // [n]
   std::vector<int32_t> selected_positions, exact_positions;  // chosen middle positions; sinks + middle + window
   std::vector<float> rkeys;  // [n, d] real-position mode: the candidates' key centroids, rotated
+  std::vector<float> far_logits;  // [G, n] far_field_real_positions: the candidates' far-field weights
+  std::vector<float> far_max;     // [G] their maxima
   std::vector<float> fm, fl, zmax, zsum;     // [G] frontier normalisation
   Rotation rotation;
   SelectionScratch selection;
@@ -57,8 +59,9 @@ struct MultipolePolicy::Scratch {
     if (real) {
       rotation.set(*real, 0.0);
       cpu::grow(rkeys, n * d);
+      cpu::grow(far_logits, size_t(G) * n);
     }
-    for (auto* v : {&fm, &fl, &zmax, &zsum}) cpu::grow(*v, size_t(G));
+    for (auto* v : {&fm, &fl, &zmax, &zsum, &far_max}) cpu::grow(*v, size_t(G));
   }
 };
 
@@ -147,7 +150,7 @@ void MultipolePolicy::decode(const PagedKVCache& cache, int layer, std::span<con
   while (scratch_.size() < size_t(pool.size())) scratch_.push_back(std::make_unique<Scratch>());
   for (auto& s : scratch_)
     s->reserve(config_.group_size(), config_.head_dim, candidates, config_.budget, positions,
-               config_.score_real_positions ? &rope_ : nullptr);
+               config_.score_real_positions || config_.far_field_real_positions ? &rope_ : nullptr);
   thread_stats_.assign(size_t(pool.size()), DecodeStats{});
   // One small capture so that the std::function of parallel_for needs no allocation.
   struct Context {
@@ -193,6 +196,36 @@ void MultipolePolicy::rank_by_bound(const ClusterLevel& lv, const int32_t* cand,
     for (int64_t i = 0; i < n; ++i) imp[i] += float(b[i] / z);
   }
   for (int64_t i = 0; i < n; ++i) imp[i] /= float(lv.sizes[cand[i]]);
+}
+
+// The far field of the unselected candidates (chosen[i] == 0) with logits from their centroids
+// rotated to their members' mean positions against the real queries q (the
+// far_field_real_positions experiment), into s.far.
+//   cand: [n] cluster ids of level lv; q: [G, d] real queries
+void MultipolePolicy::far_at_real_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n,
+                                            const uint8_t* chosen, const float* q, int G, int d, float scale,
+                                            Scratch& s) const {
+  float* rk = cpu::grow(s.rkeys, size_t(n) * d);
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy_n(lv.keys.data() + int64_t(cand[i]) * d, d, rk + i * d);
+    s.rotation.set(rope_, lv.mean_position(cand[i]));
+    s.rotation.apply(rk + i * d);
+  }
+  float* w = cpu::grow(s.far_logits, size_t(G) * n);
+  kernels::score_rows(rk, nullptr, n, q, G, d, scale, w);
+  for (int g = 0; g < G; ++g) {
+    float* wg = w + int64_t(g) * n;
+    float mx = kNegInf;
+    for (int64_t i = 0; i < n; ++i) {
+      wg[i] = chosen[i] ? kNegInf : wg[i] + lv.log_sizes[cand[i]];
+      mx = std::max(mx, wg[i]);
+    }
+    s.far_max[size_t(g)] = mx;
+    if (mx == kNegInf) continue;  // (attend_weighted leaves a head of maximum -inf out)
+    for (int64_t i = 0; i < n; ++i) wg[i] -= mx;
+    kernels::exp_inplace(wg, n);
+  }
+  kernels::attend_weighted(lv.values.data(), cand, n, w, s.far_max.data(), s.far.get());
 }
 
 // One (sequence, KV head): hierarchical selection, exact part, far field, merge.
@@ -303,7 +336,12 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
         fm[g] = zmax[g];
         fl[g] = sum;
       }
-      if (far_field && nfar > 0) kernels::attend_weighted(lv.values.data(), cand, n, x, zmax, far);
+      if (far_field && nfar > 0) {
+        if (config_.far_field_real_positions && !real)
+          far_at_real_positions(lv, cand, n, chosen, q, G, d, scale, s);
+        else
+          kernels::attend_weighted(lv.values.data(), cand, n, x, zmax, far);
+      }
       pseudo += nfar;
 
       if (l > 0) {

@@ -98,6 +98,7 @@ AttentionConfig variant_attention_config(const EvalOptions& opt, const Model& mo
   ac.cluster.block_size = std::max(ac.cluster.block_size, opt.window);
   ac.score_position = opt.score_position;
   ac.score_real_positions = opt.real_positions;
+  ac.far_field_real_positions = opt.far_real_positions;
   if (v) {
     ac.budget = v->budget;
     if (!v->tokens_per_centroid.empty()) ac.cluster.tokens_per_centroid = v->tokens_per_centroid;
@@ -140,11 +141,12 @@ Record SuiteContext::record(const std::string& suite, const std::string& case_id
 std::string SuiteContext::settings() const {
   // Settings added later are named only away from their defaults, so that older runs still
   // resume.
-  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}{}",
+  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}{}{}",
                      activations_name(opt.f32_activations), opt.sinks, opt.window, opt.seed, context, opt.max_tokens,
                      opt.prefix, opt.real_positions ? "real" : fmt::format("{}", opt.score_position),
                      opt.coarse_budget == 0 ? "" : fmt::format(" coarse_budget={}", opt.coarse_budget),
                      opt.coarse_radius_weight == 0 ? "" : fmt::format(" coarse_radius_weight={}", opt.coarse_radius_weight),
+                     opt.far_real_positions ? " far_field=real" : "",
                      opt.device == "cpu" ? "" : " device=" + opt.device);
 }
 

@@ -158,6 +158,9 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
   };
   std::vector<Far> far;
   std::vector<std::vector<double>> far_logits(static_cast<size_t>(G));  // scale q.c + log n of the far clusters
+  // The same as scored for the selection (the frontier's normalisation): far_logits but for
+  // far_field_real_positions.
+  std::vector<std::vector<double>> frontier_logits(static_cast<size_t>(G));
   std::vector<int64_t> cand;
   std::set<int64_t> chosen0;
   const int L = idx.num_levels();
@@ -179,10 +182,10 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
     for (size_t i = 0; i < n; ++i) sizes[i] = lv.sizes[size_t(cand[i])];
     for (int g = 0; g < G; ++g) {
       double m = -std::numeric_limits<double>::infinity();
-      for (double x : far_logits[size_t(g)]) m = std::max(m, x);
+      for (double x : frontier_logits[size_t(g)]) m = std::max(m, x);
       for (size_t i = 0; i < n; ++i) m = std::max(m, score[size_t(g)][i] + std::log(double(sizes[i])));
       double z = 0;
-      for (double x : far_logits[size_t(g)]) z += std::exp(x - m);
+      for (double x : frontier_logits[size_t(g)]) z += std::exp(x - m);
       for (size_t i = 0; i < n; ++i) z += double(sizes[i]) * std::exp(score[size_t(g)][i] - m);
       for (size_t i = 0; i < n; ++i) importance[i] += std::exp(score[size_t(g)][i] - m) / z;
     }
@@ -227,7 +230,18 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
         continue;
       }
       far.push_back({l, cand[i]});
-      for (int g = 0; g < G; ++g) far_logits[size_t(g)].push_back(score[size_t(g)][i] + std::log(double(sizes[i])));
+      // far_field_real_positions: the far field's logit from the centroid at its mean position.
+      std::vector<double> ci_real;
+      if (c.far_field_real_positions && !real) {
+        const std::vector<double> ci = centroid(l, cand[i]);
+        ci_real = rotated(rope, ci.data(), d, lv.mean_position(cand[i]));
+      }
+      for (int g = 0; g < G; ++g) {
+        const double logn = std::log(double(sizes[i]));
+        frontier_logits[size_t(g)].push_back(score[size_t(g)][i] + logn);
+        far_logits[size_t(g)].push_back(
+            (ci_real.empty() ? score[size_t(g)][i] : scale * dot(qreal[size_t(g)], ci_real.data())) + logn);
+      }
     }
     if (l == 0) chosen0.insert(chosen.begin(), chosen.end());
     std::sort(next.begin(), next.end());

@@ -190,6 +190,39 @@ TEST(MultipolePolicy, CoarseRadiusWeightMatchesReference) {
   EXPECT_NE(o0, o1);
 }
 
+// The far field at real positions (an experiment) against the reference, on two levels: the
+// selection and the frontier's normalisation stay at the fixed position, only the far field's
+// logits move. And it changes the output (else the test would not test it).
+TEST(MultipolePolicy, FarFieldAtRealPositionsMatchesReference) {
+  ThreadPool pool(2);
+  int total = 0, ambiguous = 0;
+  for (auto levels : {std::vector<int>{8}, std::vector<int>{8, 64}}) {
+    AttentionConfig c = make_config(4, 64);
+    c.cluster.block_size = 1024;
+    c.cluster.window = 64;
+    c.cluster.tokens_per_centroid = levels;
+    c.budget = 64;
+    c.coarse_budget = 256;
+    c.far_field_real_positions = true;
+    ref::SyntheticKV data(c, DType::BF16, 2, 8192, ref::KeyKind::Clustered, 47);
+    for (int64_t len : {97, 2049, 2600}) data.append(data.add(), len);
+    auto policy = make_attention_policy("multipole", c);
+    const auto q = data.queries(c, 0.25f);
+    const Check r = check_policy(*policy, data, c, 1, q, pool, "levels " + std::to_string(levels.size()));
+    total += r.groups;
+    ambiguous += r.ambiguous;
+    AttentionConfig fixed = c;
+    fixed.far_field_real_positions = false;
+    auto other = make_attention_policy("multipole", fixed);
+    std::vector<float> o0(q.size()), o1(q.size());
+    policy->decode(*data.cache, 1, data.seqs, q.data(), o0.data(), pool);
+    other->update(*data.cache, 1, data.seqs, pool);
+    other->decode(*data.cache, 1, data.seqs, q.data(), o1.data(), pool);
+    EXPECT_NE(o0, o1);
+  }
+  EXPECT_LT(ambiguous, total / 10 + 1);
+}
+
 TEST(MultipolePolicy, DefaultConfigPastABlockBoundary) {
   // Default clustering (block 8192, {16, 128}, window 128, budget 128) on sequences with
   // two blocks, plus a short one; group size 4, head dim 128, one KV head (k-means over
@@ -226,22 +259,27 @@ TEST(MultipolePolicy, BudgetCoveringAllTokensIsDense) {
   }
 }
 
+// Also with only the far field at real positions (far_field_real_positions): whatever the
+// fixed-position scores select, the unselected singletons' far-field terms are their tokens' own.
 TEST(MultipolePolicy, SingletonClustersInRealPositionModeAreDenseForAnyBudget) {
   ThreadPool pool(2);
   AttentionConfig c = make_config(5, 64);
   c.cluster.tokens_per_centroid = {1};
   c.cluster.window = 32;
   c.cluster.prefill_iterations = 2;
-  c.score_real_positions = true;
   ref::SyntheticKV data(c, DType::BF16, 1, 4096, ref::KeyKind::Clustered, 51);
   for (int64_t len : {1, 97, 700}) data.append(data.add(), len);
+  for (const bool far_only : {false, true})
   for (int budget : {0, 7, 64, 100000}) {
+    c.score_real_positions = !far_only;
+    c.far_field_real_positions = far_only;
     c.budget = budget;
     c.coarse_budget = 0;
     auto policy = make_attention_policy("multipole", c);
     const auto q = data.queries(c, 0.3f);
     const auto err = errors_vs_dense(*policy, data, c, q, pool);
-    for (size_t i = 0; i < err.size(); ++i) EXPECT_LT(err[i], 5e-5) << "budget " << budget << " group " << i;
+    for (size_t i = 0; i < err.size(); ++i)
+      EXPECT_LT(err[i], 5e-5) << (far_only ? "far field only, " : "") << "budget " << budget << " group " << i;
     for (SeqId seq : data.seqs)
       for (int h = 0; h < c.num_kv_heads; ++h) {
         const ClusterIndex* idx = find_cluster_index(*policy, seq, 0, h);
@@ -351,9 +389,10 @@ TEST(MultipolePolicy, DecodeDoesNotAllocateOnceWarm) {
   GTEST_SKIP() << "allocation counting is off under ASan";
 #else
   ThreadPool pool(2);
-  for (bool real : {false, true}) {
+  for (int mode : {0, 1, 2}) {  // fixed position, real positions, the far field at real positions
     AttentionConfig c = make_config(8, 128);
-    c.score_real_positions = real;
+    c.score_real_positions = mode == 1;
+    c.far_field_real_positions = mode == 2;
     ref::SyntheticKV data(c, DType::BF16, 1, 16384, ref::KeyKind::Clustered, 101);
     data.append(data.add(), 5000);
     data.append(data.add(), 700);
@@ -367,7 +406,7 @@ TEST(MultipolePolicy, DecodeDoesNotAllocateOnceWarm) {
       counting = true;
       policy->decode(*data.cache, 0, data.seqs, q.data(), out.data(), pool);
       counting = false;
-      EXPECT_EQ(allocations.load(), 0) << (real ? "real positions" : "fixed position") << ", call " << i;
+      EXPECT_EQ(allocations.load(), 0) << "mode " << mode << ", call " << i;
     }
   }
 #endif

@@ -37,6 +37,10 @@ struct AttentionConfig {
   float coarse_radius_weight = 0.0f;
   bool multipole_far_field = true;   // false: "squeezed" (unselected clusters dropped)
   bool score_real_positions = false; // score centroids at their members' mean position
+  // The far field's logits from the unselected centroids rotated to their members' mean
+  // positions against the real query, while the selection keeps the fixed-position scores.
+  // CPU only (an experiment: is the far field's error its position?).
+  bool far_field_real_positions = false;
   double score_position = 2048;      // fixed query position for centroid scoring
   ClusterConfig cluster;
 
