@@ -198,6 +198,19 @@ void MultipolePolicy::rank_by_bound(const ClusterLevel& lv, const int32_t* cand,
   for (int64_t i = 0; i < n; ++i) imp[i] /= float(lv.sizes[cand[i]]);
 }
 
+// Copies of the candidates' key centroids, each rotated to its members' mean position, in s.rkeys.
+//   cand: [n] cluster ids of level lv; returns [n, d]
+const float* MultipolePolicy::centroids_at_mean_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n,
+                                                          int d, Scratch& s) const {
+  float* rk = cpu::grow(s.rkeys, size_t(n) * d);
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy_n(lv.keys.data() + int64_t(cand[i]) * d, d, rk + i * d);
+    s.rotation.set(rope_, lv.mean_position(cand[i]));
+    s.rotation.apply(rk + i * d);
+  }
+  return rk;
+}
+
 // The far field of the unselected candidates (chosen[i] == 0) with logits from their centroids
 // rotated to their members' mean positions against the real queries q (the
 // far_field_real_positions experiment), into s.far.
@@ -205,14 +218,8 @@ void MultipolePolicy::rank_by_bound(const ClusterLevel& lv, const int32_t* cand,
 void MultipolePolicy::far_at_real_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n,
                                             const uint8_t* chosen, const float* q, int G, int d, float scale,
                                             Scratch& s) const {
-  float* rk = cpu::grow(s.rkeys, size_t(n) * d);
-  for (int64_t i = 0; i < n; ++i) {
-    std::copy_n(lv.keys.data() + int64_t(cand[i]) * d, d, rk + i * d);
-    s.rotation.set(rope_, lv.mean_position(cand[i]));
-    s.rotation.apply(rk + i * d);
-  }
   float* w = cpu::grow(s.far_logits, size_t(G) * n);
-  kernels::score_rows(rk, nullptr, n, q, G, d, scale, w);
+  kernels::score_rows(centroids_at_mean_positions(lv, cand, n, d, s), nullptr, n, q, G, d, scale, w);
   for (int g = 0; g < G; ++g) {
     float* wg = w + int64_t(g) * n;
     float mx = kNegInf;
@@ -279,13 +286,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
       const int32_t* key_ids = cand;
       if (real) {
         // Rotated copies: centroid i at its members' mean position, scored against the real q.
-        float* rk = cpu::grow(s.rkeys, size_t(n) * d);
-        for (int64_t i = 0; i < n; ++i) {
-          std::copy_n(lv.keys.data() + int64_t(cand[i]) * d, d, rk + i * d);
-          s.rotation.set(rope_, lv.mean_position(cand[i]));
-          s.rotation.apply(rk + i * d);
-        }
-        keys = rk, key_ids = nullptr;
+        keys = centroids_at_mean_positions(lv, cand, n, d, s), key_ids = nullptr;
       }
       float* x = cpu::grow(s.logits, size_t(G) * n);
       kernels::score_rows(keys, key_ids, n, qs, G, d, scale, x);

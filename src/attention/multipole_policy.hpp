@@ -59,6 +59,8 @@ class MultipolePolicy final : public AttentionPolicy {
                    float* out, const Rotation& score_rotation, Scratch& s, DecodeStats& stats) const;
   void rank_by_bound(const ClusterLevel& lv, const int32_t* cand, int64_t n, const float* qs, int G, int d,
                      float scale, const float* x, Scratch& s, float* imp) const;
+  const float* centroids_at_mean_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n, int d,
+                                           Scratch& s) const;
   void far_at_real_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n, const uint8_t* chosen,
                              const float* q, int G, int d, float scale, Scratch& s) const;
 
