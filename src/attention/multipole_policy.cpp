@@ -33,8 +33,8 @@ struct MultipolePolicy::Scratch {
   std::vector<uint8_t> chosen;      // [n]
   std::vector<int32_t> selected_positions, exact_positions;  // chosen middle positions; sinks + middle + window
   std::vector<float> rkeys;  // [n, d] real-position mode: the candidates' key centroids, rotated
-  std::vector<float> far_logits;  // [G, n] far_field_real_positions: the candidates' far-field weights
-  std::vector<float> far_max;     // [G] their maxima
+  std::vector<float> far_weights;  // [G, n] far_field_real_positions: n e^{logit - max}, 0 for chosen
+  std::vector<float> far_max;      // [G] the maxima of their logits
   std::vector<float> fm, fl, zmax, zsum;     // [G] frontier normalisation
   Rotation rotation;
   SelectionScratch selection;
@@ -59,7 +59,7 @@ struct MultipolePolicy::Scratch {
     if (real) {
       rotation.set(*real, 0.0);
       cpu::grow(rkeys, n * d);
-      cpu::grow(far_logits, size_t(G) * n);
+      cpu::grow(far_weights, size_t(G) * n);
     }
     for (auto* v : {&fm, &fl, &zmax, &zsum, &far_max}) cpu::grow(*v, size_t(G));
   }
@@ -213,12 +213,12 @@ const float* MultipolePolicy::centroids_at_mean_positions(const ClusterLevel& lv
 
 // The far field of the unselected candidates (chosen[i] == 0) with logits from their centroids
 // rotated to their members' mean positions against the real queries q (the
-// far_field_real_positions experiment), into s.far.
+// far_field_real_positions experiment), into far.
 //   cand: [n] cluster ids of level lv; q: [G, d] real queries
 void MultipolePolicy::far_at_real_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n,
                                             const uint8_t* chosen, const float* q, int G, int d, float scale,
-                                            Scratch& s) const {
-  float* w = cpu::grow(s.far_logits, size_t(G) * n);
+                                            Scratch& s, kernels::SoftmaxState& far) const {
+  float* w = cpu::grow(s.far_weights, size_t(G) * n);
   kernels::score_rows(centroids_at_mean_positions(lv, cand, n, d, s), nullptr, n, q, G, d, scale, w);
   for (int g = 0; g < G; ++g) {
     float* wg = w + int64_t(g) * n;
@@ -232,7 +232,7 @@ void MultipolePolicy::far_at_real_positions(const ClusterLevel& lv, const int32_
     for (int64_t i = 0; i < n; ++i) wg[i] -= mx;
     kernels::exp_inplace(wg, n);
   }
-  kernels::attend_weighted(lv.values.data(), cand, n, w, s.far_max.data(), s.far.get());
+  kernels::attend_weighted(lv.values.data(), cand, n, w, s.far_max.data(), far);
 }
 
 // One (sequence, KV head): hierarchical selection, exact part, far field, merge.
@@ -339,7 +339,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
       }
       if (far_field && nfar > 0) {
         if (config_.far_field_real_positions && !real)
-          far_at_real_positions(lv, cand, n, chosen, q, G, d, scale, s);
+          far_at_real_positions(lv, cand, n, chosen, q, G, d, scale, s, far);
         else
           kernels::attend_weighted(lv.values.data(), cand, n, x, zmax, far);
       }

@@ -9,6 +9,10 @@
 
 namespace multipole {
 
+namespace kernels {
+struct SoftmaxState;
+}
+
 // Rotation of head vectors by a fixed number of positions, with cos/sin computed once and
 // applied to many vectors (Rope::rotate_by recomputes them per call).
 class Rotation {
@@ -62,7 +66,8 @@ class MultipolePolicy final : public AttentionPolicy {
   const float* centroids_at_mean_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n, int d,
                                            Scratch& s) const;
   void far_at_real_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n, const uint8_t* chosen,
-                             const float* q, int G, int d, float scale, Scratch& s) const;
+                             const float* q, int G, int d, float scale, Scratch& s,
+                             kernels::SoftmaxState& far) const;
 
   Rope rope_;
   std::vector<std::vector<LayerState>> seqs_;  // [seq id][layer]

@@ -145,11 +145,16 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
     qscore[size_t(g)] = real ? qreal[size_t(g)]
                              : rotated(rope, qreal[size_t(g)].data(), d, c.score_position - double(len - 1));
   }
+  // Centroid of (level, id) rotated to its members' mean position.
+  auto at_mean_position = [&](int l, int64_t i) {
+    const auto& lv = idx.level(l);
+    const std::vector<double> k(lv.keys.begin() + i * d, lv.keys.begin() + (i + 1) * d);
+    return rotated(rope, k.data(), d, lv.mean_position(i));
+  };
   // Centroid of (level, id) as scored: fixed-position space, or rotated to its mean position.
   auto centroid = [&](int l, int64_t i) {
     const auto& lv = idx.level(l);
-    std::vector<double> k(lv.keys.begin() + i * d, lv.keys.begin() + (i + 1) * d);
-    return real ? rotated(rope, k.data(), d, lv.mean_position(i)) : k;
+    return real ? at_mean_position(l, i) : std::vector<double>(lv.keys.begin() + i * d, lv.keys.begin() + (i + 1) * d);
   };
 
   struct Far {
@@ -158,9 +163,6 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
   };
   std::vector<Far> far;
   std::vector<std::vector<double>> far_logits(static_cast<size_t>(G));  // scale q.c + log n of the far clusters
-  // The same as scored for the selection (the frontier's normalisation): far_logits but for
-  // far_field_real_positions.
-  std::vector<std::vector<double>> frontier_logits(static_cast<size_t>(G));
   std::vector<int64_t> cand;
   std::set<int64_t> chosen0;
   const int L = idx.num_levels();
@@ -182,10 +184,10 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
     for (size_t i = 0; i < n; ++i) sizes[i] = lv.sizes[size_t(cand[i])];
     for (int g = 0; g < G; ++g) {
       double m = -std::numeric_limits<double>::infinity();
-      for (double x : frontier_logits[size_t(g)]) m = std::max(m, x);
+      for (double x : far_logits[size_t(g)]) m = std::max(m, x);
       for (size_t i = 0; i < n; ++i) m = std::max(m, score[size_t(g)][i] + std::log(double(sizes[i])));
       double z = 0;
-      for (double x : frontier_logits[size_t(g)]) z += std::exp(x - m);
+      for (double x : far_logits[size_t(g)]) z += std::exp(x - m);
       for (size_t i = 0; i < n; ++i) z += double(sizes[i]) * std::exp(score[size_t(g)][i] - m);
       for (size_t i = 0; i < n; ++i) importance[i] += std::exp(score[size_t(g)][i] - m) / z;
     }
@@ -230,18 +232,7 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
         continue;
       }
       far.push_back({l, cand[i]});
-      // far_field_real_positions: the far field's logit from the centroid at its mean position.
-      std::vector<double> ci_real;
-      if (c.far_field_real_positions && !real) {
-        const std::vector<double> ci = centroid(l, cand[i]);
-        ci_real = rotated(rope, ci.data(), d, lv.mean_position(cand[i]));
-      }
-      for (int g = 0; g < G; ++g) {
-        const double logn = std::log(double(sizes[i]));
-        frontier_logits[size_t(g)].push_back(score[size_t(g)][i] + logn);
-        far_logits[size_t(g)].push_back(
-            (ci_real.empty() ? score[size_t(g)][i] : scale * dot(qreal[size_t(g)], ci_real.data())) + logn);
-      }
+      for (int g = 0; g < G; ++g) far_logits[size_t(g)].push_back(score[size_t(g)][i] + std::log(double(sizes[i])));
     }
     if (l == 0) chosen0.insert(chosen.begin(), chosen.end());
     std::sort(next.begin(), next.end());
@@ -274,7 +265,14 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
       for (size_t i = 0; i < far.size(); ++i) {
         const auto& lv = idx.level(far[i].l);
         far_values.emplace_back(lv.values.begin() + far[i].id * d, lv.values.begin() + (far[i].id + 1) * d);
-        logit.push_back(far_logits[size_t(g)][i]);
+        if (c.far_field_real_positions && !real) {
+          // The experiment: the centroid at its members' mean position against the real query
+          // (the selection and its normalisation above kept the fixed-position logits).
+          const std::vector<double> k = at_mean_position(far[i].l, far[i].id);
+          logit.push_back(scale * dot(qreal[size_t(g)], k.data()) + std::log(double(lv.sizes[size_t(far[i].id)])));
+        } else {
+          logit.push_back(far_logits[size_t(g)][i]);
+        }
         value.push_back(far_values.back().data());
       }
     }
