@@ -1016,33 +1016,59 @@ TEST(CudaMultipole, TwoLevelsCandidatesOnTensorCores) {
   compare_with_cpu_policy(16, 1, 128, {16, 64}, 64, 512, 907, DType::BF16);  // two n-tiles of heads
 }
 
-// The one-launch step (fused_step.cuh) against the three-kernel one: every group size it holds,
-// bf16 and f16, budgets and coarse budgets, squeezed.
-TEST(CudaMultipole, TwoLevelsInOneLaunch) {
+// The one-launch step (fused_step.cuh) against the three-kernel one, one gtest case per index
+// and query set, so that a sanitizer runs each in its own process (a racecheck of all of them in
+// one process ran past 540 s). Two levels: every group size it holds, bf16 and f16, budgets and
+// coarse budgets, squeezed, empty clusters, and pages of 12 tokens (three launches: the one-launch
+// step addresses rows by shifts). One level: the same, and clusters of 3 tokens (up to ~1600 an
+// entry, a long greedy walk) and of 2 (over its 2048 in the long sequence's entries at full scale:
+// three launches there).
+namespace {
+struct OneLaunchCase {
+  std::string name;
+  int G;
+  std::vector<int> tokens_per_centroid;
+  int budget, coarse_budget;
+  uint32_t seed;
+  DType kv = DType::BF16;
+  bool far_field = true, empties = false;
+  int page = 16, kv_heads = 2;
+};
+
+class CudaMultipoleOneLaunch : public ::testing::TestWithParam<OneLaunchCase> {};
+
+TEST_P(CudaMultipoleOneLaunch, MatchesTheThreeKernelStep) {
   REQUIRE_GPU();
-  uint32_t seed = 910;
-  for (const int G : {1, 2, 3, 4}) compare_with_cpu_policy(G, 2, 128, {16, 64}, 128, 0, seed++, DType::BF16);
-  compare_with_cpu_policy(4, 3, 128, {16, 64}, 64, 512, seed++, DType::F16, DType::F16);
-  compare_with_cpu_policy(4, 2, 128, {8, 128}, 128, 0, seed++, DType::BF16, DType::BF16, false);  // squeezed
-  compare_with_cpu_policy(2, 2, 128, {16, 32}, 32, 1024, seed++, DType::F16, DType::F16);
-  compare_with_cpu_policy(4, 2, 128, {16, 64}, 128, 0, seed++, DType::BF16, DType::BF16, true, true);  // empties
-  // Pages of 12 tokens: three launches (the one-launch step addresses rows by shifts).
-  compare_with_cpu_policy(4, 2, 128, {16, 64}, 128, 0, seed++, DType::BF16, DType::BF16, true, false, nullptr, 12);
+  const OneLaunchCase& c = GetParam();
+  compare_with_cpu_policy(c.G, c.kv_heads, 128, c.tokens_per_centroid, c.budget, c.coarse_budget, c.seed, c.kv, c.kv,
+                          c.far_field, c.empties, nullptr, c.page);
 }
 
-// The one-launch step over an index of one level against the three-kernel step: group sizes,
-// bf16 and f16, budgets, squeezed, clusters of 3 tokens (up to ~1600 an entry, a long greedy
-// walk); clusters of 2 (~2400 in the long sequence's entries) are over its 2048 and take three launches.
-TEST(CudaMultipole, OneLevelInOneLaunch) {
-  REQUIRE_GPU();
-  uint32_t seed = 930;
-  for (const int G : {1, 2, 3, 4}) compare_with_cpu_policy(G, 2, 128, {16}, 128, 0, seed++, DType::BF16);
-  compare_with_cpu_policy(4, 3, 128, {16}, 64, 0, seed++, DType::F16, DType::F16);
-  compare_with_cpu_policy(4, 2, 128, {8}, 128, 0, seed++, DType::BF16, DType::BF16, false);  // squeezed
-  compare_with_cpu_policy(3, 2, 128, {3}, 128, 0, seed++, DType::F16, DType::F16);
-  compare_with_cpu_policy(4, 2, 128, {2}, 128, 0, seed++, DType::BF16);
-  compare_with_cpu_policy(4, 2, 128, {16}, 128, 0, seed++, DType::BF16, DType::BF16, true, true);  // empties
-}
+void PrintTo(const OneLaunchCase& c, std::ostream* os) { *os << c.name; }
+std::string one_launch_case_name(const ::testing::TestParamInfo<OneLaunchCase>& info) { return info.param.name; }
+}  // namespace
+
+INSTANTIATE_TEST_SUITE_P(
+    TwoLevelsInOneLaunch, CudaMultipoleOneLaunch,
+    ::testing::Values(OneLaunchCase{"G1", 1, {16, 64}, 128, 0, 910}, OneLaunchCase{"G2", 2, {16, 64}, 128, 0, 911},
+                      OneLaunchCase{"G3", 3, {16, 64}, 128, 0, 912}, OneLaunchCase{"G4", 4, {16, 64}, 128, 0, 913},
+                      OneLaunchCase{"F16ThreeHeadsCoarseBudget512", 4, {16, 64}, 64, 512, 914, DType::F16, true, false, 16, 3},
+                      OneLaunchCase{"Squeezed", 4, {8, 128}, 128, 0, 915, DType::BF16, false},
+                      OneLaunchCase{"F16CoarseBudget1024", 2, {16, 32}, 32, 1024, 916, DType::F16},
+                      OneLaunchCase{"EmptyClusters", 4, {16, 64}, 128, 0, 917, DType::BF16, true, true},
+                      OneLaunchCase{"PagesOf12ThreeLaunches", 4, {16, 64}, 128, 0, 918, DType::BF16, true, false, 12}),
+    one_launch_case_name);
+
+INSTANTIATE_TEST_SUITE_P(
+    OneLevelInOneLaunch, CudaMultipoleOneLaunch,
+    ::testing::Values(OneLaunchCase{"G1", 1, {16}, 128, 0, 930}, OneLaunchCase{"G2", 2, {16}, 128, 0, 931},
+                      OneLaunchCase{"G3", 3, {16}, 128, 0, 932}, OneLaunchCase{"G4", 4, {16}, 128, 0, 933},
+                      OneLaunchCase{"F16ThreeHeadsBudget64", 4, {16}, 64, 0, 934, DType::F16, true, false, 16, 3},
+                      OneLaunchCase{"Squeezed", 4, {8}, 128, 0, 935, DType::BF16, false},
+                      OneLaunchCase{"F16ClustersOf3", 3, {3}, 128, 0, 936, DType::F16},
+                      OneLaunchCase{"ClustersOf2", 4, {2}, 128, 0, 937},
+                      OneLaunchCase{"EmptyClusters", 4, {16}, 128, 0, 938, DType::BF16, true, true}),
+    one_launch_case_name);
 
 // More entries than the one-launch step's clusters the GPU holds at once (3 sequences x 40 KV
 // heads): the clusters past them run as the first end, and the step is still the three-kernel one.
