@@ -176,11 +176,14 @@ void run_fidelity(SuiteContext& sc, Progress& progress) {
         st.comparing = cmp.get();
         st.policy = std::move(cmp);
       }
+      // (A long prefix takes minutes before the first position: say which phase runs.)
       if (s == 0) {
         st.seq = st.cache->add_sequence();
+        progress.advance(0, fmt::format("{} dense prefill of {} tokens", t.id, prefix.size()));
         if (prefix.size() > 1)
           sc.model.prefill(*st.cache, st.seq, prefix.first(prefix.size() - 1), *st.policy, sc.pool, nullptr);
       } else {
+        progress.advance(0, fmt::format("{} {} indexes the prefix", t.id, todo[s - 1]->label()));
         st.seq = st.cache->add_copy(*streams[0].cache, streams[0].seq, int64_t(prefix.size()) - 1);
       }
       st.logits.resize(size_t(vocab));

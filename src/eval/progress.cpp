@@ -40,10 +40,14 @@ std::string Progress::line() const {
   const int64_t worked = done_ - skipped_;
   const int64_t left = total_ - done_;
   std::string eta = "ETA ?";
-  if (left <= 0)
+  if (left <= 0) {
     eta = "done";
-  else if (worked > 0 && elapsed > 0)
-    eta = "ETA " + format_duration(elapsed / double(worked) * double(left));
+  } else if (first_unit_worked_ >= 0 && worked > first_unit_worked_) {
+    const double since = std::chrono::duration<double>(Clock::now() - first_unit_time_).count();
+    eta = "ETA " + format_duration(since / double(worked - first_unit_worked_) * double(left));
+  } else if (worked > 0 && elapsed > 0) {
+    eta = "ETA " + format_duration(elapsed / double(worked) * double(left));  // one unit so far
+  }
   const double pct = total_ > 0 ? 100.0 * double(done_) / double(total_) : 100.0;
   std::string s = fmt::format("{} {}/{} ({:.0f}%) | {} elapsed, {}", label_, done_, total_, pct,
                               format_duration(elapsed), eta);
@@ -67,6 +71,10 @@ void Progress::draw(bool force) {
 
 void Progress::advance(int64_t units, std::string_view what) {
   done_ += units;
+  if (units > 0 && first_unit_worked_ < 0) {
+    first_unit_time_ = Clock::now();
+    first_unit_worked_ = done_ - skipped_;
+  }
   if (!what.empty()) what_ = std::string(what);
   draw(false);
 }

@@ -1,10 +1,13 @@
 // The results log (append, resume, torn lines), the progress line, and the report rendered
 // from hand-made records: tables hold the aggregates computed here by hand, plots exist.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <string>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -101,6 +104,18 @@ TEST(EvalProgress, LineShowsCountsAndEta) {
   EXPECT_NE(line.find("doc:a"), std::string::npos) << line;
   p.advance(7);
   EXPECT_NE(p.line().find("done"), std::string::npos) << p.line();
+}
+
+// Set-up before the first unit (a long prefill) is not in the rate: after it, 2 of 4 units done
+// ~1 ms apart read "ETA 0s", not the ~0.6 s the whole elapsed time over 2 units would give.
+TEST(EvalProgress, EtaLeavesOutTheSetUpBeforeTheFirstUnit) {
+  Progress p("fidelity", 4, false);
+  p.advance(0, "dense prefill");
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  p.advance(1, "position 1");
+  std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  p.advance(1, "position 2");
+  EXPECT_NE(p.line().find("ETA 0s"), std::string::npos) << p.line();
 }
 
 // A run stopped by an error must not end its progress with a "done" line.

@@ -1,7 +1,8 @@
 #pragma once
 // A one-line progress display on stderr: units done of the total, elapsed time and an ETA
 // from the rate so far, and what is running now. On a terminal the line is redrawn in place
-// (at most 4 times a second); otherwise a full line is printed at most every 10 seconds.
+// (at most 4 times a second); otherwise a full line is printed at most every 10 seconds. The
+// ETA is the rate since the first unit done times the units left.
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -35,6 +36,10 @@ class Progress {
   int uncaught_ = 0;  // std::uncaught_exceptions() at construction
   std::string what_;
   std::chrono::steady_clock::time_point start_, last_draw_;
+  // The rate is measured from the first unit done, so that set-up before it (a long prefill)
+  // does not inflate the ETA of the units after it.
+  std::chrono::steady_clock::time_point first_unit_time_;
+  int64_t first_unit_worked_ = -1;
 };
 
 }  // namespace multipole::eval
