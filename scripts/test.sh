@@ -17,13 +17,14 @@ echo "== test virtual environment (jinja2, the reference renderer of the chat-te
 .venv-test/bin/python -m pip install --quiet --disable-pip-version-check jinja2==3.1.6 MarkupSafe==3.0.3
 export MULTIPOLE_TEST_PYTHON=$PWD/.venv-test/bin/python
 
-# Runs ctest on a build folder; fails on a failed test or a skip that is not a CUDA test.
+# Runs ctest on a build folder; fails on a failed test or a skip that is not a CUDA test (a suite
+# named Cuda*, also after a parameterised test's instantiation prefix: "Prefix/CudaSuite.Test/Case").
 run_suite() {
   local dir=$1 exclude=$2 log=$logs/$(basename "$1").log
   shift 2
   env "$@" ctest --test-dir "$dir" --output-on-failure -j "$jobs" ${exclude:+-E "$exclude"} 2>&1 | tee "$log"
   local skipped
-  skipped=$(grep -E '^\s+[0-9]+ - .*\(Skipped\)$' "$log" | grep -v -E ' - Cuda' || true)
+  skipped=$(grep -E '^\s+[0-9]+ - .*\(Skipped\)$' "$log" | grep -v -E ' - ([A-Za-z0-9_]+/)?Cuda' || true)
   if [[ -n $skipped ]]; then
     echo "error: tests were skipped that must run here:"
     echo "$skipped"
