@@ -1044,8 +1044,7 @@ TEST_P(CudaMultipoleOneLaunch, MatchesTheThreeKernelStep) {
                           c.far_field, c.empties, nullptr, c.page);
 }
 
-void PrintTo(const OneLaunchCase& c, std::ostream* os) { *os << c.name; }
-std::string one_launch_case_name(const ::testing::TestParamInfo<OneLaunchCase>& info) { return info.param.name; }
+void PrintTo(const OneLaunchCase& c, std::ostream* os) { *os << c.name; }  // also the case's gtest name
 }  // namespace
 
 INSTANTIATE_TEST_SUITE_P(
@@ -1057,7 +1056,7 @@ INSTANTIATE_TEST_SUITE_P(
                       OneLaunchCase{"F16CoarseBudget1024", 2, {16, 32}, 32, 1024, 916, DType::F16},
                       OneLaunchCase{"EmptyClusters", 4, {16, 64}, 128, 0, 917, DType::BF16, true, true},
                       OneLaunchCase{"PagesOf12ThreeLaunches", 4, {16, 64}, 128, 0, 918, DType::BF16, true, false, 12}),
-    one_launch_case_name);
+    ::testing::PrintToStringParamName());
 
 INSTANTIATE_TEST_SUITE_P(
     OneLevelInOneLaunch, CudaMultipoleOneLaunch,
@@ -1068,7 +1067,7 @@ INSTANTIATE_TEST_SUITE_P(
                       OneLaunchCase{"F16ClustersOf3", 3, {3}, 128, 0, 936, DType::F16},
                       OneLaunchCase{"ClustersOf2", 4, {2}, 128, 0, 937},
                       OneLaunchCase{"EmptyClusters", 4, {16}, 128, 0, 938, DType::BF16, true, true}),
-    one_launch_case_name);
+    ::testing::PrintToStringParamName());
 
 // More entries than the one-launch step's clusters the GPU holds at once (3 sequences x 40 KV
 // heads): the clusters past them run as the first end, and the step is still the three-kernel one.
