@@ -19,7 +19,7 @@
 #
 # Known tool effect (gpu-notes item 48): synccheck reports "divergent thread(s) in warp" at the
 # barriers of a thread-block-cluster kernel whose clusters run in more than one wave, even in a
-# probe kernel with no divergent code; CudaMultipole.OneLaunchInWaves launches that way. Such a
+# probe kernel with no divergent code; CudaMultipole.*InWaves launch that way. Such a
 # line is printed as errors, never as clean.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
