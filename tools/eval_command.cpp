@@ -136,8 +136,8 @@ void add_eval_command(CLI::App& app) {
   cmd->add_flag("--real-positions", o.real_positions,
                 "multipole/squeezed: score centroids at their members' mean position instead");
   cmd->add_flag("--far-real-positions", o.far_real_positions,
-                "Experiment (cpu only): multipole's far field from the centroids at their members' mean positions, "
-                "the selection still at --score-position");
+                "Experiment: multipole's far field from the centroids at their members' mean positions, the selection "
+                "still at --score-position (with --device cuda: the three-kernel step, two launches more)");
   cmd->add_option("--device", o.device,
                   "Where the compared policies decode: cpu, or cuda (GPU builds); dense, the reference, stays on the "
                   "cpu")

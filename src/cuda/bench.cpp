@@ -561,6 +561,19 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       emit("squeezed", [&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes - vbytes,
            squeezed.multipole_launches(), step_ctas(squeezed, E));
       {
+        // The far field at real positions: the three-kernel step behind the rotation of every
+        // key centroid to its mean position (reading the member lists, coarse ones twice) and a
+        // second scoring of them against q.
+        AttentionConfig fr = ac;
+        fr.far_field_real_positions = true;
+        CudaDecoder far_real(fr);
+        far_real.plan(dev, seqs, &index);
+        const int64_t Ct = index.total_clusters(), members = int64_t(B) * Hkv * (end - s0);
+        const int64_t extra = Ct * D * int64_t(dtype_size(o.key_dtype)) * 3 + Ct * (G * 8 + 8) + members * 4 * 2;
+        emit("mp-far-real", [&](cudaStream_t s) { far_real.multipole(dev, 0, index, pq, pqs, po, s); },
+             mp_bytes + extra, far_real.multipole_launches(), far_real.plan_info().mp_ctas);
+      }
+      {
         // GPU baselines on the same cache: quest (page bounds built before timing; its
         // per-step metadata update timed on its own) and oracle-topk. Bytes: quest reads
         // the page bounds, writes and reads a score per page, then the exact rows; oracle

@@ -11,6 +11,7 @@
 #include "cuda/check.hpp"
 #include "cuda/host_setup.hpp"
 #include "cuda/launch.hpp"
+#include "multipole/attention/rope.hpp"
 #include "multipole/core/error.hpp"
 
 namespace multipole::cuda {
@@ -83,7 +84,6 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
            config_.head_dim);
   MP_CHECK(config_.coarse_radius_weight == 0, "cuda decode: coarse_radius_weight {} is a cpu-only experiment",
            config_.coarse_radius_weight);
-  MP_CHECK(!config_.far_field_real_positions, "cuda decode: far_field_real_positions is a cpu-only experiment");
   MP_CHECK(!config_.score_real_positions,
            "cuda decode: scoring at real positions is not implemented on the GPU (it scores at score_position)");
   gc_ = heads_per_cta(config_.group_size());
@@ -99,6 +99,14 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   fused_waves_ = env_int("MULTIPOLE_FUSED_WAVES", fused_waves_);
   fused_stage_ahead_ = env_int("MULTIPOLE_FUSED_STAGE_AHEAD", fused_stage_ahead_);
   prescore_mode_ = env_int("MULTIPOLE_PRESCORE", -1);
+  if (config_.far_field_real_positions && config_.multipole_far_field) {
+    const Rope rope(config_.rope);
+    const std::vector<double>& f = rope.inv_freq();
+    MP_CHECK(2 * int64_t(f.size()) <= config_.head_dim, "cuda decode: rotary dim {} exceeds head_dim {}",
+             2 * f.size(), config_.head_dim);
+    rope_half_ = int(f.size());
+    upload_vector(inv_freq_, f);
+  }
 }
 
 void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, const DeviceClusterIndex* index) {
@@ -237,6 +245,8 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     exact_rows_.reserve(size_t(B) * Hkv * cap * sizeof(int32_t));
     exact_n_.reserve(size_t(B) * Hkv * sizeof(int32_t));
     exact_n_.memset(0);
+    info_.far_real = rope_half_ > 0;
+    if (info_.far_real) plan_far_real(*index, key_dtype);
     plan_fused(*index, cap, kc.page_size);
     if (hier) {
       far_ids_.reserve(size_t(B) * Hkv * info_.far_cap * sizeof(int32_t));
@@ -286,6 +296,31 @@ int fused_staged(const DeviceClusterIndex& index) {
 }
 }  // namespace
 
+// The far field at real positions: its scoring items cover every slot of each entry (the online
+// update may fill spare ones), and its workspaces.
+void CudaDecoder::plan_far_real(const DeviceClusterIndex& index, DType key_dtype) {
+  const int B = info_.batch, Hkv = config_.num_kv_heads, G = config_.group_size();
+  std::vector<int32_t> f_seq, f_chunk;
+  max_slots_ = 0;
+  for (int b = 0; b < B; ++b) {
+    int slots = 0;
+    for (int h = 0; h < Hkv; ++h) slots = std::max(slots, index.entry_capacity(b * Hkv + h));
+    max_slots_ = std::max(max_slots_, slots);
+    for (int c = 0; c < (slots + kScoreChunk - 1) / kScoreChunk; ++c) {
+      f_seq.push_back(b);
+      f_chunk.push_back(c);
+    }
+  }
+  upload_vector(f_item_seq_, f_seq);
+  upload_vector(f_item_chunk_, f_chunk);
+  info_.far_score_work = int(f_seq.size()) * Hkv * head_chunks_;
+  far_score_ctas_ = std::min(info_.far_score_work, score_resident_ctas(config_.head_dim, gc_, key_dtype));
+  const int64_t total = std::max<int64_t>(index.total_clusters(), 1);
+  rotated_keys_.reserve(size_t(total) * config_.head_dim * dtype_size(index.key_dtype()));
+  far_scores_.reserve(size_t(total) * G * sizeof(float));
+  far_part_.reserve(std::max<size_t>(f_seq.size(), 1) * Hkv * G * 2 * sizeof(float));
+}
+
 // Whether this plan's steps can run in one launch (DecodePlanInfo::fused says what it needs).
 // Reads the coarse levels' sizes and child counts back from the device (synchronous).
 void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows, int page_size) {
@@ -298,6 +333,7 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   const int E = index.entries();
   const auto why = [&](const char* reason) { info_.fused_why = reason; };
   if (!fused_allowed_) return why("turned off (MULTIPOLE_FUSED=0 or set_fused(false))");
+  if (info_.far_real) return why("far field at real positions (three-kernel step only)");
   if (config_.head_dim != L::kHeadDim) return why("head dim is not 128");
   if (config_.group_size() > L::kGroup) return why("GQA group over 4");
   if (index.key_dtype() != kv_dtype) return why("key centroids not in the cache's type");
@@ -463,25 +499,53 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   const int32_t* fallback = info_.fused && stages == 3 ? fallback_.as<const int32_t>() : nullptr;
 
   // stages: 1 score, 2 score + select, 3 all, 4 attention only (diagnostics).
-  if (info_.score_ctas > 0 && stages != 4 && !fallback) {
+  const DType score_dtype = cv.key_dtype == DType::F32 ? DType::F32 : cache.config().dtype;
+  // One scoring launch: queries qs against keys, the first count[e] clusters of each entry.
+  const auto score = [&](const float* qs, const void* keys, const int32_t* count, const int32_t* normed,
+                         const DeviceBuffer& item_seq, const DeviceBuffer& item_chunk, const DeviceBuffer& scores,
+                         const DeviceBuffer& part, int work, int ctas) {
     ScoreArgs s;
-    s.q_score = q_score;
-    s.key_centroids = cv.key_centroids;
+    s.q_score = qs;
+    s.key_centroids = keys;
     s.sizes = cv.sizes;
     s.entry_begin = cv.entry_begin;
-    // Two levels: the coarse level only, or every cluster with the coarse ones normalised.
-    s.entry_count = info_.hierarchical && !info_.prescored ? cv.entry_coarse : cv.entry_count;
-    s.entry_normed = info_.prescored ? cv.entry_coarse : nullptr;
+    s.entry_count = count;
+    s.entry_normed = normed;
     s.num_kv_heads = Hkv;
     s.group = config_.group_size();
     s.head_chunks = head_chunks_;
     s.qscale = config_.softmax_scale() * 1.4426950408889634f;
-    s.item_seq = s_item_seq_.as<const int32_t>();
-    s.item_chunk = s_item_chunk_.as<const int32_t>();
-    s.scores = scores_.as<float>();
-    s.part = score_part_.as<float>();
-    launch_score(s, config_.head_dim, gc_, cv.key_dtype == DType::F32 ? DType::F32 : cache.config().dtype,
-                 info_.score_work / (Hkv * head_chunks_), info_.score_ctas, stream);
+    s.item_seq = item_seq.as<const int32_t>();
+    s.item_chunk = item_chunk.as<const int32_t>();
+    s.scores = scores.as<float>();
+    s.part = part.as<float>();
+    launch_score(s, config_.head_dim, gc_, score_dtype, work / (Hkv * head_chunks_), ctas, stream);
+  };
+  if (info_.far_real && stages != 4) {
+    // The far field's logits: the real q against the centroids at their mean positions (every
+    // slot; its normalisers go unused).
+    MP_CHECK(reinterpret_cast<uintptr_t>(q) % 16 == 0,
+             "cuda decode: q must be 16-byte aligned (the far field at real positions scores it)");
+    MeanPositionArgs m;
+    m.key_centroids = cv.key_centroids;
+    m.rotated = rotated_keys_.as<void>();
+    m.sizes = cv.sizes;
+    m.member_begin = cv.member_begin;
+    m.members = cv.members;
+    m.entry_begin = cv.entry_begin;
+    m.entry_count = cv.entry_count;
+    m.entry_coarse = cv.entry_coarse;
+    m.inv_freq = inv_freq_.as<const double>();
+    m.half = rope_half_;
+    launch_centroids_at_mean_positions(m, config_.head_dim, score_dtype, E, max_slots_, stream);
+    score(q, rotated_keys_.as<const void>(), cv.entry_count, nullptr, f_item_seq_, f_item_chunk_, far_scores_,
+          far_part_, info_.far_score_work, far_score_ctas_);
+  }
+  if (info_.score_ctas > 0 && stages != 4 && !fallback) {
+    // Two levels: the coarse level only, or every cluster with the coarse ones normalised.
+    score(q_score, cv.key_centroids, info_.hierarchical && !info_.prescored ? cv.entry_coarse : cv.entry_count,
+          info_.prescored ? cv.entry_coarse : nullptr, s_item_seq_, s_item_chunk_, scores_, score_part_,
+          info_.score_work, info_.score_ctas);
   }
 
   if (stages < 2) return;
@@ -556,7 +620,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   a.exact_cap = info_.exact_cap;
   a.exact_rows = exact_rows_.as<const int32_t>();
   a.exact_n = exact_n_.as<const int32_t>();
-  a.scores = scores_.as<const float>();
+  a.scores = (info_.far_real ? far_scores_ : scores_).as<const float>();  // (read for the far field only)
   a.far_size = far_size_.as<const int32_t>();
   a.value_centroids = static_cast<const std::byte*>(cv.value_centroids);
   a.entry_begin = cv.entry_begin;

@@ -83,6 +83,20 @@ struct ScoreArgs {
   float* part = nullptr;                // [score_items, Hkv, G, 2] (max, sum n e^(x - max))
 };
 
+// Key centroids rotated to their members' mean positions (mean_positions.cuh).
+struct MeanPositionArgs {
+  const void* key_centroids = nullptr;   // [total_clusters, D] f32 or KV dtype, position-0 space
+  void* rotated = nullptr;               // [total_clusters, D] the same type
+  const int32_t* sizes = nullptr;        // [total_clusters] tokens under each cluster
+  const int32_t* member_begin = nullptr;  // [total_clusters]
+  const int32_t* members = nullptr;      // fine: token positions; coarse: fine ids local to the entry's fine range
+  const int32_t* entry_begin = nullptr;  // [E]
+  const int32_t* entry_count = nullptr;  // [E]
+  const int32_t* entry_coarse = nullptr;  // [E] coarse slots first
+  const double* inv_freq = nullptr;      // [half] RoPE angular frequencies
+  int half = 0;                          // rotary_dim / 2
+};
+
 struct SelectArgs {
   const float* scores = nullptr;         // [total_clusters, G]
   const float* part = nullptr;           // [score_items, Hkv, G, 2]
@@ -222,6 +236,9 @@ void launch_attend_f16(const AttendArgs& a, int head_dim, int rows, bool mp, int
 void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int items, int ctas, Stream stream);
 // CTAs of the scoring kernel that fit on the current device at once.
 int score_resident_ctas(int head_dim, int gc, DType key_dtype);
+// Writes a.rotated for the used slots of E entries of at most max_slots slots each.
+void launch_centroids_at_mean_positions(const MeanPositionArgs& a, int head_dim, DType key_dtype, int entries,
+                                        int max_slots, Stream stream);
 void launch_select(const SelectArgs& a, int entries, Stream stream);
 void launch_select_hier(const SelectArgs& a, int entries, Stream stream);
 // Dynamic shared memory of the selection kernel for entries of up to `clusters` clusters

@@ -1,6 +1,8 @@
-// Multipole scoring and selection launches, device-side cache append, benchmark fills.
+// Multipole scoring and selection launches, centroids at mean positions, device-side cache append,
+// benchmark fills.
 #include "cuda/check.hpp"
 #include "cuda/host_setup.hpp"
+#include "cuda/mean_positions.cuh"
 #include "cuda/score.cuh"
 #include "cuda/select.cuh"
 #include "multipole/cuda/kv_cache.hpp"
@@ -122,6 +124,17 @@ int score_resident_ctas(int head_dim, int gc, DType key_dtype) {
   int n = 0;
   dispatch_score(head_dim, gc, key_dtype, [&]<int D, int GC, class CT>() { n = score_resident<D, GC, CT>(); });
   return n;
+}
+
+void launch_centroids_at_mean_positions(const MeanPositionArgs& a, int head_dim, DType key_dtype, int entries,
+                                        int max_slots, Stream stream) {
+  if (entries <= 0 || max_slots <= 0) return;
+  const dim3 grid((max_slots + 7) / 8, entries);
+  // (The scoring dispatch, its head-chunk width unused here.)
+  dispatch_score(head_dim, 1, key_dtype, [&]<int D, int GC, class CT>() {
+    centroids_at_mean_positions_kernel<D, CT><<<grid, 256, 0, stream>>>(a);
+    MP_CUDA_CHECK(cudaGetLastError());
+  });
 }
 
 namespace {

@@ -173,12 +173,19 @@ INSTANTIATE_TEST_SUITE_P(Policies, CudaSameRulePolicy, ::testing::Values("dense"
                          policy_case_name);
 
 // multipole and squeezed: the GPU index is clustered by the GPU k-means, so only the error
-// against dense is compared.
+// against dense is compared. "multipole-far-real": multipole with the far field at real
+// positions, on both devices.
 class CudaClusteredPolicy : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaClusteredPolicy, ErrsAsMuchAsOnTheCpu) {
   REQUIRE_GPU();
-  const Errors e = run_side_by_side(GetParam(), config());
+  AttentionConfig ac = config();
+  std::string name = GetParam();
+  if (name == "multipole-far-real") {
+    ac.far_field_real_positions = true;
+    name = "multipole";
+  }
+  const Errors e = run_side_by_side(name, ac);
   for (double x : e.gpu_vs_dense) ASSERT_FALSE(std::isnan(x));
   const double cpu = Errors::mean(e.cpu_vs_dense), gpu = Errors::mean(e.gpu_vs_dense);
   // The budget leaves most keys out, so the policy is not dense...
@@ -188,7 +195,8 @@ TEST_P(CudaClusteredPolicy, ErrsAsMuchAsOnTheCpu) {
   EXPECT_LT(Errors::max(e.gpu_vs_dense), 2 * Errors::max(e.cpu_vs_dense) + 0.05);
 }
 
-INSTANTIATE_TEST_SUITE_P(Policies, CudaClusteredPolicy, ::testing::Values("multipole", "squeezed"), policy_case_name);
+INSTANTIATE_TEST_SUITE_P(Policies, CudaClusteredPolicy, ::testing::Values("multipole", "squeezed", "multipole-far-real"),
+                         policy_case_name);
 
 TEST(CudaAttentionPolicy, MultipoleWithABudgetOverEveryTokenIsDense) {
   REQUIRE_GPU();

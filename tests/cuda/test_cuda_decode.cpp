@@ -783,11 +783,11 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
                              int coarse_budget, uint32_t seed, DType keys = DType::F32, DType kv = DType::BF16,
                              bool far_field = true, bool empties = false,
                              std::vector<int32_t>* fallbacks = nullptr, int page = 16,
-                             int waves = CudaDecoder::kFusedWaves) {
+                             int waves = CudaDecoder::kFusedWaves, bool far_real = false) {
   SCOPED_TRACE(::testing::Message() << "G=" << G << " Hkv=" << Hkv << " D=" << D << " levels="
                                     << tokens_per_centroid.size() << " coarse_budget=" << coarse_budget
                                     << " keys=" << dtype_name(keys) << " kv=" << dtype_name(kv)
-                                    << " far_field=" << far_field);
+                                    << " far_field=" << far_field << " far_real=" << far_real);
   std::mt19937 rng(seed);
   const std::vector<int64_t> lens = {small_scale() ? 1500 : 5000, 777, 97};
   const bool pow2_pages = (page & (page - 1)) == 0;
@@ -799,6 +799,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   ac.budget = budget;
   ac.coarse_budget = coarse_budget;
   ac.multipole_far_field = far_field;
+  ac.far_field_real_positions = far_real;
   ThreadPool pool(2);
   auto policy = make_attention_policy("multipole", ac);
   policy->update(su.cache.cpu, 0, su.cache.seqs, pool);
@@ -806,6 +807,22 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   const auto q = random_vector(size_t(B) * Hq * D, rng);
   std::vector<float> cpu_out(q.size());
   policy->decode(su.cache.cpu, 0, su.cache.seqs, q.data(), cpu_out.data(), pool);
+  if (far_real) {
+    // The comparison below must tell the two far fields apart: on the CPU they differ by far more
+    // than its tolerance in some head.
+    AttentionConfig fixed = ac;
+    fixed.far_field_real_positions = false;
+    auto other = make_attention_policy("multipole", fixed);
+    other->update(su.cache.cpu, 0, su.cache.seqs, pool);
+    std::vector<float> fixed_out(q.size());
+    other->decode(su.cache.cpu, 0, su.cache.seqs, q.data(), fixed_out.data(), pool);
+    double most = 0;
+    for (size_t o = 0; o < q.size(); o += size_t(D)) {
+      const std::vector<double> real(cpu_out.begin() + o, cpu_out.begin() + o + D);
+      most = std::max(most, rel_error(fixed_out.data() + o, real));
+    }
+    EXPECT_GT(most, 2e-2) << "the far field at real positions barely changes this case";
+  }
 
   std::vector<HostClusterLevel> entries;
   for (int b = 0; b < B; ++b)
@@ -851,6 +868,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     EXPECT_FALSE(dec.plan_info().fused);
     EXPECT_EQ(dec.plan_info().hierarchical, index.hierarchical());
     EXPECT_EQ(dec.plan_info().prescored, prescore == 1);
+    EXPECT_EQ(dec.plan_info().far_real, far_real && far_field);
     DeviceFloats dq(q), dqs(qs), dout(q.size());
     dout.poison();
     dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout.ptr(), nullptr);
@@ -909,7 +927,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   }
   if (keys == DType::F32) return;
   const bool one_level_fits = index.hierarchical() || index.max_clusters() <= 2048;
-  if (G <= 4 && D == 128 && keys == kv && budget <= 128 && pow2_pages && one_level_fits) {
+  if (G <= 4 && D == 128 && keys == kv && budget <= 128 && pow2_pages && one_level_fits && !far_real) {
     // The one-launch step on the same index and queries.
     CudaDecoder dec(ac);
     dec.set_fused_waves(waves);
@@ -973,12 +991,14 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     dec.plan(su.dev, su.cache.seqs, &index);
     EXPECT_FALSE(dec.plan_info().fused);
     EXPECT_STRNE(dec.plan_info().fused_why, "");
-    if (!pow2_pages) {
+    if (far_real) {
+      EXPECT_STREQ(dec.plan_info().fused_why, "far field at real positions (three-kernel step only)");
+    } else if (!pow2_pages) {
       EXPECT_STREQ(dec.plan_info().fused_why, "page size not a power of two");
     } else if (!one_level_fits) {
       EXPECT_STREQ(dec.plan_info().fused_why, "one level of over 2048 clusters in an entry");
     }
-    EXPECT_EQ(dec.multipole_launches(), 3);
+    EXPECT_EQ(dec.multipole_launches(), far_real ? 5 : 3);
   }
   // (One level outside the one-launch step's limits: the three-kernel step alone, nothing to compare.)
   ASSERT_GE(outs.size(), index.hierarchical() ? 2u : 1u);
@@ -1007,6 +1027,20 @@ TEST(CudaMultipole, TwoLevelsMatchCpuMultipolePolicy) {
   compare_with_cpu_policy(4, 2, 128, {16, 128}, 64, 512, 902);    // few coarse clusters expanded
   compare_with_cpu_policy(5, 1, 64, {8, 64}, 48, 256, 903);        // odd group, d 64
   compare_with_cpu_policy(8, 2, 128, {16, 128}, 100000, 0, 904);  // everything selected: exact
+}
+
+// The far field at real positions (AttentionConfig::far_field_real_positions) against the CPU
+// policy with it: f32 centroids (the CPU's to rounding) at one and two levels, an odd group at d
+// 64, clusters of 2 tokens with an empty one; bf16 centroids at two levels (prescored or not: the
+// same step; bf16 and f16 centroids against the CPU policy's errors: test_cuda_attention_policy).
+TEST(CudaMultipole, FarFieldAtRealPositionsMatchesTheCpuPolicy) {
+  REQUIRE_GPU();
+  const auto k = CudaDecoder::kFusedWaves;
+  compare_with_cpu_policy(4, 2, 128, {16}, 128, 0, 960, DType::F32, DType::BF16, true, false, nullptr, 16, k, true);
+  compare_with_cpu_policy(4, 2, 128, {16, 128}, 128, 0, 961, DType::F32, DType::BF16, true, false, nullptr, 16, k, true);
+  compare_with_cpu_policy(5, 1, 64, {8, 64}, 48, 256, 962, DType::F32, DType::F16, true, false, nullptr, 16, k, true);
+  compare_with_cpu_policy(4, 2, 128, {16, 64}, 128, 0, 963, DType::BF16, DType::BF16, true, false, nullptr, 16, k, true);
+  compare_with_cpu_policy(4, 2, 128, {2}, 128, 0, 964, DType::F32, DType::F16, true, true, nullptr, 16, k, true);
 }
 
 TEST(CudaMultipole, TwoLevelsCandidatesOnTensorCores) {

@@ -48,7 +48,8 @@ struct CudaBenchRow {
   int batch = 0;
   int64_t context = 0;
   std::string variant;       // dense, multipole, mp-3launch (the three-kernel step where multipole takes one
-                             // launch), squeezed, mp-1level, mp-score, mp-score+select, mp-attend,
+                             // launch), squeezed, mp-far-real (the far field at real positions: three
+                             // kernels and two more), mp-1level, mp-score, mp-score+select, mp-attend,
                              // kmeans-prefill (one build for the whole batch), mp-kmeans-index, mp-km-3launch,
                              // mp-km-1launch (its one-launch kernel alone, where two kernels follow it),
                              // kmeans-update, kmeans-upd/token (DeviceKMeans::append of W tokens into a nearly
