@@ -398,6 +398,19 @@ TEST_F(CudaEvalCli, PoliciesDecodeOnTheGpu) {
   for (const json& f : json::parse(small.out)["fidelity"]) EXPECT_GT(f["err_mean"].get<double>(), 1e-3) << f.dump();
   for (const json& r : read_jsonl(dir + "/small/results.jsonl"))
     EXPECT_NE(r["str"]["settings"].get<std::string>().find("device=cuda"), std::string::npos) << r.dump();
+  // The far field at real positions on the GPU: multipole's outputs move, and its records say so.
+  CliRun far = run_eval_cli("--model " + model + " --suite fidelity --texts " + text +
+                                " --prefix 16 --policies multipole --device cuda --far-real-positions --budgets 4"
+                                " --json --out " + dir + "/far" + kSmall,
+                            dir);
+  ASSERT_EQ(far.code, 0) << far.err;
+  const auto fixed_recs = read_jsonl(dir + "/small/results.jsonl"), far_recs = read_jsonl(dir + "/far/results.jsonl");
+  ASSERT_EQ(far_recs.size(), 1u);
+  EXPECT_NE(far_recs[0]["str"]["settings"].get<std::string>().find("far_field=real"), std::string::npos);
+  for (const json& r : fixed_recs)
+    if (r["policy"] == "multipole") {
+      EXPECT_NE(r["num"]["err_mean"].get<double>(), far_recs[0]["num"]["err_mean"].get<double>()) << r.dump();
+    }
   // Through the engine (agreement generates): greedy output identical to dense's.
   CliRun a = run_eval_cli("--model " + model + " --suite agreement --datasets arith --limit 1 -n 40 --budgets 1024 "
                               "--device cuda --out " + dir + "/a --json" + kSmall,
