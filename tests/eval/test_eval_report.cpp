@@ -262,5 +262,39 @@ TEST(EvalReport, RendersTablesAndPlotsFromRecords) {
   EXPECT_FALSE(summary["reasoning"][0].contains("within_dense_ci"));
 }
 
+// The fidelity section sets each policy beside oracle-topk at its budget: its mean KL as a multiple
+// of the oracle's and its top-1 in points above or below; budgets without an oracle are left out.
+TEST(EvalReport, FidelityAgainstTheOracleAtTheSameBudget) {
+  const std::string dir = tiny::temp_dir("eval-report-oracle");
+  std::vector<Record> rs;
+  for (auto [policy, budget, cluster, kl, top] :
+       {std::tuple{"multipole", 128, "16/64", 0.3, 0.8}, std::tuple{"squeezed", 128, "16/64", 0.45, 0.7},
+        std::tuple{"oracle-topk", 128, "", 0.15, 0.85}, std::tuple{"multipole", 512, "16/64", 0.1, 0.9}}) {
+    Record r = rec("fidelity", "doc:a", policy, budget, cluster);
+    r.num = {{"positions", 100}, {"kl_mean", kl}, {"kl_max", 1}, {"top1", top}, {"err_mean", 0.1},
+             {"err_max", 0.2}, {"bin_tokens", 64}, {"text_tokens", 164}};
+    rs.push_back(r);
+  }
+  const ReportResult rr = render_report(dir, rs);
+  const std::string md = eval_test::slurp(rr.markdown_path);
+  EXPECT_NE(md.find("| multipole | 128 | 16/64 | 2.00 | -5.0 |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| squeezed | 128 | 16/64 | 3.00 | -15.0 |"), std::string::npos) << md;
+  const std::string b512 = "| multipole | 512 | 16/64 | ";
+  const size_t first = md.find(b512);
+  ASSERT_NE(first, std::string::npos) << md;
+  EXPECT_EQ(md.find(b512, first + 1), std::string::npos) << "budget 512 has no oracle to compare with\n" << md;
+  const auto summary = nlohmann::json::parse(rr.summary_json);
+  for (const auto& j : summary["fidelity"]) {
+    if (j["policy"] == "multipole" && j["budget"] == 128) {
+      EXPECT_NEAR(j["kl_over_oracle"].get<double>(), 2.0, 1e-12);
+      EXPECT_NEAR(j["top1_minus_oracle"].get<double>(), -0.05, 1e-12);
+    } else if (j["policy"] == "squeezed") {
+      EXPECT_NEAR(j["kl_over_oracle"].get<double>(), 3.0, 1e-12);
+    } else {  // the oracle itself, and budget 512
+      EXPECT_FALSE(j.contains("kl_over_oracle")) << j.dump();
+    }
+  }
+}
+
 }  // namespace
 }  // namespace multipole::eval
