@@ -11,19 +11,6 @@
 
 namespace multipole::cuda::detail {
 
-__device__ __forceinline__ float element_to_float(float x) { return x; }
-__device__ __forceinline__ float element_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float element_to_float(__half x) { return __half2float(x); }
-template <class T>
-__device__ __forceinline__ T float_to_element(float x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    return __float2bfloat16_rn(x);
-  else if constexpr (std::is_same_v<T, __half>)
-    return __float2half_rn(x);
-  else
-    return x;
-}
-
 // Sum of the token positions under slot c of entry e over the warp (every lane gets it): a fine
 // cluster's members across the lanes, or a coarse cluster's children one per lane (each lane
 // summing its child's members), so that neither waits on one child after another.
@@ -63,7 +50,7 @@ __global__ void __launch_bounds__(256) centroids_at_mean_positions_kernel(MeanPo
   CT* dst = static_cast<CT*>(a.rotated) + c * D;
   const int n = a.sizes[c];
   if (n <= 0) {
-    for (int i = lane; i < D; i += 32) dst[i] = float_to_element<CT>(0.0f);
+    for (int i = lane; i < D; i += 32) dst[i] = from_f32<CT>(0.0f);
     return;
   }
   const double mean = double(member_position_sum(a, e, c, j < a.entry_coarse[e])) / n;
@@ -75,9 +62,9 @@ __global__ void __launch_bounds__(256) centroids_at_mean_positions_kernel(MeanPo
     t -= 6.283185307179586 * rint(t * 0.15915494309189535);
     float s, co;
     sincosf(float(t), &s, &co);
-    const float x = element_to_float(src[i]), y = element_to_float(src[i + half]);
-    dst[i] = float_to_element<CT>(x * co - y * s);
-    dst[i + half] = float_to_element<CT>(y * co + x * s);
+    const float x = to_f32(src[i]), y = to_f32(src[i + half]);
+    dst[i] = from_f32<CT>(x * co - y * s);
+    dst[i + half] = from_f32<CT>(y * co + x * s);
   }
   for (int i = 2 * half + lane; i < D; i += 32) dst[i] = src[i];  // channels past rotary_dim
 }

@@ -74,13 +74,6 @@ __device__ __forceinline__ int sparse_row(const SparseArgs& a, const int32_t* ta
   return (table[pos / a.page_size] * a.num_kv_heads + h) * a.page_size + pos % a.page_size;
 }
 
-template <class T> __device__ __forceinline__ float to_f32(T x);
-template <> __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-template <class T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_f32(float x) { return __float2half_rn(x); }
-
 // Quest page bounds: grid (pages, E), 128 threads over the channels. The min and max of
 // stored keys are storage values, so they are stored exactly. update: only the pages that
 // [m - window, m) falls in (grid.x covers them).
