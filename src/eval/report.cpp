@@ -175,11 +175,6 @@ Section fidelity_section(const std::vector<const Record*>& rs, const fs::path& p
                 "mean attn error | max attn error |\n|---|---|---|---|---|---|---|---|---|---|\n";
   std::vector<Series> kl_pos, top_pos, err_layer;
   std::map<std::string, Series> by_budget, by_cluster;
-  struct Means {
-    VariantKey key;
-    double kl, top1;
-  };
-  std::vector<Means> means;  // per variant, in the summary's order
   for (const VariantKey& k : vs) {
     const auto rr = of_variant(rs, k);
     double n = 0, kl = 0, top = 0, err = 0, klmax = 0, errmax = 0;
@@ -208,7 +203,6 @@ Section fidelity_section(const std::vector<const Record*>& rs, const fs::path& p
     j.update({{"texts", rr.size()}, {"positions", int64_t(n)}, {"kl_mean", kl / m}, {"kl_max", klmax},
               {"top1", top / m}, {"err_mean", err / m}, {"err_max", errmax}});
     s.summary.push_back(j);
-    means.push_back({k, kl / m, top / m});
     Series a, b, c;
     a.title = b.title = c.title = k.label();
     for (size_t i = 0; i < bc.size(); ++i)
@@ -230,25 +224,26 @@ Section fidelity_section(const std::vector<const Record*>& rs, const fs::path& p
   }
   // Against oracle-topk at the same budget: the exact top-k of that many tokens, the best any
   // selection can do, so a policy's distance from it says what is left for selection to win.
-  std::map<int, const Means*> oracle;
-  for (const Means& x : means)
-    if (x.key.policy == "oracle-topk") oracle[x.key.budget] = &x;
+  std::map<int, const json*> oracle;
+  for (const json& j : s.summary)
+    if (j["policy"] == "oracle-topk") oracle[j["budget"].get<int>()] = &j;
   bool header = false;
-  for (size_t i = 0; i < means.size(); ++i) {
-    const Means& x = means[i];
-    const auto o = oracle.find(x.key.budget);
-    if (x.key.policy == "oracle-topk" || x.key.policy == "dense" || o == oracle.end()) continue;
+  for (json& j : s.summary) {
+    const VariantKey k{j["policy"].get<std::string>(), j["budget"].get<int>(), j["cluster"].get<std::string>()};
+    const auto o = oracle.find(k.budget);
+    if (k.policy == "oracle-topk" || k.policy == "dense" || o == oracle.end()) continue;
     if (!header) {
       s.markdown += "\nAgainst oracle-topk (exact top-k of the same budget):\n\n| policy | budget | clusters | mean KL / "
                     "oracle's | top-1 - oracle's (points) |\n|---|---|---|---|---|\n";
       header = true;
     }
-    const double ratio = o->second->kl > 0 ? x.kl / o->second->kl : std::numeric_limits<double>::infinity();
-    const double points = 100 * (x.top1 - o->second->top1);
-    s.markdown += fmt::format("| {} | {} | {} | {} | {:+.1f} |\n", x.key.policy, budget_cell(x.key), cluster_cell(x.key),
-                              cell(ratio, 2), points);
-    s.summary[i]["kl_over_oracle"] = std::isfinite(ratio) ? json(ratio) : json(nullptr);
-    s.summary[i]["top1_minus_oracle"] = x.top1 - o->second->top1;
+    const double okl = (*o->second)["kl_mean"].get<double>();
+    const double ratio = okl > 0 ? j["kl_mean"].get<double>() / okl : std::numeric_limits<double>::infinity();
+    const double dtop = j["top1"].get<double>() - (*o->second)["top1"].get<double>();
+    s.markdown += fmt::format("| {} | {} | {} | {} | {:+.1f} |\n", k.policy, budget_cell(k), cluster_cell(k),
+                              cell(ratio, 2), 100 * dtop);
+    j["kl_over_oracle"] = std::isfinite(ratio) ? json(ratio) : json(nullptr);
+    j["top1_minus_oracle"] = dtop;
   }
   auto add_plot = [&](const PlotSpec& p, const std::vector<Series>& series, const std::string& caption) {
     const std::string gp = write_plot(plots, p, series);
