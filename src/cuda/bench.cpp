@@ -561,15 +561,16 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       emit("squeezed", [&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes - vbytes,
            squeezed.multipole_launches(), step_ctas(squeezed, E));
       {
-        // The far field at real positions: the three-kernel step behind the rotation of every
-        // key centroid to its mean position (reading the member lists, coarse ones twice) and a
-        // second scoring of them against q.
+        // The far field at real positions: the three-kernel step and, between its selection and
+        // attention, the far clusters' key centroids rotated to their mean positions and scored
+        // against q (bytes: each far cluster's key row, position sum and G logits, written and
+        // read).
         AttentionConfig fr = ac;
         fr.far_field_real_positions = true;
         CudaDecoder far_real(fr);
         far_real.plan(dev, seqs, &index);
-        const int64_t Ct = index.total_clusters(), members = int64_t(B) * Hkv * (end - s0);
-        const int64_t extra = Ct * D * int64_t(dtype_size(o.key_dtype)) * 3 + Ct * (G * 8 + 8) + members * 4 * 2;
+        const int64_t far = int64_t(B) * Hkv * far_real.plan_info().far_items;
+        const int64_t extra = far * (D * int64_t(dtype_size(o.key_dtype)) + 8 + G * 8);
         emit("mp-far-real", [&](cudaStream_t s) { far_real.multipole(dev, 0, index, pq, pqs, po, s); },
              mp_bytes + extra, far_real.multipole_launches(), far_real.plan_info().mp_ctas);
       }
@@ -729,10 +730,12 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
           // Wall time (host and device as they overlap), or with `gpu` the device's alone, as in
           // a decode loop where the update queues behind a step: the stream is kept busy by
           // k-means steps while the appends are issued, and events time the descriptor upload
-          // and the kernel. slots: the kernel's phase clock (or null).
-          auto run_updates = [&](int64_t start, int updates, unsigned long long* slots, bool gpu) {
+          // and the kernel. slots: the kernel's phase clock (or null). cfg: kc2, or another config.
+          auto run_updates = [&](int64_t start, int updates, unsigned long long* slots, bool gpu,
+                                 const AttentionConfig* cfg = nullptr) {
+            const AttentionConfig& uc = cfg ? *cfg : kc2;
             std::vector<int64_t> at(size_t(B), start);
-            upd.build(dev, 0, seqs, at, kc2, rope, o.key_dtype, stream, int64_t(updates) * W);
+            upd.build(dev, 0, seqs, at, uc, rope, o.key_dtype, stream, int64_t(updates) * W);
             MP_CUDA_CHECK(cudaStreamSynchronize(stream));
             upd.set_update_profile(slots);
             StreamSpan span;
@@ -743,7 +746,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
             const auto t0 = std::chrono::steady_clock::now();
             for (int u = 0; u < updates; ++u) {
               for (auto& e : at) e = std::min<int64_t>(ctx, e + W);
-              upd.append(dev, at, kc2, stream);
+              upd.append(dev, at, uc, stream);
             }
             if (gpu) span.end(stream);
             MP_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -779,6 +782,19 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
           emit_update("kmeans-upd/token", ums[ums.size() / 2] / W);
           emit_update("kmeans-update-gpu", gms[gms.size() / 2]);
           emit_update("kmeans-upd/tok-gpu", gms[gms.size() / 2] / W);
+          {
+            // The same update keeping the index's position sums (the far field at real positions
+            // reads them): one launch more over every slot.
+            AttentionConfig with_sums = kc2;
+            with_sums.far_field_real_positions = true;
+            std::vector<double> sms;
+            for (int run = 0; run <= std::max(1, o.kmeans_runs); ++run) {
+              const double us = run_updates(ends[0], 1, nullptr, true, &with_sums);
+              if (run > 0) sms.push_back(us);
+            }
+            std::sort(sms.begin(), sms.end());
+            emit_update("kmeans-update-sums-gpu", sms[sms.size() / 2]);
+          }
           // Amortised over a block's life: the updates of block_size / W consecutive windows
           // (one block's worth of tokens, so every fill level of the open block once), after
           // a prefill that ends that many tokens earlier. Mean per update and per token.

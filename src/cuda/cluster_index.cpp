@@ -159,7 +159,9 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
     values.resize(size_t(clusters) * d * vsize);
   }
   std::vector<int32_t> sizes, begin, mem;
+  std::vector<int64_t> psums;
   sizes.reserve(size_t(clusters));
+  psums.reserve(size_t(clusters));
   begin.reserve(size_t(clusters));
   mem.reserve(size_t(members));
   int64_t c0 = 0;
@@ -173,10 +175,25 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
     entry_end_.push_back(int32_t(x.clustered_end));
     entry_coarse_.push_back(r.coarse);
     entry_cap_.push_back(r.coarse + r.fine);
+    max_capacity_ = std::max(max_capacity_, r.coarse + r.fine);
     if (Cc && !on_device) {
       convert_from_f32(x.coarse_key_centroids.data(), key_dtype, keys.data() + size_t(c0) * d * ksize, Cc * d);
       convert_from_f32(x.coarse_value_centroids.data(), value_dtype, values.data() + size_t(c0) * d * vsize, Cc * d);
     }
+    // Position sums: each fine cluster's members, each coarse cluster's children's (0 for the
+    // placeholders and the spare fine slots).
+    std::vector<int64_t> fine_sums(C, 0);
+    for (size_t i = 0; i < C; ++i)
+      for (int32_t k = x.member_offsets[i]; k < x.member_offsets[i + 1]; ++k) fine_sums[i] += x.members[size_t(k)];
+    for (size_t i = 0; i < size_t(r.coarse); ++i) {
+      int64_t sum = 0;
+      if (i < Cc)
+        for (int32_t k = x.coarse_child_offsets[i]; k < x.coarse_child_offsets[i + 1]; ++k)
+          sum += fine_sums[size_t(x.coarse_children[size_t(k)])];
+      psums.push_back(sum);
+    }
+    psums.insert(psums.end(), fine_sums.begin(), fine_sums.end());
+    psums.resize(psums.size() + size_t(r.fine) - C, 0);
     const int32_t m0 = int32_t(mem.size());
     for (size_t i = 0; i < size_t(r.coarse); ++i) {  // placeholders (size 0): lists start at the used end
       sizes.push_back(i < Cc ? x.coarse_sizes[i] : 0);
@@ -215,6 +232,8 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
   put(sizes_, sizes.data(), sizes.size() * 4);
   put(member_begin_, begin.data(), begin.size() * 4);
   put(members_, mem.data(), mem.size() * 4);
+  put(position_sums_, psums.data(), psums.size() * 8);
+  position_sums_ok_ = true;
   put(d_entry_begin_, entry_begin_.data(), entry_begin_.size() * 4);
   put(d_entry_count_, entry_count_.data(), entry_count_.size() * 4);
   put(d_entry_end_, entry_end_.data(), entry_end_.size() * 4);
@@ -251,6 +270,7 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
     entry_end_.push_back(int32_t(x.clustered_end));
     entry_coarse_.push_back(r.coarse);
     entry_cap_.push_back(r.coarse + r.fine);
+    max_capacity_ = std::max(max_capacity_, r.coarse + r.fine);
     member_base_.push_back(members);
     clusters += r.fine + r.coarse;
     members += r.tokens + r.children;
@@ -268,6 +288,8 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
   sizes_.reserve(std::max<size_t>(size_t(clusters) * 4, 16));
   member_begin_.reserve(std::max<size_t>(size_t(clusters) * 4, 16));
   members_.reserve(std::max<size_t>(size_t(members) * 4, 16));
+  position_sums_.reserve(std::max<size_t>(size_t(clusters) * 8, 16));
+  position_sums_.memset(0);
   auto put = [](DeviceBuffer& buf, const std::vector<int32_t>& v) {
     buf.reserve(std::max<size_t>(v.size() * 4, 16));
     buf.upload(v.data(), v.size() * 4);
@@ -285,6 +307,7 @@ DeviceClusterTarget DeviceClusterIndex::target() {
   t.sizes = sizes_.as<int32_t>();
   t.member_begin = member_begin_.as<int32_t>();
   t.members = members_.as<int32_t>();
+  position_sums_ok_ = false;  // the producer may move members
   t.entry_count = d_entry_count_.as<int32_t>();
   t.entry_end = d_entry_end_.as<int32_t>();
   return t;
@@ -313,9 +336,23 @@ DeviceClusterView DeviceClusterIndex::view() const {
   v.entry_count = d_entry_count_.as<const int32_t>();
   v.entry_end = d_entry_end_.as<const int32_t>();
   v.entry_coarse = d_entry_coarse_.as<const int32_t>();
+  v.position_sums = position_sums_.as<const int64_t>();
   v.key_dtype = key_dtype_;
   v.value_dtype = value_dtype_;
   return v;
+}
+
+void DeviceClusterIndex::refresh_position_sums(Stream stream) {
+  detail::PositionSumArgs a;
+  a.sizes = sizes_.as<const int32_t>();
+  a.member_begin = member_begin_.as<const int32_t>();
+  a.members = members_.as<const int32_t>();
+  a.entry_begin = d_entry_begin_.as<const int32_t>();
+  a.entry_count = d_entry_count_.as<const int32_t>();
+  a.entry_coarse = d_entry_coarse_.as<const int32_t>();
+  a.position_sums = position_sums_.as<int64_t>();
+  detail::launch_position_sums(a, entries(), max_capacity_, stream);
+  position_sums_ok_ = true;
 }
 
 void DeviceClusterIndex::fill_random_centroids(uint64_t seed) {

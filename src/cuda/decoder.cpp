@@ -160,6 +160,7 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
       fine_key_bytes += int64_t(index->entry_capacity(e) - index->entry_coarse(e)) * D * dtype_size(index->key_dtype());
     const bool prescore = hier && (prescore_mode_ < 0 ? fine_key_bytes <= kPrescoreMaxBytes : prescore_mode_ > 0);
     std::vector<int64_t> vlen(B), score_chunks(B), norm_chunks(B);
+    int64_t far_most = 0;
     for (int b = 0; b < B; ++b) {
       int64_t cmax = 0, smax = 0, nmax = 0;
       for (int h = 0; h < Hkv; ++h) {
@@ -181,6 +182,7 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
         smax = std::max<int64_t>(smax, prescore ? index->entry_capacity(e) : nmax);
       }
       vlen[b] = cmax;  // pseudo-tokens; exact slots added below
+      far_most = std::max(far_most, cmax);
       score_chunks[b] = (smax + kScoreChunk - 1) / kScoreChunk;
       norm_chunks[b] = (nmax + kScoreChunk - 1) / kScoreChunk;  // the coarse level comes first
     }
@@ -246,7 +248,18 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
     exact_n_.reserve(size_t(B) * Hkv * sizeof(int32_t));
     exact_n_.memset(0);
     info_.far_real = rope_half_ > 0;
-    if (info_.far_real) plan_far_real(*index, key_dtype);
+    if (info_.far_real) {
+      MP_CHECK(index->has_position_sums(),
+               "cuda decode: the far field at real positions reads the index's position sums, stale since its last "
+               "device update (DeviceKMeans keeps them when its AttentionConfig has far_field_real_positions)");
+      MP_CHECK(int64_t(G) * D * 4 <= 48 * 1024,
+               "cuda decode: the far field at real positions stages the group's {} query heads of dim {} in shared "
+               "memory: {} B, over the 48 KB limit",
+               G, D, int64_t(G) * D * 4);
+      info_.far_items = int(std::min<int64_t>(far_most, std::numeric_limits<int32_t>::max()));
+      far_scores_.reserve(size_t(std::max<int64_t>(index_clusters_, 1)) * G * sizeof(float));
+      far_scores_.memset(0);  // (rows of clusters never far are loaded by the attention, not used)
+    }
     plan_fused(*index, cap, kc.page_size);
     if (hier) {
       far_ids_.reserve(size_t(B) * Hkv * info_.far_cap * sizeof(int32_t));
@@ -295,31 +308,6 @@ int fused_staged(const DeviceClusterIndex& index) {
   return index.hierarchical() ? index.max_coarse() : index.max_clusters();
 }
 }  // namespace
-
-// The far field at real positions: its scoring items cover every slot of each entry (the online
-// update may fill spare ones), and its workspaces.
-void CudaDecoder::plan_far_real(const DeviceClusterIndex& index, DType key_dtype) {
-  const int B = info_.batch, Hkv = config_.num_kv_heads, G = config_.group_size();
-  std::vector<int32_t> f_seq, f_chunk;
-  max_slots_ = 0;
-  for (int b = 0; b < B; ++b) {
-    int slots = 0;
-    for (int h = 0; h < Hkv; ++h) slots = std::max(slots, index.entry_capacity(b * Hkv + h));
-    max_slots_ = std::max(max_slots_, slots);
-    for (int c = 0; c < (slots + kScoreChunk - 1) / kScoreChunk; ++c) {
-      f_seq.push_back(b);
-      f_chunk.push_back(c);
-    }
-  }
-  upload_vector(f_item_seq_, f_seq);
-  upload_vector(f_item_chunk_, f_chunk);
-  info_.far_score_work = int(f_seq.size()) * Hkv * head_chunks_;
-  far_score_ctas_ = std::min(info_.far_score_work, score_resident_ctas(config_.head_dim, gc_, key_dtype));
-  const int64_t total = std::max<int64_t>(index.total_clusters(), 1);
-  rotated_keys_.reserve(size_t(total) * config_.head_dim * dtype_size(index.key_dtype()));
-  far_scores_.reserve(size_t(total) * G * sizeof(float));
-  far_part_.reserve(std::max<size_t>(f_seq.size(), 1) * Hkv * G * 2 * sizeof(float));
-}
 
 // Whether this plan's steps can run in one launch (DecodePlanInfo::fused says what it needs).
 // Reads the coarse levels' sizes and child counts back from the device (synchronous).
@@ -500,52 +488,25 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
 
   // stages: 1 score, 2 score + select, 3 all, 4 attention only (diagnostics).
   const DType score_dtype = cv.key_dtype == DType::F32 ? DType::F32 : cache.config().dtype;
-  // One scoring launch: queries qs against keys, the first count[e] clusters of each entry.
-  const auto score = [&](const float* qs, const void* keys, const int32_t* count, const int32_t* normed,
-                         const DeviceBuffer& item_seq, const DeviceBuffer& item_chunk, const DeviceBuffer& scores,
-                         const DeviceBuffer& part, int work, int ctas) {
+  if (info_.score_ctas > 0 && stages != 4 && !fallback) {
     ScoreArgs s;
-    s.q_score = qs;
-    s.key_centroids = keys;
+    s.q_score = q_score;
+    s.key_centroids = cv.key_centroids;
     s.sizes = cv.sizes;
     s.entry_begin = cv.entry_begin;
-    s.entry_count = count;
-    s.entry_normed = normed;
+    // Two levels: the coarse level only, or every cluster with the coarse ones normalised.
+    s.entry_count = info_.hierarchical && !info_.prescored ? cv.entry_coarse : cv.entry_count;
+    s.entry_normed = info_.prescored ? cv.entry_coarse : nullptr;
     s.num_kv_heads = Hkv;
     s.group = config_.group_size();
     s.head_chunks = head_chunks_;
     s.qscale = config_.softmax_scale() * 1.4426950408889634f;
-    s.item_seq = item_seq.as<const int32_t>();
-    s.item_chunk = item_chunk.as<const int32_t>();
-    s.scores = scores.as<float>();
-    s.part = part.as<float>();
-    launch_score(s, config_.head_dim, gc_, score_dtype, work / (Hkv * head_chunks_), ctas, stream);
-  };
-  if (info_.far_real && stages != 4) {
-    // The far field's logits: the real q against the centroids at their mean positions (every
-    // slot; its normalisers go unused).
-    MP_CHECK(reinterpret_cast<uintptr_t>(q) % 16 == 0,
-             "cuda decode: q must be 16-byte aligned (the far field at real positions scores it)");
-    MeanPositionArgs m;
-    m.key_centroids = cv.key_centroids;
-    m.rotated = rotated_keys_.as<void>();
-    m.sizes = cv.sizes;
-    m.member_begin = cv.member_begin;
-    m.members = cv.members;
-    m.entry_begin = cv.entry_begin;
-    m.entry_count = cv.entry_count;
-    m.entry_coarse = cv.entry_coarse;
-    m.inv_freq = inv_freq_.as<const double>();
-    m.half = rope_half_;
-    launch_centroids_at_mean_positions(m, config_.head_dim, score_dtype, E, max_slots_, stream);
-    score(q, rotated_keys_.as<const void>(), cv.entry_count, nullptr, f_item_seq_, f_item_chunk_, far_scores_,
-          far_part_, info_.far_score_work, far_score_ctas_);
-  }
-  if (info_.score_ctas > 0 && stages != 4 && !fallback) {
-    // Two levels: the coarse level only, or every cluster with the coarse ones normalised.
-    score(q_score, cv.key_centroids, info_.hierarchical && !info_.prescored ? cv.entry_coarse : cv.entry_count,
-          info_.prescored ? cv.entry_coarse : nullptr, s_item_seq_, s_item_chunk_, scores_, score_part_,
-          info_.score_work, info_.score_ctas);
+    s.item_seq = s_item_seq_.as<const int32_t>();
+    s.item_chunk = s_item_chunk_.as<const int32_t>();
+    s.scores = scores_.as<float>();
+    s.part = score_part_.as<float>();
+    launch_score(s, config_.head_dim, gc_, score_dtype, info_.score_work / (Hkv * head_chunks_), info_.score_ctas,
+                 stream);
   }
 
   if (stages < 2) return;
@@ -605,6 +566,29 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   }
   if (stages < 3) return;
 
+  if (info_.far_real && stages != 4) {
+    // The far field's logits: the real q against the far clusters' key centroids at their mean
+    // positions (the selection's logits stay at the scoring position).
+    FarLogitArgs f;
+    f.q = q;
+    f.key_centroids = cv.key_centroids;
+    f.position_sums = cv.position_sums;
+    f.far_size = far_size_.as<const int32_t>();
+    f.entry_begin = cv.entry_begin;
+    f.entry_count = cv.entry_count;
+    if (info_.hierarchical) {
+      f.far_ids = far_ids_.as<const int32_t>();
+      f.far_n = far_n_.as<const int32_t>();
+      f.far_cap = info_.far_cap;
+    }
+    f.inv_freq = inv_freq_.as<const double>();
+    f.half = rope_half_;
+    f.group = config_.group_size();
+    f.qscale = config_.softmax_scale() * 1.4426950408889634f;
+    f.scores = far_scores_.as<float>();
+    f.pdl = pdl_ ? 1 : 0;  // right after the selection kernel
+    launch_far_logits_at_mean_positions(f, config_.head_dim, score_dtype, E, info_.far_items, stream);
+  }
   AttendArgs a = base_args(cache, layer, config_);
   a.seq_ids = seq_ids_.as<const int32_t>();
   a.q = q;
@@ -626,7 +610,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   a.entry_begin = cv.entry_begin;
   a.entry_count = cv.entry_count;
   a.far_field = config_.multipole_far_field ? 1 : 0;
-  a.pdl = pdl_ && stages != 4 ? 1 : 0;  // right after the selection kernel
+  a.pdl = pdl_ && stages != 4 ? 1 : 0;  // right after the selection kernel (or the far logits')
   a.fallback = fallback;
   if (info_.hierarchical) {
     a.far_ids = far_ids_.as<const int32_t>();

@@ -188,6 +188,14 @@ struct DeviceKMeans::Online {
   }
 };
 
+namespace {
+// The index's position sums are kept (one launch over every slot after each change) only for
+// the far field at real positions, which reads them.
+bool keeps_position_sums(const AttentionConfig& config) {
+  return config.far_field_real_positions && config.multipole_far_field;
+}
+}  // namespace
+
 DeviceKMeans::DeviceKMeans() = default;
 DeviceKMeans::DeviceKMeans(DeviceKMeans&&) noexcept = default;
 DeviceKMeans& DeviceKMeans::operator=(DeviceKMeans&&) noexcept = default;
@@ -505,6 +513,11 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
     ++launches_;
     mark("online init", stream);
   }
+  if (keeps_position_sums(config)) {
+    index_->refresh_position_sums(stream);
+    ++launches_;
+    mark("position sums", stream);
+  }
 }
 
 void DeviceKMeans::load(const DeviceKVCache& cache, int layer, std::span<const SeqId> seqs,
@@ -559,6 +572,7 @@ void DeviceKMeans::load(const DeviceKVCache& cache, int layer, std::span<const S
   shapes_.clear();
   online_ = std::make_unique<Online>(*this, cache, config, rope, reserve_tokens, std::move(open));
   online_->init(*this, cache, nullptr);
+  if (keeps_position_sums(config)) index_->refresh_position_sums(nullptr);
   synchronize();
 }
 
@@ -638,6 +652,10 @@ void DeviceKMeans::append(const DeviceKVCache& cache, std::span<const int64_t> n
     km_online_update(on.d, E, split, kv, inv_freq_.as<double>(), on.half, on.dims, on.buffers(),
                      on.chunks.as<KmChunk>() + c * size_t(E), target, key_kind, cache.config().dtype == DType::F16,
                      stream);
+    ++update_launches_;
+  }
+  if (keeps_position_sums(config)) {
+    index_->refresh_position_sums(stream);
     ++update_launches_;
   }
 }

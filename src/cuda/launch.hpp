@@ -83,18 +83,38 @@ struct ScoreArgs {
   float* part = nullptr;                // [score_items, Hkv, G, 2] (max, sum n e^(x - max))
 };
 
-// Key centroids rotated to their members' mean positions (mean_positions.cuh).
-struct MeanPositionArgs {
-  const void* key_centroids = nullptr;   // [total_clusters, D] f32 or KV dtype, position-0 space
-  void* rotated = nullptr;               // [total_clusters, D] the same type
-  const int32_t* sizes = nullptr;        // [total_clusters] tokens under each cluster
+// The far field at real positions (mean_positions.cuh). Position sums of every used slot of an
+// index from its member lists.
+struct PositionSumArgs {
+  const int32_t* sizes = nullptr;         // [total_clusters] tokens under each cluster
   const int32_t* member_begin = nullptr;  // [total_clusters]
-  const int32_t* members = nullptr;      // fine: token positions; coarse: fine ids local to the entry's fine range
-  const int32_t* entry_begin = nullptr;  // [E]
-  const int32_t* entry_count = nullptr;  // [E]
+  const int32_t* members = nullptr;       // fine: token positions; coarse: fine ids local to the entry's fine range
+  const int32_t* entry_begin = nullptr;   // [E]
+  const int32_t* entry_count = nullptr;   // [E]
   const int32_t* entry_coarse = nullptr;  // [E] coarse slots first
-  const double* inv_freq = nullptr;      // [half] RoPE angular frequencies
-  int half = 0;                          // rotary_dim / 2
+  int64_t* position_sums = nullptr;       // [total_clusters] out
+};
+
+// The far field's logits at real positions: each far cluster's key centroid rotated to its
+// members' mean position, against the real (not the scoring) query.
+struct FarLogitArgs {
+  const float* q = nullptr;               // [E, G, D] f32 (= [B, Hq, D]), rotated to each query's position
+  const void* key_centroids = nullptr;    // [total_clusters, D] f32 or KV dtype, position-0 space
+  const int64_t* position_sums = nullptr;  // [total_clusters]
+  const int32_t* far_size = nullptr;      // [total_clusters] size if in the far field, else 0
+  const int32_t* entry_begin = nullptr;   // [E]
+  const int32_t* entry_count = nullptr;   // [E]
+  // Two levels: the far field is far_ids[e, 0 .. far_n[e]) (cluster ids local to the entry);
+  // null: every slot of the entry, masked by far_size.
+  const int32_t* far_ids = nullptr;       // [E, far_cap]
+  const int32_t* far_n = nullptr;         // [E]
+  int far_cap = 0;
+  const double* inv_freq = nullptr;       // [half] RoPE angular frequencies
+  int half = 0;                           // rotary_dim / 2
+  int group = 0;                          // G
+  float qscale = 0;                       // softmax scale * log2(e)
+  float* scores = nullptr;                // [total_clusters, G] out (the far clusters' rows only)
+  int pdl = 0;                            // after the selection kernel, by programmatic dependent launch
 };
 
 struct SelectArgs {
@@ -236,9 +256,12 @@ void launch_attend_f16(const AttendArgs& a, int head_dim, int rows, bool mp, int
 void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int items, int ctas, Stream stream);
 // CTAs of the scoring kernel that fit on the current device at once.
 int score_resident_ctas(int head_dim, int gc, DType key_dtype);
-// Writes a.rotated for the used slots of E entries of at most max_slots slots each.
-void launch_centroids_at_mean_positions(const MeanPositionArgs& a, int head_dim, DType key_dtype, int entries,
-                                        int max_slots, Stream stream);
+// Position sums of the used slots of E entries of at most max_slots slots each.
+void launch_position_sums(const PositionSumArgs& a, int entries, int max_slots, Stream stream);
+// The far field's logits of E entries of at most max_far far clusters each (a bound for the
+// grid; the kernel reads the counts).
+void launch_far_logits_at_mean_positions(const FarLogitArgs& a, int head_dim, DType key_dtype, int entries,
+                                         int max_far, Stream stream);
 void launch_select(const SelectArgs& a, int entries, Stream stream);
 void launch_select_hier(const SelectArgs& a, int entries, Stream stream);
 // Dynamic shared memory of the selection kernel for entries of up to `clusters` clusters

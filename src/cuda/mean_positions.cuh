@@ -1,11 +1,11 @@
 #pragma once
-// Key centroids rotated to their members' mean positions, for the far field at real positions
-// (AttentionConfig::far_field_real_positions): the far field's logits then come from the real
-// query against each unselected cluster as if its tokens sat at their mean position, while the
-// selection keeps the scores at the fixed position. The CPU reference is
+// The far field at real positions (AttentionConfig::far_field_real_positions): the far field's
+// logits come from the real query against each unselected cluster as if its tokens sat at their
+// mean position, while the selection keeps the scores at the fixed position. The CPU reference is
 // MultipolePolicy::centroids_at_mean_positions; rotation as multipole::Rotation (pairs (i, i +
 // half), no magnitude factor), angles reduced in double so that positions past 100K keep their
-// phase.
+// phase. Two kernels: the index's position sums (once per index change, not per step), and the
+// far clusters' logits (per step, after the selection, only the far list).
 #include "cuda/common.cuh"
 #include "cuda/launch.hpp"
 
@@ -14,7 +14,7 @@ namespace multipole::cuda::detail {
 // Sum of the token positions under slot c of entry e over the warp (every lane gets it): a fine
 // cluster's members across the lanes, or a coarse cluster's children one per lane (each lane
 // summing its child's members), so that neither waits on one child after another.
-__device__ __forceinline__ long long member_position_sum(const MeanPositionArgs& a, int e, int64_t c, bool coarse) {
+__device__ __forceinline__ long long member_position_sum(const PositionSumArgs& a, int e, int64_t c, bool coarse) {
   const int lane = threadIdx.x & 31;
   long long sum = 0;
   if (!coarse) {
@@ -37,36 +37,77 @@ __device__ __forceinline__ long long member_position_sum(const MeanPositionArgs&
 }
 
 // One warp per slot: grid (ceil(most slots of an entry / 8), E), 256 threads; slots past
-// entry_count[e] are left alone. Empty slots get zero rows (their far sizes are 0, so nothing
-// reads them as pseudo-tokens).
-//   key_centroids, rotated: [total_clusters, D] of CT; inv_freq: [half] angular frequencies
-template <int D, class CT>
-__global__ void __launch_bounds__(256) centroids_at_mean_positions_kernel(MeanPositionArgs a) {
-  const int e = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int j = blockIdx.x * 8 + warp;
+// entry_count[e] are left alone, empty ones get 0 (a placeholder's child list is not read).
+__global__ void __launch_bounds__(256) position_sums_kernel(PositionSumArgs a) {
+  const int e = blockIdx.y, lane = threadIdx.x & 31;
+  const int j = blockIdx.x * 8 + (threadIdx.x >> 5);
   if (j >= a.entry_count[e]) return;
   const int64_t c = int64_t(a.entry_begin[e]) + j;
-  const CT* src = static_cast<const CT*>(a.key_centroids) + c * D;
-  CT* dst = static_cast<CT*>(a.rotated) + c * D;
-  const int n = a.sizes[c];
-  if (n <= 0) {
-    for (int i = lane; i < D; i += 32) dst[i] = from_f32<CT>(0.0f);
-    return;
-  }
-  const double mean = double(member_position_sum(a, e, c, j < a.entry_coarse[e])) / n;
+  const long long sum = a.sizes[c] > 0 ? member_position_sum(a, e, c, j < a.entry_coarse[e]) : 0;
+  if (lane == 0) a.position_sums[c] = sum;
+}
+
+// One warp per far cluster: grid (X, E), 256 threads, the warps striding over the entry's far
+// list (two levels) or its slots (one level, those with far_size > 0). The lanes hold the
+// centroid rotated to its mean position in f32 (pairs lane + 32 t and the channels past the
+// rotary dims), then reduce its dot product with each of the G queries, staged in shared memory.
+//   scores[c, g] = qscale * q_g . R(mean_c) k_c
+template <int D, class CT>
+__global__ void __launch_bounds__(256) far_logits_at_mean_positions_kernel(FarLogitArgs a) {
+  extern __shared__ float s_q[];  // [G, D]
+  const int e = blockIdx.y, lane = threadIdx.x & 31, G = a.group;
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) s_q[i] = a.q[int64_t(e) * G * D + i];
+  __syncthreads();
+  if (a.pdl) pdl_wait();  // far_size, far_ids and far_n are the selection's
+  const int items = a.far_ids ? min(a.far_n[e], a.far_cap) : a.entry_count[e];
   const int half = a.half;
-  for (int i = lane; i < half; i += 32) {
-    // The angle reduced to [-pi, pi] in double (exact to ~1e-11 rad at 10^5 rad), then a float
-    // sincos, which is fast and accurate on that range.
-    double t = mean * a.inv_freq[i];
-    t -= 6.283185307179586 * rint(t * 0.15915494309189535);
-    float s, co;
-    sincosf(float(t), &s, &co);
-    const float x = to_f32(src[i]), y = to_f32(src[i + half]);
-    dst[i] = from_f32<CT>(x * co - y * s);
-    dst[i + half] = from_f32<CT>(y * co + x * s);
+  constexpr int kPairs = (D / 2 + 31) / 32, kChannels = D / 32;
+  for (int j = blockIdx.x * 8 + (threadIdx.x >> 5); j < items; j += gridDim.x * 8) {
+    const int64_t c = int64_t(a.entry_begin[e]) + (a.far_ids ? a.far_ids[int64_t(e) * a.far_cap + j] : j);
+    const int n = a.far_size[c];
+    if (n <= 0) continue;  // (warp-uniform: the warp shares j)
+    const CT* k = static_cast<const CT*>(a.key_centroids) + c * D;
+    const double mean = double(a.position_sums[c]) / n;
+    float x[kPairs], y[kPairs], p[kChannels];
+#pragma unroll
+    for (int t = 0; t < kPairs; ++t) {
+      const int i = lane + 32 * t;
+      x[t] = y[t] = 0.0f;
+      if (i < half) {
+        // The angle reduced to [-pi, pi] in double (exact to ~1e-11 rad at 10^5 rad), then the
+        // hardware sincos, within ~2^-21 on that range (sincosf would keep a local-memory stack
+        // for its large-argument path).
+        double th = mean * a.inv_freq[i];
+        th -= 6.283185307179586 * rint(th * 0.15915494309189535);
+        float s, co;
+        __sincosf(float(th), &s, &co);
+        const float k0 = to_f32(k[i]), k1 = to_f32(k[i + half]);
+        x[t] = k0 * co - k1 * s;
+        y[t] = k1 * co + k0 * s;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kChannels; ++t) {
+      const int i = 2 * half + lane + 32 * t;
+      p[t] = i < D ? to_f32(k[i]) : 0.0f;
+    }
+    for (int g = 0; g < G; ++g) {
+      const float* q = s_q + g * D;
+      float dot = 0.0f;
+#pragma unroll
+      for (int t = 0; t < kPairs; ++t) {
+        const int i = lane + 32 * t;
+        if (i < half) dot += q[i] * x[t] + q[i + half] * y[t];
+      }
+#pragma unroll
+      for (int t = 0; t < kChannels; ++t) {
+        const int i = 2 * half + lane + 32 * t;
+        if (i < D) dot += q[i] * p[t];
+      }
+      dot = warp_sum(dot);
+      if (lane == 0) a.scores[c * G + g] = dot * a.qscale;
+    }
   }
-  for (int i = 2 * half + lane; i < D; i += 32) dst[i] = src[i];  // channels past rotary_dim
 }
 
 }  // namespace multipole::cuda::detail

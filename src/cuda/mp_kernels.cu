@@ -1,5 +1,7 @@
-// Multipole scoring and selection launches, centroids at mean positions, device-side cache append,
-// benchmark fills.
+// Multipole scoring and selection launches, the far field at real positions (position sums, far
+// logits), device-side cache append, benchmark fills.
+#include <algorithm>
+
 #include "cuda/check.hpp"
 #include "cuda/host_setup.hpp"
 #include "cuda/mean_positions.cuh"
@@ -126,14 +128,22 @@ int score_resident_ctas(int head_dim, int gc, DType key_dtype) {
   return n;
 }
 
-void launch_centroids_at_mean_positions(const MeanPositionArgs& a, int head_dim, DType key_dtype, int entries,
-                                        int max_slots, Stream stream) {
+void launch_position_sums(const PositionSumArgs& a, int entries, int max_slots, Stream stream) {
   if (entries <= 0 || max_slots <= 0) return;
-  const dim3 grid((max_slots + 7) / 8, entries);
+  position_sums_kernel<<<dim3((max_slots + 7) / 8, entries), 256, 0, stream>>>(a);
+  MP_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_far_logits_at_mean_positions(const FarLogitArgs& a, int head_dim, DType key_dtype, int entries,
+                                         int max_far, Stream stream) {
+  if (entries <= 0) return;
+  const size_t smem = size_t(a.group) * head_dim * sizeof(float);  // (the plan checks it fits)
+  // Enough CTAs an entry to spread a batch-1 step over the GPU; the warps stride past them.
+  const dim3 grid(std::clamp((max_far + 7) / 8, 1, 256), entries);
   // (The scoring dispatch, its head-chunk width unused here.)
   dispatch_score(head_dim, 1, key_dtype, [&]<int D, int GC, class CT>() {
-    centroids_at_mean_positions_kernel<D, CT><<<grid, 256, 0, stream>>>(a);
-    MP_CUDA_CHECK(cudaGetLastError());
+    MP_CUDA_CHECK(launch_maybe_pdl(far_logits_at_mean_positions_kernel<D, CT>, grid, dim3(256), smem, stream,
+                                   a.pdl != 0, a));
   });
 }
 

@@ -998,7 +998,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     } else if (!one_level_fits) {
       EXPECT_STREQ(dec.plan_info().fused_why, "one level of over 2048 clusters in an entry");
     }
-    EXPECT_EQ(dec.multipole_launches(), far_real ? 5 : 3);
+    EXPECT_EQ(dec.multipole_launches(), far_real ? 4 : 3);
   }
   // (One level outside the one-launch step's limits: the three-kernel step alone, nothing to compare.)
   ASSERT_GE(outs.size(), index.hierarchical() ? 2u : 1u);

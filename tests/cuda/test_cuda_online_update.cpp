@@ -5,8 +5,11 @@
 // every clustered token is in one fine cluster and every fine cluster under one coarse
 // cluster, frozen blocks are untouched byte for byte, quality and membership are close to
 // the CPU update started from the same state, two runs are bit-identical, and the updated
-// index decodes like the same statistics uploaded from the host. Skips without a GPU.
+// index decodes like the same statistics uploaded from the host; the position sums that the far
+// field at real positions reads follow the member lists. Skips without a GPU.
 #include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
 
 #include <cstdio>
 #include <memory>
@@ -196,6 +199,22 @@ TEST(CudaOnlineUpdate, MatchesCpuUpdateF16Cache) {
   run_from_cpu_state(c, 0.97);
 }
 
+// The updated index and its statistics uploaded from the host decode alike (s.ac's policy).
+// Placeholder coarse slots change the scoring grid, hence the normaliser's summation order:
+// equal up to f32 rounding.
+void expect_decodes_like_its_upload(const KmSetup& s, const DeviceClusterIndex& updated,
+                                    const DeviceClusterIndex& uploaded, uint32_t seed, const char* what) {
+  const DeviceClusterIndex* both[] = {&updated, &uploaded};
+  const auto outs = decode_outputs(s, both, seed);
+  double worst = 0;
+  for (size_t i = 0; i < outs[0].size(); ++i) {
+    ASSERT_TRUE(std::isfinite(outs[0][i])) << i;
+    worst = std::max(worst, double(std::abs(outs[0][i] - outs[1][i])));
+  }
+  std::printf("[ online ] decode on the updated index vs its upload%s: max |diff| %.3g\n", what, worst);
+  EXPECT_LE(worst, 1e-4);
+}
+
 // GPU prefill with room, then the updates: invariants, frozen blocks, determinism, and the
 // updated index decoding like its statistics uploaded from the host. The update runs on
 // `split` CTAs per entry, and again on one: the same index, bit for bit.
@@ -247,17 +266,7 @@ void run_after_gpu_prefill(const Case& c, DType key_dtype, bool decode, int spli
     EXPECT_EQ(km.index().entry_clusters(e) - km.index().entry_coarse(e), host.back().num_clusters());
   }
   DeviceClusterIndex uploaded(D, c.Hkv, key_dtype, s.kc.dtype, host);
-  const DeviceClusterIndex* both[] = {&km.index(), &uploaded};
-  const auto outs = decode_outputs(s, both, 19);
-  // Placeholder coarse slots change the scoring grid, hence the normaliser's summation
-  // order: equal up to f32 rounding.
-  double worst = 0;
-  for (size_t i = 0; i < outs[0].size(); ++i) {
-    ASSERT_TRUE(std::isfinite(outs[0][i])) << i;
-    worst = std::max(worst, double(std::abs(outs[0][i] - outs[1][i])));
-  }
-  std::printf("[ online ] decode on the updated index vs its upload: max |diff| %.3g\n", worst);
-  EXPECT_LE(worst, 1e-4);
+  expect_decodes_like_its_upload(s, km.index(), uploaded, 19, "");
 }
 
 TEST(CudaOnlineUpdate, AfterGpuPrefillD128) {
@@ -286,6 +295,82 @@ TEST(CudaOnlineUpdate, UpdatedIndexFeedsMultipoleDecode) {
   c.lengths = {4100, 2600};
   c.seed = 33;
   run_after_gpu_prefill(c, DType::BF16, true, 2);
+}
+
+// The position sums of entry e against its lists as downloaded: a fine cluster's token positions,
+// a coarse cluster's children's.
+void expect_position_sums(const DeviceClusterIndex& index, const HostClusterLevel& x, int e) {
+  const int Cc = index.entry_coarse(e);
+  std::vector<int64_t> got(size_t(Cc + x.num_clusters()));
+  ASSERT_EQ(cudaMemcpy(got.data(), index.view().position_sums + index.entry_first_cluster(e), got.size() * 8,
+                       cudaMemcpyDeviceToHost),
+            cudaSuccess);
+  std::vector<int64_t> fine(size_t(x.num_clusters()), 0);
+  for (int c = 0; c < x.num_clusters(); ++c) {
+    for (int m = x.member_offsets[size_t(c)]; m < x.member_offsets[size_t(c) + 1]; ++m) fine[size_t(c)] += x.members[size_t(m)];
+    ASSERT_EQ(got[size_t(Cc + c)], fine[size_t(c)]) << "entry " << e << " fine cluster " << c;
+  }
+  for (int p = 0; p < x.num_coarse(); ++p) {
+    int64_t sum = 0;
+    for (int k = x.coarse_child_offsets[size_t(p)]; k < x.coarse_child_offsets[size_t(p) + 1]; ++k)
+      sum += fine[size_t(x.coarse_children[size_t(k)])];
+    ASSERT_EQ(got[size_t(p)], sum) << "entry " << e << " coarse cluster " << p;
+  }
+}
+
+// With the far field at real positions in its config, the GPU prefill and every update leave
+// the index's position sums equal to its lists' (and the host upload computes the same); the
+// updated index then decodes like its upload through that far field. An update under a config
+// without it leaves the sums stale, and the decoder refuses them.
+TEST(CudaOnlineUpdate, KeepsPositionSumsForTheFarFieldAtRealPositions) {
+  REQUIRE_GPU();
+  Case c;
+  c.block = 512;
+  c.lengths = {3001, 1800, 700};
+  c.seed = 34;
+  const int W = 128;
+  KmSetup s(c, (kUpdates + 4) * W);
+  s.ac.far_field_real_positions = true;
+  const Rope rope(s.ac.rope);
+  DeviceKMeans km;
+  km.build(s.dev, 0, s.seqs, s.ends, s.ac, rope, DType::BF16, nullptr, (kUpdates + 4) * W);
+  synchronize();
+  ASSERT_TRUE(km.index().has_position_sums());
+  for (int e = 0; e < km.entries(); ++e) {
+    SCOPED_TRACE("after the prefill");
+    expect_position_sums(km.index(), km.download_index(e), e);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  for (const auto& ends : update_ends(s)) {
+    km.append(s.dev, ends, s.ac, nullptr);
+    ASSERT_TRUE(km.index().has_position_sums());
+    for (int e = 0; e < km.entries(); ++e) {
+      SCOPED_TRACE(::testing::Message() << "after the update to " << ends[0]);
+      expect_position_sums(km.index(), km.download_index(e), e);
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+  }
+  km.sync_index();
+  std::vector<HostClusterLevel> host;
+  for (int e = 0; e < km.entries(); ++e) host.push_back(km.download_index(e));
+  DeviceClusterIndex uploaded(c.D, c.Hkv, DType::BF16, s.kc.dtype, host);
+  ASSERT_TRUE(uploaded.has_position_sums());
+  for (int e = 0; e < uploaded.entries(); ++e) {
+    SCOPED_TRACE("uploaded from the host");
+    expect_position_sums(uploaded, host[size_t(e)], e);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  expect_decodes_like_its_upload(s, km.index(), uploaded, 20, " (far field at real positions)");
+
+  AttentionConfig fixed = s.ac;
+  fixed.far_field_real_positions = false;
+  std::vector<int64_t> ends = update_ends(s).back();
+  for (size_t b = 0; b < ends.size(); ++b) ends[b] = std::min(s.cpu.length(s.seqs[b]), ends[b] + W);
+  km.append(s.dev, ends, fixed, nullptr);
+  EXPECT_FALSE(km.index().has_position_sums());
+  km.sync_index();
+  CudaDecoder dec(s.ac);
+  EXPECT_ANY_THROW(dec.plan(s.dev, s.seqs, &km.index()));
 }
 
 }  // namespace

@@ -54,6 +54,9 @@ struct DeviceClusterView {
   const int32_t* entry_count = nullptr;   // [entries] clusters of entry (b, h)
   const int32_t* entry_end = nullptr;     // [entries] clustered_end of entry (b, h)
   const int32_t* entry_coarse = nullptr;  // [entries] coarse clusters Cc at the entry's start
+  // [total_clusters] sum of the token positions under each cluster (the far field at real
+  // positions reads them; valid when DeviceClusterIndex::has_position_sums())
+  const int64_t* position_sums = nullptr;
   DType key_dtype = DType::F32;
   DType value_dtype = DType::BF16;
 };
@@ -80,7 +83,8 @@ struct DeviceEntryShape {
   int fine_capacity = 0, coarse_capacity = 0;
 };
 
-// Writable arrays of an index for device producers; layout as DeviceClusterView.
+// Writable arrays of an index for device producers; layout as DeviceClusterView. (The position
+// sums are not among them: refresh_position_sums() derives them from the member lists.)
 struct DeviceClusterTarget {
   void* key_centroids = nullptr;
   void* value_centroids = nullptr;
@@ -109,7 +113,13 @@ class DeviceClusterIndex {
                      std::span<const DeviceEntryShape> shapes);
 
   DeviceClusterView view() const;
+  // For a device producer; marks the position sums stale until refresh_position_sums().
   DeviceClusterTarget target();
+  // Position sums: computed on the host by the constructor from host levels; after a device
+  // producer's writes, recomputed from the member lists by refresh_position_sums() (enqueued on
+  // `stream`, one launch, every used slot).
+  bool has_position_sums() const { return position_sums_ok_; }
+  void refresh_position_sums(Stream stream);
   // After a device producer changed entry counts / ends (online update): copies them back
   // (synchronous; call before re-planning a decoder).
   void sync_entries();
@@ -142,8 +152,10 @@ class DeviceClusterIndex {
   std::vector<int32_t> entry_begin_, entry_count_, entry_end_, entry_coarse_;
   std::vector<int64_t> member_base_;
   std::vector<int32_t> entry_cap_;
-  DeviceBuffer keys_, values_, sizes_, member_begin_, members_, d_entry_begin_, d_entry_count_, d_entry_end_,
-      d_entry_coarse_;
+  int max_capacity_ = 0;  // most slots an entry has room for
+  bool position_sums_ok_ = false;
+  DeviceBuffer keys_, values_, sizes_, member_begin_, members_, position_sums_, d_entry_begin_, d_entry_count_,
+      d_entry_end_, d_entry_coarse_;
 };
 
 }  // namespace multipole::cuda

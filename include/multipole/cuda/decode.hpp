@@ -12,10 +12,11 @@
 // than that kernel holds, the selection and attention kernels follow it and finish only the
 // entries that listed too many (DecodePlanInfo::fused_fallback). With
 // config.far_field_real_positions (and the far field on) the far field's logits come from the
-// real query against each key centroid rotated to its members' mean position, the selection's
-// from q_score as always: two launches more (the rotation and a second scoring over every
-// slot), and never the one-launch step. All launches of a step are
-// asynchronous on the given stream and capturable in a CUDA graph once planned.
+// real query against each far cluster's key centroid rotated to its members' mean position (the
+// index's position sums), the selection's from q_score as always: one launch more, between the
+// selection and the attention, over the far clusters only; never the one-launch step. All
+// launches of a step are asynchronous on the given stream and capturable in a CUDA graph once
+// planned.
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -36,8 +37,8 @@ struct DecodePlanInfo {
   bool hierarchical = false;  // two-level index: coarse scoring, fine scoring in the selection
   bool prescored = false;     // two-level index, small batch: the scoring launch scores the fine level too
   int far_cap = 0;            // far-list capacity per entry (two-level)
-  bool far_real = false;      // the far field at real positions (two launches more)
-  int far_score_work = 0;     // its scoring items (every slot of an entry)
+  bool far_real = false;      // the far field at real positions (one launch more)
+  int far_items = 0;          // its bound on the far clusters of an entry (sizes its grid)
   // The step runs in one launch (fused_step.cuh: one 16-CTA cluster per entry) where it holds:
   // head dim 128, G <= 4, keys in the cache's type, budget <= 128, pages of a power-of-two
   // size, <= 512 exact rows per entry, two levels of <= 2048 coarse and <= 16384 fine clusters
@@ -89,7 +90,7 @@ class CudaDecoder {
   static constexpr int kMultipoleLaunches = 3;
   int multipole_launches() const {
     // A fused_fallback step: the one-launch kernel, then selection and attention for what it left.
-    return info_.fused ? (info_.fused_fallback ? 3 : 1) : kMultipoleLaunches + (info_.far_real ? 2 : 0);
+    return info_.fused ? (info_.fused_fallback ? 3 : 1) : kMultipoleLaunches + (info_.far_real ? 1 : 0);
   }
   // Tests and A/B: whether plan() may choose the one-launch step (default: yes, unless the
   // environment sets MULTIPOLE_FUSED=0). Takes effect at the next plan().
@@ -175,10 +176,10 @@ class CudaDecoder {
   DeviceBuffer part_o_, part_ml_, counters_, scores_, score_part_, far_size_, exact_rows_, exact_n_, errors_;
   DeviceBuffer far_ids_, far_n_;
   DeviceBuffer fallback_;  // [B * Hkv] the one-launch step's leftovers (fused_fallback)
-  // The far field at real positions: RoPE frequencies [half] (f64), key centroids at their mean
-  // positions, their logits against the real q, and the scoring items over every slot.
-  DeviceBuffer inv_freq_, rotated_keys_, far_scores_, far_part_, f_item_seq_, f_item_chunk_;
-  int rope_half_ = 0, max_slots_ = 0, far_score_ctas_ = 0;
+  // The far field at real positions: RoPE frequencies [half] (f64) and the far clusters' logits
+  // against the real q [total_clusters, G].
+  DeviceBuffer inv_freq_, far_scores_;
+  int rope_half_ = 0;
   int64_t index_clusters_ = 0;
   int smem_clusters_ = 0;
   int cand_cache_ = 0;  // candidates of the two-level selection cached in shared memory
@@ -195,7 +196,6 @@ class CudaDecoder {
   unsigned long long* step_prof_ = nullptr;
   bool step_prof_return_ = false;
   void plan_fused(const DeviceClusterIndex& index, int64_t exact_rows, int page_size);
-  void plan_far_real(const DeviceClusterIndex& index, DType key_dtype);
   int prescore_mode_ = -1;
 };
 

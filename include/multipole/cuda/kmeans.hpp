@@ -82,7 +82,9 @@ class DeviceKMeans {
   // order, so consecutive appends go on one stream; the host waits only for the copy of the
   // append before last, almost always done); the index's host-side entry counts are stale
   // until sync_index(). Throws when an entry would outgrow the capacity reserved at
-  // build()/load().
+  // build()/load(). With config.far_field_real_positions (and the far field on), build(), load()
+  // and append() end by recomputing the index's position sums from its member lists (one launch
+  // over every slot), which that far field reads.
   void append(const DeviceKVCache& cache, std::span<const int64_t> new_ends, const AttentionConfig& config,
               Stream stream);
   // Host-side entry counts and ends from the device (synchronous; before re-planning a decoder).

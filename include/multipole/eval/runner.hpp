@@ -58,7 +58,7 @@ struct EvalOptions {
   bool f32_activations = false;  // products with quantised weights keep f32 activations (no int8 rounding)
   double score_position = 2048;   // multipole/squeezed: fixed query position of centroid scoring
   bool real_positions = false;     // multipole/squeezed: score centroids at their members' mean position
-  bool far_real_positions = false; // multipole: far field at the members' mean positions (experiment; cpu only)
+  bool far_real_positions = false; // multipole: far field at the members' mean positions (experiment)
   std::string device = "cpu";      // where the compared policies decode; dense, the reference, stays on the cpu
 
   // fidelity
