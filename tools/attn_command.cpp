@@ -370,7 +370,7 @@ void add_attn_command(CLI::App& app) {
                 "Score each centroid at its members' mean position instead of the fixed position");
   cmd->add_flag("--far-real-positions", c.far_field_real_positions,
                 "Experiment: the far field from the centroids at their members' mean positions, the selection still "
-                "at --score-position (on cuda: the three-kernel step and one launch more)");
+                "at --score-position (on cuda: in the one-launch step where it holds, else one launch more)");
   cmd->add_option("--quest-page-size", c.quest_page_size, "Tokens per page bound of the quest policy")
       ->capture_default_str()
       ->check(at_least(1));

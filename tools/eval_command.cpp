@@ -137,7 +137,8 @@ void add_eval_command(CLI::App& app) {
                 "multipole/squeezed: score centroids at their members' mean position instead");
   cmd->add_flag("--far-real-positions", o.far_real_positions,
                 "Experiment: multipole's far field from the centroids at their members' mean positions, the selection "
-                "still at --score-position (with --device cuda: the three-kernel step and one launch more)");
+                "still at --score-position (with --device cuda: in the one-launch step where it holds, else one "
+                "launch more)");
   cmd->add_option("--device", o.device,
                   "Where the compared policies decode: cpu, or cuda (GPU builds); dense, the reference, stays on the "
                   "cpu")

@@ -544,12 +544,14 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       // "multipole": the step as the plan chooses it (one launch where fused_step.cuh holds);
       // "mp-3launch" beside it: the three-kernel step on the same index (emit_three).
       const int E = B * Hkv;
-      const auto emit_three = [&](const std::string& name, const DeviceClusterIndex& idx, int64_t bytes) {
-        CudaDecoder three(ac);
+      // cfg: ac, or another config.
+      const auto emit_three = [&](const std::string& name, const DeviceClusterIndex& idx, int64_t bytes,
+                                  const AttentionConfig* cfg = nullptr) {
+        CudaDecoder three(cfg ? *cfg : ac);
         three.set_fused(false);
         three.plan(dev, seqs, &idx);
         emit(name, [&](cudaStream_t s) { three.multipole(dev, 0, idx, pq, pqs, po, s); }, bytes,
-             CudaDecoder::kMultipoleLaunches, three.plan_info().mp_ctas);
+             three.multipole_launches(), three.plan_info().mp_ctas);
       };
       emit("multipole", [&](cudaStream_t s) { dec.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes,
            dec.multipole_launches(), step_ctas(dec, E));
@@ -561,10 +563,10 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       emit("squeezed", [&](cudaStream_t s) { squeezed.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes - vbytes,
            squeezed.multipole_launches(), step_ctas(squeezed, E));
       {
-        // The far field at real positions: the three-kernel step and, between its selection and
-        // attention, the far clusters' key centroids rotated to their mean positions and scored
-        // against q (bytes: each far cluster's key row, position sum and G logits, written and
-        // read).
+        // The far field at real positions: the far clusters' key centroids rotated to their mean
+        // positions and scored against q, in the one-launch step where it holds, else between the
+        // three-kernel step's selection and attention (bytes: each far cluster's key row, position
+        // sum and G logits, written and read); mp-far-real-3launch beside a one-launch row.
         AttentionConfig fr = ac;
         fr.far_field_real_positions = true;
         CudaDecoder far_real(fr);
@@ -572,7 +574,8 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         const int64_t far = int64_t(B) * Hkv * far_real.plan_info().far_items;
         const int64_t extra = far * (D * int64_t(dtype_size(o.key_dtype)) + 8 + G * 8);
         emit("mp-far-real", [&](cudaStream_t s) { far_real.multipole(dev, 0, index, pq, pqs, po, s); },
-             mp_bytes + extra, far_real.multipole_launches(), far_real.plan_info().mp_ctas);
+             mp_bytes + extra, far_real.multipole_launches(), step_ctas(far_real, E));
+        if (far_real.plan_info().fused) emit_three("mp-far-real-3launch", index, mp_bytes + extra, &fr);
       }
       {
         // GPU baselines on the same cache: quest (page bounds built before timing; its

@@ -81,6 +81,31 @@ __device__ __forceinline__ void warp_dots(const float (&qr)[kG][4], const float 
   for (int g = 0; g < kG; ++g) x[g] = __shfl_sync(0xffffffffu, c, 8 * g);
 }
 
+// The far field at real positions: the kG dots (as warp_dots) of a key centroid `row` (kD elements
+// of CT, position-0 space) rotated to its members' mean position `sum` / n, against the lane's
+// query dims qr. RoPE pairs (i, i + 64) over all kD dims: lane l holds dims [4 l, 4 l + 4), so
+// lanes l and l ^ 16 hold a pair's halves. The rule of mean_positions.cuh (hardware sincos of
+// the reduced angle); the mean by a reciprocal (no division in these kernels).
+template <class CT>
+__device__ __forceinline__ void dots_at_mean_position(const CT* row, long long sum, int n, const double* inv_freq,
+                                                      const float (&qr)[kG][4], float (&x)[kG]) {
+  static_assert(kD == 128, "RoPE pairs (i, i + 64) across lanes l and l ^ 16");
+  const int lane = threadIdx.x & 31;
+  float k4[4], other[4];
+  to_float4<CT>(*reinterpret_cast<const uint2*>(row + lane * 4), k4);
+  const double mean = double(sum) * __drcp_rn(double(n));
+#pragma unroll
+  for (int t = 0; t < 4; ++t) other[t] = __shfl_xor_sync(0xffffffffu, k4[t], 16);
+  const bool high = lane & 16;  // the pair's second half: y' = y cos + x sin; first: x' = x cos - y sin
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    float s, c;
+    __sincosf(reduced_angle(mean, inv_freq[4 * (lane & 15) + t]), &s, &c);
+    k4[t] = high ? k4[t] * c + other[t] * s : k4[t] * c - other[t] * s;
+  }
+  warp_dots(qr, k4, x);
+}
+
 // (m, z): a maximum and the sum of 2^(x - m) of the terms under it; (m2, z2) merged in.
 __device__ __forceinline__ void merge_max_sum(float& m, float& z, float m2, float z2) {
   const float mx = fmaxf(m, m2);
@@ -261,14 +286,16 @@ __device__ __forceinline__ void score_and_push_slice(const cooperative_groups::c
 
 // The far field of n staged value rows with weights w[j] (float4: heads 0..3) into st.o
 // ([kG][kD], for the reads of the join after its first barrier); warps g < kG also set st.m[g]
-// (0, the weights' reference, or -inf without weight) and st.l[g] = the weights' sum. Lane l of
+// (ref[g], the weights' reference relative to the rows' (0 when null), or -inf without weight)
+// and st.l[g] = the weights' sum. Lane l of
 // warp w sums dims 16 w + 2 (l / 4) + {0, 1} of the four heads over rows 8 t + 2 (l % 4) + {0, 1}:
 // a 32-bit value load and a float4 weight load serve 8 products (one thread per dimension and
 // head pair, loading 2 bytes and 2 weights a row, issued ~4x the loads by count: 2.0 us for 128
 // rows against 1.6, gpu-notes item 44), and the four row phases' 8-word bank offsets keep the
 // loads conflict-free.
 template <class CT = __nv_bfloat16>
-__device__ __forceinline__ void far_field_staged(const uint8_t* staged, const float4* w, int n, State& st) {
+__device__ __forceinline__ void far_field_staged(const uint8_t* staged, const float4* w, int n, State& st,
+                                                 const float* ref = nullptr) {
   static_assert(kWarps * 16 == kD && kG == 4, "a warp per 16 dimensions, four heads");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, phase = lane & 3;
   const int d = 16 * warp + 2 * (lane >> 2);
@@ -303,7 +330,7 @@ __device__ __forceinline__ void far_field_staged(const uint8_t* staged, const fl
     float l = 0;
     for (int j = lane; j < n; j += 32) l += reinterpret_cast<const float*>(&w[j])[warp];
     l = warp_sum(l);
-    if (lane == 0) st.m[warp] = l > 0 ? 0.0f : -INFINITY, st.l[warp] = l;
+    if (lane == 0) st.m[warp] = l > 0 ? (ref ? ref[warp] : 0.0f) : -INFINITY, st.l[warp] = l;
   }
 }
 

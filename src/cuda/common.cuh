@@ -243,6 +243,13 @@ __device__ __forceinline__ void mma_rows_three_part(float (&d)[4], int heads, co
 // Asks the L2 for the 128-byte line holding p (no register waits for it).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
+// The RoPE angle pos * inv_freq reduced to [-pi, pi] in double (exact to ~1e-11 rad at 10^5 rad),
+// as a float for a float sincos (accurate on that range; positions past 100K keep their phase).
+__device__ __forceinline__ float reduced_angle(double pos, double inv_freq) {
+  const double t = pos * inv_freq;
+  return float(t - 6.283185307179586 * rint(t * 0.15915494309189535));
+}
+
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));

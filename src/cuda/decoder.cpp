@@ -321,8 +321,9 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   const int E = index.entries();
   const auto why = [&](const char* reason) { info_.fused_why = reason; };
   if (!fused_allowed_) return why("turned off (MULTIPOLE_FUSED=0 or set_fused(false))");
-  if (info_.far_real) return why("far field at real positions (three-kernel step only)");
   if (config_.head_dim != L::kHeadDim) return why("head dim is not 128");
+  if (info_.far_real && 2 * rope_half_ != L::kHeadDim)
+    return why("far field at real positions with RoPE on part of the head dims");
   if (config_.group_size() > L::kGroup) return why("GQA group over 4");
   if (index.key_dtype() != kv_dtype) return why("key centroids not in the cache's type");
   if (config_.budget > L::kMaxBudget) return why("budget over 128");
@@ -339,7 +340,7 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   }
   // Clusters are independent (no exchange between entries), so past those held at once the
   // rest start as the first end: waves.
-  info_.fused_clusters_at_once = detail::fused_step_clusters_at_once(kv_dtype, fused_staged(index), hier);
+  info_.fused_clusters_at_once = detail::fused_step_clusters_at_once(kv_dtype, fused_staged(index), hier, info_.far_real);
   if (info_.fused_clusters_at_once == 0) return why("no cluster launch on this device");
   if (fused_waves_ > 0 && E > int64_t(fused_waves_) * info_.fused_clusters_at_once)
     return why(fused_waves_ == 1 ? "more entries than its clusters fit at once" : "more entries than its waves of clusters hold");
@@ -371,6 +372,8 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
     bound = std::max(bound, candidate_bound(sizes, begins, coarse_budget_));
   }
   info_.fused_candidate_bound = int(std::min<int64_t>(bound, std::numeric_limits<int>::max()));
+  // (The kernels behind a fallback would need the far logits' launch between them.)
+  if (info_.far_real && bound > L::kMaxCand) return why("far field at real positions over 512 candidates");
   info_.fused = true;
   info_.fused_fallback = bound > L::kMaxCand;
   if (info_.fused_fallback) {
@@ -468,6 +471,10 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     f.budget = config_.budget;
     f.coarse_budget = coarse_budget_;
     f.far_field = config_.multipole_far_field ? 1 : 0;
+    if (info_.far_real) {
+      f.position_sums = cv.position_sums;
+      f.inv_freq = inv_freq_.as<const double>();
+    }
     f.out = out;
     f.far_size = far_size_.as<int32_t>();
     f.exact_n = exact_n_.as<int32_t>();

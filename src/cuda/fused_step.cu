@@ -14,12 +14,13 @@ using cluster_step::fused_step_kernel;
 using cluster_step::kCtas;
 using cluster_step::kThreads;
 
-template <class CT, bool kProf, bool kHier>
+template <class CT, bool kProf, bool kHier, bool kFarReal>
 cudaLaunchConfig_t fused_config(cudaLaunchAttribute& attr, int entries, size_t smem, Stream stream) {
   // Set once per instantiation at the largest room any plan may ask (2048 coarse clusters).
   static const bool configured = [] {
-    MP_CUDA_CHECK(cudaFuncSetAttribute(fused_step_kernel<CT, kProf, kHier>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    MP_CUDA_CHECK(cudaFuncSetAttribute(fused_step_kernel<CT, kProf, kHier>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    auto* const kernel = fused_step_kernel<CT, kProf, kHier, kFarReal>;
+    MP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    MP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(cluster_step::fused_step_smem_bytes(cluster_step::kMaxCoarse))));
     return true;
   }();
@@ -27,32 +28,41 @@ cudaLaunchConfig_t fused_config(cudaLaunchAttribute& attr, int entries, size_t s
   return cluster_launch_config(attr, entries, kCtas, kThreads, stream, smem);
 }
 
-template <class CT, bool kProf, bool kHier>
+template <class CT, bool kProf, bool kHier, bool kFarReal = false>
 void launch_variant(const FusedStepArgs& a, int entries, Stream stream) {
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg =
-      fused_config<CT, kProf, kHier>(attr, entries, cluster_step::fused_step_smem_bytes(a.max_coarse), stream);
-  MP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<CT, kProf, kHier>, a));
+  const cudaLaunchConfig_t cfg = fused_config<CT, kProf, kHier, kFarReal>(
+      attr, entries, cluster_step::fused_step_smem_bytes(a.max_coarse), stream);
+  MP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<CT, kProf, kHier, kFarReal>, a));
 }
 template <class CT>
 void launch_typed(const FusedStepArgs& a, int entries, Stream stream) {
-  if (a.hierarchical)
+  if (a.position_sums)  // (the far field at real positions: not profiled)
+    a.hierarchical ? launch_variant<CT, false, true, true>(a, entries, stream)
+                   : launch_variant<CT, false, false, true>(a, entries, stream);
+  else if (a.hierarchical)
     a.prof ? launch_variant<CT, true, true>(a, entries, stream) : launch_variant<CT, false, true>(a, entries, stream);
   else
     a.prof ? launch_variant<CT, true, false>(a, entries, stream) : launch_variant<CT, false, false>(a, entries, stream);
 }
 
-template <class CT, bool kHier>
+template <class CT, bool kHier, bool kFarReal>
 int clusters_typed(int max_coarse) {
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg =
-      fused_config<CT, false, kHier>(attr, 1, cluster_step::fused_step_smem_bytes(max_coarse), nullptr);
+      fused_config<CT, false, kHier, kFarReal>(attr, 1, cluster_step::fused_step_smem_bytes(max_coarse), nullptr);
   int fit = 0;
-  if (cudaOccupancyMaxActiveClusters(&fit, fused_step_kernel<CT, false, kHier>, &cfg) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&fit, fused_step_kernel<CT, false, kHier, kFarReal>, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // a device without cluster launch: the plan takes the three-kernel path
     return 0;
   }
   return fit;
+}
+template <class CT>
+int clusters_of(int max_coarse, bool hierarchical, bool far_real) {
+  if (far_real)
+    return hierarchical ? clusters_typed<CT, true, true>(max_coarse) : clusters_typed<CT, false, true>(max_coarse);
+  return hierarchical ? clusters_typed<CT, true, false>(max_coarse) : clusters_typed<CT, false, false>(max_coarse);
 }
 
 }  // namespace
@@ -64,10 +74,9 @@ void launch_fused_step(const FusedStepArgs& a, DType dtype, int entries, Stream 
     launch_typed<__half>(a, entries, stream);
 }
 
-int fused_step_clusters_at_once(DType dtype, int max_coarse, bool hierarchical) {
-  if (dtype == DType::BF16)
-    return hierarchical ? clusters_typed<__nv_bfloat16, true>(max_coarse) : clusters_typed<__nv_bfloat16, false>(max_coarse);
-  return hierarchical ? clusters_typed<__half, true>(max_coarse) : clusters_typed<__half, false>(max_coarse);
+int fused_step_clusters_at_once(DType dtype, int max_coarse, bool hierarchical, bool far_real) {
+  return dtype == DType::BF16 ? clusters_of<__nv_bfloat16>(max_coarse, hierarchical, far_real)
+                              : clusters_of<__half>(max_coarse, hierarchical, far_real);
 }
 
 }  // namespace multipole::cuda::detail

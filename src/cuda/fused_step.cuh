@@ -99,7 +99,10 @@ constexpr int kFusedPhases = 14;
 // kHier = false: an index of one level (at most kMaxCoarse clusters an entry). Its clusters take
 // the coarse clusters' place in parts 1-3 below, selected under `budget` with their member
 // offsets as payloads, and their members are the exact rows: parts 4-6 drop out (gpu-notes item 44).
-template <class CT, bool kProf, bool kHier>
+// kFarReal: the far field at real positions (FusedStepArgs::position_sums): the far clusters'
+// logits (the unselected coarse ones in 8, the unselected candidates in 9) from the exact query
+// against their key centroids rotated to their mean positions, read again from L2.
+template <class CT, bool kProf, bool kHier, bool kFarReal = false>
 __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStepArgs a) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -524,11 +527,33 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
 
   pc.mark(10);
   // 8. Far field over the unselected local coarse clusters: weights n 2^(x - M) in xall's slice.
+  //    At real positions their logits are replaced first (one warp a row), and M is their CTA
+  //    maximum rather than gmax, which they may exceed; the state's reference then moves with it.
+  __shared__ float far_rel[kG];  // (kFarReal) M - gmax: the far field's reference in the rows' frame
+  if constexpr (kFarReal) {
+    float qr[kG][4], x[kG];
+    lane_queries(qx, qr);
+    for (int j = warp; a.far_field && j < n_local; j += kWarps) {
+      const int64_t c = int64_t(cb) + c0 + j;
+      const int n = a.sizes[c];
+      if (n <= 0 || coarse_sel.selected(c0 + j)) continue;  // (warp-uniform)
+      dots_at_mean_position<CT>(keys + c * kD, a.position_sums[c], n, a.inv_freq, qr, x);
+      if (lane == 0) xall[c0 + j] = make_float4(x[0], x[1], x[2], x[3]);
+    }
+    __syncthreads();
+    float m[kG], z[kG];
+    const bool far = a.far_field && tid < n_local && local_n > 0 && !coarse_sel.selected(c0 + tid);
+#pragma unroll
+    for (int g = 0; g < kG; ++g) m[g] = far ? reinterpret_cast<const float*>(&xall[c0 + tid])[g] : -INFINITY, z[g] = 0;
+    block_max_sum<true>(m, z, red, red_z, own_m, own_z);  // own_m: M per head (-inf: no far cluster here)
+    if (tid < kG) far_rel[tid] = own_m[tid] - gmax[tid];
+  }
   if (tid < n_local)
-    xall[c0 + tid] = far_weights(xall[c0 + tid], a.far_field ? local_n : 0, coarse_sel.selected(c0 + tid), gmax);
+    xall[c0 + tid] = far_weights(xall[c0 + tid], a.far_field ? local_n : 0, coarse_sel.selected(c0 + tid),
+                                 kFarReal ? own_m : gmax);
   cp_async_wait<0>();
   __syncthreads();
-  far_field_staged<CT>(staged, xall + c0, n_local, st);
+  far_field_staged<CT>(staged, xall + c0, n_local, st, kFarReal ? far_rel : nullptr);
   pc.mark(11);
 
   // 9. The exact rows (logits of qx) and the candidates' pseudo-rows (their pushed logits plus
@@ -555,7 +580,13 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
 #pragma unroll
         for (int g = 0; g < kG; ++g) s[i][g] = x[g] - gmax[g];
       } else {
-        const float4 x = xcand[rank + kCtas * (warp + kWarps * (i - kSlots))];
+        const int k = rank + kCtas * (warp + kWarps * (i - kSlots));
+        float4 x = xcand[k];
+        if constexpr (kFarReal) {
+          const int64_t f = int64_t(fb) + cand_fine[k];
+          dots_at_mean_position<CT>(keys + f * kD, a.position_sums[f], cand_size[k], a.inv_freq, qr,
+                                    *reinterpret_cast<float(*)[kG]>(&x));
+        }
         const float* xs = reinterpret_cast<const float*>(&x);
 #pragma unroll
         for (int g = 0; g < kG; ++g) s[i][g] = xs[g] + lift[i - kSlots] - gmax[g];

@@ -122,9 +122,9 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1,
 // ---- kernels --------------------------------------------------------------------------------
 
 // Rotates a warp's cached key of token `pos` back to position 0, as the CPU's
-// unrotate_consecutive: pairs (i, i + half), angle -pos * inv_freq[i]; the angle is reduced
-// modulo 2 pi in f64, then sin/cos in f32. x: the lane's V = D / 32 consecutive elements, in
-// and out; row: the warp's [D] floats of shared memory.
+// unrotate_consecutive: pairs (i, i + half), angle -pos * inv_freq[i] (reduced_angle, then
+// sin/cos in f32). x: the lane's V = D / 32 consecutive elements, in and out; row: the warp's
+// [D] floats of shared memory.
 template <int D>
 __device__ __forceinline__ void warp_unrotate(int pos, const double* inv_freq, int half, float* row,
                                               float (&x)[D / 32]) {
@@ -138,10 +138,8 @@ __device__ __forceinline__ void warp_unrotate(int pos, const double* inv_freq, i
     const int j = lane * V + i;
     if (j < 2 * half) {
       const int f = j < half ? j : j - half;
-      const double ang = double(pos) * inv_freq[f];
-      const double red = ang - 6.283185307179586 * rint(ang * 0.15915494309189535);
       float sf, cf;
-      sincosf(float(red), &sf, &cf);
+      sincosf(reduced_angle(double(pos), inv_freq[f]), &sf, &cf);
       sf = -sf;  // angle -pos * f
       const float a = row[f], b = row[f + half];
       x[i] = j < half ? a * cf - b * sf : b * cf + a * sf;

@@ -223,6 +223,11 @@ struct FusedStepArgs {
   int planned_entries = 0;
   int32_t planned_begin[kPlannedEntries] = {}, planned_count[kPlannedEntries] = {};
   int sinks = 0, budget = 0, coarse_budget = 0, far_field = 1;
+  // The far field at real positions (AttentionConfig::far_field_real_positions; RoPE over all 128
+  // dims): its logits from q against each far cluster's key centroid rotated to its members' mean
+  // position. Null position_sums: the far field at the scoring position. (Not profiled: prof unused.)
+  const int64_t* position_sums = nullptr;  // [total_clusters]
+  const double* inv_freq = nullptr;      // [64] RoPE angular frequencies
   float* out = nullptr;                  // [B, Hq, D] f32
   int32_t* far_size = nullptr;           // [total_clusters] out, or null
   int32_t* exact_n = nullptr;            // [E] out
@@ -245,7 +250,7 @@ struct FusedStepArgs {
 // Launches `entries` clusters of the one-launch step (dtype: bf16 or f16).
 void launch_fused_step(const FusedStepArgs& a, DType dtype, int entries, Stream stream);
 // How many of its 16-CTA clusters fit the current device at once (0: none, or no cluster launch).
-int fused_step_clusters_at_once(DType dtype, int max_coarse, bool hierarchical);
+int fused_step_clusters_at_once(DType dtype, int max_coarse, bool hierarchical, bool far_real);
 
 // grid: (items, Hkv * head_chunks); rows: 8 (G <= 8) or 16 (G <= 16) tensor-core rows;
 // mp selects the multipole variant.

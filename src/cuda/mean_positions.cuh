@@ -74,13 +74,10 @@ __global__ void __launch_bounds__(256) far_logits_at_mean_positions_kernel(FarLo
       const int i = lane + 32 * t;
       x[t] = y[t] = 0.0f;
       if (i < half) {
-        // The angle reduced to [-pi, pi] in double (exact to ~1e-11 rad at 10^5 rad), then the
-        // hardware sincos, within ~2^-21 on that range (sincosf would keep a local-memory stack
-        // for its large-argument path).
-        double th = mean * a.inv_freq[i];
-        th -= 6.283185307179586 * rint(th * 0.15915494309189535);
+        // The hardware sincos on the reduced angle: within ~2^-21 on [-pi, pi] (sincosf would
+        // keep a local-memory stack for its large-argument path).
         float s, co;
-        __sincosf(float(th), &s, &co);
+        __sincosf(reduced_angle(mean, a.inv_freq[i]), &s, &co);
         const float k0 = to_f32(k[i]), k1 = to_f32(k[i + half]);
         x[t] = k0 * co - k1 * s;
         y[t] = k1 * co + k0 * s;

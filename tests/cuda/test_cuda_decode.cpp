@@ -778,12 +778,14 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
 // each entry also gets an empty fine cluster (two levels: under its first coarse cluster) and,
 // with two levels, an empty coarse cluster, all with key centroids far above every other
 // (logits of hundreds) and value centroids of 1000: an empty cluster must weigh nothing, in no
-// normaliser and no far field.
+// normaliser and no far field. far_real: the far field at real positions (the one-launch step
+// only without a fallback); expect_one_launch 0 / 1: whether the one-launch step must run (-1: any).
 void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_centroid, int budget,
                              int coarse_budget, uint32_t seed, DType keys = DType::F32, DType kv = DType::BF16,
                              bool far_field = true, bool empties = false,
                              std::vector<int32_t>* fallbacks = nullptr, int page = 16,
-                             int waves = CudaDecoder::kFusedWaves, bool far_real = false) {
+                             int waves = CudaDecoder::kFusedWaves, bool far_real = false,
+                             int expect_one_launch = -1) {
   SCOPED_TRACE(::testing::Message() << "G=" << G << " Hkv=" << Hkv << " D=" << D << " levels="
                                     << tokens_per_centroid.size() << " coarse_budget=" << coarse_budget
                                     << " keys=" << dtype_name(keys) << " kv=" << dtype_name(kv)
@@ -927,7 +929,22 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   }
   if (keys == DType::F32) return;
   const bool one_level_fits = index.hierarchical() || index.max_clusters() <= 2048;
-  if (G <= 4 && D == 128 && keys == kv && budget <= 128 && pow2_pages && one_level_fits && !far_real) {
+  bool one_launch = G <= 4 && D == 128 && keys == kv && budget <= 128 && pow2_pages && one_level_fits;
+  if (one_launch && far_real) {
+    // At real positions the one-launch step takes no fallback: over 512 candidates, three kernels.
+    CudaDecoder probe(ac);
+    probe.set_fused_waves(waves);
+    probe.plan(su.dev, su.cache.seqs, &index);
+    if (probe.plan_info().fused_candidate_bound > 512) {
+      EXPECT_FALSE(probe.plan_info().fused);
+      EXPECT_STREQ(probe.plan_info().fused_why, "far field at real positions over 512 candidates");
+      one_launch = false;
+    }
+  }
+  if (expect_one_launch >= 0) {
+    EXPECT_EQ(one_launch, expect_one_launch == 1) << "the case was meant to compare the one-launch step";
+  }
+  if (one_launch) {
     // The one-launch step on the same index and queries.
     CudaDecoder dec(ac);
     dec.set_fused_waves(waves);
@@ -991,9 +1008,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     dec.plan(su.dev, su.cache.seqs, &index);
     EXPECT_FALSE(dec.plan_info().fused);
     EXPECT_STRNE(dec.plan_info().fused_why, "");
-    if (far_real) {
-      EXPECT_STREQ(dec.plan_info().fused_why, "far field at real positions (three-kernel step only)");
-    } else if (!pow2_pages) {
+    if (!pow2_pages) {
       EXPECT_STREQ(dec.plan_info().fused_why, "page size not a power of two");
     } else if (!one_level_fits) {
       EXPECT_STREQ(dec.plan_info().fused_why, "one level of over 2048 clusters in an entry");
@@ -1031,8 +1046,10 @@ TEST(CudaMultipole, TwoLevelsMatchCpuMultipolePolicy) {
 
 // The far field at real positions (AttentionConfig::far_field_real_positions) against the CPU
 // policy with it: f32 centroids (the CPU's to rounding) at one and two levels, an odd group at d
-// 64, clusters of 2 tokens with an empty one; bf16 centroids at two levels (prescored or not: the
-// same step; bf16 and f16 centroids against the CPU policy's errors: test_cuda_attention_policy).
+// 64, clusters of 2 tokens with an empty one; 16-bit centroids (prescored or not: the same step;
+// against the CPU policy's errors: test_cuda_attention_policy) at two levels with a coarse budget
+// over 512 candidates (three kernels) and under (one launch against three, with three heads a
+// group), and at one level (one launch against three).
 TEST(CudaMultipole, FarFieldAtRealPositionsMatchesTheCpuPolicy) {
   REQUIRE_GPU();
   const auto k = CudaDecoder::kFusedWaves;
@@ -1041,6 +1058,8 @@ TEST(CudaMultipole, FarFieldAtRealPositionsMatchesTheCpuPolicy) {
   compare_with_cpu_policy(5, 1, 64, {8, 64}, 48, 256, 962, DType::F32, DType::F16, true, false, nullptr, 16, k, true);
   compare_with_cpu_policy(4, 2, 128, {16, 64}, 128, 0, 963, DType::BF16, DType::BF16, true, false, nullptr, 16, k, true);
   compare_with_cpu_policy(4, 2, 128, {2}, 128, 0, 964, DType::F32, DType::F16, true, true, nullptr, 16, k, true);
+  compare_with_cpu_policy(3, 2, 128, {16, 64}, 64, 256, 965, DType::F16, DType::F16, true, false, nullptr, 16, k, true, 1);
+  compare_with_cpu_policy(4, 2, 128, {16}, 128, 0, 966, DType::BF16, DType::BF16, true, false, nullptr, 16, k, true, 1);
 }
 
 TEST(CudaMultipole, TwoLevelsCandidatesOnTensorCores) {

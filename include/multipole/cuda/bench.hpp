@@ -48,14 +48,15 @@ struct CudaBenchRow {
   int batch = 0;
   int64_t context = 0;
   std::string variant;       // dense, multipole, mp-3launch (the three-kernel step where multipole takes one
-                             // launch), squeezed, mp-far-real (the far field at real positions: three
-                             // kernels and one more), mp-1level, mp-score, mp-score+select, mp-attend,
+                             // launch), squeezed, mp-far-real (the far field at real positions: one launch,
+                             // or three kernels and one more), mp-far-real-3launch (beside a one-launch
+                             // mp-far-real), mp-1level, mp-score, mp-score+select, mp-attend,
                              // kmeans-prefill (one build for the whole batch), mp-kmeans-index, mp-km-3launch,
                              // mp-km-1launch (its one-launch kernel alone, where two kernels follow it),
                              // kmeans-update, kmeans-upd/token (DeviceKMeans::append of W tokens into a nearly
                              // full block, wall time), kmeans-update-sums-gpu (the same update, device time,
-                             // keeping the position sums mp-far-real reads), kmeans-update-life, kmeans-upd/tok-life (the mean over
-                             // the block_size / W updates of a block's life)
+                             // keeping the position sums mp-far-real reads), kmeans-update-life,
+                             // kmeans-upd/tok-life (the mean over the block_size / W updates of a block's life)
   double us = 0;             // median time per layer-step, L2 flushed by writes (do_bench-like)
   double us_clean = 0;       // same, L2 flushed by reads
   double ratio_to_dense = 0; // dense time / this time

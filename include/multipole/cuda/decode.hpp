@@ -13,10 +13,10 @@
 // entries that listed too many (DecodePlanInfo::fused_fallback). With
 // config.far_field_real_positions (and the far field on) the far field's logits come from the
 // real query against each far cluster's key centroid rotated to its members' mean position (the
-// index's position sums), the selection's from q_score as always: one launch more, between the
-// selection and the attention, over the far clusters only; never the one-launch step. All
-// launches of a step are asynchronous on the given stream and capturable in a CUDA graph once
-// planned.
+// index's position sums), the selection's from q_score as always: in the three-kernel step one
+// launch more, between the selection and the attention, over the far clusters only; in the
+// one-launch step, in that kernel (RoPE over all dims, no fallback). All launches of a step are
+// asynchronous on the given stream and capturable in a CUDA graph once planned.
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -37,7 +37,7 @@ struct DecodePlanInfo {
   bool hierarchical = false;  // two-level index: coarse scoring, fine scoring in the selection
   bool prescored = false;     // two-level index, small batch: the scoring launch scores the fine level too
   int far_cap = 0;            // far-list capacity per entry (two-level)
-  bool far_real = false;      // the far field at real positions (one launch more)
+  bool far_real = false;      // the far field at real positions (three kernels: one launch more)
   int far_items = 0;          // its bound on the far clusters of an entry (sizes its grid)
   // The step runs in one launch (fused_step.cuh: one 16-CTA cluster per entry) where it holds:
   // head dim 128, G <= 4, keys in the cache's type, budget <= 128, pages of a power-of-two
@@ -46,7 +46,8 @@ struct DecodePlanInfo {
   // waves of the clusters the GPU holds at once. fused_why: why not, if not. Candidates: where
   // the index's bound allows over 512, fused_fallback: the selection and attention kernels are
   // launched behind the one-launch step and run only the entries that listed over 512 (the
-  // others' CTAs return at once), so a step is 3 launches and exact whatever the index.
+  // others' CTAs return at once), so a step is 3 launches and exact whatever the index. With
+  // the far field at real positions: RoPE over all 128 dims, and no fallback.
   bool fused = false;
   bool fused_fallback = false;
   const char* fused_why = "";
