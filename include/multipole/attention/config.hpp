@@ -39,7 +39,7 @@ struct AttentionConfig {
   bool score_real_positions = false; // score centroids at their members' mean position
   // The far field's logits from the unselected centroids rotated to their members' mean
   // positions against the real query, while the selection keeps the fixed-position scores.
-  // CPU only (an experiment: is the far field's error its position?).
+  // An experiment (is the far field's error its position?), on the CPU and the GPU.
   bool far_field_real_positions = false;
   double score_position = 2048;      // fixed query position for centroid scoring
   ClusterConfig cluster;
