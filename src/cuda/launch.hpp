@@ -263,8 +263,8 @@ void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int
 int score_resident_ctas(int head_dim, int gc, DType key_dtype);
 // Position sums of the used slots of E entries of at most max_slots slots each.
 void launch_position_sums(const PositionSumArgs& a, int entries, int max_slots, Stream stream);
-// The far field's logits of E entries of at most max_far far clusters each (a bound for the
-// grid; the kernel reads the counts).
+// The far field's logits of E entries of about max_far far clusters each (sizes the grid; the
+// kernel reads the counts and strides past it).
 void launch_far_logits_at_mean_positions(const FarLogitArgs& a, int head_dim, DType key_dtype, int entries,
                                          int max_far, Stream stream);
 void launch_select(const SelectArgs& a, int entries, Stream stream);

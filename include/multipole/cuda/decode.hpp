@@ -38,7 +38,7 @@ struct DecodePlanInfo {
   bool prescored = false;     // two-level index, small batch: the scoring launch scores the fine level too
   int far_cap = 0;            // far-list capacity per entry (two-level)
   bool far_real = false;      // the far field at real positions (three kernels: one launch more)
-  int far_items = 0;          // its bound on the far clusters of an entry (sizes its grid)
+  int far_items = 0;          // its estimate of the far clusters of an entry (sizes its grid)
   // The step runs in one launch (fused_step.cuh: one 16-CTA cluster per entry) where it holds:
   // head dim 128, G <= 4, keys in the cache's type, budget <= 128, pages of a power-of-two
   // size, <= 512 exact rows per entry, two levels of <= 2048 coarse and <= 16384 fine clusters
