@@ -54,6 +54,17 @@ HostClusterLevel host_cluster_level(const ClusterIndex& index) {
   return h;
 }
 
+std::vector<int64_t> position_sums(const HostClusterLevel& x) {
+  const size_t C = x.sizes.size(), Cc = x.coarse_sizes.size();
+  std::vector<int64_t> sums(Cc + C, 0);
+  for (size_t i = 0; i < C; ++i)
+    for (int32_t k = x.member_offsets[i]; k < x.member_offsets[i + 1]; ++k) sums[Cc + i] += x.members[size_t(k)];
+  for (size_t i = 0; i < Cc; ++i)
+    for (int32_t k = x.coarse_child_offsets[i]; k < x.coarse_child_offsets[i + 1]; ++k)
+      sums[i] += sums[Cc + size_t(x.coarse_children[size_t(k)])];
+  return sums;
+}
+
 DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key_dtype, DType value_dtype,
                                        std::span<const HostClusterLevel> entries,
                                        std::span<const DeviceEntryShape> capacity)
@@ -180,19 +191,11 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
       convert_from_f32(x.coarse_key_centroids.data(), key_dtype, keys.data() + size_t(c0) * d * ksize, Cc * d);
       convert_from_f32(x.coarse_value_centroids.data(), value_dtype, values.data() + size_t(c0) * d * vsize, Cc * d);
     }
-    // Position sums: each fine cluster's members, each coarse cluster's children's (0 for the
-    // placeholders and the spare fine slots).
-    std::vector<int64_t> fine_sums(C, 0);
-    for (size_t i = 0; i < C; ++i)
-      for (int32_t k = x.member_offsets[i]; k < x.member_offsets[i + 1]; ++k) fine_sums[i] += x.members[size_t(k)];
-    for (size_t i = 0; i < size_t(r.coarse); ++i) {
-      int64_t sum = 0;
-      if (i < Cc)
-        for (int32_t k = x.coarse_child_offsets[i]; k < x.coarse_child_offsets[i + 1]; ++k)
-          sum += fine_sums[size_t(x.coarse_children[size_t(k)])];
-      psums.push_back(sum);
-    }
-    psums.insert(psums.end(), fine_sums.begin(), fine_sums.end());
+    // Position sums, 0 for the coarse placeholders and the spare fine slots.
+    const std::vector<int64_t> sums = position_sums(x);
+    psums.insert(psums.end(), sums.begin(), sums.begin() + int64_t(Cc));
+    psums.resize(psums.size() + size_t(r.coarse) - Cc, 0);
+    psums.insert(psums.end(), sums.begin() + int64_t(Cc), sums.end());
     psums.resize(psums.size() + size_t(r.fine) - C, 0);
     const int32_t m0 = int32_t(mem.size());
     for (size_t i = 0; i < size_t(r.coarse); ++i) {  // placeholders (size 0): lists start at the used end

@@ -297,25 +297,19 @@ TEST(CudaOnlineUpdate, UpdatedIndexFeedsMultipoleDecode) {
   run_after_gpu_prefill(c, DType::BF16, true, 2);
 }
 
-// The position sums of entry e against its lists as downloaded: a fine cluster's token positions,
-// a coarse cluster's children's.
+// The position sums of entry e against its lists as downloaded (position_sums(), checked against
+// the CPU index's by test_cuda_cluster_index.cpp): the used coarse slots, then the fine ones past
+// the entry's coarse capacity.
 void expect_position_sums(const DeviceClusterIndex& index, const HostClusterLevel& x, int e) {
-  const int Cc = index.entry_coarse(e);
-  std::vector<int64_t> got(size_t(Cc + x.num_clusters()));
+  const int cap = index.entry_coarse(e), Cc = x.num_coarse();
+  std::vector<int64_t> got(size_t(cap + x.num_clusters()));
   ASSERT_EQ(cudaMemcpy(got.data(), index.view().position_sums + index.entry_first_cluster(e), got.size() * 8,
                        cudaMemcpyDeviceToHost),
             cudaSuccess);
-  std::vector<int64_t> fine(size_t(x.num_clusters()), 0);
-  for (int c = 0; c < x.num_clusters(); ++c) {
-    for (int m = x.member_offsets[size_t(c)]; m < x.member_offsets[size_t(c) + 1]; ++m) fine[size_t(c)] += x.members[size_t(m)];
-    ASSERT_EQ(got[size_t(Cc + c)], fine[size_t(c)]) << "entry " << e << " fine cluster " << c;
-  }
-  for (int p = 0; p < x.num_coarse(); ++p) {
-    int64_t sum = 0;
-    for (int k = x.coarse_child_offsets[size_t(p)]; k < x.coarse_child_offsets[size_t(p) + 1]; ++k)
-      sum += fine[size_t(x.coarse_children[size_t(k)])];
-    ASSERT_EQ(got[size_t(p)], sum) << "entry " << e << " coarse cluster " << p;
-  }
+  const std::vector<int64_t> want = position_sums(x);
+  for (int p = 0; p < Cc; ++p) ASSERT_EQ(got[size_t(p)], want[size_t(p)]) << "entry " << e << " coarse cluster " << p;
+  for (int c = 0; c < x.num_clusters(); ++c)
+    ASSERT_EQ(got[size_t(cap + c)], want[size_t(Cc + c)]) << "entry " << e << " fine cluster " << c;
 }
 
 // With the far field at real positions in its config, the GPU prefill and every update leave

@@ -37,6 +37,10 @@ struct HostClusterLevel {
   int num_coarse() const { return int(coarse_sizes.size()); }
 };
 
+// Each cluster's position sum, the coarse clusters' first (each its children's), then the fine
+// ones' (each its token positions): the entry's used slots as DeviceClusterIndex lays them out.
+std::vector<int64_t> position_sums(const HostClusterLevel& x);
+
 // The CPU policies' index (multipole::ClusterIndex) of one (sequence, layer, KV head): level
 // 0 (key centroids in position-0 space, value centroids, sizes, members, end()) and, when
 // the index has two levels, level 1 as the coarse level. More than two levels are rejected.
