@@ -99,7 +99,7 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   fused_waves_ = env_int("MULTIPOLE_FUSED_WAVES", fused_waves_);
   fused_stage_ahead_ = env_int("MULTIPOLE_FUSED_STAGE_AHEAD", fused_stage_ahead_);
   prescore_mode_ = env_int("MULTIPOLE_PRESCORE", -1);
-  if (config_.far_field_real_positions && config_.multipole_far_field) {
+  if (config_.far_field_at_real_positions()) {
     const Rope rope(config_.rope);
     const std::vector<double>& f = rope.inv_freq();
     MP_CHECK(2 * int64_t(f.size()) <= config_.head_dim, "cuda decode: rotary dim {} exceeds head_dim {}",

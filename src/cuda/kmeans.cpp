@@ -188,14 +188,6 @@ struct DeviceKMeans::Online {
   }
 };
 
-namespace {
-// The index's position sums are kept (one launch over every slot after each change) only for
-// the far field at real positions, which reads them.
-bool keeps_position_sums(const AttentionConfig& config) {
-  return config.far_field_real_positions && config.multipole_far_field;
-}
-}  // namespace
-
 DeviceKMeans::DeviceKMeans() = default;
 DeviceKMeans::DeviceKMeans(DeviceKMeans&&) noexcept = default;
 DeviceKMeans& DeviceKMeans::operator=(DeviceKMeans&&) noexcept = default;
@@ -513,7 +505,8 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
     ++launches_;
     mark("online init", stream);
   }
-  if (keeps_position_sums(config)) {
+  // The index's position sums (one launch over every slot) only for the far field that reads them.
+  if (config.far_field_at_real_positions()) {
     index_->refresh_position_sums(stream);
     ++launches_;
     mark("position sums", stream);
@@ -572,7 +565,7 @@ void DeviceKMeans::load(const DeviceKVCache& cache, int layer, std::span<const S
   shapes_.clear();
   online_ = std::make_unique<Online>(*this, cache, config, rope, reserve_tokens, std::move(open));
   online_->init(*this, cache, nullptr);
-  if (keeps_position_sums(config)) index_->refresh_position_sums(nullptr);
+  if (config.far_field_at_real_positions()) index_->refresh_position_sums(nullptr);
   synchronize();
 }
 
@@ -654,7 +647,7 @@ void DeviceKMeans::append(const DeviceKVCache& cache, std::span<const int64_t> n
                      stream);
     ++update_launches_;
   }
-  if (keeps_position_sums(config)) {
+  if (config.far_field_at_real_positions()) {
     index_->refresh_position_sums(stream);
     ++update_launches_;
   }

@@ -47,6 +47,8 @@ struct AttentionConfig {
   int quest_page_size = 16;  // quest: tokens per page bound
 
   int group_size() const { return num_q_heads / num_kv_heads; }
+  // Multipole's far field on, at real positions (what the GPU decode and index keep it for).
+  bool far_field_at_real_positions() const { return multipole_far_field && far_field_real_positions; }
   // End of the middle region for a sequence of `length` tokens: positions [0, sinks) are
   // sinks, [sinks, middle_end) are clustered (multipole) or eligible for selection (quest,
   // oracle-topk), [middle_end, length) is the local window of W..2W-1 tokens (fewer when
