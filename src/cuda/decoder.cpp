@@ -257,8 +257,13 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
                "memory: {} B, over the 48 KB limit",
                G, D, int64_t(G) * D * 4);
       info_.far_items = int(std::min<int64_t>(far_most, std::numeric_limits<int32_t>::max()));
-      far_scores_.reserve(size_t(std::max<int64_t>(index_clusters_, 1)) * G * sizeof(float));
-      far_scores_.memset(0);  // (rows of clusters never far are loaded by the attention, not used)
+      // Zeroed when allocated, not per plan (a policy plans every step): rows of clusters that are
+      // never far are loaded by the attention and not used.
+      if (const size_t bytes = size_t(std::max<int64_t>(index_clusters_, 1)) * G * sizeof(float);
+          far_scores_.size() < bytes) {
+        far_scores_.reserve(bytes);
+        far_scores_.memset(0);
+      }
     }
     plan_fused(*index, cap, kc.page_size);
     if (hier) {
