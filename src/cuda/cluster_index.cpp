@@ -186,7 +186,6 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
     entry_end_.push_back(int32_t(x.clustered_end));
     entry_coarse_.push_back(r.coarse);
     entry_cap_.push_back(r.coarse + r.fine);
-    max_capacity_ = std::max(max_capacity_, r.coarse + r.fine);
     if (Cc && !on_device) {
       convert_from_f32(x.coarse_key_centroids.data(), key_dtype, keys.data() + size_t(c0) * d * ksize, Cc * d);
       convert_from_f32(x.coarse_value_centroids.data(), value_dtype, values.data() + size_t(c0) * d * vsize, Cc * d);
@@ -273,7 +272,6 @@ DeviceClusterIndex::DeviceClusterIndex(int head_dim, int num_kv_heads, DType key
     entry_end_.push_back(int32_t(x.clustered_end));
     entry_coarse_.push_back(r.coarse);
     entry_cap_.push_back(r.coarse + r.fine);
-    max_capacity_ = std::max(max_capacity_, r.coarse + r.fine);
     member_base_.push_back(members);
     clusters += r.fine + r.coarse;
     members += r.tokens + r.children;
@@ -346,15 +344,8 @@ DeviceClusterView DeviceClusterIndex::view() const {
 }
 
 void DeviceClusterIndex::refresh_position_sums(Stream stream) {
-  detail::PositionSumArgs a;
-  a.sizes = sizes_.as<const int32_t>();
-  a.member_begin = member_begin_.as<const int32_t>();
-  a.members = members_.as<const int32_t>();
-  a.entry_begin = d_entry_begin_.as<const int32_t>();
-  a.entry_count = d_entry_count_.as<const int32_t>();
-  a.entry_coarse = d_entry_coarse_.as<const int32_t>();
-  a.position_sums = position_sums_.as<int64_t>();
-  detail::launch_position_sums(a, entries(), max_capacity_, stream);
+  const int most_slots = entry_cap_.empty() ? 0 : *std::max_element(entry_cap_.begin(), entry_cap_.end());
+  detail::launch_position_sums(view(), position_sums_.as<int64_t>(), entries(), most_slots, stream);
   position_sums_ok_ = true;
 }
 

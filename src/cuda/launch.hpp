@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "multipole/core/dtype.hpp"
+#include "multipole/cuda/cluster_index.hpp"
 #include "multipole/cuda/runtime.hpp"
 
 namespace multipole::cuda::detail {
@@ -83,20 +84,8 @@ struct ScoreArgs {
   float* part = nullptr;                // [score_items, Hkv, G, 2] (max, sum n e^(x - max))
 };
 
-// The far field at real positions (mean_positions.cuh). Position sums of every used slot of an
-// index from its member lists.
-struct PositionSumArgs {
-  const int32_t* sizes = nullptr;         // [total_clusters] tokens under each cluster
-  const int32_t* member_begin = nullptr;  // [total_clusters]
-  const int32_t* members = nullptr;       // fine: token positions; coarse: fine ids local to the entry's fine range
-  const int32_t* entry_begin = nullptr;   // [E]
-  const int32_t* entry_count = nullptr;   // [E]
-  const int32_t* entry_coarse = nullptr;  // [E] coarse slots first
-  int64_t* position_sums = nullptr;       // [total_clusters] out
-};
-
-// The far field's logits at real positions: each far cluster's key centroid rotated to its
-// members' mean position, against the real (not the scoring) query.
+// The far field at real positions (mean_positions.cuh): its logits from each far cluster's key
+// centroid rotated to its members' mean position, against the real (not the scoring) query.
 struct FarLogitArgs {
   const float* q = nullptr;               // [E, G, D] f32 (= [B, Hq, D]), rotated to each query's position
   const void* key_centroids = nullptr;    // [total_clusters, D] f32 or KV dtype, position-0 space
@@ -261,8 +250,9 @@ void launch_attend_f16(const AttendArgs& a, int head_dim, int rows, bool mp, int
 void launch_score(const ScoreArgs& a, int head_dim, int gc, DType key_dtype, int items, int ctas, Stream stream);
 // CTAs of the scoring kernel that fit on the current device at once.
 int score_resident_ctas(int head_dim, int gc, DType key_dtype);
-// Position sums of the used slots of E entries of at most max_slots slots each.
-void launch_position_sums(const PositionSumArgs& a, int entries, int max_slots, Stream stream);
+// Position sums of the used slots of the index's E entries of at most max_slots slots each, from
+// its member lists. sums: [total_clusters] out.
+void launch_position_sums(const DeviceClusterView& index, int64_t* sums, int entries, int max_slots, Stream stream);
 // The far field's logits of E entries of about max_far far clusters each (sizes the grid; the
 // kernel reads the counts and strides past it).
 void launch_far_logits_at_mean_positions(const FarLogitArgs& a, int head_dim, DType key_dtype, int entries,

@@ -14,7 +14,7 @@ namespace multipole::cuda::detail {
 // Sum of the token positions under slot c of entry e over the warp (every lane gets it): a fine
 // cluster's members across the lanes, or a coarse cluster's children one per lane (each lane
 // summing its child's members), so that neither waits on one child after another.
-__device__ __forceinline__ long long member_position_sum(const PositionSumArgs& a, int e, int64_t c, bool coarse) {
+__device__ __forceinline__ long long member_position_sum(const DeviceClusterView& a, int e, int64_t c, bool coarse) {
   const int lane = threadIdx.x & 31;
   long long sum = 0;
   if (!coarse) {
@@ -38,13 +38,14 @@ __device__ __forceinline__ long long member_position_sum(const PositionSumArgs& 
 
 // One warp per slot: grid (ceil(most slots of an entry / 8), E), 256 threads; slots past
 // entry_count[e] are left alone, empty ones get 0 (a placeholder's child list is not read).
-__global__ void __launch_bounds__(256) position_sums_kernel(PositionSumArgs a) {
+//   sums: [total_clusters] out
+__global__ void __launch_bounds__(256) position_sums_kernel(DeviceClusterView a, int64_t* sums) {
   const int e = blockIdx.y, lane = threadIdx.x & 31;
   const int j = blockIdx.x * 8 + (threadIdx.x >> 5);
   if (j >= a.entry_count[e]) return;
   const int64_t c = int64_t(a.entry_begin[e]) + j;
   const long long sum = a.sizes[c] > 0 ? member_position_sum(a, e, c, j < a.entry_coarse[e]) : 0;
-  if (lane == 0) a.position_sums[c] = sum;
+  if (lane == 0) sums[c] = sum;
 }
 
 // One warp per far cluster: grid (X, E), 256 threads, the warps striding over the entry's far

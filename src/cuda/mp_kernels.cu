@@ -128,9 +128,9 @@ int score_resident_ctas(int head_dim, int gc, DType key_dtype) {
   return n;
 }
 
-void launch_position_sums(const PositionSumArgs& a, int entries, int max_slots, Stream stream) {
+void launch_position_sums(const DeviceClusterView& index, int64_t* sums, int entries, int max_slots, Stream stream) {
   if (entries <= 0 || max_slots <= 0) return;
-  position_sums_kernel<<<dim3((max_slots + 7) / 8, entries), 256, 0, stream>>>(a);
+  position_sums_kernel<<<dim3((max_slots + 7) / 8, entries), 256, 0, stream>>>(index, sums);
   MP_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -156,7 +156,6 @@ class DeviceClusterIndex {
   std::vector<int32_t> entry_begin_, entry_count_, entry_end_, entry_coarse_;
   std::vector<int64_t> member_base_;
   std::vector<int32_t> entry_cap_;
-  int max_capacity_ = 0;  // most slots an entry has room for
   bool position_sums_ok_ = false;
   DeviceBuffer keys_, values_, sizes_, member_begin_, members_, position_sums_, d_entry_begin_, d_entry_count_,
       d_entry_end_, d_entry_coarse_;
