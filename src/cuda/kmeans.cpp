@@ -442,8 +442,9 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
     }
     online_ = std::make_unique<Online>(*this, cache, config, rope, reserve_tokens, std::move(open));
   }
-  if (num_blocks_ == 0) {
+  if (num_blocks_ == 0) {  // nothing clustered yet (a short prompt): the updates will fill the index
     if (online_) online_->init(*this, cache, stream);
+    if (config.far_field_at_real_positions()) index_->refresh_position_sums(stream);
     return;
   }
 

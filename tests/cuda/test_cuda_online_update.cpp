@@ -315,16 +315,20 @@ void expect_position_sums(const DeviceClusterIndex& index, const HostClusterLeve
 // With the far field at real positions in its config, the GPU prefill and every update leave
 // the index's position sums equal to its lists' (and the host upload computes the same); the
 // updated index then decodes like its upload through that far field. An update under a config
-// without it leaves the sums stale, and the decoder refuses them.
-TEST(CudaOnlineUpdate, KeepsPositionSumsForTheFarFieldAtRealPositions) {
-  REQUIRE_GPU();
+// without it leaves the sums stale, and the decoder refuses them. from_nothing: the build finds
+// nothing to cluster yet (a prompt shorter than sinks + window, as eval's short prefixes), so
+// the updates make the whole index.
+void keeps_position_sums(bool from_nothing) {
+  SCOPED_TRACE(from_nothing ? "built from nothing" : "built from a prefill");
   Case c;
   c.block = 512;
-  c.lengths = {3001, 1800, 700};
+  c.lengths = {3001, 1800, from_nothing ? 1400 : 700};  // (from nothing: the updates' ends stay in the middle)
   c.seed = 34;
   const int W = 128;
   KmSetup s(c, (kUpdates + 4) * W);
   s.ac.far_field_real_positions = true;
+  if (from_nothing)
+    for (int64_t& end : s.ends) end = s.ac.clustered_end(16);
   const Rope rope(s.ac.rope);
   DeviceKMeans km;
   km.build(s.dev, 0, s.seqs, s.ends, s.ac, rope, DType::BF16, nullptr, (kUpdates + 4) * W);
@@ -347,6 +351,9 @@ TEST(CudaOnlineUpdate, KeepsPositionSumsForTheFarFieldAtRealPositions) {
   km.sync_index();
   std::vector<HostClusterLevel> host;
   for (int e = 0; e < km.entries(); ++e) host.push_back(km.download_index(e));
+  if (from_nothing) {
+    ASSERT_GT(host[0].num_clusters(), 0) << "the updates clustered nothing";
+  }
   DeviceClusterIndex uploaded(c.D, c.Hkv, DType::BF16, s.kc.dtype, host);
   ASSERT_TRUE(uploaded.has_position_sums());
   for (int e = 0; e < uploaded.entries(); ++e) {
@@ -365,6 +372,16 @@ TEST(CudaOnlineUpdate, KeepsPositionSumsForTheFarFieldAtRealPositions) {
   km.sync_index();
   CudaDecoder dec(s.ac);
   EXPECT_ANY_THROW(dec.plan(s.dev, s.seqs, &km.index()));
+}
+
+TEST(CudaOnlineUpdate, KeepsPositionSumsForTheFarFieldAtRealPositions) {
+  REQUIRE_GPU();
+  keeps_position_sums(false);
+}
+
+TEST(CudaOnlineUpdate, KeepsPositionSumsFromAnIndexBuiltFromNothing) {
+  REQUIRE_GPU();
+  keeps_position_sums(true);
 }
 
 }  // namespace
