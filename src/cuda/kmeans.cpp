@@ -443,8 +443,7 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
     online_ = std::make_unique<Online>(*this, cache, config, rope, reserve_tokens, std::move(open));
   }
   if (num_blocks_ == 0) {  // nothing clustered yet (a short prompt): the updates will fill the index
-    if (online_) online_->init(*this, cache, stream);
-    if (config.far_field_at_real_positions()) index_->refresh_position_sums(stream);
+    finish_build(cache, config, stream);
     return;
   }
 
@@ -501,6 +500,10 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
     ++launches_;
     mark("emit", stream);
   }
+  finish_build(cache, config, stream);
+}
+
+void DeviceKMeans::finish_build(const DeviceKVCache& cache, const AttentionConfig& config, Stream stream) {
   if (online_) {
     online_->init(*this, cache, stream);
     ++launches_;

@@ -141,6 +141,9 @@ class DeviceKMeans {
   };
 
   void mark(const char* stage, Stream stream);
+  // The end of every build(), whether or not it clustered: the online state's start, and the
+  // position sums where the config's far field reads them.
+  void finish_build(const DeviceKVCache& cache, const AttentionConfig& config, Stream stream);
   bool profile_ = false;
   std::vector<std::pair<std::string, void*>> marks_;  // (stage ended, cudaEvent_t)
   int sms_ = 0;
