@@ -114,6 +114,9 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--bin-tokens", o.bin_tokens, "fidelity: position bin width of the curves")
       ->capture_default_str()
       ->check(at_least(1));
+  cmd->add_flag("--dense-history", o.dense_history,
+                "fidelity: after each position, overwrite each policy's K/V rows with dense's, so every position "
+                "measures one step's error over dense's own history, not the drift of the policy's states (cpu)");
   // passkey
   cmd->add_option("--lengths", o.lengths, "passkey: prompt lengths in tokens (default: 1024 doubling to the context)")
       ->delimiter(',');

@@ -3,6 +3,8 @@
 // position each candidate's next-token distribution is compared with dense's (KL, top-1)
 // and each layer's attention output with the exact one on the candidate's own state
 // (ComparingPolicy). Prefill is dense for everyone, so differences start at the prefix end.
+// With --dense-history each candidate's K/V rows are overwritten by dense's after every
+// position, so each position measures one step over dense's history instead of the drift.
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
@@ -222,6 +224,10 @@ void run_fidelity(SuiteContext& sc, Progress& progress) {
         add_to_bin(st.bin_top1, bin, agree);
         add_to_bin(st.bin_err, bin, err);
       }
+      // Each policy's next step then starts from dense's history: its K/V rows at pos become dense's.
+      if (o.dense_history)
+        for (size_t s = 1; s < streams.size(); ++s)
+          streams[s].cache->copy_positions(*streams[0].cache, streams[0].seq, streams[s].seq, pos, 1);
       progress.advance(1, fmt::format("{} position {}/{}", t.id, pos + 1, n));
     }
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -232,6 +238,7 @@ void run_fidelity(SuiteContext& sc, Progress& progress) {
       r.num["text_tokens"] = double(n);
       r.str["tokens_fingerprint"] = t.fingerprint;
       r.num["prefix"] = o.prefix;
+      r.str["history"] = o.dense_history ? "dense" : "own";
       r.num["positions"] = double(st.positions);
       r.num["kl_mean"] = st.kl_sum / np;
       r.num["kl_max"] = st.kl_max;

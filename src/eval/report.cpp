@@ -171,6 +171,11 @@ Section fidelity_section(const std::vector<const Record*>& rs, const fs::path& p
       "lockstep. KL(dense || policy) of the next-token distributions in nats, top-1 = same argmax as dense, attention "
       "error = ||o - o_dense|| / ||o_dense|| of each layer's attention output on the policy's own state, averaged "
       "over layers. Means are over all decoded positions of all texts.\n\n";
+  if (std::any_of(rs.begin(), rs.end(), [](const Record* r) { return r->text("history", "own") == "dense"; }))
+    s.markdown +=
+        "History: dense's (`--dense-history`): after each position every policy's K/V rows were overwritten by "
+        "dense's, so each position is one step's error over dense's history, without the drift of the policy's "
+        "own states.\n\n";
   s.markdown += "| policy | budget | clusters | texts | positions | mean KL | max KL | top-1 agreement | "
                 "mean attn error | max attn error |\n|---|---|---|---|---|---|---|---|---|---|\n";
   std::vector<Series> kl_pos, top_pos, err_layer;

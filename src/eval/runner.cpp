@@ -141,12 +141,13 @@ Record SuiteContext::record(const std::string& suite, const std::string& case_id
 std::string SuiteContext::settings() const {
   // Settings added later are named only away from their defaults, so that older runs still
   // resume.
-  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}{}{}",
+  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}{}{}{}",
                      activations_name(opt.f32_activations), opt.sinks, opt.window, opt.seed, context, opt.max_tokens,
                      opt.prefix, opt.real_positions ? "real" : fmt::format("{}", opt.score_position),
                      opt.coarse_budget == 0 ? "" : fmt::format(" coarse_budget={}", opt.coarse_budget),
                      opt.coarse_radius_weight == 0 ? "" : fmt::format(" coarse_radius_weight={}", opt.coarse_radius_weight),
                      opt.far_real_positions ? " far_field=real" : "",
+                     opt.dense_history ? " history=dense" : "",
                      opt.device == "cpu" ? "" : " device=" + opt.device);
 }
 
@@ -252,6 +253,11 @@ std::string run_eval(const EvalOptions& o) {
            "eval: unknown suite '{}' (known: fidelity, agreement, passkey, reasoning)", o.suite);
   MP_CHECK(o.limit >= 0, "eval: --limit {} must be >= 0 (0: all)", o.limit);
   MP_CHECK(o.max_tokens >= 0, "eval: --max-tokens {} must be >= 0 (0: the suite's default)", o.max_tokens);
+  MP_CHECK(!o.dense_history || o.suite == "fidelity", "eval: --dense-history applies to --suite fidelity only, not {}",
+           o.suite);
+  // The GPU policies mirror the cache rows as they are appended; rows overwritten later would
+  // not reach the mirror.
+  MP_CHECK(!o.dense_history || o.device == "cpu", "eval: --dense-history needs --device cpu, not {}", o.device);
   std::vector<Variant> variants = make_variants(o.policies, o.budgets, o.clusters);
   const std::vector<std::string> devices = attention_devices();
   MP_CHECK(std::find(devices.begin(), devices.end(), o.device) != devices.end(),

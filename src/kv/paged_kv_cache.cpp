@@ -35,7 +35,7 @@ SeqId PagedKVCache::add_sequence() {
   return SeqId(sequences_.size() - 1);
 }
 
-SeqId PagedKVCache::add_copy(const PagedKVCache& src, SeqId src_seq, int64_t n) {
+void PagedKVCache::check_same_layout(const PagedKVCache& src) const {
   const KVCacheConfig& a = config_;
   const KVCacheConfig& b = src.config_;
   MP_CHECK(a.num_layers == b.num_layers && a.num_kv_heads == b.num_kv_heads && a.head_dim == b.head_dim &&
@@ -44,12 +44,13 @@ SeqId PagedKVCache::add_copy(const PagedKVCache& src, SeqId src_seq, int64_t n) 
            "one with {} x {} x {}, pages of {}, {}",
            b.num_layers, b.num_kv_heads, b.head_dim, b.page_size, dtype_name(b.dtype), a.num_layers, a.num_kv_heads,
            a.head_dim, a.page_size, dtype_name(a.dtype));
-  const Sequence& from = src.sequence(src_seq);
-  MP_CHECK(n >= 0 && n <= from.length, "kv cache: cannot copy {} positions of sequence {} of length {}", n, src_seq,
-           from.length);
-  // The source's pages, taken before add_sequence() (src may be this cache, whose sequence
-  // list may then move).
-  const std::vector<int32_t> src_pages(from.pages.begin(), from.pages.begin() + (n + a.page_size - 1) / a.page_size);
+}
+
+SeqId PagedKVCache::add_copy(const PagedKVCache& src, SeqId src_seq, int64_t n) {
+  check_same_layout(src);
+  const int64_t src_length = src.length(src_seq);
+  MP_CHECK(n >= 0 && n <= src_length, "kv cache: cannot copy {} positions of sequence {} of length {}", n, src_seq,
+           src_length);
   const SeqId seq = add_sequence();
   try {
     extend(seq, n);
@@ -57,15 +58,34 @@ SeqId PagedKVCache::add_copy(const PagedKVCache& src, SeqId src_seq, int64_t n) 
     free_sequence(seq);
     throw;
   }
-  const std::vector<int32_t>& dst_pages = sequences_[size_t(seq)].pages;
-  for (int l = 0; l < a.num_layers; ++l) {
+  copy_positions(src, src_seq, seq, 0, n);
+  return seq;
+}
+
+void PagedKVCache::copy_positions(const PagedKVCache& src, SeqId src_seq, SeqId seq, int64_t pos, int64_t n) {
+  check_same_layout(src);
+  const Sequence& from = src.sequence(src_seq);
+  const Sequence& to = sequence(seq);
+  MP_CHECK(pos >= 0 && n >= 0 && pos + n <= from.length && pos + n <= to.length,
+           "kv cache: cannot copy positions [{}, {}) of sequence {} (length {}) into sequence {} (length {})", pos,
+           pos + n, src_seq, from.length, seq, to.length);
+  const int64_t P = config_.page_size;
+  for (int l = 0; l < config_.num_layers; ++l) {
     const KVLayerView from_view = src.layer_view(l), to_view = layer_view(l);
     for (const auto& [from_pool, to_pool] : {std::pair{from_view.keys, to_view.keys}, {from_view.values, to_view.values}})
-      for (size_t p = 0; p < src_pages.size(); ++p)
-        std::memcpy(const_cast<std::byte*>(to_pool) + dst_pages[p] * page_bytes_, from_pool + src_pages[p] * page_bytes_,
-                    size_t(page_bytes_));
+      // Runs of positions within one page, one head at a time: a head's tokens are contiguous in a page.
+      for (int64_t p = pos; p < pos + n;) {
+        const int64_t run = std::min(pos + n - p, P - p % P);
+        const int64_t offset = (p % P) * to_view.token_bytes;
+        for (int h = 0; h < config_.num_kv_heads; ++h)
+          // memmove: `src` may be this cache.
+          std::memmove(const_cast<std::byte*>(to_pool) + to.pages[size_t(p / P)] * page_bytes_ + h * to_view.head_bytes +
+                           offset,
+                       from_pool + from.pages[size_t(p / P)] * page_bytes_ + h * from_view.head_bytes + offset,
+                       size_t(run * to_view.token_bytes));
+        p += run;
+      }
   }
-  return seq;
 }
 
 const PagedKVCache::Sequence& PagedKVCache::sequence(SeqId seq) const {

@@ -162,6 +162,53 @@ TEST_F(EvalCli, RealPositionScoringReachesThePolicy) {
     EXPECT_NE(r["str"]["settings"].get<std::string>().find("scoring=real"), std::string::npos) << r.dump();
 }
 
+// --dense-history: every position is one step over dense's history. So at position p a
+// policy without an index of its own (oracle-topk) gives the KL of a run whose prefix ends at
+// p, where that history is dense's by construction (equal up to the rounding of prefill
+// against decode rows); without the flag its own drifted history gives other values.
+TEST_F(EvalCli, DenseHistoryMeasuresOneStepOverDensesHistory) {
+  const std::string dir = scratch("dense-history");
+  const std::string text = write_text(dir, 30);  // ~190 tokens
+  const std::string base = "--model " + *model_ + " --suite fidelity --texts " + text +
+                           " --policies oracle-topk --budgets 4 --bin-tokens 1 --json" + kSmall;
+  CliRun dense = run_eval_cli(base + " --prefix 24 --dense-history --out " + dir + "/dense", dir);
+  ASSERT_EQ(dense.code, 0) << dense.err;
+  CliRun own = run_eval_cli(base + " --prefix 24 --out " + dir + "/own", dir);
+  ASSERT_EQ(own.code, 0) << own.err;
+  const json d = read_jsonl(dir + "/dense/results.jsonl").at(0), o = read_jsonl(dir + "/own/results.jsonl").at(0);
+  EXPECT_EQ(d["str"]["history"], "dense");
+  EXPECT_EQ(o["str"]["history"], "own");
+  EXPECT_NE(d["str"]["settings"].get<std::string>().find("history=dense"), std::string::npos) << d.dump();
+  EXPECT_NE(eval_test::slurp(dir + "/dense/report.md").find("History: dense's"), std::string::npos);
+  // Per-position KL (bins of one token; the prefix's bins are empty).
+  const auto kl_at = [](const json& r, int64_t p) {
+    return r["series"]["bin_kl"].at(size_t(p)).get<double>() / r["series"]["bin_count"].at(size_t(p)).get<double>();
+  };
+  const int64_t n = int64_t(d["num"]["text_tokens"].get<double>());
+  ASSERT_GT(n, 150);
+  for (const int64_t p : {int64_t(24), int64_t(70), n - 2}) {
+    SCOPED_TRACE(p);
+    // (A text must go past its prefix by two tokens; position p is the first of the two.)
+    const std::string out = dir + "/p" + std::to_string(p);
+    CliRun fresh = run_eval_cli(base + " --prefix " + std::to_string(p) + " --max-context " + std::to_string(p + 2) +
+                                    " --out " + out,
+                                dir);
+    ASSERT_EQ(fresh.code, 0) << fresh.err;
+    const json f = read_jsonl(out + "/results.jsonl").at(0);
+    ASSERT_EQ(f["num"]["positions"], 2);
+    const double want = kl_at(f, p);
+    EXPECT_GT(want, 1e-4);  // 4 of the middle's 14+ tokens: not exact
+    EXPECT_NEAR(kl_at(d, p), want, 1e-6 + 1e-3 * want);
+    if (p == 24) EXPECT_EQ(kl_at(o, p), kl_at(d, p));  // the first step has no history of its own yet
+  }
+  double apart = 0;
+  for (int64_t p = 25; p < n; ++p) apart = std::max(apart, std::abs(kl_at(o, p) - kl_at(d, p)) / (kl_at(d, p) + 1e-9));
+  EXPECT_GT(apart, 1e-2) << "the policy's own history never drifted from dense's";
+  CliRun wrong = run_eval_cli("--model " + *model_ + " --suite passkey --dense-history --out " + dir + "/x", dir);
+  EXPECT_EQ(wrong.code, 1);
+  EXPECT_NE(wrong.err.find("--dense-history applies to --suite fidelity only"), std::string::npos) << wrong.err;
+}
+
 TEST_F(EvalCli, AgreementPasskeyReasoningOnTinyModel) {
   const std::string dir = scratch("gen");
   CliRun a = run_eval_cli("--model " + *model_ + " --suite agreement --datasets arith --limit 2 -n 12 --out " + dir +

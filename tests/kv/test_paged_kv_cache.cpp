@@ -133,3 +133,55 @@ TEST(PagedKVCache, AddCopyRejectsOtherShapesLengthsAndFullCaches) {
   EXPECT_EQ(src.free_pages(), 1);
   EXPECT_FALSE(src.has_sequence(s + 1));
 }
+
+TEST(PagedKVCache, CopyPositionsOverwritesTheRangeAndNothingElse) {
+  KVCacheConfig c{.num_layers = 2, .num_kv_heads = 3, .head_dim = 16, .page_size = 5, .dtype = DType::F16, .max_tokens = 200};
+  PagedKVCache src(c), dst(c);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist;
+  // Sequences of 23 positions with different contents, on different page ids.
+  const auto fill = [&](PagedKVCache& cache) {
+    const SeqId s = cache.add_sequence();
+    cache.extend(s, 23);
+    std::vector<float> k(23 * 48), v(k.size());
+    for (int layer = 0; layer < 2; ++layer) {
+      for (auto& x : k) x = dist(rng);
+      for (auto& x : v) x = dist(rng);
+      cache.write(s, layer, 0, 23, k.data(), v.data());
+    }
+    return s;
+  };
+  src.extend(src.add_sequence(), 3);
+  const SeqId s = fill(src), d = fill(dst);
+  // Every (layer, head, K or V) row of a sequence, as f32.
+  const auto rows = [](const PagedKVCache& cache, SeqId seq) {
+    std::vector<float> out;
+    std::vector<float> one(16);
+    for (int layer = 0; layer < 2; ++layer)
+      for (int h = 0; h < 3; ++h)
+        for (int64_t p = 0; p < 23; ++p) {
+          cache.read_keys(seq, layer, h, p, 1, one.data());
+          out.insert(out.end(), one.begin(), one.end());
+          cache.read_values(seq, layer, h, p, 1, one.data());
+          out.insert(out.end(), one.begin(), one.end());
+        }
+    return out;
+  };
+  const std::vector<float> from = rows(src, s), before = rows(dst, d);
+  dst.copy_positions(src, s, d, 7, 12);  // [7, 19): starts and ends mid-page
+  const std::vector<float> after = rows(dst, d);
+  for (size_t i = 0; i < after.size(); ++i) {
+    const int64_t p = int64_t(i / 32 % 23);
+    ASSERT_EQ(after[i], p >= 7 && p < 19 ? from[i] : before[i]) << "row " << i / 32 << " position " << p;
+  }
+  EXPECT_EQ(dst.length(d), 23);
+  EXPECT_THROW(dst.copy_positions(src, s, d, 20, 4), Error);  // past both lengths
+  const SeqId shorter = dst.add_copy(dst, d, 10);
+  EXPECT_THROW(dst.copy_positions(src, s, shorter, 8, 3), Error);  // past the destination's length
+  KVCacheConfig other = c;
+  other.head_dim = 8;
+  PagedKVCache wrong(other);
+  const SeqId w = wrong.add_sequence();
+  wrong.extend(w, 23);
+  EXPECT_THROW(wrong.copy_positions(src, s, w, 0, 1), Error);
+}

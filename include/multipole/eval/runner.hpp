@@ -67,6 +67,7 @@ struct EvalOptions {
   int cot_texts = -1;              // the model's own greedy chain of thought on this many arithmetic problems; -1: 1 when no --texts
   int prefix = 64;                 // tokens prefilled densely before the teacher-forced decode
   int bin_tokens = 256;            // position bin width of the curves
+  bool dense_history = false;      // after each position the policies' K/V rows are replaced by dense's
 
   // passkey
   std::vector<int64_t> lengths;  // empty: 1024 doubling up to the context

@@ -60,6 +60,9 @@ class PagedKVCache {
   // head_dim, page_size and dtype. Throws, adding nothing, when they differ or the pages do
   // not fit.
   SeqId add_copy(const PagedKVCache& src, SeqId src_seq, int64_t n);
+  // Overwrites positions [pos, pos + n) of `seq`, every layer, with those of `src`'s
+  // `src_seq`, as stored. Both must hold those positions; the layouts must match as for add_copy.
+  void copy_positions(const PagedKVCache& src, SeqId src_seq, SeqId seq, int64_t pos, int64_t n);
   void free_sequence(SeqId seq);  // returns its pages to the pool
   bool has_sequence(SeqId seq) const;
   int64_t length(SeqId seq) const;
@@ -86,6 +89,7 @@ class PagedKVCache {
     std::vector<int32_t> pages;
   };
   const Sequence& sequence(SeqId seq) const;
+  void check_same_layout(const PagedKVCache& src) const;  // throws naming both layouts
   void check_range(const Sequence& s, SeqId seq, int layer, int head, int64_t pos, int64_t n) const;
   void read(const std::byte* pool, SeqId seq, int layer, int head, int64_t pos, int64_t n, float* out) const;
 
