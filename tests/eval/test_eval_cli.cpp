@@ -199,7 +199,9 @@ TEST_F(EvalCli, DenseHistoryMeasuresOneStepOverDensesHistory) {
     const double want = kl_at(f, p);
     EXPECT_GT(want, 1e-4);  // 4 of the middle's 14+ tokens: not exact
     EXPECT_NEAR(kl_at(d, p), want, 1e-6 + 1e-3 * want);
-    if (p == 24) EXPECT_EQ(kl_at(o, p), kl_at(d, p));  // the first step has no history of its own yet
+    if (p == 24) {
+      EXPECT_EQ(kl_at(o, p), kl_at(d, p));  // the first step has no history of its own yet
+    }
   }
   double apart = 0;
   for (int64_t p = 25; p < n; ++p) apart = std::max(apart, std::abs(kl_at(o, p) - kl_at(d, p)) / (kl_at(d, p) + 1e-9));
