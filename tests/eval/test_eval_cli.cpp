@@ -209,6 +209,10 @@ TEST_F(EvalCli, DenseHistoryMeasuresOneStepOverDensesHistory) {
   CliRun wrong = run_eval_cli("--model " + *model_ + " --suite passkey --dense-history --out " + dir + "/x", dir);
   EXPECT_EQ(wrong.code, 1);
   EXPECT_NE(wrong.err.find("--dense-history applies to --suite fidelity only"), std::string::npos) << wrong.err;
+  // The GPU policies' mirror of the cache would not see the rewritten rows.
+  wrong = run_eval_cli(base + " --prefix 24 --dense-history --device cuda --out " + dir + "/y", dir);
+  EXPECT_EQ(wrong.code, 1);
+  EXPECT_NE(wrong.err.find("--dense-history needs --device cpu, not cuda"), std::string::npos) << wrong.err;
 }
 
 TEST_F(EvalCli, AgreementPasskeyReasoningOnTinyModel) {
