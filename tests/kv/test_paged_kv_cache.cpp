@@ -8,6 +8,25 @@
 
 using namespace multipole;
 
+namespace {
+
+// A new sequence of `len` positions holding random K/V in every layer of `cache`.
+SeqId add_random_sequence(PagedKVCache& cache, int64_t len, std::mt19937& rng) {
+  const KVCacheConfig& c = cache.config();
+  std::normal_distribution<float> dist;
+  const SeqId s = cache.add_sequence();
+  cache.extend(s, len);
+  std::vector<float> k(size_t(len) * c.num_kv_heads * c.head_dim), v(k.size());
+  for (int layer = 0; layer < c.num_layers; ++layer) {
+    for (auto& x : k) x = dist(rng);
+    for (auto& x : v) x = dist(rng);
+    cache.write(s, layer, 0, len, k.data(), v.data());
+  }
+  return s;
+}
+
+}  // namespace
+
 TEST(PagedKVCache, SequencesOfDifferentLengthsRoundTrip) {
   for (DType t : {DType::F32, DType::BF16, DType::F16}) {
     KVCacheConfig c{.num_layers = 2, .num_kv_heads = 3, .head_dim = 16, .page_size = 5, .dtype = t, .max_tokens = 400};
@@ -79,15 +98,7 @@ TEST(PagedKVCache, AddCopyTakesAPrefixAsStored) {
   KVCacheConfig c{.num_layers = 2, .num_kv_heads = 3, .head_dim = 16, .page_size = 5, .dtype = DType::BF16, .max_tokens = 200};
   PagedKVCache src(c), dst(c);
   std::mt19937 rng(5);
-  std::normal_distribution<float> dist;
-  const SeqId s = src.add_sequence();
-  src.extend(s, 23);
-  std::vector<float> k(23 * 48), v(k.size());
-  for (int layer = 0; layer < 2; ++layer) {
-    for (auto& x : k) x = dist(rng);
-    for (auto& x : v) x = dist(rng);
-    src.write(s, layer, 0, 23, k.data(), v.data());
-  }
+  const SeqId s = add_random_sequence(src, 23, rng);
   dst.extend(dst.add_sequence(), 7);  // the copy lands on other page ids than the source's
   // Into another cache and into the same one; a prefix ending mid-page and the whole sequence.
   for (auto [into, n] : {std::pair{&dst, int64_t(17)}, {&dst, int64_t(23)}, {&src, int64_t(12)}}) {
@@ -138,21 +149,9 @@ TEST(PagedKVCache, CopyPositionsOverwritesTheRangeAndNothingElse) {
   KVCacheConfig c{.num_layers = 2, .num_kv_heads = 3, .head_dim = 16, .page_size = 5, .dtype = DType::F16, .max_tokens = 200};
   PagedKVCache src(c), dst(c);
   std::mt19937 rng(7);
-  std::normal_distribution<float> dist;
   // Sequences of 23 positions with different contents, on different page ids.
-  const auto fill = [&](PagedKVCache& cache) {
-    const SeqId s = cache.add_sequence();
-    cache.extend(s, 23);
-    std::vector<float> k(23 * 48), v(k.size());
-    for (int layer = 0; layer < 2; ++layer) {
-      for (auto& x : k) x = dist(rng);
-      for (auto& x : v) x = dist(rng);
-      cache.write(s, layer, 0, 23, k.data(), v.data());
-    }
-    return s;
-  };
   src.extend(src.add_sequence(), 3);
-  const SeqId s = fill(src), d = fill(dst);
+  const SeqId s = add_random_sequence(src, 23, rng), d = add_random_sequence(dst, 23, rng);
   // Every (layer, head, K or V) row of a sequence, as f32.
   const auto rows = [](const PagedKVCache& cache, SeqId seq) {
     std::vector<float> out;
