@@ -142,6 +142,10 @@ void add_eval_command(CLI::App& app) {
                 "Experiment: multipole's far field from the centroids at their members' mean positions, the selection "
                 "still at --score-position (with --device cuda: in the one-launch step where it holds, else one "
                 "launch more)");
+  cmd->add_flag("--select-by-mass", o.select_by_mass,
+                "Experiment (cpu only): multipole and squeezed select clusters by their members' exact attention mass "
+                "(the real query against every clustered key: a cluster oracle) instead of their centroid scores; the "
+                "far field keeps the centroids");
   cmd->add_option("--device", o.device,
                   "Where the compared policies decode: cpu, or cuda (GPU builds); dense, the reference, stays on the "
                   "cpu")

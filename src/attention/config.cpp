@@ -32,6 +32,9 @@ void AttentionConfig::validate() const {
   MP_CHECK(coarse_budget >= 0, "attention: coarse_budget {} must be >= 0", coarse_budget);
   MP_CHECK(std::isfinite(coarse_radius_weight) && coarse_radius_weight >= 0.0f,
            "attention: coarse_radius_weight {} must be finite and >= 0", coarse_radius_weight);
+  MP_CHECK(!(select_by_exact_mass && coarse_radius_weight > 0),
+           "attention: select_by_exact_mass and coarse_radius_weight {} are two rankings of the same clusters; set "
+           "one", coarse_radius_weight);
   MP_CHECK(std::isfinite(score_position) && score_position >= 0,
            "attention: score_position {} must be finite and >= 0", score_position);
   MP_CHECK(quest_page_size > 0, "attention: quest_page_size {} must be > 0", quest_page_size);

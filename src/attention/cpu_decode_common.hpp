@@ -69,6 +69,24 @@ inline DecodeStats sum_stats(std::span<const DecodeStats> parts) {
   return s;
 }
 
+// imp[t] = sum_g softmax_g(x_g)[t]: a key's importance for the GQA group, each query head's
+// softmax taken over the same n keys (oracle-topk; multipole's exact-mass experiment).
+//   x: [G, n] logits, overwritten by e^{x - max}; imp: [n] out
+inline void group_importance(float* x, int groups, int64_t n, float* imp) {
+  std::fill(imp, imp + n, 0.0f);
+  if (n == 0) return;
+  for (int g = 0; g < groups; ++g) {
+    float* xg = x + g * n;
+    const float mx = *std::max_element(xg, xg + n);
+    for (int64_t t = 0; t < n; ++t) xg[t] -= mx;
+    kernels::exp_inplace(xg, n);
+    double z = 0;
+    for (int64_t t = 0; t < n; ++t) z += xg[t];
+    const float inv = float(1.0 / z);
+    for (int64_t t = 0; t < n; ++t) imp[t] += xg[t] * inv;
+  }
+}
+
 // Exact attention over sinks [0, sinks), the selected middle positions (ascending) and the
 // local window [middle_end, length), as one list so blocks span region boundaries.
 // `positions` is scratch. Returns the number of keys attended.

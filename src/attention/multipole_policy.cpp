@@ -35,13 +35,17 @@ struct MultipolePolicy::Scratch {
   std::vector<float> rkeys;  // [n, d] real-position mode: the candidates' key centroids, rotated
   std::vector<float> far_weights;  // [G, n] far_field_real_positions: n e^{logit - max}, 0 for chosen
   std::vector<float> far_max;      // [G] the maxima of their logits
+  std::vector<float> token_logits, token_mass;  // [G, N], [N] select_by_exact_mass: the clustered keys
+  std::vector<float> masses;                    // [L, candidates] select_by_exact_mass: mass under each cluster
   std::vector<float> fm, fl, zmax, zsum;     // [G] frontier normalisation
   Rotation rotation;
   SelectionScratch selection;
 
   // Sizes everything for tasks with up to `candidates` clusters per level and `positions`
   // exact keys, so that which thread runs which task never decides whether decode allocates.
-  void reserve(int G, int d, int64_t candidates, int64_t selected, int64_t positions, const Rope* real) {
+  // `clustered` and `levels` size the exact-mass experiment's buffers (0 when it is off).
+  void reserve(int G, int d, int64_t candidates, int64_t selected, int64_t positions, const Rope* real,
+               int64_t clustered, int levels) {
     exact.resize(G, d);
     far.resize(G, d);
     const size_t n = size_t(candidates);
@@ -62,6 +66,11 @@ struct MultipolePolicy::Scratch {
       cpu::grow(far_weights, size_t(G) * n);
     }
     for (auto* v : {&fm, &fl, &zmax, &zsum, &far_max}) cpu::grow(*v, size_t(G));
+    if (clustered > 0) {
+      cpu::grow(token_logits, size_t(G) * size_t(clustered));
+      cpu::grow(token_mass, size_t(clustered));
+      cpu::grow(masses, size_t(levels) * n);
+    }
   }
 };
 
@@ -138,11 +147,16 @@ void MultipolePolicy::decode(const PagedKVCache& cache, int layer, std::span<con
   if (!config_.score_real_positions)
     for (int64_t b = 0; b < B; ++b)
       rotations_[size_t(b)].set(rope_, config_.score_position - double(cache.length(seqs[b]) - 1));
-  int64_t candidates = 1, positions = 1;
+  int64_t candidates = 1, positions = 1, clustered = 0;
+  int levels = 0;
   for (SeqId seq : seqs)
     for (int h = 0; h < config_.num_kv_heads; ++h) {
       const ClusterIndex& idx = *index(seq, layer, h);
       for (int l = 0; l < idx.num_levels(); ++l) candidates = std::max(candidates, idx.level(l).count());
+      if (config_.select_by_exact_mass) {
+        clustered = std::max(clustered, idx.end() - idx.begin());
+        levels = std::max(levels, idx.num_levels());
+      }
       const int64_t len = cache.length(seq);
       positions = std::max(positions, std::min<int64_t>(config_.cluster.sinks, len) + config_.budget +
                                           std::max<int64_t>(0, len - idx.end()));
@@ -150,7 +164,8 @@ void MultipolePolicy::decode(const PagedKVCache& cache, int layer, std::span<con
   while (scratch_.size() < size_t(pool.size())) scratch_.push_back(std::make_unique<Scratch>());
   for (auto& s : scratch_)
     s->reserve(config_.group_size(), config_.head_dim, candidates, config_.budget, positions,
-               config_.score_real_positions || config_.far_field_real_positions ? &rope_ : nullptr);
+               config_.score_real_positions || config_.far_field_real_positions ? &rope_ : nullptr, clustered,
+               levels);
   thread_stats_.assign(size_t(pool.size()), DecodeStats{});
   // One small capture so that the std::function of parallel_for needs no allocation.
   struct Context {
@@ -196,6 +211,30 @@ void MultipolePolicy::rank_by_bound(const ClusterLevel& lv, const int32_t* cand,
     for (int64_t i = 0; i < n; ++i) imp[i] += float(b[i] / z);
   }
   for (int64_t i = 0; i < n; ++i) imp[i] /= float(lv.sizes[cand[i]]);
+}
+
+// The select_by_exact_mass experiment: the exact attention mass under every cluster of every
+// level, m_l[c] = sum over the clustered tokens t under c of sum_g softmax_g(t), the softmax of
+// the real queries over the clustered region [begin, end) (sinks and window are always exact).
+//   q: [G, d] real queries; returns [L, stride], level l's row holding its clusters' masses
+const float* MultipolePolicy::exact_masses(const KVLayerView& kv, const int32_t* page_table, int head,
+                                           const ClusterIndex& idx, const float* q, int G, float scale,
+                                           int64_t stride, Scratch& s) const {
+  const int64_t N = idx.end() - idx.begin();
+  float* x = cpu::grow(s.token_logits, size_t(G) * size_t(N));
+  float* w = cpu::grow(s.token_mass, size_t(N));
+  kernels::score_range(kv, page_table, head, idx.begin(), idx.end(), q, G, scale, x);
+  cpu::group_importance(x, G, N, w);
+  const int L = idx.num_levels();
+  float* m = cpu::grow(s.masses, size_t(L) * size_t(stride));
+  std::fill(m, m + int64_t(L) * stride, 0.0f);
+  const std::span<const int32_t> labels = idx.labels();
+  for (int64_t t = 0; t < N; ++t) m[labels[size_t(t)]] += w[t];
+  for (int l = 1; l < L; ++l) {
+    const ClusterLevel& below = idx.level(l - 1);
+    for (int64_t c = 0; c < below.count(); ++c) m[l * stride + below.parents[size_t(c)]] += m[(l - 1) * stride + c];
+  }
+  return m;
 }
 
 // Copies of the candidates' key centroids, each rotated to its members' mean position, in s.rkeys.
@@ -272,6 +311,12 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
   int64_t scored = 0, pseudo = 0, chosen_tokens = 0, nselected = 0;
   const int L = idx.num_levels();
   if (L > 0 && idx.end() > idx.begin()) {
+    int64_t stride = 0;
+    const float* masses = nullptr;
+    if (config_.select_by_exact_mass) {
+      for (int l = 0; l < L; ++l) stride = std::max(stride, idx.level(l).count());
+      masses = exact_masses(kv, page_table, head, idx, q, G, scale, stride, s);
+    }
     // Candidates of the coarsest level: all its non-empty clusters.
     const ClusterLevel& top = idx.level(L - 1);
     int32_t* cand = cpu::grow(s.cand, size_t(top.count()));
@@ -314,6 +359,8 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
         imp[i] = acc / float(sizes[i]);
       }
       if (l > 0 && config_.coarse_radius_weight > 0) rank_by_bound(lv, cand, n, qs, G, d, scale, x, s, imp);
+      if (masses)
+        for (int64_t i = 0; i < n; ++i) imp[i] = masses[l * stride + cand[i]] / float(sizes[i]);
       const int64_t budget =
           l == 0 ? config_.budget
                  : std::max<int64_t>(config_.budget, config_.coarse_budget > 0 ? config_.coarse_budget
@@ -384,6 +431,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
   // Scored centroids: key + size; the far field reads only their values (f32).
   stats.bytes_read += exact_tokens * 2 * kv.token_bytes + scored * (int64_t(d) * 4 + 8) +
                         (far_field ? pseudo * int64_t(d) * 4 : 0);
+  if (config_.select_by_exact_mass && L > 0) stats.bytes_read += (idx.end() - idx.begin()) * kv.token_bytes;
 }
 
 std::unique_ptr<AttentionPolicy> make_multipole_policy(const AttentionConfig& config) {

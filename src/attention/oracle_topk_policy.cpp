@@ -60,17 +60,7 @@ class OracleTopkPolicy final : public AttentionPolicy {
         float* x = cpu::grow(sc.logits, size_t(G) * M);
         float* imp = cpu::grow(sc.importance, size_t(M));
         kernels::score_range(kv, table, h, sinks, middle_end, qg, G, scale, x);
-        std::fill(imp, imp + M, 0.0f);
-        for (int g = 0; g < G; ++g) {
-          float* xg = x + g * M;
-          const float mx = *std::max_element(xg, xg + M);
-          for (int64_t t = 0; t < M; ++t) xg[t] -= mx;
-          kernels::exp_inplace(xg, M);
-          double z = 0;
-          for (int64_t t = 0; t < M; ++t) z += xg[t];
-          const float inv = float(1.0 / z);
-          for (int64_t t = 0; t < M; ++t) imp[t] += xg[t] * inv;
-        }
+        cpu::group_importance(x, G, M, imp);
         std::nth_element(idx, idx + budget, idx + M, [imp, sinks](int32_t a, int32_t c) {
           const float ia = imp[a - sinks], ic = imp[c - sinks];
           return ia > ic || (ia == ic && a < c);

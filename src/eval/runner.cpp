@@ -99,6 +99,7 @@ AttentionConfig variant_attention_config(const EvalOptions& opt, const Model& mo
   ac.score_position = opt.score_position;
   ac.score_real_positions = opt.real_positions;
   ac.far_field_real_positions = opt.far_real_positions;
+  ac.select_by_exact_mass = opt.select_by_mass;
   if (v) {
     ac.budget = v->budget;
     if (!v->tokens_per_centroid.empty()) ac.cluster.tokens_per_centroid = v->tokens_per_centroid;
@@ -141,12 +142,12 @@ Record SuiteContext::record(const std::string& suite, const std::string& case_id
 std::string SuiteContext::settings() const {
   // Settings added later are named only away from their defaults, so that older runs still
   // resume.
-  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}{}{}{}",
+  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}{}{}{}{}",
                      activations_name(opt.f32_activations), opt.sinks, opt.window, opt.seed, context, opt.max_tokens,
                      opt.prefix, opt.real_positions ? "real" : fmt::format("{}", opt.score_position),
                      opt.coarse_budget == 0 ? "" : fmt::format(" coarse_budget={}", opt.coarse_budget),
                      opt.coarse_radius_weight == 0 ? "" : fmt::format(" coarse_radius_weight={}", opt.coarse_radius_weight),
-                     opt.far_real_positions ? " far_field=real" : "",
+                     opt.far_real_positions ? " far_field=real" : "", opt.select_by_mass ? " selection=mass" : "",
                      opt.dense_history ? " history=dense" : "",
                      opt.device == "cpu" ? "" : " device=" + opt.device);
 }

@@ -169,6 +169,22 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
   if (L > 0)
     for (int64_t i = 0; i < idx.level(L - 1).count(); ++i)
       if (idx.level(L - 1).sizes[size_t(i)] > 0) cand.push_back(i);
+  // select_by_exact_mass: each clustered token's sum over g of its softmax among the clustered
+  // tokens under the real queries.
+  std::vector<double> token_mass;
+  if (c.select_by_exact_mass) {
+    token_mass.assign(size_t(idx.end() - idx.begin()), 0.0);
+    for (int g = 0; g < G; ++g) {
+      std::vector<double> x;
+      double m = -std::numeric_limits<double>::infinity(), z = 0;
+      for (int64_t p = idx.begin(); p < idx.end(); ++p) {
+        x.push_back(scale * dot(qreal[size_t(g)], kv.key(h, p)));
+        m = std::max(m, x.back());
+      }
+      for (double& v : x) z += v = std::exp(v - m);
+      for (size_t t = 0; t < x.size(); ++t) token_mass[t] += x[t] / z;
+    }
+  }
   std::mt19937_64 rng(12345);
   for (int l = L - 1; l >= 0 && !cand.empty(); --l) {
     const auto& lv = idx.level(l);
@@ -213,6 +229,16 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
         for (size_t i = 0; i < n; ++i) z += double(sizes[i]) * std::exp(b[i] - m);
         for (size_t i = 0; i < n; ++i) importance[i] += std::exp(b[i] - m) / z;
       }
+    }
+    if (c.select_by_exact_mass) {
+      std::fill(importance.begin(), importance.end(), 0.0);
+      for (int64_t p = idx.begin(); p < idx.end(); ++p) {
+        int64_t a = idx.labels()[size_t(p - idx.begin())];
+        for (int up = 0; up < l; ++up) a = idx.level(up).parents[size_t(a)];
+        const auto it = std::lower_bound(cand.begin(), cand.end(), a);
+        if (it != cand.end() && *it == a) importance[size_t(it - cand.begin())] += token_mass[size_t(p - idx.begin())];
+      }
+      for (size_t i = 0; i < n; ++i) importance[i] /= double(sizes[i]);
     }
     const int64_t budget =
         l == 0 ? c.budget : std::max<int64_t>(c.budget, c.coarse_budget > 0 ? c.coarse_budget : 16 * int64_t(c.budget));

@@ -193,16 +193,35 @@ TEST(MultipolePolicy, CoarseRadiusWeightMatchesReference) {
 // The far field at real positions (an experiment) against the reference, on two levels: the
 // selection and the frontier's normalisation stay at the fixed position, only the far field's
 // logits move. And it changes the output (else the test would not test it).
+// The experiments' tests: group 4, d 64, budget 64 with a coarse budget of 256 over small
+// blocks, on `levels`.
+AttentionConfig experiment_config(std::vector<int> levels) {
+  AttentionConfig c = make_config(4, 64);
+  c.cluster.block_size = 1024;
+  c.cluster.window = 64;
+  c.cluster.tokens_per_centroid = std::move(levels);
+  c.budget = 64;
+  c.coarse_budget = 256;
+  return c;
+}
+
+// Decodes layer 1 with `policy` (updated already) and with policy `name` under `other`: do
+// the outputs differ? (An experiment's test must see it change something.)
+bool outputs_differ(AttentionPolicy& policy, const std::string& name, const AttentionConfig& other,
+                    ref::SyntheticKV& data, const std::vector<float>& q, ThreadPool& pool) {
+  auto p = make_attention_policy(name, other);
+  std::vector<float> o0(q.size()), o1(q.size());
+  policy.decode(*data.cache, 1, data.seqs, q.data(), o0.data(), pool);
+  p->update(*data.cache, 1, data.seqs, pool);
+  p->decode(*data.cache, 1, data.seqs, q.data(), o1.data(), pool);
+  return o0 != o1;
+}
+
 TEST(MultipolePolicy, FarFieldAtRealPositionsMatchesReference) {
   ThreadPool pool(2);
   int total = 0, ambiguous = 0;
   for (auto levels : {std::vector<int>{8}, std::vector<int>{8, 64}}) {
-    AttentionConfig c = make_config(4, 64);
-    c.cluster.block_size = 1024;
-    c.cluster.window = 64;
-    c.cluster.tokens_per_centroid = levels;
-    c.budget = 64;
-    c.coarse_budget = 256;
+    AttentionConfig c = experiment_config(levels);
     c.far_field_real_positions = true;
     ref::SyntheticKV data(c, DType::BF16, 2, 8192, ref::KeyKind::Clustered, 47);
     for (int64_t len : {97, 2049, 2600}) data.append(data.add(), len);
@@ -213,14 +232,40 @@ TEST(MultipolePolicy, FarFieldAtRealPositionsMatchesReference) {
     ambiguous += r.ambiguous;
     AttentionConfig fixed = c;
     fixed.far_field_real_positions = false;
-    auto other = make_attention_policy("multipole", fixed);
-    std::vector<float> o0(q.size()), o1(q.size());
-    policy->decode(*data.cache, 1, data.seqs, q.data(), o0.data(), pool);
-    other->update(*data.cache, 1, data.seqs, pool);
-    other->decode(*data.cache, 1, data.seqs, q.data(), o1.data(), pool);
-    EXPECT_NE(o0, o1);
+    EXPECT_TRUE(outputs_differ(*policy, "multipole", fixed, data, q, pool));
   }
   EXPECT_LT(ambiguous, total / 10 + 1);
+}
+
+// The select_by_exact_mass experiment (a cluster oracle) against the reference, which sums
+// each cluster's members' softmax itself, on one and two levels, with and without the far
+// field; random keys make centroid scores a poor guide, so the selection changes the output
+// (else the test would not test it).
+TEST(MultipolePolicy, SelectionByExactMassMatchesReference) {
+  ThreadPool pool(2);
+  int total = 0, ambiguous = 0;
+  for (auto levels : {std::vector<int>{8}, std::vector<int>{8, 64}})
+    for (bool far : {true, false}) {
+      AttentionConfig c = experiment_config(levels);
+      c.multipole_far_field = far;
+      c.select_by_exact_mass = true;
+      ref::SyntheticKV data(c, DType::BF16, 2, 8192, ref::KeyKind::Random, 53);
+      for (int64_t len : {97, 2049, 2600}) data.append(data.add(), len);
+      const std::string name = far ? "multipole" : "squeezed";
+      auto policy = make_attention_policy(name, c);
+      const auto q = data.queries(c, 0.25f);
+      const Check r = check_policy(*policy, data, c, 1, q, pool, name + " levels " + std::to_string(levels.size()));
+      total += r.groups;
+      ambiguous += r.ambiguous;
+      AttentionConfig by_centroid = c;
+      by_centroid.select_by_exact_mass = false;
+      EXPECT_TRUE(outputs_differ(*policy, name, by_centroid, data, q, pool));
+    }
+  EXPECT_LT(ambiguous, total / 10 + 1);
+  AttentionConfig both = make_config(4, 64);
+  both.select_by_exact_mass = true;
+  both.coarse_radius_weight = 1.0f;
+  EXPECT_THROW(make_attention_policy("multipole", both), Error);
 }
 
 TEST(MultipolePolicy, DefaultConfigPastABlockBoundary) {

@@ -162,6 +162,29 @@ TEST_F(EvalCli, RealPositionScoringReachesThePolicy) {
     EXPECT_NE(r["str"]["settings"].get<std::string>().find("scoring=real"), std::string::npos) << r.dump();
 }
 
+// --select-by-mass reaches the policy: selecting clusters by the mass their members really
+// take (a cluster oracle) leaves squeezed, whose whole error is the mass it drops, with a
+// smaller attention error than selecting them by centroid scores; and records say so.
+TEST_F(EvalCli, SelectionByMassReachesThePolicy) {
+  const std::string dir = scratch("select-by-mass");
+  const std::string text = write_text(dir, 30);
+  const std::string base = "--model " + *model_ + " --suite fidelity --texts " + text +
+                           " --prefix 16 --policies squeezed --budgets 32 --json" + kSmall + " --out " + dir;
+  CliRun mass = run_eval_cli(base + "/mass --select-by-mass", dir);
+  ASSERT_EQ(mass.code, 0) << mass.err;
+  CliRun centroid = run_eval_cli(base + "/centroid", dir);
+  ASSERT_EQ(centroid.code, 0) << centroid.err;
+  const double err_mass = json::parse(mass.out)["fidelity"][0]["err_mean"].get<double>();
+  const double err_centroid = json::parse(centroid.out)["fidelity"][0]["err_mean"].get<double>();
+  std::printf("[ info ] squeezed's mean attention error: by mass %.4f, by centroid %.4f\n", err_mass, err_centroid);
+  EXPECT_LT(err_mass, 0.9 * err_centroid) << mass.out << centroid.out;
+  for (const json& r : read_jsonl(dir + "/mass/results.jsonl"))
+    EXPECT_NE(r["str"]["settings"].get<std::string>().find("selection=mass"), std::string::npos) << r.dump();
+  CliRun both = run_eval_cli(base + "/both --select-by-mass --coarse-radius-weight 1 --clusters 4/16", dir);
+  EXPECT_EQ(both.code, 1);
+  EXPECT_NE(both.err.find("select_by_exact_mass and coarse_radius_weight"), std::string::npos) << both.err;
+}
+
 // --dense-history: every position is one step over dense's history. So at position p a
 // policy without an index of its own (oracle-topk) gives the KL of a run whose prefix ends at
 // p, where that history is dense's by construction (equal up to the rounding of prefill

@@ -41,6 +41,11 @@ struct AttentionConfig {
   // positions against the real query, while the selection keeps the fixed-position scores.
   // An experiment (is the far field's error its position?), on the CPU and the GPU.
   bool far_field_real_positions = false;
+  // Clusters selected by their members' exact attention mass (the real query against every
+  // clustered key) instead of their centroid scores: a cluster oracle, which tells the error
+  // of centroid scoring from that of selecting whole clusters. The far field and its
+  // normalisation keep the centroids. CPU only (an experiment).
+  bool select_by_exact_mass = false;
   double score_position = 2048;      // fixed query position for centroid scoring
   ClusterConfig cluster;
 

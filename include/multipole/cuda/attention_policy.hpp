@@ -23,7 +23,7 @@ namespace multipole::cuda {
 
 // "dense", "multipole", "squeezed", "quest", "oracle-topk" on the GPU. Throws when no CUDA
 // device is usable, for an unknown name, for head dims other than 64 and 128, for dense,
-// multipole and squeezed with score_real_positions or coarse_radius_weight (CudaDecoder refuses
+// multipole and squeezed with score_real_positions, coarse_radius_weight or select_by_exact_mass (CudaDecoder refuses
 // them) and, at the first update(), for a KV cache
 // stored in f32 (the kernels read bf16 or f16).
 std::unique_ptr<AttentionPolicy> make_cuda_attention_policy(std::string_view name, const AttentionConfig& config);

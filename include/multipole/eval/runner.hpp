@@ -59,6 +59,7 @@ struct EvalOptions {
   double score_position = 2048;   // multipole/squeezed: fixed query position of centroid scoring
   bool real_positions = false;     // multipole/squeezed: score centroids at their members' mean position
   bool far_real_positions = false; // multipole: far field at the members' mean positions (experiment)
+  bool select_by_mass = false;     // multipole/squeezed: clusters selected by exact attention mass (experiment; cpu)
   std::string device = "cpu";      // where the compared policies decode; dense, the reference, stays on the cpu
 
   // fidelity
