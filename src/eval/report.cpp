@@ -289,7 +289,7 @@ Section fidelity_section(const std::vector<const Record*>& rs, const fs::path& p
   for (const Record* r : rs)
     if (std::find(cases.begin(), cases.end(), r->case_id) == cases.end()) cases.push_back(r->case_id);
   s.markdown += "\nPer text (mean KL / top-1):\n\n| text | tokens |";
-  for (const VariantKey& k : vs) s.markdown += " " + k.label() + " |";
+  for (const VariantKey& k : vs) s.markdown += fmt::format(" {} |", k.label());
   s.markdown += "\n|---|---|";
   for (size_t i = 0; i < vs.size(); ++i) s.markdown += "---|";
   s.markdown += "\n";
@@ -483,11 +483,12 @@ ReportResult render_report(const std::string& out_dir, const std::vector<Record>
   ReportResult result;
   result.gnuplot = have_gnuplot();
   std::map<std::string, std::vector<const Record*>> by_suite;
-  std::set<std::string> models, activations;
+  std::set<std::string> models, activations, settings;
   for (const Record& r : records) {
     by_suite[r.suite].push_back(&r);
     if (auto it = r.str.find("model"); it != r.str.end()) models.insert(it->second);
     activations.insert(r.text("activations", "int8"));
+    if (auto it = r.str.find("settings"); it != r.str.end()) settings.insert(fmt::format("`{}`", it->second));
   }
   auto join = [](const std::set<std::string>& items) {
     std::string s;
@@ -500,6 +501,8 @@ ReportResult render_report(const std::string& out_dir, const std::vector<Record>
   std::strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", std::gmtime(&now));
   md += fmt::format("Model: {}. Activations of the quantised products: {}. Records: {} (results.jsonl). Rendered {}.\n\n",
                     join(models), join(activations), records.size(), date);
+  // Experiments (the far field's positions, the selection, the history) are named here.
+  if (!settings.empty()) md += fmt::format("Settings: {}.\n\n", join(settings));
   if (records.empty()) md += "No results yet.\n";
   if (!result.gnuplot && !records.empty())
     md += "Note: gnuplot is not installed, so the plots were not drawn; their data and scripts are in plots/ "

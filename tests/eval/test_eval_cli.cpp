@@ -180,6 +180,9 @@ TEST_F(EvalCli, SelectionByMassReachesThePolicy) {
   EXPECT_LT(err_mass, 0.9 * err_centroid) << mass.out << centroid.out;
   for (const json& r : read_jsonl(dir + "/mass/results.jsonl"))
     EXPECT_NE(r["str"]["settings"].get<std::string>().find("selection=mass"), std::string::npos) << r.dump();
+  const std::string md = eval_test::slurp(dir + "/mass/report.md");
+  EXPECT_NE(md.find("Settings: `activations=int8"), std::string::npos) << md;
+  EXPECT_NE(md.find("selection=mass`"), std::string::npos) << md;
   CliRun both = run_eval_cli(base + "/both --select-by-mass --coarse-radius-weight 1 --clusters 4/16", dir);
   EXPECT_EQ(both.code, 1);
   EXPECT_NE(both.err.find("select_by_exact_mass and coarse_radius_weight"), std::string::npos) << both.err;
