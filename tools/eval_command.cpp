@@ -146,6 +146,9 @@ void add_eval_command(CLI::App& app) {
                 "Experiment (cpu only): multipole and squeezed select clusters by their members' exact attention mass "
                 "(the real query against every clustered key: a cluster oracle) instead of their centroid scores; the "
                 "far field keeps the centroids");
+  cmd->add_flag("--mass-at-score-position", o.mass_at_score_position,
+                "With --select-by-mass: each member's key seen at --score-position, as the centroids are scored, so "
+                "the mass keeps the spread of a cluster's keys without the position's error");
   cmd->add_option("--device", o.device,
                   "Where the compared policies decode: cpu, or cuda (GPU builds); dense, the reference, stays on the "
                   "cpu")

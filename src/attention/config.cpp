@@ -35,6 +35,8 @@ void AttentionConfig::validate() const {
   MP_CHECK(!(select_by_exact_mass && coarse_radius_weight > 0),
            "attention: select_by_exact_mass and coarse_radius_weight {} are two rankings of the same clusters; set "
            "one", coarse_radius_weight);
+  MP_CHECK(!mass_at_score_position || (select_by_exact_mass && !score_real_positions),
+           "attention: mass_at_score_position needs select_by_exact_mass and the fixed-position scoring");
   MP_CHECK(std::isfinite(score_position) && score_position >= 0,
            "attention: score_position {} must be finite and >= 0", score_position);
   MP_CHECK(quest_page_size > 0, "attention: quest_page_size {} must be > 0", quest_page_size);

@@ -70,6 +70,7 @@ struct MultipolePolicy::Scratch {
       cpu::grow(token_logits, size_t(G) * size_t(clustered));
       cpu::grow(token_mass, size_t(clustered));
       cpu::grow(masses, size_t(levels) * n);
+      cpu::grow(rkeys, size_t(clustered) * d);
     }
   }
 };
@@ -215,15 +216,25 @@ void MultipolePolicy::rank_by_bound(const ClusterLevel& lv, const int32_t* cand,
 
 // The select_by_exact_mass experiment: the exact attention mass under every cluster of every
 // level, m_l[c] = sum over the clustered tokens t under c of sum_g softmax_g(t), the softmax of
-// the real queries over the clustered region [begin, end) (sinks and window are always exact).
-//   q: [G, d] real queries; returns [L, stride], level l's row holding its clusters' masses
-const float* MultipolePolicy::exact_masses(const KVLayerView& kv, const int32_t* page_table, int head,
-                                           const ClusterIndex& idx, const float* q, int G, float scale,
-                                           int64_t stride, Scratch& s) const {
+// the real queries over the clustered region [begin, end) (sinks and window are always exact);
+// with mass_at_score_position, of the scoring queries against the keys in position-0 space.
+//   q, qs: [G, d] real and scoring queries; returns [L, stride], level l's row holding its
+//   clusters' masses
+const float* MultipolePolicy::exact_masses(const PagedKVCache& cache, SeqId seq, int layer, int head,
+                                           const ClusterIndex& idx, const float* q, const float* qs, int G,
+                                           float scale, int64_t stride, Scratch& s) const {
   const int64_t N = idx.end() - idx.begin();
   float* x = cpu::grow(s.token_logits, size_t(G) * size_t(N));
   float* w = cpu::grow(s.token_mass, size_t(N));
-  kernels::score_range(kv, page_table, head, idx.begin(), idx.end(), q, G, scale, x);
+  if (config_.mass_at_score_position) {
+    float* k0 = cpu::grow(s.rkeys, size_t(N) * size_t(config_.head_dim));
+    cache.read_keys(seq, layer, head, idx.begin(), N, k0);
+    unrotate_consecutive(rope_, k0, N, idx.begin());
+    kernels::score_rows(k0, nullptr, N, qs, G, config_.head_dim, scale, x);
+  } else {
+    kernels::score_range(cache.layer_view(layer), cache.page_table(seq).data(), head, idx.begin(), idx.end(), q, G,
+                         scale, x);
+  }
   cpu::group_importance(x, G, N, w);
   const int L = idx.num_levels();
   float* m = cpu::grow(s.masses, size_t(L) * size_t(stride));
@@ -315,7 +326,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
     const float* masses = nullptr;
     if (config_.select_by_exact_mass) {
       for (int l = 0; l < L; ++l) stride = std::max(stride, idx.level(l).count());
-      masses = exact_masses(kv, page_table, head, idx, q, G, scale, stride, s);
+      masses = exact_masses(cache, seq, layer, head, idx, q, qs, G, scale, stride, s);
     }
     // Candidates of the coarsest level: all its non-empty clusters.
     const ClusterLevel& top = idx.level(L - 1);

@@ -100,6 +100,7 @@ AttentionConfig variant_attention_config(const EvalOptions& opt, const Model& mo
   ac.score_real_positions = opt.real_positions;
   ac.far_field_real_positions = opt.far_real_positions;
   ac.select_by_exact_mass = opt.select_by_mass;
+  ac.mass_at_score_position = opt.mass_at_score_position;
   if (v) {
     ac.budget = v->budget;
     if (!v->tokens_per_centroid.empty()) ac.cluster.tokens_per_centroid = v->tokens_per_centroid;
@@ -147,7 +148,10 @@ std::string SuiteContext::settings() const {
                      opt.prefix, opt.real_positions ? "real" : fmt::format("{}", opt.score_position),
                      opt.coarse_budget == 0 ? "" : fmt::format(" coarse_budget={}", opt.coarse_budget),
                      opt.coarse_radius_weight == 0 ? "" : fmt::format(" coarse_radius_weight={}", opt.coarse_radius_weight),
-                     opt.far_real_positions ? " far_field=real" : "", opt.select_by_mass ? " selection=mass" : "",
+                     opt.far_real_positions ? " far_field=real" : "",
+                     !opt.select_by_mass           ? ""
+                     : opt.mass_at_score_position ? " selection=mass-at-score-position"
+                                                  : " selection=mass",
                      opt.dense_history ? " history=dense" : "",
                      opt.device == "cpu" ? "" : " device=" + opt.device);
 }
@@ -259,6 +263,7 @@ std::string run_eval(const EvalOptions& o) {
   // The GPU policies mirror the cache rows as they are appended; rows overwritten later would
   // not reach the mirror.
   MP_CHECK(!o.dense_history || o.device == "cpu", "eval: --dense-history needs --device cpu, not {}", o.device);
+  MP_CHECK(!o.mass_at_score_position || o.select_by_mass, "eval: --mass-at-score-position needs --select-by-mass");
   std::vector<Variant> variants = make_variants(o.policies, o.budgets, o.clusters);
   const std::vector<std::string> devices = attention_devices();
   MP_CHECK(std::find(devices.begin(), devices.end(), o.device) != devices.end(),

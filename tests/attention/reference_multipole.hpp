@@ -170,7 +170,8 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
     for (int64_t i = 0; i < idx.level(L - 1).count(); ++i)
       if (idx.level(L - 1).sizes[size_t(i)] > 0) cand.push_back(i);
   // select_by_exact_mass: each clustered token's sum over g of its softmax among the clustered
-  // tokens under the real queries.
+  // tokens under the real queries (mass_at_score_position: the scoring queries against the
+  // keys rotated back to position 0).
   std::vector<double> token_mass;
   if (c.select_by_exact_mass) {
     token_mass.assign(size_t(idx.end() - idx.begin()), 0.0);
@@ -178,7 +179,9 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
       std::vector<double> x;
       double m = -std::numeric_limits<double>::infinity(), z = 0;
       for (int64_t p = idx.begin(); p < idx.end(); ++p) {
-        x.push_back(scale * dot(qreal[size_t(g)], kv.key(h, p)));
+        x.push_back(c.mass_at_score_position
+                        ? scale * dot(qscore[size_t(g)], rotated(rope, kv.key(h, p), d, -double(p)).data())
+                        : scale * dot(qreal[size_t(g)], kv.key(h, p)));
         m = std::max(m, x.back());
       }
       for (double& v : x) z += v = std::exp(v - m);

@@ -239,26 +239,30 @@ TEST(MultipolePolicy, FarFieldAtRealPositionsMatchesReference) {
 
 // The select_by_exact_mass experiment (a cluster oracle) against the reference, which sums
 // each cluster's members' softmax itself, on one and two levels, with and without the far
-// field; random keys make centroid scores a poor guide, so the selection changes the output
-// (else the test would not test it).
+// field, at real positions and at the scoring position; random keys make centroid scores a
+// poor guide, so the selection changes the output (else the test would not test it).
 TEST(MultipolePolicy, SelectionByExactMassMatchesReference) {
   ThreadPool pool(2);
   int total = 0, ambiguous = 0;
   for (auto levels : {std::vector<int>{8}, std::vector<int>{8, 64}})
-    for (bool far : {true, false}) {
+    for (int mode = 0; mode < 3; ++mode) {
+      const bool far = mode != 1;
       AttentionConfig c = experiment_config(levels);
       c.multipole_far_field = far;
       c.select_by_exact_mass = true;
+      c.mass_at_score_position = mode == 2;
       ref::SyntheticKV data(c, DType::BF16, 2, 8192, ref::KeyKind::Random, 53);
       for (int64_t len : {97, 2049, 2600}) data.append(data.add(), len);
       const std::string name = far ? "multipole" : "squeezed";
       auto policy = make_attention_policy(name, c);
       const auto q = data.queries(c, 0.25f);
-      const Check r = check_policy(*policy, data, c, 1, q, pool, name + " levels " + std::to_string(levels.size()));
+      const Check r = check_policy(*policy, data, c, 1, q, pool,
+                                   name + " levels " + std::to_string(levels.size()) + " mode " + std::to_string(mode));
       total += r.groups;
       ambiguous += r.ambiguous;
       AttentionConfig by_centroid = c;
       by_centroid.select_by_exact_mass = false;
+      by_centroid.mass_at_score_position = false;
       EXPECT_TRUE(outputs_differ(*policy, name, by_centroid, data, q, pool));
     }
   EXPECT_LT(ambiguous, total / 10 + 1);
@@ -266,6 +270,9 @@ TEST(MultipolePolicy, SelectionByExactMassMatchesReference) {
   both.select_by_exact_mass = true;
   both.coarse_radius_weight = 1.0f;
   EXPECT_THROW(make_attention_policy("multipole", both), Error);
+  AttentionConfig real = make_config(4, 64);
+  real.select_by_exact_mass = real.mass_at_score_position = real.score_real_positions = true;
+  EXPECT_THROW(make_attention_policy("multipole", real), Error);
 }
 
 TEST(MultipolePolicy, DefaultConfigPastABlockBoundary) {

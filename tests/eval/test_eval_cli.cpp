@@ -186,6 +186,16 @@ TEST_F(EvalCli, SelectionByMassReachesThePolicy) {
   CliRun both = run_eval_cli(base + "/both --select-by-mass --coarse-radius-weight 1 --clusters 4/16", dir);
   EXPECT_EQ(both.code, 1);
   EXPECT_NE(both.err.find("select_by_exact_mass and coarse_radius_weight"), std::string::npos) << both.err;
+  // The same mass with every key at the scoring position: another selection, named in the records.
+  CliRun fixed = run_eval_cli(base + "/fixed --select-by-mass --mass-at-score-position", dir);
+  ASSERT_EQ(fixed.code, 0) << fixed.err;
+  EXPECT_NE(json::parse(fixed.out)["fidelity"][0]["err_mean"].get<double>(), err_mass) << fixed.out;
+  EXPECT_NE(read_jsonl(dir + "/fixed/results.jsonl").at(0)["str"]["settings"].get<std::string>().find(
+                "selection=mass-at-score-position"),
+            std::string::npos);
+  CliRun alone = run_eval_cli(base + "/alone --mass-at-score-position", dir);
+  EXPECT_EQ(alone.code, 1);
+  EXPECT_NE(alone.err.find("--mass-at-score-position needs --select-by-mass"), std::string::npos) << alone.err;
 }
 
 // --dense-history: every position is one step over dense's history. So at position p a

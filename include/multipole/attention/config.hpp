@@ -46,6 +46,10 @@ struct AttentionConfig {
   // of centroid scoring from that of selecting whole clusters. The far field and its
   // normalisation keep the centroids. CPU only (an experiment).
   bool select_by_exact_mass = false;
+  // With select_by_exact_mass: every member's key seen as the centroids are scored (at
+  // score_position), not at its real position, so the mass holds the spread of a cluster's
+  // keys without the position's error. Needs the fixed-position scoring.
+  bool mass_at_score_position = false;
   double score_position = 2048;      // fixed query position for centroid scoring
   ClusterConfig cluster;
 

@@ -60,6 +60,7 @@ struct EvalOptions {
   bool real_positions = false;     // multipole/squeezed: score centroids at their members' mean position
   bool far_real_positions = false; // multipole: far field at the members' mean positions (experiment)
   bool select_by_mass = false;     // multipole/squeezed: clusters selected by exact attention mass (experiment; cpu)
+  bool mass_at_score_position = false;  // ... that mass with every key at the scoring position
   std::string device = "cpu";      // where the compared policies decode; dense, the reference, stays on the cpu
 
   // fidelity
