@@ -149,6 +149,10 @@ void add_eval_command(CLI::App& app) {
   cmd->add_flag("--mass-at-score-position", o.mass_at_score_position,
                 "With --select-by-mass: each member's key seen at --score-position, as the centroids are scored, so "
                 "the mass keeps the spread of a cluster's keys without the position's error");
+  cmd->add_flag("--score-with-spread", o.score_with_spread,
+                "Experiment (cpu only): multipole and squeezed add to each centroid's logit the second-order term of its "
+                "members' spread about it, s^2/2 sum_j q_j^2 v_j (v: the members' mean square deviation a dimension, "
+                "from every clustered key at each step), in the selection and the far field");
   cmd->add_option("--device", o.device,
                   "Where the compared policies decode: cpu, or cuda (GPU builds); dense, the reference, stays on the "
                   "cpu")

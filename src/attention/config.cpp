@@ -37,6 +37,10 @@ void AttentionConfig::validate() const {
            "one", coarse_radius_weight);
   MP_CHECK(!mass_at_score_position || (select_by_exact_mass && !score_real_positions),
            "attention: mass_at_score_position needs select_by_exact_mass and the fixed-position scoring");
+  MP_CHECK(!score_with_spread || (!score_real_positions && !far_field_real_positions && !select_by_exact_mass &&
+                                   coarse_radius_weight == 0),
+           "attention: score_with_spread needs the fixed-position centroid scores in the selection and the far field "
+           "(not score_real_positions, far_field_real_positions, select_by_exact_mass or coarse_radius_weight)");
   MP_CHECK(std::isfinite(score_position) && score_position >= 0,
            "attention: score_position {} must be finite and >= 0", score_position);
   MP_CHECK(quest_page_size > 0, "attention: quest_page_size {} must be > 0", quest_page_size);

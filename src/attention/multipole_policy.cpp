@@ -32,18 +32,20 @@ struct MultipolePolicy::Scratch {
   std::vector<int32_t> picked;      // [n] selected candidates (local indices)
   std::vector<uint8_t> chosen;      // [n]
   std::vector<int32_t> selected_positions, exact_positions;  // chosen middle positions; sinks + middle + window
-  std::vector<float> rkeys;  // [n, d] real-position mode: the candidates' key centroids, rotated
+  std::vector<float> rkeys;  // [n, d] real-position mode: the candidates' key centroids, rotated; or the
+                            // [clustered, d] keys at position 0 (exact-mass and spread experiments)
   std::vector<float> far_weights;  // [G, n] far_field_real_positions: n e^{logit - max}, 0 for chosen
   std::vector<float> far_max;      // [G] the maxima of their logits
   std::vector<float> token_logits, token_mass;  // [G, N], [N] select_by_exact_mass: the clustered keys
   std::vector<float> masses;                    // [L, candidates] select_by_exact_mass: mass under each cluster
+  std::vector<float> spread;  // [L, candidates, d] score_with_spread: members' mean square deviation a dimension
   std::vector<float> fm, fl, zmax, zsum;     // [G] frontier normalisation
   Rotation rotation;
   SelectionScratch selection;
 
   // Sizes everything for tasks with up to `candidates` clusters per level and `positions`
   // exact keys, so that which thread runs which task never decides whether decode allocates.
-  // `clustered` and `levels` size the exact-mass experiment's buffers (0 when it is off).
+  // `clustered` and `levels` size the exact-mass and spread experiments' buffers (0 when off).
   void reserve(int G, int d, int64_t candidates, int64_t selected, int64_t positions, const Rope* real,
                int64_t clustered, int levels) {
     exact.resize(G, d);
@@ -71,6 +73,7 @@ struct MultipolePolicy::Scratch {
       cpu::grow(token_mass, size_t(clustered));
       cpu::grow(masses, size_t(levels) * n);
       cpu::grow(rkeys, size_t(clustered) * d);
+      cpu::grow(spread, size_t(levels) * n * d);
     }
   }
 };
@@ -154,7 +157,7 @@ void MultipolePolicy::decode(const PagedKVCache& cache, int layer, std::span<con
     for (int h = 0; h < config_.num_kv_heads; ++h) {
       const ClusterIndex& idx = *index(seq, layer, h);
       for (int l = 0; l < idx.num_levels(); ++l) candidates = std::max(candidates, idx.level(l).count());
-      if (config_.select_by_exact_mass) {
+      if (config_.select_by_exact_mass || config_.score_with_spread) {
         clustered = std::max(clustered, idx.end() - idx.begin());
         levels = std::max(levels, idx.num_levels());
       }
@@ -214,6 +217,51 @@ void MultipolePolicy::rank_by_bound(const ClusterLevel& lv, const int32_t* cand,
   for (int64_t i = 0; i < n; ++i) imp[i] /= float(lv.sizes[cand[i]]);
 }
 
+// The clustered keys [begin, end) of (seq, layer, head) rotated back to position 0, the frame of
+// the centroids and of the scoring queries, in s.rkeys.
+//   returns [end - begin, d]
+const float* MultipolePolicy::clustered_keys_at_position_zero(const PagedKVCache& cache, SeqId seq, int layer,
+                                                              int head, const ClusterIndex& idx, Scratch& s) const {
+  const int64_t N = idx.end() - idx.begin();
+  float* k0 = cpu::grow(s.rkeys, size_t(N) * size_t(config_.head_dim));
+  cache.read_keys(seq, layer, head, idx.begin(), N, k0);
+  unrotate_consecutive(rope_, k0, N, idx.begin());
+  return k0;
+}
+
+// The score_with_spread experiment: for every cluster of every level, the mean over the
+// clustered tokens under it of (k_j - c_j)^2 in each dimension j, keys and centroids in
+// position-0 space.
+//   returns [L, stride, d], level l's block holding its clusters' rows
+const float* MultipolePolicy::spreads(const PagedKVCache& cache, SeqId seq, int layer, int head,
+                                      const ClusterIndex& idx, int64_t stride, Scratch& s) const {
+  const int d = config_.head_dim, L = idx.num_levels();
+  const int64_t N = idx.end() - idx.begin();
+  const float* k0 = clustered_keys_at_position_zero(cache, seq, layer, head, idx, s);
+  float* v = cpu::grow(s.spread, size_t(L) * size_t(stride) * size_t(d));
+  std::fill(v, v + int64_t(L) * stride * d, 0.0f);
+  const std::span<const int32_t> labels = idx.labels();
+  for (int64_t t = 0; t < N; ++t) {
+    int64_t c = labels[size_t(t)];
+    for (int l = 0; l < L; ++l) {
+      if (l > 0) c = idx.level(l - 1).parents[size_t(c)];
+      const float* centroid = idx.level(l).keys.data() + c * d;
+      float* row = v + (int64_t(l) * stride + c) * d;
+      for (int j = 0; j < d; ++j) {
+        const float e = k0[t * d + j] - centroid[j];
+        row[j] += e * e;
+      }
+    }
+  }
+  for (int l = 0; l < L; ++l) {
+    const ClusterLevel& lv = idx.level(l);
+    for (int64_t c = 0; c < lv.count(); ++c)
+      if (lv.sizes[c] > 0)
+        for (int j = 0; j < d; ++j) v[(int64_t(l) * stride + c) * d + j] /= float(lv.sizes[c]);
+  }
+  return v;
+}
+
 // The select_by_exact_mass experiment: the exact attention mass under every cluster of every
 // level, m_l[c] = sum over the clustered tokens t under c of sum_g softmax_g(t), the softmax of
 // the real queries over the clustered region [begin, end) (sinks and window are always exact);
@@ -227,10 +275,8 @@ const float* MultipolePolicy::exact_masses(const PagedKVCache& cache, SeqId seq,
   float* x = cpu::grow(s.token_logits, size_t(G) * size_t(N));
   float* w = cpu::grow(s.token_mass, size_t(N));
   if (config_.mass_at_score_position) {
-    float* k0 = cpu::grow(s.rkeys, size_t(N) * size_t(config_.head_dim));
-    cache.read_keys(seq, layer, head, idx.begin(), N, k0);
-    unrotate_consecutive(rope_, k0, N, idx.begin());
-    kernels::score_rows(k0, nullptr, N, qs, G, config_.head_dim, scale, x);
+    kernels::score_rows(clustered_keys_at_position_zero(cache, seq, layer, head, idx, s), nullptr, N, qs, G,
+                        config_.head_dim, scale, x);
   } else {
     kernels::score_range(cache.layer_view(layer), cache.page_table(seq).data(), head, idx.begin(), idx.end(), q, G,
                          scale, x);
@@ -323,11 +369,10 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
   const int L = idx.num_levels();
   if (L > 0 && idx.end() > idx.begin()) {
     int64_t stride = 0;
-    const float* masses = nullptr;
-    if (config_.select_by_exact_mass) {
-      for (int l = 0; l < L; ++l) stride = std::max(stride, idx.level(l).count());
-      masses = exact_masses(cache, seq, layer, head, idx, q, qs, G, scale, stride, s);
-    }
+    for (int l = 0; l < L; ++l) stride = std::max(stride, idx.level(l).count());
+    const float* masses =
+        config_.select_by_exact_mass ? exact_masses(cache, seq, layer, head, idx, q, qs, G, scale, stride, s) : nullptr;
+    const float* spread = config_.score_with_spread ? spreads(cache, seq, layer, head, idx, stride, s) : nullptr;
     // Candidates of the coarsest level: all its non-empty clusters.
     const ClusterLevel& top = idx.level(L - 1);
     int32_t* cand = cpu::grow(s.cand, size_t(top.count()));
@@ -347,6 +392,17 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
       float* x = cpu::grow(s.logits, size_t(G) * n);
       kernels::score_rows(keys, key_ids, n, qs, G, d, scale, x);
       scored += n;
+      if (spread) {
+        // + s^2/2 sum_j q_j^2 v_j: the members' log-mean-exp about the centroid to second order.
+        for (int g = 0; g < G; ++g)
+          for (int64_t i = 0; i < n; ++i) {
+            const float* qg = qs + int64_t(g) * d;
+            const float* vi = spread + (int64_t(l) * stride + cand[i]) * d;
+            float acc = 0;
+            for (int j = 0; j < d; ++j) acc += qg[j] * qg[j] * vi[j];
+            x[int64_t(g) * n + i] += 0.5f * scale * scale * acc;
+          }
+      }
 
       // p_{g,i} = e^{s q.c_i} / sum_{j in frontier} n_j e^{s q.c_j}; the frontier is the far
       // field so far (fm, fl: its log-sum-exp) plus these candidates.
@@ -442,7 +498,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
   // Scored centroids: key + size; the far field reads only their values (f32).
   stats.bytes_read += exact_tokens * 2 * kv.token_bytes + scored * (int64_t(d) * 4 + 8) +
                         (far_field ? pseudo * int64_t(d) * 4 : 0);
-  if (config_.select_by_exact_mass && L > 0) stats.bytes_read += (idx.end() - idx.begin()) * kv.token_bytes;
+  if ((config_.select_by_exact_mass || config_.score_with_spread) && L > 0) stats.bytes_read += (idx.end() - idx.begin()) * kv.token_bytes;
 }
 
 std::unique_ptr<AttentionPolicy> make_multipole_policy(const AttentionConfig& config) {

@@ -65,6 +65,10 @@ class MultipolePolicy final : public AttentionPolicy {
                      float scale, const float* x, Scratch& s, float* imp) const;
   const float* centroids_at_mean_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n, int d,
                                            Scratch& s) const;
+  const float* clustered_keys_at_position_zero(const PagedKVCache& cache, SeqId seq, int layer, int head,
+                                               const ClusterIndex& idx, Scratch& s) const;
+  const float* spreads(const PagedKVCache& cache, SeqId seq, int layer, int head, const ClusterIndex& idx,
+                       int64_t stride, Scratch& s) const;
   const float* exact_masses(const PagedKVCache& cache, SeqId seq, int layer, int head, const ClusterIndex& idx,
                            const float* q, const float* qs, int G, float scale, int64_t stride, Scratch& s) const;
   void far_at_real_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n, const uint8_t* chosen,

@@ -85,6 +85,7 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   MP_CHECK(config_.coarse_radius_weight == 0, "cuda decode: coarse_radius_weight {} is a cpu-only experiment",
            config_.coarse_radius_weight);
   MP_CHECK(!config_.select_by_exact_mass, "cuda decode: selection by exact mass is a cpu-only experiment");
+  MP_CHECK(!config_.score_with_spread, "cuda decode: scoring with the clusters' spread is a cpu-only experiment");
   MP_CHECK(!config_.score_real_positions,
            "cuda decode: scoring at real positions is not implemented on the GPU (it scores at score_position)");
   gc_ = heads_per_cta(config_.group_size());

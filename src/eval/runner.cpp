@@ -101,6 +101,7 @@ AttentionConfig variant_attention_config(const EvalOptions& opt, const Model& mo
   ac.far_field_real_positions = opt.far_real_positions;
   ac.select_by_exact_mass = opt.select_by_mass;
   ac.mass_at_score_position = opt.mass_at_score_position;
+  ac.score_with_spread = opt.score_with_spread;
   if (v) {
     ac.budget = v->budget;
     if (!v->tokens_per_centroid.empty()) ac.cluster.tokens_per_centroid = v->tokens_per_centroid;
@@ -143,9 +144,10 @@ Record SuiteContext::record(const std::string& suite, const std::string& case_id
 std::string SuiteContext::settings() const {
   // Settings added later are named only away from their defaults, so that older runs still
   // resume.
-  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}{}{}{}{}",
+  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}{}{}{}{}{}",
                      activations_name(opt.f32_activations), opt.sinks, opt.window, opt.seed, context, opt.max_tokens,
                      opt.prefix, opt.real_positions ? "real" : fmt::format("{}", opt.score_position),
+                     opt.score_with_spread ? "+spread" : "",
                      opt.coarse_budget == 0 ? "" : fmt::format(" coarse_budget={}", opt.coarse_budget),
                      opt.coarse_radius_weight == 0 ? "" : fmt::format(" coarse_radius_weight={}", opt.coarse_radius_weight),
                      opt.far_real_positions ? " far_field=real" : "",
@@ -264,6 +266,10 @@ std::string run_eval(const EvalOptions& o) {
   // not reach the mirror.
   MP_CHECK(!o.dense_history || o.device == "cpu", "eval: --dense-history needs --device cpu, not {}", o.device);
   MP_CHECK(!o.mass_at_score_position || o.select_by_mass, "eval: --mass-at-score-position needs --select-by-mass");
+  MP_CHECK(!o.score_with_spread ||
+               (!o.real_positions && !o.far_real_positions && !o.select_by_mass && o.coarse_radius_weight == 0),
+           "eval: --score-with-spread adds to the fixed-position centroid scores: it does not combine with "
+           "--real-positions, --far-real-positions, --select-by-mass or --coarse-radius-weight");
   std::vector<Variant> variants = make_variants(o.policies, o.budgets, o.clusters);
   const std::vector<std::string> devices = attention_devices();
   MP_CHECK(std::find(devices.begin(), devices.end(), o.device) != devices.end(),

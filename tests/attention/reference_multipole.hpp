@@ -198,6 +198,25 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
       const std::vector<double> ci = centroid(l, cand[i]);
       for (int g = 0; g < G; ++g) score[size_t(g)][i] = scale * dot(qscore[size_t(g)], ci.data());
     }
+    if (c.score_with_spread) {
+      // + s^2/2 sum_j q_j^2 v_j, v_j the mean of (k_j - c_j)^2 over the cluster's tokens at position 0.
+      for (size_t i = 0; i < n; ++i) {
+        const std::vector<double> ci = centroid(l, cand[i]);
+        std::vector<double> v(size_t(d), 0.0);
+        for (int64_t p = idx.begin(); p < idx.end(); ++p) {
+          int64_t a = idx.labels()[size_t(p - idx.begin())];
+          for (int up = 0; up < l; ++up) a = idx.level(up).parents[size_t(a)];
+          if (a != cand[i]) continue;
+          const std::vector<double> k0 = rotated(rope, kv.key(h, p), d, -double(p));
+          for (int j = 0; j < d; ++j) v[size_t(j)] += (k0[size_t(j)] - ci[size_t(j)]) * (k0[size_t(j)] - ci[size_t(j)]);
+        }
+        for (int g = 0; g < G; ++g) {
+          double acc = 0;
+          for (int j = 0; j < d; ++j) acc += qscore[size_t(g)][size_t(j)] * qscore[size_t(g)][size_t(j)] * v[size_t(j)];
+          score[size_t(g)][i] += 0.5 * scale * scale * acc / double(idx.level(l).sizes[size_t(cand[i])]);
+        }
+      }
+    }
     std::vector<double> importance(n, 0.0);
     std::vector<int64_t> sizes(n);
     for (size_t i = 0; i < n; ++i) sizes[i] = lv.sizes[size_t(cand[i])];

@@ -275,6 +275,36 @@ TEST(MultipolePolicy, SelectionByExactMassMatchesReference) {
   EXPECT_THROW(make_attention_policy("multipole", real), Error);
 }
 
+TEST(MultipolePolicy, ScoringWithSpreadMatchesReference) {
+  ThreadPool pool(2);
+  int total = 0, ambiguous = 0;
+  for (auto levels : {std::vector<int>{8}, std::vector<int>{8, 64}})
+    for (bool far : {true, false}) {
+      AttentionConfig c = experiment_config(levels);
+      c.multipole_far_field = far;
+      c.score_with_spread = true;
+      ref::SyntheticKV data(c, DType::BF16, 2, 8192, ref::KeyKind::Clustered, 59);
+      for (int64_t len : {97, 2049, 2600}) data.append(data.add(), len);
+      const std::string name = far ? "multipole" : "squeezed";
+      auto policy = make_attention_policy(name, c);
+      const auto q = data.queries(c, 0.25f);
+      const Check r = check_policy(*policy, data, c, 1, q, pool, name + " levels " + std::to_string(levels.size()));
+      total += r.groups;
+      ambiguous += r.ambiguous;
+      AttentionConfig by_centroid = c;
+      by_centroid.score_with_spread = false;
+      EXPECT_TRUE(outputs_differ(*policy, name, by_centroid, data, q, pool));
+    }
+  EXPECT_LT(ambiguous, total / 10 + 1);
+  for (auto bad : {&AttentionConfig::score_real_positions, &AttentionConfig::far_field_real_positions,
+                   &AttentionConfig::select_by_exact_mass}) {
+    AttentionConfig c = make_config(4, 64);
+    c.score_with_spread = true;
+    c.*bad = true;
+    EXPECT_THROW(make_attention_policy("multipole", c), Error);
+  }
+}
+
 TEST(MultipolePolicy, DefaultConfigPastABlockBoundary) {
   // Default clustering (block 8192, {16, 128}, window 128, budget 128) on sequences with
   // two blocks, plus a short one; group size 4, head dim 128, one KV head (k-means over

@@ -162,10 +162,11 @@ TEST_F(EvalCli, RealPositionScoringReachesThePolicy) {
     EXPECT_NE(r["str"]["settings"].get<std::string>().find("scoring=real"), std::string::npos) << r.dump();
 }
 
-// --select-by-mass reaches the policy: selecting clusters by the mass their members really
-// take (a cluster oracle) leaves squeezed, whose whole error is the mass it drops, with a
-// smaller attention error than selecting them by centroid scores; and records say so.
-TEST_F(EvalCli, SelectionByMassReachesThePolicy) {
+// The cluster-ranking experiments reach the policy. --select-by-mass: selecting clusters by the
+// mass their members really take (a cluster oracle) leaves squeezed, whose whole error is the
+// mass it drops, with a smaller attention error than selecting them by centroid scores;
+// --mass-at-score-position and --score-with-spread change it too; records say which ran.
+TEST_F(EvalCli, ClusterRankingExperimentsReachThePolicy) {
   const std::string dir = scratch("select-by-mass");
   const std::string text = write_text(dir, 30);
   const std::string base = "--model " + *model_ + " --suite fidelity --texts " + text +
@@ -196,6 +197,19 @@ TEST_F(EvalCli, SelectionByMassReachesThePolicy) {
   CliRun alone = run_eval_cli(base + "/alone --mass-at-score-position", dir);
   EXPECT_EQ(alone.code, 1);
   EXPECT_NE(alone.err.find("--mass-at-score-position needs --select-by-mass"), std::string::npos) << alone.err;
+  // The spread term: another scoring, named in the records; refused beside another ranking.
+  CliRun spread = run_eval_cli(base + "/spread --score-with-spread", dir);
+  ASSERT_EQ(spread.code, 0) << spread.err;
+  std::printf("[ info ] squeezed's mean attention error with the spread term: %.4f\n",
+              json::parse(spread.out)["fidelity"][0]["err_mean"].get<double>());
+  EXPECT_NE(json::parse(spread.out)["fidelity"][0]["err_mean"].get<double>(), err_centroid) << spread.out;
+  EXPECT_NE(read_jsonl(dir + "/spread/results.jsonl").at(0)["str"]["settings"].get<std::string>().find(
+                "scoring=2048+spread"),
+            std::string::npos);
+  CliRun spread_mass = run_eval_cli(base + "/spread-mass --score-with-spread --select-by-mass", dir);
+  EXPECT_EQ(spread_mass.code, 1);
+  EXPECT_NE(spread_mass.err.find("--score-with-spread adds to the fixed-position centroid scores"), std::string::npos)
+      << spread_mass.err;
 }
 
 // --dense-history: every position is one step over dense's history. So at position p a

@@ -50,6 +50,12 @@ struct AttentionConfig {
   // score_position), not at its real position, so the mass holds the spread of a cluster's
   // keys without the position's error. Needs the fixed-position scoring.
   bool mass_at_score_position = false;
+  // Each centroid's logit gains the second-order term of its members' log-mean-exp about it,
+  // s^2/2 sum_j q_j^2 v_j, v_j the mean square of the members' keys' deviation from the centroid
+  // in dimension j at the scoring position (a diagonal quadrupole): selection and far field both
+  // see it. The deviations come from every clustered key at each step (an index would keep v, d
+  // floats a cluster). Needs the fixed-position scoring. CPU only (an experiment).
+  bool score_with_spread = false;
   double score_position = 2048;      // fixed query position for centroid scoring
   ClusterConfig cluster;
 
