@@ -504,8 +504,11 @@ void merge(SoftmaxState& into, const SoftmaxState& other) {
   const int d = into.dim;
   for (int g = 0; g < into.groups; ++g) {
     const float mo = other.m[g];
-    if (mo == kNegInf) continue;  // other is empty for this head
-    const float mi = into.m[g];
+    // A state without mass for this head adds nothing, and its maximum must not scale the
+    // other's mass away: a far field whose reference is a selected cluster's logit can hold
+    // l = 0 under a maximum far above every logit of the exact part.
+    if (mo == kNegInf || other.l[g] == 0.0f) continue;
+    const float mi = into.l[g] == 0.0f ? kNegInf : into.m[g];
     const float m = std::max(mi, mo);
     const float a = mi == kNegInf ? 0.0f : std::exp(mi - m);
     const float b = std::exp(mo - m);

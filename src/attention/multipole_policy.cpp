@@ -35,7 +35,7 @@ struct MultipolePolicy::Scratch {
   std::vector<float> rkeys;  // [n, d] real-position mode: the candidates' key centroids, rotated; or the
                             // [clustered, d] keys at position 0 (exact-mass and spread experiments)
   std::vector<float> far_weights;  // [G, n] far_field_real_positions: n e^{logit - max}, 0 for chosen
-  std::vector<float> far_max;      // [G] the maxima of their logits
+  std::vector<float> far_max;      // [G] the far weights' reference maxima (far_reference, far_at_real_positions)
   std::vector<float> token_logits, token_mass;  // [G, N], [N] select_by_exact_mass: the clustered keys
   std::vector<float> masses;                    // [L, candidates] select_by_exact_mass: mass under each cluster
   std::vector<float> spread;  // [L, candidates, d] score_with_spread: members' mean square deviation a dimension
@@ -331,6 +331,23 @@ void MultipolePolicy::far_at_real_positions(const ClusterLevel& lv, const int32_
   kernels::attend_weighted(lv.values.data(), cand, n, w, s.far_max.data(), far);
 }
 
+// The far field's weights x (n e^{logit - zmax}, 0 for the chosen) re-referenced to the largest
+// of them, so that the far state's maximum is a far cluster's logit rather than a selected
+// one's: a selected logit far above the rest (an overestimate) would otherwise leave the far
+// state a tiny l under a maximum that scales the exact part away when they merge.
+//   x: [G, n] in place; zmax: [G]; returns the weights' maxima [G] (-inf: no far weight)
+const float* MultipolePolicy::far_reference(float* x, int64_t n, int G, const float* zmax, Scratch& s) const {
+  float* ref = cpu::grow(s.far_max, size_t(G));
+  for (int g = 0; g < G; ++g) {
+    float* xg = x + int64_t(g) * n;
+    const float top = zmax[g] == kNegInf ? 0.0f : *std::max_element(xg, xg + n);
+    ref[g] = top > 0 ? zmax[g] + std::log(top) : kNegInf;
+    if (top > 0 && top != 1.0f)
+      for (int64_t i = 0; i < n; ++i) xg[i] /= top;
+  }
+  return ref;
+}
+
 // One (sequence, KV head): hierarchical selection, exact part, far field, merge.
 //   q, out: [G, d] rows of this KV head's query heads
 void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& kv, SeqId seq, int layer, int head,
@@ -455,7 +472,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
         if (config_.far_field_real_positions && !real)
           far_at_real_positions(lv, cand, n, chosen, q, G, d, scale, s, far);
         else
-          kernels::attend_weighted(lv.values.data(), cand, n, x, zmax, far);
+          kernels::attend_weighted(lv.values.data(), cand, n, x, far_reference(x, n, G, zmax, s), far);
       }
       pseudo += nfar;
 

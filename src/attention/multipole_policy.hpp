@@ -71,6 +71,7 @@ class MultipolePolicy final : public AttentionPolicy {
                        int64_t stride, Scratch& s) const;
   const float* exact_masses(const PagedKVCache& cache, SeqId seq, int layer, int head, const ClusterIndex& idx,
                            const float* q, const float* qs, int G, float scale, int64_t stride, Scratch& s) const;
+  const float* far_reference(float* x, int64_t n, int G, const float* zmax, Scratch& s) const;
   void far_at_real_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n, const uint8_t* chosen,
                              const float* q, int G, int d, float scale, Scratch& s,
                              kernels::SoftmaxState& far) const;

@@ -244,6 +244,34 @@ TEST_P(DecodeKernels, MergeOfSplitRangesEqualsWholeRange) {
     }
 }
 
+// A state whose weights all underflowed (l = 0) under a maximum far above the other's (a far
+// field referenced to a selected cluster's logit) must leave the other's mass as it is, in
+// either order of the merge; before the guard the merge gave 0 / 0.
+TEST_P(DecodeKernels, MergeIgnoresAStateWithoutMass) {
+  std::mt19937 rng(23);
+  const int d = 64, groups = 5;
+  const int64_t len = 200;
+  Fixture f(DType::BF16, d, len, 16, 29);
+  auto q = random_q(groups, d, 2.0f, rng);
+  const auto r = f.ref(0, iota_range(0, len), q.data(), groups, 0.1);
+  std::vector<float> values(size_t(3) * d, 1.0f), zero(size_t(groups) * 3, 0.0f), high(size_t(groups), 0.0f);
+  for (int g = 0; g < groups; ++g) high[size_t(g)] = float(r.m[size_t(g)]) + 500.0f;
+  for (bool massless_first : {false, true}) {
+    State exact(groups, d), massless(groups, d);
+    attend_range(f.view(), f.table(), 0, 0, len, q.data(), 0.1f, exact.s);
+    attend_weighted(values.data(), nullptr, 3, zero.data(), high.data(), massless.s);
+    ASSERT_EQ(massless.l[0], 0.0f);
+    ASSERT_GT(massless.m[0], exact.m[0] + 400.0f);
+    if (massless_first) {
+      merge(massless.s, exact.s);
+      expect_matches(massless, r, 2e-5, "massless first");
+    } else {
+      merge(exact.s, massless.s);
+      expect_matches(exact, r, 2e-5, "massless second");
+    }
+  }
+}
+
 TEST_P(DecodeKernels, AttendPseudoAndScoreRowsMatchNaive) {
   std::mt19937 rng(9);
   std::normal_distribution<float> dist;
