@@ -157,7 +157,7 @@ void MultipolePolicy::decode(const PagedKVCache& cache, int layer, std::span<con
     for (int h = 0; h < config_.num_kv_heads; ++h) {
       const ClusterIndex& idx = *index(seq, layer, h);
       for (int l = 0; l < idx.num_levels(); ++l) candidates = std::max(candidates, idx.level(l).count());
-      if (config_.select_by_exact_mass || config_.score_with_spread) {
+      if (reads_clustered_keys()) {
         clustered = std::max(clustered, idx.end() - idx.begin());
         levels = std::max(levels, idx.num_levels());
       }
@@ -385,8 +385,9 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
   int64_t scored = 0, pseudo = 0, chosen_tokens = 0, nselected = 0;
   const int L = idx.num_levels();
   if (L > 0 && idx.end() > idx.begin()) {
-    int64_t stride = 0;
-    for (int l = 0; l < L; ++l) stride = std::max(stride, idx.level(l).count());
+    int64_t stride = 0;  // the experiments' rows a level
+    if (reads_clustered_keys())
+      for (int l = 0; l < L; ++l) stride = std::max(stride, idx.level(l).count());
     const float* masses =
         config_.select_by_exact_mass ? exact_masses(cache, seq, layer, head, idx, q, qs, G, scale, stride, s) : nullptr;
     const float* spread = config_.score_with_spread ? spreads(cache, seq, layer, head, idx, stride, s) : nullptr;
@@ -515,7 +516,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
   // Scored centroids: key + size; the far field reads only their values (f32).
   stats.bytes_read += exact_tokens * 2 * kv.token_bytes + scored * (int64_t(d) * 4 + 8) +
                         (far_field ? pseudo * int64_t(d) * 4 : 0);
-  if ((config_.select_by_exact_mass || config_.score_with_spread) && L > 0) stats.bytes_read += (idx.end() - idx.begin()) * kv.token_bytes;
+  if (reads_clustered_keys() && L > 0) stats.bytes_read += (idx.end() - idx.begin()) * kv.token_bytes;
 }
 
 std::unique_ptr<AttentionPolicy> make_multipole_policy(const AttentionConfig& config) {

@@ -65,6 +65,8 @@ class MultipolePolicy final : public AttentionPolicy {
                      float scale, const float* x, Scratch& s, float* imp) const;
   const float* centroids_at_mean_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n, int d,
                                            Scratch& s) const;
+  // The exact-mass and spread experiments read every clustered key at each step.
+  bool reads_clustered_keys() const { return config_.select_by_exact_mass || config_.score_with_spread; }
   const float* clustered_keys_at_position_zero(const PagedKVCache& cache, SeqId seq, int layer, int head,
                                                const ClusterIndex& idx, Scratch& s) const;
   const float* spreads(const PagedKVCache& cache, SeqId seq, int layer, int head, const ClusterIndex& idx,
