@@ -341,6 +341,11 @@ void add_attn_command(CLI::App& app) {
   cmd->add_option("--coarse-radius-weight", c.coarse_radius_weight,
                   "Experiment (cpu only): rank coarse clusters by s (q.c + w |q| r), r their children's radius")
       ->capture_default_str();
+  cmd->add_option("--rerank-tokens", c.rerank_tokens,
+                  "Multipole/squeezed (cpu only): candidate clusters worth this many tokens are re-ranked by their "
+                  "members' exact logits before the budget is filled (0: off; else above --budget)")
+      ->capture_default_str()
+      ->check(at_least(0));
   cmd->add_option("--tokens-per-centroid", c.cluster.tokens_per_centroid,
                   "Tokens per centroid of each cluster level, finest first, comma separated (1 to 4 levels)")
       ->delimiter(',')

@@ -153,6 +153,12 @@ void add_eval_command(CLI::App& app) {
                 "Experiment (cpu only): multipole and squeezed add to each centroid's logit the second-order term of its "
                 "members' spread about it, s^2/2 sum_j q_j^2 v_j (v: the members' mean square deviation a dimension, "
                 "from every clustered key at each step), in the selection and the far field");
+  cmd->add_option("--rerank-tokens", o.rerank_tokens,
+                  "multipole/squeezed (cpu only): candidate clusters worth this many tokens, by their centroid scores, "
+                  "are re-ranked by their members' exact logits before the budget is filled (0: off; else above every "
+                  "--budgets)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--device", o.device,
                   "Where the compared policies decode: cpu, or cuda (GPU builds); dense, the reference, stays on the "
                   "cpu")

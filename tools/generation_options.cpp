@@ -21,6 +21,10 @@ void add_generation_options(CLI::App& cmd, GenerationOptions& o) {
   cmd.add_option("--coarse-budget", o.coarse_budget,
                  "Tokens under the coarse clusters whose children are scored, with two levels (0: 16 x the budget)")
       ->capture_default_str();
+  cmd.add_option("--rerank-tokens", o.rerank_tokens,
+                 "Multipole, squeezed (cpu): candidate clusters worth this many tokens are re-ranked by their members' "
+                 "exact logits before the budget is filled (0: off; else above --budget)")
+      ->capture_default_str();
   cmd.add_option("--window", o.window, "Local window / update interval W")->capture_default_str();
   cmd.add_option("--sinks", o.sinks, "Attention sink tokens")->capture_default_str();
   cmd.add_option("--max-tokens,-n", o.max_tokens, "Tokens to generate at most")->capture_default_str();
@@ -48,6 +52,7 @@ EngineOptions engine_options(const GenerationOptions& o) {
   eo.attention_device = o.device;
   eo.attention_config.budget = o.budget;
   eo.attention_config.coarse_budget = o.coarse_budget;
+  eo.attention_config.rerank_tokens = o.rerank_tokens;
   eo.attention_config.cluster.tokens_per_centroid = o.tokens_per_centroid;
   eo.attention_config.cluster.window = o.window;
   eo.attention_config.cluster.sinks = o.sinks;

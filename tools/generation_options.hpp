@@ -22,6 +22,7 @@ struct GenerationOptions {
   std::string device = "cpu";
   int budget = 128;
   int coarse_budget = 0;
+  int rerank_tokens = 0;
   std::vector<int> tokens_per_centroid = ClusterConfig{}.tokens_per_centroid;
   int window = 128;
   int sinks = 10;

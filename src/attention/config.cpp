@@ -41,6 +41,11 @@ void AttentionConfig::validate() const {
                                    coarse_radius_weight == 0),
            "attention: score_with_spread needs the fixed-position centroid scores in the selection and the far field "
            "(not score_real_positions, far_field_real_positions, select_by_exact_mass or coarse_radius_weight)");
+  MP_CHECK(rerank_tokens == 0 || rerank_tokens > budget,
+           "attention: rerank_tokens {} must be 0 (off) or above the budget {}", rerank_tokens, budget);
+  MP_CHECK(rerank_tokens == 0 || (!select_by_exact_mass && !score_with_spread),
+           "attention: rerank_tokens re-ranks the centroid selection; it does not combine with the "
+           "select_by_exact_mass or score_with_spread experiments");
   MP_CHECK(std::isfinite(score_position) && score_position >= 0,
            "attention: score_position {} must be finite and >= 0", score_position);
   MP_CHECK(quest_page_size > 0, "attention: quest_page_size {} must be > 0", quest_page_size);

@@ -479,23 +479,40 @@ void score_rows_typed(const void* rows, DType type, const int32_t* ids, int64_t 
   });
 }
 
-void score_range(const KVLayerView& kv, const int32_t* page_table, int head, int64_t begin, int64_t end,
-                 const float* q, int groups, float scale, float* out) {
-  if (end <= begin) return;
-  check_view(kv, head, "score_range");
-  MP_CHECK(groups >= 1 && groups <= kMaxGroups, "score_range: {} query heads, expected 1 to {}", groups, kMaxGroups);
-  MP_CHECK(begin >= 0, "score_range: begin {} must be >= 0", begin);
-  const int64_t count = end - begin;
+namespace {
+
+// Exact logits of cached keys from a range (positions == nullptr) or a list of positions.
+void score_cache(const KVLayerView& kv, const int32_t* page_table, int head, int64_t begin, const int32_t* positions,
+                 int64_t count, const float* q, int groups, float scale, float* out, const char* what) {
+  if (count <= 0) return;
+  check_view(kv, head, what);
+  MP_CHECK(groups >= 1 && groups <= kMaxGroups, "{}: {} query heads, expected 1 to {}", what, groups, kMaxGroups);
+  MP_CHECK(begin >= 0, "{}: begin {} must be >= 0", what, begin);
   dispatch(kv.dtype, [&](auto tag) {
     using T = decltype(tag);
     const Rows<T> rows{kv, page_table, head};
-    auto fill = [&](int64_t i, int n, const T** k, const T** v) { rows.range(begin + i, n, k, v); };
+    auto fill = [&](int64_t i, int n, const T** k, const T** v) {
+      if (positions) rows.list(positions + i, n, k, v);
+      else rows.range(begin + i, n, k, v);
+    };
     for_blocks<T>(count, int(kv.token_bytes), fill, [&](const T* const* k, const T* const*, int n, int64_t first, const Prefetch<T>& pf) {
                     // Only the keys are read: prefetch those alone.
                     logits<T>(k, n, q, groups, kv.head_dim, scale, nullptr, out + first, count,
                               Prefetch<T>{pf.k, nullptr, pf.n, pf.row_bytes});
                   });
   });
+}
+
+}  // namespace
+
+void score_range(const KVLayerView& kv, const int32_t* page_table, int head, int64_t begin, int64_t end,
+                 const float* q, int groups, float scale, float* out) {
+  score_cache(kv, page_table, head, begin, nullptr, end - begin, q, groups, scale, out, "score_range");
+}
+
+void score_positions(const KVLayerView& kv, const int32_t* page_table, int head, const int32_t* positions,
+                     int64_t count, const float* q, int groups, float scale, float* out) {
+  score_cache(kv, page_table, head, 0, positions, count, q, groups, scale, out, "score_positions");
 }
 
 void merge(SoftmaxState& into, const SoftmaxState& other) {

@@ -62,6 +62,11 @@ void score_rows_typed(const void* rows, DType type, const int32_t* ids, int64_t 
 void score_range(const KVLayerView& kv, const int32_t* page_table, int head, int64_t begin, int64_t end,
                  const float* q, int groups, float scale, float* out);
 
+// Exact logits of cached keys at the listed positions: out[g * count + i] = scale * q_g . k_{positions[i]}.
+//   positions: [count], q: [G, d], out: [G, count]
+void score_positions(const KVLayerView& kv, const int32_t* page_table, int head, const int32_t* positions,
+                     int64_t count, const float* q, int groups, float scale, float* out);
+
 // A SoftmaxState that owns its buffers; resize() allocates only when the shape grows.
 class OwnedState {
  public:

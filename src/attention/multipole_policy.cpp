@@ -40,6 +40,12 @@ struct MultipolePolicy::Scratch {
   std::vector<float> masses;                    // [L, candidates] select_by_exact_mass: mass under each cluster
   std::vector<float> spread;  // [L, candidates, d] score_with_spread: members' mean square deviation a dimension
   std::vector<float> fm, fl, zmax, zsum;     // [G] frontier normalisation
+  // rerank_tokens: the k candidates read exactly, their members' positions and logits, their masses
+  std::vector<int32_t> rerank_ids, rerank_picked, rerank_sizes;  // [k] local candidate indices; picks; sizes
+  std::vector<int32_t> rerank_positions;                          // [T] members of the k candidates, in order
+  std::vector<float> rerank_logits;                               // [G, T]
+  std::vector<float> rerank_mass;                                 // [G, k] e^{logit - zmax} summed a cluster
+  std::vector<float> rerank_importance;                           // [k]
   Rotation rotation;
   SelectionScratch selection;
 
@@ -47,7 +53,7 @@ struct MultipolePolicy::Scratch {
   // exact keys, so that which thread runs which task never decides whether decode allocates.
   // `clustered` and `levels` size the exact-mass and spread experiments' buffers (0 when off).
   void reserve(int G, int d, int64_t candidates, int64_t selected, int64_t positions, const Rope* real,
-               int64_t clustered, int levels) {
+               int64_t clustered, int levels, int64_t rerank) {
     exact.resize(G, d);
     far.resize(G, d);
     const size_t n = size_t(candidates);
@@ -68,6 +74,14 @@ struct MultipolePolicy::Scratch {
       cpu::grow(far_weights, size_t(G) * n);
     }
     for (auto* v : {&fm, &fl, &zmax, &zsum, &far_max}) cpu::grow(*v, size_t(G));
+    if (rerank > 0) {
+      const size_t k = size_t(std::min<int64_t>(candidates, rerank));
+      for (auto* v : {&rerank_ids, &rerank_picked, &rerank_sizes}) cpu::grow(*v, k);
+      cpu::grow(rerank_positions, size_t(rerank));
+      cpu::grow(rerank_logits, size_t(G) * size_t(rerank));
+      cpu::grow(rerank_mass, size_t(G) * k);
+      cpu::grow(rerank_importance, k);
+    }
     if (clustered > 0) {
       cpu::grow(token_logits, size_t(G) * size_t(clustered));
       cpu::grow(token_mass, size_t(clustered));
@@ -169,7 +183,7 @@ void MultipolePolicy::decode(const PagedKVCache& cache, int layer, std::span<con
   for (auto& s : scratch_)
     s->reserve(config_.group_size(), config_.head_dim, candidates, config_.budget, positions,
                config_.score_real_positions || config_.far_field_real_positions ? &rope_ : nullptr, clustered,
-               levels);
+               levels, config_.rerank_tokens);
   thread_stats_.assign(size_t(pool.size()), DecodeStats{});
   // One small capture so that the std::function of parallel_for needs no allocation.
   struct Context {
@@ -348,6 +362,66 @@ const float* MultipolePolicy::far_reference(float* x, int64_t n, int G, const fl
   return ref;
 }
 
+// The finest level's re-ranking (rerank_tokens): the centroid importances pick candidates worth
+// up to rerank_tokens tokens; their members' keys are scored exactly (real queries, real
+// positions) and the candidates' exact masses choose the clusters under the budget. A
+// cluster's centroid logit is its members' mean, so their mass is e^{logit} |c| only when they
+// agree; the spread along q and the fixed scoring position are the error this removes.
+//   cand: [n] level-0 cluster ids; imp, sizes: [n] the centroid ranking; q: [G, d] real queries
+//   x: [G, n] weights |c| e^{logit - zmax}, in place: an unchosen candidate read exactly keeps
+//      its exact mass for the far field; zmax, zsum: [G], raised to the exact logits where above
+//   picked: [n] out, local indices; *read: keys scored
+SelectionResult MultipolePolicy::rerank(const KVLayerView& kv, const int32_t* page_table, int head,
+                                        const ClusterLevel& lv, const int32_t* cand, int64_t n, const float* imp,
+                                        const int32_t* sizes, const float* q, int G, float scale, float* x,
+                                        float* zmax, float* zsum, int32_t* picked, Scratch& s, int64_t* read) const {
+  const SelectionResult pre = select_clusters(imp, sizes, n, config_.rerank_tokens, picked, s.selection);
+  const int64_t k = pre.count;
+  int32_t* ids = cpu::grow(s.rerank_ids, size_t(k));
+  std::copy(picked, picked + k, ids);
+  std::sort(ids, ids + k);  // members in ascending cluster order: a rerun reads the same rows
+  int32_t* pos = cpu::grow(s.rerank_positions, size_t(pre.tokens));
+  int64_t T = 0;
+  for (int64_t j = 0; j < k; ++j)
+    for (int32_t p : lv.members_of(cand[ids[j]])) pos[T++] = p;
+  float* logit = cpu::grow(s.rerank_logits, size_t(G) * size_t(T));
+  kernels::score_positions(kv, page_table, head, pos, T, q, G, scale, logit);
+  *read = T;
+
+  float* mass = cpu::grow(s.rerank_mass, size_t(G) * size_t(k));
+  for (int g = 0; g < G; ++g) {
+    float* xg = x + int64_t(g) * n;
+    const float* lg = logit + int64_t(g) * T;
+    const float top = T > 0 ? *std::max_element(lg, lg + T) : kNegInf;
+    if (top > zmax[g]) {  // a member above every centroid: its e^{logit - zmax} would overflow
+      const float f = std::exp(zmax[g] - top);
+      for (int64_t i = 0; i < n; ++i) xg[i] *= f;
+      zsum[g] *= f;
+      zmax[g] = top;
+    }
+    int64_t t = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      float e = 0;
+      for (const int64_t end = t + lv.sizes[cand[ids[j]]]; t < end; ++t) e += std::exp(lg[t] - zmax[g]);
+      mass[int64_t(g) * k + j] = e;
+      zsum[g] += e - xg[ids[j]];
+      xg[ids[j]] = e;
+    }
+  }
+  float* sub_imp = cpu::grow(s.rerank_importance, size_t(k));
+  int32_t* sub_sizes = cpu::grow(s.rerank_sizes, size_t(k));
+  for (int64_t j = 0; j < k; ++j) {
+    float acc = 0;
+    for (int g = 0; g < G; ++g) acc += zsum[g] > 0 ? mass[int64_t(g) * k + j] / zsum[g] : 0.0f;
+    sub_sizes[j] = sizes[ids[j]];
+    sub_imp[j] = acc / float(sub_sizes[j]);
+  }
+  int32_t* sub = cpu::grow(s.rerank_picked, size_t(k));
+  const SelectionResult sel = select_clusters(sub_imp, sub_sizes, k, config_.budget, sub, s.selection);
+  for (int64_t j = 0; j < sel.count; ++j) picked[j] = ids[sub[j]];
+  return sel;
+}
+
 // One (sequence, KV head): hierarchical selection, exact part, far field, merge.
 //   q, out: [G, d] rows of this KV head's query heads
 void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& kv, SeqId seq, int layer, int head,
@@ -382,7 +456,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
   std::fill(fm, fm + G, kNegInf);
   std::fill(fl, fl + G, 0.0f);
 
-  int64_t scored = 0, pseudo = 0, chosen_tokens = 0, nselected = 0;
+  int64_t scored = 0, pseudo = 0, chosen_tokens = 0, nselected = 0, reranked = 0;
   const int L = idx.num_levels();
   if (L > 0 && idx.end() > idx.begin()) {
     int64_t stride = 0;  // the experiments' rows a level
@@ -451,7 +525,10 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
                  : std::max<int64_t>(config_.budget, config_.coarse_budget > 0 ? config_.coarse_budget
                                                                                : int64_t(16) * config_.budget);
       int32_t* picked = cpu::grow(s.picked, size_t(n));
-      const SelectionResult sel = select_clusters(imp, sizes, n, budget, picked, s.selection);
+      const SelectionResult sel =
+          l == 0 && config_.rerank_tokens > 0
+              ? rerank(kv, page_table, head, lv, cand, n, imp, sizes, q, G, scale, x, zmax, zsum, picked, s, &reranked)
+              : select_clusters(imp, sizes, n, budget, picked, s.selection);
       uint8_t* chosen = cpu::grow(s.chosen, size_t(n));
       std::fill(chosen, chosen + n, uint8_t(0));
       for (int64_t j = 0; j < sel.count; ++j) chosen[picked[j]] = 1;
@@ -517,6 +594,7 @@ void MultipolePolicy::decode_head(const PagedKVCache& cache, const KVLayerView& 
   stats.bytes_read += exact_tokens * 2 * kv.token_bytes + scored * (int64_t(d) * 4 + 8) +
                         (far_field ? pseudo * int64_t(d) * 4 : 0);
   if (reads_clustered_keys() && L > 0) stats.bytes_read += (idx.end() - idx.begin()) * kv.token_bytes;
+  stats.bytes_read += reranked * kv.token_bytes;  // the re-ranked candidates' keys
 }
 
 std::unique_ptr<AttentionPolicy> make_multipole_policy(const AttentionConfig& config) {

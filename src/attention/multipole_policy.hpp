@@ -4,6 +4,7 @@
 #include <memory>
 #include <vector>
 
+#include "attention/selection.hpp"
 #include "multipole/attention/cluster_index.hpp"
 #include "multipole/attention/policy.hpp"
 
@@ -74,6 +75,10 @@ class MultipolePolicy final : public AttentionPolicy {
   const float* exact_masses(const PagedKVCache& cache, SeqId seq, int layer, int head, const ClusterIndex& idx,
                            const float* q, const float* qs, int G, float scale, int64_t stride, Scratch& s) const;
   const float* far_reference(float* x, int64_t n, int G, const float* zmax, Scratch& s) const;
+  SelectionResult rerank(const KVLayerView& kv, const int32_t* page_table, int head, const ClusterLevel& lv,
+                         const int32_t* cand, int64_t n, const float* imp, const int32_t* sizes, const float* q, int G,
+                         float scale, float* x, float* zmax, float* zsum, int32_t* picked, Scratch& s,
+                         int64_t* read) const;
   void far_at_real_positions(const ClusterLevel& lv, const int32_t* cand, int64_t n, const uint8_t* chosen,
                              const float* q, int G, int d, float scale, Scratch& s,
                              kernels::SoftmaxState& far) const;

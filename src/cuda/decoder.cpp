@@ -86,6 +86,8 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
            config_.coarse_radius_weight);
   MP_CHECK(!config_.select_by_exact_mass, "cuda decode: selection by exact mass is a cpu-only experiment");
   MP_CHECK(!config_.score_with_spread, "cuda decode: scoring with the clusters' spread is a cpu-only experiment");
+  MP_CHECK(config_.rerank_tokens == 0, "cuda decode: rerank_tokens {} (exact re-ranking of the candidates) is cpu-only",
+           config_.rerank_tokens);
   MP_CHECK(!config_.score_real_positions,
            "cuda decode: scoring at real positions is not implemented on the GPU (it scores at score_position)");
   gc_ = heads_per_cta(config_.group_size());

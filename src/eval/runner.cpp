@@ -102,6 +102,7 @@ AttentionConfig variant_attention_config(const EvalOptions& opt, const Model& mo
   ac.select_by_exact_mass = opt.select_by_mass;
   ac.mass_at_score_position = opt.mass_at_score_position;
   ac.score_with_spread = opt.score_with_spread;
+  ac.rerank_tokens = opt.rerank_tokens;
   if (v) {
     ac.budget = v->budget;
     if (!v->tokens_per_centroid.empty()) ac.cluster.tokens_per_centroid = v->tokens_per_centroid;
@@ -144,7 +145,7 @@ Record SuiteContext::record(const std::string& suite, const std::string& case_id
 std::string SuiteContext::settings() const {
   // Settings added later are named only away from their defaults, so that older runs still
   // resume.
-  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}{}{}{}{}{}",
+  return fmt::format("activations={} sinks={} window={} seed={} context={} max_tokens={} prefix={} scoring={}{}{}{}{}{}{}{}{}",
                      activations_name(opt.f32_activations), opt.sinks, opt.window, opt.seed, context, opt.max_tokens,
                      opt.prefix, opt.real_positions ? "real" : fmt::format("{}", opt.score_position),
                      opt.score_with_spread ? "+spread" : "",
@@ -154,6 +155,7 @@ std::string SuiteContext::settings() const {
                      !opt.select_by_mass           ? ""
                      : opt.mass_at_score_position ? " selection=mass-at-score-position"
                                                   : " selection=mass",
+                     opt.rerank_tokens == 0 ? "" : fmt::format(" rerank_tokens={}", opt.rerank_tokens),
                      opt.dense_history ? " history=dense" : "",
                      opt.device == "cpu" ? "" : " device=" + opt.device);
 }

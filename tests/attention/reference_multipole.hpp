@@ -264,12 +264,59 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
     }
     const int64_t budget =
         l == 0 ? c.budget : std::max<int64_t>(c.budget, c.coarse_budget > 0 ? c.coarse_budget : 16 * int64_t(c.budget));
-    const std::vector<int64_t> chosen = greedy_select(importance, sizes, cand, budget);
-    for (int trial = 0; trial < 6 && !res.ambiguous; ++trial) {
-      std::vector<double> perturbed = importance;
-      for (auto& x : perturbed) x *= 1.0 + 1e-5 * (double(rng() % 2001) / 1000.0 - 1.0);
-      if (greedy_select(perturbed, sizes, cand, budget) != chosen) res.ambiguous = true;
+    auto check_ties = [&](const std::vector<double>& imp, const std::vector<int64_t>& sz,
+                          const std::vector<int64_t>& ids, int64_t b, const std::vector<int64_t>& want) {
+      for (int trial = 0; trial < 6 && !res.ambiguous; ++trial) {
+        std::vector<double> perturbed = imp;
+        for (auto& x : perturbed) x *= 1.0 + 1e-5 * (double(rng() % 2001) / 1000.0 - 1.0);
+        if (greedy_select(perturbed, sz, ids, b) != want) res.ambiguous = true;
+      }
+    };
+    // rerank_tokens: the candidates worth that many tokens by their centroids are re-ranked by
+    // their members' exact logits (real query, real positions), log-sum-exp'd a cluster.
+    std::vector<int64_t> run_ids = cand, run_sizes = sizes;
+    std::vector<double> run_importance = importance;
+    std::vector<std::vector<double>> exact_lse(static_cast<size_t>(G), std::vector<double>(n, NAN));
+    if (l == 0 && c.rerank_tokens > 0) {
+      const std::vector<int64_t> pre = greedy_select(importance, sizes, cand, c.rerank_tokens);
+      check_ties(importance, sizes, cand, c.rerank_tokens, pre);
+      run_ids.clear(), run_sizes.clear(), run_importance.clear();
+      std::vector<size_t> at;  // positions in cand of the re-ranked candidates
+      for (size_t i = 0; i < n; ++i)
+        if (std::binary_search(pre.begin(), pre.end(), cand[i])) at.push_back(i);
+      for (int g = 0; g < G; ++g)
+        for (size_t i : at) {
+          double m = -std::numeric_limits<double>::infinity(), z = 0;
+          std::vector<double> x;
+          for (int64_t p = idx.begin(); p < idx.end(); ++p)
+            if (idx.labels()[size_t(p - idx.begin())] == cand[i]) {
+              x.push_back(scale * dot(qreal[size_t(g)], kv.key(h, p)));
+              m = std::max(m, x.back());
+            }
+          for (double v : x) z += std::exp(v - m);
+          exact_lse[size_t(g)][i] = m + std::log(z);
+        }
+      run_importance.assign(at.size(), 0.0);
+      for (int g = 0; g < G; ++g) {
+        auto logit = [&](size_t i) {
+          return std::isnan(exact_lse[size_t(g)][i]) ? score[size_t(g)][i] + std::log(double(sizes[i]))
+                                                     : exact_lse[size_t(g)][i];
+        };
+        double m = -std::numeric_limits<double>::infinity(), z = 0;
+        for (double x : far_logits[size_t(g)]) m = std::max(m, x);
+        for (size_t i = 0; i < n; ++i) m = std::max(m, logit(i));
+        for (double x : far_logits[size_t(g)]) z += std::exp(x - m);
+        for (size_t i = 0; i < n; ++i) z += std::exp(logit(i) - m);
+        for (size_t j = 0; j < at.size(); ++j) run_importance[j] += std::exp(logit(at[j]) - m) / z;
+      }
+      for (size_t j = 0; j < at.size(); ++j) {
+        run_ids.push_back(cand[at[j]]);
+        run_sizes.push_back(sizes[at[j]]);
+        run_importance[j] /= double(sizes[at[j]]);
+      }
     }
+    const std::vector<int64_t> chosen = greedy_select(run_importance, run_sizes, run_ids, budget);
+    check_ties(run_importance, run_sizes, run_ids, budget, chosen);
     std::vector<int64_t> next;
     for (size_t i = 0; i < n; ++i) {
       if (std::binary_search(chosen.begin(), chosen.end(), cand[i])) {
@@ -280,7 +327,10 @@ inline MultipoleResult multipole(const SeqKV& kv, int h, const ClusterIndex& idx
         continue;
       }
       far.push_back({l, cand[i]});
-      for (int g = 0; g < G; ++g) far_logits[size_t(g)].push_back(score[size_t(g)][i] + std::log(double(sizes[i])));
+      for (int g = 0; g < G; ++g)
+        far_logits[size_t(g)].push_back(std::isnan(exact_lse[size_t(g)][i])
+                                            ? score[size_t(g)][i] + std::log(double(sizes[i]))
+                                            : exact_lse[size_t(g)][i]);
     }
     if (l == 0) chosen0.insert(chosen.begin(), chosen.end());
     std::sort(next.begin(), next.end());

@@ -431,6 +431,31 @@ TEST_P(DecodeKernels, ScoreRangeMatchesNaive) {
     }
 }
 
+// Listed positions in any order, across pages, with a repeat: each logit lands in its own slot.
+TEST_P(DecodeKernels, ScorePositionsMatchesNaive) {
+  std::mt19937 rng(23);
+  for (DType t : kTypes)
+    for (int d : {64, 48}) {
+      const int64_t len = 300;
+      Fixture f(t, d, len, 16, uint32_t(d + 5));
+      std::vector<int32_t> pos = {299, 0, 17, 16, 15, 250, 17, 128};
+      for (int i = 0; i < 40; ++i) pos.push_back(int32_t(rng() % len));
+      const int64_t n = int64_t(pos.size());
+      for (int groups : {1, 5, 8, 16}) {
+        auto q = random_q(groups, d, 1.0f, rng);
+        std::vector<float> out(size_t(groups) * n, NAN);
+        score_positions(f.view(), f.table(), 1, pos.data(), n, q.data(), groups, 0.2f, out.data());
+        for (int g = 0; g < groups; ++g)
+          for (int64_t i = 0; i < n; ++i) {
+            double dot = 0;
+            for (int c = 0; c < d; ++c) dot += double(q[g * d + c]) * f.keys[1][pos[size_t(i)] * d + c];
+            ASSERT_NEAR(out[g * n + i], 0.2 * dot, 1e-5 * (1 + std::abs(0.2 * dot)))
+                << dtype_name(t) << " d " << d << " G " << groups << " item " << i;
+          }
+      }
+    }
+}
+
 TEST_P(DecodeKernels, AttendRangeAllHeadsMatchesNaive) {
   std::mt19937 rng(19);
   for (DType t : kTypes)

@@ -305,6 +305,44 @@ TEST(MultipolePolicy, ScoringWithSpreadMatchesReference) {
   }
 }
 
+// rerank_tokens against the reference, which takes the candidates by their centroids, sums
+// each one's members' exact softmax itself and gives an unchosen one its exact mass in the far
+// field; one and two levels, with and without the far field, clustered and random keys.
+TEST(MultipolePolicy, RerankMatchesReference) {
+  ThreadPool pool(2);
+  int total = 0, ambiguous = 0;
+  for (auto levels : {std::vector<int>{8}, std::vector<int>{8, 64}})
+    for (auto kind : {ref::KeyKind::Clustered, ref::KeyKind::Random})
+      for (bool far : {true, false}) {
+        AttentionConfig c = experiment_config(levels);
+        c.multipole_far_field = far;
+        c.rerank_tokens = 4 * c.budget;
+        ref::SyntheticKV data(c, DType::BF16, 2, 8192, kind, 61);
+        for (int64_t len : {97, 2049, 2600}) data.append(data.add(), len);
+        const std::string name = far ? "multipole" : "squeezed";
+        auto policy = make_attention_policy(name, c);
+        const auto q = data.queries(c, kind == ref::KeyKind::Random ? 1.0f : 0.25f);
+        const Check r = check_policy(*policy, data, c, 1, q, pool,
+                                     name + " levels " + std::to_string(levels.size()) +
+                                         (kind == ref::KeyKind::Random ? " random" : " clustered"));
+        total += r.groups;
+        ambiguous += r.ambiguous;
+        AttentionConfig plain = c;
+        plain.rerank_tokens = 0;
+        EXPECT_TRUE(outputs_differ(*policy, name, plain, data, q, pool));
+      }
+  EXPECT_LT(ambiguous, total / 10 + 1);
+  AttentionConfig at_budget = make_config(4, 64);
+  at_budget.rerank_tokens = at_budget.budget;
+  EXPECT_THROW(make_attention_policy("multipole", at_budget), Error);
+  for (auto other : {&AttentionConfig::select_by_exact_mass, &AttentionConfig::score_with_spread}) {
+    AttentionConfig both = make_config(4, 64);
+    both.rerank_tokens = 4 * both.budget;
+    both.*other = true;
+    EXPECT_THROW(make_attention_policy("multipole", both), Error);
+  }
+}
+
 TEST(MultipolePolicy, DefaultConfigPastABlockBoundary) {
   // Default clustering (block 8192, {16, 128}, window 128, budget 128) on sequences with
   // two blocks, plus a short one; group size 4, head dim 128, one KV head (k-means over
@@ -471,10 +509,12 @@ TEST(MultipolePolicy, DecodeDoesNotAllocateOnceWarm) {
   GTEST_SKIP() << "allocation counting is off under ASan";
 #else
   ThreadPool pool(2);
-  for (int mode : {0, 1, 2}) {  // fixed position, real positions, the far field at real positions
+  // fixed position, real positions, the far field at real positions, re-ranked candidates
+  for (int mode : {0, 1, 2, 3}) {
     AttentionConfig c = make_config(8, 128);
     c.score_real_positions = mode == 1;
     c.far_field_real_positions = mode == 2;
+    c.rerank_tokens = mode == 3 ? 4 * c.budget : 0;
     ref::SyntheticKV data(c, DType::BF16, 1, 16384, ref::KeyKind::Clustered, 101);
     data.append(data.add(), 5000);
     data.append(data.add(), 700);

@@ -498,7 +498,10 @@ TEST_F(CudaEvalCli, PoliciesDecodeOnTheGpu) {
   }
   CliRun small = run_eval_cli(base + " --budgets 4 --out " + dir + "/small", dir);
   ASSERT_EQ(small.code, 0) << small.err;
-  for (const json& f : json::parse(small.out)["fidelity"]) EXPECT_GT(f["err_mean"].get<double>(), 1e-3) << f.dump();
+  // (The parsed document must outlive the loop: a range-for over a temporary's member dangles.)
+  const json small_doc = json::parse(small.out);
+  ASSERT_FALSE(small_doc["fidelity"].empty()) << small.out;
+  for (const json& f : small_doc["fidelity"]) EXPECT_GT(f["err_mean"].get<double>(), 1e-3) << f.dump();
   for (const json& r : read_jsonl(dir + "/small/results.jsonl"))
     EXPECT_NE(r["str"]["settings"].get<std::string>().find("device=cuda"), std::string::npos) << r.dump();
   // The far field at real positions on the GPU: multipole's outputs move, and its records say so.

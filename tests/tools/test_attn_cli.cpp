@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -243,6 +244,12 @@ TEST(AttnCli, InvariantsHoldEndToEnd) {
   json doc = json::parse(r.out);
   EXPECT_EQ(doc["policies"].size(), 5u);
   for (const auto& p : doc["policies"]) EXPECT_LT(p["rel_l2"].get<double>(), 1e-5) << p["name"];
+  // So does re-ranking candidates that cover every token.
+  r = run_cli(dir, "attn " + trace + common +
+                       " --policies multipole --budget 100000 --coarse-budget 100000 --rerank-tokens 200000");
+  ASSERT_EQ(r.code, 0) << r.err;
+  doc = json::parse(r.out);
+  for (const auto& p : doc["policies"]) EXPECT_LT(p["rel_l2"].get<double>(), 1e-5) << p["name"];
 
   r = run_cli(dir, "attn " + trace + common + " --budget 0 --tokens-per-centroid 1 --real-positions");
   ASSERT_EQ(r.code, 0) << r.err;
@@ -253,6 +260,28 @@ TEST(AttnCli, InvariantsHoldEndToEnd) {
     } else {
       EXPECT_GT(p["rel_l2"].get<double>(), 0.1) << p["name"];  // budget 0: middle keys are dropped
     }
+  }
+}
+
+// Queries that align with single earlier tokens (the synthetic trace's focus) are what a
+// centroid blurs: re-ranking the candidates by their members' exact logits lowers the error of
+// both clustered policies against dense.
+TEST(AttnCli, RerankLowersTheErrorOnFocusedQueries) {
+  TempDir dir;
+  const std::string trace = dir.file("t.safetensors");
+  Result r = run_cli(dir, "trace synth " + trace + " --tokens 4096 --generated 32 --q-heads 8 --kv-heads 2 --head-dim 64");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string common = " --policies multipole,squeezed --budget 64 --threads 2 --json";
+  std::map<std::string, double> err[2];
+  for (int rerank : {0, 1}) {
+    r = run_cli(dir, "attn " + trace + common + (rerank ? " --rerank-tokens 512" : ""));
+    ASSERT_EQ(r.code, 0) << r.err;
+    const json doc = json::parse(r.out);
+    for (const auto& p : doc["policies"]) err[rerank][p["name"].get<std::string>()] = p["rel_l2"].get<double>();
+  }
+  for (const char* name : {"multipole", "squeezed"}) {
+    std::printf("[ info ] %s rel_l2: centroid ranking %.4f, re-ranked %.4f\n", name, err[0][name], err[1][name]);
+    EXPECT_LT(err[1][name], 0.9 * err[0][name]) << name;
   }
 }
 
@@ -316,6 +345,9 @@ TEST(AttnCli, BadInputFailsCleanly) {
                        "tokens per centroid 0");
   expect_clean_failure(run_cli(dir, "attn " + good + " --tokens-per-centroid 16,8"), "tokens_per_centroid[1] = 8",
                        "levels not increasing");
+  expect_clean_failure(run_cli(dir, "attn " + good + " --budget 64 --rerank-tokens 64"),
+                       "rerank_tokens 64 must be 0 (off) or above the budget 64", "rerank at the budget");
+  expect_clean_failure(run_cli(dir, "attn " + good + " --rerank-tokens -5"), "--rerank-tokens", "rerank -5");
   expect_clean_failure(run_cli(dir, "attn " + good + " --window 0"), "--window", "window 0");
   expect_clean_failure(run_cli(dir, "attn " + good + " --block-size 8"), "block_size 8 must be >= window",
                        "block < window");
@@ -340,8 +372,8 @@ TEST(AttnCli, HelpDescribesTheOptions) {
   EXPECT_EQ(r.code, 0);
   for (const char* opt : {"--budget", "--coarse-budget", "--tokens-per-centroid", "--block-size", "--sinks", "--window",
                           "--prefill-iterations", "--update-iterations", "--seed", "--score-position",
-                          "--real-positions", "--kv-dtype", "--threads", "--policies", "--out", "--dump-index",
-                          "--json"})
+                          "--real-positions", "--rerank-tokens", "--kv-dtype", "--threads", "--policies", "--out",
+                          "--dump-index", "--json"})
     EXPECT_NE(r.out.find(opt), std::string::npos) << opt;
   r = run_cli(dir, "trace synth --help");
   EXPECT_EQ(r.code, 0);

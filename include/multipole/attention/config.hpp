@@ -56,6 +56,12 @@ struct AttentionConfig {
   // see it. The deviations come from every clustered key at each step (an index would keep v, d
   // floats a cluster). Needs the fixed-position scoring. CPU only (an experiment).
   bool score_with_spread = false;
+  // Re-ranking of the finest level: the centroid scores pick candidate clusters worth up to
+  // rerank_tokens tokens, their members' keys are read and scored exactly (the real query at
+  // the real positions), and those exact masses choose the clusters that fill the budget; the
+  // far field gives an unchosen candidate its exact mass (with its value centroid). 0: off;
+  // otherwise > budget. CPU only for now.
+  int rerank_tokens = 0;
   double score_position = 2048;      // fixed query position for centroid scoring
   ClusterConfig cluster;
 
