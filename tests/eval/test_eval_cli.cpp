@@ -210,6 +210,19 @@ TEST_F(EvalCli, ClusterRankingExperimentsReachThePolicy) {
   EXPECT_EQ(spread_mass.code, 1);
   EXPECT_NE(spread_mass.err.find("--score-with-spread adds to the fixed-position centroid scores"), std::string::npos)
       << spread_mass.err;
+  // Re-ranking the candidates by their members' exact logits: another selection, named in the
+  // records; a size at or under the budget is refused by name before any work.
+  CliRun rerank = run_eval_cli(base + "/rerank --rerank-tokens 128", dir);
+  ASSERT_EQ(rerank.code, 0) << rerank.err;
+  const double err_rerank = json::parse(rerank.out)["fidelity"][0]["err_mean"].get<double>();
+  std::printf("[ info ] squeezed's mean attention error with 128 tokens' candidates re-ranked: %.4f\n", err_rerank);
+  EXPECT_NE(err_rerank, err_centroid) << rerank.out;
+  EXPECT_NE(read_jsonl(dir + "/rerank/results.jsonl").at(0)["str"]["settings"].get<std::string>().find(
+                "rerank_tokens=128"),
+            std::string::npos);
+  CliRun small = run_eval_cli(base + "/rerank-small --rerank-tokens 32", dir);
+  EXPECT_EQ(small.code, 1);
+  EXPECT_NE(small.err.find("rerank_tokens 32 must be 0 (off) or above the budget 32"), std::string::npos) << small.err;
 }
 
 // --dense-history: every position is one step over dense's history. So at position p a
