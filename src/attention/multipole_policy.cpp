@@ -40,11 +40,10 @@ struct MultipolePolicy::Scratch {
   std::vector<float> masses;                    // [L, candidates] select_by_exact_mass: mass under each cluster
   std::vector<float> spread;  // [L, candidates, d] score_with_spread: members' mean square deviation a dimension
   std::vector<float> fm, fl, zmax, zsum;     // [G] frontier normalisation
-  // rerank_tokens: the k candidates read exactly, their members' positions and logits, their masses
+  // rerank_tokens: the k candidates read exactly, their members' positions and logits
   std::vector<int32_t> rerank_ids, rerank_picked, rerank_sizes;  // [k] local candidate indices; picks; sizes
   std::vector<int32_t> rerank_positions;                          // [T] members of the k candidates, in order
   std::vector<float> rerank_logits;                               // [G, T]
-  std::vector<float> rerank_mass;                                 // [G, k] e^{logit - zmax} summed a cluster
   std::vector<float> rerank_importance;                           // [k]
   Rotation rotation;
   SelectionScratch selection;
@@ -79,7 +78,6 @@ struct MultipolePolicy::Scratch {
       for (auto* v : {&rerank_ids, &rerank_picked, &rerank_sizes}) cpu::grow(*v, k);
       cpu::grow(rerank_positions, size_t(rerank));
       cpu::grow(rerank_logits, size_t(G) * size_t(rerank));
-      cpu::grow(rerank_mass, size_t(G) * k);
       cpu::grow(rerank_importance, k);
     }
     if (clustered > 0) {
@@ -388,7 +386,6 @@ SelectionResult MultipolePolicy::rerank(const KVLayerView& kv, const int32_t* pa
   kernels::score_positions(kv, page_table, head, pos, T, q, G, scale, logit);
   *read = T;
 
-  float* mass = cpu::grow(s.rerank_mass, size_t(G) * size_t(k));
   for (int g = 0; g < G; ++g) {
     float* xg = x + int64_t(g) * n;
     const float* lg = logit + int64_t(g) * T;
@@ -403,7 +400,6 @@ SelectionResult MultipolePolicy::rerank(const KVLayerView& kv, const int32_t* pa
     for (int64_t j = 0; j < k; ++j) {
       float e = 0;
       for (const int64_t end = t + lv.sizes[cand[ids[j]]]; t < end; ++t) e += std::exp(lg[t] - zmax[g]);
-      mass[int64_t(g) * k + j] = e;
       zsum[g] += e - xg[ids[j]];
       xg[ids[j]] = e;
     }
@@ -412,7 +408,7 @@ SelectionResult MultipolePolicy::rerank(const KVLayerView& kv, const int32_t* pa
   int32_t* sub_sizes = cpu::grow(s.rerank_sizes, size_t(k));
   for (int64_t j = 0; j < k; ++j) {
     float acc = 0;
-    for (int g = 0; g < G; ++g) acc += zsum[g] > 0 ? mass[int64_t(g) * k + j] / zsum[g] : 0.0f;
+    for (int g = 0; g < G; ++g) acc += zsum[g] > 0 ? x[int64_t(g) * n + ids[j]] / zsum[g] : 0.0f;
     sub_sizes[j] = sizes[ids[j]];
     sub_imp[j] = acc / float(sub_sizes[j]);
   }

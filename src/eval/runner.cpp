@@ -102,9 +102,9 @@ AttentionConfig variant_attention_config(const EvalOptions& opt, const Model& mo
   ac.select_by_exact_mass = opt.select_by_mass;
   ac.mass_at_score_position = opt.mass_at_score_position;
   ac.score_with_spread = opt.score_with_spread;
-  ac.rerank_tokens = v ? opt.rerank_tokens : 0;  // dense, the reference, has no candidates to re-rank
-  if (v) {
+  if (v) {  // dense, the reference, keeps the default budget and re-ranks nothing
     ac.budget = v->budget;
+    ac.rerank_tokens = opt.rerank_tokens;
     if (!v->tokens_per_centroid.empty()) ac.cluster.tokens_per_centroid = v->tokens_per_centroid;
   }
   return ac;

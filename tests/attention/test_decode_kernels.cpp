@@ -410,6 +410,23 @@ TEST_P(DecodeKernels, RejectsMismatchedShapes) {
   EXPECT_THROW(score_rows(q.data(), nullptr, 2, q.data(), 17, 64, 1.0f, q.data()), Error);
 }
 
+namespace {
+
+// out[g * n + i] against scale * q_g . keys[positions[i]] in double.
+//   out: [G, n]; q: [G, d]; keys: [len, d]
+void expect_key_logits(const std::vector<float>& out, const std::vector<float>& q, const std::vector<float>& keys,
+                       const std::vector<int64_t>& positions, int groups, int d, double scale, const std::string& what) {
+  const int64_t n = int64_t(positions.size());
+  for (int g = 0; g < groups; ++g)
+    for (int64_t i = 0; i < n; ++i) {
+      double dot = 0;
+      for (int c = 0; c < d; ++c) dot += double(q[g * d + c]) * keys[positions[size_t(i)] * d + c];
+      ASSERT_NEAR(out[g * n + i], scale * dot, 1e-5 * (1 + std::abs(scale * dot))) << what << " item " << i;
+    }
+}
+
+}  // namespace
+
 TEST_P(DecodeKernels, ScoreRangeMatchesNaive) {
   std::mt19937 rng(17);
   for (DType t : kTypes)
@@ -421,12 +438,8 @@ TEST_P(DecodeKernels, ScoreRangeMatchesNaive) {
         const int64_t b = 7, e = 290, n = e - b;
         std::vector<float> out(size_t(groups) * n);
         score_range(f.view(), f.table(), 1, b, e, q.data(), groups, 0.2f, out.data());
-        for (int g = 0; g < groups; ++g)
-          for (int64_t i = 0; i < n; ++i) {
-            double dot = 0;
-            for (int c = 0; c < d; ++c) dot += double(q[g * d + c]) * f.keys[1][(b + i) * d + c];
-            ASSERT_NEAR(out[g * n + i], 0.2 * dot, 1e-5 * (1 + std::abs(0.2 * dot)));
-          }
+        expect_key_logits(out, q, f.keys[1], iota_range(b, e), groups, d, 0.2,
+                          std::string(dtype_name(t)) + " d " + std::to_string(d) + " G " + std::to_string(groups));
       }
     }
 }
@@ -445,13 +458,8 @@ TEST_P(DecodeKernels, ScorePositionsMatchesNaive) {
         auto q = random_q(groups, d, 1.0f, rng);
         std::vector<float> out(size_t(groups) * n, NAN);
         score_positions(f.view(), f.table(), 1, pos.data(), n, q.data(), groups, 0.2f, out.data());
-        for (int g = 0; g < groups; ++g)
-          for (int64_t i = 0; i < n; ++i) {
-            double dot = 0;
-            for (int c = 0; c < d; ++c) dot += double(q[g * d + c]) * f.keys[1][pos[size_t(i)] * d + c];
-            ASSERT_NEAR(out[g * n + i], 0.2 * dot, 1e-5 * (1 + std::abs(0.2 * dot)))
-                << dtype_name(t) << " d " << d << " G " << groups << " item " << i;
-          }
+        expect_key_logits(out, q, f.keys[1], std::vector<int64_t>(pos.begin(), pos.end()), groups, d, 0.2,
+                          std::string(dtype_name(t)) + " d " + std::to_string(d) + " G " + std::to_string(groups));
       }
     }
 }
