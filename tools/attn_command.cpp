@@ -342,7 +342,7 @@ void add_attn_command(CLI::App& app) {
                   "Experiment (cpu only): rank coarse clusters by s (q.c + w |q| r), r their children's radius")
       ->capture_default_str();
   cmd->add_option("--rerank-tokens", c.rerank_tokens,
-                  "Multipole/squeezed (cpu only): candidate clusters worth this many tokens are re-ranked by their "
+                  "Multipole/squeezed: candidate clusters worth this many tokens are re-ranked by their "
                   "members' exact logits before the budget is filled (0: off; else above --budget)")
       ->capture_default_str()
       ->check(at_least(0));

@@ -459,7 +459,8 @@ void add_bench_command(CLI::App& app) {
   cmd->add_flag("--json", args->json, "One JSON object per line instead of a table");
   cmd->add_option("--device", args->device,
                   "cpu, or cuda (GPU build): dense, multipole (two levels), squeezed, multipole with the far field at\n"
-                  "real positions (mp-far-real), the multipole stages, GPU prefill k-means of the batch and multipole\n"
+                  "real positions (mp-far-real), multipole re-ranking 4 x budget tokens' picks (mp-rerank), the\n"
+                  "multipole stages, GPU prefill k-means of the batch and multipole\n"
                   "on that index, per batch and context, on random K/V;\n"
                   "--steps timed steps (L2 flushed before each); --policies, --threads, --simd, --copy-mib and\n"
                   "--rope-theta apply to cpu only")

@@ -154,7 +154,7 @@ void add_eval_command(CLI::App& app) {
                 "members' spread about it, s^2/2 sum_j q_j^2 v_j (v: the members' mean square deviation a dimension, "
                 "from every clustered key at each step), in the selection and the far field");
   cmd->add_option("--rerank-tokens", o.rerank_tokens,
-                  "multipole/squeezed (cpu only): candidate clusters worth this many tokens, by their centroid scores, "
+                  "multipole/squeezed: candidate clusters worth this many tokens, by their centroid scores, "
                   "are re-ranked by their members' exact logits before the budget is filled (0: off; else above every "
                   "--budgets)")
       ->capture_default_str()

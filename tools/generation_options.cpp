@@ -22,7 +22,7 @@ void add_generation_options(CLI::App& cmd, GenerationOptions& o) {
                  "Tokens under the coarse clusters whose children are scored, with two levels (0: 16 x the budget)")
       ->capture_default_str();
   cmd.add_option("--rerank-tokens", o.rerank_tokens,
-                 "Multipole, squeezed (cpu): candidate clusters worth this many tokens are re-ranked by their members' "
+                 "Multipole, squeezed: candidate clusters worth this many tokens are re-ranked by their members' "
                  "exact logits before the budget is filled (0: off; else above --budget)")
       ->capture_default_str();
   cmd.add_option("--window", o.window, "Local window / update interval W")->capture_default_str();

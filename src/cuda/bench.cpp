@@ -578,6 +578,17 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         if (far_real.plan_info().fused) emit_three("mp-far-real-3launch", index, mp_bytes + extra, &fr);
       }
       {
+        // Re-ranking picks worth 4 x budget tokens (three kernels and one launch more; compare with
+        // mp-3launch): bytes, each pick member's key row, member id and page id.
+        AttentionConfig rr = ac;
+        rr.rerank_tokens = 4 * o.budget;
+        CudaDecoder rerank(rr);
+        rerank.plan(dev, seqs, &index);
+        const int64_t extra = int64_t(E) * rr.rerank_tokens * (row + 8);
+        emit("mp-rerank", [&](cudaStream_t s) { rerank.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes + extra,
+             rerank.multipole_launches(), rerank.plan_info().mp_ctas);
+      }
+      {
         // GPU baselines on the same cache: quest (page bounds built before timing; its
         // per-step metadata update timed on its own) and oracle-topk. Bytes: quest reads
         // the page bounds, writes and reads a score per page, then the exact rows; oracle

@@ -86,8 +86,8 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
            config_.coarse_radius_weight);
   MP_CHECK(!config_.select_by_exact_mass, "cuda decode: selection by exact mass is a cpu-only experiment");
   MP_CHECK(!config_.score_with_spread, "cuda decode: scoring with the clusters' spread is a cpu-only experiment");
-  MP_CHECK(config_.rerank_tokens == 0, "cuda decode: rerank_tokens {} (exact re-ranking of the candidates) is cpu-only",
-           config_.rerank_tokens);
+  MP_CHECK(config_.rerank_tokens == 0 || !config_.far_field_at_real_positions(),
+           "cuda decode: rerank_tokens {} with the far field at real positions is cpu-only", config_.rerank_tokens);
   MP_CHECK(!config_.score_real_positions,
            "cuda decode: scoring at real positions is not implemented on the GPU (it scores at score_position)");
   gc_ = heads_per_cta(config_.group_size());
@@ -269,6 +269,18 @@ void CudaDecoder::plan(const DeviceKVCache& cache, std::span<const SeqId> seqs, 
         far_scores_.memset(0);
       }
     }
+    info_.rerank = config_.rerank_tokens > 0;
+    if (info_.rerank) {
+      const int R = config_.rerank_tokens;
+      const size_t smem = rerank_smem_bytes(R, G, D);
+      MP_CHECK(smem + kSelectStaticSmem <= size_t(optin),
+               "cuda decode: rerank_tokens {} needs {} B of shared memory for a group of {} heads of dim {}, over this "
+               "GPU's {} B",
+               R, smem + kSelectStaticSmem, G, D, optin);
+      rerank_ids_.reserve(size_t(B) * Hkv * R * sizeof(int32_t));
+      rerank_n_.reserve(size_t(B) * Hkv * sizeof(int32_t));
+      rerank_norms_.reserve(size_t(B) * Hkv * G * 2 * sizeof(float));
+    }
     plan_fused(*index, cap, kc.page_size);
     if (hier) {
       far_ids_.reserve(size_t(B) * Hkv * info_.far_cap * sizeof(int32_t));
@@ -330,6 +342,7 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   const int E = index.entries();
   const auto why = [&](const char* reason) { info_.fused_why = reason; };
   if (!fused_allowed_) return why("turned off (MULTIPOLE_FUSED=0 or set_fused(false))");
+  if (info_.rerank) return why("re-ranking (three-kernel step only)");
   if (config_.head_dim != L::kHeadDim) return why("head dim is not 128");
   if (info_.far_real && 2 * rope_half_ != L::kHeadDim)
     return why("far field at real positions with RoPE on part of the head dims");
@@ -562,15 +575,25 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   sa.fallback = fallback;
   // Programmatic dependent launch only right after our own scoring kernel (a kernel node).
   sa.pdl = pdl_ && info_.score_ctas > 0 && !fallback ? 1 : 0;
+  sa.head_dim = config_.head_dim;
+  sa.qscale = config_.softmax_scale() * 1.4426950408889634f;
+  sa.scores_out = scores_.as<float>();
+  if (info_.rerank) {
+    // The finest selection lists picks worth rerank_tokens tokens; their members' exact logits
+    // choose among them (launch_rerank below).
+    sa.rerank = config_.rerank_tokens;
+    sa.rerank_ids = rerank_ids_.as<int32_t>();
+    sa.rerank_n = rerank_n_.as<int32_t>();
+    sa.rerank_norms = rerank_norms_.as<float>();
+    sa.q = q;
+    sa.keys = kv.keys;
+  }
   if (info_.hierarchical) {
     sa.entry_coarse = cv.entry_coarse;
     sa.coarse_budget = coarse_budget_;
     sa.q_score = q_score;
     sa.key_centroids = cv.key_centroids;
     sa.key_kind = cv.key_dtype == DType::F32 ? 0 : cv.key_dtype == DType::BF16 ? 1 : 2;
-    sa.head_dim = config_.head_dim;
-    sa.qscale = config_.softmax_scale() * 1.4426950408889634f;
-    sa.scores_out = scores_.as<float>();
     sa.prescored = info_.prescored && !fallback ? 1 : 0;
     sa.far_ids = far_ids_.as<int32_t>();
     sa.far_n = far_n_.as<int32_t>();
@@ -578,6 +601,10 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     launch_select_hier(sa, E, stream);
   } else {
     launch_select(sa, E, stream);
+  }
+  if (info_.rerank) {
+    sa.pdl = pdl_ ? 1 : 0;  // right after the selection kernel
+    launch_rerank(sa, cache.config().dtype, E, stream);
   }
   }
   if (stages < 3) return;

@@ -144,6 +144,15 @@ struct SelectArgs {
   int32_t* far_ids = nullptr;            // [E, far_cap] out
   int32_t* far_n = nullptr;              // [E] out
   int far_cap = 0;
+  // Re-ranking (AttentionConfig::rerank_tokens = rerank > 0): the finest selection runs under
+  // `rerank` tokens and, instead of the exact rows, lists its picks and its per-head normaliser;
+  // rerank_kernel (rerank.cuh) then scores the picks' members with q and selects under `budget`.
+  int rerank = 0;
+  int32_t* rerank_ids = nullptr;         // [E, rerank] global ids of the picks, ascending; out, then in
+  int32_t* rerank_n = nullptr;           // [E] picks; out, then in
+  float* rerank_norms = nullptr;         // [E, G, 2] the finest selection's (M, Z): max and sum of n 2^(x - M)
+  const float* q = nullptr;              // [B, Hq, D] f32, rotated to each query's position (rerank_kernel)
+  const std::byte* keys = nullptr;       // [num_pages, Hkv, P, D] the cache's 16-bit keys (rerank_kernel)
   // Diagnostics (null in normal runs): thread 0 of the CTA of entry e adds the clock64 cycles
   // of each phase to prof[e][phase] and counts to the slots named in select.cuh (kProf*).
   unsigned long long* prof = nullptr;  // [entries, kPhaseClockSlots] (phase_clock.hpp)
@@ -259,6 +268,14 @@ void launch_far_logits_at_mean_positions(const FarLogitArgs& a, int head_dim, DT
                                          int max_far, Stream stream);
 void launch_select(const SelectArgs& a, int entries, Stream stream);
 void launch_select_hier(const SelectArgs& a, int entries, Stream stream);
+// Re-ranks the finest selection's picks (SelectArgs::rerank): after launch_select or
+// launch_select_hier with the same arguments; kv_dtype: the cache's 16-bit type.
+void launch_rerank(const SelectArgs& a, DType kv_dtype, int entries, Stream stream);
+// Its dynamic shared memory for picks worth up to `tokens` tokens.
+constexpr size_t rerank_smem_bytes(int tokens, int group, int head_dim) {
+  const size_t r = size_t(tokens);
+  return (2 * (r + r / 32 + 1) + 5 * r + 1) * 4 + size_t(group) * (size_t(head_dim) + 2 * r) * 4;
+}
 // Dynamic shared memory of the selection kernel for entries of up to `clusters` clusters
 // (key and size padded by one word per 32, list offset); it also holds 16 KB of static
 // histogram.

@@ -1,10 +1,11 @@
-// Multipole scoring and selection launches, the far field at real positions (position sums, far
+// Multipole scoring, selection and re-ranking launches, the far field at real positions (position sums, far
 // logits), device-side cache append, benchmark fills.
 #include <algorithm>
 
 #include "cuda/check.hpp"
 #include "cuda/host_setup.hpp"
 #include "cuda/mean_positions.cuh"
+#include "cuda/rerank.cuh"
 #include "cuda/score.cuh"
 #include "cuda/select.cuh"
 #include "multipole/cuda/kv_cache.hpp"
@@ -174,6 +175,13 @@ void launch_select_hier(const SelectArgs& a, int entries, Stream stream) {
       select_hier_kernel<float, true>,  select_hier_kernel<__nv_bfloat16, true>,  select_hier_kernel<__half, true>};
   const int k = p + (a.key_kind == 0 ? 0 : a.key_kind == 1 ? 1 : 2);
   launch_select_kernel(kernels[k], smem, configured[k], a, entries, stream);
+}
+
+void launch_rerank(const SelectArgs& a, DType kv_dtype, int entries, Stream stream) {
+  static size_t configured[2] = {};
+  const int k = kv_dtype == DType::F16 ? 1 : 0;
+  void (*const kernels[2])(SelectArgs) = {rerank_kernel<__nv_bfloat16>, rerank_kernel<__half>};
+  launch_select_kernel(kernels[k], rerank_smem_bytes(a.rerank, a.group, a.head_dim), configured[k], a, entries, stream);
 }
 
 void launch_append(const DeviceKVLayer& layer, std::byte* key_pool, std::byte* value_pool, const int32_t* seqs,

@@ -133,6 +133,24 @@ __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, in
   }
 }
 
+// Re-ranking (SelectArgs::rerank): the selected clusters (size[pad(i)] < 0, i < C), their
+// global ids cluster_of(i) in i order, to rerank_ids / rerank_n, for rerank_kernel.
+template <class ClusterOf>
+__device__ void write_picks(const SelectArgs& a, int e, const int* size, int C, ClusterOf cluster_of) {
+  const int per = (C + kSelectThreads - 1) / kSelectThreads;
+  const int lo = min(C, int(threadIdx.x) * per), hi = min(C, lo + per);
+  int mine = 0;
+#pragma unroll 1
+  for (int i = lo; i < hi; ++i) mine += size[pad(i)] < 0;
+  int total;
+  int at = block_exclusive_scan(mine, total);
+  int32_t* ids = a.rerank_ids + int64_t(e) * a.rerank;
+#pragma unroll 1
+  for (int i = lo; i < hi; ++i)
+    if (size[pad(i)] < 0 && at < a.rerank) ids[at++] = cluster_of(i);
+  if (threadIdx.x == 0) a.rerank_n[e] = min(total, a.rerank);  // (at most `rerank` tokens: never more picks)
+}
+
 #define MP_SELECT_SHARED                                   \
   __shared__ __align__(8) unsigned int hist[4096];         \
   __shared__ unsigned long long s_tmp64[kSelectWarps];     \
@@ -159,6 +177,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
 
   pdl_wait();  // the scoring kernel's logits and partials
   combine_partials(a, b, h, s_M, s_invZ);
+  if (a.rerank && tid < G) {
+    a.rerank_norms[(int64_t(e) * G + tid) * 2] = s_M[tid];
+    a.rerank_norms[(int64_t(e) * G + tid) * 2 + 1] = s_invZ[tid];
+  }
   if (tid < G) s_invZ[tid] = s_invZ[tid] > 0.0f ? 1.0f / s_invZ[tid] : 0.0f;
   __syncthreads();
 
@@ -202,11 +224,14 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
     }
   }
   int total = block_scan(mine).y;
-  greedy_select(key, size, C, a.budget, total, sh);
+  greedy_select(key, size, C, a.rerank ? a.rerank : a.budget, total, sh);
 
-  // Outputs: far-field sizes and the exact rows.
+  // Outputs: far-field sizes and the exact rows (re-ranking: the picks, for rerank_kernel).
   for (int i = tid; i < C; i += kSelectThreads) a.far_size[cb + i] = max(size[pad(i)], 0);
-  write_exact_rows(a, e, size, C, reinterpret_cast<int*>(key), list_off, [&](int i) { return cb + i; }, rows);
+  if (a.rerank)
+    write_picks(a, e, size, C, [&](int i) { return cb + i; });
+  else
+    write_exact_rows(a, e, size, C, reinterpret_cast<int*>(key), list_off, [&](int i) { return cb + i; }, rows);
 }
 
 // Two-level selection, one CTA per entry (after the scoring kernel scored the coarse level):
@@ -612,6 +637,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
       if (s_far[g] > 0.0f) z += s_far[g] * fast_exp2(s_M[g] - M);
       s_Mf[g] = M;
       s_invZ[g] = z > 0.0f ? 1.0f / z : 0.0f;
+      if (a.rerank) {
+        a.rerank_norms[(int64_t(e) * G + g) * 2] = M;
+        a.rerank_norms[(int64_t(e) * G + g) * 2 + 1] = z;
+      }
     }
   }
   __syncthreads();
@@ -629,8 +658,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
   }
   total = block_scan(mine).y;
   pc.mark(kProfFineImp);
-  greedy_select(key, size, nc, a.budget, total, sh, a.warp_select_max, a.warp_select_steps, kProf ? &pc : nullptr,
-                kProfFineRadix, kProfWalkItersFine, a.warp_select_precheck != 0, a.warp_select_sort);
+  greedy_select(key, size, nc, a.rerank ? a.rerank : a.budget, total, sh, a.warp_select_max, a.warp_select_steps,
+                kProf ? &pc : nullptr, kProfFineRadix, kProfWalkItersFine, a.warp_select_precheck != 0,
+                a.warp_select_sort);
   {
     const int per = (nc + kSelectThreads - 1) / kSelectThreads;
     const int lo = min(nc, tid * per), hi = min(nc, lo + per);
@@ -650,7 +680,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_hier_kernel(const Selec
     if (tid == 0) a.far_n[e] = s_nfar + nfar;
   }
   pc.mark(kProfFineFar);
-  write_exact_rows(a, e, size, nc, reinterpret_cast<int*>(key), list_off, [&](int k) { return fb + cand[k]; }, rows);
+  if (a.rerank)
+    write_picks(a, e, size, nc, [&](int k) { return fb + cand[k]; });
+  else
+    write_exact_rows(a, e, size, nc, reinterpret_cast<int*>(key), list_off, [&](int k) { return fb + cand[k]; }, rows);
   pc.mark(kProfExact);
   pc.finish();
 }

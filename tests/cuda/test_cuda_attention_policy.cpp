@@ -174,7 +174,7 @@ INSTANTIATE_TEST_SUITE_P(Policies, CudaSameRulePolicy, ::testing::Values("dense"
 
 // multipole and squeezed: the GPU index is clustered by the GPU k-means, so only the error
 // against dense is compared. "multipole-far-real": multipole with the far field at real
-// positions, on both devices.
+// positions, on both devices; "multipole-rerank": multipole re-ranking 4 x budget tokens' picks.
 class CudaClusteredPolicy : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaClusteredPolicy, ErrsAsMuchAsOnTheCpu) {
@@ -183,6 +183,9 @@ TEST_P(CudaClusteredPolicy, ErrsAsMuchAsOnTheCpu) {
   std::string name = GetParam();
   if (name == "multipole-far-real") {
     ac.far_field_real_positions = true;
+    name = "multipole";
+  } else if (name == "multipole-rerank") {
+    ac.rerank_tokens = 4 * ac.budget;
     name = "multipole";
   }
   const Errors e = run_side_by_side(name, ac);
@@ -195,7 +198,8 @@ TEST_P(CudaClusteredPolicy, ErrsAsMuchAsOnTheCpu) {
   EXPECT_LT(Errors::max(e.gpu_vs_dense), 2 * Errors::max(e.cpu_vs_dense) + 0.05);
 }
 
-INSTANTIATE_TEST_SUITE_P(Policies, CudaClusteredPolicy, ::testing::Values("multipole", "squeezed", "multipole-far-real"),
+INSTANTIATE_TEST_SUITE_P(Policies, CudaClusteredPolicy,
+                         ::testing::Values("multipole", "squeezed", "multipole-far-real", "multipole-rerank"),
                          policy_case_name);
 
 TEST(CudaAttentionPolicy, MultipoleWithABudgetOverEveryTokenIsDense) {
@@ -244,6 +248,17 @@ TEST(CudaAttentionPolicy, RefusesWhatTheKernelsCannotDo) {
   AttentionConfig bound = config();
   bound.coarse_radius_weight = 1.0f;
   EXPECT_THROW(cuda::make_cuda_attention_policy("multipole", bound), Error);
+  AttentionConfig rerank_far = config();
+  rerank_far.rerank_tokens = 512;
+  rerank_far.far_field_real_positions = true;
+  try {
+    cuda::make_cuda_attention_policy("multipole", rerank_far);
+    FAIL() << "re-ranking with the far field at real positions was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("rerank_tokens 512 with the far field at real positions is cpu-only"),
+              std::string::npos)
+        << e.what();
+  }
   EXPECT_THROW(cuda::make_cuda_attention_policy("nope", config()), Error);
   AttentionConfig wide = config();
   wide.head_dim = 96;

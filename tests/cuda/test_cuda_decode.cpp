@@ -780,16 +780,18 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
 // (logits of hundreds) and value centroids of 1000: an empty cluster must weigh nothing, in no
 // normaliser and no far field. far_real: the far field at real positions (the one-launch step
 // only without a fallback); expect_one_launch 0 / 1: whether the one-launch step must run (-1: any).
+// rerank: AttentionConfig::rerank_tokens (three kernels and the re-ranking launch).
 void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_centroid, int budget,
                              int coarse_budget, uint32_t seed, DType keys = DType::F32, DType kv = DType::BF16,
                              bool far_field = true, bool empties = false,
                              std::vector<int32_t>* fallbacks = nullptr, int page = 16,
                              int waves = CudaDecoder::kFusedWaves, bool far_real = false,
-                             int expect_one_launch = -1) {
+                             int expect_one_launch = -1, int rerank = 0) {
   SCOPED_TRACE(::testing::Message() << "G=" << G << " Hkv=" << Hkv << " D=" << D << " levels="
                                     << tokens_per_centroid.size() << " coarse_budget=" << coarse_budget
                                     << " keys=" << dtype_name(keys) << " kv=" << dtype_name(kv)
-                                    << " far_field=" << far_field << " far_real=" << far_real);
+                                    << " far_field=" << far_field << " far_real=" << far_real
+                                    << " rerank=" << rerank);
   std::mt19937 rng(seed);
   const std::vector<int64_t> lens = {small_scale() ? 1500 : 5000, 777, 97};
   const bool pow2_pages = (page & (page - 1)) == 0;
@@ -802,6 +804,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   ac.coarse_budget = coarse_budget;
   ac.multipole_far_field = far_field;
   ac.far_field_real_positions = far_real;
+  ac.rerank_tokens = rerank;
   ThreadPool pool(2);
   auto policy = make_attention_policy("multipole", ac);
   policy->update(su.cache.cpu, 0, su.cache.seqs, pool);
@@ -809,11 +812,12 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   const auto q = random_vector(size_t(B) * Hq * D, rng);
   std::vector<float> cpu_out(q.size());
   policy->decode(su.cache.cpu, 0, su.cache.seqs, q.data(), cpu_out.data(), pool);
-  if (far_real) {
-    // The comparison below must tell the two far fields apart: on the CPU they differ by far more
-    // than its tolerance in some head.
+  if (far_real || rerank) {
+    // The comparison below must tell the option from its absence: on the CPU the two outputs
+    // differ by far more than its tolerance in some head.
     AttentionConfig fixed = ac;
     fixed.far_field_real_positions = false;
+    fixed.rerank_tokens = 0;
     auto other = make_attention_policy("multipole", fixed);
     other->update(su.cache.cpu, 0, su.cache.seqs, pool);
     std::vector<float> fixed_out(q.size());
@@ -823,7 +827,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
       const std::vector<double> real(cpu_out.begin() + o, cpu_out.begin() + o + D);
       most = std::max(most, rel_error(fixed_out.data() + o, real));
     }
-    EXPECT_GT(most, 2e-2) << "the far field at real positions barely changes this case";
+    EXPECT_GT(most, 2e-2) << (rerank ? "re-ranking" : "the far field at real positions") << " barely changes this case";
   }
 
   std::vector<HostClusterLevel> entries;
@@ -871,6 +875,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     EXPECT_EQ(dec.plan_info().hierarchical, index.hierarchical());
     EXPECT_EQ(dec.plan_info().prescored, prescore == 1);
     EXPECT_EQ(dec.plan_info().far_real, far_real && far_field);
+    EXPECT_EQ(dec.plan_info().rerank, rerank > 0);
     DeviceFloats dq(q), dqs(qs), dout(q.size());
     dout.poison();
     dec.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), dout.ptr(), nullptr);
@@ -929,7 +934,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   }
   if (keys == DType::F32) return;
   const bool one_level_fits = index.hierarchical() || index.max_clusters() <= 2048;
-  bool one_launch = G <= 4 && D == 128 && keys == kv && budget <= 128 && pow2_pages && one_level_fits;
+  bool one_launch = G <= 4 && D == 128 && keys == kv && budget <= 128 && pow2_pages && one_level_fits && !rerank;
   if (one_launch && far_real) {
     // At real positions the one-launch step takes no fallback: over 512 candidates, three kernels.
     CudaDecoder probe(ac);
@@ -1008,12 +1013,14 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     dec.plan(su.dev, su.cache.seqs, &index);
     EXPECT_FALSE(dec.plan_info().fused);
     EXPECT_STRNE(dec.plan_info().fused_why, "");
-    if (!pow2_pages) {
+    if (rerank) {
+      EXPECT_STREQ(dec.plan_info().fused_why, "re-ranking (three-kernel step only)");
+    } else if (!pow2_pages) {
       EXPECT_STREQ(dec.plan_info().fused_why, "page size not a power of two");
     } else if (!one_level_fits) {
       EXPECT_STREQ(dec.plan_info().fused_why, "one level of over 2048 clusters in an entry");
     }
-    EXPECT_EQ(dec.multipole_launches(), far_real ? 4 : 3);
+    EXPECT_EQ(dec.multipole_launches(), 3 + (far_real ? 1 : 0) + (rerank ? 1 : 0));
   }
   // (One level outside the one-launch step's limits: the three-kernel step alone, nothing to compare.)
   ASSERT_GE(outs.size(), index.hierarchical() ? 2u : 1u);
@@ -1060,6 +1067,25 @@ TEST(CudaMultipole, FarFieldAtRealPositionsMatchesTheCpuPolicy) {
   compare_with_cpu_policy(4, 2, 128, {2}, 128, 0, 964, DType::F32, DType::F16, true, true, nullptr, 16, k, true);
   compare_with_cpu_policy(3, 2, 128, {16, 64}, 64, 256, 965, DType::F16, DType::F16, true, false, nullptr, 16, k, true, 1);
   compare_with_cpu_policy(4, 2, 128, {16}, 128, 0, 966, DType::BF16, DType::BF16, true, false, nullptr, 16, k, true, 1);
+}
+
+// Re-ranking (AttentionConfig::rerank_tokens) against the CPU policy with it: f32 centroids at
+// one and two levels, an odd group at d 64 with an f16 cache, squeezed, clusters of 2 tokens with
+// an empty one; 16-bit centroids with empty clusters at two levels (prescored or not: the same
+// step). Each case first checks that re-ranking changes the CPU's output beyond the tolerance.
+TEST(CudaMultipole, RerankMatchesTheCpuPolicy) {
+  REQUIRE_GPU();
+  const auto k = CudaDecoder::kFusedWaves;
+  compare_with_cpu_policy(4, 2, 128, {16}, 64, 0, 970, DType::F32, DType::BF16, true, false, nullptr, 16, k, false, 0, 256);
+  compare_with_cpu_policy(4, 2, 128, {16, 128}, 64, 512, 971, DType::F32, DType::BF16, true, false, nullptr, 16, k,
+                          false, 0, 256);
+  compare_with_cpu_policy(5, 1, 64, {8, 64}, 48, 256, 972, DType::F32, DType::F16, true, false, nullptr, 16, k, false, 0,
+                          200);
+  compare_with_cpu_policy(4, 2, 128, {16}, 64, 0, 973, DType::F32, DType::BF16, false, false, nullptr, 16, k, false, 0,
+                          256);
+  compare_with_cpu_policy(4, 2, 128, {2}, 32, 0, 974, DType::F32, DType::F16, true, true, nullptr, 16, k, false, 0, 100);
+  compare_with_cpu_policy(4, 2, 128, {16, 64}, 64, 0, 975, DType::BF16, DType::BF16, true, true, nullptr, 16, k, false, 0,
+                          512);
 }
 
 TEST(CudaMultipole, TwoLevelsCandidatesOnTensorCores) {

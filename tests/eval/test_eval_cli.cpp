@@ -530,6 +530,19 @@ TEST_F(CudaEvalCli, PoliciesDecodeOnTheGpu) {
     if (r["policy"] == "multipole") {
       EXPECT_NE(r["num"]["err_mean"].get<double>(), far_recs[0]["num"]["err_mean"].get<double>()) << r.dump();
     }
+  // Re-ranking on the GPU: multipole's outputs move, and its records say so.
+  CliRun rerank = run_eval_cli("--model " + model + " --suite fidelity --texts " + text +
+                                   " --prefix 16 --policies multipole --device cuda --rerank-tokens 16 --budgets 4"
+                                   " --json --out " + dir + "/rerank" + kSmall,
+                               dir);
+  ASSERT_EQ(rerank.code, 0) << rerank.err;
+  const auto rerank_recs = read_jsonl(dir + "/rerank/results.jsonl");
+  ASSERT_EQ(rerank_recs.size(), 1u);
+  EXPECT_NE(rerank_recs[0]["str"]["settings"].get<std::string>().find("rerank_tokens=16"), std::string::npos);
+  for (const json& r : fixed_recs)
+    if (r["policy"] == "multipole") {
+      EXPECT_NE(r["num"]["err_mean"].get<double>(), rerank_recs[0]["num"]["err_mean"].get<double>()) << r.dump();
+    }
   // Through the engine (agreement generates): greedy output identical to dense's.
   CliRun a = run_eval_cli("--model " + model + " --suite agreement --datasets arith --limit 1 -n 40 --budgets 1024 "
                               "--device cuda --out " + dir + "/a --json" + kSmall,

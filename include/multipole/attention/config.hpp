@@ -60,7 +60,8 @@ struct AttentionConfig {
   // rerank_tokens tokens, their members' keys are read and scored exactly (the real query at
   // the real positions), and those exact masses choose the clusters that fill the budget; the
   // far field gives an unchosen candidate its exact mass (with its value centroid). 0: off;
-  // otherwise > budget. CPU only for now.
+  // otherwise > budget. CUDA: in the three-kernel step (one launch more), not with the far field
+  // at real positions.
   int rerank_tokens = 0;
   double score_position = 2048;      // fixed query position for centroid scoring
   ClusterConfig cluster;

@@ -15,7 +15,10 @@
 // real query against each far cluster's key centroid rotated to its members' mean position (the
 // index's position sums), the selection's from q_score as always: in the three-kernel step one
 // launch more, between the selection and the attention, over the far clusters only; in the
-// one-launch step, in that kernel (RoPE over all dims, no fallback). All launches of a step are
+// one-launch step, in that kernel (RoPE over all dims, no fallback). With config.rerank_tokens
+// (the CPU policy's re-ranking) the finest selection runs under rerank_tokens and one launch more
+// (rerank.cuh) scores its picks' members exactly and chooses under the budget: three-kernel step
+// only. All launches of a step are
 // asynchronous on the given stream and capturable in a CUDA graph once planned.
 #include <cstdint>
 #include <span>
@@ -39,6 +42,7 @@ struct DecodePlanInfo {
   int far_cap = 0;            // far-list capacity per entry (two-level)
   bool far_real = false;      // the far field at real positions (three kernels: one launch more)
   int far_items = 0;          // its estimate of the far clusters of an entry (sizes its grid)
+  bool rerank = false;        // config.rerank_tokens: one launch more between selection and attention
   // The step runs in one launch (fused_step.cuh: one 16-CTA cluster per entry) where it holds:
   // head dim 128, G <= 4, keys in the cache's type, budget <= 128, pages of a power-of-two
   // size, <= 512 exact rows per entry, two levels of <= 2048 coarse and <= 16384 fine clusters
@@ -58,8 +62,8 @@ struct DecodePlanInfo {
 class CudaDecoder {
  public:
   // Uses num_q_heads, num_kv_heads, head_dim (64 or 128), softmax_scale(), budget,
-  // cluster.sinks, multipole_far_field, far_field_real_positions and rope (for the latter).
-  // Throws on unsupported shapes.
+  // cluster.sinks, multipole_far_field, far_field_real_positions and rope (for the latter),
+  // rerank_tokens. Throws on unsupported shapes and options.
   explicit CudaDecoder(const AttentionConfig& config);
 
   // Plans the next step(s) for `seqs` from the lengths the cache mirror holds on the host:
@@ -91,7 +95,8 @@ class CudaDecoder {
   static constexpr int kMultipoleLaunches = 3;
   int multipole_launches() const {
     // A fused_fallback step: the one-launch kernel, then selection and attention for what it left.
-    return info_.fused ? (info_.fused_fallback ? 3 : 1) : kMultipoleLaunches + (info_.far_real ? 1 : 0);
+    return info_.fused ? (info_.fused_fallback ? 3 : 1)
+                       : kMultipoleLaunches + (info_.far_real ? 1 : 0) + (info_.rerank ? 1 : 0);
   }
   // Tests and A/B: whether plan() may choose the one-launch step (default: yes, unless the
   // environment sets MULTIPOLE_FUSED=0). Takes effect at the next plan().
@@ -180,6 +185,9 @@ class CudaDecoder {
   // The far field at real positions: RoPE frequencies [half] (f64) and the far clusters' logits
   // against the real q [total_clusters, G].
   DeviceBuffer inv_freq_, far_scores_;
+  // Re-ranking (config.rerank_tokens = R): the finest selection's picks [E, R], their count [E]
+  // and its normalisers [E, G, 2].
+  DeviceBuffer rerank_ids_, rerank_n_, rerank_norms_;
   int rope_half_ = 0;
   int64_t index_clusters_ = 0;
   int smem_clusters_ = 0;

@@ -62,7 +62,7 @@ struct EvalOptions {
   bool select_by_mass = false;     // multipole/squeezed: clusters selected by exact attention mass (experiment; cpu)
   bool mass_at_score_position = false;  // ... that mass with every key at the scoring position
   bool score_with_spread = false;  // multipole/squeezed: centroid logits + the members' spread term (experiment; cpu)
-  int rerank_tokens = 0;           // multipole/squeezed: candidates re-ranked by their members' exact logits (cpu)
+  int rerank_tokens = 0;           // multipole/squeezed: candidates re-ranked by their members' exact logits
   std::string device = "cpu";      // where the compared policies decode; dense, the reference, stays on the cpu
 
   // fidelity
