@@ -271,10 +271,14 @@ void launch_select_hier(const SelectArgs& a, int entries, Stream stream);
 // Re-ranks the finest selection's picks (SelectArgs::rerank): after launch_select or
 // launch_select_hier with the same arguments; kv_dtype: the cache's 16-bit type.
 void launch_rerank(const SelectArgs& a, DType kv_dtype, int entries, Stream stream);
-// Its dynamic shared memory for picks worth up to `tokens` tokens.
+// Key rows the re-ranking stages at a time (two buffers).
+constexpr int kRerankChunk = 128;
+// Its dynamic shared memory for picks worth up to `tokens` tokens: the staged rows, q, logits and
+// masses, then the picks' lists.
 constexpr size_t rerank_smem_bytes(int tokens, int group, int head_dim) {
   const size_t r = size_t(tokens);
-  return (2 * (r + r / 32 + 1) + 5 * r + 1) * 4 + size_t(group) * (size_t(head_dim) + 2 * r) * 4;
+  return 2 * size_t(kRerankChunk) * (2 * size_t(head_dim) + 16) + size_t(group) * (size_t(head_dim) + 2 * r) * 4 +
+         (2 * (r + r / 32 + 1) + 5 * r + 1) * 4;
 }
 // Dynamic shared memory of the selection kernel for entries of up to `clusters` clusters
 // (key and size padded by one word per 32, list offset); it also holds 16 KB of static

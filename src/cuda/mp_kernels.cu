@@ -178,9 +178,11 @@ void launch_select_hier(const SelectArgs& a, int entries, Stream stream) {
 }
 
 void launch_rerank(const SelectArgs& a, DType kv_dtype, int entries, Stream stream) {
-  static size_t configured[2] = {};
-  const int k = kv_dtype == DType::F16 ? 1 : 0;
-  void (*const kernels[2])(SelectArgs) = {rerank_kernel<__nv_bfloat16>, rerank_kernel<__half>};
+  static size_t configured[4] = {};
+  // [head dim 64, 128][bf16, f16]
+  const int k = (a.head_dim == 64 ? 0 : 2) + (kv_dtype == DType::F16 ? 1 : 0);
+  void (*const kernels[4])(SelectArgs) = {rerank_kernel<64, __nv_bfloat16>, rerank_kernel<64, __half>,
+                                          rerank_kernel<128, __nv_bfloat16>, rerank_kernel<128, __half>};
   launch_select_kernel(kernels[k], rerank_smem_bytes(a.rerank, a.group, a.head_dim), configured[k], a, entries, stream);
 }
 

@@ -15,27 +15,29 @@
 
 namespace multipole::cuda::detail {
 
-// KT: the cache's 16-bit type (the keys read here).
-template <class KT>
+// D: head dim (64 or 128); KT: the cache's 16-bit type (the keys read here).
+template <int D, class KT>
 __global__ void __launch_bounds__(kSelectThreads) rerank_kernel(const SelectArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   MP_SELECT_SHARED;
   __shared__ float s_M[16], s_invZ[16];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int e = blockIdx.x, Hkv = a.num_kv_heads, G = a.group, D = a.head_dim, R = a.rerank;
+  const int e = blockIdx.x, Hkv = a.num_kv_heads, G = a.group, R = a.rerank;
   const int b = e / Hkv, h = e % Hkv;
   const int rpad = pad(R) + 1;
-  uint32_t* key = reinterpret_cast<uint32_t*>(smem);  // [pad(k)] f32 bits of the exact importance
+  constexpr int kStride = 2 * D + 16;                 // bytes a staged row (+16: ldmatrix rows in distinct banks)
+  uint8_t* stage = smem;                              // [2][kRerankChunk] key rows
+  float* s_q = reinterpret_cast<float*>(stage + 2 * kRerankChunk * kStride);  // [G, D] q * qscale
+  float* logit = s_q + G * D;                         // [G, R] exact logits, token t at [g * R + t]
+  float* mass = logit + G * R;                        // [k, G] exact masses 2^(l - M') summed
+  uint32_t* key = reinterpret_cast<uint32_t*>(mass + G * R);  // [pad(k)] f32 bits of the exact importance
   int* size = reinterpret_cast<int*>(key + rpad);     // [pad(k)] n; -n once chosen
   int* list_off = size + rpad;                        // [k] (write_exact_rows)
   int* off = list_off + R;                            // [k + 1] first token of pick j
   int* cid = off + R + 1;                             // [k] global cluster ids
   int* mb = cid + R;                                  // [k] member list starts
   int* prow = mb + R;                                 // [T] pool rows of the picks' members
-  float* s_q = reinterpret_cast<float*>(prow + R);    // [G, D] q * qscale
-  float* logit = s_q + G * D;                         // [G, R] exact logits, token t at [g * R + t]
-  float* mass = logit + G * R;                        // [k, G] exact masses 2^(l - M') summed
 
   pdl_trigger();  // the attention kernel may load its queries (it waits for our writes)
   EntryRows rows(a, e);
@@ -74,7 +76,7 @@ __global__ void __launch_bounds__(kSelectThreads) rerank_kernel(const SelectArgs
   __syncthreads();
 
   // 1. Pool rows of the members (each thread's tokens: positions, then pages, each batch of
-  // loads in flight together), then the logits: D / 8 lanes a row, 8 elements a lane.
+  // loads in flight together).
   constexpr int kTok = 4;
 #pragma unroll 1
   for (int t0 = tid; t0 < T; t0 += kTok * kSelectThreads) {
@@ -100,36 +102,57 @@ __global__ void __launch_bounds__(kSelectThreads) rerank_kernel(const SelectArgs
       if (pos[u] >= 0) prow[t0 + u * kSelectThreads] = rows.row_of(pos[u]);
   }
   __syncthreads();
+  // The logits on tensor cores (mma_rows_three_part: q in three 16-bit parts, f32-class): the
+  // key rows staged kRerankChunk at a time by cp.async, the next chunk in flight while this one
+  // is scored, a warp a 16-row tile and eight heads at a time. (Lanes over the dimensions with
+  // FMAs and shuffle reductions took ~28 us for 512 rows at b1 on an H100; gpu-notes item 54.)
   {
-    const int lpr = D / 8, rpw = 32 / lpr;  // lanes a row, rows a warp at a time
-    const int sub = lane % lpr, r_in = lane / lpr;
-    constexpr int U = 8;  // rows a lane has in flight
+    const int gid = lane >> 2, tig = lane & 3, chunks = (T + kRerankChunk - 1) / kRerankChunk;
+    constexpr int kPieces = D / 8;  // 16-byte pieces a row
+    auto stage_chunk = [&](int c) {
+      const int t0 = c * kRerankChunk, n = min(kRerankChunk, T - t0);
+      uint8_t* buf = stage + (c & 1) * kRerankChunk * kStride;
 #pragma unroll 1
-    for (int t0 = warp * rpw * U; t0 < T; t0 += kSelectWarps * rpw * U) {
-      uint4 kv[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int t = t0 + u * rpw + r_in;
-        kv[u] = t < T ? __ldg(reinterpret_cast<const uint4*>(a.keys + (int64_t(prow[t]) * D + sub * 8) * 2))
-                      : make_uint4(0, 0, 0, 0);
+      for (int i = tid; i < n * kPieces; i += kSelectThreads) {
+        const int r = i / kPieces, p = i - r * kPieces;
+        cp_async16(buf + r * kStride + p * 16, a.keys + (int64_t(prow[t0 + r]) * D + p * 8) * 2, true);
       }
+      cp_async_commit();
+    };
+    if (chunks > 0) stage_chunk(0);
 #pragma unroll 1
-      for (int g = 0; g < G; ++g) {
-        const float* q = s_q + g * D + sub * 8;
+    for (int c = 0; c < chunks; ++c) {
+      if (c + 1 < chunks) {
+        stage_chunk(c + 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      const uint8_t* buf = stage + (c & 1) * kRerankChunk * kStride;
+      const int t0 = c * kRerankChunk, n = min(kRerankChunk, T - t0);
+#pragma unroll 1
+      for (int tile = warp; 16 * tile < n; tile += kSelectWarps) {
+        // The lane's ldmatrix row; rows past n read row n - 1 (their logits are dropped).
+        const int r = min(16 * tile + (lane & 7) + ((lane >> 3) & 1) * 8, n - 1);
+#pragma unroll 1
+        for (int g0 = 0; g0 < G; g0 += 8) {
+          float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          mma_rows_three_part<D, KT>(
+              d, min(8, G - g0), [&](int g, int x) { return *reinterpret_cast<const float2*>(s_q + (g0 + g) * D + x); },
+              [&](int ks) { return buf + r * kStride + (ks * 2 + (lane >> 4)) * 16; });
+          const int r0 = 16 * tile + gid;
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const KT* x = reinterpret_cast<const KT*>(&kv[u]);
-          float acc = 0.0f;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc = fmaf(q[i], float(x[i]), acc);
-          for (int o = lpr / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-          const int t = t0 + u * rpw + r_in;
-          if (sub == 0 && t < T) logit[g * R + t] = acc;
+          for (int hh = 0; hh < 2; ++hh)
+            if (const int g = g0 + 2 * tig + hh; g < G) {
+              if (r0 < n) logit[g * R + t0 + r0] = d[hh];
+              if (r0 + 8 < n) logit[g * R + t0 + r0 + 8] = d[2 + hh];
+            }
         }
       }
+      __syncthreads();  // this buffer is staged again two chunks on
     }
   }
-  __syncthreads();
 
   // 2. Per head (warp g): M' = max(M, the largest exact logit); then each pick's exact mass.
 #pragma unroll 1
@@ -146,14 +169,13 @@ __global__ void __launch_bounds__(kSelectThreads) rerank_kernel(const SelectArgs
   }
   __syncthreads();
 #pragma unroll 1
-  for (int j = tid; j < k; j += kSelectThreads)
+  for (int i = tid; i < k * G; i += kSelectThreads) {  // a thread a (pick, head)
+    const int j = i / G, g = i - j * G;
+    float s = 0.0f;
 #pragma unroll 1
-    for (int g = 0; g < G; ++g) {
-      float s = 0.0f;
-#pragma unroll 1
-      for (int t = off[j]; t < off[j + 1]; ++t) s += fast_exp2(logit[g * R + t] - s_M[g]);
-      mass[j * G + g] = s;
-    }
+    for (int t = off[j]; t < off[j + 1]; ++t) s += fast_exp2(logit[g * R + t] - s_M[g]);
+    mass[i] = s;
+  }
   __syncthreads();
   // Z' = Z + sum_j (e_j - n_j 2^(x_j - M')), in pick order per lane, then over the lanes.
 #pragma unroll 1
