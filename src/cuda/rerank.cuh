@@ -86,15 +86,8 @@ __global__ void __launch_bounds__(kSelectThreads) rerank_kernel(const SelectArgs
       const int t = t0 + u * kSelectThreads;
       pos[u] = -1;
       if (t < T) {
-        int lo_j = 0, hi_j = k - 1;  // the pick holding token t: largest j with off[j] <= t
-        while (lo_j < hi_j) {
-          const int mid = (lo_j + hi_j + 1) >> 1;
-          if (off[mid] <= t)
-            lo_j = mid;
-          else
-            hi_j = mid - 1;
-        }
-        pos[u] = a.members[mb[lo_j] + (t - off[lo_j])];
+        const int j = last_at_or_below(off, k, t);  // the pick holding token t
+        pos[u] = a.members[mb[j] + (t - off[j])];
       }
     }
 #pragma unroll

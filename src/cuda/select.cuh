@@ -69,6 +69,19 @@ struct EntryRows {
   __device__ int row_of(int pos) const { return (table[pos / P] * Hkv + h) * P + pos % P; }
 };
 
+// The largest k < n with off[k] <= x (off ascending, off[0] <= x): the list holding token x.
+__device__ __forceinline__ int last_at_or_below(const int* off, int n, int x) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (off[mid] <= x)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
 // Exact rows of entry e: sinks, members of the selected clusters (size[pad(i)] < 0, i < C,
 // in i order; cluster_of(i) is its global id), window. scratch: [C] ints (overwritten),
 // list_off: [C]. r: the entry's sinks and window (this thread's row looked up early).
@@ -110,14 +123,7 @@ __device__ void write_exact_rows(const SelectArgs& a, int e, const int* size, in
   __syncthreads();
 #pragma unroll 1
   for (int j = tid; j < nsel && nsink + j < cap; j += kSelectThreads) {
-    int lo_k = 0, hi_k = nclusters - 1;  // largest k with list_off[k] <= j
-    while (lo_k < hi_k) {
-      const int mid = (lo_k + hi_k + 1) >> 1;
-      if (list_off[mid] <= j)
-        lo_k = mid;
-      else
-        hi_k = mid - 1;
-    }
+    const int lo_k = last_at_or_below(list_off, nclusters, j);
     rows[nsink + j] = row_of(a.members[list_mb[lo_k] + (j - list_off[lo_k])]);
   }
   const int mine = tid - r.first;  // the sink/window row this thread looked up early
