@@ -543,6 +543,14 @@ TEST_F(CudaEvalCli, PoliciesDecodeOnTheGpu) {
     if (r["policy"] == "multipole") {
       EXPECT_NE(r["num"]["err_mean"].get<double>(), rerank_recs[0]["num"]["err_mean"].get<double>()) << r.dump();
     }
+  // More picks than the re-ranking kernel's shared memory holds: a clean refusal that says so.
+  CliRun huge = run_eval_cli("--model " + model + " --suite fidelity --texts " + text +
+                                 " --prefix 16 --policies multipole --device cuda --rerank-tokens 100000 --budgets 4"
+                                 " --out " + dir + "/huge" + kSmall,
+                             dir);
+  EXPECT_NE(huge.code, 0);
+  EXPECT_NE(huge.err.find("rerank_tokens 100000 needs"), std::string::npos) << huge.err;
+  EXPECT_NE(huge.err.find("of shared memory"), std::string::npos) << huge.err;
   // Through the engine (agreement generates): greedy output identical to dense's.
   CliRun a = run_eval_cli("--model " + model + " --suite agreement --datasets arith --limit 1 -n 40 --budgets 1024 "
                               "--device cuda --out " + dir + "/a --json" + kSmall,
