@@ -586,7 +586,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         rerank.plan(dev, seqs, &index);
         const int64_t extra = int64_t(E) * rr.rerank_tokens * (row + 8);
         emit("mp-rerank", [&](cudaStream_t s) { rerank.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes + extra,
-             rerank.multipole_launches(), rerank.plan_info().mp_ctas);
+             rerank.multipole_launches(), step_ctas(rerank, E));
       }
       {
         // GPU baselines on the same cache: quest (page bounds built before timing; its

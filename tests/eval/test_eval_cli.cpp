@@ -517,37 +517,29 @@ TEST_F(CudaEvalCli, PoliciesDecodeOnTheGpu) {
   for (const json& f : small_doc["fidelity"]) EXPECT_GT(f["err_mean"].get<double>(), 1e-3) << f.dump();
   for (const json& r : read_jsonl(dir + "/small/results.jsonl"))
     EXPECT_NE(r["str"]["settings"].get<std::string>().find("device=cuda"), std::string::npos) << r.dump();
-  // The far field at real positions on the GPU: multipole's outputs move, and its records say so.
-  CliRun far = run_eval_cli("--model " + model + " --suite fidelity --texts " + text +
-                                " --prefix 16 --policies multipole --device cuda --far-real-positions --budgets 4"
-                                " --json --out " + dir + "/far" + kSmall,
-                            dir);
-  ASSERT_EQ(far.code, 0) << far.err;
-  const auto fixed_recs = read_jsonl(dir + "/small/results.jsonl"), far_recs = read_jsonl(dir + "/far/results.jsonl");
-  ASSERT_EQ(far_recs.size(), 1u);
-  EXPECT_NE(far_recs[0]["str"]["settings"].get<std::string>().find("far_field=real"), std::string::npos);
-  for (const json& r : fixed_recs)
-    if (r["policy"] == "multipole") {
-      EXPECT_NE(r["num"]["err_mean"].get<double>(), far_recs[0]["num"]["err_mean"].get<double>()) << r.dump();
-    }
-  // Re-ranking on the GPU: multipole's outputs move, and its records say so.
-  CliRun rerank = run_eval_cli("--model " + model + " --suite fidelity --texts " + text +
-                                   " --prefix 16 --policies multipole --device cuda --rerank-tokens 16 --budgets 4"
-                                   " --json --out " + dir + "/rerank" + kSmall,
-                               dir);
-  ASSERT_EQ(rerank.code, 0) << rerank.err;
-  const auto rerank_recs = read_jsonl(dir + "/rerank/results.jsonl");
-  ASSERT_EQ(rerank_recs.size(), 1u);
-  EXPECT_NE(rerank_recs[0]["str"]["settings"].get<std::string>().find("rerank_tokens=16"), std::string::npos);
-  for (const json& r : fixed_recs)
-    if (r["policy"] == "multipole") {
-      EXPECT_NE(r["num"]["err_mean"].get<double>(), rerank_recs[0]["num"]["err_mean"].get<double>()) << r.dump();
-    }
+  // Multipole alone on the GPU at budget 4 with one option more (its flags), into dir/out.
+  const std::string one_multipole = "--model " + model + " --suite fidelity --texts " + text +
+                                    " --prefix 16 --policies multipole --device cuda --budgets 4" + kSmall;
+  const auto fixed_recs = read_jsonl(dir + "/small/results.jsonl");
+  // An option multipole's outputs must move with, whose records must name it (`setting`).
+  const auto expect_option_moves_multipole = [&](const std::string& flags, const std::string& out,
+                                                 const std::string& setting) {
+    SCOPED_TRACE(flags);
+    CliRun run = run_eval_cli(one_multipole + " " + flags + " --json --out " + dir + "/" + out, dir);
+    ASSERT_EQ(run.code, 0) << run.err;
+    const auto recs = read_jsonl(dir + "/" + out + "/results.jsonl");
+    ASSERT_EQ(recs.size(), 1u);
+    EXPECT_NE(recs[0]["str"]["settings"].get<std::string>().find(setting), std::string::npos);
+    for (const json& r : fixed_recs)
+      if (r["policy"] == "multipole") {
+        EXPECT_NE(r["num"]["err_mean"].get<double>(), recs[0]["num"]["err_mean"].get<double>()) << r.dump();
+      }
+  };
+  // The far field at real positions and re-ranking on the GPU.
+  expect_option_moves_multipole("--far-real-positions", "far", "far_field=real");
+  expect_option_moves_multipole("--rerank-tokens 16", "rerank", "rerank_tokens=16");
   // More picks than the re-ranking kernel's shared memory holds: a clean refusal that says so.
-  CliRun huge = run_eval_cli("--model " + model + " --suite fidelity --texts " + text +
-                                 " --prefix 16 --policies multipole --device cuda --rerank-tokens 100000 --budgets 4"
-                                 " --out " + dir + "/huge" + kSmall,
-                             dir);
+  CliRun huge = run_eval_cli(one_multipole + " --rerank-tokens 100000 --out " + dir + "/huge", dir);
   EXPECT_NE(huge.code, 0);
   EXPECT_NE(huge.err.find("rerank_tokens 100000 needs"), std::string::npos) << huge.err;
   EXPECT_NE(huge.err.find("of shared memory"), std::string::npos) << huge.err;
