@@ -578,8 +578,9 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         if (far_real.plan_info().fused) emit_three("mp-far-real-3launch", index, mp_bytes + extra, &fr);
       }
       {
-        // Re-ranking picks worth 4 x budget tokens (three kernels and one launch more; compare with
-        // mp-3launch): bytes, each pick member's key row, member id and page id.
+        // Re-ranking picks worth 4 x budget tokens (in the one-launch step where it holds, with
+        // mp-rerank-3launch beside it: three kernels and one launch more; compare with multipole
+        // and mp-3launch): bytes, each pick member's key row, member id and page id.
         AttentionConfig rr = ac;
         rr.rerank_tokens = 4 * o.budget;
         CudaDecoder rerank(rr);
@@ -587,6 +588,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         const int64_t extra = int64_t(E) * rr.rerank_tokens * (row + 8);
         emit("mp-rerank", [&](cudaStream_t s) { rerank.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes + extra,
              rerank.multipole_launches(), step_ctas(rerank, E));
+        if (rerank.plan_info().fused) emit_three("mp-rerank-3launch", index, mp_bytes + extra, &rr);
       }
       {
         // GPU baselines on the same cache: quest (page bounds built before timing; its

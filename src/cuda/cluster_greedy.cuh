@@ -14,7 +14,7 @@ namespace multipole::cuda::detail::cluster_step {
 constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kG = 4;  // query heads of a group held per cluster logit (float4); fewer are padded
 constexpr int kKeyIndexLimit = 2048;  // indices a key can hold (its 16 index bits count down from here)
-constexpr int kMaxPicks = 128;        // picks whose rows a selection lists (warp 0 scans them 4 a lane)
+constexpr int kMaxPicks = 128;        // picks whose rows a selection lists by default (warp 0 scans them 4 a lane)
 constexpr int kRoundsBeforeBatch = 2; // greedy_select<..., Walk = 2>: one-pick rounds before walk_batched
 
 // A cluster's importance per token: sum_g 2^(x_g - gmax_g) / Z_g (gzinv_g = 1 / Z_g; 0 for a
@@ -45,15 +45,18 @@ __host__ __device__ __forceinline__ int key_index(unsigned long long key) {
 __host__ __device__ __forceinline__ int key_size(unsigned long long key) { return int(key & 0xffffu); }
 
 // Shared memory of one selection over at most Keys indices. After greedy_select: picks
-// [0, n_picks) in walk order (the first kMaxPicks of them listed), pick k of index pick_j[k]
+// [0, n_picks) in walk order (the first Picks of them listed), pick k of index pick_j[k]
 // with payload pick_first[k] (a member offset) and rows [pick_row[k], pick_row[k + 1]);
-// selected_bits marks every picked index.
-template <int Keys>
+// selected_bits marks every picked index. (Picks 512: the one-launch step's re-ranking lists
+// picks worth up to 512 tokens.)
+template <int Keys, int Picks = kMaxPicks>
 struct Greedy {
+  static_assert(Picks % 128 == 0, "warp 0 scans the listed picks' rows, Picks / 32 a lane");
+  static constexpr int kPicks = Picks;
   int hist[256], digit_info[3], warp_count[kWarps];
   unsigned long long best[2][kWarps];
-  int pick_j[kMaxPicks], pick_first[kMaxPicks], pick_row[kMaxPicks + 1], n_picks, prefix_picks;
-  int all_picks, all_prefix_picks;  // not capped at kMaxPicks (diagnostics)
+  int pick_j[Picks], pick_first[Picks], pick_row[Picks + 1], n_picks, prefix_picks;
+  int all_picks, all_prefix_picks;  // not capped at Picks (diagnostics)
   uint32_t selected_bits[Keys / 32];
 
   __device__ bool selected(int j) const { return (selected_bits[j / 32] >> (j % 32)) & 1u; }
@@ -94,8 +97,8 @@ struct WalkScratch {
 // them in order (taken if it fits, else skipped for good), and the next round looks below L.
 // A round settles at least one key (the largest) and typically many. Same picks, listing and
 // bits as the one-pick rounds.
-template <int Owned, int Keys>
-__device__ void walk_batched(const unsigned long long (&key)[Owned], const int (&payload)[Owned], Greedy<Keys>& gs,
+template <int Owned, int Keys, int Picks>
+__device__ void walk_batched(const unsigned long long (&key)[Owned], const int (&payload)[Owned], Greedy<Keys, Picks>& gs,
                              int& room, int& rows, int& picks, unsigned long long& below) {
   static_assert(sizeof(WalkScratch) <= sizeof(gs.hist), "the walk's scratch lives in hist[]");
   WalkScratch& ws = *reinterpret_cast<WalkScratch*>(gs.hist);
@@ -173,7 +176,7 @@ __device__ void walk_batched(const unsigned long long (&key)[Owned], const int (
       if (mine_taken) {
         const int j = key_index(k);
         atomicOr(&gs.selected_bits[j / 32], 1u << (j % 32));
-        if (at < kMaxPicks) gs.pick_first[at] = p, gs.pick_j[at] = j, gs.pick_row[at] = rows + size_before;
+        if (at < Picks) gs.pick_first[at] = p, gs.pick_j[at] = j, gs.pick_row[at] = rows + size_before;
       }
       if (lane == 0) {
         ws.picks = picks + __popc(taken), ws.rows = rows + (room - left), ws.room = left;
@@ -204,9 +207,9 @@ __device__ void walk_batched(const unsigned long long (&key)[Owned], const int (
 // returns with the picks in gs (key[] is not for use after the call: the batched walk leaves
 // its picks there); radix_done() runs after the passes, taken_done() after the keys taken at
 // once (profile marks).
-template <bool Radix, int Walk = 0, int Owned, int Keys, class RadixDone, class TakenDone>
+template <bool Radix, int Walk = 0, int Owned, int Keys, int Picks, class RadixDone, class TakenDone>
 __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payload)[Owned], int budget, int window,
-                              Greedy<Keys>& gs, const RadixDone& radix_done, const TakenDone& taken_done) {
+                              Greedy<Keys, Picks>& gs, const RadixDone& radix_done, const TakenDone& taken_done) {
   static_assert(Owned * kThreads <= Keys && Keys <= kKeyIndexLimit, "keys beyond the selection's bits");
   static_assert(kThreads == 256, "one digit of hist[] per thread");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -305,22 +308,27 @@ __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payl
     for (int r = 0; r < Owned; ++r)
       if ((taken >> r) & 1u) {
         const int j = tid + r * kThreads;
-        if (k < kMaxPicks) gs.pick_first[k] = payload[r], gs.pick_j[k] = j, gs.pick_row[k] = key_size(key[r]);
+        if (k < Picks) gs.pick_first[k] = payload[r], gs.pick_j[k] = j, gs.pick_row[k] = key_size(key[r]);
         atomicOr(&gs.selected_bits[j / 32], 1u << (j % 32));
         key[r] = 0, ++k;
       }
     __syncthreads();
     picks = total;
     if (warp == 0) {
-      // pick_row: sizes -> first row of each listed pick (exclusive scan, 4 picks a lane).
-      int v[4], s = 0;
+      // pick_row: sizes -> first row of each listed pick (exclusive scan, L picks a lane; read
+      // twice rather than held: 16 registers a lane at Picks 512 spilled the step).
+      constexpr int L = Picks / 32;
+      int s = 0;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = 4 * lane + i < min(picks, kMaxPicks) ? gs.pick_row[4 * lane + i] : 0, s += v[i];
+      for (int i = 0; i < L; ++i) s += L * lane + i < min(picks, Picks) ? gs.pick_row[L * lane + i] : 0;
       const int inc = multipole::cuda::detail::warp_inclusive_sum(s);
       int acc = inc - s;
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        if (4 * lane + i < min(picks, kMaxPicks)) gs.pick_row[4 * lane + i] = acc, acc += v[i];
+      for (int i = 0; i < L; ++i)
+        if (L * lane + i < min(picks, Picks)) {
+          const int v = gs.pick_row[L * lane + i];
+          gs.pick_row[L * lane + i] = acc, acc += v;
+        }
     }
     __syncthreads();
     rows = above, room = budget - above;
@@ -353,16 +361,16 @@ __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payl
     for (int r = 0; r < Owned; ++r)  // (a constant index keeps key[] and payload[] in registers)
       if (j == tid + r * kThreads) {
         key[r] = 0;
-        if (picks < kMaxPicks) gs.pick_first[picks] = payload[r];
+        if (picks < Picks) gs.pick_first[picks] = payload[r];
         gs.selected_bits[j / 32] |= 1u << (j % 32);  // one writer a round; the rounds' barriers order them
       }
-    if (tid == 0 && picks < kMaxPicks) gs.pick_row[picks] = rows, gs.pick_j[picks] = j;
+    if (tid == 0 && picks < Picks) gs.pick_row[picks] = rows, gs.pick_j[picks] = j;
     rows += n, room -= n;
   }
-  // Rows are listed only when every pick is (picks <= kMaxPicks: a budget of at most 128 tokens).
+  // Rows are listed only when every pick is (picks <= Picks: a budget of at most Picks tokens).
   if (tid == 0) {
-    gs.pick_row[min(picks, kMaxPicks)] = rows, gs.n_picks = min(picks, kMaxPicks);
-    gs.prefix_picks = min(prefix_picks, kMaxPicks), gs.all_picks = picks, gs.all_prefix_picks = prefix_picks;
+    gs.pick_row[min(picks, Picks)] = rows, gs.n_picks = min(picks, Picks);
+    gs.prefix_picks = min(prefix_picks, Picks), gs.all_picks = picks, gs.all_prefix_picks = prefix_picks;
   }
   __syncthreads();
 }

@@ -342,7 +342,7 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   const int E = index.entries();
   const auto why = [&](const char* reason) { info_.fused_why = reason; };
   if (!fused_allowed_) return why("turned off (MULTIPOLE_FUSED=0 or set_fused(false))");
-  if (info_.rerank) return why("re-ranking (three-kernel step only)");
+  if (info_.rerank && config_.rerank_tokens > L::kMaxRerank) return why("re-ranking over 512 tokens");
   if (config_.head_dim != L::kHeadDim) return why("head dim is not 128");
   if (info_.far_real && 2 * rope_half_ != L::kHeadDim)
     return why("far field at real positions with RoPE on part of the head dims");
@@ -362,7 +362,7 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   }
   // Clusters are independent (no exchange between entries), so past those held at once the
   // rest start as the first end: waves.
-  info_.fused_clusters_at_once = detail::fused_step_clusters_at_once(kv_dtype, fused_staged(index), hier, info_.far_real);
+  info_.fused_clusters_at_once = detail::fused_step_clusters_at_once(kv_dtype, fused_staged(index), hier, info_.far_real, info_.rerank);
   if (info_.fused_clusters_at_once == 0) return why("no cluster launch on this device");
   if (fused_waves_ > 0 && E > int64_t(fused_waves_) * info_.fused_clusters_at_once)
     return why(fused_waves_ == 1 ? "more entries than its clusters fit at once" : "more entries than its waves of clusters hold");
@@ -493,6 +493,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
     f.budget = config_.budget;
     f.coarse_budget = coarse_budget_;
     f.far_field = config_.multipole_far_field ? 1 : 0;
+    f.rerank = info_.rerank ? config_.rerank_tokens : 0;
     if (info_.far_real) {
       f.position_sums = cv.position_sums;
       f.inv_freq = inv_freq_.as<const double>();

@@ -14,30 +14,34 @@ using cluster_step::fused_step_kernel;
 using cluster_step::kCtas;
 using cluster_step::kThreads;
 
-template <class CT, bool kProf, bool kHier, bool kFarReal>
+template <class CT, bool kProf, bool kHier, bool kFarReal, bool kRerank>
 cudaLaunchConfig_t fused_config(cudaLaunchAttribute& attr, int entries, size_t smem, Stream stream) {
   // Set once per instantiation at the largest room any plan may ask (2048 coarse clusters).
   static const bool configured = [] {
-    auto* const kernel = fused_step_kernel<CT, kProf, kHier, kFarReal>;
+    auto* const kernel = fused_step_kernel<CT, kProf, kHier, kFarReal, kRerank>;
     MP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    MP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       int(cluster_step::fused_step_smem_bytes(cluster_step::kMaxCoarse))));
+    MP_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        int(cluster_step::fused_step_smem_bytes(cluster_step::kMaxCoarse, kRerank && kHier))));
     return true;
   }();
   (void)configured;
   return cluster_launch_config(attr, entries, kCtas, kThreads, stream, smem);
 }
 
-template <class CT, bool kProf, bool kHier, bool kFarReal = false>
+template <class CT, bool kProf, bool kHier, bool kFarReal = false, bool kRerank = false>
 void launch_variant(const FusedStepArgs& a, int entries, Stream stream) {
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = fused_config<CT, kProf, kHier, kFarReal>(
-      attr, entries, cluster_step::fused_step_smem_bytes(a.max_coarse), stream);
-  MP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<CT, kProf, kHier, kFarReal>, a));
+  const cudaLaunchConfig_t cfg = fused_config<CT, kProf, kHier, kFarReal, kRerank>(
+      attr, entries, cluster_step::fused_step_smem_bytes(a.max_coarse, kRerank && kHier), stream);
+  MP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel<CT, kProf, kHier, kFarReal, kRerank>, a));
 }
 template <class CT>
 void launch_typed(const FusedStepArgs& a, int entries, Stream stream) {
-  if (a.position_sums)  // (the far field at real positions: not profiled)
+  if (a.rerank > 0)  // (re-ranking: not profiled, not with the far field at real positions)
+    a.hierarchical ? launch_variant<CT, false, true, false, true>(a, entries, stream)
+                   : launch_variant<CT, false, false, false, true>(a, entries, stream);
+  else if (a.position_sums)  // (the far field at real positions: not profiled)
     a.hierarchical ? launch_variant<CT, false, true, true>(a, entries, stream)
                    : launch_variant<CT, false, false, true>(a, entries, stream);
   else if (a.hierarchical)
@@ -46,20 +50,23 @@ void launch_typed(const FusedStepArgs& a, int entries, Stream stream) {
     a.prof ? launch_variant<CT, true, false>(a, entries, stream) : launch_variant<CT, false, false>(a, entries, stream);
 }
 
-template <class CT, bool kHier, bool kFarReal>
+template <class CT, bool kHier, bool kFarReal, bool kRerank = false>
 int clusters_typed(int max_coarse) {
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg =
-      fused_config<CT, false, kHier, kFarReal>(attr, 1, cluster_step::fused_step_smem_bytes(max_coarse), nullptr);
+  const cudaLaunchConfig_t cfg = fused_config<CT, false, kHier, kFarReal, kRerank>(
+      attr, 1, cluster_step::fused_step_smem_bytes(max_coarse, kRerank && kHier), nullptr);
   int fit = 0;
-  if (cudaOccupancyMaxActiveClusters(&fit, fused_step_kernel<CT, false, kHier, kFarReal>, &cfg) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&fit, fused_step_kernel<CT, false, kHier, kFarReal, kRerank>, &cfg) !=
+      cudaSuccess) {
     (void)cudaGetLastError();  // a device without cluster launch: the plan takes the three-kernel path
     return 0;
   }
   return fit;
 }
 template <class CT>
-int clusters_of(int max_coarse, bool hierarchical, bool far_real) {
+int clusters_of(int max_coarse, bool hierarchical, bool far_real, bool rerank) {
+  if (rerank)
+    return hierarchical ? clusters_typed<CT, true, false, true>(max_coarse) : clusters_typed<CT, false, false, true>(max_coarse);
   if (far_real)
     return hierarchical ? clusters_typed<CT, true, true>(max_coarse) : clusters_typed<CT, false, true>(max_coarse);
   return hierarchical ? clusters_typed<CT, true, false>(max_coarse) : clusters_typed<CT, false, false>(max_coarse);
@@ -74,9 +81,9 @@ void launch_fused_step(const FusedStepArgs& a, DType dtype, int entries, Stream 
     launch_typed<__half>(a, entries, stream);
 }
 
-int fused_step_clusters_at_once(DType dtype, int max_coarse, bool hierarchical, bool far_real) {
-  return dtype == DType::BF16 ? clusters_of<__nv_bfloat16>(max_coarse, hierarchical, far_real)
-                              : clusters_of<__half>(max_coarse, hierarchical, far_real);
+int fused_step_clusters_at_once(DType dtype, int max_coarse, bool hierarchical, bool far_real, bool rerank) {
+  return dtype == DType::BF16 ? clusters_of<__nv_bfloat16>(max_coarse, hierarchical, far_real, rerank)
+                              : clusters_of<__half>(max_coarse, hierarchical, far_real, rerank);
 }
 
 }  // namespace multipole::cuda::detail

@@ -36,6 +36,7 @@
 #include <cooperative_groups.h>
 
 #include "cuda/cluster_greedy.cuh"
+#include "cuda/cluster_rerank.cuh"
 #include "cuda/cluster_step.cuh"
 #include "cuda/common.cuh"
 #include "cuda/launch.hpp"
@@ -54,15 +55,17 @@ constexpr int kFineWords = kMaxFineIds / 32;
 static_assert(kD == FusedStepLimits::kHeadDim && kG == FusedStepLimits::kGroup &&
               kMaxPicks == FusedStepLimits::kMaxBudget && kSlots * kCtas * kWarps == FusedStepLimits::kExactRows &&
               kMaxCoarse == FusedStepLimits::kMaxCoarse && kMaxFineIds == FusedStepLimits::kMaxFine &&
-              kMaxCand == FusedStepLimits::kMaxCand && kCtas == FusedStepLimits::kCtasPerEntry,
+              kMaxCand == FusedStepLimits::kMaxCand && kCtas == FusedStepLimits::kCtasPerEntry &&
+              kMaxRerank == FusedStepLimits::kMaxRerank && kMaxRerank == kMaxCand,
               "the plan's limits (launch.hpp) are the kernel's");
 
 // Dynamic shared memory: [per_max] staged rows (coarse keys, then values, then the warps'
-// partial sums), [kMaxCoarse] float4 coarse logits, [kMaxCand] float4 candidate logits.
-inline size_t fused_step_smem_bytes(int max_coarse) {
+// partial sums), [kMaxCoarse] float4 coarse logits, [kMaxCand] float4 candidate logits (one level
+// with re-ranking: the picks' rows' logits), two levels with re-ranking [kMaxRerank] float4 those.
+inline size_t fused_step_smem_bytes(int max_coarse, bool rerank_two_levels = false) {
   const size_t per_max = size_t(max_coarse + kCtas - 1) / kCtas;
   const size_t staged = per_max * kRowStride, part = size_t(kWarps) * kG * kD * sizeof(float);
-  return (staged > part ? staged : part) + size_t(kMaxCoarse + kMaxCand) * sizeof(float4);
+  return (staged > part ? staged : part) + size_t(kMaxCoarse + kMaxCand + (rerank_two_levels ? kMaxRerank : 0)) * sizeof(float4);
 }
 
 // The lane's dims [4 lane, 4 lane + 4) of K and V at token `pos` of the entry's sequence, on
@@ -70,9 +73,7 @@ inline size_t fused_step_smem_bytes(int max_coarse) {
 // size only, a limit of the plan: no division. Rows in 32 bits, which DeviceKVCache allows, saved
 // 2 KB of code but made the kernel spill.)
 __device__ __forceinline__ void load_kv_page(const FusedStepArgs& a, int page_id, int h, int pos, uint2& k, uint2& v) {
-  const int slot = pos & ((1 << a.page_shift) - 1);
-  const int64_t row = ((int64_t(page_id) * a.num_kv_heads + h) << a.page_shift) + slot;
-  const size_t off = size_t(row) * (kD * 2) + (threadIdx.x & 31) * 8;
+  const size_t off = kv_lane_offset(a, page_id, h, pos);
   k = *reinterpret_cast<const uint2*>(a.keys + off);
   v = *reinterpret_cast<const uint2*>(a.values + off);
 }
@@ -102,7 +103,9 @@ constexpr int kFusedPhases = 14;
 // kFarReal: the far field at real positions (FusedStepArgs::position_sums): the far clusters'
 // logits (the unselected coarse ones in 8, the unselected candidates in 9) from the exact query
 // against their key centroids rotated to their mean positions, read again from L2.
-template <class CT, bool kProf, bool kHier, bool kFarReal = false>
+// kRerank: the finest selection under FusedStepArgs::rerank tokens, its picks re-ranked by their
+// members' exact logits (cluster_rerank.cuh) into the exact rows under budget.
+template <class CT, bool kProf, bool kHier, bool kFarReal = false, bool kRerank = false>
 __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStepArgs a) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -154,15 +157,17 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   __shared__ State st;
   __shared__ float red[kWarps][kG], red_z[kWarps][kG], gmax[kG], gzinv[kG], own_m[kG], own_z[kG];
   __shared__ float2 slice_norm[kCtas][kG];  // each CTA's (max, sum) over its slice of the first-stage clusters
-  __shared__ Greedy<kMaxCoarse> coarse_sel;
-  __shared__ Greedy<kMaxCand> fine_sel;
+  // (With re-ranking the finest selection lists picks worth up to kMaxRerank tokens.)
+  __shared__ Greedy<kMaxCoarse, kRerank && !kHier ? kMaxRerank : kMaxPicks> coarse_sel;
+  __shared__ Greedy<kMaxCand, kRerank && kHier ? kMaxRerank : kMaxPicks> fine_sel;
   __shared__ int cand_fine[kMaxCand], cand_size[kMaxCand], warp_total[kWarps], word_base[kFineWords];
   __shared__ int row_member[kMaxPicks];  // the selected rows' offsets in the member lists
   __shared__ uint32_t is_cand[kFineWords];
   __shared__ StateScratch sc;
 
   const CT* values = static_cast<const CT*>(a.value_centroids);
-  const int first_budget = kHier ? a.coarse_budget : a.budget;
+  const int fine_budget = kRerank ? a.rerank : a.budget;  // the finest selection's
+  const int first_budget = kHier ? a.coarse_budget : fine_budget;
   const int first_cap = first_budget + 1;  // a larger cluster never fits: its key size is capped here
 
   // 1. Only what is one round trip away: the coarse key slice staged, this thread's coarse
@@ -241,11 +246,12 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   // The fixed rows' page ids (two round trips from the start: in the prologue the warps stalled
   // on them before the scoring could start) and the page table into L2 (its lines spread over
   // the cluster: the selected rows look it up); the fixed rows are issued with the selected ones.
+  // (With re-ranking they are read after it: their registers would spill there.)
   int fixed_page[kSlots];
 #pragma unroll
   for (int i = 0; i < kSlots; ++i) {
     const int j = rank + kCtas * (warp + kWarps * i);
-    fixed_page[i] = j < nfixed ? table[(j < nsink ? j : end + (j - nsink)) >> a.page_shift] : 0;
+    fixed_page[i] = !kRerank && j < nfixed ? table[(j < nsink ? j : end + (j - nsink)) >> a.page_shift] : 0;
   }
   if (const int line = tid * kCtas + rank; line * 32 < ((len - 1) >> a.page_shift) + 1) prefetch_l2(table + 32 * line);
   pc.mark(1);
@@ -403,7 +409,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
         if (k >= n_cand) continue;
         const size_t row = size_t(fb + cand_fine[k]) * kD + lane * 4;
         ck[i] = *reinterpret_cast<const uint2*>(keys + row);
-        vr[kSlots + i] = *reinterpret_cast<const uint2*>(values + row);
+        if constexpr (!kRerank) vr[kSlots + i] = *reinterpret_cast<const uint2*>(values + row);  // (else after it)
         ck_n[i] = a.sizes[fb + cand_fine[k]];
       }
 #pragma unroll
@@ -417,7 +423,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       for (int i = 0; i < kCandSlots; ++i) {
         const int k = rank + kCtas * (warp + kWarps * i);
         if (k >= n_cand) continue;
-        lift[i] = ck_n[i] > 0 ? __log2f(float(ck_n[i])) : -INFINITY;  // an empty candidate is no pseudo-row
+        if constexpr (!kRerank)  // (else after it, from cand_size)
+          lift[i] = ck_n[i] > 0 ? __log2f(float(ck_n[i])) : -INFINITY;  // an empty candidate is no pseudo-row
         float k4[4], x[kG];
         to_float4<CT>(ck[i], k4);
         warp_dots(qr, k4, x);
@@ -456,11 +463,11 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
 #pragma unroll
       for (int r = 0; r < kOwnedCand; ++r) {
         key[r] = cand_n[r] > 0
-                     ? pick_key(importance(cand_x[r], gmax, gzinv), tid + r * kThreads, min(cand_n[r], a.budget + 1))
+                     ? pick_key(importance(cand_x[r], gmax, gzinv), tid + r * kThreads, min(cand_n[r], fine_budget + 1))
                      : 0ull;
       }
       long long walk = 0;
-      greedy_select<true>(key, cand_off, a.budget, 255, fine_sel, [] {}, [&] {
+      greedy_select<true>(key, cand_off, fine_budget, 255, fine_sel, [] {}, [&] {
         if constexpr (kProf) walk = clock64();
       });
       if constexpr (kProf) pc.add(kFusedPhases + 5, int(clock64() - walk));
@@ -473,18 +480,39 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   //    its candidates that were not selected stay as pseudo-rows. The rows' member offsets are
   //    found once, one binary search a row by the first sel_rows (<= budget <= kMaxPicks)
   //    threads, rather than in turn for each slot by every warp.
+  //    With re-ranking the fixed rows are issued after it (their registers would spill there).
+  const auto load_fixed_rows = [&] {
 #pragma unroll
-  for (int i = 0; i < kSlots; ++i) {
-    const int j = rank + kCtas * (warp + kWarps * i);
-    if (j < nfixed) {
-      load_kv_page(a, fixed_page[i], h, j < nsink ? j : end + (j - nsink), kr[i], vr[i]);
-      has_row[i] = true;
+    for (int i = 0; i < kSlots; ++i) {
+      const int j = rank + kCtas * (warp + kWarps * i);
+      if (j < nfixed) {
+        const int pos = j < nsink ? j : end + (j - nsink);
+        load_kv_page(a, kRerank ? table[pos >> a.page_shift] : fixed_page[i], h, pos, kr[i], vr[i]);
+        has_row[i] = true;
+      }
     }
-  }
-  auto& row_sel = *[&] {  // the selection whose picks are the exact rows
+  };
+  if constexpr (!kRerank) load_fixed_rows();
+  auto& finest = *[&] {
     if constexpr (kHier) return &fine_sel;
     else return &coarse_sel;
   }();
+  auto& row_sel = *[&] {  // the selection whose picks are the exact rows
+    if constexpr (kRerank)
+      return &rerank_picks<CT>(cluster, a, rank, h, table, finest, kHier ? xcand : xall,
+                               kHier ? xcand + kMaxCand : xcand, qx, gmax, gzinv, red, red_z);
+    else return &finest;
+  }();
+  if constexpr (kRerank) {
+    load_fixed_rows();
+    if constexpr (kHier)  // the candidates' value rows and lifts (in 5 without re-ranking; from L2 now)
+#pragma unroll
+      for (int i = 0; i < kCandSlots; ++i)
+        if (const int k = rank + kCtas * (warp + kWarps * i); k < n_cand) {
+          vr[kSlots + i] = *reinterpret_cast<const uint2*>(values + size_t(fb + cand_fine[k]) * kD + lane * 4);
+          lift[i] = cand_size[k] > 0 ? __log2f(float(cand_size[k])) : -INFINITY;
+        }
+  }
   const int sel_rows = row_sel.pick_row[row_sel.n_picks];
   if (tid < sel_rows) row_member[tid] = row_sel.member_offset(tid);
   __syncthreads();

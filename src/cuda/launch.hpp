@@ -185,6 +185,7 @@ struct FusedStepLimits {
   static constexpr int kHeadDim = 128, kGroup = 4, kMaxBudget = 128;
   static constexpr int kExactRows = 512;  // sinks + selected tokens + tokens past the clustered region
   static constexpr int kMaxCoarse = 2048, kMaxFine = 16384, kMaxCand = 512;  // per entry
+  static constexpr int kMaxRerank = 512;  // rerank_tokens (the picks' rows, scored 32 a CTA)
   static constexpr int kCtasPerEntry = 16;  // one thread-block cluster an entry
 };
 
@@ -221,6 +222,7 @@ struct FusedStepArgs {
   int planned_entries = 0;
   int32_t planned_begin[kPlannedEntries] = {}, planned_count[kPlannedEntries] = {};
   int sinks = 0, budget = 0, coarse_budget = 0, far_field = 1;
+  int rerank = 0;                        // rerank_tokens (<= kMaxRerank; cluster_rerank.cuh), 0: off
   // The far field at real positions (AttentionConfig::far_field_real_positions; RoPE over all 128
   // dims): its logits from q against each far cluster's key centroid rotated to its members' mean
   // position. Null position_sums: the far field at the scoring position. (Not profiled: prof unused.)
@@ -248,7 +250,7 @@ struct FusedStepArgs {
 // Launches `entries` clusters of the one-launch step (dtype: bf16 or f16).
 void launch_fused_step(const FusedStepArgs& a, DType dtype, int entries, Stream stream);
 // How many of its 16-CTA clusters fit the current device at once (0: none, or no cluster launch).
-int fused_step_clusters_at_once(DType dtype, int max_coarse, bool hierarchical, bool far_real);
+int fused_step_clusters_at_once(DType dtype, int max_coarse, bool hierarchical, bool far_real, bool rerank);
 
 // grid: (items, Hkv * head_chunks); rows: 8 (G <= 8) or 16 (G <= 16) tensor-core rows;
 // mp selects the multipole variant.

@@ -40,6 +40,7 @@ __global__ void __launch_bounds__(kSelectThreads) rerank_kernel(const SelectArgs
   int* prow = mb + R;                                 // [T] pool rows of the picks' members
 
   pdl_trigger();  // the attention kernel may load its queries (it waits for our writes)
+  if (a.fallback && __ldcg(a.fallback + e) == 0) return;  // behind a one-launch step: an entry it finished
   EntryRows rows(a, e);
 #pragma unroll 1
   for (int i = tid; i < G * D; i += kSelectThreads)

@@ -780,7 +780,8 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
 // (logits of hundreds) and value centroids of 1000: an empty cluster must weigh nothing, in no
 // normaliser and no far field. far_real: the far field at real positions (the one-launch step
 // only without a fallback); expect_one_launch 0 / 1: whether the one-launch step must run (-1: any).
-// rerank: AttentionConfig::rerank_tokens (three kernels and the re-ranking launch).
+// rerank: AttentionConfig::rerank_tokens (three kernels and the re-ranking launch; in the
+// one-launch step where it holds, up to 512).
 void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_centroid, int budget,
                              int coarse_budget, uint32_t seed, DType keys = DType::F32, DType kv = DType::BF16,
                              bool far_field = true, bool empties = false,
@@ -934,7 +935,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   }
   if (keys == DType::F32) return;
   const bool one_level_fits = index.hierarchical() || index.max_clusters() <= 2048;
-  bool one_launch = G <= 4 && D == 128 && keys == kv && budget <= 128 && pow2_pages && one_level_fits && !rerank;
+  bool one_launch = G <= 4 && D == 128 && keys == kv && budget <= 128 && pow2_pages && one_level_fits && rerank <= 512;
   if (one_launch && far_real) {
     // At real positions the one-launch step takes no fallback: over 512 candidates, three kernels.
     CudaDecoder probe(ac);
@@ -959,7 +960,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
       EXPECT_GT(B * Hkv, dec.plan_info().fused_clusters_at_once) << "the case must hold more clusters than run at once";
     }
     EXPECT_EQ(dec.plan_info().fused_fallback, dec.plan_info().fused_candidate_bound > 512);
-    EXPECT_EQ(dec.multipole_launches(), dec.plan_info().fused_fallback ? 3 : 1);
+    EXPECT_EQ(dec.multipole_launches(), dec.plan_info().fused_fallback ? 3 + (rerank ? 1 : 0) : 1);
     DeviceFloats dq(q), dqs(qs), dout(q.size());
     dout.poison();
     dec.clear_error_flags();
@@ -1013,8 +1014,8 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     dec.plan(su.dev, su.cache.seqs, &index);
     EXPECT_FALSE(dec.plan_info().fused);
     EXPECT_STRNE(dec.plan_info().fused_why, "");
-    if (rerank) {
-      EXPECT_STREQ(dec.plan_info().fused_why, "re-ranking (three-kernel step only)");
+    if (rerank > 512) {
+      EXPECT_STREQ(dec.plan_info().fused_why, "re-ranking over 512 tokens");
     } else if (!pow2_pages) {
       EXPECT_STREQ(dec.plan_info().fused_why, "page size not a power of two");
     } else if (!one_level_fits) {
@@ -1112,6 +1113,7 @@ struct OneLaunchCase {
   DType kv = DType::BF16;
   bool far_field = true, empties = false;
   int page = 16, kv_heads = 2;
+  int rerank = 0;  // AttentionConfig::rerank_tokens
 };
 
 class CudaMultipoleOneLaunch : public ::testing::TestWithParam<OneLaunchCase> {};
@@ -1120,7 +1122,8 @@ TEST_P(CudaMultipoleOneLaunch, MatchesTheThreeKernelStep) {
   REQUIRE_GPU();
   const OneLaunchCase& c = GetParam();
   compare_with_cpu_policy(c.G, c.kv_heads, 128, c.tokens_per_centroid, c.budget, c.coarse_budget, c.seed, c.kv, c.kv,
-                          c.far_field, c.empties, nullptr, c.page);
+                          c.far_field, c.empties, nullptr, c.page, CudaDecoder::kFusedWaves, false, c.rerank > 0 ? 1 : -1,
+                          c.rerank);
 }
 
 void PrintTo(const OneLaunchCase& c, std::ostream* os) { *os << c.name; }  // also the case's gtest name
@@ -1146,6 +1149,26 @@ INSTANTIATE_TEST_SUITE_P(
                       OneLaunchCase{"F16ClustersOf3", 3, {3}, 128, 0, 936, DType::F16},
                       OneLaunchCase{"ClustersOf2", 4, {2}, 128, 0, 937},
                       OneLaunchCase{"EmptyClusters", 4, {16}, 128, 0, 938, DType::BF16, true, true}),
+    ::testing::PrintToStringParamName());
+
+// Re-ranking inside the one-launch step (cluster_rerank.cuh) against the three-kernel step's
+// re-ranking launch, which RerankMatchesTheCpuPolicy holds to the CPU policy: one and two levels,
+// 512 tokens' picks (every row slot of the cluster), f16 with three heads, squeezed, empty
+// clusters, clusters of 2 (over 128 picks: the listing past the selection's default), and a
+// coarse budget whose long entries list over 512 candidates (left to the kernels behind, which
+// re-rank in their own launch). Each case first checks on the CPU that re-ranking changes it.
+INSTANTIATE_TEST_SUITE_P(
+    RerankInOneLaunch, CudaMultipoleOneLaunch,
+    ::testing::Values(
+        OneLaunchCase{"OneLevel512", 4, {16}, 128, 0, 980, DType::BF16, true, false, 16, 2, 512},
+        OneLaunchCase{"OneLevelF16ThreeHeads", 3, {16}, 64, 0, 981, DType::F16, true, false, 16, 2, 256},
+        OneLaunchCase{"OneLevelSqueezed", 4, {8}, 64, 0, 982, DType::BF16, false, false, 16, 2, 256},
+        OneLaunchCase{"OneLevelClustersOf2", 4, {2}, 64, 0, 983, DType::BF16, true, false, 16, 2, 512},
+        OneLaunchCase{"TwoLevels512", 4, {16, 64}, 128, 0, 984, DType::BF16, true, false, 16, 2, 512},
+        OneLaunchCase{"TwoLevelsF16G2", 2, {16, 64}, 64, 512, 985, DType::F16, true, false, 16, 2, 256},
+        OneLaunchCase{"TwoLevelsEmptyClusters", 4, {16, 64}, 64, 0, 986, DType::BF16, true, true, 16, 2, 256},
+        OneLaunchCase{"TwoLevelsSqueezed", 4, {8, 128}, 64, 0, 987, DType::BF16, false, false, 16, 2, 256},
+        OneLaunchCase{"TwoLevelsLongListsLeftBehind", 4, {2, 64}, 64, 2048, 988, DType::BF16, true, false, 16, 2, 256}),
     ::testing::PrintToStringParamName());
 
 // More entries than the one-launch step's clusters the GPU holds at once (3 sequences x 40 KV

@@ -16,9 +16,10 @@
 // index's position sums), the selection's from q_score as always: in the three-kernel step one
 // launch more, between the selection and the attention, over the far clusters only; in the
 // one-launch step, in that kernel (RoPE over all dims, no fallback). With config.rerank_tokens
-// (the CPU policy's re-ranking) the finest selection runs under rerank_tokens and one launch more
-// (rerank.cuh) scores its picks' members exactly and chooses under the budget: three-kernel step
-// only. All launches of a step are
+// (the CPU policy's re-ranking) the finest selection runs under rerank_tokens and its picks'
+// members are scored exactly to choose under the budget: in the three-kernel step one launch more
+// (rerank.cuh), in the one-launch step (rerank_tokens <= 512) in that kernel (cluster_rerank.cuh).
+// All launches of a step are
 // asynchronous on the given stream and capturable in a CUDA graph once planned.
 #include <cstdint>
 #include <span>
@@ -42,7 +43,7 @@ struct DecodePlanInfo {
   int far_cap = 0;            // far-list capacity per entry (two-level)
   bool far_real = false;      // the far field at real positions (three kernels: one launch more)
   int far_items = 0;          // its estimate of the far clusters of an entry (sizes its grid)
-  bool rerank = false;        // config.rerank_tokens: one launch more between selection and attention
+  bool rerank = false;        // config.rerank_tokens (three kernels: one launch more between selection and attention)
   // The step runs in one launch (fused_step.cuh: one 16-CTA cluster per entry) where it holds:
   // head dim 128, G <= 4, keys in the cache's type, budget <= 128, pages of a power-of-two
   // size, <= 512 exact rows per entry, two levels of <= 2048 coarse and <= 16384 fine clusters
@@ -95,7 +96,7 @@ class CudaDecoder {
   static constexpr int kMultipoleLaunches = 3;
   int multipole_launches() const {
     // A fused_fallback step: the one-launch kernel, then selection and attention for what it left.
-    return info_.fused ? (info_.fused_fallback ? 3 : 1)
+    return info_.fused ? (info_.fused_fallback ? 3 + (info_.rerank ? 1 : 0) : 1)
                        : kMultipoleLaunches + (info_.far_real ? 1 : 0) + (info_.rerank ? 1 : 0);
   }
   // Tests and A/B: whether plan() may choose the one-launch step (default: yes, unless the
