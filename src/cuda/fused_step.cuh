@@ -480,11 +480,18 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   //    its candidates that were not selected stay as pseudo-rows. The rows' member offsets are
   //    found once, one binary search a row by the first sel_rows (<= budget <= kMaxPicks)
   //    threads, rather than in turn for each slot by every warp.
-  //    With re-ranking the fixed rows are issued after it (their registers would spill there).
+  //    With re-ranking the fixed rows are issued after it (their registers would spill there),
+  //    and the warp's slot numbers are computed again after it (kept from 5, they spilled).
+  int slot0 = rank + kCtas * warp;
+  if constexpr (kRerank) asm volatile("" : "+r"(slot0));
+  const auto slot = [&](int i) {  // (without re-ranking as in 5, which the default kernels' SASS keeps)
+    if constexpr (kRerank) return slot0 + kCtas * kWarps * i;
+    else return rank + kCtas * (warp + kWarps * i);
+  };
   const auto load_fixed_rows = [&] {
 #pragma unroll
     for (int i = 0; i < kSlots; ++i) {
-      const int j = rank + kCtas * (warp + kWarps * i);
+      const int j = slot(i);
       if (j < nfixed) {
         const int pos = j < nsink ? j : end + (j - nsink);
         load_kv_page(a, kRerank ? table[pos >> a.page_shift] : fixed_page[i], h, pos, kr[i], vr[i]);
@@ -508,7 +515,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     if constexpr (kHier)  // the candidates' value rows and lifts (in 5 without re-ranking; from L2 now)
 #pragma unroll
       for (int i = 0; i < kCandSlots; ++i)
-        if (const int k = rank + kCtas * (warp + kWarps * i); k < n_cand) {
+        if (const int k = slot(i); k < n_cand) {
           vr[kSlots + i] = *reinterpret_cast<const uint2*>(values + size_t(fb + cand_fine[k]) * kD + lane * 4);
           lift[i] = cand_size[k] > 0 ? __log2f(float(cand_size[k])) : -INFINITY;
         }
@@ -518,7 +525,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < kSlots; ++i) {
-    const int t = rank + kCtas * (warp + kWarps * i) - nfixed;
+    const int t = slot(i) - nfixed;
     const int pos = t >= 0 && t < sel_rows ? a.members[row_member[t]] : -1;
     if (pos >= 0) {
       load_kv_lane(a, table, h, pos, kr[i], vr[i]);
@@ -528,7 +535,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   if constexpr (kHier) {
 #pragma unroll
     for (int i = 0; i < kCandSlots; ++i) {
-      const int k = rank + kCtas * (warp + kWarps * i);
+      const int k = slot(i);
       has_row[kSlots + i] = a.far_field && k < n_cand && !fine_sel.selected(k) && lift[i] != -INFINITY;
     }
   }
@@ -608,7 +615,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
 #pragma unroll
         for (int g = 0; g < kG; ++g) s[i][g] = x[g] - gmax[g];
       } else {
-        const int k = rank + kCtas * (warp + kWarps * (i - kSlots));
+        const int k = slot(i - kSlots);
         float4 x = xcand[k];
         if constexpr (kFarReal) {
           const int64_t f = int64_t(fb) + cand_fine[k];

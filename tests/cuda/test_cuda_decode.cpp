@@ -1154,7 +1154,7 @@ INSTANTIATE_TEST_SUITE_P(
 // Re-ranking inside the one-launch step (cluster_rerank.cuh) against the three-kernel step's
 // re-ranking launch, which RerankMatchesTheCpuPolicy holds to the CPU policy: one and two levels,
 // 512 tokens' picks (every row slot of the cluster), f16 with three heads, squeezed, empty
-// clusters, clusters of 2 (over 128 picks: the listing past the selection's default), and a
+// clusters, clusters of 3 (over 128 picks: the listing past the selection's default), and a
 // coarse budget whose long entries list over 512 candidates (left to the kernels behind, which
 // re-rank in their own launch). Each case first checks on the CPU that re-ranking changes it.
 INSTANTIATE_TEST_SUITE_P(
@@ -1163,7 +1163,7 @@ INSTANTIATE_TEST_SUITE_P(
         OneLaunchCase{"OneLevel512", 4, {16}, 128, 0, 980, DType::BF16, true, false, 16, 2, 512},
         OneLaunchCase{"OneLevelF16ThreeHeads", 3, {16}, 64, 0, 981, DType::F16, true, false, 16, 2, 256},
         OneLaunchCase{"OneLevelSqueezed", 4, {8}, 64, 0, 982, DType::BF16, false, false, 16, 2, 256},
-        OneLaunchCase{"OneLevelClustersOf2", 4, {2}, 64, 0, 983, DType::BF16, true, false, 16, 2, 512},
+        OneLaunchCase{"OneLevelClustersOf3", 4, {3}, 64, 0, 983, DType::BF16, true, false, 16, 2, 512},
         OneLaunchCase{"TwoLevels512", 4, {16, 64}, 128, 0, 984, DType::BF16, true, false, 16, 2, 512},
         OneLaunchCase{"TwoLevelsF16G2", 2, {16, 64}, 64, 512, 985, DType::F16, true, false, 16, 2, 256},
         OneLaunchCase{"TwoLevelsEmptyClusters", 4, {16, 64}, 64, 0, 986, DType::BF16, true, true, 16, 2, 256},
