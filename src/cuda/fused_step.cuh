@@ -481,7 +481,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   //    found once, one binary search a row by the first sel_rows (<= budget <= kMaxPicks)
   //    threads, rather than in turn for each slot by every warp.
   //    With re-ranking the fixed rows are issued after it (their registers would spill there),
-  //    and the warp's slot numbers are computed again after it (kept from 5, they spilled).
+  //    and the warp's slot numbers derive from one value pinned here (an empty asm): ptxas kept
+  //    them from 5 across it, and they spilled.
   int slot0 = rank + kCtas * warp;
   if constexpr (kRerank) asm volatile("" : "+r"(slot0));
   const auto slot = [&](int i) {  // (without re-ranking as in 5, which the default kernels' SASS keeps)
