@@ -9,12 +9,10 @@
 
 namespace multipole::eval {
 
-using Clock = std::chrono::steady_clock;
-
-Progress::Progress(std::string label, int64_t total, bool enabled)
+Progress::Progress(std::string label, int64_t total, bool enabled, std::function<Clock::time_point()> now)
     : label_(std::move(label)), total_(total), enabled_(enabled), tty_(isatty(2) != 0),
-      uncaught_(std::uncaught_exceptions()) {
-  start_ = Clock::now();
+      uncaught_(std::uncaught_exceptions()), now_(std::move(now)) {
+  start_ = now_();
   last_draw_ = start_ - std::chrono::hours(1);
 }
 
@@ -36,14 +34,14 @@ std::string Progress::format_duration(double s) {
 }
 
 std::string Progress::line() const {
-  const double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
+  const double elapsed = std::chrono::duration<double>(now_() - start_).count();
   const int64_t worked = done_ - skipped_;
   const int64_t left = total_ - done_;
   std::string eta = "ETA ?";
   if (left <= 0) {
     eta = "done";
   } else if (first_unit_worked_ >= 0 && worked > first_unit_worked_) {
-    const double since = std::chrono::duration<double>(Clock::now() - first_unit_time_).count();
+    const double since = std::chrono::duration<double>(now_() - first_unit_time_).count();
     eta = "ETA " + format_duration(since / double(worked - first_unit_worked_) * double(left));
   } else if (worked > 0 && elapsed > 0) {
     eta = "ETA " + format_duration(elapsed / double(worked) * double(left));  // one unit so far
@@ -57,7 +55,7 @@ std::string Progress::line() const {
 
 void Progress::draw(bool force) {
   if (!enabled_) return;
-  const auto now = Clock::now();
+  const auto now = now_();
   if (!force && now - last_draw_ < (tty_ ? std::chrono::milliseconds(250) : std::chrono::milliseconds(10000))) return;
   last_draw_ = now;
   drawn_ = true;
@@ -72,7 +70,7 @@ void Progress::draw(bool force) {
 void Progress::advance(int64_t units, std::string_view what) {
   done_ += units;
   if (units > 0 && first_unit_worked_ < 0) {
-    first_unit_time_ = Clock::now();
+    first_unit_time_ = now_();
     first_unit_worked_ = done_ - skipped_;
   }
   if (!what.empty()) what_ = std::string(what);

@@ -5,6 +5,7 @@
 // ETA is the rate since the first unit done times the units left.
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 
@@ -12,8 +13,10 @@ namespace multipole::eval {
 
 class Progress {
  public:
+  using Clock = std::chrono::steady_clock;
   // enabled = false: silent. Units are whatever the caller counts (decoded tokens, cases).
-  Progress(std::string label, int64_t total, bool enabled);
+  // `now` is the clock (tests pass a fake one).
+  Progress(std::string label, int64_t total, bool enabled, std::function<Clock::time_point()> now = Clock::now);
   // Draws the final line, unless an exception is leaving the scope: then a "done" line would
   // be wrong, so a terminal's line is only ended where it stopped.
   ~Progress();
@@ -35,10 +38,11 @@ class Progress {
   bool finished_ = false, drawn_ = false;
   int uncaught_ = 0;  // std::uncaught_exceptions() at construction
   std::string what_;
-  std::chrono::steady_clock::time_point start_, last_draw_;
+  std::function<Clock::time_point()> now_;
+  Clock::time_point start_, last_draw_;
   // The rate is measured from the first unit done, so that set-up before it (a long prefill)
   // does not inflate the ETA of the units after it.
-  std::chrono::steady_clock::time_point first_unit_time_;
+  Clock::time_point first_unit_time_;
   int64_t first_unit_worked_ = -1;
 };
 
