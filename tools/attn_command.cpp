@@ -344,7 +344,7 @@ void add_attn_command(CLI::App& app) {
   cmd->add_option("--rerank-tokens", c.rerank_tokens,
                   "Multipole/squeezed: candidate clusters worth this many tokens are re-ranked by their "
                   "members' exact logits before the budget is filled (0: off; else above --budget; with --device cuda: "
-                  "the three-kernel step and one launch more)")
+                  "in the one-launch step where it holds (up to 512), else the three-kernel step and one launch more)")
       ->capture_default_str()
       ->check(at_least(0));
   cmd->add_option("--tokens-per-centroid", c.cluster.tokens_per_centroid,

@@ -156,7 +156,8 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--rerank-tokens", o.rerank_tokens,
                   "multipole/squeezed: candidate clusters worth this many tokens, by their centroid scores, "
                   "are re-ranked by their members' exact logits before the budget is filled (0: off; else above every "
-                  "--budgets; with --device cuda: the three-kernel step and one launch more)")
+                  "--budgets; with --device cuda: in the one-launch step where it holds (up to 512), else the three-kernel "
+                  "step and one launch more)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--device", o.device,

@@ -23,8 +23,8 @@ void add_generation_options(CLI::App& cmd, GenerationOptions& o) {
       ->capture_default_str();
   cmd.add_option("--rerank-tokens", o.rerank_tokens,
                  "Multipole, squeezed: candidate clusters worth this many tokens are re-ranked by their members' "
-                 "exact logits before the budget is filled (0: off; else above --budget; with --device cuda: the "
-                 "three-kernel step and one launch more)")
+                 "exact logits before the budget is filled (0: off; else above --budget; with --device cuda: in the one-launch "
+                 "step where it holds (up to 512), else the three-kernel step and one launch more)")
       ->capture_default_str();
   cmd.add_option("--window", o.window, "Local window / update interval W")->capture_default_str();
   cmd.add_option("--sinks", o.sinks, "Attention sink tokens")->capture_default_str();

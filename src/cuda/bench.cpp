@@ -578,14 +578,12 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         if (far_real.plan_info().fused) emit_three("mp-far-real-3launch", index, mp_bytes + extra, &fr);
       }
       {
-        // Re-ranking picks worth 4 x budget tokens (in the one-launch step where it holds, which
-        // the decoder takes only when asked (set_fused_rerank), with mp-rerank-3launch beside it:
-        // three kernels and one launch more; compare with multipole and mp-3launch): bytes, each
-        // pick member's key row, member id and page id.
+        // Re-ranking picks worth 4 x budget tokens (in the one-launch step where it holds, with
+        // mp-rerank-3launch beside it: three kernels and one launch more; compare with multipole
+        // and mp-3launch): bytes, each pick member's key row, member id and page id.
         AttentionConfig rr = ac;
         rr.rerank_tokens = 4 * o.budget;
         CudaDecoder rerank(rr);
-        rerank.set_fused_rerank(true);
         rerank.plan(dev, seqs, &index);
         const int64_t extra = int64_t(E) * rr.rerank_tokens * (row + 8);
         emit("mp-rerank", [&](cudaStream_t s) { rerank.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes + extra,

@@ -100,7 +100,7 @@ CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   select_sort_ = env_int("MULTIPOLE_SELECT_SORT", select_sort_);
   pdl_ = env_int("MULTIPOLE_PDL", 1) != 0;
   fused_allowed_ = env_int("MULTIPOLE_FUSED", 1) != 0;
-  fused_rerank_allowed_ = env_int("MULTIPOLE_FUSED_RERANK", 0) != 0;
+  fused_rerank_allowed_ = env_int("MULTIPOLE_FUSED_RERANK", 1) != 0;
   fused_waves_ = env_int("MULTIPOLE_FUSED_WAVES", fused_waves_);
   fused_stage_ahead_ = env_int("MULTIPOLE_FUSED_STAGE_AHEAD", fused_stage_ahead_);
   prescore_mode_ = env_int("MULTIPOLE_PRESCORE", -1);
@@ -344,7 +344,7 @@ void CudaDecoder::plan_fused(const DeviceClusterIndex& index, int64_t exact_rows
   const auto why = [&](const char* reason) { info_.fused_why = reason; };
   if (!fused_allowed_) return why("turned off (MULTIPOLE_FUSED=0 or set_fused(false))");
   if (info_.rerank && !fused_rerank_allowed_)
-    return why("re-ranking in one launch is off (MULTIPOLE_FUSED_RERANK=1 or set_fused_rerank(true))");
+    return why("re-ranking in one launch is off (MULTIPOLE_FUSED_RERANK=0 or set_fused_rerank(false))");
   if (info_.rerank && config_.rerank_tokens > L::kMaxRerank) return why("re-ranking over 512 tokens");
   if (config_.head_dim != L::kHeadDim) return why("head dim is not 128");
   if (info_.far_real && 2 * rope_half_ != L::kHeadDim)

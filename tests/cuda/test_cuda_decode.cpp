@@ -781,7 +781,7 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
 // normaliser and no far field. far_real: the far field at real positions (the one-launch step
 // only without a fallback); expect_one_launch 0 / 1: whether the one-launch step must run (-1: any).
 // rerank: AttentionConfig::rerank_tokens (three kernels and the re-ranking launch; in the
-// one-launch step where it holds, up to 512, with set_fused_rerank, which must be asked for).
+// one-launch step where it holds, up to 512).
 void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_centroid, int budget,
                              int coarse_budget, uint32_t seed, DType keys = DType::F32, DType kv = DType::BF16,
                              bool far_field = true, bool empties = false,
@@ -954,16 +954,16 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     // The one-launch step on the same index and queries.
     CudaDecoder dec(ac);
     dec.set_fused_waves(waves);
-    dec.set_fused_rerank(true);
     dec.plan(su.dev, su.cache.seqs, &index);
     ASSERT_TRUE(dec.plan_info().fused) << dec.plan_info().fused_why;
-    if (rerank) {  // re-ranking in one launch only when asked (gpu-notes item 55)
-      CudaDecoder by_default(ac);
-      by_default.set_fused_waves(waves);
-      by_default.plan(su.dev, su.cache.seqs, &index);
-      EXPECT_FALSE(by_default.plan_info().fused);
-      EXPECT_STREQ(by_default.plan_info().fused_why,
-                   "re-ranking in one launch is off (MULTIPOLE_FUSED_RERANK=1 or set_fused_rerank(true))");
+    if (rerank) {  // re-ranking in one launch can be turned off (A/B against three kernels)
+      CudaDecoder three(ac);
+      three.set_fused_waves(waves);
+      three.set_fused_rerank(false);
+      three.plan(su.dev, su.cache.seqs, &index);
+      EXPECT_FALSE(three.plan_info().fused);
+      EXPECT_STREQ(three.plan_info().fused_why,
+                   "re-ranking in one launch is off (MULTIPOLE_FUSED_RERANK=0 or set_fused_rerank(false))");
     }
     if (waves != CudaDecoder::kFusedWaves) {
       EXPECT_GT(B * Hkv, dec.plan_info().fused_clusters_at_once) << "the case must hold more clusters than run at once";
@@ -983,7 +983,6 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     for (const int ahead : {0, 2}) {
       CudaDecoder other(ac);
       other.set_fused_waves(waves);
-      other.set_fused_rerank(true);
       other.set_fused_stage_ahead(ahead);
       other.plan(su.dev, su.cache.seqs, &index);
       DeviceFloats aout(q.size());
@@ -1002,7 +1001,6 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
       CudaDecoder plain(ac);
       plain.set_pdl(false);
       plain.set_fused_waves(waves);
-      plain.set_fused_rerank(true);
       plain.plan(su.dev, su.cache.seqs, &index);
       DeviceFloats pout(q.size()), gout(q.size());
       pout.poison();
@@ -1022,7 +1020,6 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
   } else {
     // Outside its limits the plan keeps three launches and says why.
     CudaDecoder dec(ac);
-    dec.set_fused_rerank(true);
     dec.plan(su.dev, su.cache.seqs, &index);
     EXPECT_FALSE(dec.plan_info().fused);
     EXPECT_STRNE(dec.plan_info().fused_why, "");
@@ -1097,7 +1094,7 @@ TEST(CudaMultipole, RerankMatchesTheCpuPolicy) {
   compare_with_cpu_policy(4, 2, 128, {16}, 64, 0, 973, DType::F32, DType::BF16, false, false, nullptr, 16, k, false, 0,
                           256);
   compare_with_cpu_policy(4, 2, 128, {2}, 32, 0, 974, DType::F32, DType::F16, true, true, nullptr, 16, k, false, 0, 100);
-  compare_with_cpu_policy(4, 2, 128, {16, 64}, 64, 0, 975, DType::BF16, DType::BF16, true, true, nullptr, 16, k, false, 0,
+  compare_with_cpu_policy(4, 2, 128, {16, 64}, 64, 0, 975, DType::BF16, DType::BF16, true, true, nullptr, 16, k, false, 1,
                           512);
 }
 

@@ -18,7 +18,7 @@
 // one-launch step, in that kernel (RoPE over all dims, no fallback). With config.rerank_tokens
 // (the CPU policy's re-ranking) the finest selection runs under rerank_tokens and its picks'
 // members are scored exactly to choose under the budget: in the three-kernel step one launch more
-// (rerank.cuh); in the one-launch step (rerank_tokens <= 512, only with set_fused_rerank) in that
+// (rerank.cuh); in the one-launch step (rerank_tokens <= 512) in that
 // kernel (cluster_rerank.cuh). All launches of a step are asynchronous on the given stream and
 // capturable in a CUDA graph once planned.
 #include <cstdint>
@@ -102,10 +102,9 @@ class CudaDecoder {
   // Tests and A/B: whether plan() may choose the one-launch step (default: yes, unless the
   // environment sets MULTIPOLE_FUSED=0). Takes effect at the next plan().
   void set_fused(bool allow) { fused_allowed_ = allow; }
-  // Whether plan() may take re-ranking (config.rerank_tokens <= 512) into the one-launch step
-  // (cluster_rerank.cuh) rather than the three-kernel step and its re-ranking launch. Off by
-  // default (MULTIPOLE_FUSED_RERANK=1 turns it on) until its tests have run on a GPU (gpu-notes
-  // item 55). Takes effect at the next plan().
+  // Tests and A/B: whether plan() may take re-ranking (config.rerank_tokens <= 512) into the
+  // one-launch step (cluster_rerank.cuh) rather than the three-kernel step and its re-ranking
+  // launch (default: yes, unless the environment sets MULTIPOLE_FUSED_RERANK=0). Next plan().
   void set_fused_rerank(bool allow) { fused_rerank_allowed_ = allow; }
   // Waves of clusters the one-launch step may take: entries <= waves x the clusters the GPU
   // holds at once (0: any number). Default kFusedWaves, or MULTIPOLE_FUSED_WAVES. Next plan().
@@ -204,7 +203,7 @@ class CudaDecoder {
   bool select_precheck_ = true;
   int select_sort_ = 1;
   bool pdl_ = true;
-  bool fused_allowed_ = true, fused_rerank_allowed_ = false;
+  bool fused_allowed_ = true, fused_rerank_allowed_ = true;
   int fused_waves_ = kFusedWaves;
   int fused_stage_ahead_ = 1;
   std::vector<int32_t> stage_begin_, stage_count_;  // [entries] as plan() saw them (fused_stage_ahead_)
