@@ -90,10 +90,13 @@ __device__ Greedy<kMaxRerank>& rerank_picks(const cooperative_groups::cluster_gr
   {
 #pragma unroll
     for (int g = 0; g < kG; ++g) M[g] = -INFINITY, d[g] = 0;
-    for (int t = tid; t < T; t += kThreads) {
-      const float* l = reinterpret_cast<const float*>(&logit[t]);
 #pragma unroll
-      for (int g = 0; g < kG; ++g) M[g] = fmaxf(M[g], l[g]);
+    for (int i = 0; i < kMaxRerank / kThreads; ++i) {  // (a fixed trip: ptxas unrolled the open loop)
+      if (const int t = tid + kThreads * i; t < T) {
+        const float* l = reinterpret_cast<const float*>(&logit[t]);
+#pragma unroll
+        for (int g = 0; g < kG; ++g) M[g] = fmaxf(M[g], l[g]);
+      }
     }
     block_max_sum<true>(M, d, red, red_z, rr.top, rr.scratch);
   }
@@ -107,6 +110,7 @@ __device__ Greedy<kMaxRerank>& rerank_picks(const cooperative_groups::cluster_gr
     for (int g = 0; g < kG; ++g) e[r][g] = 0;
     if (p >= np) continue;
     const int t0 = first.pick_row[p], t1 = first.pick_row[p + 1];
+#pragma unroll 1  // (unrolled, this loop was 13 KB of the kernel's code, fetched every step)
     for (int t = t0; t < t1; ++t) {
       const float* l = reinterpret_cast<const float*>(&logit[t]);
 #pragma unroll
