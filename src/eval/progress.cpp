@@ -34,14 +34,15 @@ std::string Progress::format_duration(double s) {
 }
 
 std::string Progress::line() const {
-  const double elapsed = std::chrono::duration<double>(now_() - start_).count();
+  const auto now = now_();
+  const double elapsed = std::chrono::duration<double>(now - start_).count();
   const int64_t worked = done_ - skipped_;
   const int64_t left = total_ - done_;
   std::string eta = "ETA ?";
   if (left <= 0) {
     eta = "done";
   } else if (first_unit_worked_ >= 0 && worked > first_unit_worked_) {
-    const double since = std::chrono::duration<double>(now_() - first_unit_time_).count();
+    const double since = std::chrono::duration<double>(now - first_unit_time_).count();
     eta = "ETA " + format_duration(since / double(worked - first_unit_worked_) * double(left));
   } else if (worked > 0 && elapsed > 0) {
     eta = "ETA " + format_duration(elapsed / double(worked) * double(left));  // one unit so far
