@@ -356,7 +356,7 @@ TEST(Tokenizer, LongTextRoundTrips) {
   EXPECT_EQ(qwen3().decode(ids), text);
   std::printf("encoded %zu bytes into %zu tokens in %.3f s of CPU\n", text.size(), ids.size(), secs);
   // One huge word (no pre-tokenizer split) round-trips; a quadratic merge loop would show in the
-  // printed time as tens of seconds.
+  // printed time.
   const std::string word(small_scale() ? 20000 : 200000, 'a');
   t0 = cpu_seconds();
   EXPECT_EQ(qwen3().decode(qwen3().encode(word)), word);

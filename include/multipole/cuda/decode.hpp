@@ -18,9 +18,9 @@
 // one-launch step, in that kernel (RoPE over all dims, no fallback). With config.rerank_tokens
 // (the CPU policy's re-ranking) the finest selection runs under rerank_tokens and its picks'
 // members are scored exactly to choose under the budget: in the three-kernel step one launch more
-// (rerank.cuh); in the one-launch step (rerank_tokens <= 512) in that
-// kernel (cluster_rerank.cuh). All launches of a step are asynchronous on the given stream and
-// capturable in a CUDA graph once planned.
+// (rerank.cuh); in the one-launch step (rerank_tokens <= 512) in that kernel (cluster_rerank.cuh).
+// All launches of a step are asynchronous on the given stream and capturable in a CUDA graph once
+// planned.
 #include <cstdint>
 #include <span>
 #include <vector>
