@@ -83,6 +83,9 @@ void add_bench_cuda_command(CLI::App& app) {
   cmd->add_option("--coarse-budget", o->coarse_budget,
                   "Tokens under the coarse clusters whose children are scored (0: 16 x the budget)")
       ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--rerank-tokens", o->rerank_tokens,
+                  "Candidates of the mp-rerank row, tokens (0: 4 x the budget; above the budget)")
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--key-dtype", *key_dtype, "Key centroid storage: f32 or bf16");
   cmd->add_option("--warmup", o->warmup, "Warm-up steps");
   cmd->add_option("--iters", o->iterations, "Timed steps (median reported)");
@@ -92,6 +95,9 @@ void add_bench_cuda_command(CLI::App& app) {
   cmd->add_flag("--no-graph", *no_graph, "Launch directly instead of replaying a CUDA graph");
   cmd->add_flag("--json", *json, "One JSON object per line instead of a table");
   cmd->callback([o, key_dtype, no_graph, no_kmeans, json, sequential_pages] {
+    MP_CHECK(o->rerank_tokens == 0 || o->rerank_tokens > o->budget,
+             "bench-cuda: --rerank-tokens {} must be 0 (4 x the budget) or above --budget {}", o->rerank_tokens,
+             o->budget);
     o->scattered_pages = !*sequential_pages;
     o->key_dtype = parse_dtype(*key_dtype, "--key-dtype");
     o->graph = !*no_graph;

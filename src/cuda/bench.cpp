@@ -387,6 +387,8 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
   MP_CHECK(device_count() > 0, "bench: no CUDA device");
   MP_CHECK(o.iterations > 0 && o.warmup >= 0, "bench: iterations {} must be > 0 and warmup {} >= 0", o.iterations,
            o.warmup);
+  MP_CHECK(o.rerank_tokens == 0 || o.rerank_tokens > o.budget,
+           "bench: --rerank-tokens {} must be 0 (4 x the budget) or above the budget {}", o.rerank_tokens, o.budget);
   AttentionConfig ac;
   ac.num_q_heads = o.q_heads;
   ac.num_kv_heads = o.kv_heads;
@@ -578,11 +580,11 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         if (far_real.plan_info().fused) emit_three("mp-far-real-3launch", index, mp_bytes + extra, &fr);
       }
       {
-        // Re-ranking picks worth 4 x budget tokens (in the one-launch step where it holds, with
+        // Re-ranking picks worth rerank_tokens (in the one-launch step where it holds, with
         // mp-rerank-3launch beside it: three kernels and one launch more; compare with multipole
         // and mp-3launch): bytes, each pick member's key row, member id and page id.
         AttentionConfig rr = ac;
-        rr.rerank_tokens = 4 * o.budget;
+        rr.rerank_tokens = o.rerank_tokens > 0 ? o.rerank_tokens : 4 * o.budget;
         CudaDecoder rerank(rr);
         rerank.plan(dev, seqs, &index);
         const int64_t extra = int64_t(E) * rr.rerank_tokens * (row + 8);

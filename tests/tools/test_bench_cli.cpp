@@ -22,10 +22,11 @@ struct BenchRun {
   std::string out, err;
 };
 
-BenchRun bench(const std::string& args) {
+BenchRun bench(const std::string& args, const std::string& command = "bench attention") {
   TempDir dir;
   const std::string out = dir.file("out"), err = dir.file("err");
-  const int status = std::system((std::string(MULTIPOLE_CLI_PATH) + " bench attention " + args + " >" + out + " 2>" + err).c_str());
+  const int status =
+      std::system((std::string(MULTIPOLE_CLI_PATH) + " " + command + " " + args + " >" + out + " 2>" + err).c_str());
   BenchRun r;
   if (WIFEXITED(status) && WEXITSTATUS(status) < 128) r.code = WEXITSTATUS(status);
   std::stringstream o, e;
@@ -93,4 +94,13 @@ TEST(BenchCli, TableAndErrors) {
   BenchRun e = bench("--q-heads 12 --kv-heads 8 --context 100 --copy-mib 4");
   EXPECT_EQ(e.code, 1) << e.err;
   EXPECT_NE(e.err.find("num_q_heads 12"), std::string::npos) << e.err;
+}
+
+// The GPU bench's options are checked before it looks for a device (none in CI).
+TEST(BenchCli, CudaOptionsCheckedBeforeTheDevice) {
+  if (bench("--help", "").out.find("bench-cuda") == std::string::npos) GTEST_SKIP() << "a build without CUDA";
+  BenchRun e = bench("--budget 128 --rerank-tokens 100", "bench-cuda");
+  EXPECT_EQ(e.code, 1) << e.err;
+  EXPECT_NE(e.err.find("--rerank-tokens 100 must be 0 (4 x the budget) or above --budget 128"), std::string::npos)
+      << e.err;
 }

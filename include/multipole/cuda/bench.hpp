@@ -29,6 +29,7 @@ struct CudaBenchOptions {
   int tokens_per_centroid = ClusterConfig{}.tokens_per_centroid.at(0);
   int coarse_tokens_per_centroid = ClusterConfig{}.tokens_per_centroid.at(1);  // 0: one level only
   int coarse_budget = 0;                 // tokens under the coarse clusters expanded; 0: 16 x budget
+  int rerank_tokens = 0;                 // mp-rerank's candidates, tokens; 0: 4 x budget
   DType dtype = DType::BF16;      // K/V and value centroids
   DType key_dtype = DType::BF16;  // key centroids: f32 or the KV dtype
   int warmup = 10, iterations = 50;
@@ -50,8 +51,8 @@ struct CudaBenchRow {
   std::string variant;       // dense, multipole, mp-3launch (the three-kernel step where multipole takes one
                              // launch), squeezed, mp-far-real (the far field at real positions: one launch,
                              // or three kernels and one more), mp-far-real-3launch (beside a one-launch
-                             // mp-far-real), mp-rerank (re-ranking picks worth 4 x budget tokens: three
-                             // kernels and one more), mp-1level, mp-score, mp-score+select, mp-attend,
+                             // mp-far-real), mp-rerank (re-ranking picks worth rerank_tokens: in the one-launch
+                             // step where it holds, else three kernels and one more), mp-1level, mp-score, mp-score+select, mp-attend,
                              // kmeans-prefill (one build for the whole batch), mp-kmeans-index, mp-km-3launch,
                              // mp-km-1launch (its one-launch kernel alone, where two kernels follow it),
                              // kmeans-update, kmeans-upd/token (DeviceKMeans::append of W tokens into a nearly
