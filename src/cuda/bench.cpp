@@ -546,6 +546,10 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       // "multipole": the step as the plan chooses it (one launch where fused_step.cuh holds);
       // "mp-3launch" beside it: the three-kernel step on the same index (emit_three).
       const int E = B * Hkv;
+      // Re-ranking's candidates (mp-rerank, mp-1level-rerank) and its bytes: each pick member's key
+      // row, member id and page id.
+      const int rerank_tokens = o.rerank_tokens > 0 ? o.rerank_tokens : 4 * o.budget;
+      const int64_t rerank_bytes = int64_t(E) * rerank_tokens * (row + 8);
       // cfg: ac, or another config.
       const auto emit_three = [&](const std::string& name, const DeviceClusterIndex& idx, int64_t bytes,
                                   const AttentionConfig* cfg = nullptr) {
@@ -582,15 +586,14 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       {
         // Re-ranking picks worth rerank_tokens (in the one-launch step where it holds, with
         // mp-rerank-3launch beside it: three kernels and one launch more; compare with multipole
-        // and mp-3launch): bytes, each pick member's key row, member id and page id.
+        // and mp-3launch).
         AttentionConfig rr = ac;
-        rr.rerank_tokens = o.rerank_tokens > 0 ? o.rerank_tokens : 4 * o.budget;
+        rr.rerank_tokens = rerank_tokens;
         CudaDecoder rerank(rr);
         rerank.plan(dev, seqs, &index);
-        const int64_t extra = int64_t(E) * rr.rerank_tokens * (row + 8);
-        emit("mp-rerank", [&](cudaStream_t s) { rerank.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes + extra,
+        emit("mp-rerank", [&](cudaStream_t s) { rerank.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes + rerank_bytes,
              rerank.multipole_launches(), step_ctas(rerank, E));
-        if (rerank.plan_info().fused) emit_three("mp-rerank-3launch", index, mp_bytes + extra, &rr);
+        if (rerank.plan_info().fused) emit_three("mp-rerank-3launch", index, mp_bytes + rerank_bytes, &rr);
       }
       {
         // GPU baselines on the same cache: quest (page bounds built before timing; its
@@ -635,6 +638,12 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         emit("mp-1level", [&](cudaStream_t s) { flat.multipole(dev, 0, flat_index, pq, pqs, po, s); }, flat_bytes,
              flat.multipole_launches(), step_ctas(flat, E));
         if (flat.plan_info().fused) emit_three("mp-1level-3launch", flat_index, flat_bytes);
+        AttentionConfig frr = ac;  // one level re-ranked: the most accurate setting (evaluation.md, H50-H51)
+        frr.rerank_tokens = rerank_tokens;
+        CudaDecoder flat_rerank(frr);
+        flat_rerank.plan(dev, seqs, &flat_index);
+        emit("mp-1level-rerank", [&](cudaStream_t s) { flat_rerank.multipole(dev, 0, flat_index, pq, pqs, po, s); },
+             flat_bytes + rerank_bytes, flat_rerank.multipole_launches(), step_ctas(flat_rerank, E));
         if (flat.plan_info().fused && std::getenv("MULTIPOLE_STEP_PROFILE"))
           profile_fused_step("synthetic-1level", flat, dev, flat_index, pq, pqs, po, o, stream, flush, B, ctx);
       }

@@ -52,7 +52,8 @@ struct CudaBenchRow {
                              // launch), squeezed, mp-far-real (the far field at real positions: one launch,
                              // or three kernels and one more), mp-far-real-3launch (beside a one-launch
                              // mp-far-real), mp-rerank (re-ranking picks worth rerank_tokens: in the one-launch
-                             // step where it holds, else three kernels and one more), mp-1level, mp-score, mp-score+select, mp-attend,
+                             // step where it holds, else three kernels and one more), mp-1level, mp-1level-rerank (one
+                             // level re-ranking rerank_tokens), mp-score, mp-score+select, mp-attend,
                              // kmeans-prefill (one build for the whole batch), mp-kmeans-index, mp-km-3launch,
                              // mp-km-1launch (its one-launch kernel alone, where two kernels follow it),
                              // kmeans-update, kmeans-upd/token (DeviceKMeans::append of W tokens into a nearly
