@@ -96,8 +96,9 @@ TEST(BenchCli, TableAndErrors) {
   EXPECT_NE(e.err.find("num_q_heads 12"), std::string::npos) << e.err;
 }
 
-// The GPU bench's options are checked before it looks for a device (none in CI).
-TEST(BenchCli, CudaOptionsCheckedBeforeTheDevice) {
+// The GPU bench's options are checked before it looks for a device (none in CI). A build without
+// CUDA has no bench-cuda: skipped there, as the other Cuda* tests are.
+TEST(CudaBenchCli, OptionsCheckedBeforeTheDevice) {
   if (bench("--help", "").out.find("bench-cuda") == std::string::npos) GTEST_SKIP() << "a build without CUDA";
   BenchRun e = bench("--budget 128 --rerank-tokens 100", "bench-cuda");
   EXPECT_EQ(e.code, 1) << e.err;
