@@ -84,7 +84,7 @@ void add_bench_cuda_command(CLI::App& app) {
                   "Tokens under the coarse clusters whose children are scored (0: 16 x the budget)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--rerank-tokens", o->rerank_tokens,
-                  "Candidates of the mp-rerank row, tokens (0: 4 x the budget; above the budget)")
+                  "Candidates of the mp-rerank and mp-1level-rerank rows, tokens (0: 4 x the budget; above the budget)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--key-dtype", *key_dtype, "Key centroid storage: f32 or bf16");
   cmd->add_option("--warmup", o->warmup, "Warm-up steps");

@@ -591,8 +591,8 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         rr.rerank_tokens = rerank_tokens;
         CudaDecoder rerank(rr);
         rerank.plan(dev, seqs, &index);
-        emit("mp-rerank", [&](cudaStream_t s) { rerank.multipole(dev, 0, index, pq, pqs, po, s); }, mp_bytes + rerank_bytes,
-             rerank.multipole_launches(), step_ctas(rerank, E));
+        emit("mp-rerank", [&](cudaStream_t s) { rerank.multipole(dev, 0, index, pq, pqs, po, s); },
+             mp_bytes + rerank_bytes, rerank.multipole_launches(), step_ctas(rerank, E));
         if (rerank.plan_info().fused) emit_three("mp-rerank-3launch", index, mp_bytes + rerank_bytes, &rr);
       }
       {

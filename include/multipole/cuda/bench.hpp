@@ -29,7 +29,7 @@ struct CudaBenchOptions {
   int tokens_per_centroid = ClusterConfig{}.tokens_per_centroid.at(0);
   int coarse_tokens_per_centroid = ClusterConfig{}.tokens_per_centroid.at(1);  // 0: one level only
   int coarse_budget = 0;                 // tokens under the coarse clusters expanded; 0: 16 x budget
-  int rerank_tokens = 0;                 // mp-rerank's candidates, tokens; 0: 4 x budget
+  int rerank_tokens = 0;                 // mp-rerank's and mp-1level-rerank's candidates; 0: 4 x budget
   DType dtype = DType::BF16;      // K/V and value centroids
   DType key_dtype = DType::BF16;  // key centroids: f32 or the KV dtype
   int warmup = 10, iterations = 50;
