@@ -182,8 +182,17 @@ void run_fidelity(SuiteContext& sc, Progress& progress) {
       if (s == 0) {
         st.seq = st.cache->add_sequence();
         progress.advance(0, fmt::format("{} dense prefill of {} tokens", t.id, prefix.size()));
-        if (prefix.size() > 1)
+        if (prefix.size() > 1) {
+          // Chunk by chunk, so that a long prefix's line moves (its elapsed time with it).
+          sc.model.set_prefill_progress([&](int64_t done, int64_t total) {
+            progress.advance(0, fmt::format("{} dense prefill {}/{} tokens", t.id, done, total));
+          });
+          struct Clear {  // (also on an exception: the callback captures this frame)
+            Model& m;
+            ~Clear() { m.set_prefill_progress({}); }
+          } clear{sc.model};
           sc.model.prefill(*st.cache, st.seq, prefix.first(prefix.size() - 1), *st.policy, sc.pool, nullptr);
+        }
       } else {
         progress.advance(0, fmt::format("{} {} indexes the prefix", t.id, todo[s - 1]->label()));
         st.seq = st.cache->add_copy(*streams[0].cache, streams[0].seq, int64_t(prefix.size()) - 1);

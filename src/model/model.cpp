@@ -294,6 +294,8 @@ void Model::set_prefill_chunk(int tokens) {
   impl_->prefill_chunk = tokens;
 }
 
+void Model::set_prefill_progress(PrefillProgress progress) { impl_->prefill_progress = std::move(progress); }
+
 void Model::set_observer(ForwardObserver* observer) { impl_->observer = observer; }
 
 void Model::set_activation_precision(ActivationPrecision precision) { impl_->activations = precision; }
@@ -314,6 +316,7 @@ void Model::prefill(PagedKVCache& cache, SeqId seq, std::span<const int32_t> tok
     impl_->forward(config_, cache, seqs, first, tokens.subspan(s, n), false, last, policy, pool, out,
                    all_logits != nullptr, stats_);
     if (all_logits && last && logits) std::memcpy(logits, all_logits + int64_t(tokens.size() - 1) * V, size_t(V) * 4);
+    if (impl_->prefill_progress) impl_->prefill_progress(int64_t(s + n), int64_t(tokens.size()));
   }
 }
 

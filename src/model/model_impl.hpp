@@ -41,6 +41,7 @@ struct Model::Impl {
   std::vector<LayerWeights> layers;
   Rope rope;
   int prefill_chunk = 256;
+  Model::PrefillProgress prefill_progress;
   ForwardObserver* observer = nullptr;
   ActivationPrecision activations = ActivationPrecision::Int8;
   ForwardScratch scratch;

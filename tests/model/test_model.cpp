@@ -277,6 +277,35 @@ TEST(AttentionPolicies, ChunkedPrefillIndexesThePromptOnce) {
 
 // ------------------------------------------------------------------------------- configs
 
+// A prefill reports each chunk (tokens done, total), and the report changes nothing it computes.
+TEST(ModelForward, PrefillReportsEachChunk) {
+  const tiny::Config c = tiny::family_config("llama");
+  const tiny::Weights w = tiny::random_weights(c, 43);
+  const auto tokens = random_tokens(50, c.vocab, 19);
+  const std::string dir = tiny::temp_dir("prefill-progress");
+  tiny::gguf_builder(w).write(dir + "/m.gguf");
+  auto m = Model::load(dir + "/m.gguf");
+  ThreadPool pool(1);
+  auto dense = make_attention_policy("dense", m->attention_config());
+  m->set_prefill_chunk(16);
+  const auto run = [&] {
+    PagedKVCache cache(m->kv_cache_config(64, DType::F32, 16));
+    std::vector<float> logits(size_t(m->config().vocab_size));
+    m->prefill(cache, cache.add_sequence(), tokens, *dense, pool, logits.data());
+    return logits;
+  };
+  const std::vector<float> quiet = run();
+  std::vector<std::pair<int64_t, int64_t>> calls;
+  m->set_prefill_progress([&](int64_t done, int64_t total) { calls.emplace_back(done, total); });
+  EXPECT_EQ(run(), quiet);
+  EXPECT_EQ(calls, (std::vector<std::pair<int64_t, int64_t>>{{16, 50}, {32, 50}, {48, 50}, {50, 50}}));
+  m->set_prefill_progress({});
+  calls.clear();
+  run();
+  EXPECT_TRUE(calls.empty());
+  fs::remove_all(dir);
+}
+
 TEST(ModelConfig, FromHFJson) {
   for (const char* f : {"llama", "qwen2", "qwen3"}) {
     const tiny::Config c = tiny::family_config(f);

@@ -13,6 +13,7 @@
 // the prompt's tokens in chunks) with dense causal attention; decode runs one token per
 // sequence and its attention through the AttentionPolicy chosen at run time.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -130,6 +131,10 @@ class Model {
 
   // Tokens per prefill chunk (bounds the scratch memory of long prompts).
   void set_prefill_chunk(int tokens);
+  // Called after each prefill chunk with the tokens done and the prefill's total (a long
+  // prompt's progress; empty: none). Not owned by a prefill: clear it when its captures die.
+  using PrefillProgress = std::function<void(int64_t done, int64_t total)>;
+  void set_prefill_progress(PrefillProgress progress);
 
   // Observer of the pre-RoPE q, k, v (not owned; nullptr: none, the forward pays nothing).
   void set_observer(ForwardObserver* observer);
