@@ -20,6 +20,7 @@ namespace multipole::cli {
 namespace {
 
 void print_cuda_bench(const cuda::CudaBenchOptions& o, bool json) {
+  o.validate();  // (options first: a bad one is named even without a device)
   MP_CHECK(cuda::device_count() > 0, "bench attention --device cuda: no CUDA device found");
   const auto info = cuda::device_info();
   if (!json) {
@@ -95,9 +96,6 @@ void add_bench_cuda_command(CLI::App& app) {
   cmd->add_flag("--no-graph", *no_graph, "Launch directly instead of replaying a CUDA graph");
   cmd->add_flag("--json", *json, "One JSON object per line instead of a table");
   cmd->callback([o, key_dtype, no_graph, no_kmeans, json, sequential_pages] {
-    MP_CHECK(o->rerank_tokens == 0 || o->rerank_tokens > o->budget,
-             "bench-cuda: --rerank-tokens {} must be 0 (4 x the budget) or above --budget {}", o->rerank_tokens,
-             o->budget);
     o->scattered_pages = !*sequential_pages;
     o->key_dtype = parse_dtype(*key_dtype, "--key-dtype");
     o->graph = !*no_graph;

@@ -382,13 +382,16 @@ void print_index_stats(const char* name, const CudaDecoder& dec, const DeviceClu
 
 }  // namespace
 
+void CudaBenchOptions::validate() const {
+  MP_CHECK(iterations > 0 && warmup >= 0, "bench: iterations {} must be > 0 and warmup {} >= 0", iterations, warmup);
+  MP_CHECK(rerank_tokens == 0 || rerank_tokens > budget,
+           "bench: --rerank-tokens {} must be 0 (4 x the budget) or above --budget {}", rerank_tokens, budget);
+}
+
 std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
                                                    const std::function<void(const CudaBenchRow&)>& on_row) {
+  o.validate();
   MP_CHECK(device_count() > 0, "bench: no CUDA device");
-  MP_CHECK(o.iterations > 0 && o.warmup >= 0, "bench: iterations {} must be > 0 and warmup {} >= 0", o.iterations,
-           o.warmup);
-  MP_CHECK(o.rerank_tokens == 0 || o.rerank_tokens > o.budget,
-           "bench: --rerank-tokens {} must be 0 (4 x the budget) or above the budget {}", o.rerank_tokens, o.budget);
   AttentionConfig ac;
   ac.num_q_heads = o.q_heads;
   ac.num_kv_heads = o.kv_heads;

@@ -43,6 +43,9 @@ struct CudaBenchOptions {
   int prefill_iterations = 10;
   int kmeans_runs = 3;  // timed builds (median)
   uint64_t seed = 1;
+
+  // Throws on options no run can take (no device needed: the CLI checks before it looks for one).
+  void validate() const;
 };
 
 struct CudaBenchRow {
