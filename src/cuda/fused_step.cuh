@@ -507,8 +507,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   }();
   auto& row_sel = *[&] {  // the selection whose picks are the exact rows
     if constexpr (kRerank)
-      return &rerank_picks<CT>(cluster, a, rank, h, table, finest, kHier ? xcand : xall,
-                               kHier ? xcand + kMaxCand : xcand, qx, gmax, gzinv, red, red_z);
+      return &rerank_picks<CT, !kHier>(cluster, a, rank, h, table, finest, kHier ? xcand : xall,
+                                       kHier ? xcand + kMaxCand : xcand, qx, gmax, gzinv, red, red_z);
     else return &finest;
   }();
   if constexpr (kRerank) {
