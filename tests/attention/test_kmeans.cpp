@@ -193,11 +193,7 @@ TEST(KMeans, AssignmentThroughput) {
   std::printf("[ info ] assign_nearest %lld x %lld x %d: %.2f ms, %.1f GFLOP/s (printed, not checked)\n",
               (long long)n, (long long)k, d, s * 1e3, gflops);
   // The timed call's labels: each sampled point's centroid is (up to rounding) its nearest one.
-  const auto dist = [&](int64_t i, int64_t c) {
-    double acc = 0;
-    for (int j = 0; j < d; ++j) acc += std::pow(double(pts[size_t(i * d + j)]) - cen[size_t(c * d + j)], 2);
-    return acc;
-  };
+  const auto dist = [&](int64_t i, int64_t c) { return dist2(&pts[size_t(i * d)], &cen[size_t(c * d)], d); };
   for (int64_t i = 0; i < n; i += 37) {
     ASSERT_GE(lab[size_t(i)], 0);
     ASSERT_LT(lab[size_t(i)], k);
