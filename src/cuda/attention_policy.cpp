@@ -22,11 +22,13 @@ class CudaPolicy final : public AttentionPolicy {
  public:
   CudaPolicy(std::string_view name, Kind kind, const AttentionConfig& config)
       : AttentionPolicy(config), name_(name), kind_(kind), rope_(config.rope) {
-    if (kind_ == Kind::Dense || kind_ == Kind::Multipole)
+    if (kind_ == Kind::Dense || kind_ == Kind::Multipole) {
       decoder_ = std::make_unique<CudaDecoder>(config_);
-    else
+      decoder_->set_record_far_sizes(true);  // (stats_.pseudo_tokens)
+    } else {
       sparse_ = std::make_unique<CudaSparseDecoder>(
           config_, kind_ == Kind::Quest ? SparseBaseline::Quest : SparseBaseline::OracleTopk);
+    }
   }
 
   std::string_view name() const override { return name_; }

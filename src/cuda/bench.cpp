@@ -495,7 +495,8 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       const float *pq = q.as<float>(), *pqs = qs.as<float>();
       float* po = out.as<float>();
 
-      // Bytes each variant must read.
+      // Bytes each variant must read. (The timed steps do not record far sizes.)
+      dec.set_record_far_sizes(true);
       dec.multipole(dev, 0, index, pq, pqs, po, stream);
       MP_CUDA_CHECK(cudaStreamSynchronize(stream));
       const auto counts = dec.exact_counts();
@@ -516,6 +517,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         C = coarse + fine_far + int64_t(B) * Hkv * (o.budget / 8);
         Ck = dec.plan_info().prescored ? index.total_clusters() : C;
       }
+      dec.set_record_far_sizes(false);
       const int64_t kbytes = Ck * D * int64_t(dtype_size(o.key_dtype)), vbytes = C * row;
       const int64_t lists = C * (4 + 4 + 4) + Ck * G * 4 * 2;  // sizes, far sizes, member starts, scores w+r
       const int64_t dense_bytes = int64_t(B) * Hkv * ctx * row * 2;
@@ -660,6 +662,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
       }
       MP_CHECK(dec.error_flags() == 0, "bench: exact set overflow (flags {})", dec.error_flags());
       if (stats) {
+        dec.set_record_far_sizes(true);
         dec.multipole(dev, 0, index, pq, pqs, po, stream);
         print_index_stats("synthetic", dec, index, synth_host, o.budget);
       }
@@ -742,6 +745,7 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
         if (stats) {
           std::vector<HostClusterLevel> km_host;
           for (int k = 0; k < std::min(B * Hkv, 8); ++k) km_host.push_back(km.download(k));
+          kdec.set_record_far_sizes(true);
           kdec.multipole(dev, 0, km.index(), pq, pqs, po, stream);
           print_index_stats("gpu-kmeans", kdec, km.index(), km_host, o.budget);
         }

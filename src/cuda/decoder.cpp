@@ -464,7 +464,9 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
   const DeviceClusterView cv = index.view();
   const DeviceKVLayer kv = cache.layer(layer);
 
-  if (info_.fused && (stages == 3 || stages == 5)) {
+  const bool one_launch = info_.fused && (stages == 3 || stages == 5);
+  far_sizes_recorded_ = !one_launch || record_far_sizes_;
+  if (one_launch) {
     FusedStepArgs f;
     f.q = q;
     f.q_score = q_score;
@@ -502,7 +504,7 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
       f.inv_freq = inv_freq_.as<const double>();
     }
     f.out = out;
-    f.far_size = far_size_.as<int32_t>();
+    f.far_size = record_far_sizes_ ? far_size_.as<int32_t>() : nullptr;
     f.exact_n = exact_n_.as<int32_t>();
     f.error_flags = errors_.as<uint32_t>();
     f.prof = step_prof_;
@@ -668,6 +670,9 @@ void CudaDecoder::multipole(const DeviceKVCache& cache, int layer, const DeviceC
 }
 
 std::vector<int32_t> CudaDecoder::far_sizes() const {
+  MP_CHECK(far_sizes_recorded_,
+           "cuda decode: far_sizes(): the last multipole step did not record them (a step in one launch "
+           "records them only after set_record_far_sizes(true))");
   std::vector<int32_t> v(static_cast<size_t>(index_clusters_));
   synchronize();
   far_size_.download(v.data(), v.size() * sizeof(int32_t));

@@ -471,6 +471,7 @@ void run_multipole(const MpCase& mc, uint32_t seed) {
   const IndexFixture fx = make_index(cache, ac, 0, rng, mc.huge_first);
   DeviceClusterIndex index(mc.D, mc.Hkv, mc.key_dtype, mc.dtype, fx.entries);
   CudaDecoder dec(ac);
+  dec.set_record_far_sizes(true);
   if (mc.chunk_tiles > 0) setenv("MULTIPOLE_MP_CHUNK_TILES", std::to_string(mc.chunk_tiles).c_str(), 1);
   if (mc.score_ctas > 0) setenv("MULTIPOLE_SCORE_CTAS", std::to_string(mc.score_ctas).c_str(), 1);
   dec.plan(dev, cache.seqs, &index);
@@ -734,6 +735,8 @@ TEST(CudaMultipole, ProgrammaticDependentLaunchMatchesPlainLaunches) {
     CudaDecoder off(ac), on(ac);
     off.set_pdl(false);
     on.set_pdl(true);
+    off.set_record_far_sizes(true);
+    on.set_record_far_sizes(true);
     off.plan(dev, cache.seqs, &index);
     on.plan(dev, cache.seqs, &index);
     plain.poison();
@@ -954,6 +957,7 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     // The one-launch step on the same index and queries.
     CudaDecoder dec(ac);
     dec.set_fused_waves(waves);
+    dec.set_record_far_sizes(true);
     dec.plan(su.dev, su.cache.seqs, &index);
     ASSERT_TRUE(dec.plan_info().fused) << dec.plan_info().fused_why;
     if (rerank) {  // re-ranking in one launch can be turned off (A/B against three kernels)
@@ -979,17 +983,20 @@ void compare_with_cpu_policy(int G, int Hkv, int D, std::vector<int> tokens_per_
     fars.push_back(dec.far_sizes());
     EXPECT_EQ(dec.exact_counts(), three_counts);
     // The first key slices staged at the kernel's entry from the plan's counts (the default, up to
-    // 16 entries), not ahead, or ahead from counts one short (every entry staged again): one step.
-    for (const int ahead : {0, 2}) {
+    // 16 entries), not ahead, or ahead from counts one short (every entry staged again); and the
+    // default without recording the far sizes (ahead -1), where far_sizes() refuses: one step each.
+    for (const int ahead : {0, 2, -1}) {
       CudaDecoder other(ac);
       other.set_fused_waves(waves);
-      other.set_fused_stage_ahead(ahead);
+      if (ahead >= 0) other.set_fused_stage_ahead(ahead), other.set_record_far_sizes(true);
       other.plan(su.dev, su.cache.seqs, &index);
       DeviceFloats aout(q.size());
       aout.poison();
       other.multipole(su.dev, 0, index, dq.ptr(), dqs.ptr(), aout.ptr(), nullptr);
       EXPECT_EQ(other.error_flags(), 0u);
-      EXPECT_EQ(other.far_sizes(), fars.back());
+      EXPECT_EQ(other.exact_counts(), three_counts);
+      if (ahead >= 0) EXPECT_EQ(other.far_sizes(), fars.back());
+      else EXPECT_THROW(other.far_sizes(), Error);
       const auto direct = outs.back(), a = aout.get();
       for (size_t i = 0; i < direct.size(); ++i)  // (as below: the kernels behind a fallback are not bitwise)
         ASSERT_NEAR(a[i], direct[i], 1e-6f * (1.0f + std::fabs(direct[i]))) << "stage ahead " << ahead << ", element " << i;

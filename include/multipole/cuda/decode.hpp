@@ -117,7 +117,11 @@ class CudaDecoder {
   // plan's counts one cluster short, so that every entry with clusters is staged again. Next plan().
   void set_fused_stage_ahead(int mode) { fused_stage_ahead_ = mode; }
 
-  // Inspection of the last multipole step (synchronous; tests and diagnostics).
+  // Inspection of the last multipole step (synchronous; tests and diagnostics). A step in one
+  // launch records the far sizes only after set_record_far_sizes(true) (default off: their
+  // writes cost the 128K batch-1 step ~0.4 us, gpu-notes item 59); far_sizes() after one that
+  // did not throws. The three-kernel step always records them (its attention reads them).
+  void set_record_far_sizes(bool on) { record_far_sizes_ = on; }
   std::vector<int32_t> far_sizes() const;       // [total_clusters]: n if far field, 0 if selected/empty
   std::vector<int32_t> exact_counts() const;    // [B * Hkv]
   // [B * Hkv]: 1 where the last one-launch step left the entry to the kernels behind it (over
@@ -187,6 +191,8 @@ class CudaDecoder {
   DeviceBuffer part_o_, part_ml_, counters_, scores_, score_part_, far_size_, exact_rows_, exact_n_, errors_;
   DeviceBuffer far_ids_, far_n_;
   DeviceBuffer fallback_;  // [B * Hkv] the one-launch step's leftovers (fused_fallback)
+  bool record_far_sizes_ = false;
+  mutable bool far_sizes_recorded_ = false;  // by the last multipole step
   // The far field at real positions: RoPE frequencies [half] (f64) and the far clusters' logits
   // against the real q [total_clusters, G].
   DeviceBuffer inv_freq_, far_scores_;
