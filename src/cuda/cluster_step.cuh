@@ -38,6 +38,9 @@ __device__ __forceinline__ void st_cluster(uint32_t a, float4 v) {
   asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(a), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
                : "memory");
 }
+__device__ __forceinline__ void st_cluster(uint32_t a, float v) {
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(a), "f"(v) : "memory");
+}
 __device__ __forceinline__ void st_cluster(uint32_t a, float2 v) {
   asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" ::"r"(a), "f"(v.x), "f"(v.y) : "memory");
 }
@@ -388,18 +391,22 @@ __device__ __forceinline__ void join_cta_state(State& st, const float (&m)[kG], 
 }
 
 // out [heads, kD] of one entry = the merge of the cluster's kCtas states, elements [lo, hi) of
-// it (all by default); load(r, i) gives float i of CTA r's State (local or through DSMEM). Run by
-// every thread of one CTA. Every CTA's (l, m, o) is loaded before any is used: loads under the
-// conditions they feed cost three or four DSMEM round trips in a row.
+// it (all by default); load(r, i) gives float i of CTA r's State (local or through DSMEM), or of
+// a part that holds State's m and l and only o's elements from o_shift on (o element e at float
+// offsetof(State, o) / 4 + e - o_shift). Run by every thread of one CTA. Every CTA's (l, m, o) is
+// loaded before any is used: loads under the conditions they feed cost three or four DSMEM round
+// trips in a row.
 template <class Load>
-__device__ void write_merged_states(const Load& load, float* out, int heads = kG, int lo = 0, int hi = -1) {
+__device__ void write_merged_states(const Load& load, float* out, int heads = kG, int lo = 0, int hi = -1,
+                                    int o_shift = 0) {
   constexpr int kM = offsetof(State, m) / 4, kL = offsetof(State, l) / 4, kO = offsetof(State, o) / 4;
   if (hi < 0) hi = heads * kD;
   for (int i = lo + int(threadIdx.x); i < hi; i += blockDim.x) {
     const int g = i / kD, d = i % kD;
     float sl[kCtas], m[kCtas], so[kCtas], mx = -INFINITY;
 #pragma unroll
-    for (int r = 0; r < kCtas; ++r) sl[r] = load(r, kL + g), m[r] = load(r, kM + g), so[r] = load(r, kO + g * kD + d);
+    for (int r = 0; r < kCtas; ++r)
+      sl[r] = load(r, kL + g), m[r] = load(r, kM + g), so[r] = load(r, kO + g * kD + d - o_shift);
 #pragma unroll
     for (int r = 0; r < kCtas; ++r) {
       m[r] = sl[r] > 0 ? m[r] : -INFINITY;
@@ -430,6 +437,39 @@ __device__ void pull_merged_states(const cooperative_groups::cluster_group& clus
   __syncthreads();
   done();
   cluster.sync();
+}
+
+// The push merge of a one-launch step: each CTA stores its m and l and each element of its o
+// into the inbox of the CTA that writes that element of the output (elements [32 r, 32 r + 32) of
+// [heads, kD] to CTA r: 1/16 of four heads), then one cluster barrier, and each CTA merges its
+// inbox. The pull merge (above) needs a second barrier: every CTA's state must stay until all
+// have read it. `inbox` must be shared memory of its own: a CTA may push into one that has not
+// reached the merge yet. `done` runs after the CTA's share is written (a profile mark).
+constexpr int kMergeShare = kG * kD / kCtas;  // output elements a CTA merges
+struct MergePart {
+  float m[kG], l[kG], o[kMergeShare];  // (m and l where State has them: write_merged_states reads both alike)
+};
+static_assert(offsetof(MergePart, m) == 0 && offsetof(MergePart, l) == offsetof(State, l) && offsetof(State, m) == 0 &&
+                  offsetof(State, l) == kG * sizeof(float) &&
+                  offsetof(MergePart, o) == offsetof(State, o) && kMergeShare == 32,
+              "a part is a State cut to one CTA's share of o");
+template <class Done>
+__device__ void push_merged_states(const cooperative_groups::cluster_group& cluster, const State& st,
+                                   MergePart (&inbox)[kCtas], float* out, const Done& done, int heads = kG) {
+  const int rank = int(cluster.block_rank());
+  __syncthreads();  // st.o complete (each thread wrote its own elements)
+  for (int i = int(threadIdx.x); i < heads * kD; i += blockDim.x)
+    st_cluster(cluster_addr(&inbox[rank].o[i % kMergeShare], i / kMergeShare), st.o[i / kD][i % kD]);
+  if (const int t = int(threadIdx.x); t < kCtas * 2 * kG) {  // m then l: the first 2 kG floats of both
+    const int w = t % (2 * kG);
+    st_cluster(cluster_addr(reinterpret_cast<float*>(&inbox[rank]) + w, t / (2 * kG)),
+               reinterpret_cast<const float*>(&st)[w]);
+  }
+  cluster.sync();
+  const int lo = rank * kMergeShare;
+  write_merged_states([&](int r, int i) { return reinterpret_cast<const float*>(&inbox[r])[i]; }, out, heads, lo,
+                      min(heads * kD, lo + kMergeShare), lo);
+  done();
 }
 
 }  // namespace multipole::cuda::detail::cluster_step

@@ -647,10 +647,18 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     join_cta_state(st, m, l, acc, fd, fg, part, sc);
   }
   pc.mark(12);
-  pull_merged_states(cluster, st, a.out + qrow, [&] {
+  const auto done = [&] {
     pc.mark(13), pc.finish();
     if constexpr (kProf) pc.record_span(a.prof);
-  }, G);
+  };
+  // The push merge's inbox (2.5 KB) would leave the two-level re-ranking kernel one CTA an SM
+  // (its shared memory is at the limit of two): it pulls.
+  if constexpr (kRerank && kHier) {
+    pull_merged_states(cluster, st, a.out + qrow, done, G);
+  } else {
+    __shared__ MergePart inbox[kCtas];
+    push_merged_states(cluster, st, inbox, a.out + qrow, done, G);
+  }
 }
 
 }  // namespace multipole::cuda::detail::cluster_step
