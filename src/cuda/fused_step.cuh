@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   // (With re-ranking the finest selection lists picks worth up to kMaxRerank tokens.)
   __shared__ Greedy<kMaxCoarse, kRerank && !kHier ? kMaxRerank : kMaxPicks> coarse_sel;
   __shared__ Greedy<kMaxCand, kRerank && kHier ? kMaxRerank : kMaxPicks> fine_sel;
-  __shared__ int cand_fine[kMaxCand], cand_size[kMaxCand], warp_total[kWarps], word_base[kFineWords];
+  __shared__ int cand_fine[kMaxCand], cand_size[kMaxCand], warp_total[kWarps];
   __shared__ int row_member[kMaxPicks];  // the selected rows' offsets in the member lists
   __shared__ uint32_t is_cand[kFineWords];
   __shared__ StateScratch sc;
@@ -376,7 +376,6 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       for (int i = 0; i < kWordsPer; ++i) {
         const int w = kWordsPer * tid + i;
         if (w >= words) continue;
-        word_base[w] = k;
         for (uint32_t bits = is_cand[w]; bits; bits &= bits - 1, ++k)
           if (k < kMaxCand) cand_fine[k] = 32 * w + __ffs(int(bits)) - 1;
       }
@@ -549,7 +548,12 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       const uint32_t bits = is_cand[f / 32];
       int n = 0;
       if ((bits >> (f % 32)) & 1u) {
-        const int k = word_base[f / 32] + __popc(bits & ((1u << (f % 32)) - 1u));
+        int k = 0, hi = n_cand;  // f's place in cand_fine (ascending; inspection only, so a search)
+        while (k < hi) {
+          const int mid = (k + hi) / 2;
+          if (cand_fine[mid] < f) k = mid + 1;
+          else hi = mid;
+        }
         if (k < n_cand && !fine_sel.selected(k)) n = cand_size[k];
       }
       a.far_size[fb + f] = n;
@@ -651,14 +655,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     pc.mark(13), pc.finish();
     if constexpr (kProf) pc.record_span(a.prof);
   };
-  // The push merge's inbox (2.5 KB) would leave the two-level re-ranking kernel one CTA an SM
-  // (its shared memory is at the limit of two): it pulls.
-  if constexpr (kRerank && kHier) {
-    pull_merged_states(cluster, st, a.out + qrow, done, G);
-  } else {
-    __shared__ MergePart inbox[kCtas];
-    push_merged_states(cluster, st, inbox, a.out + qrow, done, G);
-  }
+  __shared__ MergePart inbox[kCtas];  // (2.5 KB: the two-level re-ranking kernel keeps two CTAs an SM by ~0.9 KB)
+  push_merged_states(cluster, st, inbox, a.out + qrow, done, G);
 }
 
 }  // namespace multipole::cuda::detail::cluster_step
