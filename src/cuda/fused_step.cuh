@@ -17,7 +17,8 @@
 //   5. the exact rows (sinks, the selected clusters' members, the tokens past the clustered
 //      region), the far field (the CTA's unselected coarse centroids, staged, and its warps'
 //      unselected candidates as pseudo-rows with a log2-size lift), and the merge of the 16
-//      states through distributed shared memory, each CTA writing 1/16 of the output.
+//      states, each CTA pushing them through distributed shared memory to the CTAs that write
+//      1/16 of the output each (gpu-notes item 61).
 // Over an index of one level (kHier = false; at most kMaxCoarse clusters an entry, 32K tokens at
 // 16 a cluster) its clusters take the coarse clusters' place in 1 and in 2's selection, under
 // `budget`; 3 and 4 drop out, and 5 takes their members as the selected rows, with no pseudo-rows.

@@ -119,7 +119,7 @@ class CudaDecoder {
 
   // Inspection of the last multipole step (synchronous; tests and diagnostics). A step in one
   // launch records the far sizes only after set_record_far_sizes(true) (default off: their
-  // writes cost the 128K batch-1 step ~0.4 us, gpu-notes item 59); far_sizes() after one that
+  // writes cost the 128K batch-1 step ~0.2-0.4 us, gpu-notes item 59); far_sizes() after one that
   // did not throws. The three-kernel step always records them (its attention reads them).
   void set_record_far_sizes(bool on) { record_far_sizes_ = on; }
   std::vector<int32_t> far_sizes() const;       // [total_clusters]: n if far field, 0 if selected/empty
