@@ -56,7 +56,7 @@ def mark_lines(source):
 
 
 def listing_lines(gi, kernel, source_name):
-    """[(offset, kernel-file line or 0, bytes)] of the first kernel whose name holds `kernel`."""
+    """(name, [(offset, kernel-file line or 0)]) of the first kernel whose name holds `kernel`."""
     name, body, line = None, [], 0
     for text in read_lines(gi):
         if text.startswith(".text."):
