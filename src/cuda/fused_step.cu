@@ -20,6 +20,11 @@ cudaLaunchConfig_t fused_config(cudaLaunchAttribute& attr, int entries, size_t s
   static const bool configured = [] {
     auto* const kernel = fused_step_kernel<CT, kProf, kHier, kFarReal, kRerank>;
     MP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    // At batch 1 (8 clusters of 16) only seven GPCs have 16 SMs free: by default the eighth
+    // cluster doubles up on another's SMs and both end late; allowed to load-balance, it packs
+    // two of its own CTAs an SM on the smaller GPC and the other seven keep theirs (gpu-notes item 63).
+    MP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeClusterSchedulingPolicyPreference,
+                                       cudaClusterSchedulingPolicyLoadBalancing));
     MP_CUDA_CHECK(cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
         int(cluster_step::fused_step_smem_bytes(cluster_step::kMaxCoarse, kRerank && kHier))));
