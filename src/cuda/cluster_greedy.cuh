@@ -90,6 +90,31 @@ struct WalkScratch {
   unsigned long long below;
 };
 
+// The walk over keys sorted in decreasing order across a warp's lanes (lane l holds the l-th, of
+// size n; `open`: the lanes that hold one) under the room `left`: while some remain, the eligible
+// ones (size <= left) that fit in order are taken; the first that does not is skipped, and so is
+// every key before it that was not eligible. Returns the taken lanes; `left` loses their sizes.
+__device__ __forceinline__ unsigned settle_sorted_warp(unsigned open, int n, int& left) {
+  const int lane = threadIdx.x & 31;
+  unsigned taken = 0;
+  while (open) {
+    const bool elig = ((open >> lane) & 1u) && n <= left;
+    const int mine = elig ? n : 0, inc = multipole::cuda::detail::warp_inclusive_sum(mine);
+    const unsigned over = __ballot_sync(0xffffffffu, elig && inc > left);
+    if (over == 0) {
+      taken |= __ballot_sync(0xffffffffu, elig);
+      left -= __shfl_sync(0xffffffffu, inc, 31);
+      break;
+    }
+    const int f = __ffs(int(over)) - 1;
+    const unsigned before = (1u << f) - 1u;
+    taken |= __ballot_sync(0xffffffffu, elig) & before;
+    left -= __shfl_sync(0xffffffffu, inc - mine, f);
+    open &= ~((before << 1) | 1u);  // lanes up to f are settled
+  }
+  return taken;
+}
+
 // The greedy walk, many keys a round. Every thread takes its two largest eligible keys (under
 // `below`, size <= room; one that does not fit now never will). Let L be the largest key that
 // is not among the warps' four largest first keys: every key above L is such a candidate, so
@@ -149,27 +174,9 @@ __device__ void walk_batched(const unsigned long long (&key)[Owned], const int (
           const bool take_other = (lower == descending) ? ok > k : ok < k;
           if (take_other) k = ok, p = op;
         }
-      // The walk over the sorted keys: while some remain, the eligible ones (size <= room)
-      // that fit in order are taken; the first that does not is skipped, and so is every key
-      // before it that was not eligible.
       const int n = k != 0 ? key_size(k) : 0;
-      unsigned open = __ballot_sync(0xffffffffu, k != 0), taken = 0;
       int left = room;
-      while (open) {
-        const bool elig = ((open >> lane) & 1u) && n <= left;
-        const int mine = elig ? n : 0, inc = warp_inclusive_sum(mine);
-        const unsigned over = __ballot_sync(0xffffffffu, elig && inc > left);
-        if (over == 0) {
-          taken |= __ballot_sync(0xffffffffu, elig);
-          left -= __shfl_sync(0xffffffffu, inc, 31);
-          break;
-        }
-        const int f = __ffs(int(over)) - 1;
-        const unsigned before = (1u << f) - 1u;
-        taken |= __ballot_sync(0xffffffffu, elig) & before;
-        left -= __shfl_sync(0xffffffffu, inc - mine, f);
-        open &= ~((before << 1) | 1u);  // lanes up to f are settled
-      }
+      const unsigned taken = settle_sorted_warp(__ballot_sync(0xffffffffu, k != 0), n, left);
       const bool mine_taken = (taken >> lane) & 1u;
       const int at = picks + __popc(taken & ((1u << lane) - 1u));
       const int size_before = warp_inclusive_sum(mine_taken ? n : 0) - (mine_taken ? n : 0);
