@@ -11,7 +11,8 @@
 // keys and walks them (top_select.cuh). The walk is exact above the largest bound L; past it, unpublished keys
 // can only matter while the room left is at least the least size kept back, and only then does
 // the cluster fall back to variant 0's rule (every CTA sees the same data, so all fall back).
-// Variant 2: variant 1 over variant 0's slices (the step's staging), for its fallbacks.
+// Variant 2: variant 1 over variant 0's slices (the step's staging), for its fallbacks. Variant 3:
+// variant 2 with its keys published by all threads, one store each (select_top<true>).
 // Checks: every CTA's selected set and pick count equal the CPU's greedy rule, and variant 0's
 // bit for bit, in every variant.
 // Timing: each CTA's clock64 from a cluster barrier after its inputs are loaded to the end of the
@@ -109,9 +110,11 @@ __device__ void select_distributed(const cooperative_groups::cluster_group& clus
   const unsigned long long key = threadIdx.x < kPer && n > 0
                                      ? cs::pick_key(cs::importance(x, sh.gmax, sh.gzinv), j, min(n, a.budget + 1))
                                      : 0ull;
-  const bool settled = cs::select_top(cluster, key, pay, a.budget, sh.ts, sh.gs, [&](int k) {
+  const auto mark = [&](int k) {
     if (threadIdx.x == 0) sh.marks[k] = clock64();
-  });
+  };
+  const bool settled = a.variant == 3 ? cs::select_top<true>(cluster, key, pay, a.budget, sh.ts, sh.gs, mark)
+                                      : cs::select_top<false>(cluster, key, pay, a.budget, sh.ts, sh.gs, mark);
   if (threadIdx.x == 0) sh.fell_back = settled ? 0 : 1;
   if (settled) return;
   for (int w = threadIdx.x; w < kC / 32; w += cs::kThreads) sh.gs.selected_bits[w] = 0;
@@ -143,13 +146,13 @@ __global__ void __launch_bounds__(cs::kThreads, 2) select_kernel(const Args a) {
   sh.ts.clear();
   int own_n[kOwned], own_first[kOwned];
   if (a.variant == 0) load_owned(a, n_e, pay_e, own_n, own_first);
+  if (a.variant == 0 && mine) sh.xall[j] = x;  // (before a barrier: other threads push it)
   cluster.sync();
   unsigned long long ns0, ns1;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns0));
   const long long t0 = clock64();
   push_norm_parts(sh, rank, x, n);
   if (a.variant == 0) {
-    if (mine) sh.xall[j] = x;
     cs::push_to_cluster(cluster, sh.xall, c0, max(0, min(per, a.clusters - c0)));
     if (tid == 0) sh.marks[0] = sh.marks[1] = clock64();
     cluster.sync();
@@ -267,7 +270,7 @@ bool run_case(const Case& c, int launches, bool timed, lab::FlushedTimer& timer,
   bool ok = true;
   std::vector<int> first;  // variant 0's output of its first launch: variant 1 must give the same
   std::printf("%-34s E %2d C %4d:", c.name, E, c.clusters);
-  for (int variant = 0; variant < 3; ++variant) {
+  for (int variant = 0; variant < 4; ++variant) {
     const Args args{dx, dn, dp, c.clusters, budget, variant, dout, dc};
     const auto launch = [&](cudaStream_t s) {
       cudaLaunchAttribute attr;

@@ -83,8 +83,9 @@ __device__ void walk_sorted(TopSelect& ts, Greedy<Keys, Picks>& gs, int lo, int 
 // as greedy_select leaves it (picks in walk order; all_prefix_picks 0), or false in every CTA
 // when the published keys do not settle the rule (gs untouched but for its bits, which must then
 // be cleared). gs.selected_bits must be 0 and visible before the call; ts as TopSelect says.
-// mark(k): phase boundaries for a lab's clocks (k = 0..3).
-template <int Keys, int Picks, class Mark>
+// mark(k): phase boundaries for a lab's clocks (k = 0..3). kSpread: the published keys pushed by
+// all 256 threads, one (slot, CTA) each, not 16 stores a publishing thread.
+template <bool kSpread, int Keys, int Picks, class Mark>
 __device__ bool select_top(const cooperative_groups::cluster_group& cluster, unsigned long long key, int payload,
                            int budget, TopSelect& ts, Greedy<Keys, Picks>& gs, const Mark& mark) {
   namespace d = top_select_detail;
@@ -110,7 +111,11 @@ __device__ bool select_top(const cooperative_groups::cluster_group& cluster, uns
   const int above_me = tid < kHalf ? ts.count[0][tid] + ts.count[1][tid] : 0;
   mark(0);
   int kept = INT_MAX;
-  if (key != 0) {
+  if (kSpread && key != 0) {  // (own copies first; pushed below)
+    if (above_me < kTop) ts.key[rank][above_me] = key, ts.payload[rank][above_me] = payload;
+    else kept = key_size(key);
+    if (above_me == kTop) ts.bound[rank] = key;
+  } else if (key != 0) {
     if (above_me < kTop) {
 #pragma unroll 1
       for (int r = 0; r < 16; ++r) {
@@ -131,6 +136,14 @@ __device__ bool select_top(const cooperative_groups::cluster_group& cluster, uns
     int m = INT_MAX;
     for (int w = 0; w < kWarps; ++w) m = min(m, ts.warp_least[w]);
     d::st_s32(d::mapa(&ts.least[rank], tid), m);
+    if (kSpread && tid != rank && ts.bound[rank] != 0) d::st_u64(d::mapa(&ts.bound[rank], tid), ts.bound[rank]);
+  }
+  if constexpr (kSpread) {
+    const int s = tid % kTop, r = tid / kTop;
+    if (r != rank && ts.key[rank][s] != 0) {
+      d::st_u64(d::mapa(&ts.key[rank][s], r), ts.key[rank][s]);
+      d::st_s32(d::mapa(&ts.payload[rank][s], r), ts.payload[rank][s]);
+    }
   }
   mark(1);
   cluster.sync();
@@ -144,16 +157,15 @@ __device__ bool select_top(const cooperative_groups::cluster_group& cluster, uns
     const unsigned long long k = ts.key[c][s];
     if (k != 0) {
       int g = s;
-#pragma unroll 5  // (searches five lists at a time: rolled, their dependent loads would add up)
+#pragma unroll  // (15 searches of four dependent probes each, interleaved: a search loop per list took ~4 us)
       for (int o = 1; o < 16; ++o) {
         const unsigned long long* list = ts.key[(c + o) & 15];
-        int lo = 0, hi = kTop;  // the keys of list above k
-        while (lo < hi) {
-          const int mid = (lo + hi) / 2;
-          if (list[mid] > k) lo = mid + 1;
-          else hi = mid;
-        }
-        g += lo;
+        // The keys of list above k (descending, zeros last): halves of 8, 4, 2, 1, then the 16th.
+        int n = list[7] > k ? 8 : 0;
+        n += list[n + 3] > k ? 4 : 0;
+        n += list[n + 1] > k ? 2 : 0;
+        n += list[n] > k ? 1 : 0;
+        g += n + (n == 15 && list[15] > k ? 1 : 0);
       }
       ts.sorted[g] = k, ts.sorted_payload[g] = ts.payload[c][s];
     }
@@ -184,7 +196,7 @@ __device__ bool select_top(const cooperative_groups::cluster_group& cluster, uns
 template <int Keys, int Picks>
 __device__ bool select_top(const cooperative_groups::cluster_group& cluster, unsigned long long key, int payload,
                            int budget, TopSelect& ts, Greedy<Keys, Picks>& gs) {
-  return select_top(cluster, key, payload, budget, ts, gs, [](int) {});
+  return select_top<false>(cluster, key, payload, budget, ts, gs, [](int) {});
 }
 
 }  // namespace multipole::cuda::detail::cluster_step
