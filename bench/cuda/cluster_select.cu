@@ -39,7 +39,6 @@
 #include "lab_util.cuh"
 
 namespace cs = multipole::cuda::detail::cluster_step;
-using multipole::cuda::detail::warp_inclusive_sum;
 
 namespace {
 
@@ -55,7 +54,7 @@ struct Shared {
   float2 slice_norm[cs::kCtas][cs::kG];
   float red[cs::kWarps][cs::kG], red_z[cs::kWarps][cs::kG], gmax[cs::kG], gzinv[cs::kG], own_m[cs::kG], own_z[cs::kG];
   int fell_back;
-  long long marks[4];  // variant 1's phases (select_top's marks), thread 0's clock
+  long long marks[4];  // thread 0's clock at the rule's phases (variant 0's barrier and normalisers; select_top's marks)
 };
 
 struct Args {
@@ -64,7 +63,7 @@ struct Args {
   const int* payload;  // [E, C] member offsets
   int clusters, budget, variant;
   int* out;             // [E, kCtas, kOutInts]
-  long long* clocks;    // [E, kCtas, 6]: cycles of the selection, ns of it, variant 1's marks from its start
+  long long* clocks;    // [E, kCtas, 6]: cycles of the selection, ns of it, the four marks from its start
 };
 
 // The slice's (max, sum) parts of this thread's cluster (x, n), merged over the block and pushed

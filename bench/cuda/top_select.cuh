@@ -12,38 +12,34 @@
 #include <cstdint>
 
 #include "cuda/cluster_greedy.cuh"
+#include "cuda/cluster_step.cuh"
 #include "cuda/common.cuh"
 
 namespace multipole::cuda::detail::cluster_step {
 
 constexpr int kTop = 16;                 // keys a CTA publishes
-constexpr int kPublished = kTop * 16;    // a cluster's (16 CTAs): one a thread when ranked
+constexpr int kPublished = kTop * kCtas;  // a cluster's: one a thread when ranked
 static_assert(kPublished == kThreads, "one published key a thread");
 
 // Shared memory of the rule. clear() before a cluster barrier that every CTA passes before any
 // calls select_top (the other CTAs store into it).
 struct alignas(16) TopSelect {
-  unsigned long long key[16][kTop];  // CTA r's published keys, descending; 0: none
-  int payload[16][kTop];
-  unsigned long long bound[16];      // the largest key CTA r kept back (0: none)
-  int least[16];                     // the least size CTA r kept back (INT_MAX: none)
+  unsigned long long key[kCtas][kTop];  // CTA r's published keys, descending; 0: none
+  int payload[kCtas][kTop];
+  unsigned long long bound[kCtas];      // the largest key CTA r kept back (0: none)
+  int least[kCtas];                     // the least size CTA r kept back (INT_MAX: none)
   unsigned long long sorted[kPublished];
   int sorted_payload[kPublished], count[2][kThreads / 2], warp_least[kWarps];
   int n_sorted, n_above, least_all, room, rows, picks;
 
   __device__ void clear() {
-    for (int i = threadIdx.x; i < 16 * kTop; i += kThreads) key[i / kTop][i % kTop] = 0;
-    if (threadIdx.x < 16) bound[threadIdx.x] = 0, least[threadIdx.x] = INT_MAX;
+    for (int i = threadIdx.x; i < kCtas * kTop; i += kThreads) key[i / kTop][i % kTop] = 0;
+    if (threadIdx.x < kCtas) bound[threadIdx.x] = 0, least[threadIdx.x] = INT_MAX;
   }
 };
 
 namespace top_select_detail {
 
-__device__ __forceinline__ uint32_t mapa(const void* p, int rank) {
-  uint32_t a;
-  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(uint32_t(__cvta_generic_to_shared(p))), "r"(rank));
-  return a;
-}
 __device__ __forceinline__ void st_u64(uint32_t a, unsigned long long v) {
   asm volatile("st.shared::cluster.u64 [%0], %1;" ::"r"(a), "l"(v) : "memory");
 }
@@ -118,31 +114,31 @@ __device__ bool select_top(const cooperative_groups::cluster_group& cluster, uns
   } else if (key != 0) {
     if (above_me < kTop) {
 #pragma unroll 1
-      for (int r = 0; r < 16; ++r) {
-        d::st_u64(d::mapa(&ts.key[rank][above_me], r), key);
-        d::st_s32(d::mapa(&ts.payload[rank][above_me], r), payload);
+      for (int r = 0; r < kCtas; ++r) {
+        d::st_u64(cluster_addr(&ts.key[rank][above_me], r), key);
+        d::st_s32(cluster_addr(&ts.payload[rank][above_me], r), payload);
       }
     } else {
       kept = key_size(key);
       if (above_me == kTop)
 #pragma unroll 1
-        for (int r = 0; r < 16; ++r) d::st_u64(d::mapa(&ts.bound[rank], r), key);
+        for (int r = 0; r < kCtas; ++r) d::st_u64(cluster_addr(&ts.bound[rank], r), key);
     }
   }
   kept = __reduce_min_sync(0xffffffffu, kept);
   if (lane == 0) ts.warp_least[warp] = kept;
   __syncthreads();
-  if (tid < 16) {
+  if (tid < kCtas) {
     int m = INT_MAX;
     for (int w = 0; w < kWarps; ++w) m = min(m, ts.warp_least[w]);
-    d::st_s32(d::mapa(&ts.least[rank], tid), m);
-    if (kSpread && tid != rank && ts.bound[rank] != 0) d::st_u64(d::mapa(&ts.bound[rank], tid), ts.bound[rank]);
+    d::st_s32(cluster_addr(&ts.least[rank], tid), m);
+    if (kSpread && tid != rank && ts.bound[rank] != 0) d::st_u64(cluster_addr(&ts.bound[rank], tid), ts.bound[rank]);
   }
   if constexpr (kSpread) {
     const int s = tid % kTop, r = tid / kTop;
     if (r != rank && ts.key[rank][s] != 0) {
-      d::st_u64(d::mapa(&ts.key[rank][s], r), ts.key[rank][s]);
-      d::st_s32(d::mapa(&ts.payload[rank][s], r), ts.payload[rank][s]);
+      d::st_u64(cluster_addr(&ts.key[rank][s], r), ts.key[rank][s]);
+      d::st_s32(cluster_addr(&ts.payload[rank][s], r), ts.payload[rank][s]);
     }
   }
   mark(1);
@@ -152,14 +148,14 @@ __device__ bool select_top(const cooperative_groups::cluster_group& cluster, uns
     // Published key t's rank among all: its place in its list and the keys above it in the others.
     unsigned long long bound = 0;
     int least = INT_MAX;
-    for (int r = 0; r < 16; ++r) bound = max(bound, ts.bound[r]), least = min(least, ts.least[r]);
+    for (int r = 0; r < kCtas; ++r) bound = max(bound, ts.bound[r]), least = min(least, ts.least[r]);
     const int c = tid / kTop, s = tid % kTop;
     const unsigned long long k = ts.key[c][s];
     if (k != 0) {
       int g = s;
 #pragma unroll  // (15 searches of four dependent probes each, interleaved: a search loop per list took ~4 us)
-      for (int o = 1; o < 16; ++o) {
-        const unsigned long long* list = ts.key[(c + o) & 15];
+      for (int o = 1; o < kCtas; ++o) {
+        const unsigned long long* list = ts.key[(c + o) % kCtas];
         // The keys of list above k (descending, zeros last): halves of 8, 4, 2, 1, then the 16th.
         int n = list[7] > k ? 8 : 0;
         n += list[n + 3] > k ? 4 : 0;
