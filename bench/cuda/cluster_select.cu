@@ -102,7 +102,7 @@ __device__ void load_owned(const Args& a, const int* n_e, const int* pay_e, int 
   }
 }
 
-// Variant 1 after its first barrier (normalisers merged): this CTA's keys into select_top, or,
+// Variants 1-3 after their first barrier (normalisers merged): this CTA's keys into select_top, or,
 // where the published keys do not settle the rule, variant 0's rule.
 __device__ void select_distributed(const cooperative_groups::cluster_group& cluster, const Args& a, float4 x, int n,
                                    int pay, int j, const int* n_e, const int* pay_e, Shared& sh) {
