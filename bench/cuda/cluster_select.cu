@@ -29,7 +29,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -178,22 +177,6 @@ __global__ void __launch_bounds__(cs::kThreads, 2) select_kernel(const Args a) {
   cluster.sync();  // (no CTA leaves while another may still store into it)
 }
 
-// The CPU's greedy rule over one entry's keys: the selected bits and the pick count.
-std::pair<std::vector<uint32_t>, int> cpu_greedy(const std::vector<unsigned long long>& keys, int budget) {
-  std::vector<int> order(keys.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int a, int b) { return keys[size_t(a)] > keys[size_t(b)]; });
-  std::vector<uint32_t> bits(kC / 32, 0u);
-  int room = budget, picks = 0;
-  for (const int i : order) {
-    const unsigned long long k = keys[size_t(i)];
-    if (k == 0 || cs::key_size(k) > room) continue;
-    bits[size_t(i / 32)] |= 1u << (i % 32);
-    room -= cs::key_size(k), ++picks;
-  }
-  return {bits, picks};
-}
-
 struct Case {
   const char* name;
   int entries, clusters;
@@ -263,7 +246,7 @@ bool run_case(const Case& c, int launches, bool timed, lab::FlushedTimer& timer,
       for (int g = 0; g < cs::kG; ++g) imp += std::exp2(double(reinterpret_cast<const float*>(&x[at])[g]) - mx[g]) / z[g];
       keys[size_t(j)] = cs::pick_key(float(imp), j, std::min(n[at], budget + 1));
     }
-    want.push_back(cpu_greedy(keys, budget));
+    want.push_back(cs::host_greedy(keys.data(), kC, budget));
   }
 
   bool ok = true;

@@ -20,7 +20,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <numeric>
 #include <random>
 #include <vector>
 
@@ -116,24 +115,6 @@ Run run(const std::vector<unsigned long long>& keys, const std::vector<int>& pay
   return r;
 }
 
-// The CPU's greedy rule: the selected indices' bits and the pick count.
-std::pair<std::vector<uint32_t>, int> cpu_greedy(const unsigned long long* keys, int n_keys, int budget) {
-  std::vector<int> order(static_cast<size_t>(n_keys));
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int a, int b) { return keys[a] > keys[b]; });
-  std::vector<uint32_t> bits(size_t(n_keys + 31) / 32, 0u);
-  int room = budget, picks = 0;
-  for (const int i : order) {
-    const unsigned long long k = keys[i];
-    const int n = cs::key_size(k);
-    if (k == 0 || n > room) continue;
-    const int j = cs::key_index(k);
-    bits[size_t(j / 32)] |= 1u << (j % 32);
-    room -= n, ++picks;
-  }
-  return {bits, picks};
-}
-
 template <int Owned, int Keys>
 bool run_case(const Case& c, int entries, std::mt19937_64& rng) {
   std::vector<unsigned long long> keys(size_t(entries) * Keys, 0ull);
@@ -163,7 +144,7 @@ bool run_case(const Case& c, int entries, std::mt19937_64& rng) {
   bool ok = true;
   int mismatches = 0;
   for (int e = 0; e < entries; ++e) {
-    const auto [bits, picks] = cpu_greedy(keys.data() + size_t(e) * Keys, Keys, c.budget);
+    const auto [bits, picks] = cs::host_greedy(keys.data() + size_t(e) * Keys, Keys, c.budget);
     for (const Run* r : {&a, &b, &h}) {
       const int* o = r->out.data() + size_t(e) * kOutInts<Keys>;
       bool same = o[2] == picks;

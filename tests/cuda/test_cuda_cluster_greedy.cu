@@ -126,18 +126,8 @@ void check_shape(int clusters, int budget, int shape, uint64_t seed) {
   const std::vector<int> b = run_on_device<1, Owned, Keys>(keys, payloads, budget);
   const std::vector<int> h = run_on_device<2, Owned, Keys>(keys, payloads, budget);
   for (int e = 0; e < kEntries; ++e) {
-    const unsigned long long* k = keys.data() + size_t(e) * Keys;
-    std::vector<int> order(static_cast<size_t>(Keys));
-    std::iota(order.begin(), order.end(), 0);
-    std::sort(order.begin(), order.end(), [&](int x, int y) { return k[x] > k[y]; });
-    std::vector<int> bits(Keys / 32, 0);
-    int room = budget, picks = 0;
-    for (const int j : order) {
-      const int n = cs::key_size(k[j]);
-      if (k[j] == 0 || n > room) continue;
-      bits[size_t(j / 32)] |= int(1u << (j % 32));
-      room -= n, ++picks;
-    }
+    const auto [host_bits, picks] = cs::host_greedy(keys.data() + size_t(e) * Keys, Keys, budget);
+    const std::vector<int> bits(host_bits.begin(), host_bits.end());
     const int* oa = a.data() + size_t(e) * kOut<Keys>;
     const int* ob = b.data() + size_t(e) * kOut<Keys>;
     const int* oh = h.data() + size_t(e) * kOut<Keys>;
