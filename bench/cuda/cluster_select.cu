@@ -19,6 +19,8 @@
 // selection (mean over CTAs and launches, and the mean of each launch's slowest CTA), and the
 // whole kernel's replay after an L2 flush (median); thread 0's clock at the rule's phase marks
 // (variant 0: its barrier and normalisers; 1 and 2: select_top's marks), from the same start.
+// The launch packs two CTAs an SM (load-balancing placement), as the b1 step packs only its eighth
+// entry: where the step's rule is slowest, so the lab favours the others (gpu-notes item 66).
 // Usage: lab_cluster_select [launches, default 20] [check: the checks without the flushed replays].
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
