@@ -35,6 +35,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/cluster_greedy_reference.cuh"
 #include "cuda/cluster_step.cuh"
 #include "top_select.cuh"
 #include "lab_util.cuh"
@@ -187,7 +188,8 @@ struct Case {
               // with the index (position-ordered); 4: as 0 with every fifth cluster empty
 };
 
-// Logits from the heads' importances: head g's logit of cluster j, log2 domain.
+// One case: inputs of its shape (head g's logit of cluster j in the log2 domain), the CPU's picks, every
+// variant checked against them and against variant 0, then timed.
 bool run_case(const Case& c, int launches, bool timed, lab::FlushedTimer& timer, std::mt19937_64& rng) {
   const int E = c.entries, budget = 128;
   std::vector<float4> x(size_t(E) * kC, make_float4(0, 0, 0, 0));
@@ -252,7 +254,7 @@ bool run_case(const Case& c, int launches, bool timed, lab::FlushedTimer& timer,
   }
 
   bool ok = true;
-  std::vector<int> first;  // variant 0's output of its first launch: variant 1 must give the same
+  std::vector<int> first;  // variant 0's output of its first launch: every variant must give the same
   std::printf("%-34s E %2d C %4d:", c.name, E, c.clusters);
   for (int variant = 0; variant < 4; ++variant) {
     const Args args{dx, dn, dp, c.clusters, budget, variant, dout, dc};

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cuda/cluster_greedy.cuh"
+#include "cuda/cluster_greedy_reference.cuh"
 #include "lab_util.cuh"
 
 namespace cs = multipole::cuda::detail::cluster_step;

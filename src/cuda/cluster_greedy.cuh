@@ -4,12 +4,8 @@
 // waits for another: clusters in decreasing importance, one that does not fit the room left
 // skipped (it never fits again: the room only shrinks). Each thread of a 256-thread CTA owns
 // the keys of indices tid + r kThreads.
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <numeric>
-#include <utility>
-#include <vector>
 
 #include "cuda/common.cuh"
 
@@ -47,25 +43,6 @@ __host__ __device__ __forceinline__ int key_index(unsigned long long key) {
   return kKeyIndexLimit - 1 - int((key >> 16) & 0xffffu);
 }
 __host__ __device__ __forceinline__ int key_size(unsigned long long key) { return int(key & 0xffffu); }
-
-// The rule on the host, the reference of the tests and the labs: keys[0, n) (pick_key's, 0 for
-// none) in decreasing order, each taken when its size fits the room left of `budget`. Returns the
-// taken keys' indices as bits ((n + 31) / 32 words) and their count.
-inline std::pair<std::vector<uint32_t>, int> host_greedy(const unsigned long long* keys, int n, int budget) {
-  std::vector<int> order(static_cast<size_t>(n));
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int a, int b) { return keys[a] > keys[b]; });
-  std::vector<uint32_t> bits(size_t(n + 31) / 32, 0u);
-  int room = budget, picks = 0;
-  for (const int i : order) {
-    const unsigned long long k = keys[i];
-    if (k == 0 || key_size(k) > room) continue;
-    const int j = key_index(k);
-    bits[size_t(j / 32)] |= 1u << (j % 32);
-    room -= key_size(k), ++picks;
-  }
-  return {bits, picks};
-}
 
 // Shared memory of one selection over at most Keys indices. After greedy_select: picks
 // [0, n_picks) in walk order (the first Picks of them listed), pick k of index pick_j[k]
@@ -122,7 +99,7 @@ __device__ __forceinline__ unsigned settle_sorted_warp(unsigned open, int n, int
   unsigned taken = 0;
   while (open) {
     const bool elig = ((open >> lane) & 1u) && n <= left;
-    const int mine = elig ? n : 0, inc = multipole::cuda::detail::warp_inclusive_sum(mine);
+    const int mine = elig ? n : 0, inc = warp_inclusive_sum(mine);
     const unsigned over = __ballot_sync(0xffffffffu, elig && inc > left);
     if (over == 0) {
       taken |= __ballot_sync(0xffffffffu, elig);

@@ -21,6 +21,7 @@
 
 #include "cuda/check.hpp"
 #include "cuda/cluster_greedy.cuh"
+#include "cuda/cluster_greedy_reference.cuh"
 #include "multipole/cuda/runtime.hpp"
 
 using namespace multipole::cuda;
