@@ -80,6 +80,10 @@ struct Greedy {
 // Histogram counts pack (clusters << 20) + tokens: tokens up to 2^20 per digit, clusters < 2^12.
 constexpr int kCountShift = 20;
 constexpr int kTokenMask = (1 << kCountShift) - 1;
+// The taken keys' scan packs (picks << 16) + tokens: their tokens are at most the budget, which
+// is under 2^16 as a key's size is (the plan's limit).
+constexpr int kTakenShift = 16;
+constexpr int kTakenMask = (1 << kTakenShift) - 1;
 
 // Scratch of walk_batched in Greedy::hist (free after the radix passes).
 struct WalkScratch {
@@ -301,43 +305,31 @@ __device__ void greedy_select(unsigned long long (&key)[Owned], const int (&payl
     // Taken: every key of the first pass's window when the budget outlasted it (counted in
     // `above`; such a key can share the 8-bit passes' prefix, which then ended at its top byte),
     // and every key above the prefix.
+    // One scan over the block gives each taken key its pick and its first row (both in the
+    // same (thread, r) order): picks and tokens packed as (picks << kTakenShift) + tokens.
+    static_assert(kKeyIndexLimit < (1 << (31 - kTakenShift)), "a taken count and its tokens share one int");
     unsigned taken = 0;
+    int mine = 0;
 #pragma unroll
     for (int r = 0; r < Owned; ++r)
-      if (key[r] != 0 && (all_fit || (key[r] >> 48) > limit || (key[r] >> shift) > prefix)) taken |= 1u << r;
-    const int count = __popc(taken);
-    const int inc = multipole::cuda::detail::warp_inclusive_sum(count);
+      if (key[r] != 0 && (all_fit || (key[r] >> 48) > limit || (key[r] >> shift) > prefix))
+        taken |= 1u << r, mine += (1 << kTakenShift) + key_size(key[r]);
+    const int inc = multipole::cuda::detail::warp_inclusive_sum(mine);
     if (lane == 31) gs.warp_count[warp] = inc;
     __syncthreads();
-    int k = inc - count, total = 0;
-    for (int w = 0; w < kWarps; ++w) k += w < warp ? gs.warp_count[w] : 0, total += gs.warp_count[w];
+    int at = inc - mine, total = 0;
+    for (int w = 0; w < kWarps; ++w) at += w < warp ? gs.warp_count[w] : 0, total += gs.warp_count[w];
+    int k = at >> kTakenShift, row = at & kTakenMask;
 #pragma unroll
     for (int r = 0; r < Owned; ++r)
       if ((taken >> r) & 1u) {
         const int j = tid + r * kThreads;
-        if (k < Picks) gs.pick_first[k] = payload[r], gs.pick_j[k] = j, gs.pick_row[k] = key_size(key[r]);
+        if (k < Picks) gs.pick_first[k] = payload[r], gs.pick_j[k] = j, gs.pick_row[k] = row;
         atomicOr(&gs.selected_bits[j / 32], 1u << (j % 32));
-        key[r] = 0, ++k;
+        row += key_size(key[r]), key[r] = 0, ++k;
       }
     __syncthreads();
-    picks = total;
-    if (warp == 0) {
-      // pick_row: sizes -> first row of each listed pick (exclusive scan, L picks a lane; read
-      // twice rather than held: 16 registers a lane at Picks 512 spilled the step).
-      constexpr int L = Picks / 32;
-      int s = 0;
-#pragma unroll
-      for (int i = 0; i < L; ++i) s += L * lane + i < min(picks, Picks) ? gs.pick_row[L * lane + i] : 0;
-      const int inc = multipole::cuda::detail::warp_inclusive_sum(s);
-      int acc = inc - s;
-#pragma unroll
-      for (int i = 0; i < L; ++i)
-        if (L * lane + i < min(picks, Picks)) {
-          const int v = gs.pick_row[L * lane + i];
-          gs.pick_row[L * lane + i] = acc, acc += v;
-        }
-    }
-    __syncthreads();
+    picks = total >> kTakenShift;
     rows = above, room = budget - above;
     below = all_fit ? 0ull : prefix << shift;
   } else {
