@@ -337,6 +337,62 @@ __device__ __forceinline__ void far_field_staged(const uint8_t* staged, const fl
   }
 }
 
+// The far field of far_field_staged on tensor cores, bf16 values only (gpu-notes item 68): the
+// weights of row j, as far_weight_parts left them in w[j], are the B operand (rows as k, heads
+// as n), the staged values through ldmatrix.trans the A operand (warp w: dims [16 w, 16 w + 16)
+// as m), each weight in two bf16 parts (hi + lo: 16 bits of mantissa, as attend.cuh's P); warp
+// 0 also multiplies them by ones, so st.l is the sum of the weights as the products use them.
+// (f16 values keep far_field_staged: f16 parts would lose weights under 2^-24.)
+__device__ __forceinline__ uint32_t far_part_word(float w) {  // hi part in the low half, lo in the high
+  using M = MmaType<__nv_bfloat16>;
+  const uint32_t h = M::pack(w, w);
+  return M::pack(w, w - M::lo(h));
+}
+__device__ __forceinline__ float4 far_weight_parts(float4 w) {
+  const uint4 u{far_part_word(w.x), far_part_word(w.y), far_part_word(w.z), far_part_word(w.w)};
+  return *reinterpret_cast<const float4*>(&u);
+}
+__device__ __forceinline__ void far_field_staged_mma(const uint8_t* staged, const float4* w, int n, State& st,
+                                                     const float* ref = nullptr) {
+  static_assert(kWarps * 16 == kD && kG == 4, "a warp per 16 dimensions, four heads");
+  using M = MmaType<__nv_bfloat16>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(w);  // row j, head g: words[4 j + g]
+  float o[2][4] = {}, l[2][4] = {};                             // [hi, lo part][fragment]
+  const int d0 = 16 * warp;
+  const uint32_t ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
+  for (int k0 = 0; k0 < n; k0 += 16) {
+    // A: dims d0.. x rows k0.. (rows past n read row n - 1: their weights are 0).
+    const int ar = min(k0 + (lane & 7) + ((lane >> 4) << 3), n - 1);
+    uint32_t a[4];
+    ldmatrix_x4_trans(a, staged + size_t(ar) * kRowStride + (d0 + ((lane >> 3) & 1) * 8) * 2);
+    // B: rows k0 + 2 tig + {0, 1, 8, 9} of head gid (heads 4..7 are padding).
+    uint32_t r[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = k0 + 2 * tig + (i & 1) + (i >> 1) * 8;
+      r[i] = gid < kG && j < n ? words[4 * j + gid] : 0u;
+    }
+    const uint32_t hi0 = __byte_perm(r[0], r[1], 0x5410), hi1 = __byte_perm(r[2], r[3], 0x5410);
+    const uint32_t lo0 = __byte_perm(r[0], r[1], 0x7632), lo1 = __byte_perm(r[2], r[3], 0x7632);
+    M::mma16816(o[0], a, hi0, hi1);
+    M::mma16816(o[1], a, lo0, lo1);
+    if (warp == 0) M::mma16816(l[0], ones, hi0, hi1), M::mma16816(l[1], ones, lo0, lo1);
+  }
+  // Lane (gid, tig < 2): heads 2 tig, 2 tig + 1 at dims d0 + gid and d0 + gid + 8.
+  if (tig < 2) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) st.o[2 * tig + (i & 1)][d0 + gid + (i >> 1) * 8] = o[0][i] + o[1][i];
+    if (warp == 0 && gid == 0)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int g = 2 * tig + i;
+        const float lg = l[0][i] + l[1][i];
+        st.m[g] = lg > 0 ? (ref ? ref[g] : 0.0f) : -INFINITY, st.l[g] = lg;
+      }
+  }
+}
+
 // Thread g < kG: st's max and sum for head g after the warps' rows (wm, wl: [kWarps][kG]) join
 // its far field; factor[0][g] rescales the far field's sums, factor[1 + w][g] warp w's (0 for
 // a part without weight).
