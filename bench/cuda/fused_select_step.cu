@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
   uint8_t* staged = smem;
   float4* xall = reinterpret_cast<float4*>(smem + size_t(per) * kRowStride);
   float(*part)[kG][kD] = reinterpret_cast<float(*)[kG][kD]>(smem);  // after the far field
-  __shared__ float qs[kG][kD];
+  __shared__ QueryParts qparts;
   __shared__ State st;
   __shared__ float red[kWarps][kG], red_z[kWarps][kG], gmax[kG], gzinv[kG];
   __shared__ Greedy<kMaxClusters> gs;
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
   const int local_n = tid < n_local ? int(sizes[c0 + tid]) : 0;  // far field: size of local cluster tid
   if (tid < kMaxClusters / 32) gs.selected_bits[tid] = 0;
   float qr[kG][4];
-  load_queries(a.q + size_t(e) * kG * kD, qs, qr);
+  load_queries(a.q + size_t(e) * kG * kD, qparts, qr);
   // Row j of the entry's exact list: [0, 16) sinks, [16, 144) the window, then the selected
   // clusters' members in pick order. Row j goes to CTA j % 16, warp (j / 16) % 8, slot j / 128.
   uint2 kr[kSlots], vr[kSlots];
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_select_step_kernel(const Ar
   }
 
   // 2. Logits of the local slice into the local xall, then pushed to every other CTA.
-  score_and_push_slice(cluster, staged, n_local, qs, xall, c0, vc);
+  score_and_push_slice(cluster, staged, n_local, qparts, xall, c0, vc);
   mark(1);
   cluster.sync();
   mark(2);

@@ -57,10 +57,11 @@ struct PhaseMarks {
   }
 };
 
-// The entry's queries q [kG, kD]: all of them into qs (shared), and the lane's dims
-// [4 lane, 4 lane + 4) of each head into qr. qs is read only after a barrier.
-__device__ __forceinline__ void load_queries(const float* q, float (*qs)[kD], float (&qr)[kG][4]) {
-  for (int i = threadIdx.x; i < kG * kD; i += blockDim.x) qs[i / kD][i % kD] = q[i];
+// The entry's queries q [kG, kD]: all of them into qp (shared, in the scoring's parts), and the
+// lane's dims [4 lane, 4 lane + 4) of each head into qr. qp is read only after a barrier.
+__device__ __forceinline__ void load_queries(const float* q, QueryParts& qp, float (&qr)[kG][4]) {
+  for (int i = threadIdx.x; i < kG * kD / 2; i += blockDim.x)
+    put_query_pair<__nv_bfloat16>(qp, i / (kD / 2), 2 * (i % (kD / 2)), q[2 * i], q[2 * i + 1]);
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int g = 0; g < kG; ++g) {

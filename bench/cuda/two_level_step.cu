@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads, 2) two_level_step_kernel(const Args 
   float4* xall = reinterpret_cast<float4*>(smem + size_t(per_max) * kRowStride);
   float4* xcand = xall + kMaxCoarse;
   float(*part)[kG][kD] = reinterpret_cast<float(*)[kG][kD]>(smem);  // after the far field
-  __shared__ float qs[kG][kD];
+  __shared__ QueryParts qparts;
   __shared__ State st;
   __shared__ float red[kWarps][kG], red_z[kWarps][kG], gmax[kG], gzinv[kG];
   __shared__ Greedy<kMaxCoarse> coarse_sel;
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, 2) two_level_step_kernel(const Args 
   if (tid < kMaxCoarse / 32) coarse_sel.selected_bits[tid] = 0;
   if (tid < kMaxCand / 32) fine_sel.selected_bits[tid] = 0;
   float qr[kG][4];
-  load_queries(a.q + size_t(e) * kG * kD, qs, qr);
+  load_queries(a.q + size_t(e) * kG * kD, qparts, qr);
   // The warp's rows: slots [0, kSlots) exact rows (row j of the entry's list, sinks, window,
   // then the selected fine clusters' members in pick order, goes to CTA j % 16, warp (j / 16)
   // % 8, slot j / 128); slots [kSlots, +kCandSlots) candidates (candidate k to CTA k % 16,
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, 2) two_level_step_kernel(const Args 
   }
 
   // 2. Coarse logits of the local slice, pushed to every other CTA; the value slice staged.
-  score_and_push_slice(cluster, staged, n_local, qs, xall, c0, a.coarse_value + (ce + c0) * kD);
+  score_and_push_slice(cluster, staged, n_local, qparts, xall, c0, a.coarse_value + (ce + c0) * kD);
   mark(1);
   cluster.sync();
   mark(2);

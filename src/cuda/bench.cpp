@@ -286,14 +286,18 @@ void profile_fused_step(const char* what, CudaDecoder& dec, const DeviceKVCache&
   for (int k = 0; k < kPhases; ++k)
     std::fprintf(stderr, "  %-13s mean %6.2f us  slowest CTA %6.2f us\n", names[k],
                  double(r.v[size_t(k)]) / r.ctas / r.ghz * 1e-3, double(w[k]) / it / r.ghz * 1e-3);
-  // Slots after the phases, per selection: picks, picks taken at once, cycles of the walk's rounds.
+  // Slots after the phases, per selection: picks, picks taken at once, cycles of the walk's rounds;
+  // after those, per selection, cycles of the radix passes and of the listing of the picks taken at once.
+  const auto us = [&](double cycles, double n) { return cycles / n / r.ghz * 1e-3; };
   for (int sel = 0; sel < 2; ++sel) {
-    const size_t k = size_t(kPhases + 3 * sel);
+    const size_t k = size_t(kPhases + 3 * sel), t = size_t(kPhases + 6 + 2 * sel);
     std::fprintf(stderr,
-                 "  %s selection: picks mean %.1f (%.1f at once), walk %.2f us; slowest CTA %.1f (%.1f), walk %.2f us\n",
+                 "  %s selection: picks mean %.1f (%.1f at once), radix %.2f us, listing %.2f us, walk %.2f us; "
+                 "slowest CTA %.1f (%.1f), %.2f, %.2f, %.2f us\n",
                  sel == 0 ? "coarse" : "fine", double(r.v[k]) / r.ctas, double(r.v[k + 1]) / r.ctas,
-                 double(r.v[k + 2]) / r.ctas / r.ghz * 1e-3, double(w[k]) / it, double(w[k + 1]) / it,
-                 double(w[k + 2]) / it / r.ghz * 1e-3);
+                 us(double(r.v[t]), r.ctas), us(double(r.v[t + 1]), r.ctas), us(double(r.v[k + 2]), r.ctas),
+                 double(w[k]) / it, double(w[k + 1]) / it, us(double(w[t]), it), us(double(w[t + 1]), it),
+                 us(double(w[k + 2]), it));
   }
   print_step_span(what, dec, dev, index, q, qs, out, o, s, flush);
 }

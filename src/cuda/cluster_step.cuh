@@ -238,19 +238,41 @@ __device__ __forceinline__ void stage_rows(uint8_t* staged, const void* src, int
   cp_async_commit();
 }
 
-// Logits of n staged rows for the kG heads: x[j] = (q_0 . row j, ..., q_3 . row j). qs: [kG][kD]
-// f32. On tensor cores (mma_rows_three_part, as score.cuh): warp w takes the 16-row tiles w, w + kWarps, ...
-// against the queries split into three 16-bit parts (f32-class accuracy; heads 4..7 of the n8
-// tile are padding). (One thread per row and head with FMAs: gpu-notes item 44.)
+// The scoring queries [kG][kD] in three 16-bit parts of CT (f32-class logits on tensor cores),
+// split once per CTA rather than by every warp at every k-step: w[p][g][i] = part p of the pair
+// (q_g[2 i], q_g[2 i + 1]) as an mma B register; rows of 68 words, so that the 16 lanes of a
+// fragment's load hit 16 banks.
+struct QueryParts {
+  static constexpr int kParts = 3;
+  uint32_t w[kParts][kG][kD / 2 + 4];
+};
+// The parts of query g's pair (x0, x1) at elements d, d + 1 (d even).
+template <class CT>
+__device__ __forceinline__ void put_query_pair(QueryParts& qp, int g, int d, float x0, float x1) {
+#pragma unroll
+  for (int p = 0; p < QueryParts::kParts; ++p) qp.w[p][g][d / 2] = peel_part<CT>(x0, x1);
+}
+
+// Logits of n staged rows for the kG heads: x[j] = (q_0 . row j, ..., q_3 . row j), the queries
+// as qp holds them. On tensor cores (mma_rows_by_parts, as score.cuh): warp w takes the 16-row
+// tiles w, w + kWarps, ... (heads 4..7 of the n8 tile are padding). (One thread per row and head
+// with FMAs: gpu-notes item 44.)
 template <class CT = __nv_bfloat16>
-__device__ __forceinline__ void score_staged(const uint8_t* staged, int n, const float (*qs)[kD], float4* x) {
+__device__ __forceinline__ void score_staged(const uint8_t* staged, int n, const QueryParts& qp, float4* x) {
+  constexpr int kParts = QueryParts::kParts;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   for (int t = warp; 16 * t < n; t += kWarps) {
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     // The lane's ldmatrix row; a tile's rows past n read row n - 1 (their logits are dropped).
     const int r = min(16 * t + (lane & 7) + ((lane >> 3) & 1) * 8, n - 1);
-    mma_rows_three_part<kD, CT>(
-        d, kG, [&](int g, int k) { return *reinterpret_cast<const float2*>(&qs[g][k]); },
+    mma_rows_by_parts<kD, CT, kParts>(
+        d,
+        [&](int ks, uint32_t (&qb)[2][kParts]) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int p = 0; p < kParts; ++p) qb[half][p] = gid < kG ? qp.w[p][gid][ks * 8 + half * 4 + tig] : 0u;
+        },
         [&](int ks) { return staged + size_t(r) * kRowStride + (ks * 2 + (lane >> 4)) * 16; });
     if (tig < 2) {  // heads 2 tig, 2 tig + 1 of rows 16 t + gid and + 8
       const int r0 = 16 * t + gid;
@@ -276,11 +298,11 @@ __device__ __forceinline__ void push_to_cluster(const cooperative_groups::cluste
 // (every CTA must have started before another stores into its shared memory).
 template <class CT = __nv_bfloat16>
 __device__ __forceinline__ void score_and_push_slice(const cooperative_groups::cluster_group& cluster,
-                                                     uint8_t* staged, int n, const float (*qs)[kD], float4* x,
+                                                     uint8_t* staged, int n, const QueryParts& qp, float4* x,
                                                      int c0, const void* values) {
   cp_async_wait<0>();
   __syncthreads();
-  score_staged<CT>(staged, n, qs, x + c0);
+  score_staged<CT>(staged, n, qp, x + c0);
   __syncthreads();
   stage_rows(staged, values, n);  // (the keys are no longer read)
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");

@@ -208,35 +208,49 @@ __device__ __forceinline__ uint32_t peel_part(float& a, float& b) {
   return r;
 }
 
-// Logits of 16 rows of D 16-bit elements of type T in shared memory against at most 8 f32
-// queries on tensor cores (m16n8k16, the rows as A): each query is split into three 16-bit
-// parts (f32-class logits). Lane (gid = lane / 4, tig = lane % 4) ends with d = the logits of
-// rows gid and gid + 8 against queries 2 tig and 2 tig + 1 (d[0], d[1]; d[2], d[3]).
-// query_pair(g, k): query g's elements k, k + 1 as float2, asked for g < heads only (others 0);
-// row_chunk(ks): the lane's ldmatrix address for k-step ks.
-template <int D, class T, class QueryPair, class RowChunk>
-__device__ __forceinline__ void mma_rows_three_part(float (&d)[4], int heads, const QueryPair& query_pair,
-                                                    const RowChunk& row_chunk) {
-  constexpr int kParts = 3;
-  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+// Logits of 16 rows of D 16-bit elements of type T in shared memory against at most 8 queries
+// on tensor cores (m16n8k16, the rows as A), each query given as kParts 16-bit parts. Lane (gid
+// = lane / 4, tig = lane % 4) ends with d = the logits of rows gid and gid + 8 against queries
+// 2 tig and 2 tig + 1 (d[0], d[1]; d[2], d[3]). query_parts(ks, qb): the lane's B fragments of
+// k-step ks, qb[half][p] = part p of query gid's elements ks * 16 + half * 8 + 2 tig, + 1 (0 for
+// a padded query); row_chunk(ks): the lane's ldmatrix address for k-step ks.
+template <int D, class T, int kParts, class QueryParts, class RowChunk>
+__device__ __forceinline__ void mma_rows_by_parts(float (&d)[4], const QueryParts& query_parts,
+                                                  const RowChunk& row_chunk) {
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
     uint32_t qb[2][kParts];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float x0 = 0.0f, x1 = 0.0f;
-      if (gid < heads) {
-        const float2 v = query_pair(gid, ks * 16 + half * 8 + tig * 2);
-        x0 = v.x, x1 = v.y;
-      }
-#pragma unroll
-      for (int p = 0; p < kParts; ++p) qb[half][p] = peel_part<T>(x0, x1);
-    }
+    query_parts(ks, qb);
     uint32_t af[4];
     ldmatrix_x4(af, row_chunk(ks));
 #pragma unroll
     for (int p = kParts - 1; p >= 0; --p) MmaType<T>::mma16816(d, af, qb[0][p], qb[1][p]);
   }
+}
+
+// mma_rows_by_parts against at most 8 f32 queries, each split here into three 16-bit parts
+// (f32-class logits). query_pair(g, k): query g's elements k, k + 1 as float2, asked for g <
+// heads only (others 0).
+template <int D, class T, class QueryPair, class RowChunk>
+__device__ __forceinline__ void mma_rows_three_part(float (&d)[4], int heads, const QueryPair& query_pair,
+                                                    const RowChunk& row_chunk) {
+  constexpr int kParts = 3;
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  mma_rows_by_parts<D, T, kParts>(
+      d,
+      [&](int ks, uint32_t (&qb)[2][kParts]) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float x0 = 0.0f, x1 = 0.0f;
+          if (gid < heads) {
+            const float2 v = query_pair(gid, ks * 16 + half * 8 + tig * 2);
+            x0 = v.x, x1 = v.y;
+          }
+#pragma unroll
+          for (int p = 0; p < kParts; ++p) qb[half][p] = peel_part<T>(x0, x1);
+        }
+      },
+      row_chunk);
 }
 
 // Asks the L2 for the 128-byte line holding p (no register waits for it).

@@ -97,7 +97,8 @@ __device__ __forceinline__ Slice slice_of(int C, int rank) {
 // Phases of the profiled variant (kProf; FusedStepArgs::prof): the clock64 cycles of each, per
 // CTA, into slots [0, kFusedPhases); the names are the bench's (bench.cpp, MULTIPOLE_STEP_PROFILE).
 // Then per selection (coarse, fine): its picks, those taken at once by the radix passes, and the
-// cycles of the walk's rounds after them.
+// cycles of the walk's rounds after them; then per selection the cycles of its radix passes and of
+// the listing of the picks they take at once.
 constexpr int kFusedPhases = 14;
 
 // kHier = false: an index of one level (at most kMaxCoarse clusters an entry). Its clusters take
@@ -206,11 +207,17 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     if (tid < kMaxCand / 32) fine_sel.selected_bits[tid] = 0;
     for (int w = tid; w < kFineWords; w += kThreads) is_cand[w] = 0;
   }
+  // The scoring queries also in parts for the tensor cores, in xcand's room: no CTA stores into
+  // it before the first cluster barrier, and this CTA's scoring is done before it arrives there.
+  static_assert(sizeof(QueryParts) <= kMaxCand * sizeof(float4), "the query parts live in xcand");
+  QueryParts& qparts = *reinterpret_cast<QueryParts*>(xcand);
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    const int i = tid + k * kThreads;
-    qs[i / kD][i % kD] = q_in[k][0] * a.qscale;
-    qx[i / kD][i % kD] = q_in[k][1] * a.qscale;
+    const int i = tid + k * kThreads, g = i / kD, d = i % kD;
+    const float x = q_in[k][0] * a.qscale, next = __shfl_down_sync(0xffffffffu, x, 1);
+    qs[g][d] = x;
+    qx[g][d] = q_in[k][1] * a.qscale;
+    if (d % 2 == 0) put_query_pair<CT>(qparts, g, d, x, next);
   }
   // The warp's rows: slots [0, kSlots) exact rows (row j of the entry's list, sinks, the
   // tokens past the clustered region, then the selected clusters' members in pick order, goes
@@ -233,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   pc.mark(0);
   // 2. Coarse logits of the local slice, pushed to every other CTA; the value slice staged.
   __syncthreads();  // qs complete
-  score_and_push_slice<CT>(cluster, staged, n_local, qs, xall, c0, values + size_t(cb + c0) * kD);
+  score_and_push_slice<CT>(cluster, staged, n_local, qparts, xall, c0, values + size_t(cb + c0) * kD);
   {
     // The slice's normaliser part (per head: max, sum of n 2^(x - max)), pushed into every CTA:
     // after the barrier the normalisers are a merge of 16 parts, not a pass over every cluster.
@@ -269,6 +276,20 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     prefetch_l2(a.members + local_first);
   }
 
+  // The greedy rule (cluster_greedy.cuh) of selection `which` (0 coarse or one level, 1 fine); the
+  // profiled variant adds the cycles of its walk's rounds, of its radix passes and of the listing of
+  // the picks they take at once into the slots after the phases.
+  const auto select_timed = [&](auto& key, const auto& payload, int budget, auto& sel, int which) {
+    if constexpr (kProf) {
+      const long long begin = clock64();
+      long long radix = 0, walk = 0;
+      greedy_select<true>(key, payload, budget, 255, sel, [&] { radix = clock64(); }, [&] { walk = clock64(); });
+      pc.add(kFusedPhases + 3 * which + 2, int(clock64() - walk)), pc.add(kFusedPhases + 6 + 2 * which, int(radix - begin)),
+          pc.add(kFusedPhases + 7 + 2 * which, int(walk - radix));
+    } else {
+      greedy_select<true>(key, payload, budget, 255, sel, [] {}, [] {});
+    }
+  };
   // 3. Coarse normalisers Z_g = sum_j n_j 2^(x_gj - M_g) (the CTAs' slice parts merged),
   //    importances, the greedy rule under the coarse budget (one level: the normalisers over
   //    every cluster, the rule under budget).
@@ -285,11 +306,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
       const float imp = importance(coarse_x(r), gmax, gzinv);
       key[r] = own_n[r] > 0 ? pick_key(imp, tid + r * kThreads, min(own_n[r], first_cap)) : 0ull;
     }
-    long long walk = 0;  // (profiled variant) the clock at the start of the walk's rounds
-    greedy_select<true>(key, own_first, first_budget, 255, coarse_sel, [] {}, [&] {
-      if constexpr (kProf) walk = clock64();
-    });
-    if constexpr (kProf) pc.add(kFusedPhases + 2, int(clock64() - walk));
+    select_timed(key, own_first, first_budget, coarse_sel, 0);
   }
   pc.mark(4);
   if constexpr (kProf) pc.add(kFusedPhases, coarse_sel.all_picks), pc.add(kFusedPhases + 1, coarse_sel.all_prefix_picks);
@@ -468,11 +485,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
                      ? pick_key(importance(cand_x[r], gmax, gzinv), tid + r * kThreads, min(cand_n[r], fine_budget + 1))
                      : 0ull;
       }
-      long long walk = 0;
-      greedy_select<true>(key, cand_off, fine_budget, 255, fine_sel, [] {}, [&] {
-        if constexpr (kProf) walk = clock64();
-      });
-      if constexpr (kProf) pc.add(kFusedPhases + 5, int(clock64() - walk));
+      select_timed(key, cand_off, fine_budget, fine_sel, 1);
     }
     pc.mark(9);
     if constexpr (kProf) pc.add(kFusedPhases + 3, fine_sel.all_picks), pc.add(kFusedPhases + 4, fine_sel.all_prefix_picks);
