@@ -214,8 +214,8 @@ __device__ __forceinline__ uint32_t peel_part(float& a, float& b) {
 // 2 tig and 2 tig + 1 (d[0], d[1]; d[2], d[3]). query_parts(ks, qb): the lane's B fragments of
 // k-step ks, qb[half][p] = part p of query gid's elements ks * 16 + half * 8 + 2 tig, + 1 (0 for
 // a padded query); row_chunk(ks): the lane's ldmatrix address for k-step ks.
-template <int D, class T, int kParts, class QueryParts, class RowChunk>
-__device__ __forceinline__ void mma_rows_by_parts(float (&d)[4], const QueryParts& query_parts,
+template <int D, class T, int kParts, class PartsOf, class RowChunk>
+__device__ __forceinline__ void mma_rows_by_parts(float (&d)[4], const PartsOf& query_parts,
                                                   const RowChunk& row_chunk) {
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
