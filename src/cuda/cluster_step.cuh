@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/cluster_greedy.cuh"
 #include "cuda/common.cuh"
@@ -413,6 +414,23 @@ __device__ __forceinline__ void far_field_staged_mma(const uint8_t* staged, cons
         st.m[g] = lg > 0 ? (ref ? ref[g] : 0.0f) : -INFINITY, st.l[g] = lg;
       }
   }
+}
+
+// The far field a step runs for values of type CT: on tensor cores for bf16, the FMA loop for f16.
+// Each weight's producer stores far_weight_slot<CT>(w) in its slot (bf16: the parts the products
+// read; f16: w as it is), then, after a barrier, far_field<CT> sums the slots as far_field_staged.
+template <class CT>
+constexpr bool kFarOnTensorCores = std::is_same_v<CT, __nv_bfloat16>;
+template <class CT>
+__device__ __forceinline__ float4 far_weight_slot(float4 w) {
+  if constexpr (kFarOnTensorCores<CT>) return far_weight_parts(w);
+  else return w;
+}
+template <class CT>
+__device__ __forceinline__ void far_field(const uint8_t* staged, const float4* w, int n, State& st,
+                                          const float* ref = nullptr) {
+  if constexpr (kFarOnTensorCores<CT>) far_field_staged_mma(staged, w, n, st, ref);
+  else far_field_staged<CT>(staged, w, n, st, ref);
 }
 
 // Thread g < kG: st's max and sum for head g after the warps' rows (wm, wl: [kWarps][kG]) join

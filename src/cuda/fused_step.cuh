@@ -36,8 +36,6 @@
 // where the registers need it.
 #include <cooperative_groups.h>
 
-#include <type_traits>
-
 #include "cuda/cluster_greedy.cuh"
 #include "cuda/cluster_rerank.cuh"
 #include "cuda/cluster_step.cuh"
@@ -606,17 +604,12 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
     block_max_sum<true>(m, z, red, red_z, own_m, own_z);  // own_m: M per head (-inf: no far cluster here)
     if (tid < kG) far_rel[tid] = own_m[tid] - gmax[tid];
   }
-  // (bf16 values: the far field on tensor cores, its weights as bf16 parts in their slots.)
-  constexpr bool kFarMma = std::is_same_v<CT, __nv_bfloat16>;
-  if (tid < n_local) {
-    const float4 w = far_weights(xall[c0 + tid], a.far_field ? local_n : 0, coarse_sel.selected(c0 + tid),
-                                 kFarReal ? own_m : gmax);
-    xall[c0 + tid] = kFarMma ? far_weight_parts(w) : w;
-  }
+  if (tid < n_local)
+    xall[c0 + tid] = far_weight_slot<CT>(far_weights(xall[c0 + tid], a.far_field ? local_n : 0,
+                                                     coarse_sel.selected(c0 + tid), kFarReal ? own_m : gmax));
   cp_async_wait<0>();
   __syncthreads();
-  if constexpr (kFarMma) far_field_staged_mma(staged, xall + c0, n_local, st, kFarReal ? far_rel : nullptr);
-  else far_field_staged<CT>(staged, xall + c0, n_local, st, kFarReal ? far_rel : nullptr);
+  far_field<CT>(staged, xall + c0, n_local, st, kFarReal ? far_rel : nullptr);
   pc.mark(11);
 
   // 9. The exact rows (logits of qx) and the candidates' pseudo-rows (their pushed logits plus
