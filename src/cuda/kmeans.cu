@@ -15,13 +15,13 @@
 
 #include "cuda/check.hpp"
 #include "cuda/common.cuh"
+#include "cuda/kmeans_assign.cuh"
 #include "cuda/kmeans_launch.hpp"
 
 namespace multipole::cuda::detail {
 
 namespace {
 
-constexpr int kTileCents = 64;    // centroids per shared-memory stage
 constexpr int kCountThreads = 1024;
 
 // Cache row of token `pos` of a sequence, its page id given or looked up.
@@ -106,18 +106,6 @@ struct DevRng {
     }
   }
 };
-
-// ---- tensor-core helpers --------------------------------------------------------------------
-
-// f16 operands (11-bit significands, on data centred per block) keep the distance error ~8x
-// below bf16's at the same rate; f32 accumulation.
-__device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                        uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // ---- kernels --------------------------------------------------------------------------------
 
@@ -278,136 +266,6 @@ __global__ void __launch_bounds__(256) prep_kernel(const KmBlock* blocks, const 
 #pragma unroll
   for (int m = 16; m > 0; m >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, m);
   if (lane == 0) norm[g] = (!by_points && r >= k_active[blockIdx.y]) ? __int_as_float(0x7f800000) : sq;
-}
-
-// Nearest centroid of every point: ||c||^2 - 2 x.c on the centred f16 copies by mma (f32
-// accumulation), argmin with the lowest index on ties; dist2 = max(0, ||x||^2 + min). One CTA per 128 points of a
-// block, 4 warps of 32 points (two m16 tiles, A fragments in registers); centroids stream
-// through shared memory 64 at a time (double-buffered cp.async).
-template <int D>
-__global__ void __launch_bounds__(128) assign_kernel(const KmBlock* blocks, const KmTile* tiles,
-                                                     const __half* xb, const float* xnorm,
-                                                     const __half* centb, const float* cnorm, int32_t* labels,
-                                                     float* dist2) {
-  constexpr int RS = D * 2;  // row bytes; chunks swizzled (swizzled_offset)
-  constexpr int KS = D / 16;      // k steps
-  __shared__ __align__(128) unsigned char tile[2][kTileCents * RS];
-  __shared__ float snorm[2][kTileCents];
-  const KmTile tl = tiles[blockIdx.x];
-  const KmBlock blk = blocks[tl.block];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
-  const int p0 = tl.start + warp * 32;  // the warp's first point (block-local)
-
-  // A fragments: rows p0 + mt*16 + grp (+8), columns ks*16 + tig*2 (+8).
-  uint32_t a[2][KS][4];
-  const uint32_t* xw = reinterpret_cast<const uint32_t*>(xb);
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = p0 + mt * 16 + grp + h * 8;
-      const bool ok = r < blk.n;
-      const int64_t base = (int64_t(blk.point_begin) + (ok ? r : 0)) * (D / 2);
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        a[mt][ks][h] = ok ? xw[base + ks * 8 + tig] : 0u;
-        a[mt][ks][h + 2] = ok ? xw[base + ks * 8 + 4 + tig] : 0u;
-      }
-    }
-
-  auto load_stage = [&](int st, int buf) {
-    const int c0 = st * kTileCents;
-    constexpr int kPieces = D / 8;  // 16-byte pieces per row
-    for (int x = threadIdx.x; x < kTileCents * kPieces; x += 128) {
-      const int r = x / kPieces, pc = x % kPieces;
-      const bool ok = c0 + r < blk.k;
-      const __half* src = centb + (int64_t(blk.cluster_begin) + (ok ? c0 + r : 0)) * D + pc * 8;
-      cp_async16(&tile[buf][swizzled_offset(r, pc, RS)], src, ok);
-    }
-    if (threadIdx.x < kTileCents) {
-      const int c = c0 + threadIdx.x;
-      snorm[buf][threadIdx.x] = c < blk.k ? cnorm[blk.cluster_begin + c] : __int_as_float(0x7f800000);
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
-  };
-
-  float best_v[2][2];
-  int best_i[2][2];
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      best_v[mt][h] = __int_as_float(0x7f800000);
-      best_i[mt][h] = 0x7fffffff;
-    }
-  const int stages = (blk.k + kTileCents - 1) / kTileCents;
-  load_stage(0, 0);
-  for (int st = 0; st < stages; ++st) {
-    const int buf = st & 1;
-    if (st + 1 < stages) {
-      load_stage(st + 1, buf ^ 1);
-      asm volatile("cp.async.wait_group 1;\n" ::);
-    } else {
-      asm volatile("cp.async.wait_group 0;\n" ::);
-    }
-    __syncthreads();
-    const unsigned char* t = tile[buf];
-#pragma unroll 2
-    for (int nt = 0; nt < kTileCents / 8; ++nt) {
-      float acc[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
-#pragma unroll
-      for (int kk = 0; kk < D / 32; ++kk) {
-        uint32_t b[4];
-        ldmatrix_x4(b, t + swizzled_offset(nt * 8 + (lane & 7), kk * 4 + (lane >> 3), RS));
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          mma_f16(acc[mt], a[mt][2 * kk][0], a[mt][2 * kk][1], a[mt][2 * kk][2], a[mt][2 * kk][3], b[0], b[1]);
-          mma_f16(acc[mt], a[mt][2 * kk + 1][0], a[mt][2 * kk + 1][1], a[mt][2 * kk + 1][2],
-                   a[mt][2 * kk + 1][3], b[2], b[3]);
-        }
-      }
-      const int cl = nt * 8 + tig * 2;
-      const float n0 = snorm[buf][cl], n1 = snorm[buf][cl + 1];
-      const int c = st * kTileCents + cl;
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float d0 = fmaf(-2.0f, acc[mt][2 * h], n0), d1 = fmaf(-2.0f, acc[mt][2 * h + 1], n1);
-          if (d0 < best_v[mt][h]) {
-            best_v[mt][h] = d0;
-            best_i[mt][h] = c;
-          }
-          if (d1 < best_v[mt][h]) {
-            best_v[mt][h] = d1;
-            best_i[mt][h] = c + 1;
-          }
-        }
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float v = best_v[mt][h];
-      int i = best_i[mt][h];
-#pragma unroll
-      for (int m = 1; m <= 2; m <<= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, m);
-        const int oi = __shfl_xor_sync(0xffffffffu, i, m);
-        if (ov < v || (ov == v && oi < i)) {
-          v = ov;
-          i = oi;
-        }
-      }
-      const int r = p0 + mt * 16 + grp + h * 8;
-      if (tig == 0 && r < blk.n) {
-        const int64_t g = int64_t(blk.point_begin) + r;
-        labels[g] = i == 0x7fffffff ? 0 : i;
-        dist2[g] = fmaxf(0.0f, xnorm[g] + v);
-      }
-    }
 }
 
 template <class T>
@@ -1780,9 +1638,9 @@ void km_prep(int d, int blocks, int max_rows, const KmBlock* b, const int32_t* k
 
 void km_assign(int d, int tiles, const KmBlock* b, const KmTile* t, const void* xb, const float* xnorm,
                const void* centb, const float* cnorm, int32_t* labels, float* dist2, Stream s) {
+  const KmAssign a{b, t, static_cast<const __half*>(xb), xnorm, static_cast<const __half*>(centb), cnorm, labels, dist2};
   auto* kern = d == 64 ? assign_kernel<64> : assign_kernel<128>;
-  kern<<<tiles, 128, 0, s>>>(b, t, static_cast<const __half*>(xb), xnorm, static_cast<const __half*>(centb), cnorm,
-                             labels, dist2);
+  kern<<<tiles, 128, 0, s>>>(a);
   MP_CUDA_CHECK(cudaGetLastError());
 }
 
