@@ -199,6 +199,8 @@ bool run_case(const Case& c, int runs, std::mt19937& rng) {
     std::printf("  %s %.1f us (%.0f TFLOP/s, %.2fx mma)", kFormName[form], m, flop / m * 1e-6, lab::median(us[0]) / m);
   }
   std::printf("\n");
+  LAB_CHECK(cudaEventDestroy(e0));
+  LAB_CHECK(cudaEventDestroy(e1));
   for (const void* p : {(const void*)a.blocks, (const void*)a.tiles, (const void*)a.xb, (const void*)a.xnorm,
                         (const void*)a.centb, (const void*)a.cnorm, (const void*)a.labels, (const void*)a.dist2})
     LAB_CHECK(cudaFree(const_cast<void*>(p)));
