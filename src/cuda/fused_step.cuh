@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
   for (int k = 0; k < 2; ++k) {
     const int i = tid + k * kThreads, g = i / kD, d = i % kD;
     const float x = q_in[k][0] * a.qscale, next = __shfl_down_sync(0xffffffffu, x, 1);
-    qs[g][d] = x;
+    if constexpr (kHier) qs[g][d] = x;  // (read only by the candidates' scoring)
     qx[g][d] = q_in[k][1] * a.qscale;
     if (d % 2 == 0) put_query_pair<CT>(qparts, g, d, x, next);
   }
@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const FusedStep
 
   pc.mark(0);
   // 2. Coarse logits of the local slice, pushed to every other CTA; the value slice staged.
-  __syncthreads();  // qs complete
+  __syncthreads();  // the query parts (and qs) complete
   score_and_push_slice<CT>(cluster, staged, n_local, qparts, xall, c0, values + size_t(cb + c0) * kD);
   {
     // The slice's normaliser part (per head: max, sum of n 2^(x - max)), pushed into every CTA:

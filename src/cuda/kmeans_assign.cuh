@@ -8,7 +8,8 @@
 //   assign_tile_wgmma: sm_90a's warpgroup mma (the 4 warps as one warpgroup, 2 x m64 rows of
 //     points in registers, 64 centroids a wgmma from shared memory in the 128-byte swizzled
 //     layout, S stages), so far in the lab only (bench/cuda/kmeans_assign.cu).
-// They differ in the order of the f32 sums only.
+// They differ in the order of the f32 sums only. f16 operands (11-bit significands, on data
+// centred per block) keep the distance error ~8x below bf16's at the same rate.
 #include <cuda_fp16.h>
 
 #include <cstdint>
@@ -30,16 +31,6 @@ struct KmAssign {
   int32_t* labels;      // [P] out: block-local cluster
   float* dist2;         // [P] out: squared distance to it
 };
-
-// f16 operands (11-bit significands, on data centred per block) keep the distance error ~8x
-// below bf16's at the same rate; f32 accumulation.
-__device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                        uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // The A fragments of 16-row tiles of points in mma's layout (which wgmma's register A shares):
 // a[t][ks] = rows row0(t) + grp (+8), columns 16 ks + 2 tig (+8); rows past the block are zero.
@@ -171,10 +162,8 @@ __device__ __forceinline__ void assign_tile_mma(const KmAssign& a) {
         ldmatrix_x4(b, t + swizzled_offset(nt * 8 + (lane & 7), kk * 4 + (lane >> 3), RS));
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
-          const uint32_t(&f0)[4] = frag[mt][2 * kk];
-          const uint32_t(&f1)[4] = frag[mt][2 * kk + 1];
-          mma_f16(acc[mt], f0[0], f0[1], f0[2], f0[3], b[0], b[1]);
-          mma_f16(acc[mt], f1[0], f1[1], f1[2], f1[3], b[2], b[3]);
+          MmaType<__half>::mma16816(acc[mt], frag[mt][2 * kk], b[0], b[1]);
+          MmaType<__half>::mma16816(acc[mt], frag[mt][2 * kk + 1], b[2], b[3]);
         }
       }
       const int cl = nt * 8 + tig * 2;
