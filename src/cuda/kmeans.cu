@@ -1640,7 +1640,9 @@ void km_assign(int d, int tiles, const KmBlock* b, const KmTile* t, const void* 
                const void* centb, const float* cnorm, int32_t* labels, float* dist2, Stream s) {
   const KmAssign a{b, t, static_cast<const __half*>(xb), xnorm, static_cast<const __half*>(centb), cnorm, labels, dist2};
   auto* kern = d == 64 ? assign_kernel<64> : assign_kernel<128>;
-  kern<<<tiles, 128, 0, s>>>(a);
+  const size_t smem = d == 64 ? assign_kernel_smem_bytes<64>() : assign_kernel_smem_bytes<128>();
+  MP_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kern<<<tiles, 128, smem, s>>>(a);
   MP_CUDA_CHECK(cudaGetLastError());
 }
 

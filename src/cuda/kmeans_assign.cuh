@@ -4,10 +4,10 @@
 // accumulation, argmin with the lowest index on ties, dist2 = max(0, ||x||^2 + min). One CTA of
 // 4 warps per kKmTilePoints (128) points of a block; the block's centroids stream through shared
 // memory kAssignCents at a time (cp.async stages). Two forms of the tile, the same function:
-//   assign_tile_mma: mma.sync m16n8k16 (each warp 32 points), the library's;
 //   assign_tile_wgmma: sm_90a's warpgroup mma (the 4 warps as one warpgroup, 2 x m64 rows of
 //     points in registers, 64 centroids a wgmma from shared memory in the 128-byte swizzled
-//     layout, S stages), so far in the lab only (bench/cuda/kmeans_assign.cu).
+//     layout, S stages), the library's where the code is sm_90a's;
+//   assign_tile_mma: mma.sync m16n8k16 (each warp 32 points), for the PTX that other GPUs compile.
 // They differ in the order of the f32 sums only. f16 operands (11-bit significands, on data
 // centred per block) keep the distance error ~8x below bf16's at the same rate.
 #include <cuda_fp16.h>
@@ -298,11 +298,22 @@ __device__ __forceinline__ void assign_tile_wgmma(const KmAssign& a) {
 }
 #endif
 
-// The library's kernel: the mma.sync form, until the wgmma form has run on a GPU (the lab,
-// gpu-notes item 69).
+// The library's kernel: wgmma where the code is sm_90a's, mma.sync in the PTX for other GPUs
+// (which then leaves the dynamic shared memory unused). Launch with assign_kernel_smem_bytes<D>().
+// Two stages: the lab times 2, 3 and 4 within 3% of each other on the prefill's shape (gpu-notes
+// item 69), and two take the least shared memory.
+constexpr int kAssignStages = 2;
+template <int D>
+constexpr size_t assign_kernel_smem_bytes() {
+  return assign_wgmma_smem_bytes<D, kAssignStages>();
+}
 template <int D>
 __global__ void __launch_bounds__(128) assign_kernel(const KmAssign a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  assign_tile_wgmma<D, kAssignStages>(a);
+#else
   assign_tile_mma<D>(a);
+#endif
 }
 
 }  // namespace multipole::cuda::detail
