@@ -230,8 +230,14 @@ __device__ __forceinline__ void wgmma_pin(float (&d)[32]) {
   for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-template <int D, int S>
+// Schedules of a stage's two tiles: plain issues both products, then takes tile 0's argmin behind
+// tile 1's products and tile 1's behind nothing; skewed moves tile 1's argmin into the next round,
+// behind tile 0's products of the next stage, so each argmin overlaps a product (the next stage's
+// copies then start only once that argmin has read its buffer). The same arithmetic in the same
+// order.
+template <int D, int S, bool kSkew>
 __device__ __forceinline__ void assign_tile_wgmma(const KmAssign& a) {
+  static_assert(S >= 2, "a stage is loaded while another is read");
   constexpr int kSlice = kAssignCents * 128;  // bytes of one K slice (64 dims) of a stage
   extern __shared__ unsigned char assign_smem[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(assign_smem));
@@ -252,44 +258,74 @@ __device__ __forceinline__ void assign_tile_wgmma(const KmAssign& a) {
   };
   Nearest best;
   float acc[2][32];
-  const int stages = (blk.k + kAssignCents - 1) / kAssignCents;
-  pipeline_start<S>(stages, load_stage);
-  for (int st = 0; st < stages; ++st) {
-    const int buf = st % S;
-    pipeline_await<S>(st, stages, load_stage);
-    const unsigned char* tile = tiles + buf * kAssignStageBytes<D>;
-    const float* snorm = norms + buf * kAssignCents;
+  // Stage st's buffer, once this thread's copies of it are done, to wgmma.
+  const auto ready = [&](int st) {
     // cp.async wrote the stage through the generic proxy; wgmma reads it through the async one.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-    wgmma_fence();
+    return tiles + (st % S) * kAssignStageBytes<D>;
+  };
+  // Tile t's products of a stage as one wgmma group (after a wgmma_fence).
+  const auto issue = [&](int t, const unsigned char* tile) {
 #pragma unroll
-    for (int t = 0; t < 2; ++t) {
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        const uint64_t desc = sw128_desc(tile + (ks / 4) * kSlice + (ks % 4) * 32);
-        if (ks == 0) wgmma_m64n64k16<false>(acc[t], frag[t][ks], desc);
-        else wgmma_m64n64k16<true>(acc[t], frag[t][ks], desc);
-      }
-      wgmma_commit();
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint64_t desc = sw128_desc(tile + (ks / 4) * kSlice + (ks % 4) * 32);
+      if (ks == 0) wgmma_m64n64k16<false>(acc[t], frag[t][ks], desc);
+      else wgmma_m64n64k16<true>(acc[t], frag[t][ks], desc);
     }
-    // Tile 0's argmin while tile 1's products run.
+    wgmma_commit();
+  };
+  // Tile t's argmin over stage st's products (waited for).
+  const auto nearest = [&](int t, int st) {
+    const float* snorm = norms + (st % S) * kAssignCents;
+    wgmma_pin(acc[t]);
 #pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      if (t == 0) wgmma_wait<1>();
-      else wgmma_wait<0>();
-      wgmma_pin(acc[t]);
+    for (int j = 0; j < kAssignCents / 8; ++j) {
+      const int cl = 8 * j + 2 * tig;
+      const float n0 = snorm[cl], n1 = snorm[cl + 1];
 #pragma unroll
-      for (int j = 0; j < kAssignCents / 8; ++j) {
-        const int cl = 8 * j + 2 * tig;
-        const float n0 = snorm[cl], n1 = snorm[cl + 1];
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          keep_nearest(best.v[t][h], best.i[t][h], fmaf(-2.0f, acc[t][4 * j + 2 * h], n0),
-                       fmaf(-2.0f, acc[t][4 * j + 2 * h + 1], n1), st * kAssignCents + cl);
-      }
+      for (int h = 0; h < 2; ++h)
+        keep_nearest(best.v[t][h], best.i[t][h], fmaf(-2.0f, acc[t][4 * j + 2 * h], n0),
+                     fmaf(-2.0f, acc[t][4 * j + 2 * h + 1], n1), st * kAssignCents + cl);
     }
-    __syncthreads();  // every warp's products of this buffer are done before it is loaded again
+  };
+  const int stages = (blk.k + kAssignCents - 1) / kAssignCents;
+  pipeline_start<S>(stages, load_stage);
+  if constexpr (!kSkew) {
+    for (int st = 0; st < stages; ++st) {
+      pipeline_await<S>(st, stages, load_stage);
+      const unsigned char* tile = ready(st);
+      wgmma_fence();
+      issue(0, tile);
+      issue(1, tile);
+      wgmma_wait<1>();
+      nearest(0, st);
+      wgmma_wait<0>();
+      nearest(1, st);
+      __syncthreads();  // every warp's products of this buffer are done before it is loaded again
+    }
+  } else {
+    // Every group is waited for within its round (ptxas serializes wgmma whose accumulators are
+    // read while a group from an earlier round may be pending): tile 1's products of round st - 1
+    // are complete at round st's start, and its argmin runs behind tile 0's products of round st.
+    for (int st = 0; st < stages; ++st) {
+      cp_async_wait<S - 2>();  // stages through st + S - 2 were issued: st's copies are done
+      const unsigned char* tile = ready(st);
+      wgmma_fence();
+      issue(0, tile);
+      wgmma_wait<1>();  // nothing to wait for: it tells ptxas tile 0's group is the pending one
+      if (st > 0) nearest(1, st - 1);
+      __syncthreads();  // every warp is past stage st - 1's products and norms: its buffer is free
+      const int next = st + S - 1;
+      if (next < stages) load_stage(next, next % S);
+      else cp_async_commit();
+      wgmma_fence();
+      issue(1, tile);
+      wgmma_wait<1>();
+      nearest(0, st);
+      wgmma_wait<0>();
+    }
+    if (stages > 0) nearest(1, stages - 1);
   }
 #pragma unroll
   for (int t = 0; t < 2; ++t)
@@ -300,9 +336,11 @@ __device__ __forceinline__ void assign_tile_wgmma(const KmAssign& a) {
 
 // The library's kernel: wgmma where the code is sm_90a's, mma.sync in the PTX for other GPUs
 // (which then leaves the dynamic shared memory unused). Launch with assign_kernel_smem_bytes<D>().
-// Two stages: the lab times 2, 3 and 4 within 3% of each other on the prefill's shape (gpu-notes
-// item 69), and two take the least shared memory.
+// The plain schedule with two stages: the lab times 2, 3 and 4 within 3% of each other on the
+// prefill's shape (gpu-notes item 69), and two take the least shared memory. The skewed schedule
+// stays in the lab until it has run on a GPU.
 constexpr int kAssignStages = 2;
+constexpr bool kAssignSkew = false;
 template <int D>
 constexpr size_t assign_kernel_smem_bytes() {
   return assign_wgmma_smem_bytes<D, kAssignStages>();
@@ -310,7 +348,7 @@ constexpr size_t assign_kernel_smem_bytes() {
 template <int D>
 __global__ void __launch_bounds__(128) assign_kernel(const KmAssign a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  assign_tile_wgmma<D, kAssignStages>(a);
+  assign_tile_wgmma<D, kAssignStages, kAssignSkew>(a);
 #else
   assign_tile_mma<D>(a);
 #endif
