@@ -5,10 +5,9 @@
 // run by mma.sync at ~290 TFLOP/s. This lab runs the library's forms of the tile on the blocks
 // of that shape (128 blocks of 8192 points and 512 centroids, d 128) and on ragged ones:
 //   mma:        assign_tile_mma (mma.sync m16n8k16, each warp 32 points, 2 stages);
-//   wgmma-sS:   assign_tile_wgmma<D, S, false> (sm_90a warpgroup mma, the CTA's 128 points as two
-//               m64 tiles, S shared-memory stages, each stage's argmins after its products);
-//   skew-sS:    assign_tile_wgmma<D, S, true> (tile 1's argmin behind the next stage's tile 0);
-//               the library runs S = kAssignStages, kSkew = kAssignSkew.
+//   wgmma-sS:   assign_tile_wgmma<D, S> (sm_90a warpgroup mma, the CTA's 128 points as two m64
+//               tiles, S shared-memory stages, each argmin behind a product; the library runs
+//               S = kAssignStages).
 // Checks, each form and case, outputs poisoned first: every point written; on every 7th point
 // (61st in the prefill case) the chosen centroid's squared distance (f64 over the same f16
 // values) within 1e-4 (|x|^2 + |c|^2) of the nearest one's, and dist2 within that of it. Prints
@@ -37,33 +36,32 @@ template <int D>
 __global__ void __launch_bounds__(128) mma_kernel(const km::KmAssign a) {
   km::assign_tile_mma<D>(a);
 }
-template <int D, int S, bool kSkew>
+template <int D, int S>
 __global__ void __launch_bounds__(128) wgmma_kernel(const km::KmAssign a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  km::assign_tile_wgmma<D, S, kSkew>(a);
+  km::assign_tile_wgmma<D, S>(a);
 #else
   __trap();
 #endif
 }
 
-// The forms timed: mma.sync, then wgmma with 2 and 3 shared-memory stages, plain and skewed.
-constexpr int kForms = 5;
-const char* const kFormName[kForms] = {"mma", "wgmma-s2", "wgmma-s3", "skew-s2", "skew-s3"};
+// The forms timed: mma.sync, then wgmma with 2, 3 and 4 shared-memory stages.
+constexpr int kForms = 4;
+const char* const kFormName[kForms] = {"mma", "wgmma-s2", "wgmma-s3", "wgmma-s4"};
 
-template <int D, int S, bool kSkew>
+template <int D, int S>
 void launch_wgmma(unsigned grid, const km::KmAssign& a) {
   constexpr size_t smem = km::assign_wgmma_smem_bytes<D, S>();
-  auto* kern = wgmma_kernel<D, S, kSkew>;
+  auto* kern = wgmma_kernel<D, S>;
   LAB_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   kern<<<grid, 128, smem>>>(a);
 }
 template <int D>
 void launch_form(int form, unsigned grid, const km::KmAssign& a) {
   if (form == 0) mma_kernel<D><<<grid, 128>>>(a);
-  else if (form == 1) launch_wgmma<D, 2, false>(grid, a);
-  else if (form == 2) launch_wgmma<D, 3, false>(grid, a);
-  else if (form == 3) launch_wgmma<D, 2, true>(grid, a);
-  else launch_wgmma<D, 3, true>(grid, a);
+  else if (form == 1) launch_wgmma<D, 2>(grid, a);
+  else if (form == 2) launch_wgmma<D, 3>(grid, a);
+  else launch_wgmma<D, 4>(grid, a);
   LAB_CHECK(cudaGetLastError());
 }
 

@@ -230,12 +230,9 @@ __device__ __forceinline__ void wgmma_pin(float (&d)[32]) {
   for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// Schedules of a stage's two tiles: plain issues both products, then takes tile 0's argmin behind
-// tile 1's products and tile 1's behind nothing; skewed moves tile 1's argmin into the next round,
-// behind tile 0's products of the next stage, so each argmin overlaps a product (the next stage's
-// copies then start only once that argmin has read its buffer). The same arithmetic in the same
-// order.
-template <int D, int S, bool kSkew>
+// Each stage's tile 0 products run behind tile 1's argmin of the stage before, its tile 1 products
+// behind tile 0's argmin, so every argmin overlaps a product of its warpgroup (gpu-notes item 70).
+template <int D, int S>
 __device__ __forceinline__ void assign_tile_wgmma(const KmAssign& a) {
   static_assert(S >= 2, "a stage is loaded while another is read");
   constexpr int kSlice = kAssignCents * 128;  // bytes of one K slice (64 dims) of a stage
@@ -258,13 +255,6 @@ __device__ __forceinline__ void assign_tile_wgmma(const KmAssign& a) {
   };
   Nearest best;
   float acc[2][32];
-  // Stage st's buffer, once this thread's copies of it are done, to wgmma.
-  const auto ready = [&](int st) {
-    // cp.async wrote the stage through the generic proxy; wgmma reads it through the async one.
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
-    return tiles + (st % S) * kAssignStageBytes<D>;
-  };
   // Tile t's products of a stage as one wgmma group (after a wgmma_fence).
   const auto issue = [&](int t, const unsigned char* tile) {
 #pragma unroll
@@ -291,42 +281,30 @@ __device__ __forceinline__ void assign_tile_wgmma(const KmAssign& a) {
   };
   const int stages = (blk.k + kAssignCents - 1) / kAssignCents;
   pipeline_start<S>(stages, load_stage);
-  if constexpr (!kSkew) {
-    for (int st = 0; st < stages; ++st) {
-      pipeline_await<S>(st, stages, load_stage);
-      const unsigned char* tile = ready(st);
-      wgmma_fence();
-      issue(0, tile);
-      issue(1, tile);
-      wgmma_wait<1>();
-      nearest(0, st);
-      wgmma_wait<0>();
-      nearest(1, st);
-      __syncthreads();  // every warp's products of this buffer are done before it is loaded again
-    }
-  } else {
-    // Every group is waited for within its round (ptxas serializes wgmma whose accumulators are
-    // read while a group from an earlier round may be pending): tile 1's products of round st - 1
-    // are complete at round st's start, and its argmin runs behind tile 0's products of round st.
-    for (int st = 0; st < stages; ++st) {
-      cp_async_wait<S - 2>();  // stages through st + S - 2 were issued: st's copies are done
-      const unsigned char* tile = ready(st);
-      wgmma_fence();
-      issue(0, tile);
-      wgmma_wait<1>();  // nothing to wait for: it tells ptxas tile 0's group is the pending one
-      if (st > 0) nearest(1, st - 1);
-      __syncthreads();  // every warp is past stage st - 1's products and norms: its buffer is free
-      const int next = st + S - 1;
-      if (next < stages) load_stage(next, next % S);
-      else cp_async_commit();
-      wgmma_fence();
-      issue(1, tile);
-      wgmma_wait<1>();
-      nearest(0, st);
-      wgmma_wait<0>();
-    }
-    if (stages > 0) nearest(1, stages - 1);
+  // Every group is waited for within its round (ptxas serializes wgmma whose accumulators are
+  // read while a group from an earlier round may be pending): tile 1's products of round st - 1
+  // are complete at round st's start, and its argmin runs behind tile 0's products of round st.
+  for (int st = 0; st < stages; ++st) {
+    cp_async_wait<S - 2>();  // stages through st + S - 2 were issued: st's copies are done
+    // cp.async wrote the stage through the generic proxy; wgmma reads it through the async one.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    const unsigned char* tile = tiles + (st % S) * kAssignStageBytes<D>;
+    wgmma_fence();
+    issue(0, tile);
+    wgmma_wait<1>();  // nothing to wait for: it tells ptxas tile 0's group is the pending one
+    if (st > 0) nearest(1, st - 1);
+    __syncthreads();  // every warp is past stage st - 1's products and norms: its buffer is free
+    const int next = st + S - 1;
+    if (next < stages) load_stage(next, next % S);
+    else cp_async_commit();
+    wgmma_fence();
+    issue(1, tile);
+    wgmma_wait<1>();
+    nearest(0, st);
+    wgmma_wait<0>();
   }
+  if (stages > 0) nearest(1, stages - 1);
 #pragma unroll
   for (int t = 0; t < 2; ++t)
 #pragma unroll
@@ -336,11 +314,8 @@ __device__ __forceinline__ void assign_tile_wgmma(const KmAssign& a) {
 
 // The library's kernel: wgmma where the code is sm_90a's, mma.sync in the PTX for other GPUs
 // (which then leaves the dynamic shared memory unused). Launch with assign_kernel_smem_bytes<D>().
-// The plain schedule with two stages: the lab times 2, 3 and 4 within 3% of each other on the
-// prefill's shape (gpu-notes item 69), and two take the least shared memory. The skewed schedule
-// stays in the lab until it has run on a GPU.
-constexpr int kAssignStages = 2;
-constexpr bool kAssignSkew = false;
+// Three stages: a stage's copies start half a round after its buffer is freed (gpu-notes item 70).
+constexpr int kAssignStages = 3;
 template <int D>
 constexpr size_t assign_kernel_smem_bytes() {
   return assign_wgmma_smem_bytes<D, kAssignStages>();
@@ -348,7 +323,7 @@ constexpr size_t assign_kernel_smem_bytes() {
 template <int D>
 __global__ void __launch_bounds__(128) assign_kernel(const KmAssign a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  assign_tile_wgmma<D, kAssignStages, kAssignSkew>(a);
+  assign_tile_wgmma<D, kAssignStages>(a);
 #else
   assign_tile_mma<D>(a);
 #endif
