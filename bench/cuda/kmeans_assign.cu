@@ -70,14 +70,6 @@ struct Case {
   int blocks, n, k, inactive, d;  // inactive: the last clusters of each block get +inf norms
 };
 
-template <class T>
-T* to_device(const std::vector<T>& h) {
-  T* p = nullptr;
-  LAB_CHECK(cudaMalloc(&p, h.size() * sizeof(T)));
-  LAB_CHECK(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return p;
-}
-
 // Returns false if a check failed.
 bool run_case(const Case& c, int runs, std::mt19937& rng) {
   const int D = c.d;
@@ -123,8 +115,8 @@ bool run_case(const Case& c, int runs, std::mt19937& rng) {
   for (size_t q = 0; q < K; ++q) cnorm[q] = (q % c.k) >= size_t(c.k - c.inactive) ? INFINITY : float(sq(cf, q));
 
   km::KmAssign a{};
-  a.blocks = to_device(blocks), a.tiles = to_device(tiles), a.xb = to_device(xb), a.xnorm = to_device(xnorm);
-  a.centb = to_device(cb), a.cnorm = to_device(cnorm);
+  a.blocks = lab::upload(blocks), a.tiles = lab::upload(tiles), a.xb = lab::upload(xb), a.xnorm = lab::upload(xnorm);
+  a.centb = lab::upload(cb), a.cnorm = lab::upload(cnorm);
   LAB_CHECK(cudaMalloc(&a.labels, P * 4));
   LAB_CHECK(cudaMalloc(&a.dist2, P * 4));
   const auto launch = [&](int form) {

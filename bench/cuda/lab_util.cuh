@@ -1,8 +1,9 @@
 #pragma once
 // What the kernel lab's standalone programs share: LAB_CHECK (report a CUDA error with its
-// call and exit), a step captured into a CUDA graph, its replay timed the way multipole's
-// bench times a decode step (L2 flushed by a 256 MiB memset before the run), the median, and
-// the library's launch config of a cluster grid under the lab's name.
+// call and exit), a device copy of a host vector, a step captured into a CUDA graph, its
+// replay timed the way multipole's bench times a decode step (L2 flushed by a 256 MiB memset
+// before the run), the median, and the library's launch config of a cluster grid under the
+// lab's name.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -23,6 +24,15 @@
   } while (0)
 
 namespace lab {
+
+// A device copy of a host vector.
+template <class T>
+T* upload(const std::vector<T>& v) {
+  T* p = nullptr;
+  LAB_CHECK(cudaMalloc(&p, v.size() * sizeof(T)));
+  LAB_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
 
 inline double median(std::vector<double> v) {
   std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());

@@ -168,12 +168,7 @@ struct StepData {
   }
 };
 
-template <class T> T* upload(const std::vector<T>& v) {
-  T* p = nullptr;
-  LAB_CHECK(cudaMalloc(&p, v.size() * sizeof(T)));
-  LAB_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return p;
-}
+using lab::upload;
 
 // The worst relative L2 error over rows of kD values: got (device, f32) against ref (f64).
 inline double worst_row_error(const float* got_device, const std::vector<double>& ref) {
