@@ -24,7 +24,10 @@
 //            one-launch step's kernel is ~180 KB of SASS; gpu-notes item 39); and the same
 //            kernels returning at once;
 //   wait:    the same code behind 8 dependent cold loads: whether a wait for memory hides the
-//            fetch of the code behind it (gpu-notes item 43).
+//            fetch of the code behind it (gpu-notes item 43); `helper`: the same with the last
+//            warp running the code at once, ahead of the others (item 71);
+//   split:   64 or 128 KB of code in 4 or 8 parts, warp w running part w % parts only: whether
+//            the SM's schedulers fetch different code at once (item 71).
 //   entry:   kernels of the one-launch step's shape returning at entry, by what it has that an
 //            empty kernel has not: a 392-byte parameter block (read or not), a stack; then
 //            how many clusters of 8-16 CTAs fit at once, at one or two CTAs an SM.
@@ -42,7 +45,10 @@
 // at once: 2.94 us cold, 3.6-3.8 warm, whatever their size. Session H34 (two runs): behind 8
 // dependent cold loads (6.0 us with the launch) the code costs what it costs alone (16-192 KB:
 // the wait hides 0-0.7 us, 128 KB -2.3 to -3.4), so the SM does not fetch code ahead while
-// its warps wait for memory.
+// its warps wait for memory. Session H60 (H100, one run): 64 KB in 4 parts, one a scheduler,
+// 8.06 us against 8.58 as one stream; 128 KB in 4 parts 13.7 (twice 64 KB, not 128 KB's 20.8);
+// a helper warp running the code first costs 1.4-3.5 us more at 64-96 KB (others fetch it again),
+// 1.6 less at 128 KB. Code comes into an SM as one stream, whoever asks for it.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -53,6 +59,7 @@
 #include <functional>
 #include <random>
 #include <string_view>
+#include <utility>
 #include <unordered_set>
 #include <vector>
 
@@ -119,24 +126,53 @@ __global__ void entry_kernel(const StepSizedArgs a, uint32_t* sink) {
   if (threadIdx.x == 1u << 30) room[0] = 0, sink[0] = uintptr_t(a.p[0]) != 0;
 }
 
+// Blocks x 8 FMAs on x, straight-line (one 16-byte SASS instruction each), 8 independent chains.
+template <int Blocks>
+__device__ __forceinline__ void fma_blocks(float (&x)[8], float a, float b) {
+#pragma unroll
+  for (int i = 0; i < Blocks; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(x[j]) : "f"(a), "f"(b));
+}
+
 // Blocks x 8 FMAs of straight-line code (one 16-byte SASS instruction each), 8 independent
 // chains so that issue, not latency, sets the warm time. sink: [1]
 // skip: return at once (what a large kernel costs that has nothing to do).
 // hops: every thread first follows that many dependent loads through `chain` (cold after the
 // flush), and the code depends on the last: whether the SM fetches code ahead while its warps
 // wait for memory, as the one-launch step's prologue does (gpu-notes item 43).
+// helper: the CTA's last warp skips the loads and runs the code at once, ahead of the others
+// (whether one warp's fetch puts the code where the SM's other warps find it).
 template <int Blocks>
-__global__ void code_kernel(float a, float b, float* sink, int skip, const uint32_t* chain, int hops) {
+__global__ void code_kernel(float a, float b, float* sink, int skip, const uint32_t* chain, int hops, int helper) {
   if (skip) return;
   uint32_t at = 0;
-  for (int i = 0; i < hops; ++i) at = __ldcg(chain + at);
+  const bool ahead = helper && threadIdx.x / 32 == blockDim.x / 32 - 1;
+  for (int i = 0; i < hops && !ahead; ++i) at = __ldcg(chain + at);
   float x[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j) x[j] = float(threadIdx.x + j + (at & 1u));
+  fma_blocks<Blocks>(x, a, b);
+  float s = 0;
 #pragma unroll
-  for (int i = 0; i < Blocks; ++i)
+  for (int j = 0; j < 8; ++j) s += x[j];
+  if (s == -1.0f) sink[0] = s;
+}
+
+// Blocks x 8 FMAs of straight-line code in Regions parts; warp w runs part w % Regions only
+// (warps go to the SM's four schedulers by w % 4): whether parts fetched by different
+// schedulers at once come in faster than one warp's stream. sink: [1]
+template <int Blocks, int Regions>
+__global__ void split_code_kernel(float a, float b, float* sink) {
+  static_assert(Blocks % Regions == 0);
+  float x[8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(x[j]) : "f"(a), "f"(b));
+  for (int j = 0; j < 8; ++j) x[j] = float(threadIdx.x + j);
+  const int part = int(threadIdx.x / 32) % Regions;
+  [&]<int... R>(std::integer_sequence<int, R...>) {
+    // Each part multiplies by its own operand, so no two parts are the same code.
+    ((part == R ? fma_blocks<Blocks / Regions>(x, a + float(R), b) : void()), ...);
+  }(std::make_integer_sequence<int, Regions>());
   float s = 0;
 #pragma unroll
   for (int j = 0; j < 8; ++j) s += x[j];
@@ -228,26 +264,31 @@ void code_lines(Lab& bench, uint32_t* sink) {
     for (int i = 0; i + 1 < kWaitHops; ++i) h[size_t(i) * kHopWords] = uint32_t(i + 1) * kHopWords;
     LAB_CHECK(cudaMemcpy(chain, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
   }
-  const auto cold_us = [&](auto kernel, int hops) {
-    const lab::Graph g([&](cudaStream_t st) { kernel<<<128, 256, 0, st>>>(0.999f, 1e-3f, fsink, 0, chain, hops); }, s);
+  const auto cold_us = [&](auto kernel, int hops, int helper = 0) {
+    const lab::Graph g(
+        [&](cudaStream_t st) { kernel<<<128, 256, 0, st>>>(0.999f, 1e-3f, fsink, 0, chain, hops, helper); }, s);
     std::vector<double> cold;
     for (int i = 0; i < bench.iterations; ++i) cold.push_back(bench.timer.run_us(g, true, i));
     return lab::median(cold);
+  };
+  // Medians of flushed replays and of replays right after another (code and data left in the caches).
+  const auto cold_warm_us = [&](const lab::Graph& g) {
+    std::vector<double> cold, warm;
+    for (int i = 0; i < bench.iterations; ++i) {
+      cold.push_back(bench.timer.run_us(g, true, i));
+      warm.push_back(bench.timer.run_us(g, false, i));
+    }
+    return std::pair{lab::median(cold), lab::median(warm)};
   };
   const auto code_line = [&](auto kernel, int kb) {
     for (const int threads : {32, 256, 0}) {  // 0: 256 threads returning at once
       const int skip = threads == 0;
       const lab::Graph g(
           [&](cudaStream_t st) {
-            kernel<<<128, skip ? 256 : threads, 0, st>>>(0.999f, 1e-3f, fsink, skip, chain, 0);
+            kernel<<<128, skip ? 256 : threads, 0, st>>>(0.999f, 1e-3f, fsink, skip, chain, 0, 0);
           },
           s);
-      std::vector<double> cold, warm;
-      for (int i = 0; i < bench.iterations; ++i) {
-        cold.push_back(bench.timer.run_us(g, true, i));
-        warm.push_back(bench.timer.run_us(g, false, i));
-      }
-      const double c = lab::median(cold), w = lab::median(warm);
+      const auto [c, w] = cold_warm_us(g);
       if (skip)
         std::printf("code: %3d KB, returning at once %33s %9.3f %9.3f us\n", kb, "", c, w);
       else
@@ -265,16 +306,35 @@ void code_lines(Lab& bench, uint32_t* sink) {
               "apart", "hidden");
   const double wait = cold_us(code_kernel<0>, kWaitHops), bare = cold_us(code_kernel<0>, 0);
   std::printf("wait: 8 dependent loads alone %28s %9.3f %9s us\n", "", wait, "");
-  const auto wait_line = [&](auto kernel, int kb) {
-    const double both = cold_us(kernel, kWaitHops), code = cold_us(kernel, 0);
+  // helper 1: the last warp skips the loads (code_kernel's `helper`).
+  const auto wait_line = [&](auto kernel, int kb, int helper) {
+    const double both = cold_us(kernel, kWaitHops, helper), code = cold_us(kernel, 0);
     const double apart = wait + code - bare;  // (the launch counted once)
-    std::printf("wait: %3d KB of code behind them %26s %9.3f %9.3f %9.3f us\n", kb, "", both, apart, apart - both);
+    std::printf("%s: %3d KB of code behind them %*s %9.3f %9.3f %9.3f us\n", helper ? "helper" : "wait", kb,
+                helper ? 24 : 26, "", both, apart, apart - both);
   };
-  wait_line(code_kernel<128>, 16);
-  wait_line(code_kernel<512>, 64);
-  wait_line(code_kernel<768>, 96);
-  wait_line(code_kernel<1024>, 128);
-  wait_line(code_kernel<1536>, 192);
+  for (const int helper : {0, 1}) {
+    if (helper)
+      std::printf("%-58s %9s %9s %9s\n", "helper: as wait, the last warp runs the code at once", "both",
+                  "apart", "hidden");
+    wait_line(code_kernel<128>, 16, helper);
+    wait_line(code_kernel<512>, 64, helper);
+    wait_line(code_kernel<768>, 96, helper);
+    wait_line(code_kernel<1024>, 128, helper);
+    if (!helper) wait_line(code_kernel<1536>, 192, helper);
+  }
+
+  std::printf("%-58s %9s %9s\n", "split: KB in parts, warp w runs part w % parts, 256 threads", "cold", "warm");
+  const auto split_line = [&](auto kernel, int kb, int parts) {
+    const lab::Graph g([&](cudaStream_t st) { kernel<<<128, 256, 0, st>>>(0.999f, 1e-3f, fsink); }, s);
+    const auto [c, w] = cold_warm_us(g);
+    std::printf("split: %3d KB in %d parts of %3d KB %25s %9.3f %9.3f us\n", kb, parts, kb / parts, "", c, w);
+  };
+  split_line(split_code_kernel<512, 1>, 64, 1);
+  split_line(split_code_kernel<512, 4>, 64, 4);
+  split_line(split_code_kernel<512, 8>, 64, 8);
+  split_line(split_code_kernel<1024, 4>, 128, 4);
+  split_line(split_code_kernel<1024, 8>, 128, 8);
   LAB_CHECK(cudaFree(chain));
 }
 
