@@ -45,10 +45,11 @@
 // at once: 2.94 us cold, 3.6-3.8 warm, whatever their size. Session H34 (two runs): behind 8
 // dependent cold loads (6.0 us with the launch) the code costs what it costs alone (16-192 KB:
 // the wait hides 0-0.7 us, 128 KB -2.3 to -3.4), so the SM does not fetch code ahead while
-// its warps wait for memory. Session H60 (H100, one run): 64 KB in 4 parts, one a scheduler,
-// 8.06 us against 8.58 as one stream; 128 KB in 4 parts 13.7 (twice 64 KB, not 128 KB's 20.8);
-// a helper warp running the code first costs 1.4-3.5 us more at 64-96 KB (others fetch it again),
-// 1.6 less at 128 KB. Code comes into an SM as one stream, whoever asks for it.
+// its warps wait for memory. Session H60 (two H100s, one run each): 64 KB in 4 parts, one a
+// scheduler, 8.06-8.10 us against 8.58-8.74 as one stream; 128 KB in 4 parts 13.7-13.9 (twice
+// 64 KB, not 128 KB's 20.8); a helper warp running the code first costs 1.4-3.7 us more at
+// 64-96 KB (the others fetch it again), 1.6-2.0 less at 128 KB. Code comes into an SM as one
+// stream, whoever asks for it.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
