@@ -1636,14 +1636,27 @@ void km_prep(int d, int blocks, int max_rows, const KmBlock* b, const int32_t* k
   MP_CUDA_CHECK(cudaGetLastError());
 }
 
+// The assignment's shared memory is fixed by D, so its limit is raised once per instantiation,
+// not at each of a prefill's ~20 launches a layer.
+template <int D>
+static void launch_assign(int tiles, const KmAssign& a, Stream s) {
+  constexpr size_t kSmem = assign_kernel_smem_bytes<D>();
+  static const bool configured = [] {
+    MP_CUDA_CHECK(cudaFuncSetAttribute(assign_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
+    return true;
+  }();
+  (void)configured;
+  assign_kernel<D><<<tiles, 128, kSmem, s>>>(a);
+  MP_CUDA_CHECK(cudaGetLastError());
+}
+
 void km_assign(int d, int tiles, const KmBlock* b, const KmTile* t, const void* xb, const float* xnorm,
                const void* centb, const float* cnorm, int32_t* labels, float* dist2, Stream s) {
   const KmAssign a{b, t, static_cast<const __half*>(xb), xnorm, static_cast<const __half*>(centb), cnorm, labels, dist2};
-  auto* kern = d == 64 ? assign_kernel<64> : assign_kernel<128>;
-  const size_t smem = d == 64 ? assign_kernel_smem_bytes<64>() : assign_kernel_smem_bytes<128>();
-  MP_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kern<<<tiles, 128, smem, s>>>(a);
-  MP_CUDA_CHECK(cudaGetLastError());
+  if (d == 64)
+    launch_assign<64>(tiles, a, s);
+  else
+    launch_assign<128>(tiles, a, s);
 }
 
 void km_count(int blocks, int max_n, int max_k, const KmBlock* b, const int32_t* k_active, const int32_t* weights,
