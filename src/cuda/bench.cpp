@@ -386,25 +386,35 @@ void print_index_stats(const char* name, const CudaDecoder& dec, const DeviceClu
 
 }  // namespace
 
+AttentionConfig CudaBenchOptions::attention_config() const {
+  AttentionConfig ac;
+  ac.num_q_heads = q_heads;
+  ac.num_kv_heads = kv_heads;
+  ac.head_dim = head_dim;
+  ac.rope.head_dim = head_dim;
+  ac.budget = budget;
+  ac.coarse_budget = coarse_budget;
+  ac.cluster.tokens_per_centroid = {tokens_per_centroid};
+  return ac;
+}
+
 void CudaBenchOptions::validate() const {
+  MP_CHECK(!batches.empty() && !contexts.empty(), "bench: --batch and --context need values");
+  for (int b : batches) MP_CHECK(b > 0, "bench: batch {} must be > 0", b);
+  for (int64_t c : contexts) MP_CHECK(c > 0, "bench: context {} must be > 0", c);
+  MP_CHECK(head_dim == 64 || head_dim == 128, "bench: --head-dim {} must be 64 or 128 (the CUDA kernels' head dims)",
+           head_dim);
   MP_CHECK(iterations > 0 && warmup >= 0, "bench: iterations {} must be > 0 and warmup {} >= 0", iterations, warmup);
   MP_CHECK(rerank_tokens == 0 || rerank_tokens > budget,
            "bench: --rerank-tokens {} must be 0 (4 x the budget) or above --budget {}", rerank_tokens, budget);
+  attention_config().validate();
 }
 
 std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
                                                    const std::function<void(const CudaBenchRow&)>& on_row) {
   o.validate();
   MP_CHECK(device_count() > 0, "bench: no CUDA device");
-  AttentionConfig ac;
-  ac.num_q_heads = o.q_heads;
-  ac.num_kv_heads = o.kv_heads;
-  ac.head_dim = o.head_dim;
-  ac.rope.head_dim = o.head_dim;
-  ac.budget = o.budget;
-  ac.coarse_budget = o.coarse_budget;
-  ac.cluster.tokens_per_centroid = {o.tokens_per_centroid};
-  ac.validate();
+  const AttentionConfig ac = o.attention_config();
   const int Hkv = o.kv_heads, D = o.head_dim, Hq = o.q_heads, G = ac.group_size();
   cudaStream_t stream;
   MP_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -414,7 +424,6 @@ std::vector<CudaBenchRow> run_cuda_attention_bench(const CudaBenchOptions& o,
 
   for (int B : o.batches)
     for (int64_t ctx : o.contexts) {
-      MP_CHECK(B > 0 && ctx > 0, "bench: batch {} and context {} must be > 0", B, ctx);
       KVCacheConfig kc;
       kc.num_layers = 1;
       kc.num_kv_heads = Hkv;

@@ -100,8 +100,19 @@ TEST(BenchCli, TableAndErrors) {
 // CUDA has no bench-cuda: skipped there, as the other Cuda* tests are.
 TEST(CudaBenchCli, OptionsCheckedBeforeTheDevice) {
   if (bench("--help", "").out.find("bench-cuda") == std::string::npos) GTEST_SKIP() << "a build without CUDA";
-  BenchRun e = bench("--budget 128 --rerank-tokens 100", "bench-cuda");
+  for (const auto& [args, message] : std::vector<std::pair<std::string, std::string>>{
+           {"--budget 128 --rerank-tokens 100", "--rerank-tokens 100 must be 0 (4 x the budget) or above --budget 128"},
+           {"--batch 1 0", "batch 0 must be > 0"},
+           {"--context 0", "context 0 must be > 0"},
+           {"--head-dim 96", "--head-dim 96 must be 64 or 128"},
+           {"--q-heads 12 --kv-heads 8", "num_q_heads 12 must be a positive multiple of num_kv_heads 8"},
+           {"--tokens-per-centroid 0", "tokens_per_centroid[0] = 0"}}) {
+    BenchRun e = bench(args, "bench-cuda");
+    EXPECT_EQ(e.code, 1) << args << "\n" << e.err;
+    EXPECT_NE(e.err.find(message), std::string::npos) << args << "\n" << e.err;
+  }
+  // The same checks behind `bench attention --device cuda`.
+  BenchRun e = bench("--device cuda --batch 0");
   EXPECT_EQ(e.code, 1) << e.err;
-  EXPECT_NE(e.err.find("--rerank-tokens 100 must be 0 (4 x the budget) or above --budget 128"), std::string::npos)
-      << e.err;
+  EXPECT_NE(e.err.find("batch 0 must be > 0"), std::string::npos) << e.err;
 }

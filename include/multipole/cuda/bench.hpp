@@ -44,6 +44,8 @@ struct CudaBenchOptions {
   int kmeans_runs = 3;  // timed builds (median)
   uint64_t seed = 1;
 
+  // The attention shape the bench decodes with (validate() checks it).
+  AttentionConfig attention_config() const;
   // Throws on options no run can take (no device needed: the CLI checks before it looks for one).
   void validate() const;
 };
