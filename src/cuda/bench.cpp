@@ -13,6 +13,7 @@
 #include <string_view>
 
 #include "cuda/check.hpp"
+#include "cuda/host_setup.hpp"
 #include "cuda/launch.hpp"
 #include "cuda/phase_clock.hpp"
 #include "multipole/core/error.hpp"
@@ -402,7 +403,7 @@ void CudaBenchOptions::validate() const {
   MP_CHECK(!batches.empty() && !contexts.empty(), "bench: --batch and --context need values");
   for (int b : batches) MP_CHECK(b > 0, "bench: batch {} must be > 0", b);
   for (int64_t c : contexts) MP_CHECK(c > 0, "bench: context {} must be > 0", c);
-  MP_CHECK(head_dim == 64 || head_dim == 128, "bench: --head-dim {} must be 64 or 128 (the CUDA kernels' head dims)",
+  MP_CHECK(detail::is_kernel_head_dim(head_dim), "bench: --head-dim {} must be 64 or 128 (the CUDA kernels' head dims)",
            head_dim);
   MP_CHECK(iterations > 0 && warmup >= 0, "bench: iterations {} must be > 0 and warmup {} >= 0", iterations, warmup);
   MP_CHECK(rerank_tokens == 0 || rerank_tokens > budget,

@@ -80,7 +80,7 @@ int heads_per_cta(int group) {
 
 CudaDecoder::CudaDecoder(const AttentionConfig& config) : config_(config) {
   config_.validate();
-  MP_CHECK(config_.head_dim == 64 || config_.head_dim == 128, "cuda decode: head_dim {} must be 64 or 128",
+  MP_CHECK(is_kernel_head_dim(config_.head_dim), "cuda decode: head_dim {} must be 64 or 128",
            config_.head_dim);
   MP_CHECK(config_.coarse_radius_weight == 0, "cuda decode: coarse_radius_weight {} is a cpu-only experiment",
            config_.coarse_radius_weight);

@@ -1,7 +1,7 @@
 #pragma once
-// Host-side setup shared by the planners (decoder.cpp, sparse_baselines.cpp, kmeans.cpp):
-// plan tables copied to the device and the SM count they are sized by. Synchronous; never
-// on the decode path.
+// Host-side setup shared by the planners (decoder.cpp, sparse_baselines.cpp, kmeans.cpp) and the
+// bench: the head dims the kernels take, plan tables copied to the device and the SM count they
+// are sized by. Synchronous; never on the decode path.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -11,6 +11,9 @@
 #include "multipole/cuda/runtime.hpp"
 
 namespace multipole::cuda::detail {
+
+// The head dims every kernel is instantiated for (the launchers' `d == 64 ? K<64> : K<128>`).
+constexpr bool is_kernel_head_dim(int d) { return d == 64 || d == 128; }
 
 // Grows `buf` to hold v (at least 16 bytes, so an empty table is still a valid pointer)
 // and copies v into it.

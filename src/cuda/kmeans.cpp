@@ -225,7 +225,7 @@ void DeviceKMeans::build(const DeviceKVCache& cache, int layer, std::span<const 
   const auto& kc = cache.config();
   const auto& cc = config.cluster;
   const int d = kc.head_dim, Hkv = kc.num_kv_heads;
-  MP_CHECK(d == 64 || d == 128, "device k-means: head_dim {} must be 64 or 128", d);
+  MP_CHECK(is_kernel_head_dim(d), "device k-means: head_dim {} must be 64 or 128", d);
   MP_CHECK(config.head_dim == d && config.num_kv_heads == Hkv,
            "device k-means: config (head_dim {}, kv heads {}) differs from the cache's ({}, {})", config.head_dim,
            config.num_kv_heads, d, Hkv);
@@ -523,7 +523,7 @@ void DeviceKMeans::load(const DeviceKVCache& cache, int layer, std::span<const S
   const auto& kc = cache.config();
   const auto& cc = config.cluster;
   const int Hkv = kc.num_kv_heads;
-  MP_CHECK(kc.head_dim == 64 || kc.head_dim == 128, "device k-means: head_dim {} must be 64 or 128", kc.head_dim);
+  MP_CHECK(is_kernel_head_dim(kc.head_dim), "device k-means: head_dim {} must be 64 or 128", kc.head_dim);
   MP_CHECK(cpu.size() == seqs.size() * size_t(Hkv) && !seqs.empty(),
            "device k-means: {} CPU indexes for {} sequences x {} KV heads", cpu.size(), seqs.size(), Hkv);
   MP_CHECK(reserve_tokens > 0, "device k-means: load needs reserve_tokens > 0, got {}", reserve_tokens);

@@ -19,7 +19,7 @@ using namespace detail;
 
 CudaSparseDecoder::CudaSparseDecoder(const AttentionConfig& config, SparseBaseline kind) : config_(config), kind_(kind) {
   config_.validate();
-  MP_CHECK(config_.head_dim == 64 || config_.head_dim == 128, "cuda sparse baseline: head_dim {} must be 64 or 128",
+  MP_CHECK(is_kernel_head_dim(config_.head_dim), "cuda sparse baseline: head_dim {} must be 64 or 128",
            config_.head_dim);
   MP_CHECK(config_.quest_page_size > 0, "cuda sparse baseline: quest_page_size {} must be > 0",
            config_.quest_page_size);
